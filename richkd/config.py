@@ -1,0 +1,406 @@
+"""Typed, frozen, validated configuration for one training run (a trial is exactly one of these)."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Tuple, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; the message names the key and the fix."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _in_range(value: float, key: str, lo: float | None = None, hi: float | None = None,
+              lo_open: bool = False, hi_open: bool = False) -> None:
+    ok = True
+    if lo is not None:
+        ok &= value > lo if lo_open else value >= lo
+    if hi is not None:
+        ok &= value < hi if hi_open else value <= hi
+    if not ok:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        raise ConfigError(
+            f"{key}: {value!r} is out of range; expected a value in "
+            f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}")
+
+
+def _one_of(value: str, key: str, choices: Tuple[str, ...]) -> None:
+    if value not in choices:
+        hint = difflib.get_close_matches(str(value), choices, n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}{extra}")
+
+
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder")
+METHODS = ("supervised", "kd", "richkd")
+SCHEDULES = ("step", "cosine")
+TEACHING_MODES = ("cached", "online")
+AUGMENTS = ("standard", "none")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset, where it lives, and how it is split and batched."""
+    dataset: str = "fashion_mnist"
+    root: Optional[str] = None          # None: the dataset's default location (see richkd.data)
+    download: bool = False               # torchvision download; off so offline runs fail fast and clearly
+    image_size: int = 32                 # every image is resized to this square size (models are CIFAR-style)
+    augment: str = "standard"            # standard = RandomCrop(size, pad 4) + horizontal flip
+    val_fraction: float = 0.1            # seeded hold-out from the training set, used for model selection
+    split_seed: int = 0
+    max_train_samples: Optional[int] = None   # cap for quick runs (taken after the val split, seeded)
+    max_eval_samples: Optional[int] = None
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        _one_of(self.dataset, "data.dataset", DATASETS)
+        _one_of(self.augment, "data.augment", AUGMENTS)
+        _in_range(self.image_size, "data.image_size", 8, 512)
+        _in_range(self.val_fraction, "data.val_fraction", 0.0, 0.9, hi_open=True)
+        _in_range(self.batch_size, "data.batch_size", 1)
+        _in_range(self.eval_batch_size, "data.eval_batch_size", 1)
+        _in_range(self.num_workers, "data.num_workers", 0, 64)
+        for key in ("max_train_samples", "max_eval_samples"):
+            v = getattr(self, key)
+            if v is not None:
+                _in_range(v, f"data.{key}", 1)
+        if self.dataset == "imagefolder":
+            _check(self.root is not None, "data.root",
+                   "an imagefolder dataset needs data.root pointing at a folder with train/ (and optionally test/)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A network from the zoo (`richkd models` lists the names)."""
+    arch: str = "resnet8x4"
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """The frozen conventional teacher. checkpoint holds {"model": state_dict} (mdistiller format)."""
+    arch: Optional[str] = None
+    checkpoint: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """The frozen CLIP teacher and its zero-shot head."""
+    model: str = "ViT-L-14"
+    pretrained: str = "openai"            # open_clip tag, a local file path, or local-dir:FOLDER
+    prompt_set: str = "richkd12"          # a built-in set name, or a path to a YAML file with `templates:`
+    clean_class_names: bool = True        # "aquarium_fish" -> "aquarium fish" (official code keeps underscores)
+    batch_size: int = 128                 # for cache building / zero-shot evaluation
+
+    def __post_init__(self) -> None:
+        _check(bool(self.model), "clip.model", "must name an open_clip architecture, e.g. ViT-B-32")
+        _check(bool(self.pretrained), "clip.pretrained", "must be a tag (openai), a file path or local-dir:PATH")
+        _check(bool(self.prompt_set), "clip.prompt_set", "must name a prompt set")
+        _in_range(self.batch_size, "clip.batch_size", 1)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Loss terms and RichKD fusion knobs. Zero weights switch a term off entirely (no memory bank, no CLIP)."""
+    method: str = "richkd"               # supervised (CE only) | kd (Hinton KD) | richkd (fused teacher)
+    ce_weight: float = 1.0
+    logit_weight: float = 3.0            # w_L, multiplied by T^2 inside kd_loss
+    temperature: float = 3.0
+    fusion_alpha: float = 0.7            # z_F = alpha z_T + (1 - alpha) s cos_C
+    clip_logit_scale: float = 1.0        # 1 = official code (raw cosine); ~100 = CLIP's own convention
+    zero_clip_logits: bool = False       # the alpha-only control: s cos_C == 0
+    feat_weight: float = 0.8             # w_F; 0 gives RichKD-L
+    feat_lambda: Optional[float] = None  # None: tied to fusion_alpha (official code); paper: separate
+    feat_dim: int = 128
+    nce_k: int = 16384
+    nce_temperature: float = 0.07
+    nce_momentum: float = 0.5
+    confidence_threshold: float = 0.5    # for the confident-correct / confidently-wrong analysis
+
+    def __post_init__(self) -> None:
+        _one_of(self.method, "loss.method", METHODS)
+        for key in ("ce_weight", "logit_weight", "feat_weight"):
+            _in_range(getattr(self, key), f"loss.{key}", 0.0, 1000.0)
+        _in_range(self.temperature, "loss.temperature", 0.0, 100.0, lo_open=True)
+        _in_range(self.fusion_alpha, "loss.fusion_alpha", 0.0, 1.0)
+        _in_range(self.clip_logit_scale, "loss.clip_logit_scale", 0.0, 1000.0)
+        if self.feat_lambda is not None:
+            _in_range(self.feat_lambda, "loss.feat_lambda", 0.0, 1.0)
+        _in_range(self.feat_dim, "loss.feat_dim", 1, 4096)
+        _in_range(self.nce_k, "loss.nce_k", 1)
+        _in_range(self.nce_temperature, "loss.nce_temperature", 0.0, 10.0, lo_open=True)
+        _in_range(self.nce_momentum, "loss.nce_momentum", 0.0, 1.0, hi_open=True)
+        _in_range(self.confidence_threshold, "loss.confidence_threshold", 0.0, 1.0)
+        if self.method == "richkd":
+            _check(self.logit_weight > 0 or self.feat_weight > 0, "loss",
+                   "richkd needs logit_weight > 0 (RichKD-L) or feat_weight > 0 (RichKD-F), or both")
+
+    @property
+    def resolved_feat_lambda(self) -> float:
+        return self.fusion_alpha if self.feat_lambda is None else self.feat_lambda
+
+
+@dataclass(frozen=True)
+class TeachingConfig:
+    """How teacher outputs reach the loss.
+
+    cached: outputs of the un-augmented image, looked up by index (official RichKD behaviour);
+    online: teacher and CLIP run on the student's augmented view every step (consistent, slower).
+    """
+    mode: str = "cached"
+    cache_dir: str = "tune_runs/cache"
+
+    def __post_init__(self) -> None:
+        _one_of(self.mode, "teaching.mode", TEACHING_MODES)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """SGD and a pure learning-rate schedule (see trainer.lr_at)."""
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "step"
+    milestones: Tuple[int, ...] = (150, 180, 210)
+    gamma: float = 0.1
+    warmup_epochs: int = 0
+
+    def __post_init__(self) -> None:
+        _in_range(self.lr, "optim.lr", 0.0, 10.0, lo_open=True)
+        _in_range(self.momentum, "optim.momentum", 0.0, 1.0, hi_open=True)
+        _in_range(self.weight_decay, "optim.weight_decay", 0.0, 1.0)
+        _one_of(self.schedule, "optim.schedule", SCHEDULES)
+        _in_range(self.gamma, "optim.gamma", 0.0, 1.0, lo_open=True)
+        _in_range(self.warmup_epochs, "optim.warmup_epochs", 0)
+        _check(list(self.milestones) == sorted(self.milestones) and all(m > 0 for m in self.milestones),
+               "optim.milestones", f"must be increasing positive epochs, got {list(self.milestones)}")
+        _check(not (self.nesterov and self.momentum == 0), "optim.nesterov", "nesterov needs momentum > 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Length of training and where checkpoints go."""
+    epochs: int = 240
+    eval_every: int = 1                  # evaluate on the validation split every N epochs (and the last)
+    checkpoint_dir: Optional[str] = None # None: no TrainState files (Tune trials checkpoint through Tune)
+    threads: Optional[int] = None        # torch CPU threads; None: leave torch's default / Ray's grant
+
+    def __post_init__(self) -> None:
+        _in_range(self.epochs, "train.epochs", 1, 100000)
+        _in_range(self.eval_every, "train.eval_every", 1)
+        if self.threads is not None:
+            _in_range(self.threads, "train.threads", 1, 1024)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything one run needs. Plain dicts cross process boundaries; this is rebuilt on the other side."""
+    name: str = "run"
+    seed: int = 0
+    device: str = "auto"                 # auto | cpu | cuda | cuda:N | mps
+    data: DataConfig = field(default_factory=DataConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    teaching: TeachingConfig = field(default_factory=TeachingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.device == "auto" or self.device in ("cpu", "cuda", "mps") or self.device.startswith("cuda:"),
+               "device", f"{self.device!r} is not auto, cpu, cuda, cuda:N or mps")
+        _in_range(self.seed, "seed", 0, 2**31 - 1)
+        if self.loss.method in ("kd", "richkd"):
+            _check(self.teacher.arch is not None, "teacher.arch",
+                   f"loss.method={self.loss.method} needs a teacher; set teacher.arch and teacher.checkpoint")
+            _check(self.teacher.checkpoint is not None, "teacher.checkpoint",
+                   f"loss.method={self.loss.method} needs a trained teacher checkpoint "
+                   "(train one with loss.method=supervised, or use mdistiller's ckpt_epoch_240.pth)")
+
+    @property
+    def uses_clip(self) -> bool:
+        """CLIP is needed only when fused logits use it or feature fusion is on."""
+        loss = self.loss
+        if loss.method != "richkd":
+            return False
+        logits_need_clip = loss.logit_weight > 0 and loss.fusion_alpha < 1 and not loss.zero_clip_logits
+        return logits_need_clip or (loss.feat_weight > 0 and loss.resolved_feat_lambda < 1)
+
+    # ----- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any] | None) -> "Config":
+        return _build(cls, dict(raw or {}), prefix="")
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "Config":
+        return cls.from_dict(load_yaml_mapping(path))
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "Config":
+        """Return a new config with dotted keys replaced, e.g. {"optim.lr": 0.01}. Validates everything."""
+        nested = self.to_dict()
+        for dotted, value in overrides.items():
+            parts = dotted.split(".")
+            node = nested
+            for depth, part in enumerate(parts[:-1]):
+                if not isinstance(node.get(part), dict):
+                    _unknown_key(part, [k for k, v in node.items() if isinstance(v, dict)],
+                                 ".".join(parts[:depth]))
+                node = node[part]
+            leaf = parts[-1]
+            if leaf not in node or isinstance(node[leaf], dict):
+                _unknown_key(leaf, [k for k, v in node.items() if not isinstance(v, dict)],
+                             ".".join(parts[:-1]))
+            node[leaf] = value
+        return Config.from_dict(nested)
+
+    def to_dict(self) -> dict:
+        """Nested plain dict (tuples become lists) suitable for YAML and for crossing the Ray boundary."""
+        return _to_plain(dataclasses.asdict(self))
+
+    def to_flat_dict(self) -> dict:
+        """{"section.key": value} for MLflow params and leaderboards."""
+        return flatten(self.to_dict())
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict:
+    flat: dict = {}
+    for key, value in nested.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict:
+    nested: dict = {}
+    for dotted, value in flat.items():
+        node = nested
+        *heads, leaf = dotted.split(".")
+        for head in heads:
+            node = node.setdefault(head, {})
+        node[leaf] = value
+    return nested
+
+
+def dotted_keys() -> list[str]:
+    """Every valid dotted key of Config, e.g. "loss.fusion_alpha"; used by search-space validation."""
+    return sorted(flatten(Config().to_dict()).keys())
+
+
+def load_yaml_mapping(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML ({exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` from the command line; the value is parsed as YAML so 0.1, true, [1, 2] and null work."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set optim.lr=0.01")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+# ----- internals -------------------------------------------------------------------------------
+
+def _unknown_key(key: str, valid: list[str], section: str) -> None:
+    where = f"{section}.{key}" if section else key
+    hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    suggestion = f"; did you mean {(section + '.' if section else '') + hint[0]!r}?" if hint else ""
+    raise ConfigError(f"unknown config key {where!r}{suggestion} (valid keys here: {', '.join(sorted(valid))})")
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _build(cls: type, raw: dict, prefix: str):
+    hints = get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    for key in raw:
+        if key not in names:
+            _unknown_key(str(key), names, prefix.rstrip("."))
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in raw:
+            continue
+        key = f"{prefix}{f.name}"
+        kwargs[f.name] = _coerce(raw[f.name], hints[f.name], key)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - defensive, all fields have defaults
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from None
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Check and convert one YAML value to the annotated type; bool is never accepted as a number."""
+    if is_dataclass(typ):
+        if value is None:
+            return typ()
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping of {typ.__name__} fields, got {value!r}")
+        return _build(typ, dict(value), prefix=key + ".")
+    origin = get_origin(typ)
+    if origin is Optional or (origin is not None and type(None) in get_args(typ)):
+        if value is None:
+            return None
+        inner = [a for a in get_args(typ) if a is not type(None)][0]
+        return _coerce(value, inner, key)
+    if origin in (tuple, Tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        item_type = get_args(typ)[0]
+        return tuple(_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(value)
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
