@@ -224,12 +224,6 @@ class Config:
         _check(self.device == "auto" or self.device in ("cpu", "cuda", "mps") or self.device.startswith("cuda:"),
                "device", f"{self.device!r} is not auto, cpu, cuda, cuda:N or mps")
         _in_range(self.seed, "seed", 0, 2**31 - 1)
-        if self.loss.method in ("kd", "richkd"):
-            _check(self.teacher.arch is not None, "teacher.arch",
-                   f"loss.method={self.loss.method} needs a teacher; set teacher.arch and teacher.checkpoint")
-            _check(self.teacher.checkpoint is not None, "teacher.checkpoint",
-                   f"loss.method={self.loss.method} needs a trained teacher checkpoint "
-                   "(train one with loss.method=supervised, or use mdistiller's ckpt_epoch_240.pth)")
 
     @property
     def uses_clip(self) -> bool:

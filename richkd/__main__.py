@@ -1,0 +1,6 @@
+"""`python -m richkd` is the `richkd` command."""
+import sys
+
+from richkd.cli import main
+
+sys.exit(main())

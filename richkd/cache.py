@@ -1,0 +1,339 @@
+"""Content-addressed caches of frozen-teacher outputs: manifest per entry, atomic writes, memory-mapped reads.
+
+Why caching works for RichKD (DESIGN.md §5): both teachers are frozen and every searched knob (alpha,
+lambda, T, scale, loss weights, prompt set) acts on teacher *outputs*. So the conventional teacher's logits
+and pooled features, CLIP's image features and CLIP's class (text) embeddings are computed once and every
+trial reads them. Each entry is a folder named by a hash of everything that determines its content; its
+manifest repeats those fields and a mismatch is an error, never a silent reuse.
+
+Layout under `teaching.cache_dir`:
+    teacher-<key>/      manifest.json  logits.npy (N, C) fp16  feat.npy (N, d_T) fp16
+    clip-image-<key>/   manifest.json  feat.npy (N, D) fp16, L2-normalised
+    clip-text-<key>/    manifest.json  classifier.npy (C, D) fp32, L2-normalised
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
+
+import numpy as np
+
+from richkd.config import ClipConfig, Config
+from richkd.io import atomic_write_text, sha256_file
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+# Dotted-key prefixes whose values change what a cache holds; a sweep samples them only from finite choices
+# so the driver can build every cache before trials start.
+CACHE_AFFECTING_PREFIXES = ("data.", "teacher.", "clip.", "teaching.")
+CLEAN_VIEW = "clean"  # the un-augmented image: the official code's cached behaviour (paper.md §1.6)
+
+
+class CacheError(ValueError):
+    """A cache is missing, stale, mismatched or damaged; the message names the folder and the fix."""
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    kind: str
+    fields: dict
+
+    @property
+    def key(self) -> str:
+        blob = json.dumps({"kind": self.kind, **self.fields}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def path(self, cache_dir: str | os.PathLike) -> Path:
+        return Path(cache_dir) / f"{self.kind}-{self.key}"
+
+
+# ----- identities of inputs -----------------------------------------------------------------------
+
+def file_sha256_memo(path: str | os.PathLike, memo_dir: str | os.PathLike) -> str:
+    """sha256 of a (possibly large) file, memoised by (path, size, mtime) so trials don't re-hash CLIP weights."""
+    p = Path(path).resolve()
+    st = p.stat()
+    memo_file = Path(memo_dir) / "sha256-memo.json"
+    ident = f"{p}|{st.st_size}|{st.st_mtime_ns}"
+    memo: dict = {}
+    if memo_file.is_file():
+        try:
+            memo = json.loads(memo_file.read_text())
+        except (OSError, ValueError):
+            memo = {}
+    if ident in memo:
+        return memo[ident]
+    digest = sha256_file(p)
+    memo[ident] = digest
+    try:
+        atomic_write_text(memo_file, json.dumps(memo, indent=1, sort_keys=True))
+    except OSError:  # a read-only cache folder still works, just without the memo
+        pass
+    return digest
+
+
+def clip_weights_id(clip: ClipConfig, memo_dir: str | os.PathLike) -> str:
+    """What identifies CLIP's weights: the file's sha256 for local files, else the open_clip tag."""
+    pretrained = clip.pretrained
+    if pretrained.startswith("local-dir:"):
+        folder = Path(pretrained[len("local-dir:"):]).expanduser()
+        if not folder.is_dir():
+            raise CacheError(f"clip.pretrained: folder {str(folder)!r} does not exist")
+        parts = [f"{f.name}:{file_sha256_memo(f, memo_dir)}" for f in sorted(folder.iterdir()) if f.is_file()]
+        return "dir-" + hashlib.sha256("|".join(parts).encode()).hexdigest()
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return "file-" + file_sha256_memo(path, memo_dir)
+    return f"tag-{clip.model}/{pretrained}"
+
+
+def _names_hash(names: Iterable[str]) -> str:
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+
+
+def teacher_entry(cfg: Config, dataset_id: dict, split: str, memo_dir: str | os.PathLike) -> CacheEntry:
+    ckpt = Path(cfg.teacher.checkpoint or "").expanduser()
+    if not ckpt.is_file():
+        raise CacheError(f"teacher.checkpoint: file {str(ckpt)!r} does not exist")
+    return CacheEntry("teacher", {
+        "arch": cfg.teacher.arch, "checkpoint_sha256": file_sha256_memo(ckpt, memo_dir),
+        **dataset_id, "split": split, "view": CLEAN_VIEW,
+    })
+
+
+def clip_image_entry(cfg: Config, dataset_id: dict, split: str, memo_dir: str | os.PathLike) -> CacheEntry:
+    return CacheEntry("clip-image", {
+        "model": cfg.clip.model, "weights": clip_weights_id(cfg.clip, memo_dir),
+        **dataset_id, "split": split, "view": CLEAN_VIEW,
+    })
+
+
+def clip_text_entry(cfg: Config, templates: tuple[str, ...], class_names: list[str],
+                    memo_dir: str | os.PathLike) -> CacheEntry:
+    return CacheEntry("clip-text", {
+        "model": cfg.clip.model, "weights": clip_weights_id(cfg.clip, memo_dir),
+        "templates_sha": _names_hash(templates), "class_names_sha": _names_hash(class_names),
+        "clean_class_names": cfg.clip.clean_class_names,
+    })
+
+
+def dataset_identity(cfg: Config, n_rows: int, num_classes: int) -> dict:
+    """Fields of the data that determine teacher outputs (the root folder does not: same data anywhere)."""
+    return {"dataset": cfg.data.dataset, "image_size": cfg.data.image_size, "n": n_rows,
+            "num_classes": num_classes}
+
+
+# ----- reading and writing entries ----------------------------------------------------------------
+
+def write_entry(entry: CacheEntry, cache_dir: str | os.PathLike, arrays: dict[str, np.ndarray],
+                extra: Optional[dict] = None) -> Path:
+    """Write arrays + manifest into a temp folder, then rename it into place (atomic for readers)."""
+    final = entry.path(cache_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        for name, arr in arrays.items():
+            np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr))
+        manifest = {
+            "format_version": CACHE_FORMAT_VERSION, "kind": entry.kind, "key": entry.key,
+            "fields": entry.fields, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "arrays": {n: {"shape": list(a.shape), "dtype": str(a.dtype)} for n, a in arrays.items()},
+            **(extra or {}),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str))
+        if final.exists():  # another process finished first; its content is identical by construction
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def read_entry(entry: CacheEntry, cache_dir: str | os.PathLike,
+               expect_rows: Optional[dict[str, int]] = None) -> dict[str, np.ndarray]:
+    """Memory-mapped arrays of an entry after checking its manifest; several processes share the pages."""
+    folder = entry.path(cache_dir)
+    manifest_file = folder / "manifest.json"
+    if not manifest_file.is_file():
+        raise CacheError(f"{entry.kind} cache {folder} is missing; build it with "
+                         f"`richkd cache --config YOUR_CONFIG.yaml` (a sweep builds it before trials start)")
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except ValueError:
+        raise CacheError(f"{manifest_file} is not valid JSON; delete {folder} and rebuild the cache") from None
+    stored = json.loads(json.dumps(manifest.get("fields"), default=str))
+    wanted = json.loads(json.dumps(entry.fields, default=str))
+    if manifest.get("format_version") != CACHE_FORMAT_VERSION or stored != wanted:
+        diff = sorted(k for k in set(stored or {}) | set(wanted) if (stored or {}).get(k) != wanted.get(k))
+        raise CacheError(f"cache {folder} was built for different inputs (differs in: {', '.join(diff) or 'format'});"
+                         f" delete the folder and rebuild with `richkd cache`")
+    arrays = {}
+    for name, meta in manifest["arrays"].items():
+        try:
+            arr = np.load(folder / f"{name}.npy", mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise CacheError(f"cache file {folder / (name + '.npy')} is unreadable or truncated ({exc}); "
+                             f"delete {folder} and rebuild with `richkd cache`") from None
+        if list(arr.shape) != meta["shape"] or str(arr.dtype) != meta["dtype"]:
+            raise CacheError(f"cache file {folder / (name + '.npy')} has shape {list(arr.shape)} {arr.dtype}, "
+                             f"manifest says {meta['shape']} {meta['dtype']}; delete {folder} and rebuild")
+        if expect_rows and name in expect_rows and arr.shape[0] != expect_rows[name]:
+            raise CacheError(f"cache {folder} has {arr.shape[0]} rows but the dataset has {expect_rows[name]}; "
+                             f"it was built for other data: delete it and rebuild")
+        arrays[name] = arr
+    return arrays
+
+
+def entry_exists(entry: CacheEntry, cache_dir: str | os.PathLike) -> bool:
+    return (entry.path(cache_dir) / "manifest.json").is_file()
+
+
+# ----- building -----------------------------------------------------------------------------------
+
+def _batched_outputs(dataset, fn: Callable[["torch.Tensor"], dict], batch_size: int, device,
+                     progress: bool, desc: str) -> dict[str, np.ndarray]:
+    """Run fn over a dataset in order (row i of the output = dataset row i) and stack fp16 numpy outputs."""
+    import torch
+
+    from richkd.data import make_loader
+
+    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, seed=0)
+    chunks: dict[str, list[np.ndarray]] = {}
+    expected = 0
+    bar = _progress(len(loader), desc) if progress else None
+    with torch.inference_mode():
+        for batch in loader:
+            if not torch.equal(batch.index, torch.arange(expected, expected + len(batch))):
+                raise CacheError("cache building needs a dataset whose index equals its row (internal error)")
+            expected += len(batch)
+            for name, value in fn(batch.image.to(device)).items():
+                chunks.setdefault(name, []).append(value.float().cpu().numpy())
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return {name: np.concatenate(parts) for name, parts in chunks.items()}
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", leave=False)
+
+
+def prepare_caches(cfg: Config, progress: bool = False, device: Optional[str] = None,
+                   splits: tuple[str, ...] = ("train",)) -> list[Path]:
+    """Build every missing cache entry the config reads in cached teaching; return the entry folders.
+
+    A no-op for supervised runs and online teaching (except the small text classifier, which online CLIP
+    teaching also reads). Cheap when everything exists: only manifests are checked.
+    """
+    if cfg.loss.method == "supervised":
+        return []
+    from richkd.data import build_data
+    from richkd.trainer import resolve_device
+
+    data = build_data(cfg.data)
+    dev = resolve_device(device or cfg.device)
+    cache_dir = Path(cfg.teaching.cache_dir)
+    built: list[Path] = []
+    sources = {"train": data.train_clean, "test": data.test}
+    for split in splits:
+        dataset = sources[split]
+        ident = dataset_identity(cfg, len(dataset), data.num_classes)
+        if cfg.teaching.mode == "cached":
+            built.append(_ensure_teacher(cfg, data, dataset, ident, split, cache_dir, dev, progress))
+            if cfg.uses_clip:
+                built.append(_ensure_clip_image(cfg, dataset, ident, split, cache_dir, dev, progress))
+    if cfg.uses_clip:
+        built.append(_ensure_clip_text(cfg, data.class_names, cache_dir, dev))
+    return built
+
+
+def _ensure_teacher(cfg, data, dataset, ident, split, cache_dir, dev, progress) -> Path:
+    from richkd.data import normalize
+    from richkd.models import load_teacher
+
+    entry = teacher_entry(cfg, ident, split, cache_dir)
+    if entry_exists(entry, cache_dir):
+        read_entry(entry, cache_dir, expect_rows={"logits": len(dataset)})
+        return entry.path(cache_dir)
+    model, sha = load_teacher(cfg.teacher.arch, cfg.teacher.checkpoint, data.num_classes)
+    model.to(dev)
+    log.info("caching teacher %s (%s) outputs on %s/%s", cfg.teacher.arch, sha[:12], cfg.data.dataset, split)
+
+    def run(images):
+        out = model(normalize(images, data.mean, data.std))
+        return {"logits": out.logits.half(), "feat": out.feat.half()}
+
+    arrays = _batched_outputs(dataset, run, cfg.data.eval_batch_size, dev, progress, f"teacher {split}")
+    arrays = {k: v.astype(np.float16) for k, v in arrays.items()}
+    return write_entry(entry, cache_dir, arrays)
+
+
+def _ensure_clip_image(cfg, dataset, ident, split, cache_dir, dev, progress) -> Path:
+    from richkd.clip import load_clip
+
+    entry = clip_image_entry(cfg, ident, split, cache_dir)
+    if entry_exists(entry, cache_dir):
+        read_entry(entry, cache_dir, expect_rows={"feat": len(dataset)})
+        return entry.path(cache_dir)
+    clip = load_clip(cfg.clip.model, cfg.clip.pretrained, device=dev)
+    log.info("caching CLIP %s image features on %s/%s", cfg.clip.model, cfg.data.dataset, split)
+    arrays = _batched_outputs(dataset, lambda im: {"feat": clip.encode_images(im)}, cfg.clip.batch_size, dev,
+                              progress, f"CLIP {split}")
+    return write_entry(entry, cache_dir, {"feat": arrays["feat"].astype(np.float16)},
+                       extra={"preprocess_id": clip.preprocess_id, "embed_dim": clip.embed_dim})
+
+
+def class_embeddings(cfg: Config, class_names: list[str], device=None) -> "torch.Tensor":
+    """(C, D) fp32 text classifier for cfg's prompt set, from the cache (built if missing)."""
+    import torch
+
+    cache_dir = Path(cfg.teaching.cache_dir)
+    path = _ensure_clip_text(cfg, class_names, cache_dir, device or "cpu")
+    entry = CacheEntry("clip-text", json.loads((path / "manifest.json").read_text())["fields"])
+    arr = read_entry(entry, cache_dir, expect_rows={"classifier": len(class_names)})["classifier"]
+    return torch.from_numpy(np.array(arr, dtype=np.float32))
+
+
+def _ensure_clip_text(cfg, class_names, cache_dir, dev) -> Path:
+    from richkd.clip import load_clip, load_prompt_set
+
+    prompt_set = load_prompt_set(cfg.clip.prompt_set)
+    entry = clip_text_entry(cfg, prompt_set.templates, list(class_names), cache_dir)
+    if entry_exists(entry, cache_dir):
+        return entry.path(cache_dir)
+    clip = load_clip(cfg.clip.model, cfg.clip.pretrained, device=dev)
+    classifier = clip.encode_text_classifier(list(class_names), prompt_set.templates, clean=cfg.clip.clean_class_names)
+    return write_entry(entry, cache_dir, {"classifier": classifier.float().cpu().numpy()},
+                       extra={"prompt_set": prompt_set.name, "templates": list(prompt_set.templates),
+                              "class_names": list(class_names), "logit_scale": clip.logit_scale})
+
+
+def describe(cache_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """One row per cache entry (kind, key, size in MB, creation time) for `richkd cache --list`."""
+    rows = []
+    for folder in sorted(Path(cache_dir).glob("*-*")):
+        manifest = folder / "manifest.json"
+        if not manifest.is_file():
+            continue
+        meta = json.loads(manifest.read_text())
+        size = sum(f.stat().st_size for f in folder.iterdir())
+        rows.append({"kind": meta["kind"], "key": meta["key"], "mb": round(size / 2**20, 2),
+                     "created": meta.get("created"), "path": str(folder)})
+    return rows

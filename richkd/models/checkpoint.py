@@ -1,0 +1,146 @@
+"""Teacher/student weight files: strict loading with one readable error, and atomic saving."""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from richkd.io import atomic_torch_save, sha256_file
+
+logger = logging.getLogger(__name__)
+
+_MAX_LISTED = 10  # keys shown per category before the list is truncated
+
+
+class CheckpointError(ValueError):
+    """A weight file is missing, unreadable, or does not fit the requested architecture."""
+
+
+def _listing(items: list[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    if len(items) > _MAX_LISTED:
+        shown += f", ... ({len(items) - _MAX_LISTED} more)"
+    return shown
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def extract_state_dict(obj: Any, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Find the weights in a loaded file: `{"model": sd}` (mdistiller/RepDistiller), `{"state_dict": sd}`, or sd.
+
+    A uniform `module.` prefix (a model saved from inside nn.DataParallel) is stripped.
+    """
+    sd: Any = None
+    if isinstance(obj, Mapping):
+        for key in ("model", "state_dict"):
+            if key in obj and _is_state_dict(obj[key]):
+                sd = obj[key]
+                break
+        if sd is None and _is_state_dict(obj):
+            sd = obj
+    if sd is None:
+        top = sorted(map(str, obj.keys()))[:_MAX_LISTED] if isinstance(obj, Mapping) else type(obj).__name__
+        raise CheckpointError(
+            f"{path}: no state_dict found (top-level content: {top}). Expected a file written by "
+            f"torch.save({{'model': model.state_dict()}}) as in mdistiller's ckpt_epoch_240.pth, "
+            f"{{'state_dict': ...}}, or a bare state_dict."
+        )
+    sd = dict(sd)
+    if all(k.startswith("module.") for k in sd):
+        logger.info("stripping the DataParallel 'module.' prefix from %s", path)
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], name: str, num_classes: int,
+                     path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Compare checkpoint keys/shapes with the model; raise ONE CheckpointError listing every problem.
+
+    Returns the state dict to load: BatchNorm `num_batches_tracked` counters missing from old (PyTorch < 0.4.1)
+    checkpoints are filled with 0, exactly what PyTorch itself does for such files; they never affect eval.
+    """
+    expected = model.state_dict()
+    sd = dict(sd)
+    for key in expected:
+        if key.endswith("num_batches_tracked") and key not in sd:
+            sd[key] = torch.zeros((), dtype=torch.long)
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    misshaped = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in sd and tuple(sd[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or misshaped:
+        parts = [f"checkpoint {path} does not fit model {name!r} with num_classes={num_classes}:"]
+        if missing:
+            parts.append(f"  missing keys ({len(missing)}): {_listing(missing)}")
+        if unexpected:
+            parts.append(f"  unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+        if misshaped:
+            parts.append(f"  mis-shaped keys ({len(misshaped)}): {_listing(misshaped)}")
+        parts.append(
+            "  Hint: the architecture name or num_classes is probably wrong for this file "
+            "(e.g. a resnet32x4 checkpoint needs name 'resnet32x4' and num_classes=100 for CIFAR-100)."
+        )
+        raise CheckpointError("\n".join(parts))
+    return sd
+
+
+def load_teacher(name: str, path: str | os.PathLike, num_classes: int,
+                 map_location: str | torch.device = "cpu") -> tuple[nn.Module, str]:
+    """Build `name`, load `path` strictly, freeze it; return (model in eval mode, sha256 of the file).
+
+    Why strict: a silently half-loaded teacher trains a student towards noise. The sha256 is logged and
+    returned so caches and run records can name the exact teacher.
+    """
+    from richkd.models import create_model
+
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(
+            f"teacher checkpoint not found: {p}. Download mdistiller's cifar_teachers.tar "
+            f"(e.g. <name>_vanilla/ckpt_epoch_240.pth) or fix teacher.checkpoint in the config."
+        )
+    model = create_model(name, num_classes)
+    try:
+        obj = torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{p}: cannot be read with torch.load(weights_only=True), which accepts only tensors and plain "
+            f"containers ({exc}). If the file holds other Python objects, re-save just the weights with "
+            f"torch.save({{'model': model.state_dict()}}, path)."
+        ) from exc
+    except Exception as exc:  # torch.load raises many types on a corrupt file (IndexError, EOFError, ...)
+        raise CheckpointError(
+            f"{p}: not a readable torch checkpoint ({type(exc).__name__}: {exc}); the file may be truncated "
+            f"or not a torch.save file."
+        ) from exc
+    sd = check_state_dict(model, extract_state_dict(obj, p), name, num_classes, p)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:  # e.g. a dtype that cannot be copied; keys and shapes were checked above
+        raise CheckpointError(f"{p}: loading into {name!r} failed: {exc}") from exc
+    model.to(map_location)
+    model.eval()
+    model.requires_grad_(False)
+    digest = sha256_file(p)
+    logger.info("loaded teacher %s (num_classes=%d) from %s sha256=%s", name, num_classes, p, digest)
+    return model, digest
+
+
+def save_model_checkpoint(model: nn.Module, path: str | os.PathLike, /, **extra: Any) -> None:
+    """Atomically write `{"model": state_dict, **extra}`, the layout load_teacher and mdistiller read."""
+    if "model" in extra:
+        raise ValueError("save_model_checkpoint: 'model' is reserved for the state_dict; rename the extra field")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_torch_save({"model": state, **extra}, path)

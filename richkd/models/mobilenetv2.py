@@ -1,0 +1,105 @@
+"""MobileNetV2 for CIFAR, the half-width `mobile_half` (T=6, width 0.5) of RepDistiller/mdistiller, as "MobileNetV2"."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from richkd.models.base import ModelOutput
+from richkd.models.registry import MODELS
+
+
+def _conv_bn_relu(inp: int, oup: int, kernel: int, stride: int) -> nn.Sequential:
+    """conv (no bias) + BN + ReLU; keys `<name>.0.weight`, `<name>.1.*` as in the checkpoints."""
+    return nn.Sequential(
+        nn.Conv2d(inp, oup, kernel, stride, kernel // 2, bias=False),
+        nn.BatchNorm2d(oup),
+        nn.ReLU(inplace=True),
+    )
+
+
+class InvertedResidual(nn.Module):
+    """pw expand -> dw 3x3 -> pw-linear, residual when stride 1 and widths match.
+
+    Unlike torchvision, the 1x1 expansion conv exists even for expand ratio 1 (official code), so the
+    `conv` Sequential always holds indices 0..7 (convs at 0, 3, 6; BNs at 1, 4, 7).
+    """
+
+    def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int) -> None:
+        super().__init__()
+        hidden = inp * expand_ratio
+        self.use_res_connect = stride == 1 and inp == oup
+        self.conv = nn.Sequential(
+            nn.Conv2d(inp, hidden, 1, 1, 0, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, oup, 1, 1, 0, bias=False),
+            nn.BatchNorm2d(oup),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x)
+        return x + out if self.use_res_connect else out
+
+
+class MobileNetV2(nn.Module):
+    """conv1 (stride 2) -> 7 stages `blocks[i]` -> conv2 (1x1 to 1280) -> global pool -> `classifier.0`.
+
+    Overall stride 16: a 32x32 image ends at 2x2 (official code: AvgPool2d(2, ceil_mode=True), i.e.
+    global). Input (B, 3, H, W); feat (B, 1280) (the last width stays 1280 for width_mult <= 1).
+    """
+
+    def __init__(self, expand: int, width_mult: float, num_classes: int) -> None:
+        super().__init__()
+        setting = [  # expand ratio t, channels c, repeats n, first stride s
+            (1, 16, 1, 1),
+            (expand, 24, 2, 1),
+            (expand, 32, 3, 2),
+            (expand, 64, 4, 2),
+            (expand, 96, 3, 1),
+            (expand, 160, 3, 2),
+            (expand, 320, 1, 1),
+        ]
+        in_ch = int(32 * width_mult)
+        self.conv1 = _conv_bn_relu(3, in_ch, 3, 2)
+        self.blocks = nn.ModuleList()
+        for t, c, n, s in setting:
+            out_ch = int(c * width_mult)
+            stage = []
+            for stride in [s] + [1] * (n - 1):
+                stage.append(InvertedResidual(in_ch, out_ch, stride, t))
+                in_ch = out_ch
+            self.blocks.append(nn.Sequential(*stage))
+        self.feat_dim = int(1280 * width_mult) if width_mult > 1.0 else 1280
+        self.conv2 = _conv_bn_relu(in_ch, self.feat_dim, 1, 1)
+        self.classifier = nn.Sequential(nn.Linear(self.feat_dim, num_classes))
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        out = self.conv1(x)
+        for stage in self.blocks:
+            out = stage(out)
+        out = self.conv2(out)
+        feat = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)  # (B, 1280)
+        return ModelOutput(self.classifier(feat), feat)
+
+
+@MODELS.register("MobileNetV2")
+def mobile_half(num_classes: int) -> MobileNetV2:
+    """mdistiller "MobileNetV2" = `mobile_half`: expand ratio 6, width 0.5, feat_dim 1280."""
+    return MobileNetV2(6, 0.5, num_classes)

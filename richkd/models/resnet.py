@@ -1,0 +1,104 @@
+"""CIFAR ResNets (resnet8 ... resnet110, resnet8x4, resnet32x4) with mdistiller/RepDistiller parameter names."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from richkd.models.base import ModelOutput
+from richkd.models.registry import MODELS
+
+
+def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Post-activation residual block: relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut(x)).
+
+    Submodule names `conv1, bn1, conv2, bn2, downsample.{0,1}` are those of the public checkpoints.
+    """
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = _conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + shortcut)
+
+
+class CifarResNet(nn.Module):
+    """3-stage CIFAR ResNet (He et al. 2016, the 6n+2 family) as in RepDistiller `models/resnet.py`.
+
+    Input (B, 3, H, W) -> stages at H, H/2, H/4 -> global average pool -> `fc`.
+    The official code pools with AvgPool2d(8), i.e. a global pool for 32x32 inputs; a global pool is used
+    here so that other square sizes work too (identical for 32x32).
+    """
+
+    def __init__(self, depth: int, num_filters: tuple[int, int, int, int], num_classes: int) -> None:
+        super().__init__()
+        if (depth - 2) % 6 != 0:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2 (e.g. 20, 32, 56, 110), got {depth}")
+        n = (depth - 2) // 6
+        self._inplanes = num_filters[0]
+        self.conv1 = nn.Conv2d(3, num_filters[0], kernel_size=3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(num_filters[0])
+        self.layer1 = self._make_layer(num_filters[1], n, stride=1)
+        self.layer2 = self._make_layer(num_filters[2], n, stride=2)
+        self.layer3 = self._make_layer(num_filters[3], n, stride=2)
+        self.feat_dim = num_filters[3] * BasicBlock.expansion
+        self.fc = nn.Linear(self.feat_dim, num_classes)
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self._inplanes != planes * BasicBlock.expansion:
+            # 1x1 projection shortcut: checkpoint keys `layerK.0.downsample.0.weight` / `.1.*`.
+            downsample = nn.Sequential(
+                nn.Conv2d(self._inplanes, planes * BasicBlock.expansion, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes * BasicBlock.expansion),
+            )
+        layers = [BasicBlock(self._inplanes, planes, stride, downsample)]
+        self._inplanes = planes * BasicBlock.expansion
+        layers += [BasicBlock(self._inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        feat = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)  # (B, feat_dim)
+        return ModelOutput(self.fc(feat), feat)
+
+
+_THIN = (16, 16, 32, 64)
+_WIDE = (32, 64, 128, 256)  # the "x4" variants
+
+
+def _register(name: str, depth: int, filters: tuple[int, int, int, int]) -> None:
+    def factory(num_classes: int) -> CifarResNet:
+        return CifarResNet(depth, filters, num_classes)
+
+    factory.__name__ = name
+    factory.__doc__ = f"CIFAR {name}: depth {depth}, stage widths {filters[1:]}, feat_dim {filters[3]}."
+    MODELS.register(name)(factory)
+
+
+for _depth in (8, 14, 20, 32, 44, 56, 110):
+    _register(f"resnet{_depth}", _depth, _THIN)
+_register("resnet8x4", 8, _WIDE)
+_register("resnet32x4", 32, _WIDE)

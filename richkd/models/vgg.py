@@ -1,0 +1,90 @@
+"""CIFAR VGG with batch norm (vgg8/11/13/16/19 = mdistiller's vgg*_bn) with mdistiller parameter names."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from richkd.models.base import ModelOutput
+from richkd.models.registry import MODELS
+
+# Conv widths per stage (block0..block4); RepDistiller/mdistiller configs "S", "A", "B", "D", "E".
+_CFGS: dict[str, list[list[int]]] = {
+    "vgg8": [[64], [128], [256], [512], [512]],
+    "vgg11": [[64], [128], [256, 256], [512, 512], [512, 512]],
+    "vgg13": [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]],
+    "vgg16": [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]],
+    "vgg19": [[64, 64], [128, 128], [256, 256, 256, 256], [512, 512, 512, 512], [512, 512, 512, 512]],
+}
+
+
+def _make_block(widths: list[int], in_channels: int) -> nn.Sequential:
+    """[conv(bias), BN, ReLU] per width, without the final ReLU (applied by the caller).
+
+    The ReLU modules hold no weights but they set the Sequential indices, so the checkpoint keys read
+    `blockK.0.weight` (conv), `blockK.1.*` (BN), `blockK.3.weight` (second conv), ...
+    """
+    layers: list[nn.Module] = []
+    for v in widths:
+        layers += [nn.Conv2d(in_channels, v, kernel_size=3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+        in_channels = v
+    return nn.Sequential(*layers[:-1])
+
+
+class VGG(nn.Module):
+    """block0 -> pool -> block1 -> pool -> block2 -> pool -> block3 -> [pool] -> block4 -> global pool -> `classifier`.
+
+    As in the official code, the 4th max-pool is applied only for 64x64 inputs (Tiny-ImageNet): a 32x32
+    image reaches block4 at 4x4. Input (B, 3, H, W) with H divisible by 8; feat (B, 512).
+    """
+
+    def __init__(self, cfg: list[list[int]], num_classes: int) -> None:
+        super().__init__()
+        self.block0 = _make_block(cfg[0], 3)
+        self.block1 = _make_block(cfg[1], cfg[0][-1])
+        self.block2 = _make_block(cfg[2], cfg[1][-1])
+        self.block3 = _make_block(cfg[3], cfg[2][-1])
+        self.block4 = _make_block(cfg[4], cfg[3][-1])
+        self.feat_dim = cfg[4][-1]
+        self.classifier = nn.Linear(self.feat_dim, num_classes)
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        h = x.shape[2]
+        out = F.max_pool2d(F.relu(self.block0(x)), 2)
+        out = F.max_pool2d(F.relu(self.block1(out)), 2)
+        out = F.max_pool2d(F.relu(self.block2(out)), 2)
+        out = F.relu(self.block3(out))
+        if h == 64:
+            out = F.max_pool2d(out, 2)
+        out = F.relu(self.block4(out))
+        feat = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)  # (B, 512)
+        return ModelOutput(self.classifier(feat), feat)
+
+
+def _register(name: str) -> None:
+    cfg = _CFGS[name]
+
+    def factory(num_classes: int) -> VGG:
+        return VGG(cfg, num_classes)
+
+    factory.__name__ = name
+    factory.__doc__ = f"{name} with batch norm (mdistiller `{name}_bn`), feat_dim 512."
+    MODELS.register(name)(factory)
+
+
+for _name in _CFGS:
+    _register(_name)

@@ -1,0 +1,79 @@
+"""The one place that knows RichKD: student and teacher outputs -> named, weighted loss terms."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from richkd.config import LossConfig
+from richkd.fusion import fuse_logits
+from richkd.losses.kd import kd_loss
+from richkd.models.base import ModelOutput
+from richkd.teachers import TeacherOutputs
+
+
+class DistillationObjective(nn.Module):
+    """CE + (KD | RichKD logit term) + RichKD feature term; a zero-weight term is skipped entirely.
+
+    Variants (paper.md §1.5): RichKD-L (feat_weight 0), RichKD-F (logit_weight 0), RichKD-L+F, plain KD
+    (method kd, or richkd with alpha 1), and the alpha-only control (zero_clip_logits: the teacher is only
+    softened by alpha, no CLIP information). The trainable projection heads and CRD memory banks live here so
+    they are optimised and checkpointed with the student.
+    """
+
+    def __init__(self, cfg: LossConfig, *, student_dim: int, teacher_dim: Optional[int] = None,
+                 clip_dim: Optional[int] = None, train_targets: Optional[torch.Tensor] = None,
+                 train_rows: Optional[torch.Tensor] = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.crd = None
+        if cfg.method == "richkd" and cfg.feat_weight > 0:
+            if teacher_dim is None or train_targets is None or train_rows is None:
+                raise ValueError("the RichKD feature term needs teacher features and the training targets")
+            from richkd.losses.crd import FusedCRD
+
+            # CRD's memory bank covers the rows the student trains on (validation rows are never negatives);
+            # dataset indices are mapped to compact positions 0..n_train-1.
+            position = torch.full((int(train_targets.numel()),), -1, dtype=torch.long)
+            position[train_rows] = torch.arange(train_rows.numel())
+            self.register_buffer("row_position", position, persistent=False)
+            uses_clip_feat = clip_dim is not None and cfg.resolved_feat_lambda < 1
+            self.crd = FusedCRD(student_dim, teacher_dim, clip_dim if uses_clip_feat else None, cfg.feat_dim,
+                                train_targets[train_rows], cfg.nce_k, cfg.nce_temperature, cfg.nce_momentum)
+
+    @property
+    def needs_teacher(self) -> bool:
+        c = self.cfg
+        return c.method != "supervised" and (c.logit_weight > 0 or self.crd is not None)
+
+    def teacher_logits(self, teacher: TeacherOutputs) -> torch.Tensor:
+        """The logits the student is distilled from: the teacher's (KD) or the fused teacher's (RichKD)."""
+        c = self.cfg
+        if c.method == "kd":
+            return teacher.logits.float()
+        cosine = teacher.clip_cosine
+        if cosine is None or c.zero_clip_logits:
+            cosine = torch.zeros_like(teacher.logits, dtype=torch.float32)
+        return fuse_logits(teacher.logits, cosine, c.fusion_alpha, c.clip_logit_scale)
+
+    def forward(self, student: ModelOutput, target: torch.Tensor, teacher: Optional[TeacherOutputs],
+                index: torch.Tensor) -> dict[str, torch.Tensor]:
+        c = self.cfg
+        terms: dict[str, torch.Tensor] = {}
+        if c.ce_weight > 0:
+            terms["ce"] = c.ce_weight * F.cross_entropy(student.logits.float(), target)
+        if c.method == "supervised":
+            return terms
+        if teacher is None:
+            raise ValueError(f"loss.method={c.method} needs teacher outputs")
+        if c.logit_weight > 0:
+            name = "kd" if c.method == "kd" else "logit"
+            terms[name] = c.logit_weight * kd_loss(student.logits.float(), self.teacher_logits(teacher),
+                                                   c.temperature)
+        if self.crd is not None:
+            positions = self.row_position[index]
+            terms["feat"] = c.feat_weight * self.crd(student.feat.float(), teacher.feat, teacher.clip_feat,
+                                                     c.resolved_feat_lambda, positions)
+        return terms

@@ -1,0 +1,125 @@
+"""Where frozen-teacher outputs come from during training: cache look-ups by index, or online forwards."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from richkd import cache as cache_mod
+from richkd.config import Config
+from richkd.data.batch import Batch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TeacherOutputs:
+    """Outputs of both frozen teachers for one batch (fp32 on the training device)."""
+    logits: torch.Tensor                     # (B, C) conventional teacher logits
+    feat: torch.Tensor                       # (B, d_T) teacher pooled feature
+    clip_feat: Optional[torch.Tensor] = None  # (B, D) L2-normalised CLIP image embedding
+    clip_cosine: Optional[torch.Tensor] = None  # (B, C) cosine(image, class embedding), unscaled
+
+
+class TeacherSource:
+    """Base: turns a batch (and the student's normalised input) into TeacherOutputs."""
+    teacher_dim: int
+    clip_dim: Optional[int]
+    class_embeddings: Optional[torch.Tensor]  # (C, D) on device, or None when CLIP is not used
+
+    def __call__(self, batch: Batch, normalized_images: torch.Tensor) -> TeacherOutputs:  # pragma: no cover
+        raise NotImplementedError
+
+    def _cosine(self, clip_feat: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if clip_feat is None or self.class_embeddings is None:
+            return None
+        return clip_feat @ self.class_embeddings.t()
+
+
+class CachedTeachers(TeacherSource):
+    """Official RichKD behaviour: outputs of the clean (un-augmented) image, looked up by dataset index.
+
+    The memory-mapped fp16 arrays are shared by every trial process on a node; only the rows of a batch are
+    copied (and upcast to fp32) per step.
+    """
+
+    def __init__(self, logits: np.ndarray, feat: np.ndarray, clip_feat: Optional[np.ndarray],
+                 class_embeddings: Optional[torch.Tensor], device: torch.device) -> None:
+        self.logits, self.feat, self.clip_feat_rows = logits, feat, clip_feat
+        self.device = device
+        self.teacher_dim = int(feat.shape[1])
+        self.clip_dim = None if clip_feat is None else int(clip_feat.shape[1])
+        self.class_embeddings = None if class_embeddings is None else class_embeddings.to(device)
+
+    def _rows(self, arr: np.ndarray, index: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(arr[index], dtype=np.float32)).to(self.device, non_blocking=True)
+
+    def __call__(self, batch: Batch, normalized_images: torch.Tensor) -> TeacherOutputs:
+        index = batch.index.cpu().numpy()
+        order = np.argsort(index)  # sorted reads are kinder to the page cache; undo the order afterwards
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        sorted_index = index[order]
+        logits = self._rows(self.logits, sorted_index)[inverse]
+        feat = self._rows(self.feat, sorted_index)[inverse]
+        clip_feat = None if self.clip_feat_rows is None else self._rows(self.clip_feat_rows, sorted_index)[inverse]
+        return TeacherOutputs(logits, feat, clip_feat, self._cosine(clip_feat))
+
+
+class OnlineTeachers(TeacherSource):
+    """Both teachers run on the student's own augmented view every step (consistent teaching, slower)."""
+
+    def __init__(self, teacher: torch.nn.Module, clip, class_embeddings: Optional[torch.Tensor],
+                 device: torch.device) -> None:
+        self.teacher, self.clip = teacher, clip
+        self.teacher_dim = int(teacher.feat_dim)
+        self.clip_dim = None if clip is None else int(clip.embed_dim)
+        self.class_embeddings = None if class_embeddings is None else class_embeddings.to(device)
+
+    @torch.no_grad()
+    def __call__(self, batch: Batch, normalized_images: torch.Tensor) -> TeacherOutputs:
+        out = self.teacher(normalized_images)
+        clip_feat = None if self.clip is None else self.clip.encode_images(batch.image).float()
+        return TeacherOutputs(out.logits.float(), out.feat.float(), clip_feat, self._cosine(clip_feat))
+
+
+def build_teacher_source(cfg: Config, data, device: torch.device) -> Optional[TeacherSource]:
+    """None for supervised runs; otherwise cached or online teachers as cfg.teaching.mode says."""
+    if cfg.loss.method == "supervised":
+        return None
+    cache_dir = Path(cfg.teaching.cache_dir)
+    class_emb = cache_mod.class_embeddings(cfg, data.class_names, device=device) if cfg.uses_clip else None
+    if cfg.teaching.mode == "cached":
+        ident = cache_mod.dataset_identity(cfg, len(data.train_clean), data.num_classes)
+        n = len(data.train_clean)
+        teacher = cache_mod.read_entry(cache_mod.teacher_entry(cfg, ident, "train", cache_dir), cache_dir,
+                                       expect_rows={"logits": n, "feat": n})
+        clip_feat = None
+        if cfg.uses_clip:
+            clip_feat = cache_mod.read_entry(cache_mod.clip_image_entry(cfg, ident, "train", cache_dir), cache_dir,
+                                             expect_rows={"feat": n})["feat"]
+            _check_clip_dim(clip_feat.shape[1], class_emb)
+        return CachedTeachers(teacher["logits"], teacher["feat"], clip_feat, class_emb, device)
+
+    from richkd.models import load_teacher
+
+    model, sha = load_teacher(cfg.teacher.arch, cfg.teacher.checkpoint, data.num_classes)
+    model.to(device)
+    clip = None
+    if cfg.uses_clip:
+        from richkd.clip import load_clip
+
+        clip = load_clip(cfg.clip.model, cfg.clip.pretrained, device=device)
+        _check_clip_dim(clip.embed_dim, class_emb)
+    return OnlineTeachers(model, clip, class_emb, device)
+
+
+def _check_clip_dim(image_dim: int, class_emb: Optional[torch.Tensor]) -> None:
+    if class_emb is not None and class_emb.shape[1] != image_dim:
+        raise cache_mod.CacheError(
+            f"CLIP image features have dimension {image_dim} but the text classifier has {class_emb.shape[1]}: "
+            "they come from different CLIP models; rebuild the caches with `richkd cache`")

@@ -1,0 +1,286 @@
+"""One readable training loop: schedule, train an epoch, evaluate, report, checkpoint, resume exactly."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from richkd.config import Config, OptimConfig
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT_VERSION = 1
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or inf; the run cannot continue meaningfully."""
+
+
+# ----- pure helpers -------------------------------------------------------------------------------
+
+def lr_at(epoch: int, optim: OptimConfig, total_epochs: int) -> float:
+    """Learning rate for a 1-based epoch.
+
+    step: lr * gamma^#(epoch > milestone), the mdistiller/RichKD rule (epochs 1..150 use the base rate,
+    151..180 one decay, ...). cosine: half-cosine from lr to 0 over total_epochs. An optional linear
+    warm-up over the first `warmup_epochs` epochs scales either schedule.
+    """
+    if epoch < 1:
+        raise ValueError(f"epochs are 1-based, got {epoch}")
+    if optim.schedule == "step":
+        lr = optim.lr * optim.gamma ** sum(epoch > m for m in optim.milestones)
+    else:
+        lr = optim.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / total_epochs))
+    if optim.warmup_epochs and epoch <= optim.warmup_epochs:
+        lr *= epoch / optim.warmup_epochs
+    return lr
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but no CUDA device is visible; use device: auto or cpu")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----- records ------------------------------------------------------------------------------------
+
+@dataclass
+class EpochReport:
+    """What the loop hands to its callback after every epoch (Tune reports from here)."""
+    epoch: int
+    metrics: dict
+    state: Callable[[], dict]  # TrainState as a torch-saveable dict (computed on demand)
+
+
+@dataclass
+class TrainResult:
+    metrics: dict                      # last epoch's metrics
+    best_val_top1: float
+    epochs_run: int
+    history: list = field(default_factory=list)
+    test_metrics: dict = field(default_factory=dict)  # only when run with final=True
+
+
+# ----- the loop -----------------------------------------------------------------------------------
+
+class Run:
+    """All live objects of one training run; built once, then `train()` drives the epochs."""
+
+    def __init__(self, cfg: Config, progress: bool = False) -> None:
+        from richkd.data import build_data
+        from richkd.models import create_model
+        from richkd.objective import DistillationObjective
+        from richkd.teachers import build_teacher_source
+
+        self.cfg, self.progress = cfg, progress
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.device = resolve_device(cfg.device)
+        seed_everything(cfg.seed)
+        self.data = build_data(cfg.data)
+        self.student = create_model(cfg.student.arch, self.data.num_classes).to(self.device)
+        self.teachers = build_teacher_source(cfg, self.data, self.device)
+        self.objective = DistillationObjective(
+            cfg.loss, student_dim=self.student.feat_dim,
+            teacher_dim=None if self.teachers is None else self.teachers.teacher_dim,
+            clip_dim=None if self.teachers is None else self.teachers.clip_dim,
+            train_targets=self.data.train_targets, train_rows=self.data.train_rows,
+        ).to(self.device)
+        params = list(self.student.parameters()) + list(self.objective.parameters())
+        o = cfg.optim
+        self.optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                                         nesterov=o.nesterov)
+        self.epoch = 0
+        self.best_val_top1 = float("-inf")
+        self.history: list[dict] = []
+        self._teacher_metrics: Optional[dict] = None
+
+    # -- state --
+    def state(self) -> dict:
+        """TrainState: everything needed for an exact resume (tensors and plain values only)."""
+        return {
+            "format_version": STATE_FORMAT_VERSION, "epoch": self.epoch, "config": self.cfg.to_dict(),
+            "student": self.student.state_dict(), "objective": self.objective.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "best_val_top1": self.best_val_top1,
+            "history": self.history, "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def load_state(self, state: dict) -> None:
+        if state.get("format_version") != STATE_FORMAT_VERSION:
+            raise ValueError("checkpoint was written by an incompatible version of richkd (format_version "
+                             f"{state.get('format_version')!r}, expected {STATE_FORMAT_VERSION})")
+        self.student.load_state_dict(state["student"])
+        self.objective.load_state_dict(state["objective"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch = int(state["epoch"])
+        self.best_val_top1 = float(state["best_val_top1"])
+        self.history = list(state["history"])
+        torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+    # -- epochs --
+    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
+        from richkd.data import normalize
+
+        return normalize(images, self.data.mean, self.data.std)
+
+    def train_one_epoch(self, epoch: int) -> dict:
+        from richkd.data import make_loader
+
+        cfg = self.cfg
+        lr = lr_at(epoch, cfg.optim, cfg.train.epochs)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.student.train()
+        self.objective.train()
+        # A per-epoch loader seed makes the sample order a function of (seed, epoch): resume is exact.
+        loader = make_loader(self.data.train, cfg.data.batch_size, shuffle=True, seed=cfg.seed * 100003 + epoch,
+                             num_workers=cfg.data.num_workers, drop_last=False)
+        sums: dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=self.device)
+        n_seen = 0
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(loader), desc=f"epoch {epoch}/{cfg.train.epochs}", unit="batch", leave=False)
+        for step, batch in enumerate(loader):
+            batch = batch.to(self.device, non_blocking=True)
+            x = self._normalize(batch.image)
+            out = self.student(x)
+            teacher = self.teachers(batch, x) if (self.teachers is not None and self.objective.needs_teacher) else None
+            terms = self.objective(out, batch.target, teacher, batch.index)
+            loss = sum(terms.values())
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            b = len(batch)
+            n_seen += b
+            total += loss.detach() * b
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0) + value.detach() * b
+            if step % 50 == 0 and not torch.isfinite(loss.detach()):  # a periodic check avoids a sync per step
+                break
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        mean_loss = float(total) / max(n_seen, 1)
+        if not math.isfinite(mean_loss):
+            raise NonFiniteLossError(f"training loss became {mean_loss} in epoch {epoch} (lr {lr:g}); "
+                                     "lower optim.lr or the loss weights")
+        metrics = {"train_loss": mean_loss, "lr": lr}
+        metrics.update({f"train_{name}": float(v) / n_seen for name, v in sums.items()})
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict:
+        from richkd.data import make_loader
+        from richkd.metrics import ClassificationMeter
+
+        dataset = self.data.val if split == "val" else self.data.test
+        loader = make_loader(dataset, self.cfg.data.eval_batch_size, shuffle=False, seed=0,
+                             num_workers=self.cfg.data.num_workers)
+        self.student.eval()
+        meter = ClassificationMeter()
+        loss_sum, n = 0.0, 0
+        for batch in loader:
+            batch = batch.to(self.device, non_blocking=True)
+            logits = self.student(self._normalize(batch.image)).logits.float()
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, batch.target, reduction="sum"))
+            n += len(batch)
+            meter.update(logits, batch.target)
+        m = meter.compute()
+        return {f"{split}_top1": m["top1"], f"{split}_top5": m["top5"], f"{split}_ece": m["ece"],
+                f"{split}_loss": loss_sum / max(n, 1)}
+
+    def teacher_metrics(self) -> dict:
+        """Frozen-teacher analysis on the validation split, computed once (teachers do not change)."""
+        if self._teacher_metrics is None:
+            from richkd.analysis import teacher_analysis
+
+            self._teacher_metrics = ({} if self.teachers is None else
+                                     teacher_analysis(self.cfg, self.data, self.teachers, self.objective,
+                                                      self.device))
+        return self._teacher_metrics
+
+    def train(self, on_epoch: Optional[Callable[[EpochReport], None]] = None, final: bool = False,
+              stop_after_epoch: Optional[int] = None) -> TrainResult:
+        cfg = self.cfg
+        last_epoch = cfg.train.epochs if stop_after_epoch is None else min(stop_after_epoch, cfg.train.epochs)
+        metrics: dict = self.history[-1] if self.history else {}
+        while self.epoch < last_epoch:
+            epoch = self.epoch + 1
+            started = time.perf_counter()
+            metrics = {"epoch": epoch, **self.train_one_epoch(epoch)}
+            metrics["epoch_time_s"] = time.perf_counter() - started
+            if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
+                metrics.update(self.evaluate("val"))
+                metrics.update(self.teacher_metrics())
+                self.best_val_top1 = max(self.best_val_top1, metrics["val_top1"])
+            elif self.history:  # keep the metric present in every report (Tune requires it)
+                metrics.update({k: v for k, v in self.history[-1].items() if k.startswith("val_")})
+            metrics["best_val_top1"] = self.best_val_top1
+            self.epoch = epoch
+            self.history.append(metrics)
+            log.info("epoch %d/%d: %s", epoch, cfg.train.epochs, _short(metrics))
+            if cfg.train.checkpoint_dir:
+                from richkd.io import atomic_torch_save
+
+                atomic_torch_save(self.state(), Path(cfg.train.checkpoint_dir) / "last.pt")
+            if on_epoch is not None:
+                on_epoch(EpochReport(epoch, dict(metrics), self.state))
+        result = TrainResult(metrics=metrics, best_val_top1=self.best_val_top1, epochs_run=self.epoch,
+                             history=list(self.history))
+        if final:
+            result.test_metrics = self.evaluate("test")
+        return result
+
+
+def run_training(cfg: Config, *, on_epoch: Optional[Callable[[EpochReport], None]] = None,
+                 resume_state: Optional[dict] = None, progress: bool = False, final: bool = False,
+                 stop_after_epoch: Optional[int] = None) -> TrainResult:
+    """Train cfg's student (supervised, KD or RichKD) and return the result.
+
+    The test split is evaluated only with final=True; model selection uses the seeded validation split.
+    """
+    run = Run(cfg, progress=progress)
+    if resume_state is not None:
+        run.load_state(resume_state)
+    return run.train(on_epoch=on_epoch, final=final, stop_after_epoch=stop_after_epoch)
+
+
+def load_train_state(path: str | Path) -> dict:
+    """Read a TrainState written by this package (tensors and plain values only: weights_only is safe)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint {str(p)!r} does not exist")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupted or foreign file
+        raise ValueError(f"{p} is not a readable richkd training checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def _short(metrics: dict) -> str:
+    keys = ("train_loss", "val_top1", "val_loss", "lr")
+    return ", ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)

@@ -1,0 +1,48 @@
+"""Cheap checks of everything a config points at, run before any expensive work (training, Ray, caches)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from richkd.config import Config, ConfigError
+
+
+def check_resources(cfg: Config) -> None:
+    """Raise ConfigError naming the key and the fix for unknown models/prompt sets and missing files.
+
+    Datasets are checked by building them (richkd.data raises DatasetNotFoundError), which is cheap.
+    """
+    from richkd.models import MODELS
+
+    for key, arch in (("student.arch", cfg.student.arch), ("teacher.arch", cfg.teacher.arch)):
+        if arch is not None and arch not in MODELS:
+            try:
+                MODELS.get(arch)
+            except KeyError as exc:
+                raise ConfigError(f"{key}: {exc.args[0]} (see `richkd models`)") from None
+    if cfg.loss.method != "supervised":
+        if cfg.teacher.arch is None:
+            raise ConfigError(f"teacher.arch: loss.method={cfg.loss.method} needs a teacher; set teacher.arch "
+                              "and teacher.checkpoint")
+        ckpt = Path(cfg.teacher.checkpoint or "").expanduser()
+        if not ckpt.is_file():
+            raise ConfigError(f"teacher.checkpoint: file {str(ckpt)!r} does not exist; train a teacher with "
+                              "loss.method=supervised or download mdistiller's cifar_teachers.tar")
+    if cfg.uses_clip:
+        from richkd.clip import load_prompt_set
+
+        try:
+            load_prompt_set(cfg.clip.prompt_set)
+        except ValueError as exc:
+            raise ConfigError(f"clip.prompt_set: {exc}") from None
+        pretrained = cfg.clip.pretrained
+        if pretrained.startswith("local-dir:"):
+            folder = Path(pretrained[len("local-dir:"):]).expanduser()
+            if not folder.is_dir():
+                raise ConfigError(f"clip.pretrained: folder {str(folder)!r} does not exist")
+        elif _looks_like_path(pretrained) and not Path(pretrained).expanduser().is_file():
+            raise ConfigError(f"clip.pretrained: file {pretrained!r} does not exist (create the offline tiny "
+                              "CLIP with `richkd clip init-tiny PATH`, or use a tag such as openai)")
+
+
+def _looks_like_path(value: str) -> bool:
+    return "/" in value or value.endswith((".pt", ".pth", ".bin", ".safetensors"))

@@ -1,0 +1,85 @@
+"""Trainer: the pure LR schedule, exact resume, seeded reproducibility, non-finite loss detection."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from richkd.config import Config, OptimConfig
+from richkd.trainer import NonFiniteLossError, Run, lr_at, run_training
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+needs_fmnist = pytest.mark.skipif(not FMNIST.exists(), reason="apt-get install dataset-fashion-mnist")
+
+
+def test_step_schedule_matches_official_150_180_210():
+    o = OptimConfig(lr=0.05)
+    assert lr_at(1, o, 240) == 0.05
+    assert lr_at(150, o, 240) == 0.05          # decays take effect after the milestone epoch
+    assert lr_at(151, o, 240) == pytest.approx(0.005)
+    assert lr_at(180, o, 240) == pytest.approx(0.005)
+    assert lr_at(181, o, 240) == pytest.approx(0.0005)
+    assert lr_at(211, o, 240) == pytest.approx(0.00005)
+    assert lr_at(240, o, 240) == pytest.approx(0.00005)
+    with pytest.raises(ValueError):
+        lr_at(0, o, 240)
+
+
+def test_cosine_schedule_and_warmup():
+    o = OptimConfig(lr=0.1, schedule="cosine")
+    assert lr_at(1, o, 10) == pytest.approx(0.1)
+    assert lr_at(6, o, 10) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 5 / 10)))
+    assert lr_at(10, o, 10) > 0
+    w = OptimConfig(lr=0.1, warmup_epochs=4, milestones=(8,))
+    assert [lr_at(e, w, 10) for e in (1, 2, 4, 5, 9)] == pytest.approx([0.025, 0.05, 0.1, 0.1, 0.01])
+
+
+def tiny_cfg(tmp_path, **overrides) -> Config:
+    cfg = Config.from_dict({
+        "name": "tiny", "device": "cpu", "seed": 3,
+        "data": {"dataset": "fashion_mnist", "max_train_samples": 192, "max_eval_samples": 96,
+                 "batch_size": 32, "eval_batch_size": 96},
+        "student": {"arch": "resnet8"},
+        "loss": {"method": "supervised"},
+        "optim": {"lr": 0.05, "milestones": [2]},
+        "train": {"epochs": 3},
+        "teaching": {"cache_dir": str(tmp_path / "cache")},
+    })
+    return cfg.with_overrides(overrides) if overrides else cfg
+
+
+@needs_fmnist
+def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    straight = run_training(cfg)
+    states = {}
+    first = run_training(cfg, stop_after_epoch=1, on_epoch=lambda r: states.setdefault(r.epoch, r.state()))
+    assert first.epochs_run == 1
+    torch.save(states[1], tmp_path / "state.pt")
+    resumed = run_training(cfg, resume_state=torch.load(tmp_path / "state.pt", weights_only=True))
+    assert resumed.epochs_run == 3
+    for key in ("train_loss", "val_top1", "val_loss", "val_ece"):
+        assert resumed.metrics[key] == pytest.approx(straight.metrics[key], rel=1e-6, abs=1e-9), key
+    assert [h["lr"] for h in resumed.history] == [0.05, 0.05, pytest.approx(0.005)]
+
+
+@needs_fmnist
+def test_metrics_reported_every_epoch_and_test_split_only_when_final(tmp_path):
+    seen = []
+    result = run_training(tiny_cfg(tmp_path, **{"train.epochs": 2}), on_epoch=lambda r: seen.append(r.metrics))
+    assert [m["epoch"] for m in seen] == [1, 2]
+    assert all("val_top1" in m and 0 <= m["val_top1"] <= 100 for m in seen)
+    assert not any(k.startswith("test_") for m in seen for k in m)
+    assert result.test_metrics == {}
+    final = run_training(tiny_cfg(tmp_path, **{"train.epochs": 1}), final=True)
+    assert set(final.test_metrics) >= {"test_top1", "test_top5", "test_loss", "test_ece"}
+
+
+@needs_fmnist
+def test_nan_loss_raises_clear_error(tmp_path):
+    run = Run(tiny_cfg(tmp_path, **{"train.epochs": 1}))
+    with torch.no_grad():
+        for p in run.student.parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="loss became nan"):
+        run.train()
