@@ -39,6 +39,8 @@ CACHE_FORMAT_VERSION = 1
 # so the driver can build every cache before trials start.
 CACHE_AFFECTING_PREFIXES = ("data.", "teacher.", "clip.", "teaching.")
 CLEAN_VIEW = "clean"  # the un-augmented image: the official code's cached behaviour (paper.md §1.6)
+# Bumped whenever richkd.clip's image preprocessing changes, so old CLIP image caches are not reused.
+CLIP_PREPROCESS_VERSION = "torch-bicubic-antialias-v1"
 
 
 class CacheError(ValueError):
@@ -116,6 +118,7 @@ def teacher_entry(cfg: Config, dataset_id: dict, split: str, memo_dir: str | os.
 def clip_image_entry(cfg: Config, dataset_id: dict, split: str, memo_dir: str | os.PathLike) -> CacheEntry:
     return CacheEntry("clip-image", {
         "model": cfg.clip.model, "weights": clip_weights_id(cfg.clip, memo_dir),
+        "preprocess": CLIP_PREPROCESS_VERSION,
         **dataset_id, "split": split, "view": CLEAN_VIEW,
     })
 

@@ -170,7 +170,7 @@ def cmd_clip_zeroshot(args: argparse.Namespace) -> int:
     dataset = data.val if args.split == "val" else data.test
     loader = make_loader(dataset, cfg.clip.batch_size, shuffle=False, seed=0)
     with torch.no_grad():
-        acc = zero_shot_accuracy(clip, loader, classifier.to(device))
+        acc = 100.0 * zero_shot_accuracy(clip, loader, classifier.to(device))
     print(f"CLIP {cfg.clip.model} ({cfg.clip.pretrained}) zero-shot top-1 on {cfg.data.dataset}/{args.split} "
           f"with prompt set {prompts.name!r} ({len(prompts.templates)} templates): {acc:.2f}%")
     return 0

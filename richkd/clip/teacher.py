@@ -1,0 +1,207 @@
+"""The frozen CLIP teacher: on-device preprocessing, L2-normalised image features, prompt-averaged text classifier."""
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from richkd.clip.prompts import format_prompts, validate_templates
+
+log = logging.getLogger(__name__)
+
+# Named mean/std pairs (open_clip.constants), so preprocess ids stay readable.
+_NAMED_STATS = {
+    "openai": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+_INTERPOLATIONS = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest", "random": "bicubic"}
+
+
+def average_prompt_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
+    """(C, T, D) raw text embeddings -> (C, D) class embeddings.
+
+    Order matters and follows the official RichKD code (paper.md §1.6) and open_clip's build_zero_shot_classifier:
+    L2-normalise each prompt embedding, mean over the T templates, L2-normalise again. Normalising first gives each
+    template an equal vote; averaging raw embeddings would let long-norm prompts dominate.
+    """
+    if embeddings.ndim != 3:
+        raise ValueError(f"expected (classes, templates, dim) embeddings, got shape {tuple(embeddings.shape)}")
+    per_prompt = F.normalize(embeddings.float(), dim=-1)
+    return F.normalize(per_prompt.mean(dim=1), dim=-1)
+
+
+def _pair(size: Any) -> tuple[int, int]:
+    if isinstance(size, (tuple, list)):
+        return int(size[0]), int(size[1])
+    return int(size), int(size)
+
+
+def preprocess_images(images: torch.Tensor, size: Any, mean: Sequence[float], std: Sequence[float],
+                      interpolation: str = "bicubic", resize_mode: str = "shortest",
+                      fill_color: int = 0) -> torch.Tensor:
+    """(B, 3, H, W) float images in [0, 1] -> (B, 3, h, w) CLIP input, computed on the images' device.
+
+    Mirrors open_clip's eval transform (Resize(shortest side) + CenterCrop, or squash / longest+pad) with tensor ops:
+    antialiased resize, then a clamp to [0, 1] because the reference PIL pipeline works on uint8 and so cannot
+    overshoot; then (x - mean) / std. Square inputs (CIFAR, Fashion-MNIST) reduce to one resize; the result is close
+    to, not bit-identical with, the PIL path (PIL's bicubic kernel differs slightly and quantises to uint8).
+    """
+    th, tw = _pair(size)
+    mode = _INTERPOLATIONS.get(interpolation)
+    if mode is None:
+        raise ValueError(f"unsupported CLIP interpolation {interpolation!r}; known: {sorted(_INTERPOLATIONS)}")
+    kwargs = {"mode": mode}
+    if mode != "nearest":
+        kwargs.update(align_corners=False, antialias=True)
+    x = images
+    h, w = x.shape[-2:]
+    if (h, w) != (th, tw):
+        if resize_mode == "squash" or h * tw == w * th:
+            x = F.interpolate(x, size=(th, tw), **kwargs)
+        elif resize_mode == "shortest":
+            scale = max(th / h, tw / w)
+            nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
+            x = F.interpolate(x, size=(nh, nw), **kwargs)
+            top, left = (nh - th) // 2, (nw - tw) // 2
+            x = x[..., top:top + th, left:left + tw]
+        elif resize_mode == "longest":
+            scale = min(th / h, tw / w)
+            nh, nw = min(th, round(h * scale)), min(tw, round(w * scale))
+            x = F.interpolate(x, size=(nh, nw), **kwargs)
+            top, left = (th - nh) // 2, (tw - nw) // 2
+            x = F.pad(x, (left, tw - nw - left, top, th - nh - top), value=fill_color / 255.0)
+        else:
+            raise ValueError(f"unsupported CLIP resize_mode {resize_mode!r}; known: shortest, longest, squash")
+    x = x.clamp(0.0, 1.0)
+    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - mean_t) / std_t
+
+
+def describe_preprocess(cfg: dict) -> str:
+    """A short id such as "bicubic224-openai-meanstd" for cache manifests (what turns pixels into CLIP input)."""
+    h, w = _pair(cfg.get("size", 224))
+    size = f"{h}" if h == w else f"{h}x{w}"
+    mean = tuple(round(float(v), 6) for v in cfg.get("mean", _NAMED_STATS["openai"][0]))
+    std = tuple(round(float(v), 6) for v in cfg.get("std", _NAMED_STATS["openai"][1]))
+    stats = next((name for name, (m, s) in _NAMED_STATS.items()
+                  if tuple(round(v, 6) for v in m) == mean and tuple(round(v, 6) for v in s) == std), None)
+    if stats is None:
+        stats = "ms" + hashlib.sha256(repr((mean, std)).encode()).hexdigest()[:8]
+    out = f"{cfg.get('interpolation', 'bicubic')}{size}-{stats}-meanstd"
+    resize_mode = cfg.get("resize_mode", "shortest")
+    return out if resize_mode == "shortest" else f"{out}-{resize_mode}"
+
+
+class ClipTeacher:
+    """A frozen open_clip model plus its tokenizer and preprocessing. Not an nn.Module on purpose: it must never
+    end up in a student's parameters or checkpoints. Build it with `richkd.clip.load_clip`.
+
+    Attributes: model_name, pretrained, weights_id (sha256 of the weights file, or the open_clip tag), embed_dim,
+    logit_scale (CLIP's learned exp scale, a float), image_size (int, or (h, w) when not square), preprocess_id,
+    mean, std, device.
+    """
+
+    text_batch_size = 256  # prompts per text-encoder forward
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, model_name: str, pretrained: str,
+                 weights_id: str) -> None:
+        from open_clip.model import get_model_preprocess_cfg
+
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.model_name, self.pretrained, self.weights_id = model_name, pretrained, weights_id
+        cfg = dict(get_model_preprocess_cfg(model))
+        self.preprocess_cfg = cfg
+        h, w = _pair(cfg.get("size", 224))
+        self.image_size: Any = h if h == w else (h, w)
+        self.mean = tuple(float(v) for v in cfg.get("mean", _NAMED_STATS["openai"][0]))
+        self.std = tuple(float(v) for v in cfg.get("std", _NAMED_STATS["openai"][1]))
+        self.preprocess_id = describe_preprocess(cfg)
+        self.logit_scale = float(model.logit_scale.detach().float().exp().reshape(-1)[0])
+        self.embed_dim = self._infer_embed_dim()
+
+    # -- properties -------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def to(self, device: torch.device | str) -> "ClipTeacher":
+        self.model.to(device)
+        return self
+
+    def _infer_embed_dim(self) -> int:
+        dim = getattr(getattr(self.model, "visual", None), "output_dim", None)
+        if isinstance(dim, int):
+            return dim
+        probe = torch.zeros(1, 3, *_pair(self.image_size), device=self.device, dtype=self.dtype)
+        with torch.no_grad():
+            return int(self.model.encode_image(probe).shape[-1])
+
+    def __repr__(self) -> str:
+        return (f"ClipTeacher({self.model_name!r}, pretrained={self.pretrained!r}, embed_dim={self.embed_dim}, "
+                f"image_size={self.image_size}, preprocess={self.preprocess_id!r}, device={self.device})")
+
+    # -- image side -------------------------------------------------------------------------------------------
+    def encode_images(self, images_0_1: torch.Tensor) -> torch.Tensor:
+        """(B, 3|1, H, W) float images in [0, 1], any device -> (B, D) L2-normalised float32 on that device.
+
+        CLIP preprocessing (resize to the model's input size, CLIP mean/std) happens here, on the model's device, so
+        the same un-normalised view can feed the student and CLIP (paper.md §1.6 uses clip._transform(224)).
+        """
+        if images_0_1.ndim != 4 or images_0_1.shape[1] not in (1, 3):
+            raise ValueError(f"encode_images expects (B, 3, H, W) images in [0, 1], got {tuple(images_0_1.shape)}")
+        if not images_0_1.is_floating_point():
+            raise ValueError(f"encode_images expects float images in [0, 1], got {images_0_1.dtype}; "
+                             "divide uint8 images by 255 first")
+        out_device = images_0_1.device
+        x = images_0_1.to(self.device, torch.float32)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        c = self.preprocess_cfg
+        x = preprocess_images(x, self.image_size, self.mean, self.std, c.get("interpolation", "bicubic"),
+                              c.get("resize_mode", "shortest"), int(c.get("fill_color", 0) or 0))
+        with torch.no_grad():
+            feats = self.model.encode_image(x.to(self.dtype))
+        return F.normalize(feats.float(), dim=-1).to(out_device)
+
+    # -- text side --------------------------------------------------------------------------------------------
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """(N,) strings -> (N, D) raw (un-normalised) float32 text embeddings on the model's device."""
+        chunks = []
+        with torch.no_grad():
+            for start in range(0, len(texts), self.text_batch_size):
+                tokens = self.tokenizer(list(texts[start:start + self.text_batch_size])).to(self.device)
+                chunks.append(self.model.encode_text(tokens).float())
+        return torch.cat(chunks) if chunks else torch.empty(0, self.embed_dim, device=self.device)
+
+    def encode_text_classifier(self, class_names: Sequence[str], templates: Sequence[str] | Any,
+                               clean: bool = True) -> torch.Tensor:
+        """(C,) class names x (T,) templates -> (C, D) float32 class embeddings on the model's device.
+
+        `templates` is a sequence of "{}" strings or a PromptSet. Each class embedding is the renormalised mean of
+        the normalised prompt embeddings (average_prompt_embeddings); all C*T prompts go through the text encoder
+        in batches, equivalent to open_clip's build_zero_shot_classifier (transposed).
+        """
+        templates = getattr(templates, "templates", templates)
+        templates = validate_templates(templates, "given to encode_text_classifier")
+        names = list(class_names)
+        if not names:
+            raise ValueError("encode_text_classifier needs at least one class name")
+        raw = self.encode_texts(format_prompts(names, templates, clean=clean))
+        return average_prompt_embeddings(raw.view(len(names), len(templates), -1))
+
+    def zero_shot_logits(self, images_0_1: torch.Tensor, class_embeddings: torch.Tensor,
+                         scale: Optional[float] = None) -> torch.Tensor:
+        """(B, C) `scale * cosine(image, class)`; scale defaults to 1 (raw cosine, as the official code)."""
+        feats = self.encode_images(images_0_1)
+        cos = feats @ class_embeddings.to(feats.device, torch.float32).t()
+        return cos if scale is None else cos * scale
