@@ -132,10 +132,11 @@ def clip_text_entry(cfg: Config, templates: tuple[str, ...], class_names: list[s
     })
 
 
-def dataset_identity(cfg: Config, n_rows: int, num_classes: int) -> dict:
-    """Fields of the data that determine teacher outputs (the root folder does not: same data anywhere)."""
-    return {"dataset": cfg.data.dataset, "image_size": cfg.data.image_size, "n": n_rows,
-            "num_classes": num_classes}
+def dataset_identity(data, split: str) -> dict:
+    """Fields of the data that determine teacher outputs: the content fingerprint, not the folder it is in."""
+    rows = len(data.train_clean if split == "train" else data.test_clean)
+    return {"dataset": data.name, "fingerprint": data.fingerprint(), "image_size": data.image_size, "n": rows,
+            "num_classes": data.num_classes}
 
 
 # ----- reading and writing entries ----------------------------------------------------------------
@@ -254,10 +255,10 @@ def prepare_caches(cfg: Config, progress: bool = False, device: Optional[str] = 
     dev = resolve_device(device or cfg.device)
     cache_dir = Path(cfg.teaching.cache_dir)
     built: list[Path] = []
-    sources = {"train": data.train_clean, "test": data.test}
+    sources = {"train": data.train_clean, "test": data.test_clean}
     for split in splits:
         dataset = sources[split]
-        ident = dataset_identity(cfg, len(dataset), data.num_classes)
+        ident = dataset_identity(data, split)
         if cfg.teaching.mode == "cached":
             built.append(_ensure_teacher(cfg, data, dataset, ident, split, cache_dir, dev, progress))
             if cfg.uses_clip:

@@ -57,7 +57,7 @@ class DataConfig:
     download: bool = False               # torchvision download; off so offline runs fail fast and clearly
     image_size: int = 32                 # every image is resized to this square size (models are CIFAR-style)
     augment: str = "standard"            # standard = RandomCrop(size, pad 4) + horizontal flip
-    val_fraction: float = 0.1            # seeded hold-out from the training set, used for model selection
+    val_fraction: float = 0.1            # seeded hold-out from the training set (> 0: model selection needs it)
     split_seed: int = 0
     max_train_samples: Optional[int] = None   # cap for quick runs (taken after the val split, seeded)
     max_eval_samples: Optional[int] = None
@@ -69,7 +69,7 @@ class DataConfig:
         _one_of(self.dataset, "data.dataset", DATASETS)
         _one_of(self.augment, "data.augment", AUGMENTS)
         _in_range(self.image_size, "data.image_size", 8, 512)
-        _in_range(self.val_fraction, "data.val_fraction", 0.0, 0.9, hi_open=True)
+        _in_range(self.val_fraction, "data.val_fraction", 0.0, 0.9, lo_open=True, hi_open=True)
         _in_range(self.batch_size, "data.batch_size", 1)
         _in_range(self.eval_batch_size, "data.eval_batch_size", 1)
         _in_range(self.num_workers, "data.num_workers", 0, 64)

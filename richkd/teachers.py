@@ -94,7 +94,7 @@ def build_teacher_source(cfg: Config, data, device: torch.device) -> Optional[Te
     cache_dir = Path(cfg.teaching.cache_dir)
     class_emb = cache_mod.class_embeddings(cfg, data.class_names, device=device) if cfg.uses_clip else None
     if cfg.teaching.mode == "cached":
-        ident = cache_mod.dataset_identity(cfg, len(data.train_clean), data.num_classes)
+        ident = cache_mod.dataset_identity(data, "train")
         n = len(data.train_clean)
         teacher = cache_mod.read_entry(cache_mod.teacher_entry(cfg, ident, "train", cache_dir), cache_dir,
                                        expect_rows={"logits": n, "feat": n})

@@ -102,7 +102,7 @@ class Run:
             cfg.loss, student_dim=self.student.feat_dim,
             teacher_dim=None if self.teachers is None else self.teachers.teacher_dim,
             clip_dim=None if self.teachers is None else self.teachers.clip_dim,
-            train_targets=self.data.train_targets, train_rows=self.data.train_rows,
+            train_targets=self.data.train_targets, train_rows=torch.as_tensor(self.data.train.indices),
         ).to(self.device)
         params = list(self.student.parameters()) + list(self.objective.parameters())
         o = cfg.optim

@@ -9,7 +9,7 @@ import torch
 
 @dataclass
 class Batch:
-    image: torch.Tensor                     # (B, 3, H, W) float, normalised
+    image: torch.Tensor                     # (B, 3, H, W) float in [0, 1], NOT normalised (see data.normalize)
     target: torch.Tensor                    # (B,) int64 class ids
     index: torch.Tensor                     # (B,) int64 row of the sample in its split (cache look-ups, CRD)
     view: Optional[torch.Tensor] = None     # (B,) int64 augmented-view id when views are cached, else None

@@ -1,0 +1,67 @@
+"""Index-returning views of an underlying split: items (image (3, S, S) in [0, 1], target, row index)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.utils.data import Dataset
+
+from richkd.data.transforms import random_crop_flip, to_float_images
+
+
+class SplitDataset(Dataset):
+    """Some rows of one underlying split (train or test), optionally augmented.
+
+    Item i is (image float32 (3, S, S) in [0, 1], target int, index int) where index = indices[i] is the row
+    in the underlying torchvision split, so teacher/CLIP caches built over the full split (and CRD memory
+    banks of N_train rows) stay valid for any validation seed or subset. Images are NOT normalised: the
+    trainer normalises on the device, and CLIP preprocesses the same view itself.
+
+    Loaders call get_batch (vectorised, augmentation from an explicit generator); __getitem__ is the
+    single-item form and augments with torch's global RNG.
+    """
+
+    def __init__(self, source, indices: torch.Tensor, image_size: int, augment: bool, split: str) -> None:
+        self.source = source
+        self.indices = torch.as_tensor(indices, dtype=torch.int64).contiguous()
+        if self.indices.numel() and (int(self.indices.min()) < 0 or int(self.indices.max()) >= len(source)):
+            raise IndexError(f"row indices out of range for a split of {len(source)} rows")
+        self.image_size = int(image_size)
+        self.augment = bool(augment)
+        self.split = split
+
+    def __len__(self) -> int:
+        return int(self.indices.numel())
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """int64 (len(self),) class ids in item order."""
+        return self.source.targets.index_select(0, self.indices)
+
+    def get_batch(self, positions: torch.Tensor, generator: Optional[torch.Generator] = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Items at `positions` (int64 (B,)) -> images float32 (B, 3, S, S) in [0, 1], targets (B,), index (B,)."""
+        positions = torch.as_tensor(positions, dtype=torch.int64)
+        rows = self.indices.index_select(0, positions)
+        images = to_float_images(self.source.load(rows), self.image_size)
+        if self.augment:
+            images = random_crop_flip(images, generator)
+        return images, self.source.targets.index_select(0, rows), rows
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        n = len(self)
+        i = int(i)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"index {i} out of range for a dataset of {n} items")
+        images, targets, rows = self.get_batch(torch.tensor([i]))
+        return images[0], int(targets[0]), int(rows[0])
+
+    def without_augmentation(self) -> "SplitDataset":
+        """The same rows, un-augmented (e.g. to evaluate a teacher on the clean training images)."""
+        return SplitDataset(self.source, self.indices, self.image_size, False, self.split)
+
+    def __repr__(self) -> str:
+        return (f"SplitDataset(split={self.split!r}, n={len(self)}, size={self.image_size}, "
+                f"augment={self.augment}, source={self.source.origin!r})")

@@ -1,0 +1,110 @@
+"""Seeded, resumable batch iteration that yields `Batch` records (order and augmentation fixed by seed + epoch)."""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+
+from richkd.data.batch import Batch
+from richkd.data.splits import derive_seed
+
+
+def _fetch(dataset, positions: torch.Tensor, aug_seed: int) -> Batch:
+    """One Batch from a dataset; get_batch datasets draw augmentation from a generator seeded by aug_seed."""
+    if hasattr(dataset, "get_batch"):
+        gen = torch.Generator().manual_seed(int(aug_seed))
+        images, targets, index = dataset.get_batch(positions, gen)
+    else:  # any map-style dataset of (image, target, index) items; its own randomness uses torch's RNG
+        items = [dataset[int(p)] for p in positions]
+        images = torch.stack([it[0] for it in items])
+        targets = torch.as_tensor([int(it[1]) for it in items])
+        index = torch.as_tensor([int(it[2]) for it in items])
+    return Batch(image=images, target=targets.to(torch.int64), index=index.to(torch.int64))
+
+
+class _Fetcher(torch.utils.data.Dataset):
+    """What DataLoader workers see: key (positions, aug_seed) -> Batch."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __getitem__(self, key: tuple[torch.Tensor, int]) -> Batch:
+        positions, aug_seed = key
+        return _fetch(self.dataset, positions, aug_seed)
+
+
+class _PlanSampler:
+    """Yields the current epoch's batch keys; iterated in the main process by DataLoader."""
+
+    def __init__(self, owner: "BatchLoader") -> None:
+        self.owner = owner
+
+    def __iter__(self):
+        return iter(self.owner._current_plan)
+
+    def __len__(self) -> int:
+        return len(self.owner)
+
+
+def _identity(x):
+    return x
+
+
+class BatchLoader:
+    """Iterable of `Batch` over a dataset; `len()` is the number of batches per epoch.
+
+    Epoch e's order and augmentation come from a generator seeded by (seed, e): two loaders with the same
+    seed yield identical batches, independent of torch's global RNG and of num_workers. Each `iter()` uses
+    the current epoch and then advances it; call `set_epoch(e)` before iterating to resume exactly at epoch e.
+    Images are float32 (B, 3, S, S) in [0, 1] (not normalised); target and index are int64 (B,).
+    """
+
+    def __init__(self, dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,
+                 drop_last: bool = False) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.dataset = dataset
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.num_workers = int(num_workers)
+        self.drop_last = bool(drop_last)
+        self.epoch = 0
+        self._current_plan: list[tuple[torch.Tensor, int]] = []
+        self._loader: Optional[torch.utils.data.DataLoader] = None
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def plan(self, epoch: int) -> list[tuple[torch.Tensor, int]]:
+        """The (positions int64 (B,), augmentation seed) of every batch of an epoch."""
+        n = len(self.dataset)
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, f"loader-epoch-{epoch}"))
+        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+        n_batches = len(self)
+        aug_seeds = torch.randint(0, 2**62, (n_batches,), generator=gen).tolist()
+        return [(order[b * self.batch_size:(b + 1) * self.batch_size], aug_seeds[b]) for b in range(n_batches)]
+
+    def __iter__(self) -> Iterator[Batch]:
+        self._current_plan = self.plan(self.epoch)
+        self.epoch += 1
+        if self.num_workers == 0:
+            return (_fetch(self.dataset, pos, s) for pos, s in self._current_plan)
+        if self._loader is None:
+            self._loader = torch.utils.data.DataLoader(
+                _Fetcher(self.dataset), batch_size=None, sampler=_PlanSampler(self), num_workers=self.num_workers,
+                collate_fn=_identity, persistent_workers=True,
+                generator=torch.Generator().manual_seed(derive_seed(self.seed, "workers")))
+        return iter(self._loader)
+
+
+def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,
+                drop_last: bool = False) -> BatchLoader:
+    """A seeded `BatchLoader` over a dataset of (image, target, index) items (see BatchLoader)."""
+    return BatchLoader(dataset, batch_size, shuffle, seed, num_workers=num_workers, drop_last=drop_last)

@@ -1,0 +1,385 @@
+"""Finding and loading the underlying train/test splits of each dataset (CIFAR-10/100, Fashion-MNIST, ImageFolder).
+
+Where data is looked for when `data.root` is null:
+  * the folder named by the environment variable RICHKD_DATA, else `~/.cache/richkd/data`
+    (CIFAR: `<root>/cifar-10-batches-py/`, `<root>/cifar-100-python/`; Fashion-MNIST: `<root>/FashionMNIST/raw/`,
+    torchvision's layouts, so `data.download: true` fills them);
+  * Fashion-MNIST additionally: `<root>/fashion-mnist/` and Debian's `dataset-fashion-mnist` package files in
+    `/usr/share/datasets/fashion-mnist/` (gzip IDX), read directly, which works offline.
+In-memory datasets are held as one uint8 tensor (N, C, h, w); ImageFolder images are decoded lazily.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import os
+import struct
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from richkd.config import DataConfig
+from richkd.data.classes import CIFAR10_CLASSES, CIFAR100_CLASSES, FASHION_MNIST_CLASSES
+from richkd.data.splits import stratified_take
+
+log = logging.getLogger(__name__)
+
+DATA_ENV_VAR = "RICHKD_DATA"
+DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+# ImageFolder without test/ or val/: this fixed share of train/ becomes the test split. The carve uses a fixed
+# seed (not data.split_seed) so the underlying splits, and caches keyed on them, never change between runs.
+IMAGEFOLDER_TEST_FRACTION = 0.1
+IMAGEFOLDER_CARVE_SEED = 0
+
+
+class DatasetNotFoundError(ValueError):
+    """The dataset's files are missing or damaged; the message names the folder searched and the fix."""
+
+
+def default_data_root() -> Path:
+    """$RICHKD_DATA if set, else ~/.cache/richkd/data (used when data.root is null)."""
+    env = os.environ.get(DATA_ENV_VAR)
+    return Path(env).expanduser() if env else Path("~/.cache/richkd/data").expanduser()
+
+
+def resolve_root(cfg: DataConfig) -> Path:
+    return Path(cfg.root).expanduser() if cfg.root else default_data_root()
+
+
+# ----- sources: one underlying split each ----------------------------------------------------------
+
+class TensorSource:
+    """A split held in memory: images uint8 (N, C, h, w) with C in {1, 3}, targets int64 (N,)."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, origin: str) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"expected uint8 (N, C, H, W) images, got {images.dtype} {tuple(images.shape)}")
+        if targets.shape != (images.shape[0],):
+            raise ValueError(f"{images.shape[0]} images but targets of shape {tuple(targets.shape)}")
+        self.images = images.contiguous()
+        self.targets = targets.to(torch.int64).contiguous()
+        self.origin = origin
+        self._digest: Optional[str] = None
+
+    def __len__(self) -> int:
+        return int(self.targets.shape[0])
+
+    def load(self, rows: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, h, w) for the given rows."""
+        return self.images.index_select(0, rows)
+
+    def digest(self) -> str:
+        """sha256 of pixels and labels (computed once; ~0.1 s per 50 MB)."""
+        if self._digest is None:
+            h = hashlib.sha256()
+            h.update(str(tuple(self.images.shape)).encode())
+            h.update(self.images.numpy().tobytes())
+            h.update(self.targets.numpy().tobytes())
+            self._digest = h.hexdigest()
+        return self._digest
+
+
+class FileSource:
+    """A split of image files decoded on demand to uint8 (3, S, S): shorter side resized to S, centre crop.
+
+    Decoding happens at the model size so batches of differently sized photos stack; resizing the shorter
+    side and centre-cropping keeps the aspect ratio (torchvision's Resize(S) + CenterCrop(S)).
+    """
+
+    def __init__(self, paths: Sequence[str], targets: torch.Tensor, image_size: int, origin: str) -> None:
+        self.paths = list(paths)
+        self.targets = torch.as_tensor(targets, dtype=torch.int64).contiguous()
+        self.image_size = int(image_size)
+        self.origin = origin
+        self._digest: Optional[str] = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, rows: torch.Tensor) -> torch.Tensor:
+        if rows.numel() == 0:
+            return torch.empty(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
+        return torch.stack([self._decode(self.paths[int(r)]) for r in rows])
+
+    def _decode(self, path: str) -> torch.Tensor:
+        from PIL import Image
+
+        s = self.image_size
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+        except OSError as exc:
+            raise DatasetNotFoundError(f"cannot read image {path!r} ({exc}); remove or replace the file") from None
+        w, h = im.size
+        scale = s / min(w, h)
+        new = (max(s, round(w * scale)), max(s, round(h * scale)))
+        if new != (w, h):
+            im = im.resize(new, Image.BILINEAR)   # Pillow's resampling antialiases when shrinking
+        left, top = (new[0] - s) // 2, (new[1] - s) // 2
+        if new != (s, s):
+            im = im.crop((left, top, left + s, top + s))
+        arr = np.array(im, dtype=np.uint8)        # (S, S, 3), a copy we own
+        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+    def digest(self) -> str:
+        """sha256 over (relative path, size, mtime, label) of every file: cheap, catches edits and moves."""
+        if self._digest is None:
+            h = hashlib.sha256(f"size={self.image_size}".encode())
+            base = os.path.commonpath(self.paths) if self.paths else ""
+            for p, t in zip(self.paths, self.targets.tolist()):
+                st = os.stat(p)
+                h.update(f"{os.path.relpath(p, base)}|{st.st_size}|{st.st_mtime_ns}|{t}\n".encode())
+            self._digest = h.hexdigest()
+        return self._digest
+
+
+class Splits:
+    """The loaded underlying splits of one dataset."""
+
+    def __init__(self, train, test, class_names: list[str], origin: str) -> None:
+        self.train = train
+        self.test = test
+        self.class_names = list(class_names)
+        self.origin = origin
+
+
+# ----- in-process memo: trials reusing a process (Ray reuse_actors) load a dataset once -------------
+
+_MEMO: dict[tuple, Splits] = {}
+_MEMO_MAX = 4
+
+
+def _memo(key: tuple, build) -> Splits:
+    if key not in _MEMO:
+        if len(_MEMO) >= _MEMO_MAX:
+            _MEMO.pop(next(iter(_MEMO)))
+        _MEMO[key] = build()
+    return _MEMO[key]
+
+
+def _stat_signature(paths: Sequence[Path]) -> tuple:
+    sig = []
+    for p in paths:
+        try:
+            st = p.stat()
+            sig.append((str(p), st.st_size, st.st_mtime_ns))
+        except OSError:
+            sig.append((str(p), None, None))
+    return tuple(sig)
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    """The full train and test splits of cfg.dataset (images at native size, except ImageFolder: S x S)."""
+    if cfg.dataset in ("cifar10", "cifar100"):
+        return _load_cifar(cfg)
+    if cfg.dataset == "fashion_mnist":
+        return _load_fashion_mnist(cfg)
+    if cfg.dataset == "imagefolder":
+        return _load_imagefolder(cfg)
+    raise DatasetNotFoundError(f"data.dataset: unknown dataset {cfg.dataset!r}")  # config validation prevents this
+
+
+# ----- CIFAR ----------------------------------------------------------------------------------------
+
+def _load_cifar(cfg: DataConfig) -> Splits:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR100 if cfg.dataset == "cifar100" else CIFAR10
+    root = resolve_root(cfg)
+    folder = root / cls.base_folder
+    names = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    files = [folder / f for f in names]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing and not cfg.download:
+        where = "data.root" if cfg.root else f"the default data folder (data.root is null; set ${DATA_ENV_VAR} to move it)"
+        raise DatasetNotFoundError(
+            f"{cfg.dataset}: no dataset in {folder} ({where}); missing {', '.join(missing)}. torchvision expects "
+            f"{cls.base_folder}/ with {', '.join(names)} inside {root}. Fix: set `data.download: true` to fetch "
+            f"{cls.url} there, or extract {cls.filename} into {root} (data.root: {root}).")
+    key = ("cifar", cfg.dataset, str(root), _stat_signature(files))
+    return _memo(key, lambda: _read_cifar(cls, cfg, root, folder))
+
+
+def _read_cifar(cls, cfg: DataConfig, root: Path, folder: Path) -> Splits:
+    from urllib.error import URLError
+
+    try:
+        train = cls(str(root), train=True, download=cfg.download)
+        test = cls(str(root), train=False, download=False)
+    except (URLError, OSError) as exc:
+        raise DatasetNotFoundError(
+            f"{cfg.dataset}: downloading {cls.url} into {root} failed ({exc}). Without network access, download "
+            f"{cls.filename} elsewhere and extract it into {root} so that {folder} exists.") from None
+    except RuntimeError as exc:
+        raise DatasetNotFoundError(
+            f"{cfg.dataset}: the files in {folder} failed torchvision's md5 check ({exc}). They are incomplete or "
+            f"not the official CIFAR release: delete {folder} and set `data.download: true`, or re-extract "
+            f"{cls.filename}.") from None
+
+    def tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
+        images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()  # HWC -> CHW
+        return images, torch.as_tensor(ds.targets, dtype=torch.int64)
+
+    classes = list(train.classes)
+    shipped = list(CIFAR100_CLASSES if cfg.dataset == "cifar100" else CIFAR10_CLASSES)
+    if classes != shipped:
+        log.warning("%s: class names in %s differ from the official list; using the file's names", cfg.dataset, folder)
+    log.info("%s: loaded %d train / %d test images from %s", cfg.dataset, len(train), len(test), folder)
+    return Splits(TensorSource(*tensors(train), origin=f"{folder} (train)"),
+                  TensorSource(*tensors(test), origin=f"{folder} (test)"), classes, str(folder))
+
+
+# ----- Fashion-MNIST --------------------------------------------------------------------------------
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (optionally gzip-compressed) of unsigned bytes, e.g. (N, 28, 28) images or (N,) labels.
+
+    Format (LeCun's MNIST page): 2 zero bytes, type code 0x08 (uint8), number of dimensions, then each
+    dimension as a big-endian uint32, then the data.
+    """
+    p = Path(path)
+    opener = gzip.open if p.suffix == ".gz" else open
+    try:
+        with opener(p, "rb") as fh:
+            data = fh.read()
+    except (OSError, EOFError) as exc:
+        raise DatasetNotFoundError(f"cannot read {p} ({exc}); the file is damaged: reinstall or re-download it") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DatasetNotFoundError(f"{p} is not an IDX file of unsigned bytes; reinstall or re-download it")
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(dims)):
+        raise DatasetNotFoundError(f"{p} is truncated ({arr.size} values, header says {dims}); reinstall or re-download it")
+    return arr.reshape(dims)
+
+
+def _idx_files(folder: Path) -> Optional[dict[str, Path]]:
+    """The four Fashion-MNIST IDX files in folder (plain or .gz), or None if any is missing."""
+    found = {}
+    for split_files in FASHION_MNIST_FILES.values():
+        for name in split_files:
+            for candidate in (folder / name, folder / f"{name}.gz"):
+                if candidate.is_file():
+                    found[name] = candidate
+                    break
+            else:
+                return None
+    return found
+
+
+def _fashion_candidates(cfg: DataConfig) -> list[Path]:
+    root = resolve_root(cfg)
+    if cfg.root:
+        return [root / "FashionMNIST" / "raw", root]
+    return [root / "FashionMNIST" / "raw", root / "fashion-mnist", DEBIAN_FASHION_MNIST_DIR]
+
+
+def _load_fashion_mnist(cfg: DataConfig) -> Splits:
+    candidates = _fashion_candidates(cfg)
+    for folder in candidates:
+        files = _idx_files(folder)
+        if files is not None:
+            key = ("fashion_mnist", str(folder), _stat_signature(list(files.values())))
+            return _memo(key, lambda: _read_fashion_idx(files, folder))
+    root = resolve_root(cfg)
+    if cfg.download:
+        key = ("fashion_mnist-torchvision", str(root))
+        return _memo(key, lambda: _download_fashion_mnist(root))
+    searched = "\n  ".join(str(c) for c in candidates)
+    raise DatasetNotFoundError(
+        "fashion_mnist: the files train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
+        f"t10k-labels-idx1-ubyte (plain or .gz) were not found in any of:\n  {searched}\n"
+        "Fix: `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu; used automatically when data.root "
+        "is null), or set `data.download: true` to let torchvision fetch them into "
+        f"{root / 'FashionMNIST' / 'raw'}, or put the four files in a folder and set data.root to it.")
+
+
+def _read_fashion_idx(files: dict[str, Path], folder: Path) -> Splits:
+    sources = {}
+    for split, (img_name, lbl_name) in FASHION_MNIST_FILES.items():
+        images = read_idx(files[img_name])
+        labels = read_idx(files[lbl_name])
+        if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+            raise DatasetNotFoundError(f"{folder}: {img_name} {images.shape} and {lbl_name} {labels.shape} do not "
+                                       "match; reinstall or re-download the files")
+        img = torch.from_numpy(images.copy()).unsqueeze(1)   # (N, 1, 28, 28) uint8
+        sources[split] = TensorSource(img, torch.from_numpy(labels.astype(np.int64)), origin=f"{folder} ({split})")
+    log.info("fashion_mnist: loaded %d train / %d test images from %s", len(sources["train"]), len(sources["test"]), folder)
+    return Splits(sources["train"], sources["test"], list(FASHION_MNIST_CLASSES), str(folder))
+
+
+def _download_fashion_mnist(root: Path) -> Splits:
+    from urllib.error import URLError
+
+    from torchvision.datasets import FashionMNIST
+
+    try:
+        train = FashionMNIST(str(root), train=True, download=True)
+        test = FashionMNIST(str(root), train=False, download=True)
+    except (URLError, OSError, RuntimeError) as exc:
+        raise DatasetNotFoundError(
+            f"fashion_mnist: downloading into {root} failed ({exc}). Offline, install Debian's package instead: "
+            "`sudo apt-get install dataset-fashion-mnist` and keep data.root null.") from None
+    folder = Path(train.raw_folder)
+    return Splits(TensorSource(train.data.unsqueeze(1).contiguous(), train.targets, origin=f"{folder} (train)"),
+                  TensorSource(test.data.unsqueeze(1).contiguous(), test.targets, origin=f"{folder} (test)"),
+                  list(FashionMNIST.classes), str(folder))
+
+
+# ----- ImageFolder ----------------------------------------------------------------------------------
+
+def _load_imagefolder(cfg: DataConfig) -> Splits:
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    root = resolve_root(cfg)
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise DatasetNotFoundError(
+            f"imagefolder: {train_dir} does not exist. data.root ({root}) must contain train/<class>/<image> "
+            "folders (class names are the folder names), and optionally test/ (or val/) with the same classes.")
+    try:
+        classes, class_to_idx = find_classes(train_dir)
+        train_samples = make_dataset(str(train_dir), class_to_idx, extensions=IMG_EXTENSIONS)
+    except FileNotFoundError as exc:
+        raise DatasetNotFoundError(f"imagefolder: {train_dir}: {exc}. Each class needs a folder of images "
+                                   f"({', '.join(IMG_EXTENSIONS)}).") from None
+    size = cfg.image_size
+    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
+    if test_dir is not None:
+        try:
+            test_classes, _ = find_classes(test_dir)
+        except FileNotFoundError as exc:
+            raise DatasetNotFoundError(f"imagefolder: {test_dir}: {exc}") from None
+        unknown = sorted(set(test_classes) - set(classes))
+        if unknown:
+            raise DatasetNotFoundError(f"imagefolder: {test_dir} has classes not in {train_dir}: {', '.join(unknown)}; "
+                                       "the test classes must be a subset of the train classes")
+        test_samples = make_dataset(str(test_dir), {c: class_to_idx[c] for c in test_classes},
+                                    extensions=IMG_EXTENSIONS, allow_empty=True)
+        train_paths, train_targets = _unzip(train_samples)
+        test_paths, test_targets = _unzip(test_samples)
+        origin = f"{train_dir} + {test_dir}"
+    else:
+        paths, targets = _unzip(train_samples)
+        n_test = int(round(len(paths) * IMAGEFOLDER_TEST_FRACTION))
+        held, kept = stratified_take(targets, n_test, IMAGEFOLDER_CARVE_SEED)
+        log.warning("imagefolder: %s has no test/ or val/ folder; holding out a fixed %d%% of train/ (%d images, "
+                    "seed %d) as the test split", root, round(100 * IMAGEFOLDER_TEST_FRACTION), n_test,
+                    IMAGEFOLDER_CARVE_SEED)
+        train_paths, train_targets = [paths[i] for i in kept.tolist()], targets[kept]
+        test_paths, test_targets = [paths[i] for i in held.tolist()], targets[held]
+        origin = f"{train_dir} (test carved from train)"
+    return Splits(FileSource(train_paths, train_targets, size, origin=f"{origin} (train)"),
+                  FileSource(test_paths, test_targets, size, origin=f"{origin} (test)"), classes, origin)
+
+
+def _unzip(samples: list[tuple[str, int]]) -> tuple[list[str], torch.Tensor]:
+    return [p for p, _ in samples], torch.tensor([t for _, t in samples], dtype=torch.int64)

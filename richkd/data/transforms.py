@@ -1,0 +1,78 @@
+"""Batched tensor transforms: uint8 -> [0, 1] float at the model size, CIFAR-style augmentation, normalisation.
+
+Everything works on whole batches of tensors (no per-sample PIL pipeline): on a 2-core machine the PIL path
+costs more than a small student's forward pass. Augmentation draws its randomness from an explicit
+`torch.Generator`, so a loader's seed fixes every crop and flip whatever the number of workers.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+# Per-channel mean/std of each dataset's training split (for student/teacher inputs; CLIP uses its own).
+DATASET_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    # grayscale repeated to 3 channels, so the single-channel statistics are repeated too
+    "fashion_mnist": ((0.2860,) * 3, (0.3530,) * 3),
+    # ImageFolder data is assumed to be natural photos: ImageNet statistics
+    "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+CROP_PADDING = 4  # RandomCrop(S, padding=4), the CIFAR recipe used by CRD / mdistiller / RichKD
+
+
+def to_float_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (B, C, h, w) with C in {1, 3} -> float32 (B, 3, size, size) in [0, 1].
+
+    Resizes (bilinear, antialiased when shrinking) only when the native size differs, e.g. Fashion-MNIST's
+    28 -> 32 so CIFAR-style networks apply unchanged; grayscale is repeated to 3 channels so one model
+    (and CLIP) takes every dataset.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"expected a (B, C, H, W) batch, got shape {tuple(images.shape)}")
+    x = images.float().div_(255.0)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        x = x.clamp_(0.0, 1.0)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    elif x.shape[1] != 3:
+        raise ValueError(f"expected 1 or 3 channels, got {x.shape[1]}")
+    return x.contiguous()
+
+
+def random_crop_flip(images: torch.Tensor, generator: Optional[torch.Generator] = None,
+                     padding: int = CROP_PADDING) -> torch.Tensor:
+    """RandomCrop(S, padding, zero fill) + RandomHorizontalFlip(0.5) on a (B, C, S, S) batch, per sample.
+
+    Same distribution as torchvision's transforms applied image by image: each sample draws its own offset
+    in [0, 2*padding] for rows and columns and its own flip coin. generator=None uses torch's global RNG.
+    """
+    b, c, h, w = images.shape
+    if b == 0:
+        return images
+    padded = F.pad(images, (padding, padding, padding, padding))
+    offsets = torch.randint(0, 2 * padding + 1, (b, 2), generator=generator)
+    flip = torch.rand(b, generator=generator) < 0.5
+    rows = offsets[:, 0:1] + torch.arange(h)                       # (B, h)
+    cols = offsets[:, 1:2] + torch.arange(w)                       # (B, w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)          # flipped crop: read columns backwards
+    side = w + 2 * padding
+    flat = (rows[:, :, None] * side + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+    return padded.reshape(b, c, -1).gather(2, flat).view(b, c, h, w)
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(images - mean) / std per channel, on the images' device and dtype; images (B, C, H, W) in [0, 1].
+
+    Done on the device by the trainer (not in the dataset) so CLIP can apply its own preprocessing to the
+    very same un-normalised view.
+    """
+    m = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    if m.shape[1] != images.shape[1] or s.shape[1] != images.shape[1]:
+        raise ValueError(f"mean/std have {m.shape[1]}/{s.shape[1]} channels but images have {images.shape[1]}")
+    return (images - m) / s

@@ -1,0 +1,151 @@
+"""Spec samplers -> Optuna / Tune search spaces, the searcher (Optuna TPE, random, grid) and the ASHA scheduler.
+
+The Optuna searcher is `PrunedAwareOptunaSearch`: Ray's OptunaSearch (2.60, optuna_search.py lines 543-573)
+tells Optuna COMPLETE with the last reported value for every trial that reported anything, so a trial that
+ASHA stopped after 2 of 30 epochs enters TPE as if its epoch-2 accuracy were final and pollutes the "good"
+Parzen estimator. Here such trials are told PRUNED (Optuna then ranks them by their intermediate values,
+below the complete ones), and non-finite results FAIL.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Optional
+
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from richkd.tune.space import Param, SpecError, SweepSpec
+
+log = logging.getLogger(__name__)
+
+TIME_ATTR = "training_iteration"  # one tune.report per epoch, so training_iteration == epoch
+
+
+# ----- sampler mapping --------------------------------------------------------------------------------
+
+def tune_domain(p: Param):
+    """A spec entry as a Tune domain (random / grid search). randint is inclusive in specs, exclusive in Tune."""
+    if p.sampler == "uniform":
+        return tune.uniform(p.low, p.high)
+    if p.sampler == "loguniform":
+        return tune.loguniform(p.low, p.high)
+    if p.sampler == "quniform":
+        return tune.quniform(p.low, p.high, p.q)
+    if p.sampler == "randint":
+        return tune.randint(int(p.low), int(p.high) + 1)
+    if p.sampler == "choice":
+        return tune.choice(list(p.values))
+    if p.sampler == "grid":
+        return tune.grid_search(list(p.values))
+    raise SpecError(f"space.{p.key}: unknown sampler {p.sampler!r}")
+
+
+def suggest(trial, p: Param) -> Any:
+    """Ask an Optuna trial for one entry's value (define-by-run). Returns the sampled value."""
+    if p.sampler == "uniform":
+        return trial.suggest_float(p.key, p.low, p.high)
+    if p.sampler == "loguniform":
+        return trial.suggest_float(p.key, p.low, p.high, log=True)
+    if p.sampler == "quniform":
+        return trial.suggest_float(p.key, p.low, p.high, step=p.q)
+    if p.sampler == "randint":
+        return trial.suggest_int(p.key, int(p.low), int(p.high))
+    if p.sampler == "choice":
+        return trial.suggest_categorical(p.key, list(p.values))
+    raise SpecError(f"space.{p.key}: the {p.sampler} sampler cannot be used with Optuna")
+
+
+class OptunaSpace:
+    """Define-by-run search space: entries in spec order, each only when its `when:` holds.
+
+    A class (not a closure) because Ray pickles the searcher, and with it this object, into the experiment
+    checkpoint; `Tuner.restore` unpickles it by reference to this module. Returns None, so Ray passes on
+    exactly the captured `suggest_*` values (ray#35319: returned constants would bypass points_to_evaluate).
+    """
+
+    def __init__(self, base_flat: dict, params: tuple) -> None:
+        self.base_flat = dict(base_flat)
+        self.params = tuple(params)
+
+    def __call__(self, trial) -> None:
+        values = dict(self.base_flat)
+        for p in self.params:
+            if not p.active(values):
+                continue
+            value = suggest(trial, p)
+            values.update(p.overrides_for(value))
+        return None
+
+
+def tune_param_space(spec: SweepSpec) -> dict:
+    return {p.key: tune_domain(p) for p in spec.params}
+
+
+# ----- searchers --------------------------------------------------------------------------------------
+
+class PrunedAwareOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna PRUNED for trials stopped before max_t and FAIL for non-finite values."""
+
+    def __init__(self, *args, max_t: int, time_attr: str = TIME_ATTR, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._max_t = int(max_t)
+        self._time_attr = time_attr
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials or isinstance(self.metric, list) or trial_id not in self._ot_trials:
+            return super().on_trial_complete(trial_id, result=result, error=error)
+        value = result.get(self.metric) if result else None
+        if value is None:
+            return super().on_trial_complete(trial_id, result=result, error=error)
+        from optuna.trial import TrialState
+
+        ot_trial = self._ot_trials[trial_id]
+        finite = isinstance(value, (int, float)) and math.isfinite(value)
+        reached = (result.get(self._time_attr) or 0) >= self._max_t
+        if error or not finite:
+            state, told = TrialState.FAIL, None
+        elif not reached:
+            state, told = TrialState.PRUNED, None   # Optuna records the last intermediate value itself
+        else:
+            state, told = TrialState.COMPLETE, value
+        try:
+            self._ot_study.tell(ot_trial, told, state=state)
+        except Exception as exc:  # e.g. told twice after a restore: keep the sweep going, as Ray does
+            log.warning("could not tell Optuna the result of trial %s: %s", trial_id, exc)
+        self._completed_trials.add(trial_id)
+
+
+def build_search_alg(spec: SweepSpec):
+    """The searcher for spec.tune.search.algorithm, already limited to tune.max_concurrent in flight."""
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    t = spec.tune
+    points = [dict(p) for p in spec.points]
+    if t.search.algorithm == "optuna":
+        import optuna
+
+        sampler = optuna.samplers.TPESampler(seed=t.search.seed, multivariate=True, group=True,
+                                             constant_liar=True, n_startup_trials=t.search.n_startup_trials)
+        storage = None
+        if t.search.storage:
+            storage = optuna.storages.RDBStorage(t.search.storage)
+        from richkd.config import flatten
+
+        searcher = PrunedAwareOptunaSearch(
+            space=OptunaSpace(flatten(spec.base_config.to_dict()), spec.params), metric=t.metric, mode=t.mode,
+            points_to_evaluate=points or None, sampler=sampler, study_name=spec.name, storage=storage,
+            max_t=spec.max_t)
+        return ConcurrencyLimiter(searcher, max_concurrent=t.max_concurrent)
+    return BasicVariantGenerator(points_to_evaluate=points or None, max_concurrent=t.max_concurrent,
+                                 random_state=t.search.seed)
+
+
+def build_scheduler(spec: SweepSpec):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    s = spec.tune.scheduler
+    if s.type == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr=TIME_ATTR, max_t=spec.max_t, grace_period=s.grace_period,
+                         reduction_factor=s.reduction_factor, brackets=s.brackets)
