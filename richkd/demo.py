@@ -17,9 +17,9 @@ from richkd.io import atomic_write_text
 
 # Sizes chosen so the whole pipeline fits in about 10 minutes on 2 CPU cores; --quick is for tests.
 FULL = {"teacher_samples": 12000, "teacher_epochs": 4, "student_samples": 4000, "student_epochs": 4,
-        "eval_samples": 2000, "sweep_samples": 8}
+        "eval_samples": 2000, "sweep_samples": 8, "nce_k": 1024}
 QUICK = {"teacher_samples": 384, "teacher_epochs": 1, "student_samples": 256, "student_epochs": 2,
-         "eval_samples": 128, "sweep_samples": 3}
+         "eval_samples": 128, "sweep_samples": 3, "nce_k": 64}
 
 REAL_CLIP_HINT = ("the demo's CLIP is a tiny open_clip model with RANDOM weights (no downloads offline), so its "
                   "zero-shot accuracy is chance level. With real weights use e.g. "
@@ -51,7 +51,7 @@ def demo_configs(out_root: Path, quick: bool = False) -> dict[str, Config]:
     })
     kd = base.with_overrides({"name": "demo_kd", "loss.method": "kd", "loss.ce_weight": 1.0,
                               "loss.logit_weight": 1.0, "loss.temperature": 4.0})
-    richkd = base.with_overrides({"name": "demo_richkd", "loss.method": "richkd", "loss.nce_k": 1024})
+    richkd = base.with_overrides({"name": "demo_richkd", "loss.method": "richkd", "loss.nce_k": sizes["nce_k"]})
     return {"teacher": teacher, "kd": kd, "richkd": richkd}
 
 
