@@ -17,6 +17,7 @@ EPILOG = """examples:
   richkd train --config configs/fmnist_richkd.yaml --set loss.fusion_alpha=0.8 --set train.epochs=3
   richkd cache --config configs/fmnist_richkd.yaml
   richkd sweep search_spaces/smoke.yaml
+  richkd evaluate tune_runs/runs/NAME/student.pt --suite robustness
   richkd models
 """
 
@@ -238,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_commands(sub)
+    from richkd.robustness.commands import add_commands as add_robustness_commands
+
+    add_robustness_commands(sub)
     return parser
 
 

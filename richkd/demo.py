@@ -16,7 +16,7 @@ from richkd.config import Config
 from richkd.io import atomic_write_text
 
 # Sizes chosen so the whole pipeline fits in about 10 minutes on 2 CPU cores; --quick is for tests.
-FULL = {"teacher_samples": 12000, "teacher_epochs": 4, "student_samples": 4000, "student_epochs": 4,
+FULL = {"teacher_samples": 40000, "teacher_epochs": 3, "student_samples": 4000, "student_epochs": 4,
         "eval_samples": 2000, "sweep_samples": 8, "nce_k": 1024}
 QUICK = {"teacher_samples": 384, "teacher_epochs": 1, "student_samples": 256, "student_epochs": 2,
          "eval_samples": 128, "sweep_samples": 3, "nce_k": 64}
@@ -29,9 +29,12 @@ REAL_CLIP_HINT = ("the demo's CLIP is a tiny open_clip model with RANDOM weights
 def base_dict(out_root: Path, sizes: dict) -> dict:
     return {
         "seed": 0, "device": "auto",
-        "data": {"dataset": "fashion_mnist", "image_size": 32, "max_train_samples": sizes["student_samples"],
+        # Native 28 px and no augmentation: cheapest on CPU, and the cached clean view is then exactly the
+        # student's view (consistent teaching, see ecosystem.md §7.1).
+        "data": {"dataset": "fashion_mnist", "image_size": 28, "augment": "none",
+                 "max_train_samples": sizes["student_samples"],
                  "max_eval_samples": sizes["eval_samples"], "batch_size": 64, "eval_batch_size": 256},
-        "teacher": {"arch": "resnet14", "checkpoint": str(out_root / "teacher" / "student.pt")},
+        "teacher": {"arch": "resnet8", "checkpoint": str(out_root / "teacher" / "student.pt")},
         "student": {"arch": "resnet8"},
         "clip": {"model": "richkd-tiny", "pretrained": str(out_root / "tiny_clip.pt"), "prompt_set": "simple"},
         "teaching": {"mode": "cached", "cache_dir": str(out_root / "cache")},
@@ -45,7 +48,7 @@ def demo_configs(out_root: Path, quick: bool = False) -> dict[str, Config]:
     sizes = QUICK if quick else FULL
     base = Config.from_dict(base_dict(out_root, sizes))
     teacher = base.with_overrides({
-        "name": "demo_teacher", "student.arch": "resnet14", "loss.method": "supervised",
+        "name": "demo_teacher", "student.arch": "resnet8", "loss.method": "supervised",
         "data.max_train_samples": sizes["teacher_samples"], "train.epochs": sizes["teacher_epochs"],
         "optim.lr": 0.1, "data.batch_size": 128, "teacher.arch": None, "teacher.checkpoint": None,
     })

@@ -1,0 +1,365 @@
+"""`richkd evaluate`: a trained student checkpoint -> clean / corruption / shift / calibration report and files.
+
+Every user-fixable problem (missing checkpoint, missing config, class-count mismatch, bad option, unusable
+reference, unreadable shift data) is detected before any file is written, so a failed run leaves no output.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SUITES", "EvaluateRequest", "class_mapping", "evaluate_checkpoint", "resolve_config"]
+
+SUITES = ("robustness", "clean", "corruptions", "shift", "calibration")
+SPLITS = ("val", "test")
+REPORT_FILE = "robustness.json"
+DIAGRAM_FILE = "reliability.png"
+SHIFT_DIAGRAM_FILE = "reliability_shift.png"
+DEFAULT_EXPERIMENT = "richkd-evaluate"
+
+
+@dataclass(frozen=True)
+class EvaluateRequest:
+    """What to evaluate and how (the `richkd evaluate` arguments).
+
+    suite: clean (accuracy, ECE, confidence categories), corruptions (+ per-corruption/severity accuracy,
+    mCE with a reference), shift (+ another dataset with the same classes), calibration (+ reliability
+    bins), robustness (all of them; shift only when shift_config is given). Every suite writes
+    robustness.json and reliability.png (clean split).
+    """
+    checkpoint: str
+    suite: str = "robustness"
+    config: Optional[str] = None
+    shift_config: Optional[str] = None
+    reference: Optional[str] = None
+    corruption_dir: Optional[str] = None
+    corruptions: Optional[str | Sequence[str]] = None
+    severities: Optional[str | Sequence[int]] = None
+    split: str = "val"
+    max_samples: Optional[int] = None
+    seed: int = 0
+    device: Optional[str] = None
+    batch_size: Optional[int] = None
+    n_bins: int = 15
+    out: Optional[str] = None
+    mlflow_uri: Optional[str] = None
+    mlflow_experiment: str = DEFAULT_EXPERIMENT
+
+
+# ----- inputs ---------------------------------------------------------------------------------------
+
+def resolve_config(checkpoint: Path, config: Optional[str]):
+    """(Config, where it came from): --config, else config.yaml, else result.json next to the checkpoint."""
+    from richkd.config import Config, ConfigError
+
+    if config:
+        return Config.from_yaml(config), str(config)
+    folder = checkpoint.parent
+    if (folder / "config.yaml").is_file():
+        return Config.from_yaml(folder / "config.yaml"), str(folder / "config.yaml")
+    if (folder / "result.json").is_file():
+        try:
+            raw = json.loads((folder / "result.json").read_text())["config"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{folder / 'result.json'} has no readable 'config' ({exc}); pass --config") from None
+        return Config.from_dict(raw), str(folder / "result.json")
+    raise ConfigError(f"no config for {checkpoint}: pass --config RUN.yaml (the config the model was trained "
+                      f"with), or keep the config.yaml that `richkd train` writes next to student.pt")
+
+
+def _checkpoint_header(path: Path) -> dict:
+    """The non-weight fields of a student.pt ({"model": sd, "arch": str, "num_classes": int})."""
+    from richkd.models import CheckpointError
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt / foreign file: load_teacher would say the same, later
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc}); pass the "
+                              "student.pt written by `richkd train`") from None
+    if not isinstance(obj, dict):
+        return {}
+    return {k: v for k, v in obj.items() if k in ("arch", "num_classes")}
+
+
+def _normal_name(name: str) -> str:
+    return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
+
+
+def class_mapping(shift_names: Sequence[str], model_names: Sequence[str]) -> torch.Tensor:
+    """(len(shift_names),) int64: each shift-set class id -> the model's class id with the same name.
+
+    Names match exactly, or after lower-casing and folding runs of non-alphanumerics to '_' (an ImageFolder
+    cannot name a folder "T-shirt/top"; "t-shirt_top" matches). A shift set may hold a subset of the classes,
+    in any order (ImageFolder sorts folder names). Raises ValueError naming the classes that match nothing.
+    """
+    exact = {n: i for i, n in enumerate(model_names)}
+    loose: dict[str, int] = {}
+    for i, n in enumerate(model_names):
+        loose.setdefault(_normal_name(n), i)
+    mapping, unknown = [], []
+    for n in shift_names:
+        if n in exact:
+            mapping.append(exact[n])
+        elif _normal_name(n) in loose:
+            mapping.append(loose[_normal_name(n)])
+        else:
+            unknown.append(n)
+    if unknown:
+        raise ValueError(f"shift dataset classes {unknown} are not classes of the model ({list(model_names)}); a "
+                         "shift set must use the training classes' names (folder names for an ImageFolder)")
+    if len(set(mapping)) != len(mapping):
+        raise ValueError(f"shift dataset classes {list(shift_names)} map several folders to one model class")
+    return torch.tensor(mapping, dtype=torch.int64)
+
+
+def _split(data, split: str):
+    dataset = data.val if split == "val" else data.test
+    if len(dataset) == 0:
+        raise ValueError(f"{data.name}: the {split} split is empty"
+                         + (" (data.val_fraction is 0?)" if split == "val" else ""))
+    return dataset
+
+
+def _validate(req: EvaluateRequest) -> None:
+    if req.suite not in SUITES:
+        raise ValueError(f"--suite {req.suite!r}: choose one of {', '.join(SUITES)}")
+    if req.split not in SPLITS:
+        raise ValueError(f"--split {req.split!r}: choose val (default, for model selection) or test (final reports)")
+    if req.max_samples is not None and req.max_samples < 1:
+        raise ValueError(f"--max-samples must be >= 1, got {req.max_samples}")
+    if req.batch_size is not None and req.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {req.batch_size}")
+    if req.n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {req.n_bins}")
+    corr = req.suite in ("corruptions", "robustness")
+    if req.suite == "shift" and not req.shift_config:
+        raise ValueError("--suite shift needs --shift-config CFG (a config whose data section names another "
+                         "dataset with the same classes)")
+    if req.shift_config and req.suite not in ("shift", "robustness"):
+        raise ValueError(f"--shift-config is used by --suite shift or robustness, not {req.suite}")
+    for flag, value in (("--reference", req.reference), ("--corruption-dir", req.corruption_dir),
+                        ("--corruptions", req.corruptions), ("--severities", req.severities)):
+        if value is not None and not corr:
+            raise ValueError(f"{flag} is used by --suite corruptions or robustness, not {req.suite}")
+    if req.corruption_dir and req.split != "test":
+        raise ValueError("--corruption-dir holds corrupted TEST images (CIFAR-C release); add --split test so the "
+                         "clean and corrupted numbers describe the same images (never select models on them)")
+
+
+# ----- the command ----------------------------------------------------------------------------------
+
+def evaluate_checkpoint(req: EvaluateRequest) -> tuple[dict, list[Path]]:
+    """Run the requested suite; write robustness.json + reliability PNG(s) into the output folder.
+
+    Returns (report, written paths). Raises ValueError subclasses (ConfigError, CheckpointError,
+    DatasetNotFoundError, CorruptionError, ...) for user errors, always before anything is written.
+    """
+    from richkd.data import build_data
+    from richkd.models import CheckpointError, load_teacher
+    from richkd.robustness.corruptions import parse_corruptions, parse_severities
+    from richkd.robustness.engine import evaluate_folder, evaluate_model
+    from richkd.robustness.report import check_tracking_uri
+    from richkd.robustness.scores import compare_to_reference, load_reference
+    from richkd.trainer import resolve_device
+
+    _validate(req)
+    ckpt = Path(req.checkpoint).expanduser()
+    if not ckpt.is_file():
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} does not exist; pass the student.pt written by "
+                              "`richkd train` (in its --out folder, default tune_runs/runs/<name>/)")
+    cfg, cfg_source = resolve_config(ckpt, req.config)
+    if req.device:
+        cfg = cfg.with_overrides({"device": req.device})
+    with_corruptions = req.suite in ("corruptions", "robustness")
+    severities = parse_severities(req.severities) if with_corruptions else ()
+    reference = load_reference(req.reference) if req.reference else None
+    folder = None
+    if req.corruption_dir:   # the folder's own corruption names (a release may hold ones we do not implement)
+        from richkd.robustness.cifar_c import CorruptionFolder
+
+        folder = CorruptionFolder(req.corruption_dir)
+        names = _folder_names(folder, req.corruptions)
+    else:
+        names = parse_corruptions(req.corruptions) if with_corruptions else ()
+    shift_cfg = None
+    if req.shift_config:
+        from richkd.config import Config
+
+        shift_cfg = Config.from_yaml(req.shift_config)
+    if req.mlflow_uri:
+        check_tracking_uri(req.mlflow_uri)
+
+    device = resolve_device(cfg.device)
+    header = _checkpoint_header(ckpt)
+    data = build_data(cfg.data)
+    dataset = _split(data, req.split)
+    arch = str(header.get("arch") or cfg.student.arch)
+    if header.get("arch") and header["arch"] != cfg.student.arch:
+        log.warning("checkpoint arch %r differs from the config's student.arch %r; using the checkpoint's",
+                    header["arch"], cfg.student.arch)
+    ckpt_classes = header.get("num_classes")
+    if ckpt_classes is not None and int(ckpt_classes) != data.num_classes:
+        raise CheckpointError(f"{ckpt} is a {ckpt_classes}-class model but {cfg.data.dataset} ({cfg_source}) has "
+                              f"{data.num_classes} classes; pass --config with the data section the model was "
+                              "trained on")
+    model, sha = load_teacher(arch, ckpt, data.num_classes, map_location=device)
+
+    shift_data = target_map = None
+    if shift_cfg is not None:
+        shift_data_cfg = shift_cfg.data
+        if shift_data_cfg.image_size != cfg.data.image_size:
+            log.warning("shift config image_size %d -> %d (the model's input size)", shift_data_cfg.image_size,
+                        cfg.data.image_size)
+            shift_cfg = shift_cfg.with_overrides({"data.image_size": cfg.data.image_size})
+        shift_data = build_data(shift_cfg.data)
+        _split(shift_data, req.split)
+        target_map = class_mapping(shift_data.class_names, data.class_names)
+
+    batch_size = req.batch_size or cfg.data.eval_batch_size
+    threshold = cfg.loss.confidence_threshold
+    common = dict(seed=req.seed, max_samples=req.max_samples, batch_size=batch_size, n_bins=req.n_bins)
+    res = evaluate_model(model, dataset, data.mean, data.std, device,
+                         corruptions=names if (with_corruptions and folder is None) else (),
+                         severities=severities, confidence_threshold=threshold, **common)
+    corrupted = res.corrupted
+    if folder is not None:
+        corrupted = evaluate_folder(model, folder, data.mean, data.std, device, image_size=cfg.data.image_size,
+                                    corruptions=names, severities=severities, num_classes=data.num_classes,
+                                    **common)
+
+    from richkd.robustness.report import reliability_bins
+
+    report: dict[str, Any] = {
+        "checkpoint": str(ckpt), "checkpoint_sha256": sha, "arch": arch, "num_classes": data.num_classes,
+        "config_source": cfg_source, "dataset": data.name, "data_origin": data.origin, "split": req.split,
+        "suite": req.suite, "seed": req.seed, "max_samples": req.max_samples, "device": str(device),
+        "confidence_threshold": threshold, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "clean": dict(res.clean),
+        "calibration": reliability_bins(res.confidence, res.correct, req.n_bins),
+        "config": cfg.to_dict(),
+    }
+    if with_corruptions:
+        report["corruptions"] = _corruption_section(corrupted, names, severities, folder)
+        if reference is not None:
+            if reference.get("dataset") not in (None, data.name) or reference.get("split") not in (None, req.split):
+                log.warning("reference %s was evaluated on %s/%s, this run on %s/%s: CE ratios compare different "
+                            "images", reference["path"], reference.get("dataset"), reference.get("split"),
+                            data.name, req.split)
+            errors = report["corruptions"]["error"]
+            report["corruptions"]["reference"] = compare_to_reference(
+                {c: {int(s): e for s, e in by.items()} for c, by in errors.items()},
+                100.0 - res.clean["top1"], reference)
+    shift_res = None
+    if shift_data is not None:
+        shift_res = evaluate_model(model, _split(shift_data, req.split), data.mean, data.std, device,
+                                   confidence_threshold=threshold, target_map=target_map, **common)
+        report["shift"] = {
+            **dict(shift_res.clean), "dataset": shift_data.name, "data_origin": shift_data.origin,
+            "split": req.split, "config": str(req.shift_config), "classes": list(shift_data.class_names),
+            "top1_drop": shift_res.clean["top1"] - res.clean["top1"],
+            "calibration": reliability_bins(shift_res.confidence, shift_res.correct, req.n_bins),
+        }
+    report["metrics"] = _flat_metrics(report)
+    report = _finite(report)
+
+    out_dir = Path(req.out).expanduser() if req.out else ckpt.parent / f"robustness-{req.split}"
+    written = _write(report, out_dir)
+    if req.mlflow_uri:
+        from richkd.robustness.report import log_to_mlflow
+
+        run_name = f"evaluate:{ckpt.parent.name}/{ckpt.stem}"
+        report["mlflow_run_id"] = log_to_mlflow(report, written, req.mlflow_uri, req.mlflow_experiment, run_name)
+    return report, written
+
+
+def _folder_names(folder, wanted: Optional[str | Sequence[str]]) -> tuple[str, ...]:
+    if wanted is None or wanted == "all":
+        return tuple(folder.corruptions)
+    items = [t.strip() for t in wanted.split(",")] if isinstance(wanted, str) else [str(t) for t in wanted]
+    names = tuple(dict.fromkeys(t for t in items if t))
+    missing = [c for c in names if c not in folder.corruptions]
+    if missing or not names:
+        raise ValueError(f"--corruptions {missing or wanted!r}: not in {folder.root} (it has "
+                         f"{', '.join(folder.corruptions)})")
+    return names
+
+
+def _corruption_section(corrupted: dict, names: Sequence[str], severities: Sequence[int], folder) -> dict:
+    top1 = {c: {str(s): corrupted[c][s]["top1"] for s in severities} for c in names}
+    error = {c: {s: 100.0 - v for s, v in by.items()} for c, by in top1.items()}
+    ece = {c: {str(s): corrupted[c][s]["ece"] for s in severities} for c in names}
+    mean_top1 = {c: sum(by.values()) / len(by) for c, by in top1.items()}
+    all_top1 = [v for by in top1.values() for v in by.values()]
+    all_ece = [v for by in ece.values() for v in by.values()]
+    return {
+        "source": f"folder {folder.root}" if folder is not None else "on-the-fly",
+        "names": list(names), "severities": list(severities),
+        "top1": top1, "error": error, "ece": ece, "mean_top1": mean_top1,
+        "corruption_top1": sum(all_top1) / len(all_top1), "corruption_error": 100.0 - sum(all_top1) / len(all_top1),
+        "corruption_ece": sum(all_ece) / len(all_ece),
+    }
+
+
+def _flat_metrics(report: dict) -> dict:
+    """Every headline number under one flat name (MLflow metrics; also what a sweep would report)."""
+    m: dict[str, Optional[float]] = {}
+    for k, v in report["clean"].items():
+        if k != "n":
+            m[f"clean_{k}"] = float(v)
+    corr = report.get("corruptions")
+    if corr:
+        m["corruption_top1"] = corr["corruption_top1"]
+        m["corruption_ece"] = corr["corruption_ece"]
+        for c in corr["names"]:
+            m[f"corruption_top1/{c}"] = corr["mean_top1"][c]
+            for s, v in corr["top1"][c].items():
+                m[f"corruption_top1/{c}/{s}"] = v
+        ref = corr.get("reference")
+        if ref:
+            m["mce"], m["relative_mce"] = ref["mce"], ref["relative_mce"]
+            for c, v in ref["ce"].items():
+                m[f"ce/{c}"] = v
+            for c, v in ref["relative_ce"].items():
+                m[f"relative_ce/{c}"] = v
+    shift = report.get("shift")
+    if shift:
+        for k in ("top1", "top5", "loss", "ece", "top1_drop", "confident_correct_pct", "confidently_wrong_pct"):
+            if k in shift:
+                m[f"shift_{k}"] = float(shift[k])
+    return m
+
+
+def _finite(obj: Any) -> Any:
+    """Replace NaN/inf by None so robustness.json is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _write(report: dict, out_dir: Path) -> list[Path]:
+    from richkd.io import atomic_write_text
+    from richkd.robustness.report import save_reliability_diagram
+
+    title = f"{report['arch']} on {report['dataset']}/{report['split']}"
+    paths = [save_reliability_diagram(report["calibration"], out_dir / DIAGRAM_FILE, title)]
+    if report.get("shift"):
+        shift = report["shift"]
+        paths.append(save_reliability_diagram(shift["calibration"], out_dir / SHIFT_DIAGRAM_FILE,
+                                              f"{report['arch']} on {shift['dataset']}/{shift['split']} (shift)"))
+    atomic_write_text(out_dir / REPORT_FILE, json.dumps(report, indent=1, allow_nan=False) + "\n")
+    paths.insert(0, out_dir / REPORT_FILE)
+    return paths

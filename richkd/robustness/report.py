@@ -1,0 +1,179 @@
+"""Presenting an evaluation: reliability bins and diagram (PNG), a text table, and MLflow logging."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from richkd.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+__all__ = ["check_tracking_uri", "format_table", "log_to_mlflow", "reliability_bins", "save_reliability_diagram"]
+
+
+def reliability_bins(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = 15) -> dict:
+    """Per-bin counts, mean confidence and accuracy for equal-width confidence bins (lo, hi] on [0, 1].
+
+    Same binning as richkd.metrics.expected_calibration_error, so sum_b count_b/n |acc_b - conf_b| == ECE.
+    confidence: (N,) max-softmax probabilities; correct: (N,) bool. Empty bins have confidence/accuracy None.
+    """
+    conf = confidence.detach().double().flatten().cpu()
+    acc = correct.detach().double().flatten().cpu()
+    if conf.numel() == 0:
+        raise ValueError("reliability_bins: no samples")
+    inner = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64)[1:-1]
+    idx = torch.bucketize(conf, inner, right=False)
+    count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, torch.ones_like(conf))
+    conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, conf)
+    acc_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, acc)
+    n = conf.numel()
+    edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64).tolist()
+    ece = float((acc_sum - conf_sum).abs().sum() / n)
+    return {
+        "n_bins": n_bins, "edges": edges, "count": [int(c) for c in count.tolist()],
+        "confidence": [float(s / c) if c else None for s, c in zip(conf_sum.tolist(), count.tolist())],
+        "accuracy": [float(s / c) if c else None for s, c in zip(acc_sum.tolist(), count.tolist())],
+        "ece": ece,
+    }
+
+
+def save_reliability_diagram(bins: Mapping, path: str | Path, title: str) -> Path:
+    """Write a reliability diagram (accuracy per confidence bin vs the diagonal, with a histogram) as PNG.
+
+    Uses matplotlib's Agg backend (no display needed); the file is written atomically.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure   # no pyplot: no global figure state, safe in any thread
+
+    edges = bins["edges"]
+    width = edges[1] - edges[0]
+    lefts = edges[:-1]
+    filled = [i for i, c in enumerate(bins["count"]) if c]
+    fig = Figure(figsize=(5, 6), dpi=100)
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.bar([lefts[i] for i in filled], [bins["accuracy"][i] for i in filled], width=width, align="edge",
+            color="#4c72b0", edgecolor="black", linewidth=0.5, label="accuracy")
+    gap_base = [min(bins["accuracy"][i], bins["confidence"][i]) for i in filled]
+    gap_height = [abs(bins["accuracy"][i] - bins["confidence"][i]) for i in filled]
+    top.bar([lefts[i] for i in filled], gap_height, bottom=gap_base, width=width, align="edge",
+            color="#dd8452", alpha=0.6, edgecolor="#c44e52", linewidth=0.5, hatch="//", label="gap to confidence")
+    top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy")
+    top.set_title(f"{title}\nECE {100 * bins['ece']:.2f}%  (n={sum(bins['count'])}, {bins['n_bins']} bins)",
+                  fontsize=9)
+    top.legend(loc="upper left", fontsize=8)
+    bottom.bar(lefts, bins["count"], width=width, align="edge", color="gray", edgecolor="black", linewidth=0.5)
+    bottom.set_xlim(0, 1)
+    bottom.set_xlabel("confidence (max softmax probability)")
+    bottom.set_ylabel("count")
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+def format_table(report: Mapping) -> str:
+    """A short human-readable summary of a robustness report (what `richkd evaluate` prints)."""
+    lines = []
+    clean = report["clean"]
+    lines.append(f"{report['arch']} on {report['dataset']}/{report['split']} ({clean['n']} images), "
+                 f"checkpoint {report['checkpoint']}")
+    line = f"clean            top-1 {clean['top1']:6.2f}%  top-5 {clean['top5']:6.2f}%  ECE {100 * clean['ece']:5.2f}%"
+    if "confident_correct_pct" in clean:
+        line += (f"  confident-correct {clean['confident_correct_pct']:.1f}%  confidently-wrong "
+                 f"{clean['confidently_wrong_pct']:.1f}% (p >= {report['confidence_threshold']:g})")
+    lines.append(line)
+    corr = report.get("corruptions")
+    if corr:
+        sevs = corr["severities"]
+        ce = (corr.get("reference") or {}).get("ce", {})
+        header = f"{'corruption':<17}" + "".join(f"{'s' + str(s):>7}" for s in sevs) + f"{'mean':>8}"
+        if ce:
+            header += f"{'CE':>8}"
+        lines.append(header)
+        for name in corr["names"]:
+            row = f"{name:<17}" + "".join(f"{corr['top1'][name][str(s)]:7.2f}" for s in sevs)
+            row += f"{corr['mean_top1'][name]:8.2f}"
+            if ce:
+                v = ce.get(name)
+                row += f"{v:8.1f}" if v is not None else f"{'-':>8}"
+            lines.append(row)
+        line = f"mean corruption top-1 {corr['corruption_top1']:.2f}% ({corr['source']})"
+        ref = corr.get("reference")
+        if ref:
+            mce, rel = ref.get("mce"), ref.get("relative_mce")
+            line += f"; mCE {mce:.1f}%" if mce is not None else "; mCE undefined"
+            line += f", relative mCE {rel:.1f}%" if rel is not None else ", relative mCE undefined"
+            line += f" (reference {ref['reference']})"
+        lines.append(line)
+    shift = report.get("shift")
+    if shift:
+        lines.append(f"shift {shift['dataset']}/{shift['split']} ({shift['n']} images): top-1 {shift['top1']:.2f}% "
+                     f"({shift['top1_drop']:+.2f} vs clean), ECE {100 * shift['ece']:.2f}%, confidently-wrong "
+                     f"{shift.get('confidently_wrong_pct', float('nan')):.1f}%")
+    return "\n".join(lines)
+
+
+def check_tracking_uri(uri: str) -> str:
+    """Reject tracking URIs that would use MLflow's file store (./mlruns); return the URI unchanged.
+
+    MLflow >= 3.13 refuses to create a file store unless MLFLOW_ALLOW_FILE_STORE=true, and it is slow and
+    deprecated anyway (see DESIGN.md §6): use sqlite:///PATH/mlflow.db locally or an mlflow server URL.
+    """
+    if not uri or "://" not in uri or uri.startswith("file:"):
+        raise ValueError(f"--mlflow-uri {uri!r}: MLflow's file store (a plain folder or file: URI) is not "
+                         "supported; use sqlite:///PATH/mlflow.db or an mlflow server URL like http://HOST:5000")
+    return uri
+
+
+def log_to_mlflow(report: Mapping, artifacts: list[Path], tracking_uri: str, experiment: str,
+                  run_name: str) -> str:
+    """Log a report's flat metrics, its parameters and the written files to one new MLflow run; return its id."""
+    import mlflow
+
+    artifact_location = None
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):]).expanduser().resolve()
+        db.parent.mkdir(parents=True, exist_ok=True)
+        # without this MLflow stores artifacts in ./mlruns of the current directory (as richkd.tune.space does)
+        artifact_location = (db.parent / "mlartifacts").as_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        try:
+            client.create_experiment(experiment, artifact_location=artifact_location)
+        except Exception:  # created meanwhile by another process
+            if client.get_experiment_by_name(experiment) is None:
+                raise
+    elif exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    mlflow.set_experiment(experiment)
+    params = {
+        "checkpoint": report["checkpoint"], "checkpoint_sha256": report["checkpoint_sha256"],
+        "arch": report["arch"], "dataset": report["dataset"], "split": report["split"], "suite": report["suite"],
+        "seed": report["seed"], "max_samples": report.get("max_samples"),
+    }
+    corr = report.get("corruptions")
+    if corr:
+        params.update({"corruptions": ",".join(corr["names"]), "severities": ",".join(map(str, corr["severities"])),
+                       "corruption_source": corr["source"]})
+        if corr.get("reference"):
+            params["reference"] = corr["reference"]["reference"]
+    if report.get("shift"):
+        params["shift_dataset"] = report["shift"]["dataset"]
+    with mlflow.start_run(run_name=run_name, tags={"richkd.kind": "evaluate"}) as run:
+        mlflow.log_params({k: ("" if v is None else str(v)) for k, v in params.items()})
+        mlflow.log_metrics({k: float(v) for k, v in report["metrics"].items() if v is not None})
+        for path in artifacts:
+            mlflow.log_artifact(str(path))
+        run_id = run.info.run_id
+    log.info("logged evaluation to MLflow run %s (%s, experiment %r)", run_id, tracking_uri, experiment)
+    return run_id

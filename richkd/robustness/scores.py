@@ -1,0 +1,116 @@
+"""Corruption scores: mean corruption accuracy, corruption error (CE), mCE and relative mCE against a reference.
+
+Following Hendrycks & Dietterich (ICLR 2019, §4): for a model f and a reference model (AlexNet in the paper;
+here any earlier `richkd evaluate` run, e.g. the teacher or a supervised student),
+
+    CE_c          = sum_s E_{s,c}(f) / sum_s E_{s,c}(ref)
+    relative CE_c = sum_s (E_{s,c}(f) - E_clean(f)) / sum_s (E_{s,c}(ref) - E_clean(ref))
+
+and mCE / relative mCE are the means over corruptions c. Errors are top-1 error rates in percent; CE values
+are reported in percent too (100 = as robust as the reference, lower is better), as in the paper's tables.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Mapping, Optional
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ReferenceFileError", "compare_to_reference", "corruption_errors", "load_reference", "mean_ce",
+           "relative_corruption_errors"]
+
+ErrorTable = Mapping[str, Mapping[int, float]]   # corruption -> severity -> top-1 error in %
+
+
+class ReferenceFileError(ValueError):
+    """The reference file cannot be used (missing, not a robustness.json, nothing in common)."""
+
+
+def _common(errors: ErrorTable, ref: ErrorTable) -> dict[str, list[int]]:
+    """Corruption -> severities present in both tables (a corruption with none in common is left out)."""
+    out: dict[str, list[int]] = {}
+    for name, by_sev in errors.items():
+        if name not in ref:
+            continue
+        sevs = sorted(set(int(s) for s in by_sev) & set(int(s) for s in ref[name]))
+        if sevs:
+            out[name] = sevs
+    return out
+
+
+def _norm(table: ErrorTable) -> dict[str, dict[int, float]]:
+    return {str(c): {int(s): float(v) for s, v in sevs.items()} for c, sevs in table.items()}
+
+
+def corruption_errors(errors: ErrorTable, ref_errors: ErrorTable) -> dict[str, Optional[float]]:
+    """CE_c in percent per corruption shared by both tables (None when the reference made no error at all)."""
+    errors, ref_errors = _norm(errors), _norm(ref_errors)
+    out: dict[str, Optional[float]] = {}
+    for name, sevs in _common(errors, ref_errors).items():
+        num = sum(errors[name][s] for s in sevs)
+        den = sum(ref_errors[name][s] for s in sevs)
+        out[name] = 100.0 * num / den if den > 0 else None
+    return out
+
+
+def relative_corruption_errors(errors: ErrorTable, clean_error: float, ref_errors: ErrorTable,
+                               ref_clean_error: float) -> dict[str, Optional[float]]:
+    """Relative CE_c in percent: the error *increase* over clean, relative to the reference's increase.
+
+    None when the reference's summed increase is <= 0 (the corruption did not hurt the reference: the ratio
+    is undefined or meaningless).
+    """
+    errors, ref_errors = _norm(errors), _norm(ref_errors)
+    out: dict[str, Optional[float]] = {}
+    for name, sevs in _common(errors, ref_errors).items():
+        num = sum(errors[name][s] - clean_error for s in sevs)
+        den = sum(ref_errors[name][s] - ref_clean_error for s in sevs)
+        out[name] = 100.0 * num / den if den > 0 else None
+    return out
+
+
+def mean_ce(ces: Mapping[str, Optional[float]]) -> Optional[float]:
+    """Mean of the defined CE values (None if none is defined)."""
+    vals = [v for v in ces.values() if v is not None and math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def load_reference(path: str | Path) -> dict:
+    """Read a robustness.json of an earlier run; returns {"errors", "clean_error", "path", "checkpoint"}."""
+    p = Path(path)
+    if not p.is_file():
+        raise ReferenceFileError(f"reference file {str(p)!r} does not exist; pass the robustness.json written by "
+                              "an earlier `richkd evaluate --suite corruptions` run")
+    try:
+        data = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ReferenceFileError(f"{p}: not valid JSON ({exc})") from None
+    table = data.get("corruptions", {}).get("error") if isinstance(data, dict) else None
+    clean = data.get("clean", {}).get("top1") if isinstance(data, dict) else None
+    if not isinstance(table, dict) or not table or clean is None:
+        raise ReferenceFileError(f"{p}: no corruption error table; the reference must be a robustness.json of a "
+                              "`richkd evaluate` run with --suite corruptions or robustness")
+    try:
+        errors = _norm(table)
+    except (TypeError, ValueError, AttributeError):
+        raise ReferenceFileError(f"{p}: corruptions.error must map corruption -> severity -> error") from None
+    return {"errors": errors, "clean_error": 100.0 - float(clean), "path": str(p),
+            "checkpoint": data.get("checkpoint"), "split": data.get("split"), "dataset": data.get("dataset")}
+
+
+def compare_to_reference(errors: ErrorTable, clean_error: float, reference: Mapping) -> dict:
+    """CE / relative CE per corruption and their means against a reference from `load_reference`."""
+    ce = corruption_errors(errors, reference["errors"])
+    if not ce:
+        raise ReferenceFileError(f"reference {reference['path']} shares no corruption and severity with this "
+                              f"evaluation (reference has {sorted(reference['errors'])}, this run "
+                              f"{sorted(errors)}); evaluate with the same --corruptions / --severities")
+    skipped = sorted(set(errors) - set(ce))
+    if skipped:
+        log.warning("reference %s lacks corruptions %s; mCE uses the other %d", reference["path"], skipped, len(ce))
+    rel = relative_corruption_errors(errors, clean_error, reference["errors"], reference["clean_error"])
+    return {"reference": reference["path"], "reference_checkpoint": reference.get("checkpoint"),
+            "ce": ce, "relative_ce": rel, "mce": mean_ce(ce), "relative_mce": mean_ce(rel)}
