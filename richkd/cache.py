@@ -105,13 +105,22 @@ def _names_hash(names: Iterable[str]) -> str:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
 
 
+def view_id(cfg: Config) -> str:
+    """What the cached rows show: the clean image, or V seeded augmented views (richkd.data.views)."""
+    if cfg.teaching.views == 1:
+        return CLEAN_VIEW
+    from richkd.data.views import ViewSpec
+
+    return ViewSpec(cfg.teaching.views, cfg.teaching.view_seed).cache_id
+
+
 def teacher_entry(cfg: Config, dataset_id: dict, split: str, memo_dir: str | os.PathLike) -> CacheEntry:
     ckpt = Path(cfg.teacher.checkpoint or "").expanduser()
     if not ckpt.is_file():
         raise CacheError(f"teacher.checkpoint: file {str(ckpt)!r} does not exist")
     return CacheEntry("teacher", {
         "arch": cfg.teacher.arch, "checkpoint_sha256": file_sha256_memo(ckpt, memo_dir),
-        **dataset_id, "split": split, "view": CLEAN_VIEW,
+        **dataset_id, "split": split, "view": view_id(cfg),
     })
 
 
@@ -119,7 +128,7 @@ def clip_image_entry(cfg: Config, dataset_id: dict, split: str, memo_dir: str | 
     return CacheEntry("clip-image", {
         "model": cfg.clip.model, "weights": clip_weights_id(cfg.clip, memo_dir),
         "preprocess": CLIP_PREPROCESS_VERSION,
-        **dataset_id, "split": split, "view": CLEAN_VIEW,
+        **dataset_id, "split": split, "view": view_id(cfg),
     })
 
 
@@ -233,6 +242,17 @@ def _batched_outputs(dataset, fn: Callable[["torch.Tensor"], dict], batch_size: 
     return {name: np.concatenate(parts) for name, parts in chunks.items()}
 
 
+def _outputs_over_views(cfg: Config, dataset, fn, batch_size: int, device, progress: bool,
+                        desc: str) -> dict[str, np.ndarray]:
+    """Outputs for every cached view; row v * N + i holds view v of dataset row i (view 0 = clean)."""
+    if cfg.teaching.views == 1:
+        return _batched_outputs(dataset, fn, batch_size, device, progress, desc)
+    per_view = [_batched_outputs(dataset.with_views(cfg.teaching.views, cfg.teaching.view_seed, fixed_view=v), fn,
+                                 batch_size, device, progress, f"{desc} view {v + 1}/{cfg.teaching.views}")
+                for v in range(cfg.teaching.views)]
+    return {name: np.concatenate([p[name] for p in per_view]) for name in per_view[0]}
+
+
 def _progress(total: int, desc: str):
     from tqdm import tqdm
 
@@ -274,7 +294,7 @@ def _ensure_teacher(cfg, data, dataset, ident, split, cache_dir, dev, progress) 
 
     entry = teacher_entry(cfg, ident, split, cache_dir)
     if entry_exists(entry, cache_dir):
-        read_entry(entry, cache_dir, expect_rows={"logits": len(dataset)})
+        read_entry(entry, cache_dir, expect_rows={"logits": len(dataset) * cfg.teaching.views})
         return entry.path(cache_dir)
     model, sha = load_teacher(cfg.teacher.arch, cfg.teacher.checkpoint, data.num_classes)
     model.to(dev)
@@ -284,7 +304,7 @@ def _ensure_teacher(cfg, data, dataset, ident, split, cache_dir, dev, progress) 
         out = model(normalize(images, data.mean, data.std))
         return {"logits": out.logits.half(), "feat": out.feat.half()}
 
-    arrays = _batched_outputs(dataset, run, cfg.data.eval_batch_size, dev, progress, f"teacher {split}")
+    arrays = _outputs_over_views(cfg, dataset, run, cfg.data.eval_batch_size, dev, progress, f"teacher {split}")
     arrays = {k: v.astype(np.float16) for k, v in arrays.items()}
     return write_entry(entry, cache_dir, arrays)
 
@@ -294,12 +314,12 @@ def _ensure_clip_image(cfg, dataset, ident, split, cache_dir, dev, progress) -> 
 
     entry = clip_image_entry(cfg, ident, split, cache_dir)
     if entry_exists(entry, cache_dir):
-        read_entry(entry, cache_dir, expect_rows={"feat": len(dataset)})
+        read_entry(entry, cache_dir, expect_rows={"feat": len(dataset) * cfg.teaching.views})
         return entry.path(cache_dir)
     clip = load_clip(cfg.clip.model, cfg.clip.pretrained, device=dev)
     log.info("caching CLIP %s image features on %s/%s", cfg.clip.model, cfg.data.dataset, split)
-    arrays = _batched_outputs(dataset, lambda im: {"feat": clip.encode_images(im)}, cfg.clip.batch_size, dev,
-                              progress, f"CLIP {split}")
+    arrays = _outputs_over_views(cfg, dataset, lambda im: {"feat": clip.encode_images(im)}, cfg.clip.batch_size,
+                                 dev, progress, f"CLIP {split}")
     return write_entry(entry, cache_dir, {"feat": arrays["feat"].astype(np.float16)},
                        extra={"preprocess_id": clip.preprocess_id, "embed_dim": clip.embed_dim})
 

@@ -161,9 +161,15 @@ class TeachingConfig:
     """
     mode: str = "cached"
     cache_dir: str = "tune_runs/cache"
+    views: int = 1                       # cached views per image: 1 = the clean image (official); V > 1 =
+    view_seed: int = 0                   # FKD-style: V seeded crops/flips (view 0 clean) shared with the student
 
     def __post_init__(self) -> None:
         _one_of(self.mode, "teaching.mode", TEACHING_MODES)
+        _in_range(self.views, "teaching.views", 1, 1024)
+        _in_range(self.view_seed, "teaching.view_seed", 0, 2**31 - 1)
+        _check(self.views == 1 or self.mode == "cached", "teaching.views",
+               "cached views need teaching.mode=cached (online teaching already sees the student's view)")
 
 
 @dataclass(frozen=True)
@@ -224,6 +230,8 @@ class Config:
         _check(self.device == "auto" or self.device in ("cpu", "cuda", "mps") or self.device.startswith("cuda:"),
                "device", f"{self.device!r} is not auto, cpu, cuda, cuda:N or mps")
         _in_range(self.seed, "seed", 0, 2**31 - 1)
+        _check(self.teaching.views == 1 or self.data.augment == "standard", "teaching.views",
+               "cached augmented views need data.augment=standard")
 
     @property
     def uses_clip(self) -> bool:

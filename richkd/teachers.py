@@ -44,12 +44,14 @@ class CachedTeachers(TeacherSource):
     """Official RichKD behaviour: outputs of the clean (un-augmented) image, looked up by dataset index.
 
     The memory-mapped fp16 arrays are shared by every trial process on a node; only the rows of a batch are
-    copied (and upcast to fp32) per step.
+    copied (and upcast to fp32) per step. With V cached views (teaching.views) row `view * N + index` holds
+    the outputs for the view the student was shown; batches without views read view 0, the clean image.
     """
 
     def __init__(self, logits: np.ndarray, feat: np.ndarray, clip_feat: Optional[np.ndarray],
-                 class_embeddings: Optional[torch.Tensor], device: torch.device) -> None:
+                 class_embeddings: Optional[torch.Tensor], device: torch.device, num_rows: int) -> None:
         self.logits, self.feat, self.clip_feat_rows = logits, feat, clip_feat
+        self.num_rows = num_rows
         self.device = device
         self.teacher_dim = int(feat.shape[1])
         self.clip_dim = None if clip_feat is None else int(clip_feat.shape[1])
@@ -60,6 +62,8 @@ class CachedTeachers(TeacherSource):
 
     def __call__(self, batch: Batch, normalized_images: torch.Tensor) -> TeacherOutputs:
         index = batch.index.cpu().numpy()
+        if batch.view is not None:
+            index = batch.view.cpu().numpy() * self.num_rows + index
         order = np.argsort(index)  # sorted reads are kinder to the page cache; undo the order afterwards
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
@@ -96,14 +100,15 @@ def build_teacher_source(cfg: Config, data, device: torch.device) -> Optional[Te
     if cfg.teaching.mode == "cached":
         ident = cache_mod.dataset_identity(data, "train")
         n = len(data.train_clean)
+        rows = n * cfg.teaching.views
         teacher = cache_mod.read_entry(cache_mod.teacher_entry(cfg, ident, "train", cache_dir), cache_dir,
-                                       expect_rows={"logits": n, "feat": n})
+                                       expect_rows={"logits": rows, "feat": rows})
         clip_feat = None
         if cfg.uses_clip:
             clip_feat = cache_mod.read_entry(cache_mod.clip_image_entry(cfg, ident, "train", cache_dir), cache_dir,
-                                             expect_rows={"feat": n})["feat"]
+                                             expect_rows={"feat": rows})["feat"]
             _check_clip_dim(clip_feat.shape[1], class_emb)
-        return CachedTeachers(teacher["logits"], teacher["feat"], clip_feat, class_emb, device)
+        return CachedTeachers(teacher["logits"], teacher["feat"], clip_feat, class_emb, device, num_rows=n)
 
     from richkd.models import load_teacher
 

@@ -96,6 +96,9 @@ class Run:
         self.device = resolve_device(cfg.device)
         seed_everything(cfg.seed)
         self.data = build_data(cfg.data)
+        # with cached views the student is shown exactly the crops/flips whose teacher outputs are cached
+        self.train_set = (self.data.train.with_views(cfg.teaching.views, cfg.teaching.view_seed)
+                          if cfg.teaching.views > 1 else self.data.train)
         self.student = create_model(cfg.student.arch, self.data.num_classes).to(self.device)
         self.teachers = build_teacher_source(cfg, self.data, self.device)
         self.objective = DistillationObjective(
@@ -154,7 +157,7 @@ class Run:
         self.student.train()
         self.objective.train()
         # A per-epoch loader seed makes the sample order a function of (seed, epoch): resume is exact.
-        loader = make_loader(self.data.train, cfg.data.batch_size, shuffle=True, seed=cfg.seed * 100003 + epoch,
+        loader = make_loader(self.train_set, cfg.data.batch_size, shuffle=True, seed=cfg.seed * 100003 + epoch,
                              num_workers=cfg.data.num_workers, drop_last=False)
         sums: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.device)

@@ -115,10 +115,12 @@ def test_sample_caps(tiny_cifar):
                                                              max_train_samples=10)).train.indices)
 
 
-def test_zero_val_fraction_gives_empty_val(tiny_cifar):
-    b = build_data(cifar_cfg(tiny_cifar["root"], val_fraction=0.0))
-    assert len(b.val) == 0 and len(b.train) == 60
-    assert len(make_loader(b.val, 8, shuffle=False, seed=0)) == 0 and list(make_loader(b.val, 8, False, 0)) == []
+def test_zero_val_fraction_is_refused_model_selection_needs_it(tiny_cifar):
+    from richkd.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.val_fraction"):
+        cifar_cfg(tiny_cifar["root"], val_fraction=0.0)
+    assert len(make_loader(torch.utils.data.TensorDataset(torch.zeros(0)), 8, False, 0)) == 0
 
 
 def test_missing_cifar_names_folder_and_fix(tmp_path):

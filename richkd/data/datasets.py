@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import Dataset
 
 from richkd.data.transforms import random_crop_flip, to_float_images
+from richkd.data.views import ViewSpec, apply_views
 
 
 class SplitDataset(Dataset):
@@ -21,7 +22,8 @@ class SplitDataset(Dataset):
     single-item form and augments with torch's global RNG.
     """
 
-    def __init__(self, source, indices: torch.Tensor, image_size: int, augment: bool, split: str) -> None:
+    def __init__(self, source, indices: torch.Tensor, image_size: int, augment: bool, split: str,
+                 views: Optional[ViewSpec] = None) -> None:
         self.source = source
         self.indices = torch.as_tensor(indices, dtype=torch.int64).contiguous()
         if self.indices.numel() and (int(self.indices.min()) < 0 or int(self.indices.max()) >= len(source)):
@@ -29,6 +31,7 @@ class SplitDataset(Dataset):
         self.image_size = int(image_size)
         self.augment = bool(augment)
         self.split = split
+        self.views = views  # cached-view augmentation (richkd.data.views) instead of free random crops
 
     def __len__(self) -> int:
         return int(self.indices.numel())
@@ -41,12 +44,25 @@ class SplitDataset(Dataset):
     def get_batch(self, positions: torch.Tensor, generator: Optional[torch.Generator] = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Items at `positions` (int64 (B,)) -> images float32 (B, 3, S, S) in [0, 1], targets (B,), index (B,)."""
+        images, targets, rows, _ = self.get_view_batch(positions, generator)
+        return images, targets, rows
+
+    def get_view_batch(self, positions: torch.Tensor, generator: Optional[torch.Generator] = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """get_batch plus the view id of each item (None unless the dataset shows cached views)."""
         positions = torch.as_tensor(positions, dtype=torch.int64)
         rows = self.indices.index_select(0, positions)
         images = to_float_images(self.source.load(rows), self.image_size)
-        if self.augment:
+        views = None
+        if self.views is not None:
+            if self.views.fixed_view is not None:
+                views = torch.full_like(rows, self.views.fixed_view)
+            else:
+                views = torch.randint(0, self.views.num_views, rows.shape, generator=generator)
+            images = apply_views(images, rows, views, self.views.seed)
+        elif self.augment:
             images = random_crop_flip(images, generator)
-        return images, self.source.targets.index_select(0, rows), rows
+        return images, self.source.targets.index_select(0, rows), rows, views
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         n = len(self)
@@ -57,6 +73,11 @@ class SplitDataset(Dataset):
             raise IndexError(f"index {i} out of range for a dataset of {n} items")
         images, targets, rows = self.get_batch(torch.tensor([i]))
         return images[0], int(targets[0]), int(rows[0])
+
+    def with_views(self, num_views: int, seed: int, fixed_view: Optional[int] = None) -> "SplitDataset":
+        """The same rows shown as cached views: one of num_views per sample, or always fixed_view."""
+        return SplitDataset(self.source, self.indices, self.image_size, True, self.split,
+                            views=ViewSpec(num_views, seed, fixed_view))
 
     def without_augmentation(self) -> "SplitDataset":
         """The same rows, un-augmented (e.g. to evaluate a teacher on the clean training images)."""

@@ -11,7 +11,11 @@ from richkd.data.splits import derive_seed
 
 def _fetch(dataset, positions: torch.Tensor, aug_seed: int) -> Batch:
     """One Batch from a dataset; get_batch datasets draw augmentation from a generator seeded by aug_seed."""
-    if hasattr(dataset, "get_batch"):
+    view = None
+    if hasattr(dataset, "get_view_batch"):
+        gen = torch.Generator().manual_seed(int(aug_seed))
+        images, targets, index, view = dataset.get_view_batch(positions, gen)
+    elif hasattr(dataset, "get_batch"):
         gen = torch.Generator().manual_seed(int(aug_seed))
         images, targets, index = dataset.get_batch(positions, gen)
     else:  # any map-style dataset of (image, target, index) items; its own randomness uses torch's RNG
@@ -19,7 +23,7 @@ def _fetch(dataset, positions: torch.Tensor, aug_seed: int) -> Batch:
         images = torch.stack([it[0] for it in items])
         targets = torch.as_tensor([int(it[1]) for it in items])
         index = torch.as_tensor([int(it[2]) for it in items])
-    return Batch(image=images, target=targets.to(torch.int64), index=index.to(torch.int64))
+    return Batch(image=images, target=targets.to(torch.int64), index=index.to(torch.int64), view=view)
 
 
 class _Fetcher(torch.utils.data.Dataset):

@@ -51,12 +51,19 @@ def random_crop_flip(images: torch.Tensor, generator: Optional[torch.Generator] 
     Same distribution as torchvision's transforms applied image by image: each sample draws its own offset
     in [0, 2*padding] for rows and columns and its own flip coin. generator=None uses torch's global RNG.
     """
+    b = images.shape[0]
+    offsets = torch.randint(0, 2 * padding + 1, (b, 2), generator=generator)
+    flip = torch.rand(b, generator=generator) < 0.5
+    return crop_flip(images, offsets, flip, padding)
+
+
+def crop_flip(images: torch.Tensor, offsets: torch.Tensor, flip: torch.Tensor,
+              padding: int = CROP_PADDING) -> torch.Tensor:
+    """Crop each zero-padded image at its (row, col) offset in [0, 2*padding] and flip where flip is True."""
     b, c, h, w = images.shape
     if b == 0:
         return images
     padded = F.pad(images, (padding, padding, padding, padding))
-    offsets = torch.randint(0, 2 * padding + 1, (b, 2), generator=generator)
-    flip = torch.rand(b, generator=generator) < 0.5
     rows = offsets[:, 0:1] + torch.arange(h)                       # (B, h)
     cols = offsets[:, 1:2] + torch.arange(w)                       # (B, w)
     cols = torch.where(flip[:, None], cols.flip(1), cols)          # flipped crop: read columns backwards

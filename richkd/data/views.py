@@ -1,0 +1,58 @@
+"""FKD-style cached views: view v of row i is a fixed crop offset + flip derived from (seed, i, v).
+
+With V views cached per image (ecosystem.md §7.1, option b), the student and both frozen teachers see the
+*same* augmented image (Beyer et al.'s consistency) while no teacher runs during training: each epoch a
+sample draws one of its V views and the cache row `view * N + index` holds the teachers' outputs for it.
+View 0 is the clean, centred image, so look-ups without a view (validation rows) read clean outputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from richkd.data.transforms import CROP_PADDING, crop_flip
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    num_views: int
+    seed: int
+    fixed_view: Optional[int] = None   # every row shown as this view (cache building); None: draw per sample
+
+    @property
+    def cache_id(self) -> str:
+        return f"views{self.num_views}-seed{self.seed}-pad{CROP_PADDING}"
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
+        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
+        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+        return x ^ (x >> np.uint64(31))
+
+
+def view_params(rows: torch.Tensor, views: torch.Tensor, seed: int,
+                padding: int = CROP_PADDING) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop offsets int64 (B, 2) in [0, 2*padding] and flips bool (B,) of each (row, view); view 0 is clean."""
+    r = rows.cpu().numpy().astype(np.uint64)
+    v = views.cpu().numpy().astype(np.uint64)
+    with np.errstate(over="ignore"):
+        h = _splitmix64((np.uint64(seed) * np.uint64(0x100000001B3)) ^ (r << np.uint64(20)) ^ v)
+    span = np.uint64(2 * padding + 1)
+    dy = (h % span).astype(np.int64)
+    dx = ((h >> np.uint64(16)) % span).astype(np.int64)
+    flip = ((h >> np.uint64(32)) & np.uint64(1)).astype(bool)
+    clean = v == 0
+    dy[clean], dx[clean], flip[clean] = padding, padding, False
+    return torch.from_numpy(np.stack([dy, dx], axis=1)), torch.from_numpy(flip)
+
+
+def apply_views(images: torch.Tensor, rows: torch.Tensor, views: torch.Tensor, seed: int) -> torch.Tensor:
+    offsets, flip = view_params(rows, views, seed)
+    return crop_flip(images, offsets, flip)
