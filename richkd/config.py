@@ -203,6 +203,9 @@ class TrainConfig:
     eval_every: int = 1                  # evaluate on the validation split every N epochs (and the last)
     checkpoint_dir: Optional[str] = None # None: no TrainState files (Tune trials checkpoint through Tune)
     threads: Optional[int] = None        # torch CPU threads; None: leave torch's default / Ray's grant
+    amp: bool = False                    # bf16 autocast for the forward passes on CUDA (loss maths stay fp32)
+    channels_last: bool = False          # NHWC memory format (faster convolutions on tensor cores)
+    compile: bool = False                # torch.compile the student: pays a compile per process, for long runs
 
     def __post_init__(self) -> None:
         _in_range(self.epochs, "train.epochs", 1, 100000)

@@ -100,6 +100,10 @@ class Run:
         self.train_set = (self.data.train.with_views(cfg.teaching.views, cfg.teaching.view_seed)
                           if cfg.teaching.views > 1 else self.data.train)
         self.student = create_model(cfg.student.arch, self.data.num_classes).to(self.device)
+        if cfg.train.channels_last:
+            self.student = self.student.to(memory_format=torch.channels_last)
+        # the compiled module shares parameters with self.student, so state dicts stay unprefixed
+        self.forward_student = torch.compile(self.student) if cfg.train.compile else self.student
         self.teachers = build_teacher_source(cfg, self.data, self.device)
         self.objective = DistillationObjective(
             cfg.loss, student_dim=self.student.feat_dim,
@@ -145,7 +149,13 @@ class Run:
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
         from richkd.data import normalize
 
-        return normalize(images, self.data.mean, self.data.std)
+        x = normalize(images, self.data.mean, self.data.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.train.channels_last else x
+
+    def _autocast(self):
+        """bf16 autocast on CUDA when train.amp; the objective casts logits and features to fp32 itself."""
+        enabled = self.cfg.train.amp and self.device.type == "cuda"
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def train_one_epoch(self, epoch: int) -> dict:
         from richkd.data import make_loader
@@ -170,8 +180,10 @@ class Run:
         for step, batch in enumerate(loader):
             batch = batch.to(self.device, non_blocking=True)
             x = self._normalize(batch.image)
-            out = self.student(x)
-            teacher = self.teachers(batch, x) if (self.teachers is not None and self.objective.needs_teacher) else None
+            with self._autocast():
+                out = self.forward_student(x)
+                teacher = (self.teachers(batch, x) if self.teachers is not None and self.objective.needs_teacher
+                           else None)
             terms = self.objective(out, batch.target, teacher, batch.index)
             loss = sum(terms.values())
             self.optimizer.zero_grad(set_to_none=True)
@@ -209,7 +221,8 @@ class Run:
         loss_sum, n = 0.0, 0
         for batch in loader:
             batch = batch.to(self.device, non_blocking=True)
-            logits = self.student(self._normalize(batch.image)).logits.float()
+            with self._autocast():
+                logits = self.forward_student(self._normalize(batch.image)).logits.float()
             loss_sum += float(torch.nn.functional.cross_entropy(logits, batch.target, reduction="sum"))
             n += len(batch)
             meter.update(logits, batch.target)

@@ -83,3 +83,11 @@ def test_nan_loss_raises_clear_error(tmp_path):
             p.fill_(float("nan"))
     with pytest.raises(NonFiniteLossError, match="loss became nan"):
         run.train()
+
+
+@needs_fmnist
+def test_channels_last_trains_the_same_model(tmp_path):
+    a = run_training(tiny_cfg(tmp_path, **{"train.epochs": 1}))
+    b = run_training(tiny_cfg(tmp_path, **{"train.epochs": 1, "train.channels_last": True}))
+    assert b.metrics["train_loss"] == pytest.approx(a.metrics["train_loss"], rel=1e-3)
+    assert b.metrics["val_loss"] == pytest.approx(a.metrics["val_loss"], rel=1e-3)
