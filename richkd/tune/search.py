@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Any, Optional
 
 from ray import tune
@@ -125,8 +126,10 @@ def build_search_alg(spec: SweepSpec):
     if t.search.algorithm == "optuna":
         import optuna
 
-        sampler = optuna.samplers.TPESampler(seed=t.search.seed, multivariate=True, group=True,
-                                             constant_liar=True, n_startup_trials=t.search.n_startup_trials)
+        with warnings.catch_warnings():  # `group` is flagged experimental; it is what conditional spaces need
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.TPESampler(seed=t.search.seed, multivariate=True, group=True,
+                                                 constant_liar=True, n_startup_trials=t.search.n_startup_trials)
         storage = None
         if t.search.storage:
             storage = optuna.storages.RDBStorage(t.search.storage)

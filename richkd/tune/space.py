@@ -25,6 +25,7 @@ import difflib
 import hashlib
 import itertools
 import json
+import logging
 import math
 import os
 import random
@@ -36,6 +37,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import yaml
 
 from richkd.config import Config, ConfigError, dotted_keys, flatten, load_yaml_mapping
+
+log = logging.getLogger(__name__)
 
 
 class SpecError(ConfigError):
@@ -58,7 +61,8 @@ FIXED_KEYS = ("train.epochs", "name")
 
 SPEC_KEYS = ("name", "description", "base", "config", "space", "points_to_evaluate", "tune", "mlflow", "finalize")
 TUNE_KEYS = ("metric", "mode", "num_samples", "search", "scheduler", "max_concurrent", "resources",
-             "max_failures", "storage_path", "shared_storage", "checkpoint_num_to_keep", "time_budget_s")
+             "max_failures", "storage_path", "shared_storage", "checkpoint_num_to_keep", "time_budget_s",
+             "reuse_actors")
 SEARCH_KEYS = ("algorithm", "seed", "n_startup_trials", "storage")
 SCHEDULER_KEYS = ("type", "grace_period", "reduction_factor", "brackets")
 RESOURCE_KEYS = ("cpu", "gpu")
@@ -210,10 +214,17 @@ class TuneSettings:
     shared_storage: bool = False          # declare a path shared across nodes when detection cannot tell
     checkpoint_num_to_keep: int = 1
     time_budget_s: Optional[float] = None
+    reuse_actors: Optional[bool] = None   # None: reuse trial processes for CPU trials, fresh ones for GPU trials
 
     @property
     def storage_is_uri(self) -> bool:
         return _has_scheme(self.storage_path)
+
+    @property
+    def resolved_reuse_actors(self) -> bool:
+        """CPU trials reuse their worker process (saves the torch import and the dataset load per trial); GPU
+        trials get a fresh process so that a stopped trial's GPU memory is surely freed (ray#23971)."""
+        return self.gpu == 0 if self.reuse_actors is None else self.reuse_actors
 
 
 @dataclass(frozen=True)
@@ -370,8 +381,8 @@ def load_spec(path: str | os.PathLike, overrides: Sequence[str] | Mapping[str, A
 def spec_from_mapping(raw: Mapping[str, Any], *, source: Optional[str] = None,
                       overrides: Sequence[str] | Mapping[str, Any] = (), base_dir: Optional[Path] = None,
                       check_resources: bool = True, check_data: bool = True) -> SweepSpec:
-    """Validate a spec mapping (see module doc). Paths in the config resolve against the current directory,
-    `base:` against `base_dir` (the spec file's folder)."""
+    """Validate a spec mapping (see module doc). Relative paths resolve against the current directory (a
+    relative `base:` that is not found there is also looked for in `base_dir`, the spec file's folder)."""
     raw = copy.deepcopy(dict(raw))
     _apply_spec_overrides(raw, overrides)
     raw = expand_env(raw)
@@ -392,6 +403,12 @@ def spec_from_mapping(raw: Mapping[str, Any], *, source: Optional[str] = None,
     raw["mlflow"] = {"enabled": mlflow.enabled, "tracking_uri": mlflow.tracking_uri,
                      "experiment": mlflow.experiment, "artifact_location": mlflow.artifact_location}
     finalize = _parse_finalize(raw.get("finalize") or {}, base_cfg)
+    # the saved spec (for --resume / export) must not depend on the directory or environment it is read in
+    for p in params:
+        if p.key in PATH_KEYS and p.is_finite:
+            raw["space"][p.key]["values"] = list(p.values)
+    raw["points_to_evaluate"] = [dict(pt) for pt in points]
+    raw["finalize"] = {"top": finalize.top, "seeds": finalize.seeds, "overrides": dict(finalize.overrides)}
     spec = SweepSpec(name=name, source=source, raw=raw, base_config=base_cfg, params=params, points=points,
                      tune=tune, mlflow=mlflow, finalize=finalize, description=str(raw.get("description") or ""))
     _check_space_values(spec)
@@ -412,7 +429,8 @@ def cache_affecting_prefixes() -> tuple[str, ...]:
 def cache_signature(cfg: Config) -> str:
     """What decides which caches a config reads: its cache-affecting keys and which teachers it uses."""
     prefixes = cache_affecting_prefixes()
-    flat = {k: v for k, v in cfg.to_flat_dict().items() if k.startswith(prefixes)}
+    flat = {k: v for k, v in cfg.to_flat_dict().items()
+            if k.startswith(prefixes) and (cfg.uses_clip or not k.startswith("clip."))}
     blob = json.dumps({"flat": flat, "method": cfg.loss.method, "uses_clip": cfg.uses_clip},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -439,7 +457,7 @@ def expand_env(value: Any, where: str = "") -> Any:
 
     whole = _ENV_RE.fullmatch(value)
     out = _ENV_RE.sub(repl, value)
-    if "${" in out.replace("$${", ""):
+    if "${" in out:
         raise SpecError(f"{where or 'spec'}: malformed ${{...}} in {value!r}; write ${{VAR}} or ${{VAR:-default}}")
     if whole:
         try:
@@ -513,7 +531,9 @@ def _check_keys(mapping: Any, valid: Sequence[str], section: str) -> None:
     for key in mapping:
         if key not in valid:
             where = f"{section}.{key}" if section else str(key)
-            raise SpecError(f"unknown spec key {where!r}{_suggest(key, valid)} (valid keys: {', '.join(valid)})")
+            full = [f"{section}.{v}" if section else v for v in valid]
+            raise SpecError(f"unknown spec key {where!r}{_suggest(where, full)} (valid keys"
+                            f"{' in ' + section if section else ''}: {', '.join(valid)})")
 
 
 def _apply_spec_overrides(raw: dict, overrides: Sequence[str] | Mapping[str, Any]) -> None:
@@ -567,10 +587,14 @@ def _load_base_config(raw: dict, base_dir: Path, name: str) -> Config:
         if not isinstance(base, str):
             raise SpecError(f"base: expected the path of a config YAML, got {base!r}")
         base_path = Path(base).expanduser()
-        if not base_path.is_absolute():
+        tried = [base_path.resolve()]
+        if not base_path.is_absolute() and not base_path.is_file():
+            # like every path in a spec, relative to the current directory; else next to the spec file
             base_path = base_dir / base_path
+            tried.append(base_path)
         if not base_path.is_file():
-            raise SpecError(f"base: config file {str(base_path)!r} does not exist")
+            raise SpecError(f"base: config file {base!r} does not exist (looked for "
+                            f"{' and '.join(repr(str(t)) for t in tried)})")
         try:
             nested = load_yaml_mapping(base_path)
         except ConfigError as exc:
@@ -586,6 +610,10 @@ def _load_base_config(raw: dict, base_dir: Path, name: str) -> Config:
         raise SpecError(f"config: {exc}") from None
     flat = {k: _absolutize(k, v) for k, v in cfg.to_flat_dict().items()}
     changed = {k: v for k, v in flat.items() if k in PATH_KEYS and v != cfg.to_flat_dict()[k]}
+    if cfg.train.checkpoint_dir is not None:
+        # every trial would write the same last.pt; trials checkpoint through Tune (one per epoch) instead
+        log.info("config.train.checkpoint_dir is ignored in a sweep: trials checkpoint through Ray Tune")
+        changed["train.checkpoint_dir"] = None
     return cfg.with_overrides(changed) if changed else cfg
 
 
@@ -815,6 +843,9 @@ def _parse_tune(raw: Any, params: Sequence[Param], base: Config) -> TuneSettings
                         "whole number of GPUs")
     if gpu > 0 and base.device == "cpu":
         raise SpecError("tune.resources.gpu > 0 but config.device is cpu; set device: auto or cuda")
+    if gpu > 0 and base.device.startswith("cuda:"):
+        raise SpecError(f"config.device: {base.device!r} names a GPU, but Ray assigns each trial its GPU (it is "
+                        "cuda:0 inside the trial); set device: auto or cuda")
     max_failures = _number(raw.get("max_failures", 2), "tune.max_failures", integer=True)
     if max_failures < -1:
         raise SpecError("tune.max_failures: must be >= 0 (or -1 for unlimited retries)")
@@ -829,6 +860,9 @@ def _parse_tune(raw: Any, params: Sequence[Param], base: Config) -> TuneSettings
     keep = _number(raw.get("checkpoint_num_to_keep", 1), "tune.checkpoint_num_to_keep", integer=True)
     if keep < 1:
         raise SpecError("tune.checkpoint_num_to_keep: must be >= 1 (trials resume from their latest checkpoint)")
+    reuse = raw.get("reuse_actors")
+    if reuse is not None and not isinstance(reuse, bool):
+        raise SpecError(f"tune.reuse_actors: expected true, false or null (auto), got {reuse!r}")
     budget = raw.get("time_budget_s")
     if budget is not None:
         budget = _number(budget, "tune.time_budget_s")
@@ -838,7 +872,8 @@ def _parse_tune(raw: Any, params: Sequence[Param], base: Config) -> TuneSettings
                         search=SearchSettings(algorithm, seed, n_startup, storage),
                         scheduler=SchedulerSettings(sch_type, grace, rf, brackets), max_concurrent=max_conc,
                         cpu=cpu, gpu=gpu, max_failures=max_failures, storage_path=storage_path,
-                        shared_storage=shared, checkpoint_num_to_keep=keep, time_budget_s=budget)
+                        shared_storage=shared, checkpoint_num_to_keep=keep, time_budget_s=budget,
+                        reuse_actors=reuse)
 
 
 def _tune_to_raw(t: TuneSettings) -> dict:
@@ -849,7 +884,8 @@ def _tune_to_raw(t: TuneSettings) -> dict:
                           "reduction_factor": t.scheduler.reduction_factor, "brackets": t.scheduler.brackets},
             "max_concurrent": t.max_concurrent, "resources": {"cpu": t.cpu, "gpu": t.gpu},
             "max_failures": t.max_failures, "storage_path": t.storage_path, "shared_storage": t.shared_storage,
-            "checkpoint_num_to_keep": t.checkpoint_num_to_keep, "time_budget_s": t.time_budget_s}
+            "checkpoint_num_to_keep": t.checkpoint_num_to_keep, "time_budget_s": t.time_budget_s,
+            "reuse_actors": t.reuse_actors}
 
 
 def _parse_points(raw: Any, params: Sequence[Param], tune: TuneSettings) -> tuple:
@@ -887,6 +923,7 @@ def _parse_mlflow(raw: Any, tune: TuneSettings) -> MlflowSettings:
     uri = raw.get("tracking_uri")
     if uri is not None and not isinstance(uri, str):
         raise SpecError(f"mlflow.tracking_uri: expected a URI string, got {uri!r}")
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None   # MLflow's own variable, then the default
     uri = resolve_tracking_uri(uri, tune.storage_path)
     experiment = raw.get("experiment", "richkd")
     if not isinstance(experiment, str) or not experiment:

@@ -1,0 +1,191 @@
+"""Export a sweep: the best trial's full config (loadable by `richkd train --config`) and a leaderboard of all trials.
+
+Selection follows ecosystem.md §1.8: only trials that reached max_t (ASHA survivors) compete, ranked by the
+metric's LAST value on the validation split (never the test split, never the best epoch: picking each trial's
+best epoch is optimistic). Ray is used only through richkd.tune (offline reading of the experiment folder).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+BEST_CONFIG = "best_config.yaml"
+BEST_TRIAL = "best_trial.json"
+LEADERBOARD = "leaderboard.csv"
+LEADERBOARD_METRICS = ("val_top1", "val_top5", "val_loss", "val_ece", "train_loss", "best_val_top1")
+
+
+class ExportError(ValueError):
+    """The sweep cannot be exported as asked (e.g. no trial reached max_t); the message says what to do."""
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    best_config: Path
+    best_trial: Path
+    leaderboard: Path
+    best: object            # richkd.tune.results.TrialRow
+    rows: list
+    attached_to_run: Optional[str] = None
+
+
+def output_dir(experiment_path: str, sweep_name: str) -> Path:
+    """Export files live beside the experiment when it is a local folder, else in ./tune_runs/<sweep>/."""
+    if "://" in experiment_path:
+        return Path("tune_runs").resolve() / sweep_name
+    return Path(experiment_path)
+
+
+def load_sweep(sweep: str, storage: Optional[str] = None, tracking_uri: Optional[str] = None):
+    """(spec, experiment path, meta, ranked rows with MLflow run ids) of a sweep name or folder."""
+    from richkd.tune.results import attach_mlflow_run_ids, collect_trials
+    from richkd.tune.runner import read_sweep_meta, spec_from_meta
+
+    path, meta = read_sweep_meta(sweep, storage)
+    spec = spec_from_meta(meta, check=False)
+    if tracking_uri:
+        meta = {**meta, "tracking_uri": tracking_uri}
+    try:
+        rows = collect_trials(path, spec)
+    except ValueError as exc:  # no experiment_state file yet
+        raise ExportError(f"sweep {spec.name!r} at {path} has no trial results yet ({exc})") from None
+    attach_mlflow_run_ids(rows, meta.get("tracking_uri"), meta.get("experiment_id"), meta.get("parent_run_id"))
+    return spec, path, meta, rows
+
+
+def best_trial(rows: list, spec) -> object:
+    from richkd.tune.results import survivors
+
+    alive = survivors(rows)
+    if not alive:
+        outcomes = {}
+        for r in rows:
+            outcomes[r.outcome] = outcomes.get(r.outcome, 0) + 1
+        seen = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(outcomes.items())) or "no trials"
+        raise ExportError(f"no trial of sweep {spec.name!r} reached max_t = {spec.max_t} epochs with a finite "
+                          f"{spec.tune.metric} ({seen}); resume it (`richkd sweep --resume {spec.name}`) or run a "
+                          "larger sweep")
+    return alive[0]
+
+
+def cache_keys_for(cfg, meta: dict) -> list[str]:
+    """The cache entries the runner built for this config's cache signature (recorded in richkd_sweep.json)."""
+    from richkd.tune.space import cache_signature
+
+    sig = cache_signature(cfg)
+    for record in meta.get("caches") or []:
+        if record.get("signature") == sig:
+            return list(record.get("entries") or [])
+    return []
+
+
+def leaderboard_csv(rows: list, spec) -> str:
+    space_keys = spec.space_keys
+    metric_keys = [spec.tune.metric] + [m for m in LEADERBOARD_METRICS if m != spec.tune.metric]
+    header = (["rank", "trial_id", "status", "outcome", "epochs", f"{spec.tune.metric}_last",
+               f"{spec.tune.metric}_best"] + [f"final_{m}" for m in metric_keys] + space_keys
+              + ["mlflow_run_id", "stop_reason"])
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for r in rows:
+        writer.writerow([r.rank, r.trial_id, r.status, r.outcome, r.epochs, _num(r.value), _num(r.best_value)]
+                        + [_num(r.metrics.get(m)) for m in metric_keys]
+                        + [_cell(r.sampled.get(k)) for k in space_keys]
+                        + [r.mlflow_run_id or "", r.extra.get("stop_reason", "")])
+    return buf.getvalue()
+
+
+def export_sweep(sweep: str, storage: Optional[str] = None, tracking_uri: Optional[str] = None,
+                 out_dir: Optional[str] = None, attach: bool = True) -> ExportResult:
+    """Write best_config.yaml, best_trial.json and leaderboard.csv for a sweep and attach them to its parent run."""
+    from richkd.io import atomic_write_text
+    from richkd.tune.mlflow_callback import code_version
+
+    spec, path, meta, rows = load_sweep(sweep, storage, tracking_uri)
+    best = best_trial(rows, spec)
+    folder = Path(out_dir) if out_dir else output_dir(path, spec.name)
+    version = code_version()
+    cfg = best.config
+    cache_keys = cache_keys_for(cfg, meta)
+    info = {
+        "sweep": spec.name, "experiment_path": path, "trial_id": best.trial_id, "trial_name": best.trial_name,
+        "selection": {"metric": spec.tune.metric, "mode": spec.tune.mode, "scope": "last", "split": "val",
+                      "among": f"trials that reached max_t = {spec.max_t} epochs"},
+        "value": best.value, "best_value_over_epochs": best.best_value, "epochs": best.epochs,
+        "metrics": best.metrics, "sampled": best.sampled, "checkpoint": best.checkpoint,
+        "mlflow": {"tracking_uri": meta.get("tracking_uri"), "experiment_id": meta.get("experiment_id"),
+                   "parent_run_id": meta.get("parent_run_id"), "run_id": best.mlflow_run_id},
+        "cache_keys": cache_keys, "code_version": version, "sweep_code_version":
+            {"git_commit": meta.get("git_commit"), "richkd_version": meta.get("richkd_version")},
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": cfg.to_dict(),
+    }
+    header = [
+        f"# Best trial of sweep {spec.name!r}: {best.trial_id}",
+        f"# selected by the LAST {spec.tune.metric} ({spec.tune.mode}) on the validation split among trials that "
+        f"reached max_t = {spec.max_t}: {best.value:.6g}",
+        f"# sampled: {json.dumps(best.sampled, default=str)}",
+        f"# MLflow run: {best.mlflow_run_id or 'n/a'} (parent {meta.get('parent_run_id') or 'n/a'}, "
+        f"{meta.get('tracking_uri') or 'MLflow off'})",
+        f"# cache entries: {', '.join(cache_keys) or 'none'}",
+        f"# code: richkd {version['richkd_version']} @ {version['git_commit']} (sweep ran at "
+        f"{meta.get('git_commit', 'unknown')})",
+        f"# details: {BEST_TRIAL}; reproduce with: richkd train --config {BEST_CONFIG}",
+        "",
+    ]
+    best_config = folder / BEST_CONFIG
+    best_json = folder / BEST_TRIAL
+    board = folder / LEADERBOARD
+    for r in rows:
+        if r.metrics.get("nonfinite_loss", 0) >= 1:
+            r.extra["stop_reason"] = "non-finite loss"
+    atomic_write_text(best_config, "\n".join(header) + cfg.to_yaml())
+    atomic_write_text(best_json, json.dumps(info, indent=1, default=str) + "\n")
+    atomic_write_text(board, leaderboard_csv(rows, spec))
+    attached = None
+    if attach and meta.get("tracking_uri") and meta.get("parent_run_id"):
+        attached = _attach(meta, [best_config, best_json, board], best)
+    return ExportResult(out_dir=folder, best_config=best_config, best_trial=best_json, leaderboard=board,
+                        best=best, rows=rows, attached_to_run=attached)
+
+
+def _attach(meta: dict, files: list[Path], best) -> Optional[str]:
+    from richkd.tune.mlflow_callback import client_for, set_tags
+
+    client = client_for(meta["tracking_uri"])
+    parent = meta["parent_run_id"]
+    for f in files:
+        client.log_artifact(parent, str(f), artifact_path="export")
+    set_tags(client, parent, {"richkd.best_trial_id": best.trial_id, "richkd.best_run_id": best.mlflow_run_id or ""})
+    return parent
+
+
+def _num(v) -> str:
+    return "" if v is None else f"{float(v):.6g}"
+
+
+def _cell(v) -> str:
+    if v is None:
+        return ""
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def describe_export(result: ExportResult, metric: str) -> str:
+    best = result.best
+    n_done = sum(1 for r in result.rows if r.outcome == "completed")
+    return "\n".join([
+        f"best trial {best.trial_id}: {metric}={best.value:.4g} (last epoch, {n_done} of {len(result.rows)} trials "
+        f"reached max_t)",
+        f"  {result.best_config}", f"  {result.best_trial}", f"  {result.leaderboard}",
+        *( [f"  attached to MLflow run {result.attached_to_run}"] if result.attached_to_run else []),
+        f"  reproduce: richkd train --config {result.best_config}",
+    ])

@@ -1,0 +1,217 @@
+"""`richkd sweep | export | finalize | ui`: argparse only at import; handlers import ray/mlflow lazily, return exit codes."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+EXIT_USER_ERROR = 2
+
+SWEEP_EPILOG = """examples:
+  richkd sweep search_spaces/smoke.yaml
+  richkd sweep search_spaces/fmnist_demo.yaml --set tune.num_samples=4 --name fm4
+  richkd sweep search_spaces/cifar100_resnet32x4_resnet8x4.yaml --address auto     # on a Ray cluster
+  richkd sweep --resume fm4                                                      # after an interruption
+  richkd sweep search_spaces/smoke.yaml --check                                  # validate only
+"""
+
+
+def _user_errors() -> tuple:
+    from richkd.config import ConfigError
+
+    errors: list = [ConfigError, FileNotFoundError]
+    try:
+        from richkd.export import ExportError
+
+        errors.append(ExportError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def _fail(command: str, exc: BaseException) -> int:
+    if os.environ.get("RICHKD_DEBUG"):
+        raise exc
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    print(f"richkd {command}: error: {message}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+def _verbosity(args: argparse.Namespace) -> int:
+    if getattr(args, "quiet", False):
+        return 0
+    return 2 if getattr(args, "verbose", False) else 1
+
+
+# ----- handlers -------------------------------------------------------------------------------------------
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    try:
+        from richkd.tune.space import SpecError, load_spec
+
+        if args.resume and args.spec:
+            raise SpecError("give either a SPEC file or --resume NAME, not both")
+        if not args.resume and not args.spec:
+            raise SpecError("sweep needs a SPEC file (see search_spaces/) or --resume NAME")
+        if args.resume:
+            from richkd.tune.runner import describe_outcome, resume_sweep
+
+            outcome = resume_sweep(args.resume, storage=args.storage, address=args.address, num_cpus=args.num_cpus,
+                                   verbose=_verbosity(args), progress=_interactive())
+            from richkd.tune.runner import read_sweep_meta
+
+            metric = read_sweep_meta(args.resume, args.storage)[1]["spec"]["tune"]["metric"]
+            print(describe_outcome(outcome, metric))
+            return 0
+        overrides = list(args.set)
+        if args.name:
+            overrides.append(f"name={args.name}")
+        if args.num_samples is not None:
+            overrides.append(f"tune.num_samples={args.num_samples}")
+        if args.storage:
+            overrides.append(f"tune.storage_path={args.storage}")
+        if args.tracking_uri:
+            overrides.append(f"mlflow.tracking_uri={args.tracking_uri}")
+        spec = load_spec(args.spec, overrides)
+        if args.check:
+            print(f"spec {spec.name!r} is valid: {len(spec.params)} searched keys, {spec.tune.num_samples} samples, "
+                  f"{spec.tune.search.algorithm} + {spec.tune.scheduler.type} (max_t={spec.max_t}), "
+                  f"{len(spec.cache_probe_configs())} cache configuration(s); results -> {spec.experiment_path}")
+            return 0
+        from richkd.tune.runner import describe_outcome, run_sweep
+
+        outcome = run_sweep(spec, address=args.address, num_cpus=args.num_cpus, verbose=_verbosity(args),
+                            progress=_interactive())
+        print(describe_outcome(outcome, spec.tune.metric))
+        return 0
+    except _user_errors() as exc:
+        return _fail("sweep", exc)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    try:
+        from richkd.export import describe_export, export_sweep
+
+        result = export_sweep(args.sweep, storage=args.storage, tracking_uri=args.tracking_uri, out_dir=args.out)
+        from richkd.tune.runner import read_sweep_meta
+
+        metric = read_sweep_meta(args.sweep, args.storage)[1]["spec"]["tune"]["metric"]
+        print(describe_export(result, metric))
+        return 0
+    except _user_errors() as exc:
+        return _fail("export", exc)
+
+
+def cmd_finalize(args: argparse.Namespace) -> int:
+    try:
+        from richkd.tune.finalize import describe_finalize, finalize_sweep
+
+        result = finalize_sweep(args.sweep, top=args.top, seeds=args.seeds, storage=args.storage,
+                                tracking_uri=args.tracking_uri, overrides=args.set, progress=_interactive(),
+                                out_dir=args.out)
+        print(describe_finalize(result))
+        return 0
+    except _user_errors() as exc:
+        return _fail("finalize", exc)
+
+
+def ui_command(tracking_uri: str, port: int, host: str = "127.0.0.1") -> list[str]:
+    """`mlflow ui` on the sweep store, bound to localhost (the store has no authentication); one worker
+    process is plenty for one person browsing and starts much faster than MLflow's default of four."""
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri, "--host", host,
+            "--port", str(port), "--workers", "1"]
+
+
+def resolve_ui_store(tracking_uri: Optional[str], storage: Optional[str]) -> str:
+    from richkd.tune.space import SpecError, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+                               os.path.abspath(storage or "tune_runs"))
+    if uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///"):]):
+        raise SpecError(f"no MLflow store at {uri[len('sqlite:///'):]}; run a sweep first, or pass --tracking-uri "
+                        "(or --storage for a non-default tune_runs folder)")
+    return uri
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    try:
+        uri = resolve_ui_store(args.tracking_uri, args.storage)
+    except _user_errors() as exc:
+        return _fail("ui", exc)
+    cmd = ui_command(uri, args.port)
+    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true")}
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _interactive() -> bool:
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+# ----- parser -----------------------------------------------------------------------------------------------
+
+def _storage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage", help="the sweeps' storage folder or URI (default tune_runs)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the sweep used)")
+
+
+def add_commands(subparsers) -> None:
+    """Register sweep / export / finalize / ui on the `richkd` parser's subparsers (each sets `func`)."""
+    p = subparsers.add_parser("sweep", help="run (or --resume) a hyperparameter sweep from a search-space YAML",
+                              epilog=SWEEP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("spec", nargs="?", help="search-space YAML (see search_spaces/)")
+    p.add_argument("--resume", metavar="NAME", help="continue an interrupted sweep (its name or folder)")
+    p.add_argument("--name", help="sweep name (default: the spec's name:) = folder under the storage path")
+    p.add_argument("--num-samples", type=int, help="override tune.num_samples")
+    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec key, e.g. --set tune.max_concurrent=2 --set config.train.epochs=5")
+    p.add_argument("--address", help="connect to a running Ray cluster (e.g. auto or HEAD:6379); default: "
+                                     "an embedded local Ray")
+    p.add_argument("--num-cpus", type=int, help="CPUs for the embedded Ray (default: all of this machine's)")
+    p.add_argument("--check", action="store_true", help="validate the spec and exit (starts nothing)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no Tune status tables")
+    _storage_args(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = subparsers.add_parser("export", help="write best_config.yaml + leaderboard.csv of a sweep",
+                              epilog="example: richkd export smoke && richkd train --config "
+                                     "tune_runs/smoke/best_config.yaml")
+    p.add_argument("sweep", help="sweep name (under --storage) or its folder")
+    p.add_argument("--out", help="output folder (default: the sweep's folder)")
+    _storage_args(p)
+    p.set_defaults(func=cmd_export)
+
+    p = subparsers.add_parser("finalize", help="re-train the top-K configs over seeds; report test accuracy",
+                              epilog="example: richkd finalize cifar100_r32x4_r8x4 --top 3 --seeds 3")
+    p.add_argument("sweep", help="sweep name (under --storage) or its folder")
+    p.add_argument("--top", type=int, help="how many of the best configs (default: the spec's finalize.top)")
+    p.add_argument("--seeds", type=int, help="seeds per config (default: the spec's finalize.seeds)")
+    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for the final runs, e.g. --set train.epochs=240")
+    p.add_argument("--out", help="output folder (default: the sweep's folder)")
+    _storage_args(p)
+    p.set_defaults(func=cmd_finalize)
+
+    p = subparsers.add_parser("ui", help="browse the sweeps' MLflow store (mlflow ui on 127.0.0.1)")
+    p.add_argument("--port", type=int, default=5000)
+    _storage_args(p)
+    p.set_defaults(func=cmd_ui)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Stand-alone entry (the `richkd` CLI registers the same commands through add_commands)."""
+    parser = argparse.ArgumentParser(prog="richkd")
+    parser.add_argument("--verbose", "-v", action="store_true")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

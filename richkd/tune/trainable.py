@@ -1,0 +1,85 @@
+"""The Tune trial function: sampled dict -> typed Config -> run_training, one tune.report + checkpoint per epoch."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from richkd.tune.space import TrialPlan
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+NONFINITE_KEY = "nonfinite_loss"   # reported as 1.0 by a trial that ended on a NaN/inf loss
+STOP_REASON_KEY = "stop_reason"
+
+
+def granted_cpus() -> int:
+    """Whole CPUs Ray granted this trial (>= 1): torch threads beyond that only fight the other trials."""
+    from ray import tune
+
+    try:
+        resources = tune.get_context().get_trial_resources().required_resources
+    except Exception:  # not inside a Tune trial (direct call in a test)
+        return max(1, os.cpu_count() or 1)
+    return max(1, int(math.floor(resources.get("CPU", 1) + 1e-9)))
+
+
+def _limit_gpu_memory(fraction: float) -> None:
+    """Fractional GPUs are logical in Ray: cap this process so an overflowing trial fails alone (ray#5902)."""
+    import torch
+
+    if 0 < fraction < 1 and torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(max(0.05, fraction * 0.95))
+
+
+def load_checkpoint_state(directory: str | os.PathLike) -> dict:
+    import torch
+
+    # Our own TrainState (tensors and plain values), so weights_only=True loads it.
+    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def train_trial(config: dict, plan: TrialPlan) -> None:
+    """Run one trial. `config` is Tune's sampled {space key: value}; `plan` comes via tune.with_parameters.
+
+    Resumes from the trial's own latest checkpoint after a worker failure or `Tuner.restore`; a NaN/inf loss
+    ends the trial with one last report (metric NaN, nonfinite_loss=1, stop_reason) instead of an error, so
+    it is neither retried by FailureConfig nor mistaken for a result (the searcher records it as FAIL).
+    """
+    import torch
+    from ray import tune
+
+    from richkd.trainer import NonFiniteLossError, run_training
+
+    cfg = plan.trial_config(config)
+    if cfg.train.threads is None:
+        torch.set_num_threads(granted_cpus())
+    _limit_gpu_memory(plan.gpu)
+
+    resume_state = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            resume_state = load_checkpoint_state(directory)
+        log.info("trial resumes after epoch %s", resume_state.get("epoch"))
+    last_epoch = [int(resume_state["epoch"]) if resume_state else 0]
+
+    def on_epoch(report) -> None:
+        metrics = {k: float(v) for k, v in report.metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        metrics[NONFINITE_KEY] = 0.0
+        with tempfile.TemporaryDirectory(prefix="richkd-ckpt-") as directory:
+            torch.save(report.state(), Path(directory) / STATE_FILE)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+        last_epoch[0] = report.epoch
+
+    try:
+        run_training(cfg, on_epoch=on_epoch, resume_state=resume_state)
+    except NonFiniteLossError as exc:
+        reason = f"non-finite loss: {exc}"
+        log.warning("trial stops: %s", reason)
+        tune.report({plan.metric: float("nan"), "epoch": float(last_epoch[0] + 1), NONFINITE_KEY: 1.0,
+                     STOP_REASON_KEY: reason})

@@ -1,0 +1,116 @@
+"""Runner guards (cluster storage, existing sweeps, resume of unknown sweeps) and `richkd ui`."""
+from __future__ import annotations
+
+import dataclasses
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import yaml
+
+from richkd.tune.runner import storage_problem
+from richkd.tune.space import TuneSettings
+
+try:
+    from tests.test_tune_space import base_spec, make_assets
+except ImportError:  # tests/ itself on sys.path
+    from test_tune_space import base_spec, make_assets
+
+MOUNTS = "/dev/sda1 / ext4 rw 0 0\nfs-1.efs.aws:/ /mnt/richkd nfs4 rw 0 0\n"
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return make_assets(tmp_path_factory.getbasetemp() / "tune_assets")
+
+
+def test_local_storage_is_refused_on_a_multi_node_cluster():
+    local = TuneSettings(storage_path="/home/me/tune_runs")
+    msg = storage_problem(local, 3, MOUNTS)
+    assert msg and "3 nodes" in msg and "s3://" in msg and "shared_storage" in msg
+    assert storage_problem(local, 1, MOUNTS) is None                          # one node: fine
+    assert storage_problem(TuneSettings(storage_path="s3://b/p"), 3, MOUNTS) is None
+    assert storage_problem(TuneSettings(storage_path="/mnt/richkd/tune_runs"), 3, MOUNTS) is None   # NFS
+    declared = dataclasses.replace(local, shared_storage=True)
+    assert storage_problem(declared, 3, MOUNTS) is None
+
+
+def test_starting_an_existing_sweep_again_is_refused(assets, tmp_path, capsys):
+    from richkd.tune.commands import main
+
+    work = tmp_path / "work"
+    raw = base_spec(assets, work)
+    (work / "runs" / "unit").mkdir(parents=True)
+    (work / "runs" / "unit" / "richkd_sweep.json").write_text("{}")
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text(yaml.safe_dump(raw))
+    assert main(["sweep", str(spec_file)]) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--resume unit" in err
+    assert sorted(p.name for p in (work / "runs").iterdir()) == ["unit"]   # nothing else was written
+
+
+def test_resume_of_an_unknown_sweep_is_a_user_error(tmp_path, capsys):
+    from richkd.tune.commands import main
+
+    assert main(["sweep", "--resume", "ghost", "--storage", str(tmp_path)]) == 2
+    assert "no sweep named 'ghost'" in capsys.readouterr().err
+    assert main(["sweep"]) == 2
+    assert "needs a SPEC" in capsys.readouterr().err
+
+
+def test_ui_command_binds_to_localhost_on_the_sweep_store(tmp_path, monkeypatch):
+    from richkd.tune.commands import resolve_ui_store, ui_command
+    from richkd.tune.space import SpecError
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    with pytest.raises(SpecError, match="no MLflow store"):
+        resolve_ui_store(None, str(tmp_path))
+    (tmp_path / "mlflow.db").write_bytes(b"")
+    uri = resolve_ui_store(None, str(tmp_path))
+    assert uri == f"sqlite:///{tmp_path}/mlflow.db"
+    cmd = ui_command(uri, 5123)
+    assert cmd[1:4] == ["-m", "mlflow", "ui"]
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == "5123"
+    assert cmd[cmd.index("--backend-store-uri") + 1] == uri
+    assert resolve_ui_store("http://head:5000", None) == "http://head:5000"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ui_serves_the_store(tmp_path):
+    """`richkd ui` really starts MLflow's server on 127.0.0.1 (stopped again by this test)."""
+    from richkd.tune.commands import ui_command
+    from richkd.tune.mlflow_callback import client_for, ensure_experiment
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    ensure_experiment(client_for(uri), "ui-check")
+    port = _free_port()
+    proc = subprocess.Popen(ui_command(uri, port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, body = time.time() + 90, ""
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+                    body = resp.read().decode()
+                    break
+            except OSError:
+                time.sleep(1)
+        assert body.strip().upper() == "OK", f"mlflow ui did not answer (exit code {proc.poll()})"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert sys.executable in ui_command(uri, port)[0]
