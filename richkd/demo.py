@@ -7,6 +7,7 @@ Re-running reuses the teacher, the tiny CLIP and the caches (unless --fresh) and
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -17,9 +18,13 @@ from richkd.io import atomic_write_text
 
 # Sizes chosen so the whole pipeline fits in about 10 minutes on 2 CPU cores; --quick is for tests.
 FULL = {"teacher_samples": 40000, "teacher_epochs": 3, "student_samples": 4000, "student_epochs": 4,
-        "eval_samples": 2000, "sweep_samples": 8, "nce_k": 1024}
+        "eval_samples": 2000, "nce_k": 1024,
+        "sweep": ["tune.num_samples=8"]}
 QUICK = {"teacher_samples": 384, "teacher_epochs": 1, "student_samples": 256, "student_epochs": 2,
-         "eval_samples": 128, "sweep_samples": 3, "nce_k": 64}
+         "eval_samples": 128, "nce_k": 64,
+         "sweep": ["tune.num_samples=3", "config.train.epochs=2", "config.data.max_train_samples=256",
+                   "config.data.max_eval_samples=128", "tune.scheduler.grace_period=1", "tune.max_concurrent=2"]}
+DEMO_SPEC = Path(__file__).resolve().parents[1] / "search_spaces" / "fmnist_demo.yaml"
 
 REAL_CLIP_HINT = ("the demo's CLIP is a tiny open_clip model with RANDOM weights (no downloads offline), so its "
                   "zero-shot accuracy is chance level. With real weights use e.g. "
@@ -91,6 +96,36 @@ def _train(cfg: Config, out_dir: Path):
     return result
 
 
+def run_sweep_stage(out_root: Path, sizes: dict, summary: dict) -> str:
+    """A real Optuna + ASHA sweep (search_spaces/fmnist_demo.yaml) on the demo's teacher, CLIP and caches."""
+    from richkd.export import export_sweep
+    from richkd.tune.runner import run_sweep
+    from richkd.tune.space import load_spec
+
+    if not DEMO_SPEC.is_file():
+        raise FileNotFoundError(f"{DEMO_SPEC} is missing: run the demo from a checkout of the repository")
+    os.environ["RICHKD_DEMO_DIR"] = str(out_root.resolve())   # the spec builds on the demo's configs
+    storage = out_root.resolve().parent
+    name = f"demo_{time.strftime('%Y%m%d_%H%M%S')}"           # every re-run is a new sweep
+    spec = load_spec(DEMO_SPEC, [f"name={name}", f"tune.storage_path={storage}", *sizes["sweep"]])
+    outcome = run_sweep(spec, verbose=1)
+    exported = export_sweep(name, storage=str(storage))
+    best = exported.best
+    summary.update({"sweep": name, "sweep_dir": str(exported.out_dir), "best_config": str(exported.best_config),
+                    "leaderboard": str(exported.leaderboard), "tracking_uri": spec.mlflow.tracking_uri,
+                    "best_trial": best.trial_id, "best_val_top1": best.value, "best_params": dict(best.sampled),
+                    "sweep_trials": len(exported.rows), "sweep_outcomes": outcome.counts,
+                    "sweep_epochs": sum(r.epochs for r in exported.rows), "sweep_wall_s": outcome.wall_s})
+    try:
+        from richkd.report import build_report
+
+        summary["report"] = str(build_report(name, storage=str(storage)))
+    except ImportError:  # pragma: no cover - the report package is optional at this layer
+        pass
+    counts = ", ".join(f"{n} {k}" for k, n in sorted(outcome.counts.items()))
+    return f"sweep {name}: {len(exported.rows)} trials ({counts}), {summary['sweep_epochs']} epochs trained"
+
+
 def run_demo(out_root: Path = Path("tune_runs/demo"), quick: bool = False, fresh: bool = False,
              sweep: bool = True) -> int:
     from richkd.clip import init_tiny_clip
@@ -131,12 +166,35 @@ def run_demo(out_root: Path = Path("tune_runs/demo"), quick: bool = False, fresh
             return f"{name} student {cfg.student.arch}: test top-1 {summary[f'{name}_test_top1']:.2f}%"
         return stage
 
-    stages.run("1/4 train the conventional teacher (supervised)", teacher_stage)
-    stages.run("2/4 create the offline tiny CLIP", clip_stage)
-    stages.run("3/4 KD student (Hinton KD, cached teacher outputs)", student_stage("kd"))
-    stages.run("4/4 RichKD-L+F student (teacher fused with CLIP)", student_stage("richkd"))
+    total = 5 if sweep else 4
+    stages.run(f"1/{total} train the conventional teacher (supervised)", teacher_stage)
+    stages.run(f"2/{total} create the offline tiny CLIP", clip_stage)
+    stages.run(f"3/{total} KD student (Hinton KD, cached teacher outputs)", student_stage("kd"))
+    stages.run(f"4/{total} RichKD-L+F student (teacher fused with CLIP)", student_stage("richkd"))
+    if sweep:
+        stages.run(f"5/{total} Optuna + ASHA sweep over alpha, T, CLIP scale, prompts, loss weights; export",
+                   lambda: run_sweep_stage(out_root, QUICK if quick else FULL, summary))
     summary["stage_seconds"] = stages.times
     atomic_write_text(out_root / "summary.json", json.dumps(summary, indent=1, default=float))
-    print("\nsummary: " + ", ".join(f"{k} {v:.2f}%" for k, v in summary.items() if k.endswith("top1")))
-    print(f"configs: {out_root / 'configs'}   (re-run any stage: richkd train --config {out_root}/configs/kd.yaml)")
+    print_summary(out_root, summary)
     return 0
+
+
+def print_summary(out_root: Path, summary: dict) -> None:
+    print("\n== summary")
+    for key in ("teacher", "kd", "richkd"):
+        print(f"   {key:<8} test top-1 {summary[f'{key}_test_top1']:.2f}%")
+    if "sweep" in summary:
+        val = summary["best_val_top1"]
+        print(f"   sweep    {summary['sweep']}: {summary['sweep_trials']} trials; best trial {summary['best_trial']} "
+              f"val top-1 {val:.2f}%")
+        for key, value in sorted(summary["best_params"].items()):
+            print(f"            {key} = {value}")
+        print(f"   best config   {summary['best_config']}  (reproduce: richkd train --config {summary['best_config']})")
+        print(f"   leaderboard   {summary['leaderboard']}")
+        if "report" in summary:
+            print(f"   report        {summary['report']}")
+        print(f"   MLflow store  {summary['tracking_uri']}")
+        print(f"   open the UI:  richkd ui --tracking-uri {summary['tracking_uri']}")
+    print(f"   configs       {out_root / 'configs'}   (e.g. richkd train --config {out_root}/configs/kd.yaml)")
+    print(f"   NOTE: {REAL_CLIP_HINT}")
