@@ -11,7 +11,7 @@ export RAY_AUTH_MODE ?= disabled
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup data demo test test-fast clean-runs
+.PHONY: setup data browser demo test test-fast sweep-smoke clean-runs
 
 setup: $(STAMP)
 
@@ -27,14 +27,23 @@ data: $(FMNIST)
 $(FMNIST):
 	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
+# Headless Chromium: the report test renders the sweep report page and screenshots it.
+browser:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
+
 demo: setup data
 	$(VENV)/bin/richkd demo
 
-test: setup data
+test: setup data browser
 	$(PY) -m pytest -q
+
+# A 3-trial sweep on the demo's teacher, CLIP and caches (run `make demo` first).
+sweep-smoke: setup
+	$(VENV)/bin/richkd sweep search_spaces/smoke.yaml --name smoke_$$(date +%Y%m%d_%H%M%S)
 
 test-fast: setup data
 	$(PY) -m pytest -q -m "not slow"
 
+# Everything under tune_runs/ except its README: demo, sweeps, caches, the MLflow store.
 clean-runs:
-	rm -rf tune_runs/demo tune_runs/runs tune_runs/cache tune_runs/mlflow.db
+	find tune_runs -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
