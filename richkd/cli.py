@@ -16,7 +16,7 @@ EPILOG = """examples:
   richkd train --config configs/fmnist_teacher.yaml
   richkd train --config configs/fmnist_richkd.yaml --set loss.fusion_alpha=0.8 --set train.epochs=3
   richkd cache --config configs/fmnist_richkd.yaml
-  richkd sweep search_spaces/smoke.yaml
+  richkd sweep search_spaces/smoke.yaml && richkd export smoke && richkd report smoke
   richkd evaluate tune_runs/runs/NAME/student.pt --suite robustness
   richkd models
 """
@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     from richkd.robustness.commands import add_commands as add_robustness_commands
 
     add_robustness_commands(sub)
+    from richkd.report.commands import add_commands as add_report_commands
+
+    add_report_commands(sub)
     return parser
 
 

@@ -1,0 +1,8 @@
+"""`richkd report`: a static HTML page (+ PNGs) summarising a sweep: curves, searched values, importances, leaderboard.
+
+Light at import: matplotlib, optuna, mlflow and (through richkd.tune) ray load only inside build_report.
+"""
+from richkd.report.build import ReportResult, build_report
+from richkd.report.data import ReportError
+
+__all__ = ["ReportError", "ReportResult", "build_report"]

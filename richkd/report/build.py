@@ -1,0 +1,105 @@
+"""Build a sweep's static report (index.html + PNGs) and log it as artifacts on the sweep's MLflow parent run."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from richkd.io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+INDEX = "index.html"
+CURVES_PNG = "curves.png"
+PARAMS_PNG = "params.png"
+IMPORTANCES_PNG = "importances.png"
+ARTIFACT_DIR = "report"
+
+
+@dataclass
+class ReportResult:
+    index: Path
+    images: list                         # PNG paths written beside index.html
+    importances: object                  # richkd.report.importance.Importances
+    n_trials: int
+    mlflow_run_id: Optional[str] = None  # the parent run the files were logged to
+    notes: list = field(default_factory=list)
+
+    @property
+    def out_dir(self) -> Path:
+        return self.index.parent
+
+
+def _log_to_mlflow(meta: dict, files: list[Path]) -> str:
+    """Log `files` under report/ on the sweep's parent run (re-running the report replaces them); its run id."""
+    from mlflow.tracking import MlflowClient
+
+    parent = meta["parent_run_id"]
+    client = MlflowClient(tracking_uri=meta["tracking_uri"])
+    for f in files:
+        client.log_artifact(parent, str(f), artifact_path=ARTIFACT_DIR)
+    return parent
+
+
+def _remove_stale(path: Path) -> None:
+    """A figure that cannot be drawn this time must not leave an older PNG behind that the page no longer shows."""
+    if path.is_file():
+        path.unlink()
+
+
+def build_report(sweep: str, storage: Optional[str] = None, tracking_uri: Optional[str] = None,
+                 out_dir: Optional[str] = None, log_mlflow: bool = True) -> ReportResult:
+    """Write <out_dir>/index.html (+ curves.png, params.png, importances.png) for a sweep name or folder.
+
+    Default out_dir: <sweep folder>/report (next to what `richkd export` writes). Works on finished, running
+    and interrupted sweeps; raises the sweep loader's SpecError / ExportError for an unknown or empty sweep.
+    MLflow logging failures do not fail the report: they become a note.
+    """
+    import os
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from richkd.report import figures
+    from richkd.report.data import ReportError, load_report_data
+    from richkd.report.importance import sweep_importances
+    from richkd.report.page import render_page
+
+    if out_dir and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ReportError(f"--out {out_dir}: exists and is not a folder; give a folder for index.html and the PNGs")
+    data = load_report_data(sweep, storage, tracking_uri, out_dir)
+    out = data.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    importances = sweep_importances(data)
+    images: dict = {}
+    written: list[Path] = []
+    for key, name, draw in (("curves", CURVES_PNG, lambda p: figures.learning_curves(data, p)),
+                            ("params", PARAMS_PNG, lambda p: figures.param_scatter(data, p)),
+                            ("importances", IMPORTANCES_PNG, lambda p: figures.importance_bars(importances, p))):
+        path = draw(out / name)
+        if path is None:
+            _remove_stale(out / name)
+            continue
+        images[key] = name
+        written.append(path)
+    meta = data.meta
+    has_run = bool(meta.get("tracking_uri") and meta.get("parent_run_id"))
+    if not log_mlflow:
+        mlflow_note = "MLflow: not logged (--no-mlflow)"
+    elif not has_run:
+        mlflow_note = ("MLflow: the sweep ran without MLflow (no parent run id in its richkd_sweep.json); "
+                       "the report was not logged")
+    else:
+        mlflow_note = (f"MLflow: this report is logged on the sweep's parent run {meta['parent_run_id']} "
+                       f"({meta['tracking_uri']}) under {ARTIFACT_DIR}/")
+    index = out / INDEX
+    atomic_write_text(index, render_page(data, importances, images, mlflow_note))
+    mlflow_run = None
+    if log_mlflow and has_run:
+        try:
+            mlflow_run = _log_to_mlflow(meta, [index, *written])
+        except Exception as exc:  # a down tracking server must not cost the user the report itself
+            mlflow_note = f"MLflow: could not log the report to run {meta['parent_run_id']}: {exc}"
+            log.warning("%s", mlflow_note)
+            atomic_write_text(index, render_page(data, importances, images, mlflow_note))
+    return ReportResult(index=index, images=written, importances=importances, n_trials=len(data.rows),
+                        mlflow_run_id=mlflow_run, notes=[mlflow_note])

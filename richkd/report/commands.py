@@ -1,0 +1,56 @@
+"""`richkd report SWEEP`: argparse only at import; the handler imports the report builder lazily, returns an exit code."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EXIT_USER_ERROR = 2
+
+REPORT_EPILOG = """examples:
+  richkd report smoke                          # tune_runs/smoke/report/index.html (+ PNGs)
+  richkd report tune_runs/smoke                # the same, by folder
+  richkd report fm4 --storage /data/sweeps --out /tmp/fm4_report --no-mlflow
+
+Open the index.html in any browser (no server needed). The page and its PNGs are also logged under
+report/ on the sweep's MLflow parent run, unless --no-mlflow.
+"""
+
+
+def add_commands(subparsers) -> None:
+    """Register `report` on the `richkd` parser's subparsers object."""
+    p = subparsers.add_parser("report", help="static HTML report of a sweep: learning curves, searched values vs "
+                              "metric, parameter importances, leaderboard", epilog=REPORT_EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep", metavar="SWEEP", help="sweep name (under --storage) or its folder")
+    p.add_argument("--storage", help="the sweeps' storage folder or URI (default tune_runs)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the sweep used)")
+    p.add_argument("--out", "-o", metavar="DIR", help="output folder (default: <sweep folder>/report)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the report to the sweep's MLflow parent run")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    try:
+        from richkd.report import build_report
+
+        result = build_report(args.sweep, storage=args.storage, tracking_uri=args.tracking_uri, out_dir=args.out,
+                              log_mlflow=not args.no_mlflow)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:   # SpecError, ExportError, ReportError
+        if os.environ.get("RICHKD_DEBUG"):
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"richkd report: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(f"report of {result.n_trials} trials: {result.index}")
+    for path in result.images:
+        print(f"  {path}")
+    imp = result.importances
+    if imp.values:
+        top = ", ".join(f"{k} {v:.2f}" for k, v in list(imp.values.items())[:3])
+        print(f"  importances ({imp.evaluator}, {imp.n_trials} trials at epoch {imp.epoch}): {top}")
+    elif imp.notes:
+        print(f"  importances: {imp.notes[0]}")
+    for note in result.notes:
+        print(f"  {note}")
+    return 0

@@ -1,0 +1,264 @@
+"""`richkd report`: the static sweep page and its PNGs, built from a real (tiny) sweep, plus the pieces it rests on.
+
+The sweep is the end-to-end smoke sweep of test_tune_e2e.py (3 trials: one reaches max_t, one is stopped by ASHA,
+one ends on a NaN loss), run once per session and shared with test_tune_e2e.py / test_export.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+try:
+    from tests.test_tune_e2e import ensure_smoke_sweep, trial_results
+except ImportError:  # tests/ itself on sys.path
+    from test_tune_e2e import ensure_smoke_sweep, trial_results
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def report_parser() -> argparse.ArgumentParser:
+    from richkd.report.commands import add_commands
+
+    parser = argparse.ArgumentParser(prog="richkd")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def run_report(argv: list[str]) -> int:
+    args = report_parser().parse_args(["report", *argv])
+    return args.func(args)
+
+
+# ----- pure pieces (fast) ------------------------------------------------------------------------------------
+
+def test_importances_put_the_driving_parameter_first_and_note_conditional_ones():
+    """value = a (+ a little noise): a must dominate; the conditional d (set in about half the trials) gets a note."""
+    import random
+
+    from richkd.report.importance import param_importances
+    from richkd.tune.space import Condition, Param
+
+    params = [Param("a", "uniform", 0.0, 1.0), Param("b", "loguniform", 1e-4, 1.0),
+              Param("c", "choice", values=(0.0, 0.5)),
+              Param("d", "uniform", 0.0, 1.0, when=(Condition("c", "gt", 0),)),
+              Param("e", "randint", 1, 5)]
+    rng = random.Random(0)
+    samples = []
+    for _ in range(12):
+        s = {"a": rng.random(), "b": 10 ** rng.uniform(-4, 0), "c": rng.choice([0.0, 0.5]), "e": rng.randint(1, 5)}
+        if s["c"] > 0:
+            s["d"] = rng.random()
+        samples.append((s, s["a"] + 0.01 * rng.random()))
+    imp = param_importances(params, samples, "min")
+    assert imp.n_trials == 12 and imp.evaluator
+    assert list(imp.values)[0] == "a" and imp.values["a"] > 0.5
+    assert set(imp.values) == {"a", "b", "c", "e"}
+    assert math.isclose(sum(imp.values.values()), 1.0, rel_tol=1e-6)
+    assert any(n.startswith("d: conditional") for n in imp.notes)
+    # the same data maximised: the importance of a does not depend on the direction's sign
+    assert list(param_importances(params, samples, "max").values)[0] == "a"
+
+
+def test_importances_degrade_to_notes():
+    from richkd.report.importance import param_importances
+    from richkd.tune.space import Param
+
+    params = [Param("a", "uniform", 0.0, 1.0)]
+    few = param_importances(params, [({"a": 0.1}, 1.0), ({"a": 0.2}, 2.0), ({"a": 0.3}, float("nan"))], "max")
+    assert not few.values and "too few trials" in few.notes[0]
+    flat = param_importances(params, [({"a": x / 10}, 5.0) for x in range(6)], "max")
+    assert not flat.values and "same value" in flat.notes[0]
+    outside = param_importances(params, [({"a": 2.0 + x}, float(x)) for x in range(6)], "max")
+    assert not outside.values and any("outside the spec" in n for n in outside.notes)
+
+
+def test_trial_curve_reads_json_lines_then_falls_back_to_progress_csv(tmp_path):
+    from richkd.report.data import read_trial_curve
+
+    a = tmp_path / "a"
+    a.mkdir()
+    lines = [{"training_iteration": 1, "val_top1": 10.0, "stop_reason": ""},
+             {"training_iteration": 2, "val_top1": 12.0},
+             {"training_iteration": 2, "val_top1": 14.0},          # epoch re-run after a restore: last wins
+             {"training_iteration": 3, "val_top1": float("nan"), "stop_reason": "non-finite loss"}]
+    (a / "result.json").write_text("\n".join(json.dumps(x) for x in lines) + "\n{\"training_it")  # cut last line
+    curve = read_trial_curve("a", str(a))
+    assert curve.source == "result.json" and curve.epochs == [1, 2, 3]
+    assert curve.series("val_top1") == [(1, 10.0), (2, 14.0)]
+    assert curve.value_at("val_top1", 3) is None and curve.stop_reason == "non-finite loss"
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "progress.csv").write_text("val_loss,training_iteration,stop_reason\n2.5,1,\n2.25,2,\n")
+    curve = read_trial_curve("b", str(b))
+    assert curve.source == "progress.csv" and curve.series("val_loss") == [(1, 2.5), (2, 2.25)]
+    assert "stop_reason" not in curve.metrics
+    assert read_trial_curve("c", str(tmp_path / "missing")).source == ""
+
+
+def test_importing_the_report_package_is_light():
+    code = ("import sys, richkd.report, richkd.report.commands; "
+            "bad = [m for m in ('ray', 'mlflow', 'matplotlib', 'optuna', 'torch') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
+
+
+def test_missing_sweep_is_one_line_and_exit_2(tmp_path, capsys):
+    assert run_report(["no_such_sweep", "--storage", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("richkd report: error:") and "no_such_sweep" in err[0]
+
+
+def test_out_that_is_a_file_is_a_user_error(tmp_path, capsys):
+    target = tmp_path / "taken"
+    target.write_text("x")
+    assert run_report(["any_sweep", "--storage", str(tmp_path), "--out", str(target)]) == 2
+    assert "not a folder" in capsys.readouterr().err
+
+
+# ----- a real sweep ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> dict:
+    return ensure_smoke_sweep(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def report(smoke) -> dict:
+    """`richkd report NAME --storage ...` through the command handler, as a user runs it."""
+    import io
+    from contextlib import redirect_stdout
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        rc = run_report([smoke["name"], "--storage", smoke["storage"]])
+    assert rc == 0, out.getvalue()
+    folder = Path(smoke["experiment_path"]) / "report"
+    return {"dir": folder, "index": folder / "index.html", "html": (folder / "index.html").read_text(),
+            "stdout": out.getvalue()}
+
+
+@pytest.mark.slow
+def test_page_has_every_trial_in_the_leaderboard_and_highlights_the_exported_best(smoke, report):
+    from richkd.export import best_trial, load_sweep
+
+    spec, _, _, rows = load_sweep(smoke["name"], smoke["storage"])
+    best = best_trial(rows, spec)
+    page = report["html"]
+    assert str(report["index"]) in report["stdout"]
+    body = page.split("<tbody>")[-1]
+    table_rows = re.findall(r'<tr class="([^"]+)">(.*?)</tr>', body)
+    assert len(table_rows) == smoke["num_trials"] == len(rows)
+    for (cls, cells), row in zip(table_rows, rows):           # same order as the export ranking
+        assert row.trial_id in cells
+        assert (cls == "best") == (row.trial_id == best.trial_id)
+    # header: counts from the trial folders themselves, not from the code under test
+    results = trial_results(smoke["experiment_path"])
+    total_epochs = sum(len(r) for r in results.values())
+    counts = smoke["counts"]
+    for label, value in (("trials", len(results)), ("stopped early", counts["stopped_early"]),
+                         ("errored", counts.get("error", 0) + counts.get("nonfinite_loss", 0)),
+                         ("total epochs", total_epochs)):
+        assert re.search(rf'<div class="k">{label}</div><div class="v">{value}</div>', page), label
+    assert f"<title>Sweep report: {smoke['name']}</title>" in page
+    assert f"trial <code>{best.trial_id}</code>" in page
+    for key, value in best.sampled.items():                   # the best config's searched values
+        assert key in page
+    assert "val_loss" in page and "(min)" in page
+
+
+@pytest.mark.slow
+def test_images_are_referenced_relatively_and_exist(report):
+    sources = re.findall(r'<img src="([^"]+)"', report["html"])
+    assert {"curves.png", "params.png"} <= set(sources)
+    for src in sources:
+        assert "/" not in src                                 # beside index.html: the folder can be moved
+        png = report["dir"] / src
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, src
+
+
+@pytest.mark.slow
+def test_importances_or_the_reason_they_are_missing(report):
+    page = report["html"]
+    section = page.split("<h2>Parameter importances</h2>")[1].split("</section>")[0]
+    if "importances.png" in section:
+        assert "<th class=\"num\">importance</th>" in section
+    else:                                                     # 3 trials, 2 finite: too few, said so
+        assert "too few trials for parameter importances" in section
+        assert not (report["dir"] / "importances.png").exists()
+
+
+@pytest.mark.slow
+def test_stopped_and_failed_trials_end_early_in_the_curves(smoke):
+    from richkd.report.data import load_report_data
+
+    data = load_report_data(smoke["name"], smoke["storage"])
+    by_outcome = {r.outcome: data.curves[r.trial_id] for r in data.rows}
+    assert by_outcome["completed"].epochs == list(range(1, data.spec.max_t + 1))
+    assert len(by_outcome["stopped_early"].series("val_loss")) < data.spec.max_t
+    assert by_outcome["nonfinite_loss"].series("val_loss") == []     # its only val_loss is NaN
+    assert "non-finite" in by_outcome["nonfinite_loss"].stop_reason
+
+
+@pytest.mark.slow
+def test_report_is_logged_on_the_parent_run(smoke, report):
+    from richkd.tune.mlflow_callback import client_for
+
+    client = client_for(smoke["tracking_uri"])
+    names = {Path(a.path).name for a in client.list_artifacts(smoke["parent_run_id"], "report")}
+    assert {"index.html", "curves.png", "params.png"} <= names
+    assert f"parent run {smoke['parent_run_id']}" in report["html"]
+
+
+@pytest.mark.slow
+def test_moved_sweep_without_mlflow_still_reports(smoke, tmp_path):
+    """A copied sweep folder whose meta has no parent run: the page says so, nothing is logged, no crash."""
+    from richkd.report import build_report
+
+    copy = tmp_path / "moved"
+    shutil.copytree(smoke["experiment_path"], copy, ignore=shutil.ignore_patterns("report", "checkpoint_*"))
+    meta_file = copy / "richkd_sweep.json"
+    meta = json.loads(meta_file.read_text())
+    meta.update(tracking_uri=None, parent_run_id=None, experiment_id=None)
+    meta_file.write_text(json.dumps(meta))
+    result = build_report(str(copy), out_dir=str(tmp_path / "out"))
+    assert result.mlflow_run_id is None and result.index == tmp_path / "out" / "index.html"
+    page = result.index.read_text()
+    assert "ran without MLflow" in page and page.count('<tr class="') == smoke["num_trials"]
+    assert (tmp_path / "out" / "curves.png").stat().st_size > 10_000
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.slow
+def test_page_renders_in_a_headless_browser(report, tmp_path):
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium); CI installs it for this test")
+    from PIL import Image
+
+    shot = tmp_path / "shot.png"
+    profile = tempfile.mkdtemp(dir=tmp_path)
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={profile}", f"--screenshot={shot}", "--window-size=1400,2000",
+                    report["index"].as_uri()], capture_output=True, timeout=120, check=False)
+    assert shot.is_file(), "chromium wrote no screenshot"
+    assert shot.stat().st_size > 20_000
+    image = Image.open(shot).convert("RGB")
+    colors = image.getcolors(maxcolors=1_000_000)
+    assert colors is not None and len(colors) > 200           # text, figures and tables, not a blank page
+    # the survivor's colour (first of figures.SURVIVOR_COLORS) is on screen: the curves PNG loaded
+    assert any(abs(r - 0x1F) < 12 and abs(g - 0x77) < 12 and abs(b - 0xB4) < 12 and n > 50
+               for n, (r, g, b) in colors)
