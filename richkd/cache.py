@@ -141,11 +141,24 @@ def clip_text_entry(cfg: Config, templates: tuple[str, ...], class_names: list[s
     })
 
 
+def cached_rows(data, split: str) -> np.ndarray:
+    """Sorted rows of the underlying split whose teacher outputs a run reads: its train and validation rows.
+
+    A run on a subset (data.max_train_samples) caches just that subset instead of the whole split; a full run
+    covers every row. Different subsets give different (small) cache entries.
+    """
+    if split == "train":
+        return np.union1d(data.train.indices.numpy(), data.val.indices.numpy()).astype(np.int64)
+    return np.arange(len(data.test_clean), dtype=np.int64)
+
+
 def dataset_identity(data, split: str) -> dict:
     """Fields of the data that determine teacher outputs: the content fingerprint, not the folder it is in."""
-    rows = len(data.train_clean if split == "train" else data.test_clean)
-    return {"dataset": data.name, "fingerprint": data.fingerprint(), "image_size": data.image_size, "n": rows,
-            "num_classes": data.num_classes}
+    total = len(data.train_clean if split == "train" else data.test_clean)
+    rows = cached_rows(data, split)
+    subset = "all" if len(rows) == total else hashlib.sha256(rows.tobytes()).hexdigest()[:16]
+    return {"dataset": data.name, "fingerprint": data.fingerprint(), "image_size": data.image_size, "n": total,
+            "rows": subset, "n_rows": int(len(rows)), "num_classes": data.num_classes}
 
 
 # ----- reading and writing entries ----------------------------------------------------------------
@@ -219,7 +232,7 @@ def entry_exists(entry: CacheEntry, cache_dir: str | os.PathLike) -> bool:
 
 def _batched_outputs(dataset, fn: Callable[["torch.Tensor"], dict], batch_size: int, device,
                      progress: bool, desc: str) -> dict[str, np.ndarray]:
-    """Run fn over a dataset in order (row i of the output = dataset row i) and stack fp16 numpy outputs."""
+    """Run fn over a dataset in order (output row k = dataset item k) and stack numpy outputs."""
     import torch
 
     from richkd.data import make_loader
@@ -230,8 +243,8 @@ def _batched_outputs(dataset, fn: Callable[["torch.Tensor"], dict], batch_size: 
     bar = _progress(len(loader), desc) if progress else None
     with torch.inference_mode():
         for batch in loader:
-            if not torch.equal(batch.index, torch.arange(expected, expected + len(batch))):
-                raise CacheError("cache building needs a dataset whose index equals its row (internal error)")
+            if not torch.equal(batch.index, dataset.indices[expected:expected + len(batch)]):
+                raise CacheError("cache building must visit the rows in order (internal error)")
             expected += len(batch)
             for name, value in fn(batch.image.to(device)).items():
                 chunks.setdefault(name, []).append(value.float().cpu().numpy())
@@ -271,13 +284,16 @@ def prepare_caches(cfg: Config, progress: bool = False, device: Optional[str] = 
     from richkd.data import build_data
     from richkd.trainer import resolve_device
 
+    from richkd.data import SplitDataset
+
     data = build_data(cfg.data)
     dev = resolve_device(device or cfg.device)
     cache_dir = Path(cfg.teaching.cache_dir)
     built: list[Path] = []
     sources = {"train": data.train_clean, "test": data.test_clean}
     for split in splits:
-        dataset = sources[split]
+        rows = torch_rows(cached_rows(data, split))
+        dataset = SplitDataset(sources[split].source, rows, data.image_size, False, split)
         ident = dataset_identity(data, split)
         if cfg.teaching.mode == "cached":
             built.append(_ensure_teacher(cfg, data, dataset, ident, split, cache_dir, dev, progress))
@@ -306,7 +322,7 @@ def _ensure_teacher(cfg, data, dataset, ident, split, cache_dir, dev, progress) 
 
     arrays = _outputs_over_views(cfg, dataset, run, cfg.data.eval_batch_size, dev, progress, f"teacher {split}")
     arrays = {k: v.astype(np.float16) for k, v in arrays.items()}
-    return write_entry(entry, cache_dir, arrays)
+    return write_entry(entry, cache_dir, {**arrays, "rows": dataset.indices.numpy()})
 
 
 def _ensure_clip_image(cfg, dataset, ident, split, cache_dir, dev, progress) -> Path:
@@ -320,8 +336,14 @@ def _ensure_clip_image(cfg, dataset, ident, split, cache_dir, dev, progress) -> 
     log.info("caching CLIP %s image features on %s/%s", cfg.clip.model, cfg.data.dataset, split)
     arrays = _outputs_over_views(cfg, dataset, lambda im: {"feat": clip.encode_images(im)}, cfg.clip.batch_size,
                                  dev, progress, f"CLIP {split}")
-    return write_entry(entry, cache_dir, {"feat": arrays["feat"].astype(np.float16)},
+    return write_entry(entry, cache_dir, {"feat": arrays["feat"].astype(np.float16), "rows": dataset.indices.numpy()},
                        extra={"preprocess_id": clip.preprocess_id, "embed_dim": clip.embed_dim})
+
+
+def torch_rows(rows: np.ndarray) -> "torch.Tensor":
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
 
 
 def class_embeddings(cfg: Config, class_names: list[str], device=None) -> "torch.Tensor":

@@ -49,19 +49,32 @@ class CachedTeachers(TeacherSource):
     """
 
     def __init__(self, logits: np.ndarray, feat: np.ndarray, clip_feat: Optional[np.ndarray],
-                 class_embeddings: Optional[torch.Tensor], device: torch.device, num_rows: int) -> None:
+                 class_embeddings: Optional[torch.Tensor], device: torch.device, num_rows: int,
+                 rows: Optional[np.ndarray] = None) -> None:
         self.logits, self.feat, self.clip_feat_rows = logits, feat, clip_feat
-        self.num_rows = num_rows
+        self.num_rows = num_rows      # cached rows per view
+        self.rows = None if rows is None else np.asarray(rows)  # sorted dataset rows cached; None = 0..num_rows-1
         self.device = device
         self.teacher_dim = int(feat.shape[1])
         self.clip_dim = None if clip_feat is None else int(clip_feat.shape[1])
         self.class_embeddings = None if class_embeddings is None else class_embeddings.to(device)
 
+    def _positions(self, index: np.ndarray) -> np.ndarray:
+        """Dataset rows -> positions in a cache that covers only some rows (a subset run)."""
+        if self.rows is None:
+            return index
+        pos = np.minimum(np.searchsorted(self.rows, index), len(self.rows) - 1)
+        if not np.array_equal(self.rows[pos], index):
+            missing = index[self.rows[pos] != index][:5].tolist()
+            raise cache_mod.CacheError(f"rows {missing} are not in the teacher cache (it was built for other "
+                                       "rows); rebuild it with `richkd cache`")
+        return pos
+
     def _rows(self, arr: np.ndarray, index: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.asarray(arr[index], dtype=np.float32)).to(self.device, non_blocking=True)
 
     def __call__(self, batch: Batch, normalized_images: torch.Tensor) -> TeacherOutputs:
-        index = batch.index.cpu().numpy()
+        index = self._positions(batch.index.cpu().numpy())
         if batch.view is not None:
             index = batch.view.cpu().numpy() * self.num_rows + index
         order = np.argsort(index)  # sorted reads are kinder to the page cache; undo the order afterwards
@@ -99,16 +112,21 @@ def build_teacher_source(cfg: Config, data, device: torch.device) -> Optional[Te
     class_emb = cache_mod.class_embeddings(cfg, data.class_names, device=device) if cfg.uses_clip else None
     if cfg.teaching.mode == "cached":
         ident = cache_mod.dataset_identity(data, "train")
-        n = len(data.train_clean)
+        cached = cache_mod.cached_rows(data, "train")
+        n = len(cached)
         rows = n * cfg.teaching.views
         teacher = cache_mod.read_entry(cache_mod.teacher_entry(cfg, ident, "train", cache_dir), cache_dir,
-                                       expect_rows={"logits": rows, "feat": rows})
+                                       expect_rows={"logits": rows, "feat": rows, "rows": n})
         clip_feat = None
         if cfg.uses_clip:
             clip_feat = cache_mod.read_entry(cache_mod.clip_image_entry(cfg, ident, "train", cache_dir), cache_dir,
-                                             expect_rows={"feat": rows})["feat"]
+                                             expect_rows={"feat": rows, "rows": n})["feat"]
             _check_clip_dim(clip_feat.shape[1], class_emb)
-        return CachedTeachers(teacher["logits"], teacher["feat"], clip_feat, class_emb, device, num_rows=n)
+        if not np.array_equal(teacher["rows"], cached):
+            raise cache_mod.CacheError(f"the teacher cache in {cache_dir} covers other rows than this run reads; "
+                                       "delete it and rebuild with `richkd cache`")
+        return CachedTeachers(teacher["logits"], teacher["feat"], clip_feat, class_emb, device, num_rows=n,
+                              rows=None if n == len(data.train_clean) else cached)
 
     from richkd.models import load_teacher
 

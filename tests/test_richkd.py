@@ -166,3 +166,19 @@ def test_empty_and_malformed_prompt_files(richkd_cfg, tmp_path):
         path.write_text(text)
         with pytest.raises(ConfigError, match=message):
             check_resources(richkd_cfg.with_overrides({"clip.prompt_set": str(path)}))
+
+
+def test_subset_runs_cache_only_their_rows(richkd_cfg):
+    from richkd.data import Batch
+
+    cfg = richkd_cfg.with_overrides({"data.max_train_samples": 100})
+    built = prepare_caches(cfg)
+    rows = np.load(next(p for p in built if p.name.startswith("teacher-")) / "rows.npy")
+    data = build_data(cfg.data)
+    assert len(rows) == 100 + len(data.val) < len(data.train_clean)
+    assert np.isfinite(run_training(cfg).metrics["train_logit"])
+    source = build_teacher_source(cfg, data, torch.device("cpu"))
+    outside = min(set(range(len(data.train_clean))) - set(rows.tolist()))
+    batch = Batch(torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.long), torch.tensor([outside]))
+    with pytest.raises(CacheError, match="not in the teacher cache"):
+        source(batch, batch.image)
