@@ -17,7 +17,7 @@ from richkd.config import Config
 from richkd.io import atomic_write_text
 
 # Sizes chosen so the whole pipeline fits in about 10 minutes on 2 CPU cores; --quick is for tests.
-FULL = {"teacher_samples": 40000, "teacher_epochs": 3, "student_samples": 4000, "student_epochs": 4,
+FULL = {"teacher_samples": 30000, "teacher_epochs": 3, "student_samples": 4000, "student_epochs": 4,
         "eval_samples": 2000, "nce_k": 1024,
         "sweep": ["tune.num_samples=8"]}
 QUICK = {"teacher_samples": 384, "teacher_epochs": 1, "student_samples": 256, "student_epochs": 2,
@@ -119,7 +119,7 @@ def run_sweep_stage(out_root: Path, sizes: dict, summary: dict) -> str:
     try:
         from richkd.report import build_report
 
-        summary["report"] = str(build_report(name, storage=str(storage)))
+        summary["report"] = str(build_report(name, storage=str(storage)).index)
     except ImportError:  # pragma: no cover - the report package is optional at this layer
         pass
     counts = ", ".join(f"{n} {k}" for k, n in sorted(outcome.counts.items()))
