@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -61,12 +60,10 @@ def _interactive() -> bool:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from richkd.cache import prepare_caches
-    from richkd.io import atomic_write_text
-    from richkd.models import save_model_checkpoint
+    from richkd.config import Config
+    from richkd.run_outputs import save_run_outputs
     from richkd.trainer import Run, load_train_state
     from richkd.validate import check_resources
-
-    from richkd.config import Config
 
     resume = load_train_state(args.resume) if args.resume else None
     if args.config:
@@ -92,12 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"val top-1 {m.get('val_top1', float('nan')):.2f}%  ({m['epoch_time_s']:.1f}s)", flush=True)
 
     result = run.train(on_epoch=on_epoch, final=args.final)
-    model_path = out_dir / "student.pt"
-    save_model_checkpoint(run.student, model_path, arch=cfg.student.arch, num_classes=run.data.num_classes)
-    summary = {"config": cfg.to_dict(), "metrics": result.metrics, "best_val_top1": result.best_val_top1,
-               "test_metrics": result.test_metrics, "model": str(model_path)}
-    atomic_write_text(out_dir / "result.json", json.dumps(summary, indent=1, default=float))
-    atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
+    model_path = save_run_outputs(run, result, out_dir)
     line = f"done: val top-1 {result.metrics.get('val_top1', float('nan')):.2f}%"
     if result.test_metrics:
         line += f", test top-1 {result.test_metrics['test_top1']:.2f}%"

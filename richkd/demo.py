@@ -80,7 +80,7 @@ class Stages:
 
 def _train(cfg: Config, out_dir: Path):
     from richkd.cache import prepare_caches
-    from richkd.models import save_model_checkpoint
+    from richkd.run_outputs import save_run_outputs
     from richkd.trainer import Run
 
     prepare_caches(cfg)
@@ -88,11 +88,7 @@ def _train(cfg: Config, out_dir: Path):
     result = run.train(on_epoch=lambda r: print(
         f"   epoch {r.epoch}/{cfg.train.epochs}: train loss {r.metrics['train_loss']:.3f}, "
         f"val top-1 {r.metrics['val_top1']:.2f}%", flush=True), final=True)
-    save_model_checkpoint(run.student, out_dir / "student.pt", arch=cfg.student.arch,
-                          num_classes=run.data.num_classes)
-    atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
-    atomic_write_text(out_dir / "result.json", json.dumps(
-        {"config": cfg.to_dict(), "metrics": result.metrics, "test_metrics": result.test_metrics}, default=float))
+    save_run_outputs(run, result, out_dir)
     return result
 
 

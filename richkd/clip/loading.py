@@ -260,7 +260,7 @@ def load_clip(model_name: str, pretrained: str, device: str | torch.device = "cp
                 if not tags:
                     raise ClipLoadError(f"{arch!r} has no open_clip pretrained tags, and {pretrained!r} is not a "
                                         "file; set clip.pretrained to a weights file path"
-                                        + (f" (write one with richkd.clip.init_tiny_clip)"
+                                        + (" (write one with `richkd clip init-tiny PATH`)"
                                            if arch == TINY_CLIP_MODEL else ""))
                 close = difflib.get_close_matches(pretrained, tags, n=3, cutoff=0.5)
                 hint = f" Did you mean {' or '.join(close)}?" if close else ""
