@@ -301,7 +301,7 @@ def test_bad_pretrained_values(tmp_path):
         rc.load_clip("ViT-B-32", "laion2b")
     with pytest.raises(rc.ClipLoadError, match="does not exist"):
         rc.load_clip("ViT-B-32", str(tmp_path / "nope.pt"))
-    with pytest.raises(rc.ClipLoadError, match="init_tiny_clip"):
+    with pytest.raises(rc.ClipLoadError, match="richkd clip init-tiny"):
         rc.load_clip(rc.TINY_CLIP_MODEL, "openai")
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
