@@ -81,8 +81,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             return 0
         from richkd.tune.runner import describe_outcome, run_sweep
 
-        outcome = run_sweep(spec, address=args.address, num_cpus=args.num_cpus, verbose=_verbosity(args),
-                            progress=_interactive())
+        try:
+            outcome = run_sweep(spec, address=args.address, num_cpus=args.num_cpus, verbose=_verbosity(args),
+                                progress=_interactive())
+        except KeyboardInterrupt:
+            print(f"richkd sweep: interrupted; continue with `richkd sweep --resume {spec.name}`", file=sys.stderr)
+            return 130
         print(describe_outcome(outcome, spec.tune.metric))
         return 0
     except _user_errors() as exc:
