@@ -1,0 +1,300 @@
+"""Sweep-level benchmarks on the real richkd.tune stack (Ray Tune trials, MLflow parent/child runs, cached teachers):
+per-trial start-up overhead, and ASHA vs no early stopping on the same sampled configurations.
+
+Built from richkd.tune's public pieces (space.spec_from_mapping, runner.init_ray / prepare_sweep_caches /
+build_tuner) plus a driver-side timing callback; runner._mlflow_setup is reused so trials log to MLflow exactly as
+`richkd sweep` does. The data is the first rows of the real Fashion-MNIST (Debian package) when present, else random
+images; the teacher is a random-init resnet8 and CLIP the offline tiny model (costs, not accuracy, are measured).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from ray.tune import Callback
+
+_FIFO_CACHE: dict = {}
+
+
+class TimingCallback(Callback):
+    """Driver-side wall clock per trial: start, every result, end (perf_counter seconds)."""
+
+    def __init__(self) -> None:
+        self.trials: dict = {}
+
+    def _rec(self, trial) -> dict:
+        return self.trials.setdefault(trial.trial_id, {"start": None, "results": [], "end": None})
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._rec(trial)["start"] = time.perf_counter()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._rec(trial)["results"].append({
+            "t": time.perf_counter(), "iter": result.get("training_iteration"),
+            "time_this_iter_s": result.get("time_this_iter_s"), "epoch_time_s": result.get("epoch_time_s"),
+            "val_top1": result.get("val_top1")})
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._rec(trial)["end"] = time.perf_counter()
+
+    on_trial_error = on_trial_complete
+
+
+# ----- assets and specs ----------------------------------------------------------------------------------------
+
+def _write_idx(path: Path, array) -> None:
+    import gzip
+    import struct
+
+    import numpy as np
+
+    arr = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + arr.tobytes())
+
+
+def make_assets(root: Path, n_train: int, n_test: int = 200) -> Path:
+    """Fashion-MNIST subset (IDX files), a random resnet8 teacher checkpoint and the tiny CLIP under root."""
+    import numpy as np
+    import torch
+
+    from richkd.clip import init_tiny_clip
+    from richkd.models import create_model, save_model_checkpoint
+
+    root.mkdir(parents=True, exist_ok=True)
+    data = root / f"fmnist{n_train}"
+    if not data.is_dir():
+        data.mkdir()
+        src = Path("/usr/share/datasets/fashion-mnist")
+        rng = np.random.default_rng(0)
+        for prefix, n in (("train", n_train), ("t10k", n_test)):
+            if (src / f"{prefix}-images-idx3-ubyte.gz").is_file():
+                from richkd.data import read_idx
+
+                images = read_idx(src / f"{prefix}-images-idx3-ubyte.gz")[:n]
+                labels = read_idx(src / f"{prefix}-labels-idx1-ubyte.gz")[:n]
+            else:
+                images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+                labels = (np.arange(n) % 10).astype(np.uint8)
+            _write_idx(data / f"{prefix}-images-idx3-ubyte.gz", images)
+            _write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    if not (root / "teacher.pth").is_file():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            save_model_checkpoint(create_model("resnet8", 10), root / "teacher.pth", arch="resnet8", num_classes=10)
+    if not (root / "tiny_clip.pt").is_file():
+        init_tiny_clip(root / "tiny_clip.pt")
+    return data
+
+
+def spec_mapping(root: Path, data: Path, name: str, scheduler: str, num_samples: int, epochs: int,
+                 max_concurrent: int = 2) -> dict:
+    """A smoke.yaml-like sweep: RichKD-L on cached teachers, random search over lr and alpha (seeded, so the
+    FIFO and ASHA sweeps sample the same configurations), one CPU per trial."""
+    return {
+        "name": name,
+        "config": {
+            "device": "cpu",
+            "data": {"dataset": "fashion_mnist", "root": str(data), "val_fraction": 0.25, "batch_size": 64,
+                     "augment": "standard"},
+            "student": {"arch": "resnet8"},
+            "teacher": {"arch": "resnet8", "checkpoint": str(root / "teacher.pth")},
+            "clip": {"model": "richkd-tiny", "pretrained": str(root / "tiny_clip.pt"), "prompt_set": "simple"},
+            "loss": {"method": "richkd", "logit_weight": 3.0, "feat_weight": 0.0},
+            "teaching": {"mode": "cached", "cache_dir": str(root / "cache")},
+            "optim": {"lr": 0.05, "schedule": "cosine", "milestones": []},
+            "train": {"epochs": epochs},
+        },
+        "space": {
+            "optim.lr": {"sampler": "loguniform", "low": 1e-4, "high": 0.3},
+            "loss.fusion_alpha": {"sampler": "uniform", "low": 0.3, "high": 1.0},
+        },
+        "tune": {"metric": "val_top1", "mode": "max", "num_samples": num_samples, "max_concurrent": max_concurrent,
+                 "search": {"algorithm": "random", "seed": 0},
+                 "scheduler": {"type": scheduler, "grace_period": 1, "reduction_factor": 2},
+                 "resources": {"cpu": 1, "gpu": 0}, "max_failures": 0, "storage_path": str(root / "runs")},
+        "mlflow": {"tracking_uri": f"sqlite:///{root}/runs/mlflow.db", "experiment": "richkd-bench"},
+    }
+
+
+def run_sweep_timed(spec, log: Optional[Callable] = None) -> dict:
+    """richkd.tune.runner.run_sweep's steps (Ray already initialised), with a timing callback added."""
+    from richkd.tune import runner
+
+    t0 = time.perf_counter()
+    runner.prepare_sweep_caches(spec)
+    cache_s = time.perf_counter() - t0
+    callbacks: list = []
+    try:
+        _, _, callbacks = runner._mlflow_setup(spec)
+    except Exception as exc:  # the runner's internals moved: measure without MLflow rather than fail
+        if log:
+            log(f"  (MLflow callback unavailable: {exc})")
+    timing = TimingCallback()
+    tuner = runner.build_tuner(spec, [timing, *callbacks], verbose=0)
+    t1 = time.perf_counter()
+    results = tuner.fit()
+    fit_s = time.perf_counter() - t1
+    for rec in timing.trials.values():  # make times relative to fit()'s start
+        for key in ("start", "end"):
+            rec[key] = None if rec[key] is None else rec[key] - t1
+        for r in rec["results"]:
+            r["t"] -= t1
+    trials = []
+    for r in results:
+        tid = (r.metrics or {}).get("trial_id")
+        rec = timing.trials.get(tid, {"start": None, "results": [], "end": None})
+        trials.append({"trial_id": tid, "config": dict(r.config or {}),
+                       "epochs": int((r.metrics or {}).get("training_iteration") or 0),
+                       "val_top1": (r.metrics or {}).get("val_top1"), "error": bool(r.error), "timing": rec})
+    return {"cache_prepare_s": cache_s, "fit_s": fit_s, "trials": trials}
+
+
+def _ensure_ray(log) -> float:
+    import ray
+
+    from richkd.tune.runner import init_ray
+
+    t0 = time.perf_counter()
+    if not ray.is_initialized():
+        init_ray(num_cpus=os.cpu_count() or 1)
+    return time.perf_counter() - t0
+
+
+def _sizes(quick: bool) -> dict:
+    return {"n_train": 800 if quick else 2000, "num_samples": 4 if quick else 8, "epochs": 3 if quick else 4}
+
+
+def _fifo(root: Path, quick: bool, log) -> dict:
+    key = (str(root), quick)
+    if key not in _FIFO_CACHE:
+        from richkd.tune.space import spec_from_mapping
+
+        sz = _sizes(quick)
+        data = make_assets(root, sz["n_train"])
+        ray_init_s = _ensure_ray(log)
+        log(f"  FIFO sweep: {sz['num_samples']} trials x {sz['epochs']} epochs, 2 concurrent, 1 CPU each")
+        spec = spec_from_mapping(spec_mapping(root, data, f"bench_fifo_{int(time.time())}", "fifo",
+                                              sz["num_samples"], sz["epochs"]))
+        _FIFO_CACHE[key] = {"ray_init_s": ray_init_s, "sizes": sz, "run": run_sweep_timed(spec, log), "data": data,
+                            "base_config": spec.base_config.to_dict()}
+    return _FIFO_CACHE[key]
+
+
+def _shutdown() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _fresh_process_breakdown(base_config: dict, log) -> dict:
+    """worker.py startup in a new process with one CPU thread (what a trial gets): imports, Run build, epochs."""
+    import json
+    import subprocess
+    import sys
+
+    log("  start-up breakdown of a fresh trial-like process")
+    cfg = dict(base_config, train={**base_config["train"], "threads": 1})
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "worker.py"), "startup",
+                           "--config", json.dumps(cfg)], capture_output=True, text=True, timeout=600, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    return {"error": proc.stderr[-2000:]}
+
+
+# ----- the two benchmarks ----------------------------------------------------------------------------------------
+
+def startup(root: Path, quick: bool = False, log: Callable = print) -> dict:
+    """Per-trial start-up overhead: driver-measured time from trial start to its first report, minus a steady
+    epoch (the wall time between later reports). Split into the part before the trainable's clock starts (actor
+    launch, imports) and the first-iteration excess inside it (data, caches, model build)."""
+    fifo = _fifo(root, quick, log)
+    rows = []
+    for t in fifo["run"]["trials"]:
+        res = t["timing"]["results"]
+        if t["timing"]["start"] is None or not res:
+            continue
+        first = res[0]["t"] - t["timing"]["start"]
+        gaps = [b["t"] - a["t"] for a, b in zip(res, res[1:])]
+        steady = statistics.median(gaps) if gaps else float("nan")
+        inner_first = res[0]["time_this_iter_s"] or float("nan")
+        inner_steady = statistics.median([r["time_this_iter_s"] for r in res[1:]]) if len(res) > 1 else float("nan")
+        rows.append({"trial": t["trial_id"], "first_report_s": round(first, 2), "steady_epoch_wall_s": round(steady, 2),
+                     "startup_overhead_s": round(first - steady, 2),
+                     "before_trainable_s": round(first - inner_first, 2),
+                     "inside_first_iter_excess_s": round(inner_first - inner_steady, 2),
+                     "train_epoch_s": round(statistics.median([r["epoch_time_s"] for r in res]), 2)})
+    med = lambda key: round(statistics.median([r[key] for r in rows]), 2) if rows else None  # noqa: E731
+    run = fifo["run"]
+    # scheduling gap: from the moment a slot frees (a trial ends) to the next trial's start in it
+    recs = sorted((t["timing"] for t in run["trials"] if t["timing"]["start"] is not None), key=lambda r: r["start"])
+    ends = sorted(r["end"] for r in recs if r["end"] is not None)
+    gaps = []
+    for r in recs[2:]:
+        freed = [e for e in ends if e <= r["start"]]
+        if freed:
+            gaps.append(r["start"] - freed[-1])
+    busy = sum(r["epoch_time_s"] or 0 for t in run["trials"] for r in t["timing"]["results"])
+    breakdown = _fresh_process_breakdown(fifo["base_config"], log)
+    return {
+        "fresh_process_breakdown_s": breakdown,
+        "settings": {**fifo["sizes"], "max_concurrent": 2, "cpu_per_trial": 1, "scheduler": "fifo",
+                     "search": "random (seeded)", "mlflow": "sqlite, parent + child runs", "student": "resnet8",
+                     "teaching": "cached (RichKD-L)"},
+        "rows": rows,
+        "ratios": {"median startup overhead per trial (s)": med("startup_overhead_s"),
+                   "median before trainable clock (s)": med("before_trainable_s"),
+                   "median first-iteration excess inside trainable (s)": med("inside_first_iter_excess_s"),
+                   "median training epoch (s)": med("train_epoch_s"),
+                   "first trial start after fit() (s)": round(recs[0]["start"], 2) if recs else None,
+                   "median gap from a trial's end to the next start (s)":
+                       round(statistics.median(gaps), 2) if gaps else None,
+                   "ray init (s)": round(fifo["ray_init_s"], 2),
+                   "cache prepare on driver (s)": round(run["cache_prepare_s"], 2),
+                   "sweep fit wall (s)": round(run["fit_s"], 1),
+                   "share of slot-time spent in train epochs": round(busy / (2 * run["fit_s"]), 3)},
+    }
+
+
+def asha_vs_fifo(root: Path, quick: bool = False, log: Callable = print) -> dict:
+    """The same seeded random configurations swept with FIFO (every trial runs max_t epochs) and with ASHA
+    (grace 1, reduction factor 2): wall time, epochs trained, and the best completed val_top1 each finds."""
+    from richkd.tune.space import spec_from_mapping
+
+    try:
+        fifo = _fifo(root, quick, log)
+        sz = fifo["sizes"]
+        log(f"  ASHA sweep: same {sz['num_samples']} configurations")
+        spec = spec_from_mapping(spec_mapping(root, fifo["data"], f"bench_asha_{int(time.time())}", "asha",
+                                              sz["num_samples"], sz["epochs"]))
+        asha = run_sweep_timed(spec, log)
+    finally:
+        _shutdown()
+    rows = []
+    summary = {}
+    for label, run in (("fifo", fifo["run"]), ("asha", asha)):
+        epochs = sum(t["epochs"] for t in run["trials"])
+        done = [t for t in run["trials"] if t["epochs"] >= sz["epochs"] and t["val_top1"] is not None]
+        best = max(done, key=lambda t: t["val_top1"]) if done else None
+        summary[label] = {"wall": run["fit_s"], "epochs": epochs, "best": best}
+        rows.append({"scheduler": label, "trials": len(run["trials"]), "epochs_trained": epochs,
+                     "stopped_early": sum(1 for t in run["trials"] if t["epochs"] < sz["epochs"]),
+                     "fit_wall_s": round(run["fit_s"], 1),
+                     "best_val_top1": round(best["val_top1"], 4) if best else None,
+                     "best_lr": round(best["config"].get("optim.lr", float("nan")), 5) if best else None})
+    f, a = summary["fifo"], summary["asha"]
+    same_best = bool(f["best"] and a["best"] and f["best"]["config"] == a["best"]["config"])
+    return {"settings": {**sz, "max_concurrent": 2, "asha": {"grace_period": 1, "reduction_factor": 2}},
+            "rows": rows,
+            "ratios": {"epochs fifo/asha": round(f["epochs"] / max(a["epochs"], 1), 2),
+                       "wall fifo/asha": round(f["wall"] / a["wall"], 2),
+                       "asha found fifo's best config": same_best},
+            "trials": {"fifo": fifo["run"]["trials"], "asha": asha["trials"]}}
