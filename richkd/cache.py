@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 import numpy as np
 
 from richkd.config import ClipConfig, Config
-from richkd.io import atomic_write_text, sha256_file
+from richkd.io import atomic_write_text, default_mode, sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -182,6 +182,9 @@ def write_entry(entry: CacheEntry, cache_dir: str | os.PathLike, arrays: dict[st
         if final.exists():  # another process finished first; its content is identical by construction
             shutil.rmtree(tmp)
         else:
+            os.chmod(tmp, default_mode(0o777))
+            for f in tmp.iterdir():
+                os.chmod(f, default_mode())
             os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

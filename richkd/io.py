@@ -9,6 +9,17 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def default_mode(full: int = 0o666) -> int:
+    """The mode a plainly created file (0o666) or folder (0o777) gets under the process umask.
+
+    mkstemp/mkdtemp create 0600/0700 entries; renamed into place as they are, exported configs and caches on
+    shared cluster storage would be unreadable for everyone else.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    return full & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it replaces `path`, on error it is removed."""
@@ -21,6 +32,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, default_mode())
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
