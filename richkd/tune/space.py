@@ -756,6 +756,20 @@ def _check_cache_keys(params: Sequence[Param]) -> None:
                             f"(cache-affecting prefixes: {', '.join(prefixes)})")
 
 
+def _subsection(value: Any, short_key: str, valid: Sequence[str], where: str) -> dict:
+    """A tune sub-section given as a mapping, or as a bare string meaning {short_key: string}."""
+    value = value or {}
+    section = {short_key: value} if isinstance(value, str) else value
+    _check_keys(section, valid, where)
+    return section
+
+
+def _one_of(value: Any, choices: Sequence[str], where: str) -> Any:
+    if value not in choices:
+        raise SpecError(f"{where}: {value!r} is not one of {', '.join(choices)}{_suggest(str(value), choices)}")
+    return value
+
+
 def _parse_tune(raw: Any, params: Sequence[Param], base: Config) -> TuneSettings:
     _check_keys(raw, TUNE_KEYS, "tune")
     metric = raw.get("metric", "val_top1")
@@ -772,14 +786,8 @@ def _parse_tune(raw: Any, params: Sequence[Param], base: Config) -> TuneSettings
     if num_samples < 1:
         raise SpecError(f"tune.num_samples: must be >= 1, got {num_samples}")
 
-    s_raw = raw.get("search") or {}
-    if isinstance(s_raw, str):
-        s_raw = {"algorithm": s_raw}
-    _check_keys(s_raw, SEARCH_KEYS, "tune.search")
-    algorithm = s_raw.get("algorithm", "optuna")
-    if algorithm not in SEARCH_ALGORITHMS:
-        raise SpecError(f"tune.search.algorithm: {algorithm!r} is not one of {', '.join(SEARCH_ALGORITHMS)}"
-                        f"{_suggest(str(algorithm), SEARCH_ALGORITHMS)}")
+    s_raw = _subsection(raw.get("search"), "algorithm", SEARCH_KEYS, "tune.search")
+    algorithm = _one_of(s_raw.get("algorithm", "optuna"), SEARCH_ALGORITHMS, "tune.search.algorithm")
     seed = _number(s_raw.get("seed", 0), "tune.search.seed", integer=True)
     n_startup = _number(s_raw.get("n_startup_trials", 10), "tune.search.n_startup_trials", integer=True)
     if n_startup < 0:
@@ -809,14 +817,8 @@ def _parse_tune(raw: Any, params: Sequence[Param], base: Config) -> TuneSettings
             raise SpecError(f"space.{cond[0].key}: `when:` is not supported with algorithm grid (it would run "
                             "duplicate configurations); use a variant entry or algorithm: optuna")
 
-    sch_raw = raw.get("scheduler") or {}
-    if isinstance(sch_raw, str):
-        sch_raw = {"type": sch_raw}
-    _check_keys(sch_raw, SCHEDULER_KEYS, "tune.scheduler")
-    sch_type = sch_raw.get("type", "asha")
-    if sch_type not in SCHEDULERS:
-        raise SpecError(f"tune.scheduler.type: {sch_type!r} is not one of {', '.join(SCHEDULERS)}"
-                        f"{_suggest(str(sch_type), SCHEDULERS)}")
+    sch_raw = _subsection(raw.get("scheduler"), "type", SCHEDULER_KEYS, "tune.scheduler")
+    sch_type = _one_of(sch_raw.get("type", "asha"), SCHEDULERS, "tune.scheduler.type")
     max_t = base.train.epochs
     grace = _number(sch_raw.get("grace_period", 1), "tune.scheduler.grace_period", integer=True)
     if not 1 <= grace <= max_t:
