@@ -397,3 +397,23 @@ def spec_to_json(spec: StepSpec) -> str:
 
 def median(values):
     return statistics.median(values) if values else float("nan")
+
+
+def child_env() -> dict:
+    """The environment for benchmark worker processes: this one plus the repository on PYTHONPATH."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return env
+
+
+def wait_ready(procs: list, what: str) -> list[str]:
+    """Block until every worker printed its `READY <payload>` barrier line; return the payloads in order."""
+    payloads = []
+    for p in procs:
+        line = p.stdout.readline()
+        while line and not line.startswith("READY "):
+            line = p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{what} failed to start: {p.stderr.read()[-3000:]}")
+        payloads.append(line[len("READY "):])
+    return payloads

@@ -40,11 +40,6 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def child_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(bk.REPO), env.get("PYTHONPATH", "")])
-    return env
-
 
 def packed_run(spec: bk.StepSpec, k: int, device: str, seconds: float, work: Path, warmup: int) -> dict:
     fraction = 1.0 if k == 1 else 1.0 / k - 0.01
@@ -53,16 +48,11 @@ def packed_run(spec: bk.StepSpec, k: int, device: str, seconds: float, work: Pat
         [sys.executable, str(HERE / "worker.py"), "pack", "--spec", bk.spec_to_json(spec), "--cache",
          str(work / "cache"), "--work", str(work), "--device", device, "--fraction", str(fraction),
          "--seconds", str(seconds), "--warmup", str(warmup), "--seed", str(i), "--threads", str(threads)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=bk.child_env())
         for i in range(k)]
     results = []
     try:
-        for p in procs:
-            line = p.stdout.readline()
-            while line and not line.startswith("READY "):
-                line = p.stdout.readline()
-            if not line:
-                raise RuntimeError(f"packed trial failed to start: {p.stderr.read()[-3000:]}")
+        bk.wait_ready(procs, "packed trial")
         for p in procs:  # GO to all at once
             p.stdin.write("go\n")
             p.stdin.flush()

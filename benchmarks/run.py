@@ -74,17 +74,12 @@ class Context:
 def worker(args: list[str], timeout: float = 900) -> dict:
     """Run benchmarks/worker.py and return its RESULT payload."""
     proc = subprocess.run([sys.executable, str(HERE / "worker.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, env=child_env())
+                          timeout=timeout, env=bk.child_env())
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
     raise RuntimeError(f"worker {args[0]} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
 
-
-def child_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(bk.REPO), env.get("PYTHONPATH", "")])
-    return env
 
 
 # ----- throughput ----------------------------------------------------------------------------------------
@@ -249,16 +244,9 @@ def _launch_mem(ctx: Context, cache_dir: Path, k: int, mode: str, train_steps: i
     procs = [subprocess.Popen([sys.executable, str(HERE / "worker.py"), "mem", "--cache", str(cache_dir),
                                "--mode", mode, "--train-steps", str(train_steps)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=child_env()) for _ in range(k)]
-    ready = []
+                              env=bk.child_env()) for _ in range(k)]
     try:
-        for p in procs:
-            line = p.stdout.readline()
-            while line and not line.startswith("READY "):
-                line = p.stdout.readline()
-            if not line:
-                raise RuntimeError(f"memory worker failed: {p.stderr.read()[-3000:]}")
-            ready.append(json.loads(line[len("READY "):]))
+        ready = [json.loads(payload) for payload in bk.wait_ready(procs, "memory worker")]
         per = []
         for p, r in zip(procs, ready):
             m = {**bk.smaps_rollup_mb(p.pid), **bk.mapped_files_mb(p.pid, cache_dir),
