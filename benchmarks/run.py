@@ -10,7 +10,10 @@ Benchmarks (all by default; --quick runs throughput, clip_forward and memory wit
   memory         PSS of K = 1, 2, 4 processes training from one memory-mapped cache vs private copies
   channels_last  CPU: student (and teacher) in channels_last vs the default layout
   startup        per-trial start-up overhead inside a real Tune sweep (Ray, Optuna-free random search, MLflow)
-  sweep          ASHA vs no early stopping (FIFO) on the same sampled configurations
+  sweep          ASHA vs no early stopping (FIFO) on the same sampled configurations (18 trials x 9 epochs)
+  accuracy       real Fashion-MNIST: val top-1, wall time and images/s of online vs cached multi-view vs cached
+                 clean-view (official) teaching; same student, teacher, CLIP, epochs and seeds (not in the default
+                 set: about 10-15 min; run with --only accuracy)
 Timings are ratios measured side by side in one run (interleaved rounds, warm-up excluded): on a shared machine
 absolute numbers drift, ratios much less.
 """
@@ -34,6 +37,7 @@ import torch  # noqa: E402
 HERE = Path(__file__).resolve().parent
 MODES = ("online", "official", "cached")
 ALL = ("throughput", "clip_forward", "memory", "channels_last", "startup", "sweep")
+EXTRA = ("accuracy",)  # runs only when named in --only
 QUICK = ("throughput", "clip_forward", "memory")
 
 
@@ -363,8 +367,17 @@ def bench_sweep(ctx: Context) -> dict:
     return tune_bench.asha_vs_fifo(ctx.work / "tune", quick=ctx.quick, log=log)
 
 
+def bench_accuracy(ctx: Context) -> dict:
+    import kd_accuracy
+
+    work = Path(ctx.args.work) if ctx.args.work else ctx.work / "accuracy"
+    seeds = [int(s) for s in ctx.args.seeds.split(",")] if ctx.args.seeds else None
+    return kd_accuracy.accuracy(work, quick=ctx.quick, log=log, views=ctx.args.views, seeds=seeds)
+
+
 BENCHMARKS = {"throughput": bench_throughput, "clip_forward": bench_clip_forward, "memory": bench_memory,
-              "channels_last": bench_channels_last, "startup": bench_startup, "sweep": bench_sweep}
+              "channels_last": bench_channels_last, "startup": bench_startup, "sweep": bench_sweep,
+              "accuracy": bench_accuracy}
 
 
 # ----- output --------------------------------------------------------------------------------------------------
@@ -389,6 +402,9 @@ def render(name: str, res: dict) -> str:
     if res.get("fresh_process_breakdown_s"):
         parts = res["fresh_process_breakdown_s"].items()
         out.append("  fresh trial process: " + ", ".join(f"{k} {v}s" for k, v in parts if not isinstance(v, str)))
+    for key in ("teacher", "caches"):
+        if res.get(key):
+            out.append(f"  {key}: {json.dumps(res[key], default=str)}")
     for key, value in (res.get("ratios") or {}).items():
         out.append(f"  {key}: {value}")
     for g in res.get("goals", []):
@@ -405,17 +421,21 @@ def write_json(path: Path, payload: dict) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller settings; throughput, clip_forward, memory only")
-    p.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(ALL)}")
+    p.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(ALL + EXTRA)}")
     p.add_argument("--out", default=str(HERE / "results.json"), help="JSON output path (written atomically)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (throughput, clip_forward, channels_last)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for this process")
+    p.add_argument("--work", default=None, help="accuracy: keep the teacher, CLIP and caches in this folder "
+                   "(reused by later runs) instead of a temporary one")
+    p.add_argument("--views", type=int, default=None, help="accuracy: cached views per image (default 8)")
+    p.add_argument("--seeds", default=None, help="accuracy: comma-separated student seeds (default 0,1)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     selected = [s.strip() for s in args.only.split(",")] if args.only else list(QUICK if args.quick else ALL)
     unknown = [s for s in selected if s not in BENCHMARKS]
     if unknown:
-        p.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(ALL)}")
+        p.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(ALL + EXTRA)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no CUDA device")
 

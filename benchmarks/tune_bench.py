@@ -1,5 +1,6 @@
 """Sweep-level benchmarks on the real richkd.tune stack (Ray Tune trials, MLflow parent/child runs, cached teachers):
-per-trial start-up overhead, and ASHA vs no early stopping on the same sampled configurations.
+per-trial start-up overhead, and ASHA vs no early stopping on the same sampled configurations (18 trials x 9
+cheap epochs, grace 1, reduction factor 3: the shape in which early stopping pays off).
 
 Built from richkd.tune's public pieces (space.spec_from_mapping, runner.init_ray / prepare_sweep_caches /
 build_tuner) plus a driver-side timing callback; runner._mlflow_setup is reused so trials log to MLflow exactly as
@@ -92,7 +93,7 @@ def make_assets(root: Path, n_train: int, n_test: int = 200) -> Path:
 
 
 def spec_mapping(root: Path, data: Path, name: str, scheduler: str, num_samples: int, epochs: int,
-                 max_concurrent: int = 2) -> dict:
+                 max_concurrent: int = 2, reduction_factor: float = 2) -> dict:
     """A smoke.yaml-like sweep: RichKD-L on cached teachers, random search over lr and alpha (seeded, so the
     FIFO and ASHA sweeps sample the same configurations), one CPU per trial."""
     return {
@@ -115,7 +116,7 @@ def spec_mapping(root: Path, data: Path, name: str, scheduler: str, num_samples:
         },
         "tune": {"metric": "val_top1", "mode": "max", "num_samples": num_samples, "max_concurrent": max_concurrent,
                  "search": {"algorithm": "random", "seed": 0},
-                 "scheduler": {"type": scheduler, "grace_period": 1, "reduction_factor": 2},
+                 "scheduler": {"type": scheduler, "grace_period": 1, "reduction_factor": reduction_factor},
                  "resources": {"cpu": 1, "gpu": 0}, "max_failures": 0, "storage_path": str(root / "runs")},
         "mlflow": {"tracking_uri": f"sqlite:///{root}/runs/mlflow.db", "experiment": "richkd-bench"},
     }
@@ -166,7 +167,18 @@ def _ensure_ray(log) -> float:
 
 
 def _sizes(quick: bool) -> dict:
+    """The start-up benchmark's sweep: few trials, so the first trial on each slot is well represented."""
     return {"n_train": 800 if quick else 2000, "num_samples": 4 if quick else 8, "epochs": 3 if quick else 4}
+
+
+def _sweep_sizes(quick: bool) -> dict:
+    """The ASHA-vs-FIFO sweep: many trials x many cheap epochs, the shape in which early stopping pays off (with
+    8 trials x 4 epochs ASHA can cut little: an earlier run trained 69% of FIFO's epochs). n_train is the size of
+    the Fashion-MNIST subset before the 25% validation hold-out; grace 1 and reduction factor 3 give rungs at
+    epochs 1 and 3 below max_t."""
+    if quick:
+        return {"n_train": 600, "num_samples": 9, "epochs": 4, "grace_period": 1, "reduction_factor": 2}
+    return {"n_train": 1200, "num_samples": 18, "epochs": 9, "grace_period": 1, "reduction_factor": 3}
 
 
 def _fifo(root: Path, quick: bool, log) -> dict:
@@ -264,37 +276,79 @@ def startup(root: Path, quick: bool = False, log: Callable = print) -> dict:
     }
 
 
+def _summarise(run: dict, epochs: int) -> dict:
+    done = [t for t in run["trials"] if t["epochs"] >= epochs and t["val_top1"] is not None]
+    return {"wall": run["fit_s"], "epochs": sum(t["epochs"] for t in run["trials"]),
+            "best": max(done, key=lambda t: t["val_top1"]) if done else None}
+
+
+def _key(config: dict) -> tuple:
+    return tuple(sorted((k, round(float(v), 12)) for k, v in config.items()))
+
+
 def asha_vs_fifo(root: Path, quick: bool = False, log: Callable = print) -> dict:
     """The same seeded random configurations swept with FIFO (every trial runs max_t epochs) and with ASHA
-    (grace 1, reduction factor 2): wall time, epochs trained, and the best completed val_top1 each finds."""
+    (grace 1, reduction factor 3): wall time, epochs trained, and the best completed val_top1 each finds.
+
+    Trials are deterministic (same data, seed and config), so FIFO's final val_top1 of every configuration is
+    the ground truth against which ASHA's pick is ranked."""
     from richkd.tune.space import spec_from_mapping
 
+    sz = _sweep_sizes(quick)
+    data = make_assets(root, sz["n_train"])
+    ray_init_s = _ensure_ray(log)
+    runs = {}
     try:
-        fifo = _fifo(root, quick, log)
-        sz = fifo["sizes"]
-        log(f"  ASHA sweep: same {sz['num_samples']} configurations")
-        spec = spec_from_mapping(spec_mapping(root, fifo["data"], f"bench_asha_{int(time.time())}", "asha",
-                                              sz["num_samples"], sz["epochs"]))
-        asha = run_sweep_timed(spec, log)
+        for sched in ("fifo", "asha"):
+            log(f"  {sched.upper()} sweep: {sz['num_samples']} trials x {sz['epochs']} epochs, 2 concurrent, "
+                f"1 CPU each" + (f", grace {sz['grace_period']}, rf {sz['reduction_factor']}" if sched == "asha"
+                                 else ""))
+            spec = spec_from_mapping(spec_mapping(root, data, f"bench_sweep_{sched}_{int(time.time())}", sched,
+                                                  sz["num_samples"], sz["epochs"],
+                                                  reduction_factor=sz["reduction_factor"]))
+            runs[sched] = run_sweep_timed(spec, log)
     finally:
         _shutdown()
     rows = []
     summary = {}
-    for label, run in (("fifo", fifo["run"]), ("asha", asha)):
-        epochs = sum(t["epochs"] for t in run["trials"])
-        done = [t for t in run["trials"] if t["epochs"] >= sz["epochs"] and t["val_top1"] is not None]
-        best = max(done, key=lambda t: t["val_top1"]) if done else None
-        summary[label] = {"wall": run["fit_s"], "epochs": epochs, "best": best}
-        rows.append({"scheduler": label, "trials": len(run["trials"]), "epochs_trained": epochs,
+    for label, run in runs.items():
+        summary[label] = s = _summarise(run, sz["epochs"])
+        best = s["best"]
+        rows.append({"scheduler": label, "trials": len(run["trials"]), "epochs_trained": s["epochs"],
+                     "epochs_share_of_fifo": None,
                      "stopped_early": sum(1 for t in run["trials"] if t["epochs"] < sz["epochs"]),
                      "fit_wall_s": round(run["fit_s"], 1),
-                     "best_val_top1": round(best["val_top1"], 4) if best else None,
-                     "best_lr": round(best["config"].get("optim.lr", float("nan")), 5) if best else None})
+                     "best_val_top1": round(best["val_top1"], 2) if best else None,
+                     "best_lr": round(best["config"].get("optim.lr", float("nan")), 5) if best else None,
+                     "best_alpha": round(best["config"].get("loss.fusion_alpha", float("nan")), 3) if best else None})
     f, a = summary["fifo"], summary["asha"]
-    same_best = bool(f["best"] and a["best"] and f["best"]["config"] == a["best"]["config"])
-    return {"settings": {**sz, "max_concurrent": 2, "asha": {"grace_period": 1, "reduction_factor": 2}},
+    for row in rows:
+        row["epochs_share_of_fifo"] = round(row["epochs_trained"] / max(f["epochs"], 1), 3)
+    fifo_final = sorted(((t["val_top1"], _key(t["config"])) for t in runs["fifo"]["trials"]
+                         if t["val_top1"] is not None), reverse=True)
+    same_configs = ({_key(t["config"]) for t in runs["fifo"]["trials"]}
+                    == {_key(t["config"]) for t in runs["asha"]["trials"]})
+    asha_pick_rank = asha_pick_fifo_value = None
+    if a["best"]:
+        k = _key(a["best"]["config"])
+        values = {key: v for v, key in fifo_final}
+        if k in values:  # rank 1 + the number of configurations FIFO finished strictly better (ties share a rank)
+            asha_pick_rank = 1 + sum(1 for v, _ in fifo_final if v > values[k])
+            asha_pick_fifo_value = round(values[k], 2)
+    share = a["epochs"] / max(f["epochs"], 1)
+    return {"settings": {**sz, "max_concurrent": 2, "cpu_per_trial": 1, "search": "random (seed 0), lr loguniform "
+                         "[1e-4, 0.3], fusion_alpha uniform [0.3, 1]", "student": "resnet8", "teacher":
+                         "random-init resnet8 (cached)", "clip": "tiny (cached)", "schedule": "cosine over max_t",
+                         "ray_init_s": round(ray_init_s, 2)},
             "rows": rows,
-            "ratios": {"epochs fifo/asha": round(f["epochs"] / max(a["epochs"], 1), 2),
+            "ratios": {"asha epochs / fifo epochs": round(share, 3),
+                       "epochs fifo/asha": round(f["epochs"] / max(a["epochs"], 1), 2),
                        "wall fifo/asha": round(f["wall"] / a["wall"], 2),
-                       "asha found fifo's best config": same_best},
-            "trials": {"fifo": fifo["run"]["trials"], "asha": asha["trials"]}}
+                       "both sweeps sampled the same configurations": same_configs,
+                       "asha found fifo's best config": bool(f["best"] and a["best"] and
+                                                            _key(f["best"]["config"]) == _key(a["best"]["config"])),
+                       "rank of asha's pick in fifo's final leaderboard": asha_pick_rank,
+                       "fifo's final val_top1 of asha's pick": asha_pick_fifo_value},
+            "goals": [{"goal": "ASHA trains <= 40% of the epochs of the same sweep without early stopping",
+                       "value": round(share, 3), "met": share <= 0.40}],
+            "trials": {k: v["trials"] for k, v in runs.items()}}

@@ -5,6 +5,7 @@ and a packed GPU trial. Each prints one JSON line prefixed with "RESULT " (and "
     python benchmarks/worker.py mem --cache DIR --mode mmap|copy [--train-steps 2]
     python benchmarks/worker.py pack --spec JSON --cache DIR --work DIR --device cuda --fraction F --seconds S
     python benchmarks/worker.py startup --config CONFIG_JSON
+    python benchmarks/worker.py accuracy --plan PLAN_JSON_FILE   (kd_accuracy: one seed, every teaching mode)
 """
 from __future__ import annotations
 
@@ -170,6 +171,14 @@ def cmd_startup(args) -> None:
     emit("RESULT", {k: round(v, 3) for k, v in marks.items()})
 
 
+def cmd_accuracy(args) -> None:
+    """One seed of the teaching-mode accuracy comparison (kd_accuracy.train_interleaved)."""
+    import kd_accuracy
+
+    plan = json.loads(Path(args.plan).read_text())
+    emit("RESULT", kd_accuracy.train_interleaved(plan["configs"], int(plan["seed"])))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -178,6 +187,8 @@ def main(argv=None) -> None:
     k = sub.add_parser("pack")
     st = sub.add_parser("startup")
     st.add_argument("--config", required=True, help="Config.to_dict() as JSON")
+    ac = sub.add_parser("accuracy")
+    ac.add_argument("--plan", required=True, help="JSON file: {configs: {mode: Config dict}, seed: N}")
     for q in (t, k):
         q.add_argument("--spec", required=True)
         q.add_argument("--work", required=True)
@@ -194,7 +205,8 @@ def main(argv=None) -> None:
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--threads", type=int, default=0)
     args = p.parse_args(argv)
-    {"train": cmd_train, "mem": cmd_mem, "pack": cmd_pack, "startup": cmd_startup}[args.cmd](args)
+    {"train": cmd_train, "mem": cmd_mem, "pack": cmd_pack, "startup": cmd_startup,
+     "accuracy": cmd_accuracy}[args.cmd](args)
 
 
 if __name__ == "__main__":
