@@ -10,6 +10,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# never write decoded datasets into the real ~/.cache/richkd; tests of that cache point it at tmp_path
+os.environ.setdefault("RICHKD_DECODED_CACHE", "off")
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 

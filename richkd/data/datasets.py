@@ -6,8 +6,8 @@ from typing import Optional
 import torch
 from torch.utils.data import Dataset
 
-from richkd.data.transforms import random_crop_flip, to_float_images
-from richkd.data.views import ViewSpec, apply_views
+from richkd.data.transforms import crop_flip, draw_crop_flip, to_float_images
+from richkd.data.views import ViewSpec, view_params
 
 
 class SplitDataset(Dataset):
@@ -53,16 +53,30 @@ class SplitDataset(Dataset):
         positions = torch.as_tensor(positions, dtype=torch.int64)
         rows = self.indices.index_select(0, positions)
         images = to_float_images(self.source.load(rows), self.image_size)
-        views = None
+        offsets, flip, views = self.draw_augmentation(rows, generator)
+        if offsets is not None:
+            images = crop_flip(images, offsets, flip)
+        return images, self.source.targets.index_select(0, rows), rows, views
+
+    def draw_augmentation(self, rows: torch.Tensor, generator: Optional[torch.Generator] = None
+                          ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(crop offsets int64 (B, 2), flips bool (B,), view ids int64 (B,) or None) for these rows, on the CPU.
+
+        Offsets and flips are None when the dataset does not augment. The one place that decides the
+        augmentation: get_view_batch and the device-resident copy (richkd.data.resident) both crop with
+        these values, so the two produce identical batches from the same generator.
+        """
         if self.views is not None:
             if self.views.fixed_view is not None:
                 views = torch.full_like(rows, self.views.fixed_view)
             else:
                 views = torch.randint(0, self.views.num_views, rows.shape, generator=generator)
-            images = apply_views(images, rows, views, self.views.seed)
-        elif self.augment:
-            images = random_crop_flip(images, generator)
-        return images, self.source.targets.index_select(0, rows), rows, views
+            offsets, flip = view_params(rows, views, self.views.seed)
+            return offsets, flip, views
+        if self.augment:
+            offsets, flip = draw_crop_flip(int(rows.shape[0]), generator)
+            return offsets, flip, None
+        return None, None, None
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         n = len(self)

@@ -10,7 +10,12 @@ from richkd.data.splits import derive_seed
 
 
 def _fetch(dataset, positions: torch.Tensor, aug_seed: int) -> Batch:
-    """One Batch from a dataset; get_batch datasets draw augmentation from a generator seeded by aug_seed."""
+    """One Batch from a dataset; get_batch datasets draw augmentation from a generator seeded by aug_seed.
+
+    A dataset with `fetch(positions, aug_seed) -> Batch` (richkd.data.resident) builds the whole Batch itself.
+    """
+    if hasattr(dataset, "fetch"):
+        return dataset.fetch(positions, aug_seed)
     view = None
     if hasattr(dataset, "get_view_batch"):
         gen = torch.Generator().manual_seed(int(aug_seed))
@@ -61,6 +66,8 @@ class BatchLoader:
     seed yield identical batches, independent of torch's global RNG and of num_workers. Each `iter()` uses
     the current epoch and then advances it; call `set_epoch(e)` before iterating to resume exactly at epoch e.
     Images are float32 (B, 3, S, S) in [0, 1] (not normalised); target and index are int64 (B,).
+    A device-resident dataset (richkd.data.resident) yields the same batches already on its device, built in
+    the main process: num_workers is ignored for it.
     """
 
     def __init__(self, dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,
@@ -73,7 +80,7 @@ class BatchLoader:
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
-        self.num_workers = int(num_workers)
+        self.num_workers = 0 if hasattr(dataset, "fetch") else int(num_workers)
         self.drop_last = bool(drop_last)
         self.epoch = 0
         self._current_plan: list[tuple[torch.Tensor, int]] = []

@@ -302,15 +302,30 @@ def _load_fashion_mnist(cfg: DataConfig) -> Splits:
         f"{root / 'FashionMNIST' / 'raw'}, or put the four files in a folder and set data.root to it.")
 
 
-def _read_fashion_idx(files: dict[str, Path], folder: Path) -> Splits:
-    sources = {}
+def _decode_fashion_idx(files: dict[str, Path], folder: Path) -> dict[str, np.ndarray]:
+    """{"<split>_images": (N, 28, 28) uint8, "<split>_labels": (N,) uint8} read and checked from the IDX files."""
+    arrays = {}
     for split, (img_name, lbl_name) in FASHION_MNIST_FILES.items():
         images = read_idx(files[img_name])
         labels = read_idx(files[lbl_name])
         if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
             raise DatasetNotFoundError(f"{folder}: {img_name} {images.shape} and {lbl_name} {labels.shape} do not "
                                        "match; reinstall or re-download the files")
-        img = torch.from_numpy(images.copy()).unsqueeze(1)   # (N, 1, 28, 28) uint8
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
+    return arrays
+
+
+def _read_fashion_idx(files: dict[str, Path], folder: Path) -> Splits:
+    from richkd.data.decoded import cached_arrays
+
+    # fresh trial processes memory-map the decoded arrays instead of un-gzipping ~30 MB each (richkd.data.decoded)
+    arrays = cached_arrays("fashion_mnist", [files[n] for n in sorted(files)],
+                           lambda: _decode_fashion_idx(files, folder))
+    sources = {}
+    for split in FASHION_MNIST_FILES:
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        # cached maps are writable (copy-on-write) and taken as they are; freshly decoded bytes are read-only
+        img = torch.from_numpy(images if images.flags.writeable else images.copy()).unsqueeze(1)  # (N, 1, 28, 28)
         sources[split] = TensorSource(img, torch.from_numpy(labels.astype(np.int64)), origin=f"{folder} ({split})")
     log.info("fashion_mnist: loaded %d train / %d test images from %s", len(sources["train"]), len(sources["test"]), folder)
     return Splits(sources["train"], sources["test"], list(FASHION_MNIST_CLASSES), str(folder))

@@ -51,21 +51,37 @@ def random_crop_flip(images: torch.Tensor, generator: Optional[torch.Generator] 
     Same distribution as torchvision's transforms applied image by image: each sample draws its own offset
     in [0, 2*padding] for rows and columns and its own flip coin. generator=None uses torch's global RNG.
     """
-    b = images.shape[0]
-    offsets = torch.randint(0, 2 * padding + 1, (b, 2), generator=generator)
-    flip = torch.rand(b, generator=generator) < 0.5
+    offsets, flip = draw_crop_flip(images.shape[0], generator, padding)
     return crop_flip(images, offsets, flip, padding)
+
+
+def draw_crop_flip(batch_size: int, generator: Optional[torch.Generator] = None,
+                   padding: int = CROP_PADDING) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random part of random_crop_flip: offsets int64 (B, 2) in [0, 2*padding] and flips bool (B,), on the CPU.
+
+    Kept apart from the pixel work so a device-resident dataset draws the very same parameters from the same
+    generator (a few hundred bytes) and crops on the device: it shows exactly the same crops and flips.
+    """
+    offsets = torch.randint(0, 2 * padding + 1, (batch_size, 2), generator=generator)
+    flip = torch.rand(batch_size, generator=generator) < 0.5
+    return offsets, flip
 
 
 def crop_flip(images: torch.Tensor, offsets: torch.Tensor, flip: torch.Tensor,
               padding: int = CROP_PADDING) -> torch.Tensor:
-    """Crop each zero-padded image at its (row, col) offset in [0, 2*padding] and flip where flip is True."""
+    """Crop each zero-padded image at its (row, col) offset in [0, 2*padding] and flip where flip is True.
+
+    Runs on the images' device (offsets and flip are moved there), so it serves CPU loaders and
+    device-resident datasets alike.
+    """
     b, c, h, w = images.shape
     if b == 0:
         return images
+    dev = images.device
+    offsets, flip = offsets.to(dev), flip.to(dev)
     padded = F.pad(images, (padding, padding, padding, padding))
-    rows = offsets[:, 0:1] + torch.arange(h)                       # (B, h)
-    cols = offsets[:, 1:2] + torch.arange(w)                       # (B, w)
+    rows = offsets[:, 0:1] + torch.arange(h, device=dev)           # (B, h)
+    cols = offsets[:, 1:2] + torch.arange(w, device=dev)           # (B, w)
     cols = torch.where(flip[:, None], cols.flip(1), cols)          # flipped crop: read columns backwards
     side = w + 2 * padding
     flat = (rows[:, :, None] * side + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
