@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 import numpy as np
 
 from richkd.config import ClipConfig, Config
-from richkd.io import atomic_write_text, default_mode, sha256_file
+from richkd.io import OutputError, atomic_write_text, default_mode, ensure_writable, output_error, sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -38,6 +38,9 @@ CACHE_FORMAT_VERSION = 1
 # Dotted-key prefixes whose values change what a cache holds; a sweep samples them only from finite choices
 # so the driver can build every cache before trials start.
 CACHE_AFFECTING_PREFIXES = ("data.", "teacher.", "clip.", "teaching.")
+# Keys under those prefixes that only change how rows reach the model, never what a cache holds: left out of
+# cache signatures so adding or sampling them does not re-key (or re-build) the caches of a sweep.
+CACHE_NEUTRAL_KEYS = ("data.resident",)
 CLEAN_VIEW = "clean"  # the un-augmented image: the official code's cached behaviour (paper.md §1.6)
 # Bumped whenever richkd.clip's image preprocessing changes, so old CLIP image caches are not reused.
 CLIP_PREPROCESS_VERSION = "torch-bicubic-antialias-v1"
@@ -81,7 +84,7 @@ def file_sha256_memo(path: str | os.PathLike, memo_dir: str | os.PathLike) -> st
     memo[ident] = digest
     try:
         atomic_write_text(memo_file, json.dumps(memo, indent=1, sort_keys=True))
-    except OSError:  # a read-only cache folder still works, just without the memo
+    except (OSError, OutputError):  # a read-only cache folder still works, just without the memo
         pass
     return digest
 
@@ -167,8 +170,11 @@ def write_entry(entry: CacheEntry, cache_dir: str | os.PathLike, arrays: dict[st
                 extra: Optional[dict] = None) -> Path:
     """Write arrays + manifest into a temp folder, then rename it into place (atomic for readers)."""
     final = entry.path(cache_dir)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    except OSError as exc:
+        raise _write_error(exc, final) from None
     try:
         for name, arr in arrays.items():
             np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr))
@@ -186,10 +192,28 @@ def write_entry(entry: CacheEntry, cache_dir: str | os.PathLike, arrays: dict[st
             for f in tmp.iterdir():
                 os.chmod(f, default_mode())
             os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise _write_error(exc, final) from None
         raise
     return final
+
+
+def _write_error(exc: OSError, final: Path) -> Exception:
+    """A full disk or read-only cache folder as a CacheError naming the folder and the fix (else unchanged)."""
+    converted = output_error(exc, final.parent, "teaching.cache_dir")
+    if converted is exc:
+        return exc
+    return CacheError(f"{converted}; or set teaching.cache_dir to a writable folder with room for the cache")
+
+
+def ensure_cache_writable(cache_dir: str | os.PathLike) -> None:
+    """Fail before running a teacher over the dataset if its outputs could not be stored."""
+    try:
+        ensure_writable(cache_dir, "teaching.cache_dir")
+    except OutputError as exc:
+        raise CacheError(f"{exc}; or set teaching.cache_dir to a writable folder") from None
 
 
 def read_entry(entry: CacheEntry, cache_dir: str | os.PathLike,
@@ -214,7 +238,7 @@ def read_entry(entry: CacheEntry, cache_dir: str | os.PathLike,
     for name, meta in manifest["arrays"].items():
         try:
             arr = np.load(folder / f"{name}.npy", mmap_mode="r")
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError) as exc:   # EOFError: an empty (0-byte) file
             raise CacheError(f"cache file {folder / (name + '.npy')} is unreadable or truncated ({exc}); "
                              f"delete {folder} and rebuild with `richkd cache`") from None
         if list(arr.shape) != meta["shape"] or str(arr.dtype) != meta["dtype"]:
@@ -315,6 +339,7 @@ def _ensure_teacher(cfg, data, dataset, ident, split, cache_dir, dev, progress) 
     if entry_exists(entry, cache_dir):
         read_entry(entry, cache_dir, expect_rows={"logits": len(dataset) * cfg.teaching.views})
         return entry.path(cache_dir)
+    ensure_cache_writable(cache_dir)
     model, sha = load_teacher(cfg.teacher.arch, cfg.teacher.checkpoint, data.num_classes)
     model.to(dev)
     log.info("caching teacher %s (%s) outputs on %s/%s", cfg.teacher.arch, sha[:12], cfg.data.dataset, split)
@@ -335,6 +360,7 @@ def _ensure_clip_image(cfg, dataset, ident, split, cache_dir, dev, progress) -> 
     if entry_exists(entry, cache_dir):
         read_entry(entry, cache_dir, expect_rows={"feat": len(dataset) * cfg.teaching.views})
         return entry.path(cache_dir)
+    ensure_cache_writable(cache_dir)
     clip = load_clip(cfg.clip.model, cfg.clip.pretrained, device=dev)
     log.info("caching CLIP %s image features on %s/%s", cfg.clip.model, cfg.data.dataset, split)
     arrays = _outputs_over_views(cfg, dataset, lambda im: {"feat": clip.encode_images(im)}, cfg.clip.batch_size,
@@ -367,6 +393,7 @@ def _ensure_clip_text(cfg, class_names, cache_dir, dev) -> Path:
     entry = clip_text_entry(cfg, prompt_set.templates, list(class_names), cache_dir)
     if entry_exists(entry, cache_dir):
         return entry.path(cache_dir)
+    ensure_cache_writable(cache_dir)
     clip = load_clip(cfg.clip.model, cfg.clip.pretrained, device=dev)
     classifier = clip.encode_text_classifier(list(class_names), prompt_set.templates, clean=cfg.clip.clean_class_names)
     return write_entry(entry, cache_dir, {"classifier": classifier.float().cpu().numpy()},

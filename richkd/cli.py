@@ -73,6 +73,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         raise UserError("train needs --config FILE (or --resume CKPT)")
     out_dir = Path(args.out or Path("tune_runs") / "runs" / cfg.name)
+    from richkd.io import ensure_writable
+
+    ensure_writable(out_dir, "the run's output folder (--out)", create=False)   # before training, not after epoch 1
     if cfg.train.checkpoint_dir is None:
         cfg = cfg.with_overrides({"train.checkpoint_dir": str(out_dir)})
     check_resources(cfg)
@@ -88,7 +91,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"epoch {m['epoch']:>3}/{cfg.train.epochs}  loss {m['train_loss']:.4f}  "
               f"val top-1 {m.get('val_top1', float('nan')):.2f}%  ({m['epoch_time_s']:.1f}s)", flush=True)
 
-    result = run.train(on_epoch=on_epoch, final=args.final)
+    from richkd.trainer import NonFiniteLossError
+
+    try:
+        result = run.train(on_epoch=on_epoch, final=args.final)
+    except NonFiniteLossError as exc:   # a diverged run is a config problem, not a crash; nothing NaN was saved
+        raise UserError(f"{exc}; the last checkpoint in {cfg.train.checkpoint_dir} is from the last finite epoch "
+                        "(none if it was epoch 1)") from None
     model_path = save_run_outputs(run, result, out_dir)
     line = f"done: val top-1 {result.metrics.get('val_top1', float('nan')):.2f}%"
     if result.test_metrics:

@@ -6,7 +6,7 @@ import difflib
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Tuple, get_args, get_origin, get_type_hints
+from typing import Any, Mapping, Optional, Tuple, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -64,9 +64,17 @@ class DataConfig:
     batch_size: int = 64
     eval_batch_size: int = 256
     num_workers: int = 0
+    # keep the training rows on the device as uint8 and crop/flip there (richkd.data.resident); auto: on for
+    # CUDA runs whose rows fit 1 GiB, off on CPU; true is allowed on CPU (same batches, for testing)
+    resident: Union[str, bool] = "auto"
 
     def __post_init__(self) -> None:
         _one_of(self.dataset, "data.dataset", DATASETS)
+        if isinstance(self.resident, str) and self.resident.lower() in ("true", "false"):
+            object.__setattr__(self, "resident", self.resident.lower() == "true")
+        _check(isinstance(self.resident, bool) or self.resident == "auto", "data.resident",
+               f"{self.resident!r} is not one of auto, true, false (auto keeps small training sets on a CUDA "
+               "device; false always builds batches on the host)")
         _one_of(self.augment, "data.augment", AUGMENTS)
         _in_range(self.image_size, "data.image_size", 8, 512)
         _in_range(self.val_fraction, "data.val_fraction", 0.0, 0.9, lo_open=True, hi_open=True)
@@ -214,6 +222,48 @@ class TrainConfig:
             _in_range(self.threads, "train.threads", 1, 1024)
 
 
+# Cheap defaults: one corruption per family (noise, blur, digital, compression) at the middle severity on a
+# seeded 500-image subset of the validation split, so a CPU trial is not dominated by the extra passes.
+DEFAULT_EVAL_CORRUPTIONS = ("gaussian_noise", "defocus_blur", "contrast", "jpeg_compression")
+
+
+@dataclass(frozen=True)
+class RobustnessEvalConfig:
+    """Corruption accuracy on the validation split at every evaluation (reported as val_corrupt_top1 / _ece).
+
+    Off by default; a sweep whose objective is a robustness metric switches it on. The corruptions are the
+    seeded on-the-fly ones of richkd.robustness (same images and noise at every epoch and in every trial).
+    The section is outside the cache-affecting prefixes: it changes no teacher or CLIP cache.
+    """
+    enabled: bool = False
+    corruptions: Tuple[str, ...] = DEFAULT_EVAL_CORRUPTIONS   # names from `richkd evaluate --help`
+    severities: Tuple[int, ...] = (3,)                       # each in 1..5; the metric averages corruption x severity
+    max_samples: Optional[int] = 500     # seeded class-stratified subset of the val split (None: all of it)
+    seed: int = 0                        # picks the subset and the noise
+
+    def __post_init__(self) -> None:
+        _check(len(self.corruptions) > 0, "robustness.corruptions",
+               f"list at least one corruption, e.g. {list(DEFAULT_EVAL_CORRUPTIONS)}")
+        _check(len(set(self.corruptions)) == len(self.corruptions), "robustness.corruptions",
+               f"{list(self.corruptions)} has duplicates")
+        if tuple(self.corruptions) != DEFAULT_EVAL_CORRUPTIONS:
+            # lazy: the corruption registry imports torch; the defaults are checked against it by the tests
+            from richkd.robustness.corruptions import CorruptionError, parse_corruptions
+
+            try:
+                parse_corruptions(list(self.corruptions))
+            except CorruptionError as exc:
+                raise ConfigError(f"robustness.corruptions: {exc}") from None
+        _check(len(self.severities) > 0, "robustness.severities", "list at least one severity in 1..5, e.g. [3]")
+        for s in self.severities:
+            _in_range(s, "robustness.severities", 1, 5)
+        _check(len(set(self.severities)) == len(self.severities), "robustness.severities",
+               f"{list(self.severities)} has duplicates")
+        if self.max_samples is not None:
+            _in_range(self.max_samples, "robustness.max_samples", 1)
+        _in_range(self.seed, "robustness.seed", 0, 2**31 - 1)
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything one run needs. Plain dicts cross process boundaries; this is rebuilt on the other side."""
@@ -228,6 +278,7 @@ class Config:
     teaching: TeachingConfig = field(default_factory=TeachingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    robustness: RobustnessEvalConfig = field(default_factory=RobustnessEvalConfig)
 
     def __post_init__(self) -> None:
         _check(self.device == "auto" or self.device in ("cpu", "cuda", "mps") or self.device.startswith("cuda:"),
@@ -248,7 +299,11 @@ class Config:
     # ----- construction -------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None) -> "Config":
-        return _build(cls, dict(raw or {}), prefix="")
+        if raw is None:
+            return _build(cls, {}, prefix="")
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"config: expected a mapping of sections (data:, optim:, ...), got {raw!r:.80}")
+        return _build(cls, dict(raw), prefix="")
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "Config":
@@ -316,14 +371,38 @@ def load_yaml_mapping(path: str | os.PathLike) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:   # includes python/object tags: safe_load builds plain data only
         raise ConfigError(f"{p}: not valid YAML ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not a UTF-8 text file ({exc.reason} at byte {exc.start}); save it as UTF-8 "
+                          "YAML") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: nested too deeply to be a config (hundreds of levels); check the file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
+    _check_size(data, p)
     return data
+
+
+MAX_YAML_VALUES = 100_000
+
+
+def _check_size(data: Any, where: Any) -> None:
+    """Refuse YAML whose aliases expand to a huge tree ("billion laughs"): later walks over it would never end."""
+    stack, seen = [data], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_YAML_VALUES:
+            raise ConfigError(f"{where}: more than {MAX_YAML_VALUES} values once YAML aliases (*name) are expanded; "
+                              "a config or sweep spec is far smaller, check the file")
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -3,6 +3,10 @@
 Selection follows ecosystem.md §1.8: only trials that reached max_t (ASHA survivors) compete, ranked by the
 metric's LAST value on the validation split (never the test split, never the best epoch: picking each trial's
 best epoch is optimistic). Ray is used only through richkd.tune (offline reading of the experiment folder).
+
+Multi-objective sweeps (and `richkd export --pareto METRICS` on any sweep) also get the Pareto front of the
+same trials (richkd.pareto): pareto_front.json and one reproducing config per front member under pareto/.
+best_config.yaml is then the front member that is best by the first objective.
 """
 from __future__ import annotations
 
@@ -11,9 +15,9 @@ import io
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +25,8 @@ BEST_CONFIG = "best_config.yaml"
 BEST_TRIAL = "best_trial.json"
 LEADERBOARD = "leaderboard.csv"
 LEADERBOARD_METRICS = ("val_top1", "val_top5", "val_loss", "val_ece", "train_loss", "best_val_top1")
+PARETO_JSON = "pareto_front.json"
+PARETO_DIR = "pareto"          # <trial_id>.yaml per front member, each loadable by `richkd train --config`
 
 
 class ExportError(ValueError):
@@ -36,6 +42,9 @@ class ExportResult:
     best: object            # richkd.tune.results.TrialRow
     rows: list
     attached_to_run: Optional[str] = None
+    pareto: Optional[Path] = None                  # pareto_front.json, when a front was exported
+    pareto_rows: list = field(default_factory=list)
+    pareto_objectives: list = field(default_factory=list)   # [(metric, mode), ...]
 
 
 def output_dir(experiment_path: str, sweep_name: str) -> Path:
@@ -88,9 +97,90 @@ def cache_keys_for(cfg, meta: dict) -> list[str]:
     return []
 
 
+def pareto_objectives(spec, metrics: Optional[Sequence[str]] = None) -> list[tuple[str, str]]:
+    """[(metric, mode), ...] for a Pareto export: `metrics` given (modes from KNOWN_METRICS), else the sweep's
+    objectives when it has several. [] when no front is asked for."""
+    from richkd.tune.space import KNOWN_METRICS
+
+    if metrics is None:
+        return list(spec.tune.objective_pairs) if spec.tune.multi_objective else []
+    metrics = [m.strip() for m in metrics if m and m.strip()]
+    if not metrics:
+        if not spec.tune.multi_objective:
+            raise ExportError(f"sweep {spec.name!r} has one objective ({spec.tune.metric}); name the metrics of the "
+                              "front, e.g. --pareto val_top1,val_corrupt_top1")
+        return list(spec.tune.objective_pairs)
+    if len(metrics) < 2 or len(set(metrics)) != len(metrics):
+        raise ExportError(f"--pareto {','.join(metrics)}: a front needs two or more different metrics")
+    unknown = [m for m in metrics if m not in KNOWN_METRICS]
+    if unknown:
+        raise ExportError(f"--pareto: {unknown[0]!r} is not a metric the trainer reports (choose from "
+                          f"{', '.join(KNOWN_METRICS)})")
+    return [(m, KNOWN_METRICS[m]) for m in metrics]
+
+
+def compute_front(rows: list, spec, objectives: list) -> list:
+    """Front members among trials that reached max_t; a clear error when none reported every objective."""
+    from richkd.pareto import front_rows, objective_values
+    from richkd.tune.results import survivors
+
+    metrics = [m for m, _ in objectives]
+    front = front_rows(rows, metrics, [d for _, d in objectives])
+    if not front:
+        done = [r for r in survivors(rows)]
+        missing = sorted({m for r in done for m in metrics if objective_values(r, [m]) is None})
+        hint = (f"; the trials did not report {', '.join(missing)} (set config robustness.enabled: true in the "
+                "spec for val_corrupt_* metrics)" if missing else "")
+        raise ExportError(f"no trial of sweep {spec.name!r} reached max_t = {spec.max_t} with finite "
+                          f"{', '.join(metrics)}{hint}")
+    return front
+
+
+def pareto_json(spec, path: str, meta: dict, objectives: list, front: list, n_candidates: int) -> dict:
+    return {
+        "sweep": spec.name, "experiment_path": path,
+        "objectives": [{"metric": m, "mode": d} for m, d in objectives],
+        "selection": {"scope": "last", "split": "val", "among": f"trials that reached max_t = {spec.max_t} epochs",
+                      "candidates": n_candidates,
+                      "rule": "non-dominated: no other trial is at least as good in every objective and better "
+                              "in one (ties are kept)"},
+        "mlflow": {"tracking_uri": meta.get("tracking_uri"), "parent_run_id": meta.get("parent_run_id")},
+        "members": [{"trial_id": r.trial_id, "rank": r.rank,
+                     "objectives": {m: r.metrics.get(m) for m, _ in objectives},
+                     "config_file": f"{PARETO_DIR}/{r.trial_id}.yaml", "sampled": r.sampled, "epochs": r.epochs,
+                     "checkpoint": r.checkpoint, "mlflow_run_id": r.mlflow_run_id} for r in front],
+    }
+
+
+def _write_pareto(folder: Path, spec, path: str, meta: dict, objectives: list, front: list, rows: list) -> list[Path]:
+    """pareto_front.json + pareto/<trial>.yaml (atomic writes); configs of former front members are removed."""
+    from richkd.io import atomic_write_text
+    from richkd.tune.results import survivors
+
+    sub = folder / PARETO_DIR
+    written = []
+    for r in front:
+        shown = ", ".join(f"{m}={r.metrics.get(m):.6g}" for m, _ in objectives)
+        header = [f"# Pareto-front trial {r.trial_id} of sweep {spec.name!r} (last values on the validation split): "
+                  f"{shown}", f"# sampled: {json.dumps(r.sampled, default=str)}",
+                  f"# reproduce with: richkd train --config {PARETO_DIR}/{r.trial_id}.yaml", ""]
+        f = sub / f"{r.trial_id}.yaml"
+        atomic_write_text(f, "\n".join(header) + r.config.to_yaml())
+        written.append(f)
+    keep = {f.name for f in written}
+    for old in sub.glob("*.yaml"):
+        if old.name not in keep:
+            old.unlink()
+    info = pareto_json(spec, path, meta, objectives, front, len(survivors(rows)))
+    out = folder / PARETO_JSON
+    atomic_write_text(out, json.dumps(info, indent=1, default=str) + "\n")
+    return [out, *written]
+
+
 def leaderboard_csv(rows: list, spec) -> str:
     space_keys = spec.space_keys
     metric_keys = [spec.tune.metric] + [m for m in LEADERBOARD_METRICS if m != spec.tune.metric]
+    metric_keys += [m for m in spec.tune.metrics if m not in metric_keys]
     header = (["rank", "trial_id", "status", "outcome", "epochs", f"{spec.tune.metric}_last",
                f"{spec.tune.metric}_best"] + [f"final_{m}" for m in metric_keys] + space_keys
               + ["mlflow_run_id", "stop_reason"])
@@ -106,13 +196,22 @@ def leaderboard_csv(rows: list, spec) -> str:
 
 
 def export_sweep(sweep: str, storage: Optional[str] = None, tracking_uri: Optional[str] = None,
-                 out_dir: Optional[str] = None, attach: bool = True) -> ExportResult:
-    """Write best_config.yaml, best_trial.json and leaderboard.csv for a sweep and attach them to its parent run."""
+                 out_dir: Optional[str] = None, attach: bool = True,
+                 pareto: Optional[Sequence[str]] = None) -> ExportResult:
+    """Write best_config.yaml, best_trial.json and leaderboard.csv for a sweep and attach them to its parent run.
+
+    pareto: metrics of a Pareto front to export (an empty list = the sweep's own objectives); by default a
+    front is exported exactly when the sweep has several objectives.
+    """
     from richkd.io import atomic_write_text
     from richkd.tune.mlflow_callback import code_version
 
     spec, path, meta, rows = load_sweep(sweep, storage, tracking_uri)
     best = best_trial(rows, spec)
+    objectives = pareto_objectives(spec, pareto)
+    front = compute_front(rows, spec, objectives) if objectives else []
+    if front and spec.tune.multi_objective:
+        best = front[0]   # the front member best by the first objective (a primary-metric tie can be dominated)
     folder = Path(out_dir) if out_dir else output_dir(path, spec.name)
     version = code_version()
     cfg = best.config
@@ -120,7 +219,8 @@ def export_sweep(sweep: str, storage: Optional[str] = None, tracking_uri: Option
     info = {
         "sweep": spec.name, "experiment_path": path, "trial_id": best.trial_id, "trial_name": best.trial_name,
         "selection": {"metric": spec.tune.metric, "mode": spec.tune.mode, "scope": "last", "split": "val",
-                      "among": f"trials that reached max_t = {spec.max_t} epochs"},
+                      "among": f"trials that reached max_t = {spec.max_t} epochs"
+                      + (f" and are on the Pareto front of {spec.tune.metrics}" if spec.tune.multi_objective else "")},
         "value": best.value, "best_value_over_epochs": best.best_value, "epochs": best.epochs,
         "metrics": best.metrics, "sampled": best.sampled, "checkpoint": best.checkpoint,
         "mlflow": {"tracking_uri": meta.get("tracking_uri"), "experiment_id": meta.get("experiment_id"),
@@ -129,10 +229,11 @@ def export_sweep(sweep: str, storage: Optional[str] = None, tracking_uri: Option
             {"git_commit": meta.get("git_commit"), "richkd_version": meta.get("richkd_version")},
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": cfg.to_dict(),
     }
+    on_front = f" (on the Pareto front, see {PARETO_JSON})" if front and spec.tune.multi_objective else ""
     header = [
         f"# Best trial of sweep {spec.name!r}: {best.trial_id}",
         f"# selected by the LAST {spec.tune.metric} ({spec.tune.mode}) on the validation split among trials that "
-        f"reached max_t = {spec.max_t}: {best.value:.6g}",
+        f"reached max_t = {spec.max_t}{on_front}: {best.value:.6g}",
         f"# sampled: {json.dumps(best.sampled, default=str)}",
         f"# MLflow run: {best.mlflow_run_id or 'n/a'} (parent {meta.get('parent_run_id') or 'n/a'}, "
         f"{meta.get('tracking_uri') or 'MLflow off'})",
@@ -151,11 +252,16 @@ def export_sweep(sweep: str, storage: Optional[str] = None, tracking_uri: Option
     atomic_write_text(best_config, "\n".join(header) + cfg.to_yaml())
     atomic_write_text(best_json, json.dumps(info, indent=1, default=str) + "\n")
     atomic_write_text(board, leaderboard_csv(rows, spec))
+    pareto_files = _write_pareto(folder, spec, path, meta, objectives, front, rows) if front else []
     attached = None
     if attach and meta.get("tracking_uri") and meta.get("parent_run_id"):
         attached = _attach(meta, [best_config, best_json, board], best)
+        if pareto_files:
+            _attach_pareto(meta, pareto_files, front, objectives)
     return ExportResult(out_dir=folder, best_config=best_config, best_trial=best_json, leaderboard=board,
-                        best=best, rows=rows, attached_to_run=attached)
+                        best=best, rows=rows, attached_to_run=attached,
+                        pareto=pareto_files[0] if pareto_files else None, pareto_rows=front,
+                        pareto_objectives=objectives)
 
 
 def _attach(meta: dict, files: list[Path], best) -> Optional[str]:
@@ -169,6 +275,21 @@ def _attach(meta: dict, files: list[Path], best) -> Optional[str]:
     return parent
 
 
+def _attach_pareto(meta: dict, files: list[Path], front: list, objectives: list) -> None:
+    """The front on the sweep's parent run: files under export/ (configs under export/pareto/), its size as a
+    metric and the member trial ids as a tag (MLflow has no native Pareto view)."""
+    from richkd.tune.mlflow_callback import client_for, log_metrics, set_tags
+
+    client = client_for(meta["tracking_uri"])
+    parent = meta["parent_run_id"]
+    client.log_artifact(parent, str(files[0]), artifact_path="export")
+    for f in files[1:]:
+        client.log_artifact(parent, str(f), artifact_path=f"export/{PARETO_DIR}")
+    log_metrics(client, parent, {"pareto_front_size": float(len(front))})
+    set_tags(client, parent, {"richkd.pareto_objectives": ",".join(f"{m}:{d}" for m, d in objectives),
+                              "richkd.pareto_trial_ids": ",".join(r.trial_id for r in front)})
+
+
 def _num(v) -> str:
     return "" if v is None else f"{float(v):.6g}"
 
@@ -179,13 +300,22 @@ def _cell(v) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
-def describe_export(result: ExportResult, metric: str) -> str:
+def describe_export(result: ExportResult, metric) -> str:
+    metric = metric[0] if isinstance(metric, (list, tuple)) else metric   # a multi-objective sweep: the first
     best = result.best
     n_done = sum(1 for r in result.rows if r.outcome == "completed")
+    front = []
+    if result.pareto is not None:
+        names = [m for m, _ in result.pareto_objectives]
+        front = [f"pareto front ({len(result.pareto_rows)} of {n_done} trials that reached max_t; "
+                 + ", ".join(f"{m} {d}" for m, d in result.pareto_objectives) + f"): {result.pareto}"]
+        front += ["  " + r.trial_id + ": " + ", ".join(f"{m}={r.metrics.get(m):.4g}" for m in names)
+                  for r in result.pareto_rows]
     return "\n".join([
         f"best trial {best.trial_id}: {metric}={best.value:.4g} (last epoch, {n_done} of {len(result.rows)} trials "
         f"reached max_t)",
         f"  {result.best_config}", f"  {result.best_trial}", f"  {result.leaderboard}",
         *( [f"  attached to MLflow run {result.attached_to_run}"] if result.attached_to_run else []),
         f"  reproduce: richkd train --config {result.best_config}",
+        *front,
     ])

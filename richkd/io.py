@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import tempfile
@@ -20,12 +21,65 @@ def default_mode(full: int = 0o666) -> int:
     return full & ~umask
 
 
+class OutputError(ValueError):
+    """An output cannot be written (read-only or missing permission, disk or quota full); the message names the
+    path, the reason and the fix. Raised after removing any partial file, so nothing half-written is left."""
+
+
+# errnos that mean "this place cannot take the file" (a user fix), not a bug in the writer
+_NO_ROOM_OR_RIGHTS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def output_error(exc: OSError, path: str | os.PathLike, what: str = "output") -> OutputError | OSError:
+    """OutputError for a full / read-only / forbidden destination; any other OSError is returned unchanged."""
+    # numpy's tofile reports a short write on a full disk as OSError("N requested and M written"), errno None
+    short_write = exc.errno is None and "requested and" in str(exc) and "written" in str(exc)
+    if exc.errno not in _NO_ROOM_OR_RIGHTS and not short_write:
+        return exc
+    if short_write:
+        reason = f"the disk is full ({exc})"
+        fix = "free some space there (or write elsewhere) and run again"
+    elif exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        fix = "free some space there (or write elsewhere) and run again"
+    else:
+        fix = "make the folder writable, or choose another folder"
+    if not short_write:
+        reason = exc.strerror or os.strerror(exc.errno)
+    return OutputError(f"cannot write {what} {str(path)!r}: {reason}; {fix} (nothing partial was left behind)")
+
+
+def ensure_writable(folder: str | os.PathLike, what: str, create: bool = True) -> Path:
+    """Prove a file can be created in `folder` before any expensive work. create=False leaves no trace: the
+    nearest existing ancestor is probed instead (a command that fails later must not leave empty folders)."""
+    target = Path(folder).expanduser()
+    probe_dir = target
+    if not create:
+        probe_dir = target.absolute()
+        while not probe_dir.exists() and probe_dir != probe_dir.parent:
+            probe_dir = probe_dir.parent
+    try:
+        if create:
+            target.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".richkd-write-probe.", dir=probe_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise output_error(exc, target, what) from None
+    return target
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success it replaces `path`, on error it is removed."""
+    """Yield a temporary path next to `path`; on success it replaces `path`, on error it is removed.
+
+    A full disk or an unwritable folder becomes one OutputError naming `path` (the temp file is gone by then).
+    """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise output_error(exc, target) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -34,6 +88,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.chmod(tmp_path, default_mode())
         os.replace(tmp_path, target)
+    except OSError as exc:
+        converted = output_error(exc, target)
+        if converted is exc:
+            raise
+        raise converted from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -45,10 +104,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save, atomically. Serialised in memory first: torch's own file writer reports a full disk as an
+    obscure RuntimeError ("unexpected pos ..."); a plain write raises ENOSPC, which becomes an OutputError."""
+    import io
+
     import torch
 
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as fh:
+            fh.write(buffer.getbuffer())
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

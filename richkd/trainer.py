@@ -86,6 +86,7 @@ class Run:
 
     def __init__(self, cfg: Config, progress: bool = False) -> None:
         from richkd.data import build_data
+        from richkd.data.resident import make_resident
         from richkd.models import create_model
         from richkd.objective import DistillationObjective
         from richkd.teachers import build_teacher_source
@@ -99,6 +100,8 @@ class Run:
         # with cached views the student is shown exactly the crops/flips whose teacher outputs are cached
         self.train_set = (self.data.train.with_views(cfg.teaching.views, cfg.teaching.view_seed)
                           if cfg.teaching.views > 1 else self.data.train)
+        # data.resident: the training rows once on the device as uint8; batches are gathered and cropped there
+        self.resident_train = make_resident(self.train_set, cfg.data.resident, self.device)
         self.student = create_model(cfg.student.arch, self.data.num_classes).to(self.device)
         if cfg.train.channels_last:
             self.student = self.student.to(memory_format=torch.channels_last)
@@ -167,7 +170,8 @@ class Run:
         self.student.train()
         self.objective.train()
         # A per-epoch loader seed makes the sample order a function of (seed, epoch): resume is exact.
-        loader = make_loader(self.train_set, cfg.data.batch_size, shuffle=True, seed=cfg.seed * 100003 + epoch,
+        dataset = self.train_set if self.resident_train is None else self.resident_train  # same batches either way
+        loader = make_loader(dataset, cfg.data.batch_size, shuffle=True, seed=cfg.seed * 100003 + epoch,
                              num_workers=cfg.data.num_workers, drop_last=False)
         sums: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.device)
@@ -230,6 +234,13 @@ class Run:
         return {f"{split}_top1": m["top1"], f"{split}_top5": m["top5"], f"{split}_ece": m["ece"],
                 f"{split}_loss": loss_sum / max(n, 1)}
 
+    def robustness_metrics(self) -> dict:
+        """val_corrupt_top1 / val_corrupt_ece (+ per corruption) on a seeded val subset (cfg.robustness)."""
+        from richkd.robustness.val_metrics import val_robustness_metrics
+
+        return val_robustness_metrics(self.student, self.data.val, self.data.mean, self.data.std, self.device,
+                                      self.cfg.robustness, batch_size=self.cfg.data.eval_batch_size)
+
     def teacher_metrics(self) -> dict:
         """Frozen-teacher analysis on the validation split, computed once (teachers do not change)."""
         if self._teacher_metrics is None:
@@ -253,6 +264,8 @@ class Run:
             if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
                 metrics.update(self.evaluate("val"))
                 metrics.update(self.teacher_metrics())
+                if cfg.robustness.enabled:
+                    metrics.update(self.robustness_metrics())
                 self.best_val_top1 = max(self.best_val_top1, metrics["val_top1"])
             elif self.history:  # keep the metric present in every report (Tune requires it)
                 metrics.update({k: v for k, v in self.history[-1].items() if k.startswith("val_")})

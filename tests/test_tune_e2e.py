@@ -1,4 +1,4 @@
-"""End-to-end sweeps on CPU with Ray, Optuna, ASHA and MLflow: a smoke sweep, and a killed-then-resumed sweep.
+"""End-to-end sweeps on CPU with Ray, Optuna, ASHA and MLflow: a smoke sweep (killed sweeps: tests/reliability/).
 
 Tiny on purpose (2 cores in CI): resnet8 students on 300 real Fashion-MNIST images for 3 epochs, a random-init
 resnet8 teacher, the offline tiny CLIP, caches built once by the driver.
@@ -8,14 +8,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 from mlflow.entities import ViewType
 
 try:
@@ -197,109 +193,4 @@ def _find_study(obj, depth: int = 0):
     return None
 
 
-# ----- kill the driver mid-sweep, then --resume --------------------------------------------------------------
-
-def kill_spec(assets: Path, work: Path) -> dict:
-    return {
-        "name": "killme",
-        "config": {
-            "device": "cpu",
-            "data": {"dataset": "fashion_mnist", "root": str(assets / "fmnist"), "val_fraction": 0.25,
-                     "batch_size": 64, "augment": "none"},
-            "student": {"arch": "resnet8"},
-            "teacher": {"arch": "resnet8", "checkpoint": str(assets / "teacher.pth")},
-            "loss": {"method": "kd"},
-            "teaching": {"mode": "cached", "cache_dir": str(work / "cache")},
-            "optim": {"lr": 0.05, "schedule": "cosine", "milestones": []},
-            "train": {"epochs": 3},
-        },
-        "space": {"loss.temperature": {"sampler": "uniform", "low": 1.0, "high": 6.0},
-                  "loss.logit_weight": {"sampler": "choice", "values": [1.0, 3.0]}},
-        "tune": {"num_samples": 4, "max_concurrent": 2, "scheduler": "fifo", "resources": {"cpu": 1},
-                 "storage_path": str(work / "runs")},
-        "mlflow": {"tracking_uri": f"sqlite:///{work}/runs/mlflow.db", "experiment": "killme"},
-    }
-
-
-def _env() -> dict:
-    return {**os.environ, **ENV}
-
-
-@pytest.mark.slow
-def test_killed_driver_resumes_to_num_samples_without_duplicate_or_dangling_runs(tmp_path_factory, tmp_path):
-    from ray.tune import ExperimentAnalysis
-
-    from richkd.tune.mlflow_callback import PARENT_TAG, TRIAL_TAG, client_for
-
-    assets = make_assets(tmp_path_factory.getbasetemp() / "tune_assets", clip=False)
-    work = tmp_path / "work"
-    spec_file = tmp_path / "killme.yaml"
-    spec_file.write_text(yaml.safe_dump(kill_spec(assets, work)))
-    exp = work / "runs" / "killme"
-    log1 = open(tmp_path / "driver1.log", "w")
-    driver = subprocess.Popen([sys.executable, "-m", "richkd", "sweep", str(spec_file), "--num-cpus", "2", "-q"],
-                              cwd=tmp_path, env=_env(), stdout=log1, stderr=subprocess.STDOUT,
-                              start_new_session=True)
-    def wait_for(condition, what: str):
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            rows = trial_results(str(exp))
-            found = condition(rows)
-            if found:
-                return found
-            if driver.poll() is not None:
-                pytest.fail(f"the sweep ended before {what}:\n{(tmp_path / 'driver1.log').read_text()}")
-            time.sleep(0.3)
-        pytest.fail(f"timed out waiting for {what}:\n" + (tmp_path / "driver1.log").read_text())
-
-    try:
-        # 1. a worker dies mid-trial: FailureConfig retries the trial from its own last checkpoint
-        victim, first_rows = wait_for(lambda rows: next(((k, r) for k, r in rows.items() if len(r) == 1), None),
-                                      "a trial's first epoch")
-        os.kill(first_rows[-1]["pid"], signal.SIGKILL)     # that trial's Ray worker (a process this test started)
-        resumed_rows = wait_for(lambda rows: rows.get(victim) if len(rows.get(victim, [])) >= 2 and
-                                rows[victim][-1]["pid"] != first_rows[-1]["pid"] else None, "the retried trial")
-        # 2. kill the driver once one trial finished and another has started
-        wait_for(lambda rows: any(len(r) >= 3 for r in rows.values()) and len(rows) >= 2, "a finished trial")
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)     # the driver's own process group (started above)
-        driver.wait()
-        log1.close()
-    # the retried trial continued after its checkpointed epoch instead of starting over
-    assert [r["training_iteration"] for r in resumed_rows] == list(range(1, len(resumed_rows) + 1))
-    assert resumed_rows[1]["iterations_since_restore"] == 1
-    finished_before = {k.replace("trial_", "") for k, r in trial_results(str(exp)).items() if len(r) >= 3}
-    client = client_for(f"sqlite:///{work}/runs/mlflow.db")
-    meta = json.loads((exp / "richkd_sweep.json").read_text())
-    parent = meta["parent_run_id"]
-
-    def children(view=ViewType.ACTIVE_ONLY):
-        return client.search_runs([meta["experiment_id"]], filter_string=f"tags.`{PARENT_TAG}` = '{parent}'",
-                                  run_view_type=view)
-
-    runs_before = {c.data.tags[TRIAL_TAG]: c.info.run_id for c in children()}
-    assert client.get_run(parent).info.status == "RUNNING"      # the killed driver could not close it
-    time.sleep(2)                                               # let Ray's reaper stop the orphaned workers
-
-    resumed = subprocess.run([sys.executable, "-m", "richkd", "sweep", "--resume", "killme", "--storage",
-                              str(work / "runs"), "--num-cpus", "2", "-q"], cwd=tmp_path, env=_env(),
-                             capture_output=True, text=True, timeout=400)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    analysis = ExperimentAnalysis(str(exp))
-    assert len(analysis.trials) == 4                            # num_samples reached, not exceeded
-    assert all(t.status == "TERMINATED" for t in analysis.trials)
-    assert all(int(t.last_result["training_iteration"]) == 3 for t in analysis.trials)
-    active = children()
-    trial_ids = sorted(c.data.tags[TRIAL_TAG] for c in active)
-    assert trial_ids == sorted(t.trial_id for t in analysis.trials)   # one run per trial, no duplicates
-    assert all(r.info.status != "RUNNING" for r in children(ViewType.ALL))
-    assert client.get_run(parent).info.status == "FINISHED"
-    by_trial = {c.data.tags[TRIAL_TAG]: c.info.run_id for c in active}
-    for trial_id in finished_before:
-        assert by_trial[trial_id] == runs_before[trial_id]      # runs of finished trials were kept
-    for trial_id, run_id in runs_before.items():
-        if trial_id in by_trial:
-            assert by_trial[trial_id] == run_id                 # interrupted trials continued their runs
-    for c in active:
-        steps = [m.step for m in client.get_metric_history(c.info.run_id, "val_top1")]
-        assert steps == sorted(set(steps)) and steps[-1] == 3   # no epoch logged twice
+# Killed trial workers and drivers (SIGKILL, then --resume): tests/reliability/test_sweep_kills.py

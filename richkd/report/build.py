@@ -14,6 +14,7 @@ INDEX = "index.html"
 CURVES_PNG = "curves.png"
 PARAMS_PNG = "params.png"
 IMPORTANCES_PNG = "importances.png"
+PARETO_PNG = "pareto.png"               # multi-objective sweeps only
 ARTIFACT_DIR = "report"
 
 
@@ -74,7 +75,8 @@ def build_report(sweep: str, storage: Optional[str] = None, tracking_uri: Option
     written: list[Path] = []
     for key, name, draw in (("curves", CURVES_PNG, lambda p: figures.learning_curves(data, p)),
                             ("params", PARAMS_PNG, lambda p: figures.param_scatter(data, p)),
-                            ("importances", IMPORTANCES_PNG, lambda p: figures.importance_bars(importances, p))):
+                            ("importances", IMPORTANCES_PNG, lambda p: figures.importance_bars(importances, p)),
+                            ("pareto", PARETO_PNG, lambda p: figures.pareto_scatter(data, p))):
         path = draw(out / name)
         if path is None:
             _remove_stale(out / name)

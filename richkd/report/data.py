@@ -72,10 +72,32 @@ class ReportData:
         return self.spec.tune.mode
 
     @property
+    def objectives(self) -> list:
+        """[(metric, mode), ...]: one pair, or several for a multi-objective sweep."""
+        return list(self.spec.tune.objective_pairs)
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    @property
+    def front(self) -> list:
+        """Pareto-front rows (reached max_t, non-dominated in the objectives) of a multi-objective sweep, else []."""
+        if not self.multi_objective:
+            return []
+        from richkd.pareto import front_rows
+
+        return front_rows(self.rows, [m for m, _ in self.objectives], [d for _, d in self.objectives])
+
+    @property
     def best(self):
-        """The trial `richkd export` selects: the best LAST value among trials that reached max_t, or None."""
+        """The trial `richkd export` selects: the best LAST value among trials that reached max_t, or None
+        (for a multi-objective sweep: the Pareto-front member best by the first objective)."""
         from richkd.tune.results import survivors
 
+        if self.multi_objective:
+            front = self.front
+            return front[0] if front else None
         alive = survivors(self.rows)
         return alive[0] if alive else None
 

@@ -275,3 +275,65 @@ def importance_bars(importances, path: Path) -> Optional[Path]:
     ax.grid(True, axis="x", alpha=0.25)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def pareto_scatter(data, path: Path) -> Optional[Path]:
+    """Multi-objective sweeps: one panel per pair of objectives (last values), Pareto-front trials highlighted.
+
+    Front members (non-dominated over ALL objectives among trials that reached max_t) are large diamonds labelled
+    with their trial id; other trials that reached max_t are small coloured dots; ASHA-stopped trials are hollow
+    grey (their values come from fewer epochs and never enter the front). A 2-D panel of a 3-objective front can
+    show a front member below another: it wins on an objective not drawn in that panel.
+    """
+    import itertools
+
+    objectives = data.objectives
+    if len(objectives) < 2:
+        return None
+    from richkd.pareto import objective_values
+
+    front = data.front
+    front_ids = {r.trial_id for r in front}
+    label_offset = {r.trial_id: (6, 5 if i % 2 == 0 else -11) for i, r in enumerate(front)}   # near points stay legible
+    best = data.best
+    pairs = list(itertools.combinations(range(len(objectives)), 2))[:3]
+    points = [(r, {m: r.metrics.get(m) for m, _ in objectives}) for r in data.rows]
+    drawable = [(r, v) for r, v in points if objective_values(r, [m for m, _ in objectives]) is not None]
+    if not drawable:
+        return None
+    colors = trial_colors(data.rows)
+    fig = _figure(4.6 * len(pairs) + 0.4, 4.4)
+    axes = fig.subplots(1, len(pairs), squeeze=False)[0]
+    for ax, (i, j) in zip(axes, pairs):
+        (mx, dx), (my, dy) = objectives[i], objectives[j]
+        for r, v in sorted(drawable, key=lambda rv: (rv[0].trial_id in front_ids, rv[0].outcome == "completed")):
+            x, y = v[mx], v[my]
+            if r.trial_id in front_ids:
+                is_best = best is not None and r is best
+                ax.scatter([x], [y], s=150 if is_best else 95, marker="*" if is_best else "D", color="#d4a017",
+                           edgecolors="black", linewidths=0.9, zorder=5)
+                ax.annotate(r.trial_id, (x, y), textcoords="offset points", xytext=label_offset[r.trial_id],
+                            fontsize=7.5, zorder=6)
+            elif r.outcome == "completed":
+                ax.scatter([x], [y], s=34, marker="o", color=colors[r.trial_id], edgecolors="black",
+                           linewidths=0.3, alpha=0.85, zorder=3)
+            elif r.outcome in ("error", "nonfinite_loss"):
+                continue
+            else:
+                ax.scatter([x], [y], s=30, marker="o", facecolors="none", edgecolors=STOPPED, linewidths=1.2,
+                           zorder=2)
+        done = [v for r, v in drawable if r.outcome == "completed"]
+        for name, set_lim in ((mx, ax.set_xlim), (my, ax.set_ylim)) if done else ():   # fit the front's candidates
+            lo, hi = min(v[name] for v in done), max(v[name] for v in done)
+            pad = 0.08 * (hi - lo) if hi > lo else max(abs(hi) * 0.02, 1e-3)
+            set_lim(lo - pad, hi + pad)
+        ax.set_xlabel(f"{mx} ({_better(dx)})", fontsize=9)
+        ax.set_ylabel(f"{my} ({_better(dy)})", fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.grid(True, alpha=0.25)
+    fig.suptitle(f"Pareto front: {len(front)} non-dominated of "
+                 f"{sum(1 for r in data.rows if r.outcome == 'completed')} trials that reached max_t (gold diamonds; "
+                 "star = best by the first objective); dots: dominated; hollow grey: stopped early (axes fit the "
+                 "trials that reached max_t)", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    return _save(fig, path)

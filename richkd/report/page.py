@@ -130,6 +130,8 @@ def header_html(data, mlflow_note: str) -> str:
     ]
     if counts.get("unfinished"):
         stats.insert(5, _stat("unfinished", counts["unfinished"]))
+    if data.multi_objective:
+        stats.append(_stat(f"Pareto front ({len(data.objectives)} objectives)", len(data.front)))
     parts = [f'<section class="card"><div class="stats">{"".join(stats)}</div>']
     if best is not None:
         cfg = "".join(f"<li>{esc(k)} = {_cell(v, 40)}</li>" for k, v in best.sampled.items())
@@ -194,6 +196,38 @@ def leaderboard_html(data) -> str:
             "– = conditional entry not active for that trial.</p>")
 
 
+def pareto_html(data, image: Optional[str]) -> str:
+    """Figure + table of the Pareto-front trials of a multi-objective sweep."""
+    objectives = data.objectives
+    front = data.front
+    best = data.best
+    fig = _figure(image, "Pareto front of the objectives",
+                  "Each panel is a pair of objectives (last values on the validation split).",
+                  "no trial reached max_t with finite values of every objective")
+    if not front:
+        return fig
+    cells = ('<th class="num">rank</th><th>trial</th>'
+             + "".join(f'<th class="num">{esc(m)} ({esc(d)})</th>' for m, d in objectives)
+             + "".join(f"<th>{_breakable(k)}</th>" for k in data.spec.space_keys) + "<th>config</th>")
+    body = []
+    for r in front:
+        star = " ★" if best is not None and r is best else ""
+        row = [f'<td class="num">{esc(r.rank)}</td>', f"<td><code>{esc(r.trial_id)}</code>{star}</td>"]
+        row += [f'<td class="num">{esc(fmt(r.metrics.get(m)))}</td>' for m, _ in objectives]
+        row += [f"<td>{_cell(r.sampled.get(k))}</td>" if k in r.sampled else '<td class="sub">–</td>'
+                for k in data.spec.space_keys]
+        cfg = data.export_dir / "pareto" / f"{r.trial_id}.yaml"
+        row.append(f'<td><a href="{esc(_rel(cfg, data.out_dir))}">{esc(cfg.name)}</a></td>' if cfg.is_file()
+                   else '<td class="sub">run richkd export</td>')
+        body.append(f'<tr class="{"best" if star else "completed"}">{"".join(row)}</tr>')
+    n_done = sum(1 for r in data.rows if r.outcome == "completed")
+    note = (f"{len(front)} of {n_done} trials that reached max_t are non-dominated: no other such trial is at least "
+            "as good in every objective and better in one. ASHA-stopped trials are excluded (fewer epochs; Optuna was "
+            "told PRUNED). ★ = best by the first objective (best_config.yaml).")
+    return (f"{fig}<div class=\"scroll\"><table><thead><tr>{cells}</tr></thead><tbody>{''.join(body)}</tbody>"
+            f'</table></div><p class="meta">{esc(note)}</p>')
+
+
 def importances_html(importances, image: Optional[str], metric: str) -> str:
     if not importances.values:
         return (f"<p>No parameter importances for this sweep.</p>{_notes(importances.notes)}")
@@ -235,6 +269,8 @@ def render_page(data, importances, images: dict, mlflow_note: str, notes: Sequen
         + _figure(images.get("curves"), "learning curves of all trials", stopped_note,
                   f"no trial has a finite {data.metric} yet")
         + _notes(curve_notes) + "</section>",
+        ('<section class="card"><h2>Pareto front (' + esc(", ".join(m for m, _ in data.objectives)) + ")</h2>"
+         + pareto_html(data, images.get("pareto")) + "</section>") if data.multi_objective else "",
         '<section class="card"><h2>Searched values vs metric</h2>'
         + _figure(images.get("params"), "searched hyperparameters vs final metric",
                   f"Each point is a trial: x = its sampled value, y = its last {data.metric}. Categorical values are "

@@ -20,7 +20,9 @@ SWEEP_EPILOG = """examples:
 def _user_errors() -> tuple:
     from richkd.config import ConfigError
 
-    errors: list = [ConfigError, FileNotFoundError]
+    from richkd.io import OutputError
+
+    errors: list = [ConfigError, FileNotFoundError, OutputError]
     try:
         from richkd.export import ExportError
 
@@ -77,6 +79,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if args.check:
             print(f"spec {spec.name!r} is valid: {len(spec.params)} searched keys, {spec.tune.num_samples} samples, "
                   f"{spec.tune.search.algorithm} + {spec.tune.scheduler.type} (max_t={spec.max_t}), "
+                  + (f"objectives {', '.join(f'{m} ({d})' for m, d in spec.tune.objective_pairs)} (ASHA uses "
+                     f"{spec.tune.metric}), " if spec.tune.multi_objective else "") +
                   f"{len(spec.cache_probe_configs())} cache configuration(s); results -> {spec.experiment_path}")
             return 0
         from richkd.tune.runner import describe_outcome, run_sweep
@@ -97,7 +101,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         from richkd.export import describe_export, export_sweep
 
-        result = export_sweep(args.sweep, storage=args.storage, tracking_uri=args.tracking_uri, out_dir=args.out)
+        pareto = None if args.pareto is None else [m for m in args.pareto.split(",") if m.strip()]
+        result = export_sweep(args.sweep, storage=args.storage, tracking_uri=args.tracking_uri, out_dir=args.out,
+                              pareto=pareto)
         from richkd.tune.runner import read_sweep_meta
 
         metric = read_sweep_meta(args.sweep, args.storage)[1]["spec"]["tune"]["metric"]
@@ -188,6 +194,10 @@ def add_commands(subparsers) -> None:
                                      "tune_runs/smoke/best_config.yaml")
     p.add_argument("sweep", help="sweep name (under --storage) or its folder")
     p.add_argument("--out", help="output folder (default: the sweep's folder)")
+    p.add_argument("--pareto", nargs="?", const="", metavar="METRICS",
+                   help="also write pareto_front.json + pareto/<trial>.yaml: the non-dominated trials of the sweep's "
+                        "objectives (automatic for multi-objective sweeps) or of the comma-separated METRICS, "
+                        "e.g. --pareto val_top1,val_corrupt_top1")
     _storage_args(p)
     p.set_defaults(func=cmd_export)
 

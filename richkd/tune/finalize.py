@@ -3,7 +3,8 @@
 This is the only sweep command that reads the test split (run_training(final=True)); selection of the K
 configs used the validation split only. The sweep's shortened ASHA schedule misranks step-LR recipes at early
 rungs (ecosystem.md §1.3), so `finalize.overrides` in the spec (e.g. train.epochs: 240, optim.schedule: step)
-restore the paper's full schedule here.
+restore the paper's full schedule here. In a multi-objective sweep the finalists are Pareto-front members (the
+trade-offs the sweep found), in the order of the first objective; trials off the front are never re-run.
 """
 from __future__ import annotations
 
@@ -68,7 +69,12 @@ def finalize_sweep(sweep: str, *, top: Optional[int] = None, seeds: Optional[int
     if top < 1 or n_seeds < 1:
         raise ConfigError("finalize: --top and --seeds must be >= 1")
     extra = dict(overrides) if isinstance(overrides, Mapping) else dict(parse_override(o) for o in overrides)
-    chosen = survivors(rows)[:top]
+    if spec.tune.multi_objective:
+        from richkd.export import compute_front
+
+        chosen = compute_front(rows, spec, list(spec.tune.objective_pairs))[:top]
+    else:
+        chosen = survivors(rows)[:top]
     tracker = _Tracker(meta) if meta.get("tracking_uri") and meta.get("parent_run_id") else None
     results: list[FinalistResult] = []
     for rank, row in enumerate(chosen, start=1):

@@ -8,6 +8,7 @@ per trial tagged `mlflow.parentRunId`, logs the full flat config as params, per-
 value). `get_state` / `set_state` carry the trial -> run map through Tune's experiment checkpoints, and runs
 are also found by their `richkd.trial_id` + `richkd.config_hash` tags, so a restored sweep continues the same
 child runs; runs of trials the restored sweep never heard of are closed and deleted, none stay RUNNING.
+Writes go through a bounded, retrying outbox (mlflow_outbox.py): a stopped tracking server never stops training.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from typing import Iterable, Optional
 
 from ray.tune import Callback
 
+from richkd.tune.mlflow_outbox import Outbox
 from richkd.tune.space import SweepSpec, TrialPlan
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,13 @@ HASH_TAG = "richkd.config_hash"
 OUTCOME_TAG = "richkd.outcome"       # completed | stopped_early | nonfinite_loss | error | interrupted
 PARENT_TAG = "mlflow.parentRunId"
 # Tune's bookkeeping keys are not model metrics; everything else numeric in a report is logged.
+# How long the end of a sweep keeps retrying writes a stopped tracking server could not take (then: one error).
+FINAL_WAIT_ENV = "RICHKD_MLFLOW_FINAL_WAIT_S"
+FINAL_WAIT_S = 30.0
+# MLflow's HTTP client retries a dead server 7 times with doubling back-off (minutes per call) by default; the
+# sweep buffers and retries writes itself, so each request may fail fast. Explicit user settings win.
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 _TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "time_since_restore",
               "iterations_since_restore", "done", "should_checkpoint", "checkpoint_dir_name"}
 
@@ -46,6 +55,9 @@ def client_for(tracking_uri: str):
 
     if tracking_uri.startswith("sqlite:///"):
         Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    if tracking_uri.startswith(("http://", "https://")):
+        for key, value in HTTP_RETRY_DEFAULTS.items():
+            os.environ.setdefault(key, value)
     return MlflowClient(tracking_uri=tracking_uri)
 
 
@@ -103,10 +115,10 @@ def log_params(client, run_id: str, params: dict) -> None:
         client.log_batch(run_id, params=chunk, synchronous=True)
 
 
-def log_metrics(client, run_id: str, metrics: dict, step: int = 0) -> None:
+def log_metrics(client, run_id: str, metrics: dict, step: int = 0, timestamp_ms: Optional[int] = None) -> None:
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
+    now = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
     entries = [Metric(str(k), float(v), now, int(step)) for k, v in metrics.items()]
     for chunk in _chunks(entries, 1000):
         client.log_batch(run_id, metrics=chunk, synchronous=True)
@@ -142,6 +154,7 @@ def create_parent_run(spec: SweepSpec, client, experiment_id: str) -> str:
     t = spec.tune
     log_params(client, run_id, {
         "tune.metric": t.metric, "tune.mode": t.mode, "tune.num_samples": t.num_samples,
+        **({"tune.objectives": json.dumps(t.metrics), "tune.modes": json.dumps(t.modes)} if t.multi_objective else {}),
         "tune.search": t.search.algorithm, "tune.search_seed": t.search.seed,
         "tune.scheduler": t.scheduler.type, "tune.grace_period": t.scheduler.grace_period,
         "tune.reduction_factor": t.scheduler.reduction_factor, "tune.max_t": spec.max_t,
@@ -171,7 +184,12 @@ def child_runs(client, experiment_id: str, parent_run_id: str, kind: str = "tria
 # ----- the callback -----------------------------------------------------------------------------------
 
 class MlflowSweepCallback(Callback):
-    """Driver-side Tune callback (see module doc). Picklable: the MLflow client is rebuilt on demand."""
+    """Driver-side Tune callback (see module doc). Picklable: the MLflow client is rebuilt on demand.
+
+    Hooks never talk to MLflow directly: they queue writes (plain tuples) in a `mlflow_outbox.Outbox` and flush
+    it, so a stopped tracking server neither crashes nor stalls the sweep; the queue is part of `get_state`,
+    so even writes still pending when the driver is killed are sent by `--resume`.
+    """
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, plan: TrialPlan,
                  sweep_name: str) -> None:
@@ -181,10 +199,13 @@ class MlflowSweepCallback(Callback):
         self.plan = plan
         self.sweep_name = sweep_name
         self._runs: dict[str, str] = {}          # trial_id -> run_id
-        self._logged_step: dict[str, int] = {}    # trial_id -> last training_iteration logged
+        self._logged_step: dict[str, int] = {}    # trial_id -> last training_iteration queued for logging
+        self._server_step: dict[str, int] = {}    # trial_id -> last step the store held when its run was reopened
+        self._params_pending: set[str] = set()    # trial ids whose run exists but whose params are not logged yet
         self._ended: set[str] = set()             # trial ids whose run got its summary
         self._total: Optional[int] = None
         self._client = None
+        self.outbox = Outbox(tracking_uri)
 
     # -- pickling / Tune state --
     def __getstate__(self) -> dict:
@@ -194,12 +215,13 @@ class MlflowSweepCallback(Callback):
 
     def get_state(self) -> Optional[dict]:
         return {"runs": dict(self._runs), "logged_step": dict(self._logged_step), "ended": sorted(self._ended),
-                "parent_run_id": self.parent_run_id}
+                "parent_run_id": self.parent_run_id, "outbox": self.outbox.export()}
 
     def set_state(self, state: dict) -> None:
         self._runs.update(state.get("runs", {}))
         self._logged_step.update(state.get("logged_step", {}))
         self._ended.update(state.get("ended", []))
+        self.outbox.restore(state.get("outbox", {}))
 
     @property
     def client(self):
@@ -207,26 +229,26 @@ class MlflowSweepCallback(Callback):
             self._client = client_for(self.tracking_uri)
         return self._client
 
-    # -- Tune hooks --
+    # -- Tune hooks: queue, then flush --
     def setup(self, stop=None, num_samples=None, total_num_samples=None, **info) -> None:
         self._total = total_num_samples or num_samples
-        run = self.client.get_run(self.parent_run_id)
-        if run.info.status != "RUNNING":  # a resumed sweep: reopen the parent
-            self.client.update_run(self.parent_run_id, status="RUNNING")
+        self._send(("reopen_parent",))
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
-        self._open(trial)
+        self._ended.discard(trial.trial_id)
+        self._send(self._open_op(trial))
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
-        run_id = self._runs.get(trial.trial_id) or self._open(trial)
         step = int(result.get("training_iteration", 0))
         if step <= self._logged_step.get(trial.trial_id, 0):
             return  # an epoch re-run after a restore from an older checkpoint: keep the first record
         metrics = numeric_metrics(result)
         if "time_this_iter_s" in result:
             metrics["tune_iter_time_s"] = float(result["time_this_iter_s"])
-        log_metrics(self.client, run_id, metrics, step=step)
+        if trial.trial_id not in self._runs and not self._queued_open(trial.trial_id):
+            self.outbox.put(self._open_op(trial))
         self._logged_step[trial.trial_id] = step
+        self._send(("metrics", trial.trial_id, step, metrics, int(time.time() * 1000)))
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         self._close(trial, error=False)
@@ -235,48 +257,103 @@ class MlflowSweepCallback(Callback):
         self._close(trial, error=True)
 
     def on_experiment_end(self, trials: list, **info) -> None:
-        self._cleanup_orphans(trials)
         finished = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
+        self.outbox.put(("cleanup", [t.trial_id for t in trials]))
         for t in trials:
-            if t.trial_id in self._runs and t.trial_id not in self._ended and t.status not in ("TERMINATED", "ERROR"):
+            if t.trial_id not in self._ended and t.status not in ("TERMINATED", "ERROR"):
                 # unfinished trial of an interrupted sweep: not RUNNING any more; `--resume` reopens it
-                set_tags(self.client, self._runs[t.trial_id], {OUTCOME_TAG: "interrupted"})
-                self.client.set_terminated(self._runs[t.trial_id], status="KILLED")
+                self.outbox.put(("interrupted", t.trial_id))
         complete = self._total is not None and len(finished) >= self._total and len(finished) == len(trials)
-        summary = sweep_summary(trials, self.plan)
-        if summary:
-            log_metrics(self.client, self.parent_run_id, summary)
-        self.client.set_terminated(self.parent_run_id, status="FINISHED" if complete else "KILLED")
+        self.outbox.put(("end_parent", sweep_summary(trials, self.plan), "FINISHED" if complete else "KILLED"))
+        wait_s = float(os.environ.get(FINAL_WAIT_ENV, FINAL_WAIT_S))
+        if not self.outbox.drain(self._apply, self._reachable, wait_s):
+            trials_left = sorted({op[1] for op in self.outbox.ops if op[0] in ("open", "metrics", "close")})
+            log.error("MLflow at %s stayed unreachable for %.0f s after the sweep ended: %d writes were not logged "
+                      "(%s). Every metric is in Tune's results (trial_*/result.json in the experiment folder; "
+                      "`richkd export` reads them); the MLflow runs of this sweep are incomplete.",
+                      self.tracking_uri, wait_s, len(self.outbox),
+                      f"trials {', '.join(trials_left)}" if trials_left else "sweep summary")
+        elif self.outbox.dropped:
+            log.error("MLflow outbox overflowed during an outage: %d per-epoch metric records were not logged (they "
+                      "are in Tune's trial_*/result.json)", self.outbox.dropped)
 
-    # -- internals --
-    def _config_flat(self, trial) -> dict:
-        return self.plan.trial_config(trial.config).to_flat_dict()
+    # -- queueing --
+    def _send(self, op: tuple) -> None:
+        self.outbox.put(op)
+        self.outbox.flush(self._apply, self._reachable)
 
-    def _open(self, trial) -> str:
-        flat = self._config_flat(trial)
+    def _queued_open(self, trial_id: str) -> bool:
+        return any(op[0] == "open" and op[1] == trial_id for op in self.outbox.ops)
+
+    def _open_op(self, trial) -> tuple:
+        return ("open", trial.trial_id, dict(trial.config), str(trial))
+
+    def _close(self, trial, error: bool) -> None:
+        if trial.trial_id in self._ended:
+            return
+        result = {k: v for k, v in (trial.last_result or {}).items()
+                  if isinstance(v, (int, float, str)) and not k.startswith("config/")}
+        if trial.trial_id not in self._runs and not self._queued_open(trial.trial_id):
+            self.outbox.put(self._open_op(trial))
+        self._ended.add(trial.trial_id)
+        self._send(("close", trial.trial_id, error, result, _error_text(trial) if error else ""))
+
+    def _reachable(self) -> bool:
+        """A cheap read the store answers whenever it is up (the probe that tells "down" from "bad write")."""
+        self.client.get_experiment(self.experiment_id)
+        return True
+
+    # -- applying one queued write (may raise; the outbox retries or skips it) --
+    def _apply(self, op: tuple) -> None:
+        kind = op[0]
+        if kind == "reopen_parent":
+            if self.client.get_run(self.parent_run_id).info.status != "RUNNING":  # a resumed sweep
+                self.client.update_run(self.parent_run_id, status="RUNNING")
+        elif kind == "open":
+            self._apply_open(*op[1:])
+        elif kind == "metrics":
+            _, trial_id, step, metrics, stamp = op
+            if step > self._server_step.get(trial_id, 0):
+                log_metrics(self.client, self._runs[trial_id], metrics, step=step, timestamp_ms=stamp)
+        elif kind == "close":
+            self._apply_close(*op[1:])
+        elif kind == "interrupted":
+            if op[1] in self._runs:
+                set_tags(self.client, self._runs[op[1]], {OUTCOME_TAG: "interrupted"})
+                self.client.set_terminated(self._runs[op[1]], status="KILLED")
+        elif kind == "cleanup":
+            self._cleanup_orphans(op[1])
+        elif kind == "end_parent":
+            if op[1]:
+                log_metrics(self.client, self.parent_run_id, op[1])
+            self.client.set_terminated(self.parent_run_id, status=op[2])
+        else:  # pragma: no cover - a queue written by another version
+            log.warning("unknown MLflow outbox entry %r skipped", kind)
+
+    def _apply_open(self, trial_id: str, config: dict, name: str) -> None:
+        flat = self.plan.trial_config(config).to_flat_dict()
         digest = config_hash(flat)
-        run_id = self._runs.get(trial.trial_id)
+        run_id = self._runs.get(trial_id)
         if run_id is None:
-            run_id = self._find_existing(trial.trial_id, digest)
+            run_id = self._find_existing(trial_id, digest)
         if run_id is not None:
-            self._runs[trial.trial_id] = run_id
+            self._runs[trial_id] = run_id
             run = self.client.get_run(run_id)
             if run.info.status != "RUNNING":
                 self.client.update_run(run_id, status="RUNNING")
-            self._ended.discard(trial.trial_id)
             history = self.client.get_metric_history(run_id, "epoch")
             if history:
-                self._logged_step[trial.trial_id] = max(self._logged_step.get(trial.trial_id, 0),
-                                                        max(m.step for m in history))
-            return run_id
-        sampled = self.plan.active_sampled(trial.config)
-        tags = {PARENT_TAG: self.parent_run_id, KIND_TAG: "trial", SWEEP_TAG: self.sweep_name,
-                TRIAL_TAG: trial.trial_id, HASH_TAG: digest, "richkd.sampled": json.dumps(sampled, default=str)}
-        run = self.client.create_run(self.experiment_id, tags=tags, run_name=str(trial))
-        run_id = run.info.run_id
-        log_params(self.client, run_id, flat)
-        self._runs[trial.trial_id] = run_id
-        return run_id
+                self._server_step[trial_id] = max(self._server_step.get(trial_id, 0), max(m.step for m in history))
+        else:
+            sampled = self.plan.active_sampled(config)
+            tags = {PARENT_TAG: self.parent_run_id, KIND_TAG: "trial", SWEEP_TAG: self.sweep_name,
+                    TRIAL_TAG: trial_id, HASH_TAG: digest, "richkd.sampled": json.dumps(sampled, default=str)}
+            run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
+            self._runs[trial_id] = run_id       # recorded first: a retry after a failed params write reuses it
+            self._params_pending.add(trial_id)
+        if trial_id in self._params_pending:
+            log_params(self.client, run_id, flat)
+            self._params_pending.discard(trial_id)
 
     def _find_existing(self, trial_id: str, digest: str) -> Optional[str]:
         """A child run of this trial created after the last experiment snapshot (state lags the database)."""
@@ -285,11 +362,8 @@ class MlflowSweepCallback(Callback):
         runs = self.client.search_runs([self.experiment_id], filter_string=filt, max_results=5)
         return runs[0].info.run_id if runs else None
 
-    def _close(self, trial, error: bool) -> None:
-        if trial.trial_id in self._ended:
-            return
-        run_id = self._runs.get(trial.trial_id) or self._open(trial)
-        result = trial.last_result or {}
+    def _apply_close(self, trial_id: str, error: bool, result: dict, error_text: str) -> None:
+        run_id = self._runs[trial_id]
         # on_trial_complete runs before Tune flips the status to TERMINATED
         outcome = trial_outcome("ERROR" if error else "TERMINATED", result, self.plan.max_t)
         summary = self._summary(run_id, result)
@@ -299,31 +373,37 @@ class MlflowSweepCallback(Callback):
         if result.get("stop_reason"):
             tags["richkd.stop_reason"] = result["stop_reason"]
         if error:
-            tags["richkd.error"] = _error_text(trial)
+            tags["richkd.error"] = error_text
         set_tags(self.client, run_id, tags)
         status = "FAILED" if outcome in ("error", "nonfinite_loss") else "FINISHED"
         self.client.set_terminated(run_id, status=status)
-        self._ended.add(trial.trial_id)
 
     def _summary(self, run_id: str, result: dict) -> dict:
-        """best_<metric> over the logged history, final_<key> for the last report, epochs_run."""
-        metric, mode = self.plan.metric, self.plan.mode
+        """best_<metric> over the logged history (per objective), final_<key> for the last report, epochs_run."""
         out: dict = {}
-        values = [m.value for m in self.client.get_metric_history(run_id, metric) if math.isfinite(m.value)]
-        if values:
-            out[f"best_{metric}"] = max(values) if mode == "max" else min(values)
+        # getattr: a plan pickled into the experiment state before objectives existed has no such field
+        for metric, mode in (getattr(self.plan, "objectives", ()) or ((self.plan.metric, self.plan.mode),)):
+            values = [m.value for m in self.client.get_metric_history(run_id, metric) if math.isfinite(m.value)]
+            if values:
+                out[f"best_{metric}"] = max(values) if mode == "max" else min(values)
         for key, value in numeric_metrics(result).items():
             if not key.startswith(("best_", "final_")):
                 out[f"final_{key}"] = value
         out["epochs_run"] = float(result.get("training_iteration", 0) or 0)
         return out
 
-    def _cleanup_orphans(self, trials: list) -> None:
+    def _cleanup_orphans(self, trial_ids: list) -> None:
         """Close and delete child runs that belong to no trial of this sweep (created after the last snapshot
-        of a killed driver, for a trial the restored sweep never saw); keeps the run count = trial count."""
-        known = {self._runs[t.trial_id] for t in trials if t.trial_id in self._runs}
-        for run in child_runs(self.client, self.experiment_id, self.parent_run_id, kind="trial"):
-            if run.info.run_id in known:
+        of a killed driver, for a trial the restored sweep never saw); keeps the run count = trial count.
+
+        A trial's run is the one in the callback state, else (state set aside after a cut-short snapshot, see
+        richkd.tune.experiment_state) its earliest run tagged with the trial id; any other run is an orphan.
+        """
+        keep = {t: self._runs[t] for t in trial_ids if t in self._runs}
+        runs = child_runs(self.client, self.experiment_id, self.parent_run_id, kind="trial")
+        for run in sorted(runs, key=lambda r: r.info.start_time or 0):
+            trial_id = run.data.tags.get(TRIAL_TAG)
+            if trial_id in trial_ids and keep.setdefault(trial_id, run.info.run_id) == run.info.run_id:
                 continue
             set_tags(self.client, run.info.run_id, {OUTCOME_TAG: "orphaned"})
             if run.info.status == "RUNNING":

@@ -80,6 +80,18 @@ def storage_problem(t, n_nodes: int, mounts_text: Optional[str] = None) -> Optio
             "tune.shared_storage: true if it is shared but not detected as NFS/Lustre/...)")
 
 
+def check_outputs(spec: SweepSpec) -> None:
+    """Local folders the sweep writes (Tune storage, SQLite MLflow store) must be writable: one clear
+    OutputError before Ray starts, instead of a failure deep inside Tune after the caches were built."""
+    from richkd.io import ensure_writable
+
+    if not spec.tune.storage_is_uri:
+        ensure_writable(spec.tune.storage_path, "tune.storage_path")
+    uri = spec.mlflow.tracking_uri if spec.mlflow.enabled else ""
+    if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
+        ensure_writable(os.path.dirname(uri[len("sqlite:///"):]), "the folder of mlflow.tracking_uri")
+
+
 # ----- caches ------------------------------------------------------------------------------------------
 
 def prepare_sweep_caches(spec: SweepSpec, progress: bool = False) -> list[dict]:
@@ -204,6 +216,7 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, num_cpus: Optio
     if read_text(join_storage(path, SWEEP_META)) is not None or tune.Tuner.can_restore(path):
         raise SpecError(f"a sweep named {spec.name!r} already exists at {path}; continue it with "
                         f"`richkd sweep --resume {spec.name}`, or pick a new name with --name")
+    check_outputs(spec)
     started = init_ray(address, num_cpus, verbose=verbose >= 2)
     try:
         check_cluster(spec, embedded=address is None)
@@ -239,6 +252,11 @@ def resume_sweep(sweep: str, *, storage: Optional[str] = None, address: Optional
     if not tune.Tuner.can_restore(path):
         raise SpecError(f"sweep {spec.name!r} at {path} has no Tune experiment state (it was stopped before its first "
                         "snapshot); delete the folder and start it again")
+    check_outputs(spec)
+    if not spec.tune.storage_is_uri:
+        from richkd.tune.experiment_state import set_aside_unreadable
+
+        set_aside_unreadable(path)
     started = init_ray(address, num_cpus, verbose=verbose >= 2)
     try:
         check_cluster(spec, embedded=address is None)
@@ -288,7 +306,8 @@ def _outcome(spec: SweepSpec, results, meta: dict, wall_s: float) -> SweepOutcom
                         tracking_uri=meta.get("tracking_uri"), wall_s=wall_s)
 
 
-def describe_outcome(outcome: SweepOutcome, metric: str) -> str:
+def describe_outcome(outcome: SweepOutcome, metric) -> str:
+    metric = metric[0] if isinstance(metric, (list, tuple)) else metric   # multi-objective: the first objective
     parts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(outcome.counts.items()))
     lines = [f"sweep {outcome.name}: {outcome.num_trials} trials ({parts}) in {outcome.wall_s:.0f}s",
              f"  results: {outcome.experiment_path}"]

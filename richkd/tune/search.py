@@ -5,6 +5,13 @@ tells Optuna COMPLETE with the last reported value for every trial that reported
 ASHA stopped after 2 of 30 epochs enters TPE as if its epoch-2 accuracy were final and pollutes the "good"
 Parzen estimator. Here such trials are told PRUNED (Optuna then ranks them by their intermediate values,
 below the complete ones), and non-finite results FAIL.
+
+Multi-objective sweeps (tune.metric a list) hand Optuna the list of metrics and modes: the study gets one
+direction per objective and is told a list of values. Optuna cannot record intermediate values of a
+multi-objective trial (Trial.report raises), so an ASHA-stopped trial is told PRUNED with no values (allowed
+by optuna 5's tell): TPE ranks such trials after every complete one, and Optuna's own Pareto front
+(`study.best_trials`) holds COMPLETE trials only, matching the front that `richkd export` computes from the
+trials that reached max_t. ASHA itself sees only the first objective (Ray's TuneConfig takes one metric).
 """
 from __future__ import annotations
 
@@ -94,22 +101,27 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         self._time_attr = time_attr
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials or isinstance(self.metric, list) or trial_id not in self._ot_trials:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return super().on_trial_complete(trial_id, result=result, error=error)
-        value = result.get(self.metric) if result else None
-        if value is None:
+        multi = isinstance(self.metric, list)
+        values = [result.get(m) for m in self.metric] if (multi and result) else None
+        value = result.get(self.metric) if (result and not multi) else None
+        if (values is None and value is None) or (values is not None and all(v is None for v in values)):
             return super().on_trial_complete(trial_id, result=result, error=error)
         from optuna.trial import TrialState
 
         ot_trial = self._ot_trials[trial_id]
-        finite = isinstance(value, (int, float)) and math.isfinite(value)
+        finite = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                     for v in (values if multi else [value]))
         reached = (result.get(self._time_attr) or 0) >= self._max_t
         if error or not finite:
-            state, told = TrialState.FAIL, None
+            state, told = TrialState.FAIL, None     # also: an objective missing from the last report
         elif not reached:
-            state, told = TrialState.PRUNED, None   # Optuna records the last intermediate value itself
+            # single objective: Optuna records the last intermediate value itself; multi-objective trials have
+            # none (Trial.report is single-objective only), so the trial is PRUNED without values
+            state, told = TrialState.PRUNED, None
         else:
-            state, told = TrialState.COMPLETE, value
+            state, told = TrialState.COMPLETE, ([float(v) for v in values] if multi else value)
         try:
             self._ot_study.tell(ot_trial, told, state=state)
         except Exception as exc:  # e.g. told twice after a restore: keep the sweep going, as Ray does
@@ -135,8 +147,11 @@ def build_search_alg(spec: SweepSpec):
             storage = optuna.storages.RDBStorage(t.search.storage)
         from richkd.config import flatten
 
+        # lists for a multi-objective sweep (one study direction per objective); Ray's tune.py never overrides
+        # them: with an empty param_space it does not call the searcher's set_search_properties
+        metric, mode = (t.metrics, t.modes) if t.multi_objective else (t.metric, t.mode)
         searcher = PrunedAwareOptunaSearch(
-            space=OptunaSpace(flatten(spec.base_config.to_dict()), spec.params), metric=t.metric, mode=t.mode,
+            space=OptunaSpace(flatten(spec.base_config.to_dict()), spec.params), metric=metric, mode=mode,
             points_to_evaluate=points or None, sampler=sampler, study_name=spec.name, storage=storage,
             max_t=spec.max_t)
         return ConcurrencyLimiter(searcher, max_concurrent=t.max_concurrent)

@@ -37,6 +37,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import yaml
 
 from richkd.config import Config, ConfigError, dotted_keys, flatten, load_yaml_mapping
+from richkd.robustness.val_metrics import ROBUSTNESS_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,10 @@ SEARCH_ALGORITHMS = ("optuna", "random", "grid")
 SCHEDULERS = ("asha", "fifo")
 CONDITION_OPS = ("eq", "ne", "gt", "ge", "lt", "le", "in", "not_in")
 # Metrics the trainer reports every epoch (richkd.trainer.Run.train); the sweep metric must be one of them.
+# The robustness ones (val_corrupt_top1 / val_corrupt_ece) need config robustness.enabled, which the spec
+# loader switches on when an objective names them.
 KNOWN_METRICS = {"val_top1": "max", "val_top5": "max", "best_val_top1": "max", "val_loss": "min",
-                 "val_ece": "min", "train_loss": "min"}
+                 "val_ece": "min", "train_loss": "min", **ROBUSTNESS_METRICS}
 # Config keys holding paths: made absolute (against the current directory) before trials change directory.
 PATH_KEYS = ("data.root", "teacher.checkpoint", "clip.pretrained", "clip.prompt_set", "teaching.cache_dir",
              "train.checkpoint_dir")
@@ -201,7 +204,7 @@ class SchedulerSettings:
 
 @dataclass(frozen=True)
 class TuneSettings:
-    metric: str = "val_top1"
+    metric: str = "val_top1"              # the primary (first) objective: ASHA, ranking and best_config use it
     mode: str = "max"
     num_samples: int = 8
     search: SearchSettings = field(default_factory=SearchSettings)
@@ -215,6 +218,23 @@ class TuneSettings:
     checkpoint_num_to_keep: int = 1
     time_budget_s: Optional[float] = None
     reuse_actors: Optional[bool] = None   # None: reuse trial processes for CPU trials, fresh ones for GPU trials
+    objectives: tuple = ()                # ((metric, mode), ...) of a multi-objective sweep; () = (metric, mode)
+
+    @property
+    def objective_pairs(self) -> tuple:
+        return self.objectives or ((self.metric, self.mode),)
+
+    @property
+    def metrics(self) -> list[str]:
+        return [m for m, _ in self.objective_pairs]
+
+    @property
+    def modes(self) -> list[str]:
+        return [d for _, d in self.objective_pairs]
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objective_pairs) > 1
 
     @property
     def storage_is_uri(self) -> bool:
@@ -251,6 +271,11 @@ class TrialPlan:
     mode: str
     max_t: int
     gpu: float = 0.0
+    objectives: tuple = ()     # ((metric, mode), ...) when the sweep has several objectives
+
+    @property
+    def metrics(self) -> list[str]:
+        return [m for m, _ in getattr(self, "objectives", ())] or [self.metric]   # getattr: older pickles
 
     def effective_overrides(self, sampled: Mapping[str, Any]) -> dict:
         """Dotted overrides the sampled values amount to, dropping entries whose `when:` does not hold.
@@ -306,7 +331,8 @@ class SweepSpec:
 
     def plan(self) -> TrialPlan:
         return TrialPlan(base=self.base_config.to_dict(), params=self.params, metric=self.tune.metric,
-                         mode=self.tune.mode, max_t=self.max_t, gpu=self.tune.gpu)
+                         mode=self.tune.mode, max_t=self.max_t, gpu=self.tune.gpu,
+                         objectives=self.tune.objectives)
 
     def trial_config(self, sampled: Mapping[str, Any]) -> Config:
         return self.plan().trial_config(sampled)
@@ -398,6 +424,8 @@ def spec_from_mapping(raw: Mapping[str, Any], *, source: Optional[str] = None,
     params = _parse_space(raw.get("space") or {}, base_cfg)
     tune = _parse_tune(raw.get("tune") or {}, params, base_cfg)
     raw["tune"] = _tune_to_raw(tune)
+    base_cfg = _enable_objective_metrics(base_cfg, tune, params)
+    raw["config"] = base_cfg.to_dict()
     points = _parse_points(raw.get("points_to_evaluate") or [], params, tune)
     mlflow = _parse_mlflow(raw.get("mlflow") or {}, tune)
     raw["mlflow"] = {"enabled": mlflow.enabled, "tracking_uri": mlflow.tracking_uri,
@@ -426,11 +454,17 @@ def cache_affecting_prefixes() -> tuple[str, ...]:
     return tuple(CACHE_AFFECTING_PREFIXES)
 
 
+def _affects_cache(key: str, prefixes: tuple[str, ...]) -> bool:
+    from richkd.cache import CACHE_NEUTRAL_KEYS
+
+    return key.startswith(prefixes) and key not in CACHE_NEUTRAL_KEYS
+
+
 def cache_signature(cfg: Config) -> str:
     """What decides which caches a config reads: its cache-affecting keys and which teachers it uses."""
     prefixes = cache_affecting_prefixes()
     flat = {k: v for k, v in cfg.to_flat_dict().items()
-            if k.startswith(prefixes) and (cfg.uses_clip or not k.startswith("clip."))}
+            if _affects_cache(k, prefixes) and (cfg.uses_clip or not k.startswith("clip."))}
     blob = json.dumps({"flat": flat, "method": cfg.loss.method, "uses_clip": cfg.uses_clip},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -733,6 +767,9 @@ def _parse_space(space: Any, base: Config) -> tuple:
                 if q <= 0:
                     raise SpecError(f"{where}.q: must be > 0, got {q}")
                 steps = (high - low) / q
+                if not math.isfinite(steps) or steps > 1e9:
+                    raise SpecError(f"{where}: (high - low) / q = {steps:g} grid steps is too many (at most 1e9); "
+                                    "use a larger q or the uniform sampler")
                 if abs(steps - round(steps)) > 1e-9 * max(1.0, abs(steps)):
                     raise SpecError(f"{where}: (high - low) / q = {steps:g} must be a whole number so that high "
                                     "is on the grid")
@@ -744,7 +781,7 @@ def _parse_space(space: Any, base: Config) -> tuple:
 
 def _touches_cache(p: Param, prefixes: tuple[str, ...]) -> bool:
     keys = [k for b in p.variants.values() for k in b] if p.is_variant else [p.key]
-    return any(k.startswith(prefixes) for k in keys)
+    return any(_affects_cache(k, prefixes) for k in keys)
 
 
 def _check_cache_keys(params: Sequence[Param]) -> None:
@@ -770,24 +807,81 @@ def _one_of(value: Any, choices: Sequence[str], where: str) -> Any:
     return value
 
 
+def _parse_objectives(metric_raw: Any, mode_raw: Any) -> tuple:
+    """tune.metric (a name or a list of names) and tune.mode (the same shape, or absent) -> ((metric, mode), ...).
+
+    Each mode must be the direction KNOWN_METRICS gives (a mis-typed min/max would silently optimise the wrong
+    way); leaving mode out derives it. A one-element list is a single objective.
+    """
+    multi = isinstance(metric_raw, (list, tuple))
+    metrics = list(metric_raw) if multi else [metric_raw]
+    if not metrics:
+        raise SpecError("tune.metric: the list of objectives is empty; name one metric (val_top1) or several "
+                        "([val_top1, val_corrupt_top1, val_ece])")
+    for i, metric in enumerate(metrics):
+        where = f"tune.metric[{i}]" if multi else "tune.metric"
+        if not isinstance(metric, str) or metric not in KNOWN_METRICS:
+            raise SpecError(f"{where}: {metric!r} is not reported every epoch by the trainer"
+                            f"{_suggest(str(metric), KNOWN_METRICS)} (choose from {', '.join(KNOWN_METRICS)})")
+    dupes = sorted({m for m in metrics if metrics.count(m) > 1})
+    if dupes:
+        raise SpecError(f"tune.metric: {dupes[0]!r} is listed twice; each objective once")
+    if mode_raw is None:
+        modes = [KNOWN_METRICS[m] for m in metrics]
+    elif isinstance(mode_raw, (list, tuple)):
+        if not multi:
+            raise SpecError(f"tune.mode: a list {list(mode_raw)} needs tune.metric to be a list of the same length")
+        if len(mode_raw) != len(metrics):
+            raise SpecError(f"tune.mode: {len(mode_raw)} modes for {len(metrics)} objectives {metrics}; give one "
+                            f"mode per objective ({[KNOWN_METRICS[m] for m in metrics]}) or leave mode out")
+        modes = list(mode_raw)
+    elif multi and len(metrics) > 1:
+        raise SpecError(f"tune.mode: {mode_raw!r} is one mode for {len(metrics)} objectives; give a list "
+                        f"({[KNOWN_METRICS[m] for m in metrics]}) or leave mode out (derived per metric)")
+    else:
+        modes = [mode_raw]
+    for i, (metric, mode) in enumerate(zip(metrics, modes)):
+        where = f"tune.mode[{i}]" if multi and len(metrics) > 1 else "tune.mode"
+        if mode not in ("max", "min"):
+            raise SpecError(f"{where}: {mode!r} is not max or min")
+        if mode != KNOWN_METRICS[metric]:
+            better = "maximised" if KNOWN_METRICS[metric] == "max" else "minimised"
+            raise SpecError(f"{where}: {metric} should be {better}; set {where[len('tune.'):]}: "
+                            f"{KNOWN_METRICS[metric]} (or leave mode out)")
+    return tuple(zip(metrics, modes))
+
+
+def _enable_objective_metrics(base: Config, tune: TuneSettings, params: Sequence[Param]) -> Config:
+    """Switch on robustness evaluation when an objective is a robustness metric (it is off by default, and
+    costs extra forward passes, so it is computed only when enabled or needed)."""
+    needed = [m for m in tune.metrics if m in ROBUSTNESS_METRICS]
+    if not needed:
+        return base
+    for p in params:
+        keys = [k for b in p.variants.values() for k in b] if p.is_variant else [p.key]
+        if "robustness.enabled" in keys:
+            raise SpecError(f"space.{p.key}: robustness.enabled cannot be searched when the objective "
+                            f"{needed[0]} needs it; drop the entry (the sweep switches it on)")
+    if not base.robustness.enabled:
+        log.info("config.robustness.enabled switched on: the sweep objective %s needs it", needed[0])
+        base = base.with_overrides({"robustness.enabled": True})
+    return base
+
+
 def _parse_tune(raw: Any, params: Sequence[Param], base: Config) -> TuneSettings:
     _check_keys(raw, TUNE_KEYS, "tune")
-    metric = raw.get("metric", "val_top1")
-    if metric not in KNOWN_METRICS:
-        raise SpecError(f"tune.metric: {metric!r} is not reported every epoch by the trainer"
-                        f"{_suggest(metric, KNOWN_METRICS)} (choose one of {', '.join(KNOWN_METRICS)})")
-    mode = raw.get("mode", KNOWN_METRICS[metric])
-    if mode not in ("max", "min"):
-        raise SpecError(f"tune.mode: {mode!r} is not max or min")
-    if mode != KNOWN_METRICS[metric]:
-        raise SpecError(f"tune.mode: {metric} should be {'maximised' if KNOWN_METRICS[metric] == 'max' else 'minimised'}"
-                        f"; set mode: {KNOWN_METRICS[metric]}")
+    objectives = _parse_objectives(raw.get("metric", "val_top1"), raw.get("mode"))
+    metric, mode = objectives[0]
     num_samples = _number(raw.get("num_samples", 8), "tune.num_samples", integer=True)
     if num_samples < 1:
         raise SpecError(f"tune.num_samples: must be >= 1, got {num_samples}")
 
     s_raw = _subsection(raw.get("search"), "algorithm", SEARCH_KEYS, "tune.search")
     algorithm = _one_of(s_raw.get("algorithm", "optuna"), SEARCH_ALGORITHMS, "tune.search.algorithm")
+    if len(objectives) > 1 and algorithm != "optuna":
+        raise SpecError(f"tune.search.algorithm: {algorithm} cannot search {len(objectives)} objectives "
+                        f"{[m for m, _ in objectives]}; multi-objective search needs algorithm: optuna (or give "
+                        "tune.metric a single metric)")
     seed = _number(s_raw.get("seed", 0), "tune.search.seed", integer=True)
     n_startup = _number(s_raw.get("n_startup_trials", 10), "tune.search.n_startup_trials", integer=True)
     if n_startup < 0:
@@ -875,11 +969,12 @@ def _parse_tune(raw: Any, params: Sequence[Param], base: Config) -> TuneSettings
                         scheduler=SchedulerSettings(sch_type, grace, rf, brackets), max_concurrent=max_conc,
                         cpu=cpu, gpu=gpu, max_failures=max_failures, storage_path=storage_path,
                         shared_storage=shared, checkpoint_num_to_keep=keep, time_budget_s=budget,
-                        reuse_actors=reuse)
+                        reuse_actors=reuse, objectives=objectives if len(objectives) > 1 else ())
 
 
 def _tune_to_raw(t: TuneSettings) -> dict:
-    return {"metric": t.metric, "mode": t.mode, "num_samples": t.num_samples,
+    return {"metric": t.metrics if t.multi_objective else t.metric,
+            "mode": t.modes if t.multi_objective else t.mode, "num_samples": t.num_samples,
             "search": {"algorithm": t.search.algorithm, "seed": t.search.seed,
                        "n_startup_trials": t.search.n_startup_trials, "storage": t.search.storage},
             "scheduler": {"type": t.scheduler.type, "grace_period": t.scheduler.grace_period,

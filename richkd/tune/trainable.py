@@ -36,10 +36,11 @@ def _limit_gpu_memory(fraction: float) -> None:
 
 
 def load_checkpoint_state(directory: str | os.PathLike) -> dict:
-    import torch
+    """Our own TrainState (tensors and plain values), read with weights_only=True; a damaged or foreign file is
+    one ValueError naming it (the trial then fails cleanly, and Tune's FailureConfig decides what happens)."""
+    from richkd.trainer import load_train_state
 
-    # Our own TrainState (tensors and plain values), so weights_only=True loads it.
-    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+    return load_train_state(Path(directory) / STATE_FILE)
 
 
 def train_trial(config: dict, plan: TrialPlan) -> None:
@@ -81,5 +82,6 @@ def train_trial(config: dict, plan: TrialPlan) -> None:
     except NonFiniteLossError as exc:
         reason = f"non-finite loss: {exc}"
         log.warning("trial stops: %s", reason)
-        tune.report({plan.metric: float("nan"), "epoch": float(last_epoch[0] + 1), NONFINITE_KEY: 1.0,
-                     STOP_REASON_KEY: reason})
+        # every objective, not only the first: Tune checks that each searcher metric is in every report
+        tune.report({**{m: float("nan") for m in plan.metrics}, "epoch": float(last_epoch[0] + 1),
+                     NONFINITE_KEY: 1.0, STOP_REASON_KEY: reason})
