@@ -234,6 +234,7 @@ def test_user_yaml_prompt_set(tmp_path):
     ("templates: 'a {}'\n", "list of strings"),
     ("name: x\ntemplate: ['a {}']\n", "unknown key"),
     ("- 'a {}'\n", "mapping"),
+    ("templates: " + "[" * 3000 + "]" * 3000 + "\n", "nested too deeply"),
 ])
 def test_bad_prompt_set_files(tmp_path, body, match):
     path = tmp_path / "bad.yaml"

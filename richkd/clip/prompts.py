@@ -99,6 +99,9 @@ def _read_yaml(text: str, source: str, default_name: str) -> PromptSet:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise PromptSetError(f"prompt set {source}: not valid YAML ({exc})") from None
+    except RecursionError:
+        raise PromptSetError(f"prompt set {source}: nested too deeply (hundreds of levels); a prompt set is a "
+                             "mapping with `name:` and a flat `templates:` list") from None
     if not isinstance(data, dict):
         raise PromptSetError(f"prompt set {source}: expected a mapping with `name:` and `templates:` (a list of "
                              f"strings with one '{{}}' each), got {type(data).__name__}")
