@@ -16,8 +16,10 @@ import pytest
 
 try:
     from tests.test_tune_e2e import ENV, trial_results
+    from tests.test_tune_space import base_spec
 except ImportError:  # tests/ itself on sys.path
     from test_tune_e2e import ENV, trial_results
+    from test_tune_space import base_spec
 
 __all__ = ["ENV", "trial_results", "tiny_spec", "env", "start_sweep", "wait_for", "stop_group", "MlflowServer",
            "free_port"]
@@ -26,25 +28,19 @@ __all__ = ["ENV", "trial_results", "tiny_spec", "env", "start_sweep", "wait_for"
 def tiny_spec(assets: Path, work: Path, name: str, tracking_uri: Optional[str] = None, num_samples: int = 3,
               epochs: int = 3) -> dict:
     """A KD sweep (no CLIP) that is as cheap as a real sweep gets: resnet8 on 300 images, FIFO, 1 CPU per trial."""
-    return {
-        "name": name,
-        "config": {
-            "device": "cpu",
-            "data": {"dataset": "fashion_mnist", "root": str(assets / "fmnist"), "val_fraction": 0.25,
-                     "batch_size": 64, "augment": "none"},
-            "student": {"arch": "resnet8"},
-            "teacher": {"arch": "resnet8", "checkpoint": str(assets / "teacher.pth")},
-            "loss": {"method": "kd"},
-            "teaching": {"mode": "cached", "cache_dir": str(work / "cache")},
-            "optim": {"lr": 0.05, "schedule": "cosine", "milestones": []},
-            "train": {"epochs": epochs},
-        },
-        "space": {"loss.temperature": {"sampler": "uniform", "low": 1.0, "high": 6.0},
-                  "loss.logit_weight": {"sampler": "choice", "values": [1.0, 3.0]}},
-        "tune": {"num_samples": num_samples, "max_concurrent": 2, "scheduler": "fifo", "resources": {"cpu": 1},
-                 "storage_path": str(work / "runs")},
-        "mlflow": {"tracking_uri": tracking_uri or f"sqlite:///{work}/runs/mlflow.db", "experiment": name},
-    }
+    spec = base_spec(
+        assets, work, name=name,
+        space={"loss.temperature": {"sampler": "uniform", "low": 1.0, "high": 6.0},
+               "loss.logit_weight": {"sampler": "choice", "values": [1.0, 3.0]}},
+        tune={"num_samples": num_samples, "max_concurrent": 2, "scheduler": "fifo", "resources": {"cpu": 1},
+              "storage_path": str(work / "runs")},
+        mlflow={"tracking_uri": tracking_uri or f"sqlite:///{work}/runs/mlflow.db", "experiment": name})
+    config = spec["config"]
+    del config["clip"]
+    config.update(loss={"method": "kd"}, teaching={"mode": "cached", "cache_dir": str(work / "cache")},
+                  train={"epochs": epochs})
+    config["optim"]["milestones"] = []
+    return spec
 
 
 def env(**extra: str) -> dict:
