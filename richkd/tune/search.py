@@ -104,15 +104,13 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return super().on_trial_complete(trial_id, result=result, error=error)
         multi = isinstance(self.metric, list)
-        values = [result.get(m) for m in self.metric] if (multi and result) else None
-        value = result.get(self.metric) if (result and not multi) else None
-        if (values is None and value is None) or (values is not None and all(v is None for v in values)):
+        values = [result.get(m) for m in (self.metric if multi else [self.metric])] if result else []
+        if all(v is None for v in values):
             return super().on_trial_complete(trial_id, result=result, error=error)
         from optuna.trial import TrialState
 
         ot_trial = self._ot_trials[trial_id]
-        finite = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                     for v in (values if multi else [value]))
+        finite = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
         reached = (result.get(self._time_attr) or 0) >= self._max_t
         if error or not finite:
             state, told = TrialState.FAIL, None     # also: an objective missing from the last report
@@ -121,7 +119,7 @@ class PrunedAwareOptunaSearch(OptunaSearch):
             # none (Trial.report is single-objective only), so the trial is PRUNED without values
             state, told = TrialState.PRUNED, None
         else:
-            state, told = TrialState.COMPLETE, ([float(v) for v in values] if multi else value)
+            state, told = TrialState.COMPLETE, ([float(v) for v in values] if multi else values[0])
         try:
             self._ot_study.tell(ot_trial, told, state=state)
         except Exception as exc:  # e.g. told twice after a restore: keep the sweep going, as Ray does

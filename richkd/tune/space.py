@@ -133,6 +133,11 @@ class Param:
     def active(self, values: Mapping[str, Any]) -> bool:
         return all(c.holds(values) for c in self.when)
 
+    @property
+    def config_keys(self) -> list[str]:
+        """Every dotted config key this entry can set (a variant's keys across all its bundles)."""
+        return [k for b in self.variants.values() for k in b] if self.is_variant else [self.key]
+
     def overrides_for(self, value: Any) -> dict:
         """The dotted config keys this entry sets when it takes `value`."""
         if self.is_variant:
@@ -780,8 +785,7 @@ def _parse_space(space: Any, base: Config) -> tuple:
 
 
 def _touches_cache(p: Param, prefixes: tuple[str, ...]) -> bool:
-    keys = [k for b in p.variants.values() for k in b] if p.is_variant else [p.key]
-    return any(_affects_cache(k, prefixes) for k in keys)
+    return any(_affects_cache(k, prefixes) for k in p.config_keys)
 
 
 def _check_cache_keys(params: Sequence[Param]) -> None:
@@ -858,8 +862,7 @@ def _enable_objective_metrics(base: Config, tune: TuneSettings, params: Sequence
     if not needed:
         return base
     for p in params:
-        keys = [k for b in p.variants.values() for k in b] if p.is_variant else [p.key]
-        if "robustness.enabled" in keys:
+        if "robustness.enabled" in p.config_keys:
             raise SpecError(f"space.{p.key}: robustness.enabled cannot be searched when the objective "
                             f"{needed[0]} needs it; drop the entry (the sweep switches it on)")
     if not base.robustness.enabled:
