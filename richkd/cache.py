@@ -17,8 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 import numpy as np
 
 from richkd.config import ClipConfig, Config
-from richkd.io import OutputError, atomic_write_text, default_mode, ensure_writable, output_error, sha256_file
+from richkd.io import (OutputError, atomic_write_text, ensure_writable, output_error, sha256_file,
+                       write_array_folder)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -170,34 +169,12 @@ def write_entry(entry: CacheEntry, cache_dir: str | os.PathLike, arrays: dict[st
                 extra: Optional[dict] = None) -> Path:
     """Write arrays + manifest into a temp folder, then rename it into place (atomic for readers)."""
     final = entry.path(cache_dir)
+    manifest = {"format_version": CACHE_FORMAT_VERSION, "kind": entry.kind, "key": entry.key, "fields": entry.fields,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {})}
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        return write_array_folder(final, arrays, manifest)
     except OSError as exc:
         raise _write_error(exc, final) from None
-    try:
-        for name, arr in arrays.items():
-            np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr))
-        manifest = {
-            "format_version": CACHE_FORMAT_VERSION, "kind": entry.kind, "key": entry.key,
-            "fields": entry.fields, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "arrays": {n: {"shape": list(a.shape), "dtype": str(a.dtype)} for n, a in arrays.items()},
-            **(extra or {}),
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str))
-        if final.exists():  # another process finished first; its content is identical by construction
-            shutil.rmtree(tmp)
-        else:
-            os.chmod(tmp, default_mode(0o777))
-            for f in tmp.iterdir():
-                os.chmod(f, default_mode())
-            os.replace(tmp, final)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise _write_error(exc, final) from None
-        raise
-    return final
 
 
 def _write_error(exc: OSError, final: Path) -> Exception:

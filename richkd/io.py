@@ -36,15 +36,11 @@ def output_error(exc: OSError, path: str | os.PathLike, what: str = "output") ->
     short_write = exc.errno is None and "requested and" in str(exc) and "written" in str(exc)
     if exc.errno not in _NO_ROOM_OR_RIGHTS and not short_write:
         return exc
-    if short_write:
-        reason = f"the disk is full ({exc})"
-        fix = "free some space there (or write elsewhere) and run again"
-    elif exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    reason = f"the disk is full ({exc})" if short_write else (exc.strerror or os.strerror(exc.errno))
+    if short_write or exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         fix = "free some space there (or write elsewhere) and run again"
     else:
         fix = "make the folder writable, or choose another folder"
-    if not short_write:
-        reason = exc.strerror or os.strerror(exc.errno)
     return OutputError(f"cannot write {what} {str(path)!r}: {reason}; {fix} (nothing partial was left behind)")
 
 
@@ -115,6 +111,40 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(buffer.getbuffer())
+
+
+def write_array_folder(final: str | os.PathLike, arrays: dict, manifest: dict) -> Path:
+    """`arrays` as NAME.npy plus manifest.json (`manifest` + each array's shape and dtype) in a temp folder next
+    to `final`, then one rename: readers never see a partial folder. Content-addressed callers write identical
+    content for the same `final`, so a folder already there (or put there by a concurrent writer) is kept.
+    Files get the umask's plain permissions (mkdtemp's 0700 would hide shared caches from other users)."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        for name, arr in arrays.items():
+            np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr), allow_pickle=False)
+        shapes = {n: {"shape": list(a.shape), "dtype": str(a.dtype)} for n, a in arrays.items()}
+        (tmp / "manifest.json").write_text(json.dumps({**manifest, "arrays": shapes}, indent=1, sort_keys=True,
+                                                      default=str))
+        if final.exists():
+            return final
+        for f in tmp.iterdir():
+            os.chmod(f, default_mode())
+        os.chmod(tmp, default_mode(0o777))
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not (final / "manifest.json").is_file():  # not a concurrent writer finishing first: a real error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

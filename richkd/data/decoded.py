@@ -15,13 +15,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from richkd.io import default_mode
+from richkd.io import write_array_folder
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +71,8 @@ def cached_arrays(name: str, files: Sequence[os.PathLike | str],
             shutil.rmtree(folder, ignore_errors=True)
     arrays = decode()
     try:
-        _write(folder, arrays, {"name": name, "files": [str(Path(f).resolve()) for f in files]})
+        write_array_folder(folder, arrays, {"format_version": DECODED_FORMAT_VERSION, "name": name,
+                                            "files": [str(Path(f).resolve()) for f in files]})
         return _read(folder)
     except (OSError, ValueError, KeyError) as exc:  # a read-only or full disk: run without the cache
         log.info("%s: could not store decoded arrays in %s (%s); continuing without the cache", name, folder, exc)
@@ -90,25 +90,3 @@ def _read(folder: Path) -> dict[str, np.ndarray]:
             raise ValueError(f"{key}.npy is {arr.dtype} {arr.shape}, the manifest says {spec}")
         out[key] = arr
     return out
-
-
-def _write(folder: Path, arrays: dict[str, np.ndarray], extra: dict) -> None:
-    """Arrays + manifest into a temp folder, then one rename: readers never see a partial entry."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        for key, arr in arrays.items():
-            np.save(tmp / f"{key}.npy", np.ascontiguousarray(arr), allow_pickle=False)
-        manifest = {"format_version": DECODED_FORMAT_VERSION, **extra,
-                    "arrays": {k: {"shape": list(a.shape), "dtype": str(a.dtype)} for k, a in arrays.items()}}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        for f in tmp.iterdir():
-            os.chmod(f, default_mode())
-        os.chmod(tmp, default_mode(0o777))
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not (folder / "manifest.json").is_file():  # not a concurrent writer finishing first: a real error
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
