@@ -2,46 +2,23 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
-from dataclasses import dataclass, field, fields, is_dataclass
-from pathlib import Path
-from typing import Any, Mapping, Optional, Tuple, Union, get_args, get_origin, get_type_hints
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Tuple, Union
 
 import yaml
 
+from richkd.schema import (ConfigError, build, check, flatten, in_range, load_yaml_mapping, one_of,
+                           parse_override, to_plain, unflatten, unknown_key)
 
-class ConfigError(ValueError):
-    """A config problem a user can fix; the message names the key and the fix."""
+__all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "TeacherConfig", "ClipConfig", "LossConfig",
+           "TeachingConfig", "OptimConfig", "TrainConfig", "RobustnessEvalConfig", "dotted_keys", "flatten",
+           "unflatten", "load_yaml_mapping", "parse_override"]
 
-
-def _check(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: {msg}")
-
-
-def _in_range(value: float, key: str, lo: float | None = None, hi: float | None = None,
-              lo_open: bool = False, hi_open: bool = False) -> None:
-    ok = True
-    if lo is not None:
-        ok &= value > lo if lo_open else value >= lo
-    if hi is not None:
-        ok &= value < hi if hi_open else value <= hi
-    if not ok:
-        left = "(" if lo_open else "["
-        right = ")" if hi_open else "]"
-        raise ConfigError(
-            f"{key}: {value!r} is out of range; expected a value in "
-            f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}")
-
-
-def _one_of(value: str, key: str, choices: Tuple[str, ...]) -> None:
-    if value not in choices:
-        hint = difflib.get_close_matches(str(value), choices, n=1)
-        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}{extra}")
-
-
+# Names of the seeded corruptions richkd.robustness.corruptions implements (CIFAR-10-C table order); declared
+# here, like the datasets and methods, so the config validates them without importing the implementations.
+CORRUPTION_NAMES = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "gaussian_blur", "contrast",
+                    "brightness", "jpeg_compression", "pixelate")
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder")
 METHODS = ("supervised", "kd", "richkd")
 SCHEDULES = ("step", "cosine")
@@ -69,24 +46,24 @@ class DataConfig:
     resident: Union[str, bool] = "auto"
 
     def __post_init__(self) -> None:
-        _one_of(self.dataset, "data.dataset", DATASETS)
+        one_of(self.dataset, "data.dataset", DATASETS)
         if isinstance(self.resident, str) and self.resident.lower() in ("true", "false"):
             object.__setattr__(self, "resident", self.resident.lower() == "true")
-        _check(isinstance(self.resident, bool) or self.resident == "auto", "data.resident",
+        check(isinstance(self.resident, bool) or self.resident == "auto", "data.resident",
                f"{self.resident!r} is not one of auto, true, false (auto keeps small training sets on a CUDA "
                "device; false always builds batches on the host)")
-        _one_of(self.augment, "data.augment", AUGMENTS)
-        _in_range(self.image_size, "data.image_size", 8, 512)
-        _in_range(self.val_fraction, "data.val_fraction", 0.0, 0.9, lo_open=True, hi_open=True)
-        _in_range(self.batch_size, "data.batch_size", 1)
-        _in_range(self.eval_batch_size, "data.eval_batch_size", 1)
-        _in_range(self.num_workers, "data.num_workers", 0, 64)
+        one_of(self.augment, "data.augment", AUGMENTS)
+        in_range(self.image_size, "data.image_size", 8, 512)
+        in_range(self.val_fraction, "data.val_fraction", 0.0, 0.9, lo_open=True, hi_open=True)
+        in_range(self.batch_size, "data.batch_size", 1)
+        in_range(self.eval_batch_size, "data.eval_batch_size", 1)
+        in_range(self.num_workers, "data.num_workers", 0, 64)
         for key in ("max_train_samples", "max_eval_samples"):
             v = getattr(self, key)
             if v is not None:
-                _in_range(v, f"data.{key}", 1)
+                in_range(v, f"data.{key}", 1)
         if self.dataset == "imagefolder":
-            _check(self.root is not None, "data.root",
+            check(self.root is not None, "data.root",
                    "an imagefolder dataset needs data.root pointing at a folder with train/ (and optionally test/)")
 
 
@@ -113,10 +90,10 @@ class ClipConfig:
     batch_size: int = 128                 # for cache building / zero-shot evaluation
 
     def __post_init__(self) -> None:
-        _check(bool(self.model), "clip.model", "must name an open_clip architecture, e.g. ViT-B-32")
-        _check(bool(self.pretrained), "clip.pretrained", "must be a tag (openai), a file path or local-dir:PATH")
-        _check(bool(self.prompt_set), "clip.prompt_set", "must name a prompt set")
-        _in_range(self.batch_size, "clip.batch_size", 1)
+        check(bool(self.model), "clip.model", "must name an open_clip architecture, e.g. ViT-B-32")
+        check(bool(self.pretrained), "clip.pretrained", "must be a tag (openai), a file path or local-dir:PATH")
+        check(bool(self.prompt_set), "clip.prompt_set", "must name a prompt set")
+        in_range(self.batch_size, "clip.batch_size", 1)
 
 
 @dataclass(frozen=True)
@@ -138,21 +115,21 @@ class LossConfig:
     confidence_threshold: float = 0.5    # for the confident-correct / confidently-wrong analysis
 
     def __post_init__(self) -> None:
-        _one_of(self.method, "loss.method", METHODS)
+        one_of(self.method, "loss.method", METHODS)
         for key in ("ce_weight", "logit_weight", "feat_weight"):
-            _in_range(getattr(self, key), f"loss.{key}", 0.0, 1000.0)
-        _in_range(self.temperature, "loss.temperature", 0.0, 100.0, lo_open=True)
-        _in_range(self.fusion_alpha, "loss.fusion_alpha", 0.0, 1.0)
-        _in_range(self.clip_logit_scale, "loss.clip_logit_scale", 0.0, 1000.0)
+            in_range(getattr(self, key), f"loss.{key}", 0.0, 1000.0)
+        in_range(self.temperature, "loss.temperature", 0.0, 100.0, lo_open=True)
+        in_range(self.fusion_alpha, "loss.fusion_alpha", 0.0, 1.0)
+        in_range(self.clip_logit_scale, "loss.clip_logit_scale", 0.0, 1000.0)
         if self.feat_lambda is not None:
-            _in_range(self.feat_lambda, "loss.feat_lambda", 0.0, 1.0)
-        _in_range(self.feat_dim, "loss.feat_dim", 1, 4096)
-        _in_range(self.nce_k, "loss.nce_k", 1)
-        _in_range(self.nce_temperature, "loss.nce_temperature", 0.0, 10.0, lo_open=True)
-        _in_range(self.nce_momentum, "loss.nce_momentum", 0.0, 1.0, hi_open=True)
-        _in_range(self.confidence_threshold, "loss.confidence_threshold", 0.0, 1.0)
+            in_range(self.feat_lambda, "loss.feat_lambda", 0.0, 1.0)
+        in_range(self.feat_dim, "loss.feat_dim", 1, 4096)
+        in_range(self.nce_k, "loss.nce_k", 1)
+        in_range(self.nce_temperature, "loss.nce_temperature", 0.0, 10.0, lo_open=True)
+        in_range(self.nce_momentum, "loss.nce_momentum", 0.0, 1.0, hi_open=True)
+        in_range(self.confidence_threshold, "loss.confidence_threshold", 0.0, 1.0)
         if self.method == "richkd":
-            _check(self.logit_weight > 0 or self.feat_weight > 0, "loss",
+            check(self.logit_weight > 0 or self.feat_weight > 0, "loss",
                    "richkd needs logit_weight > 0 (RichKD-L) or feat_weight > 0 (RichKD-F), or both")
 
     @property
@@ -173,10 +150,10 @@ class TeachingConfig:
     view_seed: int = 0                   # FKD-style: V seeded crops/flips (view 0 clean) shared with the student
 
     def __post_init__(self) -> None:
-        _one_of(self.mode, "teaching.mode", TEACHING_MODES)
-        _in_range(self.views, "teaching.views", 1, 1024)
-        _in_range(self.view_seed, "teaching.view_seed", 0, 2**31 - 1)
-        _check(self.views == 1 or self.mode == "cached", "teaching.views",
+        one_of(self.mode, "teaching.mode", TEACHING_MODES)
+        in_range(self.views, "teaching.views", 1, 1024)
+        in_range(self.view_seed, "teaching.view_seed", 0, 2**31 - 1)
+        check(self.views == 1 or self.mode == "cached", "teaching.views",
                "cached views need teaching.mode=cached (online teaching already sees the student's view)")
 
 
@@ -193,15 +170,15 @@ class OptimConfig:
     warmup_epochs: int = 0
 
     def __post_init__(self) -> None:
-        _in_range(self.lr, "optim.lr", 0.0, 10.0, lo_open=True)
-        _in_range(self.momentum, "optim.momentum", 0.0, 1.0, hi_open=True)
-        _in_range(self.weight_decay, "optim.weight_decay", 0.0, 1.0)
-        _one_of(self.schedule, "optim.schedule", SCHEDULES)
-        _in_range(self.gamma, "optim.gamma", 0.0, 1.0, lo_open=True)
-        _in_range(self.warmup_epochs, "optim.warmup_epochs", 0)
-        _check(list(self.milestones) == sorted(self.milestones) and all(m > 0 for m in self.milestones),
+        in_range(self.lr, "optim.lr", 0.0, 10.0, lo_open=True)
+        in_range(self.momentum, "optim.momentum", 0.0, 1.0, hi_open=True)
+        in_range(self.weight_decay, "optim.weight_decay", 0.0, 1.0)
+        one_of(self.schedule, "optim.schedule", SCHEDULES)
+        in_range(self.gamma, "optim.gamma", 0.0, 1.0, lo_open=True)
+        in_range(self.warmup_epochs, "optim.warmup_epochs", 0)
+        check(list(self.milestones) == sorted(self.milestones) and all(m > 0 for m in self.milestones),
                "optim.milestones", f"must be increasing positive epochs, got {list(self.milestones)}")
-        _check(not (self.nesterov and self.momentum == 0), "optim.nesterov", "nesterov needs momentum > 0")
+        check(not (self.nesterov and self.momentum == 0), "optim.nesterov", "nesterov needs momentum > 0")
 
 
 @dataclass(frozen=True)
@@ -216,10 +193,10 @@ class TrainConfig:
     compile: bool = False                # torch.compile the student: pays a compile per process, for long runs
 
     def __post_init__(self) -> None:
-        _in_range(self.epochs, "train.epochs", 1, 100000)
-        _in_range(self.eval_every, "train.eval_every", 1)
+        in_range(self.epochs, "train.epochs", 1, 100000)
+        in_range(self.eval_every, "train.eval_every", 1)
         if self.threads is not None:
-            _in_range(self.threads, "train.threads", 1, 1024)
+            in_range(self.threads, "train.threads", 1, 1024)
 
 
 # Cheap defaults: one corruption per family (noise, blur, digital, compression) at the middle severity on a
@@ -242,26 +219,20 @@ class RobustnessEvalConfig:
     seed: int = 0                        # picks the subset and the noise
 
     def __post_init__(self) -> None:
-        _check(len(self.corruptions) > 0, "robustness.corruptions",
+        check(len(self.corruptions) > 0, "robustness.corruptions",
                f"list at least one corruption, e.g. {list(DEFAULT_EVAL_CORRUPTIONS)}")
-        _check(len(set(self.corruptions)) == len(self.corruptions), "robustness.corruptions",
+        check(len(set(self.corruptions)) == len(self.corruptions), "robustness.corruptions",
                f"{list(self.corruptions)} has duplicates")
-        if tuple(self.corruptions) != DEFAULT_EVAL_CORRUPTIONS:
-            # lazy: the corruption registry imports torch; the defaults are checked against it by the tests
-            from richkd.robustness.corruptions import CorruptionError, parse_corruptions
-
-            try:
-                parse_corruptions(list(self.corruptions))
-            except CorruptionError as exc:
-                raise ConfigError(f"robustness.corruptions: {exc}") from None
-        _check(len(self.severities) > 0, "robustness.severities", "list at least one severity in 1..5, e.g. [3]")
+        for name in self.corruptions:
+            one_of(name, "robustness.corruptions", CORRUPTION_NAMES)
+        check(len(self.severities) > 0, "robustness.severities", "list at least one severity in 1..5, e.g. [3]")
         for s in self.severities:
-            _in_range(s, "robustness.severities", 1, 5)
-        _check(len(set(self.severities)) == len(self.severities), "robustness.severities",
+            in_range(s, "robustness.severities", 1, 5)
+        check(len(set(self.severities)) == len(self.severities), "robustness.severities",
                f"{list(self.severities)} has duplicates")
         if self.max_samples is not None:
-            _in_range(self.max_samples, "robustness.max_samples", 1)
-        _in_range(self.seed, "robustness.seed", 0, 2**31 - 1)
+            in_range(self.max_samples, "robustness.max_samples", 1)
+        in_range(self.seed, "robustness.seed", 0, 2**31 - 1)
 
 
 @dataclass(frozen=True)
@@ -281,10 +252,10 @@ class Config:
     robustness: RobustnessEvalConfig = field(default_factory=RobustnessEvalConfig)
 
     def __post_init__(self) -> None:
-        _check(self.device == "auto" or self.device in ("cpu", "cuda", "mps") or self.device.startswith("cuda:"),
+        check(self.device == "auto" or self.device in ("cpu", "cuda", "mps") or self.device.startswith("cuda:"),
                "device", f"{self.device!r} is not auto, cpu, cuda, cuda:N or mps")
-        _in_range(self.seed, "seed", 0, 2**31 - 1)
-        _check(self.teaching.views == 1 or self.data.augment == "standard", "teaching.views",
+        in_range(self.seed, "seed", 0, 2**31 - 1)
+        check(self.teaching.views == 1 or self.data.augment == "standard", "teaching.views",
                "cached augmented views need data.augment=standard")
 
     @property
@@ -300,13 +271,13 @@ class Config:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None) -> "Config":
         if raw is None:
-            return _build(cls, {}, prefix="")
+            return build(cls, {})
         if not isinstance(raw, Mapping):
             raise ConfigError(f"config: expected a mapping of sections (data:, optim:, ...), got {raw!r:.80}")
-        return _build(cls, dict(raw), prefix="")
+        return build(cls, dict(raw))
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> "Config":
+    def from_yaml(cls, path: "str | os.PathLike") -> "Config":
         return cls.from_dict(load_yaml_mapping(path))
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> "Config":
@@ -317,19 +288,19 @@ class Config:
             node = nested
             for depth, part in enumerate(parts[:-1]):
                 if not isinstance(node.get(part), dict):
-                    _unknown_key(part, [k for k, v in node.items() if isinstance(v, dict)],
+                    unknown_key(part, [k for k, v in node.items() if isinstance(v, dict)],
                                  ".".join(parts[:depth]))
                 node = node[part]
             leaf = parts[-1]
             if leaf not in node or isinstance(node[leaf], dict):
-                _unknown_key(leaf, [k for k, v in node.items() if not isinstance(v, dict)],
+                unknown_key(leaf, [k for k, v in node.items() if not isinstance(v, dict)],
                              ".".join(parts[:-1]))
             node[leaf] = value
         return Config.from_dict(nested)
 
     def to_dict(self) -> dict:
         """Nested plain dict (tuples become lists) suitable for YAML and for crossing the Ray boundary."""
-        return _to_plain(dataclasses.asdict(self))
+        return to_plain(dataclasses.asdict(self))
 
     def to_flat_dict(self) -> dict:
         """{"section.key": value} for MLflow params and leaderboards."""
@@ -339,152 +310,6 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict:
-    flat: dict = {}
-    for key, value in nested.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict:
-    nested: dict = {}
-    for dotted, value in flat.items():
-        node = nested
-        *heads, leaf = dotted.split(".")
-        for head in heads:
-            node = node.setdefault(head, {})
-        node[leaf] = value
-    return nested
-
-
 def dotted_keys() -> list[str]:
     """Every valid dotted key of Config, e.g. "loss.fusion_alpha"; used by search-space validation."""
     return sorted(flatten(Config().to_dict()).keys())
-
-
-def load_yaml_mapping(path: str | os.PathLike) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:   # includes python/object tags: safe_load builds plain data only
-        raise ConfigError(f"{p}: not valid YAML ({exc})") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{p}: not a UTF-8 text file ({exc.reason} at byte {exc.start}); save it as UTF-8 "
-                          "YAML") from None
-    except RecursionError:
-        raise ConfigError(f"{p}: nested too deeply to be a config (hundreds of levels); check the file") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
-    _check_size(data, p)
-    return data
-
-
-MAX_YAML_VALUES = 100_000
-
-
-def _check_size(data: Any, where: Any) -> None:
-    """Refuse YAML whose aliases expand to a huge tree ("billion laughs"): later walks over it would never end."""
-    stack, seen = [data], 0
-    while stack:
-        node = stack.pop()
-        seen += 1
-        if seen > MAX_YAML_VALUES:
-            raise ConfigError(f"{where}: more than {MAX_YAML_VALUES} values once YAML aliases (*name) are expanded; "
-                              "a config or sweep spec is far smaller, check the file")
-        if isinstance(node, dict):
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`key=value` from the command line; the value is parsed as YAML so 0.1, true, [1, 2] and null work."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set optim.lr=0.01")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
-
-
-# ----- internals -------------------------------------------------------------------------------
-
-def _unknown_key(key: str, valid: list[str], section: str) -> None:
-    where = f"{section}.{key}" if section else key
-    hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    suggestion = f"; did you mean {(section + '.' if section else '') + hint[0]!r}?" if hint else ""
-    raise ConfigError(f"unknown config key {where!r}{suggestion} (valid keys here: {', '.join(sorted(valid))})")
-
-
-def _to_plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_plain(v) for v in value]
-    return value
-
-
-def _build(cls: type, raw: dict, prefix: str):
-    hints = get_type_hints(cls)
-    names = [f.name for f in fields(cls)]
-    for key in raw:
-        if key not in names:
-            _unknown_key(str(key), names, prefix.rstrip("."))
-    kwargs = {}
-    for f in fields(cls):
-        if f.name not in raw:
-            continue
-        key = f"{prefix}{f.name}"
-        kwargs[f.name] = _coerce(raw[f.name], hints[f.name], key)
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:  # pragma: no cover - defensive, all fields have defaults
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from None
-
-
-def _coerce(value: Any, typ: Any, key: str) -> Any:
-    """Check and convert one YAML value to the annotated type; bool is never accepted as a number."""
-    if is_dataclass(typ):
-        if value is None:
-            return typ()
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping of {typ.__name__} fields, got {value!r}")
-        return _build(typ, dict(value), prefix=key + ".")
-    origin = get_origin(typ)
-    if origin is Optional or (origin is not None and type(None) in get_args(typ)):
-        if value is None:
-            return None
-        inner = [a for a in get_args(typ) if a is not type(None)][0]
-        return _coerce(value, inner, key)
-    if origin in (tuple, Tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        item_type = get_args(typ)[0]
-        return tuple(_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
-    if typ is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if typ is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return int(value)
-    if typ is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if typ is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    return value

@@ -23,6 +23,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from richkd.config import CORRUPTION_NAMES
 from richkd.registry import Registry
 
 __all__ = [
@@ -45,8 +46,9 @@ SEVERITY_PARAMS: dict[str, tuple] = {
     "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),                 # box-downscale factor, then box-upscale
 }
 
-# Canonical order (Hendrycks' table order: noise, blur, weather/digital).
-CORRUPTION_NAMES: tuple[str, ...] = tuple(SEVERITY_PARAMS)
+# Canonical order (Hendrycks' table order: noise, blur, weather/digital), declared by the config layer.
+if tuple(SEVERITY_PARAMS) != CORRUPTION_NAMES:  # pragma: no cover - a table added without its name, or vice versa
+    raise ImportError("richkd.config.CORRUPTION_NAMES and SEVERITY_PARAMS list different corruptions")
 
 # fn(images (B,3,H,W) in [0,1], parameter, per-sample seeds (B,) int64 on CPU) -> corrupted images
 CorruptionFn = Callable[[torch.Tensor, object, torch.Tensor], torch.Tensor]

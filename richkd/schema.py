@@ -1,0 +1,236 @@
+"""Typed records from YAML/JSON mappings: one coercion and validation mechanism for run configs and sweep specs.
+
+A record is a frozen dataclass whose `__post_init__` validates its own fields (ranges, enums, cross-field
+rules). `build(cls, mapping)` turns a plain mapping into such a record: unknown keys are errors with the nearest
+valid key suggested, every value is checked against its annotation (bool is never a number, lists become
+tuples, nested records are built recursively), and `to_plain(dataclasses.asdict(record))` gives the mapping
+back, so a record saved as YAML/JSON reads back as an equal record. Two class attributes tailor a record:
+
+    __schema_error__      the exception class its problems raise (default ConfigError)
+    __schema_shorthand__  a field name: a bare scalar in place of the mapping means {field: scalar}
+                          (e.g. `search: random` for `search: {algorithm: random}`)
+
+Also here: YAML files read safely (python tags refused, alias bombs and deep nesting caught), dotted-key
+flattening, and `key=value` command-line overrides.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+MAX_YAML_VALUES = 100_000
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; the message names the key and the fix."""
+
+
+# ----- checks used by records' __post_init__ ------------------------------------------------------
+
+def check(cond: bool, key: str, msg: str, error: type = ConfigError) -> None:
+    if not cond:
+        raise error(f"{key}: {msg}")
+
+
+def in_range(value: float, key: str, lo: float | None = None, hi: float | None = None,
+             lo_open: bool = False, hi_open: bool = False, error: type = ConfigError) -> None:
+    ok = True
+    if lo is not None:
+        ok &= value > lo if lo_open else value >= lo
+    if hi is not None:
+        ok &= value < hi if hi_open else value <= hi
+    if not ok:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        raise error(f"{key}: {value!r} is out of range; expected a value in "
+                    f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}")
+
+
+def one_of(value: Any, key: str, choices: Sequence[str], error: type = ConfigError) -> None:
+    if value not in choices:
+        hint = difflib.get_close_matches(str(value), list(choices), n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise error(f"{key}: {value!r} is not one of {', '.join(choices)}{extra}")
+
+
+def suggest(key: str, valid: Sequence[str]) -> str:
+    """"; did you mean 'x'?" for the nearest valid name, or ""."""
+    hint = difflib.get_close_matches(str(key), list(valid), n=1, cutoff=0.5)
+    return f"; did you mean {hint[0]!r}?" if hint else ""
+
+
+# ----- building records ---------------------------------------------------------------------------
+
+def build(cls: type, raw: Any, prefix: str = "") -> Any:
+    """A `cls` record from a mapping (None = all defaults); see the module docstring."""
+    error = getattr(cls, "__schema_error__", ConfigError)
+    where = prefix.rstrip(".")
+    if raw is None:
+        raw = {}
+    shorthand = getattr(cls, "__schema_shorthand__", None)
+    if shorthand and not isinstance(raw, Mapping) and isinstance(raw, (str, int, float, bool)):
+        raw = {shorthand: raw}
+    if not isinstance(raw, Mapping):
+        raise error(f"{where or 'config'}: expected a mapping of {cls.__name__} fields, got {raw!r:.80}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in fields(cls) if f.init]
+    for key in raw:
+        if key not in names:
+            unknown_key(str(key), names, where, error, noun=getattr(cls, "__schema_noun__", "config key"))
+    kwargs = {name: coerce(raw[name], hints[name], f"{prefix}{name}", error) for name in names if name in raw}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - defensive, all fields have defaults
+        raise error(f"{where or 'config'}: {exc}") from None
+
+
+def coerce(value: Any, typ: Any, key: str, error: type = ConfigError) -> Any:
+    """Check and convert one value to the annotated type; bool is never accepted as a number."""
+    if is_dataclass(typ):
+        return build(typ, value, prefix=key + ".")
+    if typ is Any:
+        return value
+    origin = get_origin(typ)
+    if origin is Union or origin is types.UnionType:
+        options = [a for a in get_args(typ) if a is not type(None)]
+        if value is None:
+            if len(options) < len(get_args(typ)):
+                return None
+            raise error(f"{key}: expected a value, got null")
+        problems = []
+        for option in options:
+            try:
+                return coerce(value, option, key, error)
+            except ConfigError as exc:
+                problems.append(exc)
+        raise problems[0]
+    if origin in (tuple, Tuple):
+        if not isinstance(value, (list, tuple)):
+            raise error(f"{key}: expected a list, got {value!r}")
+        args = get_args(typ)
+        item_type = args[0] if args else Any
+        return tuple(coerce(v, item_type, f"{key}[{i}]", error) for i, v in enumerate(value))
+    if origin in (dict, Mapping) or typ in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise error(f"{key}: expected a mapping, got {value!r}")
+        args = get_args(typ)
+        value_type = args[1] if len(args) == 2 else Any
+        return {k: coerce(v, value_type, f"{key}.{k}", error) for k, v in value.items()}
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise error(f"{key}: expected true or false, got {value!r}")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise error(f"{key}: expected an integer, got {value!r}")
+        return int(value)
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise error(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise error(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def unknown_key(key: str, valid: Sequence[str], section: str, error: type = ConfigError,
+                noun: str = "config key") -> None:
+    where = f"{section}.{key}" if section else key
+    full = [f"{section}.{v}" if section else v for v in valid]
+    raise error(f"unknown {noun} {where!r}{suggest(where, full)} (valid keys "
+                f"{'in ' + section if section else 'here'}: {', '.join(sorted(valid))})")
+
+
+def to_plain(value: Any) -> Any:
+    """Records, tuples and mappings as plain dicts and lists (for YAML/JSON and for crossing process boundaries)."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return to_plain(dataclasses.asdict(value))
+    if isinstance(value, Mapping):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    return value
+
+
+# ----- dotted keys --------------------------------------------------------------------------------
+
+def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict:
+    flat: dict = {}
+    for key, value in nested.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict:
+    nested: dict = {}
+    for dotted, value in flat.items():
+        node = nested
+        *heads, leaf = dotted.split(".")
+        for head in heads:
+            node = node.setdefault(head, {})
+        node[leaf] = value
+    return nested
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` from the command line; the value is parsed as YAML so 0.1, true, [1, 2] and null work."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set optim.lr=0.01")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+# ----- YAML files ---------------------------------------------------------------------------------
+
+def load_yaml_mapping(path: str | os.PathLike) -> dict:
+    """A YAML file's top-level mapping, read with safe_load; every problem is one ConfigError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:   # includes python/object tags: safe_load builds plain data only
+        raise ConfigError(f"{p}: not valid YAML ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not a UTF-8 text file ({exc.reason} at byte {exc.start}); save it as UTF-8 "
+                          "YAML") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: nested too deeply to be a config (hundreds of levels); check the file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
+    check_size(data, p)
+    return data
+
+
+def check_size(data: Any, where: Any) -> None:
+    """Refuse YAML whose aliases expand to a huge tree ("billion laughs"): later walks over it would never end."""
+    stack, seen = [data], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_YAML_VALUES:
+            raise ConfigError(f"{where}: more than {MAX_YAML_VALUES} values once YAML aliases (*name) are expanded; "
+                              "a config or sweep spec is far smaller, check the file")
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
