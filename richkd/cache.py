@@ -285,10 +285,8 @@ def prepare_caches(cfg: Config, progress: bool = False, device: Optional[str] = 
     """
     if cfg.loss.method == "supervised":
         return []
-    from richkd.data import build_data
-    from richkd.trainer import resolve_device
-
-    from richkd.data import SplitDataset
+    from richkd.data import SplitDataset, build_data
+    from richkd.device import resolve_device
 
     data = build_data(cfg.data)
     dev = resolve_device(device or cfg.device)

@@ -11,6 +11,8 @@ from typing import Callable, Optional
 import torch
 
 from richkd.config import Config, OptimConfig
+# resolve_device is also re-exported for richkd.cli until it imports richkd.device
+from richkd.device import resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -39,25 +41,6 @@ def lr_at(epoch: int, optim: OptimConfig, total_epochs: int) -> float:
     if optim.warmup_epochs and epoch <= optim.warmup_epochs:
         lr *= epoch / optim.warmup_epochs
     return lr
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but no CUDA device is visible; use device: auto or cpu")
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 # ----- records ------------------------------------------------------------------------------------
