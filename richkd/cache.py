@@ -90,17 +90,18 @@ def file_sha256_memo(path: str | os.PathLike, memo_dir: str | os.PathLike) -> st
 
 def clip_weights_id(clip: ClipConfig, memo_dir: str | os.PathLike) -> str:
     """What identifies CLIP's weights: the file's sha256 for local files, else the open_clip tag."""
-    pretrained = clip.pretrained
-    if pretrained.startswith("local-dir:"):
-        folder = Path(pretrained[len("local-dir:"):]).expanduser()
-        if not folder.is_dir():
-            raise CacheError(f"clip.pretrained: folder {str(folder)!r} does not exist")
-        parts = [f"{f.name}:{file_sha256_memo(f, memo_dir)}" for f in sorted(folder.iterdir()) if f.is_file()]
+    from richkd.clip import parse_pretrained  # lazily: importing richkd.clip imports torch
+
+    ref = parse_pretrained(clip.pretrained)
+    if ref.kind == "dir":
+        if not ref.path.is_dir():
+            raise CacheError(f"clip.pretrained: folder {str(ref.path)!r} does not exist")
+        parts = [f"{f.name}:{file_sha256_memo(f, memo_dir)}" for f in sorted(ref.path.iterdir()) if f.is_file()]
         return "dir-" + hashlib.sha256("|".join(parts).encode()).hexdigest()
-    path = Path(pretrained).expanduser()
-    if path.is_file():
-        return "file-" + file_sha256_memo(path, memo_dir)
-    return f"tag-{clip.model}/{pretrained}"
+    if ref.kind == "file" and ref.path.is_file():
+        return "file-" + file_sha256_memo(ref.path, memo_dir)
+    # a missing file keeps the tag form: validate and load_clip report it before anything is cached under it
+    return f"tag-{clip.model}/{clip.pretrained}"
 
 
 def _names_hash(names: Iterable[str]) -> str:
