@@ -3,6 +3,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,7 +147,7 @@ def test_clip_dimension_mismatch_is_an_error(richkd_cfg):
 
 
 def richkd_cfg_entries(cfg):
-    return sorted(p for p in cache_mod.Path(cfg.teaching.cache_dir).iterdir() if p.is_dir())
+    return sorted(p for p in Path(cfg.teaching.cache_dir).iterdir() if p.is_dir())
 
 
 @pytest.mark.parametrize("overrides, message", [
