@@ -18,7 +18,7 @@ from richkd.io import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 
-# paper.md §1.6, verbatim (official RichKD cache.py): no trailing periods.
+# the official RichKD code's templates, verbatim (docs/method.md#the-official-code): no trailing periods.
 RICHKD12 = (
     "a photo of a {}",
     "a blurry photo of a {}",

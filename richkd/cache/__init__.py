@@ -1,6 +1,6 @@
 """Content-addressed caches of frozen-teacher outputs: manifest per entry, atomic writes, memory-mapped reads.
 
-Why caching works for RichKD (DESIGN.md §5): both teachers are frozen and every searched knob (alpha,
+Why caching works for RichKD (docs/architecture.md#caching): both teachers are frozen and every searched knob (alpha,
 lambda, T, scale, loss weights, prompt set) acts on teacher *outputs*. So the conventional teacher's logits
 and pooled features, CLIP's image features and CLIP's class (text) embeddings are computed once and every
 trial reads them. Each entry is a folder named by a hash of everything that determines its content; its
