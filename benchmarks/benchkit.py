@@ -265,9 +265,10 @@ class StepSpec:
 class TrainBench:
     """Student + objective + optimiser + teacher source + seeded loader; `step()` is one trainer step.
 
-    `step()` is the body of richkd.trainer.Run.train_one_epoch (normalise on device, student forward, teacher
-    outputs, objective, backward, SGD step, loss accumulation); Run itself needs a dataset on disk, so the pieces
-    are built here from the same factories Run.__init__ uses.
+    `step()` calls richkd.trainer.train_step, the step Run.train_one_epoch runs (normalise on device, student
+    forward, teacher outputs, objective, backward, SGD step), and accumulates the loss as the epoch loop does.
+    Run itself needs a dataset on disk, so the pieces it steps are built here from the same factories
+    Run.__init__ uses.
     """
 
     def __init__(self, spec: StepSpec, device: torch.device, dataset, caches: Optional[dict], work_dir,
@@ -325,23 +326,15 @@ class TrainBench:
             return next(self._it)
 
     def step(self) -> dict:
-        from richkd.data import normalize
+        """One richkd.trainer.train_step (the step Run.train_one_epoch runs); returns its detached loss terms."""
+        from richkd.trainer import train_step
 
-        batch = self._next_batch().to(self.device, non_blocking=True)
-        x = normalize(batch.image, CIFAR100_MEAN, CIFAR100_STD)
-        if self.spec.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        enabled = self.spec.amp and self.device.type == "cuda"
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled):
-            out = self.student(x)
-            teacher = self.teachers(batch, x) if self.objective.needs_teacher else None
-        terms = self.objective(out, batch.target, teacher, batch.index)
-        loss = sum(terms.values())
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.total += loss.detach() * len(batch)
-        return terms
+        record = train_step(self._next_batch(), forward_student=self.student, teachers=self.teachers,
+                            objective=self.objective, optimizer=self.optimizer, device=self.device,
+                            mean=CIFAR100_MEAN, std=CIFAR100_STD, channels_last=self.spec.channels_last,
+                            amp=self.spec.amp)
+        self.total += record.loss * record.batch_size
+        return record.terms
 
     def run(self, steps: int) -> float:
         """Seconds for `steps` steps (device-synchronised)."""

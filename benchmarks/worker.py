@@ -92,6 +92,7 @@ def cmd_mem(args) -> None:
         from richkd.config import LossConfig
         from richkd.models import create_model
         from richkd.objective import DistillationObjective
+        from richkd.trainer import train_step
 
         student = create_model(bk.STUDENT_ARCH, bk.NUM_CLASSES)
         targets = torch.arange(bk.N_TRAIN) % bk.NUM_CLASSES
@@ -102,11 +103,8 @@ def cmd_mem(args) -> None:
         for s in range(args.train_steps):
             index = order[s * 64:(s + 1) * 64]
             images = torch.rand(64, 3, 32, 32)
-            batch = Batch(images, targets[index], index)
-            terms = objective(student(images), batch.target, source(batch, images), batch.index)
-            opt.zero_grad(set_to_none=True)
-            sum(terms.values()).backward()
-            opt.step()
+            train_step(Batch(images, targets[index], index), forward_student=student, teachers=source,
+                       objective=objective, optimizer=opt, device=device, mean=bk.CIFAR100_MEAN, std=bk.CIFAR100_STD)
             steps += 1
     emit("READY", {"lookup_epoch_s": lookup_s, "train_steps": steps, **proc_status_mb()})
     wait_for_go()

@@ -1,4 +1,7 @@
-"""Pure RichKD teacher fusion: conventional-teacher logits/embeddings mixed with CLIP's (paper.md §1.2, §1.4)."""
+"""Pure RichKD teacher fusion: conventional-teacher logits/embeddings mixed with CLIP's.
+
+See docs/method.md#logit-fusion and docs/method.md#feature-fusion-and-crd.
+"""
 from __future__ import annotations
 
 import torch
@@ -17,7 +20,7 @@ def fuse_logits(teacher_logits: torch.Tensor, clip_cosine: torch.Tensor, alpha: 
             L2-normalised prompt-averaged class embeddings, in [-1, 1] (any float dtype).
         alpha: weight of the conventional teacher, in [0, 1].
         clip_logit_scale: ``s``. The official code uses ``s = 1`` (raw cosine; it never applies CLIP's
-            learned ``logit_scale`` of about 100, paper.md §1.2). Consequence: with alpha=0.7 and T=3,
+            learned ``logit_scale`` of about 100, docs/method.md#logit-fusion). Consequence: with alpha=0.7 and T=3,
             ``z_F/T = z_T/4.29 + 0.1*cos``, so CLIP moves any tempered logit by at most 0.1 and the main
             effect is a teacher softened to T~4.29. ``s ~ 100`` is CLIP's own convention.
 
@@ -42,7 +45,7 @@ def fuse_features(e_teacher: torch.Tensor, e_clip: torch.Tensor, lam: float) -> 
         e_teacher: (B, d) projected conventional-teacher embedding (output of its embedding head).
         e_clip: (B, d) projected CLIP image embedding (output of the CLIP embedding head).
         lam: teacher weight. The official code ties it to the logit-fusion alpha; the paper has a separate
-            lambda (paper.md §1.1, §1.4). Fusion happens after projection to the common CRD dimension.
+            lambda (docs/method.md#feature-fusion-and-crd). Fusion happens after projection to the common CRD dimension.
     """
     if e_teacher.shape != e_clip.shape:
         raise ValueError(

@@ -1,4 +1,7 @@
-"""Classification metrics: top-k accuracy, expected calibration error, confidence categories (paper.md §1.1)."""
+"""Classification metrics: top-k accuracy, expected calibration error, confidence categories.
+
+The confidence categories are the paper's Fig. 1 (docs/method.md#the-method).
+"""
 from __future__ import annotations
 
 from typing import Dict, Iterable, Optional
@@ -67,7 +70,7 @@ def expected_calibration_error(probs: torch.Tensor, target: torch.Tensor, n_bins
 
 
 def confidence_categories(probs: torch.Tensor, target: torch.Tensor, threshold: float) -> Dict[str, int]:
-    """Counts of the four Fig. 1 categories (paper.md §1.1): correct/wrong x confident/uncertain.
+    """Counts of the four Fig. 1 categories (docs/method.md#the-method): correct/wrong x confident/uncertain.
 
     A prediction (argmax) is confident when its max probability is ``>= threshold``.
     Returns ``{"confident_correct", "uncertain_correct", "confidently_wrong", "uncertain_wrong"}`` counts.

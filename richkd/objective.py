@@ -17,7 +17,7 @@ from richkd.teachers import TeacherOutputs
 class DistillationObjective(nn.Module):
     """CE + (KD | RichKD logit term) + RichKD feature term; a zero-weight term is skipped entirely.
 
-    Variants (paper.md §1.5): RichKD-L (feat_weight 0), RichKD-F (logit_weight 0), RichKD-L+F, plain KD
+    Variants (docs/method.md#the-method): RichKD-L (feat_weight 0), RichKD-F (logit_weight 0), RichKD-L+F, plain KD
     (method kd, or richkd with alpha 1), and the alpha-only control (zero_clip_logits: the teacher is only
     softened by alpha, no CLIP information). The trainable projection heads and CRD memory banks live here so
     they are optimised and checkpointed with the student.

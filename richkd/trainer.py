@@ -1,4 +1,8 @@
-"""One readable training loop: schedule, train an epoch, evaluate, report, checkpoint, resume exactly."""
+"""One readable training loop: schedule, train an epoch, evaluate, report, checkpoint, resume exactly.
+
+`train_step` is the package's one optimisation step: Run.step runs it for every batch, and the benchmarks time
+it on objects built over synthetic data, so a change to the step changes what is measured too.
+"""
 from __future__ import annotations
 
 import logging
@@ -11,6 +15,8 @@ from typing import Callable, Optional
 import torch
 
 from richkd.config import Config, OptimConfig
+# resolve_device is also re-exported for richkd.cli until it imports richkd.device
+from richkd.device import resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -41,23 +47,48 @@ def lr_at(epoch: int, optim: OptimConfig, total_epochs: int) -> float:
     return lr
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but no CUDA device is visible; use device: auto or cpu")
-    return device
+# ----- one train step -----------------------------------------------------------------------------
+
+@dataclass
+class StepRecord:
+    """What one train step leaves behind: the loss and its terms (detached) and the batch size."""
+    loss: torch.Tensor
+    terms: dict
+    batch_size: int
 
 
-def seed_everything(seed: int) -> None:
-    import random
+def student_inputs(images: torch.Tensor, mean, std, channels_last: bool) -> torch.Tensor:
+    """Normalised float images in the memory format the student was built with (on the images' device)."""
+    from richkd.data import normalize
 
-    import numpy as np
+    x = normalize(images, mean, std)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+
+def autocast(device: torch.device, amp: bool):
+    """bf16 autocast on CUDA when amp; the objective casts logits and features to fp32 itself."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+
+
+def train_step(batch, *, forward_student: Callable, teachers, objective, optimizer: torch.optim.Optimizer,
+               device: torch.device, mean, std, channels_last: bool = False, amp: bool = False) -> StepRecord:
+    """One optimisation step: batch to device, normalise, student and teacher forward, objective, SGD step.
+
+    The one train step of the package: Run.step calls it with a run's objects, and the benchmarks
+    (benchmarks/benchkit.py) call it with objects built on synthetic data, so what they time is this code.
+    `teachers` may be None (supervised runs); it is only called when the objective needs teacher outputs.
+    """
+    batch = batch.to(device, non_blocking=True)
+    x = student_inputs(batch.image, mean, std, channels_last)
+    with autocast(device, amp):
+        out = forward_student(x)
+        teacher = teachers(batch, x) if teachers is not None and objective.needs_teacher else None
+    terms = objective(out, batch.target, teacher, batch.index)
+    loss = sum(terms.values())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return StepRecord(loss.detach(), {name: value.detach() for name, value in terms.items()}, len(batch))
 
 
 # ----- records ------------------------------------------------------------------------------------
@@ -150,15 +181,18 @@ class Run:
 
     # -- epochs --
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
-        from richkd.data import normalize
-
-        x = normalize(images, self.data.mean, self.data.std)
-        return x.contiguous(memory_format=torch.channels_last) if self.cfg.train.channels_last else x
+        return student_inputs(images, self.data.mean, self.data.std, self.cfg.train.channels_last)
 
     def _autocast(self):
         """bf16 autocast on CUDA when train.amp; the objective casts logits and features to fp32 itself."""
-        enabled = self.cfg.train.amp and self.device.type == "cuda"
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+        return autocast(self.device, self.cfg.train.amp)
+
+    def step(self, batch) -> StepRecord:
+        """One optimisation step on a batch from the training loader (one iteration of train_one_epoch)."""
+        return train_step(batch, forward_student=self.forward_student, teachers=self.teachers,
+                          objective=self.objective, optimizer=self.optimizer, device=self.device,
+                          mean=self.data.mean, std=self.data.std, channels_last=self.cfg.train.channels_last,
+                          amp=self.cfg.train.amp)
 
     def train_one_epoch(self, epoch: int) -> dict:
         from richkd.data import make_loader
@@ -181,24 +215,14 @@ class Run:
             from tqdm import tqdm
 
             bar = tqdm(total=len(loader), desc=f"epoch {epoch}/{cfg.train.epochs}", unit="batch", leave=False)
-        for step, batch in enumerate(loader):
-            batch = batch.to(self.device, non_blocking=True)
-            x = self._normalize(batch.image)
-            with self._autocast():
-                out = self.forward_student(x)
-                teacher = (self.teachers(batch, x) if self.teachers is not None and self.objective.needs_teacher
-                           else None)
-            terms = self.objective(out, batch.target, teacher, batch.index)
-            loss = sum(terms.values())
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            b = len(batch)
+        for i, batch in enumerate(loader):
+            record = self.step(batch)
+            b = record.batch_size
             n_seen += b
-            total += loss.detach() * b
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0) + value.detach() * b
-            if step % 50 == 0 and not torch.isfinite(loss.detach()):  # a periodic check avoids a sync per step
+            total += record.loss * b
+            for name, value in record.terms.items():
+                sums[name] = sums.get(name, 0) + value * b
+            if i % 50 == 0 and not torch.isfinite(record.loss):  # a periodic check avoids a sync per step
                 break
             if bar is not None:
                 bar.update(1)

@@ -28,21 +28,15 @@ def check_resources(cfg: Config) -> None:
             raise ConfigError(f"teacher.checkpoint: file {str(ckpt)!r} does not exist; train a teacher with "
                               "loss.method=supervised or download mdistiller's cifar_teachers.tar")
     if cfg.uses_clip:
-        from richkd.clip import load_prompt_set
+        from richkd.clip import load_prompt_set, parse_pretrained
 
         try:
             load_prompt_set(cfg.clip.prompt_set)
         except ValueError as exc:
             raise ConfigError(f"clip.prompt_set: {exc}") from None
-        pretrained = cfg.clip.pretrained
-        if pretrained.startswith("local-dir:"):
-            folder = Path(pretrained[len("local-dir:"):]).expanduser()
-            if not folder.is_dir():
-                raise ConfigError(f"clip.pretrained: folder {str(folder)!r} does not exist")
-        elif _looks_like_path(pretrained) and not Path(pretrained).expanduser().is_file():
-            raise ConfigError(f"clip.pretrained: file {pretrained!r} does not exist (create the offline tiny "
+        ref = parse_pretrained(cfg.clip.pretrained)
+        if ref.kind == "dir" and not ref.path.is_dir():
+            raise ConfigError(f"clip.pretrained: folder {str(ref.path)!r} does not exist")
+        if ref.kind == "file" and not ref.path.is_file():
+            raise ConfigError(f"clip.pretrained: file {ref.value!r} does not exist (create the offline tiny "
                               "CLIP with `richkd clip init-tiny PATH`, or use a tag such as openai)")
-
-
-def _looks_like_path(value: str) -> bool:
-    return "/" in value or value.endswith((".pt", ".pth", ".bin", ".safetensors"))

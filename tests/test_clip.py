@@ -18,7 +18,7 @@ from richkd.io import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 
-# paper.md §1.6, verbatim (official RichKD cache.py): no trailing periods.
+# the official RichKD code's templates, verbatim (docs/method.md#the-official-code): no trailing periods.
 RICHKD12 = (
     "a photo of a {}",
     "a blurry photo of a {}",
@@ -308,6 +308,29 @@ def test_bad_pretrained_values(tmp_path):
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(rc.ClipLoadError, match="could not load CLIP"):
         rc.load_clip(rc.TINY_CLIP_MODEL, str(garbage))
+
+
+def test_parse_pretrained_reads_tags_files_and_folders(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert rc.parse_pretrained("openai") == rc.PretrainedRef("openai", "tag", None)
+    assert rc.parse_pretrained("laion2b_s34b_b79k").absolute() == "laion2b_s34b_b79k"
+    # path-looking values are files even when missing (never looked up as tags); ~ is expanded
+    for value in ("weights/clip.pt", "clip.safetensors", "big_vision.npz", "~/clip.bin"):
+        ref = rc.parse_pretrained(value)
+        assert ref.kind == "file" and ref.path == Path(os.path.expanduser(value)), value
+    assert rc.parse_pretrained("~/clip.bin").path == tmp_path / "home" / "clip.bin"
+    # an existing file with a tag-like name is that file
+    (tmp_path / "openai").write_text("x")
+    assert rc.parse_pretrained("openai").kind == "file"
+    assert rc.parse_pretrained("openai").absolute() == str(tmp_path / "openai")
+    ref = rc.parse_pretrained("local-dir:~/clipdir")
+    assert (ref.kind, ref.path) == ("dir", tmp_path / "home" / "clipdir")
+    assert ref.absolute() == f"local-dir:{tmp_path / 'home' / 'clipdir'}"
+    assert rc.parse_pretrained("local-dir:sub/../clipdir").absolute() == f"local-dir:{tmp_path / 'clipdir'}"
+    assert rc.parse_pretrained("weights/./clip.pt").absolute() == str(tmp_path / "weights" / "clip.pt")
+    assert rc.parse_pretrained("/abs/clip.pt").absolute() == "/abs/clip.pt"
+    assert rc.parse_pretrained("s3://bucket/clip.pt").absolute() == "s3://bucket/clip.pt"
 
 
 def test_local_dir_folder(tiny, tiny_path, tmp_path):

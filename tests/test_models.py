@@ -14,7 +14,8 @@ torch.set_num_threads(1)
 
 ALL_MODELS = MODELS.names()
 
-# pooled penultimate widths, from paper.md (official model code) and mdistiller's model files
+# pooled penultimate widths, from the official model code (docs/method.md#the-official-code) and mdistiller's
+# model files
 EXPECTED_FEAT_DIM = {
     "resnet8": 64, "resnet14": 64, "resnet20": 64, "resnet32": 64, "resnet44": 64, "resnet56": 64, "resnet110": 64,
     "resnet8x4": 256, "resnet32x4": 256,

@@ -5,9 +5,11 @@ import difflib
 import json
 import logging
 import os
+import re
 import socket
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
@@ -24,6 +26,45 @@ LOCAL_DIR_PREFIX = "local-dir:"
 HF_HUB_PREFIX = "hf-hub:"
 PRECISIONS = ("fp32", "fp16", "bf16")
 _NETWORK_PROBE_TIMEOUT_S = 3.0
+
+WEIGHTS_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz")
+
+
+@dataclass(frozen=True)
+class PretrainedRef:
+    """What a `clip.pretrained` value names: an open_clip tag, a weights file or a local-dir folder.
+
+    `path` is the expanded (`~`) file or folder, None for a tag. A "file" may be missing: the value looks like a
+    path (has a slash or a weights suffix), so it is never looked up as a tag; whoever needs the file says so.
+    """
+    value: str
+    kind: str                 # "tag" | "file" | "dir"
+    path: Optional[Path] = None
+
+    def absolute(self) -> str:
+        """The value with its path made absolute (sweep trials run in their own working directory).
+
+        A tag, or a value with a URL scheme (s3://...), is returned as given.
+        """
+        if self.kind == "tag" or re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*://", self.value):
+            return self.value
+        absolute = os.path.abspath(self.path)
+        return LOCAL_DIR_PREFIX + absolute if self.kind == "dir" else absolute
+
+
+def parse_pretrained(value: str) -> PretrainedRef:
+    """The one reading of `clip.pretrained`, shared by config checks, cache keys, the loader and the sweep.
+
+    `local-dir:FOLDER` is a folder; an existing file, or anything that looks like a path (a slash or a weights
+    suffix such as .pt), is a file; everything else is an open_clip tag such as `openai`.
+    """
+    if value.startswith(LOCAL_DIR_PREFIX):
+        return PretrainedRef(value, "dir", Path(value[len(LOCAL_DIR_PREFIX):]).expanduser())
+    path = Path(value).expanduser()
+    if _looks_like_path(value) or path.is_file():
+        return PretrainedRef(value, "file", path)
+    return PretrainedRef(value, "tag")
+
 
 # A tiny random CLIP for tests and the offline demo: a 2-layer ViT (32 px, patch 8) and a 2-layer text transformer
 # with the standard 77-token context and the full 49408-token BPE vocabulary, so open_clip's SimpleTokenizer works.
@@ -186,7 +227,7 @@ def _resolve_arch(model_name: str) -> str:
 
 
 def _looks_like_path(value: str) -> bool:
-    return os.sep in value or "/" in value or value.endswith((".pt", ".pth", ".bin", ".safetensors", ".npz"))
+    return os.sep in value or "/" in value or value.endswith(WEIGHTS_SUFFIXES)
 
 
 def _checkpoint_in_dir(folder: Path) -> Optional[Path]:
@@ -217,8 +258,9 @@ def load_clip(model_name: str, pretrained: str, device: str | torch.device = "cp
     create_name, create_pretrained = model_name, None
     force_quick_gelu, force_preprocess = False, None
 
-    if pretrained.startswith(LOCAL_DIR_PREFIX):
-        folder = Path(pretrained[len(LOCAL_DIR_PREFIX):]).expanduser()
+    ref = parse_pretrained(pretrained)
+    if ref.kind == "dir":
+        folder = ref.path
         if not folder.is_dir():
             raise ClipLoadError(f"clip.pretrained {pretrained!r}: folder {str(folder)!r} does not exist")
         if not (folder / "open_clip_config.json").is_file():
@@ -247,15 +289,14 @@ def load_clip(model_name: str, pretrained: str, device: str | torch.device = "cp
                                 "a weights file or local-dir:FOLDER; a randomly initialised CLIP cannot teach")
         arch = _resolve_arch(model_name)
         create_name = arch
-        path = Path(pretrained).expanduser()
-        if path.is_file():
-            create_pretrained = str(path)
-            weights_id = sha256_file(path)
+        if ref.kind == "file":
+            if not ref.path.is_file():
+                raise ClipLoadError(f"clip.pretrained: weights file {pretrained!r} does not exist")
+            create_pretrained = str(ref.path)
+            weights_id = sha256_file(ref.path)
         else:
             tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
             if not tag_cfg:
-                if _looks_like_path(pretrained):
-                    raise ClipLoadError(f"clip.pretrained: weights file {pretrained!r} does not exist")
                 tags = open_clip.list_pretrained_tags_by_model(arch)
                 if not tags:
                     raise ClipLoadError(f"{arch!r} has no open_clip pretrained tags, and {pretrained!r} is not a "

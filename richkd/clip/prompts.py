@@ -42,8 +42,8 @@ class PromptSet:
 def clean_class_name(name: str) -> str:
     """"aquarium_fish" -> "aquarium fish": underscores to spaces, whitespace collapsed.
 
-    The official RichKD code feeds torchvision's raw CIFAR-100 names (underscores kept, paper.md §1.6); cleaning is
-    the `clip.clean_class_names` option.
+    The official RichKD code feeds torchvision's raw CIFAR-100 names (underscores kept,
+    docs/method.md#the-official-code); cleaning is the `clip.clean_class_names` option.
     """
     return " ".join(name.replace("_", " ").split())
 

@@ -24,9 +24,10 @@ _INTERPOLATIONS = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nea
 def average_prompt_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
     """(C, T, D) raw text embeddings -> (C, D) class embeddings.
 
-    Order matters and follows the official RichKD code (paper.md §1.6) and open_clip's build_zero_shot_classifier:
-    L2-normalise each prompt embedding, mean over the T templates, L2-normalise again. Normalising first gives each
-    template an equal vote; averaging raw embeddings would let long-norm prompts dominate.
+    Order matters and follows the official RichKD code (docs/method.md#the-official-code) and open_clip's
+    build_zero_shot_classifier: L2-normalise each prompt embedding, mean over the T templates, L2-normalise again.
+    Normalising first gives each template an equal vote; averaging raw embeddings would let long-norm prompts
+    dominate.
     """
     if embeddings.ndim != 3:
         raise ValueError(f"expected (classes, templates, dim) embeddings, got shape {tuple(embeddings.shape)}")
@@ -155,7 +156,8 @@ class ClipTeacher:
         """(B, 3|1, H, W) float images in [0, 1], any device -> (B, D) L2-normalised float32 on that device.
 
         CLIP preprocessing (resize to the model's input size, CLIP mean/std) happens here, on the model's device, so
-        the same un-normalised view can feed the student and CLIP (paper.md §1.6 uses clip._transform(224)).
+        the same un-normalised view can feed the student and CLIP (the official code uses clip._transform(224),
+        docs/method.md#the-official-code).
         """
         if images_0_1.ndim != 4 or images_0_1.shape[1] not in (1, 3):
             raise ValueError(f"encode_images expects (B, 3, H, W) images in [0, 1], got {tuple(images_0_1.shape)}")

@@ -1,6 +1,6 @@
 """FKD-style cached views: view v of row i is a fixed crop offset + flip derived from (seed, i, v).
 
-With V views cached per image (ecosystem.md §7.1, option b), the student and both frozen teachers see the
+With V views cached per image (docs/method.md#teaching-protocol), the student and both frozen teachers see the
 *same* augmented image (Beyer et al.'s consistency) while no teacher runs during training: each epoch a
 sample draws one of its V views and the cache row `view * N + index` holds the teachers' outputs for it.
 View 0 is the clean, centred image, so look-ups without a view (validation rows) read clean outputs.

@@ -1,4 +1,7 @@
-"""Contrastive representation distillation (CRD) between the student and the fused teacher (paper.md §1.4)."""
+"""Contrastive representation distillation (CRD) between the student and the fused teacher.
+
+See docs/method.md#feature-fusion-and-crd.
+"""
 from __future__ import annotations
 
 import math
@@ -62,11 +65,11 @@ class ContrastMemory(nn.Module):
     Non-persistent buffers (rebuilt from ``train_targets``, never saved): ``class_of`` (N,),
     ``class_order`` (N, dataset rows sorted by class), ``class_start`` and ``class_count`` (C,).
 
-    Negatives reproduce CRD's ``"exact"`` mode (paper.md §1.4: K negatives from OTHER classes), sampled here
-    on the memory's device instead of by the dataset. They are drawn uniformly WITH replacement (i.i.d. from
-    the noise distribution restricted to other classes, like mdistiller's ``AliasMethod`` draw); the CRD
-    dataset draws without replacement. The draw uses the global RNG of the buffers' device, so runs are
-    reproducible under ``torch.manual_seed``.
+    Negatives reproduce CRD's ``"exact"`` mode (K negatives from OTHER classes,
+    docs/method.md#feature-fusion-and-crd), sampled here on the memory's device instead of by the dataset. They are
+    drawn uniformly WITH replacement (i.i.d. from the noise distribution restricted to other classes, like
+    mdistiller's ``AliasMethod`` draw); the CRD dataset draws without replacement. The draw uses the global RNG of
+    the buffers' device, so runs are reproducible under ``torch.manual_seed``.
     """
 
     def __init__(self, feat_dim: int, train_targets: torch.Tensor, nce_k: int,
@@ -208,7 +211,9 @@ class ContrastMemory(nn.Module):
 
 
 class FusedCRD(nn.Module):
-    """RichKD feature term: CRD between the student and ``normalize(lam*e_T + (1-lam)*e_C)`` (paper.md §1.4).
+    """RichKD feature term: CRD between the student and ``normalize(lam*e_T + (1-lam)*e_C)``.
+
+    See docs/method.md#feature-fusion-and-crd.
 
     Heads (all trainable, all belong in the optimiser as in the official ``get_learnable_parameters``):
     ``embed_student`` (student_dim -> feat_dim), ``embed_teacher`` (teacher_dim -> feat_dim) and

@@ -1,4 +1,4 @@
-"""Hinton knowledge-distillation loss on (fused) teacher logits (paper.md §1.3)."""
+"""Hinton knowledge-distillation loss on (fused) teacher logits (docs/method.md#logit-fusion)."""
 from __future__ import annotations
 
 import torch

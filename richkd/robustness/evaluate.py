@@ -165,12 +165,12 @@ def evaluate_checkpoint(req: EvaluateRequest) -> tuple[dict, list[Path]]:
     DatasetNotFoundError, CorruptionError, ...) for user errors, always before anything is written.
     """
     from richkd.data import build_data
+    from richkd.device import resolve_device
     from richkd.models import CheckpointError, load_teacher
     from richkd.robustness.corruptions import parse_corruptions, parse_severities
     from richkd.robustness.engine import evaluate_folder, evaluate_model
     from richkd.robustness.report import check_tracking_uri
     from richkd.robustness.scores import compare_to_reference, load_reference
-    from richkd.trainer import resolve_device
 
     _validate(req)
     ckpt = Path(req.checkpoint).expanduser()

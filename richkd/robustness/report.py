@@ -125,7 +125,7 @@ def check_tracking_uri(uri: str) -> str:
     """Reject tracking URIs that would use MLflow's file store (./mlruns); return the URI unchanged.
 
     MLflow >= 3.13 refuses to create a file store unless MLFLOW_ALLOW_FILE_STORE=true, and it is slow and
-    deprecated anyway (see DESIGN.md §6): use sqlite:///PATH/mlflow.db locally or an mlflow server URL.
+    deprecated anyway: use sqlite:///PATH/mlflow.db locally or an mlflow server URL.
     """
     if not uri or "://" not in uri or uri.startswith("file:"):
         raise ValueError(f"--mlflow-uri {uri!r}: MLflow's file store (a plain folder or file: URI) is not "

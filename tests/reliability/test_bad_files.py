@@ -206,7 +206,7 @@ def test_truncated_teacher_checkpoint_is_a_checkpoint_error(tmp_path):
 @pytest.mark.parametrize("keep", [0, 50, 200])
 def test_truncated_cache_file_names_the_file_and_the_fix(tmp_path, keep):
     """0 bytes (EOFError in numpy), a cut header (ValueError) and cut data (mmap too short): one CacheError.
-    (tests/test_richkd.py covers the same through Run on a real teacher cache.)"""
+    (tests/test_cache.py covers the same through Run on a real teacher cache.)"""
     entry = CacheEntry("teacher", {"k": keep})
     folder = write_entry(entry, tmp_path, {"logits": np.zeros((100, 10), np.float16)})
     npy = folder / "logits.npy"

@@ -1,0 +1,125 @@
+"""What identifies a cache entry's inputs: weights, data rows, views, prompts; one entry constructor per kind.
+
+Everything that changes what an entry holds goes into its fields (and so its key): the teacher checkpoint's and
+CLIP weights' sha256 (not their file names), the dataset's content fingerprint and the cached rows (not the
+folder it is in), the cached views and CLIP's preprocessing version. Anything else (prompt set for image
+features, the loss knobs a sweep samples) is left out, so trials that differ only there share the entries.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from richkd.cache.entries import CacheEntry, CacheError
+from richkd.config import ClipConfig, Config
+from richkd.io import OutputError, atomic_write_text, sha256_file
+
+CLEAN_VIEW = "clean"  # the un-augmented image: the official code's cached behaviour (docs/method.md#teaching-protocol)
+# Bumped whenever richkd.clip's image preprocessing changes, so old CLIP image caches are not reused.
+CLIP_PREPROCESS_VERSION = "torch-bicubic-antialias-v1"
+
+
+def file_sha256_memo(path: str | os.PathLike, memo_dir: str | os.PathLike) -> str:
+    """sha256 of a (possibly large) file, memoised by (path, size, mtime) so trials don't re-hash CLIP weights."""
+    p = Path(path).resolve()
+    st = p.stat()
+    memo_file = Path(memo_dir) / "sha256-memo.json"
+    ident = f"{p}|{st.st_size}|{st.st_mtime_ns}"
+    memo: dict = {}
+    if memo_file.is_file():
+        try:
+            memo = json.loads(memo_file.read_text())
+        except (OSError, ValueError):
+            memo = {}
+    if ident in memo:
+        return memo[ident]
+    digest = sha256_file(p)
+    memo[ident] = digest
+    try:
+        atomic_write_text(memo_file, json.dumps(memo, indent=1, sort_keys=True))
+    except (OSError, OutputError):  # a read-only cache folder still works, just without the memo
+        pass
+    return digest
+
+
+def clip_weights_id(clip: ClipConfig, memo_dir: str | os.PathLike) -> str:
+    """What identifies CLIP's weights: the file's sha256 for local files, else the open_clip tag."""
+    from richkd.clip import parse_pretrained  # lazily: importing richkd.clip imports torch
+
+    ref = parse_pretrained(clip.pretrained)
+    if ref.kind == "dir":
+        if not ref.path.is_dir():
+            raise CacheError(f"clip.pretrained: folder {str(ref.path)!r} does not exist")
+        parts = [f"{f.name}:{file_sha256_memo(f, memo_dir)}" for f in sorted(ref.path.iterdir()) if f.is_file()]
+        return "dir-" + hashlib.sha256("|".join(parts).encode()).hexdigest()
+    if ref.kind == "file" and ref.path.is_file():
+        return "file-" + file_sha256_memo(ref.path, memo_dir)
+    # a missing file keeps the tag form: validate and load_clip report it before anything is cached under it
+    return f"tag-{clip.model}/{clip.pretrained}"
+
+
+def _names_hash(names: Iterable[str]) -> str:
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+
+
+def view_id(cfg: Config) -> str:
+    """What the cached rows show: the clean image, or V seeded augmented views (richkd.data.views)."""
+    if cfg.teaching.views == 1:
+        return CLEAN_VIEW
+    from richkd.data.views import ViewSpec
+
+    return ViewSpec(cfg.teaching.views, cfg.teaching.view_seed).cache_id
+
+
+def teacher_entry(cfg: Config, dataset_id: dict, split: str, memo_dir: str | os.PathLike) -> CacheEntry:
+    ckpt = Path(cfg.teacher.checkpoint or "").expanduser()
+    if not ckpt.is_file():
+        raise CacheError(f"teacher.checkpoint: file {str(ckpt)!r} does not exist")
+    return CacheEntry("teacher", {
+        "arch": cfg.teacher.arch, "checkpoint_sha256": file_sha256_memo(ckpt, memo_dir),
+        **dataset_id, "split": split, "view": view_id(cfg),
+    })
+
+
+def clip_image_entry(cfg: Config, dataset_id: dict, split: str, memo_dir: str | os.PathLike) -> CacheEntry:
+    return CacheEntry("clip-image", {
+        "model": cfg.clip.model, "weights": clip_weights_id(cfg.clip, memo_dir),
+        "preprocess": CLIP_PREPROCESS_VERSION,
+        **dataset_id, "split": split, "view": view_id(cfg),
+    })
+
+
+def clip_text_entry(cfg: Config, templates: tuple[str, ...], class_names: list[str],
+                    memo_dir: str | os.PathLike) -> CacheEntry:
+    return CacheEntry("clip-text", {
+        "model": cfg.clip.model, "weights": clip_weights_id(cfg.clip, memo_dir),
+        "templates_sha": _names_hash(templates), "class_names_sha": _names_hash(class_names),
+        "clean_class_names": cfg.clip.clean_class_names,
+    })
+
+
+def cached_rows(data, split: str) -> np.ndarray:
+    """Sorted rows of the underlying split whose teacher outputs a run reads: its train and validation rows.
+
+    A run on a subset (data.max_train_samples) caches just that subset instead of the whole split; a full run
+    covers every row. Different subsets give different (small) cache entries.
+    """
+    if split == "train":
+        return np.union1d(data.train.indices.numpy(), data.val.indices.numpy()).astype(np.int64)
+    return np.arange(len(data.test_clean), dtype=np.int64)
+
+
+def dataset_identity(data, split: str) -> dict:
+    """Fields of the data that determine teacher outputs: the content fingerprint, not the folder it is in."""
+    total = len(data.train_clean if split == "train" else data.test_clean)
+    rows = cached_rows(data, split)
+    subset = "all" if len(rows) == total else hashlib.sha256(rows.tobytes()).hexdigest()[:16]
+    return {"dataset": data.name, "fingerprint": data.fingerprint(), "image_size": data.image_size, "n": total,
+            "rows": subset, "n_rows": int(len(rows)), "num_classes": data.num_classes}
+
+
