@@ -2,7 +2,7 @@
 per-trial start-up overhead, and ASHA vs no early stopping on the same sampled configurations (18 trials x 9
 cheap epochs, grace 1, reduction factor 3: the shape in which early stopping pays off).
 
-Built from richkd.tune's public pieces (space.spec_from_mapping, runner.init_ray / prepare_sweep_caches /
+Built from richkd.tune's public pieces (spec.spec_from_mapping, runner.init_ray / prepare_sweep_caches /
 build_tuner) plus a driver-side timing callback; runner._mlflow_setup is reused so trials log to MLflow exactly as
 `richkd sweep` does. The data is the first rows of the real Fashion-MNIST (Debian package) when present, else random
 images; the teacher is a random-init resnet8 and CLIP the offline tiny model (costs, not accuracy, are measured).
@@ -184,7 +184,7 @@ def _sweep_sizes(quick: bool) -> dict:
 def _fifo(root: Path, quick: bool, log) -> dict:
     key = (str(root), quick)
     if key not in _FIFO_CACHE:
-        from richkd.tune.space import spec_from_mapping
+        from richkd.tune.spec import spec_from_mapping
 
         sz = _sizes(quick)
         data = make_assets(root, sz["n_train"])
@@ -292,7 +292,7 @@ def asha_vs_fifo(root: Path, quick: bool = False, log: Callable = print) -> dict
 
     Trials are deterministic (same data, seed and config), so FIFO's final val_top1 of every configuration is
     the ground truth against which ASHA's pick is ranked."""
-    from richkd.tune.space import spec_from_mapping
+    from richkd.tune.spec import spec_from_mapping
 
     sz = _sweep_sizes(quick)
     data = make_assets(root, sz["n_train"])

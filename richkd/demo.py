@@ -96,7 +96,7 @@ def run_sweep_stage(out_root: Path, sizes: dict, summary: dict) -> str:
     """A real Optuna + ASHA sweep (search_spaces/fmnist_demo.yaml) on the demo's teacher, CLIP and caches."""
     from richkd.export import export_sweep
     from richkd.tune.runner import run_sweep
-    from richkd.tune.space import load_spec
+    from richkd.tune.spec import load_spec
 
     if not DEMO_SPEC.is_file():
         raise FileNotFoundError(f"{DEMO_SPEC} is missing: run the demo from a checkout of the repository")

@@ -1,8 +1,8 @@
 """Export a sweep: the best trial's full config (loadable by `richkd train --config`) and a leaderboard of all trials.
 
-Selection follows ecosystem.md §1.8: only trials that reached max_t (ASHA survivors) compete, ranked by the
-metric's LAST value on the validation split (never the test split, never the best epoch: picking each trial's
-best epoch is optimistic). Ray is used only through richkd.tune (offline reading of the experiment folder).
+Selection is richkd.tune.selection's (docs/method.md, "What a sweep should search"): only trials that reached
+max_t compete, ranked by the metric's LAST value on the validation split. Ray is used only through richkd.tune
+(offline reading of the experiment folder).
 
 Multi-objective sweeps (and `richkd export --pareto METRICS` on any sweep) also get the Pareto front of the
 same trials (richkd.pareto): pareto_front.json and one reproducing config per front member under pareto/.
@@ -19,6 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from richkd.tune.selection import (ExportError, best_trial, cache_keys_for, compute_front, load_sweep,
+                                   output_dir)
+
+__all__ = ["ExportError", "ExportResult", "best_trial", "compute_front", "export_sweep", "load_sweep", "output_dir",
+           "pareto_objectives"]
 log = logging.getLogger(__name__)
 
 BEST_CONFIG = "best_config.yaml"
@@ -27,10 +32,6 @@ LEADERBOARD = "leaderboard.csv"
 LEADERBOARD_METRICS = ("val_top1", "val_top5", "val_loss", "val_ece", "train_loss", "best_val_top1")
 PARETO_JSON = "pareto_front.json"
 PARETO_DIR = "pareto"          # <trial_id>.yaml per front member, each loadable by `richkd train --config`
-
-
-class ExportError(ValueError):
-    """The sweep cannot be exported as asked (e.g. no trial reached max_t); the message says what to do."""
 
 
 @dataclass
@@ -47,60 +48,10 @@ class ExportResult:
     pareto_objectives: list = field(default_factory=list)   # [(metric, mode), ...]
 
 
-def output_dir(experiment_path: str, sweep_name: str) -> Path:
-    """Export files live beside the experiment when it is a local folder, else in ./tune_runs/<sweep>/."""
-    if "://" in experiment_path:
-        return Path("tune_runs").resolve() / sweep_name
-    return Path(experiment_path)
-
-
-def load_sweep(sweep: str, storage: Optional[str] = None, tracking_uri: Optional[str] = None):
-    """(spec, experiment path, meta, ranked rows with MLflow run ids) of a sweep name or folder."""
-    from richkd.tune.results import attach_mlflow_run_ids, collect_trials
-    from richkd.tune.runner import read_sweep_meta, spec_from_meta
-
-    path, meta = read_sweep_meta(sweep, storage)
-    spec = spec_from_meta(meta, check=False)
-    if tracking_uri:
-        meta = {**meta, "tracking_uri": tracking_uri}
-    try:
-        rows = collect_trials(path, spec)
-    except ValueError as exc:  # no experiment_state file yet
-        raise ExportError(f"sweep {spec.name!r} at {path} has no trial results yet ({exc})") from None
-    attach_mlflow_run_ids(rows, meta.get("tracking_uri"), meta.get("experiment_id"), meta.get("parent_run_id"))
-    return spec, path, meta, rows
-
-
-def best_trial(rows: list, spec) -> object:
-    from richkd.tune.results import survivors
-
-    alive = survivors(rows)
-    if not alive:
-        outcomes = {}
-        for r in rows:
-            outcomes[r.outcome] = outcomes.get(r.outcome, 0) + 1
-        seen = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(outcomes.items())) or "no trials"
-        raise ExportError(f"no trial of sweep {spec.name!r} reached max_t = {spec.max_t} epochs with a finite "
-                          f"{spec.tune.metric} ({seen}); resume it (`richkd sweep --resume {spec.name}`) or run a "
-                          "larger sweep")
-    return alive[0]
-
-
-def cache_keys_for(cfg, meta: dict) -> list[str]:
-    """The cache entries the runner built for this config's cache signature (recorded in richkd_sweep.json)."""
-    from richkd.tune.space import cache_signature
-
-    sig = cache_signature(cfg)
-    for record in meta.get("caches") or []:
-        if record.get("signature") == sig:
-            return list(record.get("entries") or [])
-    return []
-
-
 def pareto_objectives(spec, metrics: Optional[Sequence[str]] = None) -> list[tuple[str, str]]:
     """[(metric, mode), ...] for a Pareto export: `metrics` given (modes from KNOWN_METRICS), else the sweep's
     objectives when it has several. [] when no front is asked for."""
-    from richkd.tune.space import KNOWN_METRICS
+    from richkd.metric_names import KNOWN_METRICS
 
     if metrics is None:
         return list(spec.tune.objective_pairs) if spec.tune.multi_objective else []
@@ -119,24 +70,7 @@ def pareto_objectives(spec, metrics: Optional[Sequence[str]] = None) -> list[tup
     return [(m, KNOWN_METRICS[m]) for m in metrics]
 
 
-def compute_front(rows: list, spec, objectives: list) -> list:
-    """Front members among trials that reached max_t; a clear error when none reported every objective."""
-    from richkd.pareto import front_rows, objective_values
-    from richkd.tune.results import survivors
-
-    metrics = [m for m, _ in objectives]
-    front = front_rows(rows, metrics, [d for _, d in objectives])
-    if not front:
-        done = [r for r in survivors(rows)]
-        missing = sorted({m for r in done for m in metrics if objective_values(r, [m]) is None})
-        hint = (f"; the trials did not report {', '.join(missing)} (set config robustness.enabled: true in the "
-                "spec for val_corrupt_* metrics)" if missing else "")
-        raise ExportError(f"no trial of sweep {spec.name!r} reached max_t = {spec.max_t} with finite "
-                          f"{', '.join(metrics)}{hint}")
-    return front
-
-
-def pareto_json(spec, path: str, meta: dict, objectives: list, front: list, n_candidates: int) -> dict:
+def pareto_json(spec, path: str, record, objectives: list, front: list, n_candidates: int) -> dict:
     return {
         "sweep": spec.name, "experiment_path": path,
         "objectives": [{"metric": m, "mode": d} for m, d in objectives],
@@ -144,7 +78,7 @@ def pareto_json(spec, path: str, meta: dict, objectives: list, front: list, n_ca
                       "candidates": n_candidates,
                       "rule": "non-dominated: no other trial is at least as good in every objective and better "
                               "in one (ties are kept)"},
-        "mlflow": {"tracking_uri": meta.get("tracking_uri"), "parent_run_id": meta.get("parent_run_id")},
+        "mlflow": {"tracking_uri": record.tracking_uri, "parent_run_id": record.parent_run_id},
         "members": [{"trial_id": r.trial_id, "rank": r.rank,
                      "objectives": {m: r.metrics.get(m) for m, _ in objectives},
                      "config_file": f"{PARETO_DIR}/{r.trial_id}.yaml", "sampled": r.sampled, "epochs": r.epochs,
@@ -152,7 +86,7 @@ def pareto_json(spec, path: str, meta: dict, objectives: list, front: list, n_ca
     }
 
 
-def _write_pareto(folder: Path, spec, path: str, meta: dict, objectives: list, front: list, rows: list) -> list[Path]:
+def _write_pareto(folder: Path, spec, path: str, record, objectives: list, front: list, rows: list) -> list[Path]:
     """pareto_front.json + pareto/<trial>.yaml (atomic writes); configs of former front members are removed."""
     from richkd.io import atomic_write_text
     from richkd.tune.results import survivors
@@ -171,7 +105,7 @@ def _write_pareto(folder: Path, spec, path: str, meta: dict, objectives: list, f
     for old in sub.glob("*.yaml"):
         if old.name not in keep:
             old.unlink()
-    info = pareto_json(spec, path, meta, objectives, front, len(survivors(rows)))
+    info = pareto_json(spec, path, record, objectives, front, len(survivors(rows)))
     out = folder / PARETO_JSON
     atomic_write_text(out, json.dumps(info, indent=1, default=str) + "\n")
     return [out, *written]
@@ -204,9 +138,9 @@ def export_sweep(sweep: str, storage: Optional[str] = None, tracking_uri: Option
     front is exported exactly when the sweep has several objectives.
     """
     from richkd.io import atomic_write_text
-    from richkd.tune.mlflow_callback import code_version
+    from richkd.provenance import code_version
 
-    spec, path, meta, rows = load_sweep(sweep, storage, tracking_uri)
+    spec, path, record, rows = load_sweep(sweep, storage, tracking_uri)
     best = best_trial(rows, spec)
     objectives = pareto_objectives(spec, pareto)
     front = compute_front(rows, spec, objectives) if objectives else []
@@ -215,7 +149,7 @@ def export_sweep(sweep: str, storage: Optional[str] = None, tracking_uri: Option
     folder = Path(out_dir) if out_dir else output_dir(path, spec.name)
     version = code_version()
     cfg = best.config
-    cache_keys = cache_keys_for(cfg, meta)
+    cache_keys = cache_keys_for(cfg, record)
     info = {
         "sweep": spec.name, "experiment_path": path, "trial_id": best.trial_id, "trial_name": best.trial_name,
         "selection": {"metric": spec.tune.metric, "mode": spec.tune.mode, "scope": "last", "split": "val",
@@ -223,10 +157,10 @@ def export_sweep(sweep: str, storage: Optional[str] = None, tracking_uri: Option
                       + (f" and are on the Pareto front of {spec.tune.metrics}" if spec.tune.multi_objective else "")},
         "value": best.value, "best_value_over_epochs": best.best_value, "epochs": best.epochs,
         "metrics": best.metrics, "sampled": best.sampled, "checkpoint": best.checkpoint,
-        "mlflow": {"tracking_uri": meta.get("tracking_uri"), "experiment_id": meta.get("experiment_id"),
-                   "parent_run_id": meta.get("parent_run_id"), "run_id": best.mlflow_run_id},
+        "mlflow": {"tracking_uri": record.tracking_uri, "experiment_id": record.experiment_id,
+                   "parent_run_id": record.parent_run_id, "run_id": best.mlflow_run_id},
         "cache_keys": cache_keys, "code_version": version, "sweep_code_version":
-            {"git_commit": meta.get("git_commit"), "richkd_version": meta.get("richkd_version")},
+            {"git_commit": record.git_commit, "richkd_version": record.richkd_version},
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": cfg.to_dict(),
     }
     on_front = f" (on the Pareto front, see {PARETO_JSON})" if front and spec.tune.multi_objective else ""
@@ -235,11 +169,11 @@ def export_sweep(sweep: str, storage: Optional[str] = None, tracking_uri: Option
         f"# selected by the LAST {spec.tune.metric} ({spec.tune.mode}) on the validation split among trials that "
         f"reached max_t = {spec.max_t}{on_front}: {best.value:.6g}",
         f"# sampled: {json.dumps(best.sampled, default=str)}",
-        f"# MLflow run: {best.mlflow_run_id or 'n/a'} (parent {meta.get('parent_run_id') or 'n/a'}, "
-        f"{meta.get('tracking_uri') or 'MLflow off'})",
+        f"# MLflow run: {best.mlflow_run_id or 'n/a'} (parent {record.parent_run_id or 'n/a'}, "
+        f"{record.tracking_uri or 'MLflow off'})",
         f"# cache entries: {', '.join(cache_keys) or 'none'}",
         f"# code: richkd {version['richkd_version']} @ {version['git_commit']} (sweep ran at "
-        f"{meta.get('git_commit', 'unknown')})",
+        f"{record.git_commit or 'unknown'})",
         f"# details: {BEST_TRIAL}; reproduce with: richkd train --config {BEST_CONFIG}",
         "",
     ]
@@ -252,36 +186,36 @@ def export_sweep(sweep: str, storage: Optional[str] = None, tracking_uri: Option
     atomic_write_text(best_config, "\n".join(header) + cfg.to_yaml())
     atomic_write_text(best_json, json.dumps(info, indent=1, default=str) + "\n")
     atomic_write_text(board, leaderboard_csv(rows, spec))
-    pareto_files = _write_pareto(folder, spec, path, meta, objectives, front, rows) if front else []
+    pareto_files = _write_pareto(folder, spec, path, record, objectives, front, rows) if front else []
     attached = None
-    if attach and meta.get("tracking_uri") and meta.get("parent_run_id"):
-        attached = _attach(meta, [best_config, best_json, board], best)
+    if attach and record.has_mlflow_run:
+        attached = _attach(record, [best_config, best_json, board], best)
         if pareto_files:
-            _attach_pareto(meta, pareto_files, front, objectives)
+            _attach_pareto(record, pareto_files, front, objectives)
     return ExportResult(out_dir=folder, best_config=best_config, best_trial=best_json, leaderboard=board,
                         best=best, rows=rows, attached_to_run=attached,
                         pareto=pareto_files[0] if pareto_files else None, pareto_rows=front,
                         pareto_objectives=objectives)
 
 
-def _attach(meta: dict, files: list[Path], best) -> Optional[str]:
-    from richkd.tune.mlflow_callback import client_for, set_tags
+def _attach(record, files: list[Path], best) -> Optional[str]:
+    from richkd.tune.mlflow_client import client_for, set_tags
 
-    client = client_for(meta["tracking_uri"])
-    parent = meta["parent_run_id"]
+    client = client_for(record.tracking_uri)
+    parent = record.parent_run_id
     for f in files:
         client.log_artifact(parent, str(f), artifact_path="export")
     set_tags(client, parent, {"richkd.best_trial_id": best.trial_id, "richkd.best_run_id": best.mlflow_run_id or ""})
     return parent
 
 
-def _attach_pareto(meta: dict, files: list[Path], front: list, objectives: list) -> None:
+def _attach_pareto(record, files: list[Path], front: list, objectives: list) -> None:
     """The front on the sweep's parent run: files under export/ (configs under export/pareto/), its size as a
     metric and the member trial ids as a tag (MLflow has no native Pareto view)."""
-    from richkd.tune.mlflow_callback import client_for, log_metrics, set_tags
+    from richkd.tune.mlflow_client import client_for, log_metrics, set_tags
 
-    client = client_for(meta["tracking_uri"])
-    parent = meta["parent_run_id"]
+    client = client_for(record.tracking_uri)
+    parent = record.parent_run_id
     client.log_artifact(parent, str(files[0]), artifact_path="export")
     for f in files[1:]:
         client.log_artifact(parent, str(f), artifact_path=f"export/{PARETO_DIR}")

@@ -61,7 +61,7 @@ def test_gpu_sweep_essentials(cluster):
 
 def test_the_cifar_space_reads_the_cluster_environment(tmp_path, monkeypatch):
     """The env vars the cluster sets are the ones the shipped CIFAR spec expands."""
-    from richkd.tune.space import load_spec
+    from richkd.tune.spec import load_spec
 
     env = {"RICHKD_STORAGE": str(tmp_path / "shared" / "tune_runs"), "RICHKD_CACHE": str(tmp_path / "cache"),
            "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000", "RICHKD_CIFAR100": str(tmp_path / "cifar"),

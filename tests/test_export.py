@@ -33,13 +33,13 @@ def exported(smoke):
 
 
 def test_best_config_round_trips_to_the_trial_config(smoke, exported):
-    from richkd.tune.runner import read_sweep_meta, spec_from_meta
+    from richkd.tune.sweep_record import read_sweep_record
     from richkd.tune.trainable import load_checkpoint_state
 
     best = exported.best
     assert best.outcome == "completed" and best.epochs == 3
     loaded = Config.from_yaml(exported.best_config)              # what `richkd train --config` reads
-    spec = spec_from_meta(read_sweep_meta(smoke["name"], smoke["storage"])[1], check=False)
+    spec = read_sweep_record(smoke["name"], smoke["storage"]).spec
     params = json.loads((Path(smoke["experiment_path"]) / f"trial_{best.trial_id}" / "params.json").read_text())
     assert loaded == spec.trial_config(params)                   # Tune's sampled dict -> the same config
     state = load_checkpoint_state(best.checkpoint)               # ...and what the trial actually trained
@@ -74,7 +74,7 @@ def test_best_is_the_survivor_with_the_best_last_value(smoke, exported):
 
 
 def test_best_trial_json_and_header_carry_the_metadata(smoke, exported):
-    from richkd.tune.mlflow_callback import TRIAL_TAG, client_for
+    from richkd.tune.mlflow_client import TRIAL_TAG, client_for
 
     info = json.loads(exported.best_trial.read_text())
     assert info["trial_id"] == exported.best.trial_id
@@ -109,7 +109,7 @@ def test_leaderboard_lists_every_trial_with_params_metrics_and_status(smoke, exp
 
 
 def test_export_files_are_attached_to_the_parent_run(smoke, exported):
-    from richkd.tune.mlflow_callback import client_for
+    from richkd.tune.mlflow_client import client_for
 
     client = client_for(smoke["tracking_uri"])
     names = {Path(a.path).name for a in client.list_artifacts(smoke["parent_run_id"], "export")}
@@ -138,7 +138,7 @@ def test_no_survivor_is_a_clear_error(smoke):
 
 def test_finalize_retrains_the_top_config_over_seeds_on_the_test_split(smoke, tmp_path):
     from richkd.tune.finalize import finalize_sweep
-    from richkd.tune.mlflow_callback import KIND_TAG, PARENT_TAG, client_for
+    from richkd.tune.mlflow_client import KIND_TAG, PARENT_TAG, client_for
 
     result = finalize_sweep(smoke["name"], top=1, seeds=2, storage=smoke["storage"],
                             overrides=["train.epochs=1"], out_dir=str(tmp_path))

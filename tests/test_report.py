@@ -45,7 +45,7 @@ def test_importances_put_the_driving_parameter_first_and_note_conditional_ones()
     import random
 
     from richkd.report.importance import param_importances
-    from richkd.tune.space import Condition, Param
+    from richkd.tune.params import Condition, Param
 
     params = [Param("a", "uniform", 0.0, 1.0), Param("b", "loguniform", 1e-4, 1.0),
               Param("c", "choice", values=(0.0, 0.5)),
@@ -70,7 +70,7 @@ def test_importances_put_the_driving_parameter_first_and_note_conditional_ones()
 
 def test_importances_degrade_to_notes():
     from richkd.report.importance import param_importances
-    from richkd.tune.space import Param
+    from richkd.tune.params import Param
 
     params = [Param("a", "uniform", 0.0, 1.0)]
     few = param_importances(params, [({"a": 0.1}, 1.0), ({"a": 0.2}, 2.0), ({"a": 0.3}, float("nan"))], "max")
@@ -211,7 +211,7 @@ def test_stopped_and_failed_trials_end_early_in_the_curves(smoke):
 
 @pytest.mark.slow
 def test_report_is_logged_on_the_parent_run(smoke, report):
-    from richkd.tune.mlflow_callback import client_for
+    from richkd.tune.mlflow_client import client_for
 
     client = client_for(smoke["tracking_uri"])
     names = {Path(a.path).name for a in client.list_artifacts(smoke["parent_run_id"], "report")}

@@ -84,7 +84,7 @@ def test_data_resident_config_key_is_validated_and_cache_neutral():
     for bad in ("yes", 1, None):
         with pytest.raises(ConfigError, match=r"data\.resident: .* not one of auto, true, false"):
             Config.from_dict({"data": {"resident": bad}})
-    from richkd.tune.space import cache_signature
+    from richkd.cache.signature import cache_signature
 
     base = Config()
     assert cache_signature(base.with_overrides({"data.resident": True})) == cache_signature(base)

@@ -88,7 +88,7 @@ def ensure_smoke_sweep(base: Path) -> dict:
     if marker.is_file():
         return json.loads(marker.read_text())
     from richkd.tune.runner import run_sweep
-    from richkd.tune.space import spec_from_mapping
+    from richkd.tune.spec import spec_from_mapping
 
     for key, value in ENV.items():
         if key != "PYTHONPATH":
@@ -118,7 +118,7 @@ def trial_results(experiment_path: str) -> dict:
 
 @pytest.mark.slow
 def test_smoke_sweep_asha_stops_trials_and_mlflow_has_parent_and_children(smoke):
-    from richkd.tune.mlflow_callback import OUTCOME_TAG, PARENT_TAG, TRIAL_TAG, client_for
+    from richkd.tune.mlflow_client import OUTCOME_TAG, PARENT_TAG, TRIAL_TAG, client_for
 
     assert smoke["num_trials"] == 3
     counts = smoke["counts"]

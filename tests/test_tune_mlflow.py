@@ -11,9 +11,10 @@ import pytest
 from mlflow.entities import ViewType
 from ray.tune.experiment import Trial
 
-from richkd.tune.mlflow_callback import (HASH_TAG, KIND_TAG, OUTCOME_TAG, PARENT_TAG, TRIAL_TAG, MlflowSweepCallback,
-                                         client_for, create_parent_run, ensure_experiment)
-from richkd.tune.space import spec_from_mapping
+from richkd.tune.mlflow_callback import MlflowSweepCallback
+from richkd.tune.mlflow_client import (HASH_TAG, KIND_TAG, OUTCOME_TAG, PARENT_TAG, TRIAL_TAG, client_for,
+                                       create_parent_run, ensure_experiment)
+from richkd.tune.spec import spec_from_mapping
 
 try:
     from tests.test_tune_space import base_spec, make_assets

@@ -16,7 +16,8 @@ from optuna.trial import TrialState
 
 from richkd.config import Config, ConfigError
 from richkd.pareto import dominates, front_rows, pareto_front
-from richkd.tune.space import SpecError, spec_from_mapping
+from richkd.tune.errors import SpecError
+from richkd.tune.spec import spec_from_mapping
 
 try:
     from tests.test_tune_e2e import _find_study
@@ -58,7 +59,7 @@ def test_metric_list_derives_modes_and_switches_robustness_on(assets, tmp_path):
     assert spec.base_config.robustness.enabled is True            # an objective needs val_corrupt_top1
     assert spec.plan().trial_config({"loss.fusion_alpha": 0.5, "loss.temperature": 2.0}).robustness.enabled
     assert spec.plan().metrics == OBJECTIVES
-    again = spec_from_mapping(spec.raw, check_data=False)        # what --resume / export re-read
+    again = spec_from_mapping(spec.to_dict(), check_data=False)        # what --resume / export re-read
     assert again.tune == t and again.base_config == spec.base_config
 
 
@@ -99,7 +100,7 @@ def test_searching_robustness_enabled_against_the_objective_is_refused(assets, t
 
 def test_robustness_config_is_validated_and_does_not_touch_caches():
     from richkd.robustness.corruptions import CORRUPTION_NAMES
-    from richkd.tune.space import cache_signature
+    from richkd.cache.signature import cache_signature
 
     cfg = Config()
     assert set(cfg.robustness.corruptions) <= set(CORRUPTION_NAMES)   # the defaults skip the lazy name check
@@ -164,7 +165,7 @@ def test_front_rows_only_among_trials_that_reached_max_t():
 
 def _multi_searcher():
     from richkd.tune.search import OptunaSpace, PrunedAwareOptunaSearch
-    from richkd.tune.space import Param
+    from richkd.tune.params import Param
 
     space = OptunaSpace({}, (Param("loss.fusion_alpha", "uniform", low=0.3, high=1.0),))
     return PrunedAwareOptunaSearch(space=space, metric=["val_top1", "val_ece"], mode=["max", "min"],
@@ -271,7 +272,7 @@ def e2e_spec(assets: Path, work: Path) -> dict:
 def test_multi_objective_sweep_exports_the_pareto_front_and_reports_it(tmp_path_factory, tmp_path):
     from richkd.export import PARETO_JSON, export_sweep
     from richkd.report.build import PARETO_PNG, build_report
-    from richkd.tune.mlflow_callback import client_for
+    from richkd.tune.mlflow_client import client_for
     from richkd.tune.runner import run_sweep
 
     assets = make_assets(tmp_path_factory.getbasetemp() / "tune_assets", clip=False)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from richkd.tune.runner import storage_problem
-from richkd.tune.space import TuneSettings
+from richkd.tune.settings import TuneSettings
 
 try:
     from tests.test_tune_space import base_spec, make_assets
@@ -64,7 +64,7 @@ def test_resume_of_an_unknown_sweep_is_a_user_error(tmp_path, capsys):
 
 def test_ui_command_binds_to_localhost_on_the_sweep_store(tmp_path, monkeypatch):
     from richkd.tune.commands import resolve_ui_store, ui_command
-    from richkd.tune.space import SpecError
+    from richkd.tune.errors import SpecError
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
@@ -90,7 +90,7 @@ def _free_port() -> int:
 def test_ui_serves_the_store(tmp_path):
     """`richkd ui` really starts MLflow's server on 127.0.0.1 (stopped again by this test)."""
     from richkd.tune.commands import ui_command
-    from richkd.tune.mlflow_callback import client_for, ensure_experiment
+    from richkd.tune.mlflow_client import client_for, ensure_experiment
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     ensure_experiment(client_for(uri), "ui-check")

@@ -15,7 +15,8 @@ from ray.tune.search.sample import Categorical, Float, Integer, LogUniform, Quan
 
 from richkd.tune.search import (OptunaSpace, PrunedAwareOptunaSearch, build_scheduler, build_search_alg,
                                 tune_domain)
-from richkd.tune.space import Condition, Param, spec_from_mapping
+from richkd.tune.params import Condition, Param
+from richkd.tune.spec import spec_from_mapping
 
 try:
     from tests.test_tune_space import base_spec, make_assets

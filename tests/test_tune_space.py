@@ -1,6 +1,7 @@
 """Sweep spec loading and validation: every user error is one SpecError raised before Ray starts, writing nothing."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -8,7 +9,10 @@ import pytest
 import yaml
 
 from richkd.config import Config
-from richkd.tune.space import SpecError, TrialPlan, expand_env, is_shared_filesystem, load_spec, spec_from_mapping
+from richkd.tune.errors import SpecError
+from richkd.tune.params import TrialPlan
+from richkd.tune.paths import is_shared_filesystem
+from richkd.tune.spec import SweepSpec, expand_env, load_spec, spec_from_mapping
 
 try:
     from tests.data_fixtures import write_idx
@@ -111,6 +115,28 @@ def test_valid_spec_resolves_defaults_and_absolute_paths(assets, tmp_path, monke
     assert list(tmp_path.iterdir()) == []    # validation writes nothing
     raw["config"]["train"]["checkpoint_dir"] = "ckpts"          # would be shared by every trial: dropped
     assert load(raw).base_config.train.checkpoint_dir is None
+
+
+def test_a_saved_spec_reads_back_as_the_same_typed_spec(assets, tmp_path, monkeypatch):
+    """What the sweep folder stores (to_dict) is a spec the loader reads back unchanged, from any directory
+    and environment: conditions, variants, points, objectives and resolved paths included."""
+    raw = base_spec(assets, tmp_path)
+    raw["space"]["variant"] = {"sampler": "choice", "values": {"L": {"loss.logit_weight": 1.0},
+                                                             "LF": {"loss.logit_weight": 1.0, "loss.feat_weight": 0.5}}}
+    raw["space"]["loss.feat_lambda"] = {"sampler": "uniform", "low": 0.0, "high": 1.0, "when": {"variant": "LF"}}
+    raw["points_to_evaluate"] = [{"loss.fusion_alpha": 0.5, "variant": "L"}]
+    raw["tune"].update(metric=["val_top1", "val_loss"], search="optuna", scheduler="fifo")
+    spec = load(raw)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")        # must not leak into a saved spec
+    saved = json.loads(json.dumps(spec.to_dict()))
+    again = SweepSpec.from_dict(saved, source=spec.source)
+    assert again == spec
+    assert again.tune.objective_pairs == (("val_top1", "max"), ("val_loss", "min"))
+    assert again.params[-1].when[0].describe() == "variant eq 'LF'"
+    plan = again.plan()     # a `when:` on a variant entry tests the variant's name
+    assert "loss.feat_lambda" in plan.active_sampled({"variant": "LF", "loss.feat_lambda": 0.3})
+    assert "loss.feat_lambda" not in plan.active_sampled({"variant": "L", "loss.feat_lambda": 0.3})
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -32,12 +32,12 @@ class ReportResult:
         return self.index.parent
 
 
-def _log_to_mlflow(meta: dict, files: list[Path]) -> str:
+def _log_to_mlflow(record, files: list[Path]) -> str:
     """Log `files` under report/ on the sweep's parent run (re-running the report replaces them); its run id."""
     from mlflow.tracking import MlflowClient
 
-    parent = meta["parent_run_id"]
-    client = MlflowClient(tracking_uri=meta["tracking_uri"])
+    parent = record.parent_run_id
+    client = MlflowClient(tracking_uri=record.tracking_uri)
     for f in files:
         client.log_artifact(parent, str(f), artifact_path=ARTIFACT_DIR)
     return parent
@@ -83,24 +83,24 @@ def build_report(sweep: str, storage: Optional[str] = None, tracking_uri: Option
             continue
         images[key] = name
         written.append(path)
-    meta = data.meta
-    has_run = bool(meta.get("tracking_uri") and meta.get("parent_run_id"))
+    record = data.record
+    has_run = record.has_mlflow_run
     if not log_mlflow:
         mlflow_note = "MLflow: not logged (--no-mlflow)"
     elif not has_run:
         mlflow_note = ("MLflow: the sweep ran without MLflow (no parent run id in its richkd_sweep.json); "
                        "the report was not logged")
     else:
-        mlflow_note = (f"MLflow: this report is logged on the sweep's parent run {meta['parent_run_id']} "
-                       f"({meta['tracking_uri']}) under {ARTIFACT_DIR}/")
+        mlflow_note = (f"MLflow: this report is logged on the sweep's parent run {record.parent_run_id} "
+                       f"({record.tracking_uri}) under {ARTIFACT_DIR}/")
     index = out / INDEX
     atomic_write_text(index, render_page(data, importances, images, mlflow_note))
     mlflow_run = None
     if log_mlflow and has_run:
         try:
-            mlflow_run = _log_to_mlflow(meta, [index, *written])
+            mlflow_run = _log_to_mlflow(record, [index, *written])
         except Exception as exc:  # a down tracking server must not cost the user the report itself
-            mlflow_note = f"MLflow: could not log the report to run {meta['parent_run_id']}: {exc}"
+            mlflow_note = f"MLflow: could not log the report to run {record.parent_run_id}: {exc}"
             log.warning("%s", mlflow_note)
             atomic_write_text(index, render_page(data, importances, images, mlflow_note))
     return ReportResult(index=index, images=written, importances=importances, n_trials=len(data.rows),

@@ -2,7 +2,7 @@
 
 Curves come from each trial's `result.json` (Ray Tune writes one JSON object per `tune.report`, i.e. per
 epoch) or, when that is missing, its `progress.csv`; both are plain files, so no Ray runtime is needed to read
-them. The trial rows themselves come from `richkd.export.load_sweep` (Ray's offline ExperimentAnalysis, imported
+them. The trial rows themselves come from `richkd.tune.selection.load_sweep` (Ray's offline ExperimentAnalysis, imported
 lazily inside richkd.tune), so the report ranks trials exactly as `richkd export` does.
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ class TrialCurve:
 class ReportData:
     spec: Any                         # richkd.tune.space.SweepSpec
     experiment_path: str
-    meta: dict                        # richkd_sweep.json (parent_run_id, tracking_uri, ...)
+    record: Any                       # richkd.tune.sweep_record.SweepRecord (parent_run_id, tracking_uri, ...)
     rows: list                        # richkd.tune.results.TrialRow, ranked (export's order)
     curves: dict                      # trial_id -> TrialCurve
     out_dir: Path                     # where index.html and the PNGs go
@@ -161,7 +161,7 @@ def _records_from_csv(text: str) -> list[dict]:
 
 def _read_trial_file(trial_path: str, name: str) -> Optional[str]:
     if "://" in trial_path:
-        from richkd.tune.space import join_storage
+        from richkd.tune.paths import join_storage
 
         try:
             import pyarrow.fs
@@ -218,7 +218,7 @@ def trial_folder(row, experiment_path: str) -> str:
     """The trial's folder: Tune's recorded path, else <experiment>/trial_<id> (our trial_dirname_creator)."""
     if row.path:
         return row.path
-    from richkd.tune.space import join_storage
+    from richkd.tune.paths import join_storage
 
     return join_storage(experiment_path, f"trial_{row.trial_id}")
 
@@ -227,11 +227,11 @@ def load_report_data(sweep: str, storage: Optional[str] = None, tracking_uri: Op
                      out_dir: Optional[str] = None) -> ReportData:
     """Rows, curves and paths of a sweep given by name (under `storage`, default tune_runs) or folder.
 
-    Raises the SpecError of `read_sweep_meta` for an unknown sweep and ExportError for a sweep without results.
+    Raises the SpecError of `read_sweep_record` for an unknown sweep and ExportError for a sweep without results.
     """
-    from richkd.export import load_sweep, output_dir
+    from richkd.tune.selection import load_sweep, output_dir
 
-    spec, path, meta, rows = load_sweep(sweep, storage, tracking_uri)
+    spec, path, record, rows = load_sweep(sweep, storage, tracking_uri)
     curves = {}
     notes = []
     for row in rows:
@@ -243,5 +243,5 @@ def load_report_data(sweep: str, storage: Optional[str] = None, tracking_uri: Op
             row.extra["stop_reason"] = curve.stop_reason
     export_dir = output_dir(path, spec.name)
     folder = Path(out_dir) if out_dir else export_dir / "report"
-    return ReportData(spec=spec, experiment_path=path, meta=meta, rows=rows, curves=curves,
+    return ReportData(spec=spec, experiment_path=path, record=record, rows=rows, curves=curves,
                       out_dir=Path(os.path.abspath(folder)), export_dir=Path(os.path.abspath(export_dir)), notes=notes)

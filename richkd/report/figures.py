@@ -90,7 +90,7 @@ def _better(mode: str) -> str:
 def _mode_of(name: str, data) -> str:
     if name == data.metric:
         return data.mode
-    from richkd.tune.space import KNOWN_METRICS
+    from richkd.metric_names import KNOWN_METRICS
 
     return KNOWN_METRICS.get(name, "max")
 

@@ -259,8 +259,8 @@ def render_page(data, importances, images: dict, mlflow_note: str, notes: Sequen
     from richkd import __version__
 
     version = f"richkd {__version__}"
-    if data.meta.get("git_commit"):
-        version += f" (sweep ran at {data.meta['git_commit']})"
+    if data.record.git_commit:
+        version += f" (sweep ran at {data.record.git_commit})"
     sections = [
         f"<h1>{esc(title)}</h1>",
         f'<p class="sub">{esc(desc)}</p>' if desc else "",

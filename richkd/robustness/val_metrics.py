@@ -5,11 +5,10 @@ Only the validation split is used: these metrics select models, and the test spl
 """
 from __future__ import annotations
 
-VAL_CORRUPT_TOP1 = "val_corrupt_top1"     # mean top-1 (%) over the configured corruption x severity grid
-VAL_CORRUPT_ECE = "val_corrupt_ece"       # mean ECE over the same grid
-PER_CORRUPTION_PREFIX = "val_corrupt_top1_"  # + corruption name: its mean top-1 over the severities
-# metric -> the direction that is better; every key here needs `robustness.enabled` in the trial config
-ROBUSTNESS_METRICS = {VAL_CORRUPT_TOP1: "max", VAL_CORRUPT_ECE: "min"}
+from richkd.metric_names import PER_CORRUPTION_PREFIX, ROBUSTNESS_METRICS, VAL_CORRUPT_ECE, VAL_CORRUPT_TOP1
+
+__all__ = ["PER_CORRUPTION_PREFIX", "ROBUSTNESS_METRICS", "VAL_CORRUPT_ECE", "VAL_CORRUPT_TOP1",
+           "val_robustness_metrics"]
 
 
 def val_robustness_metrics(model, dataset, mean, std, device, rcfg, batch_size: int = 256) -> dict:

@@ -50,20 +50,22 @@ def _verbosity(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     try:
-        from richkd.tune.space import SpecError, load_spec
+        from richkd.tune.errors import SpecError
+        from richkd.tune.spec import load_spec
 
         if args.resume and args.spec:
             raise SpecError("give either a SPEC file or --resume NAME, not both")
         if not args.resume and not args.spec:
             raise SpecError("sweep needs a SPEC file (see search_spaces/) or --resume NAME")
         if args.resume:
-            from richkd.tune.runner import describe_outcome, resume_sweep
+            from richkd.tune.resume import resume_sweep
+            from richkd.tune.runner import describe_outcome
 
             outcome = resume_sweep(args.resume, storage=args.storage, address=args.address, num_cpus=args.num_cpus,
                                    verbose=_verbosity(args), progress=_interactive())
-            from richkd.tune.runner import read_sweep_meta
+            from richkd.tune.sweep_record import read_sweep_record
 
-            metric = read_sweep_meta(args.resume, args.storage)[1]["spec"]["tune"]["metric"]
+            metric = read_sweep_record(args.resume, args.storage).spec.tune.metric
             print(describe_outcome(outcome, metric))
             return 0
         overrides = list(args.set)
@@ -104,9 +106,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         pareto = None if args.pareto is None else [m for m in args.pareto.split(",") if m.strip()]
         result = export_sweep(args.sweep, storage=args.storage, tracking_uri=args.tracking_uri, out_dir=args.out,
                               pareto=pareto)
-        from richkd.tune.runner import read_sweep_meta
+        from richkd.tune.sweep_record import read_sweep_record
 
-        metric = read_sweep_meta(args.sweep, args.storage)[1]["spec"]["tune"]["metric"]
+        metric = read_sweep_record(args.sweep, args.storage).spec.tune.metric
         print(describe_export(result, metric))
         return 0
     except _user_errors() as exc:
@@ -134,7 +136,8 @@ def ui_command(tracking_uri: str, port: int, host: str = "127.0.0.1") -> list[st
 
 
 def resolve_ui_store(tracking_uri: Optional[str], storage: Optional[str]) -> str:
-    from richkd.tune.space import SpecError, resolve_tracking_uri
+    from richkd.tune.errors import SpecError
+    from richkd.tune.paths import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
                                os.path.abspath(storage or "tune_runs"))

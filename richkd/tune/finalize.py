@@ -2,7 +2,7 @@
 
 This is the only sweep command that reads the test split (run_training(final=True)); selection of the K
 configs used the validation split only. The sweep's shortened ASHA schedule misranks step-LR recipes at early
-rungs (ecosystem.md §1.3), so `finalize.overrides` in the spec (e.g. train.epochs: 240, optim.schedule: step)
+rungs (docs/method.md, "Recipes"), so `finalize.overrides` in the spec (e.g. train.epochs: 240, optim.schedule: step)
 restore the paper's full schedule here. In a multi-objective sweep the finalists are Pareto-front members (the
 trade-offs the sweep found), in the order of the first objective; trials off the front are never re-run.
 """
@@ -56,13 +56,13 @@ def finalize_sweep(sweep: str, *, top: Optional[int] = None, seeds: Optional[int
                    out_dir: Optional[str] = None) -> FinalizeResult:
     from richkd.cache import prepare_caches
     from richkd.config import ConfigError, parse_override
-    from richkd.export import best_trial, load_sweep, output_dir
+    from richkd.tune.selection import best_trial, load_sweep, output_dir
     from richkd.io import atomic_write_text
     from richkd.trainer import run_training
     from richkd.tune.results import survivors
     from richkd.validate import check_resources
 
-    spec, path, meta, rows = load_sweep(sweep, storage, tracking_uri)
+    spec, path, record, rows = load_sweep(sweep, storage, tracking_uri)
     best_trial(rows, spec)  # raises a clear error when no trial reached max_t
     top = top or spec.finalize.top
     n_seeds = seeds or spec.finalize.seeds
@@ -70,12 +70,12 @@ def finalize_sweep(sweep: str, *, top: Optional[int] = None, seeds: Optional[int
         raise ConfigError("finalize: --top and --seeds must be >= 1")
     extra = dict(overrides) if isinstance(overrides, Mapping) else dict(parse_override(o) for o in overrides)
     if spec.tune.multi_objective:
-        from richkd.export import compute_front
+        from richkd.tune.selection import compute_front
 
         chosen = compute_front(rows, spec, list(spec.tune.objective_pairs))[:top]
     else:
         chosen = survivors(rows)[:top]
-    tracker = _Tracker(meta) if meta.get("tracking_uri") and meta.get("parent_run_id") else None
+    tracker = _Tracker(record) if record.has_mlflow_run else None
     results: list[FinalistResult] = []
     for rank, row in enumerate(chosen, start=1):
         cfg = row.config.with_overrides(spec.finalize.overrides)
@@ -117,7 +117,7 @@ def finalize_sweep(sweep: str, *, top: Optional[int] = None, seeds: Optional[int
     if tracker:
         tracker.summary(results, csv_path)
     return FinalizeResult(finalists=results, csv_path=csv_path,
-                          parent_run_id=meta.get("parent_run_id") if tracker else None)
+                          parent_run_id=record.parent_run_id if tracker else None)
 
 
 def finalists_csv(results: list, space_keys: list) -> str:
@@ -146,16 +146,16 @@ def describe_finalize(result: FinalizeResult) -> str:
 class _Tracker:
     """Finalist runs under the sweep's parent run: one per finalist, one nested run per seed."""
 
-    def __init__(self, meta: dict) -> None:
-        from richkd.tune.mlflow_callback import client_for
+    def __init__(self, record) -> None:
+        from richkd.tune.mlflow_client import client_for
 
-        self.client = client_for(meta["tracking_uri"])
-        self.experiment_id = meta["experiment_id"]
-        self.parent = meta["parent_run_id"]
-        self.sweep = meta.get("name", "")
+        self.client = client_for(record.tracking_uri)
+        self.experiment_id = record.experiment_id
+        self.parent = record.parent_run_id
+        self.sweep = record.name
 
     def start_finalist(self, rank: int, row, cfg) -> str:
-        from richkd.tune.mlflow_callback import KIND_TAG, PARENT_TAG, SWEEP_TAG, TRIAL_TAG
+        from richkd.tune.mlflow_client import KIND_TAG, PARENT_TAG, SWEEP_TAG, TRIAL_TAG
 
         run = self.client.create_run(self.experiment_id, run_name=f"finalist-{rank}-{row.trial_id}", tags={
             PARENT_TAG: self.parent, KIND_TAG: "finalist", SWEEP_TAG: self.sweep, TRIAL_TAG: row.trial_id,
@@ -163,7 +163,7 @@ class _Tracker:
         return run.info.run_id
 
     def start_seed(self, group: str, cfg, rank: int, trial_id: str, seed: int) -> str:
-        from richkd.tune.mlflow_callback import KIND_TAG, PARENT_TAG, TRIAL_TAG, log_params
+        from richkd.tune.mlflow_client import KIND_TAG, PARENT_TAG, TRIAL_TAG, log_params
 
         run = self.client.create_run(self.experiment_id, run_name=f"finalist-{rank}-seed{seed}", tags={
             PARENT_TAG: group, KIND_TAG: "finalist_seed", TRIAL_TAG: trial_id, "richkd.seed": str(seed)})
@@ -171,7 +171,7 @@ class _Tracker:
         return run.info.run_id
 
     def epoch_logger(self, run_id: str):
-        from richkd.tune.mlflow_callback import log_metrics
+        from richkd.tune.mlflow_client import log_metrics
 
         def on_epoch(report) -> None:
             metrics = {k: float(v) for k, v in report.metrics.items()
@@ -181,7 +181,7 @@ class _Tracker:
         return on_epoch
 
     def log(self, run_id: str, metrics: dict) -> None:
-        from richkd.tune.mlflow_callback import log_metrics
+        from richkd.tune.mlflow_client import log_metrics
 
         log_metrics(self.client, run_id, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
@@ -190,7 +190,7 @@ class _Tracker:
             self.client.set_terminated(run_id, status=status)
 
     def summary(self, results: list, csv_path: Path) -> None:
-        from richkd.tune.mlflow_callback import log_metrics
+        from richkd.tune.mlflow_client import log_metrics
 
         metrics = {}
         for fin in results:

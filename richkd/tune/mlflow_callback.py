@@ -1,6 +1,6 @@
 """MLflow tracking of a sweep from the Tune driver: one parent run, one child run per trial, resumable.
 
-Why our own callback (DESIGN.md §6, ecosystem.md §1.9): Ray's MLflowLoggerCallback makes flat runs, sends one
+Why our own callback (docs/architecture.md, "Tracking"): Ray's MLflowLoggerCallback makes flat runs, sends one
 request per metric, and keeps its trial -> run map only in memory, so `Tuner.restore` opens duplicate runs.
 Here the driver (the only MLflow writer, so SQLite does not lock) creates the parent run before `fit`, a child
 per trial tagged `mlflow.parentRunId`, logs the full flat config as params, per-epoch metrics with one
@@ -12,173 +12,23 @@ Writes go through a bounded, retrying outbox (mlflow_outbox.py): a stopped track
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import os
-import subprocess
 import time
-from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 from ray.tune import Callback
 
+from richkd.tune.mlflow_client import (FINAL_WAIT_ENV, FINAL_WAIT_S, HASH_TAG, KIND_TAG, OUTCOME_TAG, PARENT_TAG,
+                                       SWEEP_TAG, TRIAL_TAG, child_runs, client_for, config_hash, log_metrics,
+                                       log_params, numeric_metrics, set_tags)
 from richkd.tune.mlflow_outbox import Outbox
-from richkd.tune.space import SweepSpec, TrialPlan
+from richkd.tune.params import TrialPlan
+from richkd.tune.results import sweep_summary, trial_outcome
 
 log = logging.getLogger(__name__)
-
-KIND_TAG = "richkd.kind"             # sweep | trial | finalist
-SWEEP_TAG = "richkd.sweep"
-TRIAL_TAG = "richkd.trial_id"
-HASH_TAG = "richkd.config_hash"
-OUTCOME_TAG = "richkd.outcome"       # completed | stopped_early | nonfinite_loss | error | interrupted
-PARENT_TAG = "mlflow.parentRunId"
-# Tune's bookkeeping keys are not model metrics; everything else numeric in a report is logged.
-# How long the end of a sweep keeps retrying writes a stopped tracking server could not take (then: one error).
-FINAL_WAIT_ENV = "RICHKD_MLFLOW_FINAL_WAIT_S"
-FINAL_WAIT_S = 30.0
-# MLflow's HTTP client retries a dead server 7 times with doubling back-off (minutes per call) by default; the
-# sweep buffers and retries writes itself, so each request may fail fast. Explicit user settings win.
-HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-_TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "time_since_restore",
-              "iterations_since_restore", "done", "should_checkpoint", "checkpoint_dir_name"}
-
-
-# ----- helpers shared with export / finalize ------------------------------------------------------------
-
-def client_for(tracking_uri: str):
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from mlflow.tracking import MlflowClient
-
-    if tracking_uri.startswith("sqlite:///"):
-        Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    if tracking_uri.startswith(("http://", "https://")):
-        for key, value in HTTP_RETRY_DEFAULTS.items():
-            os.environ.setdefault(key, value)
-    return MlflowClient(tracking_uri=tracking_uri)
-
-
-def ensure_experiment(client, name: str, artifact_location: Optional[str] = None) -> str:
-    """Create the experiment on the driver once (parallel creation races, mlflow#4123); return its id."""
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    except Exception:  # created meanwhile by another driver
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
-
-
-def git_commit(start: Optional[Path] = None) -> str:
-    """The source tree's commit (with `+dirty` when it has local changes), or "unknown" outside git."""
-    where = start or Path(__file__).resolve().parents[2]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        if not sha:
-            return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def code_version() -> dict:
-    import richkd
-
-    return {"richkd_version": richkd.__version__, "git_commit": git_commit()}
-
-
-def config_hash(flat: dict) -> str:
-    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _chunks(items: list, n: int) -> Iterable[list]:
-    for i in range(0, len(items), n):
-        yield items[i:i + n]
-
-
-def log_params(client, run_id: str, params: dict) -> None:
-    from mlflow.entities import Param
-
-    entries = [Param(str(k), str(v)[:6000]) for k, v in params.items()]
-    for chunk in _chunks(entries, 100):
-        client.log_batch(run_id, params=chunk, synchronous=True)
-
-
-def log_metrics(client, run_id: str, metrics: dict, step: int = 0, timestamp_ms: Optional[int] = None) -> None:
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
-    entries = [Metric(str(k), float(v), now, int(step)) for k, v in metrics.items()]
-    for chunk in _chunks(entries, 1000):
-        client.log_batch(run_id, metrics=chunk, synchronous=True)
-
-
-def set_tags(client, run_id: str, tags: dict) -> None:
-    from mlflow.entities import RunTag
-
-    entries = [RunTag(str(k), str(v)[:8000]) for k, v in tags.items()]
-    for chunk in _chunks(entries, 100):
-        client.log_batch(run_id, tags=chunk, synchronous=True)
-
-
-def numeric_metrics(result: dict) -> dict:
-    out = {}
-    for key, value in result.items():
-        if key in _TUNE_KEYS or key.startswith("config/") or isinstance(value, bool):
-            continue
-        if isinstance(value, (int, float)):
-            out[key] = float(value)
-    return out
-
-
-def create_parent_run(spec: SweepSpec, client, experiment_id: str) -> str:
-    """The sweep's parent run: spec, search space and code version as tags, params and artifacts."""
-    version = code_version()
-    tags = {KIND_TAG: "sweep", SWEEP_TAG: spec.name, "richkd.space_hash": spec.space_hash(),
-            "richkd.git_commit": version["git_commit"], "richkd.version": version["richkd_version"],
-            "richkd.experiment_path": spec.experiment_path, "mlflow.note.content": spec.description or
-            f"RichKD sweep {spec.name}"}
-    run = client.create_run(experiment_id, tags=tags, run_name=spec.name)
-    run_id = run.info.run_id
-    t = spec.tune
-    log_params(client, run_id, {
-        "tune.metric": t.metric, "tune.mode": t.mode, "tune.num_samples": t.num_samples,
-        **({"tune.objectives": json.dumps(t.metrics), "tune.modes": json.dumps(t.modes)} if t.multi_objective else {}),
-        "tune.search": t.search.algorithm, "tune.search_seed": t.search.seed,
-        "tune.scheduler": t.scheduler.type, "tune.grace_period": t.scheduler.grace_period,
-        "tune.reduction_factor": t.scheduler.reduction_factor, "tune.max_t": spec.max_t,
-        "tune.max_concurrent": t.max_concurrent, "tune.resources": f"cpu={t.cpu},gpu={t.gpu}",
-        **{f"space.{k}": json.dumps(v, default=str) for k, v in spec.describe_space().items()},
-    })
-    import yaml
-
-    client.log_text(run_id, yaml.safe_dump(spec.raw, sort_keys=False), "spec.yaml")
-    client.log_dict(run_id, spec.describe_space(), "search_space.json")
-    client.log_text(run_id, spec.base_config.to_yaml(), "base_config.yaml")
-    return run_id
-
-
-def child_runs(client, experiment_id: str, parent_run_id: str, kind: str = "trial") -> list:
-    """Active child runs of a sweep of one kind (all pages)."""
-    filt = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{KIND_TAG}` = '{kind}'"
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=filt, max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
 
 
 # ----- the callback -----------------------------------------------------------------------------------
@@ -397,7 +247,7 @@ class MlflowSweepCallback(Callback):
         of a killed driver, for a trial the restored sweep never saw); keeps the run count = trial count.
 
         A trial's run is the one in the callback state, else (state set aside after a cut-short snapshot, see
-        richkd.tune.experiment_state) its earliest run tagged with the trial id; any other run is an orphan.
+        richkd.tune.resume) its earliest run tagged with the trial id; any other run is an orphan.
         """
         keep = {t: self._runs[t] for t in trial_ids if t in self._runs}
         runs = child_runs(self.client, self.experiment_id, self.parent_run_id, kind="trial")
@@ -410,32 +260,6 @@ class MlflowSweepCallback(Callback):
                 self.client.set_terminated(run.info.run_id, status="KILLED")
             self.client.delete_run(run.info.run_id)
             log.info("deleted MLflow run %s of a trial lost with the killed driver", run.info.run_id)
-
-
-def trial_outcome(status: str, result: dict, max_t: int) -> str:
-    if status == "ERROR":
-        return "error"
-    if (result or {}).get("nonfinite_loss", 0) >= 1:
-        return "nonfinite_loss"
-    if status != "TERMINATED":
-        return "unfinished"
-    return "completed" if int((result or {}).get("training_iteration", 0) or 0) >= max_t else "stopped_early"
-
-
-def sweep_summary(trials: list, plan: TrialPlan) -> dict:
-    counts = {"completed": 0, "stopped_early": 0, "nonfinite_loss": 0, "error": 0, "unfinished": 0}
-    best = None
-    for t in trials:
-        outcome = trial_outcome(t.status, t.last_result or {}, plan.max_t)
-        counts[outcome] += 1
-        value = (t.last_result or {}).get(plan.metric)
-        if outcome == "completed" and isinstance(value, (int, float)) and math.isfinite(value):
-            if best is None or (value > best if plan.mode == "max" else value < best):
-                best = value
-    out = {f"n_trials_{k}": float(v) for k, v in counts.items()}
-    if best is not None:
-        out[f"best_{plan.metric}"] = float(best)
-    return out
 
 
 def _error_text(trial) -> str:

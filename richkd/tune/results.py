@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from richkd.config import Config
-from richkd.tune.mlflow_callback import numeric_metrics, trial_outcome
-from richkd.tune.space import SweepSpec
+from richkd.tune.mlflow_client import numeric_metrics
+from richkd.tune.params import TrialPlan
+from richkd.tune.spec import SweepSpec
 
 OUTCOME_ORDER = ("completed", "stopped_early", "unfinished", "nonfinite_loss", "error")
 
@@ -90,10 +91,36 @@ def attach_mlflow_run_ids(rows: list[TrialRow], tracking_uri: Optional[str], exp
                           parent_run_id: Optional[str]) -> None:
     if not (tracking_uri and experiment_id and parent_run_id):
         return
-    from richkd.tune.mlflow_callback import TRIAL_TAG, child_runs, client_for
+    from richkd.tune.mlflow_client import TRIAL_TAG, child_runs, client_for
 
     client = client_for(tracking_uri)
     by_trial = {run.data.tags.get(TRIAL_TAG): run.info.run_id
                 for run in child_runs(client, experiment_id, parent_run_id, kind="trial")}
     for r in rows:
         r.mlflow_run_id = by_trial.get(r.trial_id)
+
+
+def trial_outcome(status: str, result: dict, max_t: int) -> str:
+    if status == "ERROR":
+        return "error"
+    if (result or {}).get("nonfinite_loss", 0) >= 1:
+        return "nonfinite_loss"
+    if status != "TERMINATED":
+        return "unfinished"
+    return "completed" if int((result or {}).get("training_iteration", 0) or 0) >= max_t else "stopped_early"
+
+
+def sweep_summary(trials: list, plan: TrialPlan) -> dict:
+    counts = {"completed": 0, "stopped_early": 0, "nonfinite_loss": 0, "error": 0, "unfinished": 0}
+    best = None
+    for t in trials:
+        outcome = trial_outcome(t.status, t.last_result or {}, plan.max_t)
+        counts[outcome] += 1
+        value = (t.last_result or {}).get(plan.metric)
+        if outcome == "completed" and isinstance(value, (int, float)) and math.isfinite(value):
+            if best is None or (value > best if plan.mode == "max" else value < best):
+                best = value
+    out = {f"n_trials_{k}": float(v) for k, v in counts.items()}
+    if best is not None:
+        out[f"best_{plan.metric}"] = float(best)
+    return out

@@ -1,7 +1,6 @@
 """Run, resume and describe sweeps: Ray start-up, caches before trials, MLflow parent run, Tuner / Tuner.restore."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -9,12 +8,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from richkd.tune.space import (DEFAULT_STORAGE, SpecError, SweepSpec, cache_signature, is_shared_filesystem,
-                               join_storage, spec_from_mapping)
+from richkd.cache.signature import cache_signature
+from richkd.provenance import code_version
+from richkd.tune.errors import SpecError
+from richkd.tune.paths import is_shared_filesystem
+from richkd.tune.spec import SweepSpec
+from richkd.tune.sweep_record import SweepRecord, sweep_record_exists, write_sweep_record
 
 log = logging.getLogger(__name__)
 
-SWEEP_META = "richkd_sweep.json"      # beside Tune's experiment state: resolved spec, MLflow ids, caches
 OBJECT_STORE_BYTES = 256 * 2**20      # small machines: trials share caches by path, not through the store
 
 
@@ -95,7 +97,7 @@ def check_outputs(spec: SweepSpec) -> None:
 # ----- caches ------------------------------------------------------------------------------------------
 
 def prepare_sweep_caches(spec: SweepSpec, progress: bool = False) -> list[dict]:
-    """Build every cache any trial can read, once, on the driver, before trials start (DESIGN.md §5)."""
+    """Build every cache any trial can read, once, before trials start (docs/architecture.md, "Caching")."""
     from richkd.cache import prepare_caches
 
     records = []
@@ -103,61 +105,6 @@ def prepare_sweep_caches(spec: SweepSpec, progress: bool = False) -> list[dict]:
         entries = prepare_caches(cfg, progress=progress)
         records.append({"signature": cache_signature(cfg), "entries": [Path(e).name for e in entries]})
     return records
-
-
-# ----- the sweep meta file -------------------------------------------------------------------------------
-
-def _fs_and_path(path: str):
-    import pyarrow.fs
-
-    if "://" in path:
-        return pyarrow.fs.FileSystem.from_uri(path)
-    return pyarrow.fs.LocalFileSystem(), os.path.abspath(path)
-
-
-def write_text(path: str, text: str) -> None:
-    if "://" not in path:
-        from richkd.io import atomic_write_text
-
-        atomic_write_text(path, text)
-        return
-    fs, p = _fs_and_path(path)
-    fs.create_dir(os.path.dirname(p), recursive=True)
-    with fs.open_output_stream(p) as f:
-        f.write(text.encode())
-
-
-def read_text(path: str) -> Optional[str]:
-    fs, p = _fs_and_path(path)
-    import pyarrow.fs
-
-    if fs.get_file_info(p).type != pyarrow.fs.FileType.File:
-        return None
-    with fs.open_input_stream(p) as f:
-        return f.readall().decode()
-
-
-def locate_sweep(sweep: str, storage: Optional[str] = None) -> str:
-    """A sweep name (under `storage`, default tune_runs) or an experiment folder/URI -> the experiment path."""
-    if "://" in sweep or (os.path.isdir(sweep) and read_text(join_storage(sweep, SWEEP_META)) is not None):
-        return sweep if "://" in sweep else os.path.abspath(sweep)
-    root = storage or DEFAULT_STORAGE
-    if "://" not in root:
-        root = os.path.abspath(os.path.expanduser(root))
-    return join_storage(root, sweep)
-
-
-def read_sweep_meta(sweep: str, storage: Optional[str] = None) -> tuple[str, dict]:
-    path = locate_sweep(sweep, storage)
-    text = read_text(join_storage(path, SWEEP_META))
-    if text is None:
-        raise SpecError(f"no sweep named {sweep!r} at {path} (no {SWEEP_META}); pass the sweep's name as shown by "
-                        f"`richkd sweep`, its folder, or --storage for a non-default storage path")
-    return path, json.loads(text)
-
-
-def spec_from_meta(meta: dict, check: bool = True) -> SweepSpec:
-    return spec_from_mapping(meta["spec"], source=meta.get("source"), check_resources=check, check_data=check)
 
 
 # ----- Tuner ---------------------------------------------------------------------------------------------
@@ -197,7 +144,8 @@ def build_tuner(spec: SweepSpec, callbacks: list, verbose: int = 1):
 def _mlflow_setup(spec: SweepSpec) -> tuple[Optional[str], Optional[str], list]:
     if not spec.mlflow.enabled:
         return None, None, []
-    from richkd.tune.mlflow_callback import MlflowSweepCallback, client_for, create_parent_run, ensure_experiment
+    from richkd.tune.mlflow_callback import MlflowSweepCallback
+    from richkd.tune.mlflow_client import client_for, create_parent_run, ensure_experiment
 
     client = client_for(spec.mlflow.tracking_uri)
     experiment_id = ensure_experiment(client, spec.mlflow.experiment, spec.mlflow.artifact_location)
@@ -213,7 +161,7 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, num_cpus: Optio
 
     started_at = time.perf_counter()
     path = spec.experiment_path
-    if read_text(join_storage(path, SWEEP_META)) is not None or tune.Tuner.can_restore(path):
+    if sweep_record_exists(path) or tune.Tuner.can_restore(path):
         raise SpecError(f"a sweep named {spec.name!r} already exists at {path}; continue it with "
                         f"`richkd sweep --resume {spec.name}`, or pick a new name with --name")
     check_outputs(spec)
@@ -222,17 +170,15 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, num_cpus: Optio
         check_cluster(spec, embedded=address is None)
         caches = prepare_sweep_caches(spec, progress=progress)
         experiment_id, parent, callbacks = _mlflow_setup(spec)
-        from richkd.tune.mlflow_callback import code_version
-
-        meta = {"name": spec.name, "source": spec.source, "spec": spec.raw, "created": time.time(),
-                "tracking_uri": spec.mlflow.tracking_uri if spec.mlflow.enabled else None,
-                "experiment_id": experiment_id, "parent_run_id": parent, "caches": caches, **code_version()}
+        record = SweepRecord(spec=spec, tracking_uri=spec.mlflow.tracking_uri if spec.mlflow.enabled else None,
+                             experiment_id=experiment_id, parent_run_id=parent, caches=tuple(caches), **code_version(),
+                             path=path)
         try:
-            write_text(join_storage(path, SWEEP_META), json.dumps(meta, indent=1, default=str))
-            results = build_tuner(spec, callbacks, verbose=verbose).fit()
+            write_sweep_record(record)
+            build_tuner(spec, callbacks, verbose=verbose).fit()
         finally:
-            _close_parent_if_running(meta)
-        return _outcome(spec, results, meta, time.perf_counter() - started_at)
+            close_parent_if_running(record)
+        return sweep_outcome(record, time.perf_counter() - started_at)
     finally:
         if started:
             import ray
@@ -240,61 +186,27 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, num_cpus: Optio
             ray.shutdown()
 
 
-def resume_sweep(sweep: str, *, storage: Optional[str] = None, address: Optional[str] = None,
-                 num_cpus: Optional[int] = None, verbose: int = 1, progress: bool = False) -> SweepOutcome:
-    """Continue an interrupted sweep: finished trials are kept, unfinished ones resume from their checkpoints,
-    the searcher and scheduler continue from their saved state, and the total reaches num_samples."""
-    from ray import tune
-
-    started_at = time.perf_counter()
-    path, meta = read_sweep_meta(sweep, storage)
-    spec = spec_from_meta(meta)
-    if not tune.Tuner.can_restore(path):
-        raise SpecError(f"sweep {spec.name!r} at {path} has no Tune experiment state (it was stopped before its first "
-                        "snapshot); delete the folder and start it again")
-    check_outputs(spec)
-    if not spec.tune.storage_is_uri:
-        from richkd.tune.experiment_state import set_aside_unreadable
-
-        set_aside_unreadable(path)
-    started = init_ray(address, num_cpus, verbose=verbose >= 2)
-    try:
-        check_cluster(spec, embedded=address is None)
-        prepare_sweep_caches(spec, progress=progress)
-        tuner = tune.Tuner.restore(path, trainable=build_trainable(spec), resume_unfinished=True,
-                                   resume_errored=False, restart_errored=False)
-        try:
-            results = tuner.fit()
-        finally:
-            _close_parent_if_running(meta)
-        return _outcome(spec, results, meta, time.perf_counter() - started_at)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
-
-
-def _close_parent_if_running(meta: dict) -> None:
+def close_parent_if_running(record: SweepRecord) -> None:
     """Safety net for abnormal exits: the callback closes the parent run; if Tune raised first, mark it KILLED
     (`--resume` reopens it). A SIGKILLed driver cannot do this; its resume does."""
-    if not (meta.get("tracking_uri") and meta.get("parent_run_id")):
+    if not record.has_mlflow_run:
         return
     try:
-        from richkd.tune.mlflow_callback import client_for
+        from richkd.tune.mlflow_client import client_for
 
-        client = client_for(meta["tracking_uri"])
-        if client.get_run(meta["parent_run_id"]).info.status == "RUNNING":
-            client.set_terminated(meta["parent_run_id"], status="KILLED")
+        client = client_for(record.tracking_uri)
+        if client.get_run(record.parent_run_id).info.status == "RUNNING":
+            client.set_terminated(record.parent_run_id, status="KILLED")
     except Exception as exc:  # never mask the original error
-        log.warning("could not close the MLflow parent run %s: %s", meta.get("parent_run_id"), exc)
+        log.warning("could not close the MLflow parent run %s: %s", record.parent_run_id, exc)
 
 
-def _outcome(spec: SweepSpec, results, meta: dict, wall_s: float) -> SweepOutcome:
+def sweep_outcome(record: SweepRecord, wall_s: float) -> SweepOutcome:
     """Summarise from the experiment folder (Tune's public offline view: real trial statuses, so trials left
     unfinished by Ctrl-C are not mistaken for early stops)."""
     from richkd.tune.results import collect_trials, survivors
 
+    spec = record.spec
     rows = collect_trials(spec.experiment_path, spec)
     counts: dict[str, int] = {}
     for r in rows:
@@ -302,8 +214,8 @@ def _outcome(spec: SweepSpec, results, meta: dict, wall_s: float) -> SweepOutcom
     alive = survivors(rows)
     best = ({"trial_id": alive[0].trial_id, "value": alive[0].value, "config": alive[0].sampled} if alive else None)
     return SweepOutcome(name=spec.name, experiment_path=spec.experiment_path, num_trials=len(rows),
-                        counts=counts, best=best, parent_run_id=meta.get("parent_run_id"),
-                        tracking_uri=meta.get("tracking_uri"), wall_s=wall_s)
+                        counts=counts, best=best, parent_run_id=record.parent_run_id,
+                        tracking_uri=record.tracking_uri, wall_s=wall_s)
 
 
 def describe_outcome(outcome: SweepOutcome, metric) -> str:

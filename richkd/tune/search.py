@@ -23,7 +23,9 @@ from typing import Any, Optional
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from richkd.tune.space import Param, SpecError, SweepSpec
+from richkd.tune.errors import SpecError
+from richkd.tune.params import Param, walk_active
+from richkd.tune.spec import SweepSpec
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +79,8 @@ class OptunaSpace:
         self.params = tuple(params)
 
     def __call__(self, trial) -> None:
-        values = dict(self.base_flat)
-        for p in self.params:
-            if not p.active(values):
-                continue
-            value = suggest(trial, p)
-            values.update(p.overrides_for(value))
+        for _ in walk_active(self.params, self.base_flat, lambda p: suggest(trial, p)):
+            pass
         return None
 
 

@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from richkd.tune.space import TrialPlan
+from richkd.tune.params import TrialPlan
 
 log = logging.getLogger(__name__)
 

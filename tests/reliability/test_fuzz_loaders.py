@@ -88,7 +88,7 @@ def test_yaml_config_files_give_a_config_or_one_config_error(text, tmp_path_fact
 
 @pytest.fixture(scope="module")
 def valid_spec(tmp_path_factory) -> dict:
-    from richkd.tune.space import spec_from_mapping
+    from richkd.tune.spec import spec_from_mapping
 
     assets = make_assets(tmp_path_factory.getbasetemp() / "tune_assets")
     raw = base_spec(assets, tmp_path_factory.mktemp("fuzz_spec"))
@@ -135,7 +135,8 @@ sampler_entries = st.fixed_dictionaries(
 @FUZZ
 @given(data=st.data())
 def test_spec_from_mapping_gives_a_spec_or_one_spec_error(valid_spec, data):
-    from richkd.tune.space import SpecError, SweepSpec, spec_from_mapping
+    from richkd.tune.errors import SpecError
+    from richkd.tune.spec import SweepSpec, spec_from_mapping
 
     raw = copy.deepcopy(valid_spec)
     for _ in range(data.draw(st.integers(1, 3), label="n_mutations")):
@@ -170,7 +171,7 @@ def test_spec_from_mapping_gives_a_spec_or_one_spec_error(valid_spec, data):
     assert isinstance(spec, SweepSpec)
     for point in spec.random_points(4, seed=1):            # an accepted space only produces valid configs
         spec.trial_config(point)
-    again = spec_from_mapping(spec.raw, check_resources=False, check_data=False)   # what --resume re-reads
+    again = spec_from_mapping(spec.to_dict(), check_resources=False, check_data=False)   # what --resume re-reads
     assert again.space_hash() == spec.space_hash()
 
 
@@ -186,7 +187,8 @@ def _parent(raw, path):
                                                       "  num_samples: ", "config:\n", "base: "]), max_size=30)
        .map("".join))
 def test_spec_files_give_a_spec_or_one_spec_error(text, tmp_path_factory):
-    from richkd.tune.space import SpecError, load_spec
+    from richkd.tune.errors import SpecError
+    from richkd.tune.spec import load_spec
 
     path = tmp_path_factory.mktemp("spec") / "s.yaml"
     path.write_text(text, encoding="utf-8", errors="surrogateescape")
@@ -228,7 +230,8 @@ def test_non_finite_huge_and_fractional_numbers_are_clear_errors(raw, key):
 
 def test_quniform_with_an_overflowing_grid_is_a_spec_error(valid_spec):
     """Found by fuzzing: low=-1e308, high=1e308 made (high - low) / q infinite and round() raised OverflowError."""
-    from richkd.tune.space import SpecError, spec_from_mapping
+    from richkd.tune.errors import SpecError
+    from richkd.tune.spec import spec_from_mapping
 
     raw = copy.deepcopy(valid_spec)
     raw["space"]["optim.lr"] = {"sampler": "quniform", "low": -1e308, "high": 1e308, "q": 1.0}

@@ -109,7 +109,7 @@ def _rows(exp) -> int:
 def test_mlflow_server_stopped_mid_sweep_training_continues_and_logging_catches_up(tmp_path_factory, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from richkd.tune.mlflow_callback import OUTCOME_TAG, PARENT_TAG, TRIAL_TAG
+    from richkd.tune.mlflow_client import OUTCOME_TAG, PARENT_TAG, TRIAL_TAG
 
     assets = make_assets(tmp_path_factory.getbasetemp() / "tune_assets", clip=False)
     server = MlflowServer(tmp_path / "mlflow").start()

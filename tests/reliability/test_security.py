@@ -72,7 +72,8 @@ HOSTILE_YAML = "data:\n  root: !!python/object/apply:os.system ['touch {marker}'
 def test_yaml_with_python_tags_is_rejected_by_every_loader(tmp_path):
     from richkd.clip import load_prompt_set
     from richkd.config import Config, ConfigError
-    from richkd.tune.space import SpecError, load_spec
+    from richkd.tune.errors import SpecError
+    from richkd.tune.spec import load_spec
 
     marker = tmp_path / "PWNED"
     hostile = tmp_path / "hostile.yaml"

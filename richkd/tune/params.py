@@ -1,0 +1,390 @@
+"""The search space: entries (`Param`), their `when:` conditions, and the walk over the entries a sample activates.
+
+Samplers (`sampler:` in each space entry):
+    uniform(low, high)          float in [low, high]
+    loguniform(low, high)       float, log-uniform, low > 0
+    quniform(low, high, q)      float on the grid low, low+q, ..., high ((high - low) / q must be whole)
+    randint(low, high)          int in [low, high], both ends inclusive
+    choice(values)              one of the values (scalars)
+    grid(values)                every value (random/grid search only)
+Any entry may carry `when: {KEY: TEST}`: the key is sampled only when every test holds on the config built
+so far (base config + entries above it). TEST is a scalar (equality) or one of {eq, ne, gt, ge, lt, le, in,
+not_in: VALUE}. A *variant* entry has a free name (not a config key) and `values:` mapping variant names to
+{dotted.key: value} bundles, e.g. the L / F / L+F ablation.
+
+`walk_active` is the one reading of `when:`: the trial's config, the MLflow params, the random draws, the
+point checks and Optuna's define-by-run space all go through it, so they cannot disagree.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Tuple
+
+from richkd.config import Config, ConfigError, dotted_keys, flatten
+from richkd.schema import suggest
+from richkd.tune.errors import SpecError
+from richkd.tune.paths import absolutize
+
+SAMPLERS = ("uniform", "loguniform", "quniform", "randint", "choice", "grid")
+CONTINUOUS_SAMPLERS = ("uniform", "loguniform", "quniform", "randint")
+CONDITION_OPS = ("eq", "ne", "gt", "ge", "lt", "le", "in", "not_in")
+ENTRY_KEYS = {"uniform": ("low", "high"), "loguniform": ("low", "high"), "quniform": ("low", "high", "q"),
+              "randint": ("low", "high"), "choice": ("values",), "grid": ("values",)}
+# Keys a space may not sample: ASHA's max_t is train.epochs, and the sweep names its own trials.
+FIXED_KEYS = ("train.epochs", "name")
+_SKIP = object()
+
+
+@dataclass(frozen=True)
+class Condition:
+    key: str
+    op: str
+    value: Any
+
+    def holds(self, values: Mapping[str, Any]) -> bool:
+        have = values.get(self.key)
+        try:
+            if self.op == "eq":
+                return have == self.value
+            if self.op == "ne":
+                return have != self.value
+            if self.op == "in":
+                return have in self.value
+            if self.op == "not_in":
+                return have not in self.value
+            if have is None:
+                return False
+            return {"gt": have > self.value, "ge": have >= self.value,
+                    "lt": have < self.value, "le": have <= self.value}[self.op]
+        except TypeError:
+            return False
+
+    def describe(self) -> str:
+        return f"{self.key} {self.op} {self.value!r}"
+
+
+@dataclass(frozen=True)
+class Param:
+    """One space entry. `variants` is set for a variant entry (name -> {dotted key: value})."""
+    key: str
+    sampler: str
+    low: Any = None
+    high: Any = None
+    q: Any = None
+    values: Tuple[Any, ...] = ()
+    when: Tuple[Condition, ...] = ()
+    variants: Optional[dict] = None
+
+    @property
+    def is_variant(self) -> bool:
+        return self.variants is not None
+
+    @property
+    def is_finite(self) -> bool:
+        return self.sampler in ("choice", "grid")
+
+    def active(self, values: Mapping[str, Any]) -> bool:
+        return all(c.holds(values) for c in self.when)
+
+    @property
+    def config_keys(self) -> list[str]:
+        """Every dotted config key this entry can set (a variant's keys across all its bundles)."""
+        return [k for b in self.variants.values() for k in b] if self.is_variant else [self.key]
+
+    def overrides_for(self, value: Any) -> dict:
+        """The dotted config keys this entry sets when it takes `value`."""
+        if self.is_variant:
+            return dict(self.variants[value])
+        return {self.key: value}
+
+    def contains(self, value: Any) -> bool:
+        if self.is_finite:
+            return any(_same(value, v) for v in self.values)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.sampler == "randint" and not float(value).is_integer():
+            return False
+        if not (self.low <= value <= self.high):
+            return False
+        if self.sampler == "quniform":
+            steps = (value - self.low) / self.q
+            return abs(steps - round(steps)) < 1e-6
+        return True
+
+    def draw(self, rng: random.Random) -> Any:
+        """A pure-Python sample (validation draws and cache probes; trials use Optuna / Tune samplers)."""
+        if self.is_finite:
+            return self.values[rng.randrange(len(self.values))]
+        if self.sampler == "uniform":
+            return rng.uniform(self.low, self.high)
+        if self.sampler == "loguniform":
+            return math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
+        if self.sampler == "quniform":
+            n = int(round((self.high - self.low) / self.q))
+            return _qround(self.low + self.q * rng.randint(0, n), self.q)
+        return rng.randint(int(self.low), int(self.high))
+
+    def corners(self) -> list:
+        if self.is_finite:
+            return list(self.values)
+        return [self.low, self.high]
+
+    def describe(self) -> dict:
+        """A readable summary (MLflow, report): `when:` as text."""
+        out = self.to_entry()
+        if self.when:
+            out["when"] = [c.describe() for c in self.when]
+        return out
+
+    def to_entry(self) -> dict:
+        """The entry as a spec file writes it; `parse_space` reads it back as an equal Param."""
+        out: dict = {"sampler": self.sampler}
+        if self.is_variant:
+            out["values"] = copy.deepcopy(self.variants)
+        elif self.is_finite:
+            out["values"] = list(self.values)
+        else:
+            out.update({"low": self.low, "high": self.high})
+            if self.q is not None:
+                out["q"] = self.q
+        if self.when:
+            out["when"] = {c.key: (c.value if c.op == "eq" else {c.op: c.value}) for c in self.when}
+        return out
+
+
+def walk_active(params: Sequence[Param], base_flat: Mapping[str, Any],
+                choose: Callable[[Param], Any]) -> Iterator[tuple[Param, Any]]:
+    """(entry, value) for each entry whose `when:` holds on the config built so far, in spec order.
+
+    `choose(p)` gives the entry's value (a sample, a draw, an Optuna suggestion) or `skip` to leave it unset;
+    each chosen value's overrides are applied before the next entry's conditions are tested.
+    """
+    values = dict(base_flat)
+    for p in params:
+        if not p.active(values):
+            continue
+        value = choose(p)
+        if value is _SKIP:
+            continue
+        yield p, value
+        values.update(p.overrides_for(value))
+        if p.is_variant:
+            values[p.key] = value         # later `when:` tests may name the variant entry itself
+
+
+def from_sample(sampled: Mapping[str, Any]) -> Callable[[Param], Any]:
+    """A `walk_active` chooser reading a sampled dict (entries it lacks are skipped)."""
+    return lambda p: sampled.get(p.key, _SKIP)
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """What a trial needs to turn Tune's sampled dict into a typed Config (small, picklable, no validation I/O)."""
+    base: dict                 # nested Config.to_dict() of the base config (paths absolute)
+    params: tuple              # Param entries in spec order
+    metric: str
+    mode: str
+    max_t: int
+    gpu: float = 0.0
+    objectives: tuple = ()     # ((metric, mode), ...) when the sweep has several objectives
+
+    @property
+    def metrics(self) -> list[str]:
+        return [m for m, _ in getattr(self, "objectives", ())] or [self.metric]   # getattr: older pickles
+
+    def effective_overrides(self, sampled: Mapping[str, Any]) -> dict:
+        """Dotted overrides the sampled values amount to, dropping entries whose `when:` does not hold.
+
+        Optuna never samples an inactive entry; random/grid search samples everything, so inactive values
+        are dropped here (and in the MLflow params / leaderboard, which use the effective config).
+        """
+        out: dict = {}
+        for p, value in walk_active(self.params, flatten(self.base), from_sample(sampled)):
+            out.update(p.overrides_for(value))
+        return out
+
+    def active_sampled(self, sampled: Mapping[str, Any]) -> dict:
+        """{space key: value} for the entries that are active for this sample (variants keep their name)."""
+        return {p.key: value for p, value in walk_active(self.params, flatten(self.base), from_sample(sampled))}
+
+    def trial_config(self, sampled: Mapping[str, Any]) -> Config:
+        return Config.from_dict(self.base).with_overrides(self.effective_overrides(sampled))
+
+    def random_points(self, n: int, seed: int = 0) -> list[dict]:
+        """n seeded draws from the space (respecting `when:`), as Tune-style sampled dicts."""
+        rng = random.Random(seed)
+        base = flatten(self.base)
+        return [{p.key: v for p, v in walk_active(self.params, base, lambda p: p.draw(rng))} for _ in range(n)]
+
+
+def config_or_error(plan: TrialPlan, sampled: Mapping[str, Any], what: str) -> Config:
+    """The trial config of a sample, or one SpecError naming the sampled values that make it invalid."""
+    try:
+        return plan.trial_config(sampled)
+    except ConfigError as exc:
+        shown = ", ".join(f"{k}={v!r}" for k, v in sampled.items())
+        raise SpecError(f"space: {what} is invalid ({exc}); sampled values: {shown or 'none (the base config)'}") from None
+
+
+# ----- parsing the `space:` section -----------------------------------------------------------------
+
+def parse_space(space: Any, base: Config) -> tuple:
+    """The `space:` mapping -> Param entries in spec order; every problem is one SpecError naming the entry."""
+    if not isinstance(space, Mapping):
+        raise SpecError(f"space: expected a mapping of dotted config keys to samplers, got {space!r}")
+    config_keys = dotted_keys()
+    params: list[Param] = []
+    seen_config_keys: dict[str, str] = {}
+    for key, entry in space.items():
+        key = str(key)
+        p = _parse_entry(key, entry, config_keys, [q.key for q in params if q.is_variant])
+        for k in ([key] if not p.is_variant else sorted({k for b in p.variants.values() for k in b})):
+            if k in FIXED_KEYS:
+                raise SpecError(f"space.{key}: {k} cannot be searched (ASHA's max_t is train.epochs; use a separate "
+                                "sweep per schedule)" if k == "train.epochs" else f"space.{key}: {k} cannot be searched")
+            if k in seen_config_keys:
+                raise SpecError(f"space.{key}: {k} is already set by space entry {seen_config_keys[k]!r}")
+            seen_config_keys[k] = key
+        params.append(p)
+    return tuple(params)
+
+
+def _parse_entry(key: str, entry: Any, config_keys: list[str], variant_keys: list[str]) -> Param:
+    where = f"space.{key}"
+    if not isinstance(entry, Mapping):
+        raise SpecError(f"{where}: expected a mapping with `sampler:`, got {entry!r}")
+    sampler = entry.get("sampler")
+    if sampler not in SAMPLERS:
+        raise SpecError(f"{where}.sampler: {sampler!r} is not one of {', '.join(SAMPLERS)}"
+                        f"{suggest(str(sampler), SAMPLERS)}")
+    check_keys(entry, ENTRY_KEYS[sampler] + ("sampler", "when"), where)
+    missing = [k for k in ENTRY_KEYS[sampler] if k not in entry]
+    if missing:
+        raise SpecError(f"{where}: sampler {sampler} needs {', '.join(missing)}")
+    when = _parse_conditions(entry.get("when"), where, config_keys + variant_keys)
+    values_raw = entry.get("values")
+    if key not in config_keys:
+        variants = _variants(key, sampler, values_raw, config_keys)
+        return Param(key=key, sampler=sampler, values=tuple(variants), when=when, variants=variants)
+    if sampler in CONTINUOUS_SAMPLERS:
+        low, high, q = _range(entry, sampler, where)
+        return Param(key=key, sampler=sampler, low=low, high=high, q=q, when=when)
+    if not isinstance(values_raw, list) or not values_raw:
+        raise SpecError(f"{where}.values: expected a non-empty list, got {values_raw!r}")
+    values = tuple(absolutize(key, _scalar(v, f"{where}.values")) for v in values_raw)
+    if len({json.dumps(v) for v in values}) != len(values):
+        raise SpecError(f"{where}.values: {list(values_raw)} has duplicates")
+    return Param(key=key, sampler=sampler, values=values, when=when)
+
+
+def _variants(key: str, sampler: str, values_raw: Any, config_keys: list[str]) -> dict:
+    where = f"space.{key}"
+    if not (sampler in ("choice", "grid") and isinstance(values_raw, Mapping)):
+        raise SpecError(f"unknown config key {where!r}{suggest(key, config_keys)} (a free name is allowed "
+                        "only for a variant entry: sampler choice/grid with values: {name: {key: value}})")
+    if not values_raw:
+        raise SpecError(f"{where}.values: a variant entry needs at least one variant")
+    variants = {}
+    for vname, bundle in values_raw.items():
+        if not isinstance(bundle, Mapping) or not bundle:
+            raise SpecError(f"{where}.values.{vname}: expected a mapping of dotted config keys to values")
+        for k in bundle:
+            if k not in config_keys:
+                raise SpecError(f"unknown config key {k!r} in {where}.values.{vname}{suggest(k, config_keys)}")
+        variants[str(vname)] = dict(bundle)
+    return variants
+
+
+def _range(entry: Mapping, sampler: str, where: str) -> tuple:
+    integer = sampler == "randint"
+    low = number(entry["low"], f"{where}.low", integer)
+    high = number(entry["high"], f"{where}.high", integer)
+    if not low < high:
+        raise SpecError(f"{where}: low ({low}) must be < high ({high})")
+    if sampler == "loguniform" and low <= 0:
+        raise SpecError(f"{where}: loguniform needs low > 0, got {low}")
+    q = None
+    if sampler == "quniform":
+        q = number(entry["q"], f"{where}.q")
+        if q <= 0:
+            raise SpecError(f"{where}.q: must be > 0, got {q}")
+        steps = (high - low) / q
+        if not math.isfinite(steps) or steps > 1e9:
+            raise SpecError(f"{where}: (high - low) / q = {steps:g} grid steps is too many (at most 1e9); "
+                            "use a larger q or the uniform sampler")
+        if abs(steps - round(steps)) > 1e-9 * max(1.0, abs(steps)):
+            raise SpecError(f"{where}: (high - low) / q = {steps:g} must be a whole number so that high "
+                            "is on the grid")
+    return low, high, q
+
+
+def _parse_conditions(when: Any, where: str, known: Sequence[str]) -> tuple:
+    if when is None:
+        return ()
+    if not isinstance(when, Mapping) or not when:
+        raise SpecError(f"{where}.when: expected a mapping like {{loss.feat_weight: {{gt: 0}}}}, got {when!r}")
+    out = []
+    for key, test in when.items():
+        if key not in known:
+            raise SpecError(f"{where}.when: {key!r} is not a config key or an earlier space entry"
+                            f"{suggest(key, known)}")
+        if isinstance(test, Mapping):
+            if len(test) != 1:
+                raise SpecError(f"{where}.when.{key}: give exactly one test of {', '.join(CONDITION_OPS)}")
+            op, value = next(iter(test.items()))
+            if op not in CONDITION_OPS:
+                raise SpecError(f"{where}.when.{key}: unknown test {op!r}{suggest(op, CONDITION_OPS)} "
+                                f"(tests: {', '.join(CONDITION_OPS)})")
+            if op in ("in", "not_in") and not isinstance(value, list):
+                raise SpecError(f"{where}.when.{key}.{op}: expected a list, got {value!r}")
+        else:
+            op, value = "eq", test
+        out.append(Condition(str(key), op, value))
+    return tuple(out)
+
+
+# ----- small shared checks ----------------------------------------------------------------------------
+
+def check_keys(mapping: Any, valid: Sequence[str], section: str) -> None:
+    if not isinstance(mapping, Mapping):
+        raise SpecError(f"{section or 'spec'}: expected a mapping, got {mapping!r}")
+    for key in mapping:
+        if key not in valid:
+            where = f"{section}.{key}" if section else str(key)
+            full = [f"{section}.{v}" if section else v for v in valid]
+            raise SpecError(f"unknown spec key {where!r}{suggest(where, full)} (valid keys"
+                            f"{' in ' + section if section else ''}: {', '.join(valid)})")
+
+
+def number(value: Any, where: str, integer: bool = False) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SpecError(f"{where}: expected a number, got {value!r}")
+    if integer:
+        if not float(value).is_integer():
+            raise SpecError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if not math.isfinite(value):
+        raise SpecError(f"{where}: expected a finite number, got {value!r}")
+    return value
+
+
+def _scalar(value: Any, where: str) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise SpecError(f"{where}: choice/grid values must be scalars (number, string, true/false, null), got "
+                    f"{value!r}; use a variant entry (values: {{name: {{key: value}}}}) for bundles")
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    return a == b
+
+
+def _qround(value: float, q: float) -> float:
+    decimals = max(0, -int(math.floor(math.log10(q))) + 6) if q > 0 else 6
+    return round(value, decimals)

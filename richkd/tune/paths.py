@@ -1,0 +1,133 @@
+"""Where a sweep reads and writes: path-valued config keys, storage paths and URIs, tracking URIs, shared disks.
+
+Trials run in their own working directory, possibly on other machines, so every path a sweep ships is made
+absolute on the driver before it is shipped (docs/architecture.md, "Sweep storage").
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+from richkd.tune.errors import SpecError
+
+DEFAULT_STORAGE = "tune_runs"
+# Config keys holding paths: made absolute (against the current directory) before trials change directory.
+PATH_KEYS = ("data.root", "teacher.checkpoint", "clip.pretrained", "clip.prompt_set", "teaching.cache_dir",
+             "train.checkpoint_dir")
+SHARED_FS_TYPES = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "cephfs",
+                   "glusterfs", "fuse.glusterfs", "fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.juicefs",
+                   "fuse.mountpoint-s3", "fuse.rclone", "9p", "virtiofs", "wekafs", "panfs")
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+
+
+def has_scheme(path: str) -> bool:
+    """True for a URI such as s3://bucket/prefix (Tune storage through pyarrow), False for a local path."""
+    return bool(_SCHEME.match(path))
+
+
+def absolute_storage(path: str) -> str:
+    """A storage path with `~` expanded and made absolute; URIs unchanged."""
+    return path if has_scheme(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def absolutize(key: str, value: Any) -> Any:
+    """Make a path-valued config value absolute; names that are not paths (an open_clip tag such as `openai`,
+    a built-in prompt set) and URIs are returned unchanged."""
+    if key not in PATH_KEYS or not isinstance(value, str) or not value:
+        return value
+    if key == "clip.pretrained":
+        from richkd.clip.loading import parse_pretrained
+
+        return parse_pretrained(value).absolute()
+    if key == "clip.prompt_set" and not ("/" in value or value.endswith((".yaml", ".yml"))):
+        return value      # a built-in prompt set name
+    if has_scheme(value):
+        return value
+    return os.path.abspath(os.path.expanduser(value))
+
+
+def join_storage(storage: str, name: str) -> str:
+    return storage.rstrip("/") + "/" + name if has_scheme(storage) else str(Path(storage) / name)
+
+
+def resolve_tracking_uri(uri: Optional[str], storage_path: str) -> str:
+    """Absolute tracking URI: sqlite paths made absolute; the default is sqlite:///<storage>/mlflow.db.
+
+    The ./mlruns file store is refused: MLflow 3.13+ raises on it unless MLFLOW_ALLOW_FILE_STORE=true.
+    """
+    if not uri:
+        root = storage_path if not has_scheme(storage_path) else os.path.abspath(DEFAULT_STORAGE)
+        return "sqlite:///" + os.path.join(os.path.abspath(root), "mlflow.db")
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if path.startswith("/") or path == ":memory:":
+            return uri
+        return "sqlite:///" + os.path.abspath(os.path.expanduser(path))
+    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
+    if scheme in ("http", "https", "databricks") or scheme.startswith(("postgresql", "mysql", "mssql")):
+        return uri
+    raise SpecError(f"mlflow.tracking_uri: {uri!r} is a file store (like ./mlruns), which MLflow 3 refuses; "
+                    "use sqlite:///PATH/mlflow.db, an http://HOST:5000 server, or postgresql://...")
+
+
+def default_artifact_location(tracking_uri: str, given: Optional[str]) -> Optional[str]:
+    """Artifacts beside a SQLite store (else MLflow writes ./mlruns wherever the driver runs); a local
+    folder given by the user becomes a file:// URI."""
+    if given is None and tracking_uri.startswith("sqlite:///"):
+        return Path(os.path.dirname(tracking_uri[len("sqlite:///"):]), "mlartifacts").as_uri()
+    if isinstance(given, str) and not has_scheme(given):
+        return Path(os.path.abspath(os.path.expanduser(given))).as_uri()
+    return given
+
+
+def is_shared_filesystem(path: str | os.PathLike, mounts_text: Optional[str] = None) -> bool:
+    """True when `path` lies on a network/cluster file system according to /proc/mounts (NFS, Lustre, ...)."""
+    if mounts_text is None:
+        try:
+            mounts_text = Path("/proc/mounts").read_text()
+        except OSError:
+            return False
+    target = os.path.abspath(path)
+    best, best_type = "", ""
+    for line in mounts_text.splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mount = parts[1].replace("\\040", " ")
+        if (target == mount or target.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+            best, best_type = mount, parts[2]
+    return best_type.lower() in SHARED_FS_TYPES
+
+
+# ----- files in storage (local or a pyarrow URI) ----------------------------------------------------
+
+def _fs_and_path(path: str):
+    import pyarrow.fs
+
+    if "://" in path:
+        return pyarrow.fs.FileSystem.from_uri(path)
+    return pyarrow.fs.LocalFileSystem(), os.path.abspath(path)
+
+
+def write_text(path: str, text: str) -> None:
+    if "://" not in path:
+        from richkd.io import atomic_write_text
+
+        atomic_write_text(path, text)
+        return
+    fs, p = _fs_and_path(path)
+    fs.create_dir(os.path.dirname(p), recursive=True)
+    with fs.open_output_stream(p) as f:
+        f.write(text.encode())
+
+
+def read_text(path: str) -> Optional[str]:
+    fs, p = _fs_and_path(path)
+    import pyarrow.fs
+
+    if fs.get_file_info(p).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(p) as f:
+        return f.readall().decode()

@@ -1,0 +1,135 @@
+"""Whole-space checks of a sweep spec, run on the driver before Ray starts.
+
+Each space value and range end must be a valid value of its key, every point to evaluate and a batch of
+seeded random draws must build a valid config, and (when asked) every model, prompt set, file and dataset
+any trial can need must exist. One SpecError names the entry and the fix; nothing is launched or written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+from richkd.config import Config, ConfigError, flatten
+from richkd.schema import suggest
+from richkd.tune.errors import SpecError
+from richkd.tune.params import config_or_error, from_sample, walk_active
+
+if TYPE_CHECKING:
+    from richkd.tune.spec import SweepSpec
+
+RANDOM_DRAWS = 32      # seeded draws whose configs must all be valid (catches cross-field rules the corners miss)
+
+
+def check_spec(spec: "SweepSpec", *, check_resources: bool = True, check_data: bool = True) -> None:
+    """Every check of this module; `check_resources` / `check_data` add the file and dataset checks."""
+    check_space_values(spec)
+    probes = spec.cache_probe_configs()
+    if check_resources:
+        check_spec_resources(spec, probes)
+    if check_data:
+        check_spec_data(probes)
+
+
+def check_space_values(spec: "SweepSpec") -> None:
+    """Every value and range end must be a valid value of its key, and every point / draw a valid config."""
+    plan = spec.plan()
+    base = spec.base_config
+    for p in spec.params:
+        for value in p.corners():
+            overrides = p.overrides_for(value)
+            try:
+                base.with_overrides(overrides)
+            except ConfigError as exc:
+                if _field_error(exc, overrides):
+                    label = f"variant {value!r}" if p.is_variant else repr(value)
+                    raise SpecError(f"space.{p.key}: {label} is not a valid value: {exc}") from None
+        if p.key == "clip.prompt_set":
+            from richkd.clip import load_prompt_set
+
+            for value in p.values:
+                try:
+                    load_prompt_set(value)
+                except ValueError as exc:
+                    raise SpecError(f"space.clip.prompt_set: {exc}") from None
+    for i, point in enumerate(spec.points):
+        active = {p.key for p, _ in walk_active(spec.params, flatten(plan.base), from_sample(point))}
+        for p in spec.params:
+            if p.key in point and p.key not in active:
+                raise SpecError(f"points_to_evaluate[{i}].{p.key}: this entry is inactive for the point because "
+                                f"its `when:` ({', '.join(c.describe() for c in p.when)}) does not hold; drop it "
+                                "from the point")
+        config_or_error(plan, point, f"points_to_evaluate[{i}]")
+    for point in spec.random_points(RANDOM_DRAWS, seed=777):
+        config_or_error(plan, point, "a configuration this space can produce")
+
+
+def check_spec_resources(spec: "SweepSpec", probes: Sequence[Config]) -> None:
+    """Unknown models / prompt sets and missing files, for every distinct config the trials can run."""
+    from richkd.validate import check_resources
+
+    seen = set()
+    for cfg in probes:
+        sig = json.dumps({k: v for k, v in cfg.to_flat_dict().items()
+                          if k.startswith(("student.", "teacher.", "clip.", "data."))}, sort_keys=True, default=str)
+        key = (sig, cfg.loss.method, cfg.uses_clip)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            check_resources(cfg)
+        except ConfigError as exc:
+            raise SpecError(f"config: {exc}") from None
+        if cfg.uses_clip:
+            check_clip_model(cfg.clip.model)
+        root = cfg.data.root
+        if root and not cfg.data.download and not Path(root).exists():
+            raise SpecError(f"config.data.root: folder {root!r} does not exist (set data.root to the dataset folder "
+                            "or data.download: true)")
+    # student archs sampled in the space but perhaps never drawn above
+    for p in spec.params:
+        for k, v in ((k, v) for value in p.corners() for k, v in p.overrides_for(value).items()):
+            if k in ("student.arch", "teacher.arch") and v is not None:
+                from richkd.models import MODELS
+
+                if v not in MODELS:
+                    try:
+                        MODELS.get(v)
+                    except KeyError as exc:
+                        raise SpecError(f"space.{p.key}: {exc.args[0]}") from None
+
+
+def check_clip_model(name: str) -> None:
+    from richkd.clip import TINY_CLIP_MODEL
+
+    if name == TINY_CLIP_MODEL:
+        return
+    import open_clip
+
+    known = open_clip.list_models()
+    if name not in known:
+        raise SpecError(f"config: clip.model: {name!r} is not an open_clip architecture{suggest(name, known)} "
+                        f"(e.g. ViT-B-32, ViT-L-14; or {TINY_CLIP_MODEL} for the offline tiny model)")
+
+
+def check_spec_data(probes: Sequence[Config]) -> None:
+    """Build each distinct dataset once (cheap, memoised in richkd.data) so a missing dataset fails here."""
+    from richkd.data import build_data
+
+    seen = set()
+    for cfg in probes:
+        key = json.dumps(dataclasses.asdict(cfg.data), sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            build_data(cfg.data)
+        except (ValueError, FileNotFoundError) as exc:
+            raise SpecError(f"config.data: {exc}") from None
+
+
+def _field_error(exc: ConfigError, keys: Iterable[str]) -> bool:
+    """Is this ConfigError about one of `keys` itself (not a cross-field rule such as "richkd needs w_L or w_F")?"""
+    msg = str(exc)
+    return any(msg.startswith(f"{k}:") or f"{k!r}" in msg for k in keys)

@@ -1,0 +1,249 @@
+"""The `tune:`, `mlflow:` and `finalize:` sections of a sweep spec as typed records.
+
+Built with `richkd.schema.build` (the same mechanism as the run config): unknown keys get the nearest valid
+key suggested, values are checked against their annotations, and each record's `__post_init__` checks its
+own ranges. `to_plain(record)` writes a section back and `build` reads it back as an equal record, which is
+how a sweep folder stores its spec for `--resume` and `richkd export`. Rules that involve the base config
+or the space (grace period vs epochs, GPUs vs device, samplers vs algorithm) live in `richkd.tune.spec`.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Tuple
+
+from richkd.metric_names import KNOWN_METRICS
+from richkd.schema import build, suggest
+from richkd.tune.errors import SpecError
+from richkd.tune.paths import DEFAULT_STORAGE, absolute_storage, has_scheme
+
+SEARCH_ALGORITHMS = ("optuna", "random", "grid")
+SCHEDULERS = ("asha", "fifo")
+
+
+class _Section:
+    """Schema settings shared by the spec's records: problems are SpecErrors about "spec key"s."""
+    __schema_error__ = SpecError
+    __schema_noun__ = "spec key"
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise SpecError(message)
+
+
+def _finite(value: Optional[float], where: str) -> None:
+    _require(value is None or math.isfinite(value), f"{where}: expected a finite number, got {value!r}")
+
+
+def _one_of(value: Any, choices: tuple, where: str) -> None:
+    _require(value in choices, f"{where}: {value!r} is not one of {', '.join(choices)}{suggest(str(value), choices)}")
+
+
+@dataclass(frozen=True)
+class SearchSettings(_Section):
+    __schema_shorthand__ = "algorithm"     # `search: random` means {algorithm: random}
+    algorithm: str = "optuna"
+    seed: int = 0
+    n_startup_trials: int = 10
+    storage: Optional[str] = None        # optional Optuna RDB URL, e.g. sqlite:////abs/optuna.db (optuna-dashboard)
+
+    def __post_init__(self) -> None:
+        _one_of(self.algorithm, SEARCH_ALGORITHMS, "tune.search.algorithm")
+        _require(self.n_startup_trials >= 0, "tune.search.n_startup_trials: must be >= 0")
+        if self.storage is None:
+            return
+        _require(self.algorithm == "optuna",
+                 "tune.search.storage: an Optuna storage is only used with algorithm: optuna")
+        _require(bool(re.match(r"^(sqlite|postgresql|mysql)[+a-z0-9]*://", self.storage)),
+                 f"tune.search.storage: {self.storage!r} must be an RDB URL such as sqlite:///tune_runs/optuna.db")
+        if self.storage.startswith("sqlite:///") and not self.storage[len("sqlite:///"):].startswith("/"):
+            object.__setattr__(self, "storage", "sqlite:///" + os.path.abspath(self.storage[len("sqlite:///"):]))
+
+
+@dataclass(frozen=True)
+class SchedulerSettings(_Section):
+    __schema_shorthand__ = "type"          # `scheduler: fifo` means {type: fifo}
+    type: str = "asha"
+    grace_period: int = 1
+    reduction_factor: float = 3
+    brackets: int = 1
+
+    def __post_init__(self) -> None:
+        _one_of(self.type, SCHEDULERS, "tune.scheduler.type")
+        _finite(self.reduction_factor, "tune.scheduler.reduction_factor")
+        _require(self.reduction_factor > 1, f"tune.scheduler.reduction_factor: must be > 1, got {self.reduction_factor}")
+        _require(self.brackets >= 1, "tune.scheduler.brackets: must be >= 1")
+        _require(self.grace_period >= 1, f"tune.scheduler.grace_period: {self.grace_period} must be >= 1")
+
+
+@dataclass(frozen=True)
+class Resources(_Section):
+    cpu: float = 1.0
+    gpu: float = 0.0
+
+    def __post_init__(self) -> None:
+        _finite(self.cpu, "tune.resources.cpu")
+        _finite(self.gpu, "tune.resources.gpu")
+        _require(self.cpu > 0, f"tune.resources.cpu: must be > 0, got {self.cpu}")
+        _require(not (self.gpu < 0 or (self.gpu > 1 and not float(self.gpu).is_integer())),
+                 f"tune.resources.gpu: {self.gpu} must be 0, a fraction in (0, 1] (trials share a GPU) or a "
+                 "whole number of GPUs")
+
+
+@dataclass(frozen=True)
+class TuneSettings(_Section):
+    metric: str = "val_top1"              # the primary (first) objective: ASHA, ranking and best_config use it
+    mode: str = "max"
+    objectives: Tuple[Tuple[str, ...], ...] = ()   # ((metric, mode), ...) of a multi-objective sweep
+    num_samples: int = 8
+    search: SearchSettings = field(default_factory=SearchSettings)
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    max_concurrent: int = 4
+    resources: Resources = field(default_factory=Resources)
+    max_failures: int = 2
+    storage_path: str = DEFAULT_STORAGE   # absolute path, or a URI (s3://, gs://, ...)
+    shared_storage: bool = False          # declare a path shared across nodes when detection cannot tell
+    checkpoint_num_to_keep: int = 1
+    time_budget_s: Optional[float] = None
+    reuse_actors: Optional[bool] = None   # None: reuse trial processes for CPU trials, fresh ones for GPU trials
+
+    def __post_init__(self) -> None:
+        multi = len(self.objectives) > 1
+        pairs = check_objectives([self.metric] + [m for m, _ in self.objectives[1:]],
+                                 [self.mode] + [d for _, d in self.objectives[1:]] if multi else self.mode, multi)
+        _require(not self.objectives or tuple(map(tuple, self.objectives)) == pairs,
+                 "tune.objectives: must start with (tune.metric, tune.mode)")
+        object.__setattr__(self, "objectives", pairs if len(pairs) > 1 else ())
+        _require(len(pairs) == 1 or self.search.algorithm == "optuna",
+                 f"tune.search.algorithm: {self.search.algorithm} cannot search {len(pairs)} objectives "
+                 f"{[m for m, _ in pairs]}; multi-objective search needs algorithm: optuna (or give "
+                 "tune.metric a single metric)")
+        _require(self.num_samples >= 1, f"tune.num_samples: must be >= 1, got {self.num_samples}")
+        _require(self.max_concurrent >= 1, f"tune.max_concurrent: must be >= 1, got {self.max_concurrent}")
+        _require(self.max_failures >= -1, "tune.max_failures: must be >= 0 (or -1 for unlimited retries)")
+        _require(bool(self.storage_path), f"tune.storage_path: expected a folder or a URI such as s3://bucket/path, "
+                                          f"got {self.storage_path!r}")
+        object.__setattr__(self, "storage_path", absolute_storage(self.storage_path))
+        _require(self.checkpoint_num_to_keep >= 1,
+                 "tune.checkpoint_num_to_keep: must be >= 1 (trials resume from their latest checkpoint)")
+        _finite(self.time_budget_s, "tune.time_budget_s")
+        _require(self.time_budget_s is None or self.time_budget_s > 0, "tune.time_budget_s: must be > 0")
+
+    @property
+    def cpu(self) -> float:
+        return self.resources.cpu
+
+    @property
+    def gpu(self) -> float:
+        return self.resources.gpu
+
+    @property
+    def objective_pairs(self) -> tuple:
+        return self.objectives or ((self.metric, self.mode),)
+
+    @property
+    def metrics(self) -> list[str]:
+        return [m for m, _ in self.objective_pairs]
+
+    @property
+    def modes(self) -> list[str]:
+        return [d for _, d in self.objective_pairs]
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objective_pairs) > 1
+
+    @property
+    def storage_is_uri(self) -> bool:
+        return has_scheme(self.storage_path)
+
+    @property
+    def resolved_reuse_actors(self) -> bool:
+        """CPU trials reuse their worker process (saves the torch import and the dataset load per trial); GPU
+        trials get a fresh process so that a stopped trial's GPU memory is surely freed (ray#23971)."""
+        return self.gpu == 0 if self.reuse_actors is None else self.reuse_actors
+
+
+@dataclass(frozen=True)
+class MlflowSettings(_Section):
+    enabled: bool = True
+    tracking_uri: str = ""                # resolved by the spec loader: never empty in a loaded spec
+    experiment: str = "richkd"
+    artifact_location: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _require(bool(self.experiment), f"mlflow.experiment: expected a non-empty name, got {self.experiment!r}")
+
+
+@dataclass(frozen=True)
+class FinalizeSettings(_Section):
+    top: int = 3
+    seeds: int = 3
+    overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(self.top >= 1 and self.seeds >= 1, "finalize.top and finalize.seeds must be >= 1")
+
+
+# ----- the user's shorthand for objectives ---------------------------------------------------------
+
+def parse_tune(raw: Any) -> TuneSettings:
+    """The `tune:` section as written by a user (metric: a name or a list of names; mode: optional) or as
+    saved in a sweep folder (metric, mode and objectives spelt out)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise SpecError(f"tune: expected a mapping, got {raw!r}")
+    raw = dict(raw)
+    if "objectives" not in raw:
+        metric = raw.get("metric", "val_top1")
+        multi = isinstance(metric, (list, tuple))
+        pairs = check_objectives(list(metric) if multi else [metric], raw.get("mode"), multi)
+        raw.update(metric=pairs[0][0], mode=pairs[0][1], objectives=[list(p) for p in pairs] if multi else [])
+    return build(TuneSettings, raw, "tune.")
+
+
+def check_objectives(metrics: list, modes: Any, multi: bool) -> tuple:
+    """((metric, mode), ...) from tune.metric (one or several names) and tune.mode (the same shape, or None).
+
+    Each mode must be the direction KNOWN_METRICS gives (a mis-typed min/max would silently optimise the wrong
+    way); leaving mode out derives it. A one-element list is a single objective.
+    """
+    if not metrics:
+        raise SpecError("tune.metric: the list of objectives is empty; name one metric (val_top1) or several "
+                        "([val_top1, val_corrupt_top1, val_ece])")
+    for i, metric in enumerate(metrics):
+        where = f"tune.metric[{i}]" if multi else "tune.metric"
+        if not isinstance(metric, str) or metric not in KNOWN_METRICS:
+            raise SpecError(f"{where}: {metric!r} is not reported every epoch by the trainer"
+                            f"{suggest(str(metric), KNOWN_METRICS)} (choose from {', '.join(KNOWN_METRICS)})")
+    dupes = sorted({m for m in metrics if metrics.count(m) > 1})
+    if dupes:
+        raise SpecError(f"tune.metric: {dupes[0]!r} is listed twice; each objective once")
+    expected = [KNOWN_METRICS[m] for m in metrics]
+    if modes is None:
+        modes = expected
+    elif isinstance(modes, (list, tuple)):
+        if not multi:
+            raise SpecError(f"tune.mode: a list {list(modes)} needs tune.metric to be a list of the same length")
+        if len(modes) != len(metrics):
+            raise SpecError(f"tune.mode: {len(modes)} modes for {len(metrics)} objectives {metrics}; give one "
+                            f"mode per objective ({expected}) or leave mode out")
+        modes = list(modes)
+    elif multi and len(metrics) > 1:
+        raise SpecError(f"tune.mode: {modes!r} is one mode for {len(metrics)} objectives; give a list "
+                        f"({expected}) or leave mode out (derived per metric)")
+    else:
+        modes = [modes]
+    for i, (metric, mode) in enumerate(zip(metrics, modes)):
+        where = f"tune.mode[{i}]" if multi and len(metrics) > 1 else "tune.mode"
+        if mode not in ("max", "min"):
+            raise SpecError(f"{where}: {mode!r} is not max or min")
+        if mode != KNOWN_METRICS[metric]:
+            better = "maximised" if KNOWN_METRICS[metric] == "max" else "minimised"
+            raise SpecError(f"{where}: {metric} should be {better}; set {where[len('tune.'):]}: "
+                            f"{KNOWN_METRICS[metric]} (or leave mode out)")
+    return tuple(zip(metrics, modes))

@@ -1,0 +1,362 @@
+"""A sweep spec: what to search (base config + space + points), how (tune settings), where to log (mlflow)
+and what to re-run (finalize), loaded from a YAML file and validated before Ray starts.
+
+A spec has a base config (`base:` file and/or inline `config:`), a `space:` of dotted config keys with
+samplers (see richkd.tune.params), optional `points_to_evaluate:`, and the `tune:`, `mlflow:` and `finalize:`
+sections (see richkd.tune.settings). Validation is complete and side-effect free: unknown keys (with the
+nearest valid key suggested), bad ranges, values the config rejects, unknown models or prompt sets, missing
+files, and continuous samplers on cache-affecting keys all raise one `SpecError` before anything is launched
+or written (the whole-space checks are in richkd.tune.preflight).
+
+`SweepSpec.to_dict()` is itself a valid spec: env variables expanded, paths absolute, every default spelt
+out. The sweep folder stores it, and `--resume` / `richkd export` read it back through the same loader as an
+equal SweepSpec, whatever directory or environment they run in.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import yaml
+
+from richkd.config import Config, ConfigError, load_yaml_mapping, parse_override
+from richkd.metric_names import ROBUSTNESS_METRICS
+from richkd.schema import build, suggest, to_plain
+from richkd.tune.errors import SpecError
+from richkd.tune.params import Param, TrialPlan, check_keys, config_or_error, parse_space
+from richkd.tune.paths import PATH_KEYS, absolutize, default_artifact_location, join_storage, resolve_tracking_uri
+from richkd.tune.preflight import check_spec
+from richkd.tune.settings import FinalizeSettings, MlflowSettings, TuneSettings, parse_tune
+
+log = logging.getLogger(__name__)
+
+SPEC_KEYS = ("name", "description", "base", "config", "space", "points_to_evaluate", "tune", "mlflow", "finalize")
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    source: Optional[str]          # the spec file, if loaded from one
+    base_config: Config
+    params: tuple
+    points: tuple
+    tune: TuneSettings
+    mlflow: MlflowSettings
+    finalize: FinalizeSettings
+    description: str = ""
+
+    @property
+    def max_t(self) -> int:
+        return self.base_config.train.epochs
+
+    @property
+    def space_keys(self) -> list[str]:
+        return [p.key for p in self.params]
+
+    def plan(self) -> TrialPlan:
+        return TrialPlan(base=self.base_config.to_dict(), params=self.params, metric=self.tune.metric,
+                         mode=self.tune.mode, max_t=self.max_t, gpu=self.tune.gpu,
+                         objectives=self.tune.objectives)
+
+    def trial_config(self, sampled: Mapping[str, Any]) -> Config:
+        return self.plan().trial_config(sampled)
+
+    @property
+    def experiment_path(self) -> str:
+        return join_storage(self.tune.storage_path, self.name)
+
+    def space_hash(self) -> str:
+        blob = json.dumps([[p.key, p.describe()] for p in self.params], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def describe_space(self) -> dict:
+        return {p.key: p.describe() for p in self.params}
+
+    def random_points(self, n: int, seed: int = 0) -> list[dict]:
+        """n seeded draws from the space (respecting `when:`), as Tune-style sampled dicts."""
+        return self.plan().random_points(n, seed)
+
+    def cache_probe_configs(self, n_draws: int = 32) -> list[Config]:
+        """Configs that together need every cache any trial can read, one per distinct cache need.
+
+        Every combination of the cache-affecting choice values is crossed with the base config, the
+        points to evaluate and seeded draws of the other knobs (which decide e.g. whether CLIP is used).
+        """
+        from richkd.cache.signature import affects_cache, cache_signature
+
+        cache_params = [p for p in self.params if any(affects_cache(k) for k in p.config_keys)]
+        combos = [dict(zip([p.key for p in cache_params], vals))
+                  for vals in itertools.product(*[p.values for p in cache_params])] or [{}]
+        others = [{}] + [dict(pt) for pt in self.points] + self.random_points(n_draws, seed=12345)
+        plan = self.plan()
+        seen: dict = {}
+        for other in others:
+            for combo in combos:
+                sampled = {**{k: v for k, v in other.items() if k not in combo}, **combo}
+                cfg = config_or_error(plan, sampled, "a configuration this space can produce")
+                seen.setdefault(cache_signature(cfg), cfg)
+        return list(seen.values())
+
+    def to_dict(self) -> dict:
+        """The resolved spec as a spec mapping (see the module docstring); `spec_from_mapping` reads it back."""
+        return {"name": self.name, "description": self.description, "config": self.base_config.to_dict(),
+                "space": {p.key: p.to_entry() for p in self.params},
+                "points_to_evaluate": [dict(pt) for pt in self.points],
+                "tune": to_plain(self.tune), "mlflow": to_plain(self.mlflow), "finalize": to_plain(self.finalize)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: Optional[str] = None, check: bool = False) -> "SweepSpec":
+        """A spec saved by `to_dict`; `check` re-runs the file and data checks (on the machine reading it)."""
+        return spec_from_mapping(data, source=source, check_resources=check, check_data=check)
+
+
+# ----- loading ----------------------------------------------------------------------------------------
+
+def load_spec(path: str | os.PathLike, overrides: Sequence[str] | Mapping[str, Any] = (),
+              *, check_resources: bool = True, check_data: bool = True) -> SweepSpec:
+    """Read and validate a sweep spec file. `overrides` are `dotted.key=value` strings on the spec mapping
+    (e.g. `tune.num_samples=4`, `config.train.epochs=2`). Raises SpecError; never writes anything."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"sweep spec {str(p)!r} does not exist (shipped specs are in search_spaces/)")
+    try:
+        raw = load_yaml_mapping(p)
+    except ConfigError as exc:
+        raise SpecError(str(exc)) from None
+    return spec_from_mapping(raw, source=str(p.resolve()), overrides=overrides, base_dir=p.resolve().parent,
+                             check_resources=check_resources, check_data=check_data)
+
+
+def spec_from_mapping(raw: Mapping[str, Any], *, source: Optional[str] = None,
+                      overrides: Sequence[str] | Mapping[str, Any] = (), base_dir: Optional[Path] = None,
+                      check_resources: bool = True, check_data: bool = True) -> SweepSpec:
+    """Validate a spec mapping (see module doc). Relative paths resolve against the current directory (a
+    relative `base:` that is not found there is also looked for in `base_dir`, the spec file's folder)."""
+    raw = copy.deepcopy(dict(raw))
+    _apply_spec_overrides(raw, overrides)
+    raw = expand_env(raw)
+    check_keys(raw, SPEC_KEYS, "")
+    name = raw.get("name") or (Path(source).stem if source else None)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name or ""):
+        raise SpecError(f"name: {name!r} must be a non-empty folder-safe name (letters, digits, _ . -)")
+
+    base_cfg = _load_base_config(raw, base_dir or Path.cwd(), name)
+    params = parse_space(raw.get("space") or {}, base_cfg)
+    _check_cache_keys(params)
+    tune = parse_tune(raw.get("tune"))
+    _check_tune_fits(tune, params, base_cfg)
+    base_cfg = _enable_objective_metrics(base_cfg, tune, params)
+    points = _parse_points(raw.get("points_to_evaluate") or [], params, tune)
+    mlflow = _parse_mlflow(raw.get("mlflow"), tune)
+    finalize = _parse_finalize(raw.get("finalize"), base_cfg)
+    spec = SweepSpec(name=name, source=source, base_config=base_cfg, params=params, points=points,
+                     tune=tune, mlflow=mlflow, finalize=finalize, description=str(raw.get("description") or ""))
+    check_spec(spec, check_resources=check_resources, check_data=check_data)
+    return spec
+
+
+def expand_env(value: Any, where: str = "") -> Any:
+    """Replace ${VAR} and ${VAR:-default} in every string. A string that is exactly one ${...} is re-read
+    as a YAML scalar, so `num_samples: ${N:-8}` gives the integer 8."""
+    if isinstance(value, Mapping):
+        return {k: expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def repl(m: re.Match) -> str:
+        var, default = m.group(1), m.group(2)
+        if var in os.environ:
+            return os.environ[var]
+        if default is not None:
+            return default
+        raise SpecError(f"{where or 'spec'}: environment variable ${{{var}}} is not set "
+                        f"(export it, or write ${{{var}:-default}} in the spec)")
+
+    whole = _ENV_RE.fullmatch(value)
+    out = _ENV_RE.sub(repl, value)
+    if "${" in out:
+        raise SpecError(f"{where or 'spec'}: malformed ${{...}} in {value!r}; write ${{VAR}} or ${{VAR:-default}}")
+    if whole:
+        try:
+            parsed = yaml.safe_load(out) if out.strip() else out
+        except yaml.YAMLError:
+            return out
+        return parsed if isinstance(parsed, (int, float, bool)) or parsed is None else out
+    return out
+
+
+def _apply_spec_overrides(raw: dict, overrides: Sequence[str] | Mapping[str, Any]) -> None:
+    items = overrides.items() if isinstance(overrides, Mapping) else [parse_override(o) for o in overrides]
+    for dotted, value in items:
+        parts = dotted.split(".")
+        if parts[0] not in SPEC_KEYS:
+            raise SpecError(f"--set {dotted}: unknown spec section {parts[0]!r}{suggest(parts[0], SPEC_KEYS)}")
+        node = raw
+        for part in parts[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise SpecError(f"--set {dotted}: {part!r} is not a mapping in the spec")
+            node = node[part]
+        node[parts[-1]] = value
+
+
+def _deep_merge(base: dict, extra: Mapping) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _load_base_config(raw: dict, base_dir: Path, name: str) -> Config:
+    nested: dict = {}
+    base = raw.get("base")
+    if base is not None:
+        if not isinstance(base, str):
+            raise SpecError(f"base: expected the path of a config YAML, got {base!r}")
+        base_path = Path(base).expanduser()
+        tried = [base_path.resolve()]
+        if not base_path.is_absolute() and not base_path.is_file():
+            # like every path in a spec, relative to the current directory; else next to the spec file
+            base_path = base_dir / base_path
+            tried.append(base_path)
+        if not base_path.is_file():
+            raise SpecError(f"base: config file {base!r} does not exist (looked for "
+                            f"{' and '.join(repr(str(t)) for t in tried)})")
+        try:
+            nested = load_yaml_mapping(base_path)
+        except ConfigError as exc:
+            raise SpecError(f"base: {exc}") from None
+    inline = raw.get("config") or {}
+    if not isinstance(inline, Mapping):
+        raise SpecError(f"config: expected a mapping of config sections, got {inline!r}")
+    nested = _deep_merge(nested, inline)
+    nested.setdefault("name", name)
+    try:
+        cfg = Config.from_dict(nested)
+    except ConfigError as exc:
+        raise SpecError(f"config: {exc}") from None
+    flat = cfg.to_flat_dict()
+    changed = {k: absolutize(k, flat[k]) for k in PATH_KEYS if absolutize(k, flat[k]) != flat[k]}
+    if cfg.train.checkpoint_dir is not None:
+        # every trial would write the same last.pt; trials checkpoint through Tune (one per epoch) instead
+        log.info("config.train.checkpoint_dir is ignored in a sweep: trials checkpoint through Ray Tune")
+        changed["train.checkpoint_dir"] = None
+    return cfg.with_overrides(changed) if changed else cfg
+
+
+def _check_cache_keys(params: Sequence[Param]) -> None:
+    from richkd.cache.signature import CACHE_AFFECTING_PREFIXES
+
+    for p in params:
+        if not p.is_finite and p.key.startswith(CACHE_AFFECTING_PREFIXES):
+            raise SpecError(f"space.{p.key}: {p.key} changes the teacher/CLIP caches, which are built once before "
+                            f"the trials; sample it with `choice` (finite values), not `{p.sampler}` "
+                            f"(cache-affecting prefixes: {', '.join(CACHE_AFFECTING_PREFIXES)})")
+
+
+def _check_tune_fits(t: TuneSettings, params: Sequence[Param], base: Config) -> None:
+    """Rules between the tune settings, the space and the base config."""
+    algorithm = t.search.algorithm
+    if not params:
+        raise SpecError("space: is empty; list at least one dotted config key with a sampler")
+    if algorithm == "optuna":
+        grid = [p.key for p in params if p.sampler == "grid"]
+        if grid:
+            raise SpecError(f"space.{grid[0]}: the grid sampler needs tune.search.algorithm: grid or random "
+                            "(Optuna samples; use `choice` for a categorical knob)")
+    if algorithm == "grid":
+        bad = [p for p in params if p.sampler != "grid"]
+        if bad:
+            raise SpecError(f"space.{bad[0].key}: algorithm grid needs every entry to use the grid sampler "
+                            f"(got {bad[0].sampler}); use algorithm: random to mix grid and random entries")
+        cond = [p for p in params if p.when]
+        if cond:
+            raise SpecError(f"space.{cond[0].key}: `when:` is not supported with algorithm grid (it would run "
+                            "duplicate configurations); use a variant entry or algorithm: optuna")
+    max_t = base.train.epochs
+    if not t.scheduler.grace_period <= max_t:
+        raise SpecError(f"tune.scheduler.grace_period: {t.scheduler.grace_period} must be in [1, train.epochs = "
+                        f"{max_t}] (ASHA's max_t is the number of epochs)")
+    if t.gpu > 0 and base.device == "cpu":
+        raise SpecError("tune.resources.gpu > 0 but config.device is cpu; set device: auto or cuda")
+    if t.gpu > 0 and base.device.startswith("cuda:"):
+        raise SpecError(f"config.device: {base.device!r} names a GPU, but Ray assigns each trial its GPU (it is "
+                        "cuda:0 inside the trial); set device: auto or cuda")
+
+
+def _enable_objective_metrics(base: Config, tune: TuneSettings, params: Sequence[Param]) -> Config:
+    """Switch on robustness evaluation when an objective is a robustness metric (it is off by default, and
+    costs extra forward passes, so it is computed only when enabled or needed)."""
+    needed = [m for m in tune.metrics if m in ROBUSTNESS_METRICS]
+    if not needed:
+        return base
+    for p in params:
+        if "robustness.enabled" in p.config_keys:
+            raise SpecError(f"space.{p.key}: robustness.enabled cannot be searched when the objective "
+                            f"{needed[0]} needs it; drop the entry (the sweep switches it on)")
+    if not base.robustness.enabled:
+        log.info("config.robustness.enabled switched on: the sweep objective %s needs it", needed[0])
+        base = base.with_overrides({"robustness.enabled": True})
+    return base
+
+
+def _parse_points(raw: Any, params: Sequence[Param], tune: TuneSettings) -> tuple:
+    if not isinstance(raw, list):
+        raise SpecError(f"points_to_evaluate: expected a list of {{space key: value}} mappings, got {raw!r}")
+    if raw and tune.search.algorithm == "grid":
+        raise SpecError("points_to_evaluate: not used by algorithm grid (the grid already lists every point)")
+    by_key = {p.key: p for p in params}
+    points = []
+    for i, point in enumerate(raw):
+        where = f"points_to_evaluate[{i}]"
+        if not isinstance(point, Mapping) or not point:
+            raise SpecError(f"{where}: expected a non-empty mapping of space keys to values, got {point!r}")
+        point = {k: absolutize(k, v) for k, v in point.items()}
+        for key, value in point.items():
+            if key not in by_key:
+                raise SpecError(f"{where}: {key!r} is not a space entry{suggest(key, by_key)} (points may set "
+                                f"only searched keys: {', '.join(by_key)})")
+            p = by_key[key]
+            if not p.contains(value):
+                rng = (f"one of {list(p.values)}" if p.is_finite else f"in [{p.low}, {p.high}]"
+                       + (f" on steps of {p.q}" if p.q else ""))
+                raise SpecError(f"{where}.{key}: {value!r} is outside the space ({p.sampler}: {rng})")
+        points.append(point)
+    return tuple(points)
+
+
+def _parse_mlflow(raw: Any, tune: TuneSettings) -> MlflowSettings:
+    raw = {} if raw is None else raw
+    check_keys(raw, [f.name for f in MlflowSettings.__dataclass_fields__.values()], "mlflow")
+    uri = raw.get("tracking_uri")
+    if uri is not None and not isinstance(uri, str):
+        raise SpecError(f"mlflow.tracking_uri: expected a URI string, got {uri!r}")
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None   # MLflow's own variable, then the default
+    settings = build(MlflowSettings, {**raw, "tracking_uri": resolve_tracking_uri(uri, tune.storage_path)}, "mlflow.")
+    return replace(settings, artifact_location=default_artifact_location(settings.tracking_uri,
+                                                                         settings.artifact_location))
+
+
+def _parse_finalize(raw: Any, base: Config) -> FinalizeSettings:
+    settings = build(FinalizeSettings, raw, "finalize.")
+    overrides = {k: absolutize(k, v) for k, v in settings.overrides.items()}
+    try:
+        base.with_overrides(overrides)
+    except ConfigError as exc:
+        raise SpecError(f"finalize.overrides: {exc}") from None
+    return replace(settings, overrides=overrides)
