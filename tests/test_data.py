@@ -14,12 +14,7 @@ from richkd.data import (CIFAR10_CLASSES, CIFAR100_CLASSES, FASHION_MNIST_CLASSE
 from richkd.data.sources import DEBIAN_FASHION_MNIST_DIR
 from richkd.data.splits import stratified_take
 
-try:
-    from tests.data_fixtures import (patch_cifar100_md5, write_idx, write_image_tree, write_tiny_cifar100,
-                                     write_tiny_fashion)
-except ImportError:  # tests/ itself on sys.path
-    from data_fixtures import (patch_cifar100_md5, write_idx, write_image_tree, write_tiny_cifar100,
-                               write_tiny_fashion)
+from tests.data_fixtures import patch_cifar100_md5, write_idx, write_image_tree, write_tiny_cifar100, write_tiny_fashion
 
 
 @pytest.fixture(autouse=True)

@@ -12,10 +12,7 @@ import torch
 
 from richkd.config import Config
 
-try:
-    from tests.test_tune_e2e import ensure_smoke_sweep
-except ImportError:  # tests/ itself on sys.path
-    from test_tune_e2e import ensure_smoke_sweep
+from tests.factories import ensure_smoke_sweep
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,7 @@
 """`richkd report`: the static sweep page and its PNGs, built from a real (tiny) sweep, plus the pieces it rests on.
 
-The sweep is the end-to-end smoke sweep of test_tune_e2e.py (3 trials: one reaches max_t, one is stopped by ASHA,
-one ends on a NaN loss), run once per session and shared with test_tune_e2e.py / test_export.py.
+The sweep is the end-to-end smoke sweep of tests/tune/test_e2e.py (3 trials: one reaches max_t, one is stopped by ASHA,
+one ends on a NaN loss), run once per session and shared with tests/tune/test_e2e.py / test_export.py.
 """
 from __future__ import annotations
 
@@ -17,10 +17,7 @@ from pathlib import Path
 
 import pytest
 
-try:
-    from tests.test_tune_e2e import ensure_smoke_sweep, trial_results
-except ImportError:  # tests/ itself on sys.path
-    from test_tune_e2e import ensure_smoke_sweep, trial_results
+from tests.factories import ensure_smoke_sweep, trial_results
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,12 +14,7 @@ from typing import Callable, Optional
 
 import pytest
 
-try:
-    from tests.test_tune_e2e import ENV, trial_results
-    from tests.test_tune_space import base_spec
-except ImportError:  # tests/ itself on sys.path
-    from test_tune_e2e import ENV, trial_results
-    from test_tune_space import base_spec
+from tests.factories import ENV, base_spec, trial_results
 
 __all__ = ["ENV", "trial_results", "tiny_spec", "env", "start_sweep", "wait_for", "stop_group", "MlflowServer",
            "free_port"]

@@ -17,12 +17,7 @@ import yaml
 from richkd.cache import CacheEntry, CacheError, prepare_caches, read_entry, write_entry
 from richkd.io import OutputError, atomic_torch_save, atomic_write_text
 
-try:
-    from tests.test_tune_e2e import nan_teacher
-    from tests.test_tune_space import base_spec, make_assets
-except ImportError:  # tests/ itself on sys.path
-    from test_tune_e2e import nan_teacher
-    from test_tune_space import base_spec, make_assets
+from tests.factories import base_spec, make_assets, nan_teacher
 
 
 def _mount_tmpfs(where: Path, options: str) -> bool:
@@ -230,7 +225,7 @@ def test_truncated_cache_manifest_is_a_cache_error(tmp_path):
 def test_nan_loss_stops_with_a_clear_error_and_saves_no_nan_checkpoint(tmp_path_factory, tmp_path, capsys):
     """A corrupted (NaN) teacher makes the KD loss NaN in epoch 1: `richkd train` says so (exit 2), and no
     checkpoint of the diverged student is written. In a sweep the same ends only that trial (nonfinite_loss;
-    tests/test_tune_e2e.py's smoke sweep)."""
+    tests/tune/test_e2e.py's smoke sweep)."""
     from richkd.cli import main
 
     assets = make_assets(tmp_path_factory.getbasetemp() / "tune_assets", clip=False)

@@ -16,10 +16,7 @@ from hypothesis import strategies as st
 
 from richkd.config import Config, ConfigError, dotted_keys, load_yaml_mapping
 
-try:
-    from tests.test_tune_space import base_spec, make_assets
-except ImportError:  # tests/ itself on sys.path
-    from test_tune_space import base_spec, make_assets
+from tests.factories import base_spec, make_assets
 
 FUZZ = settings(max_examples=int(os.environ.get("RICHKD_FUZZ_EXAMPLES", 120)), derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

@@ -13,10 +13,7 @@ from richkd.tune.mlflow_outbox import Outbox
 
 from .helpers import MlflowServer, start_sweep, stop_group, tiny_spec, trial_results, wait_for
 
-try:
-    from tests.test_tune_space import make_assets
-except ImportError:  # tests/ itself on sys.path
-    from test_tune_space import make_assets
+from tests.factories import make_assets
 
 
 # ----- the outbox policy, without a server -------------------------------------------------------------------

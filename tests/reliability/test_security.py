@@ -1,7 +1,7 @@
 """Security basics that would silently regress: YAML is only ever safe-loaded, torch.load of anything a user hands
 us uses weights_only=True (a pickle-bearing file is refused, its code never runs), and servers we start bind to
 127.0.0.1. Source-level checks cover every call site; behavioural checks prove the refusals are clear errors.
-(`richkd ui` on 127.0.0.1: tests/test_tune_runner.py; the cluster's MLflow server: tests/test_cluster_yaml.py;
+(`richkd ui` on 127.0.0.1: tests/tune/test_runner.py; the cluster's MLflow server: tests/tune/test_cluster_yaml.py;
 a pickle-bearing teacher checkpoint: tests/test_models.py.)"""
 from __future__ import annotations
 

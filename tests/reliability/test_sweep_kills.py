@@ -17,10 +17,7 @@ from mlflow.entities import ViewType
 
 from .helpers import env, start_sweep, stop_group, tiny_spec, trial_results, wait_for
 
-try:
-    from tests.test_tune_space import make_assets
-except ImportError:  # tests/ itself on sys.path
-    from test_tune_space import make_assets
+from tests.factories import make_assets
 
 NUM_SAMPLES, EPOCHS = 3, 3
 

@@ -14,71 +14,10 @@ from richkd.tune.params import TrialPlan
 from richkd.tune.paths import is_shared_filesystem
 from richkd.tune.spec import SweepSpec, expand_env, load_spec, spec_from_mapping
 
-try:
-    from tests.data_fixtures import write_idx
-except ImportError:  # tests/ itself on sys.path
-    from data_fixtures import write_idx
+from tests.factories import base_spec, make_assets
 
 
-# ----- fixtures (also used by the other tune test modules) -------------------------------------------------
-
-def write_fmnist_subset(folder: Path, n_train: int = 400, n_test: int = 100) -> Path:
-    """The first rows of the real Fashion-MNIST (Debian package) as IDX files: real labels, tiny caches."""
-    from richkd.data import read_idx
-    from richkd.data.sources import DEBIAN_FASHION_MNIST_DIR as src
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", read_idx(src / f"{prefix}-images-idx3-ubyte.gz")[:n])
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", read_idx(src / f"{prefix}-labels-idx1-ubyte.gz")[:n])
-    return folder
-
-
-def make_assets(root: Path, clip: bool = True) -> Path:
-    """Random-init resnet8 teacher, a Fashion-MNIST subset and (optionally) the tiny offline CLIP under root."""
-    import torch
-
-    from richkd.models import create_model, save_model_checkpoint
-
-    root.mkdir(parents=True, exist_ok=True)
-    if not (root / "teacher.pth").is_file():
-        torch.manual_seed(0)
-        save_model_checkpoint(create_model("resnet8", 10), root / "teacher.pth", arch="resnet8", num_classes=10)
-    if not (root / "fmnist").is_dir():
-        write_fmnist_subset(root / "fmnist")
-    if clip and not (root / "tiny_clip.pt").is_file():
-        from richkd.clip import init_tiny_clip
-
-        init_tiny_clip(root / "tiny_clip.pt")
-    return root
-
-
-def base_spec(assets: Path, work: Path, **sections) -> dict:
-    spec = {
-        "name": "unit",
-        "config": {
-            "device": "cpu",
-            "data": {"dataset": "fashion_mnist", "root": str(assets / "fmnist"), "val_fraction": 0.25,
-                     "batch_size": 64, "augment": "none"},
-            "student": {"arch": "resnet8"},
-            "teacher": {"arch": "resnet8", "checkpoint": str(assets / "teacher.pth")},
-            "clip": {"model": "richkd-tiny", "pretrained": str(assets / "tiny_clip.pt"), "prompt_set": "simple"},
-            "loss": {"method": "richkd", "feat_weight": 0.5, "nce_k": 64},
-            "teaching": {"cache_dir": str(work / "cache")},
-            "optim": {"lr": 0.05, "schedule": "cosine"},
-            "train": {"epochs": 3},
-        },
-        "space": {
-            "loss.fusion_alpha": {"sampler": "uniform", "low": 0.3, "high": 1.0},
-            "loss.temperature": {"sampler": "choice", "values": [2.0, 4.0]},
-        },
-        "tune": {"num_samples": 4, "storage_path": str(work / "runs")},
-        "mlflow": {"tracking_uri": f"sqlite:///{work}/runs/mlflow.db"},
-    }
-    for key, value in sections.items():
-        spec[key] = value
-    return spec
-
+# ----- fixtures -------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
@@ -139,7 +78,7 @@ def test_a_saved_spec_reads_back_as_the_same_typed_spec(assets, tmp_path, monkey
     assert "loss.feat_lambda" not in plan.active_sampled({"variant": "L", "loss.feat_lambda": 0.3})
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def fake_demo_dir(root: Path) -> Path:

@@ -19,12 +19,7 @@ from richkd.pareto import dominates, front_rows, pareto_front
 from richkd.tune.errors import SpecError
 from richkd.tune.spec import spec_from_mapping
 
-try:
-    from tests.test_tune_e2e import _find_study
-    from tests.test_tune_space import base_spec, make_assets
-except ImportError:  # tests/ itself on sys.path
-    from test_tune_e2e import _find_study
-    from test_tune_space import base_spec, make_assets
+from tests.factories import base_spec, find_study, make_assets
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 OBJECTIVES = ["val_top1", "val_corrupt_top1", "val_ece"]
@@ -322,7 +317,7 @@ def test_multi_objective_sweep_exports_the_pareto_front_and_reports_it(tmp_path_
 
     study = None
     for f in Path(outcome.experiment_path).glob("searcher-state-*.pkl"):
-        study = _find_study(pickle.loads(f.read_bytes()))
+        study = find_study(pickle.loads(f.read_bytes()))
     assert study is not None and len(study.directions) == 3
     assert {t.number for t in study.best_trials} and all(t.state == TrialState.COMPLETE for t in study.trials)
 

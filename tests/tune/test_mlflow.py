@@ -16,10 +16,7 @@ from richkd.tune.mlflow_client import (HASH_TAG, KIND_TAG, OUTCOME_TAG, PARENT_T
                                        create_parent_run, ensure_experiment)
 from richkd.tune.spec import spec_from_mapping
 
-try:
-    from tests.test_tune_space import base_spec, make_assets
-except ImportError:  # tests/ itself on sys.path
-    from test_tune_space import base_spec, make_assets
+from tests.factories import base_spec, make_assets
 
 
 @pytest.fixture(scope="module")

@@ -1,23 +1,73 @@
-"""End-to-end sweeps on CPU with Ray, Optuna, ASHA and MLflow: a smoke sweep (killed sweeps: tests/reliability/).
-
-Tiny on purpose (2 cores in CI): resnet8 students on 300 real Fashion-MNIST images for 3 epochs, a random-init
-resnet8 teacher, the offline tiny CLIP, caches built once by the driver.
-"""
+"""Shared test factories: small real assets (Fashion-MNIST subset, teachers, the tiny CLIP), sweep specs and the
+session's smoke sweep. Imported by test modules as `from tests.factories import ...` (pytest puts the repository
+root on sys.path, see pyproject.toml)."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
 
-import pytest
-from mlflow.entities import ViewType
+from tests.data_fixtures import write_idx
 
-try:
-    from tests.test_tune_space import make_assets
-except ImportError:  # tests/ itself on sys.path
-    from test_tune_space import make_assets
+
+def write_fmnist_subset(folder: Path, n_train: int = 400, n_test: int = 100) -> Path:
+    """The first rows of the real Fashion-MNIST (Debian package) as IDX files: real labels, tiny caches."""
+    from richkd.data import read_idx
+    from richkd.data.sources import DEBIAN_FASHION_MNIST_DIR as src
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", read_idx(src / f"{prefix}-images-idx3-ubyte.gz")[:n])
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", read_idx(src / f"{prefix}-labels-idx1-ubyte.gz")[:n])
+    return folder
+
+
+def make_assets(root: Path, clip: bool = True) -> Path:
+    """Random-init resnet8 teacher, a Fashion-MNIST subset and (optionally) the tiny offline CLIP under root."""
+    import torch
+
+    from richkd.models import create_model, save_model_checkpoint
+
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "teacher.pth").is_file():
+        torch.manual_seed(0)
+        save_model_checkpoint(create_model("resnet8", 10), root / "teacher.pth", arch="resnet8", num_classes=10)
+    if not (root / "fmnist").is_dir():
+        write_fmnist_subset(root / "fmnist")
+    if clip and not (root / "tiny_clip.pt").is_file():
+        from richkd.clip import init_tiny_clip
+
+        init_tiny_clip(root / "tiny_clip.pt")
+    return root
+
+
+def base_spec(assets: Path, work: Path, **sections) -> dict:
+    spec = {
+        "name": "unit",
+        "config": {
+            "device": "cpu",
+            "data": {"dataset": "fashion_mnist", "root": str(assets / "fmnist"), "val_fraction": 0.25,
+                     "batch_size": 64, "augment": "none"},
+            "student": {"arch": "resnet8"},
+            "teacher": {"arch": "resnet8", "checkpoint": str(assets / "teacher.pth")},
+            "clip": {"model": "richkd-tiny", "pretrained": str(assets / "tiny_clip.pt"), "prompt_set": "simple"},
+            "loss": {"method": "richkd", "feat_weight": 0.5, "nce_k": 64},
+            "teaching": {"cache_dir": str(work / "cache")},
+            "optim": {"lr": 0.05, "schedule": "cosine"},
+            "train": {"epochs": 3},
+        },
+        "space": {
+            "loss.fusion_alpha": {"sampler": "uniform", "low": 0.3, "high": 1.0},
+            "loss.temperature": {"sampler": "choice", "values": [2.0, 4.0]},
+        },
+        "tune": {"num_samples": 4, "storage_path": str(work / "runs")},
+        "mlflow": {"tracking_uri": f"sqlite:///{work}/runs/mlflow.db"},
+    }
+    for key, value in sections.items():
+        spec[key] = value
+    return spec
+
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {"RAY_AUTH_MODE": "disabled", "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1",
@@ -104,11 +154,6 @@ def ensure_smoke_sweep(base: Path) -> dict:
     return info
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory) -> dict:
-    return ensure_smoke_sweep(tmp_path_factory.getbasetemp())
-
-
 def trial_results(experiment_path: str) -> dict:
     out = {}
     for f in sorted(Path(experiment_path).glob("trial_*/result.json")):
@@ -116,69 +161,7 @@ def trial_results(experiment_path: str) -> dict:
     return out
 
 
-@pytest.mark.slow
-def test_smoke_sweep_asha_stops_trials_and_mlflow_has_parent_and_children(smoke):
-    from richkd.tune.mlflow_client import OUTCOME_TAG, PARENT_TAG, TRIAL_TAG, client_for
-
-    assert smoke["num_trials"] == 3
-    counts = smoke["counts"]
-    assert counts.get("stopped_early", 0) >= 1, counts          # ASHA stopped the lr=1e-5 trial at rung 1
-    assert counts.get("nonfinite_loss", 0) >= 1, counts         # the corrupted teacher ended its trial
-    assert counts.get("completed", 0) >= 1, counts
-    results = trial_results(smoke["experiment_path"])
-    assert len(results) == 3
-    for rows in results.values():                                # one report per epoch: iteration == epoch
-        assert [r["training_iteration"] for r in rows] == list(range(1, len(rows) + 1))
-        assert all(r["epoch"] == r["training_iteration"] for r in rows)
-    stopped = [rows for rows in results.values() if len(rows) < 3 and rows[-1]["nonfinite_loss"] == 0]
-    assert stopped and all(rows[-1]["training_iteration"] in (1, 2) for rows in stopped)
-    nan_rows = [rows for rows in results.values() if rows[-1]["nonfinite_loss"] == 1]
-    assert nan_rows and math.isnan(nan_rows[0][-1]["val_loss"]) and "non-finite" in nan_rows[0][-1]["stop_reason"]
-
-    client = client_for(smoke["tracking_uri"])
-    parent = client.get_run(smoke["parent_run_id"])
-    assert parent.info.status == "FINISHED" and parent.data.tags["richkd.kind"] == "sweep"
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}' and "
-                                                f"tags.`richkd.kind` = 'trial'",   # finalize adds other kinds
-                                  run_view_type=ViewType.ALL)
-    assert len(children) == 3 and len({c.data.tags[TRIAL_TAG] for c in children}) == 3
-    assert {c.data.tags[TRIAL_TAG] for c in children} == {k.replace("trial_", "") for k in results}
-    for child in children:
-        assert child.info.status in ("FINISHED", "FAILED") and child.info.lifecycle_stage == "active"
-        assert child.data.params["loss.method"] == "richkd" and len(child.data.params) > 40
-        assert "epochs_run" in child.data.metrics
-    outcomes = sorted(c.data.tags[OUTCOME_TAG] for c in children)
-    assert "stopped_early" in outcomes and "nonfinite_loss" in outcomes
-    done = [c for c in children if c.data.tags[OUTCOME_TAG] == "completed"][0]
-    history = client.get_metric_history(done.info.run_id, "val_loss")
-    assert [m.step for m in history] == [1, 2, 3]
-    assert done.data.metrics["best_val_loss"] == min(m.value for m in history)
-    print(f"\nsmoke sweep: {smoke['num_trials']} trials in {smoke['wall_s']:.1f}s; {smoke['counts']}")
-    for name, rows in results.items():
-        first = rows[0]
-        print(f"  {name}: {len(rows)} epochs, first report {first['time_this_iter_s']:.1f}s after the trial "
-              f"started (the epoch itself {first.get('epoch_time_s', float('nan')):.1f}s)")
-
-
-@pytest.mark.slow
-def test_optuna_study_records_pruned_and_failed_trials(smoke):
-    """The searcher checkpoint holds the Optuna study: ASHA-stopped -> PRUNED, NaN -> FAIL, survivors COMPLETE."""
-    import pickle
-
-    from optuna.trial import TrialState
-
-    states = None
-    for f in Path(smoke["experiment_path"]).glob("searcher-state-*.pkl"):
-        saved = pickle.loads(f.read_bytes())
-        searcher = saved["searcher"] if isinstance(saved, dict) and "searcher" in saved else saved
-        study = _find_study(searcher)
-        states = [t.state for t in study.get_trials(deepcopy=False)]
-    assert states is not None
-    assert TrialState.PRUNED in states and TrialState.FAIL in states and TrialState.COMPLETE in states
-
-
-def _find_study(obj, depth: int = 0):
+def find_study(obj, depth: int = 0):
     import optuna
 
     if isinstance(obj, optuna.Study):
@@ -187,10 +170,7 @@ def _find_study(obj, depth: int = 0):
         return None
     items = obj.values() if isinstance(obj, dict) else getattr(obj, "__dict__", {}).values()
     for value in items:
-        found = _find_study(value, depth + 1)
+        found = find_study(value, depth + 1)
         if found is not None:
             return found
     return None
-
-
-# Killed trial workers and drivers (SIGKILL, then --resume): tests/reliability/test_sweep_kills.py

@@ -18,10 +18,7 @@ from richkd.tune.search import (OptunaSpace, PrunedAwareOptunaSearch, build_sche
 from richkd.tune.params import Condition, Param
 from richkd.tune.spec import spec_from_mapping
 
-try:
-    from tests.test_tune_space import base_spec, make_assets
-except ImportError:  # tests/ itself on sys.path
-    from test_tune_space import base_spec, make_assets
+from tests.factories import base_spec, make_assets
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -14,10 +14,7 @@ import yaml
 from richkd.tune.runner import storage_problem
 from richkd.tune.settings import TuneSettings
 
-try:
-    from tests.test_tune_space import base_spec, make_assets
-except ImportError:  # tests/ itself on sys.path
-    from test_tune_space import base_spec, make_assets
+from tests.factories import base_spec, make_assets
 
 MOUNTS = "/dev/sda1 / ext4 rw 0 0\nfs-1.efs.aws:/ /mnt/richkd nfs4 rw 0 0\n"
 
