@@ -35,7 +35,7 @@ def base_dict(out_root: Path, sizes: dict) -> dict:
     return {
         "seed": 0, "device": "auto",
         # Native 28 px and no augmentation: cheapest on CPU, and the cached clean view is then exactly the
-        # student's view (consistent teaching, see ecosystem.md §7.1).
+        # student's view (consistent teaching, docs/method.md "Teaching protocol").
         "data": {"dataset": "fashion_mnist", "image_size": 28, "augment": "none",
                  "max_train_samples": sizes["student_samples"],
                  "max_eval_samples": sizes["eval_samples"], "batch_size": 64, "eval_batch_size": 256},

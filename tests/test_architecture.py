@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "richkd"
 # docs/architecture.md ("Layers").
 LAYERS = {
     "richkd": 0, "richkd.schema": 0, "richkd.config": 0, "richkd.io": 0, "richkd.registry": 0, "richkd.device": 0,
-    "richkd.provenance": 0, "richkd.metric_names": 0, "richkd.pareto": 0,
+    "richkd.provenance": 0, "richkd.metric_names": 0, "richkd.pareto": 0, "richkd.tracking": 0,
     "richkd.models": 1, "richkd.data": 1, "richkd.clip": 1, "richkd.fusion": 1, "richkd.losses": 1,
     "richkd.metrics": 1, "richkd.robustness": 1, "richkd.robustness.corruptions": 1, "richkd.robustness.cifar_c": 1,
     "richkd.robustness.scores": 1,

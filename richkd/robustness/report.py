@@ -8,6 +8,7 @@ from typing import Mapping
 import torch
 
 from richkd.io import atomic_path
+from richkd.tracking import ensure_experiment
 
 log = logging.getLogger(__name__)
 
@@ -142,19 +143,11 @@ def log_to_mlflow(report: Mapping, artifacts: list[Path], tracking_uri: str, exp
     if tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri[len("sqlite:///"):]).expanduser().resolve()
         db.parent.mkdir(parents=True, exist_ok=True)
-        # without this MLflow stores artifacts in ./mlruns of the current directory (as richkd.tune.space does)
+        # without this MLflow stores artifacts in ./mlruns of the current directory (as sweeps do)
         artifact_location = (db.parent / "mlartifacts").as_uri()
     mlflow.set_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        try:
-            client.create_experiment(experiment, artifact_location=artifact_location)
-        except Exception:  # created meanwhile by another process
-            if client.get_experiment_by_name(experiment) is None:
-                raise
-    elif exp.lifecycle_stage == "deleted":
-        client.restore_experiment(exp.experiment_id)
+    ensure_experiment(client, experiment, artifact_location)
     mlflow.set_experiment(experiment)
     params = {
         "checkpoint": report["checkpoint"], "checkpoint_sha256": report["checkpoint_sha256"],

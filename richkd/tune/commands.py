@@ -59,7 +59,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             raise SpecError("sweep needs a SPEC file (see search_spaces/) or --resume NAME")
         if args.resume:
             from richkd.tune.resume import resume_sweep
-            from richkd.tune.runner import describe_outcome
+            from richkd.tune.outcome import describe_outcome
 
             outcome = resume_sweep(args.resume, storage=args.storage, address=args.address, num_cpus=args.num_cpus,
                                    verbose=_verbosity(args), progress=_interactive())
@@ -85,7 +85,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                      f"{spec.tune.metric}), " if spec.tune.multi_objective else "") +
                   f"{len(spec.cache_probe_configs())} cache configuration(s); results -> {spec.experiment_path}")
             return 0
-        from richkd.tune.runner import describe_outcome, run_sweep
+        from richkd.tune.outcome import describe_outcome
+        from richkd.tune.runner import run_sweep
 
         try:
             outcome = run_sweep(spec, address=args.address, num_cpus=args.num_cpus, verbose=_verbosity(args),

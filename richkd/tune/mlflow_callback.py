@@ -21,12 +21,13 @@ from typing import Optional
 
 from ray.tune import Callback
 
-from richkd.tune.mlflow_client import (FINAL_WAIT_ENV, FINAL_WAIT_S, HASH_TAG, KIND_TAG, OUTCOME_TAG, PARENT_TAG,
-                                       SWEEP_TAG, TRIAL_TAG, child_runs, client_for, config_hash, log_metrics,
+from richkd.tune.mlflow_client import (FINAL_WAIT_ENV, FINAL_WAIT_S, HASH_TAG, KIND_TAG, NODE_TAG, OUTCOME_TAG,
+                                       PARENT_TAG, SWEEP_TAG, TRIAL_TAG, child_runs, client_for, config_hash, log_metrics,
                                        log_params, numeric_metrics, set_tags)
 from richkd.tune.mlflow_outbox import Outbox
 from richkd.tune.params import TrialPlan
 from richkd.tune.results import sweep_summary, trial_outcome
+from richkd.tune.trainable import NODE_KEY
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class MlflowSweepCallback(Callback):
         self._server_step: dict[str, int] = {}    # trial_id -> last step the store held when its run was reopened
         self._params_pending: set[str] = set()    # trial ids whose run exists but whose params are not logged yet
         self._ended: set[str] = set()             # trial ids whose run got its summary
+        self._node: dict[str, str] = {}           # trial_id -> Ray node id last tagged on its run
         self._total: Optional[int] = None
         self._client = None
         self.outbox = Outbox(tracking_uri)
@@ -98,6 +100,11 @@ class MlflowSweepCallback(Callback):
         if trial.trial_id not in self._runs and not self._queued_open(trial.trial_id):
             self.outbox.put(self._open_op(trial))
         self._logged_step[trial.trial_id] = step
+        node = result.get(NODE_KEY)
+        nodes = self.__dict__.setdefault("_node", {})          # callbacks pickled by an older version lack it
+        if node and nodes.get(trial.trial_id) != node:
+            nodes[trial.trial_id] = node
+            self.outbox.put(("tags", trial.trial_id, {NODE_TAG: node}))
         self._send(("metrics", trial.trial_id, step, metrics, int(time.time() * 1000)))
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
@@ -167,6 +174,8 @@ class MlflowSweepCallback(Callback):
                 log_metrics(self.client, self._runs[trial_id], metrics, step=step, timestamp_ms=stamp)
         elif kind == "close":
             self._apply_close(*op[1:])
+        elif kind == "tags":
+            set_tags(self.client, self._runs[op[1]], op[2])
         elif kind == "interrupted":
             if op[1] in self._runs:
                 set_tags(self.client, self._runs[op[1]], {OUTCOME_TAG: "interrupted"})

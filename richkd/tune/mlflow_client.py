@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Optional
 
 from richkd.provenance import code_version
+from richkd.tracking import ensure_experiment
+
+__all__ = ["ensure_experiment"]   # re-exported: the sweep's MLflow helpers in one place
 
 if TYPE_CHECKING:
     from richkd.tune.spec import SweepSpec
@@ -23,6 +26,7 @@ TRIAL_TAG = "richkd.trial_id"
 HASH_TAG = "richkd.config_hash"
 OUTCOME_TAG = "richkd.outcome"       # completed | stopped_early | nonfinite_loss | error | interrupted
 PARENT_TAG = "mlflow.parentRunId"
+NODE_TAG = "richkd.node_id"          # the Ray node a trial ran on (its last one, if it moved)
 # Tune's bookkeeping keys are not model metrics; everything else numeric in a report is logged.
 # How long the end of a sweep keeps retrying writes a stopped tracking server could not take (then: one error).
 FINAL_WAIT_ENV = "RICHKD_MLFLOW_FINAL_WAIT_S"
@@ -50,20 +54,37 @@ def client_for(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-def ensure_experiment(client, name: str, artifact_location: Optional[str] = None) -> str:
-    """Create the experiment on the driver once (parallel creation races, mlflow#4123); return its id."""
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
+def check_tracking_server(tracking_uri: str, timeout_s: float = 5.0) -> None:
+    """An http(s) tracking URI must name a server that answers now: one SpecError (exit code 2) before Ray,
+    caches or trials start, instead of a traceback half-way. Other stores (SQLite, databases) are not probed."""
+    from urllib.error import HTTPError, URLError
+    from urllib.parse import urlparse
+    from urllib.request import urlopen
+
+    from richkd.tune.errors import SpecError
+
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    parsed = urlparse(tracking_uri)
     try:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    except Exception:  # created meanwhile by another driver
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+        port_ok = parsed.port is None or 0 < parsed.port < 65536
+    except ValueError:
+        port_ok = False
+    if not parsed.hostname or not port_ok:
+        raise SpecError(f"mlflow.tracking_uri: {tracking_uri!r} is not a valid server URL; write it like "
+                        "http://HOST:5000")
+    try:
+        with urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+            if response.status == 200:
+                return
+            problem = f"HTTP {response.status}"
+    except HTTPError as exc:
+        problem = f"HTTP {exc.code} {exc.reason}"
+    except (URLError, OSError) as exc:
+        problem = str(getattr(exc, "reason", exc))
+    raise SpecError(f"mlflow.tracking_uri: the MLflow server at {tracking_uri} does not answer ({problem}); start it "
+                    "(mlflow server --backend-store-uri sqlite:///PATH/mlflow.db --host HOST --port PORT), fix the "
+                    "URI, or set mlflow.enabled: false")
 
 
 def config_hash(flat: dict) -> str:

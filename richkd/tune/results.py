@@ -29,6 +29,8 @@ class TrialRow:
     checkpoint: Optional[str] = None
     mlflow_run_id: Optional[str] = None
     rank: Optional[int] = None
+    node_id: Optional[str] = None   # the Ray node of its last report
+    failures: int = 0               # times Tune restarted it after a failure
     extra: dict = field(default_factory=dict)
 
 
@@ -64,7 +66,8 @@ def collect_trials(experiment_path: str, spec: SweepSpec) -> list[TrialRow]:
             epochs=int(last.get("training_iteration", 0) or 0), value=_finite(last.get(spec.tune.metric)),
             best_value=_finite(best), metrics=numeric_metrics(last), sampled=plan.active_sampled(trial.config),
             config=plan.trial_config(trial.config), path=str(getattr(trial, "path", "") or ""),
-            checkpoint=checkpoint))
+            checkpoint=checkpoint, node_id=last.get("node_id") or None,
+            failures=int(getattr(trial, "num_failures", 0) or 0)))
     return rank_trials(rows, spec)
 
 

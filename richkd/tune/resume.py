@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Optional
 
 from richkd.tune.errors import SpecError
-from richkd.tune.runner import (SweepOutcome, check_cluster, check_outputs, close_parent_if_running, init_ray,
-                                 prepare_sweep_caches, build_trainable, sweep_outcome)
+from richkd.tune.runner import (SweepOutcome, build_trainable, check_cluster, check_nodes, check_outputs,
+                                 check_tracking, close_parent_if_running, init_ray, prepare_sweep_caches,
+                                 sweep_outcome)
 from richkd.tune.sweep_record import read_sweep_record
 
 log = logging.getLogger(__name__)
@@ -84,13 +85,14 @@ def resume_sweep(sweep: str, *, storage: Optional[str] = None, address: Optional
         raise SpecError(f"sweep {spec.name!r} at {path} has no Tune experiment state (it was stopped before its first "
                         "snapshot); delete the folder and start it again")
     check_outputs(spec)
+    check_tracking(spec)
     if not spec.tune.storage_is_uri:
         set_aside_unreadable(path)
     started = init_ray(address, num_cpus, verbose=verbose >= 2)
     try:
         check_cluster(spec, embedded=address is None)
-        prepare_sweep_caches(spec, progress=progress)
-        tuner = tune.Tuner.restore(path, trainable=build_trainable(spec), resume_unfinished=True,
+        needs = check_nodes(spec, prepare_sweep_caches(spec, progress=progress))
+        tuner = tune.Tuner.restore(path, trainable=build_trainable(spec, needs), resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
         try:
             tuner.fit()

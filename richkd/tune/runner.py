@@ -4,13 +4,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from richkd.cache.signature import cache_signature
 from richkd.provenance import code_version
 from richkd.tune.errors import SpecError
+from richkd.tune.node_check import SweepNeeds, sweep_needs
+from richkd.tune.outcome import SweepOutcome, sweep_outcome
 from richkd.tune.paths import is_shared_filesystem
 from richkd.tune.spec import SweepSpec
 from richkd.tune.sweep_record import SweepRecord, sweep_record_exists, write_sweep_record
@@ -18,18 +19,6 @@ from richkd.tune.sweep_record import SweepRecord, sweep_record_exists, write_swe
 log = logging.getLogger(__name__)
 
 OBJECT_STORE_BYTES = 256 * 2**20      # small machines: trials share caches by path, not through the store
-
-
-@dataclass
-class SweepOutcome:
-    name: str
-    experiment_path: str
-    num_trials: int
-    counts: dict = field(default_factory=dict)          # outcome -> number of trials
-    best: Optional[dict] = None                           # {"trial_id", "value", "config"} among completed
-    parent_run_id: Optional[str] = None
-    tracking_uri: Optional[str] = None
-    wall_s: float = 0.0
 
 
 # ----- Ray ---------------------------------------------------------------------------------------------
@@ -44,7 +33,10 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, verb
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
         return False
-    common = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING)
+    from richkd.tune.cluster import job_runtime_env
+
+    common = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING,
+                  runtime_env=job_runtime_env())
     if address:
         ray.init(address=address, **common)
     else:
@@ -82,6 +74,14 @@ def storage_problem(t, n_nodes: int, mounts_text: Optional[str] = None) -> Optio
             "tune.shared_storage: true if it is shared but not detected as NFS/Lustre/...)")
 
 
+def check_tracking(spec: SweepSpec) -> None:
+    """The MLflow tracking server must answer before Ray starts (richkd.tune.mlflow_client)."""
+    if spec.mlflow.enabled:
+        from richkd.tune.mlflow_client import check_tracking_server
+
+        check_tracking_server(spec.mlflow.tracking_uri)
+
+
 def check_outputs(spec: SweepSpec) -> None:
     """Local folders the sweep writes (Tune storage, SQLite MLflow store) must be writable: one clear
     OutputError before Ray starts, instead of a failure deep inside Tune after the caches were built."""
@@ -103,8 +103,20 @@ def prepare_sweep_caches(spec: SweepSpec, progress: bool = False) -> list[dict]:
     records = []
     for cfg in spec.cache_probe_configs():
         entries = prepare_caches(cfg, progress=progress)
-        records.append({"signature": cache_signature(cfg), "entries": [Path(e).name for e in entries]})
+        records.append({"signature": cache_signature(cfg), "dir": cfg.teaching.cache_dir,
+                        "entries": [Path(e).name for e in entries]})
     return records
+
+
+def check_nodes(spec: SweepSpec, caches: list[dict]) -> SweepNeeds:
+    """What every node must see (data, weights, the caches just built, storage, versions), checked on every
+    alive node before any trial; returned so that each trial checks it again where it starts."""
+    from richkd.tune.cluster import preflight_nodes
+
+    folders = [Path(c["dir"]) / name for c in caches for name in c["entries"]]
+    needs = sweep_needs(spec.cache_probe_configs(), folders, spec.tune.storage_path)
+    preflight_nodes(needs)
+    return needs
 
 
 # ----- Tuner ---------------------------------------------------------------------------------------------
@@ -113,16 +125,16 @@ def trial_name(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def build_trainable(spec: SweepSpec):
+def build_trainable(spec: SweepSpec, needs: Optional[SweepNeeds] = None):
     from ray import tune
 
     from richkd.tune.trainable import train_trial
 
-    return tune.with_resources(tune.with_parameters(train_trial, plan=spec.plan()),
+    return tune.with_resources(tune.with_parameters(train_trial, plan=spec.plan(), needs=needs),
                                {"cpu": spec.tune.cpu, "gpu": spec.tune.gpu})
 
 
-def build_tuner(spec: SweepSpec, callbacks: list, verbose: int = 1):
+def build_tuner(spec: SweepSpec, callbacks: list, verbose: int = 1, needs: Optional[SweepNeeds] = None):
     from ray import tune
 
     from richkd.tune.search import build_scheduler, build_search_alg, tune_param_space
@@ -137,7 +149,7 @@ def build_tuner(spec: SweepSpec, callbacks: list, verbose: int = 1):
         name=spec.name, storage_path=t.storage_path, callbacks=callbacks, verbose=verbose,
         checkpoint_config=tune.CheckpointConfig(num_to_keep=t.checkpoint_num_to_keep),
         failure_config=tune.FailureConfig(max_failures=t.max_failures))
-    return tune.Tuner(build_trainable(spec), param_space=param_space, tune_config=tune_config,
+    return tune.Tuner(build_trainable(spec, needs), param_space=param_space, tune_config=tune_config,
                       run_config=run_config)
 
 
@@ -165,17 +177,19 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, num_cpus: Optio
         raise SpecError(f"a sweep named {spec.name!r} already exists at {path}; continue it with "
                         f"`richkd sweep --resume {spec.name}`, or pick a new name with --name")
     check_outputs(spec)
+    check_tracking(spec)
     started = init_ray(address, num_cpus, verbose=verbose >= 2)
     try:
         check_cluster(spec, embedded=address is None)
         caches = prepare_sweep_caches(spec, progress=progress)
+        needs = check_nodes(spec, caches)
         experiment_id, parent, callbacks = _mlflow_setup(spec)
         record = SweepRecord(spec=spec, tracking_uri=spec.mlflow.tracking_uri if spec.mlflow.enabled else None,
                              experiment_id=experiment_id, parent_run_id=parent, caches=tuple(caches), **code_version(),
                              path=path)
         try:
             write_sweep_record(record)
-            build_tuner(spec, callbacks, verbose=verbose).fit()
+            build_tuner(spec, callbacks, verbose=verbose, needs=needs).fit()
         finally:
             close_parent_if_running(record)
         return sweep_outcome(record, time.perf_counter() - started_at)
@@ -199,42 +213,3 @@ def close_parent_if_running(record: SweepRecord) -> None:
             client.set_terminated(record.parent_run_id, status="KILLED")
     except Exception as exc:  # never mask the original error
         log.warning("could not close the MLflow parent run %s: %s", record.parent_run_id, exc)
-
-
-def sweep_outcome(record: SweepRecord, wall_s: float) -> SweepOutcome:
-    """Summarise from the experiment folder (Tune's public offline view: real trial statuses, so trials left
-    unfinished by Ctrl-C are not mistaken for early stops)."""
-    from richkd.tune.results import collect_trials, survivors
-
-    spec = record.spec
-    rows = collect_trials(spec.experiment_path, spec)
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r.outcome] = counts.get(r.outcome, 0) + 1
-    alive = survivors(rows)
-    best = ({"trial_id": alive[0].trial_id, "value": alive[0].value, "config": alive[0].sampled} if alive else None)
-    return SweepOutcome(name=spec.name, experiment_path=spec.experiment_path, num_trials=len(rows),
-                        counts=counts, best=best, parent_run_id=record.parent_run_id,
-                        tracking_uri=record.tracking_uri, wall_s=wall_s)
-
-
-def describe_outcome(outcome: SweepOutcome, metric) -> str:
-    metric = metric[0] if isinstance(metric, (list, tuple)) else metric   # multi-objective: the first objective
-    parts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(outcome.counts.items()))
-    lines = [f"sweep {outcome.name}: {outcome.num_trials} trials ({parts}) in {outcome.wall_s:.0f}s",
-             f"  results: {outcome.experiment_path}"]
-    if outcome.best:
-        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in outcome.best["config"].items())
-        lines.append(f"  best (reached max_t): {metric}={outcome.best['value']:.4g}  {shown}")
-    if outcome.tracking_uri:
-        lines.append(f"  MLflow: {outcome.tracking_uri} (parent run {outcome.parent_run_id}); `richkd ui` to browse")
-    if outcome.counts.get("unfinished"):
-        lines.append(f"  interrupted: continue with `richkd sweep --resume {outcome.name}`")
-    if outcome.counts.get("error"):
-        lines.append("  some trials failed: see error.txt in their trial folders (and the MLflow runs' tags)")
-    lines.append(f"  next: richkd export {outcome.name}")
-    return "\n".join(lines)
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -1,7 +1,7 @@
 """Spec samplers -> Optuna / Tune search spaces, the searcher (Optuna TPE, random, grid) and the ASHA scheduler.
 
-The Optuna searcher is `PrunedAwareOptunaSearch`: Ray's OptunaSearch (2.60, optuna_search.py lines 543-573)
-tells Optuna COMPLETE with the last reported value for every trial that reported anything, so a trial that
+The Optuna searcher is `PrunedAwareOptunaSearch`: Ray's OptunaSearch (2.60, `on_trial_complete`) tells
+Optuna COMPLETE with the last reported value for every trial that reported anything, so a trial that
 ASHA stopped after 2 of 30 epochs enters TPE as if its epoch-2 accuracy were final and pollutes the "good"
 Parzen estimator. Here such trials are told PRUNED (Optuna then ranks them by their intermediate values,
 below the complete ones), and non-finite results FAIL.

@@ -6,13 +6,16 @@ import math
 import os
 import tempfile
 from pathlib import Path
+from typing import Optional
 
+from richkd.tune.node_check import SweepNeeds, raise_if_unmet
 from richkd.tune.params import TrialPlan
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 NONFINITE_KEY = "nonfinite_loss"   # reported as 1.0 by a trial that ended on a NaN/inf loss
+NODE_KEY = "node_id"               # the Ray node the trial ran on, in every report (and an MLflow tag)
 STOP_REASON_KEY = "stop_reason"
 
 
@@ -43,8 +46,10 @@ def load_checkpoint_state(directory: str | os.PathLike) -> dict:
     return load_train_state(Path(directory) / STATE_FILE)
 
 
-def train_trial(config: dict, plan: TrialPlan) -> None:
-    """Run one trial. `config` is Tune's sampled {space key: value}; `plan` comes via tune.with_parameters.
+def train_trial(config: dict, plan: TrialPlan, needs: Optional[SweepNeeds] = None) -> None:
+    """Run one trial. `config` is Tune's sampled {space key: value}; `plan` (and the sweep's node `needs`) come
+    via tune.with_parameters. A node that cannot see the sweep's files fails here with one clear error, before
+    any work (richkd.tune.node_check); the driver checked every node alive at start, this covers later ones.
 
     Resumes from the trial's own latest checkpoint after a worker failure or `Tuner.restore`; a NaN/inf loss
     ends the trial with one last report (metric NaN, nonfinite_loss=1, stop_reason) instead of an error, so
@@ -54,7 +59,10 @@ def train_trial(config: dict, plan: TrialPlan) -> None:
     from ray import tune
 
     from richkd.trainer import NonFiniteLossError, run_training
+    from richkd.tune.cluster import current_node_id
 
+    node_id = current_node_id() or ""
+    raise_if_unmet(needs, where=f"node {node_id[:12] or '?'}")
     cfg = plan.trial_config(config)
     if cfg.train.threads is None:
         torch.set_num_threads(granted_cpus())
@@ -72,6 +80,7 @@ def train_trial(config: dict, plan: TrialPlan) -> None:
         metrics = {k: float(v) for k, v in report.metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
         metrics[NONFINITE_KEY] = 0.0
+        metrics[NODE_KEY] = node_id
         with tempfile.TemporaryDirectory(prefix="richkd-ckpt-") as directory:
             torch.save(report.state(), Path(directory) / STATE_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
@@ -84,4 +93,4 @@ def train_trial(config: dict, plan: TrialPlan) -> None:
         log.warning("trial stops: %s", reason)
         # every objective, not only the first: Tune checks that each searcher metric is in every report
         tune.report({**{m: float("nan") for m in plan.metrics}, "epoch": float(last_epoch[0] + 1),
-                     NONFINITE_KEY: 1.0, STOP_REASON_KEY: reason})
+                     NONFINITE_KEY: 1.0, STOP_REASON_KEY: reason, NODE_KEY: node_id})

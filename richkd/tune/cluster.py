@@ -1,0 +1,90 @@
+"""The Ray cluster a sweep runs on: what the job ships to every worker, and the node preflight.
+
+`job_runtime_env` is the job-level runtime_env: every trial and task gets the driver's RICHKD_*, HF_*,
+MLFLOW_* and thread settings, so a worker resolves caches, models and tracking exactly as the driver did.
+`preflight_nodes` runs `node_check.check_needs` as one task pinned to each alive node (node-affinity
+scheduling, zero CPUs so it never waits behind trials) and turns every problem into one error before any trial
+starts (docs/architecture.md, "Running on a cluster").
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Optional
+
+from richkd.tune.node_check import NodeCheckError, SweepNeeds, check_needs
+
+log = logging.getLogger(__name__)
+
+SHIPPED_PREFIXES = ("RICHKD_", "HF_", "MLFLOW_", "TORCH_HOME", "OPEN_CLIP_")
+SHIPPED_NAMES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "HF_HUB_OFFLINE",
+                 "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S")
+PREFLIGHT_TIMEOUT_S = 120.0
+
+
+def shipped_env(environ: Optional[dict] = None) -> dict:
+    """The driver's environment variables every worker must share (see module doc). The default data folder
+    (`data.root: null`) is pinned to the driver's, so a worker never resolves its own home directory."""
+    from richkd.data.sources import DATA_ENV_VAR, default_data_root
+
+    environ = os.environ if environ is None else environ
+    env = {k: v for k, v in environ.items() if k.startswith(SHIPPED_PREFIXES) or k in SHIPPED_NAMES}
+    env.setdefault(DATA_ENV_VAR, str(default_data_root()))
+    return env
+
+
+def job_runtime_env(environ: Optional[dict] = None) -> dict:
+    env = shipped_env(environ)
+    return {"env_vars": env} if env else {}
+
+
+def alive_nodes() -> list[dict]:
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def node_label(node: dict) -> str:
+    return f"node {node['NodeID'][:12]} ({node.get('NodeManagerAddress', '?')})"
+
+
+def preflight_nodes(needs: SweepNeeds, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> float:
+    """Check `needs` on every alive node; raise one NodeCheckError naming node, path and fix. Returns seconds."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    started = time.perf_counter()
+    nodes = alive_nodes()
+    remote_check = ray.remote(num_cpus=0, max_retries=0)(check_needs)
+    refs = {remote_check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(needs): n for n in nodes}
+    ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    problems = []
+    for ref in ready:
+        node = refs[ref]
+        try:
+            found = ray.get(ref)
+        except Exception as exc:  # the node cannot even run the check (e.g. richkd not importable there)
+            found = [f"the check itself failed: {str(exc).strip().splitlines()[-1][:300]} (install richkd-tune with "
+                     "the same versions on every node)"]
+        problems.extend(f"{node_label(node)}: {p}" for p in found)
+    for ref in pending:
+        ray.cancel(ref, force=True)
+        problems.append(f"{node_label(refs[ref])}: did not answer the preflight check within {timeout_s:.0f} s")
+    elapsed = time.perf_counter() - started
+    if problems:
+        raise NodeCheckError(f"{len(problems)} problem(s) on the cluster; no trial was started:\n  - "
+                             + "\n  - ".join(problems))
+    log.info("preflight: %d node(s) ready in %.2f s", len(nodes), elapsed)
+    return elapsed
+
+
+def current_node_id() -> Optional[str]:
+    """The Ray node id of this process (None outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return None

@@ -1,0 +1,170 @@
+"""What every node of a cluster must see before a trial can run there, and the check that runs on the node.
+
+A sweep's trials read the dataset, the teacher checkpoint, CLIP's weights, prompt-set files and the caches the
+driver built, and write to `tune.storage_path`. On one machine these are simply there; on a cluster each node
+must see them at the same path (shared storage), and must run the same richkd / torch / ray versions. The
+driver lists the needs once (`sweep_needs`); `check_needs` runs on each node — as a pinned Ray task before any
+trial (richkd.tune.cluster), and again at the start of every trial, which also covers nodes that joined later.
+Plain Python (stat calls, one manifest read per cache, package metadata): cheap, and no Ray import here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Iterable, Optional
+
+from richkd.tune.errors import SpecError
+
+VERSIONED_PACKAGES = ("richkd-tune", "torch", "ray")
+SHARE_FIX = ("put it on storage every node mounts at the same path (e.g. NFS), or point the spec at such a path "
+             "(an environment variable in the spec, ${VAR}, is expanded on the driver)")
+
+
+class NodeCheckError(SpecError):
+    """A node cannot run the sweep's trials (a path it cannot see, a version it does not run)."""
+
+
+@dataclass(frozen=True)
+class Need:
+    """One thing a trial reads or writes: `what` names it for the user (usually the config key)."""
+    what: str
+    path: str
+    kind: str                          # file | folder | cache | writable
+    expect: tuple = ()                 # folder: entry names it must hold; cache: (manifest key,)
+
+
+@dataclass(frozen=True)
+class SweepNeeds:
+    needs: tuple = ()
+    versions: dict = field(default_factory=dict)     # package -> version on the driver
+
+    def __bool__(self) -> bool:
+        return bool(self.needs or self.versions)
+
+
+def package_versions() -> dict:
+    out = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def sweep_needs(configs: Iterable, cache_folders: Iterable[str | os.PathLike], storage_path: Optional[str],
+                max_listed: int = 16) -> SweepNeeds:
+    """The needs of every config a sweep can run (its cache probe configs) plus the caches built for them.
+
+    A folder's need lists up to `max_listed` of its entries as the driver sees them, so an empty folder on a
+    node (a mount missing there) is caught, not just a missing one.
+    """
+    from richkd.clip.loading import parse_pretrained
+
+    needs: dict = {}
+
+    def add(need: Need) -> None:
+        needs.setdefault((need.kind, need.path), need)
+
+    for cfg in configs:
+        if cfg.data.root:
+            add(_folder_need("data.root", cfg.data.root, max_listed))
+        if cfg.loss.method != "supervised" and cfg.teacher.checkpoint:
+            add(Need("teacher.checkpoint", str(cfg.teacher.checkpoint), "file"))
+        if cfg.uses_clip:
+            ref = parse_pretrained(cfg.clip.pretrained)
+            if ref.kind == "file":
+                add(Need("clip.pretrained", str(ref.path), "file"))
+            elif ref.kind == "dir":
+                add(_folder_need("clip.pretrained", str(ref.path), max_listed))
+            prompt_set = str(cfg.clip.prompt_set)
+            if "/" in prompt_set or prompt_set.endswith((".yaml", ".yml")):
+                add(Need("clip.prompt_set", prompt_set, "file"))
+    for folder in cache_folders:
+        manifest = Path(folder) / "manifest.json"
+        key = json.loads(manifest.read_text()).get("key", "") if manifest.is_file() else ""
+        add(Need("teaching.cache_dir", str(folder), "cache", (key,)))
+    if storage_path and "://" not in storage_path:
+        add(Need("tune.storage_path", storage_path, "writable"))
+    return SweepNeeds(needs=tuple(needs.values()), versions=package_versions())
+
+
+def _folder_need(what: str, path: str, max_listed: int) -> Need:
+    folder = Path(path)
+    names = tuple(sorted(p.name for p in folder.iterdir())[:max_listed]) if folder.is_dir() else ()
+    return Need(what, str(path), "folder", names)
+
+
+def check_needs(needs: SweepNeeds) -> list[str]:
+    """Problems of this machine with `needs`, one readable line each (empty when everything is in place)."""
+    problems = []
+    for need in needs.needs:
+        problem = _check(need)
+        if problem:
+            problems.append(problem)
+    here = package_versions()
+    for name, version in (needs.versions or {}).items():
+        if here.get(name) != version:
+            problems.append(f"{name} {here.get(name) or 'is not installed'} here, but the driver runs {version}; "
+                            "install the same versions on every node (pip install -c constraints.txt ...)")
+    return problems
+
+
+def _check(need: Need) -> Optional[str]:
+    path = Path(need.path)
+    if need.kind == "file":
+        if not path.is_file():
+            return f"{need.what}: file {need.path} does not exist on this node; {SHARE_FIX}"
+    elif need.kind == "folder":
+        if not path.is_dir():
+            return f"{need.what}: folder {need.path} does not exist on this node; {SHARE_FIX}"
+        missing = [n for n in need.expect if not (path / n).exists()]
+        if missing:
+            return (f"{need.what}: folder {need.path} on this node lacks {', '.join(missing[:3])}"
+                    f"{' ...' if len(missing) > 3 else ''} (the driver sees them); {SHARE_FIX}")
+    elif need.kind == "cache":
+        manifest = path / "manifest.json"
+        if not manifest.is_file():
+            return (f"teaching.cache_dir: cache {path.name} was built by the driver in {path.parent}, but this node "
+                    f"does not see it; teaching.cache_dir must be storage every node mounts at the same path "
+                    f"(running `richkd cache` on each node is not needed)")
+        try:
+            key = json.loads(manifest.read_text()).get("key", "")
+        except (OSError, ValueError):
+            key = None
+        if need.expect and key != need.expect[0]:
+            return (f"teaching.cache_dir: cache {path} on this node is not the one the driver built (manifest key "
+                    f"{key!r}, expected {need.expect[0]!r}); every node must mount the same cache folder")
+    elif need.kind == "writable":
+        return _writable_problem(need)
+    return None
+
+
+def _writable_problem(need: Need) -> Optional[str]:
+    path = Path(need.path)
+    probe_dir = path if path.is_dir() else next((p for p in path.parents if p.is_dir()), None)
+    try:
+        if probe_dir is None:
+            raise OSError("no existing parent folder")
+        with tempfile.NamedTemporaryFile(dir=probe_dir, prefix=".richkd-write-check-"):
+            pass
+    except OSError as exc:
+        return (f"{need.what}: {need.path} is not writable on this node ({exc.strerror or exc}); trials save "
+                "their checkpoints there: use a folder every node can write, or an s3://... URI")
+    if not path.is_dir():
+        return (f"{need.what}: {need.path} does not exist on this node (the driver created it); the storage path "
+                "must be shared by every node")
+    return None
+
+
+def raise_if_unmet(needs: Optional[SweepNeeds], where: str = "this node") -> None:
+    """The trial-start check: one NodeCheckError listing every problem."""
+    if not needs:
+        return
+    problems = check_needs(needs)
+    if problems:
+        raise NodeCheckError(f"{where} cannot run this sweep's trials:\n  - " + "\n  - ".join(problems))
