@@ -92,18 +92,28 @@ def _train(cfg: Config, out_dir: Path):
     return result
 
 
-def run_sweep_stage(out_root: Path, sizes: dict, summary: dict) -> str:
-    """A real Optuna + ASHA sweep (search_spaces/fmnist_demo.yaml) on the demo's teacher, CLIP and caches."""
-    from richkd.export import export_sweep
-    from richkd.tune.runner import run_sweep
+def demo_sweep_spec(out_root: Path, sizes: dict, name: str, check: bool = True):
+    """The demo's sweep spec: search_spaces/fmnist_demo.yaml on the configs under `out_root`, with the sweep
+    folder and (unless $MLFLOW_TRACKING_URI is set) the MLflow store `out_root`/mlflow.db inside `out_root`, so
+    `--out DIR` keeps everything the demo writes under DIR."""
     from richkd.tune.spec import load_spec
 
     if not DEMO_SPEC.is_file():
         raise FileNotFoundError(f"{DEMO_SPEC} is missing: run the demo from a checkout of the repository")
-    os.environ["RICHKD_DEMO_DIR"] = str(out_root.resolve())   # the spec builds on the demo's configs
-    storage = out_root.resolve().parent
+    storage = out_root.resolve()
+    os.environ["RICHKD_DEMO_DIR"] = str(storage)   # the spec builds on the demo's configs
+    return load_spec(DEMO_SPEC, [f"name={name}", f"tune.storage_path={storage}", *sizes["sweep"]],
+                     check_resources=check, check_data=check)
+
+
+def run_sweep_stage(out_root: Path, sizes: dict, summary: dict) -> str:
+    """A real Optuna + ASHA sweep (search_spaces/fmnist_demo.yaml) on the demo's teacher, CLIP and caches."""
+    from richkd.export import export_sweep
+    from richkd.tune.runner import run_sweep
+
     name = f"demo_{time.strftime('%Y%m%d_%H%M%S')}"           # every re-run is a new sweep
-    spec = load_spec(DEMO_SPEC, [f"name={name}", f"tune.storage_path={storage}", *sizes["sweep"]])
+    spec = demo_sweep_spec(out_root, sizes, name)
+    storage = spec.tune.storage_path
     outcome = run_sweep(spec, verbose=1)
     exported = export_sweep(name, storage=str(storage))
     best = exported.best

@@ -1,4 +1,4 @@
-"""The README's main job (`richkd demo`) end to end in its --quick size, and its re-run behaviour."""
+"""The README's main job (`richkd demo`) end to end in its --quick size, its re-run behaviour, and where it writes."""
 import json
 import subprocess
 import sys
@@ -9,11 +9,32 @@ import yaml
 from conftest import DEBIAN_FMNIST
 from richkd.config import Config
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not (DEBIAN_FMNIST / "train-images-idx3-ubyte.gz").exists(),
-                                 reason="needs Debian's dataset-fashion-mnist (make data)")]
+needs_fmnist = pytest.mark.skipif(not (DEBIAN_FMNIST / "train-images-idx3-ubyte.gz").exists(),
+                                  reason="needs Debian's dataset-fashion-mnist (make data)")
 
 
+def test_the_demo_sweep_and_its_mlflow_store_go_under_out(tmp_path, monkeypatch):
+    """`richkd demo --out DIR` used to put the sweep folder and mlflow.db in DIR's parent."""
+    from richkd.demo import QUICK, demo_configs, demo_sweep_spec
+    from richkd.io import atomic_write_text
+
+    for var in ("MLFLOW_TRACKING_URI", "RICHKD_STORAGE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("RICHKD_DEMO_DIR", "restored-after-the-test")   # demo_sweep_spec sets it
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path.resolve() / "runs" / "mydemo"
+    for name, cfg in demo_configs(out.relative_to(tmp_path.resolve()), quick=True).items():
+        atomic_write_text(out / "configs" / f"{name}.yaml", cfg.to_yaml())
+
+    spec = demo_sweep_spec(out.relative_to(tmp_path.resolve()), QUICK, "demo_x", check=False)  # --out runs/mydemo
+    assert spec.name == "demo_x"
+    assert spec.tune.storage_path == str(out)                     # the sweep: runs/mydemo/demo_x/
+    assert spec.mlflow.tracking_uri == f"sqlite:///{out}/mlflow.db"
+    assert spec.tune.num_samples == 3                              # the --quick sizes reached the spec
+
+
+@pytest.mark.slow
+@needs_fmnist
 def test_quick_demo_runs_the_whole_pipeline_and_reruns_reusing_work(tmp_path):
     out = tmp_path / "demo"
     first = subprocess.run([sys.executable, "-m", "richkd", "demo", "--quick", "--out", str(out)],
@@ -28,7 +49,8 @@ def test_quick_demo_runs_the_whole_pipeline_and_reruns_reusing_work(tmp_path):
     assert best.teacher.checkpoint == str((out / "teacher" / "student.pt").resolve())
     assert best.clip.model == "richkd-tiny"
     assert "RANDOM weights" in first.stdout and "richkd ui --tracking-uri" in first.stdout
-    assert (tmp_path / "mlflow.db").is_file()
+    assert (out / "mlflow.db").is_file() and (out / summary["sweep"]).is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]    # nothing written next to --out
     assert yaml.safe_load((out / "configs" / "kd.yaml").read_text())["loss"]["method"] == "kd"
 
     second = subprocess.run([sys.executable, "-m", "richkd", "demo", "--quick", "--out", str(out)],
@@ -37,4 +59,4 @@ def test_quick_demo_runs_the_whole_pipeline_and_reruns_reusing_work(tmp_path):
     assert "reusing the trained teacher" in second.stdout
     again = json.loads((out / "summary.json").read_text())
     assert again["sweep"] != summary["sweep"]                          # a new sweep, the old one kept
-    assert (tmp_path / summary["sweep"] / "leaderboard.csv").is_file()
+    assert (out / summary["sweep"] / "leaderboard.csv").is_file()
