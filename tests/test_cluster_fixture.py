@@ -6,11 +6,8 @@ import time
 
 import pytest
 
-try:  # the imported fixtures (make_ray_cluster, mlflow_server) are registered by pytest for this module
-    from tests.cluster_fixtures import (REPO, group_pids, hiding_unsupported, make_ray_cluster,  # noqa: F401
-                                        mlflow_server)
-except ImportError:  # tests/ itself on sys.path
-    from cluster_fixtures import REPO, group_pids, hiding_unsupported, make_ray_cluster, mlflow_server  # noqa: F401
+# the imported fixtures (make_ray_cluster, mlflow_server) are registered by pytest for this module
+from tests.cluster_fixtures import REPO, group_pids, hiding_unsupported, make_ray_cluster, mlflow_server  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
