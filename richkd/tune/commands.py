@@ -67,7 +67,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
             metric = read_sweep_record(args.resume, args.storage).spec.tune.metric
             print(describe_outcome(outcome, metric))
-            return 0
+            return outcome.exit_code
         overrides = list(args.set)
         if args.name:
             overrides.append(f"name={args.name}")
@@ -95,7 +95,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             print(f"richkd sweep: interrupted; continue with `richkd sweep --resume {spec.name}`", file=sys.stderr)
             return 130
         print(describe_outcome(outcome, spec.tune.metric))
-        return 0
+        return outcome.exit_code
     except _user_errors() as exc:
         return _fail("sweep", exc)
 
