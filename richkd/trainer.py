@@ -15,7 +15,6 @@ from typing import Callable, Optional
 import torch
 
 from richkd.config import Config, OptimConfig
-# resolve_device is also re-exported for richkd.cli until it imports richkd.device
 from richkd.device import resolve_device, seed_everything
 
 log = logging.getLogger(__name__)

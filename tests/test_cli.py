@@ -91,3 +91,26 @@ def test_models_command_lists_the_zoo(capsys):
     assert main(["models", "--num-classes", "10"]) == 0
     out = capsys.readouterr().out
     assert "resnet32x4" in out and "feat_dim   256" in out and "MobileNetV2" in out
+
+
+def test_main_alone_turns_exceptions_into_one_line_and_an_exit_code(monkeypatch, capsys):
+    """Handlers raise; `main` prints `richkd: error: ...` (2), `richkd: interrupted` (130), or re-raises the user
+    error under RICHKD_DEBUG. A KeyError prints its message, not its quoted repr."""
+    import richkd.cli.train as train_commands
+
+    def raising(exc):
+        def handler(args):
+            raise exc
+        return handler
+
+    monkeypatch.delenv("RICHKD_DEBUG", raising=False)
+    monkeypatch.setattr(train_commands, "cmd_models", raising(KeyError("no model named 'x'")))
+    assert main(["models"]) == 2
+    assert capsys.readouterr().err == "richkd: error: no model named 'x'\n"
+    monkeypatch.setattr(train_commands, "cmd_models", raising(KeyboardInterrupt()))
+    assert main(["models"]) == 130
+    assert capsys.readouterr().err == "richkd: interrupted\n"
+    monkeypatch.setattr(train_commands, "cmd_models", raising(ValueError("bad value")))
+    monkeypatch.setenv("RICHKD_DEBUG", "1")
+    with pytest.raises(ValueError, match="bad value"):
+        main(["models"])

@@ -115,7 +115,7 @@ def test_export_files_are_attached_to_the_parent_run(smoke, exported):
 
 
 def test_export_cli(smoke, capsys):
-    from richkd.tune.commands import main
+    from richkd.cli import main
 
     assert main(["export", smoke["name"], "--storage", smoke["storage"]]) == 0
     assert "best trial" in capsys.readouterr().out

@@ -5,7 +5,6 @@ one ends on a NaN loss), run once per session and shared with tests/tune/test_e2
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -22,17 +21,10 @@ from tests.factories import ensure_smoke_sweep, trial_results
 REPO = Path(__file__).resolve().parents[1]
 
 
-def report_parser() -> argparse.ArgumentParser:
-    from richkd.report.commands import add_commands
-
-    parser = argparse.ArgumentParser(prog="richkd")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    return parser
-
-
 def run_report(argv: list[str]) -> int:
-    args = report_parser().parse_args(["report", *argv])
-    return args.func(args)
+    from richkd.cli import main
+
+    return main(["report", *argv])
 
 
 # ----- pure pieces (fast) ------------------------------------------------------------------------------------
@@ -102,7 +94,7 @@ def test_trial_curve_reads_json_lines_then_falls_back_to_progress_csv(tmp_path):
 
 
 def test_importing_the_report_package_is_light():
-    code = ("import sys, richkd.report, richkd.report.commands; "
+    code = ("import sys, richkd.report, richkd.cli.report; "
             "bad = [m for m in ('ray', 'mlflow', 'matplotlib', 'optuna', 'torch') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)

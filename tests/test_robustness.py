@@ -1,6 +1,5 @@
 """Robustness evaluation: corruptions (shape, range, determinism, severity order, hand values), CIFAR-C folders,
 mCE arithmetic, robustness_metrics, and `richkd evaluate` end to end on a real (tiny) checkpoint."""
-import argparse
 import json
 import math
 import shutil
@@ -229,19 +228,10 @@ def test_robustness_metrics_api(mini_teacher, fm_config):
 
 
 def _evaluate(argv):
-    """Run `richkd evaluate ...` through the real CLI if it is wired, else through our subcommand parser."""
-    from richkd import cli
+    """Run `richkd evaluate ...` through the real CLI."""
+    from richkd.cli import main
 
-    parser = cli.build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "evaluate" in sub.choices:
-        return cli.main(["evaluate", *argv])
-    from richkd.robustness.commands import add_commands
-
-    parser = argparse.ArgumentParser(prog="richkd")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["evaluate", *argv])
-    return args.func(args)
+    return main(["evaluate", *argv])
 
 
 def test_evaluate_cli_end_to_end(mini_teacher, fm_config, tmp_path, capsys):
@@ -405,11 +395,11 @@ def test_evaluate_corruption_folder(mini_teacher, fm_config, tmp_path, capsys):
 
 
 def test_command_module_is_light():
-    """The CLI builds its parser from richkd.robustness.commands: that import must not pull in torch or mlflow."""
+    """The CLI builds its parser from richkd.cli.evaluate: that import must not pull in torch or mlflow."""
     import subprocess
     import sys
 
-    code = ("import sys, argparse, richkd.robustness.commands as c; p = argparse.ArgumentParser(); "
+    code = ("import sys, argparse, richkd.cli.evaluate as c; p = argparse.ArgumentParser(); "
             "c.add_commands(p.add_subparsers()); print(sorted(m for m in ('torch', 'mlflow', 'matplotlib') "
             "if m in sys.modules))")
     repo = Path(__file__).resolve().parents[1]

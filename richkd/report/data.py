@@ -54,7 +54,7 @@ class TrialCurve:
 
 @dataclass
 class ReportData:
-    spec: Any                         # richkd.tune.space.SweepSpec
+    spec: Any                         # richkd.tune.spec.SweepSpec
     experiment_path: str
     record: Any                       # richkd.tune.sweep_record.SweepRecord (parent_run_id, tracking_uri, ...)
     rows: list                        # richkd.tune.results.TrialRow, ranked (export's order)

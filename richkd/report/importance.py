@@ -43,7 +43,7 @@ class Importances:
 
 
 def optuna_distribution(p):
-    """The Optuna distribution of a spec entry (richkd.tune.space.Param), as richkd.tune.search.suggest uses."""
+    """The Optuna distribution of a spec entry (richkd.tune.params.Param), as richkd.tune.search.suggest uses."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     if p.is_variant:

@@ -2,8 +2,8 @@
 
 Submodules: corruptions (seeded on-the-fly corruptions), cifar_c (released .npy folders), scores (CE / mCE),
 engine (evaluation loops, `robustness_metrics` for sweeps), report (reliability diagram, table, MLflow),
-evaluate (`richkd evaluate`), commands (its argparse wiring). Names below load lazily, so importing this
-package (as the CLI does for `commands`) costs nothing until they are used.
+evaluate (what `richkd evaluate` runs; its argparse wiring is richkd.cli.evaluate). Names below load lazily,
+so importing this package costs nothing until they are used.
 """
 from __future__ import annotations
 

@@ -139,8 +139,7 @@ def test_train_into_a_read_only_folder_fails_before_training(readonly_dir, mini_
 
 
 def test_sweep_into_a_read_only_storage_fails_before_ray(readonly_dir, tmp_path_factory, tmp_path, capsys):
-    from richkd.tune.commands import EXIT_USER_ERROR
-    from richkd.cli import main
+    from richkd.cli import EXIT_USER_ERROR, main
 
     assets = make_assets(tmp_path_factory.getbasetemp() / "tune_assets")
     spec = tmp_path / "s.yaml"

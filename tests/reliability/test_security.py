@@ -48,7 +48,7 @@ def test_every_torch_load_passes_weights_only_true():
 def test_no_server_binds_to_all_interfaces_by_default():
     wide = [f"{p.relative_to(REPO)}" for p in SOURCES if "0.0.0.0" in p.read_text()]
     assert wide == [], f"bind to 127.0.0.1 unless told otherwise: {wide}"
-    from richkd.tune.commands import ui_command
+    from richkd.cli.sweep import ui_command
 
     cmd = ui_command("sqlite:////tmp/x.db", 5000)
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"

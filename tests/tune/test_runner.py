@@ -13,7 +13,6 @@ import yaml
 
 from richkd.tune.runner import storage_problem
 from richkd.tune.settings import TuneSettings
-
 from tests.factories import base_spec, make_assets
 
 MOUNTS = "/dev/sda1 / ext4 rw 0 0\nfs-1.efs.aws:/ /mnt/richkd nfs4 rw 0 0\n"
@@ -36,7 +35,7 @@ def test_local_storage_is_refused_on_a_multi_node_cluster():
 
 
 def test_starting_an_existing_sweep_again_is_refused(assets, tmp_path, capsys):
-    from richkd.tune.commands import main
+    from richkd.cli import main
 
     work = tmp_path / "work"
     raw = base_spec(assets, work)
@@ -51,7 +50,7 @@ def test_starting_an_existing_sweep_again_is_refused(assets, tmp_path, capsys):
 
 
 def test_resume_of_an_unknown_sweep_is_a_user_error(tmp_path, capsys):
-    from richkd.tune.commands import main
+    from richkd.cli import main
 
     assert main(["sweep", "--resume", "ghost", "--storage", str(tmp_path)]) == 2
     assert "no sweep named 'ghost'" in capsys.readouterr().err
@@ -59,8 +58,26 @@ def test_resume_of_an_unknown_sweep_is_a_user_error(tmp_path, capsys):
     assert "needs a SPEC" in capsys.readouterr().err
 
 
+def test_interrupted_sweep_says_how_to_resume(assets, tmp_path, capsys, monkeypatch):
+    import richkd.tune.resume as resume
+    import richkd.tune.runner as runner
+    from richkd.cli import main
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_sweep", ctrl_c)
+    monkeypatch.setattr(resume, "resume_sweep", ctrl_c)
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text(yaml.safe_dump(base_spec(assets, tmp_path / "work")))
+    assert main(["sweep", str(spec_file)]) == 130
+    assert capsys.readouterr().err == "richkd sweep: interrupted; continue with `richkd sweep --resume unit`\n"
+    assert main(["sweep", "--resume", "unit", "--storage", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == "richkd sweep: interrupted; continue with `richkd sweep --resume unit`\n"
+
+
 def test_ui_command_binds_to_localhost_on_the_sweep_store(tmp_path, monkeypatch):
-    from richkd.tune.commands import resolve_ui_store, ui_command
+    from richkd.cli.sweep import resolve_ui_store, ui_command
     from richkd.tune.errors import SpecError
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -86,7 +103,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_ui_serves_the_store(tmp_path):
     """`richkd ui` really starts MLflow's server on 127.0.0.1 (stopped again by this test)."""
-    from richkd.tune.commands import ui_command
+    from richkd.cli.sweep import ui_command
     from richkd.tune.mlflow_client import client_for, ensure_experiment
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"

@@ -395,7 +395,7 @@ def test_spec_overrides_from_the_command_line(assets, tmp_path):
     lambda r: r["space"].__setitem__("data.batch_size", {"sampler": "randint", "low": 8, "high": 64}),
 ])
 def test_cli_rejects_bad_specs_before_anything_starts(assets, tmp_path, capsys, mutate):
-    from richkd.tune.commands import main
+    from richkd.cli import main
 
     work = tmp_path / "work"
     work.mkdir()
@@ -414,7 +414,7 @@ def test_cli_rejects_bad_specs_before_anything_starts(assets, tmp_path, capsys, 
 
 
 def test_cli_check_validates_only(assets, tmp_path, capsys):
-    from richkd.tune.commands import main
+    from richkd.cli import main
 
     work = tmp_path / "work"
     work.mkdir()

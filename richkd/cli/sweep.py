@@ -1,12 +1,13 @@
-"""`richkd sweep | export | finalize | ui`: argparse only at import; handlers import ray/mlflow lazily, return exit codes."""
+"""`richkd sweep | export | finalize | ui`: the sweep commands. Argparse only at import: each handler imports
+richkd.tune (and so ray, optuna, mlflow) lazily, returns an exit code, and raises on a user error."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Optional
 
-EXIT_USER_ERROR = 2
+from richkd.cli.common import EXIT_INTERRUPTED, Interrupted, UserError, add_storage_args, interactive, verbosity
 
 SWEEP_EPILOG = """examples:
   richkd sweep search_spaces/smoke.yaml
@@ -17,116 +18,79 @@ SWEEP_EPILOG = """examples:
 """
 
 
-def _user_errors() -> tuple:
-    from richkd.config import ConfigError
-
-    from richkd.io import OutputError
-
-    errors: list = [ConfigError, FileNotFoundError, OutputError]
-    try:
-        from richkd.export import ExportError
-
-        errors.append(ExportError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errors)
-
-
-def _fail(command: str, exc: BaseException) -> int:
-    if os.environ.get("RICHKD_DEBUG"):
-        raise exc
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    print(f"richkd {command}: error: {message}", file=sys.stderr)
-    return EXIT_USER_ERROR
-
-
-def _verbosity(args: argparse.Namespace) -> int:
-    if getattr(args, "quiet", False):
-        return 0
-    return 2 if getattr(args, "verbose", False) else 1
-
-
 # ----- handlers -------------------------------------------------------------------------------------------
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    try:
-        from richkd.tune.errors import SpecError
-        from richkd.tune.spec import load_spec
-
-        if args.resume and args.spec:
-            raise SpecError("give either a SPEC file or --resume NAME, not both")
-        if not args.resume and not args.spec:
-            raise SpecError("sweep needs a SPEC file (see search_spaces/) or --resume NAME")
-        if args.resume:
-            from richkd.tune.resume import resume_sweep
-            from richkd.tune.outcome import describe_outcome
-
-            outcome = resume_sweep(args.resume, storage=args.storage, address=args.address, num_cpus=args.num_cpus,
-                                   verbose=_verbosity(args), progress=_interactive())
-            from richkd.tune.sweep_record import read_sweep_record
-
-            metric = read_sweep_record(args.resume, args.storage).spec.tune.metric
-            print(describe_outcome(outcome, metric))
-            return outcome.exit_code
-        overrides = list(args.set)
-        if args.name:
-            overrides.append(f"name={args.name}")
-        if args.num_samples is not None:
-            overrides.append(f"tune.num_samples={args.num_samples}")
-        if args.storage:
-            overrides.append(f"tune.storage_path={args.storage}")
-        if args.tracking_uri:
-            overrides.append(f"mlflow.tracking_uri={args.tracking_uri}")
-        spec = load_spec(args.spec, overrides)
-        if args.check:
-            print(f"spec {spec.name!r} is valid: {len(spec.params)} searched keys, {spec.tune.num_samples} samples, "
-                  f"{spec.tune.search.algorithm} + {spec.tune.scheduler.type} (max_t={spec.max_t}), "
-                  + (f"objectives {', '.join(f'{m} ({d})' for m, d in spec.tune.objective_pairs)} (ASHA uses "
-                     f"{spec.tune.metric}), " if spec.tune.multi_objective else "") +
-                  f"{len(spec.cache_probe_configs())} cache configuration(s); results -> {spec.experiment_path}")
-            return 0
+    if args.resume and args.spec:
+        raise UserError("give either a SPEC file or --resume NAME, not both")
+    if not args.resume and not args.spec:
+        raise UserError("sweep needs a SPEC file (see search_spaces/) or --resume NAME")
+    if args.resume:
         from richkd.tune.outcome import describe_outcome
-        from richkd.tune.runner import run_sweep
+        from richkd.tune.resume import resume_sweep
 
         try:
-            outcome = run_sweep(spec, address=args.address, num_cpus=args.num_cpus, verbose=_verbosity(args),
-                                progress=_interactive())
+            outcome = resume_sweep(args.resume, storage=args.storage, address=args.address, num_cpus=args.num_cpus,
+                                   verbose=verbosity(args), progress=interactive())
         except KeyboardInterrupt:
-            print(f"richkd sweep: interrupted; continue with `richkd sweep --resume {spec.name}`", file=sys.stderr)
-            return 130
-        print(describe_outcome(outcome, spec.tune.metric))
+            raise Interrupted(f"continue with `richkd sweep --resume {args.resume}`") from None
+        from richkd.tune.sweep_record import read_sweep_record
+
+        metric = read_sweep_record(args.resume, args.storage).spec.tune.metric
+        print(describe_outcome(outcome, metric))
         return outcome.exit_code
-    except _user_errors() as exc:
-        return _fail("sweep", exc)
+    from richkd.tune.spec import load_spec
+
+    overrides = list(args.set)
+    if args.name:
+        overrides.append(f"name={args.name}")
+    if args.num_samples is not None:
+        overrides.append(f"tune.num_samples={args.num_samples}")
+    if args.storage:
+        overrides.append(f"tune.storage_path={args.storage}")
+    if args.tracking_uri:
+        overrides.append(f"mlflow.tracking_uri={args.tracking_uri}")
+    spec = load_spec(args.spec, overrides)
+    if args.check:
+        print(f"spec {spec.name!r} is valid: {len(spec.params)} searched keys, {spec.tune.num_samples} samples, "
+              f"{spec.tune.search.algorithm} + {spec.tune.scheduler.type} (max_t={spec.max_t}), "
+              + (f"objectives {', '.join(f'{m} ({d})' for m, d in spec.tune.objective_pairs)} (ASHA uses "
+                 f"{spec.tune.metric}), " if spec.tune.multi_objective else "") +
+              f"{len(spec.cache_probe_configs())} cache configuration(s); results -> {spec.experiment_path}")
+        return 0
+    from richkd.tune.outcome import describe_outcome
+    from richkd.tune.runner import run_sweep
+
+    try:
+        outcome = run_sweep(spec, address=args.address, num_cpus=args.num_cpus, verbose=verbosity(args),
+                            progress=interactive())
+    except KeyboardInterrupt:
+        raise Interrupted(f"continue with `richkd sweep --resume {spec.name}`") from None
+    print(describe_outcome(outcome, spec.tune.metric))
+    return outcome.exit_code
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    try:
-        from richkd.export import describe_export, export_sweep
+    from richkd.export import describe_export, export_sweep
 
-        pareto = None if args.pareto is None else [m for m in args.pareto.split(",") if m.strip()]
-        result = export_sweep(args.sweep, storage=args.storage, tracking_uri=args.tracking_uri, out_dir=args.out,
-                              pareto=pareto)
-        from richkd.tune.sweep_record import read_sweep_record
+    pareto = None if args.pareto is None else [m for m in args.pareto.split(",") if m.strip()]
+    result = export_sweep(args.sweep, storage=args.storage, tracking_uri=args.tracking_uri, out_dir=args.out,
+                          pareto=pareto)
+    from richkd.tune.sweep_record import read_sweep_record
 
-        metric = read_sweep_record(args.sweep, args.storage).spec.tune.metric
-        print(describe_export(result, metric))
-        return 0
-    except _user_errors() as exc:
-        return _fail("export", exc)
+    metric = read_sweep_record(args.sweep, args.storage).spec.tune.metric
+    print(describe_export(result, metric))
+    return 0
 
 
 def cmd_finalize(args: argparse.Namespace) -> int:
-    try:
-        from richkd.tune.finalize import describe_finalize, finalize_sweep
+    from richkd.tune.finalize import describe_finalize, finalize_sweep
 
-        result = finalize_sweep(args.sweep, top=args.top, seeds=args.seeds, storage=args.storage,
-                                tracking_uri=args.tracking_uri, overrides=args.set, progress=_interactive(),
-                                out_dir=args.out)
-        print(describe_finalize(result))
-        return 0
-    except _user_errors() as exc:
-        return _fail("finalize", exc)
+    result = finalize_sweep(args.sweep, top=args.top, seeds=args.seeds, storage=args.storage,
+                            tracking_uri=args.tracking_uri, overrides=args.set, progress=interactive(),
+                            out_dir=args.out)
+    print(describe_finalize(result))
+    return 0
 
 
 def ui_command(tracking_uri: str, port: int, host: str = "127.0.0.1") -> list[str]:
@@ -151,29 +115,17 @@ def resolve_ui_store(tracking_uri: Optional[str], storage: Optional[str]) -> str
 def cmd_ui(args: argparse.Namespace) -> int:
     import subprocess
 
-    try:
-        uri = resolve_ui_store(args.tracking_uri, args.storage)
-    except _user_errors() as exc:
-        return _fail("ui", exc)
+    uri = resolve_ui_store(args.tracking_uri, args.storage)
     cmd = ui_command(uri, args.port)
     print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true")}
     try:
         return subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:
-        return 130
-
-
-def _interactive() -> bool:
-    return sys.stderr.isatty() and not os.environ.get("CI")
+    except KeyboardInterrupt:   # Ctrl-C is how the UI is meant to be stopped: no "interrupted" message
+        return EXIT_INTERRUPTED
 
 
 # ----- parser -----------------------------------------------------------------------------------------------
-
-def _storage_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--storage", help="the sweeps' storage folder or URI (default tune_runs)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the sweep used)")
-
 
 def add_commands(subparsers) -> None:
     """Register sweep / export / finalize / ui on the `richkd` parser's subparsers (each sets `func`)."""
@@ -190,7 +142,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--num-cpus", type=int, help="CPUs for the embedded Ray (default: all of this machine's)")
     p.add_argument("--check", action="store_true", help="validate the spec and exit (starts nothing)")
     p.add_argument("--quiet", "-q", action="store_true", help="no Tune status tables")
-    _storage_args(p)
+    add_storage_args(p)
     p.set_defaults(func=cmd_sweep)
 
     p = subparsers.add_parser("export", help="write best_config.yaml + leaderboard.csv of a sweep",
@@ -202,7 +154,7 @@ def add_commands(subparsers) -> None:
                    help="also write pareto_front.json + pareto/<trial>.yaml: the non-dominated trials of the sweep's "
                         "objectives (automatic for multi-objective sweeps) or of the comma-separated METRICS, "
                         "e.g. --pareto val_top1,val_corrupt_top1")
-    _storage_args(p)
+    add_storage_args(p)
     p.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser("finalize", help="re-train the top-K configs over seeds; report test accuracy",
@@ -213,23 +165,11 @@ def add_commands(subparsers) -> None:
     p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for the final runs, e.g. --set train.epochs=240")
     p.add_argument("--out", help="output folder (default: the sweep's folder)")
-    _storage_args(p)
+    add_storage_args(p)
     p.set_defaults(func=cmd_finalize)
 
     p = subparsers.add_parser("ui", help="browse the sweeps' MLflow store (mlflow ui on 127.0.0.1)")
     p.add_argument("--port", type=int, default=5000)
-    _storage_args(p)
+    add_storage_args(p)
     p.set_defaults(func=cmd_ui)
 
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Stand-alone entry (the `richkd` CLI registers the same commands through add_commands)."""
-    parser = argparse.ArgumentParser(prog="richkd")
-    parser.add_argument("--verbose", "-v", action="store_true")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

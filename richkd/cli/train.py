@@ -1,62 +1,12 @@
-"""`richkd ...` subcommands: parse arguments, call the library, turn user errors into one-line messages."""
+"""`richkd train | cache | clip | models`: single runs and their inputs. Argparse only at import; each
+handler imports torch and the library lazily, returns an exit code, and raises on a user error."""
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import sys
 from pathlib import Path
-from typing import Optional, Sequence
 
-EXIT_USER_ERROR = 2
+from richkd.cli.common import UserError, add_config_args, interactive, load_config, parse_overrides
 
-EPILOG = """examples:
-  richkd demo                                   # offline end-to-end pipeline on Fashion-MNIST
-  richkd train --config configs/fmnist_teacher.yaml
-  richkd train --config configs/fmnist_richkd.yaml --set loss.fusion_alpha=0.8 --set train.epochs=3
-  richkd cache --config configs/fmnist_richkd.yaml
-  richkd sweep search_spaces/smoke.yaml && richkd export smoke && richkd report smoke
-  richkd evaluate tune_runs/runs/NAME/student.pt --suite robustness
-  richkd models
-"""
-
-
-class UserError(Exception):
-    """Raised by command handlers for problems the user can fix; printed without a traceback."""
-
-
-def _user_error_types() -> tuple:
-    from richkd.config import ConfigError
-
-    return (UserError, ConfigError, ValueError, KeyError, FileNotFoundError, NotADirectoryError)
-
-
-# ----- helpers ------------------------------------------------------------------------------------
-
-def load_config(path: Optional[str], overrides: Sequence[str]):
-    from richkd.config import Config
-
-    cfg = Config.from_yaml(path) if path else Config()
-    return cfg.with_overrides(dict(_overrides(overrides))) if overrides else cfg
-
-
-def _overrides(items: Sequence[str]) -> list:
-    from richkd.config import parse_override
-
-    return [parse_override(o) for o in items]
-
-
-def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--config", "-c", required=required, help="a run config YAML (see configs/)")
-    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a dotted config key, e.g. --set optim.lr=0.01 (repeatable)")
-
-
-def _interactive() -> bool:
-    return sys.stderr.isatty() and not os.environ.get("CI")
-
-
-# ----- commands -----------------------------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> int:
     from richkd.cache import prepare_caches
@@ -69,7 +19,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.config:
         cfg = load_config(args.config, args.set)
     elif resume is not None:  # the checkpoint carries its full config
-        cfg = Config.from_dict(resume["config"]).with_overrides(dict(_overrides(args.set)))
+        cfg = Config.from_dict(resume["config"]).with_overrides(dict(parse_overrides(args.set)))
     else:
         raise UserError("train needs --config FILE (or --resume CKPT)")
     out_dir = Path(args.out or Path("tune_runs") / "runs" / cfg.name)
@@ -79,7 +29,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.train.checkpoint_dir is None:
         cfg = cfg.with_overrides({"train.checkpoint_dir": str(out_dir)})
     check_resources(cfg)
-    progress = _interactive() and not args.quiet
+    progress = interactive() and not args.quiet
     prepare_caches(cfg, progress=progress)
     run = Run(cfg, progress=progress)
     if resume is not None:
@@ -129,7 +79,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         raise UserError("cache needs --config (or --list)")
     cfg = load_config(args.config, args.set)
     check_resources(cfg)
-    for path in prepare_caches(cfg, progress=_interactive()):
+    for path in prepare_caches(cfg, progress=interactive()):
         print(path)
     return 0
 
@@ -161,7 +111,7 @@ def cmd_clip_zeroshot(args: argparse.Namespace) -> int:
 
     from richkd.clip import load_clip, load_prompt_set, zero_shot_accuracy
     from richkd.data import build_data, make_loader
-    from richkd.trainer import resolve_device
+    from richkd.device import resolve_device
 
     cfg = load_config(args.config, args.set)
     device = resolve_device(cfg.device)
@@ -178,43 +128,32 @@ def cmd_clip_zeroshot(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from richkd.demo import run_demo
+# ----- parser -----------------------------------------------------------------------------------------------
 
-    return run_demo(out_root=Path(args.out), quick=args.quick, fresh=args.fresh)
-
-
-# ----- parser -------------------------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="richkd", description="RichKD-Tune: tune CLIP-fused knowledge "
-                                     "distillation with Ray Tune, Optuna and MLflow.", epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--verbose", "-v", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("train", help="train one run (supervised teacher, KD or RichKD student)",
-                       epilog="example: richkd train --config configs/fmnist_kd.yaml --set train.epochs=2",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_config_args(p, required=False)
+def add_commands(subparsers) -> None:
+    """Register train / models / cache / clip on the `richkd` parser's subparsers (each sets `func`)."""
+    p = subparsers.add_parser("train", help="train one run (supervised teacher, KD or RichKD student)",
+                              epilog="example: richkd train --config configs/fmnist_kd.yaml --set train.epochs=2",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p, required=False)
     p.add_argument("--out", help="output folder (default tune_runs/runs/<name>)")
     p.add_argument("--resume", metavar="CKPT", help="continue from a last.pt written by an earlier run")
     p.add_argument("--final", action="store_true", help="also evaluate on the test split at the end")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("models", help="list the model zoo with feature dimensions")
+    p = subparsers.add_parser("models", help="list the model zoo with feature dimensions")
     p.add_argument("--num-classes", type=int, default=100)
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("cache", help="build (or --list) the teacher and CLIP output caches for a config",
-                       epilog="example: richkd cache --config configs/fmnist_richkd.yaml")
-    _add_config_args(p, required=False)
+    p = subparsers.add_parser("cache", help="build (or --list) the teacher and CLIP output caches for a config",
+                              epilog="example: richkd cache --config configs/fmnist_richkd.yaml")
+    add_config_args(p, required=False)
     p.add_argument("--list", action="store_true", help="list cache entries instead of building")
     p.add_argument("--cache-dir", help="with --list: the cache folder (default from the config)")
     p.set_defaults(func=cmd_cache)
 
-    clip = sub.add_parser("clip", help="CLIP utilities: init-tiny, prompts, zeroshot")
+    clip = subparsers.add_parser("clip", help="CLIP utilities: init-tiny, prompts, zeroshot")
     clip_sub = clip.add_subparsers(dest="clip_command", required=True, metavar="SUBCOMMAND")
     p = clip_sub.add_parser("init-tiny", help="write a tiny random-weight open_clip model for offline use")
     p.add_argument("path")
@@ -224,48 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = clip_sub.add_parser("prompts", help="list the built-in prompt sets")
     p.set_defaults(func=cmd_clip_prompts)
     p = clip_sub.add_parser("zeroshot", help="CLIP zero-shot accuracy of a prompt set on a dataset split")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--split", choices=("val", "test"), default="val")
     p.set_defaults(func=cmd_clip_zeroshot)
-
-    p = sub.add_parser("demo", help="run the offline end-to-end pipeline on Fashion-MNIST")
-    p.add_argument("--out", default="tune_runs/demo", help="output folder (default tune_runs/demo)")
-    p.add_argument("--quick", action="store_true", help="a much smaller run (used by the tests)")
-    p.add_argument("--fresh", action="store_true", help="retrain the teacher and rebuild caches")
-    p.set_defaults(func=cmd_demo)
-
-    try:
-        from richkd.tune.commands import add_commands
-    except ImportError:  # the sweep commands are optional at this layer
-        pass
-    else:
-        add_commands(sub)
-    from richkd.robustness.commands import add_commands as add_robustness_commands
-
-    add_robustness_commands(sub)
-    from richkd.report.commands import add_commands as add_report_commands
-
-    add_report_commands(sub)
-    return parser
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except _user_error_types() as exc:
-        if os.environ.get("RICHKD_DEBUG"):
-            raise
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"richkd: error: {message}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("richkd: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -1,11 +1,10 @@
-"""`richkd report SWEEP`: argparse only at import; the handler imports the report builder lazily, returns an exit code."""
+"""`richkd report SWEEP`: argparse only at import; the handler imports the report builder lazily, returns an exit
+code, and raises on a user error (SpecError, ExportError, ReportError, a missing folder)."""
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-EXIT_USER_ERROR = 2
+from richkd.cli.common import add_storage_args
 
 REPORT_EPILOG = """examples:
   richkd report smoke                          # tune_runs/smoke/report/index.html (+ PNGs)
@@ -23,25 +22,17 @@ def add_commands(subparsers) -> None:
                               "metric, parameter importances, leaderboard", epilog=REPORT_EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", metavar="SWEEP", help="sweep name (under --storage) or its folder")
-    p.add_argument("--storage", help="the sweeps' storage folder or URI (default tune_runs)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the sweep used)")
+    add_storage_args(p)
     p.add_argument("--out", "-o", metavar="DIR", help="output folder (default: <sweep folder>/report)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the report to the sweep's MLflow parent run")
     p.set_defaults(func=cmd_report)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    try:
-        from richkd.report import build_report
+    from richkd.report import build_report
 
-        result = build_report(args.sweep, storage=args.storage, tracking_uri=args.tracking_uri, out_dir=args.out,
-                              log_mlflow=not args.no_mlflow)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:   # SpecError, ExportError, ReportError
-        if os.environ.get("RICHKD_DEBUG"):
-            raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"richkd report: error: {message}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    result = build_report(args.sweep, storage=args.storage, tracking_uri=args.tracking_uri, out_dir=args.out,
+                          log_mlflow=not args.no_mlflow)
     print(f"report of {result.n_trials} trials: {result.index}")
     for path in result.images:
         print(f"  {path}")

@@ -1,11 +1,8 @@
-"""`richkd evaluate`: argparse only at import; the handler imports torch/mlflow lazily and returns an exit code."""
+"""`richkd evaluate`: argparse only at import; the handler imports torch/mlflow lazily, returns an exit code,
+and raises on a user error (ConfigError, CheckpointError, DatasetNotFoundError, a missing file, ...)."""
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-
-EXIT_USER_ERROR = 2
 
 EVALUATE_EPILOG = """examples:
   richkd evaluate tune_runs/runs/fm_kd/student.pt                         # all suites, validation split
@@ -54,22 +51,16 @@ def add_commands(subparsers) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    try:
-        from richkd.robustness.evaluate import EvaluateRequest, evaluate_checkpoint
-        from richkd.robustness.report import format_table
+    from richkd.robustness.evaluate import EvaluateRequest, evaluate_checkpoint
+    from richkd.robustness.report import format_table
 
-        req = EvaluateRequest(
-            checkpoint=args.checkpoint, suite=args.suite, config=args.config, shift_config=args.shift_config,
-            reference=args.reference, corruption_dir=args.corruption_dir, corruptions=args.corruptions,
-            severities=args.severities, split=args.split, max_samples=args.max_samples, seed=args.seed,
-            device=args.device, batch_size=args.batch_size, out=args.out, mlflow_uri=args.mlflow_uri,
-            mlflow_experiment=args.mlflow_experiment)
-        report, written = evaluate_checkpoint(req)
-    except (ValueError, FileNotFoundError) as exc:   # ConfigError, CheckpointError, DatasetNotFoundError, ...
-        if os.environ.get("RICHKD_DEBUG"):
-            raise
-        print(f"richkd evaluate: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    req = EvaluateRequest(
+        checkpoint=args.checkpoint, suite=args.suite, config=args.config, shift_config=args.shift_config,
+        reference=args.reference, corruption_dir=args.corruption_dir, corruptions=args.corruptions,
+        severities=args.severities, split=args.split, max_samples=args.max_samples, seed=args.seed,
+        device=args.device, batch_size=args.batch_size, out=args.out, mlflow_uri=args.mlflow_uri,
+        mlflow_experiment=args.mlflow_experiment)
+    report, written = evaluate_checkpoint(req)
     print(format_table(report))
     for path in written:
         print(f"wrote {path}")

@@ -1,0 +1,73 @@
+"""The `richkd` parser and `main`, the one place where an exception becomes a message and an exit code.
+
+Handlers (in the command modules next to this one) return an exit code or raise. A problem the user can fix
+becomes one line on stderr and exit code 2; Ctrl-C becomes exit code 130; anything else is a bug and keeps its
+traceback. RICHKD_DEBUG=1 shows the traceback of user errors too.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Optional, Sequence
+
+from richkd.cli import demo, evaluate, report, sweep, train
+from richkd.cli.common import EXIT_INTERRUPTED, EXIT_USER_ERROR, Interrupted, UserError
+
+EPILOG = """examples:
+  richkd demo                                   # offline end-to-end pipeline on Fashion-MNIST
+  richkd train --config configs/fmnist_teacher.yaml
+  richkd train --config configs/fmnist_richkd.yaml --set loss.fusion_alpha=0.8 --set train.epochs=3
+  richkd cache --config configs/fmnist_richkd.yaml
+  richkd sweep search_spaces/smoke.yaml && richkd export smoke && richkd report smoke
+  richkd evaluate tune_runs/runs/NAME/student.pt --suite robustness
+  richkd models
+"""
+
+# Errors of these commands name the command (`richkd sweep: error: ...`); those of the single-run commands
+# (train, cache, clip, models, demo) read `richkd: error: ...`. Scripts and tests match both prefixes.
+NAMED_COMMANDS = frozenset({"sweep", "export", "finalize", "ui", "report", "evaluate"})
+
+# Problems the user can fix. Every error class of the library is a ValueError: ConfigError and SpecError (bad
+# config or spec), ExportError, ReportError, OutputError (unwritable output), CheckpointError, CacheError,
+# DatasetNotFoundError, ClipLoadError, PromptSetError, CorruptionError, ReferenceFileError, ... KeyError is
+# a missing name in a lookup (its message is args[0], not the quoted repr).
+USER_ERRORS = (UserError, ValueError, KeyError, FileNotFoundError, NotADirectoryError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="richkd", description="RichKD-Tune: tune CLIP-fused knowledge "
+                                     "distillation with Ray Tune, Optuna and MLflow.", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--verbose", "-v", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (train, demo, sweep, evaluate, report):
+        module.add_commands(sub)
+    return parser
+
+
+def error_message(exc: BaseException) -> str:
+    """The text after "error: ": the exception's message (all of it: some end in a "Fix: ..." line)."""
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    return str(exc).strip() or type(exc).__name__
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    prog = f"richkd {args.command}" if args.command in NAMED_COMMANDS else "richkd"
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as exc:
+        if os.environ.get("RICHKD_DEBUG"):
+            raise
+        print(f"{prog}: error: {error_message(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt as exc:
+        next_step = f"; {exc}" if isinstance(exc, Interrupted) and str(exc) else ""
+        print(f"{prog}: interrupted{next_step}", file=sys.stderr)
+        return EXIT_INTERRUPTED
