@@ -100,17 +100,11 @@ def coerce(value: Any, typ: Any, key: str, error: type = ConfigError) -> Any:
     origin = get_origin(typ)
     if origin is Union or origin is types.UnionType:
         options = [a for a in get_args(typ) if a is not type(None)]
+        if len(options) == len(get_args(typ)):
+            return value          # a union of kinds (e.g. "auto" or a bool): the record's __post_init__ decides
         if value is None:
-            if len(options) < len(get_args(typ)):
-                return None
-            raise error(f"{key}: expected a value, got null")
-        problems = []
-        for option in options:
-            try:
-                return coerce(value, option, key, error)
-            except ConfigError as exc:
-                problems.append(exc)
-        raise problems[0]
+            return None
+        return coerce(value, options[0], key, error) if len(options) == 1 else value
     if origin in (tuple, Tuple):
         if not isinstance(value, (list, tuple)):
             raise error(f"{key}: expected a list, got {value!r}")
