@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Optional
 
-from richkd.cli.common import EXIT_INTERRUPTED, Interrupted, UserError, add_storage_args, interactive, verbosity
+from richkd.cli.common import Interrupted, UserError, add_storage_args, interactive, verbosity
 
 SWEEP_EPILOG = """examples:
   richkd sweep search_spaces/smoke.yaml
@@ -113,16 +113,18 @@ def resolve_ui_store(tracking_uri: Optional[str], storage: Optional[str]) -> str
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    import subprocess
-
+    """Serve the sweep's MLflow store. The process *becomes* the MLflow server (exec), so Ctrl-C or a SIGTERM
+    reaches the server itself and no orphan keeps the port. A tracking server (http/https) is already a UI:
+    its address is printed instead."""
     uri = resolve_ui_store(args.tracking_uri, args.storage)
+    if uri.startswith(("http://", "https://")):
+        print(f"{uri} is an MLflow tracking server: open {uri} in a browser (`richkd ui` serves local stores such "
+              "as sqlite:///.../mlflow.db)")
+        return 0
     cmd = ui_command(uri, args.port)
     print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true")}
-    try:
-        return subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:   # Ctrl-C is how the UI is meant to be stopped: no "interrupted" message
-        return EXIT_INTERRUPTED
+    os.execve(cmd[0], cmd, env)
 
 
 # ----- parser -----------------------------------------------------------------------------------------------

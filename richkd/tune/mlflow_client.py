@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -51,7 +52,32 @@ def client_for(tracking_uri: str):
     if tracking_uri.startswith(("http://", "https://")):
         for key, value in HTTP_RETRY_DEFAULTS.items():
             os.environ.setdefault(key, value)
+        quiet_http_retries()
     return MlflowClient(tracking_uri=tracking_uri)
+
+
+class _FirstRetryOnly(logging.Filter):
+    """Lets urllib3's first "Retrying ..." warning through, then drops the rest: during a tracking-server outage
+    the outbox retries every write and says so itself, so the console is not flooded with one line per try."""
+
+    def __init__(self) -> None:
+        super().__init__("richkd-first-retry-only")
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Retrying"):
+            return True
+        if self.seen:
+            return False
+        self.seen = True
+        return True
+
+
+def quiet_http_retries() -> None:
+    """Install _FirstRetryOnly on urllib3's pool logger once per process."""
+    logger = logging.getLogger("urllib3.connectionpool")
+    if not any(isinstance(f, _FirstRetryOnly) for f in logger.filters):
+        logger.addFilter(_FirstRetryOnly())
 
 
 def check_tracking_server(tracking_uri: str, timeout_s: float = 5.0) -> None:

@@ -21,7 +21,7 @@ from typing import Optional
 
 from richkd.tune.errors import SpecError
 from richkd.tune.runner import (SweepOutcome, build_trainable, check_cluster, check_nodes, check_outputs,
-                                 check_tracking, close_parent_if_running, init_ray, prepare_sweep_caches,
+                                 check_tracking, close_parent_if_running, fit_quietly, init_ray, prepare_sweep_caches,
                                  sweep_outcome)
 from richkd.tune.sweep_record import read_sweep_record
 
@@ -95,7 +95,7 @@ def resume_sweep(sweep: str, *, storage: Optional[str] = None, address: Optional
         tuner = tune.Tuner.restore(path, trainable=build_trainable(spec, needs), resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
         try:
-            tuner.fit()
+            fit_quietly(tuner, verbose)
         finally:
             close_parent_if_running(record)
         return sweep_outcome(record, time.perf_counter() - started_at)

@@ -74,6 +74,17 @@ def storage_problem(t, n_nodes: int, mounts_text: Optional[str] = None) -> Optio
             "tune.shared_storage: true if it is shared but not detected as NFS/Lustre/...)")
 
 
+def fit_quietly(tuner, verbose: int):
+    """Tuner.fit(); with verbose 0 (`-q`) Tune's own console lines ("View detailed results here", the
+    TensorBoard hint), which it prints at every verbosity, are dropped too. Errors still reach stderr."""
+    if verbose > 0:
+        return tuner.fit()
+    import contextlib
+
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        return tuner.fit()
+
+
 def check_tracking(spec: SweepSpec) -> None:
     """The MLflow tracking server must answer before Ray starts (richkd.tune.mlflow_client)."""
     if spec.mlflow.enabled:
@@ -189,7 +200,7 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, num_cpus: Optio
                              path=path)
         try:
             write_sweep_record(record)
-            build_tuner(spec, callbacks, verbose=verbose, needs=needs).fit()
+            fit_quietly(build_tuner(spec, callbacks, verbose=verbose, needs=needs), verbose)
         finally:
             close_parent_if_running(record)
         return sweep_outcome(record, time.perf_counter() - started_at)

@@ -142,6 +142,7 @@ def test_errored_trials_give_exit_code_3(assets, tmp_path):
     text = done.stdout + done.stderr
     assert done.returncode == 3, text
     assert "2 trial(s) ended in error (exit code 3)" in text and "error.txt" in text
+    assert "View detailed results" not in text and "tensorboard" not in text.lower()     # -q is quiet
 
 
 def test_mlflow_server_down_at_start_is_exit_2_before_ray(assets, tmp_path):

@@ -127,3 +127,18 @@ def test_experiments_open_on_the_training_runs_table(tmp_path):
     assert ensure_experiment(client, "older") == old
     for exp_id in (new, old):
         assert client.get_experiment(exp_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
+
+
+def test_an_outage_warns_once_not_once_per_retry(caplog):
+    import logging
+
+    from richkd.tune.mlflow_client import quiet_http_retries
+
+    quiet_http_retries()
+    quiet_http_retries()                                  # installed once, however many clients are made
+    pool = logging.getLogger("urllib3.connectionpool")
+    with caplog.at_level(logging.WARNING, logger="urllib3.connectionpool"):
+        for attempt in range(5):
+            pool.warning("Retrying (Retry(total=%d)) after connection broken by 'refused': /api", attempt)
+        pool.warning("Connection pool is full, discarding connection: 127.0.0.1")
+    assert [r.getMessage()[:8] for r in caplog.records] == ["Retrying", "Connecti"]

@@ -13,6 +13,7 @@ import yaml
 
 from richkd.tune.runner import storage_problem
 from richkd.tune.settings import TuneSettings
+from tests.cluster_fixtures import group_pids
 from tests.factories import base_spec, make_assets
 
 MOUNTS = "/dev/sda1 / ext4 rw 0 0\nfs-1.efs.aws:/ /mnt/richkd nfs4 rw 0 0\n"
@@ -101,15 +102,19 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_ui_serves_the_store(tmp_path):
-    """`richkd ui` really starts MLflow's server on 127.0.0.1 (stopped again by this test)."""
-    from richkd.cli.sweep import ui_command
+def test_ui_becomes_the_server_and_leaves_no_orphan(tmp_path):
+    """`richkd ui` really serves the store on 127.0.0.1, as the same process (exec): a SIGTERM to it stops the
+    server and frees the port."""
+    import os
+    import signal
+
     from richkd.tune.mlflow_client import client_for, ensure_experiment
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     ensure_experiment(client_for(uri), "ui-check")
     port = _free_port()
-    proc = subprocess.Popen(ui_command(uri, port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "richkd", "ui", "--tracking-uri", uri, "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline, body = time.time() + 90, ""
         while time.time() < deadline and proc.poll() is None:
@@ -119,12 +124,30 @@ def test_ui_serves_the_store(tmp_path):
                     break
             except OSError:
                 time.sleep(1)
-        assert body.strip().upper() == "OK", f"mlflow ui did not answer (exit code {proc.poll()})"
+        assert body.strip().upper() == "OK", f"richkd ui did not answer (exit code {proc.poll()})"
+        cmdline = open(f"/proc/{proc.pid}/cmdline", "rb").read().split(b"\0")
+        assert b"mlflow" in cmdline and b"richkd" not in cmdline      # the richkd process became the server
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        deadline = time.time() + 15
+        while group_pids(proc.pid) and time.time() < deadline:
+            time.sleep(0.5)
+        assert group_pids(proc.pid) == []                                 # no server child left behind
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert sys.executable in ui_command(uri, port)[0]
+        else:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)   # anything left in its group would be an orphan: gone now
+            except ProcessLookupError:
+                pass
+
+
+def test_ui_on_a_tracking_server_prints_its_address(capsys):
+    from richkd.cli import main
+
+    assert main(["ui", "--tracking-uri", "http://mlflow.example:5000"]) == 0
+    assert "open http://mlflow.example:5000 in a browser" in capsys.readouterr().out
