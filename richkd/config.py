@@ -86,7 +86,7 @@ class ClipConfig:
     model: str = "ViT-L-14"
     pretrained: str = "openai"            # open_clip tag, a local file path, or local-dir:FOLDER
     prompt_set: str = "richkd12"          # a built-in set name, or a path to a YAML file with `templates:`
-    clean_class_names: bool = True        # "aquarium_fish" -> "aquarium fish" (official code keeps underscores)
+    clean_class_names: bool = False       # false: "aquarium_fish" as the official code; true: "aquarium fish"
     batch_size: int = 128                 # for cache building / zero-shot evaluation
 
     def __post_init__(self) -> None:
