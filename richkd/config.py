@@ -22,7 +22,9 @@ CORRUPTION_NAMES = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_bl
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder")
 METHODS = ("supervised", "kd", "richkd")
 SCHEDULES = ("step", "cosine")
-TEACHING_MODES = ("cached", "online")
+TEACHING_MODES = ("cached", "online", "official")
+KD_FORMS = ("kl", "dkd")
+NCE_SAMPLINGS = ("other_class", "uniform")
 AUGMENTS = ("standard", "none")
 
 
@@ -34,7 +36,9 @@ class DataConfig:
     download: bool = False               # torchvision download; off so offline runs fail fast and clearly
     image_size: int = 32                 # every image is resized to this square size (models are CIFAR-style)
     augment: str = "standard"            # standard = RandomCrop(size, pad 4) + horizontal flip
-    val_fraction: float = 0.1            # seeded hold-out from the training set (> 0: model selection needs it)
+    # seeded hold-out from the training set for model selection; 0 trains on the whole split and reports no
+    # validation metrics (what `richkd finalize` does; a sweep refuses 0, it selects on a validation metric)
+    val_fraction: float = 0.1
     split_seed: int = 0
     max_train_samples: Optional[int] = None   # cap for quick runs (taken after the val split, seeded)
     max_eval_samples: Optional[int] = None
@@ -54,7 +58,7 @@ class DataConfig:
                "device; false always builds batches on the host)")
         one_of(self.augment, "data.augment", AUGMENTS)
         in_range(self.image_size, "data.image_size", 8, 512)
-        in_range(self.val_fraction, "data.val_fraction", 0.0, 0.9, lo_open=True, hi_open=True)
+        in_range(self.val_fraction, "data.val_fraction", 0.0, 0.9, hi_open=True)
         in_range(self.batch_size, "data.batch_size", 1)
         in_range(self.eval_batch_size, "data.eval_batch_size", 1)
         in_range(self.num_workers, "data.num_workers", 0, 64)
@@ -112,6 +116,16 @@ class LossConfig:
     nce_k: int = 16384
     nce_temperature: float = 0.07
     nce_momentum: float = 0.5
+    # CRD negatives (docs/method.md#feature-fusion-and-crd): other_class = K distinct rows of other classes per
+    # sample, as the official dataset draws them; uniform = K i.i.d. draws over the other-class rows
+    nce_sampling: str = "other_class"
+    # form of the (fused) logit term (docs/method.md#other-distillation-losses): kl = Hinton KD; dkd = Decoupled
+    # KD (alpha * target-class + beta * non-target-class KL, weight ramped up over the first warm-up epochs)
+    kd_form: str = "kl"
+    dkd_alpha: float = 1.0               # mdistiller's DKD defaults: alpha 1, beta 8 (T 4, warm-up 20)
+    dkd_beta: float = 8.0
+    dkd_warmup_epochs: int = 20          # weight min(epoch / warm-up, 1), 1-based epochs; 0: no warm-up
+    logit_stand: bool = False            # z-score student and teacher logits before the softmax (either form)
     confidence_threshold: float = 0.5    # for the confident-correct / confidently-wrong analysis
 
     def __post_init__(self) -> None:
@@ -127,6 +141,11 @@ class LossConfig:
         in_range(self.nce_k, "loss.nce_k", 1)
         in_range(self.nce_temperature, "loss.nce_temperature", 0.0, 10.0, lo_open=True)
         in_range(self.nce_momentum, "loss.nce_momentum", 0.0, 1.0, hi_open=True)
+        one_of(self.nce_sampling, "loss.nce_sampling", NCE_SAMPLINGS)
+        one_of(self.kd_form, "loss.kd_form", KD_FORMS)
+        in_range(self.dkd_alpha, "loss.dkd_alpha", 0.0, 1000.0)
+        in_range(self.dkd_beta, "loss.dkd_beta", 0.0, 1000.0)
+        in_range(self.dkd_warmup_epochs, "loss.dkd_warmup_epochs", 0, 100000)
         in_range(self.confidence_threshold, "loss.confidence_threshold", 0.0, 1.0)
         if self.method == "richkd":
             check(self.logit_weight > 0 or self.feat_weight > 0, "loss",
@@ -139,22 +158,28 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class TeachingConfig:
-    """How teacher outputs reach the loss.
+    """Which image each frozen teacher sees and where its outputs come from (docs/method.md#teaching-protocol).
 
-    cached: outputs of the un-augmented image, looked up by index (official RichKD behaviour);
-    online: teacher and CLIP run on the student's augmented view every step (consistent, slower).
+    official: the conventional teacher runs online on the student's augmented view; CLIP's outputs of the
+        clean image are read from the cache by row index. This is what the official RichKD code does.
+    cached (views 1): both teachers' outputs of the clean image, read from the cache (no teacher runs; the
+        fastest, but both targets describe another image than the student's crop; not the official protocol).
+    cached (views V > 1): both teachers' outputs of V seeded crops/flips per image, cached; the student is
+        shown exactly the view whose outputs it reads (FKD-style, consistent, no teacher runs).
+    online: both teachers run on the student's augmented view every step (consistent, the slowest).
     """
     mode: str = "cached"
     cache_dir: str = "tune_runs/cache"
-    views: int = 1                       # cached views per image: 1 = the clean image (official); V > 1 =
-    view_seed: int = 0                   # FKD-style: V seeded crops/flips (view 0 clean) shared with the student
+    views: int = 1                       # cached views per image: 1 = the clean image; V > 1 = FKD-style
+    view_seed: int = 0                   # V seeded crops/flips (view 0 clean) shared with the student
 
     def __post_init__(self) -> None:
         one_of(self.mode, "teaching.mode", TEACHING_MODES)
         in_range(self.views, "teaching.views", 1, 1024)
         in_range(self.view_seed, "teaching.view_seed", 0, 2**31 - 1)
         check(self.views == 1 or self.mode == "cached", "teaching.views",
-               "cached views need teaching.mode=cached (online teaching already sees the student's view)")
+               f"cached views need teaching.mode=cached ({self.mode} teaching runs the conventional teacher on "
+               "the student's view)")
 
 
 @dataclass(frozen=True)
@@ -257,6 +282,9 @@ class Config:
         in_range(self.seed, "seed", 0, 2**31 - 1)
         check(self.teaching.views == 1 or self.data.augment == "standard", "teaching.views",
                "cached augmented views need data.augment=standard")
+        check(not (self.robustness.enabled and self.data.val_fraction == 0), "robustness.enabled",
+               "robustness metrics are measured on the validation split, and data.val_fraction is 0; set "
+               "data.val_fraction > 0 or robustness.enabled: false")
 
     @property
     def uses_clip(self) -> bool:

@@ -83,7 +83,7 @@ def _train(cfg: Config, out_dir: Path):
     from richkd.run_outputs import save_run_outputs
     from richkd.trainer import Run
 
-    prepare_caches(cfg)
+    prepare_caches(cfg, splits=("train", "test"))   # final=True: the test split's teacher analysis too
     run = Run(cfg)
     result = run.train(on_epoch=lambda r: print(
         f"   epoch {r.epoch}/{cfg.train.epochs}: train loss {r.metrics['train_loss']:.3f}, "

@@ -9,6 +9,7 @@ from torch import nn
 
 from richkd.config import LossConfig
 from richkd.fusion import fuse_logits
+from richkd.losses.dkd import dkd_loss, dkd_warmup
 from richkd.losses.kd import kd_loss
 from richkd.models.base import ModelOutput
 from richkd.teachers import TeacherOutputs
@@ -21,7 +22,12 @@ class DistillationObjective(nn.Module):
     (method kd, or richkd with alpha 1), and the alpha-only control (zero_clip_logits: the teacher is only
     softened by alpha, no CLIP information). The trainable projection heads and CRD memory banks live here so
     they are optimised and checkpointed with the student.
+
+    The logit term is Hinton's KL or DKD (`loss.kd_form`), optionally on standardised logits (`loss.logit_stand`;
+    docs/method.md#other-distillation-losses). DKD's warm-up reads `epoch` (1-based), which the trainer sets at
+    the start of every epoch; it is derived from the loop, so a resumed run sets it again.
     """
+    epoch: int = 1
 
     def __init__(self, cfg: LossConfig, *, student_dim: int, teacher_dim: Optional[int] = None,
                  clip_dim: Optional[int] = None, train_targets: Optional[torch.Tensor] = None,
@@ -41,7 +47,8 @@ class DistillationObjective(nn.Module):
             self.register_buffer("row_position", position, persistent=False)
             uses_clip_feat = clip_dim is not None and cfg.resolved_feat_lambda < 1
             self.crd = FusedCRD(student_dim, teacher_dim, clip_dim if uses_clip_feat else None, cfg.feat_dim,
-                                train_targets[train_rows], cfg.nce_k, cfg.nce_temperature, cfg.nce_momentum)
+                                train_targets[train_rows], cfg.nce_k, cfg.nce_temperature, cfg.nce_momentum,
+                                nce_sampling=cfg.nce_sampling)
 
     @property
     def needs_teacher(self) -> bool:
@@ -58,6 +65,15 @@ class DistillationObjective(nn.Module):
             cosine = torch.zeros_like(teacher.logits, dtype=torch.float32)
         return fuse_logits(teacher.logits, cosine, c.fusion_alpha, c.clip_logit_scale)
 
+    def logit_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                   target: torch.Tensor) -> torch.Tensor:
+        """The unweighted logit term: KL (kd_form kl) or DKD times its warm-up factor (kd_form dkd)."""
+        c = self.cfg
+        if c.kd_form == "dkd":
+            return dkd_warmup(self.epoch, c.dkd_warmup_epochs) * dkd_loss(
+                student_logits, teacher_logits, target, c.dkd_alpha, c.dkd_beta, c.temperature, c.logit_stand)
+        return kd_loss(student_logits, teacher_logits, c.temperature, c.logit_stand)
+
     def forward(self, student: ModelOutput, target: torch.Tensor, teacher: Optional[TeacherOutputs],
                 index: torch.Tensor) -> dict[str, torch.Tensor]:
         c = self.cfg
@@ -70,8 +86,8 @@ class DistillationObjective(nn.Module):
             raise ValueError(f"loss.method={c.method} needs teacher outputs")
         if c.logit_weight > 0:
             name = "kd" if c.method == "kd" else "logit"
-            terms[name] = c.logit_weight * kd_loss(student.logits.float(), self.teacher_logits(teacher),
-                                                   c.temperature)
+            terms[name] = c.logit_weight * self.logit_loss(student.logits.float(), self.teacher_logits(teacher),
+                                                           target)
         if self.crd is not None:
             positions = self.row_position[index]
             terms["feat"] = c.feat_weight * self.crd(student.feat.float(), teacher.feat, teacher.clip_feat,

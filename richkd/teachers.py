@@ -40,24 +40,18 @@ class TeacherSource:
         return clip_feat @ self.class_embeddings.t()
 
 
-class CachedTeachers(TeacherSource):
-    """Official RichKD behaviour: outputs of the clean (un-augmented) image, looked up by dataset index.
+class CachedRows:
+    """Rows of memory-mapped fp16 cache arrays for a batch, by dataset row (and cached view), as fp32 tensors.
 
-    The memory-mapped fp16 arrays are shared by every trial process on a node; only the rows of a batch are
-    copied (and upcast to fp32) per step. With V cached views (teaching.views) row `view * N + index` holds
-    the outputs for the view the student was shown; batches without views read view 0, the clean image.
+    The arrays are shared by every trial process on a node; only the rows of a batch are copied (and upcast)
+    per step. With V cached views (teaching.views) row `view * N + position` holds the outputs for the view the
+    student was shown; batches without views read view 0, the clean image.
     """
 
-    def __init__(self, logits: np.ndarray, feat: np.ndarray, clip_feat: Optional[np.ndarray],
-                 class_embeddings: Optional[torch.Tensor], device: torch.device, num_rows: int,
-                 rows: Optional[np.ndarray] = None) -> None:
-        self.logits, self.feat, self.clip_feat_rows = logits, feat, clip_feat
+    def __init__(self, num_rows: int, device: torch.device, rows: Optional[np.ndarray] = None) -> None:
         self.num_rows = num_rows      # cached rows per view
         self.rows = None if rows is None else np.asarray(rows)  # sorted dataset rows cached; None = 0..num_rows-1
         self.device = device
-        self.teacher_dim = int(feat.shape[1])
-        self.clip_dim = None if clip_feat is None else int(clip_feat.shape[1])
-        self.class_embeddings = None if class_embeddings is None else class_embeddings.to(device)
 
     def _positions(self, index: np.ndarray) -> np.ndarray:
         """Dataset rows -> positions in a cache that covers only some rows (a subset run)."""
@@ -70,10 +64,8 @@ class CachedTeachers(TeacherSource):
                                        "rows); rebuild it with `richkd cache`")
         return pos
 
-    def _rows(self, arr: np.ndarray, index: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(arr[index], dtype=np.float32)).to(self.device, non_blocking=True)
-
-    def __call__(self, batch: Batch, normalized_images: torch.Tensor) -> TeacherOutputs:
+    def read(self, batch: Batch, *arrays: Optional[np.ndarray]) -> list[Optional[torch.Tensor]]:
+        """The batch's rows of each array (None stays None), in batch order."""
         index = self._positions(batch.index_on_host().numpy())  # host copies: no device->host sync per step
         view = batch.view_on_host()
         if view is not None:
@@ -82,9 +74,30 @@ class CachedTeachers(TeacherSource):
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
         sorted_index = index[order]
-        logits = self._rows(self.logits, sorted_index)[inverse]
-        feat = self._rows(self.feat, sorted_index)[inverse]
-        clip_feat = None if self.clip_feat_rows is None else self._rows(self.clip_feat_rows, sorted_index)[inverse]
+        return [None if arr is None else
+                torch.from_numpy(np.asarray(arr[sorted_index], dtype=np.float32)).to(
+                    self.device, non_blocking=True)[inverse] for arr in arrays]
+
+
+class CachedTeachers(TeacherSource):
+    """Both teachers from the cache: outputs of the clean image (views 1) or of the student's cached view.
+
+    `teaching.mode: cached`, a speed option, not the official protocol (docs/method.md#teaching-protocol): with
+    one view both targets describe the clean image while the student sees a random crop; with V views the
+    student is shown exactly the cached view (FKD-style).
+    """
+
+    def __init__(self, logits: np.ndarray, feat: np.ndarray, clip_feat: Optional[np.ndarray],
+                 class_embeddings: Optional[torch.Tensor], device: torch.device, num_rows: int,
+                 rows: Optional[np.ndarray] = None) -> None:
+        self.logits, self.feat, self.clip_feat_rows = logits, feat, clip_feat
+        self.reader = CachedRows(num_rows, device, rows)
+        self.teacher_dim = int(feat.shape[1])
+        self.clip_dim = None if clip_feat is None else int(clip_feat.shape[1])
+        self.class_embeddings = None if class_embeddings is None else class_embeddings.to(device)
+
+    def __call__(self, batch: Batch, normalized_images: torch.Tensor) -> TeacherOutputs:
+        logits, feat, clip_feat = self.reader.read(batch, self.logits, self.feat, self.clip_feat_rows)
         return TeacherOutputs(logits, feat, clip_feat, self._cosine(clip_feat))
 
 
@@ -105,36 +118,49 @@ class OnlineTeachers(TeacherSource):
         return TeacherOutputs(out.logits.float(), out.feat.float(), clip_feat, self._cosine(clip_feat))
 
 
-def build_teacher_source(cfg: Config, data, device: torch.device) -> Optional[TeacherSource]:
-    """None for supervised runs; otherwise cached or online teachers as cfg.teaching.mode says."""
+class OfficialTeachers(TeacherSource):
+    """The official RichKD protocol: the conventional teacher runs online on the student's augmented view,
+    CLIP's outputs of the clean image are read from the cache by row index (docs/method.md#teaching-protocol).
+
+    `clip_feat` is None when the run uses no CLIP term (e.g. the alpha-only control): only the teacher runs.
+    """
+
+    def __init__(self, teacher: torch.nn.Module, clip_feat: Optional[np.ndarray],
+                 class_embeddings: Optional[torch.Tensor], device: torch.device, num_rows: int,
+                 rows: Optional[np.ndarray] = None) -> None:
+        self.teacher, self.clip_feat_rows = teacher, clip_feat
+        self.reader = CachedRows(num_rows, device, rows)
+        self.teacher_dim = int(teacher.feat_dim)
+        self.clip_dim = None if clip_feat is None else int(clip_feat.shape[1])
+        self.class_embeddings = None if class_embeddings is None else class_embeddings.to(device)
+
+    @torch.no_grad()
+    def __call__(self, batch: Batch, normalized_images: torch.Tensor) -> TeacherOutputs:
+        out = self.teacher(normalized_images)
+        (clip_feat,) = self.reader.read(batch, self.clip_feat_rows)
+        return TeacherOutputs(out.logits.float(), out.feat.float(), clip_feat, self._cosine(clip_feat))
+
+
+def build_teacher_source(cfg: Config, data, device: torch.device, split: str = "train",
+                         reuse: Optional[TeacherSource] = None) -> Optional[TeacherSource]:
+    """None for supervised runs; otherwise the source teaching.mode names, reading the `split`'s caches.
+
+    split "test" serves the final analysis of the test split (richkd.analysis); `reuse` is the run's training
+    source, whose loaded networks (teacher, CLIP) are reused instead of being loaded again.
+    """
     if cfg.loss.method == "supervised":
         return None
-    cache_dir = Path(cfg.teaching.cache_dir)
-    class_emb = cache_mod.class_embeddings(cfg, data.class_names, device=device) if cfg.uses_clip else None
-    if cfg.teaching.mode == "cached":
-        ident = cache_mod.dataset_identity(data, "train")
-        cached = cache_mod.cached_rows(data, "train")
-        n = len(cached)
-        rows = n * cfg.teaching.views
-        teacher = cache_mod.read_entry(cache_mod.teacher_entry(cfg, ident, "train", cache_dir), cache_dir,
-                                       expect_rows={"logits": rows, "feat": rows, "rows": n})
-        clip_feat = None
-        if cfg.uses_clip:
-            clip_feat = cache_mod.read_entry(cache_mod.clip_image_entry(cfg, ident, "train", cache_dir), cache_dir,
-                                             expect_rows={"feat": rows, "rows": n})["feat"]
-            _check_clip_dim(clip_feat.shape[1], class_emb)
-        if not np.array_equal(teacher["rows"], cached):
-            raise cache_mod.CacheError(f"the teacher cache in {cache_dir} covers other rows than this run reads; "
-                                       "delete it and rebuild with `richkd cache`")
-        return CachedTeachers(teacher["logits"], teacher["feat"], clip_feat, class_emb, device, num_rows=n,
-                              rows=None if n == len(data.train_clean) else cached)
-
-    from richkd.models import load_teacher
-
-    model, sha = load_teacher(cfg.teacher.arch, cfg.teacher.checkpoint, data.num_classes)
-    model.to(device)
-    if cfg.train.channels_last:  # its input is the student's, already channels_last (measured 1.27x forward)
-        model.to(memory_format=torch.channels_last)
+    mode = cfg.teaching.mode
+    if isinstance(reuse, OnlineTeachers):
+        return reuse  # it runs on whatever batch it is given
+    class_emb = (reuse.class_embeddings if reuse is not None else
+                 cache_mod.class_embeddings(cfg, data.class_names, device=device) if cfg.uses_clip else None)
+    if mode == "cached":
+        return _read_cached(cfg, data, split, device, class_emb, teacher=True)
+    if mode == "official":
+        model = reuse.teacher if isinstance(reuse, OfficialTeachers) else _load_teacher(cfg, data, device)
+        clip_feat, n, rows = _read_cached(cfg, data, split, device, class_emb, teacher=False)
+        return OfficialTeachers(model, clip_feat, class_emb, device, num_rows=n, rows=rows)
     clip = None
     if cfg.uses_clip:
         from richkd.clip import load_clip
@@ -144,7 +170,47 @@ def build_teacher_source(cfg: Config, data, device: torch.device) -> Optional[Te
         visual = getattr(clip.model, "visual", None)
         if cfg.train.channels_last and visual is not None and is_conv_tower(visual):
             visual.to(memory_format=torch.channels_last)
-    return OnlineTeachers(model, clip, class_emb, device)
+    return OnlineTeachers(_load_teacher(cfg, data, device), clip, class_emb, device)
+
+
+def _load_teacher(cfg: Config, data, device: torch.device) -> torch.nn.Module:
+    from richkd.models import load_teacher
+
+    model, _ = load_teacher(cfg.teacher.arch, cfg.teacher.checkpoint, data.num_classes)
+    model.to(device)
+    if cfg.train.channels_last:  # its input is the student's, already channels_last (measured 1.27x forward)
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _read_cached(cfg: Config, data, split: str, device: torch.device, class_emb: Optional[torch.Tensor],
+                 teacher: bool):
+    """CachedTeachers over the split's caches (teacher=True), or (CLIP feature rows or None, rows per view,
+    cached rows or None) for the official protocol, which reads only CLIP from the cache."""
+    cache_dir = Path(cfg.teaching.cache_dir)
+    ident = cache_mod.dataset_identity(data, split)
+    cached = cache_mod.cached_rows(data, split)
+    n = len(cached)
+    rows = n * cfg.teaching.views
+    whole = len(data.train_clean if split == "train" else data.test_clean)
+    subset = None if n == whole else cached
+    entries = {}
+    if cfg.uses_clip:
+        entries["CLIP"] = cache_mod.read_entry(cache_mod.clip_image_entry(cfg, ident, split, cache_dir), cache_dir,
+                                               expect_rows={"feat": rows, "rows": n})
+        _check_clip_dim(entries["CLIP"]["feat"].shape[1], class_emb)
+    if teacher:
+        entries["teacher"] = cache_mod.read_entry(cache_mod.teacher_entry(cfg, ident, split, cache_dir), cache_dir,
+                                                  expect_rows={"logits": rows, "feat": rows, "rows": n})
+    for name, entry in entries.items():
+        if not np.array_equal(entry["rows"], cached):
+            raise cache_mod.CacheError(f"the {name} cache in {cache_dir} covers other rows than this run reads; "
+                                       "delete it and rebuild with `richkd cache`")
+    clip_feat = entries["CLIP"]["feat"] if "CLIP" in entries else None
+    if not teacher:
+        return clip_feat, n, subset
+    t = entries["teacher"]
+    return CachedTeachers(t["logits"], t["feat"], clip_feat, class_emb, device, num_rows=n, rows=subset)
 
 
 def is_conv_tower(visual: torch.nn.Module) -> bool:

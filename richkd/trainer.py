@@ -151,7 +151,12 @@ class Run:
         self.epoch = 0
         self.best_val_top1 = float("-inf")
         self.history: list[dict] = []
-        self._teacher_metrics: Optional[dict] = None
+        self._teacher_metrics: dict[str, dict] = {}
+        self._test_teachers = None
+        self.has_val = len(self.data.val) > 0
+        if not self.has_val:
+            log.warning("%s: no validation split (data.val_fraction %g): training on all %d training rows; this "
+                        "run reports no val_* metrics", cfg.name, cfg.data.val_fraction, len(self.train_set))
 
     # -- state --
     def state(self) -> dict:
@@ -200,6 +205,7 @@ class Run:
         lr = lr_at(epoch, cfg.optim, cfg.train.epochs)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        self.objective.epoch = epoch   # DKD's warm-up reads it
         self.student.train()
         self.objective.train()
         # A per-epoch loader seed makes the sample order a function of (seed, epoch): resume is exact.
@@ -264,27 +270,43 @@ class Run:
         return val_robustness_metrics(self.student, self.data.val, self.data.mean, self.data.std, self.device,
                                       self.cfg.robustness, batch_size=self.cfg.data.eval_batch_size)
 
-    def teacher_metrics(self) -> dict:
-        """Frozen-teacher analysis on the validation split, computed once (teachers do not change)."""
-        if self._teacher_metrics is None:
+    def test_teachers(self):
+        """The teacher source for the test split (final runs only): cached modes read the test split's caches,
+        which `prepare_caches(cfg, splits=("train", "test"))` builds; a missing one fails here, before training."""
+        if self._test_teachers is None and self.teachers is not None:
+            from richkd.teachers import build_teacher_source
+
+            self._test_teachers = build_teacher_source(self.cfg, self.data, self.device, split="test",
+                                                       reuse=self.teachers)
+        return self._test_teachers
+
+    def teacher_metrics(self, split: str = "val") -> dict:
+        """Frozen-teacher analysis (the paper's Fig. 1 quantities) on a split, computed once per split (teachers
+        do not change). The test split is analysed only in final runs."""
+        if split not in self._teacher_metrics:
             from richkd.analysis import teacher_analysis
 
-            self._teacher_metrics = ({} if self.teachers is None else
-                                     teacher_analysis(self.cfg, self.data, self.teachers, self.objective,
-                                                      self.device))
-        return self._teacher_metrics
+            source = self.test_teachers() if split == "test" else self.teachers
+            self._teacher_metrics[split] = ({} if source is None else
+                                            teacher_analysis(self.cfg, self.data, source, self.objective,
+                                                             self.device, split=split))
+        return self._teacher_metrics[split]
 
     def train(self, on_epoch: Optional[Callable[[EpochReport], None]] = None, final: bool = False,
               stop_after_epoch: Optional[int] = None) -> TrainResult:
         cfg = self.cfg
         last_epoch = cfg.train.epochs if stop_after_epoch is None else min(stop_after_epoch, cfg.train.epochs)
         metrics: dict = self.history[-1] if self.history else {}
+        if final:
+            self.test_teachers()   # a missing test cache is an error now, not after the last epoch
         while self.epoch < last_epoch:
             epoch = self.epoch + 1
             started = time.perf_counter()
             metrics = {"epoch": epoch, **self.train_one_epoch(epoch)}
             metrics["epoch_time_s"] = time.perf_counter() - started
-            if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
+            if not self.has_val:
+                pass  # data.val_fraction 0: nothing to validate on (a sweep refuses this)
+            elif epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
                 metrics.update(self.evaluate("val"))
                 metrics.update(self.teacher_metrics())
                 if cfg.robustness.enabled:
@@ -292,7 +314,8 @@ class Run:
                 self.best_val_top1 = max(self.best_val_top1, metrics["val_top1"])
             elif self.history:  # keep the metric present in every report (Tune requires it)
                 metrics.update({k: v for k, v in self.history[-1].items() if k.startswith("val_")})
-            metrics["best_val_top1"] = self.best_val_top1
+            if self.has_val:
+                metrics["best_val_top1"] = self.best_val_top1
             self.epoch = epoch
             self.history.append(metrics)
             log.info("epoch %d/%d: %s", epoch, cfg.train.epochs, _short(metrics))
@@ -302,10 +325,10 @@ class Run:
                 atomic_torch_save(self.state(), Path(cfg.train.checkpoint_dir) / "last.pt")
             if on_epoch is not None:
                 on_epoch(EpochReport(epoch, dict(metrics), self.state))
-        result = TrainResult(metrics=metrics, best_val_top1=self.best_val_top1, epochs_run=self.epoch,
-                             history=list(self.history))
-        if final:
-            result.test_metrics = self.evaluate("test")
+        result = TrainResult(metrics=metrics, best_val_top1=self.best_val_top1 if self.has_val else float("nan"),
+                             epochs_run=self.epoch, history=list(self.history))
+        if final:  # the last epoch's student, never a selected epoch; plus the teachers' Fig. 1 analysis
+            result.test_metrics = {**self.evaluate("test"), **self.teacher_metrics("test")}
         return result
 
 

@@ -11,6 +11,22 @@ def test_defaults_are_the_official_richkd_recipe():
             cfg.loss.ce_weight) == (0.7, 3.0, 3.0, 0.8, 1.0)
     assert cfg.optim.milestones == (150, 180, 210) and cfg.train.epochs == 240
     assert cfg.loss.resolved_feat_lambda == 0.7  # tied to alpha, like the official code
+    assert cfg.clip.clean_class_names is False   # "aquarium_fish", as the official code's prompts
+    assert (cfg.loss.kd_form, cfg.loss.logit_stand, cfg.loss.nce_sampling) == ("kl", False, "other_class")
+    # mdistiller's DKD settings for CIFAR-100, used when kd_form is dkd
+    assert (cfg.loss.dkd_alpha, cfg.loss.dkd_beta, cfg.loss.dkd_warmup_epochs) == (1.0, 8.0, 20)
+
+
+def test_fidelity_keys_are_searchable_and_checked():
+    keys = set(dotted_keys())
+    assert {"loss.kd_form", "loss.dkd_alpha", "loss.dkd_beta", "loss.dkd_warmup_epochs", "loss.logit_stand",
+            "loss.nce_sampling", "teaching.mode"} <= keys
+    assert Config().with_overrides({"teaching.mode": "official"}).teaching.mode == "official"
+    with pytest.raises(ConfigError, match=r"teaching.views: cached views need teaching.mode=cached \(official"):
+        Config().with_overrides({"teaching.mode": "official", "teaching.views": 4})
+    assert Config().with_overrides({"data.val_fraction": 0}).data.val_fraction == 0
+    with pytest.raises(ConfigError, match="robustness.enabled: robustness metrics are measured on the validation"):
+        Config().with_overrides({"data.val_fraction": 0, "robustness.enabled": True})
 
 
 def test_unknown_top_level_key_suggests_nearest():

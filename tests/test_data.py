@@ -110,11 +110,14 @@ def test_sample_caps(tiny_cifar):
                                                              max_train_samples=10)).train.indices)
 
 
-def test_zero_val_fraction_is_refused_model_selection_needs_it(tiny_cifar):
+def test_zero_val_fraction_trains_on_the_whole_split_with_no_validation_rows(tiny_cifar):
     from richkd.config import ConfigError
 
-    with pytest.raises(ConfigError, match="data.val_fraction"):
-        cifar_cfg(tiny_cifar["root"], val_fraction=0.0)
+    b = build_data(cifar_cfg(tiny_cifar["root"], val_fraction=0.0))   # a final run (richkd finalize) uses it
+    assert len(b.val) == 0 and torch.equal(b.train.indices, torch.arange(60))
+    for bad in (-0.1, 0.9):
+        with pytest.raises(ConfigError, match=r"data.val_fraction: .* expected a value in \[0.0, 0.9\)"):
+            cifar_cfg(tiny_cifar["root"], val_fraction=bad)
     assert len(make_loader(torch.utils.data.TensorDataset(torch.zeros(0)), 8, False, 0)) == 0
 
 

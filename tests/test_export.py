@@ -160,3 +160,26 @@ def test_finalize_retrains_the_top_config_over_seeds_on_the_test_split(smoke, tm
     assert sorted(r.data.params["seed"] for r in seeds) == ["0", "1"]
     assert all(r.data.params["train.epochs"] == "1" for r in seeds)
     assert "finalist1_test_top1_mean" in client.get_run(smoke["parent_run_id"]).data.metrics
+    # the whole training split by default (the sweep held out 25%), so no validation number exists
+    assert all(r.data.params["data.val_fraction"] == "0.0" for r in seeds)
+    assert all(math.isnan(v) for v in fin.val_top1)
+    # the teachers' Fig. 1 analysis on the test split, logged per seed and shown in the summary
+    assert {"teacher_test_confident_correct_pct", "fused_test_confidently_wrong_pct"} <= set(fin.teachers)
+    assert all("final_fused_test_confident_correct_pct" in r.data.metrics for r in seeds)
+    from richkd.tune.finalize import describe_finalize
+
+    text = describe_finalize(result)
+    assert (f"confident-correct {fin.teachers['teacher_test_confident_correct_pct']:.1f}% -> "
+            f"{fin.teachers['fused_test_confident_correct_pct']:.1f}%") in text
+
+
+def test_finalize_with_holdout_keeps_the_sweeps_validation_split(smoke, tmp_path, capsys):
+    from richkd.cli import main
+
+    code = main(["finalize", smoke["name"], "--storage", smoke["storage"], "--top", "1", "--seeds", "1",
+                 "--set", "train.epochs=1", "--out", str(tmp_path), "--holdout"])
+    assert code == 0
+    with open(tmp_path / "finalists.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert 0.0 <= float(rows[0]["val_top1"]) <= 100.0      # a real validation number: the split was kept
+    assert "test split, teacher -> fused teacher: confident-correct" in capsys.readouterr().out

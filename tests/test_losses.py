@@ -64,10 +64,11 @@ def _targets():
     return torch.tensor(cls)[torch.randperm(len(cls), generator=g)]
 
 
-def test_negatives_come_only_from_other_classes_and_cover_them_uniformly():
+@pytest.mark.parametrize("sampling", ["other_class", "uniform"])
+def test_negatives_come_only_from_other_classes_and_cover_them_uniformly(sampling):
     targets = _targets()
     n = targets.numel()
-    mem = ContrastMemory(4, targets, nce_k=8)          # class 2 has 16 - 7 = 9 others
+    mem = ContrastMemory(4, targets, nce_k=8, sampling=sampling)          # class 2 has 16 - 7 = 9 others
     torch.manual_seed(0)
     index = torch.arange(n)
     counts = torch.zeros(n, n)
@@ -88,14 +89,37 @@ def test_negatives_come_only_from_other_classes_and_cover_them_uniformly():
         assert (c - expected).abs().max() < 0.5 * expected   # loose uniformity (>= 160 draws per cell)
 
 
-def test_sampling_is_reproducible_under_manual_seed():
-    mem = ContrastMemory(4, _targets(), nce_k=5)
+@pytest.mark.parametrize("sampling", ["other_class", "uniform"])
+def test_sampling_is_reproducible_under_manual_seed(sampling):
+    mem = ContrastMemory(4, _targets(), nce_k=5, sampling=sampling)
     index = torch.tensor([0, 3, 7])
     torch.manual_seed(11)
     a = mem.sample(index)
     torch.manual_seed(11)
     b = mem.sample(index)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("keys_per_chunk", [1 << 24, 20])   # 20: one sample per chunk of keys
+def test_other_class_sampling_draws_k_distinct_rows_per_sample(monkeypatch, keys_per_chunk):
+    """The official CRD dataset's draw: K rows of other classes WITHOUT replacement for every sample; the
+    uniform sampler draws with replacement (with K = 8 of 9 rows, repeats are all but certain)."""
+    import richkd.losses.crd as crd
+
+    monkeypatch.setattr(crd, "_KEYS_PER_CHUNK", keys_per_chunk)
+    targets = _targets()
+    index = torch.arange(targets.numel()).repeat(4)
+    torch.manual_seed(0)
+    distinct = ContrastMemory(4, targets, nce_k=8).sample(index)[:, 1:]
+    assert all(len(set(row)) == 8 for row in distinct.tolist())
+    assert not (targets[distinct] == targets[index].unsqueeze(1)).any()
+    iid = ContrastMemory(4, targets, nce_k=8, sampling="uniform").sample(index)[:, 1:]
+    assert any(len(set(row)) < 8 for row in iid.tolist())
+    # class 2 has exactly 9 other rows: 8 distinct of them leave out exactly one, a different one across draws
+    rows2 = (targets == 2).nonzero().flatten()
+    left_out = {tuple(sorted(set((targets != 2).nonzero().flatten().tolist()) - set(row)))
+                for row in distinct[torch.isin(index, rows2)].tolist()}
+    assert all(len(x) == 1 for x in left_out) and len(left_out) > 1
 
 
 def test_nce_k_too_large_is_a_clear_error():

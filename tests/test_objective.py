@@ -48,3 +48,15 @@ def test_alpha_only_control_and_alpha_one_reduce_to_kd(richkd_cfg):
     t = _teacher(z_t, cos)
     assert torch.allclose(alpha_one(student, target, t, torch.arange(5))["logit"],
                           kd(student, target, t, torch.arange(5))["kd"])
+
+
+@pytest.mark.parametrize("sampling", ["other_class", "uniform"])
+def test_the_crd_term_samples_negatives_as_configured(richkd_cfg, sampling):
+    loss = dataclasses.replace(richkd_cfg.loss, nce_sampling=sampling, nce_k=8)
+    obj = DistillationObjective(loss, student_dim=8, teacher_dim=4, train_targets=torch.arange(40) % 4,
+                                train_rows=torch.arange(40))
+    assert obj.crd.contrast.sampling == sampling
+    torch.manual_seed(0)
+    negatives = obj.crd.contrast.sample(torch.arange(40).repeat(20))[:, 1:]
+    repeats = any(len(set(row)) < 8 for row in negatives.tolist())
+    assert repeats == (sampling == "uniform")   # 8 of 30 rows: i.i.d. draws repeat, distinct ones never

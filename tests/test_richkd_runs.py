@@ -42,3 +42,37 @@ def test_empty_and_malformed_prompt_files(richkd_cfg, tmp_path):
         path.write_text(text)
         with pytest.raises(ConfigError, match=message):
             check_resources(richkd_cfg.with_overrides({"clip.prompt_set": str(path)}))
+
+
+def test_a_final_run_on_the_whole_split_reports_the_teachers_test_analysis(richkd_cfg):
+    """data.val_fraction 0 (what `richkd finalize` runs): every row trains (and fills the CRD bank), no val_*
+    metric exists, and the test split gets the teachers' Fig. 1 analysis from the test caches."""
+    import torch
+
+    from richkd.cache import CacheError
+    from richkd.data import build_data, make_loader, normalize
+    from richkd.models import load_teacher
+
+    cfg = richkd_cfg.with_overrides({"data.val_fraction": 0.0})
+    prepare_caches(cfg)
+    run = Run(cfg)
+    with pytest.raises(CacheError, match="missing"):   # the test caches: refused before the first epoch
+        run.train(final=True)
+    assert run.epoch == 0
+    prepare_caches(cfg, splits=("train", "test"))
+    assert len(run.train_set) == 600 and run.objective.crd.num_data == 600 and not run.has_val
+    result = run.train(final=True)
+    assert not any(k.startswith(("val_", "best_val", "teacher_", "fused_")) for k in result.metrics)
+    assert np.isnan(result.best_val_top1)
+    test = result.test_metrics
+    assert 0 <= test["test_top1"] <= 100
+    for who in ("teacher", "fused"):
+        for key in ("test_top1", "test_ece", "test_confident_correct_pct", "test_confidently_wrong_pct"):
+            assert np.isfinite(test[f"{who}_{key}"]), (who, key)
+    # the cached teacher's test accuracy is the teacher network's own (fp16 cache: a tie may flip)
+    model, _ = load_teacher(cfg.teacher.arch, cfg.teacher.checkpoint, 10)
+    data = build_data(cfg.data)
+    with torch.no_grad():
+        correct = sum(int((model(normalize(b.image, data.mean, data.std)).logits.argmax(1) == b.target).sum())
+                      for b in make_loader(data.test, 100, shuffle=False, seed=0))
+    assert test["teacher_test_top1"] == pytest.approx(100.0 * correct / len(data.test), abs=1.0)

@@ -91,3 +91,22 @@ def test_channels_last_trains_the_same_model(tmp_path):
     b = run_training(tiny_cfg(tmp_path, **{"train.epochs": 1, "train.channels_last": True}))
     assert b.metrics["train_loss"] == pytest.approx(a.metrics["train_loss"], rel=1e-3)
     assert b.metrics["val_loss"] == pytest.approx(a.metrics["val_loss"], rel=1e-2)  # SGD amplifies reorderings
+
+
+@needs_fmnist
+def test_zero_val_fraction_run_says_it_has_no_validation_metrics(tmp_path, capsys):
+    import json
+
+    from richkd.cli import main
+
+    cfg = tiny_cfg(tmp_path, **{"data.val_fraction": 0.0, "train.epochs": 1})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(cfg.to_yaml())
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "out"), "--final", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert ("data.val_fraction is 0: training on the whole training split (192 rows); no validation metrics are "
+            "reported") in out
+    assert "done: no validation split, test top-1 " in out and "(last epoch)" in out
+    saved = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert not any(k.startswith(("val_", "best_val")) for k in saved["metrics"])
+    assert 0 <= saved["test_metrics"]["test_top1"] <= 100

@@ -66,10 +66,11 @@ def _progress(total: int, desc: str):
 
 def prepare_caches(cfg: Config, progress: bool = False, device: Optional[str] = None,
                    splits: tuple[str, ...] = ("train",)) -> list[Path]:
-    """Build every missing cache entry the config reads in cached teaching; return the entry folders.
+    """Build every missing cache entry the config reads; return the entry folders.
 
-    A no-op for supervised runs and online teaching (except the small text classifier, which online CLIP
-    teaching also reads). Cheap when everything exists: only manifests are checked.
+    cached teaching reads the teacher's and CLIP's image outputs, official teaching CLIP's only (its teacher
+    runs online), online teaching neither; all read the small text classifier when CLIP is used. A no-op for
+    supervised runs. Cheap when everything exists: only manifests are checked.
     """
     if cfg.loss.method == "supervised":
         return []
@@ -87,8 +88,8 @@ def prepare_caches(cfg: Config, progress: bool = False, device: Optional[str] = 
         ident = dataset_identity(data, split)
         if cfg.teaching.mode == "cached":
             built.append(_ensure_teacher(cfg, data, dataset, ident, split, cache_dir, dev, progress))
-            if cfg.uses_clip:
-                built.append(_ensure_clip_image(cfg, dataset, ident, split, cache_dir, dev, progress))
+        if cfg.teaching.mode in ("cached", "official") and cfg.uses_clip:
+            built.append(_ensure_clip_image(cfg, dataset, ident, split, cache_dir, dev, progress))
     if cfg.uses_clip:
         built.append(_ensure_clip_text(cfg, data.class_names, cache_dir, dev))
     return built

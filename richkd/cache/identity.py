@@ -19,7 +19,9 @@ from richkd.cache.entries import CacheEntry, CacheError
 from richkd.config import ClipConfig, Config
 from richkd.io import OutputError, atomic_write_text, sha256_file
 
-CLEAN_VIEW = "clean"  # the un-augmented image: the official code's cached behaviour (docs/method.md#teaching-protocol)
+# The un-augmented, centred image. The official code caches CLIP's outputs of it (teaching.mode official);
+# cached teaching with one view also reads the teacher's (docs/method.md#teaching-protocol).
+CLEAN_VIEW = "clean"
 # Bumped whenever richkd.clip's image preprocessing changes, so old CLIP image caches are not reused.
 CLIP_PREPROCESS_VERSION = "torch-bicubic-antialias-v1"
 

@@ -88,7 +88,7 @@ def cmd_finalize(args: argparse.Namespace) -> int:
 
     result = finalize_sweep(args.sweep, top=args.top, seeds=args.seeds, storage=args.storage,
                             tracking_uri=args.tracking_uri, overrides=args.set, progress=interactive(),
-                            out_dir=args.out)
+                            out_dir=args.out, holdout=args.holdout)
     print(describe_finalize(result))
     return 0
 
@@ -167,6 +167,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for the final runs, e.g. --set train.epochs=240")
     p.add_argument("--out", help="output folder (default: the sweep's folder)")
+    p.add_argument("--holdout", action="store_true",
+                   help="keep the sweep's validation hold-out (default: train on the whole training split)")
     add_storage_args(p)
     p.set_defaults(func=cmd_finalize)
 

@@ -30,16 +30,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = cfg.with_overrides({"train.checkpoint_dir": str(out_dir)})
     check_resources(cfg)
     progress = interactive() and not args.quiet
-    prepare_caches(cfg, progress=progress)
+    prepare_caches(cfg, progress=progress, splits=("train", "test") if args.final else ("train",))
     run = Run(cfg, progress=progress)
+    if not run.has_val:
+        print(f"data.val_fraction is {cfg.data.val_fraction:g}: training on the whole training split "
+              f"({len(run.train_set)} rows); no validation metrics are reported"
+              + ("" if args.final else " (add --final for the test split)"), flush=True)
     if resume is not None:
         run.load_state(resume)
         print(f"resumed from {args.resume} at epoch {run.epoch}")
 
     def on_epoch(report) -> None:
         m = report.metrics
-        print(f"epoch {m['epoch']:>3}/{cfg.train.epochs}  loss {m['train_loss']:.4f}  "
-              f"val top-1 {m.get('val_top1', float('nan')):.2f}%  ({m['epoch_time_s']:.1f}s)", flush=True)
+        val = f"  val top-1 {m['val_top1']:.2f}%" if "val_top1" in m else ""
+        print(f"epoch {m['epoch']:>3}/{cfg.train.epochs}  loss {m['train_loss']:.4f}{val}  "
+              f"({m['epoch_time_s']:.1f}s)", flush=True)
 
     from richkd.trainer import NonFiniteLossError
 
@@ -49,10 +54,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError(f"{exc}; the last checkpoint in {cfg.train.checkpoint_dir} is from the last finite epoch "
                         "(none if it was epoch 1)") from None
     model_path = save_run_outputs(run, result, out_dir)
-    line = f"done: val top-1 {result.metrics.get('val_top1', float('nan')):.2f}%"
+    m = result.metrics
+    parts = [f"val top-1 {m['val_top1']:.2f}%" if "val_top1" in m else "no validation split"]
     if result.test_metrics:
-        line += f", test top-1 {result.test_metrics['test_top1']:.2f}%"
-    print(f"{line}; model {model_path}")
+        parts.append(f"test top-1 {result.test_metrics['test_top1']:.2f}% (last epoch)")
+    print(f"done: {', '.join(parts)}; model {model_path}")
     return 0
 
 

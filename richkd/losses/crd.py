@@ -17,6 +17,9 @@ from richkd.fusion import fuse_features
 __all__ = ["EmbedHead", "ContrastMemory", "nce_loss", "FusedCRD"]
 
 _SCORE_MODES = ("auto", "dense", "gather")
+_SAMPLINGS = ("other_class", "uniform")
+# other_class draws keep at most this many random keys (B_chunk x N) in memory at once
+_KEYS_PER_CHUNK = 1 << 24
 
 
 class EmbedHead(nn.Module):
@@ -42,9 +45,11 @@ def nce_loss(log_p: torch.Tensor, num_data: int) -> torch.Tensor:
         num_data: N, size of the memory bank; the noise distribution is uniform, ``Pn = 1/N``.
 
     Value: ``-[sum_i log(P_pos/(P_pos + K Pn)) + sum_i sum_neg log(K Pn/(P_neg + K Pn))] / B``.
-    Written with softplus in log space (``log(P/(P+c)) = -softplus(log c - log P)``), which is the
-    same value as the official code without its ``eps=1e-7`` (it only matters when ``K/N`` is tiny) and
-    cannot overflow for a small NCE temperature.
+    Written with softplus in log space (``log(P/(P+c)) = -softplus(log c - log P)``), which cannot overflow
+    for a small NCE temperature. The official code adds ``eps = 1e-7`` to each denominator ``P + K/N``. Both
+    terms of that sum scale as 1/N (``P = exp(score)/Z`` with ``Z = mean(exp) * N``, and ``K Pn = K/N``), so
+    the constant eps is an offset of relative size about ``eps * N / (K + N P)``: it grows with the number of
+    rows N, not with K (about 3e-7 for CIFAR-100 and 1e-5 for ImageNet at K = 16384). It is left out here.
     """
     batch, cols = log_p.shape
     k = cols - 1
@@ -66,14 +71,17 @@ class ContrastMemory(nn.Module):
     ``class_order`` (N, dataset rows sorted by class), ``class_start`` and ``class_count`` (C,).
 
     Negatives reproduce CRD's ``"exact"`` mode (K negatives from OTHER classes,
-    docs/method.md#feature-fusion-and-crd), sampled here on the memory's device instead of by the dataset. They are
-    drawn uniformly WITH replacement (i.i.d. from the noise distribution restricted to other classes, like
-    mdistiller's ``AliasMethod`` draw); the CRD dataset draws without replacement. The draw uses the global RNG of
-    the buffers' device, so runs are reproducible under ``torch.manual_seed``.
+    docs/method.md#feature-fusion-and-crd), sampled here on the memory's device instead of by the dataset.
+    ``sampling="other_class"`` (default) draws K distinct other-class rows per sample, i.e. without replacement,
+    as the official CRD dataset does; ``"uniform"`` draws them i.i.d. WITH replacement over the other-class rows
+    (the noise distribution the NCE loss assumes, like mdistiller's ``AliasMethod`` draw restricted to other
+    classes), which is cheaper. The draw uses the global RNG of the buffers' device, so runs are reproducible
+    under ``torch.manual_seed``.
     """
 
     def __init__(self, feat_dim: int, train_targets: torch.Tensor, nce_k: int,
-                 temperature: float = 0.07, momentum: float = 0.5, score_mode: str = "auto") -> None:
+                 temperature: float = 0.07, momentum: float = 0.5, score_mode: str = "auto",
+                 sampling: str = "other_class") -> None:
         super().__init__()
         targets = torch.as_tensor(train_targets).detach().to("cpu")
         if targets.dim() != 1 or targets.numel() == 0 or targets.is_floating_point() or targets.is_complex():
@@ -84,6 +92,8 @@ class ContrastMemory(nn.Module):
             raise ValueError("ContrastMemory: train_targets contains negative class ids")
         if score_mode not in _SCORE_MODES:
             raise ValueError(f"ContrastMemory: score_mode={score_mode!r} is not one of {', '.join(_SCORE_MODES)}")
+        if sampling not in _SAMPLINGS:
+            raise ConfigError(f"loss.nce_sampling: {sampling!r} is not one of {', '.join(_SAMPLINGS)}")
         nce_k = int(nce_k)
         if nce_k < 1:
             raise ConfigError(f"loss.nce_k: {nce_k} must be at least 1")
@@ -106,6 +116,7 @@ class ContrastMemory(nn.Module):
         self.nce_k = nce_k
         self.temperature = float(temperature)
         self.momentum = float(momentum)
+        self.sampling = sampling
         # Scores from the full bank (one (B, N) matmul) avoid materialising the (B, K+1, d) gather, which is
         # 0.5 GB per side for CIFAR (B=64, K=16384, d=128); the gather wins when N >> K (e.g. ImageNet).
         self.score_mode = score_mode
@@ -127,7 +138,8 @@ class ContrastMemory(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_data={self.num_data}, feat_dim={self.feat_dim}, nce_k={self.nce_k}, "
-                f"temperature={self.temperature}, momentum={self.momentum}, score_mode={self.score_mode}")
+                f"temperature={self.temperature}, momentum={self.momentum}, score_mode={self.score_mode}, "
+                f"sampling={self.sampling}")
 
     @property
     def _dense(self) -> bool:
@@ -136,22 +148,56 @@ class ContrastMemory(nn.Module):
         return self.score_mode == "dense"
 
     def sample(self, index: torch.Tensor) -> torch.Tensor:
-        """Contrast indices (B, K+1): column 0 is ``index`` (the positive), then K rows of other classes.
+        """Contrast indices (B, K+1): column 0 is ``index`` (the positive), then K rows of other classes."""
+        index = index.to(self.class_of.device).long()
+        if self.sampling == "other_class":
+            negatives = self._sample_distinct(index)
+        else:
+            negatives = self._sample_iid(index)
+        return torch.cat([index.unsqueeze(1), negatives], dim=1)
+
+    def _sample_distinct(self, index: torch.Tensor) -> torch.Tensor:
+        """(B, K) distinct other-class rows per sample: the K smallest of uniform keys over the other classes.
+
+        Ranking i.i.d. uniform keys gives a uniformly random K-subset (the first K of a random permutation).
+        Sample b with class c ranks keys for the M_c = N - count_c other-class positions of the class-sorted
+        rows, mapped as in `_sample_iid` (a key column r >= start_c skips class c's block); columns past M_c
+        (classes larger than the smallest) get key 2, above every draw. K < M_c is checked at construction.
+        Keys are drawn for a chunk of the batch at a time, at most 2^24 of them (64 MB).
+        """
+        y = self.class_of[index]
+        count = self.class_count[y].unsqueeze(1)
+        start = self.class_start[y].unsqueeze(1)
+        width = self.num_data - int(self.class_count[self.class_count > 0].min())
+        uneven = bool((self.class_count[self.class_count > 0] != self.class_count.max()).any())
+        columns = torch.arange(width, device=index.device)
+        chunk = max(1, _KEYS_PER_CHUNK // width)
+        parts = []
+        for lo in range(0, index.numel(), chunk):
+            hi = min(lo + chunk, index.numel())
+            keys = torch.rand(hi - lo, width, device=index.device)
+            if uneven:
+                keys.masked_fill_(columns >= (self.num_data - count[lo:hi]), 2.0)
+            parts.append(torch.topk(keys, self.nce_k, dim=1, largest=False, sorted=False).indices)
+        r = torch.cat(parts)
+        r.add_((r >= start).long().mul_(count))
+        return self.class_order.index_select(0, r.view(-1)).view_as(r)
+
+    def _sample_iid(self, index: torch.Tensor) -> torch.Tensor:
+        """(B, K) other-class rows drawn uniformly with replacement.
 
         Vectorised: with rows sorted by class, class c occupies positions [start_c, start_c + count_c), so a
         uniform draw r in [0, N - count_c) mapped to ``r + count_c * (r >= start_c)`` is a uniform position
         among the other classes. r = (u * n) >> bits with u uniform on [0, 2^bits) (multiply-shift, no
         integer division; the non-uniformity is below n / 2^bits <= 2^-30 relative).
         """
-        index = index.to(self.class_of.device).long()
         y = self.class_of[index]
         start = self.class_start[y].unsqueeze(1)
         count = self.class_count[y].unsqueeze(1)
         u = torch.randint(0, 2 ** self._bits, (index.numel(), self.nce_k), device=index.device)
         r = u.mul_(self.num_data - count).bitwise_right_shift_(self._bits)
         r.add_((r >= start).long().mul_(count))
-        negatives = self.class_order.index_select(0, r.view(-1)).view_as(r)
-        return torch.cat([index.unsqueeze(1), negatives], dim=1)
+        return self.class_order.index_select(0, r.view(-1)).view_as(r)
 
     def _logits(self, memory: torch.Tensor, v: torch.Tensor, contrast_index: torch.Tensor) -> torch.Tensor:
         """(B, K+1) ``memory[contrast_index[b, j]] . v[b] / tau``; gradients reach v, never the memory."""
@@ -222,12 +268,13 @@ class FusedCRD(nn.Module):
 
     def __init__(self, student_dim: int, teacher_dim: int, clip_dim: Optional[int], feat_dim: int,
                  train_targets: torch.Tensor, nce_k: int, nce_temperature: float = 0.07,
-                 nce_momentum: float = 0.5) -> None:
+                 nce_momentum: float = 0.5, nce_sampling: str = "other_class") -> None:
         super().__init__()
         self.embed_student = EmbedHead(student_dim, feat_dim)
         self.embed_teacher = EmbedHead(teacher_dim, feat_dim)
         self.embed_clip = EmbedHead(clip_dim, feat_dim) if clip_dim is not None else None
-        self.contrast = ContrastMemory(feat_dim, train_targets, nce_k, nce_temperature, nce_momentum)
+        self.contrast = ContrastMemory(feat_dim, train_targets, nce_k, nce_temperature, nce_momentum,
+                                       sampling=nce_sampling)
 
     @property
     def num_data(self) -> int:

@@ -3,7 +3,9 @@
 This is the only sweep command that reads the test split (run_training(final=True)); selection of the K
 configs used the validation split only. The sweep's shortened ASHA schedule misranks step-LR recipes at early
 rungs (docs/method.md, "Recipes"), so `finalize.overrides` in the spec (e.g. train.epochs: 240, optim.schedule: step)
-restore the paper's full schedule here. In a multi-objective sweep the finalists are Pareto-front members (the
+restore the paper's full schedule here. Finalists train on the whole training split (data.val_fraction 0, as the
+paper; `holdout=True` keeps the sweep's split) and report the last epoch's test top-1 and the teachers' Fig. 1
+analysis on the test split (docs/method.md#what-a-sweep-should-search). In a multi-objective sweep the finalists are Pareto-front members (the
 trade-offs the sweep found), in the order of the first objective; trials off the front are never re-run.
 """
 from __future__ import annotations
@@ -32,6 +34,7 @@ class FinalistResult:
     test_top1: list
     val_top1: list
     runs: list = field(default_factory=list)   # MLflow run ids per seed
+    teachers: dict = field(default_factory=dict)   # test-split Fig. 1 analysis (teacher_* / fused_*), seed-free
 
     @property
     def mean(self) -> float:
@@ -53,7 +56,7 @@ class FinalizeResult:
 def finalize_sweep(sweep: str, *, top: Optional[int] = None, seeds: Optional[int] = None,
                    storage: Optional[str] = None, tracking_uri: Optional[str] = None,
                    overrides: Mapping[str, Any] | Sequence[str] = (), progress: bool = False,
-                   out_dir: Optional[str] = None) -> FinalizeResult:
+                   out_dir: Optional[str] = None, holdout: bool = False) -> FinalizeResult:
     from richkd.cache import prepare_caches
     from richkd.config import ConfigError, parse_override
     from richkd.tune.selection import best_trial, load_sweep, output_dir
@@ -79,6 +82,8 @@ def finalize_sweep(sweep: str, *, top: Optional[int] = None, seeds: Optional[int
     results: list[FinalistResult] = []
     for rank, row in enumerate(chosen, start=1):
         cfg = row.config.with_overrides(spec.finalize.overrides)
+        if not holdout:  # the whole training split, as the paper (validation-only metrics go with the hold-out)
+            cfg = cfg.with_overrides({"data.val_fraction": 0.0, "robustness.enabled": False})
         if extra:
             cfg = cfg.with_overrides(extra)
         check_resources(cfg)
@@ -88,7 +93,7 @@ def finalize_sweep(sweep: str, *, top: Optional[int] = None, seeds: Optional[int
         group = tracker.start_finalist(rank, row, cfg) if tracker else None
         for seed in seeds_list:
             cfg_s = cfg.with_overrides({"seed": seed})
-            prepare_caches(cfg_s, progress=progress)
+            prepare_caches(cfg_s, progress=progress, splits=("train", "test"))
             run_id = tracker.start_seed(group, cfg_s, rank, row.trial_id, seed) if tracker else None
             on_epoch = tracker.epoch_logger(run_id) if tracker else None
             log.info("finalist %d (trial %s), seed %d: %d epochs", rank, row.trial_id, seed, cfg_s.train.epochs)
@@ -103,6 +108,7 @@ def finalize_sweep(sweep: str, *, top: Optional[int] = None, seeds: Optional[int
             fin.test_top1.append(float(test))
             fin.val_top1.append(float(result.metrics.get("val_top1", float("nan"))))
             fin.runs.append(run_id)
+            fin.teachers = {k: v for k, v in result.test_metrics.items() if k.startswith(("teacher_", "fused_"))}
             if tracker:
                 tracker.log(run_id, {f"final_{k}": v for k, v in result.test_metrics.items()})
                 tracker.end(run_id, "FINISHED")
@@ -139,6 +145,13 @@ def describe_finalize(result: FinalizeResult) -> str:
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fin.sampled.items())
         lines.append(f"  #{fin.rank} trial {fin.trial_id}: {fin.mean:.2f} ± {fin.std:.2f} "
                      f"(seeds {fin.seeds})  {shown}")
+        t = fin.teachers
+        if "fused_test_confident_correct_pct" in t:   # the paper's Fig. 1, on the test split
+            pct = {k: f"{v:.1f}%" for k, v in t.items()}
+            lines.append(f"     test split, teacher -> fused teacher: confident-correct "
+                         f"{pct['teacher_test_confident_correct_pct']} -> {pct['fused_test_confident_correct_pct']}, "
+                         f"confidently-wrong {pct['teacher_test_confidently_wrong_pct']} -> "
+                         f"{pct['fused_test_confidently_wrong_pct']}")
     lines.append(f"  {result.csv_path}")
     return "\n".join(lines)
 

@@ -152,6 +152,7 @@ def spec_from_mapping(raw: Mapping[str, Any], *, source: Optional[str] = None,
     base_cfg = _load_base_config(raw, base_dir or Path.cwd(), name)
     params = parse_space(raw.get("space") or {}, base_cfg)
     _check_cache_keys(params)
+    _check_validation_split(base_cfg, params)
     tune = parse_tune(raw.get("tune"))
     _check_tune_fits(tune, params, base_cfg)
     base_cfg = _enable_objective_metrics(base_cfg, tune, params)
@@ -267,6 +268,20 @@ def _check_cache_keys(params: Sequence[Param]) -> None:
             raise SpecError(f"space.{p.key}: {p.key} changes the teacher/CLIP caches, which are built once before "
                             f"the trials; sample it with `choice` (finite values), not `{p.sampler}` "
                             f"(cache-affecting prefixes: {', '.join(CACHE_AFFECTING_PREFIXES)})")
+
+
+def _check_validation_split(base: Config, params: Sequence[Param]) -> None:
+    """Every trial needs a validation split: a sweep ranks, prunes and selects trials on validation metrics."""
+    why = ("0 leaves no validation split, but a sweep ranks and selects trials on validation metrics (val_*); "
+           "use a value in (0, 0.9), e.g. 0.1 (`richkd finalize` trains the finalists on the whole split)")
+    if base.data.val_fraction == 0:
+        raise SpecError(f"config.data.val_fraction: {why}")
+    for p in params:
+        if "data.val_fraction" not in p.config_keys:
+            continue
+        values = [b.get("data.val_fraction") for b in p.variants.values()] if p.is_variant else p.corners()
+        if any(v == 0 for v in values if v is not None):
+            raise SpecError(f"space.{p.key}: data.val_fraction {why}")
 
 
 def _check_tune_fits(t: TuneSettings, params: Sequence[Param], base: Config) -> None:

@@ -117,6 +117,18 @@ def test_cifar_space_seeds_paper_defaults_and_alpha1_control(monkeypatch):
     assert spec.tune.search.algorithm == "optuna" and spec.tune.scheduler.type == "asha"
 
 
+def test_dkd_space_crosses_the_loss_form_with_alpha_at_mdistillers_settings(monkeypatch):
+    monkeypatch.chdir(REPO)
+    spec = load_spec(REPO / "search_spaces" / "richkd_dkd.yaml", check_resources=False, check_data=False)
+    assert spec.space_keys == ["kd_form", "loss.fusion_alpha", "seed"] and spec.tune.search.algorithm == "grid"
+    dkd = spec.trial_config({"kd_form": "DKD", "loss.fusion_alpha": 0.7, "seed": 0}).loss
+    assert (dkd.kd_form, dkd.dkd_alpha, dkd.dkd_beta, dkd.temperature, dkd.dkd_warmup_epochs, dkd.logit_weight) == (
+        "dkd", 1.0, 8.0, 4.0, 20, 1.0)
+    kl = spec.trial_config({"kd_form": "KL", "loss.fusion_alpha": 1.0, "seed": 0})
+    assert (kl.loss.kd_form, kl.loss.temperature, kl.loss.logit_weight, kl.uses_clip) == ("kl", 3.0, 3.0, False)
+    assert spec.finalize.overrides == {"teaching.mode": "official"}
+
+
 # ----- errors -------------------------------------------------------------------------------------------------
 
 def test_unknown_space_key_suggests_the_nearest(assets, tmp_path):
@@ -218,6 +230,28 @@ def test_choice_on_a_cache_key_is_fine_and_every_combination_is_probed(assets, t
     probes = spec.cache_probe_configs()
     combos = {(c.clip.prompt_set, c.data.batch_size) for c in probes if c.uses_clip}
     assert combos == {("simple", 32), ("simple", 64), ("single", 32), ("single", 64)}
+
+
+@pytest.mark.parametrize("where", ["config", "choice", "variant"])
+def test_zero_validation_fraction_is_refused_in_a_sweep(assets, tmp_path, where):
+    raw = base_spec(assets, tmp_path)
+    if where == "config":
+        raw["config"]["data"]["val_fraction"] = 0.0
+        prefix = "config.data.val_fraction: "
+    elif where == "choice":
+        raw["space"]["data.val_fraction"] = {"sampler": "choice", "values": [0.25, 0.0]}
+        prefix = "space.data.val_fraction: data.val_fraction "
+    else:
+        raw["space"]["split"] = {"sampler": "grid", "values": {"held": {"data.val_fraction": 0.25},
+                                                                "all": {"data.val_fraction": 0.0}}}
+        raw["tune"]["search"] = {"algorithm": "random"}
+        prefix = "space.split: data.val_fraction "
+    msg = error_of(raw)
+    assert msg.startswith(prefix + "0 leaves no validation split, but a sweep ranks and selects trials on "
+                          "validation metrics"), msg
+    raw = base_spec(assets, tmp_path)
+    raw["space"]["data.val_fraction"] = {"sampler": "choice", "values": [0.25, 0.5]}
+    assert load(raw).trial_config({"data.val_fraction": 0.5}).data.val_fraction == 0.5
 
 
 def test_searching_the_epochs_is_rejected(assets, tmp_path):
