@@ -210,39 +210,6 @@ def build_teacher(device: torch.device) -> torch.nn.Module:
     return model.to(device).eval().requires_grad_(False)
 
 
-def _sorted_rows(arr: np.ndarray, index: np.ndarray, device: torch.device) -> torch.Tensor:
-    """arr[index] read in sorted order (as CachedTeachers does), upcast to fp32, on device."""
-    order = np.argsort(index)
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(len(order))
-    rows = torch.from_numpy(np.asarray(arr[index[order]], dtype=np.float32))
-    return rows.to(device, non_blocking=True)[torch.from_numpy(inverse).to(device)]
-
-
-def official_teachers(teacher: torch.nn.Module, clip_rows: np.ndarray, class_emb: torch.Tensor,
-                      device: torch.device):
-    """The official RichKD code's behaviour: the teacher runs online on the student's view, CLIP is a lookup.
-
-    Composed from the product pieces: richkd.teachers.OnlineTeachers for the teacher (clip=None) plus the same
-    sorted memory-mapped read CachedTeachers does for the CLIP rows.
-    """
-    from richkd.teachers import OnlineTeachers, TeacherOutputs, TeacherSource
-
-    class OfficialTeachers(TeacherSource):
-        def __init__(self) -> None:
-            self.online = OnlineTeachers(teacher, None, None, device)
-            self.teacher_dim = self.online.teacher_dim
-            self.clip_dim = int(clip_rows.shape[1])
-            self.class_embeddings = class_emb.to(device)
-
-        def __call__(self, batch, normalized_images):
-            out = self.online(batch, normalized_images)
-            clip_feat = _sorted_rows(clip_rows, batch.index.cpu().numpy(), device)
-            return TeacherOutputs(out.logits, out.feat, clip_feat, self._cosine(clip_feat))
-
-    return OfficialTeachers()
-
-
 # ----- one trainer step ----------------------------------------------------------------------------------
 
 @dataclass
@@ -255,10 +222,12 @@ class StepSpec:
     nce_k: int = 16384
     amp: bool = False
     channels_last: bool = False
+    nce_sampling: str = "other_class"   # loss.nce_sampling of the L+F variant (+iid in the name: uniform)
 
     @property
     def name(self) -> str:
-        extra = "".join(s for s, on in (("+amp", self.amp), ("+cl", self.channels_last)) if on)
+        extra = "".join(s for s, on in (("+amp", self.amp), ("+cl", self.channels_last),
+                                        ("+iid", self.nce_sampling == "uniform")) if on)
         return f"{self.variant}/{self.mode}/{self.clip}{extra}"
 
 
@@ -277,7 +246,7 @@ class TrainBench:
         from richkd.data import make_loader
         from richkd.models import create_model
         from richkd.objective import DistillationObjective
-        from richkd.teachers import CachedTeachers, OnlineTeachers
+        from richkd.teachers import CachedTeachers, OfficialTeachers, OnlineTeachers
 
         shared = {} if shared is None else shared
         self.spec, self.device = spec, device
@@ -296,15 +265,17 @@ class TrainBench:
             if key not in shared:
                 shared[key] = build_clip(spec.clip, device, work_dir)
             self.teachers = OnlineTeachers(teacher, shared[key], class_emb, device)
-        elif spec.mode == "official":
-            self.teachers = official_teachers(teacher, caches[f"clip{clip_dim}"]["feat"], class_emb, device)
+        elif spec.mode == "official":  # the teacher online on the student's view, CLIP rows from the cache
+            self.teachers = OfficialTeachers(teacher, caches[f"clip{clip_dim}"]["feat"], class_emb, device,
+                                             num_rows=N_TRAIN)
         elif spec.mode == "cached":
             t = caches["teacher"]
             self.teachers = CachedTeachers(t["logits"], t["feat"], caches[f"clip{clip_dim}"]["feat"], class_emb,
                                            device, num_rows=N_TRAIN)
         else:
             raise ValueError(f"unknown mode {spec.mode!r}")
-        loss = LossConfig(method="richkd", feat_weight=0.0 if spec.variant == "L" else 0.8, nce_k=spec.nce_k)
+        loss = LossConfig(method="richkd", feat_weight=0.0 if spec.variant == "L" else 0.8, nce_k=spec.nce_k,
+                          nce_sampling=spec.nce_sampling)
         train_targets = torch.arange(N_TRAIN, dtype=torch.int64) % NUM_CLASSES
         self.objective = DistillationObjective(
             loss, student_dim=self.student.feat_dim, teacher_dim=self.teachers.teacher_dim,
@@ -374,10 +345,12 @@ def spec_from_name(name: str, batch_size: int = 64) -> StepSpec:
     """"LF/cached/tiny+amp+cl" -> StepSpec (the inverse of StepSpec.name)."""
     head, *flags = name.split("+")
     variant, mode, clip = head.split("/")
-    unknown = set(flags) - {"amp", "cl"}
+    unknown = set(flags) - {"amp", "cl", "iid"}
     if variant not in ("L", "LF") or mode not in ("online", "official", "cached") or clip not in CLIP_DIMS or unknown:
-        raise ValueError(f"bad configuration name {name!r}; expected VARIANT/MODE/CLIP[+amp][+cl], e.g. LF/cached/tiny")
-    return StepSpec(variant, mode, clip, batch_size, amp="amp" in flags, channels_last="cl" in flags)
+        raise ValueError(f"bad configuration name {name!r}; expected VARIANT/MODE/CLIP[+amp][+cl][+iid], "
+                         "e.g. LF/cached/tiny")
+    return StepSpec(variant, mode, clip, batch_size, amp="amp" in flags, channels_last="cl" in flags,
+                    nce_sampling="uniform" if "iid" in flags else "other_class")
 
 
 def spec_from_json(text: str) -> StepSpec:

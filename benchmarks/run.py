@@ -96,6 +96,8 @@ def bench_throughput(ctx: Context) -> dict:
     if q:  # L+F online/official differ from L only by the CRD term, which L+F cached already measures
         specs = [s for s in specs if not (s.variant == "LF" and s.mode != "cached")]
     specs += [bk.StepSpec("L", "online", "vitb32", batch), bk.StepSpec("L", "cached", "vitb32", batch)]
+    if not q:  # loss.nce_sampling: distinct other-class negatives (default) vs i.i.d. draws
+        specs.append(bk.StepSpec("LF", "cached", "tiny", batch, nce_sampling="uniform"))
     if cuda:  # the trainer's GPU options: bf16 autocast + channels_last
         specs += [bk.StepSpec(v, m, c, batch, amp=True, channels_last=True)
                   for v, m, c in (("L", "cached", "tiny"), ("LF", "cached", "tiny"), ("L", "online", "vitb32"))]
@@ -156,6 +158,8 @@ def bench_throughput(ctx: Context) -> dict:
     ratios["L: cached(ViT-B-32 cache)/online ViT-B-32"] = ratio("L/cached/vitb32", "L/online/vitb32")
     ratios["L: online tiny/online ViT-B-32"] = ratio("L/online/tiny", "L/online/vitb32")
     ratios["L+F cached / L cached"] = ratio("LF/cached/tiny", "L/cached/tiny")
+    if "LF/cached/tiny+iid" in ips:
+        ratios["L+F cached: nce_sampling other_class / uniform"] = ratio("LF/cached/tiny", "LF/cached/tiny+iid")
     if cuda:
         ratios["L cached: amp+cl / fp32"] = ratio("L/cached/tiny+amp+cl", "L/cached/tiny")
         ratios["LF cached: amp+cl / fp32"] = ratio("LF/cached/tiny+amp+cl", "LF/cached/tiny")
@@ -190,7 +194,7 @@ def bench_clip_forward(ctx: Context) -> dict:
 
     from richkd.clip import preprocess_images
     from richkd.data.batch import Batch
-    from richkd.teachers import CachedTeachers
+    from richkd.teachers import CachedRows, CachedTeachers
 
     dev = ctx.device
     batch = 64
@@ -227,8 +231,10 @@ def bench_clip_forward(ctx: Context) -> dict:
     it = iter(range(10**9))
     measured["cached lookup: teacher logits+feat + CLIP 512-d (CachedTeachers)"] = _time(
         lambda: cached(Batch(dummy, batches[next(it) % 50], batches[next(it) % 50]), dummy), 200, dev)
+    clip_rows = CachedRows(bk.N_TRAIN, dev)   # what OfficialTeachers reads per step
     measured["cached lookup: CLIP 512-d rows only"] = _time(
-        lambda: bk._sorted_rows(caches["clip512"]["feat"], batches[next(it) % 50].numpy(), dev), 200, dev)
+        lambda: clip_rows.read(Batch(dummy, batches[next(it) % 50], batches[next(it) % 50]),
+                               caches["clip512"]["feat"]), 200, dev)
     for name, sec in measured.items():
         rows.append({"operation": name, "ms_per_img": round(1000 * sec / batch, 4),
                      "ms_per_batch64": round(1000 * sec, 2)})
@@ -340,7 +346,7 @@ def bench_channels_last(ctx: Context) -> dict:
     # proposed fix: the online teacher follows train.channels_last too (its own copy, not the shared one)
     s = bk.StepSpec("L", "official", "tiny", batch, channels_last=True)
     tcl = bk.TrainBench(s, ctx.device, ctx.dataset, ctx.caches, ctx.work, {})
-    tcl.teachers.online.teacher = tcl.teachers.online.teacher.to(memory_format=torch.channels_last)
+    tcl.teachers.teacher = tcl.teachers.teacher.to(memory_format=torch.channels_last)
     benches[s.name + "+tcl"] = tcl
     rounds = 2 if ctx.quick else 4
     timing = bk.interleaved(benches, {n: 2 for n in benches}, rounds, 1, batch, log=log)

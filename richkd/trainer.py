@@ -304,15 +304,14 @@ class Run:
             started = time.perf_counter()
             metrics = {"epoch": epoch, **self.train_one_epoch(epoch)}
             metrics["epoch_time_s"] = time.perf_counter() - started
-            if not self.has_val:
-                pass  # data.val_fraction 0: nothing to validate on (a sweep refuses this)
-            elif epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
+            # data.val_fraction 0 leaves nothing to validate on (a final run; a sweep refuses it)
+            if self.has_val and (epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs):
                 metrics.update(self.evaluate("val"))
                 metrics.update(self.teacher_metrics())
                 if cfg.robustness.enabled:
                     metrics.update(self.robustness_metrics())
                 self.best_val_top1 = max(self.best_val_top1, metrics["val_top1"])
-            elif self.history:  # keep the metric present in every report (Tune requires it)
+            elif self.has_val and self.history:  # keep the metric present in every report (Tune requires it)
                 metrics.update({k: v for k, v in self.history[-1].items() if k.startswith("val_")})
             if self.has_val:
                 metrics["best_val_top1"] = self.best_val_top1

@@ -5,8 +5,9 @@ configs used the validation split only. The sweep's shortened ASHA schedule misr
 rungs (docs/method.md, "Recipes"), so `finalize.overrides` in the spec (e.g. train.epochs: 240, optim.schedule: step)
 restore the paper's full schedule here. Finalists train on the whole training split (data.val_fraction 0, as the
 paper; `holdout=True` keeps the sweep's split) and report the last epoch's test top-1 and the teachers' Fig. 1
-analysis on the test split (docs/method.md#what-a-sweep-should-search). In a multi-objective sweep the finalists are Pareto-front members (the
-trade-offs the sweep found), in the order of the first objective; trials off the front are never re-run.
+analysis on the test split (docs/method.md#what-a-sweep-should-search). In a multi-objective sweep the finalists
+are Pareto-front members (the trade-offs the sweep found), in the order of the first objective; trials off the
+front are never re-run.
 """
 from __future__ import annotations
 
