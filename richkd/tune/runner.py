@@ -40,7 +40,9 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, verb
     if address:
         ray.init(address=address, **common)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
+        # address="local": always a new embedded cluster, never the last one `ray start` left on this machine
+        # (Ray would otherwise attach to it, or fail on num_cpus, when /tmp/ray/ray_current_cluster exists)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
                  object_store_memory=OBJECT_STORE_BYTES, **common)
     return True
 
