@@ -1,11 +1,12 @@
 """Run, resume and describe sweeps: Ray start-up, caches before trials, MLflow parent run, Tuner / Tuner.restore."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from richkd.cache.signature import cache_signature
 from richkd.provenance import code_version
@@ -81,8 +82,6 @@ def fit_quietly(tuner, verbose: int):
     TensorBoard hint), which it prints at every verbosity, are dropped too. Errors still reach stderr."""
     if verbose > 0:
         return tuner.fit()
-    import contextlib
-
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
         return tuner.fit()
 
@@ -191,26 +190,40 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, num_cpus: Optio
                         f"`richkd sweep --resume {spec.name}`, or pick a new name with --name")
     check_outputs(spec)
     check_tracking(spec)
-    started = init_ray(address, num_cpus, verbose=verbose >= 2)
-    try:
-        check_cluster(spec, embedded=address is None)
+    with ray_for(spec, address, num_cpus, verbose):
         caches = prepare_sweep_caches(spec, progress=progress)
         needs = check_nodes(spec, caches)
         experiment_id, parent, callbacks = _mlflow_setup(spec)
         record = SweepRecord(spec=spec, tracking_uri=spec.mlflow.tracking_uri if spec.mlflow.enabled else None,
                              experiment_id=experiment_id, parent_run_id=parent, caches=tuple(caches), **code_version(),
                              path=path)
-        try:
-            write_sweep_record(record)
-            fit_quietly(build_tuner(spec, callbacks, verbose=verbose, needs=needs), verbose)
-        finally:
-            close_parent_if_running(record)
-        return sweep_outcome(record, time.perf_counter() - started_at)
+        write_sweep_record(record)
+        return fit_and_summarise(build_tuner(spec, callbacks, verbose=verbose, needs=needs), record, verbose,
+                                 started_at)
+
+
+@contextlib.contextmanager
+def ray_for(spec: SweepSpec, address: Optional[str], num_cpus: Optional[int], verbose: int) -> Iterator[None]:
+    """Ray for one sweep: started (embedded) or connected, and the cluster checked; shut down afterwards when
+    this call started it."""
+    started = init_ray(address, num_cpus, verbose=verbose >= 2)
+    try:
+        check_cluster(spec, embedded=address is None)
+        yield
     finally:
         if started:
             import ray
 
             ray.shutdown()
+
+
+def fit_and_summarise(tuner, record: SweepRecord, verbose: int, started_at: float) -> SweepOutcome:
+    """Run the Tuner, make sure the MLflow parent run is not left RUNNING, and summarise what happened."""
+    try:
+        fit_quietly(tuner, verbose)
+    finally:
+        close_parent_if_running(record)
+    return sweep_outcome(record, time.perf_counter() - started_at)
 
 
 def close_parent_if_running(record: SweepRecord) -> None:
