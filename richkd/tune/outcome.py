@@ -60,7 +60,8 @@ def describe_outcome(outcome: SweepOutcome, metric) -> str:
     lines = [f"sweep {outcome.name}: {outcome.num_trials} trials ({_counts(outcome.counts)}) in {outcome.wall_s:.0f}s",
              f"  results: {outcome.experiment_path}"]
     if len(outcome.by_node) > 1:
-        lines.append("  per node: " + "; ".join(f"{node[:12]} {_counts(c)}" for node, c in sorted(outcome.by_node.items())))
+        per_node = "; ".join(f"{node[:12]} {_counts(c)}" for node, c in sorted(outcome.by_node.items()))
+        lines.append(f"  per node: {per_node}")
     if outcome.retried:
         lines.append(f"  retried: {outcome.retried} trial(s) restarted after a failure (tune.max_failures)")
     if outcome.best:

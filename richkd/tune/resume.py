@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Optional
 
 from richkd.tune.errors import SpecError
-from richkd.tune.runner import (SweepOutcome, build_trainable, check_nodes, check_outputs, check_tracking,
-                                 fit_and_summarise, prepare_sweep_caches, ray_for)
+from richkd.tune.runner import (SweepOutcome, build_trainable, check_nodes, check_nodes_share, check_outputs,
+                                 check_tracking, fit_and_summarise, prepare_sweep_caches, ray_for)
 from richkd.tune.sweep_record import read_sweep_record
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ def resume_sweep(sweep: str, *, storage: Optional[str] = None, address: Optional
     if not spec.tune.storage_is_uri:
         set_aside_unreadable(path)
     with ray_for(spec, address, num_cpus, verbose):
+        check_nodes_share(spec)
         needs = check_nodes(spec, prepare_sweep_caches(spec, progress=progress))
         tuner = tune.Tuner.restore(path, trainable=build_trainable(spec, needs), resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)

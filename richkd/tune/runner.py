@@ -11,7 +11,7 @@ from typing import Iterator, Optional
 from richkd.cache.signature import cache_signature
 from richkd.provenance import code_version
 from richkd.tune.errors import SpecError
-from richkd.tune.node_check import SweepNeeds, sweep_needs
+from richkd.tune.node_check import SweepNeeds, shared_markers, sweep_needs
 from richkd.tune.outcome import SweepOutcome, sweep_outcome
 from richkd.tune.paths import is_shared_filesystem
 from richkd.tune.spec import SweepSpec
@@ -120,6 +120,18 @@ def prepare_sweep_caches(spec: SweepSpec, progress: bool = False) -> list[dict]:
     return records
 
 
+def check_nodes_share(spec: SweepSpec) -> None:
+    """Before anything is built: every node sees the data and weights, the driver's cache and storage folders
+    (a marker file the driver writes there), and runs the driver's versions."""
+    from richkd.tune.cluster import preflight_nodes
+
+    configs = spec.cache_probe_configs()
+    cache_dirs = sorted({c.teaching.cache_dir for c in configs if c.teaching.cache_dir})
+    folders = [("teaching.cache_dir", d) for d in cache_dirs]
+    with shared_markers(folders + [("tune.storage_path", spec.tune.storage_path)]) as markers:
+        preflight_nodes(sweep_needs(configs, [], spec.tune.storage_path, shared=markers))
+
+
 def check_nodes(spec: SweepSpec, caches: list[dict]) -> SweepNeeds:
     """What every node must see (data, weights, the caches just built, storage, versions), checked on every
     alive node before any trial; returned so that each trial checks it again where it starts."""
@@ -191,6 +203,7 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, num_cpus: Optio
     check_outputs(spec)
     check_tracking(spec)
     with ray_for(spec, address, num_cpus, verbose):
+        check_nodes_share(spec)
         caches = prepare_sweep_caches(spec, progress=progress)
         needs = check_nodes(spec, caches)
         experiment_id, parent, callbacks = _mlflow_setup(spec)

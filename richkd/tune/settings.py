@@ -74,7 +74,8 @@ class SchedulerSettings(_Section):
     def __post_init__(self) -> None:
         _one_of(self.type, SCHEDULERS, "tune.scheduler.type")
         _finite(self.reduction_factor, "tune.scheduler.reduction_factor")
-        _require(self.reduction_factor > 1, f"tune.scheduler.reduction_factor: must be > 1, got {self.reduction_factor}")
+        _require(self.reduction_factor > 1,
+                 f"tune.scheduler.reduction_factor: must be > 1, got {self.reduction_factor}")
         _require(self.brackets >= 1, "tune.scheduler.brackets: must be >= 1")
         _require(self.grace_period >= 1, f"tune.scheduler.grace_period: {self.grace_period} must be >= 1")
 
