@@ -57,12 +57,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from richkd.models import MODELS, create_model
+    from richkd.models import MODELS, create_model, family_of
 
-    for name in MODELS.names():
-        model = create_model(name, args.num_classes)
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"{name:<14} feat_dim {model.feat_dim:>5}  params {n_params / 1e6:6.2f}M")
+    for family in ("cifar", "imagenet"):
+        names = [n for n in MODELS.names() if family_of(n)[0] == family]
+        print(f"{family} family ({family_of(names[0])[1]} px inputs):")
+        for name in names:
+            model = create_model(name, args.num_classes)
+            n_params = sum(p.numel() for p in model.parameters())
+            print(f"  {name:<14} input {family_of(name)[1]:>3} px  feat_dim {model.feat_dim:>5}  "
+                  f"params {n_params / 1e6:6.2f}M")
     return 0
 
 
@@ -142,7 +146,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
-    p = subparsers.add_parser("models", help="list the model zoo with feature dimensions")
+    p = subparsers.add_parser("models", help="list the model zoo (CIFAR and ImageNet families) with input size and "
+                                        "feature dimensions")
     p.add_argument("--num-classes", type=int, default=100)
     p.set_defaults(func=cmd_models)
 
