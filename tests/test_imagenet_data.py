@@ -166,3 +166,27 @@ def test_unreadable_images_are_one_error_or_skipped_and_counted(tmp_path, tree):
     with pytest.raises(BadImageError, match=rf"cannot decode image '{files[2]}'.*replace or delete the file"):
         train.get_batch(torch.tensor([row]))
     assert np.isfinite(train.get_batch(torch.tensor([(row + 1) % len(train)]))[0].numpy()).all()
+
+
+def test_the_folder_scan_is_memoised_and_redone_when_a_class_folder_changes(tmp_path, tree):
+    src, _ = tree
+    root = tmp_path / "copy"
+    shutil.copytree(src, root)
+    assert len(build_data(cfg_for(root).data).train_clean) == 24
+    index = list((tmp_path / "decoded").glob("imagenet-index-*"))
+    assert len(index) == 1
+    assert len(build_data(cfg_for(root).data).train_clean) == 24
+    assert list((tmp_path / "decoded").glob("imagenet-index-*")) == index          # reused, not rescanned
+    extra = next((root / "train").iterdir())
+    shutil.copy(next(extra.iterdir()), extra / "added.JPEG")
+    assert len(build_data(cfg_for(root).data).train_clean) == 25
+
+
+def test_new_data_keys_at_their_defaults_keep_cache_signatures_and_change_them_when_set(tree):
+    from richkd.cache import cache_signature
+
+    root, _ = tree
+    cfg = cfg_for(root)
+    assert cache_signature(cfg.with_overrides({"data.decode": "pil", "data.bad_images": "error"})) == cache_signature(cfg)
+    for key, value in (("data.decode", "torchvision"), ("data.bad_images", "skip"), ("data.max_train_per_class", 100)):
+        assert cache_signature(cfg.with_overrides({key: value})) != cache_signature(cfg), key

@@ -138,6 +138,15 @@ def eval_crop(image, size: int) -> torch.Tensor:
     return to_uint8_tensor(TF.center_crop(resized, [size, size]))
 
 
+def decode_views(source: "PhotoSource", row: int, num_views: int, seed: int, size: int
+                 ) -> tuple[torch.Tensor, np.ndarray]:
+    """All V views of one row from a single decode: uint8 (V, 3, S, S) crops and int32 (V, 7) box records."""
+    image = source.decode(row)
+    h, w = image_hw(image)
+    boxes = np.asarray([(*view_box(seed, row, v, h, w, size), h, w) for v in range(num_views)], dtype=np.int32)
+    return torch.stack([crop_box(image, box, size) for box in boxes]), boxes
+
+
 # ----- the split ------------------------------------------------------------------------------------------
 
 class PhotoSource:
