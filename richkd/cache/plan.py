@@ -102,7 +102,9 @@ def plan_caches(cfg: Config, images: Optional[int] = None, num_classes: Optional
     plan.rates["decode_images_per_s"] = 1.0 / per_image
     plan.seconds["decode"] = per_image * plan.images
     dev = torch.device(plan.device)
-    batch = torch.rand(min(cfg.data.eval_batch_size, 16), 3, data.image_size, data.image_size, device=dev)
+    # a GPU needs large batches to show its speed; on a CPU a few images give the per-image cost
+    batch = torch.rand(min(cfg.data.eval_batch_size, 64 if dev.type == "cuda" else 8), 3, data.image_size,
+                       data.image_size, device=dev)
     teacher.to(dev)
     with torch.inference_mode():
         rate = _rate(lambda x: teacher(normalize(x, data.mean, data.std)), batch)

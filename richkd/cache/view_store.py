@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import time
@@ -123,6 +124,17 @@ def finish_entry(entry: CacheEntry, cache_dir: str | os.PathLike, extra: Optiona
 
 # ----- reading ----------------------------------------------------------------------------------------------
 
+def _advise_random(arr: np.ndarray) -> None:
+    """Tell the kernel that rows are read in random order: without it every page fault reads ahead ~32 pages,
+    so a trial's scattered batch rows would pull (and map) far more of a large cache than it reads."""
+    mm = getattr(arr, "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        try:
+            mm.madvise(mmap.MADV_RANDOM)
+        except OSError:   # pragma: no cover - an unusual filesystem; reads still work, with read-ahead
+            pass
+
+
 class ShardedArray:
     """A (n_rows * V, ...) array-like over shards: flat row v * n_rows + j is view v of cached row j (the layout
     richkd.teachers.CachedTeachers indexes). Shards are memory-mapped on first use; `arr[flat]` copies rows."""
@@ -133,6 +145,10 @@ class ShardedArray:
         self.tail, self.dtype = tuple(tail), np.dtype(dtype)
         self.shape = (n_rows * views, *self.tail)
         self._maps: dict[int, np.ndarray] = {}
+
+    def __getstate__(self) -> dict:
+        """Pickled (e.g. into spawned DataLoader workers) without its maps: each process maps the shards itself."""
+        return {**self.__dict__, "_maps": {}}
 
     def shard(self, i: int) -> np.ndarray:
         if i not in self._maps:
@@ -146,6 +162,7 @@ class ShardedArray:
             if arr.shape != expected or arr.dtype != self.dtype:
                 raise CacheError(f"cache file {path} has shape {arr.shape} {arr.dtype}, expected {expected} "
                                  f"{self.dtype}; delete {self.folder} and rebuild with `richkd cache`")
+            _advise_random(arr)
             self._maps[i] = arr
         return self._maps[i]
 
