@@ -143,13 +143,15 @@ def format_plan(plan: CachePlan, cfg: Config, shard_rows: int) -> str:
     if plan.seconds:
         r = plan.rates
         lines.append(f"build time on this machine ({plan.device}, measured):")
+        decode = plan.seconds["decode"]
         lines.append(f"  decode + {plan.views} crops  {r['decode_images_per_s']:.1f} images/s per process -> "
-                     f"{_duration(plan.seconds['decode'])} in one, {_duration(plan.seconds['decode'] / max(1, plan.workers))}"
-                     f" in data.num_workers={plan.workers}")
+                     f"{_duration(decode)} in one, {_duration(decode / max(1, plan.workers))} in "
+                     f"data.num_workers={plan.workers}")
         lines.append(f"  teacher {cfg.teacher.arch:<10} {r['teacher_views_per_s']:.1f} views/s -> "
                      f"{_duration(plan.seconds['teacher'])}")
         if "clip" in plan.seconds:
             lines.append(f"  CLIP {cfg.clip.model:<13} {r['clip_views_per_s']:.1f} views/s -> "
                          f"{_duration(plan.seconds['clip'])}")
-        lines.append(f"  estimate    {_duration(plan.estimate_s)} (decoding overlaps the models; the slower side decides)")
+        lines.append(f"  estimate    {_duration(plan.estimate_s)} (decoding overlaps the models; the slower side "
+                     "decides)")
     return "\n".join(lines)

@@ -203,7 +203,8 @@ def _near_miss(entry: CacheEntry, cache_dir: Path) -> str:
             continue
         if fields.get("dataset") != entry.fields.get("dataset"):
             continue
-        diff = sorted(k for k in set(fields) | set(entry.fields) if _plain(fields.get(k)) != _plain(entry.fields.get(k)))
+        diff = sorted(k for k in set(fields) | set(entry.fields)
+                      if _plain(fields.get(k)) != _plain(entry.fields.get(k)))
         if best is None or len(diff) < len(best[1]):
             best = (manifest.parent, diff, fields)
     if best is None or len(best[1]) > 4:
@@ -220,7 +221,8 @@ def open_entry(entry: CacheEntry, cache_dir: str | os.PathLike, n_rows: Optional
     folder = entry.path(cache_dir)
     manifest_file = folder / "manifest.json"
     if not manifest_file.is_file():
-        partial = " (a build was started and stopped; run it again to continue)" if (folder / "layout.json").is_file() else ""
+        started = (folder / "layout.json").is_file()
+        partial = " (a build was started and stopped; run it again to continue)" if started else ""
         raise CacheError(f"{entry.kind} cache {folder} is missing{partial}{_near_miss(entry, cache_dir)}; build it "
                          "with `richkd cache --config YOUR_CONFIG.yaml` (a sweep builds it before trials start)")
     try:

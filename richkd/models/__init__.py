@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from richkd.models import imagenet, mobilenetv2, resnet, resnetv2, shufflenetv1, shufflenetv2, vgg, wrn  # noqa: F401  (register)
+from richkd.models import (imagenet, mobilenetv2, resnet, resnetv2, shufflenetv1, shufflenetv2,  # noqa: F401
+                           vgg, wrn)  # (imported to register their architectures)
 from richkd.models.base import ModelOutput
 from richkd.models.checkpoint import CheckpointError, load_teacher, save_model_checkpoint
 from richkd.models.registry import MODELS, family_of
