@@ -111,6 +111,17 @@ def build_teacher_source(cfg: Config, data, device: torch.device) -> Optional[Te
         return None
     cache_dir = Path(cfg.teaching.cache_dir)
     class_emb = cache_mod.class_embeddings(cfg, data.class_names, device=device) if cfg.uses_clip else None
+    if cfg.teaching.mode == "cached" and cfg.data.dataset == "imagenet":  # sharded views with stored crop boxes
+        from richkd.cache.views_imagenet import open_photo_caches
+
+        opened = open_photo_caches(cfg, data, "train", cache_dir)
+        if opened["clip_feat"] is not None:
+            _check_clip_dim(opened["clip_feat"].shape[1], class_emb)
+        n = len(opened["rows"])
+        source = CachedTeachers(opened["logits"], opened["feat"], opened["clip_feat"], class_emb, device, num_rows=n,
+                                rows=None if n == len(data.train_clean) else opened["rows"])
+        source.view_boxes = opened["boxes"]   # the trainer crops the student's views from these boxes
+        return source
     if cfg.teaching.mode == "cached":
         ident = cache_mod.dataset_identity(data, "train")
         cached = cache_mod.cached_rows(data, "train")

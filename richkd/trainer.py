@@ -138,6 +138,9 @@ class Run:
         # the compiled module shares parameters with self.student, so state dicts stay unprefixed
         self.forward_student = torch.compile(self.student) if cfg.train.compile else self.student
         self.teachers = build_teacher_source(cfg, self.data, self.device)
+        if cfg.teaching.views > 1 and getattr(self.teachers, "view_boxes", None) is not None:
+            # photo views: the student is cropped from the boxes stored with the teachers' outputs
+            self.train_set = self.train_set.with_view_boxes(self.teachers.view_boxes)
         self.objective = DistillationObjective(
             cfg.loss, student_dim=self.student.feat_dim,
             teacher_dim=None if self.teachers is None else self.teachers.teacher_dim,

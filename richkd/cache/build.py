@@ -82,6 +82,12 @@ def prepare_caches(cfg: Config, progress: bool = False, device: Optional[str] = 
     built: list[Path] = []
     sources = {"train": data.train_clean, "test": data.test_clean}
     for split in splits:
+        if cfg.data.dataset == "imagenet":  # sharded multi-view caches (richkd/cache/views_imagenet.py)
+            from richkd.cache.views_imagenet import ensure_photo_caches
+
+            if cfg.teaching.mode == "cached":
+                built += ensure_photo_caches(cfg, data, split, cache_dir, dev, progress)
+            continue
         rows = torch_rows(cached_rows(data, split))
         dataset = SplitDataset(sources[split].source, rows, data.image_size, False, split)
         ident = dataset_identity(data, split)

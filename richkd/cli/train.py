@@ -57,12 +57,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from richkd.models import MODELS, create_model
+    from richkd.models import MODELS, create_model, family_of
 
-    for name in MODELS.names():
-        model = create_model(name, args.num_classes)
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"{name:<14} feat_dim {model.feat_dim:>5}  params {n_params / 1e6:6.2f}M")
+    for family in ("cifar", "imagenet"):
+        names = [n for n in MODELS.names() if family_of(n)[0] == family]
+        print(f"{family} family ({family_of(names[0])[1]} px inputs):")
+        for name in names:
+            model = create_model(name, args.num_classes)
+            n_params = sum(p.numel() for p in model.parameters())
+            print(f"  {name:<14} input {family_of(name)[1]:>3} px  feat_dim {model.feat_dim:>5}  "
+                  f"params {n_params / 1e6:6.2f}M")
     return 0
 
 
@@ -79,6 +83,16 @@ def cmd_cache(args: argparse.Namespace) -> int:
         raise UserError("cache needs --config (or --list)")
     cfg = load_config(args.config, args.set)
     check_resources(cfg)
+    if args.plan:
+        if cfg.data.dataset != "imagenet" or cfg.teaching.mode != "cached":
+            raise UserError("cache --plan estimates the sharded multi-view caches of data.dataset: imagenet with "
+                            "teaching.mode: cached")
+        from richkd.cache.plan import format_plan, plan_caches
+        from richkd.cache.view_store import default_shard_rows
+
+        plan = plan_caches(cfg, images=args.images, num_classes=args.classes, calibrate=not args.no_timing)
+        print(format_plan(plan, cfg, default_shard_rows()))
+        return 0
     for path in prepare_caches(cfg, progress=interactive()):
         print(path)
     return 0
@@ -142,15 +156,25 @@ def add_commands(subparsers) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
-    p = subparsers.add_parser("models", help="list the model zoo with feature dimensions")
+    p = subparsers.add_parser("models", help="list the model zoo (CIFAR and ImageNet families) with input size and "
+                                        "feature dimensions")
     p.add_argument("--num-classes", type=int, default=100)
     p.set_defaults(func=cmd_models)
 
     p = subparsers.add_parser("cache", help="build (or --list) the teacher and CLIP output caches for a config",
-                              epilog="example: richkd cache --config configs/fmnist_richkd.yaml")
+                              epilog="examples: richkd cache --config configs/fmnist_richkd.yaml\n"
+                              "          richkd cache --config configs/imagenet_resnet34_resnet18_richkd.yaml "
+                              "--plan --images 1281167",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p, required=False)
     p.add_argument("--list", action="store_true", help="list cache entries instead of building")
     p.add_argument("--cache-dir", help="with --list: the cache folder (default from the config)")
+    p.add_argument("--plan", action="store_true", help="print the size and build time of the multi-view caches "
+                   "(data.dataset: imagenet) instead of building them")
+    p.add_argument("--images", type=int, help="with --plan: plan for this many images (e.g. 1281167, all of "
+                   "ImageNet-1k) instead of the rows the config reads")
+    p.add_argument("--classes", type=int, help="with --plan: plan for this many classes (e.g. 1000)")
+    p.add_argument("--no-timing", action="store_true", help="with --plan: sizes only, skip the timing runs")
     p.set_defaults(func=cmd_cache)
 
     clip = subparsers.add_parser("clip", help="CLIP utilities: init-tiny, prompts, zeroshot")
