@@ -9,6 +9,7 @@ starts (docs/architecture.md, "Running on a cluster").
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from typing import Optional
@@ -78,6 +79,24 @@ def preflight_nodes(needs: SweepNeeds, timeout_s: float = PREFLIGHT_TIMEOUT_S) -
                              + "\n  - ".join(problems))
     log.info("preflight: %d node(s) ready in %.2f s", len(nodes), elapsed)
     return elapsed
+
+
+def limit_gpu_memory(fraction: float) -> None:
+    """Fractional GPUs are logical in Ray: cap this process so an overflowing trial or task fails alone
+    (ray#5902)."""
+    import torch
+
+    if 0 < fraction < 1 and torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(max(0.05, fraction * 0.95))
+
+
+def use_task_resources(cpu: float, gpu: float) -> None:
+    """In a Ray task (cache shard, finalist): torch threads = the CPUs it was granted (more only fight the other
+    tasks on the node); a fractional GPU caps this process's GPU memory."""
+    import torch
+
+    torch.set_num_threads(max(1, int(math.floor(cpu + 1e-9))))
+    limit_gpu_memory(gpu)
 
 
 def current_node_id() -> Optional[str]:

@@ -58,13 +58,21 @@ def check_cluster(spec: SweepSpec, embedded: bool) -> None:
     if problem:
         raise SpecError(problem)
     if embedded:
-        total = ray.cluster_resources()
-        if t.gpu > 0 and total.get("GPU", 0) < t.gpu:
-            raise SpecError(f"tune.resources.gpu: {t.gpu} per trial, but Ray sees {total.get('GPU', 0):g} GPUs on this "
-                            "machine; set tune.resources.gpu: 0 (CPU trials) or run on a GPU machine / --address")
-        if total.get("CPU", 0) < t.cpu:
-            raise SpecError(f"tune.resources.cpu: {t.cpu} per trial, but Ray has {total.get('CPU', 0):g} CPUs; "
-                            "lower it or pass --num-cpus")
+        check_trial_resources(t)
+
+
+def check_trial_resources(t) -> None:
+    """Trial resources (tune.resources) the connected Ray cannot grant would make Tune (and finalize's tasks) wait
+    forever: one SpecError instead (checked on embedded clusters, whose size is known)."""
+    import ray
+
+    total = ray.cluster_resources()
+    if t.gpu > 0 and total.get("GPU", 0) < t.gpu:
+        raise SpecError(f"tune.resources.gpu: {t.gpu} per trial, but Ray sees {total.get('GPU', 0):g} GPUs on this "
+                        "machine; set tune.resources.gpu: 0 (CPU trials) or run on a GPU machine / --address")
+    if total.get("CPU", 0) < t.cpu:
+        raise SpecError(f"tune.resources.cpu: {t.cpu} per trial, but Ray has {total.get('CPU', 0):g} CPUs; "
+                        "lower it or pass --num-cpus")
 
 
 def storage_problem(t, n_nodes: int, mounts_text: Optional[str] = None) -> Optional[str]:
@@ -108,16 +116,18 @@ def check_outputs(spec: SweepSpec) -> None:
 
 # ----- caches ------------------------------------------------------------------------------------------
 
-def prepare_sweep_caches(spec: SweepSpec, progress: bool = False) -> list[dict]:
-    """Build every cache any trial can read, once, before trials start (docs/architecture.md, "Caching")."""
-    from richkd.cache import prepare_caches
+def prepare_sweep_caches(spec: SweepSpec, progress: bool = False, shards: Optional[int] = None) -> list[dict]:
+    """Build every cache any trial can read, once, before trials start (docs/architecture.md, "Caching").
 
-    records = []
-    for cfg in spec.cache_probe_configs():
-        entries = prepare_caches(cfg, progress=progress)
-        records.append({"signature": cache_signature(cfg), "dir": cfg.teaching.cache_dir,
-                        "entries": [Path(e).name for e in entries]})
-    return records
+    The missing entries are computed by Ray tasks with the trials' resources, in row shards over the alive nodes
+    (richkd.tune.cache_tasks); the driver only checks existing manifests and waits. Ray must be initialised.
+    """
+    from richkd.tune.cache_tasks import build_caches
+
+    configs = spec.cache_probe_configs()
+    built = build_caches(configs, cpu=spec.tune.cpu, gpu=spec.tune.gpu, shards=shards, progress=progress)
+    return [{"signature": cache_signature(cfg), "dir": cfg.teaching.cache_dir,
+             "entries": [Path(e).name for e in entries]} for cfg, entries in zip(configs, built.paths)]
 
 
 def check_nodes_share(spec: SweepSpec) -> None:

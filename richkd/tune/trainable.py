@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from richkd.tune.cluster import limit_gpu_memory
 from richkd.tune.node_check import SweepNeeds, raise_if_unmet
 from richkd.tune.params import TrialPlan
 
@@ -28,14 +29,6 @@ def granted_cpus() -> int:
     except Exception:  # not inside a Tune trial (direct call in a test)
         return max(1, os.cpu_count() or 1)
     return max(1, int(math.floor(resources.get("CPU", 1) + 1e-9)))
-
-
-def _limit_gpu_memory(fraction: float) -> None:
-    """Fractional GPUs are logical in Ray: cap this process so an overflowing trial fails alone (ray#5902)."""
-    import torch
-
-    if 0 < fraction < 1 and torch.cuda.is_available():
-        torch.cuda.set_per_process_memory_fraction(max(0.05, fraction * 0.95))
 
 
 def load_checkpoint_state(directory: str | os.PathLike) -> dict:
@@ -66,7 +59,7 @@ def train_trial(config: dict, plan: TrialPlan, needs: Optional[SweepNeeds] = Non
     cfg = plan.trial_config(config)
     if cfg.train.threads is None:
         torch.set_num_threads(granted_cpus())
-    _limit_gpu_memory(plan.gpu)
+    limit_gpu_memory(plan.gpu)
 
     resume_state = None
     checkpoint = tune.get_checkpoint()
