@@ -160,3 +160,35 @@ def test_finalize_retrains_the_top_config_over_seeds_on_the_test_split(smoke, tm
     assert sorted(r.data.params["seed"] for r in seeds) == ["0", "1"]
     assert all(r.data.params["train.epochs"] == "1" for r in seeds)
     assert "finalist1_test_top1_mean" in client.get_run(smoke["parent_run_id"]).data.metrics
+
+    # the trainings ran as Ray tasks, in worker processes (an embedded Ray, shut down again)
+    import os
+
+    import ray
+
+    assert len(fin.workers) == 2 and all(w["pid"] != os.getpid() and w["node_id"] for w in fin.workers)
+    assert not ray.is_initialized()
+    assert sorted(r.data.tags["richkd.worker_pid"] for r in seeds) == sorted(str(w["pid"]) for w in fin.workers)
+    assert all("val_top1" in r.data.metrics and "final_test_top1" in r.data.metrics for r in seeds)
+    # each seed's student reached the driver: loadable, next to the config that reproduces it
+    from richkd.models import load_teacher
+
+    for seed, folder in zip(fin.seeds, fin.folders):
+        assert folder == tmp_path / "finalists" / f"finalist1-seed{seed}"
+        assert Config.from_yaml(folder / "config.yaml").seed == seed
+        load_teacher("resnet8", folder / "student.pt", 10)
+    # the finalist's student is an MLflow logged model of its run, and (the only finalist) the registered best
+    (output,) = client.get_run(fin.run_id).outputs.model_outputs
+    assert output.model_id == fin.model_id and fin.run_id == finalists[0].info.run_id
+    name = f"richkd-{smoke['name']}"
+    assert result.registered == {"name": name, "version": result.registered["version"], "rank": 1,
+                                 "metric": "val_loss"}
+    version = client.get_model_version(name, result.registered["version"])
+    assert version.run_id == fin.run_id and version.tags["richkd.model_id"] == fin.model_id
+    assert {v.version for v in client.search_model_versions(f"name='{name}'")} >= {version.version}
+    import mlflow
+
+    files = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, tracking_uri=smoke["tracking_uri"]))
+    assert sorted(p.name for p in files.iterdir()) == ["config.yaml", "result.json", "student.pt"]
+    assert (files / "student.pt").read_bytes() == (fin.folders[0] / "student.pt").read_bytes()
+    assert client.get_run(smoke["parent_run_id"]).data.tags["richkd.registered_model"] == f"{name}/{version.version}"
