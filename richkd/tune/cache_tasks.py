@@ -20,7 +20,7 @@ from typing import Iterable, Optional
 
 from richkd.cache.build import TEXT_KIND, EntryJob, plan_caches
 from richkd.cache.shards import assemble_entry, compute_shard, remove_shards, shard_ranges, shard_root
-from richkd.tune.cluster import alive_nodes, current_node_id, use_task_resources
+from richkd.tune.cluster import alive_nodes, current_node_id, node_problems, preflight_error, use_task_resources
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,26 @@ def node_slots(cpu: float, gpu: float, nodes: Optional[list] = None) -> list[str
             slots = min(slots, math.floor(res.get("GPU", 0) / gpu + 1e-9))
         per_node.append([node["NodeID"]] * slots)
     return [ids[i] for i in range(max(map(len, per_node), default=0)) for ids in per_node if i < len(ids)]
+
+
+def usable_nodes(configs: list) -> list[dict]:
+    """The alive nodes that see what building the configs' caches reads (data, weights, prompt files) and run the
+    driver's versions (richkd.tune.node_check, one zero-CPU task per node). Only the driver's own node: no check.
+    Nodes with problems get no cache task; the sweep's preflight, after the caches, reports them with the rest.
+    No usable node at all is the preflight's NodeCheckError now."""
+    from richkd.tune.node_check import sweep_needs
+
+    nodes = alive_nodes()
+    here = current_node_id()
+    if all(n["NodeID"] == here for n in nodes):
+        return nodes
+    problems = node_problems(sweep_needs(configs, (), None), nodes=nodes)
+    usable = [n for n in nodes if not problems.get(n["NodeID"])]
+    if not usable:
+        raise preflight_error(problems)
+    if len(usable) < len(nodes):
+        log.warning("caches: built on %d of %d nodes; the others cannot see the sweep's files", len(usable), len(nodes))
+    return usable
 
 
 def shard_count(cpu: float, gpu: float, nodes: Optional[list] = None) -> int:
@@ -79,6 +99,7 @@ def build_caches(configs: Iterable, *, cpu: float, gpu: float = 0.0, shards: Opt
                  progress: bool = False) -> BuiltCaches:
     """Every cache entry each config reads (its entry folders, as prepare_caches returns them), the missing
     ones built by Ray tasks (Ray must be initialised). `shards`: row shards per entry (default shard_count)."""
+    configs = list(configs)
     plans = [plan_caches(cfg) for cfg in configs]
     missing: dict[Path, EntryJob] = {}
     for plan in plans:
@@ -86,45 +107,46 @@ def build_caches(configs: Iterable, *, cpu: float, gpu: float = 0.0, shards: Opt
             missing.setdefault(job.path, job)
     built = []
     if missing:
-        built = run_jobs(list(missing.values()), cpu=cpu, gpu=gpu, shards=shards, progress=progress)
+        built = run_jobs(list(missing.values()), cpu=cpu, gpu=gpu, shards=shards, progress=progress,
+                         nodes=usable_nodes(configs))
     return BuiltCaches(paths=[plan.paths for plan in plans], built=built)
 
 
 def run_jobs(jobs: list[EntryJob], *, cpu: float, gpu: float, shards: Optional[int] = None,
-             progress: bool = False) -> list[dict]:
+             progress: bool = False, nodes: Optional[list] = None) -> list[dict]:
     """Submit every job's tasks at once (Ray queues them by resources), then wait, one line per entry built.
 
-    Shard i of every entry prefers slot i's node (soft affinity: a node that died is replaced by any other), so
-    the shards spread evenly over the nodes. Assembly only reads and writes files: it takes no CPU slot."""
+    Shard i of every entry prefers slot i's node among `nodes` (default: all alive; soft affinity: a node that
+    died is replaced by any other), so the shards spread evenly. Assembly only reads and writes files: it takes no
+    CPU slot; it and the text classifier also run on those nodes."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    slots = node_slots(cpu, gpu)
+    slots = node_slots(cpu, gpu, nodes)
     shards = shards or max(1, min(len(slots), MAX_SHARDS))
-    shard = ray.remote(_shard_task)
-    assemble = ray.remote(_assemble_task).options(num_cpus=0)
-    whole = ray.remote(_whole_task).options(num_cpus=cpu, num_gpus=gpu)
+    shard, assemble, whole = ray.remote(_shard_task), ray.remote(_assemble_task), ray.remote(_whole_task)
 
-    def on_slot(i: int):
+    def on_slot(task, i: int, **resources):
         if not slots:   # nothing fits yet (e.g. an autoscaling cluster without GPU nodes): Ray places the task
-            return shard.options(num_cpus=cpu, num_gpus=gpu)
-        return shard.options(num_cpus=cpu, num_gpus=gpu, scheduling_strategy=NodeAffinitySchedulingStrategy(
+            return task.options(**resources)
+        return task.options(**resources, scheduling_strategy=NodeAffinitySchedulingStrategy(
             slots[i % len(slots)], soft=True))
 
     pending: dict = {}
     shard_refs: list = []
     roots: list[Path] = []
     started = time.perf_counter()
-    for job in jobs:
+    for j, job in enumerate(jobs):
         if job.kind == TEXT_KIND:
-            pending[whole.remote(job, cpu, gpu)] = (job, 1)
+            pending[on_slot(whole, j, num_cpus=cpu, num_gpus=gpu).remote(job, cpu, gpu)] = (job, 1)
             continue
         root = shard_root(job)
         roots.append(root)
         ranges = shard_ranges(job.n_rows, job.batch_size, shards)
-        refs = [on_slot(i).remote(job, a, b, str(root), cpu, gpu) for i, (a, b) in enumerate(ranges)]
+        refs = [on_slot(shard, i, num_cpus=cpu, num_gpus=gpu).remote(job, a, b, str(root), cpu, gpu)
+                for i, (a, b) in enumerate(ranges)]
         shard_refs.extend(refs)
-        pending[assemble.remote(job, str(root), *refs)] = (job, len(ranges))
+        pending[on_slot(assemble, j, num_cpus=0).remote(job, str(root), *refs)] = (job, len(ranges))
     _say(f"caches: building {len(jobs)} entr{'y' if len(jobs) == 1 else 'ies'} as Ray tasks "
          f"({shards} row shard(s) per entry, {cpu:g} CPU / {gpu:g} GPU each)", progress)
     built: list[dict] = []
