@@ -5,7 +5,7 @@ listed, as `richkd cache` does) and waits. Each missing teacher / CLIP-image ent
 Ray task each with the trials' resources (`tune.resources.cpu` / `gpu`: the teacher and CLIP forwards run where
 the trials' accelerators are), spread over the nodes; an assembly task that depends on them writes the entry
 with the atomic manifest writer (richkd.cache.shards). The small text classifier is one task. Entries shared by
-several configs are built once. See docs/architecture.md, "Caching".
+several configs are built once. See docs/architecture.md, "Building on the workers".
 """
 from __future__ import annotations
 

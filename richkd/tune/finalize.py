@@ -164,13 +164,14 @@ def _train(spec, jobs: list, results: list, folder: Path, tracker: Optional["_Tr
         if tracker:
             tracker.end(seed_runs[(job.rank, job.seed)], "FAILED")
             tracker.end(groups[job.rank], "FAILED")
-            for other in cancelled:
-                tracker.end(seed_runs[(other.rank, other.seed)], "KILLED")
-                if other.rank != job.rank:
-                    tracker.end(groups[other.rank], "KILLED")
 
-    run_seed_jobs(jobs, cpu=t.cpu, gpu=t.gpu, needs=needs, max_retries=t.max_failures, on_done=on_done,
-                  on_failed=on_failed)
+    try:
+        run_seed_jobs(jobs, cpu=t.cpu, gpu=t.gpu, needs=needs, max_retries=t.max_failures, on_done=on_done,
+                      on_failed=on_failed)
+    except BaseException:
+        if tracker:   # the cancelled seeds and their finalists (also on Ctrl-C): never left RUNNING
+            tracker.close_open("KILLED")
+        raise
 
 
 def _collect(fin: FinalistResult, outcomes: list, runs: list, metric: str) -> None:
@@ -230,6 +231,7 @@ class _Tracker:
         self.experiment_id = record.experiment_id
         self.parent = record.parent_run_id
         self.sweep = record.name
+        self.open: list = []      # runs started here and not yet ended
 
     def start_finalist(self, fin: FinalistResult) -> str:
         from richkd.tune.mlflow_client import KIND_TAG, PARENT_TAG, SWEEP_TAG, TRIAL_TAG
@@ -238,6 +240,7 @@ class _Tracker:
             PARENT_TAG: self.parent, KIND_TAG: "finalist", SWEEP_TAG: self.sweep, TRIAL_TAG: fin.trial_id,
             "richkd.rank": str(fin.rank), "richkd.sampled": json.dumps(fin.sampled, default=str)})
         fin.run_id = run.info.run_id
+        self.open.append(run.info.run_id)
         return run.info.run_id
 
     def start_seed(self, group: str, cfg, rank: int, trial_id: str, seed: int) -> str:
@@ -245,6 +248,7 @@ class _Tracker:
 
         run = self.client.create_run(self.experiment_id, run_name=f"finalist-{rank}-seed{seed}", tags={
             PARENT_TAG: group, KIND_TAG: "finalist_seed", TRIAL_TAG: trial_id, "richkd.seed": str(seed)})
+        self.open.append(run.info.run_id)
         log_params(self.client, run.info.run_id, cfg.to_flat_dict())
         return run.info.run_id
 
@@ -306,6 +310,17 @@ class _Tracker:
     def end(self, run_id: Optional[str], status: str) -> None:
         if run_id:
             self.client.set_terminated(run_id, status=status)
+            if run_id in self.open:
+                self.open.remove(run_id)
+
+    def close_open(self, status: str) -> None:
+        """End every run still open (seeds first, as they were started after their finalist); never raises, so
+        the error that got here is the one reported."""
+        for run_id in reversed(list(self.open)):
+            try:
+                self.end(run_id, status)
+            except Exception as exc:
+                log.warning("could not close the MLflow run %s: %s", run_id, exc)
 
     def summary(self, results: list, csv_path: Path) -> None:
         from richkd.tune.mlflow_client import log_metrics

@@ -78,7 +78,12 @@ def run_seed_jobs(jobs: list[SeedJob], *, cpu: float, gpu: float, needs: Optiona
             on_failed(job, list(pending.values()))
             cause = getattr(exc, "cause", None)
             raise (cause if isinstance(cause, Exception) else exc) from None
-        on_done(job, result)
+        try:
+            on_done(job, result)
+        except BaseException:
+            for other in pending:
+                ray.cancel(other, force=True)
+            raise
 
 
 def write_run_files(folder: Path, files: dict) -> Path:

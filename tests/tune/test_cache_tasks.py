@@ -78,6 +78,8 @@ def test_sweep_caches_are_built_by_ray_tasks_in_two_shards(assets, tmp_path):
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"not a checkpoint")
     bad = spec.cache_probe_configs()[0].with_overrides({"teacher.checkpoint": str(broken)})
+    if ray.is_initialized():      # an earlier test's Ray in this process: this test sizes its own
+        ray.shutdown()
     assert init_ray(num_cpus=2)
     try:
         records = prepare_sweep_caches(spec, shards=2)
@@ -103,8 +105,8 @@ def test_shards_run_in_ray_workers_on_both_nodes_of_a_cluster(assets, tmp_path, 
 
     from richkd.tune.cache_tasks import build_caches, shard_count
 
-    if ray.is_initialized():
-        pytest.skip("this test process is already a Ray driver")
+    if ray.is_initialized():      # an earlier test's Ray in this process: this test connects to its cluster
+        ray.shutdown()
     cfg = spec_from_mapping(base_spec(assets, tmp_path)).cache_probe_configs()[0]
     cluster = make_ray_cluster(workers=[{"num_cpus": 1}], head={"num_cpus": 1})
     ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")

@@ -1,5 +1,6 @@
-"""finalize's MLflow side without Ray: finalist students as logged models, the best one (by validation, never by
-test) registered; the trainings themselves are checked in tests/test_export.py on the smoke sweep."""
+"""finalize's pieces: finalist students as MLflow logged models, the best one (by validation, never by test)
+registered, and a failing training task reported as its own error. The whole command runs in tests/test_export.py
+on the smoke sweep (trainings in Ray workers, students back on the driver, the registry)."""
 from __future__ import annotations
 
 import math
@@ -62,3 +63,34 @@ def test_the_best_finalist_by_validation_is_registered_not_the_best_by_test(tmp_
         assert model.source_run_id == fin.run_id and str(model.status) == "READY"
     assert client.get_run(parent).data.tags["richkd.registered_model"] == "richkd-unit/1"
     assert tracker.register_best(fins, spec)["version"] == "2"   # finalizing again adds a version
+
+
+@pytest.mark.slow
+def test_a_failing_training_task_raises_its_own_error_and_reports_the_job(tmp_path):
+    import ray
+
+    from richkd.config import Config
+    from richkd.models import CheckpointError
+    from richkd.tune.finalize_tasks import SeedJob, run_seed_jobs
+    from richkd.tune.runner import init_ray
+
+    from tests.factories import base_spec, make_assets
+
+    assets = make_assets(tmp_path / "assets", clip=False)
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"not a checkpoint")
+    raw = base_spec(assets, tmp_path)["config"]
+    cfg = Config.from_dict({**raw, "loss": {"method": "kd"}, "teaching": {"mode": "online"},
+                            "teacher": {"arch": "resnet8", "checkpoint": str(broken)}})
+    job = SeedJob(rank=1, trial_id="t1", seed=0, config=cfg)
+    done, failed = [], []
+    if ray.is_initialized():      # an earlier test's Ray in this process: this test sizes its own
+        ray.shutdown()
+    assert init_ray(num_cpus=1)
+    try:
+        with pytest.raises(CheckpointError, match="broken.pth"):       # the trainer's error, not Ray's wrapper
+            run_seed_jobs([job], cpu=1, gpu=0, on_done=lambda j, r: done.append(j),
+                          on_failed=lambda j, rest: failed.append((j, rest)))
+    finally:
+        ray.shutdown()
+    assert done == [] and failed == [(job, [])]
