@@ -44,9 +44,9 @@ def node_slots(cpu: float, gpu: float, nodes: Optional[list] = None) -> list[str
 
 def usable_nodes(configs: list) -> list[dict]:
     """The alive nodes that see what building the configs' caches reads (data, weights, prompt files) and run the
-    driver's versions (richkd.tune.node_check, one zero-CPU task per node). Only the driver's own node: no check.
-    Nodes with problems get no cache task; the sweep's preflight, after the caches, reports them with the rest.
-    No usable node at all is the preflight's NodeCheckError now."""
+    driver's versions (richkd.tune.node_check, one zero-CPU task per node); for callers without a preflight of
+    their own (finalize). Only the driver's own node: no check. Nodes with problems get no cache task (a warning
+    names how many); no usable node at all is the preflight's NodeCheckError."""
     from richkd.tune.node_check import sweep_needs
 
     nodes = alive_nodes()
@@ -96,9 +96,10 @@ class BuiltCaches:
 
 
 def build_caches(configs: Iterable, *, cpu: float, gpu: float = 0.0, shards: Optional[int] = None,
-                 progress: bool = False) -> BuiltCaches:
+                 progress: bool = False, nodes: Optional[list] = None) -> BuiltCaches:
     """Every cache entry each config reads (its entry folders, as prepare_caches returns them), the missing
-    ones built by Ray tasks (Ray must be initialised). `shards`: row shards per entry (default shard_count)."""
+    ones built by Ray tasks (Ray must be initialised). `shards`: row shards per entry (default shard_count).
+    `nodes`: the nodes that may run cache tasks (ray.nodes() entries); None: usable_nodes checks them."""
     configs = list(configs)
     plans = [plan_caches(cfg) for cfg in configs]
     missing: dict[Path, EntryJob] = {}
@@ -108,7 +109,7 @@ def build_caches(configs: Iterable, *, cpu: float, gpu: float = 0.0, shards: Opt
     built = []
     if missing:
         built = run_jobs(list(missing.values()), cpu=cpu, gpu=gpu, shards=shards, progress=progress,
-                         nodes=usable_nodes(configs))
+                         nodes=usable_nodes(configs) if nodes is None else nodes)
     return BuiltCaches(paths=[plan.paths for plan in plans], built=built)
 
 

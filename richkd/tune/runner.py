@@ -116,16 +116,21 @@ def check_outputs(spec: SweepSpec) -> None:
 
 # ----- caches ------------------------------------------------------------------------------------------
 
-def prepare_sweep_caches(spec: SweepSpec, progress: bool = False, shards: Optional[int] = None) -> list[dict]:
+def prepare_sweep_caches(spec: SweepSpec, progress: bool = False, shards: Optional[int] = None,
+                         nodes_checked: bool = True) -> list[dict]:
     """Build every cache any trial can read, once, before trials start (docs/architecture.md, "Caching").
 
     The missing entries are computed by Ray tasks with the trials' resources, in row shards over the alive nodes
     (richkd.tune.cache_tasks); the driver only checks existing manifests and waits. Ray must be initialised.
+    `nodes_checked`: every alive node passed check_nodes_share (run_sweep and resume_sweep call it first), so any
+    may compute shards; False: each node is checked here and only those that see the inputs get cache tasks.
     """
     from richkd.tune.cache_tasks import build_caches
+    from richkd.tune.cluster import alive_nodes
 
     configs = spec.cache_probe_configs()
-    built = build_caches(configs, cpu=spec.tune.cpu, gpu=spec.tune.gpu, shards=shards, progress=progress)
+    built = build_caches(configs, cpu=spec.tune.cpu, gpu=spec.tune.gpu, shards=shards, progress=progress,
+                         nodes=alive_nodes() if nodes_checked else None)
     return [{"signature": cache_signature(cfg), "dir": cfg.teaching.cache_dir,
              "entries": [Path(e).name for e in entries]} for cfg, entries in zip(configs, built.paths)]
 
