@@ -17,7 +17,7 @@ entry: weights, rows, views), `build` (which entries are missing, running the te
 Importing this package does not import torch.
 """
 from richkd.cache.build import (
-    CachePlan,
+    EntryPlan,
     EntryJob,
     build_entry,
     class_embeddings,
@@ -52,7 +52,7 @@ from richkd.cache.signature import CACHE_AFFECTING_PREFIXES, CACHE_NEUTRAL_KEYS,
 
 __all__ = [
     "CACHE_AFFECTING_PREFIXES", "CACHE_FORMAT_VERSION", "CACHE_NEUTRAL_KEYS", "CLEAN_VIEW", "CLIP_PREPROCESS_VERSION",
-    "CacheEntry", "CacheError", "CachePlan", "EntryJob", "affects_cache", "assemble_entry", "build_entry",
+    "CacheEntry", "CacheError", "EntryPlan", "EntryJob", "affects_cache", "assemble_entry", "build_entry",
     "cache_signature", "cached_rows", "class_embeddings", "clip_image_entry", "clip_text_entry", "clip_weights_id",
     "compute_shard", "dataset_identity", "describe", "ensure_cache_writable", "entry_exists", "file_sha256_memo",
     "plan_caches", "prepare_caches", "read_entry", "remove_shards", "shard_ranges", "shard_root", "teacher_entry",

@@ -57,7 +57,7 @@ class EntryJob:
 
 
 @dataclass
-class CachePlan:
+class EntryPlan:
     """Every entry folder a config reads (in a fixed order) and the jobs that build the missing ones."""
     paths: list = field(default_factory=list)
     missing: list = field(default_factory=list)
@@ -65,11 +65,11 @@ class CachePlan:
 
 # ----- planning -----------------------------------------------------------------------------------------
 
-def plan_caches(cfg: Config, splits: tuple[str, ...] = ("train",), data=None) -> CachePlan:
+def plan_caches(cfg: Config, splits: tuple[str, ...] = ("train",), data=None) -> EntryPlan:
     """Which entries cfg reads in cached teaching; existing ones are checked against their manifest (a stale or
     damaged entry is a CacheError here), missing ones become EntryJobs. Fails before any teacher runs if the
     cache folder could not take the missing entries."""
-    plan = CachePlan()
+    plan = EntryPlan()
     if cfg.loss.method == "supervised":
         return plan
     from richkd.data import build_data
@@ -102,7 +102,7 @@ def plan_caches(cfg: Config, splits: tuple[str, ...] = ("train",), data=None) ->
     return plan
 
 
-def _plan_photo(plan: CachePlan, cfg: Config, data, split: str, cache_dir: Path, as_dict: dict) -> None:
+def _plan_photo(plan: EntryPlan, cfg: Config, data, split: str, cache_dir: Path, as_dict: dict) -> None:
     """A photo dataset's entries: existing ones checked, a missing (or partly built) one is one job for both."""
     from richkd.cache.view_store import open_entry
     from richkd.cache.views_imagenet import photo_entries

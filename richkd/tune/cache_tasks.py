@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-from richkd.cache.build import TEXT_KIND, EntryJob, plan_caches
+from richkd.cache.build import ROW_KINDS, EntryJob, plan_caches
 from richkd.cache.shards import assemble_entry, compute_shard, remove_shards, shard_ranges, shard_root
 from richkd.tune.cluster import alive_nodes, current_node_id, node_problems, preflight_error, use_task_resources
 
@@ -138,7 +138,7 @@ def run_jobs(jobs: list[EntryJob], *, cpu: float, gpu: float, shards: Optional[i
     roots: list[Path] = []
     started = time.perf_counter()
     for j, job in enumerate(jobs):
-        if job.kind == TEXT_KIND:
+        if job.kind not in ROW_KINDS:   # the text classifier; a photo dataset's entries (their own shards)
             pending[on_slot(whole, j, num_cpus=cpu, num_gpus=gpu).remote(job, cpu, gpu)] = (job, 1)
             continue
         root = shard_root(job)

@@ -14,7 +14,7 @@ from richkd.models.checkpoint import CheckpointError
 from richkd.tune.spec import spec_from_mapping
 
 from tests.cluster_fixtures import make_ray_cluster  # noqa: F401  (a fixture, registered by pytest)
-from tests.factories import base_spec, make_assets
+from tests.factories import base_spec, imagenet_config, make_assets, make_imagenet_assets
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +78,7 @@ def test_sweep_caches_are_built_by_ray_tasks_in_two_shards(assets, tmp_path):
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"not a checkpoint")
     bad = spec.cache_probe_configs()[0].with_overrides({"teacher.checkpoint": str(broken)})
+    photos = imagenet_config(make_imagenet_assets(tmp_path / "inet"), tmp_path / "inet_cache")
     if ray.is_initialized():      # an earlier test's Ray in this process: this test sizes its own
         ray.shutdown()
     assert init_ray(num_cpus=2)
@@ -86,8 +87,17 @@ def test_sweep_caches_are_built_by_ray_tasks_in_two_shards(assets, tmp_path):
         again = build_caches(spec.cache_probe_configs(), cpu=1)        # everything exists now: only checked
         with pytest.raises(CheckpointError, match="broken.pth"):        # the task's own error, not Ray's wrapper
             build_caches([bad], cpu=1, shards=2)
+        photo = build_caches([photos], cpu=1)                           # a photo dataset's own sharded entries
     finally:
         ray.shutdown()
+    assert sorted(b["entry"].split("-")[0] for b in photo.built) == ["clip", "photo"]     # in completion order
+    assert all(s["pid"] != os.getpid() for b in photo.built for s in b["shards"])
+    whole = prepare_caches(photos.with_overrides({"teaching.cache_dir": str(tmp_path / "inet_whole")}))
+    assert [p.name for p in photo.paths[0]] == [p.name for p in whole]
+    for a, b in zip(photo.paths[0], whole):
+        arrays = sorted(f.relative_to(a) for f in Path(a).rglob("*.npy"))
+        assert arrays and arrays == sorted(f.relative_to(b) for f in Path(b).rglob("*.npy"))
+        assert all((Path(a) / f).read_bytes() == (Path(b) / f).read_bytes() for f in arrays)
     (record,) = records
     cfg = spec.cache_probe_configs()[0]
     assert record["dir"] == str(tmp_path / "cache") and record["signature"]
