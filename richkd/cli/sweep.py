@@ -88,7 +88,7 @@ def cmd_finalize(args: argparse.Namespace) -> int:
 
     result = finalize_sweep(args.sweep, top=args.top, seeds=args.seeds, storage=args.storage,
                             tracking_uri=args.tracking_uri, overrides=args.set, progress=interactive(),
-                            out_dir=args.out)
+                            out_dir=args.out, address=args.address, num_cpus=args.num_cpus)
     print(describe_finalize(result))
     return 0
 
@@ -129,6 +129,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 # ----- parser -----------------------------------------------------------------------------------------------
 
+def _add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--address", help=f"connect to a running Ray cluster (e.g. auto or HEAD:6379); {what}; "
+                                     "default: an embedded local Ray")
+    p.add_argument("--num-cpus", type=int, help="CPUs for the embedded Ray (default: all of this machine's)")
+
+
 def add_commands(subparsers) -> None:
     """Register sweep / export / finalize / ui on the `richkd` parser's subparsers (each sets `func`)."""
     p = subparsers.add_parser("sweep", help="run (or --resume) a hyperparameter sweep from a search-space YAML",
@@ -139,9 +145,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--num-samples", type=int, help="override tune.num_samples")
     p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec key, e.g. --set tune.max_concurrent=2 --set config.train.epochs=5")
-    p.add_argument("--address", help="connect to a running Ray cluster (e.g. auto or HEAD:6379); default: "
-                                     "an embedded local Ray")
-    p.add_argument("--num-cpus", type=int, help="CPUs for the embedded Ray (default: all of this machine's)")
+    _add_ray_args(p, "trials and cache builds run as Ray work")
     p.add_argument("--check", action="store_true", help="validate the spec and exit (starts nothing)")
     p.add_argument("--quiet", "-q", action="store_true", help="no Tune status tables")
     add_storage_args(p)
@@ -167,6 +171,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for the final runs, e.g. --set train.epochs=240")
     p.add_argument("--out", help="output folder (default: the sweep's folder)")
+    _add_ray_args(p, "the final trainings run as Ray tasks with the sweep's resources")
     add_storage_args(p)
     p.set_defaults(func=cmd_finalize)
 
