@@ -123,7 +123,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return 0
     cmd = ui_command(uri, args.port)
     print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true")}
+    # MLflow 3's server also starts GenAI job-runner processes this project never uses: off, so they neither
+    # slow the start nor outlive the server
+    env = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
     os.execve(cmd[0], cmd, env)
 
 
