@@ -71,9 +71,21 @@ def test_interrupted_sweep_says_how_to_resume(assets, tmp_path, capsys, monkeypa
     monkeypatch.setattr(resume, "resume_sweep", ctrl_c)
     spec_file = tmp_path / "s.yaml"
     spec_file.write_text(yaml.safe_dump(base_spec(assets, tmp_path / "work")))
+    # storage outside ./tune_runs: the printed command names it, so it works as printed
+    assert main(["sweep", str(spec_file)]) == 130
+    assert capsys.readouterr().err == ("richkd sweep: interrupted; continue with `richkd sweep --resume unit "
+                                       f"--storage {tmp_path / 'work' / 'runs'}`\n")
+    assert main(["sweep", "--resume", "unit", "--storage", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == ("richkd sweep: interrupted; continue with `richkd sweep --resume unit "
+                                       f"--storage {tmp_path}`\n")
+    # the default storage (./tune_runs of the current folder): just the name
+    raw = base_spec(assets, tmp_path / "work")
+    del raw["tune"]["storage_path"]
+    spec_file.write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
     assert main(["sweep", str(spec_file)]) == 130
     assert capsys.readouterr().err == "richkd sweep: interrupted; continue with `richkd sweep --resume unit`\n"
-    assert main(["sweep", "--resume", "unit", "--storage", str(tmp_path)]) == 130
+    assert main(["sweep", "--resume", "unit"]) == 130
     assert capsys.readouterr().err == "richkd sweep: interrupted; continue with `richkd sweep --resume unit`\n"
 
 
