@@ -21,7 +21,7 @@ EPILOG = """examples:
   richkd train --config configs/cifar100_resnet32x4_resnet8x4_richkd.yaml --set loss.fusion_alpha=0.8
   richkd cache --config tune_runs/demo/configs/richkd.yaml
   richkd sweep search_spaces/smoke.yaml && richkd export smoke && richkd report smoke
-  richkd evaluate tune_runs/runs/demo_kd/student.pt --suite robustness
+  richkd evaluate tune_runs/demo/kd/student.pt --suite robustness            # the demo's KD student
   richkd models
 
 `richkd COMMAND --help` shows each command's options and examples.
@@ -85,7 +85,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     prog = f"richkd {args.command}" if args.command in NAMED_COMMANDS else "richkd"
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()   # a closed pipe shows up here (output is block-buffered), not at interpreter exit
+        return code
     except USER_ERRORS as exc:
         if os.environ.get("RICHKD_DEBUG"):
             raise
