@@ -2,7 +2,8 @@
 
 Handlers (in the command modules next to this one) return an exit code or raise. A problem the user can fix
 becomes one line on stderr and exit code 2; Ctrl-C becomes exit code 130; a reader that closed the pipe
-(`richkd models | head`) ends the command quietly with 141; anything else is a bug and keeps its traceback. RICHKD_DEBUG=1 shows the traceback of user errors too.
+(`richkd models | head`) ends the command quietly with 141; anything else is a bug and keeps its traceback.
+RICHKD_DEBUG=1 shows the traceback of user errors too.
 """
 from __future__ import annotations
 

@@ -210,8 +210,8 @@ def test_child_runs_hold_every_reported_metric_at_every_epoch(world):
                   "train_logit": 0.3 / epoch, "train_feat": 0.2 / epoch, "epoch_time_s": 1.25 * epoch,
                   "val_top1": 40.0 + epoch, "val_top5": 80.0 + epoch, "val_ece": 0.1 / epoch, "val_loss": 1.0 / epoch,
                   "best_val_top1": 40.0 + epoch, "val_corrupt_top1": 30.0 + epoch, "nonfinite_loss": 0.0,
-                  "node_id": "abc123", "training_iteration": epoch, "time_this_iter_s": 0.5, "time_total_s": 0.5 * epoch,
-                  "timestamp": 1700000000 + epoch, "pid": 42, "done": False}
+                  "node_id": "abc123", "training_iteration": epoch, "time_this_iter_s": 0.5,
+                  "time_total_s": 0.5 * epoch, "timestamp": 1700000000 + epoch, "pid": 42, "done": False}
         trial.update_last_result(result)
         cb.on_trial_result(iteration=0, trials=[trial], trial=trial, result=result)
         reported[epoch] = result
