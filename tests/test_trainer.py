@@ -158,3 +158,13 @@ def test_compile_wraps_the_student_and_keeps_its_state_dict(tmp_path):
     plain = Run(tiny_cfg(tmp_path))
     assert plain.forward_student is plain.student
     plain.student.load_state_dict(run.state()["student"])
+
+
+@pytest.mark.slow
+@needs_fmnist
+def test_compiled_student_trains_to_the_same_numbers(tmp_path):
+    """A real torch.compile (inductor on CPU: about a minute of compiling for resnet8)."""
+    a = run_training(tiny_cfg(tmp_path, **{"train.epochs": 1}))
+    b = run_training(tiny_cfg(tmp_path, **{"train.epochs": 1, "train.compile": True}))
+    assert b.metrics["train_loss"] == pytest.approx(a.metrics["train_loss"], rel=1e-4)
+    assert b.metrics["val_loss"] == pytest.approx(a.metrics["val_loss"], rel=1e-4)

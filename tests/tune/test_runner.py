@@ -163,3 +163,25 @@ def test_ui_on_a_tracking_server_prints_its_address(capsys):
 
     assert main(["ui", "--tracking-uri", "http://mlflow.example:5000"]) == 0
     assert "open http://mlflow.example:5000 in a browser" in capsys.readouterr().out
+
+
+def test_ui_handler_execs_mlflow_on_the_sweep_store(tmp_path, monkeypatch, capsys):
+    """`richkd ui` replaces itself with `mlflow ui` on the store under --storage (the slow test above runs it)."""
+    import os
+
+    from richkd.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "mlflow.db").write_bytes(b"")
+    execs = []
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: execs.append((path, argv, env)))
+    assert main(["ui", "--storage", str(tmp_path), "--port", "5123"]) == 0
+    ((path, argv, env),) = execs
+    assert path == sys.executable and argv[1:4] == ["-m", "mlflow", "ui"]
+    assert argv[argv.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path}/mlflow.db"
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "5123"
+    assert env["MLFLOW_DISABLE_TELEMETRY"]
+    assert capsys.readouterr().out == (f"MLflow UI for sqlite:///{tmp_path}/mlflow.db at http://127.0.0.1:5123 "
+                                       "(Ctrl-C to stop)\n")
+    assert main(["ui", "--storage", str(tmp_path / "none")]) == 2          # no store there: one line, no exec
+    assert len(execs) == 1 and "no MLflow store at" in capsys.readouterr().err
