@@ -51,3 +51,19 @@ def test_config_and_spec_keys_named_in_the_readme_exist():
     assert {"loss.fusion_alpha", "train.eval_every", "tune.metric"} <= named     # the scan sees them
     unknown = sorted(k for k in named if k not in config_keys | tune_keys)
     assert unknown == [], f"README.md names keys that do not exist: {unknown}"
+
+
+def test_the_layout_lists_every_module():
+    layout = README.split("## Layout")[1].split("```")[1]
+    package = REPO / "richkd"
+    for entry in sorted(package.iterdir()):
+        if entry.name.startswith(("_", ".")) and entry.name != "__main__.py" or entry.suffix not in ("", ".py"):
+            continue
+        if entry.is_dir() and not (entry / "__init__.py").is_file():
+            continue
+        shown = f"richkd/{entry.name}/" if entry.is_dir() else entry.name
+        assert shown in layout, f"README.md's Layout does not list {shown}"
+    tune_line = layout.split("richkd/tune/")[1].split("richkd/export.py")[0]
+    for module in sorted((package / "tune").glob("*.py")):
+        if module.stem != "__init__":
+            assert re.search(rf"\b{module.stem}\b", tune_line), f"Layout: richkd/tune/{module.name} missing"
