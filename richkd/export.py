@@ -49,8 +49,8 @@ class ExportResult:
 
 
 def pareto_objectives(spec, metrics: Optional[Sequence[str]] = None) -> list[tuple[str, str]]:
-    """[(metric, mode), ...] for a Pareto export: `metrics` given (modes from metric_names.direction), else the sweep's
-    objectives when it has several. [] when no front is asked for."""
+    """[(metric, mode), ...] for a Pareto export: `metrics` given (modes from metric_names.direction), else the
+    sweep's objectives when it has several. [] when no front is asked for."""
     from richkd.metric_names import KNOWN_METRICS, direction, is_reported
 
     if metrics is None:
@@ -140,6 +140,7 @@ def export_sweep(sweep: str, storage: Optional[str] = None, tracking_uri: Option
     """
     from richkd.io import atomic_write_text
     from richkd.provenance import code_version
+    from richkd.tune.trainable import trial_threads_config
 
     spec, path, record, rows = load_sweep(sweep, storage, tracking_uri)
     best = best_trial(rows, spec)
@@ -149,8 +150,6 @@ def export_sweep(sweep: str, storage: Optional[str] = None, tracking_uri: Option
         best = front[0]   # the front member best by the first objective (a primary-metric tie can be dominated)
     folder = Path(out_dir) if out_dir else output_dir(path, spec.name)
     version = code_version()
-    from richkd.tune.trainable import trial_threads_config
-
     cfg = trial_threads_config(best.config, spec.tune.cpu)   # the threads the trial ran with: same numbers
     cache_keys = cache_keys_for(cfg, record)
     info = {

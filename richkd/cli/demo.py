@@ -6,7 +6,7 @@ from pathlib import Path
 
 DEMO_EPILOG = """examples:
   richkd demo                         # ~10 min on 2 CPUs: teacher, tiny CLIP, caches, KD + RichKD, sweep, report
-  richkd demo --quick --out /tmp/d    # a 1-2 minute run of every stage
+  richkd demo --quick --out /tmp/d    # every stage at a much smaller size (what the tests run)
   richkd demo --fresh                 # delete tune_runs/demo and start over
 
 Needs Debian's dataset-fashion-mnist (`make demo` installs it). Re-running reuses the teacher, the tiny CLIP

@@ -15,7 +15,7 @@ SWEEP_EPILOG = """examples:
   richkd sweep search_spaces/cifar100_resnet32x4_resnet8x4.yaml --address auto     # on a Ray cluster
   richkd sweep --resume fm4                                                      # after an interruption
   richkd sweep search_spaces/smoke.yaml --check                                  # validate only
-  richkd sweep search_spaces/smoke.yaml --storage /data/sweeps && richkd sweep --resume smoke --storage /data/sweeps
+  richkd sweep --resume smoke --storage /data/sweeps                             # a sweep run with --storage
 
 Exit codes: 0 every trial ran, 2 bad input (nothing launched), 3 some trials ended in error, 130 interrupted.
 """

@@ -79,9 +79,8 @@ def resolve_config(checkpoint: Path, config: Optional[str]):
 
 def _checkpoint_header(path: Path) -> dict:
     """The non-weight fields of a student.pt ({"model": sd, "arch": str, "num_classes": int})."""
-    from richkd.models import CheckpointError
-
     from richkd.io import load_problem, quiet_torch_load
+    from richkd.models import CheckpointError
 
     try:
         with quiet_torch_load():
@@ -169,6 +168,7 @@ def evaluate_checkpoint(req: EvaluateRequest) -> tuple[dict, list[Path]]:
     """
     from richkd.data import build_data
     from richkd.device import resolve_device
+    from richkd.io import ensure_writable
     from richkd.models import CheckpointError, load_teacher
     from richkd.robustness.corruptions import parse_corruptions, parse_severities
     from richkd.robustness.engine import evaluate_folder, evaluate_model
@@ -202,8 +202,6 @@ def evaluate_checkpoint(req: EvaluateRequest) -> tuple[dict, list[Path]]:
     if req.mlflow_uri:
         check_tracking_uri(req.mlflow_uri)
     out_dir = Path(req.out).expanduser() if req.out else ckpt.parent / f"robustness-{req.split}"
-    from richkd.io import ensure_writable
-
     ensure_writable(out_dir, "the evaluation's output folder (--out)", create=False)   # before the evaluation
 
     device = resolve_device(cfg.device)

@@ -60,7 +60,8 @@ def sweep_ref(name: str, experiment_path: str) -> str:
     default those commands look in), so a printed `richkd sweep --resume ...` or `richkd export ...` works."""
     from richkd.tune.paths import DEFAULT_STORAGE, absolute_storage, has_scheme
 
-    storage = experiment_path.rsplit("/", 1)[0] if has_scheme(experiment_path) else str(Path(experiment_path).parent)
+    local = not has_scheme(experiment_path)
+    storage = str(Path(experiment_path).parent) if local else experiment_path.rsplit("/", 1)[0]
     if storage.rstrip("/") == absolute_storage(DEFAULT_STORAGE).rstrip("/"):
         return name
     return f"{name} --storage {storage}"

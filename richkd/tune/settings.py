@@ -210,8 +210,10 @@ def parse_tune(raw: Any) -> TuneSettings:
 def check_objectives(metrics: list, modes: Any, multi: bool) -> tuple:
     """((metric, mode), ...) from tune.metric (one or several names) and tune.mode (the same shape, or None).
 
-    Each mode must be the direction metric_names.direction gives (a mis-typed min/max would silently optimise the wrong
-    way); leaving mode out derives it. A one-element list is a single objective.
+    Each mode must be the direction metric_names.direction gives (a mis-typed min/max would silently optimise
+    the wrong way); leaving mode out derives it. A one-element list is a single objective. A per-corruption
+    accuracy (val_corrupt_top1_<corruption>) must name a known corruption; the spec also checks that the base
+    config evaluates it (robustness.corruptions).
     """
     if not metrics:
         raise SpecError("tune.metric: the list of objectives is empty; name one metric (val_top1) or several "
