@@ -46,6 +46,12 @@ def lr_at(epoch: int, optim: OptimConfig, total_epochs: int) -> float:
     return lr
 
 
+def evaluates_at(epoch: int, train) -> bool:
+    """Is the validation split evaluated after this 1-based epoch? Every `train.eval_every` epochs and the last.
+    Other epochs carry the previous evaluation's val_* values (none before the first evaluation)."""
+    return epoch % train.eval_every == 0 or epoch == train.epochs
+
+
 # ----- one train step -----------------------------------------------------------------------------
 
 @dataclass
@@ -287,7 +293,7 @@ class Run:
             started = time.perf_counter()
             metrics = {"epoch": epoch, **self.train_one_epoch(epoch)}
             metrics["epoch_time_s"] = time.perf_counter() - started
-            if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
+            if evaluates_at(epoch, cfg.train):
                 metrics.update(self.evaluate("val"))
                 metrics.update(self.teacher_metrics())
                 if cfg.robustness.enabled:
@@ -330,10 +336,13 @@ def load_train_state(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint {str(p)!r} does not exist")
+    from richkd.io import load_problem, quiet_torch_load
+
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
+        with quiet_torch_load():
+            return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupted or foreign file
-        raise ValueError(f"{p} is not a readable richkd training checkpoint ({type(exc).__name__}: {exc})") from None
+        raise ValueError(f"{p} is not a readable richkd training checkpoint ({load_problem(exc)})") from None
 
 
 def _short(metrics: dict) -> str:

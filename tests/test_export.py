@@ -38,9 +38,12 @@ def test_best_config_round_trips_to_the_trial_config(smoke, exported):
     loaded = Config.from_yaml(exported.best_config)              # what `richkd train --config` reads
     spec = read_sweep_record(smoke["name"], smoke["storage"]).spec
     params = json.loads((Path(smoke["experiment_path"]) / f"trial_{best.trial_id}" / "params.json").read_text())
-    assert loaded == spec.trial_config(params)                   # Tune's sampled dict -> the same config
+    # the exported config pins the threads the trial ran with (its resources.cpu: 2); the rest is the trial's
+    assert loaded.train.threads == 2 and spec.tune.cpu == 2
+    unpinned = loaded.with_overrides({"train.threads": None})
+    assert unpinned == spec.trial_config(params)                 # Tune's sampled dict -> the same config
     state = load_checkpoint_state(best.checkpoint)               # ...and what the trial actually trained
-    assert loaded == Config.from_dict(state["config"])
+    assert unpinned == Config.from_dict(state["config"])
     assert state["epoch"] == 3
     from richkd.cli import load_config
 
@@ -48,13 +51,15 @@ def test_best_config_round_trips_to_the_trial_config(smoke, exported):
 
 
 def test_retraining_the_exported_config_reproduces_the_trial(smoke, exported):
-    """`richkd train --config best_config.yaml` is the same run: same seed, data order and metrics."""
+    """`richkd train --config best_config.yaml` is the same run: same seed, data order, threads and metrics,
+    whatever thread count the process had before (CPU results depend on it: the config pins the trial's)."""
     from richkd.trainer import run_training
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)                                     # the trial's thread count (resources.cpu: 2)
+    torch.set_num_threads(1)                                     # not the trial's 2: the config must set it
     try:
         result = run_training(Config.from_yaml(exported.best_config))
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
     assert result.epochs_run == 3
