@@ -112,10 +112,12 @@ def test_models_lists_every_model_with_its_feature_dimension(capsys):
     from richkd.models import MODELS, create_model
 
     assert main(["models", "--num-classes", "10"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split()[0] for line in lines] == list(MODELS.names())
+    out = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in out if line.endswith("inputs):")] == ["cifar", "imagenet"]
+    lines = [line for line in out if line.startswith("  ")]
+    assert sorted(line.split()[0] for line in lines) == sorted(MODELS.names())
     for line in lines:
-        name, _, dim, _, params = line.split()
+        name, _, size, _, _, dim, _, params = line.split()
         model = create_model(name, 10)
         assert int(dim) == model.feat_dim, name
         assert params == f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M", name

@@ -31,9 +31,11 @@ def test_subset_sweep_trains_on_100_per_class_and_finalises_on_the_full_set(tmp_
     monkeypatch.setenv("RICHKD_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("RICHKD_STORAGE", str(tmp_path / "runs"))
     monkeypatch.chdir(REPO)
-    # the tiny folder's teacher is a resnet18; files, data and the space are checked as for a real run
+    # the tiny folder's teacher is a resnet18, and its 6 training rows hold fewer CRD negatives than the recipe's
+    # nce_k; files, data and the space are checked as for a real run
     spec = load_spec(REPO / "search_spaces" / "imagenet_subset.yaml", overrides=["config.teacher.arch=resnet18",
-                     "config.clip.model=richkd-tiny", f"config.clip.pretrained={assets / 'tiny_clip.pt'}"])
+                     "config.clip.model=richkd-tiny", f"config.clip.pretrained={assets / 'tiny_clip.pt'}",
+                     "config.loss.nce_k=2"])
     trial = spec.trial_config(spec.points[0])
     assert trial.data.max_train_per_class == 100 and trial.data.root == str(assets / "imagenet")
     assert (trial.train.epochs, trial.optim.milestones) == (20, (6, 12, 18))          # 30/60/90 of 100, scaled
