@@ -8,7 +8,7 @@ Packing: every trial is `benchmarks/worker.py pack` (the same train step as run.
 together, warmed up, then timed for --seconds after a common GO; the total images/s of k packed trials is compared
 with one trial alone (goal: >= 2.5x for k = 4, i.e. a 4-trial sweep per GPU finishes >= 2.5x sooner than a serial
 one). Each process calls torch.cuda.set_per_process_memory_fraction(1/k - 0.01), the guard Ray trials use for
-fractional GPUs (richkd.tune.trainable._limit_gpu_memory), and gets cpu_count // k torch threads.
+fractional GPUs (richkd.tune.cluster.limit_gpu_memory), and gets cpu_count // k torch threads.
 
 Agreement: the RichKD-L+F step (cached teachers, CRD with 16384 negatives) runs N steps on the CPU and on the GPU
 from identical weights, batches and CRD negatives (the GPU run draws its negatives with the CPU generator so both

@@ -19,7 +19,9 @@ __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "TeacherConfig"
 # here, like the datasets and methods, so the config validates them without importing the implementations.
 CORRUPTION_NAMES = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "gaussian_blur", "contrast",
                     "brightness", "jpeg_compression", "pixelate")
-DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder")
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "imagenet")
+DECODERS = ("pil", "torchvision")     # JPEG decoding of photo datasets (richkd/data/photos.py)
+BAD_IMAGES = ("error", "skip")
 METHODS = ("supervised", "kd", "richkd")
 SCHEDULES = ("step", "cosine")
 TEACHING_MODES = ("cached", "online", "official")
@@ -48,6 +50,13 @@ class DataConfig:
     # keep the training rows on the device as uint8 and crop/flip there (richkd.data.resident); auto: on for
     # CUDA runs whose rows fit 1 GiB, off on CPU; true is allowed on CPU (same batches, for testing)
     resident: Union[str, bool] = "auto"
+    # seeded, class-stratified training subset for sweeps: at most this many training images per class
+    max_train_per_class: Optional[int] = None
+    # photo datasets (imagenet, richkd/data/imagenet.py): how unreadable or truncated files are handled, which
+    # JPEG decoder runs, and where class names come from (None: <root>/classes.txt, else ImageNet-1k wnids)
+    bad_images: str = "error"            # error: one message listing them; skip: leave them out and count them
+    decode: str = "pil"                  # pil | torchvision (torchvision.io.decode_jpeg)
+    class_names: Optional[str] = None    # a "folder<TAB>name" file per class (e.g. LOC_synset_mapping.txt)
 
     def __post_init__(self) -> None:
         one_of(self.dataset, "data.dataset", DATASETS)
@@ -69,6 +78,13 @@ class DataConfig:
         if self.dataset == "imagefolder":
             check(self.root is not None, "data.root",
                    "an imagefolder dataset needs data.root pointing at a folder with train/ (and optionally test/)")
+        if self.max_train_per_class is not None:
+            in_range(self.max_train_per_class, "data.max_train_per_class", 1)
+        one_of(self.bad_images, "data.bad_images", BAD_IMAGES)
+        one_of(self.decode, "data.decode", DECODERS)
+        if self.dataset == "imagenet":
+            check(self.root is not None, "data.root", "an imagenet dataset needs data.root pointing at a folder "
+                  "with train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (any subset of the classes)")
 
 
 @dataclass(frozen=True)
@@ -172,9 +188,16 @@ class TeachingConfig:
     cache_dir: str = "tune_runs/cache"
     views: int = 1                       # cached views per image: 1 = the clean image; V > 1 = FKD-style
     view_seed: int = 0                   # V seeded crops/flips (view 0 clean) shared with the student
+    # store only the k largest teacher logits per cached row (FKD's soft-label compression); the rest of the
+    # distribution is reconstructed (richkd/cache/topk.py). None: all logits. Sharded (imagenet) caches only.
+    logit_topk: Optional[int] = None
 
     def __post_init__(self) -> None:
         one_of(self.mode, "teaching.mode", TEACHING_MODES)
+        if self.logit_topk is not None:
+            in_range(self.logit_topk, "teaching.logit_topk", 1, 32767)
+            check(self.mode == "cached", "teaching.logit_topk", "top-k logits are a cache format; they need "
+                  "teaching.mode=cached")
         in_range(self.views, "teaching.views", 1, 1024)
         in_range(self.view_seed, "teaching.view_seed", 0, 2**31 - 1)
         check(self.views == 1 or self.mode == "cached", "teaching.views",
@@ -285,6 +308,11 @@ class Config:
         check(not (self.robustness.enabled and self.data.val_fraction == 0), "robustness.enabled",
                "robustness metrics are measured on the validation split, and data.val_fraction is 0; set "
                "data.val_fraction > 0 or robustness.enabled: false")
+        check(self.teaching.logit_topk is None or self.data.dataset == "imagenet", "teaching.logit_topk",
+              "top-k logits are stored by the sharded caches of data.dataset=imagenet; set it to null here")
+        check(not (self.teaching.mode == "official" and self.data.dataset == "imagenet"), "teaching.mode",
+              "official teaching reads CLIP-only caches, and an imagenet cache stores the teacher's and CLIP's "
+              "outputs of the same views together; use teaching.mode cached or online for data.dataset=imagenet")
 
     @property
     def uses_clip(self) -> bool:

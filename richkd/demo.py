@@ -49,9 +49,10 @@ def base_dict(out_root: Path, sizes: dict) -> dict:
 
 
 def demo_configs(out_root: Path, quick: bool = False) -> dict[str, Config]:
-    """The demo's stage configs: teacher (supervised), KD student, RichKD-L+F student."""
+    """The demo's stage configs: teacher (supervised), KD student, RichKD-L+F student. Their paths are absolute
+    (`out_root` resolved against the current folder), so the written configs work from any folder."""
     sizes = QUICK if quick else FULL
-    base = Config.from_dict(base_dict(out_root, sizes))
+    base = Config.from_dict(base_dict(Path(out_root).resolve(), sizes))
     teacher = base.with_overrides({
         "name": "demo_teacher", "student.arch": "resnet8", "loss.method": "supervised",
         "data.max_train_samples": sizes["teacher_samples"], "train.epochs": sizes["teacher_epochs"],

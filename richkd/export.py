@@ -49,9 +49,9 @@ class ExportResult:
 
 
 def pareto_objectives(spec, metrics: Optional[Sequence[str]] = None) -> list[tuple[str, str]]:
-    """[(metric, mode), ...] for a Pareto export: `metrics` given (modes from KNOWN_METRICS), else the sweep's
-    objectives when it has several. [] when no front is asked for."""
-    from richkd.metric_names import KNOWN_METRICS
+    """[(metric, mode), ...] for a Pareto export: `metrics` given (modes from metric_names.direction), else the
+    sweep's objectives when it has several. [] when no front is asked for."""
+    from richkd.metric_names import KNOWN_METRICS, direction, is_reported
 
     if metrics is None:
         return list(spec.tune.objective_pairs) if spec.tune.multi_objective else []
@@ -63,11 +63,11 @@ def pareto_objectives(spec, metrics: Optional[Sequence[str]] = None) -> list[tup
         return list(spec.tune.objective_pairs)
     if len(metrics) < 2 or len(set(metrics)) != len(metrics):
         raise ExportError(f"--pareto {','.join(metrics)}: a front needs two or more different metrics")
-    unknown = [m for m in metrics if m not in KNOWN_METRICS]
+    unknown = [m for m in metrics if not is_reported(m)]
     if unknown:
         raise ExportError(f"--pareto: {unknown[0]!r} is not a metric the trainer reports (choose from "
-                          f"{', '.join(KNOWN_METRICS)})")
-    return [(m, KNOWN_METRICS[m]) for m in metrics]
+                          f"{', '.join(KNOWN_METRICS)}, or val_corrupt_top1_<corruption>)")
+    return [(m, direction(m)) for m in metrics]
 
 
 def pareto_json(spec, path: str, record, objectives: list, front: list, n_candidates: int) -> dict:
@@ -90,6 +90,7 @@ def _write_pareto(folder: Path, spec, path: str, record, objectives: list, front
     """pareto_front.json + pareto/<trial>.yaml (atomic writes); configs of former front members are removed."""
     from richkd.io import atomic_write_text
     from richkd.tune.results import survivors
+    from richkd.tune.trainable import trial_threads_config
 
     sub = folder / PARETO_DIR
     written = []
@@ -99,7 +100,7 @@ def _write_pareto(folder: Path, spec, path: str, record, objectives: list, front
                   f"{shown}", f"# sampled: {json.dumps(r.sampled, default=str)}",
                   f"# reproduce with: richkd train --config {PARETO_DIR}/{r.trial_id}.yaml", ""]
         f = sub / f"{r.trial_id}.yaml"
-        atomic_write_text(f, "\n".join(header) + r.config.to_yaml())
+        atomic_write_text(f, "\n".join(header) + trial_threads_config(r.config, spec.tune.cpu).to_yaml())
         written.append(f)
     keep = {f.name for f in written}
     for old in sub.glob("*.yaml"):
@@ -139,6 +140,7 @@ def export_sweep(sweep: str, storage: Optional[str] = None, tracking_uri: Option
     """
     from richkd.io import atomic_write_text
     from richkd.provenance import code_version
+    from richkd.tune.trainable import trial_threads_config
 
     spec, path, record, rows = load_sweep(sweep, storage, tracking_uri)
     best = best_trial(rows, spec)
@@ -148,7 +150,7 @@ def export_sweep(sweep: str, storage: Optional[str] = None, tracking_uri: Option
         best = front[0]   # the front member best by the first objective (a primary-metric tie can be dominated)
     folder = Path(out_dir) if out_dir else output_dir(path, spec.name)
     version = code_version()
-    cfg = best.config
+    cfg = trial_threads_config(best.config, spec.tune.cpu)   # the threads the trial ran with: same numbers
     cache_keys = cache_keys_for(cfg, record)
     info = {
         "sweep": spec.name, "experiment_path": path, "trial_id": best.trial_id, "trial_name": best.trial_name,

@@ -1,4 +1,5 @@
-"""Atomic file writes: a temp file in the same folder, fsync, then rename, so no partial file is ever seen."""
+"""Atomic file writes: a temp file in the same folder, fsync, then rename, so no partial file is ever seen.
+Also the one-line wording of a torch checkpoint that cannot be read (`load_problem`)."""
 from __future__ import annotations
 
 import contextlib
@@ -6,6 +7,7 @@ import errno
 import hashlib
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -153,3 +155,23 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: fh.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def quiet_torch_load() -> Iterator[None]:
+    """torch.load(weights_only=True) warns about the pickle protocol of a foreign file before refusing it; the
+    refusal itself (see `load_problem`) is the one message the user should see."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+        yield
+
+
+def load_problem(exc: BaseException) -> str:
+    """Why torch.load(weights_only=True) failed, on one line. torch's own text for a pickle-bearing file spans
+    a dozen lines and suggests weights_only=False, which would run the file's code."""
+    text = str(exc)
+    if "Weights only load failed" in text or type(exc).__name__ == "UnpicklingError":
+        return ("it holds pickled Python objects, refused by torch.load(weights_only=True), which reads only "
+                "tensors and plain containers so that no file can run code")
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

@@ -22,3 +22,19 @@ def direction(metric: str, default: str = "max") -> str:
     if metric.startswith(PER_CORRUPTION_PREFIX):
         return "max"
     return KNOWN_METRICS.get(metric, default)
+
+
+def per_corruption(metric: str) -> str:
+    """The corruption a `val_corrupt_top1_<corruption>` metric names, else ''."""
+    return metric[len(PER_CORRUPTION_PREFIX):] if metric.startswith(PER_CORRUPTION_PREFIX) else ""
+
+
+def is_reported(metric: str) -> bool:
+    """Is `metric` reported every epoch: a KNOWN_METRICS name or a per-corruption accuracy (whose corruption must
+    also be in the run's robustness.corruptions; the sweep spec checks that against its base config)."""
+    return metric in KNOWN_METRICS or bool(per_corruption(metric))
+
+
+def needs_robustness(metric: str) -> bool:
+    """Is `metric` computed only with robustness.enabled (the robustness metrics and the per-corruption ones)?"""
+    return metric in ROBUSTNESS_METRICS or bool(per_corruption(metric))

@@ -201,7 +201,7 @@ def load_yaml_mapping(path: str | os.PathLike) -> dict:
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:   # includes python/object tags: safe_load builds plain data only
-        raise ConfigError(f"{p}: not valid YAML ({exc})") from None
+        raise ConfigError(f"{p}: {yaml_problem(exc)}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{p}: not a UTF-8 text file ({exc.reason} at byte {exc.start}); save it as UTF-8 "
                           "YAML") from None
@@ -213,6 +213,17 @@ def load_yaml_mapping(path: str | os.PathLike) -> dict:
         raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
     check_size(data, p)
     return data
+
+
+def yaml_problem(exc: "yaml.YAMLError") -> str:
+    """One line for a YAML error (PyYAML's own text spans several lines, with a caret under the spot)."""
+    problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    if "python/" in problem:   # !!python/object, !!python/name, ...: never constructed by safe_load
+        return (f"not valid YAML{where}: python tags are refused (the file would run code); write plain YAML "
+                f"values ({problem})")
+    return f"not valid YAML{where}: {problem}"
 
 
 def check_size(data: Any, where: Any) -> None:

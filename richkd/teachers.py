@@ -155,6 +155,8 @@ def build_teacher_source(cfg: Config, data, device: torch.device, split: str = "
         return reuse  # it runs on whatever batch it is given
     class_emb = (reuse.class_embeddings if reuse is not None else
                  cache_mod.class_embeddings(cfg, data.class_names, device=device) if cfg.uses_clip else None)
+    if mode == "cached" and cfg.data.dataset == "imagenet":  # sharded views with stored crop boxes
+        return _read_photo_cached(cfg, data, split, device, class_emb)
     if mode == "cached":
         return _read_cached(cfg, data, split, device, class_emb, teacher=True)
     if mode == "official":
@@ -181,6 +183,22 @@ def _load_teacher(cfg: Config, data, device: torch.device) -> torch.nn.Module:
     if cfg.train.channels_last:  # its input is the student's, already channels_last (measured 1.27x forward)
         model.to(memory_format=torch.channels_last)
     return model
+
+
+def _read_photo_cached(cfg: Config, data, split: str, device: torch.device,
+                       class_emb: Optional[torch.Tensor]) -> "CachedTeachers":
+    """CachedTeachers over a photo dataset's sharded entries, with the view boxes the student is cropped from."""
+    from richkd.cache.views_imagenet import open_photo_caches
+
+    opened = open_photo_caches(cfg, data, split, Path(cfg.teaching.cache_dir))
+    if opened["clip_feat"] is not None:
+        _check_clip_dim(opened["clip_feat"].shape[1], class_emb)
+    n = len(opened["rows"])
+    whole = len(data.train_clean if split == "train" else data.test_clean)
+    source = CachedTeachers(opened["logits"], opened["feat"], opened["clip_feat"], class_emb, device, num_rows=n,
+                            rows=None if n == whole else opened["rows"])
+    source.view_boxes = opened["boxes"]   # the trainer crops the student's views from these boxes
+    return source
 
 
 def _read_cached(cfg: Config, data, split: str, device: torch.device, class_emb: Optional[torch.Tensor],

@@ -46,6 +46,12 @@ def lr_at(epoch: int, optim: OptimConfig, total_epochs: int) -> float:
     return lr
 
 
+def evaluates_at(epoch: int, train) -> bool:
+    """Is the validation split evaluated after this 1-based epoch? Every `train.eval_every` epochs and the last.
+    Other epochs carry the previous evaluation's val_* values (none before the first evaluation)."""
+    return epoch % train.eval_every == 0 or epoch == train.epochs
+
+
 # ----- one train step -----------------------------------------------------------------------------
 
 @dataclass
@@ -138,6 +144,9 @@ class Run:
         # the compiled module shares parameters with self.student, so state dicts stay unprefixed
         self.forward_student = torch.compile(self.student) if cfg.train.compile else self.student
         self.teachers = build_teacher_source(cfg, self.data, self.device)
+        if cfg.teaching.views > 1 and getattr(self.teachers, "view_boxes", None) is not None:
+            # photo views: the student is cropped from the boxes stored with the teachers' outputs
+            self.train_set = self.train_set.with_view_boxes(self.teachers.view_boxes)
         self.objective = DistillationObjective(
             cfg.loss, student_dim=self.student.feat_dim,
             teacher_dim=None if self.teachers is None else self.teachers.teacher_dim,
@@ -305,7 +314,7 @@ class Run:
             metrics = {"epoch": epoch, **self.train_one_epoch(epoch)}
             metrics["epoch_time_s"] = time.perf_counter() - started
             # data.val_fraction 0 leaves nothing to validate on (a final run; a sweep refuses it)
-            if self.has_val and (epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs):
+            if self.has_val and evaluates_at(epoch, cfg.train):
                 metrics.update(self.evaluate("val"))
                 metrics.update(self.teacher_metrics())
                 if cfg.robustness.enabled:
@@ -349,10 +358,13 @@ def load_train_state(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint {str(p)!r} does not exist")
+    from richkd.io import load_problem, quiet_torch_load
+
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
+        with quiet_torch_load():
+            return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupted or foreign file
-        raise ValueError(f"{p} is not a readable richkd training checkpoint ({type(exc).__name__}: {exc})") from None
+        raise ValueError(f"{p} is not a readable richkd training checkpoint ({load_problem(exc)})") from None
 
 
 def _short(metrics: dict) -> str:

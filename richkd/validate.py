@@ -40,3 +40,23 @@ def check_resources(cfg: Config) -> None:
         if ref.kind == "file" and not ref.path.is_file():
             raise ConfigError(f"clip.pretrained: file {ref.value!r} does not exist (create the offline tiny "
                               "CLIP with `richkd clip init-tiny PATH`, or use a tag such as openai)")
+
+
+def uses_crd(cfg: Config) -> bool:
+    """Does the run build CRD memory banks? The condition of richkd.objective.DistillationObjective."""
+    return cfg.loss.method == "richkd" and cfg.loss.feat_weight > 0
+
+
+def check_data_fit(cfg: Config) -> None:
+    """Rules between the config and the size of its data, checked before caches are built or Ray starts: CRD's
+    loss.nce_k negatives per row must exist in the training rows (a small data.max_train_samples may not hold
+    them). Builds the dataset (memoised in richkd.data, so the run itself does not load it again)."""
+    if not uses_crd(cfg):
+        return
+    import torch
+
+    from richkd.data import build_data
+    from richkd.losses.crd import check_negatives
+
+    data = build_data(cfg.data)
+    check_negatives(data.train_targets[torch.as_tensor(data.train.indices)], cfg.loss.nce_k)

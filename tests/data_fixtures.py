@@ -92,3 +92,41 @@ def write_image_tree(root: Path, splits: dict[str, dict[str, int]], size=(40, 24
             d.mkdir(parents=True, exist_ok=True)
             for k in range(n):
                 Image.new("RGB", size, COLORS[cls]).save(d / f"{k}.png")
+
+
+# Fashion-MNIST's classes as ImageNet-1k wnids (label order of Fashion-MNIST): real wnids, so an ImageNet-layout
+# tree of them gets open_clip's class names (T-shirt, jeans, sweatshirt, gown, fur coat, sandal, cardigan, ...).
+FMNIST_WNIDS = ("n03595614", "n03594734", "n04370456", "n03450230", "n03404251", "n04133789", "n02963159",
+                "n04120489", "n04026417", "n03124043")
+PHOTO_SIZES = ((240, 224), (224, 264), (256, 256))   # (width, height) cycled: photos are rarely square
+
+
+def write_imagenet_tree(root: Path, train_per_class: int = 4, val_per_class: int = 2, num_classes: int = 4,
+                        folder_names=None, offset: int = 0) -> dict:
+    """root/{train,val}/<wnid>/<k>.JPEG: real Fashion-MNIST images upscaled to ~224 px and saved as JPEG.
+
+    Every third image is saved as a grayscale JPEG (decoders must convert it to RGB). Returns
+    {"classes": sorted folder names, "files": {relative path: fashion-mnist label}}.
+    """
+    from PIL import Image
+
+    from richkd.data import read_idx
+    from richkd.data.sources import DEBIAN_FASHION_MNIST_DIR as src
+
+    images = read_idx(src / "train-images-idx3-ubyte.gz")
+    labels = read_idx(src / "train-labels-idx1-ubyte.gz")
+    names = list(folder_names or FMNIST_WNIDS[:num_classes])
+    files, k = {}, 0
+    for label, folder in enumerate(names):
+        rows = np.flatnonzero(labels == label)[offset:offset + train_per_class + val_per_class]
+        for j, row in enumerate(rows):
+            split = "train" if j < train_per_class else "val"
+            d = Path(root) / split / folder
+            d.mkdir(parents=True, exist_ok=True)
+            size = PHOTO_SIZES[k % len(PHOTO_SIZES)]
+            im = Image.fromarray(images[row]).resize(size, Image.BICUBIC)
+            im = im if k % 3 == 0 else Image.merge("RGB", (im, im.transpose(Image.FLIP_LEFT_RIGHT), im))
+            im.save(d / f"{folder}_{row}.JPEG", quality=90)
+            files[f"{split}/{folder}/{folder}_{row}.JPEG"] = label
+            k += 1
+    return {"classes": sorted(names), "files": files}

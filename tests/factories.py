@@ -174,3 +174,45 @@ def find_study(obj, depth: int = 0):
         if found is not None:
             return found
     return None
+
+
+def make_imagenet_assets(root: Path, train_per_class: int = 4, val_per_class: int = 2, num_classes: int = 4,
+                         teacher_arch: str = "resnet8") -> Path:
+    """A tiny ImageNet-layout folder of real (Fashion-MNIST) photos, a random-init teacher for its classes and
+    the tiny offline CLIP under root. The default teacher is the cheap CIFAR resnet8 (it takes any input size):
+    the ImageNet architectures are tested on their own, and the data and cache paths are the same for any."""
+    import torch
+
+    from richkd.clip import init_tiny_clip
+    from richkd.models import create_model, save_model_checkpoint
+    from tests.data_fixtures import write_imagenet_tree
+
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "imagenet").is_dir():
+        write_imagenet_tree(root / "imagenet", train_per_class, val_per_class, num_classes)
+    ckpt = root / f"teacher_{teacher_arch}.pth"
+    if not ckpt.is_file():
+        torch.manual_seed(0)
+        save_model_checkpoint(create_model(teacher_arch, num_classes), ckpt)
+    if not (root / "tiny_clip.pt").is_file():
+        init_tiny_clip(root / "tiny_clip.pt")
+    return root
+
+
+def imagenet_config(assets: Path, cache_dir: Path, teacher_arch: str = "resnet8", **overrides) -> "Config":
+    """A RichKD-L+F config on make_imagenet_assets' folder with 3 cached views; dotted-key overrides."""
+    from richkd.config import Config
+
+    cfg = Config.from_dict({
+        "device": "cpu", "seed": 0,
+        "data": {"dataset": "imagenet", "root": str(assets / "imagenet"), "image_size": 224, "val_fraction": 0.25,
+                 "batch_size": 4, "eval_batch_size": 8},
+        "student": {"arch": "resnet8"},
+        "teacher": {"arch": teacher_arch, "checkpoint": str(assets / f"teacher_{teacher_arch}.pth")},
+        "clip": {"model": "richkd-tiny", "pretrained": str(assets / "tiny_clip.pt"), "prompt_set": "simple"},
+        "loss": {"method": "richkd", "feat_weight": 0.5, "nce_k": 8},
+        "teaching": {"cache_dir": str(cache_dir), "views": 3, "view_seed": 7},
+        "optim": {"lr": 0.02, "schedule": "cosine"},
+        "train": {"epochs": 2},
+    })
+    return cfg.with_overrides(overrides) if overrides else cfg

@@ -1,5 +1,6 @@
 """The `richkd` command: user errors are one line with exit code 2 and leave no files; train round trip."""
 import json
+import re
 import subprocess
 import sys
 
@@ -85,6 +86,13 @@ def test_help_lists_commands_and_examples():
     out = subprocess.run([sys.executable, "-m", "richkd", "--help"], capture_output=True, text=True, check=True)
     for word in ("train", "models", "cache", "clip", "demo", "sweep", "export", "finalize", "examples:"):
         assert word in out.stdout
+    # each command on its own line of the command list, with its one-line help (not just the word somewhere)
+    listed = dict(re.findall(r"^    (\w+)\s+(\S.*)$", out.stdout.split("examples:")[0], re.MULTILINE))
+    assert set(listed) == {"train", "models", "cache", "clip", "demo", "sweep", "export", "finalize", "ui",
+                           "evaluate", "report"}
+    assert listed["train"].startswith("train one run") and listed["ui"].startswith("browse the sweeps' MLflow")
+    examples = out.stdout.split("examples:\n")[1]
+    assert examples.startswith("  richkd demo ") and "\n  richkd sweep search_spaces/smoke.yaml" in examples
 
 
 def test_models_command_lists_the_zoo(capsys):

@@ -268,6 +268,10 @@ def test_uncached_hub_tag_offline_raises_one_clear_error(monkeypatch, tmp_path):
     msg = str(info.value)
     assert "HF_HUB_OFFLINE" in msg and "local-dir:" in msg and "laion/CLIP-ViT-B-32-laion2B-s34B-b79K" in msg
     assert "file's path" in msg
+    # the offline fallback is a command a user can run, not a Python function
+    assert msg.endswith("For an offline smoke test write random weights with `richkd clip init-tiny PATH` and set "
+                        "clip.model=richkd-tiny clip.pretrained=PATH.")
+    assert "\n" not in msg
 
 
 def test_uncached_tag_with_unreachable_hub_raises(monkeypatch, tmp_path):

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -60,3 +61,26 @@ def test_quick_demo_runs_the_whole_pipeline_and_reruns_reusing_work(tmp_path):
     again = json.loads((out / "summary.json").read_text())
     assert again["sweep"] != summary["sweep"]                          # a new sweep, the old one kept
     assert (out / summary["sweep"] / "leaderboard.csv").is_file()
+
+
+def test_demo_configs_hold_absolute_paths_and_work_from_any_folder(tmp_path, monkeypatch):
+    """The configs the demo writes under <out>/configs/ name the teacher, CLIP and cache by absolute path:
+    `richkd train --config tune_runs/demo/configs/kd.yaml` must not depend on the folder it is run from."""
+    from richkd.demo import QUICK, demo_configs
+
+    monkeypatch.chdir(tmp_path)
+    configs = demo_configs(Path("tune_runs/demo"), quick=True)
+    out = tmp_path.resolve() / "tune_runs" / "demo"
+    for name, cfg in configs.items():
+        assert cfg.teaching.cache_dir == str(out / "cache"), name
+        assert cfg.clip.pretrained == str(out / "tiny_clip.pt"), name
+    assert configs["kd"].teacher.checkpoint == str(out / "teacher" / "student.pt")
+    assert configs["richkd"].loss.nce_k == QUICK["nce_k"]
+    # read back from another folder, the written YAML still points at the same files
+    (out / "configs").mkdir(parents=True)
+    (out / "configs" / "kd.yaml").write_text(configs["kd"].to_yaml())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    again = Config.from_yaml(out / "configs" / "kd.yaml")
+    assert again.teacher.checkpoint == str(out / "teacher" / "student.pt")

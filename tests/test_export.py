@@ -38,9 +38,12 @@ def test_best_config_round_trips_to_the_trial_config(smoke, exported):
     loaded = Config.from_yaml(exported.best_config)              # what `richkd train --config` reads
     spec = read_sweep_record(smoke["name"], smoke["storage"]).spec
     params = json.loads((Path(smoke["experiment_path"]) / f"trial_{best.trial_id}" / "params.json").read_text())
-    assert loaded == spec.trial_config(params)                   # Tune's sampled dict -> the same config
+    # the exported config pins the threads the trial ran with (its resources.cpu: 2); the rest is the trial's
+    assert loaded.train.threads == 2 and spec.tune.cpu == 2
+    unpinned = loaded.with_overrides({"train.threads": None})
+    assert unpinned == spec.trial_config(params)                 # Tune's sampled dict -> the same config
     state = load_checkpoint_state(best.checkpoint)               # ...and what the trial actually trained
-    assert loaded == Config.from_dict(state["config"])
+    assert unpinned == Config.from_dict(state["config"])
     assert state["epoch"] == 3
     from richkd.cli import load_config
 
@@ -48,13 +51,15 @@ def test_best_config_round_trips_to_the_trial_config(smoke, exported):
 
 
 def test_retraining_the_exported_config_reproduces_the_trial(smoke, exported):
-    """`richkd train --config best_config.yaml` is the same run: same seed, data order and metrics."""
+    """`richkd train --config best_config.yaml` is the same run: same seed, data order, threads and metrics,
+    whatever thread count the process had before (CPU results depend on it: the config pins the trial's)."""
     from richkd.trainer import run_training
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)                                     # the trial's thread count (resources.cpu: 2)
+    torch.set_num_threads(1)                                     # not the trial's 2: the config must set it
     try:
         result = run_training(Config.from_yaml(exported.best_config))
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
     assert result.epochs_run == 3
@@ -137,6 +142,9 @@ def test_finalize_retrains_the_top_config_over_seeds_on_the_test_split(smoke, tm
     from richkd.tune.finalize import finalize_sweep
     from richkd.tune.mlflow_client import KIND_TAG, PARENT_TAG, client_for
 
+    import ray
+
+    ray_was_up = ray.is_initialized()
     result = finalize_sweep(smoke["name"], top=1, seeds=2, storage=smoke["storage"],
                             overrides=["train.epochs=1"], out_dir=str(tmp_path))
     (fin,) = result.finalists
@@ -172,9 +180,34 @@ def test_finalize_retrains_the_top_config_over_seeds_on_the_test_split(smoke, tm
     assert (f"confident-correct {fin.teachers['teacher_test_confident_correct_pct']:.1f}% -> "
             f"{fin.teachers['fused_test_confident_correct_pct']:.1f}%") in text
 
+    # the trainings ran as Ray tasks, in worker processes (an embedded Ray unless this process already ran one)
+    import os
+
+    assert len(fin.workers) == 2 and all(w["pid"] != os.getpid() and w["node_id"] for w in fin.workers)
+    assert ray.is_initialized() == ray_was_up
+    assert sorted(r.data.tags["richkd.worker_pid"] for r in seeds) == sorted(str(w["pid"]) for w in fin.workers)
+    assert all("val_top1" not in r.data.metrics and "final_test_top1" in r.data.metrics for r in seeds)
+    # each seed's student reached the driver: loadable, next to the config that reproduces it
+    from richkd.models import load_teacher
+
+    for seed, folder in zip(fin.seeds, fin.folders):
+        assert folder == tmp_path / "finalists" / f"finalist1-seed{seed}"
+        assert Config.from_yaml(folder / "config.yaml").seed == seed
+        load_teacher("resnet8", folder / "student.pt", 10)
+    # the finalist's student is an MLflow logged model of its run; without a validation split nothing chooses a
+    # best finalist (never the test split), so nothing is registered
+    (output,) = client.get_run(fin.run_id).outputs.model_outputs
+    assert output.model_id == fin.model_id and fin.run_id == finalists[0].info.run_id
+    assert result.registered is None
+
 
 def test_finalize_with_holdout_keeps_the_sweeps_validation_split(smoke, tmp_path, capsys):
+    import re
+
+    import mlflow
+
     from richkd.cli import main
+    from richkd.tune.mlflow_client import client_for
 
     code = main(["finalize", smoke["name"], "--storage", smoke["storage"], "--top", "1", "--seeds", "1",
                  "--set", "train.epochs=1", "--out", str(tmp_path), "--holdout"])
@@ -182,4 +215,20 @@ def test_finalize_with_holdout_keeps_the_sweeps_validation_split(smoke, tmp_path
     with open(tmp_path / "finalists.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert 0.0 <= float(rows[0]["val_top1"]) <= 100.0      # a real validation number: the split was kept
-    assert "test split, teacher -> fused teacher: confident-correct" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "test split, teacher -> fused teacher: confident-correct" in out
+    # with the validation split, the finalist (the only one) is registered as the best, by the sweep's metric
+    name = f"richkd-{smoke['name']}"
+    found = re.search(rf"registered in MLflow: {re.escape(name)} version (\d+) \(finalist #1, best mean val_loss "
+                      r"on the validation split\)", out)
+    assert found, out
+    client = client_for(smoke["tracking_uri"])
+    version = client.get_model_version(name, found.group(1))
+    (output,) = client.get_run(version.run_id).outputs.model_outputs
+    assert version.tags["richkd.model_id"] == output.model_id
+    assert {v.version for v in client.search_model_versions(f"name='{name}'")} >= {version.version}
+    files = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, tracking_uri=smoke["tracking_uri"]))
+    assert sorted(p.name for p in files.iterdir()) == ["config.yaml", "result.json", "student.pt"]
+    student = tmp_path / "finalists" / "finalist1-seed0" / "student.pt"
+    assert (files / "student.pt").read_bytes() == student.read_bytes()
+    assert client.get_run(smoke["parent_run_id"]).data.tags["richkd.registered_model"] == f"{name}/{version.version}"

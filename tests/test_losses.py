@@ -145,10 +145,11 @@ def _nce_numpy(out, n_data):
     return -(pos.sum() + neg.sum()) / b
 
 
+@pytest.mark.parametrize("mom", [0.5, 0.8])    # 0.5 (CRD's default) cannot tell mom from 1 - mom
 @pytest.mark.parametrize("mode", ["dense", "gather"])
-def test_nce_value_and_updates_by_hand(mode):
+def test_nce_value_and_updates_by_hand(mode, mom):
     targets = torch.tensor([0, 0, 1, 1, 2, 2])
-    n, d, k, tau, mom = 6, 2, 2, 0.5, 0.5
+    n, d, k, tau = 6, 2, 2, 0.5
     mem = ContrastMemory(d, targets, nce_k=k, temperature=tau, momentum=mom, score_mode=mode)
     m_s = _unit([[1, 0], [0, 1], [1, 1], [1, -1], [2, 1], [-1, 2]])
     m_t = _unit([[0, 1], [1, 0], [-1, 1], [1, 2], [3, -1], [1, 1]])

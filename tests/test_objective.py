@@ -60,3 +60,12 @@ def test_the_crd_term_samples_negatives_as_configured(richkd_cfg, sampling):
     negatives = obj.crd.contrast.sample(torch.arange(40).repeat(20))[:, 1:]
     repeats = any(len(set(row)) < 8 for row in negatives.tolist())
     assert repeats == (sampling == "uniform")   # 8 of 30 rows: i.i.d. draws repeat, distinct ones never
+
+
+def test_the_nce_settings_of_the_config_reach_the_crd_memory(richkd_cfg):
+    """loss.nce_momentum / nce_temperature / nce_k are passed through, not left at CRD's defaults (0.5, 0.07)."""
+    loss = dataclasses.replace(richkd_cfg.loss, feat_weight=0.8, nce_momentum=0.8, nce_temperature=0.1, nce_k=7)
+    objective = DistillationObjective(loss, student_dim=8, teacher_dim=6, clip_dim=5,
+                                      train_targets=torch.arange(40) % 4, train_rows=torch.arange(0, 40, 2))
+    memory = objective.crd.contrast
+    assert (memory.momentum, memory.temperature, memory.nce_k, memory.num_data) == (0.8, 0.1, 7, 20)

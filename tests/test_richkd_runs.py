@@ -1,6 +1,7 @@
 """RichKD end to end on real (mini) Fashion-MNIST: online teaching, checkpoint contents, bad input before training."""
 import numpy as np
 import pytest
+import torch
 
 from richkd.cache import prepare_caches
 from richkd.config import ConfigError
@@ -76,3 +77,52 @@ def test_a_final_run_on_the_whole_split_reports_the_teachers_test_analysis(richk
         correct = sum(int((model(normalize(b.image, data.mean, data.std)).logits.argmax(1) == b.target).sum())
                       for b in make_loader(data.test, 100, shuffle=False, seed=0))
     assert test["teacher_test_top1"] == pytest.approx(100.0 * correct / len(data.test), abs=1.0)
+
+
+def _tensors(state: dict, section: str) -> dict:
+    return {k: v for k, v in state[section].items() if isinstance(v, torch.Tensor)}
+
+
+def test_richkd_lf_resume_is_exact(richkd_cfg, tmp_path):
+    """An L+F run stopped after epoch 1 and resumed from its saved state ends bit-identical to the uninterrupted
+    run: the student, the CRD memory banks and their normalisers, the embedding heads and the optimizer's momentum
+    buffers (which also train the heads) are all restored."""
+    cfg = richkd_cfg.with_overrides({"train.epochs": 2, "loss.feat_weight": 0.8, "loss.feat_lambda": 0.4})
+    prepare_caches(cfg)
+    straight = Run(cfg)
+    straight.train()
+    first = Run(cfg)
+    first.train(stop_after_epoch=1)
+    torch.save(first.state(), tmp_path / "last.pt")
+    resumed = Run(cfg)
+    resumed.load_state(torch.load(tmp_path / "last.pt", weights_only=True))
+    result = resumed.train()
+    a, b = straight.state(), resumed.state()
+    objective = _tensors(a, "objective")
+    assert {"crd.contrast.memory_student", "crd.contrast.memory_teacher", "crd.contrast.log_z_student",
+            "crd.embed_student.linear.weight", "crd.embed_teacher.linear.weight",
+            "crd.embed_clip.linear.weight"} <= set(objective)
+    for section in ("student", "objective"):
+        expected, got = _tensors(a, section), _tensors(b, section)
+        assert expected.keys() == got.keys()
+        for key in expected:
+            assert torch.equal(expected[key], got[key]), f"{section}.{key} differs after resume"
+    for key, buf in a["optimizer"]["state"].items():
+        assert torch.equal(buf["momentum_buffer"], b["optimizer"]["state"][key]["momentum_buffer"]), key
+    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in straight.history]
+    assert result.metrics["val_top1"] == straight.history[-1]["val_top1"]
+
+
+def test_cached_teacher_outputs_are_memory_mapped_not_read_into_memory(richkd_cfg):
+    """Trials on one machine share the cache files' pages; a copy per trial would multiply the memory by the
+    number of concurrent trials (docs/architecture.md, "Caching")."""
+    from pathlib import Path
+
+    prepare_caches(richkd_cfg)
+    run = Run(richkd_cfg)
+    cache_dir = Path(richkd_cfg.teaching.cache_dir).resolve()
+    arrays = {"logits": run.teachers.logits, "feat": run.teachers.feat, "clip_feat": run.teachers.clip_feat_rows}
+    for name, arr in arrays.items():
+        assert isinstance(arr, np.memmap), f"{name} was read into memory ({type(arr).__name__})"
+        assert Path(arr.filename).resolve().is_relative_to(cache_dir), name
+        assert not arr.flags.writeable, name                        # mmap_mode="r": a trial cannot corrupt it

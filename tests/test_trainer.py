@@ -110,3 +110,79 @@ def test_zero_val_fraction_run_says_it_has_no_validation_metrics(tmp_path, capsy
     saved = json.loads((tmp_path / "out" / "result.json").read_text())
     assert not any(k.startswith(("val_", "best_val")) for k in saved["metrics"])
     assert 0 <= saved["test_metrics"]["test_top1"] <= 100
+
+
+def test_eval_every_validates_every_nth_and_the_last_epoch(tmp_path):
+    from richkd.trainer import evaluates_at
+
+    cfg = tiny_cfg(tmp_path, **{"train.epochs": 5, "train.eval_every": 2})
+    assert [evaluates_at(e, cfg.train) for e in range(1, 6)] == [False, True, False, True, True]
+    seen = []
+    run = Run(cfg)
+    run.evaluate = lambda split, real=run.evaluate: seen.append(run.epoch + 1) or real(split)
+    result = run.train()
+    assert seen == [2, 4, 5]                                     # the validation split was read after these epochs
+    h = result.history
+
+    def val(metrics):
+        return {k: v for k, v in metrics.items() if k.startswith("val_")}
+
+    assert val(h[0]) == {}                                       # nothing to carry before the first evaluation
+    assert val(h[2]) == val(h[1]) and val(h[1])                  # epoch 3 carries epoch 2's values unchanged
+    top1 = {epoch: h[epoch - 1]["val_top1"] for epoch in (2, 4, 5)}
+    assert [m["best_val_top1"] for m in h] == [float("-inf"), top1[2], top1[2], max(top1[2], top1[4]),
+                                               max(top1.values())]
+    assert result.best_val_top1 == max(top1.values())
+
+
+@needs_fmnist
+def test_amp_changes_nothing_on_cpu(tmp_path):
+    """train.amp asks for bf16 autocast on CUDA; on a CPU run it is a no-op, so the numbers are identical."""
+    from richkd.trainer import autocast
+
+    with autocast(torch.device("cpu"), True):
+        assert not torch.is_autocast_enabled("cpu")
+    a = run_training(tiny_cfg(tmp_path, **{"train.epochs": 1}))
+    b = run_training(tiny_cfg(tmp_path, **{"train.epochs": 1, "train.amp": True}))
+    for key in ("train_loss", "val_top1", "val_loss"):
+        assert a.metrics[key] == b.metrics[key], key
+
+
+@needs_fmnist
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_amp_on_cuda_runs_the_student_in_bf16(tmp_path):
+    run = Run(tiny_cfg(tmp_path, **{"device": "cuda", "train.epochs": 1, "train.amp": True}))
+    conv = next(m for m in run.student.modules() if isinstance(m, torch.nn.Conv2d))
+    dtypes = []
+    handle = conv.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    try:
+        result = run.train()
+    finally:
+        handle.remove()
+    assert dtypes and set(dtypes) == {torch.bfloat16}             # train and validation forwards
+    assert math.isfinite(result.metrics["train_loss"]) and 0 <= result.metrics["val_top1"] <= 100
+
+
+@needs_fmnist
+def test_compile_wraps_the_student_and_keeps_its_state_dict(tmp_path):
+    """train.compile: the compiled module shares the student's parameters, so checkpoints stay loadable by an
+    uncompiled run (no `_orig_mod.` prefixes) and the optimizer trains the same tensors."""
+    run = Run(tiny_cfg(tmp_path, **{"train.compile": True}))
+    assert run.forward_student is not run.student
+    assert run.forward_student._orig_mod is run.student
+    assert not any("_orig_mod" in k for k in run.state()["student"])
+    trained = {id(p) for group in run.optimizer.param_groups for p in group["params"]}
+    assert {id(p) for p in run.forward_student.parameters()} <= trained
+    plain = Run(tiny_cfg(tmp_path))
+    assert plain.forward_student is plain.student
+    plain.student.load_state_dict(run.state()["student"])
+
+
+@pytest.mark.slow
+@needs_fmnist
+def test_compiled_student_trains_to_the_same_numbers(tmp_path):
+    """A real torch.compile (inductor on CPU: about a minute of compiling for resnet8)."""
+    a = run_training(tiny_cfg(tmp_path, **{"train.epochs": 1}))
+    b = run_training(tiny_cfg(tmp_path, **{"train.epochs": 1, "train.compile": True}))
+    assert b.metrics["train_loss"] == pytest.approx(a.metrics["train_loss"], rel=1e-4)
+    assert b.metrics["val_loss"] == pytest.approx(a.metrics["val_loss"], rel=1e-4)

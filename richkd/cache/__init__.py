@@ -12,10 +12,19 @@ Layout under `teaching.cache_dir`:
     clip-text-<key>/    manifest.json  classifier.npy (C, D) fp32, L2-normalised
 
 Modules, one concept each: `entries` (an entry on disk: manifest, write, read), `identity` (what keys an
-entry: weights, rows, views), `build` (running the teachers to fill missing entries), `signature` (which
-caches a config reads). Importing this package does not import torch.
+entry: weights, rows, views), `build` (which entries are missing, running the teachers to fill them),
+`shards` (one entry computed in row shards elsewhere and assembled), `signature` (which caches a config reads).
+Importing this package does not import torch.
 """
-from richkd.cache.build import class_embeddings, prepare_caches, torch_rows
+from richkd.cache.build import (
+    EntryPlan,
+    EntryJob,
+    build_entry,
+    class_embeddings,
+    plan_caches,
+    prepare_caches,
+    torch_rows,
+)
 from richkd.cache.entries import (
     CACHE_FORMAT_VERSION,
     CacheEntry,
@@ -38,12 +47,14 @@ from richkd.cache.identity import (
     teacher_entry,
     view_id,
 )
+from richkd.cache.shards import assemble_entry, compute_shard, remove_shards, shard_ranges, shard_root
 from richkd.cache.signature import CACHE_AFFECTING_PREFIXES, CACHE_NEUTRAL_KEYS, affects_cache, cache_signature
 
 __all__ = [
     "CACHE_AFFECTING_PREFIXES", "CACHE_FORMAT_VERSION", "CACHE_NEUTRAL_KEYS", "CLEAN_VIEW", "CLIP_PREPROCESS_VERSION",
-    "CacheEntry", "CacheError", "affects_cache", "cache_signature", "cached_rows", "class_embeddings",
-    "clip_image_entry", "clip_text_entry", "clip_weights_id", "dataset_identity", "describe",
-    "ensure_cache_writable", "entry_exists", "file_sha256_memo", "prepare_caches", "read_entry", "teacher_entry",
+    "CacheEntry", "CacheError", "EntryPlan", "EntryJob", "affects_cache", "assemble_entry", "build_entry",
+    "cache_signature", "cached_rows", "class_embeddings", "clip_image_entry", "clip_text_entry", "clip_weights_id",
+    "compute_shard", "dataset_identity", "describe", "ensure_cache_writable", "entry_exists", "file_sha256_memo",
+    "plan_caches", "prepare_caches", "read_entry", "remove_shards", "shard_ranges", "shard_root", "teacher_entry",
     "torch_rows", "view_id", "write_entry",
 ]

@@ -117,7 +117,7 @@ def describe(cache_dir: str | os.PathLike) -> list[dict[str, Any]]:
         if not manifest.is_file():
             continue
         meta = json.loads(manifest.read_text())
-        size = sum(f.stat().st_size for f in folder.iterdir())
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())   # sharded entries: shard folders
         rows.append({"kind": meta["kind"], "key": meta["key"], "mb": round(size / 2**20, 2),
                      "created": meta.get("created"), "path": str(folder)})
     return rows

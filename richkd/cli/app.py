@@ -1,8 +1,9 @@
 """The `richkd` parser and `main`, the one place where an exception becomes a message and an exit code.
 
 Handlers (in the command modules next to this one) return an exit code or raise. A problem the user can fix
-becomes one line on stderr and exit code 2; Ctrl-C becomes exit code 130; anything else is a bug and keeps its
-traceback. RICHKD_DEBUG=1 shows the traceback of user errors too.
+becomes one line on stderr and exit code 2; Ctrl-C becomes exit code 130; a reader that closed the pipe
+(`richkd models | head`) ends the command quietly with 141; anything else is a bug and keeps its traceback.
+RICHKD_DEBUG=1 shows the traceback of user errors too.
 """
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ from richkd.cli.common import EXIT_INTERRUPTED, EXIT_USER_ERROR, Interrupted, Us
 
 EPILOG = """examples:
   richkd demo                                   # offline end-to-end pipeline on Fashion-MNIST
-  richkd train --config configs/fmnist_teacher.yaml
-  richkd train --config configs/fmnist_richkd.yaml --set loss.fusion_alpha=0.8 --set train.epochs=3
-  richkd cache --config configs/fmnist_richkd.yaml
+  richkd train --config tune_runs/demo/configs/kd.yaml --set train.epochs=3     # configs the demo wrote
+  richkd train --config configs/cifar100_resnet32x4_resnet8x4_richkd.yaml --set loss.fusion_alpha=0.8
+  richkd cache --config tune_runs/demo/configs/richkd.yaml
   richkd sweep search_spaces/smoke.yaml && richkd export smoke && richkd report smoke
-  richkd evaluate tune_runs/runs/NAME/student.pt --suite robustness
+  richkd evaluate tune_runs/demo/kd/student.pt --suite robustness            # the demo's KD student
   richkd models
+
+`richkd COMMAND --help` shows each command's options and examples.
 """
 
 # Errors of these commands name the command (`richkd sweep: error: ...`); those of the single-run commands
@@ -47,11 +50,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_BROKEN_PIPE = 141   # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
+
+
 def error_message(exc: BaseException) -> str:
-    """The text after "error: ": the exception's message (all of it: some end in a "Fix: ..." line)."""
-    if isinstance(exc, KeyError) and exc.args:
-        return str(exc.args[0])
-    return str(exc).strip() or type(exc).__name__
+    """The text after "error: " on ONE line: the exception's whole message (some end in a "Fix: ..." part), its
+    lines joined; a list of "- item" lines becomes "item; item"."""
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    out = lines[0]
+    for line in lines[1:]:
+        if line.startswith("- "):
+            out += (" " if out.endswith(":") else "; ") + line[2:]
+        else:
+            out += " " + line
+    return out
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe (`richkd models | head`), point stdout at /dev/null so that the interpreter's final
+    flush does not raise again (the recipe of Python's signal documentation)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):   # stdout without a file descriptor (captured in tests)
+        pass
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -61,12 +86,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     prog = f"richkd {args.command}" if args.command in NAMED_COMMANDS else "richkd"
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()   # a closed pipe shows up here (output is block-buffered), not at interpreter exit
+        return code
     except USER_ERRORS as exc:
         if os.environ.get("RICHKD_DEBUG"):
             raise
         print(f"{prog}: error: {error_message(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt as exc:
         next_step = f"; {exc}" if isinstance(exc, Interrupted) and str(exc) else ""
         print(f"{prog}: interrupted{next_step}", file=sys.stderr)

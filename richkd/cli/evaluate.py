@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 
 EVALUATE_EPILOG = """examples:
-  richkd evaluate tune_runs/runs/fm_kd/student.pt                         # all suites, validation split
+  richkd evaluate tune_runs/demo/kd/student.pt                          # all suites, validation split
   richkd evaluate student.pt --suite corruptions --corruptions gaussian_noise,contrast --severities 1..3
   richkd evaluate student.pt --suite corruptions --reference teacher_eval/robustness.json   # adds mCE
-  richkd evaluate student.pt --suite shift --shift-config configs/my_photos.yaml
+  richkd evaluate student.pt --suite shift --shift-config my_photos.yaml   # your imagefolder config
   richkd evaluate student.pt --split test --corruption-dir data/CIFAR-100-C                 # final report
   richkd evaluate student.pt --mlflow-uri sqlite:///tune_runs/mlflow.db --mlflow-experiment evals
 

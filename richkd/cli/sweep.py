@@ -15,6 +15,30 @@ SWEEP_EPILOG = """examples:
   richkd sweep search_spaces/cifar100_resnet32x4_resnet8x4.yaml --address auto     # on a Ray cluster
   richkd sweep --resume fm4                                                      # after an interruption
   richkd sweep search_spaces/smoke.yaml --check                                  # validate only
+  richkd sweep --resume smoke --storage /data/sweeps                             # a sweep run with --storage
+
+Exit codes: 0 every trial ran, 2 bad input (nothing launched), 3 some trials ended in error, 130 interrupted.
+"""
+
+EXPORT_EPILOG = """examples:
+  richkd export smoke && richkd train --config tune_runs/smoke/best_config.yaml   # reproduce the best trial
+  richkd export fm4 --storage /data/sweeps --out /tmp/fm4
+  richkd export fmnist_robust                                 # + pareto_front.json (multi-objective sweep)
+  richkd export smoke --pareto val_top1,val_ece               # a front of any reported metrics
+"""
+
+FINALIZE_EPILOG = """examples:
+  richkd finalize smoke --top 1 --seeds 2
+  richkd finalize cifar100_r32x4_r8x4 --top 3 --seeds 3 --set train.epochs=240
+
+Re-trains the best configs (with the spec's finalize.overrides and --set) over several seeds and reports
+mean +- std accuracy on the test split: the final numbers (the sweep itself only reads the validation split).
+"""
+
+UI_EPILOG = """examples:
+  richkd ui                                          # tune_runs/mlflow.db at http://127.0.0.1:5000
+  richkd ui --port 5001 --storage /data/sweeps       # /data/sweeps/mlflow.db
+  richkd ui --tracking-uri sqlite:///tune_runs/demo/mlflow.db     # the demo's store
 """
 
 
@@ -33,7 +57,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             outcome = resume_sweep(args.resume, storage=args.storage, address=args.address, num_cpus=args.num_cpus,
                                    verbose=verbosity(args), progress=interactive())
         except KeyboardInterrupt:
-            raise Interrupted(f"continue with `richkd sweep --resume {args.resume}`") from None
+            storage = f" --storage {args.storage}" if args.storage else ""
+            raise Interrupted(f"continue with `richkd sweep --resume {args.resume}{storage}`") from None
         from richkd.tune.sweep_record import read_sweep_record
 
         metric = read_sweep_record(args.resume, args.storage).spec.tune.metric
@@ -65,7 +90,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         outcome = run_sweep(spec, address=args.address, num_cpus=args.num_cpus, verbose=verbosity(args),
                             progress=interactive())
     except KeyboardInterrupt:
-        raise Interrupted(f"continue with `richkd sweep --resume {spec.name}`") from None
+        from richkd.tune.outcome import sweep_ref
+
+        raise Interrupted(f"continue with `richkd sweep --resume {sweep_ref(spec.name, spec.experiment_path)}`") \
+            from None
     print(describe_outcome(outcome, spec.tune.metric))
     return outcome.exit_code
 
@@ -88,7 +116,8 @@ def cmd_finalize(args: argparse.Namespace) -> int:
 
     result = finalize_sweep(args.sweep, top=args.top, seeds=args.seeds, storage=args.storage,
                             tracking_uri=args.tracking_uri, overrides=args.set, progress=interactive(),
-                            out_dir=args.out, holdout=args.holdout)
+                            out_dir=args.out, holdout=args.holdout, address=args.address,
+                            num_cpus=args.num_cpus)
     print(describe_finalize(result))
     return 0
 
@@ -123,11 +152,19 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return 0
     cmd = ui_command(uri, args.port)
     print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true")}
+    # MLflow 3's server also starts GenAI job-runner processes this project never uses: off, so they neither
+    # slow the start nor outlive the server
+    env = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
     os.execve(cmd[0], cmd, env)
 
 
 # ----- parser -----------------------------------------------------------------------------------------------
+
+def _add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--address", help=f"connect to a running Ray cluster (e.g. auto or HEAD:6379); {what}; "
+                                     "default: an embedded local Ray")
+    p.add_argument("--num-cpus", type=int, help="CPUs for the embedded Ray (default: all of this machine's)")
+
 
 def add_commands(subparsers) -> None:
     """Register sweep / export / finalize / ui on the `richkd` parser's subparsers (each sets `func`)."""
@@ -139,17 +176,14 @@ def add_commands(subparsers) -> None:
     p.add_argument("--num-samples", type=int, help="override tune.num_samples")
     p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec key, e.g. --set tune.max_concurrent=2 --set config.train.epochs=5")
-    p.add_argument("--address", help="connect to a running Ray cluster (e.g. auto or HEAD:6379); default: "
-                                     "an embedded local Ray")
-    p.add_argument("--num-cpus", type=int, help="CPUs for the embedded Ray (default: all of this machine's)")
+    _add_ray_args(p, "trials and cache builds run as Ray work")
     p.add_argument("--check", action="store_true", help="validate the spec and exit (starts nothing)")
     p.add_argument("--quiet", "-q", action="store_true", help="no Tune status tables")
     add_storage_args(p)
     p.set_defaults(func=cmd_sweep)
 
     p = subparsers.add_parser("export", help="write best_config.yaml + leaderboard.csv of a sweep",
-                              epilog="example: richkd export smoke && richkd train --config "
-                                     "tune_runs/smoke/best_config.yaml")
+                              epilog=EXPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", help="sweep name (under --storage) or its folder")
     p.add_argument("--out", help="output folder (default: the sweep's folder)")
     p.add_argument("--pareto", nargs="?", const="", metavar="METRICS",
@@ -160,7 +194,7 @@ def add_commands(subparsers) -> None:
     p.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser("finalize", help="re-train the top-K configs over seeds; report test accuracy",
-                              epilog="example: richkd finalize cifar100_r32x4_r8x4 --top 3 --seeds 3")
+                              epilog=FINALIZE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", help="sweep name (under --storage) or its folder")
     p.add_argument("--top", type=int, help="how many of the best configs (default: the spec's finalize.top)")
     p.add_argument("--seeds", type=int, help="seeds per config (default: the spec's finalize.seeds)")
@@ -169,11 +203,13 @@ def add_commands(subparsers) -> None:
     p.add_argument("--out", help="output folder (default: the sweep's folder)")
     p.add_argument("--holdout", action="store_true",
                    help="keep the sweep's validation hold-out (default: train on the whole training split)")
+    _add_ray_args(p, "the final trainings run as Ray tasks with the sweep's resources")
     add_storage_args(p)
     p.set_defaults(func=cmd_finalize)
 
-    p = subparsers.add_parser("ui", help="browse the sweeps' MLflow store (mlflow ui on 127.0.0.1)")
-    p.add_argument("--port", type=int, default=5000)
+    p = subparsers.add_parser("ui", help="browse the sweeps' MLflow store (mlflow ui on 127.0.0.1)",
+                              epilog=UI_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 to serve the UI on (default 5000)")
     add_storage_args(p)
     p.set_defaults(func=cmd_ui)
 

@@ -13,7 +13,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from richkd.config import Config
     from richkd.run_outputs import save_run_outputs
     from richkd.trainer import Run, load_train_state
-    from richkd.validate import check_resources
+    from richkd.validate import check_data_fit, check_resources
 
     resume = load_train_state(args.resume) if args.resume else None
     if args.config:
@@ -29,6 +29,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.train.checkpoint_dir is None:
         cfg = cfg.with_overrides({"train.checkpoint_dir": str(out_dir)})
     check_resources(cfg)
+    check_data_fit(cfg)    # e.g. loss.nce_k vs a small data.max_train_samples: before the caches are built
     progress = interactive() and not args.quiet
     prepare_caches(cfg, progress=progress, splits=("train", "test") if args.final else ("train",))
     run = Run(cfg, progress=progress)
@@ -40,13 +41,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         run.load_state(resume)
         print(f"resumed from {args.resume} at epoch {run.epoch}")
 
+    from richkd.trainer import NonFiniteLossError, evaluates_at
+
     def on_epoch(report) -> None:
         m = report.metrics
-        val = f"  val top-1 {m['val_top1']:.2f}%" if "val_top1" in m else ""
+        if not run.has_val:   # data.val_fraction 0: announced above, nothing to validate on
+            val = ""
+        elif evaluates_at(report.epoch, cfg.train):
+            val = f"  val top-1 {m['val_top1']:.2f}%"
+        else:
+            val = f"  val: not evaluated (train.eval_every={cfg.train.eval_every})"
         print(f"epoch {m['epoch']:>3}/{cfg.train.epochs}  loss {m['train_loss']:.4f}{val}  "
               f"({m['epoch_time_s']:.1f}s)", flush=True)
-
-    from richkd.trainer import NonFiniteLossError
 
     try:
         result = run.train(on_epoch=on_epoch, final=args.final)
@@ -63,12 +69,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from richkd.models import MODELS, create_model
+    from richkd.models import MODELS, create_model, family_of
 
-    for name in MODELS.names():
-        model = create_model(name, args.num_classes)
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"{name:<14} feat_dim {model.feat_dim:>5}  params {n_params / 1e6:6.2f}M")
+    for family in ("cifar", "imagenet"):
+        names = [n for n in MODELS.names() if family_of(n)[0] == family]
+        print(f"{family} family ({family_of(names[0])[1]} px inputs):")
+        for name in names:
+            model = create_model(name, args.num_classes)
+            n_params = sum(p.numel() for p in model.parameters())
+            print(f"  {name:<14} input {family_of(name)[1]:>3} px  feat_dim {model.feat_dim:>5}  "
+                  f"params {n_params / 1e6:6.2f}M")
     return 0
 
 
@@ -78,13 +88,29 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
     if args.list:
         cache_dir = args.cache_dir or load_config(args.config, args.set).teaching.cache_dir
-        for row in describe(cache_dir):
+        if not Path(cache_dir).is_dir():   # a mistyped folder must not look like an empty cache
+            raise UserError(f"cache folder {str(cache_dir)!r} does not exist; pass the folder of an existing cache "
+                            "(--cache-dir DIR, or --config FILE for its teaching.cache_dir)")
+        rows = describe(cache_dir)
+        for row in rows:
             print(f"{row['kind']:<11} {row['key']}  {row['mb']:>9.2f} MB  {row['created']}  {row['path']}")
+        if not rows:
+            print(f"no cache entries in {cache_dir} (build them with `richkd cache --config FILE`)")
         return 0
     if not args.config:
         raise UserError("cache needs --config (or --list)")
     cfg = load_config(args.config, args.set)
     check_resources(cfg)
+    if args.plan:
+        if cfg.data.dataset != "imagenet" or cfg.teaching.mode != "cached":
+            raise UserError("cache --plan estimates the sharded multi-view caches of data.dataset: imagenet with "
+                            "teaching.mode: cached")
+        from richkd.cache.plan import format_plan, plan_caches
+        from richkd.cache.view_store import default_shard_rows
+
+        plan = plan_caches(cfg, images=args.images, num_classes=args.classes, calibrate=not args.no_timing)
+        print(format_plan(plan, cfg, default_shard_rows()))
+        return 0
     for path in prepare_caches(cfg, progress=interactive()):
         print(path)
     return 0
@@ -136,39 +162,106 @@ def cmd_clip_zeroshot(args: argparse.Namespace) -> int:
 
 # ----- parser -----------------------------------------------------------------------------------------------
 
+# The demo writes its stage configs to <--out>/configs/{teacher,kd,richkd}.yaml (default tune_runs/demo), with
+# absolute paths inside, so these examples work from any folder once `richkd demo` has run.
+TRAIN_EPILOG = """examples:
+  richkd train --config tune_runs/demo/configs/kd.yaml --set train.epochs=2      # after `richkd demo`
+  richkd train --config tune_runs/demo/configs/richkd.yaml --set loss.fusion_alpha=0.8 --out /tmp/r08
+  richkd train --config configs/cifar100_resnet32x4_resnet8x4_richkd.yaml        # the CIFAR-100 recipe
+  richkd train --config tune_runs/smoke/best_config.yaml                         # a sweep's best trial
+  richkd train --resume tune_runs/runs/demo_kd/last.pt --set train.epochs=6       # continue a run
+  richkd train --config tune_runs/demo/configs/kd.yaml --final                   # + test split at the end
+
+Writes last.pt (every epoch), student.pt, config.yaml and result.json into --out. The test split is read
+only with --final (final reporting; never use it to pick a model).
+"""
+
+MODELS_EPILOG = """examples:
+  richkd models                      # CIFAR-100 heads (100 classes)
+  richkd models --num-classes 10     # parameter counts for a 10-class dataset
+"""
+
+CACHE_EPILOG = """examples:
+  richkd cache --config tune_runs/demo/configs/richkd.yaml      # teacher + CLIP caches of the demo's student
+  richkd cache --config configs/cifar100_resnet32x4_resnet8x4_richkd.yaml --set teaching.views=4
+  richkd cache --list --config tune_runs/demo/configs/richkd.yaml   # entries in that config's cache folder
+  richkd cache --list --cache-dir tune_runs/demo/cache
+  richkd cache --config configs/imagenet_resnet34_resnet18_richkd.yaml --plan --images 1281167   # size, time
+
+Caches are keyed by content (teacher file hash, CLIP weights, data rows, views); `richkd train` and
+`richkd sweep` build missing ones themselves, this command builds them ahead of time.
+"""
+
+CLIP_EPILOG = """examples:
+  richkd clip init-tiny /tmp/tiny_clip.pt          # offline random-weight CLIP (clip.model=richkd-tiny)
+  richkd clip prompts                              # the built-in prompt sets
+  richkd clip zeroshot --config tune_runs/demo/configs/richkd.yaml --set clip.prompt_set=richkd12
+"""
+
+INIT_TINY_EPILOG = """examples:
+  richkd clip init-tiny /tmp/tiny_clip.pt
+  richkd clip init-tiny /tmp/tiny_clip.pt --seed 1 --force
+  richkd train --config tune_runs/demo/configs/richkd.yaml --set clip.pretrained=/tmp/tiny_clip.pt
+"""
+
+PROMPTS_EPILOG = """example:
+  richkd clip prompts      # name, number of templates and the first template of each set (clip.prompt_set)
+"""
+
+ZEROSHOT_EPILOG = """examples:
+  richkd clip zeroshot --config tune_runs/demo/configs/richkd.yaml
+  richkd clip zeroshot --config configs/cifar100_resnet32x4_resnet8x4_richkd.yaml --set clip.prompt_set=simple
+  richkd clip zeroshot --config configs/cifar100_resnet32x4_resnet8x4_richkd.yaml --split test   # final only
+"""
+
+
+def _parser(subparsers, name: str, help: str, epilog: str):
+    return subparsers.add_parser(name, help=help, description=help, epilog=epilog,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def add_commands(subparsers) -> None:
     """Register train / models / cache / clip on the `richkd` parser's subparsers (each sets `func`)."""
-    p = subparsers.add_parser("train", help="train one run (supervised teacher, KD or RichKD student)",
-                              epilog="example: richkd train --config configs/fmnist_kd.yaml --set train.epochs=2",
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _parser(subparsers, "train", "train one run (supervised teacher, KD or RichKD student)", TRAIN_EPILOG)
     add_config_args(p, required=False)
     p.add_argument("--out", help="output folder (default tune_runs/runs/<name>)")
-    p.add_argument("--resume", metavar="CKPT", help="continue from a last.pt written by an earlier run")
+    p.add_argument("--resume", metavar="CKPT", help="continue from a last.pt written by an earlier run (its config "
+                   "is used unless --config is given)")
     p.add_argument("--final", action="store_true", help="also evaluate on the test split at the end")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
-    p = subparsers.add_parser("models", help="list the model zoo with feature dimensions")
-    p.add_argument("--num-classes", type=int, default=100)
+    p = _parser(subparsers, "models", "list the model zoo (CIFAR and ImageNet families) with input size and feature dimensions", MODELS_EPILOG)
+    p.add_argument("--num-classes", type=int, default=100, metavar="N",
+                   help="classes of the classifier head, for the parameter counts (default 100)")
     p.set_defaults(func=cmd_models)
 
-    p = subparsers.add_parser("cache", help="build (or --list) the teacher and CLIP output caches for a config",
-                              epilog="example: richkd cache --config configs/fmnist_richkd.yaml")
+    p = _parser(subparsers, "cache", "build (or --list) the teacher and CLIP output caches for a config",
+                CACHE_EPILOG)
     add_config_args(p, required=False)
     p.add_argument("--list", action="store_true", help="list cache entries instead of building")
-    p.add_argument("--cache-dir", help="with --list: the cache folder (default from the config)")
+    p.add_argument("--cache-dir", metavar="DIR", help="with --list: the cache folder (default: the config's "
+                   "teaching.cache_dir)")
+    p.add_argument("--plan", action="store_true", help="print the size and build time of the multi-view caches "
+                   "(data.dataset: imagenet) instead of building them")
+    p.add_argument("--images", type=int, help="with --plan: plan for this many images (e.g. 1281167, all of "
+                   "ImageNet-1k) instead of the rows the config reads")
+    p.add_argument("--classes", type=int, help="with --plan: plan for this many classes (e.g. 1000)")
+    p.add_argument("--no-timing", action="store_true", help="with --plan: sizes only, skip the timing runs")
     p.set_defaults(func=cmd_cache)
 
-    clip = subparsers.add_parser("clip", help="CLIP utilities: init-tiny, prompts, zeroshot")
+    clip = _parser(subparsers, "clip", "CLIP utilities: init-tiny, prompts, zeroshot", CLIP_EPILOG)
     clip_sub = clip.add_subparsers(dest="clip_command", required=True, metavar="SUBCOMMAND")
-    p = clip_sub.add_parser("init-tiny", help="write a tiny random-weight open_clip model for offline use")
-    p.add_argument("path")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true")
+    p = _parser(clip_sub, "init-tiny", "write a tiny random-weight open_clip model for offline use",
+                INIT_TINY_EPILOG)
+    p.add_argument("path", metavar="PATH", help="the weights file to write (e.g. tune_runs/tiny_clip.pt)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    p.add_argument("--force", action="store_true", help="overwrite PATH if it exists (default: keep it)")
     p.set_defaults(func=cmd_clip_init_tiny)
-    p = clip_sub.add_parser("prompts", help="list the built-in prompt sets")
+    p = _parser(clip_sub, "prompts", "list the built-in prompt sets", PROMPTS_EPILOG)
     p.set_defaults(func=cmd_clip_prompts)
-    p = clip_sub.add_parser("zeroshot", help="CLIP zero-shot accuracy of a prompt set on a dataset split")
+    p = _parser(clip_sub, "zeroshot", "CLIP zero-shot accuracy of a prompt set on a dataset split", ZEROSHOT_EPILOG)
     add_config_args(p)
-    p.add_argument("--split", choices=("val", "test"), default="val")
+    p.add_argument("--split", choices=("val", "test"), default="val",
+                   help="val (default) or test (final reporting only)")
     p.set_defaults(func=cmd_clip_zeroshot)

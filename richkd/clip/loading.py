@@ -208,7 +208,8 @@ def _offline_error(arch: str, tag: str, sources: list[str], reason: str) -> Clip
         f"Provide them yourself: on a machine with internet download {where} and set clip.pretrained to the "
         f"file's path (clip.model stays {arch!r}); or point clip.pretrained at 'local-dir:FOLDER' holding "
         f"open_clip_config.json plus the weights; or copy a filled ~/.cache/huggingface/hub here. For an offline "
-        f"smoke test use clip.model={TINY_CLIP_MODEL} with a file written by richkd.clip.init_tiny_clip(PATH)."
+        f"smoke test write random weights with `richkd clip init-tiny PATH` and set clip.model={TINY_CLIP_MODEL} "
+        f"clip.pretrained=PATH."
     )
 
 

@@ -1,4 +1,4 @@
-"""Datasets (CIFAR-10/100, Fashion-MNIST, ImageFolder), seeded splits, tensor transforms and Batch loaders.
+"""Datasets (CIFAR-10/100, Fashion-MNIST, ImageFolder, ImageNet layout), seeded splits, transforms and Batch loaders.
 
 Default data folder when `data.root` is null: $RICHKD_DATA, else ~/.cache/richkd/data; Fashion-MNIST is also
 found in Debian's `dataset-fashion-mnist` package (/usr/share/datasets/fashion-mnist). See richkd.data.sources.

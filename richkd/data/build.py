@@ -11,7 +11,7 @@ import torch
 from richkd.config import DataConfig
 from richkd.data.datasets import SplitDataset
 from richkd.data.sources import load_splits
-from richkd.data.splits import cap_rows, derive_seed, stratified_take
+from richkd.data.splits import cap_per_class, cap_rows, derive_seed, stratified_take
 from richkd.data.transforms import DATASET_STATS
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,12 @@ class DataBundle:
 
 def build_data(cfg: DataConfig) -> DataBundle:
     """Load cfg.dataset and carve the seeded validation split (see DataBundle). Raises DatasetNotFoundError."""
-    splits = load_splits(cfg)
+    if cfg.dataset == "imagenet":  # photos decoded per batch at full size (docs/architecture.md#imagenet-scale)
+        from richkd.data.imagenet import load_imagenet_splits
+
+        splits = load_imagenet_splits(cfg)
+    else:
+        splits = load_splits(cfg)
     train_src, test_src = splits.train, splits.test
     size = cfg.image_size
     n_train = len(train_src)
@@ -71,6 +76,8 @@ def build_data(cfg: DataConfig) -> DataBundle:
     if cfg.val_fraction > 0 and n_val == 0:
         log.warning("%s: val_fraction %.3g of %d train rows is 0 rows; the validation split is empty",
                     cfg.dataset, cfg.val_fraction, n_train)
+    train_pos = cap_per_class(train_pos, targets[train_pos], cfg.max_train_per_class,
+                              derive_seed(cfg.split_seed, "train-per-class"))
     train_rows = cap_rows(train_pos, targets[train_pos], cfg.max_train_samples,
                           derive_seed(cfg.split_seed, "train-cap"))
     val_rows = cap_rows(val_pos, targets[val_pos], cfg.max_eval_samples, derive_seed(cfg.split_seed, "val-cap"))
@@ -79,13 +86,14 @@ def build_data(cfg: DataConfig) -> DataBundle:
 
     augment = cfg.augment == "standard"
     mean, std = DATASET_STATS[cfg.dataset]
+    dataset = getattr(splits, "dataset_class", SplitDataset)   # photos: richkd.data.photos.PhotoSplit
     bundle = DataBundle(
         name=cfg.dataset,
-        train=SplitDataset(train_src, train_rows, size, augment, "train"),
-        val=SplitDataset(train_src, val_rows, size, False, "train"),
-        test=SplitDataset(test_src, test_rows, size, False, "test"),
-        train_clean=SplitDataset(train_src, torch.arange(n_train), size, False, "train"),
-        test_clean=SplitDataset(test_src, all_test, size, False, "test"),
+        train=dataset(train_src, train_rows, size, augment, "train"),
+        val=dataset(train_src, val_rows, size, False, "train"),
+        test=dataset(test_src, test_rows, size, False, "test"),
+        train_clean=dataset(train_src, torch.arange(n_train), size, False, "train"),
+        test_clean=dataset(test_src, all_test, size, False, "test"),
         class_names=list(splits.class_names),
         num_classes=num_classes,
         train_targets=targets.clone(),

@@ -293,10 +293,10 @@ def _load_fashion_mnist(cfg: DataConfig) -> Splits:
     if cfg.download:
         key = ("fashion_mnist-torchvision", str(root))
         return _memo(key, lambda: _download_fashion_mnist(root))
-    searched = "\n  ".join(str(c) for c in candidates)
+    searched = ", ".join(str(c) for c in candidates)
     raise DatasetNotFoundError(
         "fashion_mnist: the files train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
-        f"t10k-labels-idx1-ubyte (plain or .gz) were not found in any of:\n  {searched}\n"
+        f"t10k-labels-idx1-ubyte (plain or .gz) were not found in any of {searched}. "
         "Fix: `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu; used automatically when data.root "
         "is null), or set `data.download: true` to let torchvision fetch them into "
         f"{root / 'FashionMNIST' / 'raw'}, or put the four files in a folder and set data.root to it.")

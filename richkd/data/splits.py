@@ -54,3 +54,22 @@ def cap_rows(rows: torch.Tensor, targets: torch.Tensor, cap: int | None, seed: i
         return rows
     taken, _ = stratified_take(targets, int(cap), seed)
     return rows[taken]
+
+
+def cap_per_class(rows: torch.Tensor, targets: torch.Tensor, cap: int | None, seed: int) -> torch.Tensor:
+    """At most `cap` of `rows` from each class (a seeded random choice within the class), in sorted order.
+
+    The subset a sweep tunes on (data.max_train_per_class): every class keeps min(cap, its count) rows, so a
+    100-per-class ImageNet subset has the full label space at 1/13 of the images. rows and targets: (N,).
+    """
+    if cap is None:
+        return rows
+    targets = torch.as_tensor(targets, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(int(seed))
+    perm = torch.randperm(int(targets.numel()), generator=gen)
+    grouped = perm[torch.sort(targets[perm], stable=True).indices]      # by class, random within class
+    classes, counts = torch.unique(targets, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    cls_pos = torch.searchsorted(classes, targets[grouped])
+    keep = (torch.arange(grouped.numel()) - starts[cls_pos]) < cap
+    return rows[torch.sort(grouped[keep]).values]

@@ -19,6 +19,7 @@ DATASET_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "fashion_mnist": ((0.2860,) * 3, (0.3530,) * 3),
     # ImageFolder data is assumed to be natural photos: ImageNet statistics
     "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 
 CROP_PADDING = 4  # RandomCrop(S, padding=4), the CIFAR recipe used by CRD / mdistiller / RichKD

@@ -59,6 +59,33 @@ def nce_loss(log_p: torch.Tensor, num_data: int) -> torch.Tensor:
     return (pos + neg) / batch
 
 
+def check_negatives(train_targets: torch.Tensor, nce_k: int) -> None:
+    """ConfigError unless every class of the training rows has more than `nce_k` rows of other classes.
+
+    CRD draws K negatives from other classes for each positive; a run on a small subset
+    (data.max_train_samples) can have fewer. Cheap (a bincount), so `richkd.validate` runs it before any cache
+    is built, and ContrastMemory again when it is built.
+    """
+    targets = torch.as_tensor(train_targets).long()
+    nce_k = int(nce_k)
+    if nce_k < 1:
+        raise ConfigError(f"loss.nce_k: {nce_k} must be at least 1")
+    n = targets.numel()
+    counts = torch.bincount(targets)
+    present = counts > 0
+    if int(present.sum()) < 2:
+        raise ConfigError("loss.feat_weight: CRD needs negatives from other classes, but the training set "
+                          "has a single class; set loss.feat_weight=0")
+    available = n - counts
+    worst_class = int(torch.where(present, available, torch.full_like(available, n + 1)).argmin())
+    worst = int(available[worst_class])
+    if nce_k >= worst:
+        raise ConfigError(
+            f"loss.nce_k={nce_k} exceeds the {worst} samples of other classes available for class "
+            f"{worst_class} (training set of {n} rows); lower loss.nce_k below {worst} or raise "
+            "data.max_train_samples")
+
+
 class ContrastMemory(nn.Module):
     """Memory banks of student and fused-teacher embeddings with class-aware negative sampling.
 
@@ -95,21 +122,9 @@ class ContrastMemory(nn.Module):
         if sampling not in _SAMPLINGS:
             raise ConfigError(f"loss.nce_sampling: {sampling!r} is not one of {', '.join(_SAMPLINGS)}")
         nce_k = int(nce_k)
-        if nce_k < 1:
-            raise ConfigError(f"loss.nce_k: {nce_k} must be at least 1")
+        check_negatives(targets, nce_k)
         n = targets.numel()
         counts = torch.bincount(targets)
-        present = counts > 0
-        if int(present.sum()) < 2:
-            raise ConfigError("loss.feat_weight: CRD needs negatives from other classes, but the training set "
-                              "has a single class; set loss.feat_weight=0")
-        available = n - counts
-        worst_class = int(torch.where(present, available, torch.full_like(available, n + 1)).argmin())
-        worst = int(available[worst_class])
-        if nce_k >= worst:
-            raise ConfigError(
-                f"loss.nce_k={nce_k} exceeds the {worst} samples of other classes available for class "
-                f"{worst_class} (training set of {n} rows); lower loss.nce_k below {worst}")
 
         self.num_data = n
         self.feat_dim = int(feat_dim)

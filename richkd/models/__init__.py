@@ -1,14 +1,16 @@
-"""The CIFAR model zoo: registry, `create_model`, strict teacher loading and checkpoint saving."""
+"""The model zoo (CIFAR and ImageNet families): registry, `create_model`, strict teacher loading and saving."""
 from __future__ import annotations
 
 import torch.nn as nn
 
-from richkd.models import mobilenetv2, resnet, resnetv2, shufflenetv1, shufflenetv2, vgg, wrn  # noqa: F401  (register)
+from richkd.models import (imagenet, mobilenetv2, resnet, resnetv2, shufflenetv1, shufflenetv2,  # noqa: F401
+                           vgg, wrn)  # (imported to register their architectures)
 from richkd.models.base import ModelOutput
 from richkd.models.checkpoint import CheckpointError, load_teacher, save_model_checkpoint
-from richkd.models.registry import MODELS
+from richkd.models.registry import MODELS, family_of
 
-__all__ = ["MODELS", "ModelOutput", "CheckpointError", "create_model", "load_teacher", "save_model_checkpoint"]
+__all__ = ["MODELS", "ModelOutput", "CheckpointError", "create_model", "family_of", "load_teacher",
+           "save_model_checkpoint"]
 
 
 def create_model(name: str, num_classes: int) -> nn.Module:

@@ -112,17 +112,19 @@ def load_teacher(name: str, path: str | os.PathLike, num_classes: int,
             f"(e.g. <name>_vanilla/ckpt_epoch_240.pth) or fix teacher.checkpoint in the config."
         )
     model = create_model(name, num_classes)
+    from richkd.io import load_problem, quiet_torch_load
+
     try:
-        obj = torch.load(p, map_location=map_location, weights_only=True)
+        with quiet_torch_load():
+            obj = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
-            f"{p}: cannot be read with torch.load(weights_only=True), which accepts only tensors and plain "
-            f"containers ({exc}). If the file holds other Python objects, re-save just the weights with "
-            f"torch.save({{'model': model.state_dict()}}, path)."
+            f"{p}: cannot be read with torch.load(weights_only=True): {load_problem(exc)}. If the file holds "
+            f"other Python objects, re-save just the weights with torch.save({{'model': model.state_dict()}}, path)."
         ) from exc
     except Exception as exc:  # torch.load raises many types on a corrupt file (IndexError, EOFError, ...)
         raise CheckpointError(
-            f"{p}: not a readable torch checkpoint ({type(exc).__name__}: {exc}); the file may be truncated "
+            f"{p}: not a readable torch checkpoint ({load_problem(exc)}); the file may be truncated "
             f"or not a torch.save file."
         ) from exc
     sd = check_state_dict(model, extract_state_dict(obj, p), name, num_classes, p)

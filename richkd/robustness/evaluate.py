@@ -79,12 +79,14 @@ def resolve_config(checkpoint: Path, config: Optional[str]):
 
 def _checkpoint_header(path: Path) -> dict:
     """The non-weight fields of a student.pt ({"model": sd, "arch": str, "num_classes": int})."""
+    from richkd.io import load_problem, quiet_torch_load
     from richkd.models import CheckpointError
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with quiet_torch_load():
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt / foreign file: load_teacher would say the same, later
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc}); pass the "
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({load_problem(exc)}); pass the "
                               "student.pt written by `richkd train`") from None
     if not isinstance(obj, dict):
         return {}
@@ -166,6 +168,7 @@ def evaluate_checkpoint(req: EvaluateRequest) -> tuple[dict, list[Path]]:
     """
     from richkd.data import build_data
     from richkd.device import resolve_device
+    from richkd.io import ensure_writable
     from richkd.models import CheckpointError, load_teacher
     from richkd.robustness.corruptions import parse_corruptions, parse_severities
     from richkd.robustness.engine import evaluate_folder, evaluate_model
@@ -198,6 +201,8 @@ def evaluate_checkpoint(req: EvaluateRequest) -> tuple[dict, list[Path]]:
         shift_cfg = Config.from_yaml(req.shift_config)
     if req.mlflow_uri:
         check_tracking_uri(req.mlflow_uri)
+    out_dir = Path(req.out).expanduser() if req.out else ckpt.parent / f"robustness-{req.split}"
+    ensure_writable(out_dir, "the evaluation's output folder (--out)", create=False)   # before the evaluation
 
     device = resolve_device(cfg.device)
     header = _checkpoint_header(ckpt)
@@ -272,7 +277,6 @@ def evaluate_checkpoint(req: EvaluateRequest) -> tuple[dict, list[Path]]:
     report["metrics"] = _flat_metrics(report)
     report = _finite(report)
 
-    out_dir = Path(req.out).expanduser() if req.out else ckpt.parent / f"robustness-{req.split}"
     written = _write(report, out_dir)
     if req.mlflow_uri:
         from richkd.robustness.report import log_to_mlflow

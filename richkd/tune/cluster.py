@@ -9,6 +9,7 @@ starts (docs/architecture.md, "Running on a cluster").
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from typing import Optional
@@ -49,18 +50,20 @@ def node_label(node: dict) -> str:
     return f"node {node['NodeID'][:12]} ({node.get('NodeManagerAddress', '?')})"
 
 
-def preflight_nodes(needs: SweepNeeds, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> float:
-    """Check `needs` on every alive node; raise one NodeCheckError naming node, path and fix. Returns seconds."""
+def node_problems(needs: SweepNeeds, timeout_s: float = PREFLIGHT_TIMEOUT_S,
+                  nodes: Optional[list] = None) -> dict[str, list[str]]:
+    """{node id: problems (one readable line each, prefixed with the node)} of every alive node with `needs`,
+    checked by a zero-CPU task pinned to each node; a node that cannot run the check or does not answer within
+    timeout_s has that as its problem. Nodes without problems map to []."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    started = time.perf_counter()
-    nodes = alive_nodes()
+    nodes = alive_nodes() if nodes is None else nodes
     remote_check = ray.remote(num_cpus=0, max_retries=0)(check_needs)
     refs = {remote_check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
             .remote(needs): n for n in nodes}
     ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
-    problems = []
+    problems: dict[str, list[str]] = {}
     for ref in ready:
         node = refs[ref]
         try:
@@ -68,16 +71,49 @@ def preflight_nodes(needs: SweepNeeds, timeout_s: float = PREFLIGHT_TIMEOUT_S) -
         except Exception as exc:  # the node cannot even run the check (e.g. richkd not importable there)
             found = [f"the check itself failed: {str(exc).strip().splitlines()[-1][:300]} (install richkd-tune with "
                      "the same versions on every node)"]
-        problems.extend(f"{node_label(node)}: {p}" for p in found)
+        problems[node["NodeID"]] = [f"{node_label(node)}: {p}" for p in found]
     for ref in pending:
         ray.cancel(ref, force=True)
-        problems.append(f"{node_label(refs[ref])}: did not answer the preflight check within {timeout_s:.0f} s")
+        problems[refs[ref]["NodeID"]] = [f"{node_label(refs[ref])}: did not answer the preflight check within "
+                                         f"{timeout_s:.0f} s"]
+    return problems
+
+
+def preflight_error(problems: dict[str, list[str]]) -> Optional[NodeCheckError]:
+    lines = [p for found in problems.values() for p in found]
+    if not lines:
+        return None
+    return NodeCheckError(f"{len(lines)} problem(s) on the cluster; no trial was started:\n  - " + "\n  - ".join(lines))
+
+
+def preflight_nodes(needs: SweepNeeds, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> float:
+    """Check `needs` on every alive node; raise one NodeCheckError naming node, path and fix. Returns seconds."""
+    started = time.perf_counter()
+    problems = node_problems(needs, timeout_s)
     elapsed = time.perf_counter() - started
-    if problems:
-        raise NodeCheckError(f"{len(problems)} problem(s) on the cluster; no trial was started:\n  - "
-                             + "\n  - ".join(problems))
-    log.info("preflight: %d node(s) ready in %.2f s", len(nodes), elapsed)
+    error = preflight_error(problems)
+    if error:
+        raise error
+    log.info("preflight: %d node(s) ready in %.2f s", len(problems), elapsed)
     return elapsed
+
+
+def limit_gpu_memory(fraction: float) -> None:
+    """Fractional GPUs are logical in Ray: cap this process so an overflowing trial or task fails alone
+    (ray#5902)."""
+    import torch
+
+    if 0 < fraction < 1 and torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(max(0.05, fraction * 0.95))
+
+
+def use_task_resources(cpu: float, gpu: float) -> None:
+    """In a Ray task (cache shard, finalist): torch threads = the CPUs it was granted (more only fight the other
+    tasks on the node); a fractional GPU caps this process's GPU memory."""
+    import torch
+
+    torch.set_num_threads(max(1, int(math.floor(cpu + 1e-9))))
+    limit_gpu_memory(gpu)
 
 
 def current_node_id() -> Optional[str]:

@@ -22,8 +22,8 @@ from typing import Optional
 from ray.tune import Callback
 
 from richkd.tune.mlflow_client import (FINAL_WAIT_ENV, FINAL_WAIT_S, HASH_TAG, KIND_TAG, NODE_TAG, OUTCOME_TAG,
-                                       PARENT_TAG, SWEEP_TAG, TRIAL_TAG, child_runs, client_for, config_hash, log_metrics,
-                                       log_params, numeric_metrics, set_tags)
+                                       PARENT_TAG, SWEEP_TAG, TRIAL_TAG, child_runs, client_for, config_hash,
+                                       log_metrics, log_params, numeric_metrics, set_tags)
 from richkd.tune.mlflow_outbox import Outbox
 from richkd.tune.params import TrialPlan
 from richkd.tune.results import sweep_summary, trial_outcome

@@ -9,13 +9,14 @@ Plain Python (stat calls, one manifest read per cache, package metadata): cheap,
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 from richkd.tune.errors import SpecError
 
@@ -33,8 +34,8 @@ class Need:
     """One thing a trial reads or writes: `what` names it for the user (usually the config key)."""
     what: str
     path: str
-    kind: str                          # file | folder | cache | writable
-    expect: tuple = ()                 # folder: entry names it must hold; cache: (manifest key,)
+    kind: str                          # file | folder | cache | writable | shared
+    expect: tuple = ()                 # folder: entry names it must hold; cache: (manifest key,); shared: (marker,)
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def package_versions() -> dict:
 
 
 def sweep_needs(configs: Iterable, cache_folders: Iterable[str | os.PathLike], storage_path: Optional[str],
-                max_listed: int = 16) -> SweepNeeds:
+                max_listed: int = 16, shared: Iterable[tuple] = ()) -> SweepNeeds:
     """The needs of every config a sweep can run (its cache probe configs) plus the caches built for them.
 
     A folder's need lists up to `max_listed` of its entries as the driver sees them, so an empty folder on a
@@ -90,7 +91,27 @@ def sweep_needs(configs: Iterable, cache_folders: Iterable[str | os.PathLike], s
         add(Need("teaching.cache_dir", str(folder), "cache", (key,)))
     if storage_path and "://" not in storage_path:
         add(Need("tune.storage_path", storage_path, "writable"))
+    for what, marker in shared:                       # (config key, a file the driver just wrote in that folder)
+        add(Need(what, str(Path(marker).parent), "shared", (Path(marker).name,)))
     return SweepNeeds(needs=tuple(needs.values()), versions=package_versions())
+
+
+@contextlib.contextmanager
+def shared_markers(folders: Iterable[tuple]) -> Iterator[list]:
+    """[(config key, marker file)] — an empty file the driver writes into each local (config key, folder),
+    creating the folder if need be, and removes afterwards. A node that sees the marker sees the driver's folder."""
+    markers = []
+    try:
+        for what, folder in folders:
+            if folder and "://" not in str(folder):
+                Path(folder).mkdir(parents=True, exist_ok=True)
+                fd, name = tempfile.mkstemp(prefix=".richkd-shared-check-", dir=folder)
+                os.close(fd)
+                markers.append((what, name))
+        yield markers
+    finally:
+        for _, name in markers:
+            Path(name).unlink(missing_ok=True)
 
 
 def _folder_need(what: str, path: str, max_listed: int) -> Need:
@@ -141,6 +162,10 @@ def _check(need: Need) -> Optional[str]:
                     f"{key!r}, expected {need.expect[0]!r}); every node must mount the same cache folder")
     elif need.kind == "writable":
         return _writable_problem(need)
+    elif need.kind == "shared":
+        if not (path / need.expect[0]).exists():
+            return (f"{need.what}: {need.path} on this node is not the driver's folder (a file the driver just wrote "
+                    f"there is missing); {SHARE_FIX}")
     return None
 
 

@@ -55,12 +55,25 @@ def sweep_outcome(record: SweepRecord, wall_s: float) -> SweepOutcome:
                         retried=sum(1 for r in rows if r.failures), error_logs=errors)
 
 
+def sweep_ref(name: str, experiment_path: str) -> str:
+    """How later commands name this sweep: `NAME`, plus `--storage DIR` when it is not under ./tune_runs (the
+    default those commands look in), so a printed `richkd sweep --resume ...` or `richkd export ...` works."""
+    from richkd.tune.paths import DEFAULT_STORAGE, absolute_storage, has_scheme
+
+    local = not has_scheme(experiment_path)
+    storage = str(Path(experiment_path).parent) if local else experiment_path.rsplit("/", 1)[0]
+    if storage.rstrip("/") == absolute_storage(DEFAULT_STORAGE).rstrip("/"):
+        return name
+    return f"{name} --storage {storage}"
+
+
 def describe_outcome(outcome: SweepOutcome, metric) -> str:
     metric = metric[0] if isinstance(metric, (list, tuple)) else metric   # multi-objective: the first objective
     lines = [f"sweep {outcome.name}: {outcome.num_trials} trials ({_counts(outcome.counts)}) in {outcome.wall_s:.0f}s",
              f"  results: {outcome.experiment_path}"]
     if len(outcome.by_node) > 1:
-        lines.append("  per node: " + "; ".join(f"{node[:12]} {_counts(c)}" for node, c in sorted(outcome.by_node.items())))
+        per_node = "; ".join(f"{node[:12]} {_counts(c)}" for node, c in sorted(outcome.by_node.items()))
+        lines.append(f"  per node: {per_node}")
     if outcome.retried:
         lines.append(f"  retried: {outcome.retried} trial(s) restarted after a failure (tune.max_failures)")
     if outcome.best:
@@ -68,13 +81,16 @@ def describe_outcome(outcome: SweepOutcome, metric) -> str:
         lines.append(f"  best (reached max_t): {metric}={outcome.best['value']:.4g}  {shown}")
     if outcome.tracking_uri:
         lines.append(f"  MLflow: {outcome.tracking_uri} (parent run {outcome.parent_run_id}); `richkd ui` to browse")
-    if outcome.counts.get("unfinished"):
-        lines.append(f"  interrupted: continue with `richkd sweep --resume {outcome.name}`")
+    ref = sweep_ref(outcome.name, outcome.experiment_path)
+    interrupted = bool(outcome.counts.get("unfinished"))
+    if interrupted:
+        lines.append(f"  interrupted: continue with `richkd sweep --resume {ref}`")
     if outcome.counts.get("error"):
         shown = outcome.error_logs[:3] + (["..."] if len(outcome.error_logs) > 3 else [])
         lines.append(f"  {outcome.counts['error']} trial(s) ended in error (exit code {EXIT_TRIALS_ERRORED}); their "
                      "logs: " + ", ".join(shown or ["error.txt in their trial folders"]))
-    lines.append(f"  next: richkd export {outcome.name}")
+    if not interrupted:   # export ranks trials that reached max_t: finish the sweep first
+        lines.append(f"  next: richkd export {ref}")
     return "\n".join(lines)
 
 

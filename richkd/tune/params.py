@@ -227,7 +227,8 @@ def config_or_error(plan: TrialPlan, sampled: Mapping[str, Any], what: str) -> C
         return plan.trial_config(sampled)
     except ConfigError as exc:
         shown = ", ".join(f"{k}={v!r}" for k, v in sampled.items())
-        raise SpecError(f"space: {what} is invalid ({exc}); sampled values: {shown or 'none (the base config)'}") from None
+        raise SpecError(f"space: {what} is invalid ({exc}); sampled values: "
+                        f"{shown or 'none (the base config)'}") from None
 
 
 # ----- parsing the `space:` section -----------------------------------------------------------------
@@ -245,7 +246,8 @@ def parse_space(space: Any, base: Config) -> tuple:
         for k in ([key] if not p.is_variant else sorted({k for b in p.variants.values() for k in b})):
             if k in FIXED_KEYS:
                 raise SpecError(f"space.{key}: {k} cannot be searched (ASHA's max_t is train.epochs; use a separate "
-                                "sweep per schedule)" if k == "train.epochs" else f"space.{key}: {k} cannot be searched")
+                                "sweep per schedule)" if k == "train.epochs"
+                                else f"space.{key}: {k} cannot be searched")
             if k in seen_config_keys:
                 raise SpecError(f"space.{key}: {k} is already set by space entry {seen_config_keys[k]!r}")
             seen_config_keys[k] = key

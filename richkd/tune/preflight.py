@@ -30,6 +30,7 @@ def check_spec(spec: "SweepSpec", *, check_resources: bool = True, check_data: b
         check_spec_resources(spec, probes)
     if check_data:
         check_spec_data(probes)
+        check_spec_data_fit(spec, probes)
 
 
 def check_space_values(spec: "SweepSpec") -> None:
@@ -127,6 +128,29 @@ def check_spec_data(probes: Sequence[Config]) -> None:
             build_data(cfg.data)
         except (ValueError, FileNotFoundError) as exc:
             raise SpecError(f"config.data: {exc}") from None
+
+
+def check_spec_data_fit(spec: "SweepSpec", probes: Sequence[Config]) -> None:
+    """Rules between configs and their data size (richkd.validate.check_data_fit), with the largest loss.nce_k
+    the space can produce: otherwise every trial that draws it fails, after the caches were built."""
+    from richkd.validate import check_data_fit, uses_crd
+
+    largest = max([spec.base_config.loss.nce_k] +
+                  [v for p in spec.params for value in p.corners()
+                   for k, v in p.overrides_for(value).items() if k == "loss.nce_k" and v is not None])
+    seen = set()
+    for cfg in probes:
+        if not uses_crd(cfg):
+            continue
+        key = json.dumps(dataclasses.asdict(cfg.data), sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            check_data_fit(cfg.with_overrides({"loss.nce_k": largest}))
+        except ConfigError as exc:
+            where = "space.loss.nce_k" if largest != spec.base_config.loss.nce_k else "config"
+            raise SpecError(f"{where}: {exc}") from None
 
 
 def _field_error(exc: ConfigError, keys: Iterable[str]) -> bool:

@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Optional
 
 from richkd.tune.errors import SpecError
-from richkd.tune.runner import (SweepOutcome, build_trainable, check_cluster, check_nodes, check_outputs,
-                                 check_tracking, close_parent_if_running, fit_quietly, init_ray, prepare_sweep_caches,
-                                 sweep_outcome)
+from richkd.tune.runner import (SweepOutcome, build_trainable, check_nodes, check_nodes_share, check_outputs,
+                                 check_tracking, fit_and_summarise, prepare_sweep_caches, ray_for)
 from richkd.tune.sweep_record import read_sweep_record
 
 log = logging.getLogger(__name__)
@@ -88,19 +87,9 @@ def resume_sweep(sweep: str, *, storage: Optional[str] = None, address: Optional
     check_tracking(spec)
     if not spec.tune.storage_is_uri:
         set_aside_unreadable(path)
-    started = init_ray(address, num_cpus, verbose=verbose >= 2)
-    try:
-        check_cluster(spec, embedded=address is None)
+    with ray_for(spec, address, num_cpus, verbose):
+        check_nodes_share(spec)
         needs = check_nodes(spec, prepare_sweep_caches(spec, progress=progress))
         tuner = tune.Tuner.restore(path, trainable=build_trainable(spec, needs), resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
-        try:
-            fit_quietly(tuner, verbose)
-        finally:
-            close_parent_if_running(record)
-        return sweep_outcome(record, time.perf_counter() - started_at)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+        return fit_and_summarise(tuner, record, verbose, started_at)

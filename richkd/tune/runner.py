@@ -1,16 +1,17 @@
 """Run, resume and describe sweeps: Ray start-up, caches before trials, MLflow parent run, Tuner / Tuner.restore."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from richkd.cache.signature import cache_signature
 from richkd.provenance import code_version
 from richkd.tune.errors import SpecError
-from richkd.tune.node_check import SweepNeeds, sweep_needs
+from richkd.tune.node_check import SweepNeeds, shared_markers, sweep_needs
 from richkd.tune.outcome import SweepOutcome, sweep_outcome
 from richkd.tune.paths import is_shared_filesystem
 from richkd.tune.spec import SweepSpec
@@ -40,7 +41,9 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, verb
     if address:
         ray.init(address=address, **common)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
+        # address="local": always a new embedded cluster, never the last one `ray start` left on this machine
+        # (Ray would otherwise attach to it, or fail on num_cpus, when /tmp/ray/ray_current_cluster exists)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
                  object_store_memory=OBJECT_STORE_BYTES, **common)
     return True
 
@@ -55,13 +58,21 @@ def check_cluster(spec: SweepSpec, embedded: bool) -> None:
     if problem:
         raise SpecError(problem)
     if embedded:
-        total = ray.cluster_resources()
-        if t.gpu > 0 and total.get("GPU", 0) < t.gpu:
-            raise SpecError(f"tune.resources.gpu: {t.gpu} per trial, but Ray sees {total.get('GPU', 0):g} GPUs on this "
-                            "machine; set tune.resources.gpu: 0 (CPU trials) or run on a GPU machine / --address")
-        if total.get("CPU", 0) < t.cpu:
-            raise SpecError(f"tune.resources.cpu: {t.cpu} per trial, but Ray has {total.get('CPU', 0):g} CPUs; "
-                            "lower it or pass --num-cpus")
+        check_trial_resources(t)
+
+
+def check_trial_resources(t) -> None:
+    """Trial resources (tune.resources) the connected Ray cannot grant would make Tune (and finalize's tasks) wait
+    forever: one SpecError instead (checked on embedded clusters, whose size is known)."""
+    import ray
+
+    total = ray.cluster_resources()
+    if t.gpu > 0 and total.get("GPU", 0) < t.gpu:
+        raise SpecError(f"tune.resources.gpu: {t.gpu} per trial, but Ray sees {total.get('GPU', 0):g} GPUs on this "
+                        "machine; set tune.resources.gpu: 0 (CPU trials) or run on a GPU machine / --address")
+    if total.get("CPU", 0) < t.cpu:
+        raise SpecError(f"tune.resources.cpu: {t.cpu} per trial, but Ray has {total.get('CPU', 0):g} CPUs; "
+                        "lower it or pass --num-cpus")
 
 
 def storage_problem(t, n_nodes: int, mounts_text: Optional[str] = None) -> Optional[str]:
@@ -79,8 +90,6 @@ def fit_quietly(tuner, verbose: int):
     TensorBoard hint), which it prints at every verbosity, are dropped too. Errors still reach stderr."""
     if verbose > 0:
         return tuner.fit()
-    import contextlib
-
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
         return tuner.fit()
 
@@ -107,16 +116,35 @@ def check_outputs(spec: SweepSpec) -> None:
 
 # ----- caches ------------------------------------------------------------------------------------------
 
-def prepare_sweep_caches(spec: SweepSpec, progress: bool = False) -> list[dict]:
-    """Build every cache any trial can read, once, before trials start (docs/architecture.md, "Caching")."""
-    from richkd.cache import prepare_caches
+def prepare_sweep_caches(spec: SweepSpec, progress: bool = False, shards: Optional[int] = None,
+                         nodes_checked: bool = True) -> list[dict]:
+    """Build every cache any trial can read, once, before trials start (docs/architecture.md, "Caching").
 
-    records = []
-    for cfg in spec.cache_probe_configs():
-        entries = prepare_caches(cfg, progress=progress)
-        records.append({"signature": cache_signature(cfg), "dir": cfg.teaching.cache_dir,
-                        "entries": [Path(e).name for e in entries]})
-    return records
+    The missing entries are computed by Ray tasks with the trials' resources, in row shards over the alive nodes
+    (richkd.tune.cache_tasks); the driver only checks existing manifests and waits. Ray must be initialised.
+    `nodes_checked`: every alive node passed check_nodes_share (run_sweep and resume_sweep call it first), so any
+    may compute shards; False: each node is checked here and only those that see the inputs get cache tasks.
+    """
+    from richkd.tune.cache_tasks import build_caches
+    from richkd.tune.cluster import alive_nodes
+
+    configs = spec.cache_probe_configs()
+    built = build_caches(configs, cpu=spec.tune.cpu, gpu=spec.tune.gpu, shards=shards, progress=progress,
+                         nodes=alive_nodes() if nodes_checked else None)
+    return [{"signature": cache_signature(cfg), "dir": cfg.teaching.cache_dir,
+             "entries": [Path(e).name for e in entries]} for cfg, entries in zip(configs, built.paths)]
+
+
+def check_nodes_share(spec: SweepSpec) -> None:
+    """Before anything is built: every node sees the data and weights, the driver's cache and storage folders
+    (a marker file the driver writes there), and runs the driver's versions."""
+    from richkd.tune.cluster import preflight_nodes
+
+    configs = spec.cache_probe_configs()
+    cache_dirs = sorted({c.teaching.cache_dir for c in configs if c.teaching.cache_dir})
+    folders = [("teaching.cache_dir", d) for d in cache_dirs]
+    with shared_markers(folders + [("tune.storage_path", spec.tune.storage_path)]) as markers:
+        preflight_nodes(sweep_needs(configs, [], spec.tune.storage_path, shared=markers))
 
 
 def check_nodes(spec: SweepSpec, caches: list[dict]) -> SweepNeeds:
@@ -189,26 +217,41 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, num_cpus: Optio
                         f"`richkd sweep --resume {spec.name}`, or pick a new name with --name")
     check_outputs(spec)
     check_tracking(spec)
-    started = init_ray(address, num_cpus, verbose=verbose >= 2)
-    try:
-        check_cluster(spec, embedded=address is None)
+    with ray_for(spec, address, num_cpus, verbose):
+        check_nodes_share(spec)
         caches = prepare_sweep_caches(spec, progress=progress)
         needs = check_nodes(spec, caches)
         experiment_id, parent, callbacks = _mlflow_setup(spec)
         record = SweepRecord(spec=spec, tracking_uri=spec.mlflow.tracking_uri if spec.mlflow.enabled else None,
                              experiment_id=experiment_id, parent_run_id=parent, caches=tuple(caches), **code_version(),
                              path=path)
-        try:
-            write_sweep_record(record)
-            fit_quietly(build_tuner(spec, callbacks, verbose=verbose, needs=needs), verbose)
-        finally:
-            close_parent_if_running(record)
-        return sweep_outcome(record, time.perf_counter() - started_at)
+        write_sweep_record(record)
+        return fit_and_summarise(build_tuner(spec, callbacks, verbose=verbose, needs=needs), record, verbose,
+                                 started_at)
+
+
+@contextlib.contextmanager
+def ray_for(spec: SweepSpec, address: Optional[str], num_cpus: Optional[int], verbose: int) -> Iterator[None]:
+    """Ray for one sweep: started (embedded) or connected, and the cluster checked; shut down afterwards when
+    this call started it."""
+    started = init_ray(address, num_cpus, verbose=verbose >= 2)
+    try:
+        check_cluster(spec, embedded=address is None)
+        yield
     finally:
         if started:
             import ray
 
             ray.shutdown()
+
+
+def fit_and_summarise(tuner, record: SweepRecord, verbose: int, started_at: float) -> SweepOutcome:
+    """Run the Tuner, make sure the MLflow parent run is not left RUNNING, and summarise what happened."""
+    try:
+        fit_quietly(tuner, verbose)
+    finally:
+        close_parent_if_running(record)
+    return sweep_outcome(record, time.perf_counter() - started_at)
 
 
 def close_parent_if_running(record: SweepRecord) -> None:

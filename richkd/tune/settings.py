@@ -14,7 +14,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Tuple
 
-from richkd.metric_names import KNOWN_METRICS
+from richkd.config import CORRUPTION_NAMES
+from richkd.metric_names import KNOWN_METRICS, PER_CORRUPTION_PREFIX, direction, is_reported, per_corruption
 from richkd.schema import build, suggest
 from richkd.tune.errors import SpecError
 from richkd.tune.paths import DEFAULT_STORAGE, absolute_storage, has_scheme
@@ -74,7 +75,8 @@ class SchedulerSettings(_Section):
     def __post_init__(self) -> None:
         _one_of(self.type, SCHEDULERS, "tune.scheduler.type")
         _finite(self.reduction_factor, "tune.scheduler.reduction_factor")
-        _require(self.reduction_factor > 1, f"tune.scheduler.reduction_factor: must be > 1, got {self.reduction_factor}")
+        _require(self.reduction_factor > 1,
+                 f"tune.scheduler.reduction_factor: must be > 1, got {self.reduction_factor}")
         _require(self.brackets >= 1, "tune.scheduler.brackets: must be >= 1")
         _require(self.grace_period >= 1, f"tune.scheduler.grace_period: {self.grace_period} must be >= 1")
 
@@ -209,21 +211,28 @@ def parse_tune(raw: Any) -> TuneSettings:
 def check_objectives(metrics: list, modes: Any, multi: bool) -> tuple:
     """((metric, mode), ...) from tune.metric (one or several names) and tune.mode (the same shape, or None).
 
-    Each mode must be the direction KNOWN_METRICS gives (a mis-typed min/max would silently optimise the wrong
-    way); leaving mode out derives it. A one-element list is a single objective.
+    Each mode must be the direction metric_names.direction gives (a mis-typed min/max would silently optimise
+    the wrong way); leaving mode out derives it. A one-element list is a single objective. A per-corruption
+    accuracy (val_corrupt_top1_<corruption>) must name a known corruption; the spec also checks that the base
+    config evaluates it (robustness.corruptions).
     """
     if not metrics:
         raise SpecError("tune.metric: the list of objectives is empty; name one metric (val_top1) or several "
                         "([val_top1, val_corrupt_top1, val_ece])")
     for i, metric in enumerate(metrics):
         where = f"tune.metric[{i}]" if multi else "tune.metric"
-        if not isinstance(metric, str) or metric not in KNOWN_METRICS:
+        if not isinstance(metric, str) or not is_reported(metric):
             raise SpecError(f"{where}: {metric!r} is not reported every epoch by the trainer"
-                            f"{suggest(str(metric), KNOWN_METRICS)} (choose from {', '.join(KNOWN_METRICS)})")
+                            f"{suggest(str(metric), KNOWN_METRICS)} (choose from {', '.join(KNOWN_METRICS)}, "
+                            f"or {PER_CORRUPTION_PREFIX}<corruption>)")
+        corruption = per_corruption(metric)
+        if corruption and corruption not in CORRUPTION_NAMES:
+            raise SpecError(f"{where}: {corruption!r} in {metric!r} is not a corruption"
+                            f"{suggest(corruption, CORRUPTION_NAMES)} (choose from {', '.join(CORRUPTION_NAMES)})")
     dupes = sorted({m for m in metrics if metrics.count(m) > 1})
     if dupes:
         raise SpecError(f"tune.metric: {dupes[0]!r} is listed twice; each objective once")
-    expected = [KNOWN_METRICS[m] for m in metrics]
+    expected = [direction(m) for m in metrics]
     if modes is None:
         modes = expected
     elif isinstance(modes, (list, tuple)):
@@ -242,8 +251,8 @@ def check_objectives(metrics: list, modes: Any, multi: bool) -> tuple:
         where = f"tune.mode[{i}]" if multi and len(metrics) > 1 else "tune.mode"
         if mode not in ("max", "min"):
             raise SpecError(f"{where}: {mode!r} is not max or min")
-        if mode != KNOWN_METRICS[metric]:
-            better = "maximised" if KNOWN_METRICS[metric] == "max" else "minimised"
+        if mode != direction(metric):
+            better = "maximised" if direction(metric) == "max" else "minimised"
             raise SpecError(f"{where}: {metric} should be {better}; set {where[len('tune.'):]}: "
-                            f"{KNOWN_METRICS[metric]} (or leave mode out)")
+                            f"{direction(metric)} (or leave mode out)")
     return tuple(zip(metrics, modes))

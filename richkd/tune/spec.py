@@ -28,7 +28,7 @@ from typing import Any, Mapping, Optional, Sequence
 import yaml
 
 from richkd.config import Config, ConfigError, load_yaml_mapping, parse_override
-from richkd.metric_names import ROBUSTNESS_METRICS
+from richkd.metric_names import needs_robustness, per_corruption
 from richkd.schema import build, suggest, to_plain
 from richkd.tune.errors import SpecError
 from richkd.tune.params import Param, TrialPlan, check_keys, config_or_error, parse_space
@@ -303,6 +303,15 @@ def _check_tune_fits(t: TuneSettings, params: Sequence[Param], base: Config) -> 
         if cond:
             raise SpecError(f"space.{cond[0].key}: `when:` is not supported with algorithm grid (it would run "
                             "duplicate configurations); use a variant entry or algorithm: optuna")
+    # Tune needs the objective in every report and ASHA compares it at each epoch (its rungs), so a trial
+    # validates after every epoch; with eval_every > 1 the first reports would lack the metric and fail the trial.
+    if base.train.eval_every != 1:
+        raise SpecError(f"config.train.eval_every: {base.train.eval_every}; a sweep validates after every epoch "
+                        "(Tune and ASHA compare the objective at each epoch), set train.eval_every: 1")
+    searched = [p.key for p in params if "train.eval_every" in p.config_keys]
+    if searched:
+        raise SpecError(f"space.{searched[0]}: train.eval_every cannot be searched; a sweep validates after every "
+                        "epoch (drop the entry)")
     max_t = base.train.epochs
     if not t.scheduler.grace_period <= max_t:
         raise SpecError(f"tune.scheduler.grace_period: {t.scheduler.grace_period} must be in [1, train.epochs = "
@@ -317,9 +326,15 @@ def _check_tune_fits(t: TuneSettings, params: Sequence[Param], base: Config) -> 
 def _enable_objective_metrics(base: Config, tune: TuneSettings, params: Sequence[Param]) -> Config:
     """Switch on robustness evaluation when an objective is a robustness metric (it is off by default, and
     costs extra forward passes, so it is computed only when enabled or needed)."""
-    needed = [m for m in tune.metrics if m in ROBUSTNESS_METRICS]
+    needed = [m for m in tune.metrics if needs_robustness(m)]
     if not needed:
         return base
+    for m in needed:
+        corruption = per_corruption(m)
+        if corruption and corruption not in base.robustness.corruptions:
+            raise SpecError(f"tune.metric: {m} needs {corruption} in config.robustness.corruptions (now "
+                            f"{list(base.robustness.corruptions)}); add it there, or choose one of "
+                            + ", ".join(f"val_corrupt_top1_{c}" for c in base.robustness.corruptions))
     for p in params:
         if "robustness.enabled" in p.config_keys:
             raise SpecError(f"space.{p.key}: robustness.enabled cannot be searched when the objective "

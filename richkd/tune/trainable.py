@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from richkd.tune.cluster import limit_gpu_memory
 from richkd.tune.node_check import SweepNeeds, raise_if_unmet
 from richkd.tune.params import TrialPlan
 
@@ -19,6 +20,11 @@ NODE_KEY = "node_id"               # the Ray node the trial ran on, in every rep
 STOP_REASON_KEY = "stop_reason"
 
 
+def threads_for(cpu: float) -> int:
+    """Torch threads of a trial granted `cpu` CPUs: the whole CPUs, at least one."""
+    return max(1, int(math.floor(cpu + 1e-9)))
+
+
 def granted_cpus() -> int:
     """Whole CPUs Ray granted this trial (>= 1): torch threads beyond that only fight the other trials."""
     from ray import tune
@@ -27,15 +33,16 @@ def granted_cpus() -> int:
         resources = tune.get_context().get_trial_resources().required_resources
     except Exception:  # not inside a Tune trial (direct call in a test)
         return max(1, os.cpu_count() or 1)
-    return max(1, int(math.floor(resources.get("CPU", 1) + 1e-9)))
+    return threads_for(resources.get("CPU", 1))
 
 
-def _limit_gpu_memory(fraction: float) -> None:
-    """Fractional GPUs are logical in Ray: cap this process so an overflowing trial fails alone (ray#5902)."""
-    import torch
-
-    if 0 < fraction < 1 and torch.cuda.is_available():
-        torch.cuda.set_per_process_memory_fraction(max(0.05, fraction * 0.95))
+def trial_threads_config(cfg, cpu: float):
+    """`cfg` with train.threads set to what a trial granted `cpu` CPUs runs with (when the config leaves it
+    open): CPU results depend on the thread count (the order of float sums), so an exported config must pin it
+    for `richkd train --config best_config.yaml` to reproduce the trial's numbers."""
+    if cfg.train.threads is not None:
+        return cfg
+    return cfg.with_overrides({"train.threads": threads_for(cpu)})
 
 
 def load_checkpoint_state(directory: str | os.PathLike) -> dict:
@@ -66,7 +73,7 @@ def train_trial(config: dict, plan: TrialPlan, needs: Optional[SweepNeeds] = Non
     cfg = plan.trial_config(config)
     if cfg.train.threads is None:
         torch.set_num_threads(granted_cpus())
-    _limit_gpu_memory(plan.gpu)
+    limit_gpu_memory(plan.gpu)
 
     resume_state = None
     checkpoint = tune.get_checkpoint()

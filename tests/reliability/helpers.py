@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Callable, Optional
 
 import pytest
 
+from tests.cluster_fixtures import MlflowService as MlflowServer  # a real server the test can stop and restart
+from tests.cluster_fixtures import free_port
 from tests.factories import ENV, base_spec, trial_results
 
 __all__ = ["ENV", "trial_results", "tiny_spec", "env", "start_sweep", "wait_for", "stop_group", "MlflowServer",
@@ -87,50 +87,3 @@ def _tail(log_path: Optional[Path], n: int = 6000) -> str:
     if log_path is None or not Path(log_path).is_file():
         return ""
     return Path(log_path).read_text(errors="replace")[-n:]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MlflowServer:
-    """A real `mlflow server` on 127.0.0.1 over a SQLite store, which the test can stop and start again."""
-
-    def __init__(self, folder: Path, port: Optional[int] = None) -> None:
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
-        self.proc: Optional[subprocess.Popen] = None
-        self.starts = 0
-
-    @property
-    def uri(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 180.0) -> "MlflowServer":
-        self.starts += 1
-        log = open(self.folder / f"server{self.starts}.log", "w")
-        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-               f"sqlite:///{self.folder}/mlflow.db", "--artifacts-destination", str(self.folder / "artifacts"),
-               "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
-        self.proc = subprocess.Popen(cmd, cwd=self.folder, env=env(), stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        log.close()
-        wait_for(self.healthy, f"mlflow server on port {self.port}", self.proc,
-                 self.folder / f"server{self.starts}.log", timeout=timeout, poll=0.5)
-        return self
-
-    def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as resp:
-                return resp.read().decode().strip().upper() == "OK"
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_group(self.proc, signal.SIGTERM)
-            self.proc = None
-        wait_for(lambda: not self.healthy(), "the mlflow server to stop", timeout=30)

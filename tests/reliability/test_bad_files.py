@@ -138,6 +138,25 @@ def test_train_into_a_read_only_folder_fails_before_training(readonly_dir, mini_
     assert "epoch" not in out.out                                # refused before any training
 
 
+def test_evaluate_into_a_read_only_folder_fails_before_evaluating(readonly_dir, mini_fashion_root, tmp_path,
+                                                                 monkeypatch, capsys):
+    import richkd.robustness.engine as engine
+    from richkd.cli import main
+    from richkd.models import create_model, save_model_checkpoint
+
+    run = tmp_path / "run"
+    save_model_checkpoint(create_model("resnet8", 10), run / "student.pt", arch="resnet8", num_classes=10)
+    (run / "config.yaml").write_text(yaml.safe_dump({"device": "cpu", "data": {"root": str(mini_fashion_root)},
+                                                     "student": {"arch": "resnet8"},
+                                                     "loss": {"method": "supervised"}}))
+    monkeypatch.setattr(engine, "evaluate_model", lambda *a, **k: pytest.fail("evaluated before the check"))
+    assert main(["evaluate", str(run / "student.pt"), "--out", str(readonly_dir / "eval")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("richkd evaluate: error: cannot write the evaluation's output "
+                                               f"folder (--out) {str(readonly_dir / 'eval')!r}"), err
+    assert _leftovers(readonly_dir) == []
+
+
 def test_sweep_into_a_read_only_storage_fails_before_ray(readonly_dir, tmp_path_factory, tmp_path, capsys):
     from richkd.cli import EXIT_USER_ERROR, main
 

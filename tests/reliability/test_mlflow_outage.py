@@ -19,12 +19,15 @@ from tests.factories import make_assets
 # ----- the outbox policy, without a server -------------------------------------------------------------------
 
 class Store:
-    """A stand-in for the MLflow store the outbox writes to: up or down, and some writes it always rejects."""
+    """A stand-in for the MLflow store the outbox writes to: up or down, and some writes it always rejects. It
+    counts the write attempts and probes that reach it."""
 
     def __init__(self) -> None:
         self.up, self.rejects, self.got, self.flaky = True, set(), [], 0
+        self.attempts = self.probes = 0
 
     def apply(self, op):
+        self.attempts += 1
         if not self.up:
             raise ConnectionError("connection refused")
         if self.flaky:   # a server half-way through a restart: refuses a write, then answers the probe
@@ -35,24 +38,54 @@ class Store:
         self.got.append(op)
 
     def reachable(self):
+        self.probes += 1
         return self.up
 
 
-def test_outbox_buffers_while_down_backs_off_and_catches_up_in_order(caplog):
+class Clock:
+    """The outbox's clock (its module's `time`), advanced by hand: back-off is checked by counting attempts at
+    given times, not by measuring how long a loop took."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_outbox_buffers_while_down_backs_off_and_catches_up_in_order(caplog, monkeypatch):
+    import richkd.tune.mlflow_outbox as outbox_module
+
+    clock = Clock()
+    monkeypatch.setattr(outbox_module, "time", clock)
     store, box = Store(), Outbox("http://127.0.0.1:1", first_delay_s=1.0, max_delay_s=2.0)
     caplog.set_level(logging.WARNING, logger="richkd.tune.mlflow_outbox")
     box.put(("open", "t1"))
     assert box.flush(store.apply, store.reachable) and store.got == [("open", "t1")]
+    assert (store.attempts, store.probes) == (1, 0)
     store.up = False
-    started = time.monotonic()
     for step in range(1, 6):
         box.put(("metrics", "t1", step))
         assert box.flush(store.apply, store.reachable) is False     # never raises while the store is down
-    assert time.monotonic() - started < 0.5                         # backing off: no attempt per report
+    assert (store.attempts, store.probes) == (2, 1)                 # one failed write + probe, then backing off
+    clock.sleep(0.99)
+    assert box.flush(store.apply, store.reachable) is False and store.attempts == 2   # within the 1 s delay
+    clock.sleep(0.01)
+    assert box.flush(store.apply, store.reachable) is False and store.attempts == 3   # retried after 1 s ...
+    clock.sleep(1.5)
+    assert box.flush(store.apply, store.reachable) is False and store.attempts == 3   # ... then after 2 s (doubled)
+    clock.sleep(0.5)
+    assert box.flush(store.apply, store.reachable) is False and store.attempts == 4
+    clock.sleep(2.0)                                                 # capped at max_delay_s = 2 s
+    assert box.flush(store.apply, store.reachable) is False and store.attempts == 5
     assert len(box) == 5 and box.is_down
     assert sum("is unreachable" in r.getMessage() for r in caplog.records) == 1   # warned once, not per write
     store.up = True
     assert box.flush(store.apply, store.reachable) is False          # still inside the back-off delay
+    assert store.attempts == 5
     assert box.drain(store.apply, store.reachable, wait_s=5)
     assert [op[2] for op in store.got[1:]] == [1, 2, 3, 4, 5]        # caught up, in order, nothing lost
     assert any("caught up 5 buffered writes" in r.getMessage() for r in caplog.records)

@@ -54,12 +54,13 @@ def test_a_node_that_cannot_see_the_files_is_refused_before_any_trial(make_ray_c
     assert "Traceback" not in text
     worker = cluster.workers[0].node_id[:12]
     for needle in (f"node {worker}", f"teacher.checkpoint: file {assets / 'teacher.pth'} does not exist",
-                   f"data.root: folder {assets / 'fmnist'}", "teaching.cache_dir: cache teacher-",
-                   "tune.storage_path"):
+                   f"data.root: folder {assets / 'fmnist'}", f"teaching.cache_dir: {work / 'cache'} on this node is "
+                   "not the driver's folder", f"tune.storage_path: {work / 'runs'} on this node is not the driver's"):
         assert needle in text, needle
     assert f"node {cluster.head.node_id[:12]}" not in text            # the head sees everything
-    assert not list((work / "runs" / "hidden").glob("trial_*"))        # nothing was launched
-    print(f"refused in {wall:.1f} s (driver start, caches, preflight)")
+    assert not list((work / "cache").glob("*-*"))                      # refused before any cache was built
+    assert not list((work / "runs" / "hidden").glob("trial_*"))        # and before any trial
+    print(f"refused in {wall:.1f} s (driver start and preflight)")
 
 
 def test_a_healthy_sweep_spreads_over_both_nodes(make_ray_cluster, mlflow_server, assets, tmp_path):

@@ -5,10 +5,7 @@ resnet8 teacher, the offline tiny CLIP, caches built once by the driver.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import time
 from pathlib import Path
 
 import pytest

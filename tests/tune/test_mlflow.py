@@ -195,3 +195,37 @@ def test_interrupted_sweep_leaves_nothing_running_and_resume_reopens(world):
     cb2.on_trial_start(iteration=0, trials=[t], trial=t)
     assert client.get_run(run.info.run_id).info.status == "RUNNING"
     assert len(children(client, experiment_id, parent)) == 1
+
+
+def test_child_runs_hold_every_reported_metric_at_every_epoch(world):
+    """Everything numeric a trial reports (richkd.tune.trainable: the trainer's epoch metrics, nonfinite_loss)
+    is in the child run's history at each epoch; Tune's own bookkeeping keys are not."""
+    spec, client, experiment_id, parent, cb = world
+    trial = make_trial("full")
+    cb.setup(total_num_samples=1)
+    cb.on_trial_start(iteration=0, trials=[trial], trial=trial)
+    reported = {}
+    for epoch in (1, 2, 3):
+        result = {"epoch": float(epoch), "train_loss": 2.0 / epoch, "lr": 0.05 / epoch, "train_ce": 1.5 / epoch,
+                  "train_logit": 0.3 / epoch, "train_feat": 0.2 / epoch, "epoch_time_s": 1.25 * epoch,
+                  "val_top1": 40.0 + epoch, "val_top5": 80.0 + epoch, "val_ece": 0.1 / epoch, "val_loss": 1.0 / epoch,
+                  "best_val_top1": 40.0 + epoch, "val_corrupt_top1": 30.0 + epoch, "nonfinite_loss": 0.0,
+                  "node_id": "abc123", "training_iteration": epoch, "time_this_iter_s": 0.5,
+                  "time_total_s": 0.5 * epoch, "timestamp": 1700000000 + epoch, "pid": 42, "done": False}
+        trial.update_last_result(result)
+        cb.on_trial_result(iteration=0, trials=[trial], trial=trial, result=result)
+        reported[epoch] = result
+    finish(cb, trial, [trial])
+    cb.on_experiment_end(trials=[trial])
+
+    run = children(client, experiment_id, parent)[0]
+    model_keys = [k for k, v in reported[1].items() if isinstance(v, float) and k not in
+                  ("time_this_iter_s", "time_total_s")]
+    assert len(model_keys) == 14
+    for key in model_keys:
+        # (a set: best_val_top1 is also the trial's end-of-run summary, logged once more at the last step)
+        history = sorted({(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)})
+        assert history == [(e, pytest.approx(reported[e][key])) for e in (1, 2, 3)], key
+    logged = client.get_run(run.info.run_id).data.metrics
+    for key in ("training_iteration", "time_total_s", "timestamp", "pid", "done", "node_id"):
+        assert key not in logged, key

@@ -142,3 +142,32 @@ def test_an_outage_warns_once_not_once_per_retry(caplog):
             pool.warning("Retrying (Retry(total=%d)) after connection broken by 'refused': /api", attempt)
         pool.warning("Connection pool is full, discarding connection: 127.0.0.1")
     assert [r.getMessage()[:8] for r in caplog.records] == ["Retrying", "Connecti"]
+
+
+def test_a_trial_on_a_node_that_cannot_see_the_files_fails_first_with_the_nodes_message(tmp_path):
+    """The trial-start check (what a node that joined after the preflight meets): one clear error before any
+    training, not a cache or checkpoint error from deep inside the trainer."""
+    from richkd.tune.params import TrialPlan
+    from richkd.tune.trainable import train_trial
+
+    needs = SweepNeeds(needs=(Need("teacher.checkpoint", str(tmp_path / "teacher.pth"), "file"),))
+    plan = TrialPlan(base={}, params=(), metric="val_top1", mode="max", max_t=1)
+    with pytest.raises(NodeCheckError, match=r"cannot run this sweep's trials:\n  - teacher.checkpoint: file "):
+        train_trial({}, plan, needs=needs)
+
+
+def test_a_folder_is_shared_only_if_the_node_sees_the_drivers_marker(tmp_path):
+    from richkd.tune.node_check import shared_markers
+
+    storage, elsewhere = tmp_path / "runs", tmp_path / "other"
+    elsewhere.mkdir()
+    with shared_markers([("tune.storage_path", str(storage))]) as markers:
+        [(what, marker)] = markers
+        assert what == "tune.storage_path" and Path(marker).parent == storage and Path(marker).is_file()
+        here = sweep_needs([], [], None, shared=markers)
+        assert check_needs(here) == []
+        # the same folder name on a node whose disk is its own: the marker is not there
+        moved = SweepNeeds(needs=(Need("tune.storage_path", str(elsewhere), "shared", (Path(marker).name,)),))
+        [problem] = check_needs(moved)
+        assert "is not the driver's folder" in problem and str(elsewhere) in problem
+    assert not Path(marker).exists()                       # removed afterwards

@@ -299,7 +299,9 @@ def test_multi_objective_sweep_exports_the_pareto_front_and_reports_it(tmp_path_
     for m in info["members"]:
         cfg = Config.from_yaml(result.out_dir / m["config_file"])
         row = next(r for r in rows if r.trial_id == m["trial_id"])
-        assert cfg == row.config and cfg.robustness.enabled
+        # the trial's config, with the threads it ran with pinned (resources.cpu: 1) so that it reproduces
+        assert cfg.train.threads == 1 and row.config.train.threads is None
+        assert cfg.with_overrides({"train.threads": None}) == row.config and cfg.robustness.enabled
         assert m["objectives"] == {k: row.metrics[k] for k in E2E_OBJECTIVES}
     assert result.best.trial_id in members
     assert result.best.metrics["val_top1"] == max(vals[t][0] for t in members)

@@ -71,9 +71,21 @@ def test_interrupted_sweep_says_how_to_resume(assets, tmp_path, capsys, monkeypa
     monkeypatch.setattr(resume, "resume_sweep", ctrl_c)
     spec_file = tmp_path / "s.yaml"
     spec_file.write_text(yaml.safe_dump(base_spec(assets, tmp_path / "work")))
+    # storage outside ./tune_runs: the printed command names it, so it works as printed
+    assert main(["sweep", str(spec_file)]) == 130
+    assert capsys.readouterr().err == ("richkd sweep: interrupted; continue with `richkd sweep --resume unit "
+                                       f"--storage {tmp_path / 'work' / 'runs'}`\n")
+    assert main(["sweep", "--resume", "unit", "--storage", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == ("richkd sweep: interrupted; continue with `richkd sweep --resume unit "
+                                       f"--storage {tmp_path}`\n")
+    # the default storage (./tune_runs of the current folder): just the name
+    raw = base_spec(assets, tmp_path / "work")
+    del raw["tune"]["storage_path"]
+    spec_file.write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
     assert main(["sweep", str(spec_file)]) == 130
     assert capsys.readouterr().err == "richkd sweep: interrupted; continue with `richkd sweep --resume unit`\n"
-    assert main(["sweep", "--resume", "unit", "--storage", str(tmp_path)]) == 130
+    assert main(["sweep", "--resume", "unit"]) == 130
     assert capsys.readouterr().err == "richkd sweep: interrupted; continue with `richkd sweep --resume unit`\n"
 
 
@@ -151,3 +163,25 @@ def test_ui_on_a_tracking_server_prints_its_address(capsys):
 
     assert main(["ui", "--tracking-uri", "http://mlflow.example:5000"]) == 0
     assert "open http://mlflow.example:5000 in a browser" in capsys.readouterr().out
+
+
+def test_ui_handler_execs_mlflow_on_the_sweep_store(tmp_path, monkeypatch, capsys):
+    """`richkd ui` replaces itself with `mlflow ui` on the store under --storage (the slow test above runs it)."""
+    import os
+
+    from richkd.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "mlflow.db").write_bytes(b"")
+    execs = []
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: execs.append((path, argv, env)))
+    assert main(["ui", "--storage", str(tmp_path), "--port", "5123"]) == 0
+    ((path, argv, env),) = execs
+    assert path == sys.executable and argv[1:4] == ["-m", "mlflow", "ui"]
+    assert argv[argv.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path}/mlflow.db"
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "5123"
+    assert env["MLFLOW_DISABLE_TELEMETRY"]
+    assert capsys.readouterr().out == (f"MLflow UI for sqlite:///{tmp_path}/mlflow.db at http://127.0.0.1:5123 "
+                                       "(Ctrl-C to stop)\n")
+    assert main(["ui", "--storage", str(tmp_path / "none")]) == 2          # no store there: one line, no exec
+    assert len(execs) == 1 and "no MLflow store at" in capsys.readouterr().err

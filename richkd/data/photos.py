@@ -1,0 +1,281 @@
+"""Photos decoded per batch at full size and cropped to the model size (the ImageNet recipe).
+
+Training shows RandomResizedCrop(S) + a horizontal flip, evaluation Resize(S / 0.875) + CenterCrop(S) (256 / 224
+for S = 224), as in mdistiller's ImageNet recipe (docs/method.md#imagenet). Every crop is a *box* in the decoded
+image, (top, left, height, width, flip), resized to S x S with torchvision's `resized_crop`:
+
+- a random training crop's box is torchvision's `RandomResizedCrop.get_params` run under a per-image seed drawn
+  from the loader's generator, so a loader seed fixes every crop (exact resume, any number of workers);
+- FKD-style view v of row i (teaching.views) has a box fixed by (teaching.view_seed, i, v): view 0 is the
+  centre crop, the others RandomResizedCrop boxes. The cache stores each view's box with the teachers' outputs
+  (docs/architecture.md#imagenet-scale), and a dataset given those stored boxes (`with_view_boxes`) crops
+  exactly the region the teachers saw, after checking that the image still has the size the box was drawn for.
+
+Decoding: PIL (`data.decode: pil`) or `torchvision.io.decode_jpeg` (`torchvision`); both give uint8 RGB. They may
+differ in the last bit, so the decoder is part of the dataset's identity (and of every cache key).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Optional, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from richkd.data.sources import DatasetNotFoundError
+from richkd.data.transforms import to_float_images
+from richkd.data.views import ViewSpec, _splitmix64
+
+RRC_SCALE = (0.08, 1.0)            # torchvision's RandomResizedCrop defaults, the ImageNet recipe
+RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+EVAL_CROP_FRACTION = 0.875         # Resize(round(S / 0.875)) + CenterCrop(S): 256 / 224
+# What decides a view's box besides (seed, row, view, image size); a change re-keys every view cache.
+BOX_RECIPE = f"rrc-getparams-scale{RRC_SCALE[0]}-{RRC_SCALE[1]}-ratio3:4-4:3-centre{EVAL_CROP_FRACTION}-v1"
+# Columns of a stored box record (int32): the crop, the flip, and the decoded size the box was drawn for.
+BOX_FIELDS = ("top", "left", "height", "width", "flip", "image_height", "image_width")
+
+
+class BadImageError(DatasetNotFoundError):
+    """An image file cannot be decoded, or no longer matches the crop boxes stored for it."""
+
+
+class ViewBoxTable(Protocol):
+    """Stored view boxes (the cache implements it): records int32 (B, 7) in BOX_FIELDS order."""
+    origin: str
+
+    def boxes(self, rows: np.ndarray, views: np.ndarray) -> np.ndarray: ...
+
+
+# ----- decoding ---------------------------------------------------------------------------------------------
+
+def decode_image(path: str, decoder: str = "pil"):
+    """A PIL RGB image (decoder "pil") or a uint8 (3, H, W) tensor ("torchvision"); BadImageError if unreadable."""
+    try:
+        if decoder == "pil":
+            from PIL import Image
+
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        from torchvision.io import ImageReadMode, decode_image as tv_decode, decode_jpeg, read_file
+
+        data = read_file(path)
+        if data.numel() >= 2 and int(data[0]) == 0xFF and int(data[1]) == 0xD8:
+            return decode_jpeg(data, mode=ImageReadMode.RGB)
+        return tv_decode(data, mode=ImageReadMode.RGB)     # e.g. a PNG saved with a .JPEG name
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise BadImageError(f"cannot decode image {path!r} ({exc}); replace or delete the file (it is then "
+                            "left out when the folder is scanned again), or set data.bad_images: skip") from None
+
+
+def image_hw(image) -> tuple[int, int]:
+    """(height, width) of a decoded PIL image or (3, H, W) tensor."""
+    if isinstance(image, torch.Tensor):
+        return int(image.shape[-2]), int(image.shape[-1])
+    return int(image.size[1]), int(image.size[0])
+
+
+def to_uint8_tensor(image) -> torch.Tensor:
+    if isinstance(image, torch.Tensor):
+        return image.contiguous()
+    from torchvision.transforms.functional import pil_to_tensor
+
+    return pil_to_tensor(image)
+
+
+# ----- boxes ------------------------------------------------------------------------------------------------
+
+def rrc_box(height: int, width: int, seed: int) -> tuple[int, int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params (and a flip coin) under `seed`: (top, left, h, w, flip)."""
+    from torchvision.transforms import RandomResizedCrop
+
+    shape_only = torch.empty(1, 1, 1).expand(1, height, width)   # get_params reads only the size
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        top, left, h, w = RandomResizedCrop.get_params(shape_only, list(RRC_SCALE), list(RRC_RATIO))
+        flip = int(torch.rand(1).item() < 0.5)
+    return int(top), int(left), int(h), int(w), flip
+
+
+def eval_resize(size: int) -> int:
+    return int(round(size / EVAL_CROP_FRACTION))
+
+
+def centre_box(height: int, width: int, size: int) -> tuple[int, int, int, int, int]:
+    """The region of the original image that Resize(S / 0.875) + CenterCrop(S) shows, as an unflipped box."""
+    side = max(1, min(height, width, int(round(min(height, width) * EVAL_CROP_FRACTION))))
+    return (height - side) // 2, (width - side) // 2, side, side, 0
+
+
+def view_box(seed: int, row: int, view: int, height: int, width: int, size: int) -> tuple[int, ...]:
+    """The fixed box of FKD-style view `view` of `row`: view 0 the centre crop, others RandomResizedCrop."""
+    if view == 0:
+        return centre_box(height, width, size)
+    with np.errstate(over="ignore"):
+        mixed = (np.uint64(seed) * np.uint64(0x100000001B3)) ^ (np.uint64(row) << np.uint64(20)) ^ np.uint64(view)
+    return rrc_box(height, width, int(_splitmix64(np.array([mixed], dtype=np.uint64))[0] >> np.uint64(1)))
+
+
+def crop_box(image, box: Sequence[int], size: int) -> torch.Tensor:
+    """uint8 (3, S, S): torchvision's resized_crop (bilinear, antialiased) of the box, flipped if box[4]."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    top, left, h, w, flip = (int(v) for v in box[:5])
+    out = TF.resized_crop(image, top, left, h, w, [size, size], InterpolationMode.BILINEAR, antialias=True)
+    if flip:
+        out = TF.hflip(out)
+    return to_uint8_tensor(out)
+
+
+def eval_crop(image, size: int) -> torch.Tensor:
+    """uint8 (3, S, S): Resize(S / 0.875) of the shorter side (bilinear, antialiased) + CenterCrop(S)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    resized = TF.resize(image, eval_resize(size), InterpolationMode.BILINEAR, antialias=True)
+    return to_uint8_tensor(TF.center_crop(resized, [size, size]))
+
+
+def decode_views(source: "PhotoSource", row: int, num_views: int, seed: int, size: int
+                 ) -> tuple[torch.Tensor, np.ndarray]:
+    """All V views of one row from a single decode: uint8 (V, 3, S, S) crops and int32 (V, 7) box records."""
+    image = source.decode(row)
+    h, w = image_hw(image)
+    boxes = np.asarray([(*view_box(seed, row, v, h, w, size), h, w) for v in range(num_views)], dtype=np.int32)
+    return torch.stack([crop_box(image, box, size) for box in boxes]), boxes
+
+
+# ----- the split ------------------------------------------------------------------------------------------
+
+class PhotoSource:
+    """One underlying split of image files under `root`: relative paths (bytes, e.g. memory-mapped from the folder
+    index, so 1.28M paths cost ~50 MB shared by every trial on a node), file sizes, int64 targets, the decoder."""
+
+    def __init__(self, root: str, relpaths: np.ndarray, sizes: np.ndarray, targets: torch.Tensor, decoder: str,
+                 origin: str) -> None:
+        self.root = str(root)
+        relpaths = np.asarray(relpaths)
+        self.relpaths = relpaths if relpaths.dtype.kind == "S" else np.char.encode(relpaths.astype(str), "utf-8")
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        self.targets = torch.as_tensor(targets, dtype=torch.int64).contiguous()
+        self.decoder = decoder
+        self.origin = origin
+        self._digest: Optional[str] = None
+
+    def __len__(self) -> int:
+        return int(self.targets.shape[0])
+
+    def path(self, row: int) -> str:
+        return os.path.join(self.root, bytes(self.relpaths[row]).decode("utf-8"))
+
+    def decode(self, row: int):
+        return decode_image(self.path(row), self.decoder)
+
+    def digest(self) -> str:
+        """sha256 of the decoder and every file's relative path, size and label: a copy elsewhere keeps it."""
+        if self._digest is None:
+            h = hashlib.sha256(f"decoder={self.decoder}|n={len(self)}".encode())
+            h.update(np.ascontiguousarray(self.relpaths).tobytes())
+            h.update(np.ascontiguousarray(self.sizes).tobytes())
+            h.update(self.targets.numpy().tobytes())
+            self._digest = h.hexdigest()
+        return self._digest
+
+
+class PhotoSplit(Dataset):
+    """Rows of a PhotoSource as (image float32 (3, S, S) in [0, 1], target, row) items; SplitDataset's interface.
+
+    augment: a random RandomResizedCrop + flip per item (seeded through the loader's generator); otherwise the
+    evaluation crop. views: FKD-style fixed views (see the module docstring), from stored boxes when given.
+    """
+
+    decodes_per_batch = True    # full-size photos are never device-resident (richkd.data.resident)
+
+    def __init__(self, source: PhotoSource, indices: torch.Tensor, image_size: int, augment: bool, split: str,
+                 views: Optional[ViewSpec] = None, stored: Optional[ViewBoxTable] = None) -> None:
+        self.source = source
+        self.indices = torch.as_tensor(indices, dtype=torch.int64).contiguous()
+        if self.indices.numel() and (int(self.indices.min()) < 0 or int(self.indices.max()) >= len(source)):
+            raise IndexError(f"row indices out of range for a split of {len(source)} rows")
+        self.image_size = int(image_size)
+        self.augment = bool(augment)
+        self.split = split
+        self.views = views
+        self.stored = stored
+
+    def __len__(self) -> int:
+        return int(self.indices.numel())
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.source.targets.index_select(0, self.indices)
+
+    def boxes_for(self, rows: torch.Tensor, views: torch.Tensor, dims: list[tuple[int, int]]) -> np.ndarray:
+        """int32 (B, 7) box records (BOX_FIELDS) of (row, view) pairs for images of the given (H, W)."""
+        if self.stored is not None:
+            records = np.asarray(self.stored.boxes(rows.numpy(), views.numpy()), dtype=np.int32)
+            for k, (hw, rec) in enumerate(zip(dims, records)):
+                if tuple(int(v) for v in rec[5:7]) != hw:
+                    path = self.source.path(int(rows[k]))
+                    raise BadImageError(
+                        f"{path} decodes to {hw[0]}x{hw[1]} px but the view boxes in {self.stored.origin} were "
+                        f"drawn for {rec[5]}x{rec[6]} px: the cache was built for other images. Delete that "
+                        "folder and rebuild it with `richkd cache`")
+            return records
+        spec = self.views
+        return np.asarray([(*view_box(spec.seed, int(r), int(v), h, w, self.image_size), h, w)
+                           for r, v, (h, w) in zip(rows.tolist(), views.tolist(), dims)], dtype=np.int32)
+
+    def get_view_batch(self, positions: torch.Tensor, generator: Optional[torch.Generator] = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Items at positions -> (images float32 (B, 3, S, S) in [0, 1], targets, rows, view ids or None)."""
+        positions = torch.as_tensor(positions, dtype=torch.int64)
+        rows = self.indices.index_select(0, positions)
+        images = [self.source.decode(int(r)) for r in rows]
+        size, views = self.image_size, None
+        if self.views is not None:
+            views = (torch.full_like(rows, self.views.fixed_view) if self.views.fixed_view is not None
+                     else torch.randint(0, self.views.num_views, rows.shape, generator=generator))
+            boxes = self.boxes_for(rows, views, [image_hw(im) for im in images])
+            crops = [crop_box(im, box, size) for im, box in zip(images, boxes)]
+        elif self.augment:
+            seeds = torch.randint(0, 2**62, rows.shape, generator=generator).tolist()
+            crops = [crop_box(im, rrc_box(*image_hw(im), s), size) for im, s in zip(images, seeds)]
+        else:
+            crops = [eval_crop(im, size) for im in images]
+        batch = torch.stack(crops) if crops else torch.empty(0, 3, size, size, dtype=torch.uint8)
+        return to_float_images(batch, size), self.source.targets.index_select(0, rows), rows, views
+
+    def get_batch(self, positions: torch.Tensor, generator: Optional[torch.Generator] = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images, targets, rows, _ = self.get_view_batch(positions, generator)
+        return images, targets, rows
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        n, i = len(self), int(i)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for a dataset of {n} items")
+        images, targets, rows = self.get_batch(torch.tensor([i % n]))
+        return images[0], int(targets[0]), int(rows[0])
+
+    def with_views(self, num_views: int, seed: int, fixed_view: Optional[int] = None) -> "PhotoSplit":
+        """The same rows shown as FKD-style views: one of num_views per sample, or always fixed_view."""
+        return PhotoSplit(self.source, self.indices, self.image_size, True, self.split,
+                          views=ViewSpec(num_views, seed, fixed_view), stored=self.stored)
+
+    def with_view_boxes(self, table: ViewBoxTable) -> "PhotoSplit":
+        """The same views, cropped with the boxes stored in a cache instead of recomputed ones."""
+        if self.views is None:
+            raise ValueError("with_view_boxes needs a dataset showing views (call with_views first)")
+        return PhotoSplit(self.source, self.indices, self.image_size, True, self.split, views=self.views,
+                          stored=table)
+
+    def without_augmentation(self) -> "PhotoSplit":
+        return PhotoSplit(self.source, self.indices, self.image_size, False, self.split)
+
+    def __repr__(self) -> str:
+        return (f"PhotoSplit(split={self.split!r}, n={len(self)}, size={self.image_size}, augment={self.augment}, "
+                f"views={self.views}, source={self.source.origin!r})")
+

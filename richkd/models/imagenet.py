@@ -1,0 +1,113 @@
+"""ImageNet architectures: torchvision's ResNet18/34/50 and MobileNetV2, and MobileNetV1 as mdistiller defines it.
+
+Why subclasses of torchvision's classes: the project's models return `ModelOutput(logits, feat)` with the pooled
+feature the objective's feature term needs (docs/method.md#feature-fusion-and-crd), and a subclass keeps the
+library's modules and parameter names, so a torchvision state_dict (what mdistiller's ImageNet teachers are)
+loads with `strict=True`. Only `forward` is re-stated: torchvision's own sequence of modules, returning the
+input of the final linear layer as well as its output.
+
+Names: torchvision's (`resnet18`, `resnet34`, `resnet50`, `mobilenet_v2`) and mdistiller's `MobileNetV1` (its
+ResNet50 -> MobileNet-V1 pair). The CIFAR zoo's `ResNet18` / `MobileNetV2` (capitalised, mdistiller's CIFAR
+spelling) are different, 32-px networks; `richkd models` lists both families with their input size.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+
+from richkd.models.base import ModelOutput
+from richkd.models.registry import FAMILIES, MODELS
+
+IMAGENET_INPUT_SIZE = 224
+
+
+@functools.lru_cache(maxsize=None)
+def torchvision_classes() -> dict[str, type]:
+    """The torchvision-based classes, defined on first use: importing torchvision's model package costs ~1.4 s,
+    which CIFAR-only trial processes should not pay when they import the zoo."""
+    import torch.nn.functional as F
+    from torchvision.models.mobilenetv2 import MobileNetV2 as TVMobileNetV2
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+    from torchvision.models.resnet import ResNet as TVResNet
+
+    class ResNet(TVResNet):
+        """torchvision's ResNet; forward returns logits and the global-average-pooled feature (fc's input)."""
+
+        def __init__(self, block: type, layers: list[int], num_classes: int) -> None:
+            super().__init__(block, layers, num_classes=num_classes)
+            self.feat_dim = 512 * block.expansion
+
+        def forward(self, x: torch.Tensor) -> ModelOutput:
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+            feat = torch.flatten(self.avgpool(x), 1)
+            return ModelOutput(self.fc(feat), feat)
+
+    class MobileNetV2(TVMobileNetV2):
+        """torchvision's MobileNetV2 (width 1.0); feat is the pooled 1280-d feature, the classifier's input."""
+
+        def __init__(self, num_classes: int) -> None:
+            super().__init__(num_classes=num_classes)
+            self.feat_dim = self.last_channel
+
+        def forward(self, x: torch.Tensor) -> ModelOutput:
+            feat = torch.flatten(F.adaptive_avg_pool2d(self.features(x), (1, 1)), 1)
+            return ModelOutput(self.classifier(feat), feat)
+
+    return {"ResNet": ResNet, "MobileNetV2": MobileNetV2, "BasicBlock": BasicBlock, "Bottleneck": Bottleneck}
+
+
+def _resnet(block: str, layers: list[int], num_classes: int) -> nn.Module:
+    c = torchvision_classes()
+    return c["ResNet"](c[block], layers, num_classes)
+
+
+def _conv_bn(inp: int, oup: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(inp, oup, 3, stride, 1, bias=False), nn.BatchNorm2d(oup), nn.ReLU(inplace=True))
+
+
+def _conv_dw(inp: int, oup: int, stride: int) -> nn.Sequential:
+    """Depthwise 3x3 + BN + ReLU, then pointwise 1x1 + BN + ReLU (keys `.0` ... `.4` as in mdistiller)."""
+    return nn.Sequential(
+        nn.Conv2d(inp, inp, 3, stride, 1, groups=inp, bias=False), nn.BatchNorm2d(inp), nn.ReLU(inplace=True),
+        nn.Conv2d(inp, oup, 1, 1, 0, bias=False), nn.BatchNorm2d(oup), nn.ReLU(inplace=True),
+    )
+
+
+class MobileNetV1(nn.Module):
+    """MobileNet-V1 (Howard et al. 2017) with mdistiller's module layout: `model.0` ... `model.13`, then `fc`.
+
+    mdistiller closes `model` with nn.AvgPool2d(7), which equals a global average over the 7x7 map of a 224-px
+    input; an adaptive pool (no parameters, so the same state_dict) gives the same numbers at 224 and also
+    accepts other input sizes. mdistiller hard-codes 1000 classes; here the head has `num_classes` outputs.
+    """
+
+    _PLAN = ((32, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2), (256, 256, 1), (256, 512, 2),
+             (512, 512, 1), (512, 512, 1), (512, 512, 1), (512, 512, 1), (512, 512, 1), (512, 1024, 2),
+             (1024, 1024, 1))
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.model = nn.Sequential(_conv_bn(3, 32, 2), *[_conv_dw(i, o, s) for i, o, s in self._PLAN],
+                                   nn.AdaptiveAvgPool2d(1))
+        self.fc = nn.Linear(1024, num_classes)
+        self.feat_dim = 1024
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        feat = torch.flatten(self.model(x), 1)
+        return ModelOutput(self.fc(feat), feat)
+
+
+def _register(name: str, factory) -> None:
+    factory.__name__ = name
+    MODELS.register(name)(factory)
+    FAMILIES[name] = ("imagenet", IMAGENET_INPUT_SIZE)
+
+
+_register("resnet18", lambda num_classes: _resnet("BasicBlock", [2, 2, 2, 2], num_classes))
+_register("resnet34", lambda num_classes: _resnet("BasicBlock", [3, 4, 6, 3], num_classes))
+_register("resnet50", lambda num_classes: _resnet("Bottleneck", [3, 4, 6, 3], num_classes))
+_register("mobilenet_v2", lambda num_classes: torchvision_classes()["MobileNetV2"](num_classes))
+_register("MobileNetV1", lambda num_classes: MobileNetV1(num_classes))

@@ -1,0 +1,184 @@
+"""A sweep's caches built as Ray work: row shards on the workers, one assembly task per entry, the driver waits.
+
+The driver only plans (richkd.cache.plan_caches: manifests of existing entries are checked, missing ones
+listed, as `richkd cache` does) and waits. Each missing teacher / CLIP-image entry is split into row shards, one
+Ray task each with the trials' resources (`tune.resources.cpu` / `gpu`: the teacher and CLIP forwards run where
+the trials' accelerators are), spread over the nodes; an assembly task that depends on them writes the entry
+with the atomic manifest writer (richkd.cache.shards). The small text classifier is one task. Entries shared by
+several configs are built once. See docs/architecture.md, "Building on the workers".
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+from richkd.cache.build import ROW_KINDS, EntryJob, plan_caches
+from richkd.cache.shards import assemble_entry, compute_shard, remove_shards, shard_ranges, shard_root
+from richkd.tune.cluster import alive_nodes, current_node_id, node_problems, preflight_error, use_task_resources
+
+log = logging.getLogger(__name__)
+
+MAX_SHARDS = 64   # per entry: each shard loads the teacher / CLIP once, so more only pays on huge datasets
+
+
+def node_slots(cpu: float, gpu: float, nodes: Optional[list] = None) -> list[str]:
+    """One alive node id per task with the trials' resources that fits on it, interleaved across nodes
+    (A, B, A, B, ...): before the trials start the whole cluster is free, and shard i goes to slot i."""
+    if nodes is None:
+        nodes = alive_nodes()
+    per_node = []
+    for node in nodes:
+        res = node.get("Resources", {})
+        slots = math.floor(res.get("CPU", 0) / cpu + 1e-9)
+        if gpu > 0:
+            slots = min(slots, math.floor(res.get("GPU", 0) / gpu + 1e-9))
+        per_node.append([node["NodeID"]] * slots)
+    return [ids[i] for i in range(max(map(len, per_node), default=0)) for ids in per_node if i < len(ids)]
+
+
+def usable_nodes(configs: list) -> list[dict]:
+    """The alive nodes that see what building the configs' caches reads (data, weights, prompt files) and run the
+    driver's versions (richkd.tune.node_check, one zero-CPU task per node); for callers without a preflight of
+    their own (finalize). Only the driver's own node: no check. Nodes with problems get no cache task (a warning
+    names how many); no usable node at all is the preflight's NodeCheckError."""
+    from richkd.tune.node_check import sweep_needs
+
+    nodes = alive_nodes()
+    here = current_node_id()
+    if all(n["NodeID"] == here for n in nodes):
+        return nodes
+    problems = node_problems(sweep_needs(configs, (), None), nodes=nodes)
+    usable = [n for n in nodes if not problems.get(n["NodeID"])]
+    if not usable:
+        raise preflight_error(problems)
+    if len(usable) < len(nodes):
+        log.warning("caches: built on %d of %d nodes; the others cannot see the sweep's files", len(usable), len(nodes))
+    return usable
+
+
+def shard_count(cpu: float, gpu: float, nodes: Optional[list] = None) -> int:
+    """Row shards per entry: one per slot of node_slots (>= 1, <= MAX_SHARDS)."""
+    return max(1, min(len(node_slots(cpu, gpu, nodes)), MAX_SHARDS))
+
+
+def _where() -> dict:
+    return {"node_id": current_node_id(), "pid": os.getpid()}
+
+
+def _shard_task(job: EntryJob, start: int, stop: int, root: str, cpu: float, gpu: float) -> dict:
+    use_task_resources(cpu, gpu)
+    return {**compute_shard(job, start, stop, root), **_where()}
+
+
+def _assemble_task(job: EntryJob, root: str, *shards: dict) -> dict:
+    path = assemble_entry(job, shards, root)
+    return {"path": str(path), "shards": [{k: s[k] for k in ("start", "stop", "node_id", "pid")} for s in shards]}
+
+
+def _whole_task(job: EntryJob, cpu: float, gpu: float) -> dict:
+    from richkd.cache.build import build_entry
+
+    use_task_resources(cpu, gpu)
+    return {"path": str(build_entry(job)), "shards": [{"start": 0, "stop": job.n_rows, **_where()}]}
+
+
+@dataclass
+class BuiltCaches:
+    """Each config's entry folders (prepare_caches' order) and, per entry built now, where its shards ran."""
+    paths: list = field(default_factory=list)      # one list of entry folders per config
+    built: list = field(default_factory=list)      # {"entry", "path", "shards": [{start, stop, node_id, pid}], "s"}
+
+
+def build_caches(configs: Iterable, *, cpu: float, gpu: float = 0.0, shards: Optional[int] = None,
+                 progress: bool = False, nodes: Optional[list] = None,
+                 splits: tuple[str, ...] = ("train",)) -> BuiltCaches:
+    """Every cache entry each config reads (its entry folders, as prepare_caches returns them), the missing
+    ones built by Ray tasks (Ray must be initialised). `shards`: row shards per entry (default shard_count).
+    `nodes`: the nodes that may run cache tasks (ray.nodes() entries); None: usable_nodes checks them.
+    `splits`: the dataset splits whose caches are read (finalize adds "test")."""
+    configs = list(configs)
+    plans = [plan_caches(cfg, splits) for cfg in configs]
+    missing: dict[Path, EntryJob] = {}
+    for plan in plans:
+        for job in plan.missing:
+            missing.setdefault(job.path, job)
+    built = []
+    if missing:
+        built = run_jobs(list(missing.values()), cpu=cpu, gpu=gpu, shards=shards, progress=progress,
+                         nodes=usable_nodes(configs) if nodes is None else nodes)
+    return BuiltCaches(paths=[plan.paths for plan in plans], built=built)
+
+
+def run_jobs(jobs: list[EntryJob], *, cpu: float, gpu: float, shards: Optional[int] = None,
+             progress: bool = False, nodes: Optional[list] = None) -> list[dict]:
+    """Submit every job's tasks at once (Ray queues them by resources), then wait, one line per entry built.
+
+    Shard i of every entry prefers slot i's node among `nodes` (default: all alive; soft affinity: a node that
+    died is replaced by any other), so the shards spread evenly. Assembly only reads and writes files: it takes no
+    CPU slot; it and the text classifier also run on those nodes."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    slots = node_slots(cpu, gpu, nodes)
+    shards = shards or max(1, min(len(slots), MAX_SHARDS))
+    shard, assemble, whole = ray.remote(_shard_task), ray.remote(_assemble_task), ray.remote(_whole_task)
+
+    def on_slot(task, i: int, **resources):
+        if not slots:   # nothing fits yet (e.g. an autoscaling cluster without GPU nodes): Ray places the task
+            return task.options(**resources)
+        return task.options(**resources, scheduling_strategy=NodeAffinitySchedulingStrategy(
+            slots[i % len(slots)], soft=True))
+
+    pending: dict = {}
+    shard_refs: list = []
+    roots: list[Path] = []
+    started = time.perf_counter()
+    for j, job in enumerate(jobs):
+        if job.kind not in ROW_KINDS:   # the text classifier; a photo dataset's entries (their own shards)
+            pending[on_slot(whole, j, num_cpus=cpu, num_gpus=gpu).remote(job, cpu, gpu)] = (job, 1)
+            continue
+        root = shard_root(job)
+        roots.append(root)
+        ranges = shard_ranges(job.n_rows, job.batch_size, shards)
+        refs = [on_slot(shard, i, num_cpus=cpu, num_gpus=gpu).remote(job, a, b, str(root), cpu, gpu)
+                for i, (a, b) in enumerate(ranges)]
+        shard_refs.extend(refs)
+        pending[on_slot(assemble, j, num_cpus=0).remote(job, str(root), *refs)] = (job, len(ranges))
+    _say(f"caches: building {len(jobs)} entr{'y' if len(jobs) == 1 else 'ies'} as Ray tasks "
+         f"({shards} row shard(s) per entry, {cpu:g} CPU / {gpu:g} GPU each)", progress)
+    built: list[dict] = []
+    while pending:
+        (ref,), _ = ray.wait(list(pending), num_returns=1)
+        job, n = pending.pop(ref)
+        try:
+            result = ray.get(ref)
+        except Exception as exc:
+            for other in [*pending, *shard_refs]:
+                ray.cancel(other, force=True)
+            for root in roots:
+                remove_shards(root)
+            raise _task_error(exc) from None
+        nodes = {s["node_id"] for s in result["shards"]}
+        built.append({"entry": job.name, **result, "s": time.perf_counter() - started})
+        _say(f"cache {len(built)}/{len(jobs)}: {job.name} built ({n} shard{'s' if n > 1 else ''} on "
+             f"{len(nodes)} node{'s' if len(nodes) > 1 else ''}, {built[-1]['s']:.1f}s)", progress)
+    return built
+
+
+def _task_error(exc: Exception) -> Exception:
+    """The error a task raised (a CacheError names the folder and the fix), not Ray's wrapper around it."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, Exception) else exc
+
+
+def _say(line: str, progress: bool) -> None:
+    if progress:
+        print(line, file=sys.stderr, flush=True)
+    else:
+        log.info(line)
