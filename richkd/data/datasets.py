@@ -10,6 +10,14 @@ from richkd.data.transforms import crop_flip, draw_crop_flip, to_float_images
 from richkd.data.views import ViewSpec, view_params
 
 
+def split_rows(indices, num_rows: int) -> torch.Tensor:
+    """The rows a dataset reads, as a contiguous int64 tensor checked to lie in [0, num_rows)."""
+    rows = torch.as_tensor(indices, dtype=torch.int64).contiguous()
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= num_rows):
+        raise IndexError(f"row indices out of range for a split of {num_rows} rows")
+    return rows
+
+
 class SplitDataset(Dataset):
     """Some rows of one underlying split (train or test), optionally augmented.
 
@@ -25,9 +33,7 @@ class SplitDataset(Dataset):
     def __init__(self, source, indices: torch.Tensor, image_size: int, augment: bool, split: str,
                  views: Optional[ViewSpec] = None) -> None:
         self.source = source
-        self.indices = torch.as_tensor(indices, dtype=torch.int64).contiguous()
-        if self.indices.numel() and (int(self.indices.min()) < 0 or int(self.indices.max()) >= len(source)):
-            raise IndexError(f"row indices out of range for a split of {len(source)} rows")
+        self.indices = split_rows(indices, len(source))
         self.image_size = int(image_size)
         self.augment = bool(augment)
         self.split = split

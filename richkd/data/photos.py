@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from richkd.data.datasets import split_rows
 from richkd.data.sources import DatasetNotFoundError
 from richkd.data.transforms import to_float_images
 from richkd.data.views import ViewSpec, _splitmix64
@@ -196,9 +197,7 @@ class PhotoSplit(Dataset):
     def __init__(self, source: PhotoSource, indices: torch.Tensor, image_size: int, augment: bool, split: str,
                  views: Optional[ViewSpec] = None, stored: Optional[ViewBoxTable] = None) -> None:
         self.source = source
-        self.indices = torch.as_tensor(indices, dtype=torch.int64).contiguous()
-        if self.indices.numel() and (int(self.indices.min()) < 0 or int(self.indices.max()) >= len(source)):
-            raise IndexError(f"row indices out of range for a split of {len(source)} rows")
+        self.indices = split_rows(indices, len(source))
         self.image_size = int(image_size)
         self.augment = bool(augment)
         self.split = split
