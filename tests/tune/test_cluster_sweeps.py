@@ -5,6 +5,7 @@ node that dies mid-sweep loses only its trial's current epoch, and the exit code
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -106,7 +107,12 @@ def test_a_node_lost_mid_sweep_costs_one_epoch_and_no_duplicate_runs(make_ray_cl
         return None
 
     moved = wait_for(worker_trial_reported, "a trial on the worker to finish 2 epochs", driver, log_path)
-    worker.stop()                                   # the machine is gone: raylet, workers and all
+    trial_pid = trial_results(str(exp))[moved][-1]["pid"]
+    worker.stop()                                   # the machine is gone: raylet, workers and all; Ray's worker
+    try:                                            # processes live in their own session, so end the trial's too
+        os.kill(trial_pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
     try:
         driver.wait(timeout=420)
     finally:
