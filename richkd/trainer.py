@@ -306,6 +306,7 @@ class Run:
         cfg = self.cfg
         last_epoch = cfg.train.epochs if stop_after_epoch is None else min(stop_after_epoch, cfg.train.epochs)
         metrics: dict = self.history[-1] if self.history else {}
+        test_metrics: dict = {k: v for k, v in metrics.items() if k.startswith("test_")}
         if final:
             self.test_teachers()   # a missing test cache is an error now, not after the last epoch
         while self.epoch < last_epoch:
@@ -324,6 +325,9 @@ class Run:
                 metrics.update({k: v for k, v in self.history[-1].items() if k.startswith("val_")})
             if self.has_val:
                 metrics["best_val_top1"] = self.best_val_top1
+            if final and epoch == cfg.train.epochs:   # in the last report too (learning-curve tables record it)
+                test_metrics = {**self.evaluate("test"), **self.teacher_metrics("test")}
+                metrics.update(test_metrics)
             self.epoch = epoch
             self.history.append(metrics)
             log.info("epoch %d/%d: %s", epoch, cfg.train.epochs, _short(metrics))
@@ -336,7 +340,7 @@ class Run:
         result = TrainResult(metrics=metrics, best_val_top1=self.best_val_top1 if self.has_val else float("nan"),
                              epochs_run=self.epoch, history=list(self.history))
         if final:  # the last epoch's student, never a selected epoch; plus the teachers' Fig. 1 analysis
-            result.test_metrics = {**self.evaluate("test"), **self.teacher_metrics("test")}
+            result.test_metrics = test_metrics or {**self.evaluate("test"), **self.teacher_metrics("test")}
         return result
 
 

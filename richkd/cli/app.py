@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from richkd.cli import demo, evaluate, report, sweep, train
+from richkd.cli import demo, evaluate, report, search, sweep, train
 from richkd.cli.common import EXIT_INTERRUPTED, EXIT_USER_ERROR, Interrupted, UserError
 
 EPILOG = """examples:
@@ -30,7 +30,7 @@ EPILOG = """examples:
 
 # Errors of these commands name the command (`richkd sweep: error: ...`); those of the single-run commands
 # (train, cache, clip, models, demo) read `richkd: error: ...`. Scripts and tests match both prefixes.
-NAMED_COMMANDS = frozenset({"sweep", "export", "finalize", "ui", "report", "evaluate"})
+NAMED_COMMANDS = frozenset({"sweep", "export", "finalize", "ui", "report", "evaluate", "table", "replay"})
 
 # Problems the user can fix. Every error class of the library is a ValueError: ConfigError and SpecError (bad
 # config or spec), ExportError, ReportError, OutputError (unwritable output), CheckpointError, CacheError,
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--verbose", "-v", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (train, demo, sweep, evaluate, report):
+    for module in (train, demo, sweep, search, evaluate, report):
         module.add_commands(sub)
     return parser
 

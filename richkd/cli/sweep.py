@@ -77,6 +77,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         overrides.append(f"mlflow.tracking_uri={args.tracking_uri}")
     spec = load_spec(args.spec, overrides)
     if args.check:
+        from richkd.tune.warm_start import load_warm_start
+
+        warm = load_warm_start(spec)
+        if warm is not None:
+            print(warm.describe())
         print(f"spec {spec.name!r} is valid: {len(spec.params)} searched keys, {spec.tune.num_samples} samples, "
               f"{spec.tune.search.algorithm} + {spec.tune.scheduler.type} (max_t={spec.max_t}), "
               + (f"objectives {', '.join(f'{m} ({d})' for m, d in spec.tune.objective_pairs)} (ASHA uses "

@@ -42,25 +42,6 @@ class Importances:
         return bool(self.values)
 
 
-def optuna_distribution(p):
-    """The Optuna distribution of a spec entry (richkd.tune.params.Param), as richkd.tune.search.suggest uses."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-    if p.is_variant:
-        return CategoricalDistribution(tuple(p.variants))
-    if p.is_finite:
-        return CategoricalDistribution(tuple(p.values))
-    if p.sampler == "uniform":
-        return FloatDistribution(float(p.low), float(p.high))
-    if p.sampler == "loguniform":
-        return FloatDistribution(float(p.low), float(p.high), log=True)
-    if p.sampler == "quniform":
-        return FloatDistribution(float(p.low), float(p.high), step=float(p.q))
-    if p.sampler == "randint":
-        return IntDistribution(int(p.low), int(p.high))
-    raise ValueError(f"space.{p.key}: no Optuna distribution for sampler {p.sampler!r}")
-
-
 def _quantile(n: int) -> float:
     return min(0.5, max(TOP_QUANTILE, MIN_TOP_TRIALS / n))
 
@@ -100,7 +81,7 @@ def param_importances(params: Sequence, samples: Sequence[tuple[Mapping[str, Any
     distributions = {}
     for p in params:
         try:
-            distributions[p.key] = optuna_distribution(p)
+            distributions[p.key] = p.optuna_distribution()
         except ValueError as exc:
             out.notes.append(str(exc))
     verbosity = optuna.logging.get_verbosity()

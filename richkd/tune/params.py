@@ -29,14 +29,54 @@ from richkd.schema import suggest
 from richkd.tune.errors import SpecError
 from richkd.tune.paths import absolutize
 
-SAMPLERS = ("uniform", "loguniform", "quniform", "randint", "choice", "grid")
-CONTINUOUS_SAMPLERS = ("uniform", "loguniform", "quniform", "randint")
 CONDITION_OPS = ("eq", "ne", "gt", "ge", "lt", "le", "in", "not_in")
-ENTRY_KEYS = {"uniform": ("low", "high"), "loguniform": ("low", "high"), "quniform": ("low", "high", "q"),
-              "randint": ("low", "high"), "choice": ("values",), "grid": ("values",)}
+_SKIP = object()
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """How one `sampler:` is drawn, placed in [0, 1] and handed to Optuna and Tune: the one sampler table."""
+    keys: Tuple[str, ...]                       # the entry's keys besides sampler / when
+    draw: Callable                              # (param, random.Random) -> value
+    unit: Optional[Callable] = None             # (param, value) -> coordinate in [0, 1]; None: categorical
+    optuna: Optional[Callable] = None           # (param, optuna.distributions) -> distribution; None: not Optuna
+    tune: Optional[Callable] = None             # (param, ray.tune) -> Tune domain
+
+
+def _lin(p, v):
+    return (v - p.low) / (p.high - p.low)
+
+
+def _log(p, v):
+    return (math.log(v) - math.log(p.low)) / (math.log(p.high) - math.log(p.low))
+
+
+def _pick(p, rng):
+    return p.values[rng.randrange(len(p.values))]
+
+
+SAMPLER_TABLE = {
+    "uniform": Sampler(("low", "high"), lambda p, r: r.uniform(p.low, p.high), _lin,
+                       lambda p, d: d.FloatDistribution(float(p.low), float(p.high)),
+                       lambda p, t: t.uniform(p.low, p.high)),
+    "loguniform": Sampler(("low", "high"), lambda p, r: math.exp(r.uniform(math.log(p.low), math.log(p.high))), _log,
+                          lambda p, d: d.FloatDistribution(float(p.low), float(p.high), log=True),
+                          lambda p, t: t.loguniform(p.low, p.high)),
+    "quniform": Sampler(("low", "high", "q"),
+                        lambda p, r: _qround(p.low + p.q * r.randint(0, int(round((p.high - p.low) / p.q))), p.q),
+                        _lin, lambda p, d: d.FloatDistribution(float(p.low), float(p.high), step=float(p.q)),
+                        lambda p, t: t.quniform(p.low, p.high, p.q)),
+    "randint": Sampler(("low", "high"), lambda p, r: r.randint(int(p.low), int(p.high)), _lin,
+                       lambda p, d: d.IntDistribution(int(p.low), int(p.high)),
+                       lambda p, t: t.randint(int(p.low), int(p.high) + 1)),   # Tune's high is exclusive
+    "choice": Sampler(("values",), _pick, None, lambda p, d: d.CategoricalDistribution(tuple(p.values)),
+                      lambda p, t: t.choice(list(p.values))),
+    "grid": Sampler(("values",), _pick, None, None, lambda p, t: t.grid_search(list(p.values))),
+}
+SAMPLERS = tuple(SAMPLER_TABLE)
+CONTINUOUS_SAMPLERS = tuple(name for name, s in SAMPLER_TABLE.items() if s.unit is not None)
 # Keys a space may not sample: ASHA's max_t is train.epochs, and the sweep names its own trials.
 FIXED_KEYS = ("train.epochs", "name")
-_SKIP = object()
 
 
 @dataclass(frozen=True)
@@ -116,17 +156,28 @@ class Param:
         return True
 
     def draw(self, rng: random.Random) -> Any:
-        """A pure-Python sample (validation draws and cache probes; trials use Optuna / Tune samplers)."""
-        if self.is_finite:
-            return self.values[rng.randrange(len(self.values))]
-        if self.sampler == "uniform":
-            return rng.uniform(self.low, self.high)
-        if self.sampler == "loguniform":
-            return math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
-        if self.sampler == "quniform":
-            n = int(round((self.high - self.low) / self.q))
-            return _qround(self.low + self.q * rng.randint(0, n), self.q)
-        return rng.randint(int(self.low), int(self.high))
+        """A pure-Python sample (table rows, validation draws and cache probes; sweeps use Optuna / Tune)."""
+        return SAMPLER_TABLE[self.sampler].draw(self, rng)
+
+    def unit(self, value: Any) -> Optional[float]:
+        """The value's coordinate in [0, 1] (log scale for loguniform); None for a categorical entry."""
+        place = SAMPLER_TABLE[self.sampler].unit
+        return None if place is None else float(place(self, value))
+
+    def optuna_distribution(self):
+        """The Optuna distribution this entry samples from (Optuna's define-by-run, warm starts, importances)."""
+        import optuna.distributions
+
+        make = SAMPLER_TABLE[self.sampler].optuna
+        if make is None:
+            raise SpecError(f"space.{self.key}: the {self.sampler} sampler cannot be used with Optuna")
+        return make(self, optuna.distributions)
+
+    def tune_domain(self):
+        """The Tune domain of this entry (random / grid search)."""
+        from ray import tune
+
+        return SAMPLER_TABLE[self.sampler].tune(self, tune)
 
     def corners(self) -> list:
         if self.is_finite:
@@ -176,9 +227,15 @@ def walk_active(params: Sequence[Param], base_flat: Mapping[str, Any],
             values[p.key] = value         # later `when:` tests may name the variant entry itself
 
 
-def from_sample(sampled: Mapping[str, Any]) -> Callable[[Param], Any]:
-    """A `walk_active` chooser reading a sampled dict (entries it lacks are skipped)."""
-    return lambda p: sampled.get(p.key, _SKIP)
+def from_sample(sampled: Mapping[str, Any], missing: Optional[list] = None) -> Callable[[Param], Any]:
+    """A `walk_active` chooser reading a sampled dict; entries it lacks are skipped (and listed in `missing`)."""
+    def choose(p: Param) -> Any:
+        if p.key in sampled:
+            return sampled[p.key]
+        if missing is not None:
+            missing.append(p.key)
+        return _SKIP
+    return choose
 
 
 @dataclass(frozen=True)
@@ -191,6 +248,7 @@ class TrialPlan:
     max_t: int
     gpu: float = 0.0
     objectives: tuple = ()     # ((metric, mode), ...) when the sweep has several objectives
+    final: bool = False        # evaluate the test split after the last epoch (learning-curve tables only)
 
     @property
     def metrics(self) -> list[str]:
@@ -263,8 +321,9 @@ def _parse_entry(key: str, entry: Any, config_keys: list[str], variant_keys: lis
     if sampler not in SAMPLERS:
         raise SpecError(f"{where}.sampler: {sampler!r} is not one of {', '.join(SAMPLERS)}"
                         f"{suggest(str(sampler), SAMPLERS)}")
-    check_keys(entry, ENTRY_KEYS[sampler] + ("sampler", "when"), where)
-    missing = [k for k in ENTRY_KEYS[sampler] if k not in entry]
+    keys = SAMPLER_TABLE[sampler].keys
+    check_keys(entry, keys + ("sampler", "when"), where)
+    missing = [k for k in keys if k not in entry]
     if missing:
         raise SpecError(f"{where}: sampler {sampler} needs {', '.join(missing)}")
     when = _parse_conditions(entry.get("when"), where, config_keys + variant_keys)

@@ -31,6 +31,7 @@ class TrialRow:
     rank: Optional[int] = None
     node_id: Optional[str] = None   # the Ray node of its last report
     failures: int = 0               # times Tune restarted it after a failure
+    history: list = field(default_factory=list)   # every report (epoch order): learning curves, tables, report
     extra: dict = field(default_factory=dict)
 
 
@@ -49,6 +50,9 @@ def collect_trials(experiment_path: str, spec: SweepSpec) -> list[TrialRow]:
     for trial in analysis.trials:
         last = dict(trial.last_result or {})
         df = dataframes.get(trial.trial_id)
+        history = [] if df is None else [{k: float(v) for k, v in r.items() if not k.startswith("config/")
+                                          and isinstance(v, (int, float)) and not isinstance(v, bool)}
+                                         for r in df.to_dict("records")]
         best = None
         if df is not None and spec.tune.metric in getattr(df, "columns", []):
             series = [v for v in df[spec.tune.metric].tolist() if _finite(v) is not None]
@@ -67,7 +71,7 @@ def collect_trials(experiment_path: str, spec: SweepSpec) -> list[TrialRow]:
             best_value=_finite(best), metrics=numeric_metrics(last), sampled=plan.active_sampled(trial.config),
             config=plan.trial_config(trial.config), path=str(getattr(trial, "path", "") or ""),
             checkpoint=checkpoint, node_id=last.get("node_id") or None,
-            failures=int(getattr(trial, "num_failures", 0) or 0)))
+            failures=int(getattr(trial, "num_failures", 0) or 0), history=history))
     return rank_trials(rows, spec)
 
 

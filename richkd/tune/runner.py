@@ -16,6 +16,7 @@ from richkd.tune.outcome import SweepOutcome, sweep_outcome
 from richkd.tune.paths import is_shared_filesystem
 from richkd.tune.spec import SweepSpec
 from richkd.tune.sweep_record import SweepRecord, sweep_record_exists, write_sweep_record
+from richkd.tune.warm_start import load_warm_start
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def check_outputs(spec: SweepSpec) -> None:
 # ----- caches ------------------------------------------------------------------------------------------
 
 def prepare_sweep_caches(spec: SweepSpec, progress: bool = False, shards: Optional[int] = None,
-                         nodes_checked: bool = True) -> list[dict]:
+                         nodes_checked: bool = True, splits: tuple = ("train",)) -> list[dict]:
     """Build every cache any trial can read, once, before trials start (docs/architecture.md, "Caching").
 
     The missing entries are computed by Ray tasks with the trials' resources, in row shards over the alive nodes
@@ -130,7 +131,7 @@ def prepare_sweep_caches(spec: SweepSpec, progress: bool = False, shards: Option
 
     configs = spec.cache_probe_configs()
     built = build_caches(configs, cpu=spec.tune.cpu, gpu=spec.tune.gpu, shards=shards, progress=progress,
-                         nodes=alive_nodes() if nodes_checked else None)
+                         nodes=alive_nodes() if nodes_checked else None, splits=splits)
     return [{"signature": cache_signature(cfg), "dir": cfg.teaching.cache_dir,
              "entries": [Path(e).name for e in entries]} for cfg, entries in zip(configs, built.paths)]
 
@@ -164,16 +165,16 @@ def trial_name(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def build_trainable(spec: SweepSpec, needs: Optional[SweepNeeds] = None):
+def build_trainable(spec: SweepSpec, needs: Optional[SweepNeeds] = None, plan=None):
     from ray import tune
 
     from richkd.tune.trainable import train_trial
 
-    return tune.with_resources(tune.with_parameters(train_trial, plan=spec.plan(), needs=needs),
+    return tune.with_resources(tune.with_parameters(train_trial, plan=plan or spec.plan(), needs=needs),
                                {"cpu": spec.tune.cpu, "gpu": spec.tune.gpu})
 
 
-def build_tuner(spec: SweepSpec, callbacks: list, verbose: int = 1, needs: Optional[SweepNeeds] = None):
+def build_tuner(spec: SweepSpec, callbacks: list, verbose: int = 1, needs: Optional[SweepNeeds] = None, warm=None):
     from ray import tune
 
     from richkd.tune.search import build_scheduler, build_search_alg, tune_param_space
@@ -181,7 +182,7 @@ def build_tuner(spec: SweepSpec, callbacks: list, verbose: int = 1, needs: Optio
     t = spec.tune
     param_space = {} if t.search.algorithm == "optuna" else tune_param_space(spec)
     tune_config = tune.TuneConfig(
-        metric=t.metric, mode=t.mode, search_alg=build_search_alg(spec), scheduler=build_scheduler(spec),
+        metric=t.metric, mode=t.mode, search_alg=build_search_alg(spec, warm), scheduler=build_scheduler(spec),
         num_samples=t.num_samples, time_budget_s=t.time_budget_s, reuse_actors=t.resolved_reuse_actors,
         trial_name_creator=trial_name, trial_dirname_creator=trial_name)
     run_config = tune.RunConfig(
@@ -215,6 +216,9 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, num_cpus: Optio
     if sweep_record_exists(path) or tune.Tuner.can_restore(path):
         raise SpecError(f"a sweep named {spec.name!r} already exists at {path}; continue it with "
                         f"`richkd sweep --resume {spec.name}`, or pick a new name with --name")
+    warm = load_warm_start(spec)
+    if warm is not None:
+        print(warm.describe(), flush=True)
     check_outputs(spec)
     check_tracking(spec)
     with ray_for(spec, address, num_cpus, verbose):
@@ -226,8 +230,8 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, num_cpus: Optio
                              experiment_id=experiment_id, parent_run_id=parent, caches=tuple(caches), **code_version(),
                              path=path)
         write_sweep_record(record)
-        return fit_and_summarise(build_tuner(spec, callbacks, verbose=verbose, needs=needs), record, verbose,
-                                 started_at)
+        return fit_and_summarise(build_tuner(spec, callbacks, verbose=verbose, needs=needs, warm=warm), record,
+                                 verbose, started_at)
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ from ray.tune.search.optuna import OptunaSearch
 from richkd.tune.errors import SpecError
 from richkd.tune.params import Param, walk_active
 from richkd.tune.spec import SweepSpec
+from richkd.tune.warm_start import tell_optuna
 
 log = logging.getLogger(__name__)
 
@@ -34,36 +35,16 @@ TIME_ATTR = "training_iteration"  # one tune.report per epoch, so training_itera
 
 # ----- sampler mapping --------------------------------------------------------------------------------
 
-def tune_domain(p: Param):
-    """A spec entry as a Tune domain (random / grid search). randint is inclusive in specs, exclusive in Tune."""
-    if p.sampler == "uniform":
-        return tune.uniform(p.low, p.high)
-    if p.sampler == "loguniform":
-        return tune.loguniform(p.low, p.high)
-    if p.sampler == "quniform":
-        return tune.quniform(p.low, p.high, p.q)
-    if p.sampler == "randint":
-        return tune.randint(int(p.low), int(p.high) + 1)
-    if p.sampler == "choice":
-        return tune.choice(list(p.values))
-    if p.sampler == "grid":
-        return tune.grid_search(list(p.values))
-    raise SpecError(f"space.{p.key}: unknown sampler {p.sampler!r}")
-
-
 def suggest(trial, p: Param) -> Any:
-    """Ask an Optuna trial for one entry's value (define-by-run). Returns the sampled value."""
-    if p.sampler == "uniform":
-        return trial.suggest_float(p.key, p.low, p.high)
-    if p.sampler == "loguniform":
-        return trial.suggest_float(p.key, p.low, p.high, log=True)
-    if p.sampler == "quniform":
-        return trial.suggest_float(p.key, p.low, p.high, step=p.q)
-    if p.sampler == "randint":
-        return trial.suggest_int(p.key, int(p.low), int(p.high))
-    if p.sampler == "choice":
-        return trial.suggest_categorical(p.key, list(p.values))
-    raise SpecError(f"space.{p.key}: the {p.sampler} sampler cannot be used with Optuna")
+    """Ask an Optuna trial for one entry's value (define-by-run), from the entry's Optuna distribution."""
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    d = p.optuna_distribution()
+    if isinstance(d, CategoricalDistribution):
+        return trial.suggest_categorical(p.key, d.choices)
+    if isinstance(d, IntDistribution):
+        return trial.suggest_int(p.key, d.low, d.high, step=d.step, log=d.log)
+    return trial.suggest_float(p.key, d.low, d.high, step=d.step, log=d.log)
 
 
 class OptunaSpace:
@@ -85,7 +66,7 @@ class OptunaSpace:
 
 
 def tune_param_space(spec: SweepSpec) -> dict:
-    return {p.key: tune_domain(p) for p in spec.params}
+    return {p.key: p.tune_domain() for p in spec.params}
 
 
 # ----- searchers --------------------------------------------------------------------------------------
@@ -125,8 +106,9 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
 
 
-def build_search_alg(spec: SweepSpec):
-    """The searcher for spec.tune.search.algorithm, already limited to tune.max_concurrent in flight."""
+def build_search_alg(spec: SweepSpec, warm=None):
+    """The searcher for spec.tune.search.algorithm, already limited to tune.max_concurrent in flight; `warm` (a
+    richkd.tune.warm_start.WarmStart) is told to the Optuna study before it proposes anything."""
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     t = spec.tune
@@ -150,6 +132,8 @@ def build_search_alg(spec: SweepSpec):
             space=OptunaSpace(flatten(spec.base_config.to_dict()), spec.params), metric=metric, mode=mode,
             points_to_evaluate=points or None, sampler=sampler, study_name=spec.name, storage=storage,
             max_t=spec.max_t)
+        if warm is not None:
+            tell_optuna(searcher._ot_study, spec, warm)
         return ConcurrencyLimiter(searcher, max_concurrent=t.max_concurrent)
     return BasicVariantGenerator(points_to_evaluate=points or None, max_concurrent=t.max_concurrent,
                                  random_state=t.search.seed)

@@ -111,6 +111,7 @@ class TuneSettings(_Section):
     checkpoint_num_to_keep: int = 1
     time_budget_s: Optional[float] = None
     reuse_actors: Optional[bool] = None   # None: reuse trial processes for CPU trials, fresh ones for GPU trials
+    warm_start: Tuple[str, ...] = ()      # earlier sweeps (names) or table files told to Optuna first
 
     def __post_init__(self) -> None:
         multi = len(self.objectives) > 1
@@ -131,6 +132,12 @@ class TuneSettings(_Section):
         object.__setattr__(self, "storage_path", absolute_storage(self.storage_path))
         _require(self.checkpoint_num_to_keep >= 1,
                  "tune.checkpoint_num_to_keep: must be >= 1 (trials resume from their latest checkpoint)")
+        if self.warm_start:
+            _require(self.search.algorithm == "optuna" and len(pairs) == 1,
+                     "tune.warm_start: earlier trials seed Optuna's TPE; it needs tune.search.algorithm: optuna and "
+                     "a single objective (random and grid search do not learn from earlier trials)")
+            object.__setattr__(self, "warm_start", tuple(os.path.abspath(w) if os.path.isfile(w) else w
+                                                         for w in self.warm_start))
         _finite(self.time_budget_s, "tune.time_budget_s")
         _require(self.time_budget_s is None or self.time_budget_s > 0, "tune.time_budget_s: must be > 0")
 

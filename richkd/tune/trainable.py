@@ -94,7 +94,7 @@ def train_trial(config: dict, plan: TrialPlan, needs: Optional[SweepNeeds] = Non
         last_epoch[0] = report.epoch
 
     try:
-        run_training(cfg, on_epoch=on_epoch, resume_state=resume_state)
+        run_training(cfg, on_epoch=on_epoch, resume_state=resume_state, final=plan.final)
     except NonFiniteLossError as exc:
         reason = f"non-finite loss: {exc}"
         log.warning("trial stops: %s", reason)

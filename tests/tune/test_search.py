@@ -13,8 +13,7 @@ from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.search.sample import Categorical, Float, Integer, LogUniform, Quantized
 
-from richkd.tune.search import (OptunaSpace, PrunedAwareOptunaSearch, build_scheduler, build_search_alg,
-                                tune_domain)
+from richkd.tune.search import OptunaSpace, PrunedAwareOptunaSearch, build_scheduler, build_search_alg
 from richkd.tune.params import Condition, Param
 from richkd.tune.spec import spec_from_mapping
 
@@ -38,21 +37,21 @@ def assets(tmp_path_factory):
 # ----- sampler mapping --------------------------------------------------------------------------------------
 
 def test_tune_domains():
-    d = tune_domain(U)
+    d = U.tune_domain()
     assert isinstance(d, Float) and (d.lower, d.upper) == (0.3, 1.0) and not isinstance(d.get_sampler(), LogUniform)
-    d = tune_domain(LU)
+    d = LU.tune_domain()
     assert isinstance(d, Float) and isinstance(d.get_sampler(), LogUniform) and (d.lower, d.upper) == (1.0, 100.0)
-    d = tune_domain(QU)
+    d = QU.tune_domain()
     assert isinstance(d.get_sampler(), Quantized) and d.get_sampler().q == 0.5
-    d = tune_domain(RI)
+    d = RI.tune_domain()
     assert isinstance(d, Integer) and (d.lower, d.upper) == (0, 5)   # spec randint is inclusive, Tune's exclusive
-    d = tune_domain(CH)
+    d = CH.tune_domain()
     assert isinstance(d, Categorical) and d.categories == ["richkd12", "simple"]
-    assert tune_domain(GR) == {"grid_search": [0.0, 0.8]}
+    assert GR.tune_domain() == {"grid_search": [0.0, 0.8]}
 
 
 def test_tune_randint_reaches_the_inclusive_high():
-    d = tune_domain(RI)
+    d = RI.tune_domain()
     draws = {d.sample() for _ in range(200)}
     assert draws == {0, 1, 2, 3, 4}
 

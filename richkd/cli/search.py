@@ -1,0 +1,99 @@
+"""`richkd table build | from-sweep | info` and `richkd replay`: measuring the search itself (docs/search.md)."""
+from __future__ import annotations
+
+import argparse
+
+from richkd.cli.common import Interrupted, add_storage_args, interactive, verbosity
+
+TABLE_EPILOG = """examples:
+  richkd table build search_spaces/fmnist_table.yaml --configs 200 --seeds 3 --seeds-for 30 --out t.jsonl
+  richkd table build SPEC --configs 8 --out t.jsonl --set config.train.epochs=3     # a small one
+  richkd table info benchmarks/tables/fmnist_table.jsonl
+  richkd table from-sweep my_fifo_sweep --out my_sweep.jsonl
+
+A build trains every configuration to the end (no early stopping) through Ray like a sweep and appends each row
+when it finishes: run the same command again after a kill and only the missing rows are trained.
+"""
+
+REPLAY_EPILOG = """examples:
+  richkd replay search_spaces/fmnist_table.yaml --table benchmarks/tables/fmnist_table.jsonl
+  richkd replay SPEC --table t.jsonl --seeds 20 --set tune.scheduler.type=fifo --set tune.num_samples=32
+
+Runs the spec's own searcher and scheduler (as `richkd sweep` builds them) against the table on a virtual clock,
+once per seed, and prints the best validation top-1 found, the test top-1 of that configuration and the budget.
+"""
+
+
+def _spec(path: str, overrides: list, name: str | None = None):
+    from richkd.tune.spec import load_spec
+
+    return load_spec(path, list(overrides) + ([f"name={name}"] if name else []))
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    from richkd.tune.table import build_table, read_table, table_from_sweep
+
+    if args.table_command == "info":
+        print(read_table(args.file).describe())
+        return 0
+    if args.table_command == "from-sweep":
+        print(table_from_sweep(args.sweep, args.out, storage=args.storage).describe())
+        return 0
+    spec = _spec(args.spec, args.set + ([f"tune.storage_path={args.storage}"] if args.storage else []))
+    try:
+        table = build_table(spec, args.out, configs=args.configs, seeds=args.seeds, seeds_for=args.seeds_for,
+                            address=args.address, num_cpus=args.num_cpus, verbose=verbosity(args),
+                            progress=True)
+    except KeyboardInterrupt:
+        raise Interrupted(f"finished rows are in {args.out}; run the same command again to train the rest") \
+            from None
+    print(table.describe())
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from richkd.tune.replay import describe_replays, replay_many
+    from richkd.tune.table import read_table
+    from richkd.tune.warm_start import load_warm_start
+
+    spec = _spec(args.spec, args.set)
+    table = read_table(args.table)
+    warm = load_warm_start(spec)
+    if warm is not None:
+        print(warm.describe())
+    print(describe_replays(replay_many(spec, table, seeds=args.seeds, progress=interactive(), warm=warm), spec))
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser("table", help="learning-curve tables of real trials (build, from-sweep, info)",
+                              epilog=TABLE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="table_command", required=True, metavar="SUBCOMMAND")
+    b = sub.add_parser("build", help="train N configurations of a spec's space to the end, every epoch recorded",
+                       epilog=TABLE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("spec", help="search-space YAML whose space, base config and resources the table uses")
+    b.add_argument("--configs", type=int, required=True, help="how many seeded draws of the space")
+    b.add_argument("--seeds", type=int, default=1, help="seeds per configuration (default 1)")
+    b.add_argument("--seeds-for", type=int, metavar="M", help="give --seeds only to the first M configurations "
+                                                             "(the others get one; default: all)")
+    b.add_argument("--out", required=True, help="the table file (JSON lines); an existing one is continued")
+    b.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="override a spec key")
+    b.add_argument("--address", help="a running Ray cluster (e.g. auto); default: an embedded local Ray")
+    b.add_argument("--num-cpus", type=int, help="CPUs for the embedded Ray (default: all of this machine's)")
+    b.add_argument("--quiet", "-q", action="store_true", help="no Tune status tables")
+    add_storage_args(b)
+    f = sub.add_parser("from-sweep", help="a finished sweep without early stopping as a table")
+    f.add_argument("sweep", help="sweep name (under --storage) or its folder")
+    f.add_argument("--out", required=True, help="the table file to write (JSON lines)")
+    add_storage_args(f)
+    i = sub.add_parser("info", help="what a table holds: configurations, epochs, seeds, spreads, provenance")
+    i.add_argument("file", help="a table file")
+    p.set_defaults(func=cmd_table)
+
+    p = subparsers.add_parser("replay", help="replay a spec's searcher and scheduler against a table (seconds)",
+                              epilog=REPLAY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("spec", help="search-space YAML: its searcher, scheduler, num_samples and max_concurrent")
+    p.add_argument("--table", required=True, help="a learning-curve table of the same space")
+    p.add_argument("--seeds", type=int, default=20, help="replays with searcher seeds 0..N-1 (default 20)")
+    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="override a spec key")
+    p.set_defaults(func=cmd_replay)

@@ -1,0 +1,394 @@
+"""Learning-curve tables: configurations of a sweep's space trained to the end, every epoch recorded.
+
+A table is what tabular HPO benchmarks (LCBench, NAS-Bench-201) are: a seeded sample of configurations, each trained
+for the full schedule with no early stopping, with the validation top-1, validation loss and seconds of every epoch
+and, for final reporting only, the last epoch's test top-1. `richkd replay` runs the real searchers and schedulers
+against it on a virtual clock (docs/search.md). The file is JSON lines: a header (format, the resolved spec,
+provenance), then one row per (configuration, seed), appended as each training finishes, so a killed build resumes
+without training a finished row twice.
+
+`build_table` trains the rows through Ray Tune like a sweep (the sweep's own trainable, caches built first, FIFO, no
+early stopping); `table_from_sweep` turns a finished sweep without early stopping into a table.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from richkd.io import atomic_write_text, ensure_writable
+from richkd.provenance import code_version
+from richkd.tune.errors import SpecError
+from richkd.tune.params import Param, TrialPlan
+from richkd.tune.spec import SweepSpec
+
+FORMAT = "richkd-table/1"
+SEED_KEY = "seed"   # the extra entry a build adds to the space: the run's seed
+CURVES = ("val_top1", "val_loss", "seconds", "train_seconds")
+
+
+class TableError(SpecError):
+    """A table file or a table request a user can fix (exit code 2)."""
+
+
+def config_id(sampled: Mapping[str, Any]) -> str:
+    """A configuration's identity: its active space values (12 hex digits of their sha1)."""
+    return hashlib.sha1(json.dumps(dict(sampled), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+@dataclass
+class TableRow:
+    config_id: str
+    seed: int
+    params: dict                    # the active space values (variant entries by name)
+    val_top1: list                  # per epoch, None where not finite
+    val_loss: list
+    seconds: list                   # wall seconds of each epoch (training + validation): the replay's clock
+    train_seconds: list
+    test_top1: Optional[float] = None
+    outcome: str = "completed"      # completed | nonfinite_loss
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def epochs(self) -> int:
+        return len(self.val_top1)
+
+    @property
+    def final(self) -> Optional[float]:
+        return self.val_top1[-1] if self.val_top1 else None
+
+    def to_json(self) -> str:
+        return json.dumps({"config_id": self.config_id, "seed": self.seed, "params": self.params,
+                           **{k: getattr(self, k) for k in CURVES}, "test_top1": self.test_top1,
+                           "outcome": self.outcome, **self.extra}, default=str)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TableRow":
+        known = {"config_id", "seed", "params", "test_top1", "outcome", *CURVES}
+        return cls(**{k: data[k] for k in known if k in data}, extra={k: v for k, v in data.items() if k not in known})
+
+
+@dataclass
+class Table:
+    header: dict
+    rows: list
+    path: Optional[Path] = None
+
+    @property
+    def spec(self) -> SweepSpec:
+        return SweepSpec.from_dict(self.header["spec"])
+
+    @property
+    def max_t(self) -> int:
+        return int(self.header["max_t"])
+
+    @property
+    def metric(self) -> str:
+        return self.header["metric"]
+
+    def configs(self) -> dict:
+        """config_id -> its rows (one per seed), in file order."""
+        out: dict = {}
+        for row in self.rows:
+            out.setdefault(row.config_id, []).append(row)
+        return out
+
+    def spreads(self) -> dict:
+        """Final val top-1 spread across configurations (their seed means) and across seeds of one configuration
+        (the root mean square of the per-configuration standard deviations): a table separates configurations
+        only when the first is several times the second."""
+        finals = {cid: [r.final for r in rows if r.final is not None] for cid, rows in self.configs().items()}
+        means = [statistics.fmean(v) for v in finals.values() if v]
+        seeded = [statistics.stdev(v) for v in finals.values() if len(v) > 1]
+        across = statistics.stdev(means) if len(means) > 1 else float("nan")
+        within = math.sqrt(statistics.fmean([s * s for s in seeded])) if seeded else float("nan")
+        q = statistics.quantiles(means, n=4) if len(means) > 1 else [float("nan")] * 3
+        return {"configs": len(means), "configs_std": across, "configs_iqr": q[2] - q[0],
+                "seeded_configs": len(seeded), "seeds_std": within,
+                "ratio": across / within if within and within > 0 else float("nan")}
+
+    def describe(self) -> str:
+        """What `richkd table info` prints."""
+        h, configs = self.header, self.configs()
+        seeds = sorted({len(rows) for rows in configs.values()})
+        outcomes: dict = {}
+        for row in self.rows:
+            outcomes[row.outcome] = outcomes.get(row.outcome, 0) + 1
+        s = self.spreads()
+        seconds = sum(sum(x for x in r.seconds if x) for r in self.rows)
+        prov = h.get("provenance", {})
+        lines = [
+            f"table {self.path}: {len(configs)} configurations, {len(self.rows)} rows "
+            f"({', '.join(f'{n} {k}' for k, n in sorted(outcomes.items()))}), {self.max_t} epochs each",
+            f"  seeds per configuration: {', '.join(map(str, seeds))}"
+            + (f" ({s['seeded_configs']} configurations with several seeds)" if s["seeded_configs"] else ""),
+            f"  spec {h['spec']['name']!r}: space {', '.join(h['spec']['space'])}; metric {self.metric} "
+            f"({h['mode']}); space hash {h['space_hash']}",
+            f"  final {self.metric} spread: across configurations std {s['configs_std']:.2f} (IQR "
+            f"{s['configs_iqr']:.2f}), across seeds of one configuration std {s['seeds_std']:.2f}; ratio "
+            f"{s['ratio']:.1f}" + ("" if not s["ratio"] < 3 else
+                                   "  WARNING: configurations differ by less than 3x the seed noise; widen the space "
+                                   "or the data"),
+            f"  cost: {seconds / 3600:.2f} trial-hours ({sum(r.epochs for r in self.rows)} trial-epochs)"
+            + (f"; built in {prov['build_seconds'] / 3600:.2f} h" if prov.get("build_seconds") else ""),
+            f"  test top-1 recorded: {'yes (final reporting only)' if any(r.test_top1 is not None for r in self.rows) else 'no'}",
+        ]
+        for key in ("source", "git_commit", "richkd_version", "data", "caches", "machine", "created"):
+            if key in prov:
+                lines.append(f"  {key}: {prov[key] if not isinstance(prov[key], (dict, list)) else json.dumps(prov[key])}")
+        return "\n".join(lines)
+
+
+# ----- reading and writing --------------------------------------------------------------------------------
+
+def read_table(path: str | os.PathLike, repair: bool = False) -> Table:
+    """Read a table file. A last line cut short by a kill is dropped (and, with `repair`, removed from the file
+    so that appends continue cleanly); anything else malformed is one TableError naming the line."""
+    p = Path(path)
+    if not p.is_file():
+        raise TableError(f"table {str(p)!r} does not exist (build one with `richkd table build SPEC --out FILE`)")
+    lines = p.read_text().splitlines(keepends=True)
+    try:
+        header = json.loads(lines[0]) if lines else {}
+    except json.JSONDecodeError:
+        header = {}
+    if header.get("format") != FORMAT:
+        raise TableError(f"{p} is not a richkd learning-curve table (its first line is not a {FORMAT} header)")
+    rows = []
+    for i, line in enumerate(lines[1:], start=2):
+        try:
+            rows.append(TableRow.from_json(json.loads(line)))
+        except (json.JSONDecodeError, TypeError, KeyError) as exc:
+            if i == len(lines) and not line.endswith("\n"):      # cut short by a kill while appending
+                if repair:
+                    atomic_write_text(p, "".join(lines[:-1]))
+                break
+            raise TableError(f"{p}, line {i}: not a table row ({exc}); the file is damaged") from None
+    return Table(header=header, rows=rows, path=p)
+
+
+def append_row(path: Path, row: TableRow) -> None:
+    """One row, one line, flushed to disk: a kill loses at most the row being written."""
+    with open(path, "a") as f:
+        f.write(row.to_json() + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _finite(value: Any) -> Optional[float]:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        else None
+
+
+def row_from_history(history: list, sampled: dict, seed: int, metric: str, extra: Optional[dict] = None) -> TableRow:
+    """A table row from a trial's per-epoch results (Tune's result dicts, in epoch order)."""
+    last = history[-1] if history else {}
+    nonfinite = bool(last.get("nonfinite_loss"))
+    return TableRow(
+        config_id=config_id(sampled), seed=int(seed), params=dict(sampled),
+        val_top1=[_finite(r.get(metric)) for r in history], val_loss=[_finite(r.get("val_loss")) for r in history],
+        seconds=[_finite(r.get("time_this_iter_s")) for r in history],
+        train_seconds=[_finite(r.get("epoch_time_s")) for r in history],
+        test_top1=_finite(last.get("test_top1")), outcome="nonfinite_loss" if nonfinite else "completed",
+        extra=dict(extra or {}))
+
+
+def table_header(spec: SweepSpec, **provenance: Any) -> dict:
+    d = spec.base_config.data
+    return {"format": FORMAT, "spec": spec.to_dict(), "space_hash": spec.space_hash(), "metric": spec.tune.metric,
+            "mode": spec.tune.mode, "max_t": spec.max_t,
+            "provenance": {**code_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                           "data": {"dataset": d.dataset, "max_train_samples": d.max_train_samples,
+                                    "max_eval_samples": d.max_eval_samples, "val_fraction": d.val_fraction},
+                           "machine": {"system": platform.system(), "machine": platform.machine(),
+                                       "cpus": os.cpu_count()},
+                           **provenance}}
+
+
+def check_same_space(table: Table, spec: SweepSpec, what: str) -> None:
+    """A table answers only the space it was drawn from, at its schedule and metric: one TableError naming what
+    differs otherwise."""
+    theirs = table.header["spec"]["space"]
+    ours = {p.key: p.to_entry() for p in spec.params}
+    differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    problems = []
+    if differ:
+        problems.append(f"space entries {', '.join(differ)} differ")
+    if table.max_t != spec.max_t:
+        problems.append(f"the table has {table.max_t} epochs, the spec's train.epochs is {spec.max_t}")
+    if table.metric != spec.tune.metric:
+        problems.append(f"the table records {table.metric}, the spec optimises {spec.tune.metric}")
+    if problems:
+        raise TableError(f"{what}: table {table.path} was built from another space ({'; '.join(problems)}); "
+                         f"use a table of spec {spec.name!r}'s space or build one with `richkd table build`")
+
+
+# ----- building -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RowJob:
+    config_id: str
+    sampled: dict
+    seed: int
+
+
+def plan_rows(spec: SweepSpec, n_configs: int, seeds: int = 1, seeds_for: Optional[int] = None) -> list[RowJob]:
+    """The rows of a table: the spec's points_to_evaluate, then `n_configs` seeded draws of the space (respecting
+    `when:`; a prefix of a larger table's draws); the first `seeds_for` configurations with `seeds` seeds each,
+    the others with the base config's seed."""
+    if n_configs < 1 or seeds < 1:
+        raise TableError("table build: --configs and --seeds must be >= 1")
+    if any(SEED_KEY in p.config_keys for p in spec.params):
+        raise TableError(f"table build: the space searches {SEED_KEY}; a table varies the seed itself (--seeds), "
+                         "drop it from the space")
+    seeds_for = n_configs if seeds_for is None else seeds_for
+    base, jobs, seen = spec.base_config.seed, [], set()
+    plan = spec.plan()
+    points = [plan.active_sampled(p) for p in spec.points] + spec.random_points(n_configs, seed=spec.tune.search.seed)
+    for sampled in points:
+        cid = config_id(sampled)
+        if cid in seen:   # a finite space drew it again
+            continue
+        jobs.extend(RowJob(cid, sampled, base + j) for j in range(seeds if len(seen) < seeds_for else 1))
+        seen.add(cid)
+    return jobs
+
+
+def table_plan(spec: SweepSpec, jobs: list[RowJob]) -> TrialPlan:
+    """The sweep's trial plan with the seed as one more entry and the test split evaluated after the last epoch."""
+    seed = Param(SEED_KEY, "choice", values=tuple(sorted({j.seed for j in jobs})))
+    return replace(spec.plan(), params=spec.params + (seed,), final=True)
+
+
+def build_table(spec: SweepSpec, out: str | os.PathLike, *, configs: int, seeds: int = 1,
+                seeds_for: Optional[int] = None, address: Optional[str] = None, num_cpus: Optional[int] = None,
+                verbose: int = 1, progress: bool = True) -> Table:
+    """Train every planned row not yet in `out` (see plan_rows) through Ray Tune and append it there."""
+    from ray import tune
+    from ray.tune.search import BasicVariantGenerator
+
+    from richkd.tune.runner import (build_trainable, check_nodes, check_nodes_share, check_outputs, fit_quietly,
+                                    prepare_sweep_caches, ray_for)
+
+    out = Path(out).resolve()
+    jobs = plan_rows(spec, configs, seeds, seeds_for)
+    existing = read_table(out, repair=True) if out.exists() else None
+    if existing is not None:
+        check_same_space(existing, spec, "table build")
+    done = {(r.config_id, r.seed) for r in existing.rows} if existing else set()
+    pending = [j for j in jobs if (j.config_id, j.seed) not in done]
+    if not pending:
+        _say(f"table {out}: all {len(jobs)} planned rows are there; nothing to train", progress)
+        return existing
+    ensure_writable(out.parent, "the table's folder")
+    check_outputs(spec)
+    started = time.time()
+    plan = table_plan(spec, jobs)
+    _say(f"table {out}: {len(pending)} of {len(jobs)} rows to train ({len(done)} already there), "
+         f"{spec.max_t} epochs each, {spec.tune.max_concurrent} at a time", progress)
+    with ray_for(spec, address, num_cpus, verbose):
+        check_nodes_share(spec)
+        caches = prepare_sweep_caches(spec, progress=progress, splits=("train", "test"))
+        needs = check_nodes(spec, caches)
+        if existing is None:
+            atomic_write_text(out, json.dumps(table_header(
+                spec, source=spec.source, caches=[c["entries"] for c in caches])) + "\n")
+        space = {p.key: tune.choice(list(p.values)) if p.is_finite else p.tune_domain() for p in plan.params}
+        points = [{**j.sampled, SEED_KEY: j.seed} for j in pending]
+        name = f"table-{out.stem}-{time.strftime('%Y%m%d_%H%M%S')}"
+        tuner = tune.Tuner(
+            build_trainable(spec, needs, plan=plan), param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=spec.tune.metric, mode=spec.tune.mode, num_samples=len(points),
+                search_alg=BasicVariantGenerator(points_to_evaluate=points, max_concurrent=spec.tune.max_concurrent),
+                reuse_actors=spec.tune.resolved_reuse_actors),
+            run_config=tune.RunConfig(name=name, storage_path=spec.tune.storage_path, verbose=verbose,
+                                      callbacks=[_row_writer(out, plan, len(pending), progress)],
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                      failure_config=tune.FailureConfig(max_failures=spec.tune.max_failures)))
+        fit_quietly(tuner, verbose)
+    table = read_table(out)
+    _record_build_seconds(out, time.time() - started)
+    missing = len([j for j in jobs if (j.config_id, j.seed) not in {(r.config_id, r.seed) for r in table.rows}])
+    if missing:
+        raise TableError(f"table build: {missing} row(s) failed (see the trials' error.txt under "
+                         f"{spec.tune.storage_path}/{name}); run the same command again to retry them")
+    return read_table(out)
+
+
+def _record_build_seconds(out: Path, seconds: float) -> None:
+    table = read_table(out)
+    prov = table.header.setdefault("provenance", {})
+    prov["build_seconds"] = float(prov.get("build_seconds", 0.0)) + seconds
+    atomic_write_text(out, "".join([json.dumps(table.header) + "\n"] + [r.to_json() + "\n" for r in table.rows]))
+
+
+def _row_writer(out: Path, plan: TrialPlan, total: int, progress: bool):
+    """A driver-side Tune callback that appends each finished trial's learning curve to the table."""
+    from ray.tune import Callback
+
+    class RowWriter(Callback):
+        def __init__(self) -> None:
+            self.history: dict = {}
+            self.written = 0
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            epochs = self.history.setdefault(trial.trial_id, {})
+            epochs[int(result.get("training_iteration", len(epochs) + 1))] = dict(result)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            history = [r for _, r in sorted(self.history.pop(trial.trial_id, {}).items())]
+            active = plan.active_sampled(trial.config)
+            seed = active.pop(SEED_KEY)
+            row = row_from_history(history, active, seed, plan.metric,
+                                   {"node_id": (history[-1].get("node_id") if history else None)})
+            if row.epochs < plan.max_t and row.outcome == "completed":
+                return   # interrupted: trained again on the next build
+            append_row(out, row)
+            self.written += 1
+            _say(f"  row {self.written}/{total}: config {row.config_id} seed {row.seed}: final {plan.metric} "
+                 f"{row.final if row.final is not None else float('nan'):.2f} ({row.outcome}, "
+                 f"{sum(s for s in row.seconds if s):.0f} s)", progress)
+
+    return RowWriter()
+
+
+def _say(line: str, progress: bool) -> None:
+    if progress:
+        print(line, flush=True)
+
+
+# ----- from a sweep ------------------------------------------------------------------------------------
+
+def table_from_sweep(sweep: str, out: str | os.PathLike, storage: Optional[str] = None) -> Table:
+    """A finished sweep without early stopping as a table (no test top-1: sweeps never read the test split)."""
+    from richkd.tune.selection import load_sweep
+
+    spec, path, record, rows = load_sweep(sweep, storage)
+    stopped = [r for r in rows if r.outcome == "stopped_early"]
+    unfinished = [r for r in rows if r.outcome in ("unfinished", "error")]
+    if stopped:
+        raise TableError(f"sweep {spec.name!r}: {len(stopped)} trial(s) were stopped early by ASHA, so their learning "
+                         "curves end early; a table needs every configuration trained to the end (run the sweep "
+                         "with tune.scheduler: fifo)")
+    if unfinished:
+        raise TableError(f"sweep {spec.name!r}: {len(unfinished)} trial(s) did not finish; resume it first "
+                         f"(`richkd sweep --resume {spec.name}`)")
+    out = Path(out)
+    ensure_writable(out.parent, "the table's folder")
+    header = table_header(spec, source=f"sweep {spec.name} at {path}", git_commit=record.git_commit,
+                          caches=[c["entries"] for c in record.caches])
+    lines = [json.dumps(header) + "\n"]
+    for r in rows:
+        sampled = dict(r.sampled)
+        lines.append(row_from_history(r.history, sampled, r.config.seed, spec.tune.metric,
+                                      {"trial_id": r.trial_id}).to_json() + "\n")
+    atomic_write_text(out, "".join(lines))
+    return read_table(out)
