@@ -216,3 +216,30 @@ def imagenet_config(assets: Path, cache_dir: Path, teacher_arch: str = "resnet8"
         "train": {"epochs": 2},
     })
     return cfg.with_overrides(overrides) if overrides else cfg
+
+
+def synthetic_table(spec, path: Path, n_configs: int = 12, seeds: int = 1, seeds_for=None) -> Path:
+    """A learning-curve table of `spec`'s space with made-up curves instead of training (replay and warm-start
+    tests): each configuration's curve rises to its own plateau at its own speed, so curves cross and ASHA's
+    decisions matter; a few configurations end on a non-finite loss. Seeds move the plateau by a little."""
+    import math
+    import random
+
+    from richkd.tune.table import TableRow, plan_rows, table_header
+
+    lines = [json.dumps(table_header(spec))]
+    for job in plan_rows(spec, n_configs, seeds, seeds_for):
+        h = int(job.config_id, 16)
+        plateau = 40 + h % 50 + random.Random(job.seed * 7919 + h).gauss(0, 0.3)
+        tau = 0.3 + (h >> 8) % 7 * 0.5
+        epochs = spec.max_t if h % 11 else max(1, spec.max_t // 2)    # about 1 in 11 diverges half-way
+        curve = [plateau * (1 - math.exp(-e / tau)) for e in range(1, epochs + 1)]
+        if epochs < spec.max_t:
+            curve[-1] = None
+        lines.append(TableRow(job.config_id, job.seed, job.sampled, val_top1=curve,
+                              val_loss=[None if v is None else 100 - v for v in curve],
+                              seconds=[1.0 + h % 3] * epochs, train_seconds=[1.0] * epochs,
+                              test_top1=None if epochs < spec.max_t else plateau - 1.0,
+                              outcome="completed" if epochs == spec.max_t else "nonfinite_loss").to_json())
+    path.write_text("\n".join(lines) + "\n")
+    return path

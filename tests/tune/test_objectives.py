@@ -280,6 +280,12 @@ def test_multi_objective_sweep_exports_the_pareto_front_and_reports_it(tmp_path_
 
     result = export_sweep(spec.name, storage=spec.tune.storage_path)
     rows = [r for r in result.rows if r.outcome == "completed"]
+    # a FIFO sweep is a learning-curve table: every trial's every epoch, as the trials reported them
+    from richkd.tune.table import table_from_sweep
+
+    table = table_from_sweep(spec.name, tmp_path / "from_sweep.jsonl", storage=spec.tune.storage_path)
+    assert sorted(r.final for r in table.rows) == sorted(r.metrics["val_top1"] for r in rows)
+    assert all(r.epochs == spec.max_t and r.test_top1 is None for r in table.rows)
     assert all(math.isfinite(r.metrics[m]) for r in rows for m in E2E_OBJECTIVES)
     info = json.loads((result.out_dir / PARETO_JSON).read_text())
     assert [o["metric"] for o in info["objectives"]] == E2E_OBJECTIVES
