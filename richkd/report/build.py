@@ -15,6 +15,7 @@ CURVES_PNG = "curves.png"
 PARAMS_PNG = "params.png"
 IMPORTANCES_PNG = "importances.png"
 PARETO_PNG = "pareto.png"               # multi-objective sweeps only
+BUDGET_PNG = "budget.png"
 ARTIFACT_DIR = "report"
 
 
@@ -74,6 +75,7 @@ def build_report(sweep: str, storage: Optional[str] = None, tracking_uri: Option
     images: dict = {}
     written: list[Path] = []
     for key, name, draw in (("curves", CURVES_PNG, lambda p: figures.learning_curves(data, p)),
+                            ("budget", BUDGET_PNG, lambda p: figures.budget_progress(data, p)),
                             ("params", PARAMS_PNG, lambda p: figures.param_scatter(data, p)),
                             ("importances", IMPORTANCES_PNG, lambda p: figures.importance_bars(importances, p)),
                             ("pareto", PARETO_PNG, lambda p: figures.pareto_scatter(data, p))):

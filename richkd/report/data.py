@@ -111,6 +111,35 @@ class ReportData:
     def total_epochs(self) -> int:
         return sum(int(r.epochs or 0) for r in self.rows)
 
+    def best_so_far(self) -> list[tuple[int, float, str]]:
+        """(trial-epochs spent, best value, trial) each time a trial reaching max_t improved on the best: the
+        search's progress against its budget, the epochs of every trial counted in the order they were reported."""
+        reports = sorted((h.get("timestamp", 0.0), i, r) for r in self.rows for i, h in enumerate(r.history))
+        sign, out, spent = (1.0 if self.mode == "max" else -1.0), [], 0
+        for _, i, r in reports:
+            spent += 1
+            value = r.history[i].get(self.metric)
+            if (r.outcome == "completed" and i == len(r.history) - 1 and value is not None and math.isfinite(value)
+                    and (not out or sign * value > sign * out[-1][1])):
+                out.append((spent, value, r.trial_id))
+        return out
+
+    def stopped_ahead_of_winner(self) -> list[tuple[str, int, float, float]]:
+        """ASHA-stopped trials that were better than the final winner at the epoch where they were stopped:
+        (trial, epoch, its value, the winner's value then). Early stopping that did harm shows up here."""
+        best = self.best
+        if best is None:
+            return []
+        winner = {int(h.get("training_iteration", 0)): h.get(self.metric) for h in best.history}
+        sign, out = (1.0 if self.mode == "max" else -1.0), []
+        for r in self.rows:
+            if r.outcome != "stopped_early" or not r.history:
+                continue
+            value, theirs = r.history[-1].get(self.metric), winner.get(int(r.epochs))
+            if value is not None and theirs is not None and sign * value > sign * theirs:
+                out.append((r.trial_id, int(r.epochs), value, theirs))
+        return out
+
 
 # ----- reading one trial's history ------------------------------------------------------------------------
 

@@ -337,3 +337,24 @@ def pareto_scatter(data, path: Path) -> Optional[Path]:
                  "trials that reached max_t)", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
     return _save(fig, path)
+
+
+def budget_progress(data, path: Path) -> Optional[Path]:
+    """Best value found so far against the trial-epochs spent (every trial's epochs, in report order)."""
+    points = data.best_so_far()
+    if not points:
+        return None
+    fig = _figure(7.5, 3.6)
+    ax = fig.subplots()
+    xs = [0] + [e for e, _, _ in points] + [data.total_epochs]
+    ys = [points[0][1]] + [v for _, v, _ in points] + [points[-1][1]]
+    ax.step(xs[1:], ys[1:], where="post", color="#1f77b4", linewidth=1.8)
+    ax.plot([e for e, _, _ in points], [v for _, v, _ in points], "o", color="#1f77b4", markersize=4)
+    ax.set_xlim(0, data.total_epochs * 1.02)
+    ax.set_xlabel("trial-epochs spent (all trials)")
+    ax.set_ylabel(f"best {data.metric} so far")
+    ax.set_title(f"search progress: best last {data.metric} of trials that reached max_t", fontsize=10)
+    ax.grid(True, alpha=0.25)
+    fig.tight_layout()
+    return _save(fig, path)
+

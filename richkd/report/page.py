@@ -242,6 +242,19 @@ def importances_html(importances, image: Optional[str], metric: str) -> str:
             f'<p class="meta">{esc(scored)}</p>{_notes(importances.notes)}</div></div>')
 
 
+def early_stopping_note(data) -> str:
+    """How many ASHA-stopped trials were ahead of the final winner where they were stopped."""
+    stopped = sum(1 for r in data.rows if r.outcome == "stopped_early")
+    ahead = data.stopped_ahead_of_winner()
+    text = (f"Early stopping: {len(ahead)} of {stopped} stopped trial(s) were ahead of the final winner at the epoch "
+            "where ASHA stopped them")
+    if ahead:
+        text += " (" + ", ".join(f"{t} at epoch {e}: {fmt(v)} vs {fmt(w)}" for t, e, v, w in ahead[:5]) + \
+                (", ..." if len(ahead) > 5 else "") + "): a larger grace_period or a smaller reduction_factor would " \
+                "have kept them longer"
+    return text + "."
+
+
 def render_page(data, importances, images: dict, mlflow_note: str, notes: Sequence[str] = ()) -> str:
     """The whole index.html. `images` maps curves / params / importances to file names beside the page."""
     spec = data.spec
@@ -269,6 +282,11 @@ def render_page(data, importances, images: dict, mlflow_note: str, notes: Sequen
         + _figure(images.get("curves"), "learning curves of all trials", stopped_note,
                   f"no trial has a finite {data.metric} yet")
         + _notes(curve_notes) + "</section>",
+        '<section class="card"><h2>Search progress</h2>'
+        + _figure(images.get("budget"), "best value so far against trial-epochs spent",
+                  "Each step is a trial that reached max_t with a new best last value; the x axis counts every "
+                  "epoch any trial trained, in the order they were reported.", "no trial reached max_t yet")
+        + _notes([early_stopping_note(data)] if data.spec.tune.scheduler.type == "asha" else []) + "</section>",
         ('<section class="card"><h2>Pareto front (' + esc(", ".join(m for m, _ in data.objectives)) + ")</h2>"
          + pareto_html(data, images.get("pareto")) + "</section>") if data.multi_objective else "",
         '<section class="card"><h2>Searched values vs metric</h2>'
