@@ -19,10 +19,12 @@
 # next to gpu_check.log, pytest_cuda.xml, gpu_results.json, pack.json and agreement.json (each written as its
 # part goes); one summary is printed at the end.
 # GPU_CHECK_DEVICE=cpu runs the parts that need no GPU here, with tiny settings (a smoke test of this script).
+# GPU_CHECK_PYTHON names the Python (default: the first of .venv/bin/python, python3, python that has torch).
 set -u
 cd "$(dirname "$0")/.."
-PY=python3
-if [ -x .venv/bin/python ]; then PY=.venv/bin/python; elif command -v python >/dev/null 2>&1; then PY=python; fi
+for PY in "${GPU_CHECK_PYTHON:-}" .venv/bin/python python3 python; do    # the first Python with torch
+  [ -n "$PY" ] && "$PY" -c "import torch" 2>/dev/null && break
+done
 export RAY_AUTH_MODE=disabled MLFLOW_DISABLE_TELEMETRY=true HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 FMNIST=/usr/share/datasets/fashion-mnist    # richkd.data.sources.DEBIAN_FASHION_MNIST_DIR, the tests' source
@@ -107,7 +109,7 @@ print('python', sys.version.split()[0], 'torch', torch.__version__, 'built for C
 export -f env_info
 export PY
 part env 30 "$LOG" -- bash -c env_info
-tail -3 "$LOG"
+grep -E "^(python|open_clip) " "$LOG"
 
 if [ "$DEVICE" = cpu ]; then
   PYTEST_TESTS=(tests/test_devices.py -k "cpu and (dkd or crd)")

@@ -7,7 +7,7 @@ agreement of the loss terms on the same seed and batches.
 Packing: every trial is `benchmarks/worker.py pack` (the same train step as run.py's throughput benchmark), started
 together, warmed up, then timed for --seconds after a common GO; the total images/s of k packed trials is compared
 with one trial alone (goal: >= 2.5x for k = 4, i.e. a 4-trial sweep per GPU finishes >= 2.5x sooner than a serial
-one). Each process is given 1/k of the GPU as a Ray trial with tune.resources.gpu 1/k is
+one). Each process takes 1/k of the GPU the way a trial with tune.resources.gpu 1/k does
 (richkd.tune.cluster.claim_gpu: its PyTorch memory capped at 1/k of the GPU minus a CUDA context), and gets
 cpu_count // k torch threads.
 

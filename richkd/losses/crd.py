@@ -21,19 +21,18 @@ _SAMPLINGS = ("other_class", "uniform")
 # other_class draws keep at most this many random keys (B_chunk x N) in memory at once
 _KEYS_PER_CHUNK = 1 << 24
 # other_class draws switch from ranking keys over every other-class row (O(B N) per step) to rejection sampling
-# (O(B K log K) per round) when the other-class rows outnumber K this many times (full ImageNet: ~78x)
+# (O(B K log K) per round) when every class's other-class rows outnumber K this many times (full ImageNet: ~78x)
 _REJECTION_RATIO = 32
 # the gather score path holds at most this many bytes of gathered memory rows at once, forward and backward
 _GATHER_BYTES = 1 << 28
 
 
-def _gathered_rows(memory: torch.Tensor, index: torch.Tensor, other: torch.Tensor):
-    """(memory[index[lo:hi]] (b, K+1, d), other[lo:hi]) over batch chunks of at most _GATHER_BYTES of rows."""
-    per_row = index.shape[1] * memory.shape[1] * memory.element_size()
-    step = max(1, _GATHER_BYTES // max(1, per_row))
-    for lo in range(0, index.shape[0], step):
-        rows = index[lo:lo + step]
-        yield memory.index_select(0, rows.reshape(-1)).view(*rows.shape, -1), other[lo:lo + step]
+def _per_chunk(memory: torch.Tensor, index: torch.Tensor, other: torch.Tensor, fn) -> torch.Tensor:
+    """torch.cat of fn(memory[index[lo:hi]] (b, K+1, d), other[lo:hi]) over batch chunks whose gathered rows take at
+    most _GATHER_BYTES; one chunk's rows exist at a time."""
+    step = max(1, _GATHER_BYTES // max(1, index.shape[1] * memory.shape[1] * memory.element_size()))
+    return torch.cat([fn(memory.index_select(0, index[lo:lo + step].reshape(-1)).view(
+        *index[lo:lo + step].shape, -1), other[lo:lo + step]) for lo in range(0, index.shape[0], step)])
 
 
 class _GatheredDots(torch.autograd.Function):
@@ -44,13 +43,12 @@ class _GatheredDots(torch.autograd.Function):
     @staticmethod
     def forward(ctx, memory: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(memory, index)
-        return torch.cat([torch.bmm(w, vb.unsqueeze(2)).squeeze(2) for w, vb in _gathered_rows(memory, index, v)])
+        return _per_chunk(memory, index, v, lambda w, vb: torch.bmm(w, vb.unsqueeze(2)).squeeze(2))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         memory, index = ctx.saved_tensors
-        grad_v = torch.cat([torch.bmm(g.unsqueeze(1), w).squeeze(1) for w, g in _gathered_rows(memory, index, grad)])
-        return None, grad_v, None
+        return None, _per_chunk(memory, index, grad, lambda w, g: torch.bmm(g.unsqueeze(1), w).squeeze(1)), None
 
 
 class EmbedHead(nn.Module):
@@ -176,7 +174,7 @@ class ContrastMemory(nn.Module):
         present = counts[counts > 0]
         self._width = n - int(present.min())                 # the most other-class rows any class has
         self._uneven = bool((present != present.max()).any())
-        self._rejection = self._width >= _REJECTION_RATIO * nce_k
+        self._rejection = n - int(present.max()) >= _REJECTION_RATIO * nce_k   # every class: M_c >= 32 K
 
         stdv = 1.0 / math.sqrt(feat_dim / 3)
         self.register_buffer("memory_student", torch.rand(n, feat_dim).mul_(2 * stdv).add_(-stdv))
