@@ -221,6 +221,20 @@ def test_checkpoint_resume_across_device_counts(assets, tmp_path, monkeypatch, d
         assert isinstance(torch.load(tmp_path / "state.pt", weights_only=True)["cuda_rng"], torch.Tensor)
 
 
+def test_a_run_builds_its_loaders_once_so_their_workers_persist(assets, tmp_path, monkeypatch):
+    """One DataLoader per split for the whole run (persistent_workers): 2 epochs with data.num_workers 1 make the
+    training and validation DataLoaders once, not once per epoch and evaluation."""
+    cfg = device_cfg(assets, tmp_path, "cpu", **{"loss.method": "supervised", "train.epochs": 2,
+                                                  "data.num_workers": 1})
+    run = Run(cfg)
+    made = []
+    real = torch.utils.data.DataLoader.__init__
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__init__",
+                        lambda self, *a, **k: made.append(k.get("persistent_workers")) or real(self, *a, **k))
+    result = run.train()
+    assert made == [True, True] and len(result.history) == 2       # the training and the validation loader
+
+
 def test_cached_rows_come_in_batch_order_as_fp32_on_the_device(tmp_path):
     import numpy as np
 
