@@ -129,9 +129,10 @@ def test_crd_sampling_and_memory_update_on_the_device(device, sampling):
     index = torch.arange(0, 300, 10, device=dev)
     v_s = torch.nn.functional.normalize(torch.randn(len(index), 16), dim=1)
     v_t = torch.nn.functional.normalize(torch.randn(len(index), 16), dim=1)
+    on_device = v_s.to(dev), v_t.to(dev)
     with no_host_syncs(dev):
         ci = mem.sample(index)
-        log_p = mem(v_s.to(dev), v_t.to(dev), index, contrast_index=ci)
+        log_p = mem(*on_device, index, contrast_index=ci)
     assert ci.device.type == dev.type and ci.shape == (len(index), 41)
     neg = ci[:, 1:].cpu()
     assert not (targets[neg] == targets[index.cpu()].unsqueeze(1)).any()
@@ -154,9 +155,9 @@ def test_dkd_on_the_device_matches_the_cpu_and_needs_no_host_sync(device):
     ref_student = s.clone().requires_grad_()
     ref = dkd_loss(ref_student, t, y, 1.0, 8.0, 4.0)
     ref.backward()
-    student = s.clone().to(dev).requires_grad_()
+    student, teacher, target = s.clone().to(dev).requires_grad_(), t.to(dev), y.to(dev)
     with no_host_syncs(dev):
-        loss = dkd_loss(student, t.to(dev), y.to(dev), 1.0, 8.0, 4.0)
+        loss = dkd_loss(student, teacher, target, 1.0, 8.0, 4.0)
         loss.backward()
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
     torch.testing.assert_close(student.grad.cpu(), ref_student.grad, rtol=1e-5, atol=1e-6)
@@ -396,8 +397,8 @@ def test_a_cache_task_on_the_gpu_builds_what_the_cpu_builds(assets, tmp_path):
     """Teacher and CLIP-image entries computed by Ray tasks holding half a GPU equal the CPU-built entries up to
     fp16 rounding of the stored values (the GPU's convolution and matmul kernels sum in another order)."""
     import numpy as np
-    import ray
 
+    ray = pytest.importorskip("ray", reason="the GPU cache task is a Ray task")
     from richkd.cache import prepare_caches
     from richkd.tune.cache_tasks import build_caches
     from richkd.tune.runner import init_ray
@@ -426,8 +427,8 @@ def test_two_trials_share_one_gpu(assets, tmp_path):
     """tune.resources.gpu 0.5: two trials run together on one GPU, each capped at its share, both complete."""
     import json
 
-    import ray
-
+    ray = pytest.importorskip("ray", reason="a sweep runs on Ray")
+    pytest.importorskip("mlflow", reason="a sweep records to MLflow")
     from richkd.tune.runner import run_sweep
     from richkd.tune.spec import spec_from_mapping
 
