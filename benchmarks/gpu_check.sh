@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # The prepared GPU check: one run on a lent GPU machine, every part capped so that the whole stays under
-# 7 minutes (usually 4 to 5) on one GPU. No internet needed there.
+# 7 minutes (410 s of caps; usually 4 to 5 minutes) on one GPU. No internet needed there.
 #
 #   bash benchmarks/gpu_check.sh prepare   # here, once, with pip's index: .gpu_check/ (git-ignored) holds
 #                                          # open_clip's wheels and a 2000 / 500-image Fashion-MNIST subset
 #   bash benchmarks/gpu_check.sh           # there: the device tool with carry [".gpu_check"]
 #
 # Parts, in order (seconds cap):
-#   env         nvidia-smi; python, torch, CUDA and NVIDIA driver versions                   (30)
+#   env         nvidia-smi; python, torch, CUDA and NVIDIA driver versions                   (20)
 #   pytest      pytest -m cuda on the test files with CUDA variants (tests/test_devices.py): (150)
 #               no host syncs in a train step, fp32 targets under amp, CRD, DKD, resident
 #               batches, resume; the Ray tests skip where Ray is not installed
-#   throughput  run.py --quick --only throughput --device cuda: one trial alone               (100)
-#   pack        gpu_pack.py --ks 1,4: 1 and 4 trials packed on the GPU, memory-capped          (110)
-#   agreement   gpu_pack.py: CPU-vs-GPU loss terms (TF32 on / off, bf16 autocast)             (60)
+#   throughput  run.py --quick --only throughput --device cuda: one trial alone               (90)
+#   pack        gpu_pack.py --ks 1,4: 1 and 4 trials packed on the GPU, memory-capped          (100)
+#   agreement   gpu_pack.py: CPU-vs-GPU loss terms (TF32 on / off, bf16 autocast)             (50)
 # Results go to $OUT if set (the device tool collects it), else benchmarks/gpu_check/: gpu_check.json is
 # rewritten after every part (each part's status, seconds and files, so a timeout keeps what was measured),
 # next to gpu_check.log, pytest_cuda.xml, gpu_results.json, pack.json and agreement.json (each written as its
@@ -108,7 +108,7 @@ print('python', sys.version.split()[0], 'torch', torch.__version__, 'built for C
 }
 export -f env_info
 export PY
-part env 30 "$LOG" -- bash -c env_info
+part env 20 "$LOG" -- bash -c env_info
 grep -E "^(python|open_clip) " "$LOG"
 
 if [ "$DEVICE" = cpu ]; then
@@ -126,11 +126,11 @@ fi
 
 part pytest 150 "$DEST/pytest_cuda.xml" -- $PY -m pytest -q -p no:cacheprovider -o addopts="" -rfEs \
   --junitxml="$DEST/pytest_cuda.xml" "${PYTEST_TESTS[@]}"
-part throughput 100 "$DEST/gpu_results.json" -- $PY benchmarks/run.py "${RUN_ARGS[@]}" --device "$DEVICE" \
+part throughput 90 "$DEST/gpu_results.json" -- $PY benchmarks/run.py "${RUN_ARGS[@]}" --device "$DEVICE" \
   --out "$DEST/gpu_results.json"
-part pack 110 "$DEST/pack.json" -- $PY benchmarks/gpu_pack.py "${PACK_ARGS[@]}" --skip agreement --device "$DEVICE" \
+part pack 100 "$DEST/pack.json" -- $PY benchmarks/gpu_pack.py "${PACK_ARGS[@]}" --skip agreement --device "$DEVICE" \
   --out "$DEST/pack.json"
-part agreement 60 "$DEST/agreement.json" -- $PY benchmarks/gpu_pack.py "${AGREE_ARGS[@]}" --skip pack \
+part agreement 50 "$DEST/agreement.json" -- $PY benchmarks/gpu_pack.py "${AGREE_ARGS[@]}" --skip pack \
   --device "$DEVICE" --out "$DEST/agreement.json"
 
 $PY - "$DEST" <<'EOF' | tee -a "$LOG"
