@@ -283,7 +283,8 @@ class TrainBench:
         ).to(device)
         params = list(self.student.parameters()) + list(self.objective.parameters())
         self.optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
-        self.loader = make_loader(dataset, spec.batch_size, shuffle=True, seed=seed)
+        self.loader = make_loader(dataset, spec.batch_size, shuffle=True, seed=seed, pin_memory=device.type == "cuda")
+        self.mean, self.std = (torch.tensor(v, device=device) for v in (CIFAR100_MEAN, CIFAR100_STD))  # as Run
         self._it = iter(self.loader)
         self.total = torch.zeros((), device=device)
         self.student.train()
@@ -302,7 +303,7 @@ class TrainBench:
 
         record = train_step(self._next_batch(), forward_student=self.student, teachers=self.teachers,
                             objective=self.objective, optimizer=self.optimizer, device=self.device,
-                            mean=CIFAR100_MEAN, std=CIFAR100_STD, channels_last=self.spec.channels_last,
+                            mean=self.mean, std=self.std, channels_last=self.spec.channels_last,
                             amp=self.spec.amp)
         self.total += record.loss * record.batch_size
         return record.terms

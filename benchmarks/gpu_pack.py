@@ -2,13 +2,14 @@
 agreement of the loss terms on the same seed and batches.
 
     python benchmarks/gpu_pack.py [--device cuda] [--ks 1,2,4] [--specs L/cached/tiny,LF/cached/tiny]
-                                  [--seconds 15] [--agree-steps 3] [--out DIR]
+                                  [--seconds 15] [--agree-steps 3] [--out FILE.json]
 
 Packing: every trial is `benchmarks/worker.py pack` (the same train step as run.py's throughput benchmark), started
 together, warmed up, then timed for --seconds after a common GO; the total images/s of k packed trials is compared
 with one trial alone (goal: >= 2.5x for k = 4, i.e. a 4-trial sweep per GPU finishes >= 2.5x sooner than a serial
-one). Each process calls torch.cuda.set_per_process_memory_fraction(1/k - 0.01), the guard Ray trials use for
-fractional GPUs (richkd.tune.cluster.limit_gpu_memory), and gets cpu_count // k torch threads.
+one). Each process takes 1/k of the GPU the way a trial with tune.resources.gpu 1/k does
+(richkd.tune.cluster.claim_gpu: its PyTorch memory capped at 1/k of the GPU minus a CUDA context), and gets
+cpu_count // k torch threads.
 
 Agreement: the RichKD-L+F step (cached teachers, CRD with 16384 negatives) runs N steps on the CPU and on the GPU
 from identical weights, batches and CRD negatives (the GPU run draws its negatives with the CPU generator so both
@@ -42,7 +43,7 @@ def log(msg: str) -> None:
 
 
 def packed_run(spec: bk.StepSpec, k: int, device: str, seconds: float, work: Path, warmup: int) -> dict:
-    fraction = 1.0 if k == 1 else 1.0 / k - 0.01
+    fraction = 1.0 / k
     threads = max(1, (os.cpu_count() or 1) // k)
     procs = [subprocess.Popen(
         [sys.executable, str(HERE / "worker.py"), "pack", "--spec", bk.spec_to_json(spec), "--cache",
@@ -152,13 +153,13 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--agree-steps", type=int, default=3)
     p.add_argument("--skip", default="", help="comma-separated: pack, agreement")
-    p.add_argument("--out", default=str(HERE), help="folder for gpu_pack.json")
+    p.add_argument("--out", default=str(HERE / "gpu_pack.json"), help="the JSON file (rewritten after each part)")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no CUDA device (use --device cpu for a smoke test)")
     skip = {s for s in args.skip.split(",") if s}
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
                "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": bk.machine_info(args.device)}
     failed = False
@@ -181,10 +182,10 @@ def main(argv=None) -> int:
                 payload[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]}
             payload[name]["wall_s"] = round(time.perf_counter() - t0, 1)
             _print(name, payload[name])
-            _write(out_dir / "gpu_pack.json", payload)
+            _write(out, payload)
     payload["goals"] = [g for k in ("pack", "agreement") for g in payload.get(k, {}).get("goals", [])]
-    _write(out_dir / "gpu_pack.json", payload)
-    print(f"wrote {out_dir / 'gpu_pack.json'}")
+    _write(out, payload)
+    print(f"wrote {out}")
     return 1 if failed else 0
 
 

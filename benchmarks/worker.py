@@ -119,8 +119,10 @@ def cmd_pack(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if device.type == "cuda" and 0 < args.fraction < 1:
-        torch.cuda.set_per_process_memory_fraction(args.fraction, device)
+    if device.type == "cuda":   # what a trial given `fraction` of a GPU does: check CUDA, cap at share - context
+        from richkd.tune.cluster import claim_gpu
+
+        claim_gpu(args.fraction, "a packed trial")
     spec = bk.spec_from_json(args.spec)
     dataset = bk.synthetic_train_set()
     caches = bk.write_synthetic_caches(args.cache)

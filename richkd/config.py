@@ -236,15 +236,20 @@ class TrainConfig:
     eval_every: int = 1                  # evaluate on the validation split every N epochs (and the last)
     checkpoint_dir: Optional[str] = None # None: no TrainState files (Tune trials checkpoint through Tune)
     threads: Optional[int] = None        # torch CPU threads; None: leave torch's default / Ray's grant
-    amp: bool = False                    # bf16 autocast for the forward passes on CUDA (loss maths stay fp32)
+    amp: bool = False                    # bf16 autocast for the student's training forward on CUDA (teacher
+                                         # targets, losses and validation stay fp32)
     channels_last: bool = False          # NHWC memory format (faster convolutions on tensor cores)
     compile: bool = False                # torch.compile the student: pays a compile per process, for long runs
+    cudnn_benchmark: bool = False        # let cuDNN time its kernels for the (fixed) input shapes, e.g. CIFAR
+    deterministic: bool = False          # deterministic algorithms on CUDA too (slower): bitwise repeatable runs
 
     def __post_init__(self) -> None:
         in_range(self.epochs, "train.epochs", 1, 100000)
         in_range(self.eval_every, "train.eval_every", 1)
         if self.threads is not None:
             in_range(self.threads, "train.threads", 1, 1024)
+        check(not (self.deterministic and self.cudnn_benchmark), "train.cudnn_benchmark",
+              "cuDNN's timed kernel choice is not deterministic; set it false with train.deterministic: true")
 
 
 # Cheap defaults: one corruption per family (noise, blur, digital, compression) at the middle severity on a

@@ -43,15 +43,17 @@ class TeacherSource:
 class CachedRows:
     """Rows of memory-mapped fp16 cache arrays for a batch, by dataset row (and cached view), as fp32 tensors.
 
-    The arrays are shared by every trial process on a node; only the rows of a batch are copied (and upcast)
-    per step. With V cached views (teaching.views) row `view * N + position` holds the outputs for the view the
-    student was shown; batches without views read view 0, the clean image.
+    The arrays are shared by every trial process on a node; only the rows of a batch are copied per step, in
+    their stored dtype, straight into one (on CUDA page-locked) host buffer, copied to the device asynchronously
+    and put in batch order and upcast there. With V cached views (teaching.views) row `view * N + position` holds
+    the outputs for the view the student was shown; batches without views read view 0, the clean image.
     """
 
     def __init__(self, num_rows: int, device: torch.device, rows: Optional[np.ndarray] = None) -> None:
         self.num_rows = num_rows      # cached rows per view
         self.rows = None if rows is None else np.asarray(rows)  # sorted dataset rows cached; None = 0..num_rows-1
         self.device = device
+        self.pin = torch.device(device).type == "cuda"
 
     def _positions(self, index: np.ndarray) -> np.ndarray:
         """Dataset rows -> positions in a cache that covers only some rows (a subset run)."""
@@ -64,19 +66,39 @@ class CachedRows:
                                        "rows); rebuild it with `richkd cache`")
         return pos
 
-    def read(self, batch: Batch, *arrays: Optional[np.ndarray]) -> list[Optional[torch.Tensor]]:
-        """The batch's rows of each array (None stays None), in batch order."""
+    def _buffer(self, shape: tuple, dtype: np.dtype) -> torch.Tensor:
+        """An empty host tensor, page-locked for a CUDA run (so that the copy to the device is asynchronous)."""
+        return torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype, pin_memory=self.pin)
+
+    def _host(self, values: np.ndarray) -> torch.Tensor:
+        if not self.pin:
+            return torch.from_numpy(np.ascontiguousarray(values))
+        out = self._buffer(values.shape, values.dtype)
+        out.numpy()[...] = values
+        return out
+
+    def _rows(self, arr, sorted_index: np.ndarray) -> torch.Tensor:
+        """The rows of one array as a host tensor, read in sorted order (kinder to the page cache)."""
+        if not isinstance(arr, np.ndarray):          # sharded or top-k arrays build their rows themselves
+            return self._host(np.asarray(arr[sorted_index]))
+        if len(sorted_index) and not 0 <= sorted_index[0] <= sorted_index[-1] < len(arr):
+            raise IndexError(f"cache rows {sorted_index[0]}..{sorted_index[-1]} outside an array of {len(arr)} rows")
+        out = self._buffer((len(sorted_index), *arr.shape[1:]), arr.dtype)
+        np.take(arr, sorted_index, axis=0, out=out.numpy(), mode="clip")   # one copy: "clip" is never buffered
+        return out
+
+    def read(self, batch: Batch, *arrays) -> list[Optional[torch.Tensor]]:
+        """The batch's rows of each array (None stays None), in batch order, fp32 on the device."""
         index = self._positions(batch.index_on_host().numpy())  # host copies: no device->host sync per step
         view = batch.view_on_host()
         if view is not None:
             index = view.numpy() * self.num_rows + index
-        order = np.argsort(index)  # sorted reads are kinder to the page cache; undo the order afterwards
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
+        order = np.argsort(index)
         sorted_index = index[order]
+        inverse = self._host(np.argsort(order)).to(self.device, non_blocking=True)   # batch order, on the device
         return [None if arr is None else
-                torch.from_numpy(np.asarray(arr[sorted_index], dtype=np.float32)).to(
-                    self.device, non_blocking=True)[inverse] for arr in arrays]
+                self._rows(arr, sorted_index).to(self.device, non_blocking=True).index_select(0, inverse).float()
+                for arr in arrays]
 
 
 class CachedTeachers(TeacherSource):

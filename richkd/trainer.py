@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +64,8 @@ class StepRecord:
 
 
 def student_inputs(images: torch.Tensor, mean, std, channels_last: bool) -> torch.Tensor:
-    """Normalised float images in the memory format the student was built with (on the images' device)."""
+    """Normalised float images in the memory format the student was built with (on the images' device).
+    mean/std: per-channel tensors on that device (Run builds them once: no host->device copy per step) or tuples."""
     from richkd.data import normalize
 
     x = normalize(images, mean, std)
@@ -71,8 +73,21 @@ def student_inputs(images: torch.Tensor, mean, std, channels_last: bool) -> torc
 
 
 def autocast(device: torch.device, amp: bool):
-    """bf16 autocast on CUDA when amp; the objective casts logits and features to fp32 itself."""
+    """bf16 autocast on CUDA when amp, for the student's training forward only; the objective casts logits and
+    features to fp32 itself."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+
+
+def configure_backends(train) -> None:
+    """train.deterministic and train.cudnn_benchmark, for the whole process (a trial process runs one Run at a
+    time). Deterministic: torch's deterministic algorithms (an op without one warns, naming itself), cuDNN's
+    deterministic kernels, and the cuBLAS workspace setting CUDA asks for (it is read when cuBLAS starts, so it
+    is set before the first CUDA matmul; a value already in the environment is kept)."""
+    if train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(train.deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = train.deterministic
+    torch.backends.cudnn.benchmark = train.cudnn_benchmark
 
 
 def train_step(batch, *, forward_student: Callable, teachers, objective, optimizer: torch.optim.Optimizer,
@@ -87,7 +102,8 @@ def train_step(batch, *, forward_student: Callable, teachers, objective, optimiz
     x = student_inputs(batch.image, mean, std, channels_last)
     with autocast(device, amp):
         out = forward_student(x)
-        teacher = teachers(batch, x) if teachers is not None and objective.needs_teacher else None
+    # outside autocast: the targets stay fp32 (as in teacher_analysis), whatever train.amp does to the student
+    teacher = teachers(batch, x) if teachers is not None and objective.needs_teacher else None
     terms = objective(out, batch.target, teacher, batch.index)
     loss = sum(terms.values())
     optimizer.zero_grad(set_to_none=True)
@@ -121,7 +137,7 @@ class Run:
     """All live objects of one training run; built once, then `train()` drives the epochs."""
 
     def __init__(self, cfg: Config, progress: bool = False) -> None:
-        from richkd.data import build_data
+        from richkd.data import build_data, make_loader
         from richkd.data.resident import make_resident
         from richkd.models import create_model
         from richkd.objective import DistillationObjective
@@ -130,9 +146,12 @@ class Run:
         self.cfg, self.progress = cfg, progress
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        configure_backends(cfg.train)
         self.device = resolve_device(cfg.device)
         seed_everything(cfg.seed)
         self.data = build_data(cfg.data)
+        # normalisation constants on the device once, not copied from the host at every step
+        self.mean, self.std = (torch.tensor(v, device=self.device) for v in (self.data.mean, self.data.std))
         # with cached views the student is shown exactly the crops/flips whose teacher outputs are cached
         self.train_set = (self.data.train.with_views(cfg.teaching.views, cfg.teaching.view_seed)
                           if cfg.teaching.views > 1 else self.data.train)
@@ -153,6 +172,15 @@ class Run:
             clip_dim=None if self.teachers is None else self.teachers.clip_dim,
             train_targets=self.data.train_targets, train_rows=torch.as_tensor(self.data.train.indices),
         ).to(self.device)
+        # one loader per split for the whole run: DataLoader workers (data.num_workers) start once and persist;
+        # the training order is a function of (seed, epoch) (BatchLoader.set_epoch), so resume stays exact
+        pin = self.device.type == "cuda"
+        self.train_loader = make_loader(self.train_set if self.resident_train is None else self.resident_train,
+                                        cfg.data.batch_size, shuffle=True, seed=cfg.seed * 100003,
+                                        num_workers=cfg.data.num_workers, pin_memory=pin)
+        self._eval_loaders = {split: make_loader(dataset, cfg.data.eval_batch_size, shuffle=False, seed=0,
+                                                 num_workers=cfg.data.num_workers, pin_memory=pin)
+                              for split, dataset in (("val", self.data.val), ("test", self.data.test))}
         params = list(self.student.parameters()) + list(self.objective.parameters())
         o = cfg.optim
         self.optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
@@ -175,7 +203,8 @@ class Run:
             "student": self.student.state_dict(), "objective": self.objective.state_dict(),
             "optimizer": self.optimizer.state_dict(), "best_val_top1": self.best_val_top1,
             "history": self.history, "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            # the run device's generator only: a CPU run never touches CUDA, and any GPU count can resume it
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
         }
 
     def load_state(self, state: dict) -> None:
@@ -189,27 +218,21 @@ class Run:
         self.best_val_top1 = float(state["best_val_top1"])
         self.history = list(state["history"])
         torch.set_rng_state(state["rng"])
-        if state.get("cuda_rng") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        cuda_rng = state.get("cuda_rng")
+        if self.device.type == "cuda" and cuda_rng is not None and len(cuda_rng):
+            if isinstance(cuda_rng, (list, tuple)):   # older checkpoints: one state per GPU the writer saw
+                cuda_rng = cuda_rng[(self.device.index or 0) if (self.device.index or 0) < len(cuda_rng) else 0]
+            torch.cuda.set_rng_state(cuda_rng, self.device)
 
     # -- epochs --
-    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
-        return student_inputs(images, self.data.mean, self.data.std, self.cfg.train.channels_last)
-
-    def _autocast(self):
-        """bf16 autocast on CUDA when train.amp; the objective casts logits and features to fp32 itself."""
-        return autocast(self.device, self.cfg.train.amp)
-
     def step(self, batch) -> StepRecord:
         """One optimisation step on a batch from the training loader (one iteration of train_one_epoch)."""
         return train_step(batch, forward_student=self.forward_student, teachers=self.teachers,
                           objective=self.objective, optimizer=self.optimizer, device=self.device,
-                          mean=self.data.mean, std=self.data.std, channels_last=self.cfg.train.channels_last,
+                          mean=self.mean, std=self.std, channels_last=self.cfg.train.channels_last,
                           amp=self.cfg.train.amp)
 
     def train_one_epoch(self, epoch: int) -> dict:
-        from richkd.data import make_loader
-
         cfg = self.cfg
         lr = lr_at(epoch, cfg.optim, cfg.train.epochs)
         for group in self.optimizer.param_groups:
@@ -217,10 +240,9 @@ class Run:
         self.objective.epoch = epoch   # DKD's warm-up reads it
         self.student.train()
         self.objective.train()
-        # A per-epoch loader seed makes the sample order a function of (seed, epoch): resume is exact.
-        dataset = self.train_set if self.resident_train is None else self.resident_train  # same batches either way
-        loader = make_loader(dataset, cfg.data.batch_size, shuffle=True, seed=cfg.seed * 100003 + epoch,
-                             num_workers=cfg.data.num_workers, drop_last=False)
+        # The sample order is a function of (seed, epoch): resume is exact.
+        loader = self.train_loader
+        loader.set_epoch(epoch)
         sums: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.device)
         n_seen = 0
@@ -252,25 +274,19 @@ class Run:
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict:
-        from richkd.data import make_loader
+        """Top-1/5, ECE and mean CE of the student on a split, in fp32 whatever train.amp says (as `richkd
+        evaluate` and the robustness metrics); accumulated on the device, read once at the end."""
         from richkd.metrics import ClassificationMeter
 
-        dataset = self.data.val if split == "val" else self.data.test
-        loader = make_loader(dataset, self.cfg.data.eval_batch_size, shuffle=False, seed=0,
-                             num_workers=self.cfg.data.num_workers)
         self.student.eval()
         meter = ClassificationMeter()
-        loss_sum, n = 0.0, 0
-        for batch in loader:
+        for batch in self._eval_loaders[split]:
             batch = batch.to(self.device, non_blocking=True)
-            with self._autocast():
-                logits = self.forward_student(self._normalize(batch.image)).logits.float()
-            loss_sum += float(torch.nn.functional.cross_entropy(logits, batch.target, reduction="sum"))
-            n += len(batch)
-            meter.update(logits, batch.target)
+            x = student_inputs(batch.image, self.mean, self.std, self.cfg.train.channels_last)
+            meter.update(self.forward_student(x).logits.float(), batch.target)
         m = meter.compute()
         return {f"{split}_top1": m["top1"], f"{split}_top5": m["top5"], f"{split}_ece": m["ece"],
-                f"{split}_loss": loss_sum / max(n, 1)}
+                f"{split}_loss": m["loss"]}
 
     def robustness_metrics(self) -> dict:
         """val_corrupt_top1 / val_corrupt_ece (+ per corruption) on a seeded val subset (cfg.robustness)."""

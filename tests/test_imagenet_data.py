@@ -73,10 +73,12 @@ def test_training_crops_are_seeded_random_resized_crops_and_eval_is_resize_256_c
     from torchvision import transforms as T
 
     batch = next(iter(make_loader(data.test, 8, shuffle=False, seed=0)))
+    assert batch.image.dtype == torch.uint8       # workers send uint8; Batch.to makes float in [0, 1] on the device
+    assert torch.equal(batch.to("cpu").image, batch.image.float() / 255)
     reference = T.Compose([T.Resize(256), T.CenterCrop(224), T.PILToTensor()])
     for k in range(8):
         image = decode_image(data.test.source.path(int(batch.index[k])))
-        assert torch.equal((batch.image[k] * 255).round().to(torch.uint8), reference(image))
+        assert torch.equal(batch.image[k], reference(image))
 
 
 def test_pil_and_torchvision_decoders_agree_and_are_part_of_the_identity(tree):

@@ -64,8 +64,11 @@ def _targets():
     return torch.tensor(cls)[torch.randperm(len(cls), generator=g)]
 
 
-@pytest.mark.parametrize("sampling", ["other_class", "uniform"])
-def test_negatives_come_only_from_other_classes_and_cover_them_uniformly(sampling):
+@pytest.mark.parametrize("sampling, rejection_ratio", [("other_class", 32), ("other_class", 0), ("uniform", 32)])
+def test_negatives_come_only_from_other_classes_and_cover_them_uniformly(monkeypatch, sampling, rejection_ratio):
+    import richkd.losses.crd as crd
+
+    monkeypatch.setattr(crd, "_REJECTION_RATIO", rejection_ratio)   # 0: the large-N rejection sampler
     targets = _targets()
     n = targets.numel()
     mem = ContrastMemory(4, targets, nce_k=8, sampling=sampling)          # class 2 has 16 - 7 = 9 others
@@ -100,13 +103,15 @@ def test_sampling_is_reproducible_under_manual_seed(sampling):
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("keys_per_chunk", [1 << 24, 20])   # 20: one sample per chunk of keys
-def test_other_class_sampling_draws_k_distinct_rows_per_sample(monkeypatch, keys_per_chunk):
+@pytest.mark.parametrize("keys_per_chunk, rejection_ratio", [(1 << 24, 32), (20, 32), (1 << 24, 0)])
+def test_other_class_sampling_draws_k_distinct_rows_per_sample(monkeypatch, keys_per_chunk, rejection_ratio):
     """The official CRD dataset's draw: K rows of other classes WITHOUT replacement for every sample; the
-    uniform sampler draws with replacement (with K = 8 of 9 rows, repeats are all but certain)."""
+    uniform sampler draws with replacement (with K = 8 of 9 rows, repeats are all but certain). keys_per_chunk 20:
+    one sample per chunk of keys; rejection_ratio 0: the rejection sampler large N uses, here on small N."""
     import richkd.losses.crd as crd
 
     monkeypatch.setattr(crd, "_KEYS_PER_CHUNK", keys_per_chunk)
+    monkeypatch.setattr(crd, "_REJECTION_RATIO", rejection_ratio)
     targets = _targets()
     index = torch.arange(targets.numel()).repeat(4)
     torch.manual_seed(0)
@@ -188,7 +193,11 @@ def test_nce_value_and_updates_by_hand(mode, mom):
     np.testing.assert_allclose(log_p_s2.numpy(), np.log(e_s2 / z_s), rtol=1e-5, atol=1e-5)
 
 
-def test_dense_and_gather_scores_agree_with_gradients():
+@pytest.mark.parametrize("gather_bytes", [1 << 28, 1])    # 1: the gather path works one sample at a time
+def test_dense_and_gather_scores_agree_with_gradients(monkeypatch, gather_bytes):
+    import richkd.losses.crd as crd
+
+    monkeypatch.setattr(crd, "_GATHER_BYTES", gather_bytes)
     targets = torch.arange(40) % 4
     torch.manual_seed(0)
     a = ContrastMemory(8, targets, nce_k=20, score_mode="dense")

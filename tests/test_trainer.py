@@ -149,17 +149,19 @@ def test_amp_changes_nothing_on_cpu(tmp_path):
 
 
 @needs_fmnist
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_amp_on_cuda_runs_the_student_in_bf16(tmp_path):
+def test_amp_on_cuda_runs_the_student_in_bf16_and_validates_in_fp32(tmp_path):
     run = Run(tiny_cfg(tmp_path, **{"device": "cuda", "train.epochs": 1, "train.amp": True}))
     conv = next(m for m in run.student.modules() if isinstance(m, torch.nn.Conv2d))
     dtypes = []
-    handle = conv.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    handle = conv.register_forward_hook(lambda module, inputs, output: dtypes.append((module.training, output.dtype)))
     try:
         result = run.train()
     finally:
         handle.remove()
-    assert dtypes and set(dtypes) == {torch.bfloat16}             # train and validation forwards
+    assert {d for training, d in dtypes if training} == {torch.bfloat16}      # training forwards
+    assert {d for training, d in dtypes if not training} == {torch.float32}   # validation forwards
     assert math.isfinite(result.metrics["train_loss"]) and 0 <= result.metrics["val_top1"] <= 100
 
 

@@ -212,7 +212,7 @@ def _batched_outputs(dataset, fn: Callable[["torch.Tensor"], dict], batch_size: 
             if not torch.equal(batch.index, dataset.indices[expected:expected + len(batch)]):
                 raise CacheError("cache building must visit the rows in order (internal error)")
             expected += len(batch)
-            for name, value in fn(batch.image.to(device)).items():
+            for name, value in fn(batch.to(device).image).items():
                 chunks.setdefault(name, []).append(value.float().cpu().numpy())
             if bar is not None:
                 bar.update(1)

@@ -58,11 +58,20 @@ def _clip_arch(cfg: Config):
 
 
 def _rate(fn, batch, repeats: int = 2) -> float:
-    """Items per second of fn(batch) after one warm-up call."""
+    """Items per second of fn(batch) after one warm-up call; on CUDA the clock stops when the kernels are done,
+    not when they are launched."""
+    import torch
+
+    def sync() -> None:
+        if batch.device.type == "cuda":
+            torch.cuda.synchronize(batch.device)
+
     fn(batch)
+    sync()
     started = time.perf_counter()
     for _ in range(repeats):
         fn(batch)
+    sync()
     return repeats * batch.shape[0] / max(time.perf_counter() - started, 1e-9)
 
 
@@ -106,8 +115,9 @@ def plan_caches(cfg: Config, images: Optional[int] = None, num_classes: Optional
     batch = torch.rand(min(cfg.data.eval_batch_size, 64 if dev.type == "cuda" else 8), 3, data.image_size,
                        data.image_size, device=dev)
     teacher.to(dev)
+    mean, std = (torch.tensor(v, device=dev) for v in (data.mean, data.std))
     with torch.inference_mode():
-        rate = _rate(lambda x: teacher(normalize(x, data.mean, data.std)), batch)
+        rate = _rate(lambda x: teacher(normalize(x, mean, std)), batch)
     plan.rates["teacher_views_per_s"] = rate
     plan.seconds["teacher"] = views_total / rate
     if clip_model is not None:

@@ -41,7 +41,8 @@ def _pair(size: Any) -> tuple[int, int]:
     return int(size), int(size)
 
 
-def preprocess_images(images: torch.Tensor, size: Any, mean: Sequence[float], std: Sequence[float],
+def preprocess_images(images: torch.Tensor, size: Any, mean: Sequence[float] | torch.Tensor,
+                      std: Sequence[float] | torch.Tensor,
                       interpolation: str = "bicubic", resize_mode: str = "shortest",
                       fill_color: int = 0) -> torch.Tensor:
     """(B, 3, H, W) float images in [0, 1] -> (B, 3, h, w) CLIP input, computed on the images' device.
@@ -123,6 +124,7 @@ class ClipTeacher:
         self.mean = tuple(float(v) for v in cfg.get("mean", _NAMED_STATS["openai"][0]))
         self.std = tuple(float(v) for v in cfg.get("std", _NAMED_STATS["openai"][1]))
         self.preprocess_id = describe_preprocess(cfg)
+        self._stats: dict = {}     # device -> (mean, std) tensors, made once (not copied to the device per batch)
         self.logit_scale = float(model.logit_scale.detach().float().exp().reshape(-1)[0])
         self.embed_dim = self._infer_embed_dim()
 
@@ -169,7 +171,9 @@ class ClipTeacher:
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         c = self.preprocess_cfg
-        x = preprocess_images(x, self.image_size, self.mean, self.std, c.get("interpolation", "bicubic"),
+        if x.device not in self._stats:
+            self._stats[x.device] = tuple(torch.tensor(v, device=x.device) for v in (self.mean, self.std))
+        x = preprocess_images(x, self.image_size, *self._stats[x.device], c.get("interpolation", "bicubic"),
                               c.get("resize_mode", "shortest"), int(c.get("fill_color", 0) or 0))
         with torch.no_grad():
             feats = self.model.encode_image(x.to(self.dtype))

@@ -7,7 +7,8 @@ import torch
 
 
 def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if hasattr(batch, "image") and hasattr(batch, "target"):  # richkd.data.batch.Batch
+    if hasattr(batch, "image") and hasattr(batch, "target"):  # richkd.data.batch.Batch (.to: float images)
+        batch = batch.to(batch.image.device)
         return batch.image, batch.target
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:  # (image, target, index, ...)
         return batch[0], batch[1]

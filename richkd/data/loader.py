@@ -65,13 +65,14 @@ class BatchLoader:
     Epoch e's order and augmentation come from a generator seeded by (seed, e): two loaders with the same
     seed yield identical batches, independent of torch's global RNG and of num_workers. Each `iter()` uses
     the current epoch and then advances it; call `set_epoch(e)` before iterating to resume exactly at epoch e.
-    Images are float32 (B, 3, S, S) in [0, 1] (not normalised); target and index are int64 (B,).
+    Images are float32 (B, 3, S, S) in [0, 1] (not normalised; photo datasets: uint8, see Batch.to); target and
+    index are int64 (B,). The DataLoader behind num_workers > 0 is made once and keeps its workers across epochs.
     A device-resident dataset (richkd.data.resident) yields the same batches already on its device, built in
     the main process: num_workers is ignored for it.
     """
 
     def __init__(self, dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,
-                 drop_last: bool = False) -> None:
+                 drop_last: bool = False, pin_memory: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
@@ -82,6 +83,8 @@ class BatchLoader:
         self.seed = int(seed)
         self.num_workers = 0 if hasattr(dataset, "fetch") else int(num_workers)
         self.drop_last = bool(drop_last)
+        # host batches in page-locked memory for a CUDA run (a device-resident dataset's are on the device)
+        self.pin_memory = bool(pin_memory) and not hasattr(dataset, "fetch")
         self.epoch = 0
         self._current_plan: list[tuple[torch.Tensor, int]] = []
         self._loader: Optional[torch.utils.data.DataLoader] = None
@@ -106,16 +109,18 @@ class BatchLoader:
         self._current_plan = self.plan(self.epoch)
         self.epoch += 1
         if self.num_workers == 0:
-            return (_fetch(self.dataset, pos, s) for pos, s in self._current_plan)
+            batches = (_fetch(self.dataset, pos, s) for pos, s in self._current_plan)
+            return (b.pin_memory() for b in batches) if self.pin_memory else batches
         if self._loader is None:
             self._loader = torch.utils.data.DataLoader(
                 _Fetcher(self.dataset), batch_size=None, sampler=_PlanSampler(self), num_workers=self.num_workers,
-                collate_fn=_identity, persistent_workers=True,
+                collate_fn=_identity, persistent_workers=True, pin_memory=self.pin_memory,
                 generator=torch.Generator().manual_seed(derive_seed(self.seed, "workers")))
         return iter(self._loader)
 
 
 def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,
-                drop_last: bool = False) -> BatchLoader:
+                drop_last: bool = False, pin_memory: bool = False) -> BatchLoader:
     """A seeded `BatchLoader` over a dataset of (image, target, index) items (see BatchLoader)."""
-    return BatchLoader(dataset, batch_size, shuffle, seed, num_workers=num_workers, drop_last=drop_last)
+    return BatchLoader(dataset, batch_size, shuffle, seed, num_workers=num_workers, drop_last=drop_last,
+                       pin_memory=pin_memory)

@@ -92,8 +92,10 @@ def rrc_box(height: int, width: int, seed: int) -> tuple[int, int, int, int, int
     from torchvision.transforms import RandomResizedCrop
 
     shape_only = torch.empty(1, 1, 1).expand(1, height, width)   # get_params reads only the size
+    # get_params draws from torch's global CPU generator: seed only that one (torch.manual_seed would reseed
+    # every CUDA generator too, and fork_rng(devices=[]) would not restore them), restored on exit
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
+        torch.default_generator.manual_seed(int(seed))
         top, left, h, w = RandomResizedCrop.get_params(shape_only, list(RRC_SCALE), list(RRC_RATIO))
         flip = int(torch.rand(1).item() < 0.5)
     return int(top), int(left), int(h), int(w), flip
@@ -229,7 +231,8 @@ class PhotoSplit(Dataset):
 
     def get_view_batch(self, positions: torch.Tensor, generator: Optional[torch.Generator] = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """Items at positions -> (images float32 (B, 3, S, S) in [0, 1], targets, rows, view ids or None)."""
+        """Items at positions -> (images uint8 (B, 3, S, S), targets, rows, view ids or None). The loader's workers
+        send uint8 (a quarter of float32's bytes); Batch.to makes them float in [0, 1] on the device."""
         positions = torch.as_tensor(positions, dtype=torch.int64)
         rows = self.indices.index_select(0, positions)
         images = [self.source.decode(int(r)) for r in rows]
@@ -245,12 +248,13 @@ class PhotoSplit(Dataset):
         else:
             crops = [eval_crop(im, size) for im in images]
         batch = torch.stack(crops) if crops else torch.empty(0, 3, size, size, dtype=torch.uint8)
-        return to_float_images(batch, size), self.source.targets.index_select(0, rows), rows, views
+        return batch, self.source.targets.index_select(0, rows), rows, views
 
     def get_batch(self, positions: torch.Tensor, generator: Optional[torch.Generator] = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Items at positions -> (images float32 (B, 3, S, S) in [0, 1], targets, rows)."""
         images, targets, rows, _ = self.get_view_batch(positions, generator)
-        return images, targets, rows
+        return to_float_images(images, self.image_size), targets, rows
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         n, i = len(self), int(i)

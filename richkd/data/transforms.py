@@ -89,11 +89,13 @@ def crop_flip(images: torch.Tensor, offsets: torch.Tensor, flip: torch.Tensor,
     return padded.reshape(b, c, -1).gather(2, flat).view(b, c, h, w)
 
 
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def normalize(images: torch.Tensor, mean: Sequence[float] | torch.Tensor,
+              std: Sequence[float] | torch.Tensor) -> torch.Tensor:
     """(images - mean) / std per channel, on the images' device and dtype; images (B, C, H, W) in [0, 1].
 
     Done on the device by the trainer (not in the dataset) so CLIP can apply its own preprocessing to the
-    very same un-normalised view.
+    very same un-normalised view. Per-step callers pass mean/std as (C,) tensors already on the images' device
+    and dtype (the trainer makes them once): tuples would be copied to the device at every call.
     """
     m = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)

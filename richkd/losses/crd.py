@@ -20,6 +20,35 @@ _SCORE_MODES = ("auto", "dense", "gather")
 _SAMPLINGS = ("other_class", "uniform")
 # other_class draws keep at most this many random keys (B_chunk x N) in memory at once
 _KEYS_PER_CHUNK = 1 << 24
+# other_class draws switch from ranking keys over every other-class row (O(B N) per step) to rejection sampling
+# (O(B K log K) per round) when every class's other-class rows outnumber K this many times (full ImageNet: ~78x)
+_REJECTION_RATIO = 32
+# the gather score path holds at most this many bytes of gathered memory rows at once, forward and backward
+_GATHER_BYTES = 1 << 28
+
+
+def _per_chunk(memory: torch.Tensor, index: torch.Tensor, other: torch.Tensor, fn) -> torch.Tensor:
+    """torch.cat of fn(memory[index[lo:hi]] (b, K+1, d), other[lo:hi]) over batch chunks whose gathered rows take at
+    most _GATHER_BYTES; one chunk's rows exist at a time."""
+    step = max(1, _GATHER_BYTES // max(1, index.shape[1] * memory.shape[1] * memory.element_size()))
+    return torch.cat([fn(memory.index_select(0, index[lo:lo + step].reshape(-1)).view(
+        *index[lo:lo + step].shape, -1), other[lo:lo + step]) for lo in range(0, index.shape[0], step)])
+
+
+class _GatheredDots(torch.autograd.Function):
+    """dots[b, j] = memory[index[b, j]] . v[b] for a constant memory bank, chunk by chunk; backward gathers the
+    rows again instead of keeping the whole (B, K+1, d) gather alive until then (at full ImageNet, B 512 and
+    K 16384, that gather is 4.3 GB per side). The gradient w.r.t. v is a bmm, so it is deterministic too."""
+
+    @staticmethod
+    def forward(ctx, memory: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(memory, index)
+        return _per_chunk(memory, index, v, lambda w, vb: torch.bmm(w, vb.unsqueeze(2)).squeeze(2))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        memory, index = ctx.saved_tensors
+        return None, _per_chunk(memory, index, grad, lambda w, g: torch.bmm(g.unsqueeze(1), w).squeeze(1)), None
 
 
 class EmbedHead(nn.Module):
@@ -100,7 +129,9 @@ class ContrastMemory(nn.Module):
     Negatives reproduce CRD's ``"exact"`` mode (K negatives from OTHER classes,
     docs/method.md#feature-fusion-and-crd), sampled here on the memory's device instead of by the dataset.
     ``sampling="other_class"`` (default) draws K distinct other-class rows per sample, i.e. without replacement,
-    as the official CRD dataset does; ``"uniform"`` draws them i.i.d. WITH replacement over the other-class rows
+    as the official CRD dataset does (by ranking random keys, or, when the other-class rows outnumber K 32 times
+    or more as on full ImageNet, by rejection sampling: the same distribution, far fewer random numbers);
+    ``"uniform"`` draws them i.i.d. WITH replacement over the other-class rows
     (the noise distribution the NCE loss assumes, like mdistiller's ``AliasMethod`` draw restricted to other
     classes), which is cheaper. The draw uses the global RNG of the buffers' device, so runs are reproducible
     under ``torch.manual_seed``.
@@ -139,6 +170,11 @@ class ContrastMemory(nn.Module):
         self._bits = 62 - max(1, (n - 1).bit_length())
         if self._bits < 30:
             raise ValueError(f"ContrastMemory: {n} training rows is too many for the negative sampler")
+        # sampler constants as Python numbers, so that a draw never waits for the device to answer
+        present = counts[counts > 0]
+        self._width = n - int(present.min())                 # the most other-class rows any class has
+        self._uneven = bool((present != present.max()).any())
+        self._rejection = n - int(present.max()) >= _REJECTION_RATIO * nce_k   # every class: M_c >= 32 K
 
         stdv = 1.0 / math.sqrt(feat_dim / 3)
         self.register_buffer("memory_student", torch.rand(n, feat_dim).mul_(2 * stdv).add_(-stdv))
@@ -165,10 +201,12 @@ class ContrastMemory(nn.Module):
     def sample(self, index: torch.Tensor) -> torch.Tensor:
         """Contrast indices (B, K+1): column 0 is ``index`` (the positive), then K rows of other classes."""
         index = index.to(self.class_of.device).long()
-        if self.sampling == "other_class":
-            negatives = self._sample_distinct(index)
-        else:
+        if self.sampling == "uniform":
             negatives = self._sample_iid(index)
+        elif self._rejection:
+            negatives = self._sample_rejection(index)
+        else:
+            negatives = self._sample_distinct(index)
         return torch.cat([index.unsqueeze(1), negatives], dim=1)
 
     def _sample_distinct(self, index: torch.Tensor) -> torch.Tensor:
@@ -183,34 +221,55 @@ class ContrastMemory(nn.Module):
         y = self.class_of[index]
         count = self.class_count[y].unsqueeze(1)
         start = self.class_start[y].unsqueeze(1)
-        width = self.num_data - int(self.class_count[self.class_count > 0].min())
-        uneven = bool((self.class_count[self.class_count > 0] != self.class_count.max()).any())
+        width = self._width
         columns = torch.arange(width, device=index.device)
         chunk = max(1, _KEYS_PER_CHUNK // width)
         parts = []
         for lo in range(0, index.numel(), chunk):
             hi = min(lo + chunk, index.numel())
             keys = torch.rand(hi - lo, width, device=index.device)
-            if uneven:
+            if self._uneven:
                 keys.masked_fill_(columns >= (self.num_data - count[lo:hi]), 2.0)
             parts.append(torch.topk(keys, self.nce_k, dim=1, largest=False, sorted=False).indices)
-        r = torch.cat(parts)
-        r.add_((r >= start).long().mul_(count))
-        return self.class_order.index_select(0, r.view(-1)).view_as(r)
+        return self._rows_of(torch.cat(parts), start, count)
 
-    def _sample_iid(self, index: torch.Tensor) -> torch.Tensor:
-        """(B, K) other-class rows drawn uniformly with replacement.
+    def _sample_rejection(self, index: torch.Tensor) -> torch.Tensor:
+        """(B, K) distinct other-class rows per sample by rejection, for N >> K (e.g. full ImageNet).
 
-        Vectorised: with rows sorted by class, class c occupies positions [start_c, start_c + count_c), so a
-        uniform draw r in [0, N - count_c) mapped to ``r + count_c * (r >= start_c)`` is a uniform position
-        among the other classes. r = (u * n) >> bits with u uniform on [0, 2^bits) (multiply-shift, no
-        integer division; the non-uniformity is below n / 2^bits <= 2^-30 relative).
+        K i.i.d. draws as `_sample_iid`, then every repeat within a sample is drawn again until none is left.
+        The procedure treats all rows alike, so the final K-subset is uniformly distributed, as in
+        `_sample_distinct`, at O(B K log K) per round instead of ranking B x N keys. A round leaves about
+        K^2 / 2M repeats per sample (M other-class rows), so with M >= 32 K a handful of rounds finish; each asks
+        the device whether repeats are left (one host sync per round).
         """
         y = self.class_of[index]
         start = self.class_start[y].unsqueeze(1)
         count = self.class_count[y].unsqueeze(1)
-        u = torch.randint(0, 2 ** self._bits, (index.numel(), self.nce_k), device=index.device)
-        r = u.mul_(self.num_data - count).bitwise_right_shift_(self._bits)
+        r = self._draw(self.num_data - count, index.numel())
+        while True:
+            r = r.sort(dim=1).values
+            repeat = torch.zeros_like(r, dtype=torch.bool)
+            repeat[:, 1:] = r[:, 1:] == r[:, :-1]
+            if not bool(repeat.any()):
+                return self._rows_of(r, start, count)
+            r = torch.where(repeat, self._draw(self.num_data - count, index.numel()), r)
+
+    def _sample_iid(self, index: torch.Tensor) -> torch.Tensor:
+        """(B, K) other-class rows drawn uniformly with replacement."""
+        y = self.class_of[index]
+        start = self.class_start[y].unsqueeze(1)
+        count = self.class_count[y].unsqueeze(1)
+        return self._rows_of(self._draw(self.num_data - count, index.numel()), start, count)
+
+    def _draw(self, others: torch.Tensor, batch: int) -> torch.Tensor:
+        """(B, K) uniform positions r in [0, others_b) by multiply-shift: r = (u * others) >> bits with u uniform
+        on [0, 2^bits) (no integer division; the non-uniformity is below n / 2^bits <= 2^-30 relative)."""
+        u = torch.randint(0, 2 ** self._bits, (batch, self.nce_k), device=others.device)
+        return u.mul_(others).bitwise_right_shift_(self._bits)
+
+    def _rows_of(self, r: torch.Tensor, start: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """Positions among the other-class rows -> dataset rows. With rows sorted by class, class c occupies
+        [start_c, start_c + count_c), so position r maps to ``r + count_c * (r >= start_c)`` of the sorted rows."""
         r.add_((r >= start).long().mul_(count))
         return self.class_order.index_select(0, r.view(-1)).view_as(r)
 
@@ -222,8 +281,9 @@ class ContrastMemory(nn.Module):
                 memory = memory.clone()
             dots = (v @ memory.t()).gather(1, contrast_index)
         else:
-            weight = memory.index_select(0, contrast_index.reshape(-1)).view(*contrast_index.shape, -1)
-            dots = torch.bmm(weight, v.unsqueeze(2)).squeeze(2)
+            if torch.is_grad_enabled() and v.requires_grad:
+                memory = memory.clone()   # backward gathers from the bank again; forward() updates it in place
+            dots = _GatheredDots.apply(memory, v, contrast_index)
         return dots / self.temperature
 
     @staticmethod

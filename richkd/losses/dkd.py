@@ -20,11 +20,12 @@ def dkd_warmup(epoch: int, warmup_epochs: int) -> float:
     return 1.0 if warmup_epochs <= 0 else min(epoch / float(warmup_epochs), 1.0)
 
 
-def _binary_log_probs(z: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """(B, 2) log of [p(target), p(not target)] of softmax(z), without computing log(1 - p)."""
+def _binary_log_probs(z: torch.Tensor, gt: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B, 2) log of [p(target), p(not target)] of softmax(z), without computing log(1 - p).
+    The target logit is gathered (masked_select's data-dependent size would make a GPU wait for the host)."""
     lse_all = torch.logsumexp(z, dim=1)
     lse_rest = torch.logsumexp(z.masked_fill(gt, float("-inf")), dim=1)
-    z_gt = z.masked_select(gt)
+    z_gt = z.gather(1, target.view(-1, 1)).squeeze(1)
     return torch.stack([z_gt - lse_all, lse_rest - lse_all], dim=1)
 
 
@@ -52,9 +53,11 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target:
     if logit_stand:
         z_s, z_t = standardize_logits(z_s), standardize_logits(z_t)
     z_s, z_t = z_s / t, z_t / t
-    gt = F.one_hot(target.long(), z_s.shape[1]).bool()
+    target = target.long()
+    gt = torch.zeros_like(z_s, dtype=torch.bool).scatter_(1, target.view(-1, 1), True)   # one-hot, no host check
     batch = z_s.shape[0]
-    tckd = F.kl_div(_binary_log_probs(z_s, gt), _binary_log_probs(z_t, gt), log_target=True, reduction="sum")
+    tckd = F.kl_div(_binary_log_probs(z_s, gt, target), _binary_log_probs(z_t, gt, target), log_target=True,
+                    reduction="sum")
     log_q_s = F.log_softmax(z_s.masked_fill(gt, float("-inf")), dim=1)
     log_q_t = F.log_softmax(z_t.masked_fill(gt, float("-inf")), dim=1)
     # the target column is -inf on both sides (probability 0) and contributes nothing; masking the difference

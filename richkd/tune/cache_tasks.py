@@ -72,7 +72,7 @@ def _where() -> dict:
 
 
 def _shard_task(job: EntryJob, start: int, stop: int, root: str, cpu: float, gpu: float) -> dict:
-    use_task_resources(cpu, gpu)
+    use_task_resources(cpu, gpu, f"the cache task for {job.name}")
     return {**compute_shard(job, start, stop, root), **_where()}
 
 
@@ -84,7 +84,7 @@ def _assemble_task(job: EntryJob, root: str, *shards: dict) -> dict:
 def _whole_task(job: EntryJob, cpu: float, gpu: float) -> dict:
     from richkd.cache.build import build_entry
 
-    use_task_resources(cpu, gpu)
+    use_task_resources(cpu, gpu, f"the cache task for {job.name}")
     return {"path": str(build_entry(job)), "shards": [{"start": 0, "stop": job.n_rows, **_where()}]}
 
 

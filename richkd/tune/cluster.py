@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import time
 from typing import Optional
 
@@ -61,7 +62,7 @@ def node_problems(needs: SweepNeeds, timeout_s: float = PREFLIGHT_TIMEOUT_S,
     nodes = alive_nodes() if nodes is None else nodes
     remote_check = ray.remote(num_cpus=0, max_retries=0)(check_needs)
     refs = {remote_check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-            .remote(needs): n for n in nodes}
+            .remote(needs, n.get("Resources", {}).get("GPU", 0)): n for n in nodes}
     ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
     problems: dict[str, list[str]] = {}
     for ref in ready:
@@ -98,22 +99,44 @@ def preflight_nodes(needs: SweepNeeds, timeout_s: float = PREFLIGHT_TIMEOUT_S) -
     return elapsed
 
 
-def limit_gpu_memory(fraction: float) -> None:
-    """Fractional GPUs are logical in Ray: cap this process so an overflowing trial or task fails alone
-    (ray#5902)."""
+# Each process's CUDA context (~0.3-0.5 GB) lives outside torch's allocator, so the cap leaves room for it.
+CUDA_CONTEXT_BYTES = 512 << 20
+
+
+def claim_gpu(fraction: float, where: str) -> None:
+    """In a trial or task Ray gave `fraction` of a GPU: fail with one line (richkd.device.cuda_problem) when torch
+    cannot use it, instead of training on the CPU; a fractional share caps this process's GPU memory at its share
+    minus a CUDA context, so an overflowing trial or task fails alone (ray#5902)."""
     import torch
 
-    if 0 < fraction < 1 and torch.cuda.is_available():
-        torch.cuda.set_per_process_memory_fraction(max(0.05, fraction * 0.95))
+    from richkd.device import require_cuda
+
+    if fraction <= 0:
+        return
+    require_cuda(where)
+    if fraction < 1:
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        torch.cuda.set_per_process_memory_fraction(max(0.05, fraction - CUDA_CONTEXT_BYTES / total))
 
 
-def use_task_resources(cpu: float, gpu: float) -> None:
-    """In a Ray task (cache shard, finalist): torch threads = the CPUs it was granted (more only fight the other
-    tasks on the node); a fractional GPU caps this process's GPU memory."""
+def use_task_resources(cpu: float, gpu: float, what: str) -> None:
+    """In a Ray task (`what`: cache shard, finalist): torch threads = the CPUs it was granted (more only fight the
+    other tasks on the node); a GPU share must be usable and caps this process's GPU memory (claim_gpu)."""
     import torch
 
     torch.set_num_threads(max(1, int(math.floor(cpu + 1e-9))))
-    limit_gpu_memory(gpu)
+    claim_gpu(gpu, f"{what} on {this_node()}")
+
+
+def this_node() -> str:
+    """"node <id> (<address>)" of this process, as node_label names a node."""
+    try:
+        import ray
+
+        address = ray.util.get_node_ip_address()
+    except Exception:
+        address = socket.gethostname()
+    return f"node {(current_node_id() or '?')[:12]} ({address})"
 
 
 def current_node_id() -> Optional[str]:

@@ -45,8 +45,8 @@ def train_seed(config: dict, cpu: float, gpu: float, needs: Optional[SweepNeeds]
     from richkd.tune.cluster import current_node_id, use_task_resources
 
     raise_if_unmet(needs, "this node")
-    use_task_resources(cpu, gpu)
     cfg = Config.from_dict(config)
+    use_task_resources(cpu, gpu, f"finalist {cfg.name} (seed {cfg.seed})")
     run = Run(cfg)
     result = run.train(final=True)
     with tempfile.TemporaryDirectory(prefix="richkd-finalist-") as tmp:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -21,6 +23,7 @@ from typing import Iterable, Iterator, Optional
 from richkd.tune.errors import SpecError
 
 VERSIONED_PACKAGES = ("richkd-tune", "torch", "ray")
+GPU_PROBE_TIMEOUT_S = 120.0
 SHARE_FIX = ("put it on storage every node mounts at the same path (e.g. NFS), or point the spec at such a path "
              "(an environment variable in the spec, ${VAR}, is expanded on the driver)")
 
@@ -42,6 +45,7 @@ class Need:
 class SweepNeeds:
     needs: tuple = ()
     versions: dict = field(default_factory=dict)     # package -> version on the driver
+    gpu: float = 0.0                                 # tune.resources.gpu: GPU nodes must be able to use their GPUs
 
     def __bool__(self) -> bool:
         return bool(self.needs or self.versions)
@@ -58,7 +62,7 @@ def package_versions() -> dict:
 
 
 def sweep_needs(configs: Iterable, cache_folders: Iterable[str | os.PathLike], storage_path: Optional[str],
-                max_listed: int = 16, shared: Iterable[tuple] = ()) -> SweepNeeds:
+                max_listed: int = 16, shared: Iterable[tuple] = (), gpu: float = 0.0) -> SweepNeeds:
     """The needs of every config a sweep can run (its cache probe configs) plus the caches built for them.
 
     A folder's need lists up to `max_listed` of its entries as the driver sees them, so an empty folder on a
@@ -93,7 +97,7 @@ def sweep_needs(configs: Iterable, cache_folders: Iterable[str | os.PathLike], s
         add(Need("tune.storage_path", storage_path, "writable"))
     for what, marker in shared:                       # (config key, a file the driver just wrote in that folder)
         add(Need(what, str(Path(marker).parent), "shared", (Path(marker).name,)))
-    return SweepNeeds(needs=tuple(needs.values()), versions=package_versions())
+    return SweepNeeds(needs=tuple(needs.values()), versions=package_versions(), gpu=gpu)
 
 
 @contextlib.contextmanager
@@ -120,9 +124,12 @@ def _folder_need(what: str, path: str, max_listed: int) -> Need:
     return Need(what, str(path), "folder", names)
 
 
-def check_needs(needs: SweepNeeds) -> list[str]:
-    """Problems of this machine with `needs`, one readable line each (empty when everything is in place)."""
+def check_needs(needs: SweepNeeds, gpus: float = 0.0) -> list[str]:
+    """Problems of this machine with `needs`, one readable line each (empty when everything is in place).
+    `gpus`: the GPUs Ray counts on this node; with GPU trials (needs.gpu) torch must be able to use them."""
     problems = []
+    if needs.gpu > 0 and gpus > 0:
+        problems += [p for p in [gpu_problem(needs.gpu)] if p]
     for need in needs.needs:
         problem = _check(need)
         if problem:
@@ -133,6 +140,24 @@ def check_needs(needs: SweepNeeds) -> list[str]:
             problems.append(f"{name} {here.get(name) or 'is not installed'} here, but the driver runs {version}; "
                             "install the same versions on every node (pip install -c constraints.txt ...)")
     return problems
+
+
+def gpu_problem(gpu: float) -> Optional[str]:
+    """richkd.device.cuda_problem as a trial on this node would meet it. The check runs in a fresh Python: Ray
+    hides the GPUs from a zero-GPU task like the node check (CUDA_VISIBLE_DEVICES=""), and CUDA, once
+    initialised, cannot be asked again."""
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    code = (f"from richkd.device import cuda_problem; "
+            f"print(cuda_problem('a trial here (tune.resources.gpu: {gpu:g})') or '')")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                             timeout=GPU_PROBE_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"the GPU check did not finish ({exc})"
+    if out.returncode != 0:
+        return f"the GPU check failed: {(out.stderr.strip().splitlines() or ['?'])[-1][:300]}"
+    return (out.stdout.strip().splitlines() or [""])[-1] or None
 
 
 def _check(need: Need) -> Optional[str]:

@@ -138,14 +138,14 @@ def prepare_sweep_caches(spec: SweepSpec, progress: bool = False, shards: Option
 
 def check_nodes_share(spec: SweepSpec) -> None:
     """Before anything is built: every node sees the data and weights, the driver's cache and storage folders
-    (a marker file the driver writes there), and runs the driver's versions."""
+    (a marker file the driver writes there), runs the driver's versions, and can use its GPUs for GPU trials."""
     from richkd.tune.cluster import preflight_nodes
 
     configs = spec.cache_probe_configs()
     cache_dirs = sorted({c.teaching.cache_dir for c in configs if c.teaching.cache_dir})
     folders = [("teaching.cache_dir", d) for d in cache_dirs]
     with shared_markers(folders + [("tune.storage_path", spec.tune.storage_path)]) as markers:
-        preflight_nodes(sweep_needs(configs, [], spec.tune.storage_path, shared=markers))
+        preflight_nodes(sweep_needs(configs, [], spec.tune.storage_path, shared=markers, gpu=spec.tune.gpu))
 
 
 def check_nodes(spec: SweepSpec, caches: list[dict]) -> SweepNeeds:

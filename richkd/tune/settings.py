@@ -90,9 +90,8 @@ class Resources(_Section):
         _finite(self.cpu, "tune.resources.cpu")
         _finite(self.gpu, "tune.resources.gpu")
         _require(self.cpu > 0, f"tune.resources.cpu: must be > 0, got {self.cpu}")
-        _require(not (self.gpu < 0 or (self.gpu > 1 and not float(self.gpu).is_integer())),
-                 f"tune.resources.gpu: {self.gpu} must be 0, a fraction in (0, 1] (trials share a GPU) or a "
-                 "whole number of GPUs")
+        _require(0 <= self.gpu <= 1, f"tune.resources.gpu: {self.gpu:g} must be 0 or a fraction in (0, 1] (trials "
+                 "share a GPU); a trial trains on one GPU (there is no multi-GPU training), so more would sit idle")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from richkd.tune.cluster import limit_gpu_memory
+from richkd.tune.cluster import claim_gpu, this_node
 from richkd.tune.node_check import SweepNeeds, raise_if_unmet
 from richkd.tune.params import TrialPlan
 
@@ -73,7 +73,7 @@ def train_trial(config: dict, plan: TrialPlan, needs: Optional[SweepNeeds] = Non
     cfg = plan.trial_config(config)
     if cfg.train.threads is None:
         torch.set_num_threads(granted_cpus())
-    limit_gpu_memory(plan.gpu)
+    claim_gpu(plan.gpu, f"the trial on {this_node()}")
 
     resume_state = None
     checkpoint = tune.get_checkpoint()

@@ -315,7 +315,9 @@ def test_fractional_gpu_and_bad_resources(assets, tmp_path):
     assert (spec.tune.cpu, spec.tune.gpu, spec.plan().gpu) == (2, 0.25, 0.25)
     assert spec.tune.resolved_reuse_actors is False            # GPU trials: a fresh process each (ray#23971)
     raw["tune"]["resources"] = {"cpu": 1, "gpu": 1.5}
-    assert "whole number of GPUs" in error_of(raw)
+    assert "must be 0 or a fraction in (0, 1]" in error_of(raw)
+    raw["tune"]["resources"] = {"cpu": 1, "gpu": 2}          # no multi-GPU training: a second GPU would idle
+    assert "there is no multi-GPU training" in error_of(raw)
     raw["config"]["device"] = "cpu"
     raw["tune"]["resources"] = {"cpu": 1, "gpu": 1}
     assert "device is cpu" in error_of(raw)

@@ -167,8 +167,8 @@ class FakeRay:
     ({"cpu": 4}, (2, 0), True, "tune.resources.cpu: 4.0 per trial, but Ray has 2 CPUs; lower it or pass --num-cpus"),
     ({"cpu": 1, "gpu": 0.5}, (8, 0), True, "tune.resources.gpu: 0.5 per trial, but Ray sees 0 GPUs"),
     ({"cpu": 1, "gpu": 0.5}, (8, 1), True, None),
-    ({"cpu": 1, "gpu": 2}, (8, 1), True, "tune.resources.gpu: 2.0 per trial, but Ray sees 1 GPUs"),
-    ({"cpu": 64, "gpu": 4}, (2, 0), False, None),     # a cluster may autoscale: only an embedded Ray is sized here
+    ({"cpu": 1, "gpu": 1}, (8, 0.5), True, "tune.resources.gpu: 1.0 per trial, but Ray sees 0.5 GPUs"),
+    ({"cpu": 64, "gpu": 1}, (2, 0), False, None),     # a cluster may autoscale: only an embedded Ray is sized here
 ])
 def test_check_cluster_compares_trial_resources_with_the_embedded_ray(assets, tmp_path, monkeypatch, resources,
                                                                        ray_has, embedded, expected):
