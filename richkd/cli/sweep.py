@@ -50,8 +50,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if not args.resume and not args.spec:
         raise UserError("sweep needs a SPEC file (see search_spaces/) or --resume NAME")
     if args.resume:
+        from richkd.tune.arms import read_group
         from richkd.tune.outcome import describe_outcome
         from richkd.tune.resume import resume_sweep
+
+        group = read_group(args.resume, args.storage)
+        if group is not None:
+            return _run_arms(group[1], args)
 
         try:
             outcome = resume_sweep(args.resume, storage=args.storage, address=args.address, num_cpus=args.num_cpus,
@@ -64,7 +69,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         metric = read_sweep_record(args.resume, args.storage).spec.tune.metric
         print(describe_outcome(outcome, metric))
         return outcome.exit_code
-    from richkd.tune.spec import load_spec
+    from richkd.tune.spec import load_specs
 
     overrides = list(args.set)
     if args.name:
@@ -75,28 +80,52 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         overrides.append(f"tune.storage_path={args.storage}")
     if args.tracking_uri:
         overrides.append(f"mlflow.tracking_uri={args.tracking_uri}")
-    spec = load_spec(args.spec, overrides)
+    specs = load_specs(args.spec, overrides)
     if args.check:
-        from richkd.tune.warm_start import load_warm_start
-
-        warm = load_warm_start(spec)
-        if warm is not None:
-            print(warm.describe())
-        print(f"spec {spec.name!r} is valid: {len(spec.params)} searched keys, {spec.tune.num_samples} samples, "
-              f"{spec.tune.search.algorithm} + {spec.tune.scheduler.type} (max_t={spec.max_t}), "
-              + (f"objectives {', '.join(f'{m} ({d})' for m, d in spec.tune.objective_pairs)} (ASHA uses "
-                 f"{spec.tune.metric}), " if spec.tune.multi_objective else "") +
-              f"{len(spec.cache_probe_configs())} cache configuration(s); results -> {spec.experiment_path}")
+        for spec in specs.values():
+            _check(spec)
         return 0
+    return _run_arms(specs, args) if len(specs) > 1 else _run_one(next(iter(specs.values())), args)
+
+
+def _run_arms(specs: dict, args: argparse.Namespace) -> int:
+    from richkd.tune.arms import group_for, run_arms
     from richkd.tune.outcome import describe_outcome
+
+    name = group_for(specs).name
+    try:
+        outcomes = run_arms(specs, address=args.address, num_cpus=args.num_cpus, verbose=verbosity(args),
+                            progress=interactive())
+    except KeyboardInterrupt:
+        storage = f" --storage {args.storage}" if args.storage else ""
+        raise Interrupted(f"continue with `richkd sweep --resume {name}{storage}`") from None
+    for spec, outcome in zip(specs.values(), outcomes):
+        print(describe_outcome(outcome, spec.tune.metric))
+    print(f"arms of {name}: {', '.join(specs)}; compare them with `richkd finalize {name}`")
+    return max(o.exit_code for o in outcomes)
+
+
+def _check(spec) -> None:
+    from richkd.tune.warm_start import load_warm_start
+
+    warm = load_warm_start(spec)
+    if warm is not None:
+        print(warm.describe())
+    print(f"spec {spec.name!r} is valid: {len(spec.params)} searched keys, {spec.tune.num_samples} samples, "
+          f"{spec.tune.search.algorithm} + {spec.tune.scheduler.type} (max_t={spec.max_t}), "
+          + (f"objectives {', '.join(f'{m} ({d})' for m, d in spec.tune.objective_pairs)} (ASHA uses "
+             f"{spec.tune.metric}), " if spec.tune.multi_objective else "") +
+          f"{len(spec.cache_probe_configs())} cache configuration(s); results -> {spec.experiment_path}")
+
+
+def _run_one(spec, args: argparse.Namespace) -> int:
+    from richkd.tune.outcome import describe_outcome, sweep_ref
     from richkd.tune.runner import run_sweep
 
     try:
         outcome = run_sweep(spec, address=args.address, num_cpus=args.num_cpus, verbose=verbosity(args),
                             progress=interactive())
     except KeyboardInterrupt:
-        from richkd.tune.outcome import sweep_ref
-
         raise Interrupted(f"continue with `richkd sweep --resume {sweep_ref(spec.name, spec.experiment_path)}`") \
             from None
     print(describe_outcome(outcome, spec.tune.metric))
@@ -117,7 +146,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_finalize(args: argparse.Namespace) -> int:
+    from richkd.tune.arms import describe_comparison, finalize_arms, read_group
     from richkd.tune.finalize import describe_finalize, finalize_sweep
+
+    if read_group(args.sweep, args.storage) is not None:
+        if args.top not in (None, 1):
+            raise UserError(f"finalize {args.sweep}: an arms comparison re-trains each arm's best (top 1); drop --top")
+        comparison = finalize_arms(args.sweep, seeds=args.seeds, storage=args.storage, progress=interactive(),
+                                   tracking_uri=args.tracking_uri, overrides=args.set, holdout=args.holdout,
+                                   address=args.address, num_cpus=args.num_cpus)
+        print(describe_comparison(comparison))
+        return 0
 
     result = finalize_sweep(args.sweep, top=args.top, seeds=args.seeds, storage=args.storage,
                             tracking_uri=args.tracking_uri, overrides=args.set, progress=interactive(),

@@ -38,7 +38,10 @@ from richkd.tune.settings import FinalizeSettings, MlflowSettings, TuneSettings,
 
 log = logging.getLogger(__name__)
 
-SPEC_KEYS = ("name", "description", "base", "config", "space", "points_to_evaluate", "tune", "mlflow", "finalize")
+SPEC_KEYS = ("name", "description", "base", "config", "space", "points_to_evaluate", "tune", "mlflow", "finalize",
+             "arms")
+ARM_KEYS = ("description", "config", "space", "points_to_evaluate")
+SHARED_KEYS = ("train.epochs", "seed")    # every arm trains the same schedule from the same seed
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -125,6 +128,17 @@ def load_spec(path: str | os.PathLike, overrides: Sequence[str] | Mapping[str, A
               *, check_resources: bool = True, check_data: bool = True) -> SweepSpec:
     """Read and validate a sweep spec file. `overrides` are `dotted.key=value` strings on the spec mapping
     (e.g. `tune.num_samples=4`, `config.train.epochs=2`). Raises SpecError; never writes anything."""
+    specs = load_specs(path, overrides, check_resources=check_resources, check_data=check_data)
+    if len(specs) > 1:
+        raise SpecError(f"{path} compares {len(specs)} arms ({', '.join(s.name for s in specs.values())}): `richkd sweep` "
+                        "runs them one after the other; other commands take one arm's sweep name")
+    return next(iter(specs.values()))
+
+
+def load_specs(path: str | os.PathLike, overrides: Sequence[str] | Mapping[str, Any] = (),
+               *, check_resources: bool = True, check_data: bool = True) -> dict[str, SweepSpec]:
+    """{arm: spec} of a spec file with `arms:` (each arm its own sweep named <name>.<arm>, everything but its
+    `config:`, `space:` and `points_to_evaluate:` shared, so every arm gets the same budget), or {"": spec}."""
     p = Path(path)
     if not p.is_file():
         raise SpecError(f"sweep spec {str(p)!r} does not exist (shipped specs are in search_spaces/)")
@@ -132,8 +146,45 @@ def load_spec(path: str | os.PathLike, overrides: Sequence[str] | Mapping[str, A
         raw = load_yaml_mapping(p)
     except ConfigError as exc:
         raise SpecError(str(exc)) from None
-    return spec_from_mapping(raw, source=str(p.resolve()), overrides=overrides, base_dir=p.resolve().parent,
-                             check_resources=check_resources, check_data=check_data)
+    if "arms" not in raw:
+        return {"": spec_from_mapping(raw, source=str(p.resolve()), overrides=overrides, base_dir=p.resolve().parent,
+                                      check_resources=check_resources, check_data=check_data)}
+    raw = copy.deepcopy(raw)
+    raw.setdefault("name", p.stem)
+    _apply_spec_overrides(raw, overrides)
+    return {arm: spec_from_mapping(m, source=str(p.resolve()), base_dir=p.resolve().parent,
+                                   check_resources=check_resources, check_data=check_data)
+            for arm, m in arm_mappings(expand_env(raw)).items()}
+
+
+def arm_mappings(raw: Mapping[str, Any]) -> dict[str, dict]:
+    """Each arm of a spec with `arms:` as a spec mapping of its own (see load_specs)."""
+    arms, name = raw["arms"], raw.get("name")
+    if not isinstance(arms, Mapping) or len(arms) < 2:
+        raise SpecError(f"arms: expected a mapping of two or more arm names to {{space: ..., config: ...}}, got {arms!r}")
+    for key in ("space", "points_to_evaluate"):
+        if raw.get(key):
+            raise SpecError(f"{key}: with arms, each arm has its own (arms.<arm>.{key}); move it there")
+    out = {}
+    for arm, body in arms.items():
+        where = f"arms.{arm}"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", str(arm)):
+            raise SpecError(f"{where}: {arm!r} must be a folder-safe name (letters, digits, _ -)")
+        check_keys(body, ARM_KEYS, where)
+        config = body.get("config") or {}
+        for key in SHARED_KEYS:
+            node = config
+            for part in key.split("."):
+                node = node.get(part, {}) if isinstance(node, Mapping) else {}
+            if node != {}:
+                raise SpecError(f"{where}.config.{key}: every arm trains with the same {key} (equal budgets); set it "
+                                "in the shared config:")
+        m = {k: v for k, v in raw.items() if k != "arms"}
+        m.update(name=f"{name}.{arm}", config=_deep_merge(dict(raw.get("config") or {}), config),
+                 space=body.get("space"), points_to_evaluate=body.get("points_to_evaluate") or [],
+                 description=body.get("description") or f"{raw.get('description') or name}: arm {arm}")
+        out[str(arm)] = m
+    return out
 
 
 def spec_from_mapping(raw: Mapping[str, Any], *, source: Optional[str] = None,
@@ -145,6 +196,8 @@ def spec_from_mapping(raw: Mapping[str, Any], *, source: Optional[str] = None,
     _apply_spec_overrides(raw, overrides)
     raw = expand_env(raw)
     check_keys(raw, SPEC_KEYS, "")
+    if "arms" in raw:
+        raise SpecError("arms: a spec with arms is several sweeps; read it with load_specs (richkd sweep does)")
     name = raw.get("name") or (Path(source).stem if source else None)
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name or ""):
         raise SpecError(f"name: {name!r} must be a non-empty folder-safe name (letters, digits, _ . -)")

@@ -27,6 +27,9 @@ from richkd.io import atomic_write_text, ensure_writable
 from richkd.provenance import code_version
 from richkd.tune.errors import SpecError
 from richkd.tune.params import Param, TrialPlan
+from richkd.tune.runner import (build_trainable, check_nodes, check_nodes_share, check_outputs, fit_quietly,
+                                prepare_sweep_caches, ray_for)
+from richkd.tune.selection import load_sweep
 from richkd.tune.spec import SweepSpec
 
 FORMAT = "richkd-table/1"
@@ -274,9 +277,6 @@ def build_table(spec: SweepSpec, out: str | os.PathLike, *, configs: int, seeds:
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
-    from richkd.tune.runner import (build_trainable, check_nodes, check_nodes_share, check_outputs, fit_quietly,
-                                    prepare_sweep_caches, ray_for)
-
     out = Path(out).resolve()
     jobs = plan_rows(spec, configs, seeds, seeds_for)
     existing = read_table(out, repair=True) if out.exists() else None
@@ -369,8 +369,6 @@ def _say(line: str, progress: bool) -> None:
 
 def table_from_sweep(sweep: str, out: str | os.PathLike, storage: Optional[str] = None) -> Table:
     """A finished sweep without early stopping as a table (no test top-1: sweeps never read the test split)."""
-    from richkd.tune.selection import load_sweep
-
     spec, path, record, rows = load_sweep(sweep, storage)
     stopped = [r for r in rows if r.outcome == "stopped_early"]
     unfinished = [r for r in rows if r.outcome in ("unfinished", "error")]
