@@ -31,7 +31,8 @@ def _spec(path: str, overrides: list, name: str | None = None):
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    from richkd.tune.table import build_table, read_table, table_from_sweep
+    from richkd.tune.runner import build_table
+    from richkd.tune.table import read_table, table_from_sweep
 
     if args.table_command == "info":
         print(read_table(args.file).describe())

@@ -1,7 +1,9 @@
-"""Run, resume and describe sweeps: Ray start-up, caches before trials, MLflow parent run, Tuner / Tuner.restore."""
+"""Run sweeps and learning-curve table builds on Ray Tune: Ray start-up, caches before trials, MLflow parent run,
+the Tuner (richkd.tune.resume continues an interrupted sweep)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -9,13 +11,17 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from richkd.cache.signature import cache_signature
+from richkd.io import atomic_write_text, ensure_writable
 from richkd.provenance import code_version
 from richkd.tune.errors import SpecError
 from richkd.tune.node_check import SweepNeeds, shared_markers, sweep_needs
 from richkd.tune.outcome import SweepOutcome, sweep_outcome
+from richkd.tune.params import TrialPlan
 from richkd.tune.paths import is_shared_filesystem
 from richkd.tune.spec import SweepSpec
 from richkd.tune.sweep_record import SweepRecord, sweep_record_exists, write_sweep_record
+from richkd.tune.table import (SEED_KEY, Table, TableError, append_row, check_same_space, plan_rows, read_table,
+                               row_from_history, table_header, table_plan)
 from richkd.tune.warm_start import load_warm_start
 
 log = logging.getLogger(__name__)
@@ -106,8 +112,6 @@ def check_tracking(spec: SweepSpec) -> None:
 def check_outputs(spec: SweepSpec) -> None:
     """Local folders the sweep writes (Tune storage, SQLite MLflow store) must be writable: one clear
     OutputError before Ray starts, instead of a failure deep inside Tune after the caches were built."""
-    from richkd.io import ensure_writable
-
     if not spec.tune.storage_is_uri:
         ensure_writable(spec.tune.storage_path, "tune.storage_path")
     uri = spec.mlflow.tracking_uri if spec.mlflow.enabled else ""
@@ -271,3 +275,100 @@ def close_parent_if_running(record: SweepRecord) -> None:
             client.set_terminated(record.parent_run_id, status="KILLED")
     except Exception as exc:  # never mask the original error
         log.warning("could not close the MLflow parent run %s: %s", record.parent_run_id, exc)
+
+
+# ----- learning-curve tables ------------------------------------------------------------------------------
+
+def build_table(spec: SweepSpec, out: str | os.PathLike, *, configs: int, seeds: int = 1,
+                seeds_for: Optional[int] = None, address: Optional[str] = None, num_cpus: Optional[int] = None,
+                verbose: int = 1, progress: bool = True) -> Table:
+    """Train every planned row not yet in `out` (see plan_rows) through Ray Tune and append it there."""
+    from ray import tune
+    from ray.tune.search import BasicVariantGenerator
+
+    out = Path(out).resolve()
+    jobs = plan_rows(spec, configs, seeds, seeds_for)
+    existing = read_table(out, repair=True) if out.exists() else None
+    if existing is not None:
+        check_same_space(existing, spec, "table build")
+    done = {(r.config_id, r.seed) for r in existing.rows} if existing else set()
+    pending = [j for j in jobs if (j.config_id, j.seed) not in done]
+    if not pending:
+        _table_say(f"table {out}: all {len(jobs)} planned rows are there; nothing to train", progress)
+        return existing
+    ensure_writable(out.parent, "the table's folder")
+    check_outputs(spec)
+    started = time.time()
+    plan = table_plan(spec, jobs)
+    _table_say(f"table {out}: {len(pending)} of {len(jobs)} rows to train ({len(done)} already there), "
+         f"{spec.max_t} epochs each, {spec.tune.max_concurrent} at a time", progress)
+    with ray_for(spec, address, num_cpus, verbose):
+        check_nodes_share(spec)
+        caches = prepare_sweep_caches(spec, progress=progress, splits=("train", "test"))
+        needs = check_nodes(spec, caches)
+        if existing is None:
+            atomic_write_text(out, json.dumps(table_header(
+                spec, source=spec.source, caches=[c["entries"] for c in caches])) + "\n")
+        space = {p.key: tune.choice(list(p.values)) if p.is_finite else p.tune_domain() for p in plan.params}
+        points = [{**j.sampled, SEED_KEY: j.seed} for j in pending]
+        name = f"table-{out.stem}-{time.strftime('%Y%m%d_%H%M%S')}"
+        tuner = tune.Tuner(
+            build_trainable(spec, needs, plan=plan), param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=spec.tune.metric, mode=spec.tune.mode, num_samples=len(points),
+                search_alg=BasicVariantGenerator(points_to_evaluate=points, max_concurrent=spec.tune.max_concurrent),
+                reuse_actors=spec.tune.resolved_reuse_actors),
+            run_config=tune.RunConfig(name=name, storage_path=spec.tune.storage_path, verbose=verbose,
+                                      callbacks=[_row_writer(out, plan, len(pending), progress)],
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                      failure_config=tune.FailureConfig(max_failures=spec.tune.max_failures)))
+        fit_quietly(tuner, verbose)
+    table = read_table(out)
+    _record_build_seconds(out, time.time() - started)
+    missing = len([j for j in jobs if (j.config_id, j.seed) not in {(r.config_id, r.seed) for r in table.rows}])
+    if missing:
+        raise TableError(f"table build: {missing} row(s) failed (see the trials' error.txt under "
+                         f"{spec.tune.storage_path}/{name}); run the same command again to retry them")
+    return read_table(out)
+
+
+def _record_build_seconds(out: Path, seconds: float) -> None:
+    table = read_table(out)
+    prov = table.header.setdefault("provenance", {})
+    prov["build_seconds"] = float(prov.get("build_seconds", 0.0)) + seconds
+    atomic_write_text(out, "".join([json.dumps(table.header) + "\n"] + [r.to_json() + "\n" for r in table.rows]))
+
+
+def _row_writer(out: Path, plan: TrialPlan, total: int, progress: bool):
+    """A driver-side Tune callback that appends each finished trial's learning curve to the table."""
+    from ray.tune import Callback
+
+    class RowWriter(Callback):
+        def __init__(self) -> None:
+            self.history: dict = {}
+            self.written = 0
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            epochs = self.history.setdefault(trial.trial_id, {})
+            epochs[int(result.get("training_iteration", len(epochs) + 1))] = dict(result)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            history = [r for _, r in sorted(self.history.pop(trial.trial_id, {}).items())]
+            active = plan.active_sampled(trial.config)
+            seed = active.pop(SEED_KEY)
+            row = row_from_history(history, active, seed, plan.metric,
+                                   {"node_id": (history[-1].get("node_id") if history else None)})
+            if row.epochs < plan.max_t and row.outcome == "completed":
+                return   # interrupted: trained again on the next build
+            append_row(out, row)
+            self.written += 1
+            _table_say(f"  row {self.written}/{total}: config {row.config_id} seed {row.seed}: final {plan.metric} "
+                 f"{row.final if row.final is not None else float('nan'):.2f} ({row.outcome}, "
+                 f"{sum(s for s in row.seconds if s):.0f} s)", progress)
+
+    return RowWriter()
+
+
+def _table_say(line: str, progress: bool) -> None:
+    if progress:
+        print(line, flush=True)

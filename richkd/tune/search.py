@@ -20,10 +20,8 @@ import math
 import warnings
 from typing import Any, Optional
 
-from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from richkd.tune.errors import SpecError
 from richkd.tune.params import Param, walk_active
 from richkd.tune.spec import SweepSpec
 from richkd.tune.warm_start import tell_optuna

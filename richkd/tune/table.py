@@ -7,8 +7,8 @@ against it on a virtual clock (docs/search.md). The file is JSON lines: a header
 provenance), then one row per (configuration, seed), appended as each training finishes, so a killed build resumes
 without training a finished row twice.
 
-`build_table` trains the rows through Ray Tune like a sweep (the sweep's own trainable, caches built first, FIFO, no
-early stopping); `table_from_sweep` turns a finished sweep without early stopping into a table.
+`richkd.tune.runner.build_table` trains the rows through Ray Tune like a sweep (the sweep's own trainable, caches built
+first, FIFO, no early stopping); `table_from_sweep` turns a finished sweep without early stopping into a table.
 """
 from __future__ import annotations
 
@@ -27,8 +27,6 @@ from richkd.io import atomic_write_text, ensure_writable
 from richkd.provenance import code_version
 from richkd.tune.errors import SpecError
 from richkd.tune.params import Param, TrialPlan
-from richkd.tune.runner import (build_trainable, check_nodes, check_nodes_share, check_outputs, fit_quietly,
-                                prepare_sweep_caches, ray_for)
 from richkd.tune.selection import load_sweep
 from richkd.tune.spec import SweepSpec
 
@@ -268,101 +266,6 @@ def table_plan(spec: SweepSpec, jobs: list[RowJob]) -> TrialPlan:
     """The sweep's trial plan with the seed as one more entry and the test split evaluated after the last epoch."""
     seed = Param(SEED_KEY, "choice", values=tuple(sorted({j.seed for j in jobs})))
     return replace(spec.plan(), params=spec.params + (seed,), final=True)
-
-
-def build_table(spec: SweepSpec, out: str | os.PathLike, *, configs: int, seeds: int = 1,
-                seeds_for: Optional[int] = None, address: Optional[str] = None, num_cpus: Optional[int] = None,
-                verbose: int = 1, progress: bool = True) -> Table:
-    """Train every planned row not yet in `out` (see plan_rows) through Ray Tune and append it there."""
-    from ray import tune
-    from ray.tune.search import BasicVariantGenerator
-
-    out = Path(out).resolve()
-    jobs = plan_rows(spec, configs, seeds, seeds_for)
-    existing = read_table(out, repair=True) if out.exists() else None
-    if existing is not None:
-        check_same_space(existing, spec, "table build")
-    done = {(r.config_id, r.seed) for r in existing.rows} if existing else set()
-    pending = [j for j in jobs if (j.config_id, j.seed) not in done]
-    if not pending:
-        _say(f"table {out}: all {len(jobs)} planned rows are there; nothing to train", progress)
-        return existing
-    ensure_writable(out.parent, "the table's folder")
-    check_outputs(spec)
-    started = time.time()
-    plan = table_plan(spec, jobs)
-    _say(f"table {out}: {len(pending)} of {len(jobs)} rows to train ({len(done)} already there), "
-         f"{spec.max_t} epochs each, {spec.tune.max_concurrent} at a time", progress)
-    with ray_for(spec, address, num_cpus, verbose):
-        check_nodes_share(spec)
-        caches = prepare_sweep_caches(spec, progress=progress, splits=("train", "test"))
-        needs = check_nodes(spec, caches)
-        if existing is None:
-            atomic_write_text(out, json.dumps(table_header(
-                spec, source=spec.source, caches=[c["entries"] for c in caches])) + "\n")
-        space = {p.key: tune.choice(list(p.values)) if p.is_finite else p.tune_domain() for p in plan.params}
-        points = [{**j.sampled, SEED_KEY: j.seed} for j in pending]
-        name = f"table-{out.stem}-{time.strftime('%Y%m%d_%H%M%S')}"
-        tuner = tune.Tuner(
-            build_trainable(spec, needs, plan=plan), param_space=space,
-            tune_config=tune.TuneConfig(
-                metric=spec.tune.metric, mode=spec.tune.mode, num_samples=len(points),
-                search_alg=BasicVariantGenerator(points_to_evaluate=points, max_concurrent=spec.tune.max_concurrent),
-                reuse_actors=spec.tune.resolved_reuse_actors),
-            run_config=tune.RunConfig(name=name, storage_path=spec.tune.storage_path, verbose=verbose,
-                                      callbacks=[_row_writer(out, plan, len(pending), progress)],
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                      failure_config=tune.FailureConfig(max_failures=spec.tune.max_failures)))
-        fit_quietly(tuner, verbose)
-    table = read_table(out)
-    _record_build_seconds(out, time.time() - started)
-    missing = len([j for j in jobs if (j.config_id, j.seed) not in {(r.config_id, r.seed) for r in table.rows}])
-    if missing:
-        raise TableError(f"table build: {missing} row(s) failed (see the trials' error.txt under "
-                         f"{spec.tune.storage_path}/{name}); run the same command again to retry them")
-    return read_table(out)
-
-
-def _record_build_seconds(out: Path, seconds: float) -> None:
-    table = read_table(out)
-    prov = table.header.setdefault("provenance", {})
-    prov["build_seconds"] = float(prov.get("build_seconds", 0.0)) + seconds
-    atomic_write_text(out, "".join([json.dumps(table.header) + "\n"] + [r.to_json() + "\n" for r in table.rows]))
-
-
-def _row_writer(out: Path, plan: TrialPlan, total: int, progress: bool):
-    """A driver-side Tune callback that appends each finished trial's learning curve to the table."""
-    from ray.tune import Callback
-
-    class RowWriter(Callback):
-        def __init__(self) -> None:
-            self.history: dict = {}
-            self.written = 0
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            epochs = self.history.setdefault(trial.trial_id, {})
-            epochs[int(result.get("training_iteration", len(epochs) + 1))] = dict(result)
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            history = [r for _, r in sorted(self.history.pop(trial.trial_id, {}).items())]
-            active = plan.active_sampled(trial.config)
-            seed = active.pop(SEED_KEY)
-            row = row_from_history(history, active, seed, plan.metric,
-                                   {"node_id": (history[-1].get("node_id") if history else None)})
-            if row.epochs < plan.max_t and row.outcome == "completed":
-                return   # interrupted: trained again on the next build
-            append_row(out, row)
-            self.written += 1
-            _say(f"  row {self.written}/{total}: config {row.config_id} seed {row.seed}: final {plan.metric} "
-                 f"{row.final if row.final is not None else float('nan'):.2f} ({row.outcome}, "
-                 f"{sum(s for s in row.seconds if s):.0f} s)", progress)
-
-    return RowWriter()
-
-
-def _say(line: str, progress: bool) -> None:
-    if progress:
-        print(line, flush=True)
 
 
 # ----- from a sweep ------------------------------------------------------------------------------------
