@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from richkd.cli.common import Interrupted, add_storage_args, interactive, verbosity
+from richkd.cli.common import Interrupted, interactive, verbosity
 
 TABLE_EPILOG = """examples:
   richkd table build search_spaces/fmnist_table.yaml --configs 200 --seeds 3 --seeds-for 30 --out t.jsonl
@@ -82,11 +82,11 @@ def add_commands(subparsers) -> None:
     b.add_argument("--address", help="a running Ray cluster (e.g. auto); default: an embedded local Ray")
     b.add_argument("--num-cpus", type=int, help="CPUs for the embedded Ray (default: all of this machine's)")
     b.add_argument("--quiet", "-q", action="store_true", help="no Tune status tables")
-    add_storage_args(b)
+    b.add_argument("--storage", help="where the build's Tune experiment goes (default: the spec's storage_path)")
     f = sub.add_parser("from-sweep", help="a finished sweep without early stopping as a table")
     f.add_argument("sweep", help="sweep name (under --storage) or its folder")
     f.add_argument("--out", required=True, help="the table file to write (JSON lines)")
-    add_storage_args(f)
+    f.add_argument("--storage", help="the sweeps' storage folder or URI (default tune_runs)")
     i = sub.add_parser("info", help="what a table holds: configurations, epochs, seeds, spreads, provenance")
     i.add_argument("file", help="a table file")
     p.set_defaults(func=cmd_table)
