@@ -90,7 +90,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def _run_arms(specs: dict, args: argparse.Namespace) -> int:
     from richkd.tune.arms import group_for, run_arms
-    from richkd.tune.outcome import describe_outcome
 
     name = group_for(specs).name
     try:
@@ -99,8 +98,6 @@ def _run_arms(specs: dict, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         storage = f" --storage {args.storage}" if args.storage else ""
         raise Interrupted(f"continue with `richkd sweep --resume {name}{storage}`") from None
-    for spec, outcome in zip(specs.values(), outcomes):
-        print(describe_outcome(outcome, spec.tune.metric))
     print(f"arms of {name}: {', '.join(specs)}; compare them with `richkd finalize {name}`")
     return max(o.exit_code for o in outcomes)
 

@@ -22,7 +22,7 @@ from richkd.io import atomic_write_text
 from richkd.tune.errors import SpecError
 from richkd.tune.finalize import finalize_sweep
 from richkd.tune.mlflow_client import KIND_TAG, client_for, log_metrics, set_tags
-from richkd.tune.outcome import sweep_outcome
+from richkd.tune.outcome import describe_outcome, sweep_outcome
 from richkd.tune.paths import DEFAULT_STORAGE, absolute_storage, join_storage, read_text, write_text
 from richkd.tune.resume import resume_sweep
 from richkd.tune.runner import run_sweep
@@ -77,15 +77,15 @@ def run_arms(specs: dict[str, SweepSpec], *, address=None, num_cpus=None, verbos
     for arm, spec in specs.items():
         print(f"arm {arm}: sweep {spec.name} ({spec.tune.num_samples} trials, {spec.max_t} epochs, "
               f"{spec.tune.search.algorithm} seed {spec.tune.search.seed})", flush=True)
-        if not sweep_record_exists(spec.experiment_path):
-            outcomes.append(run_sweep(spec, address=address, num_cpus=num_cpus, verbose=verbose, progress=progress))
-            continue
-        done = sweep_outcome(read_sweep_record(spec.experiment_path), 0.0)
-        if done.num_trials >= spec.tune.num_samples and not done.counts.get("unfinished"):
-            outcomes.append(done)
-            continue
-        outcomes.append(resume_sweep(spec.experiment_path, address=address, num_cpus=num_cpus, verbose=verbose,
-                                     progress=progress))
+        done = (sweep_outcome(read_sweep_record(spec.experiment_path), 0.0)
+                if sweep_record_exists(spec.experiment_path) else None)
+        if done is None:
+            done = run_sweep(spec, address=address, num_cpus=num_cpus, verbose=verbose, progress=progress)
+        elif done.num_trials < spec.tune.num_samples or done.counts.get("unfinished"):
+            done = resume_sweep(spec.experiment_path, address=address, num_cpus=num_cpus, verbose=verbose,
+                                progress=progress)
+        print(describe_outcome(done, spec.tune.metric), flush=True)
+        outcomes.append(done)
     return outcomes
 
 
