@@ -16,7 +16,8 @@ when it finishes: run the same command again after a kill and only the missing r
 """
 
 REPLAY_EPILOG = """examples:
-  richkd replay search_spaces/fmnist_table.yaml --table benchmarks/tables/fmnist_table.jsonl
+  richkd replay --table benchmarks/tables/fmnist_table.jsonl              # the spec the table was built from
+  richkd replay --table benchmarks/tables/fmnist_table.jsonl --set tune.search.algorithm=random
   richkd replay SPEC --table t.jsonl --seeds 20 --set tune.scheduler.type=fifo --set tune.num_samples=32
 
 Runs the spec's own searcher and scheduler (as `richkd sweep` builds them) against the table on a virtual clock,
@@ -57,8 +58,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from richkd.tune.table import read_table
     from richkd.tune.warm_start import load_warm_start
 
-    spec = _spec(args.spec, args.set)
     table = read_table(args.table)
+    if args.spec:
+        spec = _spec(args.spec, args.set)
+    else:   # the spec the table was built from, with --set applied
+        from richkd.tune.spec import spec_from_mapping
+
+        spec = spec_from_mapping(table.header["spec"], overrides=args.set, check_resources=False, check_data=False)
     warm = load_warm_start(spec)
     if warm is not None:
         print(warm.describe())
@@ -93,7 +99,8 @@ def add_commands(subparsers) -> None:
 
     p = subparsers.add_parser("replay", help="replay a spec's searcher and scheduler against a table (seconds)",
                               epilog=REPLAY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("spec", help="search-space YAML: its searcher, scheduler, num_samples and max_concurrent")
+    p.add_argument("spec", nargs="?", help="search-space YAML: its searcher, scheduler, num_samples and "
+                                           "max_concurrent (default: the spec the table was built from)")
     p.add_argument("--table", required=True, help="a learning-curve table of the same space")
     p.add_argument("--seeds", type=int, default=20, help="replays with searcher seeds 0..N-1 (default 20)")
     p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="override a spec key")

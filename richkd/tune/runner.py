@@ -301,7 +301,7 @@ def build_table(spec: SweepSpec, out: str | os.PathLike, *, configs: int, seeds:
     started = time.time()
     plan = table_plan(spec, jobs)
     _table_say(f"table {out}: {len(pending)} of {len(jobs)} rows to train ({len(done)} already there), "
-         f"{spec.max_t} epochs each, {spec.tune.max_concurrent} at a time", progress)
+               f"{spec.max_t} epochs each, {spec.tune.max_concurrent} at a time", progress)
     with ray_for(spec, address, num_cpus, verbose):
         check_nodes_share(spec)
         caches = prepare_sweep_caches(spec, progress=progress, splits=("train", "test"))
@@ -363,8 +363,8 @@ def _row_writer(out: Path, plan: TrialPlan, total: int, progress: bool):
             append_row(out, row)
             self.written += 1
             _table_say(f"  row {self.written}/{total}: config {row.config_id} seed {row.seed}: final {plan.metric} "
-                 f"{row.final if row.final is not None else float('nan'):.2f} ({row.outcome}, "
-                 f"{sum(s for s in row.seconds if s):.0f} s)", progress)
+                       f"{row.final if row.final is not None else float('nan'):.2f} ({row.outcome}, "
+                       f"{sum(s for s in row.seconds if s):.0f} s)", progress)
 
     return RowWriter()
 

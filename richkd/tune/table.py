@@ -27,6 +27,7 @@ from richkd.io import atomic_write_text, ensure_writable
 from richkd.provenance import code_version
 from richkd.tune.errors import SpecError
 from richkd.tune.params import Param, TrialPlan
+from richkd.tune.paths import PATH_KEYS
 from richkd.tune.selection import load_sweep
 from richkd.tune.spec import SweepSpec
 
@@ -222,6 +223,11 @@ def check_same_space(table: Table, spec: SweepSpec, what: str) -> None:
     problems = []
     if differ:
         problems.append(f"space entries {', '.join(differ)} differ")
+    # the base config too, but for paths (another checkout or machine) and the run's name
+    a, b = table.spec.base_config.to_flat_dict(), spec.base_config.to_flat_dict()   # keys added since: defaults
+    config = sorted(k for k in set(a) | set(b) if k not in PATH_KEYS + ("name",) and a.get(k) != b.get(k))
+    if config:
+        problems.append(f"the base configs differ in {', '.join(config[:5])}" + (", ..." if len(config) > 5 else ""))
     if table.max_t != spec.max_t:
         problems.append(f"the table has {table.max_t} epochs, the spec's train.epochs is {spec.max_t}")
     if table.metric != spec.tune.metric:
