@@ -114,6 +114,7 @@ class Table:
         q = statistics.quantiles(means, n=4) if len(means) > 1 else [float("nan")] * 3
         return {"configs": len(means), "configs_std": across, "configs_iqr": q[2] - q[0],
                 "seeded_configs": len(seeded), "seeds_std": within,
+                "seeds_std_median": statistics.median(seeded) if seeded else float("nan"),
                 "ratio": across / within if within and within > 0 else float("nan")}
 
     def describe(self) -> str:
@@ -134,8 +135,8 @@ class Table:
             f"  spec {h['spec']['name']!r}: space {', '.join(h['spec']['space'])}; metric {self.metric} "
             f"({h['mode']}); space hash {h['space_hash']}",
             f"  final {self.metric} spread: across configurations std {s['configs_std']:.2f} (IQR "
-            f"{s['configs_iqr']:.2f}), across seeds of one configuration std {s['seeds_std']:.2f}; ratio "
-            f"{s['ratio']:.1f}" + ("" if not s["ratio"] < 3 else
+            f"{s['configs_iqr']:.2f}), across seeds of one configuration std {s['seeds_std']:.2f} (root mean "
+            f"square; median {s['seeds_std_median']:.2f}); ratio {s['ratio']:.1f}" + ("" if not s["ratio"] < 3 else
                                    "  WARNING: configurations differ by less than 3x the seed noise; widen the space "
                                    "or the data"),
             f"  cost: {seconds / 3600:.2f} trial-hours ({sum(r.epochs for r in self.rows)} trial-epochs)"
