@@ -123,6 +123,11 @@ def write_text(path: str, text: str) -> None:
         f.write(text.encode())
 
 
+def remove_file(path: str) -> None:
+    fs, p = _fs_and_path(path)
+    fs.delete_file(p)
+
+
 def read_text(path: str) -> Optional[str]:
     fs, p = _fs_and_path(path)
     import pyarrow.fs

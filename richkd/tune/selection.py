@@ -46,7 +46,7 @@ def best_trial(rows: list, spec) -> object:
         outcomes = {}
         for r in rows:
             outcomes[r.outcome] = outcomes.get(r.outcome, 0) + 1
-        seen = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(outcomes.items())) or "no trials"
+        seen = ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items())) or "no trials"
         raise ExportError(f"no trial of sweep {spec.name!r} reached max_t = {spec.max_t} epochs with a finite "
                           f"{spec.tune.metric} ({seen}); resume it (`richkd sweep --resume {spec.name}`) or run a "
                           "larger sweep")

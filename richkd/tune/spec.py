@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -29,7 +29,7 @@ import yaml
 
 from richkd.config import Config, ConfigError, load_yaml_mapping, parse_override
 from richkd.metric_names import needs_robustness, per_corruption
-from richkd.schema import build, suggest, to_plain
+from richkd.schema import build, read_yaml, suggest, to_plain
 from richkd.tune.errors import SpecError
 from richkd.tune.params import Param, TrialPlan, check_keys, config_or_error, parse_space
 from richkd.tune.paths import PATH_KEYS, absolutize, default_artifact_location, join_storage, resolve_tracking_uri
@@ -39,6 +39,7 @@ from richkd.tune.settings import FinalizeSettings, MlflowSettings, TuneSettings,
 log = logging.getLogger(__name__)
 
 SPEC_KEYS = ("name", "description", "base", "config", "space", "points_to_evaluate", "tune", "mlflow", "finalize")
+CONFIG_SECTIONS = tuple(f.name for f in fields(Config))   # `--set clip.model=...` means config.clip.model
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -144,6 +145,10 @@ def spec_from_mapping(raw: Mapping[str, Any], *, source: Optional[str] = None,
     raw = copy.deepcopy(dict(raw))
     _apply_spec_overrides(raw, overrides)
     raw = expand_env(raw)
+    misplaced = [k for k in raw if k in CONFIG_SECTIONS and k not in SPEC_KEYS]
+    if misplaced:
+        raise SpecError(f"unknown spec key {misplaced[0]!r}: config sections go under `config:` (config: "
+                        f"{{{misplaced[0]}: ...}}), or in the `base:` config file")
     check_keys(raw, SPEC_KEYS, "")
     name = raw.get("name") or (Path(source).stem if source else None)
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name or ""):
@@ -190,7 +195,7 @@ def expand_env(value: Any, where: str = "") -> Any:
         raise SpecError(f"{where or 'spec'}: malformed ${{...}} in {value!r}; write ${{VAR}} or ${{VAR:-default}}")
     if whole:
         try:
-            parsed = yaml.safe_load(out) if out.strip() else out
+            parsed = read_yaml(out) if out.strip() else out
         except yaml.YAMLError:
             return out
         return parsed if isinstance(parsed, (int, float, bool)) or parsed is None else out
@@ -202,7 +207,9 @@ def _apply_spec_overrides(raw: dict, overrides: Sequence[str] | Mapping[str, Any
     for dotted, value in items:
         parts = dotted.split(".")
         if parts[0] not in SPEC_KEYS:
-            raise SpecError(f"--set {dotted}: unknown spec section {parts[0]!r}{suggest(parts[0], SPEC_KEYS)}")
+            hint = (f"; a config key takes the config. prefix: --set config.{dotted}" if parts[0] in CONFIG_SECTIONS
+                    else suggest(parts[0], SPEC_KEYS))
+            raise SpecError(f"--set {dotted}: unknown spec section {parts[0]!r}{hint}")
         node = raw
         for part in parts[:-1]:
             if node.get(part) is None:
