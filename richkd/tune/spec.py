@@ -144,6 +144,7 @@ def spec_from_mapping(raw: Mapping[str, Any], *, source: Optional[str] = None,
     relative `base:` that is not found there is also looked for in `base_dir`, the spec file's folder)."""
     raw = copy.deepcopy(dict(raw))
     _apply_spec_overrides(raw, overrides)
+    demo_base = "RICHKD_DEMO_DIR" in str(raw.get("base"))   # a spec that builds on `richkd demo`'s outputs
     raw = expand_env(raw)
     misplaced = [k for k in raw if k in CONFIG_SECTIONS and k not in SPEC_KEYS]
     if misplaced:
@@ -154,7 +155,7 @@ def spec_from_mapping(raw: Mapping[str, Any], *, source: Optional[str] = None,
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name or ""):
         raise SpecError(f"name: {name!r} must be a non-empty folder-safe name (letters, digits, _ . -)")
 
-    base_cfg = _load_base_config(raw, base_dir or Path.cwd(), name)
+    base_cfg = _load_base_config(raw, base_dir or Path.cwd(), name, demo_base)
     params = parse_space(raw.get("space") or {}, base_cfg)
     _check_cache_keys(params)
     _check_validation_split(base_cfg, params)
@@ -207,8 +208,8 @@ def _apply_spec_overrides(raw: dict, overrides: Sequence[str] | Mapping[str, Any
     for dotted, value in items:
         parts = dotted.split(".")
         if parts[0] not in SPEC_KEYS:
-            hint = (f"; a config key takes the config. prefix: --set config.{dotted}" if parts[0] in CONFIG_SECTIONS
-                    else suggest(parts[0], SPEC_KEYS))
+            hint = (f"; a config key takes the config. prefix: --set config.{dotted}={value}"
+                    if parts[0] in CONFIG_SECTIONS else suggest(parts[0], SPEC_KEYS))
             raise SpecError(f"--set {dotted}: unknown spec section {parts[0]!r}{hint}")
         node = raw
         for part in parts[:-1]:
@@ -230,7 +231,7 @@ def _deep_merge(base: dict, extra: Mapping) -> dict:
     return out
 
 
-def _load_base_config(raw: dict, base_dir: Path, name: str) -> Config:
+def _load_base_config(raw: dict, base_dir: Path, name: str, demo_base: bool = False) -> Config:
     nested: dict = {}
     base = raw.get("base")
     if base is not None:
@@ -243,8 +244,10 @@ def _load_base_config(raw: dict, base_dir: Path, name: str) -> Config:
             base_path = base_dir / base_path
             tried.append(base_path)
         if not base_path.is_file():
+            fix = ("; `richkd demo` writes it: run that first, or set RICHKD_DEMO_DIR to the folder a demo ran "
+                   "in (its --out)" if demo_base else "")
             raise SpecError(f"base: config file {base!r} does not exist (looked for "
-                            f"{' and '.join(repr(str(t)) for t in tried)})")
+                            f"{' and '.join(repr(str(t)) for t in tried)}){fix}")
         try:
             nested = load_yaml_mapping(base_path)
         except ConfigError as exc:
