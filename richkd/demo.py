@@ -117,6 +117,8 @@ def run_sweep_stage(out_root: Path, sizes: dict, summary: dict) -> str:
     spec = demo_sweep_spec(out_root, sizes, name)
     storage = spec.tune.storage_path
     outcome = run_sweep(spec, verbose=1)
+    if outcome.interrupted:   # Ctrl-C stopped the sweep (Tune returns): the demo stops too, with exit code 130
+        raise KeyboardInterrupt
     exported = export_sweep(name, storage=str(storage))
     best = exported.best
     summary.update({"sweep": name, "sweep_dir": str(exported.out_dir), "best_config": str(exported.best_config),
