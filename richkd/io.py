@@ -196,7 +196,7 @@ PROGRESS_EVERY_S = 10.0
 
 
 def progress_bar(total: int, desc: str, unit: str = "batch"):
-    """A tqdm bar on a terminal; elsewhere (CI, nohup, a log file) a line when it starts, one every
+    """A tqdm bar on a terminal; elsewhere (CI, nohup, a log file) a line on stderr when it starts, one every
     PROGRESS_EVERY_S seconds and one when it ends, so a long build is never silent."""
     if sys.stderr.isatty():
         from tqdm import tqdm
@@ -209,13 +209,13 @@ class _ProgressLines:
     def __init__(self, total: int, desc: str, unit: str) -> None:
         self.total, self.desc, self.n = total, desc, 0
         self.started = self.last = time.monotonic()
-        print(f"{desc}: {total} {unit}(es) to go", flush=True)
+        print(f"{desc}: {total} {unit}(es) to go", file=sys.stderr, flush=True)
 
     def update(self, n: int = 1) -> None:
         self.n += n
         if time.monotonic() - self.last >= PROGRESS_EVERY_S:
             self.last = time.monotonic()
-            print(f"{self.desc}: {self.n}/{self.total}", flush=True)
+            print(f"{self.desc}: {self.n}/{self.total}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        print(f"{self.desc}: done in {time.monotonic() - self.started:.1f} s", flush=True)
+        print(f"{self.desc}: done in {time.monotonic() - self.started:.1f} s", file=sys.stderr, flush=True)
