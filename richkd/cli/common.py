@@ -30,6 +30,14 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+def at_least_one(**counts) -> None:
+    """Counts from the command line (`--num-cpus 0`, `--images -5`): 1 or more, else one UserError before any
+    work (argparse checks only that they are integers)."""
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} {value}: must be 1 or more")
+
+
 def interactive() -> bool:
     """Progress bars only on a terminal, and not under CI, where they would fill the log."""
     return sys.stderr.isatty() and not os.environ.get("CI")
@@ -44,9 +52,13 @@ def verbosity(args: argparse.Namespace) -> int:
 
 def load_config(path: Optional[str], overrides: Sequence[str]):
     """The run config from a YAML file (or the defaults) with `--set KEY=VALUE` overrides applied."""
-    from richkd.config import Config
+    from richkd.config import Config, load_yaml_mapping
 
-    cfg = Config.from_yaml(path) if path else Config()
+    raw = load_yaml_mapping(path) if path else {}
+    if "space" in raw or "tune" in raw:
+        raise UserError(f"{path} is a sweep spec (it has space: / tune:), not a run config; run it with "
+                        f"`richkd sweep {path}`, or pass a run config (configs/ has examples)")
+    cfg = Config.from_dict(raw)
     return cfg.with_overrides(dict(parse_overrides(overrides))) if overrides else cfg
 
 

@@ -9,7 +9,7 @@ import socket
 import sys
 from typing import Callable, Optional
 
-from richkd.cli.common import Interrupted, UserError, add_storage_args, interactive, verbosity
+from richkd.cli.common import Interrupted, UserError, add_storage_args, at_least_one, interactive, verbosity
 
 SWEEP_EPILOG = """examples:
   richkd sweep search_spaces/smoke.yaml
@@ -68,6 +68,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise UserError("give either a SPEC file or --resume NAME, not both")
     if not args.resume and not args.spec:
         raise UserError("sweep needs a SPEC file (see search_spaces/) or --resume NAME")
+    at_least_one(num_cpus=args.num_cpus, num_samples=args.num_samples)
     if args.resume:
         from richkd.tune.outcome import describe_outcome
         from richkd.tune.resume import resume_sweep
@@ -132,6 +133,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_finalize(args: argparse.Namespace) -> int:
     from richkd.tune.finalize import describe_finalize, finalize_sweep
 
+    at_least_one(top=args.top, seeds=args.seeds, num_cpus=args.num_cpus)
     result = stoppable(lambda: finalize_sweep(args.sweep, top=args.top, seeds=args.seeds, storage=args.storage,
                                               tracking_uri=args.tracking_uri, overrides=args.set,
                                               progress=interactive(), out_dir=args.out, holdout=args.holdout,

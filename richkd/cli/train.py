@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from richkd.cli.common import UserError, add_config_args, interactive, load_config, parse_overrides
+from richkd.cli.common import UserError, add_config_args, at_least_one, interactive, load_config, parse_overrides
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -30,7 +30,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         out_dir = Path("tune_runs") / "runs" / cfg.name
     from richkd.io import ensure_writable
 
-    ensure_writable(out_dir, "the run's output folder (--out)", create=False)   # before training, not after epoch 1
+    out_dir = ensure_writable(out_dir, "the run's output folder (--out)", create=False)   # before training; ~ expanded
     if cfg.train.checkpoint_dir is None or resume is not None:
         cfg = cfg.with_overrides({"train.checkpoint_dir": str(out_dir)})
     check_resources(cfg)
@@ -76,6 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from richkd.models import MODELS, create_model, family_of
 
+    at_least_one(num_classes=args.num_classes)
     for family in ("cifar", "imagenet"):
         names = [n for n in MODELS.names() if family_of(n)[0] == family]
         print(f"{family} family ({family_of(names[0])[1]} px inputs):")
@@ -104,6 +105,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         return 0
     if not args.config:
         raise UserError("cache needs --config (or --list)")
+    at_least_one(images=args.images, classes=args.classes)
     cfg = load_config(args.config, args.set)
     check_resources(cfg)
     if args.plan:

@@ -91,14 +91,13 @@ def finalize_sweep(sweep: str, *, top: Optional[int] = None, seeds: Optional[int
     from richkd.tune.selection import best_trial, load_sweep, output_dir
     from richkd.validate import check_resources
 
-    for flag, value in (("--top", top), ("--seeds", seeds)):
-        if value is not None and value < 1:
-            raise ConfigError(f"finalize {flag} {value}: must be 1 or more (leave it out for the spec's "
-                              f"finalize.{flag[2:]})")
     spec, path, record, rows = load_sweep(sweep, storage, tracking_uri)
     best_trial(rows, spec)  # raises a clear error when no trial reached max_t
-    top = spec.finalize.top if top is None else top
+    top = spec.finalize.top if top is None else top         # 0 is refused, never "the default"
     n_seeds = spec.finalize.seeds if seeds is None else seeds
+    if top < 1 or n_seeds < 1:
+        raise ConfigError(f"finalize: --top and --seeds must be 1 or more (got {top} and {n_seeds}; leave one out "
+                          "for the spec's finalize.top / finalize.seeds)")
     extra = dict(overrides) if isinstance(overrides, Mapping) else dict(parse_override(o) for o in overrides)
     if spec.tune.multi_objective:
         from richkd.tune.selection import compute_front
@@ -119,12 +118,12 @@ def finalize_sweep(sweep: str, *, top: Optional[int] = None, seeds: Optional[int
         results.append(FinalistResult(rank=rank, trial_id=row.trial_id, sampled=row.sampled, seeds=seeds_list,
                                       test_top1=[], val_top1=[]))
         jobs.extend(SeedJob(rank, row.trial_id, seed, cfg.with_overrides({"seed": seed})) for seed in seeds_list)
-    folder = Path(out_dir) if out_dir else output_dir(path, spec.name)
+    folder = Path(out_dir).expanduser() if out_dir else output_dir(path, spec.name)
     earlier = [p for p in (folder / FINALISTS, folder / RUNS_FOLDER) if p.exists()]
     if earlier and not force:
         raise ConfigError(f"{earlier[0]} holds the finalists of an earlier finalize; keep them and write to another "
                           "folder with --out DIR, or replace them with --force")
-    ensure_writable(folder, "the finalize output folder")
+    folder = ensure_writable(folder, "the finalize output folder")
     tracker = _Tracker(record) if record.has_mlflow_run else None
     with ray_session(address, num_cpus):
         if address is None:
