@@ -125,7 +125,7 @@ def finalize_sweep(sweep: str, *, top: Optional[int] = None, seeds: Optional[int
                           "folder with --out DIR, or replace them with --force")
     folder = ensure_writable(folder, "the finalize output folder")
     tracker = _Tracker(record) if record.has_mlflow_run else None
-    with ray_session(address, num_cpus):
+    with ray_session(address, num_cpus, next_step="run finalize again, with --force, once a cluster is up"):
         if address is None:
             check_trial_resources(spec.tune)
         for p in earlier:   # --force, and every check passed: the earlier finalists go

@@ -8,6 +8,7 @@ import re
 import shutil
 import signal
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,9 +16,9 @@ from typing import Iterator, Optional
 
 from richkd.cache.signature import cache_signature
 from richkd.provenance import code_version
-from richkd.tune.errors import ClusterLostError, SpecError
+from richkd.tune.errors import EXIT_CLUSTER_LOST, ClusterLostError, SpecError
 from richkd.tune.node_check import SweepNeeds, shared_markers, sweep_needs
-from richkd.tune.outcome import SweepOutcome, sweep_outcome
+from richkd.tune.outcome import SweepOutcome, sweep_outcome, sweep_ref
 from richkd.tune.paths import is_shared_filesystem
 from richkd.tune.spec import SweepSpec
 from richkd.tune.sweep_record import SweepRecord, remove_sweep_record, sweep_record_exists, write_sweep_record
@@ -113,39 +114,72 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, verb
 
 
 @contextlib.contextmanager
-def ray_session(address: Optional[str], num_cpus: Optional[int], verbose: bool = False) -> Iterator[None]:
+def ray_session(address: Optional[str], num_cpus: Optional[int], verbose: bool = False,
+                next_step: str = "run the command again once a cluster is up") -> Iterator[None]:
     """Ray for one command: embedded or connected (init_ray), shut down afterwards when this call started it.
     An embedded Ray's session folder (its logs and sockets under Ray's temp dir) is removed then too, unless an
-    unexpected error may need its logs. Ray errors that mean the cluster went away become one ClusterLostError."""
+    unexpected error may need its logs. A cluster that goes away meanwhile is one line and exit code 4
+    (EXIT_CLUSTER_LOST), with `next_step`: a ClusterLostError for Ray's errors, and `watch_gcs` for a head that
+    stops answering (Ray's core worker would end the driver a minute later with exit code 1)."""
     import ray
     from ray.exceptions import NodeDiedError
 
     from richkd.tune.cluster import cluster_lost_errors
 
     started = init_ray(address, num_cpus, verbose=verbose)
+    where = f"at {address}" if address else "(embedded)"
     session = _session_dir() if started and not address else None
     keep_logs = False
+    stop_watch = threading.Event()
+    threading.Thread(target=watch_gcs, args=(ray.get_runtime_context().gcs_address, where, next_step, stop_watch),
+                     daemon=True, name="richkd-gcs-watch").start()
     try:
         yield
     except (*cluster_lost_errors(), NodeDiedError) as exc:
         keep_logs = True
-        where = f"at {address}" if address else "(embedded)"
         problem = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise ClusterLostError(f"the Ray cluster {where} went away ({type(exc).__name__}: {problem}); finished "
-                               "trials and checkpoints are kept: continue with `richkd sweep --resume NAME` (or "
-                               "run finalize again) once a cluster is up") from None
+        raise ClusterLostError(cluster_lost(where, f"{type(exc).__name__}: {problem}", next_step)) from None
     except (KeyboardInterrupt, ValueError):
         raise
     except BaseException:
         keep_logs = True
         raise
     finally:
+        stop_watch.set()
         if started:
             ray.shutdown()
         if session and not keep_logs:
             _remove_session(session)
         elif session:
             log.warning("Ray's logs of this run are in %s", session)
+
+
+GCS_WATCH_S = 5.0       # how often the cluster's head is probed while a command uses it
+
+
+def cluster_lost(where: str, reason: str, next_step: str) -> str:
+    return (f"the Ray cluster {where} went away ({reason}); finished trials and checkpoints are kept: "
+            f"{next_step}")
+
+
+def watch_gcs(gcs_address: str, where: str, next_step: str, stop: threading.Event) -> None:
+    """While `stop` is not set, probe the head (GCS) every GCS_WATCH_S s; when it has not answered for 3/4 of
+    Ray's own reconnect timeout (RAY_gcs_rpc_server_reconnect_timeout_s, 60 s by default) print the one line and
+    end the process with exit code 4. Nothing else can: Ray's core worker ends a driver whose GCS stays away for
+    that timeout with exit code 1, from C++ (no Python exception)."""
+    host, _, port = gcs_address.rpartition(":")
+    limit = max(1, int(0.75 * float(os.environ.get("RAY_gcs_rpc_server_reconnect_timeout_s", 60)) / GCS_WATCH_S))
+    misses = 0
+    while not stop.wait(GCS_WATCH_S):
+        try:
+            socket.create_connection((host, int(port)), timeout=GCS_WATCH_S).close()
+            misses = 0
+        except OSError:
+            misses += 1
+        if misses >= limit and not stop.is_set():
+            reason = f"its head {gcs_address} stopped answering"
+            print(f"richkd: error: {cluster_lost(where, reason, next_step)}", file=sys.stderr, flush=True)
+            os._exit(EXIT_CLUSTER_LOST)
 
 
 def _session_dir() -> Optional[Path]:
@@ -417,7 +451,8 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, num_cpus: Optio
 @contextlib.contextmanager
 def ray_for(spec: SweepSpec, address: Optional[str], num_cpus: Optional[int], verbose: int) -> Iterator[None]:
     """Ray for one sweep (ray_session), and the cluster checked."""
-    with ray_session(address, num_cpus, verbose=verbose >= 2):
+    resume = f"continue with `richkd sweep --resume {sweep_ref(spec.name, spec.experiment_path)}` once a cluster is up"
+    with ray_session(address, num_cpus, verbose=verbose >= 2, next_step=resume):
         check_cluster(spec, embedded=address is None)
         yield
 
