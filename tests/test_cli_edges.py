@@ -265,3 +265,38 @@ def test_a_trial_that_failed_once_without_retries_was_not_restarted():
     text = describe_outcome(SweepOutcome(name="s", experiment_path="/x/s", num_trials=2,
                                          counts={"error": 2}, retried=0), "val_top1")
     assert "retried" not in text and "2 trial(s) ended in error (exit code 3)" in text
+
+
+# ----- single runs ------------------------------------------------------------------------------------------------
+
+def test_a_resumed_run_stays_in_its_folder_and_builds_caches_with_progress_lines(assets, tmp_path):
+    """Without a terminal (here: pipes) the cache build prints its progress; `--resume RUN/last.pt` writes every
+    file of the resumed run next to that checkpoint, not to tune_runs/runs/<name>."""
+    raw = base_spec(assets, tmp_path)["config"]
+    raw.pop("clip")
+    raw.update(name="resumable", loss={"method": "kd"}, train={"epochs": 1})
+    raw["data"]["max_train_samples"] = 128
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    run = tmp_path / "run"
+    first = richkd("train", "--config", str(cfg), "--out", str(run), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    progress = [line for line in first.stderr.splitlines() if line.startswith("cache teacher train: ")]
+    assert progress[0].endswith(" batch(es) to go") and progress[-1].startswith("cache teacher train: done in ")
+    resumed = richkd("train", "--resume", str(run / "last.pt"), "--set", "train.epochs=2", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "at epoch 1" in resumed.stdout and f"model {run / 'student.pt'}" in resumed.stdout
+    assert not (tmp_path / "tune_runs").exists()
+    import torch
+
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 2
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 2
+
+
+def test_the_demo_names_its_store_as_the_readme_does(tmp_path, monkeypatch):
+    from richkd.demo import shown_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert shown_uri(f"sqlite:///{tmp_path}/tune_runs/demo/mlflow.db") == "sqlite:///tune_runs/demo/mlflow.db"
+    assert shown_uri("sqlite:////elsewhere/mlflow.db") == "sqlite:////elsewhere/mlflow.db"
+    assert shown_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"

@@ -96,6 +96,7 @@ def test_ctrl_c_and_sigterm_stop_a_sweep_with_their_exit_codes_and_it_resumes(tm
     code, out = finished(start(["--resume", name, "--storage", str(storage)], tmp_path, log, **ray_env), log)
     assert code == 0, out
     assert f"sweep {name}: 3 trials (3 completed)" in out
+    assert "per node" not in out        # three embedded Rays (three node ids), one machine: nothing to split
     for trial, rows in trial_results(str(exp)).items():       # every epoch reported, once each after resumes
         assert sorted({r["training_iteration"] for r in rows}) == list(range(1, EPOCHS + 1)), trial
     assert not list((ray_tmp / "ray").glob("session_2*"))
