@@ -52,13 +52,9 @@ def verbosity(args: argparse.Namespace) -> int:
 
 def load_config(path: Optional[str], overrides: Sequence[str]):
     """The run config from a YAML file (or the defaults) with `--set KEY=VALUE` overrides applied."""
-    from richkd.config import Config, load_yaml_mapping
+    from richkd.config import Config
 
-    raw = load_yaml_mapping(path) if path else {}
-    if "space" in raw or "tune" in raw:
-        raise UserError(f"{path} is a sweep spec (it has space: / tune:), not a run config; run it with "
-                        f"`richkd sweep {path}`, or pass a run config (configs/ has examples)")
-    cfg = Config.from_dict(raw)
+    cfg = Config.from_yaml(path) if path else Config()
     return cfg.with_overrides(dict(parse_overrides(overrides))) if overrides else cfg
 
 
