@@ -300,3 +300,18 @@ def test_the_demo_names_its_store_as_the_readme_does(tmp_path, monkeypatch):
     assert shown_uri(f"sqlite:///{tmp_path}/tune_runs/demo/mlflow.db") == "sqlite:///tune_runs/demo/mlflow.db"
     assert shown_uri("sqlite:////elsewhere/mlflow.db") == "sqlite:////elsewhere/mlflow.db"
     assert shown_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_evaluate_refuses_a_tracking_store_it_cannot_log_to_before_evaluating():
+    """`richkd evaluate --mlflow-uri` logs after the evaluation: an unknown scheme or a server that does not
+    answer is checked first (it used to be a traceback once the work was done)."""
+    from richkd.robustness.report import check_tracking_uri
+    from tests.cluster_fixtures import free_port
+
+    with pytest.raises(ValueError, match="'bogus://x': not a tracking store MLflow opens"):
+        check_tracking_uri("bogus://x")
+    port = free_port()
+    with pytest.raises(ValueError, match=rf"--mlflow-uri: the MLflow server at http://127.0.0.1:{port} does not "
+                                         r"answer \(.*refused\)"):
+        check_tracking_uri(f"http://127.0.0.1:{port}")
+    assert check_tracking_uri("sqlite:////tmp/x/mlflow.db") == "sqlite:////tmp/x/mlflow.db"   # not probed
