@@ -65,8 +65,11 @@ def build_report(sweep: str, storage: Optional[str] = None, tracking_uri: Option
     from richkd.report.importance import sweep_importances
     from richkd.report.page import render_page
 
+    what = "the report folder" + (" (--out)" if out_dir else "")
+    if out_dir:   # before reading the sweep, so a bad --out is the one error shown
+        ensure_writable(out_dir, what, create=False)
     data = load_report_data(sweep, storage, tracking_uri, out_dir)
-    out = ensure_writable(data.out_dir, "the report folder" + (" (--out)" if out_dir else ""))
+    out = ensure_writable(data.out_dir, what)
     importances = sweep_importances(data)
     images: dict = {}
     written: list[Path] = []
