@@ -34,7 +34,7 @@ class SweepOutcome:
     parent_run_id: Optional[str] = None
     tracking_uri: Optional[str] = None
     wall_s: float = 0.0
-    by_node: dict = field(default_factory=dict)         # node (IP, else Ray node id) -> {outcome: number of trials}
+    by_node: dict = field(default_factory=dict)         # "node id (IP)" -> {outcome: number of trials}
     retried: int = 0                                    # trials that failed at least once and were restarted
     error_logs: list = field(default_factory=list)      # error.txt of the trials that ended in error
     num_samples: int = 0                                # tune.num_samples: the trials a finished sweep has
@@ -60,7 +60,7 @@ def sweep_outcome(record: SweepRecord, wall_s: float) -> SweepOutcome:
     by_node: dict[str, dict] = {}
     for r in rows:
         counts[r.outcome] = counts.get(r.outcome, 0) + 1
-        where = r.node_ip or r.node_id
+        where = f"{r.node_id[:12]} ({r.node_ip})" if r.node_ip else r.node_id
         if where:   # a trial that never reported ran nowhere yet
             node = by_node.setdefault(where, {})
             node[r.outcome] = node.get(r.outcome, 0) + 1
@@ -103,7 +103,7 @@ def describe_outcome(outcome: SweepOutcome, metric) -> str:
     lines = [f"sweep {outcome.name}: {outcome.num_trials} trials ({_counts(outcome.counts)}) in {outcome.wall_s:.0f}s",
              f"  results: {outcome.experiment_path}"]
     if len(outcome.by_node) > 1:
-        per_node = "; ".join(f"{node[:12]} {_counts(c)}" for node, c in sorted(outcome.by_node.items()))
+        per_node = "; ".join(f"{node} {_counts(c)}" for node, c in sorted(outcome.by_node.items()))
         lines.append(f"  per node: {per_node}")
     if outcome.retried:
         lines.append(f"  retried: {outcome.retried} trial(s) restarted after a failure (tune.max_failures)")

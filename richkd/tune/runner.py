@@ -459,11 +459,16 @@ def ray_for(spec: SweepSpec, address: Optional[str], num_cpus: Optional[int], ve
 
 def fit_and_summarise(tuner, record: SweepRecord, verbose: int, started_at: float) -> SweepOutcome:
     """Run the Tuner, make sure the MLflow parent run is not left RUNNING, and summarise what happened."""
+    from richkd.tune.cluster import alive_nodes
+
     try:
         fit_quietly(tuner, verbose)
     finally:
         close_parent_if_running(record)
-    return sweep_outcome(record, time.perf_counter() - started_at)
+    outcome = sweep_outcome(record, time.perf_counter() - started_at)
+    if len(alive_nodes()) < 2:   # one machine (an embedded Ray, each resume a new node id): no split per node
+        outcome.by_node = {}
+    return outcome
 
 
 def close_parent_if_running(record: SweepRecord) -> None:
