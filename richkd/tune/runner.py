@@ -127,12 +127,13 @@ def ray_session(address: Optional[str], num_cpus: Optional[int], verbose: bool =
     from richkd.tune.cluster import cluster_lost_errors
 
     started = init_ray(address, num_cpus, verbose=verbose)
-    where = f"at {address}" if address else "(embedded)"
+    gcs = ray.get_runtime_context().gcs_address
+    where = f"at {gcs}" if address else "(embedded)"
     session = _session_dir() if started and not address else None
     keep_logs = False
     stop_watch = threading.Event()
-    threading.Thread(target=watch_gcs, args=(ray.get_runtime_context().gcs_address, where, next_step, stop_watch),
-                     daemon=True, name="richkd-gcs-watch").start()
+    threading.Thread(target=watch_gcs, args=(gcs, where, next_step, stop_watch), daemon=True,
+                     name="richkd-gcs-watch").start()
     try:
         yield
     except (*cluster_lost_errors(), NodeDiedError) as exc:
@@ -177,8 +178,8 @@ def watch_gcs(gcs_address: str, where: str, next_step: str, stop: threading.Even
         except OSError:
             misses += 1
         if misses >= limit and not stop.is_set():
-            reason = f"its head {gcs_address} stopped answering"
-            print(f"richkd: error: {cluster_lost(where, reason, next_step)}", file=sys.stderr, flush=True)
+            print(f"richkd: error: {cluster_lost(where, 'its head stopped answering', next_step)}", file=sys.stderr,
+                  flush=True)
             os._exit(EXIT_CLUSTER_LOST)
 
 
