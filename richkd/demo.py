@@ -28,8 +28,9 @@ DEMO_SPEC = Path(__file__).resolve().parents[1] / "search_spaces" / "fmnist_demo
 
 REAL_CLIP_HINT = ("the demo's CLIP is a tiny open_clip model with RANDOM weights (no downloads offline), so its "
                   "zero-shot accuracy is chance level. For real weights, run the configs it writes with "
-                  "`richkd train --config {configs}/richkd.yaml --set clip.model=ViT-B-32 --set clip.pretrained=openai` "
-                  "(or a local weights file; in `richkd sweep`, --set config.clip.model=...).")
+                  "`richkd train --config {configs}/richkd.yaml --set clip.model=ViT-B-32 "
+                  "--set clip.pretrained=openai` (or a local weights file; in `richkd sweep`, "
+                  "--set config.clip.model=...).")
 
 
 def base_dict(out_root: Path, sizes: dict) -> dict:

@@ -30,21 +30,17 @@ def check_resources(cfg: Config) -> None:
                               f"{pretrained_source(cfg.teacher.arch)}, or train a teacher with "
                               "loss.method=supervised")
     if cfg.uses_clip:
-        from richkd.clip import ClipLoadError, load_prompt_set, parse_pretrained
+        from richkd.clip import ClipLoadError, load_prompt_set
         from richkd.clip.loading import check_weights
 
         try:
             load_prompt_set(cfg.clip.prompt_set)
         except ValueError as exc:
             raise ConfigError(f"clip.prompt_set: {exc}") from None
-        ref = parse_pretrained(cfg.clip.pretrained)
-        if ref.kind == "file" and not ref.path.is_file():
-            raise ConfigError(f"clip.pretrained: file {ref.value!r} does not exist (create the offline tiny "
-                              "CLIP with `richkd clip init-tiny PATH`, or use a tag such as openai)")
-        try:   # an unknown architecture or tag, a missing folder, weights neither cached nor downloadable
+        try:   # an unknown architecture or tag, a missing file or folder, weights neither cached nor downloadable
             check_weights(cfg.clip.model, cfg.clip.pretrained)
         except ClipLoadError as exc:
-            raise ConfigError(f"clip: {exc}") from None
+            raise ConfigError(str(exc)) from None
 
 
 def uses_crd(cfg: Config) -> bool:

@@ -125,7 +125,6 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def cmd_clip_init_tiny(args: argparse.Namespace) -> int:
     from richkd.clip import TINY_CLIP_MODEL, init_tiny_clip
-
     from richkd.io import ensure_writable
 
     path = Path(args.path)

@@ -281,11 +281,11 @@ def check_weights(model_name: str, pretrained: str) -> None:
         return
     if model_name.startswith(HF_HUB_PREFIX):
         return _check_hub_model(model_name)
+    if ref.kind == "file" and not ref.path.is_file():
+        raise ClipLoadError(f"clip.pretrained: file {pretrained!r} does not exist (create the offline tiny CLIP with "
+                            "`richkd clip init-tiny PATH`, or use a tag such as openai)")
     arch = _resolve_arch(model_name)
-    if ref.kind == "file":
-        if not ref.path.is_file():
-            raise ClipLoadError(f"clip.pretrained: weights file {pretrained!r} does not exist")
-    elif pretrained:
+    if ref.kind == "tag" and pretrained:
         _resolve_tag(arch, pretrained)
 
 

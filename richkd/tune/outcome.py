@@ -37,7 +37,6 @@ class SweepOutcome:
     by_node: dict = field(default_factory=dict)         # "node id (IP)" -> {outcome: number of trials}
     retried: int = 0                                    # trials that failed at least once and were restarted
     error_logs: list = field(default_factory=list)      # error.txt of the trials that ended in error
-    num_samples: int = 0                                # tune.num_samples: the trials a finished sweep has
     stopped_by: Optional[int] = None                    # the signal (SIGINT, SIGTERM) that stopped the sweep
 
     @property
@@ -70,7 +69,7 @@ def sweep_outcome(record: SweepRecord, wall_s: float) -> SweepOutcome:
     return SweepOutcome(name=spec.name, experiment_path=spec.experiment_path, num_trials=len(rows),
                         counts=counts, best=best, parent_run_id=record.parent_run_id,
                         tracking_uri=record.tracking_uri, wall_s=wall_s, by_node=by_node,
-                        retried=sum(1 for r in rows if r.restarts), error_logs=errors, num_samples=spec.tune.num_samples)
+                        retried=sum(1 for r in rows if r.restarts), error_logs=errors)
 
 
 def _storage_of(experiment_path: str) -> Optional[str]:
