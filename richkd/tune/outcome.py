@@ -1,5 +1,5 @@
 """A sweep's outcome as the user sees it at the end: counts by outcome and by node, retries, where errors are,
-and the exit code (`exit_code`; 2, bad input, comes from the CLI)."""
+and the exit code (`exit_code`; 2, bad input, and 4, a lost cluster (errors.py), come from the CLI)."""
 from __future__ import annotations
 
 import signal
@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from richkd.tune.errors import EXIT_CLUSTER_LOST  # noqa: F401 - 4: the Ray cluster went away (the CLI maps it)
 from richkd.tune.sweep_record import SweepRecord
 
 EXIT_OK = 0
