@@ -339,7 +339,11 @@ class Config:
 
     @classmethod
     def from_yaml(cls, path: "str | os.PathLike") -> "Config":
-        return cls.from_dict(load_yaml_mapping(path))
+        raw = load_yaml_mapping(path)
+        if "space" in raw or "tune" in raw:   # given where a run config belongs (train --config, ...)
+            raise ConfigError(f"{path} is a sweep spec (it has space: / tune:), not a run config; run it with "
+                              f"`richkd sweep {path}`, or pass a run config (configs/ has examples)")
+        return cls.from_dict(raw)
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> "Config":
         """Return a new config with dotted keys replaced, e.g. {"optim.lr": 0.01}. Validates everything."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from richkd.config import Config
-from richkd.io import atomic_write_text
+from richkd.io import atomic_write_text, ensure_writable
 
 # Sizes chosen so the whole pipeline fits in about 10 minutes on 2 CPU cores; --quick is for tests.
 FULL = {"teacher_samples": 30000, "teacher_epochs": 3, "student_samples": 4000, "student_epochs": 4,
@@ -27,8 +27,10 @@ QUICK = {"teacher_samples": 384, "teacher_epochs": 1, "student_samples": 256, "s
 DEMO_SPEC = Path(__file__).resolve().parents[1] / "search_spaces" / "fmnist_demo.yaml"
 
 REAL_CLIP_HINT = ("the demo's CLIP is a tiny open_clip model with RANDOM weights (no downloads offline), so its "
-                  "zero-shot accuracy is chance level. With real weights use e.g. "
-                  "--set clip.model=ViT-B-32 --set clip.pretrained=openai (or a local file path).")
+                  "zero-shot accuracy is chance level. For real weights, run the configs it writes with "
+                  "`richkd train --config {configs}/richkd.yaml --set clip.model=ViT-B-32 "
+                  "--set clip.pretrained=openai` (or a local weights file; in `richkd sweep`, "
+                  "--set config.clip.model=...).")
 
 
 def base_dict(out_root: Path, sizes: dict) -> dict:
@@ -116,6 +118,8 @@ def run_sweep_stage(out_root: Path, sizes: dict, summary: dict) -> str:
     spec = demo_sweep_spec(out_root, sizes, name)
     storage = spec.tune.storage_path
     outcome = run_sweep(spec, verbose=1)
+    if outcome.interrupted:   # Ctrl-C stopped the sweep (Tune returns): the demo stops too, with exit code 130
+        raise KeyboardInterrupt
     exported = export_sweep(name, storage=str(storage))
     best = exported.best
     summary.update({"sweep": name, "sweep_dir": str(exported.out_dir), "best_config": str(exported.best_config),
@@ -138,7 +142,7 @@ def run_demo(out_root: Path = Path("tune_runs/demo"), quick: bool = False, fresh
     from richkd.clip import init_tiny_clip
     from richkd.validate import check_resources
 
-    out_root = Path(out_root)
+    out_root = ensure_writable(out_root, "the demo's output folder (--out)", create=False)
     if fresh and out_root.exists():
         shutil.rmtree(out_root)
     configs = demo_configs(out_root, quick)
@@ -162,7 +166,7 @@ def run_demo(out_root: Path = Path("tune_runs/demo"), quick: bool = False, fresh
         path = out_root / "tiny_clip.pt"
         if not path.is_file():
             init_tiny_clip(path)
-        return f"tiny CLIP at {path}. NOTE: {REAL_CLIP_HINT}"
+        return f"tiny CLIP at {path}. NOTE: {REAL_CLIP_HINT.format(configs=out_root / 'configs')}"
 
     def student_stage(name: str) -> Callable[[], str]:
         def stage() -> str:
@@ -187,6 +191,16 @@ def run_demo(out_root: Path = Path("tune_runs/demo"), quick: bool = False, fresh
     return 0
 
 
+def shown_uri(uri: str) -> str:
+    """A SQLite store under the current folder as a relative URI (sqlite:///tune_runs/demo/mlflow.db), as the
+    README shows it; any other URI as it is."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if path.is_relative_to(Path.cwd()):
+            return "sqlite:///" + str(path.relative_to(Path.cwd()))
+    return uri
+
+
 def print_summary(out_root: Path, summary: dict) -> None:
     print("\n== summary")
     for key in ("teacher", "kd", "richkd"):
@@ -201,7 +215,8 @@ def print_summary(out_root: Path, summary: dict) -> None:
         print(f"   leaderboard   {summary['leaderboard']}")
         if "report" in summary:
             print(f"   report        {summary['report']}")
-        print(f"   MLflow store  {summary['tracking_uri']}")
-        print(f"   open the UI:  richkd ui --tracking-uri {summary['tracking_uri']}")
+        uri = shown_uri(summary["tracking_uri"])
+        print(f"   MLflow store  {uri}")
+        print(f"   open the UI:  richkd ui --tracking-uri {uri}")
     print(f"   configs       {out_root / 'configs'}   (e.g. richkd train --config {out_root}/configs/kd.yaml)")
-    print(f"   NOTE: {REAL_CLIP_HINT}")
+    print(f"   NOTE: {REAL_CLIP_HINT.format(configs=out_root / 'configs')}")

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from richkd.tune.outcome import sweep_ref
 from richkd.tune.selection import (ExportError, best_trial, cache_keys_for, compute_front, load_sweep,
-                                   output_dir)
+                                   missing_trials, output_dir)
 
 __all__ = ["ExportError", "ExportResult", "best_trial", "compute_front", "export_sweep", "load_sweep", "output_dir",
            "pareto_objectives"]
@@ -46,6 +47,9 @@ class ExportResult:
     pareto: Optional[Path] = None                  # pareto_front.json, when a front was exported
     pareto_rows: list = field(default_factory=list)
     pareto_objectives: list = field(default_factory=list)   # [(metric, mode), ...]
+    missing: int = 0                               # trials an interrupted sweep has not finished (or started)
+    expected: int = 0                              # trials the finished sweep will have
+    resume: str = ""                               # how to continue it
 
 
 def pareto_objectives(spec, metrics: Optional[Sequence[str]] = None) -> list[tuple[str, str]]:
@@ -138,7 +142,7 @@ def export_sweep(sweep: str, storage: Optional[str] = None, tracking_uri: Option
     pareto: metrics of a Pareto front to export (an empty list = the sweep's own objectives); by default a
     front is exported exactly when the sweep has several objectives.
     """
-    from richkd.io import atomic_write_text
+    from richkd.io import atomic_write_text, ensure_writable
     from richkd.provenance import code_version
     from richkd.tune.trainable import trial_threads_config
 
@@ -148,7 +152,8 @@ def export_sweep(sweep: str, storage: Optional[str] = None, tracking_uri: Option
     front = compute_front(rows, spec, objectives) if objectives else []
     if front and spec.tune.multi_objective:
         best = front[0]   # the front member best by the first objective (a primary-metric tie can be dominated)
-    folder = Path(out_dir) if out_dir else output_dir(path, spec.name)
+    folder = ensure_writable(Path(out_dir) if out_dir else output_dir(path, spec.name),
+                             "the export folder" + (" (--out)" if out_dir else ""))
     version = code_version()
     cfg = trial_threads_config(best.config, spec.tune.cpu)   # the threads the trial ran with: same numbers
     cache_keys = cache_keys_for(cfg, record)
@@ -194,10 +199,12 @@ def export_sweep(sweep: str, storage: Optional[str] = None, tracking_uri: Option
         attached = _attach(record, [best_config, best_json, board], best)
         if pareto_files:
             _attach_pareto(record, pareto_files, front, objectives)
+    missing, expected = missing_trials(rows, spec)
     return ExportResult(out_dir=folder, best_config=best_config, best_trial=best_json, leaderboard=board,
                         best=best, rows=rows, attached_to_run=attached,
                         pareto=pareto_files[0] if pareto_files else None, pareto_rows=front,
-                        pareto_objectives=objectives)
+                        pareto_objectives=objectives, missing=missing, expected=expected,
+                        resume=f"richkd sweep --resume {sweep_ref(spec.name, path)}")
 
 
 def _attach(record, files: list[Path], best) -> Optional[str]:
@@ -247,7 +254,11 @@ def describe_export(result: ExportResult, metric) -> str:
                  + ", ".join(f"{m} {d}" for m, d in result.pareto_objectives) + f"): {result.pareto}"]
         front += ["  " + r.trial_id + ": " + ", ".join(f"{m}={r.metrics.get(m):.4g}" for m in names)
                   for r in result.pareto_rows]
+    unfinished = ([f"note: the sweep is unfinished: {result.missing} of its {result.expected} trials have not "
+                   f"finished; exported from the trials that have (continue with `{result.resume}`, then export "
+                   "again)"] if result.missing else [])
     return "\n".join([
+        *unfinished,
         f"best trial {best.trial_id}: {metric}={best.value:.4g} (last epoch, {n_done} of {len(result.rows)} trials "
         f"reached max_t)",
         f"  {result.best_config}", f"  {result.best_trial}", f"  {result.leaderboard}",

@@ -1,12 +1,15 @@
 """Atomic file writes: a temp file in the same folder, fsync, then rename, so no partial file is ever seen.
-Also the one-line wording of a torch checkpoint that cannot be read (`load_problem`)."""
+Also the one-line wording of a torch checkpoint that cannot be read (`load_problem`), and progress output that
+works without a terminal (`progress_bar`)."""
 from __future__ import annotations
 
 import contextlib
 import errno
 import hashlib
 import os
+import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -33,9 +36,16 @@ _NO_ROOM_OR_RIGHTS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, err
 
 
 def output_error(exc: OSError, path: str | os.PathLike, what: str = "output") -> OutputError | OSError:
-    """OutputError for a full / read-only / forbidden destination; any other OSError is returned unchanged."""
+    """OutputError for a full / read-only / forbidden destination, or one below a file; any other OSError is
+    returned unchanged."""
     # numpy's tofile reports a short write on a full disk as OSError("N requested and M written"), errno None
     short_write = exc.errno is None and "requested and" in str(exc) and "written" in str(exc)
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        target = Path(path).absolute()
+        blocker = next((p for p in (target, *target.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir() and blocker != target:
+            return OutputError(f"cannot write {what} {str(path)!r}: {blocker} is a file, not a folder; choose "
+                               "another path")
     if exc.errno not in _NO_ROOM_OR_RIGHTS and not short_write:
         return exc
     reason = f"the disk is full ({exc})" if short_write else (exc.strerror or os.strerror(exc.errno))
@@ -48,7 +58,8 @@ def output_error(exc: OSError, path: str | os.PathLike, what: str = "output") ->
 
 def ensure_writable(folder: str | os.PathLike, what: str, create: bool = True) -> Path:
     """Prove a file can be created in `folder` before any expensive work. create=False leaves no trace: the
-    nearest existing ancestor is probed instead (a command that fails later must not leave empty folders)."""
+    nearest existing ancestor is probed instead (a command that fails later must not leave empty folders).
+    Any failure is one OutputError naming `folder` (never the probe file), the reason and the fix."""
     target = Path(folder).expanduser()
     probe_dir = target
     if not create:
@@ -62,7 +73,11 @@ def ensure_writable(folder: str | os.PathLike, what: str, create: bool = True) -
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise output_error(exc, target, what) from None
+        converted = output_error(exc, target, what)
+        if converted is exc:   # any other reason the probe failed is still the folder's, e.g. it is a file
+            reason = "it is a file, not a folder" if target.is_file() else exc.strerror or str(exc)
+            converted = OutputError(f"cannot write {what} {str(target)!r}: {reason}; choose another folder")
+        raise converted from None
     return target
 
 
@@ -175,3 +190,32 @@ def load_problem(exc: BaseException) -> str:
                 "tensors and plain containers so that no file can run code")
     first = text.strip().splitlines()[0] if text.strip() else ""
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+PROGRESS_EVERY_S = 10.0
+
+
+def progress_bar(total: int, desc: str, unit: str = "batch"):
+    """A tqdm bar on a terminal; elsewhere (CI, nohup, a log file) a line on stderr when it starts, one every
+    PROGRESS_EVERY_S seconds and one when it ends, so a long build is never silent."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit=unit, leave=False)
+    return _ProgressLines(total, desc, unit)
+
+
+class _ProgressLines:
+    def __init__(self, total: int, desc: str, unit: str) -> None:
+        self.total, self.desc, self.n = total, desc, 0
+        self.started = self.last = time.monotonic()
+        print(f"{desc}: {total} {unit}(es) to go", file=sys.stderr, flush=True)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.monotonic() - self.last >= PROGRESS_EVERY_S:
+            self.last = time.monotonic()
+            print(f"{self.desc}: {self.n}/{self.total}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        print(f"{self.desc}: done in {time.monotonic() - self.started:.1f} s", file=sys.stderr, flush=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -30,6 +31,21 @@ MAX_YAML_VALUES = 100_000
 
 class ConfigError(ValueError):
     """A config problem a user can fix; the message names the key and the fix."""
+
+
+class YamlLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader (plain data only) that also reads YAML 1.2 floats: PyYAML follows YAML 1.1, where a
+    float needs a dot and a signed exponent, so `1e-3`, `5e-4` or `1.0e5` would be strings."""
+
+
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789."))
+
+
+def read_yaml(text: str) -> Any:
+    """Every YAML text richkd reads (configs, specs, --set values, ${ENV} values) goes through here."""
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass: plain data only
 
 
 # ----- checks used by records' __post_init__ ------------------------------------------------------
@@ -185,7 +201,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set optim.lr=0.01")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw)
+        value = read_yaml(raw)
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -194,12 +210,12 @@ def parse_override(text: str) -> tuple[str, Any]:
 # ----- YAML files ---------------------------------------------------------------------------------
 
 def load_yaml_mapping(path: str | os.PathLike) -> dict:
-    """A YAML file's top-level mapping, read with safe_load; every problem is one ConfigError naming the file."""
+    """A YAML file's top-level mapping, read safely (read_yaml); every problem is one ConfigError naming the file."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
+        raise ConfigError(f"config file {str(p)!r} " + ("is a folder" if p.is_dir() else "does not exist"))
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = read_yaml(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:   # includes python/object tags: safe_load builds plain data only
         raise ConfigError(f"{p}: {yaml_problem(exc)}") from None
     except UnicodeDecodeError as exc:
@@ -207,8 +223,8 @@ def load_yaml_mapping(path: str | os.PathLike) -> dict:
                           "YAML") from None
     except RecursionError:
         raise ConfigError(f"{p}: nested too deeply to be a config (hundreds of levels); check the file") from None
-    if data is None:
-        return {}
+    if data is None:   # empty, or only comments: not silently "all defaults"
+        raise ConfigError(f"{p} is empty; write its sections there (examples: configs/, search_spaces/)")
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
     check_size(data, p)

@@ -1,11 +1,17 @@
-"""MLflow experiments as this project creates them, shared by sweeps (richkd.tune) and `richkd evaluate`."""
+"""MLflow experiments as this project creates them, and the check that a tracking server answers; shared by
+sweeps (richkd.tune) and `richkd evaluate`."""
 from __future__ import annotations
 
 from typing import Optional
+from urllib.error import HTTPError, URLError
+from urllib.parse import urlparse
+from urllib.request import urlopen
 
 # The MLflow 3 UI opens an experiment on its GenAI overview unless it is tagged as model training.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+# The stores MLflow 3 opens (schemes, before any "+driver"); its ./mlruns file store it refuses
+STORE_SCHEMES = ("sqlite", "http", "https", "databricks", "postgresql", "mysql", "mssql")
 
 
 def ensure_experiment(client, name: str, artifact_location: Optional[str] = None) -> str:
@@ -27,3 +33,29 @@ def ensure_experiment(client, name: str, artifact_location: Optional[str] = None
     if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
         client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return exp.experiment_id
+
+
+def check_server(tracking_uri: str, key: str, timeout_s: float = 5.0, error: type = ValueError, fix: str = "") -> None:
+    """An http(s) tracking URI (the value of `key`) must name a server that answers now: one `error` before any
+    work, instead of a traceback after it. Other stores (SQLite, databases) are not probed."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    parsed = urlparse(tracking_uri)
+    try:
+        port_ok = parsed.port is None or 0 < parsed.port < 65536
+    except ValueError:
+        port_ok = False
+    if not parsed.hostname or not port_ok:
+        raise error(f"{key}: {tracking_uri!r} is not a valid server URL; write it like http://HOST:5000")
+    try:
+        with urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+            if response.status == 200:
+                return
+            problem = f"HTTP {response.status}"
+    except HTTPError as exc:
+        problem = f"HTTP {exc.code} {exc.reason}"
+    except (URLError, OSError) as exc:
+        problem = str(getattr(exc, "reason", exc))
+    raise error(f"{key}: the MLflow server at {tracking_uri} does not answer ({problem}); start it (mlflow server "
+                "--backend-store-uri sqlite:///PATH/mlflow.db --host HOST --port PORT), fix the URI"
+                + (f", or {fix}" if fix else ""))

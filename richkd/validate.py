@@ -12,6 +12,7 @@ def check_resources(cfg: Config) -> None:
     Datasets are checked by building them (richkd.data raises DatasetNotFoundError), which is cheap.
     """
     from richkd.models import MODELS
+    from richkd.models.registry import pretrained_source
 
     for key, arch in (("student.arch", cfg.student.arch), ("teacher.arch", cfg.teacher.arch)):
         if arch is not None and arch not in MODELS:
@@ -25,21 +26,21 @@ def check_resources(cfg: Config) -> None:
                               "and teacher.checkpoint")
         ckpt = Path(cfg.teacher.checkpoint or "").expanduser()
         if not ckpt.is_file():
-            raise ConfigError(f"teacher.checkpoint: file {str(ckpt)!r} does not exist; train a teacher with "
-                              "loss.method=supervised or download mdistiller's cifar_teachers.tar")
+            raise ConfigError(f"teacher.checkpoint: file {str(ckpt)!r} does not exist; "
+                              f"{pretrained_source(cfg.teacher.arch)}, or train a teacher with "
+                              "loss.method=supervised")
     if cfg.uses_clip:
-        from richkd.clip import load_prompt_set, parse_pretrained
+        from richkd.clip import ClipLoadError, load_prompt_set
+        from richkd.clip.loading import check_weights
 
         try:
             load_prompt_set(cfg.clip.prompt_set)
         except ValueError as exc:
             raise ConfigError(f"clip.prompt_set: {exc}") from None
-        ref = parse_pretrained(cfg.clip.pretrained)
-        if ref.kind == "dir" and not ref.path.is_dir():
-            raise ConfigError(f"clip.pretrained: folder {str(ref.path)!r} does not exist")
-        if ref.kind == "file" and not ref.path.is_file():
-            raise ConfigError(f"clip.pretrained: file {ref.value!r} does not exist (create the offline tiny "
-                              "CLIP with `richkd clip init-tiny PATH`, or use a tag such as openai)")
+        try:   # an unknown architecture or tag, a missing file or folder, weights neither cached nor downloadable
+            check_weights(cfg.clip.model, cfg.clip.pretrained)
+        except ClipLoadError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def uses_crd(cfg: Config) -> bool:

@@ -131,3 +131,23 @@ def test_subset_runs_cache_only_their_rows(richkd_cfg):
     batch = Batch(torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.long), torch.tensor([outside]))
     with pytest.raises(CacheError, match="not in the teacher cache"):
         source(batch, batch.image)
+
+
+def test_two_prompt_sets_get_two_text_entries_with_their_own_class_embeddings(richkd_cfg):
+    """A sweep over clip.prompt_set: were the text entry's identity to forget the templates, every trial would
+    read whichever classifier was built first. Each set's teacher source holds CLIP's classifier of its own
+    templates (the same fp32 computation, so equal to float rounding)."""
+    from richkd.clip import load_clip, load_prompt_set
+
+    data = build_data(richkd_cfg.data)
+    clip = load_clip(richkd_cfg.clip.model, richkd_cfg.clip.pretrained)
+    held = {}
+    for prompt_set in ("simple", "richkd12"):
+        cfg = richkd_cfg.with_overrides({"clip.prompt_set": prompt_set})
+        prepare_caches(cfg)
+        held[prompt_set] = build_teacher_source(cfg, data, torch.device("cpu")).class_embeddings
+        want = clip.encode_text_classifier(data.class_names, load_prompt_set(prompt_set).templates,
+                                           clean=cfg.clip.clean_class_names)
+        torch.testing.assert_close(held[prompt_set], want.float(), rtol=1e-5, atol=1e-6)
+    assert len([p for p in richkd_cfg_entries(richkd_cfg) if p.name.startswith("clip-text-")]) == 2
+    assert (held["simple"] - held["richkd12"]).abs().max() > 1e-3

@@ -128,3 +128,29 @@ def test_objective_uses_the_configured_form_on_the_fused_teacher():
 def test_bad_values_name_the_key(key, value):
     with pytest.raises(ConfigError, match=f"loss.{key}"):
         LossConfig(**{key: value})
+
+
+def test_the_trainer_tells_the_objective_the_epoch(tmp_path, mini_fashion_root, mini_teacher):
+    """DKD's warm-up reads the objective's epoch, which only the trainer sets: a DKD run through the trainer sees
+    1, 2, 3 (a trainer that stopped setting it would run DKD at the first epoch's warm-up weight throughout)."""
+    from richkd.config import Config
+    from richkd.trainer import Run
+
+    cfg = Config.from_dict({
+        "device": "cpu", "seed": 0,
+        "data": {"dataset": "fashion_mnist", "root": str(mini_fashion_root), "batch_size": 64,
+                 "max_train_samples": 128, "max_eval_samples": 64},
+        "student": {"arch": "resnet8"}, "teacher": {"arch": "resnet8", "checkpoint": str(mini_teacher)},
+        "loss": {"method": "kd", "kd_form": "dkd", "dkd_warmup_epochs": 3},
+        "teaching": {"mode": "online"}, "train": {"epochs": 3}})
+    run = Run(cfg)
+    seen, logit_loss = [], run.objective.logit_loss
+
+    def spy(*args, **kwargs):
+        seen.append(run.objective.epoch)
+        return logit_loss(*args, **kwargs)
+
+    run.objective.logit_loss = spy
+    run.train()
+    assert sorted(set(seen)) == [1, 2, 3] and seen == sorted(seen)
+    assert [dkd_warmup(e, 3) for e in (1, 2, 3)] == [pytest.approx(1 / 3), pytest.approx(2 / 3), 1.0]

@@ -199,6 +199,21 @@ def test_finalize_retrains_the_top_config_over_seeds_on_the_test_split(smoke, tm
     (output,) = client.get_run(fin.run_id).outputs.model_outputs
     assert output.model_id == fin.model_id and fin.run_id == finalists[0].info.run_id
     assert result.registered is None
+    assert ("  no model registered: the finalists trained on the whole training split, so no validation metric "
+            "can choose one (the test split never does); --holdout keeps the validation split") in text.splitlines()
+
+    # finalizing again into the same folder never replaces these finalists silently: refused before any work,
+    # or, with force=True, they are replaced as a whole (no seed-1 folder of the earlier run is left)
+    from richkd.config import ConfigError
+
+    with pytest.raises(ConfigError, match="finalists.csv holds the finalists of an earlier finalize; keep them and "
+                                          "write to another folder with --out DIR, or replace them with --force"):
+        finalize_sweep(smoke["name"], top=1, seeds=1, storage=smoke["storage"], out_dir=str(tmp_path))
+    assert all((folder / "student.pt").is_file() for folder in fin.folders)
+    again = finalize_sweep(smoke["name"], top=1, seeds=1, storage=smoke["storage"], overrides=["train.epochs=1"],
+                           out_dir=str(tmp_path), force=True)
+    assert [len(f.seeds) for f in again.finalists] == [1]
+    assert sorted(p.name for p in (tmp_path / "finalists").iterdir()) == ["finalist1-seed0"]
 
 
 def test_finalize_with_holdout_keeps_the_sweeps_validation_split(smoke, tmp_path, capsys):

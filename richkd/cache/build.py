@@ -20,6 +20,7 @@ import numpy as np
 from richkd.cache.entries import CacheEntry, CacheError, ensure_cache_writable, entry_exists, read_entry, write_entry
 from richkd.cache.identity import cached_rows, clip_image_entry, clip_text_entry, dataset_identity, teacher_entry
 from richkd.config import Config
+from richkd.io import progress_bar
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -206,7 +207,7 @@ def _batched_outputs(dataset, fn: Callable[["torch.Tensor"], dict], batch_size: 
     loader = make_loader(dataset, batch_size=batch_size, shuffle=False, seed=0)
     chunks: dict[str, list[np.ndarray]] = {}
     expected = 0
-    bar = _progress(len(loader), desc) if progress else None
+    bar = progress_bar(len(loader), f"cache {desc}") if progress else None
     with torch.inference_mode():
         for batch in loader:
             if not torch.equal(batch.index, dataset.indices[expected:expected + len(batch)]):
@@ -230,12 +231,6 @@ def _outputs_over_views(cfg: Config, dataset, fn, batch_size: int, device, progr
                                  batch_size, device, progress, f"{desc} view {v + 1}/{cfg.teaching.views}")
                 for v in range(cfg.teaching.views)]
     return {name: np.concatenate([p[name] for p in per_view]) for name in per_view[0]}
-
-
-def _progress(total: int, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="batch", leave=False)
 
 
 # ----- in-process building ----------------------------------------------------------------------------------

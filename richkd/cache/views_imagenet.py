@@ -27,6 +27,7 @@ from richkd.cache.topk import TopKLogits, compress_logits
 from richkd.cache.view_store import (SHARD_FORMAT, begin_entry, default_shard_rows, finish_entry, missing_shards,
                                      open_entry, write_shard)
 from richkd.config import Config
+from richkd.io import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def _build(cfg, data, split, rows, todo, cache_dir, device, progress, shard_rows
     log.info("caching %d views of %d %s rows (%s) in %d of %d shards", views, len(rows), split, ", ".join(todo),
              len(shards), n_shards)
     source = (data.train_clean if split == "train" else data.test_clean).source
-    bar = _progress(len(shards), f"views {split}") if progress else None
+    bar = progress_bar(len(shards), f"cache views {split}", unit="shard") if progress else None
     per_batch = max(1, cfg.data.eval_batch_size // views)
     for i in shards:
         chunk = rows[i * shard_rows:(i + 1) * shard_rows]
@@ -144,12 +145,6 @@ def _build(cfg, data, split, rows, todo, cache_dir, device, progress, shard_rows
     for kind, entry in todo.items():
         extra = {"embed_dim": clip.embed_dim, "preprocess_id": clip.preprocess_id} if kind == "clip-image" else {}
         finish_entry(entry, cache_dir, extra={**extra, "num_classes": data.num_classes})
-
-
-def _progress(total: int, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="shard", leave=False)
 
 
 class StoredBoxes:

@@ -1,7 +1,8 @@
 """The `richkd` parser and `main`, the one place where an exception becomes a message and an exit code.
 
 Handlers (in the command modules next to this one) return an exit code or raise. A problem the user can fix
-becomes one line on stderr and exit code 2; Ctrl-C becomes exit code 130; a reader that closed the pipe
+becomes one line on stderr and exit code 2; an error that carries its own `exit_code` (a Ray cluster that went
+away: 4) one line and that code; Ctrl-C exit code 130 (a sweep's SIGTERM 143); a reader that closed the pipe
 (`richkd models | head`) ends the command quietly with 141; anything else is a bug and keeps its traceback.
 RICHKD_DEBUG=1 shows the traceback of user errors too.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from typing import Optional, Sequence
 
@@ -100,4 +102,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt as exc:
         next_step = f"; {exc}" if isinstance(exc, Interrupted) and str(exc) else ""
         print(f"{prog}: interrupted{next_step}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        signum = getattr(exc, "signum", signal.SIGINT)
+        return EXIT_INTERRUPTED if signum == signal.SIGINT else 128 + signum
+    except Exception as exc:
+        code = getattr(exc, "exit_code", None)   # e.g. richkd.tune.errors.ClusterLostError (4)
+        if not isinstance(code, int) or os.environ.get("RICHKD_DEBUG"):
+            raise
+        print(f"{prog}: error: {error_message(exc)}", file=sys.stderr)
+        return code

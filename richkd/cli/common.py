@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Optional, Sequence
 
@@ -20,8 +21,21 @@ class UserError(Exception):
 
 
 class Interrupted(KeyboardInterrupt):
-    """A Ctrl-C that comes with a next step for the user, e.g. how to resume: `main` prints it after
-    "interrupted; " (a plain KeyboardInterrupt is reported as just "interrupted")."""
+    """A Ctrl-C (or SIGTERM: `signum`) that comes with a next step for the user, e.g. how to resume: `main`
+    prints it after "interrupted; " (a plain KeyboardInterrupt is reported as just "interrupted") and exits
+    with 128 + signum."""
+
+    def __init__(self, next_step: str = "", signum: int = signal.SIGINT) -> None:
+        super().__init__(next_step)
+        self.signum = signum
+
+
+def at_least_one(**counts) -> None:
+    """Counts from the command line (`--num-cpus 0`, `--images -5`): 1 or more, else one UserError before any
+    work (argparse checks only that they are integers)."""
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} {value}: must be 1 or more")
 
 
 def interactive() -> bool:

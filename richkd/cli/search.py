@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from richkd.cli.common import Interrupted, interactive, verbosity
+from richkd.cli.common import at_least_one, interactive, verbosity
+from richkd.cli.sweep import stoppable
 
 TABLE_EPILOG = """examples:
   richkd table build search_spaces/fmnist_table.yaml --configs 200 --seeds 3 --seeds-for 30 --out t.jsonl
@@ -41,14 +42,12 @@ def cmd_table(args: argparse.Namespace) -> int:
     if args.table_command == "from-sweep":
         print(table_from_sweep(args.sweep, args.out, storage=args.storage).describe())
         return 0
+    at_least_one(configs=args.configs, seeds=args.seeds, num_cpus=args.num_cpus)
     spec = _spec(args.spec, args.set + ([f"tune.storage_path={args.storage}"] if args.storage else []))
-    try:
-        table = build_table(spec, args.out, configs=args.configs, seeds=args.seeds, seeds_for=args.seeds_for,
-                            address=args.address, num_cpus=args.num_cpus, verbose=verbosity(args),
-                            progress=True)
-    except KeyboardInterrupt:
-        raise Interrupted(f"finished rows are in {args.out}; run the same command again to train the rest") \
-            from None
+    table = stoppable(lambda: build_table(spec, args.out, configs=args.configs, seeds=args.seeds,
+                                          seeds_for=args.seeds_for, address=args.address, num_cpus=args.num_cpus,
+                                          verbose=verbosity(args), progress=True),
+                      lambda: f"finished rows are in {args.out}; run the same command again to train the rest")
     print(table.describe())
     return 0
 

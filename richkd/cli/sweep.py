@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import socket
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
-from richkd.cli.common import Interrupted, UserError, add_storage_args, interactive, verbosity
+from richkd.cli.common import Interrupted, UserError, add_storage_args, at_least_one, interactive, verbosity
 
 SWEEP_EPILOG = """examples:
   richkd sweep search_spaces/smoke.yaml
@@ -17,7 +19,8 @@ SWEEP_EPILOG = """examples:
   richkd sweep search_spaces/smoke.yaml --check                                  # validate only
   richkd sweep --resume smoke --storage /data/sweeps                             # a sweep run with --storage
 
-Exit codes: 0 every trial ran, 2 bad input (nothing launched), 3 some trials ended in error, 130 interrupted.
+Exit codes: 0 every trial ran, 2 bad input (nothing launched), 3 some trials ended in error, 4 the Ray
+cluster went away, 130 interrupted (Ctrl-C), 143 stopped by SIGTERM; after 4, 130 and 143 --resume continues.
 """
 
 EXPORT_EPILOG = """examples:
@@ -44,11 +47,29 @@ UI_EPILOG = """examples:
 
 # ----- handlers -------------------------------------------------------------------------------------------
 
+def stoppable(run: Callable, next_step: Callable[[], str]):
+    """run() under richkd.tune.runner.stop_signals: Ctrl-C and SIGTERM stop a sweep (or finalize) alike. A sweep
+    stopped inside Tuner.fit returns its outcome with `stopped_by` set (exit code 128 + signal); stopped anywhere
+    else, it is an Interrupted with next_step() (exit code 128 + signal, from `main`)."""
+    from richkd.tune.runner import stop_signals
+
+    with stop_signals() as received:
+        try:
+            result = run()
+        except KeyboardInterrupt as exc:
+            signum = received[0] if received else getattr(exc, "signum", signal.SIGINT)
+            raise Interrupted(next_step(), signum=signum) from None
+    if received and hasattr(result, "stopped_by"):
+        result.stopped_by = received[0]
+    return result
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     if args.resume and args.spec:
         raise UserError("give either a SPEC file or --resume NAME, not both")
     if not args.resume and not args.spec:
         raise UserError("sweep needs a SPEC file (see search_spaces/) or --resume NAME")
+    at_least_one(num_cpus=args.num_cpus, num_samples=args.num_samples)
     if args.resume:
         from richkd.tune.arms import read_group
         from richkd.tune.outcome import describe_outcome
@@ -57,13 +78,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         group = read_group(args.resume, args.storage)
         if group is not None:
             return _run_arms(group[1], args)
-
-        try:
-            outcome = resume_sweep(args.resume, storage=args.storage, address=args.address, num_cpus=args.num_cpus,
-                                   verbose=verbosity(args), progress=interactive())
-        except KeyboardInterrupt:
-            storage = f" --storage {args.storage}" if args.storage else ""
-            raise Interrupted(f"continue with `richkd sweep --resume {args.resume}{storage}`") from None
+        storage = f" --storage {args.storage}" if args.storage else ""
+        outcome = stoppable(lambda: resume_sweep(args.resume, storage=args.storage, address=args.address,
+                                                 num_cpus=args.num_cpus, verbose=verbosity(args),
+                                                 progress=interactive()),
+                            lambda: f"continue with `richkd sweep --resume {args.resume}{storage}`")
         from richkd.tune.sweep_record import read_sweep_record
 
         metric = read_sweep_record(args.resume, args.storage).spec.tune.metric
@@ -92,13 +111,11 @@ def _run_arms(specs: dict, args: argparse.Namespace) -> int:
     from richkd.tune.arms import group_for, run_arms
 
     name = group_for(specs).name
-    try:
-        outcomes = run_arms(specs, address=args.address, num_cpus=args.num_cpus, verbose=verbosity(args),
-                            progress=interactive())
-    except KeyboardInterrupt:
-        storage = f" --storage {args.storage}" if args.storage else ""
-        raise Interrupted(f"continue with `richkd sweep --resume {name}{storage}`") from None
-    print(f"arms of {name}: {', '.join(specs)}; compare them with `richkd finalize {name}`")
+    storage = f" --storage {args.storage}" if args.storage else ""
+    outcomes = stoppable(lambda: run_arms(specs, address=args.address, num_cpus=args.num_cpus,
+                                          verbose=verbosity(args), progress=interactive()),
+                         lambda: f"continue with `richkd sweep --resume {name}{storage}`")
+    print(f"arms of {name}: {', '.join(specs)}; compare them with `richkd finalize {name}{storage}`")
     return max(o.exit_code for o in outcomes)
 
 
@@ -118,13 +135,15 @@ def _check(spec) -> None:
 def _run_one(spec, args: argparse.Namespace) -> int:
     from richkd.tune.outcome import describe_outcome, sweep_ref
     from richkd.tune.runner import run_sweep
+    from richkd.tune.sweep_record import sweep_record_exists
 
-    try:
-        outcome = run_sweep(spec, address=args.address, num_cpus=args.num_cpus, verbose=verbosity(args),
-                            progress=interactive())
-    except KeyboardInterrupt:
-        raise Interrupted(f"continue with `richkd sweep --resume {sweep_ref(spec.name, spec.experiment_path)}`") \
-            from None
+    def next_step() -> str:
+        if sweep_record_exists(spec.experiment_path):
+            return f"continue with `richkd sweep --resume {sweep_ref(spec.name, spec.experiment_path)}`"
+        return "no trial had started; run the same command again"
+
+    outcome = stoppable(lambda: run_sweep(spec, address=args.address, num_cpus=args.num_cpus,
+                                          verbose=verbosity(args), progress=interactive()), next_step)
     print(describe_outcome(outcome, spec.tune.metric))
     return outcome.exit_code
 
@@ -149,16 +168,22 @@ def cmd_finalize(args: argparse.Namespace) -> int:
     if read_group(args.sweep, args.storage) is not None:
         if args.top not in (None, 1):
             raise UserError(f"finalize {args.sweep}: an arms comparison re-trains each arm's best (top 1); drop --top")
-        comparison = finalize_arms(args.sweep, seeds=args.seeds, storage=args.storage, progress=interactive(),
-                                   tracking_uri=args.tracking_uri, overrides=args.set, holdout=args.holdout,
-                                   address=args.address, num_cpus=args.num_cpus)
+        at_least_one(seeds=args.seeds, num_cpus=args.num_cpus)
+        comparison = stoppable(lambda: finalize_arms(args.sweep, seeds=args.seeds, storage=args.storage,
+                                                     progress=interactive(), tracking_uri=args.tracking_uri,
+                                                     overrides=args.set, holdout=args.holdout, address=args.address,
+                                                     num_cpus=args.num_cpus, force=args.force),
+                               lambda: f"run `richkd finalize {args.sweep}` again with --force to start over")
         print(describe_comparison(comparison))
         return 0
 
-    result = finalize_sweep(args.sweep, top=args.top, seeds=args.seeds, storage=args.storage,
-                            tracking_uri=args.tracking_uri, overrides=args.set, progress=interactive(),
-                            out_dir=args.out, holdout=args.holdout, address=args.address,
-                            num_cpus=args.num_cpus)
+    at_least_one(top=args.top, seeds=args.seeds, num_cpus=args.num_cpus)
+    result = stoppable(lambda: finalize_sweep(args.sweep, top=args.top, seeds=args.seeds, storage=args.storage,
+                                              tracking_uri=args.tracking_uri, overrides=args.set,
+                                              progress=interactive(), out_dir=args.out, holdout=args.holdout,
+                                              address=args.address, num_cpus=args.num_cpus, force=args.force),
+                       lambda: "the finalists written so far are kept; run it again with --force to replace them, "
+                               "or with --out DIR")
     print(describe_finalize(result))
     return 0
 
@@ -182,6 +207,20 @@ def resolve_ui_store(tracking_uri: Optional[str], storage: Optional[str]) -> str
     return uri
 
 
+def check_port(port: int, host: str = "127.0.0.1") -> None:
+    """A port the UI cannot listen on (in use, privileged, out of range) is one UserError, before the server
+    starts: uvicorn's own failure comes after the URL was printed and exits 0."""
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port {port}: expected a port number from 1 to 65535 (default 5000)")
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn: a just-closed port is free
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise UserError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror or exc}; another "
+                            f"`richkd ui` or MLflow server?); pick a free one, e.g. --port {port + 1}") from None
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     """Serve the sweep's MLflow store. The process *becomes* the MLflow server (exec), so Ctrl-C or a SIGTERM
     reaches the server itself and no orphan keeps the port. A tracking server (http/https) is already a UI:
@@ -191,6 +230,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
         print(f"{uri} is an MLflow tracking server: open {uri} in a browser (`richkd ui` serves local stores such "
               "as sqlite:///.../mlflow.db)")
         return 0
+    check_port(args.port)
     cmd = ui_command(uri, args.port)
     print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
     # MLflow 3's server also starts GenAI job-runner processes this project never uses: off, so they neither
@@ -244,6 +284,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--out", help="output folder (default: the sweep's folder)")
     p.add_argument("--holdout", action="store_true",
                    help="keep the sweep's validation hold-out (default: train on the whole training split)")
+    p.add_argument("--force", action="store_true",
+                   help="replace the finalists of an earlier finalize in the output folder (default: refused)")
     _add_ray_args(p, "the final trainings run as Ray tasks with the sweep's resources")
     add_storage_args(p)
     p.set_defaults(func=cmd_finalize)

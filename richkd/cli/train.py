@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from richkd.cli.common import UserError, add_config_args, interactive, load_config, parse_overrides
+from richkd.cli.common import UserError, add_config_args, at_least_one, interactive, load_config, parse_overrides
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -22,17 +22,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = Config.from_dict(resume["config"]).with_overrides(dict(parse_overrides(args.set)))
     else:
         raise UserError("train needs --config FILE (or --resume CKPT)")
-    out_dir = Path(args.out or Path("tune_runs") / "runs" / cfg.name)
+    if args.out:
+        out_dir = Path(args.out)
+    elif resume is not None:   # a resumed run continues in its own folder: last.pt and the outputs together
+        out_dir = Path(args.resume).parent
+    else:
+        out_dir = Path("tune_runs") / "runs" / cfg.name
     from richkd.io import ensure_writable
 
-    ensure_writable(out_dir, "the run's output folder (--out)", create=False)   # before training, not after epoch 1
-    if cfg.train.checkpoint_dir is None:
+    out_dir = ensure_writable(out_dir, "the run's output folder (--out)", create=False)   # before training; ~ expanded
+    if cfg.train.checkpoint_dir is None or resume is not None:
         cfg = cfg.with_overrides({"train.checkpoint_dir": str(out_dir)})
     check_resources(cfg)
     check_data_fit(cfg)    # e.g. loss.nce_k vs a small data.max_train_samples: before the caches are built
-    progress = interactive() and not args.quiet
-    prepare_caches(cfg, progress=progress, splits=("train", "test") if args.final else ("train",))
-    run = Run(cfg, progress=progress)
+    # progress lines also without a terminal (CI, nohup, logs): a cache build is never silent
+    prepare_caches(cfg, progress=not args.quiet, splits=("train", "test") if args.final else ("train",))
+    run = Run(cfg, progress=interactive() and not args.quiet)
     if not run.has_val:
         print(f"data.val_fraction is {cfg.data.val_fraction:g}: training on the whole training split "
               f"({len(run.train_set)} rows); no validation metrics are reported"
@@ -71,6 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from richkd.models import MODELS, create_model, family_of
 
+    at_least_one(num_classes=args.num_classes)
     for family in ("cifar", "imagenet"):
         names = [n for n in MODELS.names() if family_of(n)[0] == family]
         print(f"{family} family ({family_of(names[0])[1]} px inputs):")
@@ -99,6 +105,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         return 0
     if not args.config:
         raise UserError("cache needs --config (or --list)")
+    at_least_one(images=args.images, classes=args.classes)
     cfg = load_config(args.config, args.set)
     check_resources(cfg)
     if args.plan:
@@ -111,18 +118,20 @@ def cmd_cache(args: argparse.Namespace) -> int:
         plan = plan_caches(cfg, images=args.images, num_classes=args.classes, calibrate=not args.no_timing)
         print(format_plan(plan, cfg, default_shard_rows()))
         return 0
-    for path in prepare_caches(cfg, progress=interactive()):
+    for path in prepare_caches(cfg, progress=True):
         print(path)
     return 0
 
 
 def cmd_clip_init_tiny(args: argparse.Namespace) -> int:
     from richkd.clip import TINY_CLIP_MODEL, init_tiny_clip
+    from richkd.io import ensure_writable
 
     path = Path(args.path)
     if path.exists() and not args.force:
         print(f"{path} exists; keeping it (use --force to overwrite)")
         return 0
+    ensure_writable(path.parent, "the folder of PATH", create=False)
     init_tiny_clip(path, seed=args.seed)
     print(f"wrote a tiny random-weight CLIP to {path}; use it with clip.model={TINY_CLIP_MODEL} "
           f"clip.pretrained={path}")
@@ -224,7 +233,8 @@ def add_commands(subparsers) -> None:
     """Register train / models / cache / clip on the `richkd` parser's subparsers (each sets `func`)."""
     p = _parser(subparsers, "train", "train one run (supervised teacher, KD or RichKD student)", TRAIN_EPILOG)
     add_config_args(p, required=False)
-    p.add_argument("--out", help="output folder (default tune_runs/runs/<name>)")
+    p.add_argument("--out", help="output folder (default tune_runs/runs/<name>; with --resume, the checkpoint's "
+                   "folder)")
     p.add_argument("--resume", metavar="CKPT", help="continue from a last.pt written by an earlier run (its config "
                    "is used unless --config is given)")
     p.add_argument("--final", action="store_true", help="also evaluate on the test split at the end")

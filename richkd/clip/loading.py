@@ -201,12 +201,16 @@ def _tag_sources(tag_cfg: dict) -> tuple[Optional[str], list[str], str]:
     return None, sources, host
 
 
-def _offline_error(arch: str, tag: str, sources: list[str], reason: str) -> ClipLoadError:
+def _offline_error(arch: str, tag: str, sources: list[str], reason: str, quick_gelu: bool = False) -> ClipLoadError:
     where = "; ".join(sources) if sources else "the open_clip model hub"
+    # a file is built as clip.model names it; the tag's QuickGELU (all OpenAI weights) must then be in the name
+    model = f"{arch}-quickgelu" if quick_gelu and not arch.endswith("quickgelu") else arch
+    keep = f"set clip.model: {model!r}, as these weights need QuickGELU" if model != arch else \
+        f"clip.model stays {arch!r}"
     return ClipLoadError(
         f"CLIP weights {arch}/{tag} are not in the local cache and cannot be downloaded ({reason}). "
         f"Provide them yourself: on a machine with internet download {where} and set clip.pretrained to the "
-        f"file's path (clip.model stays {arch!r}); or point clip.pretrained at 'local-dir:FOLDER' holding "
+        f"file's path ({keep}); or point clip.pretrained at 'local-dir:FOLDER' holding "
         f"open_clip_config.json plus the weights; or copy a filled ~/.cache/huggingface/hub here. For an offline "
         f"smoke test write random weights with `richkd clip init-tiny PATH` and set clip.model={TINY_CLIP_MODEL} "
         f"clip.pretrained=PATH."
@@ -236,6 +240,63 @@ def _checkpoint_in_dir(folder: Path) -> Optional[Path]:
 
     found = _find_checkpoint_in_dir(folder)
     return Path(found) if found else None
+
+
+def _resolve_tag(arch: str, pretrained: str) -> tuple[dict, Optional[str]]:
+    """(open_clip's config of the tag, the cached weights file or None when it can be downloaded). An unknown tag,
+    or weights neither cached nor downloadable (offline, or the hub unreachable in a 3 s probe), is one
+    ClipLoadError saying how to provide them."""
+    import open_clip
+
+    tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
+    if not tag_cfg:
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        if not tags:
+            raise ClipLoadError(f"{arch!r} has no open_clip pretrained tags, and {pretrained!r} is not a "
+                                "file; set clip.pretrained to a weights file path"
+                                + (" (write one with `richkd clip init-tiny PATH`)" if arch == TINY_CLIP_MODEL else ""))
+        close = difflib.get_close_matches(pretrained, tags, n=3, cutoff=0.5)
+        hint = f" Did you mean {' or '.join(close)}?" if close else ""
+        raise ClipLoadError(f"{pretrained!r} is neither a file nor a pretrained tag of {arch}.{hint} "
+                            f"Tags of {arch}: {', '.join(tags)}")
+    cached, sources, host = _tag_sources(tag_cfg)
+    quick_gelu = bool(tag_cfg.get("quick_gelu", False))
+    if not cached and _hub_offline():
+        raise _offline_error(arch, pretrained, sources, "HF_HUB_OFFLINE=1", quick_gelu)
+    if not cached and host and not _reachable(host):
+        raise _offline_error(arch, pretrained, sources, f"{host} is unreachable", quick_gelu)
+    return tag_cfg, cached
+
+
+def check_weights(model_name: str, pretrained: str) -> None:
+    """What load_clip would find missing, without building the model: an unknown architecture or tag, a missing
+    file or folder, or weights that are neither cached nor downloadable. `richkd sweep --check` and every command
+    call it (richkd.validate.check_resources) before any expensive work."""
+    register_tiny_config()
+    model_name, pretrained = str(model_name).strip(), str(pretrained or "").strip()
+    ref = parse_pretrained(pretrained)
+    if ref.kind == "dir":
+        if not ref.path.is_dir():
+            raise ClipLoadError(f"clip.pretrained {pretrained!r}: folder {str(ref.path)!r} does not exist")
+        return
+    if model_name.startswith(HF_HUB_PREFIX):
+        return _check_hub_model(model_name)
+    if ref.kind == "file" and not ref.path.is_file():
+        raise ClipLoadError(f"clip.pretrained: file {pretrained!r} does not exist (create the offline tiny CLIP with "
+                            "`richkd clip init-tiny PATH`, or use a tag such as openai)")
+    arch = _resolve_arch(model_name)
+    if ref.kind == "tag" and pretrained:
+        _resolve_tag(arch, pretrained)
+
+
+def _check_hub_model(model_name: str) -> None:
+    repo_id = model_name[len(HF_HUB_PREFIX):]
+    if not _hf_cached(repo_id, ["open_clip_config.json"]):
+        if _hub_offline():
+            raise _offline_error(model_name, "(hub)", [f"https://huggingface.co/{repo_id}"], "HF_HUB_OFFLINE=1")
+        if not _reachable(_hf_endpoint_host()):
+            raise _offline_error(model_name, "(hub)", [f"https://huggingface.co/{repo_id}"],
+                                 f"{_hf_endpoint_host()} is unreachable")
 
 
 # -- the loader -----------------------------------------------------------------------------------------------------
@@ -276,13 +337,7 @@ def load_clip(model_name: str, pretrained: str, device: str | torch.device = "cp
         log.info("CLIP from local folder %s (weights %s); the architecture comes from its open_clip_config.json",
                  folder, ckpt.name)
     elif model_name.startswith(HF_HUB_PREFIX):
-        repo_id = model_name[len(HF_HUB_PREFIX):]
-        if not _hf_cached(repo_id, ["open_clip_config.json"]):
-            if _hub_offline():
-                raise _offline_error(model_name, "(hub)", [f"https://huggingface.co/{repo_id}"], "HF_HUB_OFFLINE=1")
-            if not _reachable(_hf_endpoint_host()):
-                raise _offline_error(model_name, "(hub)", [f"https://huggingface.co/{repo_id}"],
-                                     f"{_hf_endpoint_host()} is unreachable")
+        _check_hub_model(model_name)
         weights_id = model_name
     else:
         if not pretrained:
@@ -296,32 +351,16 @@ def load_clip(model_name: str, pretrained: str, device: str | torch.device = "cp
             create_pretrained = str(ref.path)
             weights_id = sha256_file(ref.path)
         else:
-            tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
-            if not tag_cfg:
-                tags = open_clip.list_pretrained_tags_by_model(arch)
-                if not tags:
-                    raise ClipLoadError(f"{arch!r} has no open_clip pretrained tags, and {pretrained!r} is not a "
-                                        "file; set clip.pretrained to a weights file path"
-                                        + (" (write one with `richkd clip init-tiny PATH`)"
-                                           if arch == TINY_CLIP_MODEL else ""))
-                close = difflib.get_close_matches(pretrained, tags, n=3, cutoff=0.5)
-                hint = f" Did you mean {' or '.join(close)}?" if close else ""
-                raise ClipLoadError(f"{pretrained!r} is neither a file nor a pretrained tag of {arch}.{hint} "
-                                    f"Tags of {arch}: {', '.join(tags)}")
+            tag_cfg, cached = _resolve_tag(arch, pretrained)
             force_quick_gelu = bool(tag_cfg.get("quick_gelu", False))
             if force_quick_gelu and not arch.endswith("quickgelu"):
                 log.info("%s/%s was trained with QuickGELU: building the model with QuickGELU", arch, pretrained)
-            cached, sources, host = _tag_sources(tag_cfg)
             if cached:
                 # Load the cached file by path: no network round trip; the tag's preprocessing is applied by hand.
                 create_pretrained = cached
                 force_preprocess = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode")
                                     if k in tag_cfg}
                 log.info("CLIP %s/%s from the local cache: %s", arch, pretrained, cached)
-            elif _hub_offline():
-                raise _offline_error(arch, pretrained, sources, "HF_HUB_OFFLINE=1")
-            elif host and not _reachable(host):
-                raise _offline_error(arch, pretrained, sources, f"{host} is unreachable")
             else:
                 create_pretrained = pretrained
             weights_id = pretrained

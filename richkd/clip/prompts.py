@@ -14,6 +14,7 @@ from typing import Iterable, Sequence
 import yaml
 
 from richkd.clip.errors import PromptSetError
+from richkd.schema import read_yaml
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def _openai_imagenet80() -> tuple[str, ...]:
 
 def _read_yaml(text: str, source: str, default_name: str) -> PromptSet:
     try:
-        data = yaml.safe_load(text)
+        data = read_yaml(text)
     except yaml.YAMLError as exc:
         raise PromptSetError(f"prompt set {source}: not valid YAML ({exc})") from None
     except RecursionError:

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from richkd.io import atomic_torch_save, sha256_file
+from richkd.models.registry import pretrained_source
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +109,8 @@ def load_teacher(name: str, path: str | os.PathLike, num_classes: int,
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(
-            f"teacher checkpoint not found: {p}. Download mdistiller's cifar_teachers.tar "
-            f"(e.g. <name>_vanilla/ckpt_epoch_240.pth) or fix teacher.checkpoint in the config."
+            f"teacher checkpoint not found: {p}; {pretrained_source(name)}, or fix teacher.checkpoint in the "
+            "config"
         )
     model = create_model(name, num_classes)
     from richkd.io import load_problem, quiet_torch_load

@@ -16,3 +16,13 @@ FAMILIES: dict[str, tuple[str, int]] = {}
 def family_of(name: str) -> tuple[str, int]:
     """(family, input size in px) of a registered architecture, e.g. ("imagenet", 224) for resnet18."""
     return FAMILIES.get(name, CIFAR_FAMILY)
+
+
+def pretrained_source(name: str) -> str:
+    """Where pretrained weights of a teacher architecture come from (for "checkpoint not found" messages)."""
+    if family_of(name)[0] == "cifar":
+        return f"download mdistiller's cifar_teachers.tar ({name}_vanilla/ckpt_epoch_240.pth)"
+    if name == "MobileNetV1":   # mdistiller's definition: no published weights for it
+        return f"train a {name} teacher first"
+    return (f"save torchvision's ImageNet weights of {name} (torch.save(torchvision.models.get_model_weights("
+            f"'{name}').DEFAULT.get_state_dict(), PATH): they load as they are)")

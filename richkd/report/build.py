@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from richkd.io import atomic_write_text
+from richkd.io import atomic_write_text, ensure_writable
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +62,15 @@ def build_report(sweep: str, storage: Optional[str] = None, tracking_uri: Option
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from richkd.report import figures
-    from richkd.report.data import ReportError, load_report_data
+    from richkd.report.data import load_report_data
     from richkd.report.importance import sweep_importances
     from richkd.report.page import render_page
 
-    if out_dir and Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise ReportError(f"--out {out_dir}: exists and is not a folder; give a folder for index.html and the PNGs")
+    what = "the report folder" + (" (--out)" if out_dir else "")
+    if out_dir:   # before reading the sweep, so a bad --out is the one error shown
+        ensure_writable(out_dir, what, create=False)
     data = load_report_data(sweep, storage, tracking_uri, out_dir)
-    out = data.out_dir
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_writable(data.out_dir, what)
     importances = sweep_importances(data)
     images: dict = {}
     written: list[Path] = []

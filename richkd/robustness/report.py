@@ -8,7 +8,7 @@ from typing import Mapping
 import torch
 
 from richkd.io import atomic_path
-from richkd.tracking import ensure_experiment
+from richkd.tracking import STORE_SCHEMES, check_server, ensure_experiment
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,10 @@ def check_tracking_uri(uri: str) -> str:
     if not uri or "://" not in uri or uri.startswith("file:"):
         raise ValueError(f"--mlflow-uri {uri!r}: MLflow's file store (a plain folder or file: URI) is not "
                          "supported; use sqlite:///PATH/mlflow.db or an mlflow server URL like http://HOST:5000")
+    if uri.split("://", 1)[0].split("+", 1)[0].lower() not in STORE_SCHEMES:
+        raise ValueError(f"--mlflow-uri {uri!r}: not a tracking store MLflow opens; use sqlite:///PATH/mlflow.db, "
+                         "http://HOST:5000, or a database URI (postgresql://, mysql://, ...)")
+    check_server(uri, "--mlflow-uri")   # a server that does not answer: before the evaluation, not after it
     return uri
 
 

@@ -86,6 +86,8 @@ def run_arms(specs: dict[str, SweepSpec], *, address=None, num_cpus=None, verbos
                                 progress=progress)
         print(describe_outcome(done, spec.tune.metric), flush=True)
         outcomes.append(done)
+        if done.interrupted:     # a signal stopped this arm: the next ones wait for --resume
+            raise KeyboardInterrupt
     return outcomes
 
 

@@ -47,6 +47,13 @@ def alive_nodes() -> list[dict]:
     return [n for n in ray.nodes() if n.get("Alive")]
 
 
+def cluster_lost_errors() -> tuple:
+    """Ray errors that mean the driver lost its cluster (its raylet or the GCS), not a problem of one task."""
+    from ray.exceptions import LocalRayletDiedError, RaySystemError, RpcError
+
+    return (LocalRayletDiedError, RaySystemError, RpcError)
+
+
 def node_label(node: dict) -> str:
     return f"node {node['NodeID'][:12]} ({node.get('NodeManagerAddress', '?')})"
 
@@ -69,6 +76,8 @@ def node_problems(needs: SweepNeeds, timeout_s: float = PREFLIGHT_TIMEOUT_S,
         node = refs[ref]
         try:
             found = ray.get(ref)
+        except cluster_lost_errors():   # the cluster, not this node: richkd.tune.runner.ray_session says so
+            raise
         except Exception as exc:  # the node cannot even run the check (e.g. richkd not importable there)
             found = [f"the check itself failed: {str(exc).strip().splitlines()[-1][:300]} (install richkd-tune with "
                      "the same versions on every node)"]

@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import math
+import shutil
 import statistics
 import sys
 import time
@@ -71,29 +72,32 @@ class FinalizeResult:
     csv_path: Path
     parent_run_id: Optional[str] = None
     registered: Optional[dict] = None     # {"name", "version", "rank", "metric"} of the registered best student
+    holdout: bool = False                 # trained with the validation hold-out (what registration chooses by)
 
 
 def finalize_sweep(sweep: str, *, top: Optional[int] = None, seeds: Optional[int] = None,
                    storage: Optional[str] = None, tracking_uri: Optional[str] = None,
                    overrides: Mapping[str, Any] | Sequence[str] = (), progress: bool = False,
                    out_dir: Optional[str] = None, holdout: bool = False, address: Optional[str] = None,
-                   num_cpus: Optional[int] = None) -> FinalizeResult:
+                   num_cpus: Optional[int] = None, force: bool = False) -> FinalizeResult:
     """`holdout`: keep the sweep's validation hold-out (default: data.val_fraction 0, the whole training split).
-    `address`: the Ray cluster to train on (None: an embedded Ray of `num_cpus` CPUs on this machine)."""
+    `address`: the Ray cluster to train on (None: an embedded Ray of `num_cpus` CPUs on this machine).
+    `force`: replace the finalists of an earlier finalize in the same output folder (else that is refused)."""
     from richkd.config import ConfigError, parse_override
     from richkd.io import atomic_write_text, ensure_writable
     from richkd.tune.finalize_tasks import SeedJob
     from richkd.tune.results import survivors
-    from richkd.tune.runner import check_trial_resources, init_ray
+    from richkd.tune.runner import check_trial_resources, ray_session
     from richkd.tune.selection import best_trial, load_sweep, output_dir
     from richkd.validate import check_resources
 
     spec, path, record, rows = load_sweep(sweep, storage, tracking_uri)
     best_trial(rows, spec)  # raises a clear error when no trial reached max_t
-    top = top or spec.finalize.top
-    n_seeds = seeds or spec.finalize.seeds
+    top = spec.finalize.top if top is None else top         # 0 is refused, never "the default"
+    n_seeds = spec.finalize.seeds if seeds is None else seeds
     if top < 1 or n_seeds < 1:
-        raise ConfigError("finalize: --top and --seeds must be >= 1")
+        raise ConfigError(f"finalize: --top and --seeds must be 1 or more (got {top} and {n_seeds}; leave one out "
+                          "for the spec's finalize.top / finalize.seeds)")
     extra = dict(overrides) if isinstance(overrides, Mapping) else dict(parse_override(o) for o in overrides)
     if spec.tune.multi_objective:
         from richkd.tune.selection import compute_front
@@ -114,26 +118,30 @@ def finalize_sweep(sweep: str, *, top: Optional[int] = None, seeds: Optional[int
         results.append(FinalistResult(rank=rank, trial_id=row.trial_id, sampled=row.sampled, seeds=seeds_list,
                                       test_top1=[], val_top1=[]))
         jobs.extend(SeedJob(rank, row.trial_id, seed, cfg.with_overrides({"seed": seed})) for seed in seeds_list)
-    folder = Path(out_dir) if out_dir else output_dir(path, spec.name)
-    ensure_writable(folder, "the finalize output folder")
+    folder = Path(out_dir).expanduser() if out_dir else output_dir(path, spec.name)
+    earlier = [p for p in (folder / FINALISTS, folder / RUNS_FOLDER) if p.exists()]
+    if earlier and not force:
+        raise ConfigError(f"{earlier[0]} holds the finalists of an earlier finalize; keep them and write to another "
+                          "folder with --out DIR, or replace them with --force")
+    folder = ensure_writable(folder, "the finalize output folder")
     tracker = _Tracker(record) if record.has_mlflow_run else None
-    started = init_ray(address, num_cpus)
-    try:
+    with ray_session(address, num_cpus, next_step="run finalize again, with --force, once a cluster is up"):
         if address is None:
             check_trial_resources(spec.tune)
+        for p in earlier:   # --force, and every check passed: the earlier finalists go
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
         _train(spec, jobs, results, folder, tracker, progress)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     csv_path = folder / FINALISTS
     atomic_write_text(csv_path, finalists_csv(results, spec.space_keys))
     registered = None
     if tracker:
         tracker.summary(results, csv_path)
-        registered = tracker.register_best(results, spec)
-    return FinalizeResult(finalists=results, csv_path=csv_path,
+        if holdout:   # without a validation split there is nothing to choose by (describe_finalize says so)
+            registered = tracker.register_best(results, spec)
+    return FinalizeResult(finalists=results, csv_path=csv_path, holdout=holdout,
                           parent_run_id=record.parent_run_id if tracker else None, registered=registered)
 
 
@@ -236,6 +244,9 @@ def describe_finalize(result: FinalizeResult) -> str:
         r = result.registered
         lines.append(f"  registered in MLflow: {r['name']} version {r['version']} (finalist #{r['rank']}, best mean "
                      f"{r['metric']} on the validation split)")
+    elif result.parent_run_id and not result.holdout:
+        lines.append("  no model registered: the finalists trained on the whole training split, so no validation "
+                     "metric can choose one (the test split never does); --holdout keeps the validation split")
     lines.append(f"  {result.csv_path}")
     return "\n".join(lines)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Optional
 
 from richkd.provenance import code_version
-from richkd.tracking import ensure_experiment
+from richkd.tracking import check_server, ensure_experiment
 
 __all__ = ["ensure_experiment"]   # re-exported: the sweep's MLflow helpers in one place
 
@@ -82,35 +82,10 @@ def quiet_http_retries() -> None:
 
 def check_tracking_server(tracking_uri: str, timeout_s: float = 5.0) -> None:
     """An http(s) tracking URI must name a server that answers now: one SpecError (exit code 2) before Ray,
-    caches or trials start, instead of a traceback half-way. Other stores (SQLite, databases) are not probed."""
-    from urllib.error import HTTPError, URLError
-    from urllib.parse import urlparse
-    from urllib.request import urlopen
-
+    caches or trials start, instead of a traceback half-way (richkd.tracking.check_server)."""
     from richkd.tune.errors import SpecError
 
-    if not tracking_uri.startswith(("http://", "https://")):
-        return
-    parsed = urlparse(tracking_uri)
-    try:
-        port_ok = parsed.port is None or 0 < parsed.port < 65536
-    except ValueError:
-        port_ok = False
-    if not parsed.hostname or not port_ok:
-        raise SpecError(f"mlflow.tracking_uri: {tracking_uri!r} is not a valid server URL; write it like "
-                        "http://HOST:5000")
-    try:
-        with urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout_s) as response:
-            if response.status == 200:
-                return
-            problem = f"HTTP {response.status}"
-    except HTTPError as exc:
-        problem = f"HTTP {exc.code} {exc.reason}"
-    except (URLError, OSError) as exc:
-        problem = str(getattr(exc, "reason", exc))
-    raise SpecError(f"mlflow.tracking_uri: the MLflow server at {tracking_uri} does not answer ({problem}); start it "
-                    "(mlflow server --backend-store-uri sqlite:///PATH/mlflow.db --host HOST --port PORT), fix the "
-                    "URI, or set mlflow.enabled: false")
+    check_server(tracking_uri, "mlflow.tracking_uri", timeout_s, error=SpecError, fix="set mlflow.enabled: false")
 
 
 def config_hash(flat: dict) -> str:

@@ -1,7 +1,8 @@
 """A sweep's outcome as the user sees it at the end: counts by outcome and by node, retries, where errors are,
-and the exit code (0 every trial ran, 3 some trial ended in error; 2 and 130 come from the CLI)."""
+and the exit code (`exit_code`; 2, bad input, and 4, a lost cluster (errors.py), come from the CLI)."""
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -11,7 +12,15 @@ from richkd.tune.sweep_record import SweepRecord
 EXIT_OK = 0
 EXIT_USER_ERROR = 2
 EXIT_TRIALS_ERRORED = 3
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130       # 128 + SIGINT; a SIGTERM gives 143 (128 + SIGTERM), as a shell reports them
+
+
+def exit_code(counts: dict, stopped_by: Optional[int] = None) -> int:
+    """The exit code of a sweep that ran: 128 + N when signal N (SIGINT: 130, SIGTERM: 143) stopped it, even if
+    every trial had finished by then; else 3 when some trial ended in error; else 0."""
+    if stopped_by:
+        return 128 + int(stopped_by)
+    return EXIT_TRIALS_ERRORED if counts.get("error") else EXIT_OK
 
 
 @dataclass
@@ -24,13 +33,18 @@ class SweepOutcome:
     parent_run_id: Optional[str] = None
     tracking_uri: Optional[str] = None
     wall_s: float = 0.0
-    by_node: dict = field(default_factory=dict)         # Ray node id -> {outcome: number of trials}
+    by_node: dict = field(default_factory=dict)         # "node id (IP)" -> {outcome: number of trials}
     retried: int = 0                                    # trials that failed at least once and were restarted
     error_logs: list = field(default_factory=list)      # error.txt of the trials that ended in error
+    stopped_by: Optional[int] = None                    # the signal (SIGINT, SIGTERM) that stopped the sweep
 
     @property
     def exit_code(self) -> int:
-        return EXIT_TRIALS_ERRORED if self.counts.get("error") else EXIT_OK
+        return exit_code(self.counts, self.stopped_by)
+
+    @property
+    def interrupted(self) -> bool:
+        return bool(self.stopped_by or self.counts.get("unfinished"))
 
 
 def sweep_outcome(record: SweepRecord, wall_s: float) -> SweepOutcome:
@@ -44,27 +58,42 @@ def sweep_outcome(record: SweepRecord, wall_s: float) -> SweepOutcome:
     by_node: dict[str, dict] = {}
     for r in rows:
         counts[r.outcome] = counts.get(r.outcome, 0) + 1
-        node = by_node.setdefault(r.node_id or "unknown", {})
-        node[r.outcome] = node.get(r.outcome, 0) + 1
+        where = f"{r.node_id[:12]} ({r.node_ip})" if r.node_ip else r.node_id
+        if where:   # a trial that never reported ran nowhere yet
+            node = by_node.setdefault(where, {})
+            node[r.outcome] = node.get(r.outcome, 0) + 1
     alive = survivors(rows)
     best = ({"trial_id": alive[0].trial_id, "value": alive[0].value, "config": alive[0].sampled} if alive else None)
     errors = [str(Path(r.path) / "error.txt") for r in rows if r.outcome == "error" and r.path]
     return SweepOutcome(name=spec.name, experiment_path=spec.experiment_path, num_trials=len(rows),
                         counts=counts, best=best, parent_run_id=record.parent_run_id,
                         tracking_uri=record.tracking_uri, wall_s=wall_s, by_node=by_node,
-                        retried=sum(1 for r in rows if r.failures), error_logs=errors)
+                        retried=sum(1 for r in rows if r.restarts), error_logs=errors)
+
+
+def _storage_of(experiment_path: str) -> Optional[str]:
+    """The storage folder or URI of a sweep folder; None when it is the default ./tune_runs."""
+    from richkd.tune.paths import DEFAULT_STORAGE, absolute_storage, has_scheme
+
+    storage = experiment_path.rsplit("/", 1)[0] if has_scheme(experiment_path) else str(Path(experiment_path).parent)
+    return None if storage.rstrip("/") == absolute_storage(DEFAULT_STORAGE).rstrip("/") else storage
 
 
 def sweep_ref(name: str, experiment_path: str) -> str:
     """How later commands name this sweep: `NAME`, plus `--storage DIR` when it is not under ./tune_runs (the
     default those commands look in), so a printed `richkd sweep --resume ...` or `richkd export ...` works."""
-    from richkd.tune.paths import DEFAULT_STORAGE, absolute_storage, has_scheme
+    storage = _storage_of(experiment_path)
+    return f"{name} --storage {storage}" if storage else name
 
-    local = not has_scheme(experiment_path)
-    storage = str(Path(experiment_path).parent) if local else experiment_path.rsplit("/", 1)[0]
-    if storage.rstrip("/") == absolute_storage(DEFAULT_STORAGE).rstrip("/"):
-        return name
-    return f"{name} --storage {storage}"
+
+def ui_ref(tracking_uri: str, experiment_path: str) -> str:
+    """The `richkd ui` command that opens this sweep's MLflow store."""
+    from richkd.tune.paths import DEFAULT_STORAGE, resolve_tracking_uri
+
+    storage = _storage_of(experiment_path)
+    if tracking_uri == resolve_tracking_uri(None, storage or DEFAULT_STORAGE):
+        return f"richkd ui --storage {storage}" if storage else "richkd ui"
+    return f"richkd ui --tracking-uri {tracking_uri}"
 
 
 def describe_outcome(outcome: SweepOutcome, metric) -> str:
@@ -72,17 +101,20 @@ def describe_outcome(outcome: SweepOutcome, metric) -> str:
     lines = [f"sweep {outcome.name}: {outcome.num_trials} trials ({_counts(outcome.counts)}) in {outcome.wall_s:.0f}s",
              f"  results: {outcome.experiment_path}"]
     if len(outcome.by_node) > 1:
-        per_node = "; ".join(f"{node[:12]} {_counts(c)}" for node, c in sorted(outcome.by_node.items()))
+        per_node = "; ".join(f"{node} {_counts(c)}" for node, c in sorted(outcome.by_node.items()))
         lines.append(f"  per node: {per_node}")
     if outcome.retried:
         lines.append(f"  retried: {outcome.retried} trial(s) restarted after a failure (tune.max_failures)")
+    if outcome.stopped_by:
+        lines.append(f"  stopped by {signal.Signals(outcome.stopped_by).name} (exit code {outcome.exit_code})")
     if outcome.best:
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in outcome.best["config"].items())
         lines.append(f"  best (reached max_t): {metric}={outcome.best['value']:.4g}  {shown}")
     if outcome.tracking_uri:
-        lines.append(f"  MLflow: {outcome.tracking_uri} (parent run {outcome.parent_run_id}); `richkd ui` to browse")
+        lines.append(f"  MLflow: {outcome.tracking_uri} (parent run {outcome.parent_run_id}); "
+                     f"`{ui_ref(outcome.tracking_uri, outcome.experiment_path)}` to browse")
     ref = sweep_ref(outcome.name, outcome.experiment_path)
-    interrupted = bool(outcome.counts.get("unfinished"))
+    interrupted = outcome.interrupted
     if interrupted:
         lines.append(f"  interrupted: continue with `richkd sweep --resume {ref}`")
     if outcome.counts.get("error"):
@@ -95,7 +127,8 @@ def describe_outcome(outcome: SweepOutcome, metric) -> str:
 
 
 def _counts(counts: dict) -> str:
-    return ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(counts.items()))
+    """"2 completed, 1 stopped_early": the outcome names of leaderboard.csv and the MLflow outcome tag."""
+    return ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
 
 
 def _fmt(v: Any) -> str:

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
+from richkd.tracking import STORE_SCHEMES
 from richkd.tune.errors import SpecError
 
 DEFAULT_STORAGE = "tune_runs"
@@ -66,7 +67,7 @@ def resolve_tracking_uri(uri: Optional[str], storage_path: str) -> str:
             return uri
         return "sqlite:///" + os.path.abspath(os.path.expanduser(path))
     scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
-    if scheme in ("http", "https", "databricks") or scheme.startswith(("postgresql", "mysql", "mssql")):
+    if scheme.split("+", 1)[0] in STORE_SCHEMES:
         return uri
     raise SpecError(f"mlflow.tracking_uri: {uri!r} is a file store (like ./mlruns), which MLflow 3 refuses; "
                     "use sqlite:///PATH/mlflow.db, an http://HOST:5000 server, or postgresql://...")
@@ -121,6 +122,11 @@ def write_text(path: str, text: str) -> None:
     fs.create_dir(os.path.dirname(p), recursive=True)
     with fs.open_output_stream(p) as f:
         f.write(text.encode())
+
+
+def remove_file(path: str) -> None:
+    fs, p = _fs_and_path(path)
+    fs.delete_file(p)
 
 
 def read_text(path: str) -> Optional[str]:

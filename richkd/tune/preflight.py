@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from richkd.config import Config, ConfigError, flatten
-from richkd.schema import suggest
 from richkd.tune.errors import SpecError
 from richkd.tune.params import config_or_error, from_sample, walk_active
 
@@ -82,8 +81,6 @@ def check_spec_resources(spec: "SweepSpec", probes: Sequence[Config]) -> None:
             check_resources(cfg)
         except ConfigError as exc:
             raise SpecError(f"config: {exc}") from None
-        if cfg.uses_clip:
-            check_clip_model(cfg.clip.model)
         root = cfg.data.root
         if root and not cfg.data.download and not Path(root).exists():
             raise SpecError(f"config.data.root: folder {root!r} does not exist (set data.root to the dataset folder "
@@ -99,19 +96,6 @@ def check_spec_resources(spec: "SweepSpec", probes: Sequence[Config]) -> None:
                         MODELS.get(v)
                     except KeyError as exc:
                         raise SpecError(f"space.{p.key}: {exc.args[0]}") from None
-
-
-def check_clip_model(name: str) -> None:
-    from richkd.clip import TINY_CLIP_MODEL
-
-    if name == TINY_CLIP_MODEL:
-        return
-    import open_clip
-
-    known = open_clip.list_models()
-    if name not in known:
-        raise SpecError(f"config: clip.model: {name!r} is not an open_clip architecture{suggest(name, known)} "
-                        f"(e.g. ViT-B-32, ViT-L-14; or {TINY_CLIP_MODEL} for the offline tiny model)")
 
 
 def check_spec_data(probes: Sequence[Config]) -> None:

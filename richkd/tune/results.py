@@ -30,9 +30,15 @@ class TrialRow:
     mlflow_run_id: Optional[str] = None
     rank: Optional[int] = None
     node_id: Optional[str] = None   # the Ray node of its last report
-    failures: int = 0               # times Tune restarted it after a failure
+    node_ip: Optional[str] = None   # that node's IP (a resumed embedded sweep has a new node id, the same IP)
+    failures: int = 0               # times it failed (Tune's num_failures, the final failure of an error included)
     history: list = field(default_factory=list)   # every report (epoch order): learning curves, tables, report
     extra: dict = field(default_factory=dict)
+
+    @property
+    def restarts(self) -> int:
+        """Times Tune restarted it after a failure (an errored trial's last failure was not followed by one)."""
+        return max(0, self.failures - (self.outcome == "error"))
 
 
 def _finite(v) -> Optional[float]:
@@ -70,7 +76,7 @@ def collect_trials(experiment_path: str, spec: SweepSpec) -> list[TrialRow]:
             epochs=int(last.get("training_iteration", 0) or 0), value=_finite(last.get(spec.tune.metric)),
             best_value=_finite(best), metrics=numeric_metrics(last), sampled=plan.active_sampled(trial.config),
             config=plan.trial_config(trial.config), path=str(getattr(trial, "path", "") or ""),
-            checkpoint=checkpoint, node_id=last.get("node_id") or None,
+            checkpoint=checkpoint, node_id=last.get("node_id") or None, node_ip=last.get("node_ip") or None,
             failures=int(getattr(trial, "num_failures", 0) or 0), history=history))
     return rank_trials(rows, spec)
 

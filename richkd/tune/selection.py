@@ -7,9 +7,11 @@ here, so they agree. No Ray runtime is needed: the experiment folder is read off
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
+from richkd.tune.outcome import sweep_ref
 from richkd.tune.sweep_record import SweepRecord, read_sweep_record
 
 
@@ -38,6 +40,16 @@ def load_sweep(sweep: str, storage: Optional[str] = None, tracking_uri: Optional
     return spec, path, record, rows
 
 
+def missing_trials(rows: list, spec) -> tuple[int, int]:
+    """(trials that have not finished, trials a finished sweep has): tune.num_samples, times the values of each
+    grid entry (Tune repeats the grid num_samples times). A sweep that a time budget ended is not missing any."""
+    total = spec.tune.num_samples * math.prod(len(p.values) for p in spec.params if p.sampler == "grid")
+    unfinished = sum(1 for r in rows if r.outcome == "unfinished")
+    if spec.tune.time_budget_s and not unfinished:
+        return 0, total
+    return unfinished + max(0, total - len(rows)), total
+
+
 def best_trial(rows: list, spec) -> object:
     from richkd.tune.results import survivors
 
@@ -46,10 +58,10 @@ def best_trial(rows: list, spec) -> object:
         outcomes = {}
         for r in rows:
             outcomes[r.outcome] = outcomes.get(r.outcome, 0) + 1
-        seen = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(outcomes.items())) or "no trials"
+        seen = ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items())) or "no trials"
         raise ExportError(f"no trial of sweep {spec.name!r} reached max_t = {spec.max_t} epochs with a finite "
-                          f"{spec.tune.metric} ({seen}); resume it (`richkd sweep --resume {spec.name}`) or run a "
-                          "larger sweep")
+                          f"{spec.tune.metric} ({seen}); resume it (`richkd sweep --resume "
+                          f"{sweep_ref(spec.name, spec.experiment_path)}`) or run a larger sweep")
     return alive[0]
 
 

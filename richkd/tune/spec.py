@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -29,7 +29,7 @@ import yaml
 
 from richkd.config import Config, ConfigError, load_yaml_mapping, parse_override
 from richkd.metric_names import needs_robustness, per_corruption
-from richkd.schema import build, suggest, to_plain
+from richkd.schema import build, read_yaml, suggest, to_plain
 from richkd.tune.errors import SpecError
 from richkd.tune.params import Param, TrialPlan, check_keys, config_or_error, parse_space
 from richkd.tune.paths import PATH_KEYS, absolutize, default_artifact_location, join_storage, resolve_tracking_uri
@@ -42,6 +42,7 @@ SPEC_KEYS = ("name", "description", "base", "config", "space", "points_to_evalua
              "arms")
 ARM_KEYS = ("description", "config", "space", "points_to_evaluate")
 SHARED_KEYS = ("train.epochs", "seed")    # every arm trains the same schedule from the same seed
+CONFIG_SECTIONS = tuple(f.name for f in fields(Config))   # `--set clip.model=...` means config.clip.model
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -194,7 +195,12 @@ def spec_from_mapping(raw: Mapping[str, Any], *, source: Optional[str] = None,
     relative `base:` that is not found there is also looked for in `base_dir`, the spec file's folder)."""
     raw = copy.deepcopy(dict(raw))
     _apply_spec_overrides(raw, overrides)
+    demo_base = "RICHKD_DEMO_DIR" in str(raw.get("base"))   # a spec that builds on `richkd demo`'s outputs
     raw = expand_env(raw)
+    misplaced = [k for k in raw if k in CONFIG_SECTIONS and k not in SPEC_KEYS]
+    if misplaced:
+        raise SpecError(f"unknown spec key {misplaced[0]!r}: config sections go under `config:` (config: "
+                        f"{{{misplaced[0]}: ...}}), or in the `base:` config file")
     check_keys(raw, SPEC_KEYS, "")
     if "arms" in raw:
         raise SpecError("arms: a spec with arms is several sweeps; read it with load_specs (richkd sweep does)")
@@ -202,7 +208,7 @@ def spec_from_mapping(raw: Mapping[str, Any], *, source: Optional[str] = None,
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name or ""):
         raise SpecError(f"name: {name!r} must be a non-empty folder-safe name (letters, digits, _ . -)")
 
-    base_cfg = _load_base_config(raw, base_dir or Path.cwd(), name)
+    base_cfg = _load_base_config(raw, base_dir or Path.cwd(), name, demo_base)
     params = parse_space(raw.get("space") or {}, base_cfg)
     _check_cache_keys(params)
     _check_validation_split(base_cfg, params)
@@ -243,7 +249,7 @@ def expand_env(value: Any, where: str = "") -> Any:
         raise SpecError(f"{where or 'spec'}: malformed ${{...}} in {value!r}; write ${{VAR}} or ${{VAR:-default}}")
     if whole:
         try:
-            parsed = yaml.safe_load(out) if out.strip() else out
+            parsed = read_yaml(out) if out.strip() else out
         except yaml.YAMLError:
             return out
         return parsed if isinstance(parsed, (int, float, bool)) or parsed is None else out
@@ -255,7 +261,9 @@ def _apply_spec_overrides(raw: dict, overrides: Sequence[str] | Mapping[str, Any
     for dotted, value in items:
         parts = dotted.split(".")
         if parts[0] not in SPEC_KEYS:
-            raise SpecError(f"--set {dotted}: unknown spec section {parts[0]!r}{suggest(parts[0], SPEC_KEYS)}")
+            hint = (f"; a config key takes the config. prefix: --set config.{dotted}={value}"
+                    if parts[0] in CONFIG_SECTIONS else suggest(parts[0], SPEC_KEYS))
+            raise SpecError(f"--set {dotted}: unknown spec section {parts[0]!r}{hint}")
         node = raw
         for part in parts[:-1]:
             if node.get(part) is None:
@@ -276,7 +284,7 @@ def _deep_merge(base: dict, extra: Mapping) -> dict:
     return out
 
 
-def _load_base_config(raw: dict, base_dir: Path, name: str) -> Config:
+def _load_base_config(raw: dict, base_dir: Path, name: str, demo_base: bool = False) -> Config:
     nested: dict = {}
     base = raw.get("base")
     if base is not None:
@@ -289,8 +297,10 @@ def _load_base_config(raw: dict, base_dir: Path, name: str) -> Config:
             base_path = base_dir / base_path
             tried.append(base_path)
         if not base_path.is_file():
+            fix = ("; `richkd demo` writes it: run that first, or set RICHKD_DEMO_DIR to the folder a demo ran "
+                   "in (its --out)" if demo_base else "")
             raise SpecError(f"base: config file {base!r} does not exist (looked for "
-                            f"{' and '.join(repr(str(t)) for t in tried)})")
+                            f"{' and '.join(repr(str(t)) for t in tried)}){fix}")
         try:
             nested = load_yaml_mapping(base_path)
         except ConfigError as exc:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from richkd.tune.errors import SpecError
-from richkd.tune.paths import DEFAULT_STORAGE, join_storage, read_text, write_text
+from richkd.tune.paths import DEFAULT_STORAGE, join_storage, read_text, remove_file, write_text
 from richkd.tune.spec import SweepSpec
 
 SWEEP_RECORD = "richkd_sweep.json"
@@ -58,6 +58,10 @@ class SweepRecord:
 
 def write_sweep_record(record: SweepRecord) -> None:
     write_text(join_storage(record.spec.experiment_path, SWEEP_RECORD), record.to_json())
+
+
+def remove_sweep_record(experiment_path: str) -> None:
+    remove_file(join_storage(experiment_path, SWEEP_RECORD))
 
 
 def sweep_record_exists(experiment_path: str) -> bool:

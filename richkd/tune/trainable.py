@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 NONFINITE_KEY = "nonfinite_loss"   # reported as 1.0 by a trial that ended on a NaN/inf loss
 NODE_KEY = "node_id"               # the Ray node the trial ran on, in every report (and an MLflow tag)
+NODE_IP_KEY = "node_ip"            # and its IP (the end-of-sweep summary counts trials per machine)
 STOP_REASON_KEY = "stop_reason"
 
 
@@ -62,6 +63,7 @@ def train_trial(config: dict, plan: TrialPlan, needs: Optional[SweepNeeds] = Non
     ends the trial with one last report (metric NaN, nonfinite_loss=1, stop_reason) instead of an error, so
     it is neither retried by FailureConfig nor mistaken for a result (the searcher records it as FAIL).
     """
+    import ray
     import torch
     from ray import tune
 
@@ -69,6 +71,7 @@ def train_trial(config: dict, plan: TrialPlan, needs: Optional[SweepNeeds] = Non
     from richkd.tune.cluster import current_node_id
 
     node_id = current_node_id() or ""
+    where = {NODE_KEY: node_id, NODE_IP_KEY: ray.util.get_node_ip_address()}
     raise_if_unmet(needs, where=f"node {node_id[:12] or '?'}")
     cfg = plan.trial_config(config)
     if cfg.train.threads is None:
@@ -87,7 +90,7 @@ def train_trial(config: dict, plan: TrialPlan, needs: Optional[SweepNeeds] = Non
         metrics = {k: float(v) for k, v in report.metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
         metrics[NONFINITE_KEY] = 0.0
-        metrics[NODE_KEY] = node_id
+        metrics.update(where)
         with tempfile.TemporaryDirectory(prefix="richkd-ckpt-") as directory:
             torch.save(report.state(), Path(directory) / STATE_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
@@ -100,4 +103,4 @@ def train_trial(config: dict, plan: TrialPlan, needs: Optional[SweepNeeds] = Non
         log.warning("trial stops: %s", reason)
         # every objective, not only the first: Tune checks that each searcher metric is in every report
         tune.report({**{m: float("nan") for m in plan.metrics}, "epoch": float(last_epoch[0] + 1),
-                     NONFINITE_KEY: 1.0, STOP_REASON_KEY: reason, NODE_KEY: node_id})
+                     NONFINITE_KEY: 1.0, STOP_REASON_KEY: reason, **where})

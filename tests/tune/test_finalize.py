@@ -94,3 +94,31 @@ def test_a_failing_training_task_raises_its_own_error_and_reports_the_job(tmp_pa
     finally:
         ray.shutdown()
     assert done == [] and failed == [(job, [])]
+
+
+def test_registration_by_val_top1_follows_validation_where_test_disagrees(tmp_path):
+    """A `val_top1` (max) sweep: finalist 1 is best on test, finalist 2 on validation; the registered model is
+    finalist 2 (the test split never chooses), and a finalist without a finite validation value never wins."""
+    from richkd.tune.mlflow_client import client_for
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = client_for(uri)
+    experiment = client.create_experiment("fin", artifact_location=str(tmp_path / "artifacts"))
+    parent = client.create_run(experiment).info.run_id
+    tracker = _Tracker(SimpleNamespace(tracking_uri=uri, experiment_id=experiment, parent_run_id=parent,
+                                       name="top1"))
+    fins = [FinalistResult(rank=1, trial_id="a", sampled={}, seeds=[0, 1], test_top1=[92.0, 93.0],
+                           val_top1=[70.0, 71.0], val_metric=[70.0, 71.0]),
+            FinalistResult(rank=2, trial_id="b", sampled={}, seeds=[0, 1], test_top1=[80.0, 81.0],
+                           val_top1=[75.0, 76.0], val_metric=[75.0, 76.0]),
+            FinalistResult(rank=3, trial_id="c", sampled={}, seeds=[0, 1], test_top1=[99.0, 99.0],
+                           val_top1=[math.nan, math.nan], val_metric=[math.nan, math.nan])]
+    for fin in fins:
+        tracker.start_finalist(fin)
+        fin.folders = [student_folder(tmp_path / f"f{fin.rank}", fin.trial_id)]
+        tracker.finish_finalist(fin.run_id, fin)
+    spec = SimpleNamespace(tune=SimpleNamespace(objective_pairs=(("val_top1", "max"),)))
+    assert tracker.register_best(fins, spec) == {"name": "richkd-top1", "version": "1", "rank": 2,
+                                                 "metric": "val_top1"}
+    (version,) = client.search_model_versions("name='richkd-top1'")
+    assert version.run_id == fins[1].run_id

@@ -63,14 +63,23 @@ def test_interrupted_sweep_says_how_to_resume(assets, tmp_path, capsys, monkeypa
     import richkd.tune.resume as resume
     import richkd.tune.runner as runner
     from richkd.cli import main
+    from richkd.tune.sweep_record import SweepRecord, write_sweep_record
 
-    def ctrl_c(*args, **kwargs):
+    def ctrl_c(spec, **kwargs):
+        if not isinstance(spec, str):   # run_sweep: stopped once the sweep record was written
+            write_sweep_record(SweepRecord(spec=spec))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner, "run_sweep", ctrl_c)
-    monkeypatch.setattr(resume, "resume_sweep", ctrl_c)
+    def before_anything(*args, **kwargs):
+        raise KeyboardInterrupt
+
     spec_file = tmp_path / "s.yaml"
     spec_file.write_text(yaml.safe_dump(base_spec(assets, tmp_path / "work")))
+    monkeypatch.setattr(runner, "run_sweep", before_anything)
+    assert main(["sweep", str(spec_file)]) == 130      # nothing written yet: the same command starts it
+    assert capsys.readouterr().err == "richkd sweep: interrupted; no trial had started; run the same command again\n"
+    monkeypatch.setattr(runner, "run_sweep", ctrl_c)
+    monkeypatch.setattr(resume, "resume_sweep", ctrl_c)
     # storage outside ./tune_runs: the printed command names it, so it works as printed
     assert main(["sweep", str(spec_file)]) == 130
     assert capsys.readouterr().err == ("richkd sweep: interrupted; continue with `richkd sweep --resume unit "

@@ -272,14 +272,18 @@ def test_hints_name_the_storage_when_it_is_not_the_default(tmp_path, monkeypatch
     default = _outcome(tmp_path, tmp_path / "tune_runs", completed=2, stopped_early=1)
     text = describe_outcome(default, "val_top1")
     assert text.splitlines() == [
-        "sweep fm4: 3 trials (2 completed, 1 stopped early) in 12s",
+        "sweep fm4: 3 trials (2 completed, 1 stopped_early) in 12s",   # the names leaderboard.csv uses
         f"  results: {tmp_path / 'tune_runs' / 'fm4'}",
         "  best (reached max_t): val_top1=81.5  loss.fusion_alpha=0.7",
-        "  MLflow: sqlite:///x/mlflow.db (parent run p1); `richkd ui` to browse",
+        "  MLflow: sqlite:///x/mlflow.db (parent run p1); `richkd ui --tracking-uri sqlite:///x/mlflow.db` to browse",
         "  next: richkd export fm4"]
+    default.tracking_uri = f"sqlite:///{tmp_path / 'tune_runs' / 'mlflow.db'}"     # the default store: plain
+    assert "; `richkd ui` to browse" in describe_outcome(default, "val_top1")
     elsewhere = _outcome(tmp_path, tmp_path / "sweeps", completed=3)
-    assert describe_outcome(elsewhere, ["val_top1", "val_ece"]).splitlines()[-1] == \
-        f"  next: richkd export fm4 --storage {tmp_path / 'sweeps'}"
+    elsewhere.tracking_uri = f"sqlite:///{tmp_path / 'sweeps' / 'mlflow.db'}"      # --storage keeps its store
+    lines = describe_outcome(elsewhere, ["val_top1", "val_ece"]).splitlines()
+    assert lines[-2].endswith(f"`richkd ui --storage {tmp_path / 'sweeps'}` to browse")
+    assert lines[-1] == f"  next: richkd export fm4 --storage {tmp_path / 'sweeps'}"
 
 
 def test_an_interrupted_sweep_suggests_resume_not_export(tmp_path, monkeypatch):
