@@ -2,6 +2,8 @@
 sweeps (richkd.tune) and `richkd evaluate`."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Optional
 from urllib.error import HTTPError, URLError
 from urllib.parse import urlparse
@@ -12,6 +14,16 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 # The stores MLflow 3 opens (schemes, before any "+driver"); its ./mlruns file store it refuses
 STORE_SCHEMES = ("sqlite", "http", "https", "databricks", "postgresql", "mysql", "mssql")
+
+
+def default_artifact_location(tracking_uri: str, given: Optional[str] = None) -> Optional[str]:
+    """Artifacts beside a SQLite store (else MLflow writes ./mlruns wherever the driver runs); a local folder
+    given by the user becomes a file:// URI."""
+    if given is None and tracking_uri.startswith("sqlite:///"):
+        given = os.path.join(os.path.dirname(tracking_uri[len("sqlite:///"):]), "mlartifacts")
+    if isinstance(given, str) and "://" not in given:
+        return Path(os.path.abspath(os.path.expanduser(given))).as_uri()
+    return given
 
 
 def ensure_experiment(client, name: str, artifact_location: Optional[str] = None) -> str:

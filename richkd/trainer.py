@@ -290,7 +290,7 @@ class Run:
 
     def robustness_metrics(self) -> dict:
         """val_corrupt_top1 / val_corrupt_ece (+ per corruption) on a seeded val subset (cfg.robustness)."""
-        from richkd.robustness.val_metrics import val_robustness_metrics
+        from richkd.robustness.engine import val_robustness_metrics
 
         return val_robustness_metrics(self.student, self.data.val, self.data.mean, self.data.std, self.device,
                                       self.cfg.robustness, batch_size=self.cfg.data.eval_batch_size)

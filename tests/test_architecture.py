@@ -20,7 +20,7 @@ LAYERS = {
     "richkd.robustness.scores": 1,
     "richkd.cache": 2, "richkd.teachers": 2, "richkd.objective": 2, "richkd.analysis": 2,
     "richkd.trainer": 3, "richkd.validate": 3, "richkd.run_outputs": 3, "richkd.robustness.engine": 3,
-    "richkd.robustness.val_metrics": 3, "richkd.robustness.evaluate": 3, "richkd.robustness.report": 3,
+    "richkd.robustness.evaluate": 3, "richkd.robustness.report": 3,
     "richkd.tune": 4,
     "richkd.cli": 5, "richkd.__main__": 5, "richkd.demo": 5, "richkd.export": 5, "richkd.report": 5,
 }

@@ -18,18 +18,18 @@ are not blurred by resampling noise.
 from __future__ import annotations
 
 import hashlib
+import io
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from richkd.config import CORRUPTION_NAMES
 from richkd.registry import Registry
 
-__all__ = [
-    "CORRUPTIONS", "CORRUPTION_NAMES", "SEVERITIES", "SEVERITY_PARAMS", "CorruptionError", "corrupt",
-    "parse_corruptions", "parse_severities", "sample_seeds",
-]
+__all__ = ["CORRUPTIONS", "CORRUPTION_NAMES", "SEVERITIES", "SEVERITY_PARAMS", "CorruptionError", "corrupt",
+           "parse_corruptions", "parse_severities", "sample_seeds"]
 
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 
@@ -46,9 +46,9 @@ SEVERITY_PARAMS: dict[str, tuple] = {
     "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),                 # box-downscale factor, then box-upscale
 }
 
-# Canonical order (Hendrycks' table order: noise, blur, weather/digital), declared by the config layer.
-if tuple(SEVERITY_PARAMS) != CORRUPTION_NAMES:  # pragma: no cover - a table added without its name, or vice versa
-    raise ImportError("richkd.config.CORRUPTION_NAMES and SEVERITY_PARAMS list different corruptions")
+# The corruption names, in Hendrycks' table order (noise, blur, digital): the one list of them (the registry below
+# holds one function per name).
+CORRUPTION_NAMES: tuple[str, ...] = tuple(SEVERITY_PARAMS)
 
 # fn(images (B,3,H,W) in [0,1], parameter, per-sample seeds (B,) int64 on CPU) -> corrupted images
 CorruptionFn = Callable[[torch.Tensor, object, torch.Tensor], torch.Tensor]
@@ -81,10 +81,7 @@ def sample_seeds(seed: int, name: str, index: torch.Tensor) -> torch.Tensor:
 
 def _per_sample(seeds: torch.Tensor, draw: Callable[[int, torch.Generator], torch.Tensor]) -> torch.Tensor:
     """Stack draw(i, generator_i) over samples; each generator is a fresh CPU generator seeded by seeds[i]."""
-    out = []
-    for i, s in enumerate(seeds.tolist()):
-        out.append(draw(i, torch.Generator().manual_seed(int(s))))
-    return torch.stack(out)
+    return torch.stack([draw(i, torch.Generator().manual_seed(int(s))) for i, s in enumerate(seeds.tolist())])
 
 
 # ----- public entry point -------------------------------------------------------------------------
@@ -138,12 +135,9 @@ def parse_corruptions(text: Optional[str | Sequence[str]]) -> tuple[str, ...]:
     if not items:
         raise CorruptionError(f"corruptions: {text!r} names no corruption; use 'all' or a comma-separated list "
                               f"of {', '.join(CORRUPTION_NAMES)}")
-    names: list[str] = []
     for item in items:
         _lookup(item)
-        if item not in names:
-            names.append(item)
-    return tuple(names)
+    return tuple(dict.fromkeys(items))
 
 
 def parse_severities(text: Optional[str | Sequence[int]]) -> tuple[int, ...]:
@@ -289,11 +283,6 @@ def jpeg_compression(x: torch.Tensor, quality: int, seeds: torch.Tensor) -> torc
 
     Runs on the CPU one image at a time (~0.1 ms per 32 x 32 image), then returns to the images' device.
     """
-    import io
-
-    import numpy as np
-    from PIL import Image
-
     as_uint8 = (x.detach().float().cpu() * 255.0).round_().clamp_(0, 255).to(torch.uint8)
     decoded = []
     for img in as_uint8.permute(0, 2, 3, 1).numpy():
@@ -306,49 +295,17 @@ def jpeg_compression(x: torch.Tensor, quality: int, seeds: torch.Tensor) -> torc
     return (out.float() / 255.0).to(device=x.device, dtype=x.dtype)
 
 
-def box_resample_matrix(in_size: int, out_size: int) -> torch.Tensor:
-    """(out_size, in_size) weights of Pillow's BOX resampling along one axis (Resample.c precompute_coeffs).
-
-    Pillow evaluates the box filter (support 0.5 * max(scale, 1)) at input pixel centres and normalises,
-    so downscaling averages the input pixels whose centres fall in an output pixel's footprint and
-    upscaling picks the input pixel under the output pixel's centre.
-    """
-    scale = in_size / out_size
-    filterscale = max(scale, 1.0)
-    support = 0.5 * filterscale
-    w = torch.zeros(out_size, in_size, dtype=torch.float64)
-    for out in range(out_size):
-        center = (out + 0.5) * scale
-        lo = max(int(center - support + 0.5), 0)
-        hi = min(int(center + support + 0.5), in_size)
-        for i in range(lo, hi):
-            t = (i - center + 0.5) / filterscale
-            if -0.5 < t <= 0.5:
-                w[out, i] = 1.0
-        total = w[out].sum()
-        if total > 0:
-            w[out] /= total
-    return w
-
-
-def _resize_box(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    wh = box_resample_matrix(x.shape[2], size[0]).to(device=x.device, dtype=x.dtype)
-    ww = box_resample_matrix(x.shape[3], size[1]).to(device=x.device, dtype=x.dtype)
-    return torch.einsum("oh,bchw,pw->bcop", wh, x, ww)
-
-
 @CORRUPTIONS.register("pixelate")
 def pixelate(x: torch.Tensor, factor: float, seeds: torch.Tensor) -> torch.Tensor:
-    """Box-downscale to int(size * factor) and box-upscale back (PIL Image.BOX both ways, as make_cifar_c.py)."""
+    """Box-downscale to int(size * factor) and box-upscale back with Pillow (Image.BOX both ways, as
+    make_cifar_c.py), on float32 channels (mode "F", so no rounding to uint8)."""
     h, w = x.shape[2], x.shape[3]
-    small = (max(1, int(h * factor)), max(1, int(w * factor)))
-    return _resize_box(_resize_box(x, small), (h, w))
+    small = (max(1, int(w * factor)), max(1, int(h * factor)))
+    planes = x.detach().float().cpu().numpy()
+    out = [[np.asarray(Image.fromarray(c).resize(small, Image.BOX).resize((w, h), Image.BOX))
+            for c in image] for image in planes]
+    return torch.from_numpy(np.array(out)).to(device=x.device, dtype=x.dtype)
 
 
-def _check_registry() -> None:
-    missing = set(SEVERITY_PARAMS) ^ set(CORRUPTIONS.names())
-    if missing:  # pragma: no cover - a programming error caught at import
-        raise RuntimeError(f"corruption tables and registry disagree on {sorted(missing)}")
-
-
-_check_registry()
+if set(CORRUPTION_NAMES) != set(CORRUPTIONS.names()):  # pragma: no cover - a table without its function, or vice versa
+    raise RuntimeError(f"corruption tables and registry disagree on {set(CORRUPTION_NAMES) ^ set(CORRUPTIONS.names())}")

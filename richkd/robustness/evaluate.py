@@ -16,6 +16,18 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from richkd.config import Config, ConfigError
+from richkd.data import build_data
+from richkd.device import resolve_device
+from richkd.io import atomic_write_text, ensure_writable, load_problem, quiet_torch_load
+from richkd.metrics import reliability_bins
+from richkd.models import CheckpointError, load_teacher
+from richkd.robustness.cifar_c import CorruptionFolder
+from richkd.robustness.corruptions import parse_corruptions, parse_severities
+from richkd.robustness.engine import evaluate_folder, evaluate_model
+from richkd.robustness.report import check_tracking_uri, log_to_mlflow, save_reliability_diagram
+from richkd.robustness.scores import compare_to_reference, load_reference
+
 log = logging.getLogger(__name__)
 
 __all__ = ["SUITES", "EvaluateRequest", "class_mapping", "evaluate_checkpoint", "resolve_config"]
@@ -60,8 +72,6 @@ class EvaluateRequest:
 
 def resolve_config(checkpoint: Path, config: Optional[str]):
     """(Config, where it came from): --config, else config.yaml, else result.json next to the checkpoint."""
-    from richkd.config import Config, ConfigError
-
     if config:
         return Config.from_yaml(config), str(config)
     folder = checkpoint.parent
@@ -79,9 +89,6 @@ def resolve_config(checkpoint: Path, config: Optional[str]):
 
 def _checkpoint_header(path: Path) -> dict:
     """The non-weight fields of a student.pt ({"model": sd, "arch": str, "num_classes": int})."""
-    from richkd.io import load_problem, quiet_torch_load
-    from richkd.models import CheckpointError
-
     try:
         with quiet_torch_load():
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -166,15 +173,6 @@ def evaluate_checkpoint(req: EvaluateRequest) -> tuple[dict, list[Path]]:
     Returns (report, written paths). Raises ValueError subclasses (ConfigError, CheckpointError,
     DatasetNotFoundError, CorruptionError, ...) for user errors, always before anything is written.
     """
-    from richkd.data import build_data
-    from richkd.device import resolve_device
-    from richkd.io import ensure_writable
-    from richkd.models import CheckpointError, load_teacher
-    from richkd.robustness.corruptions import parse_corruptions, parse_severities
-    from richkd.robustness.engine import evaluate_folder, evaluate_model
-    from richkd.robustness.report import check_tracking_uri
-    from richkd.robustness.scores import compare_to_reference, load_reference
-
     _validate(req)
     ckpt = Path(req.checkpoint).expanduser()
     if not ckpt.is_file():
@@ -188,16 +186,12 @@ def evaluate_checkpoint(req: EvaluateRequest) -> tuple[dict, list[Path]]:
     reference = load_reference(req.reference) if req.reference else None
     folder = None
     if req.corruption_dir:   # the folder's own corruption names (a release may hold ones we do not implement)
-        from richkd.robustness.cifar_c import CorruptionFolder
-
         folder = CorruptionFolder(req.corruption_dir)
         names = _folder_names(folder, req.corruptions)
     else:
         names = parse_corruptions(req.corruptions) if with_corruptions else ()
     shift_cfg = None
     if req.shift_config:
-        from richkd.config import Config
-
         shift_cfg = Config.from_yaml(req.shift_config)
     if req.mlflow_uri:
         check_tracking_uri(req.mlflow_uri)
@@ -242,8 +236,6 @@ def evaluate_checkpoint(req: EvaluateRequest) -> tuple[dict, list[Path]]:
                                     corruptions=names, severities=severities, num_classes=data.num_classes,
                                     **common)
 
-    from richkd.robustness.report import reliability_bins
-
     report: dict[str, Any] = {
         "checkpoint": str(ckpt), "checkpoint_sha256": sha, "arch": arch, "num_classes": data.num_classes,
         "config_source": cfg_source, "dataset": data.name, "data_origin": data.origin, "split": req.split,
@@ -279,8 +271,6 @@ def evaluate_checkpoint(req: EvaluateRequest) -> tuple[dict, list[Path]]:
 
     written = _write(report, out_dir)
     if req.mlflow_uri:
-        from richkd.robustness.report import log_to_mlflow
-
         run_name = f"evaluate:{ckpt.parent.name}/{ckpt.stem}"
         report["mlflow_run_id"] = log_to_mlflow(report, written, req.mlflow_uri, req.mlflow_experiment, run_name)
     return report, written
@@ -355,9 +345,6 @@ def _finite(obj: Any) -> Any:
 
 
 def _write(report: dict, out_dir: Path) -> list[Path]:
-    from richkd.io import atomic_write_text
-    from richkd.robustness.report import save_reliability_diagram
-
     title = f"{report['arch']} on {report['dataset']}/{report['split']}"
     paths = [save_reliability_diagram(report["calibration"], out_dir / DIAGRAM_FILE, title)]
     if report.get("shift"):

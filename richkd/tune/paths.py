@@ -73,16 +73,6 @@ def resolve_tracking_uri(uri: Optional[str], storage_path: str) -> str:
                     "use sqlite:///PATH/mlflow.db, an http://HOST:5000 server, or postgresql://...")
 
 
-def default_artifact_location(tracking_uri: str, given: Optional[str]) -> Optional[str]:
-    """Artifacts beside a SQLite store (else MLflow writes ./mlruns wherever the driver runs); a local
-    folder given by the user becomes a file:// URI."""
-    if given is None and tracking_uri.startswith("sqlite:///"):
-        return Path(os.path.dirname(tracking_uri[len("sqlite:///"):]), "mlartifacts").as_uri()
-    if isinstance(given, str) and not has_scheme(given):
-        return Path(os.path.abspath(os.path.expanduser(given))).as_uri()
-    return given
-
-
 def is_shared_filesystem(path: str | os.PathLike, mounts_text: Optional[str] = None) -> bool:
     """True when `path` lies on a network/cluster file system according to /proc/mounts (NFS, Lustre, ...)."""
     if mounts_text is None:

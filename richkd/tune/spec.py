@@ -30,9 +30,10 @@ import yaml
 from richkd.config import Config, ConfigError, load_yaml_mapping, parse_override
 from richkd.metric_names import needs_robustness, per_corruption
 from richkd.schema import build, read_yaml, suggest, to_plain
+from richkd.tracking import default_artifact_location
 from richkd.tune.errors import SpecError
 from richkd.tune.params import Param, TrialPlan, check_keys, config_or_error, parse_space
-from richkd.tune.paths import PATH_KEYS, absolutize, default_artifact_location, join_storage, resolve_tracking_uri
+from richkd.tune.paths import PATH_KEYS, absolutize, join_storage, resolve_tracking_uri
 from richkd.tune.preflight import check_spec
 from richkd.tune.settings import FinalizeSettings, MlflowSettings, TuneSettings, parse_tune
 
