@@ -1,5 +1,5 @@
 """`richkd report SWEEP`: argparse only at import; the handler imports the report builder lazily, returns an exit
-code, and raises on a user error (SpecError, ExportError, ReportError, a missing folder)."""
+code, and raises on a user error (SpecError, ExportError, a missing folder)."""
 from __future__ import annotations
 
 import argparse
