@@ -282,6 +282,26 @@ def test_evaluate_cli_end_to_end(mini_teacher, fm_config, tmp_path, capsys):
     assert ref["mce"] == pytest.approx(100.0)
 
 
+def test_the_config_comes_from_the_flag_else_config_yaml_else_result_json(fm_config, tmp_path):
+    from richkd.config import ConfigError
+    from richkd.robustness.evaluate import resolve_config
+
+    ckpt = tmp_path / "student.pt"
+    with pytest.raises(ConfigError, match="--config"):
+        resolve_config(ckpt, None)
+    (tmp_path / "result.json").write_text(json.dumps({"config": fm_config.to_dict()}))   # a finished run's folder
+    assert resolve_config(ckpt, None) == (fm_config, str(tmp_path / "result.json"))
+    (tmp_path / "config.yaml").write_text(fm_config.with_overrides({"name": "from_yaml"}).to_yaml())
+    assert resolve_config(ckpt, None)[0].name == "from_yaml"
+    other = tmp_path / "other.yaml"
+    other.write_text(fm_config.with_overrides({"name": "from_flag"}).to_yaml())
+    assert resolve_config(ckpt, str(other))[0].name == "from_flag"
+    (tmp_path / "config.yaml").unlink()
+    (tmp_path / "result.json").write_text("{}")
+    with pytest.raises(ConfigError, match="no readable 'config'"):
+        resolve_config(ckpt, None)
+
+
 def test_evaluate_shift_on_imagefolder(mini_teacher, fm_config, tmp_path):
     """Distribution shift: the same classes from an ImageFolder (inverted images, folder names cleaned)."""
     from PIL import Image

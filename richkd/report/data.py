@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -63,10 +64,7 @@ class ReportData:
         return alive[0] if alive else None
 
     def counts(self) -> dict:
-        out: dict = {}
-        for r in self.rows:
-            out[r.outcome] = out.get(r.outcome, 0) + 1
-        return out
+        return dict(Counter(r.outcome for r in self.rows))
 
     @property
     def total_epochs(self) -> int:

@@ -29,10 +29,13 @@ SURVIVOR_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377
                    "#393b79", "#637939", "#843c39", "#7b4173")
 DPI = 110
 SECOND_METRICS = ("val_top1", "val_loss")     # drawn beside the sweep metric when it is not the sweep metric
-# line style, and marker at the last epoch, by kind of trial (survivors are styled per trial below)
-LINE = {"failed": dict(linewidth=1.2, linestyle=":", marker="o", markersize=2.5, alpha=0.8, zorder=2),
+# line style, and marker at the last epoch, by kind of trial
+LINE = {"best": dict(linewidth=2.6, marker="o", markersize=3.5, zorder=4),
+        "completed": dict(linewidth=1.6, marker="o", markersize=3.5, zorder=3),
+        "failed": dict(linewidth=1.2, linestyle=":", marker="o", markersize=2.5, alpha=0.8, zorder=2),
         "stopped": dict(linewidth=1.1, linestyle="--", alpha=0.75, zorder=1)}
-END = {"failed": dict(marker="X", markersize=9, zorder=2),
+END = {"best": dict(marker="*", markersize=15, markeredgecolor="black", markeredgewidth=0.8, zorder=5),
+       "failed": dict(marker="X", markersize=9, zorder=2),
        "stopped": dict(marker="x", markersize=8, markeredgewidth=1.8, color="#555555", zorder=2)}
 
 
@@ -114,56 +117,42 @@ def learning_curves(data, path: Path) -> Optional[Path]:
         return None
     names = [data.metric] + [m for m in SECOND_METRICS if m != data.metric
                              and any(curve(r, m) for r in data.rows)][:1]
-    colors = trial_colors(data.rows)
-    best = data.best
+    colors, best, counts, rungs = trial_colors(data.rows), data.best, data.counts(), asha_rungs(data.spec)
     width = 4.3 * len(names) + 2.1     # ~1180 px at DPI: shown 1:1 in the page's column
     fig = _figure(width, 4.4)
-    rungs = asha_rungs(data.spec)
     for ax, name in zip(fig.subplots(1, len(names), squeeze=False)[0], names):
         for rung in rungs:
             ax.axvline(rung, color="#bbbbbb", linewidth=0.8, linestyle=":", zorder=0)
         for r in data.rows:
             pts = curve(r, name)
-            if not pts:
-                continue
-            xs, ys = zip(*pts)
-            kind, color = _kind(r.outcome), colors[r.trial_id]
-            if kind == "completed":
-                ax.plot(xs, ys, color=color, linewidth=2.6 if r is best else 1.6, marker="o", markersize=3.5,
-                        zorder=4 if r is best else 3)
-                if r is best:
-                    ax.plot(xs[-1], ys[-1], marker="*", markersize=15, color=color, markeredgecolor="black",
-                            markeredgewidth=0.8, zorder=5)
-            else:
-                ax.plot(xs, ys, color=color, **LINE[kind])
-                ax.plot(xs[-1], ys[-1], **{"color": color, **END[kind]})
+            if pts:
+                xs, ys = zip(*pts)
+                kind = "best" if r is best else _kind(r.outcome)
+                ax.plot(xs, ys, color=colors[r.trial_id], **LINE[kind])
+                if kind in END:
+                    ax.plot(xs[-1], ys[-1], **{"color": colors[r.trial_id], **END[kind]})
         ax.set_xlim(0.7, data.spec.max_t + 0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set(xlabel="epoch", ylabel=name)
         mode = data.mode if name == data.metric else KNOWN_METRICS.get(name, "max")
         ax.set_title(f"{name}{' (sweep metric)' if name == data.metric else ''}, {_better(mode)}", fontsize=10)
         ax.grid(True, alpha=0.25)
-    handles, labels = [], []
+    legend = []   # (handle, label): the survivors, then one entry per kind of other trial, then the rungs
     for r in [r for r in data.rows if r.outcome == "completed" and curve(r, data.metric)][:12]:
-        handles.append(Line2D([], [], color=colors[r.trial_id], linewidth=2.6 if r is best else 1.6,
-                              marker="*" if r is best else "o", markersize=10 if r is best else 4,
-                              markeredgecolor="black" if r is best else colors[r.trial_id]))
-        value = f"{r.value:.4g}" if r.value is not None else "n/a"
-        labels.append(f"#{r.rank} {r.trial_id}  {value}" + ("  (best)" if r is best else ""))
-    counts = data.counts()
-    for n, label, handle in (
-            (counts.get("stopped_early", 0), "stopped early by ASHA",
-             Line2D([], [], color=STOPPED, linestyle="--", marker="x", markeredgecolor="#555555")),
-            (counts.get("unfinished", 0), "unfinished", Line2D([], [], color=STOPPED, linestyle="--")),
-            (sum(counts.get(o, 0) for o in FAILED_OUTCOMES), "error / non-finite loss",
-             Line2D([], [], color=FAILED, linestyle=":", marker="X"))):
+        kind = "best" if r is best else "completed"
+        legend.append((Line2D([], [], color=colors[r.trial_id], **{**LINE[kind], **END.get(kind, {}),
+                                                                     "markersize": 10 if r is best else 4}),
+                       f"#{r.rank} {r.trial_id}  {'n/a' if r.value is None else f'{r.value:.4g}'}"
+                       + ("  (best)" if r is best else "")))
+    for label, kind, n in (("stopped early by ASHA", "stopped", counts.get("stopped_early", 0)),
+                           ("unfinished", "stopped", counts.get("unfinished", 0)),
+                           ("error / non-finite loss", "failed", sum(counts.get(o, 0) for o in FAILED_OUTCOMES))):
         if n:
-            handles.append(handle)
-            labels.append(f"{label} ({n})")
+            color = FAILED if kind == "failed" else STOPPED
+            legend.append((Line2D([], [], **{"color": color, **LINE[kind], **END[kind]}), f"{label} ({n})"))
     if rungs:
-        handles.append(Line2D([], [], color="#bbbbbb", linestyle=":"))
-        labels.append("ASHA rung")
-    fig.legend(handles, labels, loc="center right", fontsize=8.5, frameon=False,
+        legend.append((Line2D([], [], color="#bbbbbb", linestyle=":"), "ASHA rung"))
+    fig.legend(*zip(*legend), loc="center right", fontsize=8.5, frameon=False,
                title=f"reached max_t = {data.spec.max_t}\n(rank, trial, last {data.metric})", title_fontsize=8)
     fig.tight_layout(rect=(0, 0, 1 - 2.15 / width, 1))
     return _save(fig, path)

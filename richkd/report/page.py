@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import html
-import math
 import os
 import time
 from pathlib import Path
@@ -45,7 +44,6 @@ figcaption { color:var(--muted); font-size:13px; margin-top:6px; }
 table { border-collapse:collapse; width:100%; font-size:12.5px; }
 th, td { border-bottom:1px solid var(--line); padding:4px 6px; text-align:left; white-space:nowrap; }
 th { background:#eef1f5; position:sticky; top:0; font-weight:600; white-space:normal; vertical-align:bottom; }
-td.wrap { white-space:normal; min-width:150px; max-width:240px; font-size:12px; }
 td.num, th.num { text-align:right; font-variant-numeric:tabular-nums; }
 tr.best td { background:var(--best); font-weight:600; }
 tr.stopped_early td, tr.unfinished td { color:var(--muted); }
@@ -68,13 +66,7 @@ def esc(value) -> str:
 
 
 def fmt(value, digits: int = 4) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        return f"{value:.{digits}g}"
-    return str(value)
+    return "" if value is None else f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
 def _cell(value, width: int = 22) -> str:
@@ -102,10 +94,13 @@ def _stat(label: str, value, bad: bool = False) -> str:
 
 
 def _notes(notes: Iterable[str]) -> str:
-    items = [n for n in notes if n]
-    if not items:
-        return ""
-    return '<ul class="notes">' + "".join(f"<li>{esc(n)}</li>" for n in items) + "</ul>"
+    items = "".join(f"<li>{esc(n)}</li>" for n in notes if n)
+    return f'<ul class="notes">{items}</ul>' if items else ""
+
+
+def _sampled(row, keys) -> list[str]:
+    """The table cells of a trial's searched values; – where a conditional entry was not active."""
+    return [f"<td>{_cell(row.sampled.get(k))}</td>" if k in row.sampled else '<td class="sub">–</td>' for k in keys]
 
 
 def _figure(image: Optional[str], alt: str, caption: str, missing: str) -> str:
@@ -184,7 +179,7 @@ def leaderboard_html(data) -> str:
                f'<td class="num">{esc(r.epochs)}</td>',
                f'<td class="num">{esc(fmt(r.value))}</td>',
                f'<td class="num">{esc(fmt(r.best_value))}</td>']
-        row += [f"<td>{_cell(r.sampled.get(k))}</td>" if k in r.sampled else '<td class="sub">–</td>' for k in keys]
+        row += _sampled(r, keys)
         row.append(f'<td><code title="{esc(run)}">{esc(run[:8])}</code></td>')
         body.append(f'<tr class="{esc(cls)}">{"".join(row)}</tr>')
     return (f'<div class="scroll"><table><thead><tr>{cells}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
@@ -212,8 +207,7 @@ def pareto_html(data, image: Optional[str]) -> str:
         star = " ★" if best is not None and r is best else ""
         row = [f'<td class="num">{esc(r.rank)}</td>', f"<td><code>{esc(r.trial_id)}</code>{star}</td>"]
         row += [f'<td class="num">{esc(fmt(r.metrics.get(m)))}</td>' for m, _ in objectives]
-        row += [f"<td>{_cell(r.sampled.get(k))}</td>" if k in r.sampled else '<td class="sub">–</td>'
-                for k in data.spec.space_keys]
+        row += _sampled(r, data.spec.space_keys)
         cfg = data.export_dir / "pareto" / f"{r.trial_id}.yaml"
         row.append(f'<td><a href="{esc(_rel(cfg, data.out_dir))}">{esc(cfg.name)}</a></td>' if cfg.is_file()
                    else '<td class="sub">run richkd export</td>')

@@ -14,8 +14,8 @@ from richkd.metric_names import PER_CORRUPTION_PREFIX, VAL_CORRUPT_ECE, VAL_CORR
 from richkd.metrics import ClassificationMeter
 from richkd.robustness.corruptions import CORRUPTION_NAMES, SEVERITIES, corrupt, parse_corruptions, parse_severities
 
-__all__ = ["EvalResult", "evaluate_folder", "evaluate_model", "robustness_metrics", "select_positions",
-           "val_robustness_metrics"]
+__all__ = ["EvalResult", "corruption_metrics", "evaluate_folder", "evaluate_model", "robustness_metrics",
+           "select_positions", "val_robustness_metrics"]
 
 SHORT = ("top1", "top5", "loss", "ece", "n")   # the metrics kept per corruption and severity
 
@@ -133,25 +133,28 @@ def evaluate_folder(model, folder, mean: Sequence[float], std: Sequence[float], 
     return out
 
 
+def corruption_metrics(corrupted: dict) -> dict:
+    """corruption -> severity -> metrics as flat floats: `corruption_top1` and `corruption_ece` (means over every
+    corruption x severity), `corruption_top1/<name>` (mean over severities), `corruption_top1/<name>/<severity>`."""
+    cells = [m for by_sev in corrupted.values() for m in by_sev.values()]
+    out = {f"corruption_top1/{c}/{s}": float(m["top1"]) for c, by_sev in corrupted.items() for s, m in by_sev.items()}
+    out.update({f"corruption_top1/{c}": sum(m["top1"] for m in by_sev.values()) / len(by_sev)
+                for c, by_sev in corrupted.items()})
+    out["corruption_top1"] = sum(m["top1"] for m in cells) / len(cells)
+    out["corruption_ece"] = sum(m["ece"] for m in cells) / len(cells)
+    return out
+
+
 def robustness_metrics(model, dataset, mean: Sequence[float], std: Sequence[float], device: torch.device | str,
                        corruptions: Sequence[str] | str | None = CORRUPTION_NAMES,
                        severities: Sequence[int] | str | None = SEVERITIES, seed: int = 0,
                        max_samples: Optional[int] = None, batch_size: int = 256) -> dict:
-    """Flat floats: clean `top1`, `top5`, `loss`, `ece`, `n`; `corruption_top1` and `corruption_ece` (means over
-    every corruption x severity); `corruption_top1/<name>` (mean over severities) and
-    `corruption_top1/<name>/<severity>`. Deterministic for a seed; the model's train/eval mode is restored."""
+    """Clean `top1`, `top5`, `loss`, `ece`, `n` and the `corruption_metrics` of a model on a dataset split.
+    Deterministic for a seed; the model's train/eval mode is restored."""
     res = evaluate_model(model, dataset, mean, std, device, corruptions=parse_corruptions(corruptions),
                          severities=parse_severities(severities), seed=seed, max_samples=max_samples,
                          batch_size=batch_size)
-    out = {k: float(res.clean[k]) for k in SHORT}
-    cells = [m for by_sev in res.corrupted.values() for m in by_sev.values()]
-    for c, by_sev in res.corrupted.items():
-        for s, m in by_sev.items():
-            out[f"corruption_top1/{c}/{s}"] = float(m["top1"])
-        out[f"corruption_top1/{c}"] = sum(m["top1"] for m in by_sev.values()) / len(by_sev)
-    out["corruption_top1"] = sum(m["top1"] for m in cells) / len(cells)
-    out["corruption_ece"] = sum(m["ece"] for m in cells) / len(cells)
-    return out
+    return {**{k: float(res.clean[k]) for k in SHORT}, **corruption_metrics(res.corrupted)}
 
 
 def val_robustness_metrics(model, dataset, mean, std, device, rcfg, batch_size: int = 256) -> dict:

@@ -15,14 +15,8 @@ __all__ = ["check_tracking_uri", "format_table", "log_to_mlflow", "save_reliabil
 
 
 def save_reliability_diagram(bins: Mapping, path: str | Path, title: str) -> Path:
-    """Write a reliability diagram (accuracy per confidence bin vs the diagonal, with a histogram) as PNG.
-
-    Uses matplotlib's Agg backend (no display needed); the file is written atomically.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure   # no pyplot: no global figure state, safe in any thread
+    """Write a reliability diagram (accuracy per confidence bin vs the diagonal, with a histogram) as PNG."""
+    from matplotlib.figure import Figure   # no pyplot: no display, no global figure state, safe in any thread
 
     edges = bins["edges"]
     width = edges[1] - edges[0]
