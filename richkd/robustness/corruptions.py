@@ -1,24 +1,21 @@
 """Seeded on-the-fly common corruptions (CIFAR-10-C parameter tables) for float image batches in [0, 1].
 
-Every corruption maps (B, 3, H, W) float images in [0, 1] to the same shape, clamped to [0, 1], on the
-images' device. Severity parameters are the CIFAR-10-C tables of Hendrycks & Dietterich (ICLR 2019,
-`hendrycks/robustness`, `ImageNet-C/create_c/make_cifar_c.py`), re-implemented here in torch:
+Every corruption maps (B, 3, H, W) float images in [0, 1] to the same shape, clamped to [0, 1], on the images'
+device. The severity parameters are the CIFAR-10-C tables of Hendrycks & Dietterich (ICLR 2019,
+`hendrycks/robustness`, `ImageNet-C/create_c/make_cifar_c.py`), in pixels for 32 x 32 images. The released
+CIFAR-C files are uint8; ours stay float, so accuracies differ slightly from the published files (to reproduce
+them, evaluate the released `.npy` folder: `richkd.robustness.cifar_c`).
 
-* The released CIFAR-C files are uint8 (each corrupted image is truncated to 0..255); ours stay float, so
-  accuracies differ slightly from the published files. To reproduce published numbers, evaluate the
-  released `.npy` folder instead (`richkd.robustness.cifar_c`).
-* The tables are in pixels for 32 x 32 images (blur radii, noise per pixel); pixelate scales with the size.
-
-Randomness (noise corruptions) is reproducible and independent of batching: sample i draws from a CPU
-generator seeded by (seed, corruption, index[i]) where index is the dataset row, so the same image gets the
-same noise whatever the batch size, subset or device. The seed does NOT depend on the severity ("common
-random numbers"): severity s+1 scales the same noise pattern as severity s, so accuracy-vs-severity curves
-are not blurred by resampling noise.
+Noise is reproducible and independent of batching: sample i draws from a CPU generator seeded by (seed,
+corruption, dataset row index[i]), whatever the batch size, subset or device. The seed does not depend on the
+severity ("common random numbers"): severity s+1 scales the same noise pattern as severity s, so
+accuracy-vs-severity curves are not blurred by resampling noise.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import re
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -145,22 +142,13 @@ def parse_severities(text: Optional[str | Sequence[int]]) -> tuple[int, ...]:
     if text is None:
         return SEVERITIES
     values: list[int] = []
-    parts = text.split(",") if isinstance(text, str) else list(text)
-    try:
-        for part in parts:
-            part = str(part).strip()
-            if not part:
-                continue
-            sep = ".." if ".." in part else ("-" if "-" in part[1:] else None)
-            if sep:
-                lo, hi = (int(p) for p in part.split(sep, 1))
-                if lo > hi:
-                    raise ValueError
-                values.extend(range(lo, hi + 1))
-            else:
-                values.append(int(part))
-    except ValueError:
-        raise CorruptionError(f"severities: cannot parse {text!r}; use e.g. 1..5, 2-4 or 1,3,5") from None
+    for part in (text.split(",") if isinstance(text, str) else text):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:(?:\.\.|-)\s*(\d+)\s*)?", str(part))
+        if match is None or (match[2] and int(match[1]) > int(match[2])):
+            if str(part).strip():
+                raise CorruptionError(f"severities: cannot parse {text!r}; use e.g. 1..5, 2-4 or 1,3,5")
+            continue
+        values.extend(range(int(match[1]), int(match[2] or match[1]) + 1))
     for v in values:
         _severity_position(v)
     if not values:

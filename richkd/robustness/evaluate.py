@@ -30,7 +30,7 @@ from richkd.robustness.scores import compare_to_reference, load_reference
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SUITES", "EvaluateRequest", "class_mapping", "evaluate_checkpoint", "resolve_config"]
+__all__ = ["SUITES", "EvaluateRequest", "evaluate_checkpoint", "resolve_config"]
 
 SUITES = ("robustness", "clean", "corruptions", "shift", "calibration")
 SPLITS = ("val", "test")
@@ -112,17 +112,9 @@ def class_mapping(shift_names: Sequence[str], model_names: Sequence[str]) -> tor
     in any order (ImageFolder sorts folder names). Raises ValueError naming the classes that match nothing.
     """
     exact = {n: i for i, n in enumerate(model_names)}
-    loose: dict[str, int] = {}
-    for i, n in enumerate(model_names):
-        loose.setdefault(_normal_name(n), i)
-    mapping, unknown = [], []
-    for n in shift_names:
-        if n in exact:
-            mapping.append(exact[n])
-        elif _normal_name(n) in loose:
-            mapping.append(loose[_normal_name(n)])
-        else:
-            unknown.append(n)
+    loose = {_normal_name(n): i for i, n in reversed(list(enumerate(model_names)))}   # the first of equal names
+    mapping = [exact.get(n, loose.get(_normal_name(n))) for n in shift_names]
+    unknown = [n for n, i in zip(shift_names, mapping) if i is None]
     if unknown:
         raise ValueError(f"shift dataset classes {unknown} are not classes of the model ({list(model_names)}); a "
                          "shift set must use the training classes' names (folder names for an ImageFolder)")
