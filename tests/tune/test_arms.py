@@ -55,9 +55,14 @@ def test_arms_are_sweeps_with_equal_budgets_and_their_own_spaces(assets, tmp_pat
         load_spec(_arms_file(assets, tmp_path), check_resources=False, check_data=False)
 
 
-def test_an_arm_cannot_buy_itself_a_longer_schedule(assets, tmp_path):
+def test_an_arm_cannot_buy_itself_a_longer_schedule_or_another_metric(assets, tmp_path):
     with pytest.raises(ValueError, match="arms.kd.config.train.epochs: every arm trains with the same"):
         load_specs(_arms_file(assets, tmp_path, train={"epochs": 9}), check_resources=False, check_data=False)
+    raw = yaml.safe_load(_arms_file(assets, tmp_path).read_text())
+    raw["arms"]["kd"]["tune"] = {"metric": "val_loss"}      # the tune: section (metric, budget) is shared
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match="unknown spec key 'arms.kd.tune'"):
+        load_specs(tmp_path / "bad.yaml", check_resources=False, check_data=False)
 
 
 def test_bootstrap_interval_covers_the_difference_and_is_seeded():
