@@ -83,18 +83,14 @@ def param_importances(params: Sequence, samples: Sequence[tuple[Mapping[str, Any
     from optuna.importance import FanovaImportanceEvaluator, get_param_importances
 
     out = Importances(evaluator=EVALUATOR)
-    usable = [(dict(s), float(v)) for s, v in samples if v is not None and math.isfinite(v)]
-    if len(usable) < min_trials:
-        out.notes.append(f"too few trials for parameter importances: {len(usable)} with a finite value, at least "
-                         f"{min_trials} needed (run more samples, or resume the sweep)")
-        return out
     try:
+        usable = [(s, float(v)) for s, v in samples if v is not None and math.isfinite(v)]
         out.study, keys = build_study(params, usable, [mode], out.notes)
         trials = out.study.trials
         out.n_trials = len(trials)
         if out.n_trials < min_trials:
-            out.notes.append(f"too few trials for parameter importances: {out.n_trials} usable, at least "
-                             f"{min_trials} needed")
+            out.notes.append(f"too few trials for parameter importances: {out.n_trials} with a finite value in the "
+                             f"space, at least {min_trials} needed (run more samples, or resume the sweep)")
             return out
         if len({t.value for t in trials}) == 1:
             out.notes.append("every trial scored the same value; no parameter made a difference to measure")
