@@ -115,11 +115,8 @@ def log_to_mlflow(report: Mapping, artifacts: list[Path], tracking_uri: str, exp
         Path(tracking_uri[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment_id = ensure_experiment(client, experiment, default_artifact_location(tracking_uri))
-    params = {
-        "checkpoint": report["checkpoint"], "checkpoint_sha256": report["checkpoint_sha256"],
-        "arch": report["arch"], "dataset": report["dataset"], "split": report["split"], "suite": report["suite"],
-        "seed": report["seed"], "max_samples": report.get("max_samples"),
-    }
+    params = {k: report.get(k) for k in ("checkpoint", "checkpoint_sha256", "arch", "dataset", "split", "suite",
+                                         "seed", "max_samples")}
     corr = report.get("corruptions")
     if corr:
         params.update({"corruptions": ",".join(corr["names"]), "severities": ",".join(map(str, corr["severities"])),
