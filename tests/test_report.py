@@ -119,6 +119,33 @@ def test_search_progress_and_stopped_trials_ahead_of_the_winner():
     assert tied.best_so_far() == [(5, 1.0, "A")]
 
 
+def test_optuna_draws_the_importances_and_the_pareto_front_of_the_report_study(tmp_path):
+    from richkd.report import figures
+    from richkd.report.importance import param_importances
+    from richkd.tune.params import Param
+
+    params = [Param("a", "uniform", 0.0, 1.0), Param("g", "grid", values=("x", "y"))]   # grid: categorical here
+    samples = [({"a": a / 8, "g": "xy"[a % 2]}, a / 8) for a in range(8)]
+    imp = param_importances(params, samples, "max")
+    assert list(imp.values) == ["a", "g"] and imp.study is not None and len(imp.study.trials) == 8
+    png = figures.importance_bars(imp, tmp_path / "importances.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [SimpleNamespace(trial_id=f"t{i}", outcome="completed" if i < 5 else "stopped_early",
+                            metrics={"x": i % 3, "y": 5 - i, "z": i * 0.1, "w": 1.0}) for i in range(7)]
+
+    def front(objectives):
+        tune = SimpleNamespace(metric="x", mode="max", objective_pairs=tuple(objectives))
+        data = _data(rows)
+        data.spec = SimpleNamespace(tune=tune, params=[], max_t=3)
+        return figures.pareto_front(data, tmp_path / "pareto.png")
+
+    assert front([("x", "max"), ("y", "min")]).stat().st_size > 10_000
+    assert front([("x", "max"), ("y", "min"), ("z", "max")]).stat().st_size > 10_000   # Optuna draws 3-D
+    assert front([("x", "max"), ("y", "min"), ("z", "max"), ("w", "min")]) is None     # the page's table only
+    rows[:5] = []                                                                      # nobody reached max_t
+    assert front([("x", "max"), ("y", "min")]) is None
+
+
 def test_importing_the_report_package_is_light():
     code = ("import sys, richkd.report, richkd.cli.report; "
             "bad = [m for m in ('ray', 'mlflow', 'matplotlib', 'optuna', 'torch') if m in sys.modules]; "
