@@ -262,6 +262,7 @@ def test_stopped_and_failed_trials_end_early_in_the_curves(smoke, report):
     assert curve(by_outcome["nonfinite_loss"], "val_loss") == []     # its only val_loss is NaN
     nan_id = by_outcome["nonfinite_loss"].trial_id
     assert f"no finite val_loss to draw for trial(s) {nan_id} (non-finite loss)" in html.unescape(report["html"])
+    assert "non-finite loss: training loss became nan" in html.unescape(report["html"])   # the stop reason, in full
 
 
 @pytest.mark.slow

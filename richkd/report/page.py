@@ -175,7 +175,8 @@ def leaderboard_html(data) -> str:
         run = r.mlflow_run_id or ""
         row = [f'<td class="num">{esc(r.rank)}</td>',
                f"<td>{swatch}<code>{esc(r.trial_id)}</code>{star}</td>",
-               f'<td><span class="badge {esc(r.outcome)}">{esc(OUTCOME_LABELS.get(r.outcome, r.outcome))}</span></td>',
+               f'<td><span class="badge {esc(r.outcome)}">{esc(OUTCOME_LABELS.get(r.outcome, r.outcome))}</span>'
+               + (f' <small>{esc(r.extra["stop_reason"])}</small>' if r.extra.get("stop_reason") else "") + "</td>",
                f'<td class="num">{esc(r.epochs)}</td>',
                f'<td class="num">{esc(fmt(r.value))}</td>',
                f'<td class="num">{esc(fmt(r.best_value))}</td>']
