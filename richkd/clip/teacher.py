@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -137,10 +137,6 @@ class ClipTeacher:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def to(self, device: torch.device | str) -> "ClipTeacher":
-        self.model.to(device)
-        return self
-
     def _infer_embed_dim(self) -> int:
         dim = getattr(getattr(self.model, "visual", None), "output_dim", None)
         if isinstance(dim, int):
@@ -204,10 +200,3 @@ class ClipTeacher:
             raise ValueError("encode_text_classifier needs at least one class name")
         raw = self.encode_texts(format_prompts(names, templates, clean=clean))
         return average_prompt_embeddings(raw.view(len(names), len(templates), -1))
-
-    def zero_shot_logits(self, images_0_1: torch.Tensor, class_embeddings: torch.Tensor,
-                         scale: Optional[float] = None) -> torch.Tensor:
-        """(B, C) `scale * cosine(image, class)`; scale defaults to 1 (raw cosine, as the official code)."""
-        feats = self.encode_images(images_0_1)
-        cos = feats @ class_embeddings.to(feats.device, torch.float32).t()
-        return cos if scale is None else cos * scale
