@@ -167,7 +167,7 @@ def test_channels_last_reaches_the_online_teacher_and_only_conv_clip_towers(rich
 # ----- decoded-array cache ---------------------------------------------------------------------------
 
 def _load(root: Path):
-    return sources.load_splits(DataConfig(dataset="fashion_mnist", root=str(root)))
+    return sources.load_fashion_mnist(DataConfig(dataset="fashion_mnist", root=str(root)))
 
 
 def test_decoded_cache_is_written_once_then_memory_mapped(mini_fashion_root, tmp_path, monkeypatch):

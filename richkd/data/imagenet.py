@@ -247,9 +247,7 @@ def load_imagenet_splits(cfg: DataConfig) -> Splits:
                                      origin=f"{root / split}")
     if len(sources["train"]) == 0:
         raise ImageNetLayoutError(f"imagenet: {root / 'train'} has no readable images")
-    splits = Splits(sources["train"], sources["val"], names, str(root))
-    splits.dataset_class = PhotoSplit     # build_data makes its datasets from this class
-    splits.skipped = skipped
     log.info("imagenet: %d train / %d val images in %d classes under %s (%d skipped)", len(sources["train"]),
              len(sources["val"]), len(classes), root, skipped)
-    return splits
+    return Splits(sources["train"], sources["val"], names, str(root), dataset_class=PhotoSplit,
+                  skipped=skipped)

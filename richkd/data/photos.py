@@ -22,12 +22,9 @@ from typing import Optional, Protocol, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
-
-from richkd.data.datasets import split_rows
+from richkd.data.datasets import SplitBase
 from richkd.data.sources import DatasetNotFoundError
-from richkd.data.transforms import to_float_images
-from richkd.data.views import ViewSpec, _splitmix64
+from richkd.data.views import view_hash
 
 RRC_SCALE = (0.08, 1.0)            # torchvision's RandomResizedCrop defaults, the ImageNet recipe
 RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -115,9 +112,7 @@ def view_box(seed: int, row: int, view: int, height: int, width: int, size: int)
     """The fixed box of FKD-style view `view` of `row`: view 0 the centre crop, others RandomResizedCrop."""
     if view == 0:
         return centre_box(height, width, size)
-    with np.errstate(over="ignore"):
-        mixed = (np.uint64(seed) * np.uint64(0x100000001B3)) ^ (np.uint64(row) << np.uint64(20)) ^ np.uint64(view)
-    return rrc_box(height, width, int(_splitmix64(np.array([mixed], dtype=np.uint64))[0] >> np.uint64(1)))
+    return rrc_box(height, width, int(view_hash(seed, np.array([row]), np.array([view]))[0] >> np.uint64(1)))
 
 
 def crop_box(image, box: Sequence[int], size: int) -> torch.Tensor:
@@ -187,31 +182,15 @@ class PhotoSource:
         return self._digest
 
 
-class PhotoSplit(Dataset):
-    """Rows of a PhotoSource as (image float32 (3, S, S) in [0, 1], target, row) items; SplitDataset's interface.
+class PhotoSplit(SplitBase):
+    """Rows of a PhotoSource, decoded per batch at full size and cropped (see the module docstring).
 
     augment: a random RandomResizedCrop + flip per item (seeded through the loader's generator); otherwise the
-    evaluation crop. views: FKD-style fixed views (see the module docstring), from stored boxes when given.
+    evaluation crop. views: FKD-style fixed views, from the boxes a cache stores when `stored` is given.
     """
 
     decodes_per_batch = True    # full-size photos are never device-resident (richkd.data.resident)
-
-    def __init__(self, source: PhotoSource, indices: torch.Tensor, image_size: int, augment: bool, split: str,
-                 views: Optional[ViewSpec] = None, stored: Optional[ViewBoxTable] = None) -> None:
-        self.source = source
-        self.indices = split_rows(indices, len(source))
-        self.image_size = int(image_size)
-        self.augment = bool(augment)
-        self.split = split
-        self.views = views
-        self.stored = stored
-
-    def __len__(self) -> int:
-        return int(self.indices.numel())
-
-    @property
-    def targets(self) -> torch.Tensor:
-        return self.source.targets.index_select(0, self.indices)
+    stored: Optional[ViewBoxTable] = None
 
     def boxes_for(self, rows: torch.Tensor, views: torch.Tensor, dims: list[tuple[int, int]]) -> np.ndarray:
         """int32 (B, 7) box records (BOX_FIELDS) of (row, view) pairs for images of the given (H, W)."""
@@ -225,21 +204,17 @@ class PhotoSplit(Dataset):
                         f"drawn for {rec[5]}x{rec[6]} px: the cache was built for other images. Delete that "
                         "folder and rebuild it with `richkd cache`")
             return records
-        spec = self.views
-        return np.asarray([(*view_box(spec.seed, int(r), int(v), h, w, self.image_size), h, w)
+        return np.asarray([(*view_box(self.views.seed, int(r), int(v), h, w, self.image_size), h, w)
                            for r, v, (h, w) in zip(rows.tolist(), views.tolist(), dims)], dtype=np.int32)
 
     def get_view_batch(self, positions: torch.Tensor, generator: Optional[torch.Generator] = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """Items at positions -> (images uint8 (B, 3, S, S), targets, rows, view ids or None). The loader's workers
-        send uint8 (a quarter of float32's bytes); Batch.to makes them float in [0, 1] on the device."""
+        """Images as uint8 (B, 3, S, S): the loader's workers send a quarter of float32's bytes."""
         positions = torch.as_tensor(positions, dtype=torch.int64)
         rows = self.indices.index_select(0, positions)
         images = [self.source.decode(int(r)) for r in rows]
-        size, views = self.image_size, None
-        if self.views is not None:
-            views = (torch.full_like(rows, self.views.fixed_view) if self.views.fixed_view is not None
-                     else torch.randint(0, self.views.num_views, rows.shape, generator=generator))
+        size, views = self.image_size, self.draw_views(rows, generator)
+        if views is not None:
             boxes = self.boxes_for(rows, views, [image_hw(im) for im in images])
             crops = [crop_box(im, box, size) for im, box in zip(images, boxes)]
         elif self.augment:
@@ -250,35 +225,8 @@ class PhotoSplit(Dataset):
         batch = torch.stack(crops) if crops else torch.empty(0, 3, size, size, dtype=torch.uint8)
         return batch, self.source.targets.index_select(0, rows), rows, views
 
-    def get_batch(self, positions: torch.Tensor, generator: Optional[torch.Generator] = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Items at positions -> (images float32 (B, 3, S, S) in [0, 1], targets, rows)."""
-        images, targets, rows, _ = self.get_view_batch(positions, generator)
-        return to_float_images(images, self.image_size), targets, rows
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        n, i = len(self), int(i)
-        if not -n <= i < n:
-            raise IndexError(f"index {i} out of range for a dataset of {n} items")
-        images, targets, rows = self.get_batch(torch.tensor([i % n]))
-        return images[0], int(targets[0]), int(rows[0])
-
-    def with_views(self, num_views: int, seed: int, fixed_view: Optional[int] = None) -> "PhotoSplit":
-        """The same rows shown as FKD-style views: one of num_views per sample, or always fixed_view."""
-        return PhotoSplit(self.source, self.indices, self.image_size, True, self.split,
-                          views=ViewSpec(num_views, seed, fixed_view), stored=self.stored)
-
     def with_view_boxes(self, table: ViewBoxTable) -> "PhotoSplit":
         """The same views, cropped with the boxes stored in a cache instead of recomputed ones."""
         if self.views is None:
             raise ValueError("with_view_boxes needs a dataset showing views (call with_views first)")
-        return PhotoSplit(self.source, self.indices, self.image_size, True, self.split, views=self.views,
-                          stored=table)
-
-    def without_augmentation(self) -> "PhotoSplit":
-        return PhotoSplit(self.source, self.indices, self.image_size, False, self.split)
-
-    def __repr__(self) -> str:
-        return (f"PhotoSplit(split={self.split!r}, n={len(self)}, size={self.image_size}, augment={self.augment}, "
-                f"views={self.views}, source={self.source.origin!r})")
-
+        return self._with(stored=table)

@@ -15,14 +15,17 @@ import hashlib
 import logging
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 
 from richkd.config import DataConfig
 from richkd.data.classes import CIFAR10_CLASSES, CIFAR100_CLASSES, FASHION_MNIST_CLASSES
+from richkd.data.datasets import SplitBase, SplitDataset
+from richkd.data.decoded import cached_arrays
 from richkd.data.splits import stratified_take
 
 log = logging.getLogger(__name__)
@@ -140,14 +143,15 @@ class FileSource:
         return self._digest
 
 
+@dataclass
 class Splits:
-    """The loaded underlying splits of one dataset."""
-
-    def __init__(self, train, test, class_names: list[str], origin: str) -> None:
-        self.train = train
-        self.test = test
-        self.class_names = list(class_names)
-        self.origin = origin
+    """The loaded underlying splits of one dataset, and the SplitBase class that shows their rows."""
+    train: Any
+    test: Any
+    class_names: list[str]
+    origin: str
+    dataset_class: type[SplitBase] = SplitDataset
+    skipped: int = 0              # unreadable files left out (data.bad_images: skip)
 
 
 # ----- in-process memo: trials reusing a process (Ray reuse_actors) load a dataset once -------------
@@ -175,20 +179,9 @@ def _stat_signature(paths: Sequence[Path]) -> tuple:
     return tuple(sig)
 
 
-def load_splits(cfg: DataConfig) -> Splits:
-    """The full train and test splits of cfg.dataset (images at native size, except ImageFolder: S x S)."""
-    if cfg.dataset in ("cifar10", "cifar100"):
-        return _load_cifar(cfg)
-    if cfg.dataset == "fashion_mnist":
-        return _load_fashion_mnist(cfg)
-    if cfg.dataset == "imagefolder":
-        return _load_imagefolder(cfg)
-    raise DatasetNotFoundError(f"data.dataset: unknown dataset {cfg.dataset!r}")  # config validation prevents this
-
-
 # ----- CIFAR ----------------------------------------------------------------------------------------
 
-def _load_cifar(cfg: DataConfig) -> Splits:
+def load_cifar(cfg: DataConfig) -> Splits:
     from torchvision.datasets import CIFAR10, CIFAR100
 
     cls = CIFAR100 if cfg.dataset == "cifar100" else CIFAR10
@@ -282,7 +275,7 @@ def _fashion_candidates(cfg: DataConfig) -> list[Path]:
     return [root / "FashionMNIST" / "raw", root / "fashion-mnist", DEBIAN_FASHION_MNIST_DIR]
 
 
-def _load_fashion_mnist(cfg: DataConfig) -> Splits:
+def load_fashion_mnist(cfg: DataConfig) -> Splits:
     candidates = _fashion_candidates(cfg)
     for folder in candidates:
         files = _idx_files(folder)
@@ -316,8 +309,6 @@ def _decode_fashion_idx(files: dict[str, Path], folder: Path) -> dict[str, np.nd
 
 
 def _read_fashion_idx(files: dict[str, Path], folder: Path) -> Splits:
-    from richkd.data.decoded import cached_arrays
-
     # fresh trial processes memory-map the decoded arrays instead of un-gzipping ~30 MB each (richkd.data.decoded)
     arrays = cached_arrays("fashion_mnist", [files[n] for n in sorted(files)],
                            lambda: _decode_fashion_idx(files, folder))
@@ -351,7 +342,7 @@ def _download_fashion_mnist(root: Path) -> Splits:
 
 # ----- ImageFolder ----------------------------------------------------------------------------------
 
-def _load_imagefolder(cfg: DataConfig) -> Splits:
+def load_imagefolder(cfg: DataConfig) -> Splits:
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
     root = resolve_root(cfg)
