@@ -28,17 +28,19 @@ class TeacherOutputs:
 
 class TeacherSource:
     """Base: turns a batch (and the student's normalised input) into TeacherOutputs."""
-    teacher_dim: int
-    clip_dim: Optional[int]
-    class_embeddings: Optional[torch.Tensor]  # (C, D) on device, or None when CLIP is not used
+
+    def __init__(self, teacher_dim: int, clip_dim: Optional[int], class_embeddings: Optional[torch.Tensor],
+                 device: torch.device) -> None:
+        self.teacher_dim, self.clip_dim = int(teacher_dim), None if clip_dim is None else int(clip_dim)
+        # (C, D) on the device, or None when CLIP is not used
+        self.class_embeddings = None if class_embeddings is None else class_embeddings.to(device)
 
     def __call__(self, batch: Batch, normalized_images: torch.Tensor) -> TeacherOutputs:  # pragma: no cover
         raise NotImplementedError
 
-    def _cosine(self, clip_feat: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        if clip_feat is None or self.class_embeddings is None:
-            return None
-        return clip_feat @ self.class_embeddings.t()
+    def _outputs(self, logits, feat, clip_feat: Optional[torch.Tensor]) -> TeacherOutputs:
+        cosine = None if clip_feat is None or self.class_embeddings is None else clip_feat @ self.class_embeddings.t()
+        return TeacherOutputs(logits.float(), feat.float(), clip_feat, cosine)
 
 
 class CachedRows:
@@ -122,16 +124,13 @@ class CachedTeachers(TeacherSource):
     def __init__(self, logits: np.ndarray, feat: np.ndarray, clip_feat: Optional[np.ndarray],
                  class_embeddings: Optional[torch.Tensor], device: torch.device, num_rows: int,
                  rows: Optional[np.ndarray] = None) -> None:
-        self.view_boxes: Optional[StoredBoxes] = None    # a photo cache's: the student's views are cut from them
+        super().__init__(feat.shape[1], None if clip_feat is None else clip_feat.shape[1], class_embeddings, device)
         self.logits, self.feat, self.clip_feat_rows = logits, feat, clip_feat
         self.reader = CachedRows(num_rows, device, rows)
-        self.teacher_dim = int(feat.shape[1])
-        self.clip_dim = None if clip_feat is None else int(clip_feat.shape[1])
-        self.class_embeddings = None if class_embeddings is None else class_embeddings.to(device)
+        self.view_boxes: Optional[StoredBoxes] = None    # a photo cache's: the student's views are cut from them
 
     def __call__(self, batch: Batch, normalized_images: torch.Tensor) -> TeacherOutputs:
-        logits, feat, clip_feat = self.reader.read(batch, self.logits, self.feat, self.clip_feat_rows)
-        return TeacherOutputs(logits, feat, clip_feat, self._cosine(clip_feat))
+        return self._outputs(*self.reader.read(batch, self.logits, self.feat, self.clip_feat_rows))
 
 
 class OnlineTeachers(TeacherSource):
@@ -139,39 +138,32 @@ class OnlineTeachers(TeacherSource):
 
     def __init__(self, teacher: torch.nn.Module, clip, class_embeddings: Optional[torch.Tensor],
                  device: torch.device) -> None:
+        super().__init__(teacher.feat_dim, None if clip is None else clip.embed_dim, class_embeddings, device)
         self.teacher, self.clip = teacher, clip
-        self.teacher_dim = int(teacher.feat_dim)
-        self.clip_dim = None if clip is None else int(clip.embed_dim)
-        self.class_embeddings = None if class_embeddings is None else class_embeddings.to(device)
 
     @torch.no_grad()
     def __call__(self, batch: Batch, normalized_images: torch.Tensor) -> TeacherOutputs:
         out = self.teacher(normalized_images)
-        clip_feat = None if self.clip is None else self.clip.encode_images(batch.image).float()
-        return TeacherOutputs(out.logits.float(), out.feat.float(), clip_feat, self._cosine(clip_feat))
+        return self._outputs(out.logits, out.feat, None if self.clip is None else self.clip.encode_images(batch.image))
 
 
 class OfficialTeachers(TeacherSource):
     """The official RichKD protocol: the conventional teacher runs online on the student's augmented view,
     CLIP's outputs of the clean image are read from the cache by row index (docs/method.md#teaching-protocol).
-
     `clip_feat` is None when the run uses no CLIP term (e.g. the alpha-only control): only the teacher runs.
     """
 
     def __init__(self, teacher: torch.nn.Module, clip_feat: Optional[np.ndarray],
                  class_embeddings: Optional[torch.Tensor], device: torch.device, num_rows: int,
                  rows: Optional[np.ndarray] = None) -> None:
+        super().__init__(teacher.feat_dim, None if clip_feat is None else clip_feat.shape[1], class_embeddings, device)
         self.teacher, self.clip_feat_rows = teacher, clip_feat
         self.reader = CachedRows(num_rows, device, rows)
-        self.teacher_dim = int(teacher.feat_dim)
-        self.clip_dim = None if clip_feat is None else int(clip_feat.shape[1])
-        self.class_embeddings = None if class_embeddings is None else class_embeddings.to(device)
 
     @torch.no_grad()
     def __call__(self, batch: Batch, normalized_images: torch.Tensor) -> TeacherOutputs:
         out = self.teacher(normalized_images)
-        (clip_feat,) = self.reader.read(batch, self.clip_feat_rows)
-        return TeacherOutputs(out.logits.float(), out.feat.float(), clip_feat, self._cosine(clip_feat))
+        return self._outputs(out.logits, out.feat, *self.reader.read(batch, self.clip_feat_rows))
 
 
 def build_teacher_source(cfg: Config, data, device: torch.device, split: str = "train",

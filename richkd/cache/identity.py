@@ -11,12 +11,11 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
 from richkd.cache.entries import SHARD_FORMAT, CacheEntry, CacheError
-from richkd.clip import parse_pretrained
+from richkd.clip import parse_pretrained, prompt_set_hash
 from richkd.config import ClipConfig, Config
 from richkd.data.photos import BOX_RECIPE
 from richkd.data.views import ViewSpec
@@ -64,10 +63,6 @@ def clip_weights_id(clip: ClipConfig, memo_dir: str | os.PathLike) -> str:
         return "file-" + file_sha256_memo(ref.path, memo_dir)
     # a missing file keeps the tag form: validate and load_clip report it before anything is cached under it
     return f"tag-{clip.model}/{clip.pretrained}"
-
-
-def _names_hash(names: Iterable[str]) -> str:
-    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
 
 
 def view_id(cfg: Config) -> str:
@@ -126,6 +121,6 @@ def clip_text_entry(cfg: Config, templates: tuple[str, ...], class_names: list[s
     """The text classifier of a prompt set's templates and the class names."""
     return CacheEntry("clip-text", {
         "model": cfg.clip.model, "weights": clip_weights_id(cfg.clip, cfg.teaching.cache_dir),
-        "templates_sha": _names_hash(templates), "class_names_sha": _names_hash(class_names),
+        "templates_sha": prompt_set_hash(templates), "class_names_sha": prompt_set_hash(class_names),
         "clean_class_names": cfg.clip.clean_class_names,
     })

@@ -53,7 +53,8 @@ def clean_class_name(name: str) -> str:
 
 
 def prompt_set_hash(templates: Sequence[str]) -> str:
-    """Short stable hash (16 hex chars) of an ordered template list, for cache keys and MLflow params."""
+    """Short stable hash (16 hex chars) of an ordered list of templates (or class names), for cache keys and MLflow
+    params."""
     return hashlib.sha256("\n".join(templates).encode("utf-8")).hexdigest()[:16]
 
 

@@ -58,8 +58,8 @@ class DataBundle:
         """
         h = hashlib.sha256(json.dumps({"name": self.name, "image_size": self.image_size,
                                        "class_names": self.class_names}).encode())
-        h.update(self.train_clean.source.digest().encode())
-        h.update(self.test_clean.source.digest().encode())
+        h.update(self.train_clean.source.digest.encode())
+        h.update(self.test_clean.source.digest.encode())
         return h.hexdigest()
 
 

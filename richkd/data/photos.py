@@ -16,12 +16,14 @@ differ in the last bit, so the decoder is part of the dataset's identity (and of
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from typing import Optional, Protocol, Sequence
 
 import numpy as np
 import torch
+
 from richkd.data.datasets import SplitBase
 from richkd.data.sources import DatasetNotFoundError
 from richkd.data.views import view_hash
@@ -160,7 +162,6 @@ class PhotoSource:
         self.targets = torch.as_tensor(targets, dtype=torch.int64).contiguous()
         self.decoder = decoder
         self.origin = origin
-        self._digest: Optional[str] = None
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])
@@ -171,15 +172,14 @@ class PhotoSource:
     def decode(self, row: int):
         return decode_image(self.path(row), self.decoder)
 
+    @functools.cached_property
     def digest(self) -> str:
         """sha256 of the decoder and every file's relative path, size and label: a copy elsewhere keeps it."""
-        if self._digest is None:
-            h = hashlib.sha256(f"decoder={self.decoder}|n={len(self)}".encode())
-            h.update(np.ascontiguousarray(self.relpaths).tobytes())
-            h.update(np.ascontiguousarray(self.sizes).tobytes())
-            h.update(self.targets.numpy().tobytes())
-            self._digest = h.hexdigest()
-        return self._digest
+        h = hashlib.sha256(f"decoder={self.decoder}|n={len(self)}".encode())
+        h.update(np.ascontiguousarray(self.relpaths).tobytes())
+        h.update(np.ascontiguousarray(self.sizes).tobytes())
+        h.update(self.targets.numpy().tobytes())
+        return h.hexdigest()
 
 
 class PhotoSplit(SplitBase):

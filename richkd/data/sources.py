@@ -10,6 +10,7 @@ In-memory datasets are held as one uint8 tensor (N, C, h, w); ImageFolder images
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import logging
@@ -69,7 +70,6 @@ class TensorSource:
         self.images = images.contiguous()
         self.targets = targets.to(torch.int64).contiguous()
         self.origin = origin
-        self._digest: Optional[str] = None
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])
@@ -78,15 +78,13 @@ class TensorSource:
         """uint8 (B, C, h, w) for the given rows."""
         return self.images.index_select(0, rows)
 
+    @functools.cached_property
     def digest(self) -> str:
-        """sha256 of pixels and labels (computed once; ~0.1 s per 50 MB)."""
-        if self._digest is None:
-            h = hashlib.sha256()
-            h.update(str(tuple(self.images.shape)).encode())
-            h.update(self.images.numpy().tobytes())
-            h.update(self.targets.numpy().tobytes())
-            self._digest = h.hexdigest()
-        return self._digest
+        """sha256 of pixels and labels (~0.1 s per 50 MB)."""
+        h = hashlib.sha256(str(tuple(self.images.shape)).encode())
+        h.update(self.images.numpy().tobytes())
+        h.update(self.targets.numpy().tobytes())
+        return h.hexdigest()
 
 
 class FileSource:
@@ -101,7 +99,6 @@ class FileSource:
         self.targets = torch.as_tensor(targets, dtype=torch.int64).contiguous()
         self.image_size = int(image_size)
         self.origin = origin
-        self._digest: Optional[str] = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -131,16 +128,15 @@ class FileSource:
         arr = np.array(im, dtype=np.uint8)        # (S, S, 3), a copy we own
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
+    @functools.cached_property
     def digest(self) -> str:
         """sha256 over (relative path, size, mtime, label) of every file: cheap, catches edits and moves."""
-        if self._digest is None:
-            h = hashlib.sha256(f"size={self.image_size}".encode())
-            base = os.path.commonpath(self.paths) if self.paths else ""
-            for p, t in zip(self.paths, self.targets.tolist()):
-                st = os.stat(p)
-                h.update(f"{os.path.relpath(p, base)}|{st.st_size}|{st.st_mtime_ns}|{t}\n".encode())
-            self._digest = h.hexdigest()
-        return self._digest
+        h = hashlib.sha256(f"size={self.image_size}".encode())
+        base = os.path.commonpath(self.paths) if self.paths else ""
+        for p, t in zip(self.paths, self.targets.tolist()):
+            st = os.stat(p)
+            h.update(f"{os.path.relpath(p, base)}|{st.st_size}|{st.st_mtime_ns}|{t}\n".encode())
+        return h.hexdigest()
 
 
 @dataclass
