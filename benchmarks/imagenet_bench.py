@@ -88,7 +88,7 @@ def bench_decode(work: Path, rounds: int) -> dict:
         def views10(p, i):
             im = decode_image(p, decoder)
             h, w = image_hw(im)
-            return [crop_box(im, view_box(0, i, v, h, w, 224), 224) for v in range(10)]
+            return [crop_box(im, view_box(0, i, v, h, w), 224) for v in range(10)]
         return {"decode": decode, "decode+train crop": train, "decode+eval crop": evaluate,
                 "decode+10 view crops": views10}
 

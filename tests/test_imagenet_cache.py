@@ -78,7 +78,7 @@ def test_student_crops_are_the_stored_boxes_and_teachers_saw_the_same_region(bui
         row, view = int(batch.index[k]), int(batch.view[k])
         top, left, h, w, flip, ih, iw = (int(v) for v in boxes[k])
         # the stored box is the view's fixed box (view 0: the centre crop) of an image of the stored size
-        assert view_box(cfg.teaching.view_seed, row, view, ih, iw, 224) == (top, left, h, w, flip)
+        assert view_box(cfg.teaching.view_seed, row, view, ih, iw) == (top, left, h, w, flip)
         with Image.open(source.path(row)) as im:
             im = im.convert("RGB")
         assert im.size == (iw, ih)

@@ -1,17 +1,9 @@
-"""Cache entries on disk: a folder per entry named by a hash of its inputs, a manifest, atomic writes, mmap reads.
+"""Cache entries on disk: a folder per entry named by a hash of its inputs, a manifest that repeats them (a
+mismatch is an error, never a silent reuse), atomic writes and memory-mapped reads (docs/architecture.md#caching).
 
-An entry's folder name is a hash of everything that determines its content, and its manifest repeats those
-fields: reading compares them, so a mismatch is an error, never a silent reuse (docs/architecture.md#caching).
-Two layouts share the manifest checks and the reader:
-
-    flat     NAME.npy per array, written whole into a temp folder that is renamed into place
-    sharded  a photo dataset's multi-view entries (docs/architecture.md#imagenet-scale), tens to hundreds of GB:
-             layout.json and rows.npy first, then shard-NNNNN/ folders of NAME.npy (rows in shard, V, ...), each
-             written to a temp folder and renamed, and manifest.json last. A killed build keeps its complete
-             shards; the next one writes only the missing ones.
-
-read_entry memory-maps either layout (a shard when a batch first touches it), so the trial processes on a node
-share the pages and a trial's memory does not grow with the cache.
+Two layouts share the manifest checks and one reader: flat (NAME.npy per array, written whole) and sharded (a
+photo dataset's multi-view entries of tens to hundreds of GB, written shard by shard so a killed build resumes,
+docs/architecture.md#imagenet-scale: layout.json and rows.npy, shard-NNNNN/ folders, manifest.json last).
 """
 from __future__ import annotations
 

@@ -1,17 +1,7 @@
-"""Multi-view caches of a photo dataset (data.dataset: imagenet), built in one resumable pass.
-
-FKD-style (docs/method.md#teaching-protocol): each training image has V fixed views, view 0 its centre crop and
-the others RandomResizedCrop boxes fixed by (teaching.view_seed, row, view) (richkd/data/photos.py). The builder
-decodes each image once, crops its V views, runs the conventional teacher and CLIP on them and stores, per row
-and view, the view's box record next to the outputs, in sharded entries (richkd/cache/entries.py):
-
-    teacher-<key>     boxes (7,) int32, feat (d_T,) fp16, and logits (C,) fp16 or, with teaching.logit_topk = k,
-                      topk_values / topk_index / lse (richkd/cache/topk.py)
-    clip-image-<key>  boxes (7,) int32, feat (D,) fp16, L2-normalised
-
-A trial crops the student's image from the stored box (`PhotoSplit.with_view_boxes`), so it sees exactly the
-region both teachers saw. Both entries are written shard by shard in the same pass; a killed build continues
-with the shards that are missing from either entry.
+"""Multi-view caches of a photo dataset (data.dataset: imagenet), built in one resumable pass
+(docs/architecture.md#imagenet-scale): each image is decoded once, its V views (richkd.data.photos.view_box) are
+cropped and run through the teacher and CLIP, and each view's box record is stored next to the outputs, shard by
+shard, in both sharded entries; a killed build continues with the shards either entry lacks.
 """
 from __future__ import annotations
 

@@ -1,16 +1,11 @@
-"""A flat cache entry computed in row blocks (by several processes or machines) and assembled into the same entry.
+"""A flat cache entry computed in row blocks (by several processes or machines) and assembled into the same entry
+(docs/architecture.md#building-on-the-workers): the teacher and CLIP forwards run on the workers' accelerators.
 
-Why: on a cluster the teacher and CLIP forwards belong on the workers' accelerators, split over all of them,
-not in the driver. Each row block computes every cached view of a contiguous range of the entry's rows and
-writes it as a folder under a temporary `.<entry>.blocks-<token>` folder next to the entries (so on a cluster the
-cache folder must be shared storage, as it already must be for the trials). One assembly step then concatenates
-the blocks and writes the entry with the usual atomic writer: readers never see a partial entry, and the arrays
-and manifest fields equal those of an entry built in one process (docs/architecture.md#building-on-the-workers).
-Row blocks are transient; the shards of a sharded entry (richkd.cache.entries) are part of its layout.
-
-Block boundaries fall on multiples of the entry's batch size, so every block runs exactly the batches one
-process would have run: the outputs do not depend on how the rows were split. Plain functions, no Ray: the
-sweep layer (richkd.tune.cache_tasks) decides where they run.
+Each block computes every cached view of a contiguous range of rows into a temporary `.<entry>.blocks-<token>`
+folder beside the entries (shared storage on a cluster); the assembly concatenates them and writes the entry
+atomically, equal to one built in one process. Block boundaries fall on multiples of the batch size, so every
+block runs exactly the batches one process would. Row blocks are transient; the shards of a sharded entry
+(richkd.cache.entries) are part of its layout. Plain functions: richkd.tune.cache_tasks decides where they run.
 """
 from __future__ import annotations
 

@@ -1,18 +1,12 @@
-"""Photos decoded per batch at full size and cropped to the model size (the ImageNet recipe).
+"""Photos decoded per batch at full size and cropped to the model size: the ImageNet recipe (docs/method.md#imagenet,
+docs/architecture.md#imagenet-scale).
 
-Training shows RandomResizedCrop(S) + a horizontal flip, evaluation Resize(S / 0.875) + CenterCrop(S) (256 / 224
-for S = 224), as in mdistiller's ImageNet recipe (docs/method.md#imagenet). Every crop is a *box* in the decoded
-image, (top, left, height, width, flip), resized to S x S with torchvision's `resized_crop`:
-
-- a random training crop's box is torchvision's `RandomResizedCrop.get_params` run under a per-image seed drawn
-  from the loader's generator, so a loader seed fixes every crop (exact resume, any number of workers);
-- FKD-style view v of row i (teaching.views) has a box fixed by (teaching.view_seed, i, v): view 0 is the
-  centre crop, the others RandomResizedCrop boxes. The cache stores each view's box with the teachers' outputs
-  (docs/architecture.md#imagenet-scale), and a dataset given those stored boxes (`with_view_boxes`) crops
-  exactly the region the teachers saw, after checking that the image still has the size the box was drawn for.
-
-Decoding: PIL (`data.decode: pil`) or `torchvision.io.decode_jpeg` (`torchvision`); both give uint8 RGB. They may
-differ in the last bit, so the decoder is part of the dataset's identity (and of every cache key).
+Every crop is a box (top, left, height, width, flip) in the decoded image, resized to S x S with torchvision's
+`resized_crop`: a training crop's box is `RandomResizedCrop.get_params` under a per-image seed from the loader's
+generator (exact resume, any number of workers); FKD-style view v of row i has a box fixed by (view_seed, i, v),
+view 0 the centre crop. A dataset given the boxes a cache stores (`with_view_boxes`) crops exactly the region the
+teachers saw. PIL and torchvision may decode differently in the last bit, so the decoder is part of the dataset's
+identity (and of every cache key).
 """
 from __future__ import annotations
 
@@ -76,7 +70,7 @@ def image_hw(image) -> tuple[int, int]:
     return int(image.size[1]), int(image.size[0])
 
 
-def to_uint8_tensor(image) -> torch.Tensor:
+def _uint8_tensor(image) -> torch.Tensor:
     if isinstance(image, torch.Tensor):
         return image.contiguous()
     from torchvision.transforms.functional import pil_to_tensor
@@ -100,20 +94,16 @@ def rrc_box(height: int, width: int, seed: int) -> tuple[int, int, int, int, int
     return int(top), int(left), int(h), int(w), flip
 
 
-def eval_resize(size: int) -> int:
-    return int(round(size / EVAL_CROP_FRACTION))
-
-
-def centre_box(height: int, width: int, size: int) -> tuple[int, int, int, int, int]:
+def centre_box(height: int, width: int) -> tuple[int, int, int, int, int]:
     """The region of the original image that Resize(S / 0.875) + CenterCrop(S) shows, as an unflipped box."""
     side = max(1, min(height, width, int(round(min(height, width) * EVAL_CROP_FRACTION))))
     return (height - side) // 2, (width - side) // 2, side, side, 0
 
 
-def view_box(seed: int, row: int, view: int, height: int, width: int, size: int) -> tuple[int, ...]:
+def view_box(seed: int, row: int, view: int, height: int, width: int) -> tuple[int, ...]:
     """The fixed box of FKD-style view `view` of `row`: view 0 the centre crop, others RandomResizedCrop."""
     if view == 0:
-        return centre_box(height, width, size)
+        return centre_box(height, width)
     return rrc_box(height, width, int(view_hash(seed, np.array([row]), np.array([view]))[0] >> np.uint64(1)))
 
 
@@ -126,7 +116,7 @@ def crop_box(image, box: Sequence[int], size: int) -> torch.Tensor:
     out = TF.resized_crop(image, top, left, h, w, [size, size], InterpolationMode.BILINEAR, antialias=True)
     if flip:
         out = TF.hflip(out)
-    return to_uint8_tensor(out)
+    return _uint8_tensor(out)
 
 
 def eval_crop(image, size: int) -> torch.Tensor:
@@ -134,8 +124,8 @@ def eval_crop(image, size: int) -> torch.Tensor:
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
 
-    resized = TF.resize(image, eval_resize(size), InterpolationMode.BILINEAR, antialias=True)
-    return to_uint8_tensor(TF.center_crop(resized, [size, size]))
+    resized = TF.resize(image, int(round(size / EVAL_CROP_FRACTION)), InterpolationMode.BILINEAR, antialias=True)
+    return _uint8_tensor(TF.center_crop(resized, [size, size]))
 
 
 def decode_views(source: "PhotoSource", row: int, num_views: int, seed: int, size: int
@@ -143,7 +133,7 @@ def decode_views(source: "PhotoSource", row: int, num_views: int, seed: int, siz
     """All V views of one row from a single decode: uint8 (V, 3, S, S) crops and int32 (V, 7) box records."""
     image = source.decode(row)
     h, w = image_hw(image)
-    boxes = np.asarray([(*view_box(seed, row, v, h, w, size), h, w) for v in range(num_views)], dtype=np.int32)
+    boxes = np.asarray([(*view_box(seed, row, v, h, w), h, w) for v in range(num_views)], dtype=np.int32)
     return torch.stack([crop_box(image, box, size) for box in boxes]), boxes
 
 
@@ -204,7 +194,7 @@ class PhotoSplit(SplitBase):
                         f"drawn for {rec[5]}x{rec[6]} px: the cache was built for other images. Delete that "
                         "folder and rebuild it with `richkd cache`")
             return records
-        return np.asarray([(*view_box(self.views.seed, int(r), int(v), h, w, self.image_size), h, w)
+        return np.asarray([(*view_box(self.views.seed, int(r), int(v), h, w), h, w)
                            for r, v, (h, w) in zip(rows.tolist(), views.tolist(), dims)], dtype=np.int32)
 
     def get_view_batch(self, positions: torch.Tensor, generator: Optional[torch.Generator] = None

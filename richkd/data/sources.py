@@ -273,15 +273,14 @@ def _fashion_candidates(cfg: DataConfig) -> list[Path]:
 
 def load_fashion_mnist(cfg: DataConfig) -> Splits:
     candidates = _fashion_candidates(cfg)
+    root = resolve_root(cfg)
+    if cfg.download and not any(_idx_files(folder) for folder in candidates):
+        _download_fashion_mnist(root)       # into root/FashionMNIST/raw, the first candidate
     for folder in candidates:
         files = _idx_files(folder)
         if files is not None:
             key = ("fashion_mnist", str(folder), _stat_signature(list(files.values())))
             return _memo(key, lambda: _read_fashion_idx(files, folder))
-    root = resolve_root(cfg)
-    if cfg.download:
-        key = ("fashion_mnist-torchvision", str(root))
-        return _memo(key, lambda: _download_fashion_mnist(root))
     searched = ", ".join(str(c) for c in candidates)
     raise DatasetNotFoundError(
         "fashion_mnist: the files train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
@@ -318,22 +317,18 @@ def _read_fashion_idx(files: dict[str, Path], folder: Path) -> Splits:
     return Splits(sources["train"], sources["test"], list(FASHION_MNIST_CLASSES), str(folder))
 
 
-def _download_fashion_mnist(root: Path) -> Splits:
+def _download_fashion_mnist(root: Path) -> None:
+    """torchvision's download of the four IDX files (kept unzipped in root/FashionMNIST/raw)."""
     from urllib.error import URLError
 
     from torchvision.datasets import FashionMNIST
 
     try:
-        train = FashionMNIST(str(root), train=True, download=True)
-        test = FashionMNIST(str(root), train=False, download=True)
+        FashionMNIST(str(root), train=True, download=True)
     except (URLError, OSError, RuntimeError) as exc:
         raise DatasetNotFoundError(
             f"fashion_mnist: downloading into {root} failed ({exc}). Offline, install Debian's package instead: "
             "`sudo apt-get install dataset-fashion-mnist` and keep data.root null.") from None
-    folder = Path(train.raw_folder)
-    return Splits(TensorSource(train.data.unsqueeze(1).contiguous(), train.targets, origin=f"{folder} (train)"),
-                  TensorSource(test.data.unsqueeze(1).contiguous(), test.targets, origin=f"{folder} (test)"),
-                  list(FashionMNIST.classes), str(folder))
 
 
 # ----- ImageFolder ----------------------------------------------------------------------------------
