@@ -10,24 +10,20 @@ from richkd.data.resident import ResidentDataset
 from richkd.data.splits import derive_seed
 
 
-def _fetch(dataset, positions: torch.Tensor, aug_seed: int) -> Batch:
-    """One Batch of a SplitBase, its augmentation drawn from a generator seeded by aug_seed; a device-resident
-    dataset (richkd.data.resident) builds the whole Batch itself."""
-    if isinstance(dataset, ResidentDataset):
-        return dataset.fetch(positions, aug_seed)
-    images, targets, index, view = dataset.get_view_batch(positions, torch.Generator().manual_seed(int(aug_seed)))
-    return Batch(image=images, target=targets, index=index, view=view)
-
-
 class _Fetcher(torch.utils.data.Dataset):
-    """What DataLoader workers see: key (positions, aug_seed) -> Batch."""
+    """Key (positions, aug_seed) -> the Batch of a SplitBase, its augmentation drawn from a generator seeded by
+    aug_seed (what DataLoader workers see); a device-resident dataset (richkd.data.resident) builds it itself."""
 
     def __init__(self, dataset) -> None:
         self.dataset = dataset
 
     def __getitem__(self, key: tuple[torch.Tensor, int]) -> Batch:
         positions, aug_seed = key
-        return _fetch(self.dataset, positions, aug_seed)
+        if isinstance(self.dataset, ResidentDataset):
+            return self.dataset.fetch(positions, aug_seed)
+        gen = torch.Generator().manual_seed(int(aug_seed))
+        images, targets, index, view = self.dataset.get_view_batch(positions, gen)
+        return Batch(image=images, target=targets, index=index, view=view)
 
 
 class _PlanSampler:
@@ -41,10 +37,6 @@ class _PlanSampler:
 
     def __len__(self) -> int:
         return len(self.owner)
-
-
-def _identity(x):
-    return x
 
 
 class BatchLoader:
@@ -98,12 +90,13 @@ class BatchLoader:
         self._current_plan = self.plan(self.epoch)
         self.epoch += 1
         if self.num_workers == 0:
-            batches = (_fetch(self.dataset, pos, s) for pos, s in self._current_plan)
+            fetcher = _Fetcher(self.dataset)
+            batches = (fetcher[key] for key in self._current_plan)
             return (b.pin_memory() for b in batches) if self.pin_memory else batches
         if self._loader is None:
             self._loader = torch.utils.data.DataLoader(
                 _Fetcher(self.dataset), batch_size=None, sampler=_PlanSampler(self), num_workers=self.num_workers,
-                collate_fn=_identity, persistent_workers=True, pin_memory=self.pin_memory,
+                persistent_workers=True, pin_memory=self.pin_memory,
                 generator=torch.Generator().manual_seed(derive_seed(self.seed, "workers")))
         return iter(self._loader)
 
