@@ -1,7 +1,7 @@
 """A sweep's caches built as Ray work: row shards on the workers, one assembly task per entry, the driver waits.
 
 The driver only plans (richkd.cache.plan_caches: manifests of existing entries are checked, missing ones
-listed, as `richkd cache` does) and waits. Each missing teacher / CLIP-image entry is split into row shards, one
+listed, as `richkd cache` does) and waits. Each missing teacher / CLIP-image entry is split into row blocks, one
 Ray task each with the trials' resources (`tune.resources.cpu` / `gpu`: the teacher and CLIP forwards run where
 the trials' accelerators are), spread over the nodes; an assembly task that depends on them writes the entry
 with the atomic manifest writer (richkd.cache.row_blocks). The small text classifier is one task. Entries shared by
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-from richkd.cache.build import ROW_KINDS, EntryJob, plan_caches
+from richkd.cache.build import ROW_KINDS, EntryJob, build_entry, plan_caches
 from richkd.cache.row_blocks import assemble_entry, block_ranges, block_root, compute_block, remove_blocks
 from richkd.tune.cluster import alive_nodes, current_node_id, node_problems, preflight_error, use_task_resources
 
@@ -82,8 +82,6 @@ def _assemble_task(job: EntryJob, root: str, *shards: dict) -> dict:
 
 
 def _whole_task(job: EntryJob, cpu: float, gpu: float) -> dict:
-    from richkd.cache.build import build_entry
-
     use_task_resources(cpu, gpu, f"the cache task for {job.name}")
     return {"path": str(build_entry(job)), "shards": [{"start": 0, "stop": job.n_rows, **_where()}]}
 
