@@ -29,6 +29,8 @@ class TeacherOutputs:
 class TeacherSource:
     """Base: turns a batch (and the student's normalised input) into TeacherOutputs."""
 
+    view_boxes: Optional[StoredBoxes] = None    # a photo cache's boxes: the trainer cuts the student's views from them
+
     def __init__(self, teacher_dim: int, clip_dim: Optional[int], class_embeddings: Optional[torch.Tensor],
                  device: torch.device) -> None:
         self.teacher_dim, self.clip_dim = int(teacher_dim), None if clip_dim is None else int(clip_dim)
@@ -127,7 +129,6 @@ class CachedTeachers(TeacherSource):
         super().__init__(feat.shape[1], None if clip_feat is None else clip_feat.shape[1], class_embeddings, device)
         self.logits, self.feat, self.clip_feat_rows = logits, feat, clip_feat
         self.reader = CachedRows(num_rows, device, rows)
-        self.view_boxes: Optional[StoredBoxes] = None    # a photo cache's: the student's views are cut from them
 
     def __call__(self, batch: Batch, normalized_images: torch.Tensor) -> TeacherOutputs:
         return self._outputs(*self.reader.read(batch, self.logits, self.feat, self.clip_feat_rows))

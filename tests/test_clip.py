@@ -285,8 +285,8 @@ def test_a_failed_download_is_one_error_with_open_clips_reason(monkeypatch):
     monkeypatch.setattr(loading, "is_offline_mode", lambda: False)
     monkeypatch.setattr(oc_pretrained, "hf_hub_download", unreachable)
     rc.check_weights("ViT-B-32", "laion2b_s34b_b79k")
-    with pytest.raises(rc.ClipLoadError, match=r"cannot be downloaded \(Failed to download .* for "
-                                               r"laion/CLIP-ViT-B-32-laion2B-s34B-b79K\. .*huggingface.co is unreachable\)"):
+    with pytest.raises(rc.ClipLoadError, match=r"cannot be downloaded \(Failed to download .* for laion/CLIP-ViT-B-32-"
+                                               r"laion2B-s34B-b79K\. .*huggingface.co is unreachable\)"):
         rc.load_clip("ViT-B-32", "laion2b_s34b_b79k")
 
 

@@ -130,8 +130,8 @@ def entry_outputs(job: EntryJob, cfg: Config, data, dataset: SplitDataset, dev, 
         extra = {"preprocess_id": clip.preprocess_id, "embed_dim": clip.embed_dim}
     else:
         raise CacheError(f"{job.kind} entries are not computed by rows (internal error)")
-    views = [dataset] if cfg.teaching.views == 1 else \
-        [dataset.with_views(cfg.teaching.views, cfg.teaching.view_seed, fixed_view=v) for v in range(cfg.teaching.views)]
+    n_views, seed = cfg.teaching.views, cfg.teaching.view_seed
+    views = [dataset] if n_views == 1 else [dataset.with_views(n_views, seed, fixed_view=v) for v in range(n_views)]
     per_view = [_batched_outputs(shown, run, job.batch_size, dev, progress, f"{job.kind} {job.split}"
                                  + (f" view {v + 1}/{len(views)}" if len(views) > 1 else ""))
                 for v, shown in enumerate(views)]

@@ -135,10 +135,10 @@ def _fetch(fetch: Callable[[], str], arch: str, tag: str, source: str, quick_gel
             f"clip.model stays {arch!r}"
         raise ClipLoadError(
             f"CLIP weights {arch}/{tag} are not in the local cache and cannot be downloaded ({reason}). Provide them "
-            f"yourself: on a machine with internet download {source or 'the open_clip model hub'} and set clip.pretrained to the "
-            f"file's path ({keep}); or point clip.pretrained at 'local-dir:FOLDER' holding open_clip_config.json "
-            "plus the weights; or copy a filled ~/.cache/huggingface/hub here. For an offline smoke test write "
-            f"random weights with `richkd clip init-tiny PATH` and set clip.model={TINY_CLIP_MODEL} "
+            f"yourself: on a machine with internet download {source or 'the open_clip model hub'} and set "
+            f"clip.pretrained to the file's path ({keep}); or point clip.pretrained at 'local-dir:FOLDER' holding "
+            "open_clip_config.json plus the weights; or copy a filled ~/.cache/huggingface/hub here. For an offline "
+            f"smoke test write random weights with `richkd clip init-tiny PATH` and set clip.model={TINY_CLIP_MODEL} "
             "clip.pretrained=PATH.") from None
 
 

@@ -19,7 +19,7 @@ from richkd.data.transforms import DATASET_STATS
 log = logging.getLogger(__name__)
 
 # The full train and test splits of each data.dataset: in memory at native size (CIFAR, Fashion-MNIST), files
-# decoded at the model size (ImageFolder), or photos decoded per batch at full size (docs/architecture.md#imagenet-scale)
+# decoded at the model size (ImageFolder), or photos decoded per batch (docs/architecture.md#imagenet-scale)
 LOADERS: dict[str, Callable[[DataConfig], Splits]] = {
     "cifar10": load_cifar, "cifar100": load_cifar, "fashion_mnist": load_fashion_mnist,
     "imagefolder": load_imagefolder, "imagenet": load_imagenet_splits,
