@@ -99,6 +99,8 @@ def split_entries(cfg: Config, data, split: str) -> dict[str, CacheEntry]:
     A photo dataset's entries are sharded, with V views per row and each view's crop box
     (docs/architecture.md#imagenet-scale): their fields name that layout, the box recipe and the top-k logits.
     """
+    if cfg.teaching.mode == "online":
+        return {}
     memo = cfg.teaching.cache_dir
     rows = {**dataset_identity(data, split), "split": split, "view": view_id(cfg)}
     photo = {"format": SHARD_FORMAT, "boxes": BOX_RECIPE} if data.train_clean.decodes_per_batch else {}
@@ -110,7 +112,7 @@ def split_entries(cfg: Config, data, split: str) -> dict[str, CacheEntry]:
         out["teacher"] = CacheEntry("teacher", {
             "arch": cfg.teacher.arch, "checkpoint_sha256": file_sha256_memo(ckpt, memo), **rows, **photo,
             **({"logit_topk": cfg.teaching.logit_topk} if photo else {})})
-    if cfg.uses_clip and cfg.teaching.mode in ("cached", "official"):
+    if cfg.uses_clip:
         out["clip-image"] = CacheEntry("clip-image", {
             "model": cfg.clip.model, "weights": clip_weights_id(cfg.clip, memo), "preprocess": CLIP_PREPROCESS_VERSION,
             **rows, **photo})
