@@ -195,13 +195,13 @@ def load_problem(exc: BaseException) -> str:
 PROGRESS_EVERY_S = 10.0
 
 
-def progress_bar(total: int, desc: str, unit: str = "batch"):
+def progress_bar(total: int, desc: str, unit: str = "batch", disable: bool = False):
     """A tqdm bar on a terminal; elsewhere (CI, nohup, a log file) a line on stderr when it starts, one every
-    PROGRESS_EVERY_S seconds and one when it ends, so a long build is never silent."""
-    if sys.stderr.isatty():
+    PROGRESS_EVERY_S seconds and one when it ends, so a long build is never silent. disable: a silent bar."""
+    if disable or sys.stderr.isatty():
         from tqdm import tqdm
 
-        return tqdm(total=total, desc=desc, unit=unit, leave=False)
+        return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=disable)
     return _ProgressLines(total, desc, unit)
 
 

@@ -112,11 +112,11 @@ def cmd_cache(args: argparse.Namespace) -> int:
         if cfg.data.dataset != "imagenet" or cfg.teaching.mode != "cached":
             raise UserError("cache --plan estimates the sharded multi-view caches of data.dataset: imagenet with "
                             "teaching.mode: cached")
-        from richkd.cache.plan import format_plan, plan_caches
-        from richkd.cache.view_store import default_shard_rows
+        from richkd.cache.entries import default_shard_rows
+        from richkd.cache.estimate import estimate_caches, format_estimate
 
-        plan = plan_caches(cfg, images=args.images, num_classes=args.classes, calibrate=not args.no_timing)
-        print(format_plan(plan, cfg, default_shard_rows()))
+        plan = estimate_caches(cfg, images=args.images, num_classes=args.classes, calibrate=not args.no_timing)
+        print(format_estimate(plan, cfg, default_shard_rows()))
         return 0
     for path in prepare_caches(cfg, progress=True):
         print(path)

@@ -1,10 +1,10 @@
 """A sweep's caches built as Ray work: row shards on the workers, one assembly task per entry, the driver waits.
 
 The driver only plans (richkd.cache.plan_caches: manifests of existing entries are checked, missing ones
-listed, as `richkd cache` does) and waits. Each missing teacher / CLIP-image entry is split into row shards, one
+listed, as `richkd cache` does) and waits. Each missing teacher / CLIP-image entry is split into row blocks, one
 Ray task each with the trials' resources (`tune.resources.cpu` / `gpu`: the teacher and CLIP forwards run where
 the trials' accelerators are), spread over the nodes; an assembly task that depends on them writes the entry
-with the atomic manifest writer (richkd.cache.shards). The small text classifier is one task. Entries shared by
+with the atomic manifest writer (richkd.cache.row_blocks). The small text classifier is one task. Entries shared by
 several configs are built once. See docs/architecture.md, "Building on the workers".
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-from richkd.cache.build import ROW_KINDS, EntryJob, plan_caches
-from richkd.cache.shards import assemble_entry, compute_shard, remove_shards, shard_ranges, shard_root
+from richkd.cache.build import ROW_KINDS, EntryJob, build_entry, plan_caches
+from richkd.cache.row_blocks import assemble_entry, block_ranges, block_root, compute_block, remove_blocks
 from richkd.tune.cluster import alive_nodes, current_node_id, node_problems, preflight_error, use_task_resources
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def _where() -> dict:
 
 def _shard_task(job: EntryJob, start: int, stop: int, root: str, cpu: float, gpu: float) -> dict:
     use_task_resources(cpu, gpu, f"the cache task for {job.name}")
-    return {**compute_shard(job, start, stop, root), **_where()}
+    return {**compute_block(job, start, stop, root), **_where()}
 
 
 def _assemble_task(job: EntryJob, root: str, *shards: dict) -> dict:
@@ -82,8 +82,6 @@ def _assemble_task(job: EntryJob, root: str, *shards: dict) -> dict:
 
 
 def _whole_task(job: EntryJob, cpu: float, gpu: float) -> dict:
-    from richkd.cache.build import build_entry
-
     use_task_resources(cpu, gpu, f"the cache task for {job.name}")
     return {"path": str(build_entry(job)), "shards": [{"start": 0, "stop": job.n_rows, **_where()}]}
 
@@ -143,9 +141,9 @@ def run_jobs(jobs: list[EntryJob], *, cpu: float, gpu: float, shards: Optional[i
         if job.kind not in ROW_KINDS:   # the text classifier; a photo dataset's entries (their own shards)
             pending[on_slot(whole, j, num_cpus=cpu, num_gpus=gpu).remote(job, cpu, gpu)] = (job, 1)
             continue
-        root = shard_root(job)
+        root = block_root(job)
         roots.append(root)
-        ranges = shard_ranges(job.n_rows, job.batch_size, shards)
+        ranges = block_ranges(job.n_rows, job.batch_size, shards)
         refs = [on_slot(shard, i, num_cpus=cpu, num_gpus=gpu).remote(job, a, b, str(root), cpu, gpu)
                 for i, (a, b) in enumerate(ranges)]
         shard_refs.extend(refs)
@@ -162,7 +160,7 @@ def run_jobs(jobs: list[EntryJob], *, cpu: float, gpu: float, shards: Optional[i
             for other in [*pending, *shard_refs]:
                 ray.cancel(other, force=True)
             for root in roots:
-                remove_shards(root)
+                remove_blocks(root)
             raise _task_error(exc) from None
         nodes = {s["node_id"] for s in result["shards"]}
         built.append({"entry": job.name, **result, "s": time.perf_counter() - started})

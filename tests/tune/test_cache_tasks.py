@@ -1,4 +1,4 @@
-"""A sweep's caches built as Ray tasks in row shards equal the in-process `prepare_caches` entries, byte for byte."""
+"""A sweep's caches built as Ray tasks in row blocks equal the in-process `prepare_caches` entries, byte for byte."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from richkd.cache import prepare_caches, shard_ranges
-from richkd.cache.shards import assemble_entry, compute_shard, shard_root
+from richkd.cache import prepare_caches
+from richkd.cache.row_blocks import assemble_entry, block_ranges, block_root, compute_block
 from richkd.config import Config
 from richkd.models.checkpoint import CheckpointError
 from richkd.tune.spec import spec_from_mapping
@@ -42,12 +42,12 @@ def assert_same_entries(built: list, reference: list) -> None:
     (100, 256, 4, [(0, 100)]),                          # one batch: one shard
     (0, 64, 2, []),
 ])
-def test_shards_fall_on_batch_boundaries(n_rows, batch, shards, expect):
-    assert shard_ranges(n_rows, batch, shards) == expect
+def test_row_blocks_fall_on_batch_boundaries(n_rows, batch, shards, expect):
+    assert block_ranges(n_rows, batch, shards) == expect
 
 
-def test_shards_of_several_views_assemble_into_the_in_process_entry(assets, tmp_path):
-    """No Ray: the shard computation and the assembly alone, with 2 cached views (row v * N + i layout)."""
+def test_row_blocks_of_several_views_assemble_into_the_in_process_entry(assets, tmp_path):
+    """No Ray: the row block computation and the assembly alone, with 2 cached views (row v * N + i layout)."""
     from richkd.cache import plan_caches
 
     raw = base_spec(assets, tmp_path)["config"]
@@ -56,12 +56,12 @@ def test_shards_of_several_views_assemble_into_the_in_process_entry(assets, tmp_
     plan = plan_caches(cfg)
     assert [j.kind for j in plan.missing] == ["teacher", "clip-image", "clip-text"]
     for job in plan.missing[:2]:
-        root = shard_root(job)
-        ranges = shard_ranges(job.n_rows, job.batch_size, 2)
+        root = block_root(job)
+        ranges = block_ranges(job.n_rows, job.batch_size, 2)
         assert len(ranges) == 2
-        shards = [compute_shard(job, a, b, root) for a, b in reversed(ranges)]   # any order
-        assemble_entry(job, shards, root)
-        assert not root.exists()                                                  # shards deleted
+        blocks = [compute_block(job, a, b, root) for a, b in reversed(ranges)]   # any order
+        assemble_entry(job, blocks, root)
+        assert not root.exists()                                                  # blocks deleted
     reference = prepare_caches(cfg.with_overrides({"teaching.cache_dir": str(tmp_path / "whole")}))
     assert_same_entries(plan.paths[:2], reference[:2])
 
