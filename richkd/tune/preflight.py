@@ -9,14 +9,11 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Iterable, Sequence
 
 from richkd.config import Config, ConfigError, flatten
 from richkd.tune.errors import SpecError
 from richkd.tune.params import config_or_error, from_sample, walk_active
-
-if TYPE_CHECKING:
-    from richkd.tune.spec import SweepSpec
 
 RANDOM_DRAWS = 32      # seeded draws whose configs must all be valid (catches cross-field rules the corners miss)
 
