@@ -148,7 +148,7 @@ def build_caches(configs: dict[str, dict], log: Callable) -> dict:
     out = {}
     for name, raw in configs.items():
         cfg = Config.from_dict(raw)
-        if cfg.teaching.mode == "online" or cfg.loss.method == "supervised":
+        if cfg.teaching.mode == "online" or not cfg.loss.uses_teacher:
             continue
         log(f"  building the {name} caches ({cfg.teaching.views} view(s) per image)")
         t0 = time.perf_counter()

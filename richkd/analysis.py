@@ -25,7 +25,7 @@ def teacher_analysis(cfg, data, teachers, objective, device, split: str = "val")
         batch = batch.to(device)
         out = teachers(batch, normalize(batch.image, data.mean, data.std))
         collected["teacher"].append(out.logits.float().cpu())
-        if cfg.loss.method == "richkd":
+        if cfg.loss.fused_teacher:
             collected["fused"].append(objective.teacher_logits(out).cpu())
         if out.clip_cosine is not None:
             collected["clip"].append(out.clip_cosine.float().cpu())

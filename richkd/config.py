@@ -163,9 +163,23 @@ class LossConfig:
         in_range(self.dkd_beta, "loss.dkd_beta", 0.0, 1000.0)
         in_range(self.dkd_warmup_epochs, "loss.dkd_warmup_epochs", 0, 100000)
         in_range(self.confidence_threshold, "loss.confidence_threshold", 0.0, 1.0)
-        if self.method == "richkd":
+        if self.fused_teacher:
             check(self.logit_weight > 0 or self.feat_weight > 0, "loss",
                    "richkd needs logit_weight > 0 (RichKD-L) or feat_weight > 0 (RichKD-F), or both")
+
+    # What loss.method means, decided here only: every method but supervised distils from the conventional
+    # teacher; richkd distils from the teacher fused with CLIP, and its feature term (feat_weight > 0) is CRD.
+    @property
+    def uses_teacher(self) -> bool:
+        return self.method != "supervised"
+
+    @property
+    def fused_teacher(self) -> bool:
+        return self.method == "richkd"
+
+    @property
+    def uses_crd(self) -> bool:
+        return self.fused_teacher and self.feat_weight > 0
 
     @property
     def resolved_feat_lambda(self) -> float:
@@ -323,7 +337,7 @@ class Config:
     def uses_clip(self) -> bool:
         """CLIP is needed only when fused logits use it or feature fusion is on."""
         loss = self.loss
-        if loss.method != "richkd":
+        if not loss.fused_teacher:
             return False
         logits_need_clip = loss.logit_weight > 0 and loss.fusion_alpha < 1 and not loss.zero_clip_logits
         return logits_need_clip or (loss.feat_weight > 0 and loss.resolved_feat_lambda < 1)

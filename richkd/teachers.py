@@ -170,7 +170,7 @@ def build_teacher_source(cfg: Config, data, device: torch.device, split: str = "
     split "test" serves the final analysis of the test split (richkd.analysis); `reuse` is the run's training
     source, whose loaded networks (teacher, CLIP) are reused instead of being loaded again.
     """
-    if cfg.loss.method == "supervised":
+    if not cfg.loss.uses_teacher:
         return None
     mode = cfg.teaching.mode
     if isinstance(reuse, OnlineTeachers):

@@ -20,7 +20,7 @@ def check_resources(cfg: Config) -> None:
                 MODELS.get(arch)
             except KeyError as exc:
                 raise ConfigError(f"{key}: {exc.args[0]} (see `richkd models`)") from None
-    if cfg.loss.method != "supervised":
+    if cfg.loss.uses_teacher:
         if cfg.teacher.arch is None:
             raise ConfigError(f"teacher.arch: loss.method={cfg.loss.method} needs a teacher; set teacher.arch "
                               "and teacher.checkpoint")
@@ -43,16 +43,11 @@ def check_resources(cfg: Config) -> None:
             raise ConfigError(str(exc)) from None
 
 
-def uses_crd(cfg: Config) -> bool:
-    """Does the run build CRD memory banks? The condition of richkd.objective.DistillationObjective."""
-    return cfg.loss.method == "richkd" and cfg.loss.feat_weight > 0
-
-
 def check_data_fit(cfg: Config) -> None:
     """Rules between the config and the size of its data, checked before caches are built or Ray starts: CRD's
     loss.nce_k negatives per row must exist in the training rows (a small data.max_train_samples may not hold
     them). Builds the dataset (memoised in richkd.data, so the run itself does not load it again)."""
-    if not uses_crd(cfg):
+    if not cfg.loss.uses_crd:
         return
     import torch
 

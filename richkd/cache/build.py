@@ -75,7 +75,7 @@ def plan_caches(cfg: Config, splits: tuple[str, ...] = ("train",), data=None) ->
     online), online teaching neither; all read the small text classifier when CLIP is used. Both the in-process
     build (prepare_caches) and a sweep's Ray build follow this plan (docs/method.md#teaching-protocol)."""
     plan = EntryPlan()
-    if cfg.loss.method == "supervised":
+    if not cfg.loss.uses_teacher:
         return plan
     from richkd.data import build_data
 
@@ -243,7 +243,7 @@ def prepare_caches(cfg: Config, progress: bool = False, device: Optional[str] = 
     runs online), online teaching neither; all read the small text classifier when CLIP is used. A no-op for
     supervised runs. Cheap when everything exists: only manifests are checked.
     """
-    if cfg.loss.method == "supervised":
+    if not cfg.loss.uses_teacher:
         return []
     from richkd.data import build_data
 

@@ -114,14 +114,14 @@ def check_spec_data(probes: Sequence[Config]) -> None:
 def check_spec_data_fit(spec: "SweepSpec", probes: Sequence[Config]) -> None:
     """Rules between configs and their data size (richkd.validate.check_data_fit), with the largest loss.nce_k
     the space can produce: otherwise every trial that draws it fails, after the caches were built."""
-    from richkd.validate import check_data_fit, uses_crd
+    from richkd.validate import check_data_fit
 
     largest = max([spec.base_config.loss.nce_k] +
                   [v for p in spec.params for value in p.corners()
                    for k, v in p.overrides_for(value).items() if k == "loss.nce_k" and v is not None])
     seen = set()
     for cfg in probes:
-        if not uses_crd(cfg):
+        if not cfg.loss.uses_crd:
             continue
         key = json.dumps(dataclasses.asdict(cfg.data), sort_keys=True, default=str)
         if key in seen:
