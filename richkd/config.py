@@ -15,8 +15,8 @@ __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "TeacherConfig"
            "TeachingConfig", "OptimConfig", "TrainConfig", "RobustnessEvalConfig", "dotted_keys", "flatten",
            "unflatten", "load_yaml_mapping", "parse_override"]
 
-# Names of the seeded corruptions richkd.robustness.corruptions implements (CIFAR-10-C table order); declared
-# here, like the datasets and methods, so the config validates them without importing the implementations.
+# The seeded corruptions richkd.robustness.corruptions implements (CIFAR-10-C table order): the one list of their
+# names, here so the config validates them without importing torch; the implementations check themselves against it.
 CORRUPTION_NAMES = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "gaussian_blur", "contrast",
                     "brightness", "jpeg_compression", "pixelate")
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "imagenet")

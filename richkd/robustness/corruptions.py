@@ -46,10 +46,6 @@ SEVERITY_PARAMS: dict[str, tuple] = {
     "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),                 # box-downscale factor, then box-upscale
 }
 
-# Canonical order (Hendrycks' table order: noise, blur, weather/digital), declared by the config layer.
-if tuple(SEVERITY_PARAMS) != CORRUPTION_NAMES:  # pragma: no cover - a table added without its name, or vice versa
-    raise ImportError("richkd.config.CORRUPTION_NAMES and SEVERITY_PARAMS list different corruptions")
-
 # fn(images (B,3,H,W) in [0,1], parameter, per-sample seeds (B,) int64 on CPU) -> corrupted images
 CorruptionFn = Callable[[torch.Tensor, object, torch.Tensor], torch.Tensor]
 CORRUPTIONS: Registry[CorruptionFn] = Registry("corruption")
@@ -345,10 +341,7 @@ def pixelate(x: torch.Tensor, factor: float, seeds: torch.Tensor) -> torch.Tenso
     return _resize_box(_resize_box(x, small), (h, w))
 
 
-def _check_registry() -> None:
-    missing = set(SEVERITY_PARAMS) ^ set(CORRUPTIONS.names())
-    if missing:  # pragma: no cover - a programming error caught at import
-        raise RuntimeError(f"corruption tables and registry disagree on {sorted(missing)}")
-
-
-_check_registry()
+# The one list of names is richkd.config.CORRUPTION_NAMES (the config validates against it without importing
+# torch); the tables (in its order) and the implementations must be exactly those.
+if tuple(SEVERITY_PARAMS) != CORRUPTION_NAMES or CORRUPTIONS.names() != sorted(CORRUPTION_NAMES):  # pragma: no cover
+    raise ImportError("richkd.config.CORRUPTION_NAMES, SEVERITY_PARAMS and the registered corruptions differ")
