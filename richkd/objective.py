@@ -9,6 +9,7 @@ from torch import nn
 
 from richkd.config import LossConfig
 from richkd.fusion import fuse_logits
+from richkd.losses.crd import FusedCRD
 from richkd.losses.dkd import dkd_loss, dkd_warmup
 from richkd.losses.kd import kd_loss
 from richkd.models.base import ModelOutput
@@ -38,8 +39,6 @@ class DistillationObjective(nn.Module):
         if cfg.uses_crd:
             if teacher_dim is None or train_targets is None or train_rows is None:
                 raise ValueError("the RichKD feature term needs teacher features and the training targets")
-            from richkd.losses.crd import FusedCRD
-
             # CRD's memory bank covers the rows the student trains on (validation rows are never negatives);
             # dataset indices are mapped to compact positions 0..n_train-1.
             position = torch.full((int(train_targets.numel()),), -1, dtype=torch.long)

@@ -9,12 +9,11 @@ import json
 from pathlib import Path
 
 from richkd.io import atomic_write_text
+from richkd.models import save_model_checkpoint
 
 
 def save_run_outputs(run, result, out_dir: str | Path) -> Path:
     """Write student.pt, config.yaml and result.json into out_dir; return the student's path."""
-    from richkd.models import save_model_checkpoint
-
     out = Path(out_dir)
     model_path = out / "student.pt"
     save_model_checkpoint(run.student, model_path, arch=run.cfg.student.arch, num_classes=run.data.num_classes)

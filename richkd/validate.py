@@ -11,8 +11,7 @@ def check_resources(cfg: Config) -> None:
 
     Datasets are checked by building them (richkd.data raises DatasetNotFoundError), which is cheap.
     """
-    from richkd.models import MODELS
-    from richkd.models.registry import pretrained_source
+    from richkd.models import MODELS, pretrained_source
 
     for key, arch in (("student.arch", cfg.student.arch), ("teacher.arch", cfg.teacher.arch)):
         if arch is not None and arch not in MODELS:

@@ -10,8 +10,8 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from richkd.io import atomic_torch_save, sha256_file
-from richkd.models.registry import pretrained_source
+from richkd.io import atomic_torch_save, load_problem, quiet_torch_load, sha256_file
+from richkd.models.base import create_model, pretrained_source
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +104,6 @@ def load_teacher(name: str, path: str | os.PathLike, num_classes: int,
     Why strict: a silently half-loaded teacher trains a student towards noise. The sha256 is logged and
     returned so caches and run records can name the exact teacher.
     """
-    from richkd.models import create_model
-
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(
@@ -113,8 +111,6 @@ def load_teacher(name: str, path: str | os.PathLike, num_classes: int,
             "config"
         )
     model = create_model(name, num_classes)
-    from richkd.io import load_problem, quiet_torch_load
-
     try:
         with quiet_torch_load():
             obj = torch.load(p, map_location=map_location, weights_only=True)

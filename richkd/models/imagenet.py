@@ -17,8 +17,7 @@ import functools
 import torch
 import torch.nn as nn
 
-from richkd.models.base import ModelOutput
-from richkd.models.registry import FAMILIES, MODELS
+from richkd.models.base import FAMILIES, MODELS, ModelOutput
 
 IMAGENET_INPUT_SIZE = 224
 
@@ -101,7 +100,6 @@ class MobileNetV1(nn.Module):
 
 
 def _register(name: str, factory) -> None:
-    factory.__name__ = name
     MODELS.register(name)(factory)
     FAMILIES[name] = ("imagenet", IMAGENET_INPUT_SIZE)
 

@@ -1,12 +1,13 @@
 """ShuffleNet V1 for CIFAR ("ShuffleV1": groups 3, widths 240/480/960) with mdistiller parameter names."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from richkd.models.base import ModelOutput
-from richkd.models.registry import MODELS
+from richkd.models.base import MODELS, ModelOutput
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -79,7 +80,4 @@ class ShuffleNetV1(nn.Module):
         return ModelOutput(self.linear(feat), feat)
 
 
-@MODELS.register("ShuffleV1")
-def shuffle_v1(num_classes: int) -> ShuffleNetV1:
-    """mdistiller ShuffleV1: widths (240, 480, 960), blocks (4, 8, 4), groups 3, feat_dim 960."""
-    return ShuffleNetV1((240, 480, 960), (4, 8, 4), 3, num_classes)
+MODELS.register("ShuffleV1")(functools.partial(ShuffleNetV1, (240, 480, 960), (4, 8, 4), 3))

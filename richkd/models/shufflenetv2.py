@@ -1,12 +1,13 @@
 """ShuffleNet V2 1x for CIFAR ("ShuffleV2": widths 116/232/464, 1024 head) with mdistiller parameter names."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from richkd.models.base import ModelOutput
-from richkd.models.registry import MODELS
+from richkd.models.base import MODELS, ModelOutput
 from richkd.models.shufflenetv1 import channel_shuffle
 
 
@@ -87,7 +88,4 @@ class ShuffleNetV2(nn.Module):
         return ModelOutput(self.linear(feat), feat)
 
 
-@MODELS.register("ShuffleV2")
-def shuffle_v2(num_classes: int) -> ShuffleNetV2:
-    """mdistiller ShuffleV2 (net_size 1): widths (116, 232, 464), head 1024, blocks (3, 7, 3)."""
-    return ShuffleNetV2((116, 232, 464, 1024), (3, 7, 3), num_classes)
+MODELS.register("ShuffleV2")(functools.partial(ShuffleNetV2, (116, 232, 464, 1024), (3, 7, 3)))   # net_size 1
