@@ -9,7 +9,7 @@ from typing import Any, Mapping, Optional, Tuple, Union
 import yaml
 
 from richkd.schema import (ConfigError, build, check, flatten, in_range, load_yaml_mapping, one_of,
-                           parse_override, to_plain, unflatten, unknown_key)
+                           parse_override, to_plain, unflatten)
 
 __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "TeacherConfig", "ClipConfig", "LossConfig",
            "TeachingConfig", "OptimConfig", "TrainConfig", "RobustnessEvalConfig", "dotted_keys", "flatten",
@@ -188,16 +188,9 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class TeachingConfig:
-    """Which image each frozen teacher sees and where its outputs come from (docs/method.md#teaching-protocol).
-
-    official: the conventional teacher runs online on the student's augmented view; CLIP's outputs of the
-        clean image are read from the cache by row index. This is what the official RichKD code does.
-    cached (views 1): both teachers' outputs of the clean image, read from the cache (no teacher runs; the
-        fastest, but both targets describe another image than the student's crop; not the official protocol).
-    cached (views V > 1): both teachers' outputs of V seeded crops/flips per image, cached; the student is
-        shown exactly the view whose outputs it reads (FKD-style, consistent, no teacher runs).
-    online: both teachers run on the student's augmented view every step (consistent, the slowest).
-    """
+    """Which image each frozen teacher sees and where its outputs come from: official (the teacher online on the
+    student's view, CLIP's clean-image outputs cached), cached (both cached: the clean image, or V seeded views
+    the student is shown), online (both on the student's view). docs/method.md#teaching-protocol compares them."""
     mode: str = "cached"
     cache_dir: str = "tune_runs/cache"
     views: int = 1                       # cached views per image: 1 = the clean image; V > 1 = FKD-style
@@ -360,20 +353,19 @@ class Config:
         return cls.from_dict(raw)
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> "Config":
-        """Return a new config with dotted keys replaced, e.g. {"optim.lr": 0.01}. Validates everything."""
+        """A new config with dotted keys replaced, e.g. {"optim.lr": 0.01}, validated as a whole (an unknown key
+        is the usual "did you mean" error)."""
         nested = self.to_dict()
         for dotted, value in overrides.items():
-            parts = dotted.split(".")
+            *sections, leaf = dotted.split(".")
             node = nested
-            for depth, part in enumerate(parts[:-1]):
-                if not isinstance(node.get(part), dict):
-                    unknown_key(part, [k for k, v in node.items() if isinstance(v, dict)],
-                                 ".".join(parts[:depth]))
-                node = node[part]
-            leaf = parts[-1]
-            if leaf not in node or isinstance(node[leaf], dict):
-                unknown_key(leaf, [k for k, v in node.items() if not isinstance(v, dict)],
-                             ".".join(parts[:-1]))
+            for section in sections:
+                node = node.setdefault(section, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"{dotted}: {section} is a value, not a section of keys")
+            if isinstance(node.get(leaf), dict):
+                raise ConfigError(f"{dotted}: is a section; set its keys one by one, e.g. "
+                                  f"{dotted}.{next(iter(node[leaf]))}")
             node[leaf] = value
         return Config.from_dict(nested)
 
