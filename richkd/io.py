@@ -6,13 +6,19 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
+import json
 import os
+import shutil
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
+
+import numpy as np
+from tqdm import tqdm
 
 
 def default_mode(full: int = 0o666) -> int:
@@ -119,9 +125,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save, atomically. Serialised in memory first: torch's own file writer reports a full disk as an
     obscure RuntimeError ("unexpected pos ..."); a plain write raises ENOSPC, which becomes an OutputError."""
-    import io
-
-    import torch
+    import torch   # here, not at the top: the sweep commands that never train read and write files through here
 
     buffer = io.BytesIO()
     torch.save(obj, buffer)
@@ -135,11 +139,6 @@ def write_array_folder(final: str | os.PathLike, arrays: dict, manifest: dict) -
     to `final`, then one rename: readers never see a partial folder. Content-addressed callers write identical
     content for the same `final`, so a folder already there (or put there by a concurrent writer) is kept.
     Files get the umask's plain permissions (mkdtemp's 0700 would hide shared caches from other users)."""
-    import json
-    import shutil
-
-    import numpy as np
-
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
@@ -199,8 +198,6 @@ def progress_bar(total: int, desc: str, unit: str = "batch"):
     """A tqdm bar on a terminal; elsewhere (CI, nohup, a log file) a line on stderr when it starts, one every
     PROGRESS_EVERY_S seconds and one when it ends, so a long build is never silent."""
     if sys.stderr.isatty():
-        from tqdm import tqdm
-
         return tqdm(total=total, desc=desc, unit=unit, leave=False)
     return _ProgressLines(total, desc, unit)
 

@@ -100,11 +100,7 @@ def build(cls: type, raw: Any, prefix: str = "") -> Any:
     for key in raw:
         if key not in names:
             unknown_key(str(key), names, where, error, noun=getattr(cls, "__schema_noun__", "config key"))
-    kwargs = {name: coerce(raw[name], hints[name], f"{prefix}{name}", error) for name in names if name in raw}
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:  # pragma: no cover - defensive, all fields have defaults
-        raise error(f"{where or 'config'}: {exc}") from None
+    return cls(**{name: coerce(raw[name], hints[name], f"{prefix}{name}", error) for name in names if name in raw})
 
 
 def coerce(value: Any, typ: Any, key: str, error: type = ConfigError) -> Any:
