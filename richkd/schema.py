@@ -71,9 +71,7 @@ def in_range(value: float, key: str, lo: float | None = None, hi: float | None =
 
 def one_of(value: Any, key: str, choices: Sequence[str], error: type = ConfigError) -> None:
     if value not in choices:
-        hint = difflib.get_close_matches(str(value), list(choices), n=1)
-        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise error(f"{key}: {value!r} is not one of {', '.join(choices)}{extra}")
+        raise error(f"{key}: {value!r} is not one of {', '.join(choices)}{suggest(str(value), choices)}")
 
 
 def suggest(key: str, valid: Sequence[str]) -> str:

@@ -273,13 +273,7 @@ class Run:
             x = student_inputs(batch.image, self.mean, self.std, self.cfg.train.channels_last)
             meter.update(self.forward_student(x).logits.float(), batch.target)
         m = meter.compute()
-        return {f"{split}_top1": m["top1"], f"{split}_top5": m["top5"], f"{split}_ece": m["ece"],
-                f"{split}_loss": m["loss"]}
-
-    def robustness_metrics(self) -> dict:
-        """val_corrupt_top1 / val_corrupt_ece (+ per corruption) on a seeded val subset (cfg.robustness)."""
-        return val_robustness_metrics(self.student, self.data.val, self.data.mean, self.data.std, self.device,
-                                      self.cfg.robustness, batch_size=self.cfg.data.eval_batch_size)
+        return {f"{split}_{k}": m[k] for k in ("top1", "top5", "ece", "loss")}
 
     def test_teachers(self):
         """The teacher source for the test split (final runs only): cached modes read the test split's caches,
@@ -316,8 +310,9 @@ class Run:
             if self.has_val and evaluates_at(epoch, cfg.train):
                 metrics.update(self.evaluate("val"))
                 metrics.update(self.teacher_metrics())
-                if cfg.robustness.enabled:
-                    metrics.update(self.robustness_metrics())
+                if cfg.robustness.enabled:   # val_corrupt_* on a seeded subset of the val split
+                    metrics.update(val_robustness_metrics(self.student, self.data.val, self.data.mean, self.data.std,
+                                                          self.device, cfg.robustness, cfg.data.eval_batch_size))
                 self.best_val_top1 = max(self.best_val_top1, metrics["val_top1"])
             elif self.has_val and self.history:  # keep the metric present in every report (Tune requires it)
                 metrics.update({k: v for k, v in self.history[-1].items() if k.startswith("val_")})
