@@ -19,7 +19,6 @@ from richkd.config import Config
 from richkd.export import export_sweep
 from richkd.io import atomic_write_text, ensure_writable
 from richkd.report import build_report
-from richkd.run_outputs import save_run_outputs
 from richkd.trainer import Run
 from richkd.tune.runner import run_sweep
 from richkd.tune.spec import load_spec
@@ -81,7 +80,7 @@ def _train(cfg: Config, out_dir: Path):
     result = run.train(on_epoch=lambda r: print(
         f"   epoch {r.epoch}/{cfg.train.epochs}: train loss {r.metrics['train_loss']:.3f}, "
         f"val top-1 {r.metrics['val_top1']:.2f}%", flush=True), final=True)
-    save_run_outputs(run, result, out_dir)
+    run.save_outputs(result, out_dir)
     return result
 
 

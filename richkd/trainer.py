@@ -5,6 +5,7 @@ it on objects built over synthetic data, so a change to the step changes what is
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -21,9 +22,9 @@ from richkd.config import Config, OptimConfig
 from richkd.data import build_data, make_loader, normalize
 from richkd.data.resident import make_resident
 from richkd.device import resolve_device, seed_everything
-from richkd.io import atomic_torch_save, load_problem, quiet_torch_load
+from richkd.io import atomic_torch_save, atomic_write_text, load_problem, quiet_torch_load
 from richkd.metrics import ClassificationMeter
-from richkd.models import create_model
+from richkd.models import create_model, save_model_checkpoint
 from richkd.objective import DistillationObjective
 from richkd.robustness.val_metrics import val_robustness_metrics
 from richkd.teachers import build_teacher_source
@@ -333,6 +334,18 @@ class Run:
         if final:  # the last epoch's student, never a selected epoch; plus the teachers' Fig. 1 analysis
             result.test_metrics = test_metrics or {**self.evaluate("test"), **self.teacher_metrics("test")}
         return result
+
+    def save_outputs(self, result: TrainResult, out_dir: str | Path) -> Path:
+        """What a finished run leaves in out_dir: student.pt (mdistiller's format, so it can be a teacher or go to
+        `richkd evaluate`, which finds config.yaml next to it), config.yaml and result.json. Returns student.pt."""
+        out = Path(out_dir)
+        save_model_checkpoint(self.student, out / "student.pt", arch=self.cfg.student.arch,
+                              num_classes=self.data.num_classes)
+        atomic_write_text(out / "config.yaml", self.cfg.to_yaml())
+        summary = {"config": self.cfg.to_dict(), "metrics": result.metrics, "best_val_top1": result.best_val_top1,
+                   "test_metrics": result.test_metrics, "model": str(out / "student.pt")}
+        atomic_write_text(out / "result.json", json.dumps(summary, indent=1, default=float))
+        return out / "student.pt"
 
 
 def run_training(cfg: Config, *, on_epoch: Optional[Callable[[EpochReport], None]] = None,

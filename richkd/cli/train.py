@@ -13,7 +13,6 @@ from richkd.config import Config
 def cmd_train(args: argparse.Namespace) -> int:
     from richkd.cache import prepare_caches
     from richkd.io import ensure_writable
-    from richkd.run_outputs import save_run_outputs
     from richkd.trainer import NonFiniteLossError, Run, evaluates_at, load_train_state
     from richkd.validate import check_data_fit, check_resources
 
@@ -60,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except NonFiniteLossError as exc:   # a diverged run is a config problem, not a crash; nothing NaN was saved
         raise UserError(f"{exc}; the last checkpoint in {cfg.train.checkpoint_dir} is from the last finite epoch "
                         "(none if it was epoch 1)") from None
-    model_path = save_run_outputs(run, result, out_dir)
+    model_path = run.save_outputs(result, out_dir)
     m = result.metrics
     parts = [f"val top-1 {m['val_top1']:.2f}%" if "val_top1" in m else "no validation split"]
     if result.test_metrics:

@@ -10,12 +10,6 @@ import torch.nn.functional as F
 from richkd.models.base import MODELS, ModelOutput
 
 
-def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """(N, C, H, W) -> view as (N, g, C/g, H, W) -> swap the group axes -> (N, C, H, W)."""
-    n, c, h, w = x.shape
-    return x.reshape(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
-
-
 class ShuffleUnit(nn.Module):
     """Grouped 1x1 -> shuffle -> depthwise 3x3 -> grouped 1x1 (`conv1..3`, `bn1..3`).
 
@@ -38,7 +32,7 @@ class ShuffleUnit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
-        out = channel_shuffle(out, self.first_groups)
+        out = F.channel_shuffle(out, self.first_groups)
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         if self.stride == 2:

@@ -8,7 +8,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from richkd.models.base import MODELS, ModelOutput
-from richkd.models.shufflenetv1 import channel_shuffle
 
 
 class BasicUnit(nn.Module):
@@ -30,7 +29,7 @@ class BasicUnit(nn.Module):
         out = F.relu(self.bn1(self.conv1(x2)))
         out = self.bn2(self.conv2(out))
         out = F.relu(self.bn3(self.conv3(out)))
-        return channel_shuffle(torch.cat([x1, out], 1), 2)
+        return F.channel_shuffle(torch.cat([x1, out], 1), 2)
 
 
 class DownUnit(nn.Module):
@@ -55,7 +54,7 @@ class DownUnit(nn.Module):
         left = F.relu(self.bn2(self.conv2(self.bn1(self.conv1(x)))))
         right = F.relu(self.bn3(self.conv3(x)))
         right = F.relu(self.bn5(self.conv5(self.bn4(self.conv4(right)))))
-        return channel_shuffle(torch.cat([left, right], 1), 2)
+        return F.channel_shuffle(torch.cat([left, right], 1), 2)
 
 
 class ShuffleNetV2(nn.Module):
