@@ -28,6 +28,17 @@ def add_commands(subparsers) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from richkd.report import build_report
+    from richkd.tune.arms import read_group, write_group_page
+
+    found = read_group(args.sweep, args.storage)
+    if found is not None:      # the arms of a fair comparison: each arm's report, and one page over them
+        group = found[0]
+        reports = {arm: str(build_report(sweep, storage=group.storage, log_mlflow=not args.no_mlflow).index)
+                   for arm, sweep in group.sweeps.items()}
+        print(f"arms of {group.name}: {write_group_page(group, reports)}")
+        for arm, path in reports.items():
+            print(f"  {arm}: {path}")
+        return 0
 
     result = build_report(args.sweep, storage=args.storage, tracking_uri=args.tracking_uri, out_dir=args.out,
                           log_mlflow=not args.no_mlflow)

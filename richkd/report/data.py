@@ -114,9 +114,11 @@ class ReportData:
     def best_so_far(self) -> list[tuple[int, float, str]]:
         """(trial-epochs spent, best value, trial) each time a trial reaching max_t improved on the best: the
         search's progress against its budget, the epochs of every trial counted in the order they were reported."""
-        reports = sorted((h.get("timestamp", 0.0), i, r) for r in self.rows for i, h in enumerate(r.history))
+        reports = sorted((h.get("timestamp", 0.0), k, i) for k, r in enumerate(self.rows)
+                         for i, h in enumerate(r.history))
         sign, out, spent = (1.0 if self.mode == "max" else -1.0), [], 0
-        for _, i, r in reports:
+        for _, k, i in reports:
+            r = self.rows[k]
             spent += 1
             value = r.history[i].get(self.metric)
             if (r.outcome == "completed" and i == len(r.history) - 1 and value is not None and math.isfinite(value)

@@ -12,7 +12,7 @@ from richkd.config import Config
 from richkd.tune.errors import SpecError
 from richkd.tune.params import TrialPlan
 from richkd.tune.paths import is_shared_filesystem
-from richkd.tune.spec import SweepSpec, expand_env, load_spec, spec_from_mapping
+from richkd.tune.spec import SweepSpec, expand_env, load_spec, load_specs, spec_from_mapping
 
 from tests.factories import base_spec, make_assets
 
@@ -98,10 +98,10 @@ def test_shipped_specs_parse(tmp_path, monkeypatch):
     monkeypatch.setenv("RICHKD_DEMO_DIR", str(fake_demo_dir(tmp_path / "demo")))
     monkeypatch.chdir(REPO)                     # relative paths in the specs are relative to the repository root
     for path in specs:
-        spec = load_spec(path, check_resources=False, check_data=False)
-        assert spec.params and spec.tune.num_samples >= 1, path
-        if spec.base_config.data.dataset == "fashion_mnist":
-            assert spec.base_config.teacher.checkpoint == str(tmp_path / "demo" / "teacher" / "student.pt")
+        for spec in load_specs(path, check_resources=False, check_data=False).values():   # arms: one per arm
+            assert spec.params and spec.tune.num_samples >= 1, path
+            if spec.base_config.data.dataset == "fashion_mnist":
+                assert spec.base_config.teacher.checkpoint == str(tmp_path / "demo" / "teacher" / "student.pt")
 
 
 def test_cifar_space_seeds_paper_defaults_and_alpha1_control(monkeypatch):
