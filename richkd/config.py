@@ -71,15 +71,11 @@ class DataConfig:
         in_range(self.batch_size, "data.batch_size", 1)
         in_range(self.eval_batch_size, "data.eval_batch_size", 1)
         in_range(self.num_workers, "data.num_workers", 0, 64)
-        for key in ("max_train_samples", "max_eval_samples"):
-            v = getattr(self, key)
-            if v is not None:
-                in_range(v, f"data.{key}", 1)
+        for key in ("max_train_samples", "max_eval_samples", "max_train_per_class"):
+            in_range(getattr(self, key), f"data.{key}", 1)
         if self.dataset == "imagefolder":
             check(self.root is not None, "data.root",
                    "an imagefolder dataset needs data.root pointing at a folder with train/ (and optionally test/)")
-        if self.max_train_per_class is not None:
-            in_range(self.max_train_per_class, "data.max_train_per_class", 1)
         one_of(self.bad_images, "data.bad_images", BAD_IMAGES)
         one_of(self.decode, "data.decode", DECODERS)
         if self.dataset == "imagenet":
@@ -151,8 +147,7 @@ class LossConfig:
         in_range(self.temperature, "loss.temperature", 0.0, 100.0, lo_open=True)
         in_range(self.fusion_alpha, "loss.fusion_alpha", 0.0, 1.0)
         in_range(self.clip_logit_scale, "loss.clip_logit_scale", 0.0, 1000.0)
-        if self.feat_lambda is not None:
-            in_range(self.feat_lambda, "loss.feat_lambda", 0.0, 1.0)
+        in_range(self.feat_lambda, "loss.feat_lambda", 0.0, 1.0)
         in_range(self.feat_dim, "loss.feat_dim", 1, 4096)
         in_range(self.nce_k, "loss.nce_k", 1)
         in_range(self.nce_temperature, "loss.nce_temperature", 0.0, 10.0, lo_open=True)
@@ -201,10 +196,9 @@ class TeachingConfig:
 
     def __post_init__(self) -> None:
         one_of(self.mode, "teaching.mode", TEACHING_MODES)
-        if self.logit_topk is not None:
-            in_range(self.logit_topk, "teaching.logit_topk", 1, 32767)
-            check(self.mode == "cached", "teaching.logit_topk", "top-k logits are a cache format; they need "
-                  "teaching.mode=cached")
+        in_range(self.logit_topk, "teaching.logit_topk", 1, 32767)
+        check(self.logit_topk is None or self.mode == "cached", "teaching.logit_topk",
+              "top-k logits are a cache format; they need teaching.mode=cached")
         in_range(self.views, "teaching.views", 1, 1024)
         in_range(self.view_seed, "teaching.view_seed", 0, 2**31 - 1)
         check(self.views == 1 or self.mode == "cached", "teaching.views",
@@ -253,8 +247,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         in_range(self.epochs, "train.epochs", 1, 100000)
         in_range(self.eval_every, "train.eval_every", 1)
-        if self.threads is not None:
-            in_range(self.threads, "train.threads", 1, 1024)
+        in_range(self.threads, "train.threads", 1, 1024)
         check(not (self.deterministic and self.cudnn_benchmark), "train.cudnn_benchmark",
               "cuDNN's timed kernel choice is not deterministic; set it false with train.deterministic: true")
 
@@ -290,8 +283,7 @@ class RobustnessEvalConfig:
             in_range(s, "robustness.severities", 1, 5)
         check(len(set(self.severities)) == len(self.severities), "robustness.severities",
                f"{list(self.severities)} has duplicates")
-        if self.max_samples is not None:
-            in_range(self.max_samples, "robustness.max_samples", 1)
+        in_range(self.max_samples, "robustness.max_samples", 1)
         in_range(self.seed, "robustness.seed", 0, 2**31 - 1)
 
 

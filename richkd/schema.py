@@ -55,8 +55,11 @@ def check(cond: bool, key: str, msg: str, error: type = ConfigError) -> None:
         raise error(f"{key}: {msg}")
 
 
-def in_range(value: float, key: str, lo: float | None = None, hi: float | None = None,
+def in_range(value: float | None, key: str, lo: float | None = None, hi: float | None = None,
              lo_open: bool = False, hi_open: bool = False, error: type = ConfigError) -> None:
+    """`value` within [lo, hi] (or the open ends asked for); None, an optional value left unset, passes."""
+    if value is None:
+        return
     ok = True
     if lo is not None:
         ok &= value > lo if lo_open else value >= lo
