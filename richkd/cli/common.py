@@ -60,8 +60,7 @@ def load_config(path: Optional[str], overrides: Sequence[str], base: Optional[Co
 
 # ----- parsers ----------------------------------------------------------------------------------------------
 
-def add_command(subparsers, name: str, help: str, epilog: str, func: Optional[Callable] = None,
-                ) -> argparse.ArgumentParser:
+def add_command(subparsers, name: str, help: str, epilog: str, func: Optional[Callable] = None):
     """A command's parser: its help line (also its description), its examples kept as written, its handler."""
     p = subparsers.add_parser(name, help=help, description=help, epilog=epilog,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
