@@ -165,11 +165,6 @@ class ContrastMemory(nn.Module):
         self.register_buffer("class_start", torch.cumsum(counts, 0) - counts, persistent=False)
         self.register_buffer("class_count", counts, persistent=False)
 
-    def extra_repr(self) -> str:
-        return (f"num_data={self.num_data}, feat_dim={self.feat_dim}, nce_k={self.nce_k}, "
-                f"temperature={self.temperature}, momentum={self.momentum}, score_mode={self.score_mode}, "
-                f"sampling={self.sampling}")
-
     @property
     def _dense(self) -> bool:
         if self.score_mode == "auto":
@@ -293,10 +288,6 @@ class FusedCRD(nn.Module):
         self.contrast = ContrastMemory(feat_dim, train_targets, nce_k, nce_temperature, nce_momentum,
                                        sampling=nce_sampling)
 
-    @property
-    def num_data(self) -> int:
-        return self.contrast.num_data
-
     def forward(self, h_s: torch.Tensor, h_t: torch.Tensor, e_clip: Optional[torch.Tensor], lam: float,
                 index: torch.Tensor) -> torch.Tensor:
         """NCE(student side) + NCE(fused-teacher side), unweighted, from the pooled student feature ``h_s``, the
@@ -313,4 +304,4 @@ class FusedCRD(nn.Module):
                     raise ValueError(f"FusedCRD: lam={lam} < 1 needs the CLIP image embeddings e_clip, got None")
                 v_t = fuse_features(v_t, self.embed_clip(e_clip.detach().float()), lam)
             log_p_s, log_p_t = self.contrast(v_s, v_t, index)
-            return nce_loss(log_p_s, self.num_data) + nce_loss(log_p_t, self.num_data)
+            return nce_loss(log_p_s, self.contrast.num_data) + nce_loss(log_p_t, self.contrast.num_data)
