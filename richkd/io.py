@@ -75,9 +75,8 @@ def ensure_writable(folder: str | os.PathLike, what: str, create: bool = True) -
     try:
         if create:
             target.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".richkd-write-probe.", dir=probe_dir)
-        os.close(fd)
-        os.unlink(probe)
+        with tempfile.TemporaryFile(prefix=".richkd-write-probe.", dir=probe_dir):
+            pass
     except OSError as exc:
         converted = output_error(exc, target, what)
         if converted is exc:   # any other reason the probe failed is still the folder's, e.g. it is a file
