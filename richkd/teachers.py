@@ -174,7 +174,7 @@ def build_teacher_source(cfg: Config, data, device: torch.device, split: str = "
     split "test" serves the final analysis of the test split (richkd.analysis); `reuse` is the run's training
     source, whose loaded networks (teacher, CLIP) are reused instead of being loaded again.
     """
-    if cfg.loss.method == "supervised":
+    if not cfg.loss.uses_teacher:
         return None
     if isinstance(reuse, OnlineTeachers):
         return reuse  # it runs on whatever batch it is given

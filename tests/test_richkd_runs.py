@@ -61,9 +61,12 @@ def test_a_final_run_on_the_whole_split_reports_the_teachers_test_analysis(richk
         run.train(final=True)
     assert run.epoch == 0
     prepare_caches(cfg, splits=("train", "test"))
-    assert len(run.train_set) == 600 and run.objective.crd.num_data == 600 and not run.has_val
+    assert len(run.train_set) == 600 and run.objective.crd.contrast.num_data == 600 and not run.has_val
     result = run.train(final=True)
-    assert not any(k.startswith(("val_", "best_val", "teacher_", "fused_")) for k in result.metrics)
+    # no validation metric or validation analysis; the last report carries the test split's (final runs)
+    assert not any(k.startswith(("val_", "best_val", "teacher_", "fused_")) and "_test_" not in k
+                   for k in result.metrics)
+    assert result.metrics["fused_test_top1"] == result.test_metrics["fused_test_top1"]
     assert np.isnan(result.best_val_top1)
     test = result.test_metrics
     assert 0 <= test["test_top1"] <= 100

@@ -71,7 +71,7 @@ def plan_caches(cfg: Config, splits: tuple[str, ...] = ("train",), data=None) ->
     ones become EntryJobs. Fails before any teacher runs if the cache folder could not take them. Both the
     in-process build (prepare_caches) and a sweep's Ray build follow this plan."""
     plan = EntryPlan()
-    if cfg.loss.method == "supervised":
+    if not cfg.loss.uses_teacher:
         return plan
     data = data if data is not None else build_data(cfg.data)
     cache_dir = Path(cfg.teaching.cache_dir)
@@ -185,9 +185,13 @@ def build_entry(job: EntryJob, device=None, progress: bool = False, data=None) -
 
 def prepare_caches(cfg: Config, progress: bool = False, device: Optional[str] = None,
                    splits: tuple[str, ...] = ("train",)) -> list[Path]:
-    """Build every missing cache entry the config reads (plan_caches); return the entry folders. A no-op for
-    supervised runs; cheap when everything exists: only manifests are checked."""
-    if cfg.loss.method == "supervised":
+    """Build every missing cache entry the config reads (plan_caches); return the entry folders.
+
+    cached teaching reads the teacher's and CLIP's image outputs, official teaching CLIP's only (its teacher
+    runs online), online teaching neither; all read the small text classifier when CLIP is used. A no-op for
+    supervised runs. Cheap when everything exists: only manifests are checked.
+    """
+    if not cfg.loss.uses_teacher:
         return []
     data = build_data(cfg.data)
     plan = plan_caches(cfg, splits, data=data)

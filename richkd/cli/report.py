@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from richkd.cli.common import add_storage_args
+from richkd.cli.common import add_command, add_storage_args
 
 REPORT_EPILOG = """examples:
   richkd report smoke                          # tune_runs/smoke/report/index.html (+ PNGs)
@@ -18,14 +18,12 @@ report/ on the sweep's MLflow parent run, unless --no-mlflow.
 
 def add_commands(subparsers) -> None:
     """Register `report` on the `richkd` parser's subparsers object."""
-    p = subparsers.add_parser("report", help="static HTML report of a sweep: learning curves, searched values vs "
-                              "metric, parameter importances, leaderboard", epilog=REPORT_EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(subparsers, "report", "static HTML report of a sweep: learning curves, searched values vs "
+                    "metric, parameter importances, leaderboard", REPORT_EPILOG, cmd_report)
     p.add_argument("sweep", metavar="SWEEP", help="sweep name (under --storage) or its folder")
     add_storage_args(p)
     p.add_argument("--out", "-o", metavar="DIR", help="output folder (default: <sweep folder>/report)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the report to the sweep's MLflow parent run")
-    p.set_defaults(func=cmd_report)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

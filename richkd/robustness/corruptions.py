@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from richkd.config import CORRUPTION_NAMES
 from richkd.registry import Registry
 
 __all__ = ["CORRUPTIONS", "CORRUPTION_NAMES", "SEVERITIES", "SEVERITY_PARAMS", "CorruptionError", "corrupt",
@@ -42,10 +43,6 @@ SEVERITY_PARAMS: dict[str, tuple] = {
     "jpeg_compression": (80, 65, 58, 50, 40),                  # JPEG quality
     "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),                 # box-downscale factor, then box-upscale
 }
-
-# The corruption names, in Hendrycks' table order (noise, blur, digital): the one list of them (the registry below
-# holds one function per name).
-CORRUPTION_NAMES: tuple[str, ...] = tuple(SEVERITY_PARAMS)
 
 # fn(images (B,3,H,W) in [0,1], parameter, per-sample seeds (B,) int64 on CPU) -> corrupted images
 CorruptionFn = Callable[[torch.Tensor, object, torch.Tensor], torch.Tensor]
@@ -295,5 +292,7 @@ def pixelate(x: torch.Tensor, factor: float, seeds: torch.Tensor) -> torch.Tenso
     return torch.from_numpy(np.array(out)).to(device=x.device, dtype=x.dtype)
 
 
-if set(CORRUPTION_NAMES) != set(CORRUPTIONS.names()):  # pragma: no cover - a table without its function, or vice versa
-    raise RuntimeError(f"corruption tables and registry disagree on {set(CORRUPTION_NAMES) ^ set(CORRUPTIONS.names())}")
+# The one list of names is richkd.config.CORRUPTION_NAMES (the config validates against it without importing
+# torch); the tables (in its order) and the implementations must be exactly those.
+if tuple(SEVERITY_PARAMS) != CORRUPTION_NAMES or CORRUPTIONS.names() != sorted(CORRUPTION_NAMES):  # pragma: no cover
+    raise ImportError("richkd.config.CORRUPTION_NAMES, SEVERITY_PARAMS and the registered corruptions differ")

@@ -21,7 +21,7 @@ from richkd.tune.node_check import SweepNeeds, raise_if_unmet
 
 log = logging.getLogger(__name__)
 
-RUN_FILES = ("student.pt", "config.yaml", "result.json")   # what richkd.run_outputs.save_run_outputs writes
+RUN_FILES = ("student.pt", "config.yaml", "result.json")   # what richkd.trainer.Run.save_outputs writes
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,6 @@ class SeedJob:
 def train_seed(config: dict, cpu: float, gpu: float, needs: Optional[SweepNeeds] = None) -> dict:
     """The task body: check this node, train on the full schedule with the test split evaluated, return the
     results and the run's files (bytes)."""
-    from richkd.run_outputs import save_run_outputs
     from richkd.trainer import Run
     from richkd.tune.cluster import current_node_id, use_task_resources
 
@@ -50,7 +49,7 @@ def train_seed(config: dict, cpu: float, gpu: float, needs: Optional[SweepNeeds]
     run = Run(cfg)
     result = run.train(final=True)
     with tempfile.TemporaryDirectory(prefix="richkd-finalist-") as tmp:
-        save_run_outputs(run, result, tmp)
+        run.save_outputs(result, tmp)
         files = {name: (Path(tmp) / name).read_bytes() for name in RUN_FILES}
     return {"metrics": result.metrics, "test_metrics": result.test_metrics, "history": result.history,
             "best_val_top1": result.best_val_top1, "epochs_run": result.epochs_run, "files": files,

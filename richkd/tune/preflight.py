@@ -9,14 +9,11 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Iterable, Sequence
 
 from richkd.config import Config, ConfigError, flatten
 from richkd.tune.errors import SpecError
 from richkd.tune.params import config_or_error, from_sample, walk_active
-
-if TYPE_CHECKING:
-    from richkd.tune.spec import SweepSpec
 
 RANDOM_DRAWS = 32      # seeded draws whose configs must all be valid (catches cross-field rules the corners miss)
 
@@ -117,14 +114,14 @@ def check_spec_data(probes: Sequence[Config]) -> None:
 def check_spec_data_fit(spec: "SweepSpec", probes: Sequence[Config]) -> None:
     """Rules between configs and their data size (richkd.validate.check_data_fit), with the largest loss.nce_k
     the space can produce: otherwise every trial that draws it fails, after the caches were built."""
-    from richkd.validate import check_data_fit, uses_crd
+    from richkd.validate import check_data_fit
 
     largest = max([spec.base_config.loss.nce_k] +
                   [v for p in spec.params for value in p.corners()
                    for k, v in p.overrides_for(value).items() if k == "loss.nce_k" and v is not None])
     seen = set()
     for cfg in probes:
-        if not uses_crd(cfg):
+        if not cfg.loss.uses_crd:
             continue
         key = json.dumps(dataclasses.asdict(cfg.data), sort_keys=True, default=str)
         if key in seen:
