@@ -9,11 +9,23 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+# one thread here and in every process the tests start (Ray workers, subprocesses): CPU results depend on the thread
+# count, and tests compare runs across processes that the design promises compute the same bytes
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 # never write decoded datasets into the real ~/.cache/richkd; tests of that cache point it at tmp_path
 os.environ.setdefault("RICHKD_DECODED_CACHE", "off")
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Back to one thread after each test: a config's train.threads sets it for the whole process (trainer.Run)."""
+    yield
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def _read_idx(path: Path) -> np.ndarray:

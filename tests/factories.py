@@ -140,9 +140,6 @@ def ensure_smoke_sweep(base: Path) -> dict:
     from richkd.tune.runner import run_sweep
     from richkd.tune.spec import spec_from_mapping
 
-    for key, value in ENV.items():
-        if key != "PYTHONPATH":
-            os.environ.setdefault(key, value)
     spec = spec_from_mapping(smoke_spec(assets, work))
     started = time.perf_counter()
     outcome = run_sweep(spec, num_cpus=2, verbose=0)

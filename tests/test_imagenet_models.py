@@ -9,8 +9,6 @@ import torchvision
 
 from richkd.models import MODELS, CheckpointError, ModelOutput, create_model, family_of, load_teacher
 
-torch.set_num_threads(1)
-
 IMAGENET = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "mobilenet_v2": 1280, "MobileNetV1": 1024}
 TORCHVISION = {"resnet18": torchvision.models.resnet18, "resnet34": torchvision.models.resnet34,
                "resnet50": torchvision.models.resnet50, "mobilenet_v2": torchvision.models.mobilenet_v2}
