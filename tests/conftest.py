@@ -1,6 +1,7 @@
 """Test-wide environment (offline, no telemetry, no Ray auth, few threads) and shared small real fixtures."""
 import gzip
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,14 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 os.environ.setdefault("RICHKD_DECODED_CACHE", "off")
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_ray_left_running():
+    """The embedded Ray that tests share (tests.factories.shared_ray) stops with the session."""
+    yield
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
 
 
 @pytest.fixture(autouse=True)

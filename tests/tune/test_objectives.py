@@ -18,7 +18,7 @@ from richkd.pareto import dominates, front_rows, pareto_front
 from richkd.tune.errors import SpecError
 from richkd.tune.spec import spec_from_mapping
 
-from tests.factories import base_spec, find_study, make_assets
+from tests.factories import base_spec, find_study, make_assets, shared_ray
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 OBJECTIVES = ["val_top1", "val_corrupt_top1", "val_ece"]
@@ -271,6 +271,7 @@ def test_multi_objective_sweep_exports_the_pareto_front_and_reports_it(tmp_path_
 
     assets = make_assets(tmp_path_factory.getbasetemp() / "tune_assets", clip=False)
     spec = spec_from_mapping(e2e_spec(assets, tmp_path))
+    shared_ray()
     started = time.perf_counter()
     outcome = run_sweep(spec, num_cpus=2, verbose=0)
     sweep_s = time.perf_counter() - started
