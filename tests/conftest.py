@@ -29,6 +29,18 @@ def no_ray_left_running():
 
 
 @pytest.fixture(autouse=True)
+def no_environment_leaks():
+    """Each test leaves os.environ as it found it. Code under test writes to it: MLflow's set_tracking_uri and
+    set_experiment (richkd evaluate --mlflow-uri) set MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_ID, which a later
+    spec without mlflow.tracking_uri would read, and which Ray workers and subprocesses would inherit."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
 def one_torch_thread():
     """Back to one thread after each test: a config's train.threads sets it for the whole process (trainer.Run)."""
     yield
