@@ -112,7 +112,7 @@ def test_shards_run_in_ray_workers_on_the_nodes_of_a_cluster_that_see_the_files(
 
     from tests.cluster_fixtures import hiding_unsupported
 
-    if ray.is_initialized():      # an earlier test's Ray in this process: this test connects to its cluster
+    if ray.is_initialized():      # the session's shared Ray (tests.factories.shared_ray): connect to the cluster
         ray.shutdown()
     cfg = spec_from_mapping(base_spec(assets, tmp_path)).cache_probe_configs()[0]
     other = cfg.with_overrides({"teaching.cache_dir": str(tmp_path / "other")})
