@@ -90,7 +90,7 @@ def test_richkd_lf_resume_is_exact(richkd_cfg, tmp_path):
     """An L+F run stopped after epoch 1 and resumed from its saved state ends bit-identical to the uninterrupted
     run: the student, the CRD memory banks and their normalisers, the embedding heads and the optimizer's momentum
     buffers (which also train the heads) are all restored."""
-    cfg = richkd_cfg.with_overrides({"train.epochs": 2, "loss.feat_weight": 0.8, "loss.feat_lambda": 0.4})
+    cfg = richkd_cfg.with_overrides({"train.epochs": 2, "loss.feat_weight": 0.8, "loss.feat_lambda": 0.4, "data.max_train_samples": 192})
     prepare_caches(cfg)
     straight = Run(cfg)
     straight.train()

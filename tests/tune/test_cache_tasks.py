@@ -14,7 +14,7 @@ from richkd.models.checkpoint import CheckpointError
 from richkd.tune.spec import spec_from_mapping
 
 from tests.cluster_fixtures import make_ray_cluster  # noqa: F401  (a fixture, registered by pytest)
-from tests.factories import base_spec, imagenet_config, make_assets, make_imagenet_assets
+from tests.factories import base_spec, imagenet_config, make_assets, make_imagenet_assets, shared_ray
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +68,8 @@ def test_row_blocks_of_several_views_assemble_into_the_in_process_entry(assets, 
 
 @pytest.mark.slow
 def test_sweep_caches_are_built_by_ray_tasks_in_two_shards(assets, tmp_path):
-    import ray
-
     from richkd.tune.cache_tasks import build_caches
-    from richkd.tune.runner import init_ray, prepare_sweep_caches
+    from richkd.tune.runner import prepare_sweep_caches
 
     spec = spec_from_mapping(base_spec(assets, tmp_path, tune={"num_samples": 1, "resources": {"cpu": 1},
                                                                "storage_path": str(tmp_path / "runs")}))
@@ -79,17 +77,12 @@ def test_sweep_caches_are_built_by_ray_tasks_in_two_shards(assets, tmp_path):
     broken.write_bytes(b"not a checkpoint")
     bad = spec.cache_probe_configs()[0].with_overrides({"teacher.checkpoint": str(broken)})
     photos = imagenet_config(make_imagenet_assets(tmp_path / "inet"), tmp_path / "inet_cache")
-    if ray.is_initialized():      # an earlier test's Ray in this process: this test sizes its own
-        ray.shutdown()
-    assert init_ray(num_cpus=2)
-    try:
-        records = prepare_sweep_caches(spec, shards=2)
-        again = build_caches(spec.cache_probe_configs(), cpu=1)        # everything exists now: only checked
-        with pytest.raises(CheckpointError, match="broken.pth"):        # the task's own error, not Ray's wrapper
-            build_caches([bad], cpu=1, shards=2)
-        photo = build_caches([photos], cpu=1)                           # a photo dataset's own sharded entries
-    finally:
-        ray.shutdown()
+    shared_ray()
+    records = prepare_sweep_caches(spec, shards=2)
+    again = build_caches(spec.cache_probe_configs(), cpu=1)            # everything exists now: only checked
+    with pytest.raises(CheckpointError, match="broken.pth"):            # the task's own error, not Ray's wrapper
+        build_caches([bad], cpu=1, shards=2)
+    photo = build_caches([photos], cpu=1)                               # a photo dataset's own sharded entries
     assert sorted(b["entry"].split("-")[0] for b in photo.built) == ["clip", "photo"]     # in completion order
     assert all(s["pid"] != os.getpid() for b in photo.built for s in b["shards"])
     whole = prepare_caches(photos.with_overrides({"teaching.cache_dir": str(tmp_path / "inet_whole")}))
@@ -119,7 +112,7 @@ def test_shards_run_in_ray_workers_on_the_nodes_of_a_cluster_that_see_the_files(
 
     from tests.cluster_fixtures import hiding_unsupported
 
-    if ray.is_initialized():      # an earlier test's Ray in this process: this test connects to its cluster
+    if ray.is_initialized():      # the session's shared Ray (tests.factories.shared_ray): connect to the cluster
         ray.shutdown()
     cfg = spec_from_mapping(base_spec(assets, tmp_path)).cache_probe_configs()[0]
     other = cfg.with_overrides({"teaching.cache_dir": str(tmp_path / "other")})

@@ -236,17 +236,22 @@ def test_resume_restores_the_stored_experiment_not_a_fresh_tuner(assets, tmp_pat
         calls["fit"] = (tuner, record.path)
         return SweepOutcome(name=record.name, experiment_path=record.path, num_trials=0)
 
+    # no Ray here (test_node_check.py and test_cluster_sweeps.py test the node checks on real nodes): each stub
+    # records that resume calls it, and in which order
+    order = []
     monkeypatch.setattr(tune.Tuner, "can_restore", staticmethod(lambda path: calls.setdefault("can", path) or True))
     monkeypatch.setattr(tune.Tuner, "restore", staticmethod(restore))
     monkeypatch.setattr(tune, "Tuner", type("NoFreshTuner", (tune.Tuner,), {
         "__init__": lambda self, *a, **k: pytest.fail("resume built a fresh Tuner")}))
     monkeypatch.setattr(runner, "build_tuner", lambda *a, **k: pytest.fail("resume built a fresh Tuner"))
-    monkeypatch.setattr(resume, "ray_for", lambda *a, **k: contextlib.nullcontext())
-    monkeypatch.setattr(resume, "prepare_sweep_caches", lambda spec, progress=False: [])
-    monkeypatch.setattr(resume, "check_nodes", lambda spec, caches: None)
+    monkeypatch.setattr(resume, "ray_for", lambda *a, **k: contextlib.nullcontext(order.append("ray")))
+    monkeypatch.setattr(resume, "check_nodes_share", lambda spec: order.append("share"))
+    monkeypatch.setattr(resume, "prepare_sweep_caches", lambda spec, progress=False: order.append("caches") or [])
+    monkeypatch.setattr(resume, "check_nodes", lambda spec, caches: order.append("nodes"))
     monkeypatch.setattr(resume, "fit_and_summarise", fit)
 
     outcome = resume.resume_sweep(spec.name, storage=spec.tune.storage_path)
+    assert order == ["ray", "share", "caches", "nodes"]      # every node is checked before anything is built
     path, trainable, kwargs = calls["restore"]
     assert path == spec.experiment_path == calls["can"]
     assert kwargs == {"resume_unfinished": True, "resume_errored": False, "restart_errored": False}
