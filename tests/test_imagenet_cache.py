@@ -207,7 +207,6 @@ def test_a_killed_cache_build_resumes_where_it_stopped(assets, built, tmp_path, 
     for kind in reference:
         assert ({k: v for k, v in resumed[kind].manifest.items() if k not in layout}
                 == {k: v for k, v in reference[kind].manifest.items() if k not in layout})    # same key, boxes
-        np.testing.assert_array_equal(resumed[kind].rows, reference[kind].rows)
         for name, arr in reference[kind].arrays.items():
             flat = np.arange(arr.shape[0])
             got, want = resumed[kind].arrays[name][flat], arr[flat]
@@ -217,7 +216,7 @@ def test_a_killed_cache_build_resumes_where_it_stopped(assets, built, tmp_path, 
                 # on the batch size, so a value may round to the neighbouring fp16 (2**-10 relative; 1e-6 near 0)
                 np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=2**-10, atol=1e-6,
                                            err_msg=f"{kind}/{name}")
-            else:                                                # the boxes: drawn, not computed
+            else:                                                # boxes and rows: drawn or counted, not computed
                 np.testing.assert_array_equal(got, want, err_msg=f"{kind}/{name}")
 
 
