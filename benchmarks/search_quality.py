@@ -96,6 +96,7 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--num-samples", type=int, help="random search's trials (default: the table spec's)")
     ap.add_argument("--no-grid", action="store_true", help="skip the n_startup / grace / reduction-factor grid")
+    ap.add_argument("--grid-seeds", type=int, default=10, help="replays per grid setting (default 10)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results_search.json"))
     ap.add_argument("--png", default=str(REPO / "benchmarks" / "search_quality.png"))
     args = ap.parse_args()
@@ -156,7 +157,8 @@ def main() -> int:
                 for rf in (2, 3, 4):
                     v = variant(spec, "optuna", "asha", many, n_startup_trials=n_startup, grace_period=grace,
                                 reduction_factor=rf)
-                    r = run(v, table, f"n_startup {n_startup}, grace {grace}, rf {rf}", args.seeds, budget, index)
+                    r = run(v, table, f"n_startup {n_startup}, grace {grace}, rf {rf}", args.grid_seeds, budget,
+                            index)
                     st = curve_stats(r["results"], grid)
                     grid_results.append({"n_startup_trials": n_startup, "grace_period": grace, "reduction_factor": rf,
                                          "budget_ratio": budget_to_reach(st, random_final) / budget,
@@ -164,7 +166,8 @@ def main() -> int:
 
     out = {
         "table": os.path.relpath(args.table, REPO), "configurations": len(table.configs()), "rows": len(table.rows),
-        "spreads": table.spreads(), "seeds": args.seeds, "num_samples": n, "max_t": spec.max_t, "budget_B": budget,
+        "spreads": table.spreads(), "seeds": args.seeds, "grid_seeds": args.grid_seeds, "num_samples": n,
+        "max_t": spec.max_t, "budget_B": budget,
         "defaults": {"n_startup_trials": t.n_startup_trials, "grace_period": s.grace_period,
                      "reduction_factor": s.reduction_factor, "brackets": s.brackets},
         "random_median_best_val_at_B": random_final, "random_median_test_at_B": random_test,
