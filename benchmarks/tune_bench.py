@@ -158,7 +158,7 @@ def run_sweep_timed(spec, log: Optional[Callable] = None) -> dict:
 def _ensure_ray(log) -> float:
     import ray
 
-    from richkd.tune.runner import init_ray
+    from richkd.tune.session import init_ray
 
     t0 = time.perf_counter()
     if not ray.is_initialized():

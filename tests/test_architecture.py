@@ -22,7 +22,7 @@ LAYERS = {
     "richkd.trainer": 3, "richkd.validate": 3, "richkd.run_outputs": 3, "richkd.robustness.engine": 3,
     "richkd.robustness.val_metrics": 3, "richkd.robustness.evaluate": 3, "richkd.robustness.report": 3,
     "richkd.tune": 4,
-    "richkd.cli": 5, "richkd.__main__": 5, "richkd.demo": 5, "richkd.export": 5, "richkd.report": 5,
+    "richkd.cli": 5, "richkd.__main__": 5, "richkd.demo": 5, "richkd.report": 5,
 }
 LAYER_NAMES = ("foundation", "building blocks", "teaching", "training core", "sweep layer", "applications")
 

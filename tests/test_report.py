@@ -137,7 +137,7 @@ def report(smoke) -> dict:
 
 @pytest.mark.slow
 def test_page_has_every_trial_in_the_leaderboard_and_highlights_the_exported_best(smoke, report):
-    from richkd.export import best_trial, load_sweep
+    from richkd.tune.export import best_trial, load_sweep
 
     spec, _, _, rows = load_sweep(smoke["name"], smoke["storage"])
     best = best_trial(rows, spec)
@@ -210,7 +210,7 @@ def test_stopped_and_failed_trials_end_early_in_the_curves(smoke):
 
 @pytest.mark.slow
 def test_report_is_logged_on_the_parent_run(smoke, report):
-    from richkd.tune.mlflow_client import client_for
+    from richkd.tracking import client_for
 
     client = client_for(smoke["tracking_uri"])
     names = {Path(a.path).name for a in client.list_artifacts(smoke["parent_run_id"], "report")}

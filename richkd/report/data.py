@@ -2,7 +2,7 @@
 
 Curves come from each trial's `result.json` (Ray Tune writes one JSON object per `tune.report`, i.e. per
 epoch) or, when that is missing, its `progress.csv`; both are plain files, so no Ray runtime is needed to read
-them. The trial rows themselves come from `richkd.tune.selection.load_sweep` (Ray's offline ExperimentAnalysis, imported
+them. The trial rows themselves come from `richkd.tune.results.load_sweep` (Ray's offline ExperimentAnalysis, imported
 lazily inside richkd.tune), so the report ranks trials exactly as `richkd export` does.
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ class TrialCurve:
 class ReportData:
     spec: Any                         # richkd.tune.spec.SweepSpec
     experiment_path: str
-    record: Any                       # richkd.tune.sweep_record.SweepRecord (parent_run_id, tracking_uri, ...)
+    record: Any                       # richkd.tune.results.SweepRecord (parent_run_id, tracking_uri, ...)
     rows: list                        # richkd.tune.results.TrialRow, ranked (export's order)
     curves: dict                      # trial_id -> TrialCurve
     out_dir: Path                     # where index.html and the PNGs go
@@ -258,7 +258,7 @@ def load_report_data(sweep: str, storage: Optional[str] = None, tracking_uri: Op
 
     Raises the SpecError of `read_sweep_record` for an unknown sweep and ExportError for a sweep without results.
     """
-    from richkd.tune.selection import load_sweep, output_dir
+    from richkd.tune.results import load_sweep, output_dir
 
     spec, path, record, rows = load_sweep(sweep, storage, tracking_uri)
     curves = {}

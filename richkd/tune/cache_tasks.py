@@ -12,15 +12,19 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-from richkd.cache.build import ROW_KINDS, EntryJob, plan_caches
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from richkd.cache.build import ROW_KINDS, EntryJob, build_entry, plan_caches
 from richkd.cache.shards import assemble_entry, compute_shard, remove_shards, shard_ranges, shard_root
-from richkd.tune.cluster import alive_nodes, current_node_id, node_problems, preflight_error, use_task_resources
+from richkd.tune.cluster import (alive_nodes, current_node_id, node_problems, preflight_error, say,
+                                 use_task_resources)
+from richkd.tune.node_check import sweep_needs
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +51,6 @@ def usable_nodes(configs: list) -> list[dict]:
     driver's versions (richkd.tune.node_check, one zero-CPU task per node); for callers without a preflight of
     their own (finalize). Only the driver's own node: no check. Nodes with problems get no cache task (a warning
     names how many); no usable node at all is the preflight's NodeCheckError."""
-    from richkd.tune.node_check import sweep_needs
-
     nodes = alive_nodes()
     here = current_node_id()
     if all(n["NodeID"] == here for n in nodes):
@@ -82,8 +84,6 @@ def _assemble_task(job: EntryJob, root: str, *shards: dict) -> dict:
 
 
 def _whole_task(job: EntryJob, cpu: float, gpu: float) -> dict:
-    from richkd.cache.build import build_entry
-
     use_task_resources(cpu, gpu, f"the cache task for {job.name}")
     return {"path": str(build_entry(job)), "shards": [{"start": 0, "stop": job.n_rows, **_where()}]}
 
@@ -122,9 +122,6 @@ def run_jobs(jobs: list[EntryJob], *, cpu: float, gpu: float, shards: Optional[i
     Shard i of every entry prefers slot i's node among `nodes` (default: all alive; soft affinity: a node that
     died is replaced by any other), so the shards spread evenly. Assembly only reads and writes files: it takes no
     CPU slot; it and the text classifier also run on those nodes."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     slots = node_slots(cpu, gpu, nodes)
     shards = shards or max(1, min(len(slots), MAX_SHARDS))
     shard, assemble, whole = ray.remote(_shard_task), ray.remote(_assemble_task), ray.remote(_whole_task)
@@ -150,7 +147,7 @@ def run_jobs(jobs: list[EntryJob], *, cpu: float, gpu: float, shards: Optional[i
                 for i, (a, b) in enumerate(ranges)]
         shard_refs.extend(refs)
         pending[on_slot(assemble, j, num_cpus=0).remote(job, str(root), *refs)] = (job, len(ranges))
-    _say(f"caches: building {len(jobs)} entr{'y' if len(jobs) == 1 else 'ies'} as Ray tasks "
+    say(f"caches: building {len(jobs)} entr{'y' if len(jobs) == 1 else 'ies'} as Ray tasks "
          f"({shards} row shard(s) per entry, {cpu:g} CPU / {gpu:g} GPU each)", progress)
     built: list[dict] = []
     while pending:
@@ -163,22 +160,15 @@ def run_jobs(jobs: list[EntryJob], *, cpu: float, gpu: float, shards: Optional[i
                 ray.cancel(other, force=True)
             for root in roots:
                 remove_shards(root)
-            raise _task_error(exc) from None
+            raise task_error(exc) from None
         nodes = {s["node_id"] for s in result["shards"]}
         built.append({"entry": job.name, **result, "s": time.perf_counter() - started})
-        _say(f"cache {len(built)}/{len(jobs)}: {job.name} built ({n} shard{'s' if n > 1 else ''} on "
+        say(f"cache {len(built)}/{len(jobs)}: {job.name} built ({n} shard{'s' if n > 1 else ''} on "
              f"{len(nodes)} node{'s' if len(nodes) > 1 else ''}, {built[-1]['s']:.1f}s)", progress)
     return built
 
 
-def _task_error(exc: Exception) -> Exception:
+def task_error(exc: Exception) -> Exception:
     """The error a task raised (a CacheError names the folder and the fix), not Ray's wrapper around it."""
     cause = getattr(exc, "cause", None)
     return cause if isinstance(cause, Exception) else exc
-
-
-def _say(line: str, progress: bool) -> None:
-    if progress:
-        print(line, file=sys.stderr, flush=True)
-    else:
-        log.info(line)

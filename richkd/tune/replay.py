@@ -29,6 +29,9 @@ from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
+import optuna
+from ray.tune.experiment import Experiment
+from ray.tune.search import Searcher
 
 from richkd.tune.search import build_scheduler, build_search_alg, tune_param_space
 from richkd.tune.spec import SweepSpec
@@ -106,8 +109,6 @@ def with_seed(spec: SweepSpec, seed: int) -> SweepSpec:
 
 def _random_generator(spec: SweepSpec, searcher, folder: str) -> None:
     """Tune's BasicVariantGenerator is fed an Experiment, as Tuner.fit feeds it (it yields Trial objects)."""
-    from ray.tune.experiment import Experiment
-
     searcher.add_configurations([Experiment(name="replay", run=lambda config: None, config=tune_param_space(spec),
                                             num_samples=spec.tune.num_samples, storage_path=folder)])
 
@@ -116,8 +117,6 @@ def replay(spec: SweepSpec, table: Table, seed: int = 0, index: Optional[TableIn
            budget: Optional[int] = None, warm: Optional[WarmStart] = None) -> ReplayResult:
     """One sweep of `spec` (its searcher seeded with `seed`) against the table; `budget` (trial-epochs), when
     given, stops proposing new trials once it is spent, as a time budget would."""
-    from ray.tune.search import Searcher
-
     check_same_space(table, spec, "replay")
     index = index or TableIndex(table, spec)
     spec = with_seed(spec, seed)
@@ -227,8 +226,6 @@ def one_epoch_top_k(spec: SweepSpec, table: Table, n: int, k: int, seed: int = 0
 
 def replay_many(spec: SweepSpec, table: Table, seeds: int = 20, progress: bool = False,
                 budget: Optional[int] = None, warm: Optional[WarmStart] = None) -> list[ReplayResult]:
-    import optuna
-
     if seeds < 1:
         raise ValueError("replay: --seeds must be >= 1")
     optuna.logging.set_verbosity(optuna.logging.WARNING)    # no "A new study created" line per replay

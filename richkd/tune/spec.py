@@ -22,18 +22,21 @@ import logging
 import os
 import re
 from dataclasses import dataclass, fields, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
+from richkd.cache.signature import CACHE_AFFECTING_PREFIXES, affects_cache, cache_signature
 from richkd.config import Config, ConfigError, load_yaml_mapping, parse_override
 from richkd.metric_names import needs_robustness, per_corruption
 from richkd.schema import build, read_yaml, suggest, to_plain
+from richkd.tracking import default_artifact_location
 from richkd.tune.errors import SpecError
 from richkd.tune.params import Param, TrialPlan, check_keys, config_or_error, parse_space
-from richkd.tune.paths import PATH_KEYS, absolutize, default_artifact_location, join_storage, resolve_tracking_uri
-from richkd.tune.preflight import check_spec
+from richkd.tune.paths import PATH_KEYS, absolutize, join_storage, resolve_tracking_uri
+from richkd.tune.preflight import check_inputs, check_space_values
 from richkd.tune.settings import FinalizeSettings, MlflowSettings, TuneSettings, parse_tune
 
 log = logging.getLogger(__name__)
@@ -89,18 +92,18 @@ class SweepSpec:
         """n seeded draws from the space (respecting `when:`), as Tune-style sampled dicts."""
         return self.plan().random_points(n, seed)
 
-    def cache_probe_configs(self, n_draws: int = 32) -> list[Config]:
-        """Configs that together need every cache any trial can read, one per distinct cache need.
+    @cached_property
+    def cache_probe_configs(self) -> list[Config]:
+        """Configs that together need every cache any trial can read, one per distinct cache need; computed once
+        per spec (the loader's checks, the cache build and the node checks all use them).
 
         Every combination of the cache-affecting choice values is crossed with the base config, the
         points to evaluate and seeded draws of the other knobs (which decide e.g. whether CLIP is used).
         """
-        from richkd.cache.signature import affects_cache, cache_signature
-
         cache_params = [p for p in self.params if any(affects_cache(k) for k in p.config_keys)]
         combos = [dict(zip([p.key for p in cache_params], vals))
                   for vals in itertools.product(*[p.values for p in cache_params])] or [{}]
-        others = [{}] + [dict(pt) for pt in self.points] + self.random_points(n_draws, seed=12345)
+        others = [{}] + [dict(pt) for pt in self.points] + self.random_points(32, seed=12345)
         plan = self.plan()
         seen: dict = {}
         for other in others:
@@ -220,7 +223,8 @@ def spec_from_mapping(raw: Mapping[str, Any], *, source: Optional[str] = None,
     finalize = _parse_finalize(raw.get("finalize"), base_cfg)
     spec = SweepSpec(name=name, source=source, base_config=base_cfg, params=params, points=points,
                      tune=tune, mlflow=mlflow, finalize=finalize, description=str(raw.get("description") or ""))
-    check_spec(spec, check_resources=check_resources, check_data=check_data)
+    check_space_values(base_cfg, spec.plan(), points)
+    check_inputs(base_cfg, params, spec.cache_probe_configs, check_resources=check_resources, check_data=check_data)
     return spec
 
 
@@ -324,8 +328,6 @@ def _load_base_config(raw: dict, base_dir: Path, name: str, demo_base: bool = Fa
 
 
 def _check_cache_keys(params: Sequence[Param]) -> None:
-    from richkd.cache.signature import CACHE_AFFECTING_PREFIXES
-
     for p in params:
         if not p.is_finite and p.key.startswith(CACHE_AFFECTING_PREFIXES):
             raise SpecError(f"space.{p.key}: {p.key} changes the teacher/CLIP caches, which are built once before "

@@ -28,8 +28,8 @@ from richkd.provenance import code_version
 from richkd.tune.errors import SpecError
 from richkd.tune.params import Param, TrialPlan
 from richkd.tune.paths import PATH_KEYS
-from richkd.tune.selection import load_sweep
-from richkd.tune.spec import SweepSpec
+from richkd.tune.results import finite_value, load_sweep
+from richkd.tune.spec import SweepSpec, spec_from_mapping
 
 FORMAT = "richkd-table/1"
 SEED_KEY = "seed"   # the extra entry a build adds to the space: the run's seed
@@ -86,6 +86,10 @@ class Table:
     @property
     def spec(self) -> SweepSpec:
         return SweepSpec.from_dict(self.header["spec"])
+
+    def spec_with(self, overrides: list) -> SweepSpec:
+        """The spec the table was built from with `--set` overrides, not checked against files on this machine."""
+        return spec_from_mapping(self.header["spec"], overrides=overrides, check_resources=False, check_data=False)
 
     @property
     def max_t(self) -> int:
@@ -185,21 +189,16 @@ def append_row(path: Path, row: TableRow) -> None:
         os.fsync(f.fileno())
 
 
-def _finite(value: Any) -> Optional[float]:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
-        else None
-
-
 def row_from_history(history: list, sampled: dict, seed: int, metric: str, extra: Optional[dict] = None) -> TableRow:
     """A table row from a trial's per-epoch results (Tune's result dicts, in epoch order)."""
     last = history[-1] if history else {}
     nonfinite = bool(last.get("nonfinite_loss"))
     return TableRow(
         config_id=config_id(sampled), seed=int(seed), params=dict(sampled),
-        val_top1=[_finite(r.get(metric)) for r in history], val_loss=[_finite(r.get("val_loss")) for r in history],
-        seconds=[_finite(r.get("time_this_iter_s")) for r in history],
-        train_seconds=[_finite(r.get("epoch_time_s")) for r in history],
-        test_top1=_finite(last.get("test_top1")), outcome="nonfinite_loss" if nonfinite else "completed",
+        val_top1=[finite_value(r.get(metric)) for r in history], val_loss=[finite_value(r.get("val_loss")) for r in history],
+        seconds=[finite_value(r.get("time_this_iter_s")) for r in history],
+        train_seconds=[finite_value(r.get("epoch_time_s")) for r in history],
+        test_top1=finite_value(last.get("test_top1")), outcome="nonfinite_loss" if nonfinite else "completed",
         extra=dict(extra or {}))
 
 

@@ -20,7 +20,7 @@ def smoke(tmp_path_factory) -> dict:
 
 @pytest.mark.slow
 def test_smoke_sweep_asha_stops_trials_and_mlflow_has_parent_and_children(smoke):
-    from richkd.tune.mlflow_client import OUTCOME_TAG, PARENT_TAG, TRIAL_TAG, client_for
+    from richkd.tracking import OUTCOME_TAG, PARENT_TAG, TRIAL_TAG, client_for
 
     assert smoke["num_trials"] == 3
     counts = smoke["counts"]

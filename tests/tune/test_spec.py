@@ -12,7 +12,7 @@ from richkd.config import Config
 from richkd.tune.errors import SpecError
 from richkd.tune.params import TrialPlan
 from richkd.tune.paths import is_shared_filesystem
-from richkd.tune.spec import SweepSpec, expand_env, load_spec, spec_from_mapping
+from richkd.tune.spec import SweepSpec, expand_env, load_spec, load_specs, spec_from_mapping
 
 from tests.factories import base_spec, make_assets
 
@@ -98,10 +98,10 @@ def test_shipped_specs_parse(tmp_path, monkeypatch):
     monkeypatch.setenv("RICHKD_DEMO_DIR", str(fake_demo_dir(tmp_path / "demo")))
     monkeypatch.chdir(REPO)                     # relative paths in the specs are relative to the repository root
     for path in specs:
-        spec = load_spec(path, check_resources=False, check_data=False)
-        assert spec.params and spec.tune.num_samples >= 1, path
-        if spec.base_config.data.dataset == "fashion_mnist":
-            assert spec.base_config.teacher.checkpoint == str(tmp_path / "demo" / "teacher" / "student.pt")
+        for spec in load_specs(path, check_resources=False, check_data=False).values():   # each arm's, with arms
+            assert spec.params and spec.tune.num_samples >= 1, path
+            if spec.base_config.data.dataset == "fashion_mnist":
+                assert spec.base_config.teacher.checkpoint == str(tmp_path / "demo" / "teacher" / "student.pt")
 
 
 def test_cifar_space_seeds_paper_defaults_and_alpha1_control(monkeypatch):
@@ -227,9 +227,11 @@ def test_choice_on_a_cache_key_is_fine_and_every_combination_is_probed(assets, t
     raw["space"]["clip.prompt_set"] = {"sampler": "choice", "values": ["simple", "single"]}
     raw["space"]["data.batch_size"] = {"sampler": "choice", "values": [32, 64]}
     spec = load(raw)
-    probes = spec.cache_probe_configs()
+    probes = spec.cache_probe_configs
     combos = {(c.clip.prompt_set, c.data.batch_size) for c in probes if c.uses_clip}
     assert combos == {("simple", 32), ("simple", 64), ("single", 32), ("single", 64)}
+    # computed once per spec: the loader's checks, the cache build and the node checks all read these
+    assert spec.cache_probe_configs is probes
 
 
 @pytest.mark.parametrize("where", ["config", "choice", "variant"])

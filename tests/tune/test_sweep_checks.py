@@ -111,7 +111,7 @@ def test_per_corruption_objective_errors(assets, tmp_path, metric, mode, corrupt
 
 
 def test_per_corruption_metrics_are_accepted_by_the_pareto_export(assets, tmp_path):
-    from richkd.export import pareto_objectives
+    from richkd.tune.export import pareto_objectives
 
     spec = spec_from_mapping(base_spec(assets, tmp_path), check_data=False)
     assert pareto_objectives(spec, ["val_top1", "val_corrupt_top1_contrast", "val_ece"]) == [
@@ -126,8 +126,8 @@ def test_time_budget_is_validated_and_reaches_tune(assets, tmp_path, monkeypatch
     from richkd.tune.runner import build_tuner
 
     raw = base_spec(assets, tmp_path)
-    for bad, expected in ((0, "tune.time_budget_s: must be > 0"), (-5, "must be > 0"),
-                          (float("nan"), "expected a finite number")):
+    for bad, expected in ((0, "tune.time_budget_s: 0 is out of range; expected a value in (0, inf)"),
+                          (-5, "-5 is out of range"), (float("nan"), "nan is out of range")):
         raw["tune"]["time_budget_s"] = bad
         assert expected in spec_error(raw, check_data=False)
     raw["tune"]["time_budget_s"] = 90
@@ -217,9 +217,9 @@ def test_resume_restores_the_stored_experiment_not_a_fresh_tuner(assets, tmp_pat
     re-run) and fits that restored Tuner; it never builds a new Tuner for the spec."""
     from ray import tune
 
-    from richkd.tune import resume, runner
+    from richkd.tune import runner
     from richkd.tune.outcome import SweepOutcome
-    from richkd.tune.sweep_record import SweepRecord, write_sweep_record
+    from richkd.tune.results import SweepRecord, write_sweep_record
 
     raw = base_spec(assets, tmp_path)
     raw["mlflow"] = {"enabled": False}
@@ -241,12 +241,11 @@ def test_resume_restores_the_stored_experiment_not_a_fresh_tuner(assets, tmp_pat
     monkeypatch.setattr(tune, "Tuner", type("NoFreshTuner", (tune.Tuner,), {
         "__init__": lambda self, *a, **k: pytest.fail("resume built a fresh Tuner")}))
     monkeypatch.setattr(runner, "build_tuner", lambda *a, **k: pytest.fail("resume built a fresh Tuner"))
-    monkeypatch.setattr(resume, "ray_for", lambda *a, **k: contextlib.nullcontext())
-    monkeypatch.setattr(resume, "prepare_sweep_caches", lambda spec, progress=False: [])
-    monkeypatch.setattr(resume, "check_nodes", lambda spec, caches: None)
-    monkeypatch.setattr(resume, "fit_and_summarise", fit)
+    monkeypatch.setattr(runner, "ray_for", lambda *a, **k: contextlib.nullcontext())
+    monkeypatch.setattr(runner, "prepare_nodes", lambda spec, progress=False: ([], None))
+    monkeypatch.setattr(runner, "fit_and_summarise", fit)
 
-    outcome = resume.resume_sweep(spec.name, storage=spec.tune.storage_path)
+    outcome = runner.resume_sweep(spec.name, storage=spec.tune.storage_path)
     path, trainable, kwargs = calls["restore"]
     assert path == spec.experiment_path == calls["can"]
     assert kwargs == {"resume_unfinished": True, "resume_errored": False, "restart_errored": False}
