@@ -89,7 +89,7 @@ def test_help_lists_commands_and_examples():
     # each command on its own line of the command list, with its one-line help (not just the word somewhere)
     listed = dict(re.findall(r"^    (\w+)\s+(\S.*)$", out.stdout.split("examples:")[0], re.MULTILINE))
     assert set(listed) == {"train", "models", "cache", "clip", "demo", "sweep", "export", "finalize", "ui",
-                           "evaluate", "report"}
+                           "evaluate", "report", "table", "replay"}
     assert listed["train"].startswith("train one run") and listed["ui"].startswith("browse the sweeps' MLflow")
     examples = out.stdout.split("examples:\n")[1]
     assert examples.startswith("  richkd demo ") and "\n  richkd sweep search_spaces/smoke.yaml" in examples

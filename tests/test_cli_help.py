@@ -38,7 +38,8 @@ COMMANDS = all_commands()
 def test_the_command_tree_is_what_the_readme_lists():
     names = {name for name, _ in COMMANDS}
     assert names == {"train", "models", "cache", "clip", "clip init-tiny", "clip prompts", "clip zeroshot", "demo",
-                     "sweep", "export", "finalize", "ui", "evaluate", "report"}
+                     "sweep", "export", "finalize", "ui", "evaluate", "report", "table", "table build",
+                     "table from-sweep", "table info", "replay"}
     readme = (REPO / "README.md").read_text()
     block = readme.split("## Commands")[1].split("```")[1]
     listed = {line.split()[1] for line in block.splitlines() if line.startswith("richkd ")}

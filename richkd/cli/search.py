@@ -73,11 +73,13 @@ def add_commands(subparsers) -> None:
     b.add_argument("--num-cpus", type=int, help="CPUs for the embedded Ray (default: all of this machine's)")
     b.add_argument("--quiet", "-q", action="store_true", help="no Tune status tables")
     b.add_argument("--storage", help="where the build's Tune experiment goes (default: the spec's storage_path)")
-    f = sub.add_parser("from-sweep", help="a finished sweep without early stopping as a table")
+    f = sub.add_parser("from-sweep", help="a finished sweep without early stopping as a table", epilog=TABLE_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     f.add_argument("sweep", help="sweep name (under --storage) or its folder")
     f.add_argument("--out", required=True, help="the table file to write (JSON lines)")
     f.add_argument("--storage", help="the sweeps' storage folder or URI (default tune_runs)")
-    i = sub.add_parser("info", help="what a table holds: configurations, epochs, seeds, spreads, provenance")
+    i = sub.add_parser("info", help="what a table holds: configurations, epochs, seeds, spreads, provenance",
+                       epilog=TABLE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     i.add_argument("file", help="a table file")
     p.set_defaults(func=cmd_table)
 

@@ -78,7 +78,7 @@ def node_problems(needs: SweepNeeds, timeout_s: float = PREFLIGHT_TIMEOUT_S,
         node = refs[ref]
         try:
             found = ray.get(ref)
-        except cluster_lost_errors():   # the cluster, not this node: richkd.tune.runner.ray_session says so
+        except cluster_lost_errors():   # the cluster, not this node: richkd.tune.session.ray_session says so
             raise
         except Exception as exc:  # the node cannot even run the check (e.g. richkd not importable there)
             found = [f"the check itself failed: {str(exc).strip().splitlines()[-1][:300]} (install richkd-tune with "

@@ -71,7 +71,8 @@ def test_sweep_caches_are_built_by_ray_tasks_in_two_shards(assets, tmp_path):
     import ray
 
     from richkd.tune.cache_tasks import build_caches
-    from richkd.tune.runner import init_ray, prepare_sweep_caches
+    from richkd.tune.runner import prepare_nodes
+    from richkd.tune.session import init_ray
 
     spec = spec_from_mapping(base_spec(assets, tmp_path, tune={"num_samples": 1, "resources": {"cpu": 1},
                                                                "storage_path": str(tmp_path / "runs")}))
@@ -83,7 +84,7 @@ def test_sweep_caches_are_built_by_ray_tasks_in_two_shards(assets, tmp_path):
         ray.shutdown()
     assert init_ray(num_cpus=2)
     try:
-        records = prepare_sweep_caches(spec, shards=2)
+        records, _ = prepare_nodes(spec)                                 # 2 CPU slots: 2 row shards per entry
         again = build_caches(spec.cache_probe_configs, cpu=1)        # everything exists now: only checked
         with pytest.raises(CheckpointError, match="broken.pth"):        # the task's own error, not Ray's wrapper
             build_caches([bad], cpu=1, shards=2)

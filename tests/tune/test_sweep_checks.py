@@ -126,8 +126,8 @@ def test_time_budget_is_validated_and_reaches_tune(assets, tmp_path, monkeypatch
     from richkd.tune.runner import build_tuner
 
     raw = base_spec(assets, tmp_path)
-    for bad, expected in ((0, "tune.time_budget_s: 0 is out of range; expected a value in (0, inf)"),
-                          (-5, "-5 is out of range"), (float("nan"), "nan is out of range")):
+    for bad, expected in ((0, "tune.time_budget_s: 0.0 is out of range; expected a value in (0, inf)"),
+                          (-5, "-5.0 is out of range"), (float("nan"), "nan is out of range")):
         raw["tune"]["time_budget_s"] = bad
         assert expected in spec_error(raw, check_data=False)
     raw["tune"]["time_budget_s"] = 90
@@ -278,6 +278,15 @@ def test_hints_name_the_storage_when_it_is_not_the_default(tmp_path, monkeypatch
         "  next: richkd export fm4"]
     default.tracking_uri = f"sqlite:///{tmp_path / 'tune_runs' / 'mlflow.db'}"     # the default store: plain
     assert "; `richkd ui` to browse" in describe_outcome(default, "val_top1")
+    # with its experiment known, the link that opens the sweep's runs on the UI's runs table, best first
+    default.experiment_id, default.mode = "3", "min"
+    assert describe_outcome(default, "val_loss").splitlines()[3].endswith(
+        "; `richkd ui`, then open http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning"
+        "&searchFilter=tags.%60richkd.sweep%60%20%3D%20%27fm4%27&orderByKey=metrics.%60val_loss%60&orderByAsc=true")
+    default.tracking_uri = "http://mlflow.example:5000"                           # a server is its own UI
+    assert describe_outcome(default, "val_loss").splitlines()[3].endswith(
+        "; open http://mlflow.example:5000/#/experiments/3/runs?workflowType=machine_learning"
+        "&searchFilter=tags.%60richkd.sweep%60%20%3D%20%27fm4%27&orderByKey=metrics.%60val_loss%60&orderByAsc=true")
     elsewhere = _outcome(tmp_path, tmp_path / "sweeps", completed=3)
     elsewhere.tracking_uri = f"sqlite:///{tmp_path / 'sweeps' / 'mlflow.db'}"      # --storage keeps its store
     lines = describe_outcome(elsewhere, ["val_top1", "val_ece"]).splitlines()
