@@ -16,7 +16,7 @@ import os
 import time
 from collections import deque
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 from urllib.error import HTTPError, URLError
 from urllib.parse import quote, urlparse
 from urllib.request import urlopen
@@ -63,26 +63,19 @@ def client_for(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-class _FirstRetryOnly(logging.Filter):
-    """Lets urllib3's first "Retrying ..." warning through, then drops the rest: during an outage the Outbox says
-    so itself, so the console is not flooded with one line per try."""
-
-    def __init__(self) -> None:
-        super().__init__("richkd-first-retry-only")
-        self.seen = False
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith("Retrying"):
-            return True
-        seen, self.seen = self.seen, True
-        return not seen
-
-
 def quiet_http_retries() -> None:
-    """Install _FirstRetryOnly on urllib3's pool logger once per process."""
+    """Let urllib3's first "Retrying ..." warning through and drop the rest (once per process): during an outage
+    the Outbox says so itself, so the console is not flooded with one line per try."""
     logger = logging.getLogger("urllib3.connectionpool")
-    if not any(isinstance(f, _FirstRetryOnly) for f in logger.filters):
-        logger.addFilter(_FirstRetryOnly())
+    if not any(getattr(f, "__name__", "") == "first_retry_only" for f in logger.filters):
+        seen: list = []
+
+        def first_retry_only(record: logging.LogRecord) -> bool:
+            retry = str(record.msg).startswith("Retrying")
+            seen.extend([1] if retry else [])
+            return not retry or len(seen) == 1
+
+        logger.addFilter(first_retry_only)
 
 
 def default_artifact_location(tracking_uri: str, given: Optional[str] = None) -> Optional[str]:
@@ -182,10 +175,6 @@ def child_runs(client, experiment_id: str, parent_run_id: str, kind: str = "tria
             return runs
 
 
-def _batches(items: list, n: int) -> Iterable[list]:
-    return (items[i:i + n] for i in range(0, len(items), n))
-
-
 def finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -221,9 +210,7 @@ class Outbox:
         self._next_try, self._delay, self._rejects = 0.0, self.first_delay_s, 0
 
     def __getstate__(self) -> dict:    # monotonic clocks do not survive a driver restart
-        state = dict(self.__dict__)
-        state.update(_down_since=None, _next_try=0.0, _delay=self.first_delay_s, _rejects=0)
-        return state
+        return {**self.__dict__, "_down_since": None, "_next_try": 0.0, "_delay": self.first_delay_s, "_rejects": 0}
 
     def export(self) -> dict:
         return {"ops": [list(op) for op in self.ops], "dropped": self.dropped}
@@ -370,11 +357,14 @@ class RunWriter:
             tags = {**tags, PARENT_TAG: self.runs[parent]} if parent else tags
             self.runs[key] = self.client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
 
+    def _batches(self, key: str, kind: str, entries: list, size: int) -> None:
+        for i in range(0, len(entries), size):
+            self.client.log_batch(self.runs[key], **{kind: entries[i:i + size]}, synchronous=True)
+
     def _op_params(self, key: str, params: dict) -> None:
         from mlflow.entities import Param
 
-        for chunk in _batches([Param(str(k), str(v)[:6000]) for k, v in params.items()], 100):
-            self.client.log_batch(self.runs[key], params=chunk, synchronous=True)
+        self._batches(key, "params", [Param(str(k), str(v)[:6000]) for k, v in params.items()], 100)
 
     def _op_metrics(self, key: str, metrics: dict, step: int = 0, stamp: Optional[int] = None) -> None:
         """One step's record, e.g. an epoch's: what the Outbox gives up first when it is full."""
@@ -389,15 +379,13 @@ class RunWriter:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000) if stamp is None else int(stamp)
-        entries = [Metric(str(k), float(v), now, int(s)) for s, m in steps for k, v in m.items()]
-        for chunk in _batches(entries, 1000):
-            self.client.log_batch(self.runs[key], metrics=chunk, synchronous=True)
+        self._batches(key, "metrics", [Metric(str(k), float(v), now, int(s)) for s, m in steps for k, v in m.items()],
+                      1000)
 
     def _op_tags(self, key: str, tags: dict) -> None:
         from mlflow.entities import RunTag
 
-        for chunk in _batches([RunTag(str(k), str(v)[:8000]) for k, v in tags.items()], 100):
-            self.client.log_batch(self.runs[key], tags=chunk, synchronous=True)
+        self._batches(key, "tags", [RunTag(str(k), str(v)[:8000]) for k, v in tags.items()], 100)
 
     def _op_artifact(self, key: str, path: str, folder: Optional[str] = None) -> None:
         self.client.log_artifact(self.runs[key], path, artifact_path=folder)

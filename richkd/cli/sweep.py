@@ -273,7 +273,7 @@ def add_commands(subparsers) -> None:
 
     p = subparsers.add_parser("ui", help="browse the sweeps' MLflow store (mlflow ui on 127.0.0.1)",
                               epilog=UI_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--port", type=int, default=UI_PORT, help=f"port on 127.0.0.1 to serve the UI on (default {UI_PORT})")
+    p.add_argument("--port", type=int, default=UI_PORT, help=f"port on 127.0.0.1 to serve it on (default {UI_PORT})")
     add_storage_args(p)
     p.set_defaults(func=cmd_ui)
 

@@ -1,11 +1,7 @@
-"""A sweep's caches built as Ray work: row shards on the workers, one assembly task per entry, the driver waits.
-
-The driver only plans (richkd.cache.plan_caches: manifests of existing entries are checked, missing ones
-listed, as `richkd cache` does) and waits. Each missing teacher / CLIP-image entry is split into row shards, one
-Ray task each with the trials' resources (`tune.resources.cpu` / `gpu`: the teacher and CLIP forwards run where
-the trials' accelerators are), spread over the nodes; an assembly task that depends on them writes the entry
-with the atomic manifest writer (richkd.cache.shards). The small text classifier is one task. Entries shared by
-several configs are built once. See docs/architecture.md, "Building on the workers".
+"""A sweep's caches built as Ray work (docs/architecture.md, "Building on the workers"): the driver plans
+(richkd.cache.plan_caches) and waits; each missing teacher / CLIP-image entry is split into row shards, one Ray task
+each with the trials' resources (the forwards run where the trials' accelerators are) spread over the nodes, and an
+assembly task writes the entry (richkd.cache.shards). Entries shared by several configs are built once.
 """
 from __future__ import annotations
 

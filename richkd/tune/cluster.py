@@ -1,11 +1,6 @@
-"""The Ray cluster a sweep runs on: what the job ships to every worker, what the cluster must offer, the node
-preflight, and what a trial or task claims of its node.
-
-`job_runtime_env` is the job-level runtime_env: every trial and task gets the driver's RICHKD_*, HF_*,
-MLFLOW_* and thread settings, so a worker resolves caches, models and tracking exactly as the driver did.
-`preflight_nodes` runs `node_check.check_needs` as one task pinned to each alive node (node-affinity
-scheduling, zero CPUs so it never waits behind trials) and turns every problem into one error before any trial
-starts (docs/architecture.md, "Running on a cluster").
+"""The Ray cluster a sweep runs on (docs/architecture.md, "Running on a cluster"): the driver's settings every worker
+gets (`job_runtime_env`), what the cluster must offer, the node preflight (`node_check.check_needs` as a zero-CPU task
+pinned to each alive node, every problem in one error before any trial), and what a trial or task claims of its node.
 """
 from __future__ import annotations
 

@@ -1,20 +1,13 @@
-"""Re-train a sweep's top-K configs on the full schedule over several seeds and report test accuracy mean/std.
+"""Re-train a sweep's top-K configs (Pareto-front members, in a multi-objective sweep) on the full schedule over
+several seeds and report their test top-1, mean and sample std (docs/architecture.md, "Data flow", 11).
 
-This is the only sweep command that reads the test split (`Run.train(final=True)`); selection of the K configs
-used the validation split only. The sweep's shortened ASHA schedule misranks step-LR recipes at early rungs
-(docs/method.md, "Recipes"), so `finalize.overrides` in the spec (e.g. train.epochs: 240, optim.schedule: step)
-restore the paper's full schedule here. Finalists train on the whole training split (data.val_fraction 0, as the
-paper; `holdout=True` keeps the sweep's split) and report the last epoch's test top-1 and the teachers' Fig. 1
-analysis on the test split (docs/method.md#what-a-sweep-should-search). In a multi-objective sweep the finalists
-are Pareto-front members, in the order of the first objective; trials off the front are never re-run.
-
-Every (finalist, seed) training is a Ray task with the sweep's resources, all submitted at once, never run in the
-driver; so are the caches they read, the test split's included. A task returns its metrics, history and run files
-(student.pt, config.yaml, result.json) as bytes, so the students reach the driver with or without shared storage;
-the driver writes them under `<export folder>/finalists/finalist<R>-seed<S>/`. MLflow, through the outbox like the
-sweep: a run per finalist (its student as a logged model) with a nested run per seed, and the best finalist
-registered as `richkd-<sweep>`. "Best" is the highest mean of the sweep's metric on the validation split, never the
-test split: without a hold-out (the default) nothing is registered.
+The only sweep command that reads the test split; the K configs were chosen on the validation split. The sweep's
+short ASHA schedule misranks step-LR recipes (docs/method.md, "Recipes"), so `finalize.overrides` restore the full
+one; finalists train on the whole training split (`holdout=True` keeps the sweep's split). Each (finalist, seed) is
+a Ray task with the sweep's resources returning its metrics and run files as bytes, so the students reach the driver
+with or without shared storage. MLflow, through the outbox as the sweep's: a run per finalist, its student as a
+logged model, a nested run per seed; with a hold-out, the best mean of the sweep's metric on the validation split
+(never the test split) is registered as `richkd-<sweep>`.
 """
 from __future__ import annotations
 

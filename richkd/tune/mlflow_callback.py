@@ -139,7 +139,7 @@ class MlflowSweepCallback(RunWriter, Callback):
             self.put("summary", PARENT, summary)
         self.put("end", PARENT, "FINISHED" if complete else "KILLED")
         if not self.drain():
-            left = sorted({op[1] for op in self.outbox.ops if op[0] in ("open", "metrics", "close") and op[1] != PARENT})
+            left = sorted({op[1] for op in self.outbox.ops if op[0] in ("open", "metrics", "close")} - {PARENT})
             log.error("MLflow at %s stayed unreachable after the sweep ended: %d writes were not logged (%s). Every "
                       "metric is in Tune's results (trial_*/result.json in the experiment folder; `richkd export` "
                       "reads them); the MLflow runs of this sweep are incomplete.", self.tracking_uri,
@@ -213,7 +213,8 @@ class MlflowSweepCallback(RunWriter, Callback):
             values = [m.value for m in self.client.get_metric_history(run_id, metric) if math.isfinite(m.value)]
             if values:
                 out[f"best_{metric}"] = max(values) if mode == "max" else min(values)
-        out.update({f"final_{k}": v for k, v in numeric_metrics(result).items() if not k.startswith(("best_", "final_"))})
+        out.update({f"final_{k}": v for k, v in numeric_metrics(result).items()
+                    if not k.startswith(("best_", "final_"))})
         out["epochs_run"] = float(result.get("training_iteration", 0) or 0)
         return out
 

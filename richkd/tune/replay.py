@@ -1,20 +1,9 @@
-"""Replay a spec's real searcher and scheduler against a learning-curve table, on a virtual clock (docs/search.md).
-
-The searcher and scheduler are the objects `richkd sweep` builds (`build_search_alg`, `build_scheduler`: Optuna TPE
-or Tune's random generator, `points_to_evaluate`, ASHA's grace period and reduction factor, `max_concurrent`). An
-event loop plays Tune's part as Syne Tune's simulator does: `max_concurrent` virtual workers, each proposed
-configuration answered by its nearest table row, each epoch's result delivered when the table's seconds for it have
-passed on the virtual clock, and the scheduler and searcher told in the order Tune's controller tells them
-(`TuneController._process_trial_result`: the scheduler decides; on CONTINUE the searcher sees the result; a stopped
-or finished trial completes for both). tests/tune/test_replay.py checks against a real Ray Tune run that the loop
-sees the same proposals and makes the same stop/continue decisions.
-
-Nearest row: the distance between two configurations is the root mean square over the space's entries of |du| for
-a numeric entry (its [0, 1] coordinate, log scale for loguniform), 1 for two different categorical values, 1 where
-the entry is active in one and inactive in the other; an exact table configuration is at distance 0. Where a
-configuration has several seeds, one is drawn with the replay's seed. The selection rule is the sweep's: the best
-is the trial with the best LAST value among trials that reached max_t (richkd.tune.selection), and its test top-1
-is the table row's.
+"""Replay a spec's real searcher and scheduler against a learning-curve table, on a virtual clock (docs/search.md,
+"Replays"): the objects `richkd sweep` builds (`build_search_alg`, `build_scheduler`), `max_concurrent` virtual
+workers, each proposal answered by its nearest table row, each epoch's result delivered when the table's seconds for
+it have passed, and the scheduler and searcher told in the order Tune's controller tells them
+(`TuneController._process_trial_result`). tests/tune/test_replay.py checks the proposals and decisions against a real
+Ray Tune run. The best is chosen as a sweep chooses (richkd.tune.results); its test top-1 is its row's.
 """
 from __future__ import annotations
 

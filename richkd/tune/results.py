@@ -1,12 +1,8 @@
-"""A sweep read back from its folder: its record (`richkd_sweep.json`), its trials ranked, and the choices made from
-them. Every command after a sweep (resume, export, finalize, report, tables, warm starts) reads it through here, so
-they agree; Ray's offline ExperimentAnalysis reads Tune's files, no Ray runtime is needed.
-
-The record is written once when a sweep starts: the resolved spec (itself a valid spec, read back as an equal
-SweepSpec), the MLflow ids, the caches built and the code version, so no later command needs the spec file or its
-environment. Selection (docs/method.md, "What a sweep should search"): only trials that reached max_t compete,
-ranked by the metric's LAST value on the validation split (never the test split, never the best epoch: picking each
-trial's best epoch is optimistic).
+"""A sweep read back from its folder: its record (`richkd_sweep.json`, written once when it starts: the resolved spec,
+MLflow ids, caches and code version, docs/architecture.md "Sweep storage"), its trials ranked, and the choices made
+from them. Every command after a sweep reads it through here, so they agree; Ray's offline ExperimentAnalysis reads
+Tune's files, no Ray runtime is needed. Selection (docs/method.md, "What a sweep should search"): only trials that
+reached max_t compete, ranked by the metric's LAST value on the validation split, never the test split.
 """
 from __future__ import annotations
 
@@ -14,7 +10,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +24,7 @@ from richkd.tune.paths import DEFAULT_STORAGE, join_storage, read_text, remove_f
 from richkd.tune.spec import SweepSpec
 
 SWEEP_RECORD = "richkd_sweep.json"
+RECORD_FIELDS = ("created", "tracking_uri", "experiment_id", "parent_run_id", "caches", "richkd_version", "git_commit")
 OUTCOME_ORDER = ("completed", "stopped_early", "unfinished", "nonfinite_loss", "error")
 # Tune's bookkeeping keys are not model metrics; everything else numeric in a report is.
 _TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "time_since_restore",
@@ -70,11 +67,9 @@ class SweepRecord:
         return next((list(c.get("entries") or []) for c in self.caches if c.get("signature") == signature), [])
 
     def to_json(self) -> str:
-        return json.dumps({"name": self.spec.name, "source": self.spec.source, "spec": self.spec.to_dict(),
-                           "created": self.created, "tracking_uri": self.tracking_uri,
-                           "experiment_id": self.experiment_id, "parent_run_id": self.parent_run_id,
-                           "caches": list(self.caches), "richkd_version": self.richkd_version,
-                           "git_commit": self.git_commit}, indent=1, default=str)
+        saved = {f.name: getattr(self, f.name) for f in fields(self) if f.name in RECORD_FIELDS}
+        return json.dumps({"name": self.spec.name, "source": self.spec.source, "spec": self.spec.to_dict(), **saved},
+                          indent=1, default=str)
 
 
 def write_sweep_record(record: SweepRecord) -> None:
@@ -111,10 +106,9 @@ def read_sweep_record(sweep: str, storage: Optional[str] = None, check: bool = F
         raise SpecError(f"{join_storage(path, SWEEP_RECORD)} is not a readable sweep record ({exc}); it is written "
                         "by `richkd sweep` when a sweep starts") from None
     spec = SweepSpec.from_dict(spec_data, source=data.get("source"), check=check)
-    return SweepRecord(spec=spec, created=data.get("created") or 0.0, tracking_uri=data.get("tracking_uri"),
-                       experiment_id=data.get("experiment_id"), parent_run_id=data.get("parent_run_id"),
-                       caches=tuple(data.get("caches") or ()), richkd_version=data.get("richkd_version"),
-                       git_commit=data.get("git_commit"), path=path)
+    return SweepRecord(spec=spec, path=path, **{**{k: data.get(k) for k in RECORD_FIELDS},
+                                                "created": data.get("created") or 0.0,
+                                                "caches": tuple(data.get("caches") or ())})
 
 
 # ----- the trials ---------------------------------------------------------------------------------------

@@ -1,16 +1,10 @@
-"""A sweep spec: what to search (base config + space + points), how (tune settings), where to log (mlflow)
-and what to re-run (finalize), loaded from a YAML file and validated before Ray starts.
+"""A sweep spec: a base config (`base:` file and/or inline `config:`), a `space:` (richkd.tune.params), optional
+`points_to_evaluate:` and the `tune:`, `mlflow:` and `finalize:` sections (richkd.tune.settings), read from YAML and
+checked completely, without side effects, before Ray starts: every problem is one SpecError (docs/architecture.md,
+"Data flow", 2; the whole-space checks are richkd.tune.preflight's).
 
-A spec has a base config (`base:` file and/or inline `config:`), a `space:` of dotted config keys with
-samplers (see richkd.tune.params), optional `points_to_evaluate:`, and the `tune:`, `mlflow:` and `finalize:`
-sections (see richkd.tune.settings). Validation is complete and side-effect free: unknown keys (with the
-nearest valid key suggested), bad ranges, values the config rejects, unknown models or prompt sets, missing
-files, and continuous samplers on cache-affecting keys all raise one `SpecError` before anything is launched
-or written (the whole-space checks are in richkd.tune.preflight).
-
-`SweepSpec.to_dict()` is itself a valid spec: env variables expanded, paths absolute, every default spelt
-out. The sweep folder stores it, and `--resume` / `richkd export` read it back through the same loader as an
-equal SweepSpec, whatever directory or environment they run in.
+`SweepSpec.to_dict()` is itself a valid spec (env variables expanded, paths absolute, every default spelt out): the
+sweep folder stores it, and later commands read it back through the same loader as an equal SweepSpec.
 """
 from __future__ import annotations
 
@@ -31,7 +25,7 @@ import yaml
 from richkd.cache.signature import CACHE_AFFECTING_PREFIXES, affects_cache, cache_signature
 from richkd.config import Config, ConfigError, load_yaml_mapping, parse_override
 from richkd.metric_names import needs_robustness, per_corruption
-from richkd.schema import build, read_yaml, suggest, to_plain
+from richkd.schema import build, flatten, read_yaml, suggest, to_plain
 from richkd.tracking import default_artifact_location
 from richkd.tune.errors import SpecError
 from richkd.tune.params import Param, TrialPlan, check_keys, config_or_error, parse_space
@@ -134,8 +128,8 @@ def load_spec(path: str | os.PathLike, overrides: Sequence[str] | Mapping[str, A
     (e.g. `tune.num_samples=4`, `config.train.epochs=2`). Raises SpecError; never writes anything."""
     specs = load_specs(path, overrides, check_resources=check_resources, check_data=check_data)
     if len(specs) > 1:
-        raise SpecError(f"{path} compares {len(specs)} arms ({', '.join(s.name for s in specs.values())}): `richkd sweep` "
-                        "runs them one after the other; other commands take one arm's sweep name")
+        raise SpecError(f"{path} compares {len(specs)} arms ({', '.join(s.name for s in specs.values())}): "
+                        "`richkd sweep` runs them one after the other; other commands take one arm's sweep name")
     return next(iter(specs.values()))
 
 
@@ -165,7 +159,8 @@ def arm_mappings(raw: Mapping[str, Any]) -> dict[str, dict]:
     """Each arm of a spec with `arms:` as a spec mapping of its own (see load_specs)."""
     arms, name = raw["arms"], raw.get("name")
     if not isinstance(arms, Mapping) or len(arms) < 2:
-        raise SpecError(f"arms: expected a mapping of two or more arm names to {{space: ..., config: ...}}, got {arms!r}")
+        raise SpecError(f"arms: expected a mapping of two or more arm names to {{space: ..., config: ...}}, "
+                        f"got {arms!r}")
     for key in ("space", "points_to_evaluate"):
         if raw.get(key):
             raise SpecError(f"{key}: with arms, each arm has its own (arms.<arm>.{key}); move it there")
@@ -176,13 +171,9 @@ def arm_mappings(raw: Mapping[str, Any]) -> dict[str, dict]:
             raise SpecError(f"{where}: {arm!r} must be a folder-safe name (letters, digits, _ -)")
         check_keys(body, ARM_KEYS, where)
         config = body.get("config") or {}
-        for key in SHARED_KEYS:
-            node = config
-            for part in key.split("."):
-                node = node.get(part, {}) if isinstance(node, Mapping) else {}
-            if node != {}:
-                raise SpecError(f"{where}.config.{key}: every arm trains with the same {key} (equal budgets); set it "
-                                "in the shared config:")
+        for key in set(SHARED_KEYS) & set(flatten(config) if isinstance(config, Mapping) else ()):
+            raise SpecError(f"{where}.config.{key}: every arm trains with the same {key} (equal budgets); set it "
+                            "in the shared config:")
         m = {k: v for k, v in raw.items() if k != "arms"}
         m.update(name=f"{name}.{arm}", config=_deep_merge(dict(raw.get("config") or {}), config),
                  space=body.get("space"), points_to_evaluate=body.get("points_to_evaluate") or [],
