@@ -1,12 +1,9 @@
-"""MLflow as this project writes it, in one style: an MlflowClient per tracking URI and batched writes, queued by
-one writer (`RunWriter`) in a bounded, retrying `Outbox`, so that a tracking server that is down delays the logging
-but never stops the work. Every run goes through here: a sweep's parent and trial runs
-(richkd.tune.mlflow_callback), its finalists, export and comparison (richkd.tune), `richkd evaluate` (`log_run`)
-and the sweep report (`attach`). No Ray and no sweep spec: the run tags below are the sweep layer's vocabulary.
-
-Experiments are tagged as model training, so the MLflow 3 UI opens on their runs table and not its GenAI view, and
-carry the sweep's objective as their primary metric (the UI's run charts show it first); `experiment_url` opens the
-runs table sorted by that metric (docs/architecture.md, "Data flow").
+"""MLflow as this project writes it, in one style: batched MlflowClient writes queued by one writer (`RunWriter`) in a
+bounded, retrying `Outbox`, so a tracking server that is down delays the logging but never stops the work. Every run
+goes through here: a sweep's parent and trial runs (richkd.tune.mlflow_callback), finalists, export and comparison
+(richkd.tune), `richkd evaluate` (`log_run`) and the sweep report (`attach`). Experiments are tagged as model
+training, with the sweep's objective as primary metric, and `experiment_url` opens their runs table sorted by it: the
+MLflow 3 UI would otherwise open its GenAI overview (docs/architecture.md, "Data flow").
 """
 from __future__ import annotations
 
@@ -182,15 +179,11 @@ def finite(value) -> bool:
 # ----- the outbox ---------------------------------------------------------------------------------------
 
 class Outbox:
-    """FIFO of pending writes (tuples whose first item is the kind) with back-off. Never raises.
-
-    A write that fails while the store does not answer a cheap probe either means the store is *down*: it stays
-    queued, one warning says so, and the next attempt waits a doubling delay (first_delay_s .. max_delay_s), so a
-    dead server costs one short request per delay. A write that fails while the probe answers may be bad (a run
-    deleted by hand) or the server half-way through a restart: it is retried after the first delay, and skipped
-    with a warning after REJECTS_BEFORE_SKIP failures in a row. Beyond `max_ops` the oldest per-epoch metric
-    records are dropped (said once); runs and summaries are kept. A sweep's metrics also live in Tune's
-    trial_*/result.json, so nothing a trial reported is lost.
+    """FIFO of pending writes (tuples, the kind first) with back-off; never raises. A write that fails while a
+    cheap probe fails too means the store is down: it stays queued, one warning says so, and retries wait a doubling
+    delay (first_delay_s .. max_delay_s). A write that fails while the probe answers (a bad write, or a server half-way
+    through a restart) is retried after the first delay and skipped after REJECTS_BEFORE_SKIP tries. Beyond `max_ops`
+    the oldest per-step metric records are dropped, said once (a sweep's are in Tune's trial_*/result.json too).
     """
 
     REJECTS_BEFORE_SKIP = 3

@@ -108,7 +108,7 @@ def _run_arms(specs: dict, args: argparse.Namespace) -> int:
     name = tune.group_for(specs).name
     storage = f" --storage {args.storage}" if args.storage else ""
     outcomes = stoppable(lambda: tune.run_arms(specs, address=args.address, num_cpus=args.num_cpus,
-                                          verbose=verbosity(args), progress=interactive()),
+                                               verbose=verbosity(args), progress=interactive()),
                          lambda: f"continue with `richkd sweep --resume {name}{storage}`")
     print(f"arms of {name}: {', '.join(specs)}; compare them with `richkd finalize {name}{storage}`")
     return max(o.exit_code for o in outcomes)
@@ -150,19 +150,18 @@ def cmd_finalize(args: argparse.Namespace) -> int:
         if args.top not in (None, 1):
             raise UserError(f"finalize {args.sweep}: an arms comparison re-trains each arm's best (top 1); drop --top")
         at_least_one(seeds=args.seeds, num_cpus=args.num_cpus)
-        comparison = stoppable(lambda: tune.finalize_arms(args.sweep, seeds=args.seeds, storage=args.storage,
-                                                     progress=interactive(), tracking_uri=args.tracking_uri,
-                                                     overrides=args.set, holdout=args.holdout, address=args.address,
-                                                     num_cpus=args.num_cpus, force=args.force),
+        comparison = stoppable(lambda: tune.finalize_arms(
+            args.sweep, seeds=args.seeds, storage=args.storage, progress=interactive(), tracking_uri=args.tracking_uri,
+            overrides=args.set, holdout=args.holdout, address=args.address, num_cpus=args.num_cpus, force=args.force),
                                lambda: f"run `richkd finalize {args.sweep}` again with --force to start over")
         print(tune.describe_comparison(comparison))
         return 0
 
     at_least_one(top=args.top, seeds=args.seeds, num_cpus=args.num_cpus)
-    result = stoppable(lambda: tune.finalize_sweep(args.sweep, top=args.top, seeds=args.seeds, storage=args.storage,
-                                              tracking_uri=args.tracking_uri, overrides=args.set,
-                                              progress=interactive(), out_dir=args.out, holdout=args.holdout,
-                                              address=args.address, num_cpus=args.num_cpus, force=args.force),
+    result = stoppable(lambda: tune.finalize_sweep(
+        args.sweep, top=args.top, seeds=args.seeds, storage=args.storage, tracking_uri=args.tracking_uri,
+        overrides=args.set, progress=interactive(), out_dir=args.out, holdout=args.holdout, address=args.address,
+        num_cpus=args.num_cpus, force=args.force),
                        lambda: "the finalists written so far are kept; run it again with --force to replace them, "
                                "or with --out DIR")
     print(tune.describe_finalize(result))

@@ -1,13 +1,8 @@
-"""Fair comparisons of methods: a spec's `arms:` (e.g. richkd, the alpha = 1 KD control, DKD), each tuned with
-the same budget, each arm's best re-trained over the same seeds, differences with bootstrap confidence intervals.
-
-Every arm is a sweep of its own, `<name>.<arm>`, made from the shared spec with the arm's `config:`, `space:` and
-`points_to_evaluate:` (richkd.tune.spec.arm_mappings): the `tune:` section (trials, searcher and seed, scheduler,
-resources), the schedule and the seed are shared, so no arm gets more tuning than another (docs/search.md#fair-
-comparisons). `<storage>/<name>/arms.json` lists the arms; `richkd finalize <name>` re-trains each arm's best over
-N seeds (`richkd finalize`'s own code, top 1) and writes `comparison.json`: per arm the test top-1 mean and sample
-std, and for every pair the difference of means with a 95% percentile-bootstrap interval (resampling each arm's
-seeds) and whether it excludes zero. The comparison is also one MLflow run in the sweeps' experiment.
+"""Fair comparisons (docs/search.md, "Fair comparisons"): a spec's `arms:` (e.g. richkd, the alpha = 1 KD control,
+DKD) are sweeps of their own, `<name>.<arm>` (richkd.tune.spec.arm_mappings), sharing the `tune:` section, the
+schedule and the seed, so each arm gets the same tuning budget; `<storage>/<name>/arms.json` lists them. `richkd
+finalize <name>` re-trains each arm's best over the same seeds and writes `comparison.json` (and one MLflow run): per
+arm the test top-1 mean and sample std, per pair the difference of means with a 95% percentile-bootstrap interval.
 """
 from __future__ import annotations
 

@@ -64,7 +64,7 @@ def sweep_callback(spec: SweepSpec) -> "MlflowSweepCallback":
     cb.put("text", PARENT, yaml.safe_dump(spec.to_dict(), sort_keys=False), "spec.yaml")
     cb.put("text", PARENT, json.dumps(spec.describe_space(), indent=2), "search_space.json")
     cb.put("text", PARENT, spec.base_config.to_yaml(), "base_config.yaml")
-    if not cb.drain():
+    if not cb.drain() or cb.parent_run_id is None:
         raise SpecError(f"mlflow.tracking_uri: {uri} did not take the sweep's parent run; check the tracking server, "
                         "or set mlflow.enabled: false")
     return cb

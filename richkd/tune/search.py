@@ -1,17 +1,11 @@
 """Spec samplers -> Optuna / Tune search spaces, the searcher (Optuna TPE, random, grid) and the ASHA scheduler.
 
-The Optuna searcher is `PrunedAwareOptunaSearch`: Ray's OptunaSearch (2.60, `on_trial_complete`) tells
-Optuna COMPLETE with the last reported value for every trial that reported anything, so a trial that
-ASHA stopped after 2 of 30 epochs enters TPE as if its epoch-2 accuracy were final and pollutes the "good"
-Parzen estimator. Here such trials are told PRUNED (Optuna then ranks them by their intermediate values,
-below the complete ones), and non-finite results FAIL.
-
-Multi-objective sweeps (tune.metric a list) hand Optuna the list of metrics and modes: the study gets one
-direction per objective and is told a list of values. Optuna cannot record intermediate values of a
-multi-objective trial (Trial.report raises), so an ASHA-stopped trial is told PRUNED with no values (allowed
-by optuna 5's tell): TPE ranks such trials after every complete one, and Optuna's own Pareto front
-(`study.best_trials`) holds COMPLETE trials only, matching the front that `richkd export` computes from the
-trials that reached max_t. ASHA itself sees only the first objective (Ray's TuneConfig takes one metric).
+Why `PrunedAwareOptunaSearch`: Ray's OptunaSearch (2.60) tells Optuna COMPLETE with the last reported value for
+every trial that reported anything, so a trial ASHA stopped after 2 of 30 epochs enters TPE as if its epoch-2
+accuracy were final and pollutes the "good" Parzen estimator. Here such trials are told PRUNED (ranked by their
+intermediate values, below complete ones) and non-finite results FAIL. A multi-objective study gets one direction per
+objective; Optuna records no intermediate values there, so a stopped trial is PRUNED without values and Optuna's
+Pareto front holds COMPLETE trials only, as `richkd export`'s does. ASHA sees only the first objective.
 """
 from __future__ import annotations
 

@@ -1,12 +1,7 @@
-"""Warm starts (`tune.warm_start`): earlier sweeps' and tables' trials told to a new sweep's Optuna study first.
-
-Finished trials enter as COMPLETE with their last value, ASHA-stopped ones as PRUNED with their per-epoch values
-(TPE ranks pruned trials by those, below the complete ones), each with its intermediate values, so TPE starts from
-what is known instead of `n_startup_trials` random draws (imported trials count towards them). A source trial is
-imported only where the new space can produce its configuration: its values for the new space's active entries
-lie in their ranges, and every key it set that the new space does not search equals the new base config's value;
-the others are left out and counted. Nothing in common (another metric, mode or schedule, or no shared keys) is one
-SpecError naming what differs, before anything starts (docs/search.md#warm-starts).
+"""Warm starts (`tune.warm_start`, docs/search.md "Warm starts"): earlier sweeps' and tables' trials told to a new
+sweep's Optuna study first, finished ones as COMPLETE and ASHA-stopped ones as PRUNED, each with its per-epoch values,
+where the new space can produce them (the others are left out and counted). Nothing in common (another metric, mode
+or schedule, or no shared keys) is one SpecError before anything starts.
 """
 from __future__ import annotations
 
