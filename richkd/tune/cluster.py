@@ -121,10 +121,15 @@ def claim_gpu(fraction: float, where: str) -> None:
         torch.cuda.set_per_process_memory_fraction(max(0.05, fraction - CUDA_CONTEXT_BYTES / total))
 
 
+def threads_for(cpu: float) -> int:
+    """Torch threads of a trial or task granted `cpu` CPUs: the whole CPUs, at least one."""
+    return max(1, int(math.floor(cpu + 1e-9)))
+
+
 def use_task_resources(cpu: float, gpu: float, what: str) -> None:
     """In a Ray task (`what`: cache shard, finalist): torch threads = the CPUs it was granted (more only fight the
     other tasks on the node); a GPU share must be usable and caps this process's GPU memory (claim_gpu)."""
-    torch.set_num_threads(max(1, int(math.floor(cpu + 1e-9))))
+    torch.set_num_threads(threads_for(cpu))
     claim_gpu(gpu, f"{what} on {this_node()}")
 
 

@@ -1,14 +1,10 @@
 """A sweep in MLflow: its experiment, its parent run, and a child run per trial written from the Tune driver.
 
-Why our own callback (docs/architecture.md, "Data flow"): Ray's MLflowLoggerCallback makes flat runs, sends one
-request per metric and keeps its trial -> run map only in memory, so `Tuner.restore` opens duplicate runs. Here
-the driver (the only MLflow writer, so SQLite never locks) creates the parent run before `fit` and a child per
-trial tagged `mlflow.parentRunId`, logs the full flat config as params, each report's metrics as one batch and
-`best_*` / `final_*` summaries at trial end (MLflow ranks by a metric's latest value). The callback is a
-richkd.tracking.RunWriter: hooks only queue writes, so a stopped tracking server never stops training, and the
-queue and the trial -> run map travel in Tune's experiment state (`get_state`). A restored sweep finds its runs
-again, by that state or by their `richkd.trial_id` + `richkd.config_hash` tags, continues them, and closes and
-deletes runs of trials it never heard of; none stay RUNNING.
+Why our own callback (docs/architecture.md, "Data flow", 10): Ray's MLflowLoggerCallback makes flat runs, sends one
+request per metric and keeps its trial -> run map only in memory, so `Tuner.restore` opens duplicate runs. This one
+is a richkd.tracking.RunWriter: hooks only queue writes (a stopped server never stops training), the queue and the
+trial -> run map travel in Tune's experiment state, and a restored sweep finds its runs again (by that state or by
+their trial id and config hash tags), continues them, and closes and deletes runs of trials it never heard of.
 """
 from __future__ import annotations
 

@@ -1,9 +1,6 @@
-"""Whole-space checks of a sweep spec, run by the spec loader (richkd.tune.spec) before Ray starts.
-
-Each space value and range end must be a valid value of its key, every point to evaluate and a batch of
-seeded random draws must build a valid config, and (when asked) every model, prompt set, file and dataset
-any trial can need must exist, checked on the spec's cache probe configs (one per distinct cache need). One
-SpecError names the entry and the fix; nothing is launched or written.
+"""Whole-space checks of a sweep spec, run by the spec loader (richkd.tune.spec) before Ray starts: every space value
+and range end, point to evaluate and seeded draw builds a valid config, and (when asked) every model, prompt set,
+file and dataset a trial can need exists, on the spec's cache probe configs. One SpecError names the entry and fix.
 """
 from __future__ import annotations
 

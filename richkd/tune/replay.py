@@ -82,14 +82,13 @@ class ReplayResult:
     proposals: list = field(default_factory=list)    # (trial_id, active config) in proposal order
     decisions: list = field(default_factory=list)    # (trial_id, epoch, "CONTINUE" | "STOP")
 
-    def best_at(self, budget: float) -> float:
-        """The best final val top-1 known once `budget` trial-epochs were spent (NaN before the first)."""
-        best = math.nan
-        for epochs, _, val, _ in self.curve:
-            if epochs > budget:
-                break
-            best = val
-        return best
+    def finished(self, row: TableRow, value: float, sign: float) -> None:
+        """A trial that reached max_t with `value` (its row's last): counted, and the best if it is (sign: +1 max)."""
+        self.completed += 1
+        if math.isnan(self.best_val) or sign * value > sign * self.best_val:
+            self.best_val, self.best_config = value, row.config_id
+            self.best_test = math.nan if row.test_top1 is None else row.test_top1
+            self.curve.append((self.trial_epochs, self.seconds, self.best_val, self.best_test))
 
 
 def with_seed(spec: SweepSpec, seed: int) -> SweepSpec:
@@ -171,11 +170,7 @@ def replay(spec: SweepSpec, table: Table, seed: int = 0, index: Optional[TableIn
             searcher.on_trial_complete(trial_id, result=result)
             del running[trial_id]
             if e >= spec.max_t and value is not None:
-                out.completed += 1
-                if math.isnan(out.best_val) or sign * value > sign * out.best_val:
-                    out.best_val, out.best_config = value, row.config_id
-                    out.best_test = math.nan if row.test_top1 is None else row.test_top1
-                    out.curve.append((out.trial_epochs, out.seconds, out.best_val, out.best_test))
+                out.finished(row, value, sign)
             else:
                 out.stopped += 1
         out.makespan = clock
@@ -202,13 +197,8 @@ def one_epoch_top_k(spec: SweepSpec, table: Table, n: int, k: int, seed: int = 0
     for _, _, row in sorted(first, key=lambda x: (-x[0], x[1]))[:k]:
         out.trial_epochs += row.epochs - 1
         out.seconds += sum(s or 0.0 for s in row.seconds[1:])
-        value = row.final
-        if row.epochs >= spec.max_t and value is not None:
-            out.completed += 1
-            if math.isnan(out.best_val) or sign * value > sign * out.best_val:
-                out.best_val, out.best_config = value, row.config_id
-                out.best_test = math.nan if row.test_top1 is None else row.test_top1
-                out.curve.append((out.trial_epochs, out.seconds, out.best_val, out.best_test))
+        if row.epochs >= spec.max_t and row.final is not None:
+            out.finished(row, row.final, sign)
     out.stopped = out.trials - out.completed
     return out
 

@@ -81,10 +81,9 @@ def ray_for(spec: SweepSpec, address: Optional[str], num_cpus: Optional[int], ve
 
 
 def prepare_nodes(spec: SweepSpec, progress: bool = False, splits: tuple = ("train",)) -> tuple[list, SweepNeeds]:
-    """Every node sees the data and weights, the driver's cache and storage folders (a marker file the driver writes
-    there), runs the driver's versions and can use its GPUs; then every cache any trial can read is built, once, as
-    Ray tasks over the nodes (richkd.tune.cache_tasks, docs/architecture.md "Caching"); then every node is checked
-    to see the caches. Returns the caches (for the sweep record) and the needs each trial checks again."""
+    """Every node checked (data, weights, the driver's folders via a marker file, versions, GPUs), then every cache a
+    trial can read built once as Ray tasks (richkd.tune.cache_tasks), then every node checked to see them. Returns
+    the caches (for the sweep record) and the needs each trial checks again."""
     configs, storage = spec.cache_probe_configs, spec.tune.storage_path
     folders = [("teaching.cache_dir", d) for d in sorted({c.teaching.cache_dir for c in configs
                                                           if c.teaching.cache_dir})]
@@ -225,12 +224,10 @@ def readable(path: Path) -> bool:
 
 
 def set_aside_unreadable(experiment_dir: str | Path) -> list[Path]:
-    """Ray writes its driver state atomically in a staging folder but copies it into the sweep folder file by file:
-    a driver killed during the copy leaves a cut-short file (seen: a 0-byte callback-states-*.pkl), and
-    Tuner.restore fails half-way. Ray reads only the newest file of each kind, so each kind's unreadable newest
-    files are renamed `*.unreadable` (kept, nothing deleted) and Ray falls back to the previous session's file, or
-    to no state for that part (the MLflow callback finds its runs by tag). Returns the renamed files; a SpecError
-    when no readable experiment state is left."""
+    """Ray copies its driver state into the sweep folder file by file: a driver killed meanwhile leaves a cut-short
+    file (seen: a 0-byte callback-states-*.pkl) and Tuner.restore fails half-way. Ray reads only the newest file of
+    each kind, so unreadable newest files are renamed `*.unreadable` and Ray falls back to the previous one, or to
+    no state for that part. Returns the renamed files; a SpecError when no experiment state is readable."""
     folder = Path(experiment_dir)
     moved: list[Path] = []
     for pattern in (EXPERIMENT_STATE, *OPTIONAL_STATES):

@@ -1,10 +1,7 @@
-"""The `tune:`, `mlflow:` and `finalize:` sections of a sweep spec as typed records.
-
-Built with `richkd.schema.build` (the same mechanism as the run config): unknown keys get the nearest valid
-key suggested, values are checked against their annotations, and each record's `__post_init__` checks its
-own ranges. `to_plain(record)` writes a section back and `build` reads it back as an equal record, which is
-how a sweep folder stores its spec for `--resume` and `richkd export`. Rules that involve the base config
-or the space (grace period vs epochs, GPUs vs device, samplers vs algorithm) live in `richkd.tune.spec`.
+"""The `tune:`, `mlflow:` and `finalize:` sections of a sweep spec as typed records, built by `richkd.schema.build` as
+the run config is (unknown keys get the nearest one suggested; each record's `__post_init__` checks its ranges with
+schema's checks) and written back by `to_plain`. Rules that involve the base config or the space live in
+`richkd.tune.spec`.
 """
 from __future__ import annotations
 

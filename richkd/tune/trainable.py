@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 from ray import tune
 
 from richkd.trainer import NonFiniteLossError, load_train_state, run_training
-from richkd.tune.cluster import claim_gpu, current_node_id, this_node
+from richkd.tune.cluster import claim_gpu, current_node_id, this_node, threads_for
 from richkd.tune.node_check import SweepNeeds, raise_if_unmet
 from richkd.tune.params import TrialPlan
 
@@ -24,11 +23,6 @@ NONFINITE_KEY = "nonfinite_loss"   # reported as 1.0 by a trial that ended on a 
 NODE_KEY = "node_id"               # the Ray node the trial ran on, in every report (and an MLflow tag)
 NODE_IP_KEY = "node_ip"            # and its IP (the end-of-sweep summary counts trials per machine)
 STOP_REASON_KEY = "stop_reason"
-
-
-def threads_for(cpu: float) -> int:
-    """Torch threads of a trial granted `cpu` CPUs: the whole CPUs, at least one."""
-    return max(1, int(math.floor(cpu + 1e-9)))
 
 
 def granted_cpus() -> int:

@@ -226,3 +226,24 @@ def test_child_runs_hold_every_reported_metric_at_every_epoch(world):
     logged = client.get_run(run.info.run_id).data.metrics
     for key in ("training_iteration", "time_total_s", "timestamp", "pid", "done", "node_id"):
         assert key not in logged, key
+
+
+def test_log_run_and_attach_write_one_finished_run_in_the_clients_style(tmp_path):
+    """richkd.tracking's one-call helpers (`richkd evaluate`'s run, an arms comparison; export and report files on a
+    parent run) go through the same writer and outbox as the sweep; artifacts land beside the SQLite store."""
+    from richkd.tracking import EXPERIMENT_KIND_TAG, attach, log_run
+
+    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
+    (tmp_path / "report.json").write_text("{}")
+    run_id = log_run(uri, "evals", "resnet8-eval", params={"arch": "resnet8", "max_samples": None},
+                     metrics={"top1": 71.5, "ece": None}, tags={KIND_TAG: "evaluate"},
+                     artifacts=[tmp_path / "report.json"], texts={"note.txt": "hello"})
+    client = client_for(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"arch": "resnet8", "max_samples": ""}
+    assert run.data.metrics == {"top1": 71.5} and run.data.tags[KIND_TAG] == "evaluate"
+    assert client.get_experiment(run.info.experiment_id).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert run.info.artifact_uri.startswith((tmp_path / "store" / "mlartifacts").as_uri())
+    assert attach(uri, run_id, [tmp_path / "report.json"], "again", tags={"k": "v"}, metrics={"m": 1.0})
+    assert {a.path for a in client.list_artifacts(run_id)} == {"report.json", "note.txt", "again"}
+    assert client.get_run(run_id).data.tags["k"] == "v" and client.get_run(run_id).data.metrics["m"] == 1.0
