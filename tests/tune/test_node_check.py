@@ -1,5 +1,5 @@
 """What a node must see to run a sweep's trials, checked where it runs (richkd.tune.node_check), the settings the
-job ships to workers (richkd.tune.cluster) and the MLflow service checks (richkd.tune.mlflow_client)."""
+job ships to workers (richkd.tune.cluster) and the MLflow service checks (richkd.tracking)."""
 from __future__ import annotations
 
 import http.server
