@@ -88,7 +88,7 @@ def bench_decode(work: Path, rounds: int) -> dict:
         def views10(p, i):
             im = decode_image(p, decoder)
             h, w = image_hw(im)
-            return [crop_box(im, view_box(0, i, v, h, w, 224), 224) for v in range(10)]
+            return [crop_box(im, view_box(0, i, v, h, w), 224) for v in range(10)]
         return {"decode": decode, "decode+train crop": train, "decode+eval crop": evaluate,
                 "decode+10 view crops": views10}
 
@@ -148,13 +148,13 @@ def config(a: dict, work: Path, **over):
 def bench_build(work: Path, per_class: int) -> dict:
     from richkd.cache import prepare_caches
     from richkd.cache.identity import cached_rows
-    from richkd.cache.plan import plan_caches
+    from richkd.cache.estimate import estimate_caches
     from richkd.data import build_data
 
     a = assets(work, per_class)
     cfg = config(a, work)
     n = len(cached_rows(build_data(cfg.data), "train"))
-    plan = plan_caches(cfg)
+    plan = estimate_caches(cfg)
     started = time.perf_counter()
     prepare_caches(cfg)
     seconds = time.perf_counter() - started
@@ -202,15 +202,15 @@ def bench_trial(work: Path, per_class: int, rounds: int, batches: int) -> dict:
 
 
 def bench_plan(work: Path) -> dict:
-    from richkd.cache.plan import format_plan, plan_caches
-    from richkd.cache.view_store import default_shard_rows
+    from richkd.cache.entries import default_shard_rows
+    from richkd.cache.estimate import estimate_caches, format_estimate
 
     a = assets(work, per_class=2)
     cfg = config(a, work, **{"clip.model": "ViT-L-14", "teaching.views": 10, "data.num_workers": 16})
-    plan = plan_caches(cfg, images=1_281_167, num_classes=1000)
-    text = format_plan(plan, cfg, default_shard_rows())
+    plan = estimate_caches(cfg, images=1_281_167, num_classes=1000)
+    text = format_estimate(plan, cfg, default_shard_rows())
     print(text)
-    topk = plan_caches(cfg.with_overrides({"teaching.logit_topk": 10}), images=1_281_167, num_classes=1000,
+    topk = estimate_caches(cfg.with_overrides({"teaching.logit_topk": 10}), images=1_281_167, num_classes=1000,
                        calibrate=False)
     return {"text": text, "total_gb": plan.total_bytes / 1e9, "entries_gb": {k: plan.entry_bytes(k) / 1e9
             for k in plan.entries}, "topk10_total_gb": topk.total_bytes / 1e9, "estimate_h": plan.estimate_s / 3600,
@@ -218,7 +218,7 @@ def bench_plan(work: Path) -> dict:
 
 
 def bench_memory(work: Path, batches: int) -> dict:
-    from richkd.cache.view_store import ShardedArray
+    from richkd.cache.entries import ShardedArray
 
     folder = work / "sparse"
     n_shards, rows, views, classes = 50, 4096, 10, 1000

@@ -102,7 +102,6 @@ def prepare_teacher(root: Path, sz: dict, log: Callable) -> dict:
     """Train (or reuse, when its config is unchanged) the teacher and write the tiny CLIP."""
     from richkd.clip import init_tiny_clip
     from richkd.config import Config
-    from richkd.run_outputs import save_run_outputs
     from richkd.trainer import Run
 
     root.mkdir(parents=True, exist_ok=True)
@@ -121,7 +120,7 @@ def prepare_teacher(root: Path, sz: dict, log: Callable) -> dict:
         run = Run(cfg)
         result = run.train(final=True)  # the teacher's test top-1 is a final number, never used for selection
         wall = time.perf_counter() - t0
-        save_run_outputs(run, result, root / "teacher")
+        run.save_outputs(result, root / "teacher")
         res = json.loads(done.read_text())
         res["train_wall_s"] = wall
         from richkd.io import atomic_write_text
@@ -148,7 +147,7 @@ def build_caches(configs: dict[str, dict], log: Callable) -> dict:
     out = {}
     for name, raw in configs.items():
         cfg = Config.from_dict(raw)
-        if cfg.teaching.mode == "online" or cfg.loss.method == "supervised":
+        if cfg.teaching.mode == "online" or not cfg.loss.uses_teacher:
             continue
         log(f"  building the {name} caches ({cfg.teaching.views} view(s) per image)")
         t0 = time.perf_counter()

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import torch
 
+from richkd.data import make_loader, normalize
 from richkd.metrics import confidence_categories, expected_calibration_error
 
 
 @torch.no_grad()
 def teacher_analysis(cfg, data, teachers, objective, device, split: str = "val") -> dict:
     """Metrics of the teachers on `split` (val or test); `teachers` must serve that split's rows."""
-    from richkd.data import make_loader, normalize
-
     dataset = {"val": data.val, "test": data.test}[split]
     loader = make_loader(dataset, cfg.data.eval_batch_size, shuffle=False, seed=0)
     collected: dict[str, list[torch.Tensor]] = {"teacher": [], "fused": [], "clip": [], "target": []}
@@ -25,7 +24,7 @@ def teacher_analysis(cfg, data, teachers, objective, device, split: str = "val")
         batch = batch.to(device)
         out = teachers(batch, normalize(batch.image, data.mean, data.std))
         collected["teacher"].append(out.logits.float().cpu())
-        if cfg.loss.method == "richkd":
+        if cfg.loss.fused_teacher:
             collected["fused"].append(objective.teacher_logits(out).cpu())
         if out.clip_cosine is not None:
             collected["clip"].append(out.clip_cosine.float().cpu())

@@ -9,14 +9,14 @@ from typing import Any, Mapping, Optional, Tuple, Union
 import yaml
 
 from richkd.schema import (ConfigError, build, check, flatten, in_range, load_yaml_mapping, one_of,
-                           parse_override, to_plain, unflatten, unknown_key)
+                           parse_override, to_plain, unflatten)
 
 __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "TeacherConfig", "ClipConfig", "LossConfig",
            "TeachingConfig", "OptimConfig", "TrainConfig", "RobustnessEvalConfig", "dotted_keys", "flatten",
            "unflatten", "load_yaml_mapping", "parse_override"]
 
-# Names of the seeded corruptions richkd.robustness.corruptions implements (CIFAR-10-C table order); declared
-# here, like the datasets and methods, so the config validates them without importing the implementations.
+# The seeded corruptions richkd.robustness.corruptions implements (CIFAR-10-C table order): the one list of their
+# names, here so the config validates them without importing torch; the implementations check themselves against it.
 CORRUPTION_NAMES = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "gaussian_blur", "contrast",
                     "brightness", "jpeg_compression", "pixelate")
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "imagenet")
@@ -71,15 +71,11 @@ class DataConfig:
         in_range(self.batch_size, "data.batch_size", 1)
         in_range(self.eval_batch_size, "data.eval_batch_size", 1)
         in_range(self.num_workers, "data.num_workers", 0, 64)
-        for key in ("max_train_samples", "max_eval_samples"):
-            v = getattr(self, key)
-            if v is not None:
-                in_range(v, f"data.{key}", 1)
+        for key in ("max_train_samples", "max_eval_samples", "max_train_per_class"):
+            in_range(getattr(self, key), f"data.{key}", 1)
         if self.dataset == "imagefolder":
             check(self.root is not None, "data.root",
                    "an imagefolder dataset needs data.root pointing at a folder with train/ (and optionally test/)")
-        if self.max_train_per_class is not None:
-            in_range(self.max_train_per_class, "data.max_train_per_class", 1)
         one_of(self.bad_images, "data.bad_images", BAD_IMAGES)
         one_of(self.decode, "data.decode", DECODERS)
         if self.dataset == "imagenet":
@@ -151,8 +147,7 @@ class LossConfig:
         in_range(self.temperature, "loss.temperature", 0.0, 100.0, lo_open=True)
         in_range(self.fusion_alpha, "loss.fusion_alpha", 0.0, 1.0)
         in_range(self.clip_logit_scale, "loss.clip_logit_scale", 0.0, 1000.0)
-        if self.feat_lambda is not None:
-            in_range(self.feat_lambda, "loss.feat_lambda", 0.0, 1.0)
+        in_range(self.feat_lambda, "loss.feat_lambda", 0.0, 1.0)
         in_range(self.feat_dim, "loss.feat_dim", 1, 4096)
         in_range(self.nce_k, "loss.nce_k", 1)
         in_range(self.nce_temperature, "loss.nce_temperature", 0.0, 10.0, lo_open=True)
@@ -163,9 +158,23 @@ class LossConfig:
         in_range(self.dkd_beta, "loss.dkd_beta", 0.0, 1000.0)
         in_range(self.dkd_warmup_epochs, "loss.dkd_warmup_epochs", 0, 100000)
         in_range(self.confidence_threshold, "loss.confidence_threshold", 0.0, 1.0)
-        if self.method == "richkd":
+        if self.fused_teacher:
             check(self.logit_weight > 0 or self.feat_weight > 0, "loss",
                    "richkd needs logit_weight > 0 (RichKD-L) or feat_weight > 0 (RichKD-F), or both")
+
+    # What loss.method means, decided here only: every method but supervised distils from the conventional
+    # teacher; richkd distils from the teacher fused with CLIP, and its feature term (feat_weight > 0) is CRD.
+    @property
+    def uses_teacher(self) -> bool:
+        return self.method != "supervised"
+
+    @property
+    def fused_teacher(self) -> bool:
+        return self.method == "richkd"
+
+    @property
+    def uses_crd(self) -> bool:
+        return self.fused_teacher and self.feat_weight > 0
 
     @property
     def resolved_feat_lambda(self) -> float:
@@ -174,16 +183,9 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class TeachingConfig:
-    """Which image each frozen teacher sees and where its outputs come from (docs/method.md#teaching-protocol).
-
-    official: the conventional teacher runs online on the student's augmented view; CLIP's outputs of the
-        clean image are read from the cache by row index. This is what the official RichKD code does.
-    cached (views 1): both teachers' outputs of the clean image, read from the cache (no teacher runs; the
-        fastest, but both targets describe another image than the student's crop; not the official protocol).
-    cached (views V > 1): both teachers' outputs of V seeded crops/flips per image, cached; the student is
-        shown exactly the view whose outputs it reads (FKD-style, consistent, no teacher runs).
-    online: both teachers run on the student's augmented view every step (consistent, the slowest).
-    """
+    """Which image each frozen teacher sees and where its outputs come from: official (the teacher online on the
+    student's view, CLIP's clean-image outputs cached), cached (both cached: the clean image, or V seeded views
+    the student is shown), online (both on the student's view). docs/method.md#teaching-protocol compares them."""
     mode: str = "cached"
     cache_dir: str = "tune_runs/cache"
     views: int = 1                       # cached views per image: 1 = the clean image; V > 1 = FKD-style
@@ -194,10 +196,9 @@ class TeachingConfig:
 
     def __post_init__(self) -> None:
         one_of(self.mode, "teaching.mode", TEACHING_MODES)
-        if self.logit_topk is not None:
-            in_range(self.logit_topk, "teaching.logit_topk", 1, 32767)
-            check(self.mode == "cached", "teaching.logit_topk", "top-k logits are a cache format; they need "
-                  "teaching.mode=cached")
+        in_range(self.logit_topk, "teaching.logit_topk", 1, 32767)
+        check(self.logit_topk is None or self.mode == "cached", "teaching.logit_topk",
+              "top-k logits are a cache format; they need teaching.mode=cached")
         in_range(self.views, "teaching.views", 1, 1024)
         in_range(self.view_seed, "teaching.view_seed", 0, 2**31 - 1)
         check(self.views == 1 or self.mode == "cached", "teaching.views",
@@ -246,8 +247,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         in_range(self.epochs, "train.epochs", 1, 100000)
         in_range(self.eval_every, "train.eval_every", 1)
-        if self.threads is not None:
-            in_range(self.threads, "train.threads", 1, 1024)
+        in_range(self.threads, "train.threads", 1, 1024)
         check(not (self.deterministic and self.cudnn_benchmark), "train.cudnn_benchmark",
               "cuDNN's timed kernel choice is not deterministic; set it false with train.deterministic: true")
 
@@ -283,8 +283,7 @@ class RobustnessEvalConfig:
             in_range(s, "robustness.severities", 1, 5)
         check(len(set(self.severities)) == len(self.severities), "robustness.severities",
                f"{list(self.severities)} has duplicates")
-        if self.max_samples is not None:
-            in_range(self.max_samples, "robustness.max_samples", 1)
+        in_range(self.max_samples, "robustness.max_samples", 1)
         in_range(self.seed, "robustness.seed", 0, 2**31 - 1)
 
 
@@ -323,7 +322,7 @@ class Config:
     def uses_clip(self) -> bool:
         """CLIP is needed only when fused logits use it or feature fusion is on."""
         loss = self.loss
-        if loss.method != "richkd":
+        if not loss.fused_teacher:
             return False
         logits_need_clip = loss.logit_weight > 0 and loss.fusion_alpha < 1 and not loss.zero_clip_logits
         return logits_need_clip or (loss.feat_weight > 0 and loss.resolved_feat_lambda < 1)
@@ -346,20 +345,19 @@ class Config:
         return cls.from_dict(raw)
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> "Config":
-        """Return a new config with dotted keys replaced, e.g. {"optim.lr": 0.01}. Validates everything."""
+        """A new config with dotted keys replaced, e.g. {"optim.lr": 0.01}, validated as a whole (an unknown key
+        is the usual "did you mean" error)."""
         nested = self.to_dict()
         for dotted, value in overrides.items():
-            parts = dotted.split(".")
+            *sections, leaf = dotted.split(".")
             node = nested
-            for depth, part in enumerate(parts[:-1]):
-                if not isinstance(node.get(part), dict):
-                    unknown_key(part, [k for k, v in node.items() if isinstance(v, dict)],
-                                 ".".join(parts[:depth]))
-                node = node[part]
-            leaf = parts[-1]
-            if leaf not in node or isinstance(node[leaf], dict):
-                unknown_key(leaf, [k for k, v in node.items() if not isinstance(v, dict)],
-                             ".".join(parts[:-1]))
+            for section in sections:
+                node = node.setdefault(section, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"{dotted}: {section} is a value, not a section of keys")
+            if isinstance(node.get(leaf), dict):
+                raise ConfigError(f"{dotted}: is a section; set its keys one by one, e.g. "
+                                  f"{dotted}.{next(iter(node[leaf]))}")
             node[leaf] = value
         return Config.from_dict(nested)
 

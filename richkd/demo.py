@@ -11,10 +11,19 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
+from richkd.cache import prepare_caches
+from richkd.clip import init_tiny_clip
 from richkd.config import Config
 from richkd.io import atomic_write_text, ensure_writable
+from richkd.report import build_report
+from richkd.tracking import experiment_url, local_ui
+from richkd.trainer import Run
+from richkd.tune.export import export_sweep
+from richkd.tune.runner import run_sweep
+from richkd.tune.spec import load_spec
+from richkd.validate import check_resources
 
 # Sizes chosen so the whole pipeline fits in about 10 minutes on 2 CPU cores; --quick is for tests.
 FULL = {"teacher_samples": 30000, "teacher_epochs": 3, "student_samples": 4000, "student_epochs": 4,
@@ -66,32 +75,13 @@ def demo_configs(out_root: Path, quick: bool = False) -> dict[str, Config]:
     return {"teacher": teacher, "kd": kd, "richkd": richkd}
 
 
-class Stages:
-    """Prints one line per stage with its wall time; the times go into the summary."""
-
-    def __init__(self) -> None:
-        self.times: dict[str, float] = {}
-
-    def run(self, name: str, fn: Callable[[], Optional[str]]):
-        print(f"\n== {name}", flush=True)
-        started = time.perf_counter()
-        result = fn()
-        self.times[name] = time.perf_counter() - started
-        print(f"   {result or 'done'}  [{self.times[name]:.0f}s]", flush=True)
-        return result
-
-
 def _train(cfg: Config, out_dir: Path):
-    from richkd.cache import prepare_caches
-    from richkd.run_outputs import save_run_outputs
-    from richkd.trainer import Run
-
     prepare_caches(cfg, splits=("train", "test"))   # final=True: the test split's teacher analysis too
     run = Run(cfg)
     result = run.train(on_epoch=lambda r: print(
         f"   epoch {r.epoch}/{cfg.train.epochs}: train loss {r.metrics['train_loss']:.3f}, "
         f"val top-1 {r.metrics['val_top1']:.2f}%", flush=True), final=True)
-    save_run_outputs(run, result, out_dir)
+    run.save_outputs(result, out_dir)
     return result
 
 
@@ -99,8 +89,6 @@ def demo_sweep_spec(out_root: Path, sizes: dict, name: str, check: bool = True):
     """The demo's sweep spec: search_spaces/fmnist_demo.yaml on the configs under `out_root`, with the sweep
     folder and (unless $MLFLOW_TRACKING_URI is set) the MLflow store `out_root`/mlflow.db inside `out_root`, so
     `--out DIR` keeps everything the demo writes under DIR."""
-    from richkd.tune.spec import load_spec
-
     if not DEMO_SPEC.is_file():
         raise FileNotFoundError(f"{DEMO_SPEC} is missing: run the demo from a checkout of the repository")
     storage = out_root.resolve()
@@ -111,10 +99,6 @@ def demo_sweep_spec(out_root: Path, sizes: dict, name: str, check: bool = True):
 
 def run_sweep_stage(out_root: Path, sizes: dict, summary: dict) -> str:
     """A real Optuna + ASHA sweep (search_spaces/fmnist_demo.yaml) on the demo's teacher, CLIP and caches."""
-    from richkd.tracking import experiment_url, local_ui
-    from richkd.tune.export import export_sweep
-    from richkd.tune.runner import run_sweep
-
     name = f"demo_{time.strftime('%Y%m%d_%H%M%S')}"           # every re-run is a new sweep
     spec = demo_sweep_spec(out_root, sizes, name)
     storage = spec.tune.storage_path
@@ -128,36 +112,34 @@ def run_sweep_stage(out_root: Path, sizes: dict, summary: dict) -> str:
                     "mlflow_link": experiment_url(local_ui(), outcome.experiment_id, spec.tune.metric, spec.tune.mode),
                     "best_trial": best.trial_id, "best_val_top1": best.value, "best_params": dict(best.sampled),
                     "sweep_trials": len(exported.rows), "sweep_outcomes": outcome.counts,
-                    "sweep_epochs": sum(r.epochs for r in exported.rows), "sweep_wall_s": outcome.wall_s})
-    try:
-        from richkd.report import build_report
-
-        summary["report"] = str(build_report(name, storage=str(storage)).index)
-    except ImportError:  # pragma: no cover - the report package is optional at this layer
-        pass
+                    "sweep_epochs": sum(r.epochs for r in exported.rows), "sweep_wall_s": outcome.wall_s,
+                    "report": str(build_report(name, storage=str(storage)).index)})
     counts = ", ".join(f"{n} {k}" for k, n in sorted(outcome.counts.items()))
     return f"sweep {name}: {len(exported.rows)} trials ({counts}), {summary['sweep_epochs']} epochs trained"
 
 
-def run_demo(out_root: Path = Path("tune_runs/demo"), quick: bool = False, fresh: bool = False,
-             sweep: bool = True) -> int:
-    from richkd.clip import init_tiny_clip
-    from richkd.validate import check_resources
-
+def run_demo(out_root: Path = Path("tune_runs/demo"), quick: bool = False, fresh: bool = False) -> int:
     out_root = ensure_writable(out_root, "the demo's output folder (--out)", create=False)
     if fresh and out_root.exists():
         shutil.rmtree(out_root)
     configs = demo_configs(out_root, quick)
     for name, cfg in configs.items():
         atomic_write_text(out_root / "configs" / f"{name}.yaml", cfg.to_yaml())
-    stages = Stages()
-    summary: dict = {}
+    summary: dict = {"stage_seconds": {}}
+
+    def run_stage(name: str, fn: Callable[[], str]) -> None:
+        """One line per stage with its result and wall time; the times go into the summary."""
+        print(f"\n== {name}", flush=True)
+        started = time.perf_counter()
+        result = fn()
+        summary["stage_seconds"][name] = seconds = time.perf_counter() - started
+        print(f"   {result}  [{seconds:.0f}s]", flush=True)
 
     def teacher_stage() -> str:
         cfg = configs["teacher"]
         done = out_root / "teacher" / "result.json"
-        if done.is_file() and json.loads(done.read_text())["config"] == cfg.to_dict():
-            res = json.loads(done.read_text())
+        res = json.loads(done.read_text()) if done.is_file() else {}
+        if res.get("config") == cfg.to_dict():
             summary["teacher_test_top1"] = res["test_metrics"]["test_top1"]
             return f"reusing the trained teacher: test top-1 {summary['teacher_test_top1']:.2f}%"
         result = _train(cfg, out_root / "teacher")
@@ -170,24 +152,18 @@ def run_demo(out_root: Path = Path("tune_runs/demo"), quick: bool = False, fresh
             init_tiny_clip(path)
         return f"tiny CLIP at {path}. NOTE: {REAL_CLIP_HINT.format(configs=out_root / 'configs')}"
 
-    def student_stage(name: str) -> Callable[[], str]:
-        def stage() -> str:
-            cfg = configs[name]
-            check_resources(cfg)
-            result = _train(cfg, out_root / name)
-            summary[f"{name}_test_top1"] = result.test_metrics["test_top1"]
-            return f"{name} student {cfg.student.arch}: test top-1 {summary[f'{name}_test_top1']:.2f}%"
-        return stage
+    def student_stage(name: str) -> str:
+        cfg = configs[name]
+        check_resources(cfg)
+        summary[f"{name}_test_top1"] = _train(cfg, out_root / name).test_metrics["test_top1"]
+        return f"{name} student {cfg.student.arch}: test top-1 {summary[f'{name}_test_top1']:.2f}%"
 
-    total = 5 if sweep else 4
-    stages.run(f"1/{total} train the conventional teacher (supervised)", teacher_stage)
-    stages.run(f"2/{total} create the offline tiny CLIP", clip_stage)
-    stages.run(f"3/{total} KD student (Hinton KD, cached teacher outputs)", student_stage("kd"))
-    stages.run(f"4/{total} RichKD-L+F student (teacher fused with CLIP)", student_stage("richkd"))
-    if sweep:
-        stages.run(f"5/{total} Optuna + ASHA sweep over alpha, T, CLIP scale, prompts, loss weights; export",
-                   lambda: run_sweep_stage(out_root, QUICK if quick else FULL, summary))
-    summary["stage_seconds"] = stages.times
+    run_stage("1/5 train the conventional teacher (supervised)", teacher_stage)
+    run_stage("2/5 create the offline tiny CLIP", clip_stage)
+    run_stage("3/5 KD student (Hinton KD, cached teacher outputs)", lambda: student_stage("kd"))
+    run_stage("4/5 RichKD-L+F student (teacher fused with CLIP)", lambda: student_stage("richkd"))
+    run_stage("5/5 Optuna + ASHA sweep over alpha, T, CLIP scale, prompts, loss weights; export",
+              lambda: run_sweep_stage(out_root, QUICK if quick else FULL, summary))
     atomic_write_text(out_root / "summary.json", json.dumps(summary, indent=1, default=float))
     print_summary(out_root, summary)
     return 0

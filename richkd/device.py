@@ -6,11 +6,13 @@ imports) to do so.
 """
 from __future__ import annotations
 
+import random
 import re
 import subprocess
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 TORCH_BUILD_FIX = ("install the torch build for this node's CUDA from PyTorch's wheel index for that CUDA version "
@@ -74,10 +76,6 @@ def require_cuda(where: str) -> None:
 
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and torch's global generators from one run seed."""
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

@@ -6,13 +6,19 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
+import json
 import os
+import shutil
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
+
+import numpy as np
+from tqdm import tqdm
 
 
 def default_mode(full: int = 0o666) -> int:
@@ -69,9 +75,8 @@ def ensure_writable(folder: str | os.PathLike, what: str, create: bool = True) -
     try:
         if create:
             target.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".richkd-write-probe.", dir=probe_dir)
-        os.close(fd)
-        os.unlink(probe)
+        with tempfile.TemporaryFile(prefix=".richkd-write-probe.", dir=probe_dir):
+            pass
     except OSError as exc:
         converted = output_error(exc, target, what)
         if converted is exc:   # any other reason the probe failed is still the folder's, e.g. it is a file
@@ -119,9 +124,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save, atomically. Serialised in memory first: torch's own file writer reports a full disk as an
     obscure RuntimeError ("unexpected pos ..."); a plain write raises ENOSPC, which becomes an OutputError."""
-    import io
-
-    import torch
+    import torch   # here, not at the top: the sweep commands that never train read and write files through here
 
     buffer = io.BytesIO()
     torch.save(obj, buffer)
@@ -135,11 +138,6 @@ def write_array_folder(final: str | os.PathLike, arrays: dict, manifest: dict) -
     to `final`, then one rename: readers never see a partial folder. Content-addressed callers write identical
     content for the same `final`, so a folder already there (or put there by a concurrent writer) is kept.
     Files get the umask's plain permissions (mkdtemp's 0700 would hide shared caches from other users)."""
-    import json
-    import shutil
-
-    import numpy as np
-
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
@@ -195,13 +193,11 @@ def load_problem(exc: BaseException) -> str:
 PROGRESS_EVERY_S = 10.0
 
 
-def progress_bar(total: int, desc: str, unit: str = "batch"):
+def progress_bar(total: int, desc: str, unit: str = "batch", disable: bool = False):
     """A tqdm bar on a terminal; elsewhere (CI, nohup, a log file) a line on stderr when it starts, one every
-    PROGRESS_EVERY_S seconds and one when it ends, so a long build is never silent."""
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc=desc, unit=unit, leave=False)
+    PROGRESS_EVERY_S seconds and one when it ends, so a long build is never silent. disable: a silent bar."""
+    if disable or sys.stderr.isatty():
+        return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=disable)
     return _ProgressLines(total, desc, unit)
 
 

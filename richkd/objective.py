@@ -9,6 +9,7 @@ from torch import nn
 
 from richkd.config import LossConfig
 from richkd.fusion import fuse_logits
+from richkd.losses.crd import FusedCRD
 from richkd.losses.dkd import dkd_loss, dkd_warmup
 from richkd.losses.kd import kd_loss
 from richkd.models.base import ModelOutput
@@ -35,11 +36,9 @@ class DistillationObjective(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.crd = None
-        if cfg.method == "richkd" and cfg.feat_weight > 0:
+        if cfg.uses_crd:
             if teacher_dim is None or train_targets is None or train_rows is None:
                 raise ValueError("the RichKD feature term needs teacher features and the training targets")
-            from richkd.losses.crd import FusedCRD
-
             # CRD's memory bank covers the rows the student trains on (validation rows are never negatives);
             # dataset indices are mapped to compact positions 0..n_train-1.
             position = torch.full((int(train_targets.numel()),), -1, dtype=torch.long)
@@ -53,12 +52,12 @@ class DistillationObjective(nn.Module):
     @property
     def needs_teacher(self) -> bool:
         c = self.cfg
-        return c.method != "supervised" and (c.logit_weight > 0 or self.crd is not None)
+        return c.uses_teacher and (c.logit_weight > 0 or self.crd is not None)
 
     def teacher_logits(self, teacher: TeacherOutputs) -> torch.Tensor:
         """The logits the student is distilled from: the teacher's (KD) or the fused teacher's (RichKD)."""
         c = self.cfg
-        if c.method == "kd":
+        if not c.fused_teacher:
             return teacher.logits.float()
         cosine = teacher.clip_cosine
         if cosine is None or c.zero_clip_logits:
@@ -80,12 +79,12 @@ class DistillationObjective(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         if c.ce_weight > 0:
             terms["ce"] = c.ce_weight * F.cross_entropy(student.logits.float(), target)
-        if c.method == "supervised":
+        if not c.uses_teacher:
             return terms
         if teacher is None:
             raise ValueError(f"loss.method={c.method} needs teacher outputs")
         if c.logit_weight > 0:
-            name = "kd" if c.method == "kd" else "logit"
+            name = "logit" if c.fused_teacher else "kd"
             terms[name] = c.logit_weight * self.logit_loss(student.logits.float(), self.teacher_logits(teacher),
                                                            target)
         if self.crd is not None:

@@ -5,6 +5,8 @@ import subprocess
 from pathlib import Path
 from typing import Optional
 
+import richkd
+
 
 def git_commit(start: Optional[Path] = None) -> str:
     """The source tree's commit (with `+dirty` when it has local changes), or "unknown" outside git."""
@@ -22,6 +24,4 @@ def git_commit(start: Optional[Path] = None) -> str:
 
 
 def code_version() -> dict:
-    import richkd
-
     return {"richkd_version": richkd.__version__, "git_commit": git_commit()}

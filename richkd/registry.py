@@ -1,8 +1,9 @@
-"""A tiny name -> factory registry whose errors list the known names."""
+"""A tiny name -> factory registry whose errors suggest the nearest name and list the known ones."""
 from __future__ import annotations
 
-import difflib
 from typing import Callable, Dict, Generic, Iterator, TypeVar
+
+from richkd.schema import suggest
 
 T = TypeVar("T")
 
@@ -21,18 +22,16 @@ class Registry(Generic[T]):
         return decorator
 
     def get(self, name: str) -> T:
-        try:
-            return self._items[name]
-        except KeyError:
-            hint = difflib.get_close_matches(name, list(self._items), n=1)
-            extra = f" Did you mean {hint[0]!r}?" if hint else ""
-            raise KeyError(f"unknown {self.kind} {name!r}.{extra} Known: {', '.join(sorted(self._items))}") from None
+        if name not in self._items:
+            raise KeyError(f"unknown {self.kind} {name!r}{suggest(name, self.names())} (known: "
+                           f"{', '.join(self.names())})")
+        return self._items[name]
 
     def __contains__(self, name: object) -> bool:
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._items))
+        return iter(self.names())
 
     def names(self) -> list[str]:
         return sorted(self._items)

@@ -55,8 +55,11 @@ def check(cond: bool, key: str, msg: str, error: type = ConfigError) -> None:
         raise error(f"{key}: {msg}")
 
 
-def in_range(value: float, key: str, lo: float | None = None, hi: float | None = None,
+def in_range(value: float | None, key: str, lo: float | None = None, hi: float | None = None,
              lo_open: bool = False, hi_open: bool = False, error: type = ConfigError) -> None:
+    """`value` within [lo, hi] (or the open ends asked for); None, an optional value left unset, passes."""
+    if value is None:
+        return
     ok = True
     if lo is not None:
         ok &= value > lo if lo_open else value >= lo
@@ -71,9 +74,7 @@ def in_range(value: float, key: str, lo: float | None = None, hi: float | None =
 
 def one_of(value: Any, key: str, choices: Sequence[str], error: type = ConfigError) -> None:
     if value not in choices:
-        hint = difflib.get_close_matches(str(value), list(choices), n=1)
-        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise error(f"{key}: {value!r} is not one of {', '.join(choices)}{extra}")
+        raise error(f"{key}: {value!r} is not one of {', '.join(choices)}{suggest(str(value), choices)}")
 
 
 def suggest(key: str, valid: Sequence[str]) -> str:
@@ -100,11 +101,7 @@ def build(cls: type, raw: Any, prefix: str = "") -> Any:
     for key in raw:
         if key not in names:
             unknown_key(str(key), names, where, error, noun=getattr(cls, "__schema_noun__", "config key"))
-    kwargs = {name: coerce(raw[name], hints[name], f"{prefix}{name}", error) for name in names if name in raw}
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:  # pragma: no cover - defensive, all fields have defaults
-        raise error(f"{where or 'config'}: {exc}") from None
+    return cls(**{name: coerce(raw[name], hints[name], f"{prefix}{name}", error) for name in names if name in raw})
 
 
 def coerce(value: Any, typ: Any, key: str, error: type = ConfigError) -> Any:

@@ -1,7 +1,6 @@
 """Where frozen-teacher outputs come from during training: cache look-ups by index, or online forwards."""
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -9,11 +8,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from richkd import cache as cache_mod
+from richkd.cache import CacheError, cached_rows, class_embeddings, read_entry, split_entries
+from richkd.cache.entries import ShardedArray, read_manifest
+from richkd.cache.topk import TopKLogits
+from richkd.clip import load_clip
 from richkd.config import Config
 from richkd.data.batch import Batch
-
-log = logging.getLogger(__name__)
+from richkd.models import load_teacher
 
 
 @dataclass
@@ -27,17 +28,21 @@ class TeacherOutputs:
 
 class TeacherSource:
     """Base: turns a batch (and the student's normalised input) into TeacherOutputs."""
-    teacher_dim: int
-    clip_dim: Optional[int]
-    class_embeddings: Optional[torch.Tensor]  # (C, D) on device, or None when CLIP is not used
+
+    view_boxes: Optional[StoredBoxes] = None    # a photo cache's boxes: the trainer cuts the student's views from them
+
+    def __init__(self, teacher_dim: int, clip_dim: Optional[int], class_embeddings: Optional[torch.Tensor],
+                 device: torch.device) -> None:
+        self.teacher_dim, self.clip_dim = int(teacher_dim), None if clip_dim is None else int(clip_dim)
+        # (C, D) on the device, or None when CLIP is not used
+        self.class_embeddings = None if class_embeddings is None else class_embeddings.to(device)
 
     def __call__(self, batch: Batch, normalized_images: torch.Tensor) -> TeacherOutputs:  # pragma: no cover
         raise NotImplementedError
 
-    def _cosine(self, clip_feat: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        if clip_feat is None or self.class_embeddings is None:
-            return None
-        return clip_feat @ self.class_embeddings.t()
+    def _outputs(self, logits, feat, clip_feat: Optional[torch.Tensor]) -> TeacherOutputs:
+        cosine = None if clip_feat is None or self.class_embeddings is None else clip_feat @ self.class_embeddings.t()
+        return TeacherOutputs(logits.float(), feat.float(), clip_feat, cosine)
 
 
 class CachedRows:
@@ -55,16 +60,16 @@ class CachedRows:
         self.device = device
         self.pin = torch.device(device).type == "cuda"
 
-    def _positions(self, index: np.ndarray) -> np.ndarray:
-        """Dataset rows -> positions in a cache that covers only some rows (a subset run)."""
-        if self.rows is None:
-            return index
-        pos = np.minimum(np.searchsorted(self.rows, index), len(self.rows) - 1)
-        if not np.array_equal(self.rows[pos], index):
-            missing = index[self.rows[pos] != index][:5].tolist()
-            raise cache_mod.CacheError(f"rows {missing} are not in the teacher cache (it was built for other "
-                                       "rows); rebuild it with `richkd cache`")
-        return pos
+    def flat(self, index: np.ndarray, view: Optional[np.ndarray] = None) -> np.ndarray:
+        """Cache rows of (dataset row, view) pairs; a row the cache does not cover (a subset run) is a CacheError."""
+        pos = index
+        if self.rows is not None:
+            pos = np.minimum(np.searchsorted(self.rows, index), len(self.rows) - 1)
+            if not np.array_equal(self.rows[pos], index):
+                missing = index[self.rows[pos] != index][:5].tolist()
+                raise CacheError(f"rows {missing} are not in the teacher cache (it was built for other rows); "
+                                 "rebuild it with `richkd cache`")
+        return pos if view is None else np.asarray(view, dtype=np.int64) * self.num_rows + pos
 
     def _buffer(self, shape: tuple, dtype: np.dtype) -> torch.Tensor:
         """An empty host tensor, page-locked for a CUDA run (so that the copy to the device is asynchronous)."""
@@ -89,16 +94,25 @@ class CachedRows:
 
     def read(self, batch: Batch, *arrays) -> list[Optional[torch.Tensor]]:
         """The batch's rows of each array (None stays None), in batch order, fp32 on the device."""
-        index = self._positions(batch.index_on_host().numpy())  # host copies: no device->host sync per step
-        view = batch.view_on_host()
-        if view is not None:
-            index = view.numpy() * self.num_rows + index
+        view = batch.view_on_host()     # host copies: no device->host sync per step
+        index = self.flat(batch.index_on_host().numpy(), None if view is None else view.numpy())
         order = np.argsort(index)
         sorted_index = index[order]
         inverse = self._host(np.argsort(order)).to(self.device, non_blocking=True)   # batch order, on the device
         return [None if arr is None else
                 self._rows(arr, sorted_index).to(self.device, non_blocking=True).index_select(0, inverse).float()
                 for arr in arrays]
+
+
+class StoredBoxes:
+    """The view boxes a photo cache stores, by dataset row and view (richkd.data.photos.ViewBoxTable): the
+    trainer crops the student's views from them, so it sees the region both teachers saw."""
+
+    def __init__(self, records: ShardedArray, reader: CachedRows) -> None:
+        self.records, self.reader, self.origin = records, reader, str(records.folder)
+
+    def boxes(self, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
+        return self.records[self.reader.flat(rows, views)]
 
 
 class CachedTeachers(TeacherSource):
@@ -112,15 +126,12 @@ class CachedTeachers(TeacherSource):
     def __init__(self, logits: np.ndarray, feat: np.ndarray, clip_feat: Optional[np.ndarray],
                  class_embeddings: Optional[torch.Tensor], device: torch.device, num_rows: int,
                  rows: Optional[np.ndarray] = None) -> None:
+        super().__init__(feat.shape[1], None if clip_feat is None else clip_feat.shape[1], class_embeddings, device)
         self.logits, self.feat, self.clip_feat_rows = logits, feat, clip_feat
         self.reader = CachedRows(num_rows, device, rows)
-        self.teacher_dim = int(feat.shape[1])
-        self.clip_dim = None if clip_feat is None else int(clip_feat.shape[1])
-        self.class_embeddings = None if class_embeddings is None else class_embeddings.to(device)
 
     def __call__(self, batch: Batch, normalized_images: torch.Tensor) -> TeacherOutputs:
-        logits, feat, clip_feat = self.reader.read(batch, self.logits, self.feat, self.clip_feat_rows)
-        return TeacherOutputs(logits, feat, clip_feat, self._cosine(clip_feat))
+        return self._outputs(*self.reader.read(batch, self.logits, self.feat, self.clip_feat_rows))
 
 
 class OnlineTeachers(TeacherSource):
@@ -128,39 +139,32 @@ class OnlineTeachers(TeacherSource):
 
     def __init__(self, teacher: torch.nn.Module, clip, class_embeddings: Optional[torch.Tensor],
                  device: torch.device) -> None:
+        super().__init__(teacher.feat_dim, None if clip is None else clip.embed_dim, class_embeddings, device)
         self.teacher, self.clip = teacher, clip
-        self.teacher_dim = int(teacher.feat_dim)
-        self.clip_dim = None if clip is None else int(clip.embed_dim)
-        self.class_embeddings = None if class_embeddings is None else class_embeddings.to(device)
 
     @torch.no_grad()
     def __call__(self, batch: Batch, normalized_images: torch.Tensor) -> TeacherOutputs:
         out = self.teacher(normalized_images)
-        clip_feat = None if self.clip is None else self.clip.encode_images(batch.image).float()
-        return TeacherOutputs(out.logits.float(), out.feat.float(), clip_feat, self._cosine(clip_feat))
+        return self._outputs(out.logits, out.feat, None if self.clip is None else self.clip.encode_images(batch.image))
 
 
 class OfficialTeachers(TeacherSource):
     """The official RichKD protocol: the conventional teacher runs online on the student's augmented view,
     CLIP's outputs of the clean image are read from the cache by row index (docs/method.md#teaching-protocol).
-
     `clip_feat` is None when the run uses no CLIP term (e.g. the alpha-only control): only the teacher runs.
     """
 
     def __init__(self, teacher: torch.nn.Module, clip_feat: Optional[np.ndarray],
                  class_embeddings: Optional[torch.Tensor], device: torch.device, num_rows: int,
                  rows: Optional[np.ndarray] = None) -> None:
+        super().__init__(teacher.feat_dim, None if clip_feat is None else clip_feat.shape[1], class_embeddings, device)
         self.teacher, self.clip_feat_rows = teacher, clip_feat
         self.reader = CachedRows(num_rows, device, rows)
-        self.teacher_dim = int(teacher.feat_dim)
-        self.clip_dim = None if clip_feat is None else int(clip_feat.shape[1])
-        self.class_embeddings = None if class_embeddings is None else class_embeddings.to(device)
 
     @torch.no_grad()
     def __call__(self, batch: Batch, normalized_images: torch.Tensor) -> TeacherOutputs:
         out = self.teacher(normalized_images)
-        (clip_feat,) = self.reader.read(batch, self.clip_feat_rows)
-        return TeacherOutputs(out.logits.float(), out.feat.float(), clip_feat, self._cosine(clip_feat))
+        return self._outputs(out.logits, out.feat, *self.reader.read(batch, self.clip_feat_rows))
 
 
 def build_teacher_source(cfg: Config, data, device: torch.device, split: str = "train",
@@ -170,87 +174,65 @@ def build_teacher_source(cfg: Config, data, device: torch.device, split: str = "
     split "test" serves the final analysis of the test split (richkd.analysis); `reuse` is the run's training
     source, whose loaded networks (teacher, CLIP) are reused instead of being loaded again.
     """
-    if cfg.loss.method == "supervised":
+    if not cfg.loss.uses_teacher:
         return None
-    mode = cfg.teaching.mode
     if isinstance(reuse, OnlineTeachers):
         return reuse  # it runs on whatever batch it is given
     class_emb = (reuse.class_embeddings if reuse is not None else
-                 cache_mod.class_embeddings(cfg, data.class_names, device=device) if cfg.uses_clip else None)
-    if mode == "cached" and cfg.data.dataset == "imagenet":  # sharded views with stored crop boxes
-        return _read_photo_cached(cfg, data, split, device, class_emb)
-    if mode == "cached":
-        return _read_cached(cfg, data, split, device, class_emb, teacher=True)
-    if mode == "official":
+                 class_embeddings(cfg, data.class_names, device=device) if cfg.uses_clip else None)
+    if cfg.teaching.mode == "online":
+        clip = None
+        if cfg.uses_clip:
+            clip = load_clip(cfg.clip.model, cfg.clip.pretrained, device=device)
+            _check_clip_dim(clip.embed_dim, class_emb)
+            visual = getattr(clip.model, "visual", None)
+            if cfg.train.channels_last and visual is not None and is_conv_tower(visual):
+                visual.to(memory_format=torch.channels_last)
+        return OnlineTeachers(_load_teacher(cfg, data, device), clip, class_emb, device)
+    stored = _read_cached(cfg, data, split)
+    rows = cached_rows(data, split)
+    whole = len(rows) == len(data.train_clean if split == "train" else data.test_clean)
+    clip_feat = stored["clip-image"]["feat"] if "clip-image" in stored else None
+    if clip_feat is not None:
+        _check_clip_dim(clip_feat.shape[1], class_emb)
+    if cfg.teaching.mode == "official":
         model = reuse.teacher if isinstance(reuse, OfficialTeachers) else _load_teacher(cfg, data, device)
-        clip_feat, n, rows = _read_cached(cfg, data, split, device, class_emb, teacher=False)
-        return OfficialTeachers(model, clip_feat, class_emb, device, num_rows=n, rows=rows)
-    clip = None
-    if cfg.uses_clip:
-        from richkd.clip import load_clip
+        return OfficialTeachers(model, clip_feat, class_emb, device, len(rows), None if whole else rows)
+    t = stored["teacher"]
+    logits = t["logits"] if "logits" in t else \
+        TopKLogits(t["topk_values"], t["topk_index"], t["lse"], data.num_classes)
+    source = CachedTeachers(logits, t["feat"], clip_feat, class_emb, device, len(rows), None if whole else rows)
+    if "boxes" in t:   # a photo cache: the trainer crops the student's views from these boxes
+        source.view_boxes = StoredBoxes(t["boxes"], source.reader)
+    return source
 
-        clip = load_clip(cfg.clip.model, cfg.clip.pretrained, device=device)
-        _check_clip_dim(clip.embed_dim, class_emb)
-        visual = getattr(clip.model, "visual", None)
-        if cfg.train.channels_last and visual is not None and is_conv_tower(visual):
-            visual.to(memory_format=torch.channels_last)
-    return OnlineTeachers(_load_teacher(cfg, data, device), clip, class_emb, device)
+
+def _read_cached(cfg: Config, data, split: str) -> dict[str, dict]:
+    """The split's cache entries the config reads (richkd.cache.split_entries), checked: their rows are the rows
+    this run reads, and a photo cache's teacher and CLIP entries hold the same view boxes."""
+    cache_dir = Path(cfg.teaching.cache_dir)
+    rows = cached_rows(data, split)
+    entries = split_entries(cfg, data, split)
+    stored = {kind: read_entry(entry, cache_dir, len(rows), cfg.teaching.views) for kind, entry in entries.items()}
+    for kind, arrays in stored.items():
+        if not np.array_equal(arrays["rows"], rows):
+            raise CacheError(f"the {kind} cache {entries[kind].path(cache_dir)} covers other rows than this run "
+                             "reads; delete it and rebuild with `richkd cache`")
+    if len(stored) == 2 and "boxes" in stored["clip-image"]:
+        teacher, clip = (read_manifest(entries[kind], cache_dir).get("boxes_sha256") for kind in stored)
+        if teacher != clip:
+            raise CacheError(f"{entries['teacher'].path(cache_dir)} and {entries['clip-image'].path(cache_dir)} store "
+                             "different view boxes, so the teachers saw different crops; delete both and rebuild "
+                             "with `richkd cache`")
+    return stored
 
 
 def _load_teacher(cfg: Config, data, device: torch.device) -> torch.nn.Module:
-    from richkd.models import load_teacher
-
     model, _ = load_teacher(cfg.teacher.arch, cfg.teacher.checkpoint, data.num_classes)
     model.to(device)
     if cfg.train.channels_last:  # its input is the student's, already channels_last (measured 1.27x forward)
         model.to(memory_format=torch.channels_last)
     return model
-
-
-def _read_photo_cached(cfg: Config, data, split: str, device: torch.device,
-                       class_emb: Optional[torch.Tensor]) -> "CachedTeachers":
-    """CachedTeachers over a photo dataset's sharded entries, with the view boxes the student is cropped from."""
-    from richkd.cache.views_imagenet import open_photo_caches
-
-    opened = open_photo_caches(cfg, data, split, Path(cfg.teaching.cache_dir))
-    if opened["clip_feat"] is not None:
-        _check_clip_dim(opened["clip_feat"].shape[1], class_emb)
-    n = len(opened["rows"])
-    whole = len(data.train_clean if split == "train" else data.test_clean)
-    source = CachedTeachers(opened["logits"], opened["feat"], opened["clip_feat"], class_emb, device, num_rows=n,
-                            rows=None if n == whole else opened["rows"])
-    source.view_boxes = opened["boxes"]   # the trainer crops the student's views from these boxes
-    return source
-
-
-def _read_cached(cfg: Config, data, split: str, device: torch.device, class_emb: Optional[torch.Tensor],
-                 teacher: bool):
-    """CachedTeachers over the split's caches (teacher=True), or (CLIP feature rows or None, rows per view,
-    cached rows or None) for the official protocol, which reads only CLIP from the cache."""
-    cache_dir = Path(cfg.teaching.cache_dir)
-    ident = cache_mod.dataset_identity(data, split)
-    cached = cache_mod.cached_rows(data, split)
-    n = len(cached)
-    rows = n * cfg.teaching.views
-    whole = len(data.train_clean if split == "train" else data.test_clean)
-    subset = None if n == whole else cached
-    entries = {}
-    if cfg.uses_clip:
-        entries["CLIP"] = cache_mod.read_entry(cache_mod.clip_image_entry(cfg, ident, split, cache_dir), cache_dir,
-                                               expect_rows={"feat": rows, "rows": n})
-        _check_clip_dim(entries["CLIP"]["feat"].shape[1], class_emb)
-    if teacher:
-        entries["teacher"] = cache_mod.read_entry(cache_mod.teacher_entry(cfg, ident, split, cache_dir), cache_dir,
-                                                  expect_rows={"logits": rows, "feat": rows, "rows": n})
-    for name, entry in entries.items():
-        if not np.array_equal(entry["rows"], cached):
-            raise cache_mod.CacheError(f"the {name} cache in {cache_dir} covers other rows than this run reads; "
-                                       "delete it and rebuild with `richkd cache`")
-    clip_feat = entries["CLIP"]["feat"] if "CLIP" in entries else None
-    if not teacher:
-        return clip_feat, n, subset
-    t = entries["teacher"]
-    return CachedTeachers(t["logits"], t["feat"], clip_feat, class_emb, device, num_rows=n, rows=subset)
 
 
 def is_conv_tower(visual: torch.nn.Module) -> bool:
@@ -267,6 +249,6 @@ def is_conv_tower(visual: torch.nn.Module) -> bool:
 
 def _check_clip_dim(image_dim: int, class_emb: Optional[torch.Tensor]) -> None:
     if class_emb is not None and class_emb.shape[1] != image_dim:
-        raise cache_mod.CacheError(
+        raise CacheError(
             f"CLIP image features have dimension {image_dim} but the text classifier has {class_emb.shape[1]}: "
             "they come from different CLIP models; rebuild the caches with `richkd cache`")

@@ -5,6 +5,7 @@ it on objects built over synthetic data, so a change to the step changes what is
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -14,9 +15,19 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from tqdm import tqdm
 
+from richkd.analysis import teacher_analysis
 from richkd.config import Config, OptimConfig
+from richkd.data import build_data, make_loader, normalize
+from richkd.data.resident import make_resident
 from richkd.device import resolve_device, seed_everything
+from richkd.io import atomic_torch_save, atomic_write_text, load_problem, quiet_torch_load
+from richkd.metrics import ClassificationMeter
+from richkd.models import create_model, save_model_checkpoint
+from richkd.objective import DistillationObjective
+from richkd.robustness.engine import val_robustness_metrics
+from richkd.teachers import build_teacher_source
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +77,6 @@ class StepRecord:
 def student_inputs(images: torch.Tensor, mean, std, channels_last: bool) -> torch.Tensor:
     """Normalised float images in the memory format the student was built with (on the images' device).
     mean/std: per-channel tensors on that device (Run builds them once: no host->device copy per step) or tuples."""
-    from richkd.data import normalize
-
     x = normalize(images, mean, std)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
@@ -93,11 +102,7 @@ def configure_backends(train) -> None:
 def train_step(batch, *, forward_student: Callable, teachers, objective, optimizer: torch.optim.Optimizer,
                device: torch.device, mean, std, channels_last: bool = False, amp: bool = False) -> StepRecord:
     """One optimisation step: batch to device, normalise, student and teacher forward, objective, SGD step.
-
-    The one train step of the package: Run.step calls it with a run's objects, and the benchmarks
-    (benchmarks/benchkit.py) call it with objects built on synthetic data, so what they time is this code.
-    `teachers` may be None (supervised runs); it is only called when the objective needs teacher outputs.
-    """
+    `teachers` may be None (supervised runs); it is only called when the objective needs teacher outputs."""
     batch = batch.to(device, non_blocking=True)
     x = student_inputs(batch.image, mean, std, channels_last)
     with autocast(device, amp):
@@ -137,12 +142,6 @@ class Run:
     """All live objects of one training run; built once, then `train()` drives the epochs."""
 
     def __init__(self, cfg: Config, progress: bool = False) -> None:
-        from richkd.data import build_data, make_loader
-        from richkd.data.resident import make_resident
-        from richkd.models import create_model
-        from richkd.objective import DistillationObjective
-        from richkd.teachers import build_teacher_source
-
         self.cfg, self.progress = cfg, progress
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -240,18 +239,13 @@ class Run:
         self.objective.epoch = epoch   # DKD's warm-up reads it
         self.student.train()
         self.objective.train()
-        # The sample order is a function of (seed, epoch): resume is exact.
-        loader = self.train_loader
-        loader.set_epoch(epoch)
+        self.train_loader.set_epoch(epoch)   # the sample order is a function of (seed, epoch): resume is exact
         sums: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.device)
         n_seen = 0
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(loader), desc=f"epoch {epoch}/{cfg.train.epochs}", unit="batch", leave=False)
-        for i, batch in enumerate(loader):
+        batches = tqdm(self.train_loader, desc=f"epoch {epoch}/{cfg.train.epochs}", unit="batch", leave=False,
+                       disable=not self.progress)
+        for i, batch in enumerate(batches):
             record = self.step(batch)
             b = record.batch_size
             n_seen += b
@@ -260,10 +254,7 @@ class Run:
                 sums[name] = sums.get(name, 0) + value * b
             if i % 50 == 0 and not torch.isfinite(record.loss):  # a periodic check avoids a sync per step
                 break
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
+        batches.close()
         mean_loss = float(total) / max(n_seen, 1)
         if not math.isfinite(mean_loss):
             raise NonFiniteLossError(f"training loss became {mean_loss} in epoch {epoch} (lr {lr:g}); "
@@ -276,8 +267,6 @@ class Run:
     def evaluate(self, split: str) -> dict:
         """Top-1/5, ECE and mean CE of the student on a split, in fp32 whatever train.amp says (as `richkd
         evaluate` and the robustness metrics); accumulated on the device, read once at the end."""
-        from richkd.metrics import ClassificationMeter
-
         self.student.eval()
         meter = ClassificationMeter()
         for batch in self._eval_loaders[split]:
@@ -285,22 +274,12 @@ class Run:
             x = student_inputs(batch.image, self.mean, self.std, self.cfg.train.channels_last)
             meter.update(self.forward_student(x).logits.float(), batch.target)
         m = meter.compute()
-        return {f"{split}_top1": m["top1"], f"{split}_top5": m["top5"], f"{split}_ece": m["ece"],
-                f"{split}_loss": m["loss"]}
-
-    def robustness_metrics(self) -> dict:
-        """val_corrupt_top1 / val_corrupt_ece (+ per corruption) on a seeded val subset (cfg.robustness)."""
-        from richkd.robustness.val_metrics import val_robustness_metrics
-
-        return val_robustness_metrics(self.student, self.data.val, self.data.mean, self.data.std, self.device,
-                                      self.cfg.robustness, batch_size=self.cfg.data.eval_batch_size)
+        return {f"{split}_{k}": m[k] for k in ("top1", "top5", "ece", "loss")}
 
     def test_teachers(self):
         """The teacher source for the test split (final runs only): cached modes read the test split's caches,
         which `prepare_caches(cfg, splits=("train", "test"))` builds; a missing one fails here, before training."""
         if self._test_teachers is None and self.teachers is not None:
-            from richkd.teachers import build_teacher_source
-
             self._test_teachers = build_teacher_source(self.cfg, self.data, self.device, split="test",
                                                        reuse=self.teachers)
         return self._test_teachers
@@ -309,8 +288,6 @@ class Run:
         """Frozen-teacher analysis (the paper's Fig. 1 quantities) on a split, computed once per split (teachers
         do not change). The test split is analysed only in final runs."""
         if split not in self._teacher_metrics:
-            from richkd.analysis import teacher_analysis
-
             source = self.test_teachers() if split == "test" else self.teachers
             self._teacher_metrics[split] = ({} if source is None else
                                             teacher_analysis(self.cfg, self.data, source, self.objective,
@@ -334,8 +311,9 @@ class Run:
             if self.has_val and evaluates_at(epoch, cfg.train):
                 metrics.update(self.evaluate("val"))
                 metrics.update(self.teacher_metrics())
-                if cfg.robustness.enabled:
-                    metrics.update(self.robustness_metrics())
+                if cfg.robustness.enabled:   # val_corrupt_* on a seeded subset of the val split
+                    metrics.update(val_robustness_metrics(self.student, self.data.val, self.data.mean, self.data.std,
+                                                          self.device, cfg.robustness, cfg.data.eval_batch_size))
                 self.best_val_top1 = max(self.best_val_top1, metrics["val_top1"])
             elif self.has_val and self.history:  # keep the metric present in every report (Tune requires it)
                 metrics.update({k: v for k, v in self.history[-1].items() if k.startswith("val_")})
@@ -348,8 +326,6 @@ class Run:
             self.history.append(metrics)
             log.info("epoch %d/%d: %s", epoch, cfg.train.epochs, _short(metrics))
             if cfg.train.checkpoint_dir:
-                from richkd.io import atomic_torch_save
-
                 atomic_torch_save(self.state(), Path(cfg.train.checkpoint_dir) / "last.pt")
             if on_epoch is not None:
                 on_epoch(EpochReport(epoch, dict(metrics), self.state))
@@ -359,14 +335,23 @@ class Run:
             result.test_metrics = test_metrics or {**self.evaluate("test"), **self.teacher_metrics("test")}
         return result
 
+    def save_outputs(self, result: TrainResult, out_dir: str | Path) -> Path:
+        """What a finished run leaves in out_dir: student.pt (mdistiller's format, so it can be a teacher or go to
+        `richkd evaluate`, which finds config.yaml next to it), config.yaml and result.json. Returns student.pt."""
+        out = Path(out_dir)
+        save_model_checkpoint(self.student, out / "student.pt", arch=self.cfg.student.arch,
+                              num_classes=self.data.num_classes)
+        atomic_write_text(out / "config.yaml", self.cfg.to_yaml())
+        summary = {"config": self.cfg.to_dict(), "metrics": result.metrics, "best_val_top1": result.best_val_top1,
+                   "test_metrics": result.test_metrics, "model": str(out / "student.pt")}
+        atomic_write_text(out / "result.json", json.dumps(summary, indent=1, default=float))
+        return out / "student.pt"
+
 
 def run_training(cfg: Config, *, on_epoch: Optional[Callable[[EpochReport], None]] = None,
                  resume_state: Optional[dict] = None, progress: bool = False, final: bool = False,
                  stop_after_epoch: Optional[int] = None) -> TrainResult:
-    """Train cfg's student (supervised, KD or RichKD) and return the result.
-
-    The test split is evaluated only with final=True; model selection uses the seeded validation split.
-    """
+    """Train cfg's student (supervised, KD or RichKD); the test split is evaluated only with final=True."""
     run = Run(cfg, progress=progress)
     if resume_state is not None:
         run.load_state(resume_state)
@@ -378,8 +363,6 @@ def load_train_state(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint {str(p)!r} does not exist")
-    from richkd.io import load_problem, quiet_torch_load
-
     try:
         with quiet_torch_load():
             return torch.load(p, map_location="cpu", weights_only=True)

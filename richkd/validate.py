@@ -3,7 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from richkd.clip import ClipLoadError, load_prompt_set
+from richkd.clip.loading import check_weights
 from richkd.config import Config, ConfigError
+from richkd.data import build_data
+from richkd.losses.crd import check_negatives
+from richkd.models import MODELS, pretrained_source
 
 
 def check_resources(cfg: Config) -> None:
@@ -11,16 +18,13 @@ def check_resources(cfg: Config) -> None:
 
     Datasets are checked by building them (richkd.data raises DatasetNotFoundError), which is cheap.
     """
-    from richkd.models import MODELS
-    from richkd.models.registry import pretrained_source
-
     for key, arch in (("student.arch", cfg.student.arch), ("teacher.arch", cfg.teacher.arch)):
         if arch is not None and arch not in MODELS:
             try:
                 MODELS.get(arch)
             except KeyError as exc:
                 raise ConfigError(f"{key}: {exc.args[0]} (see `richkd models`)") from None
-    if cfg.loss.method != "supervised":
+    if cfg.loss.uses_teacher:
         if cfg.teacher.arch is None:
             raise ConfigError(f"teacher.arch: loss.method={cfg.loss.method} needs a teacher; set teacher.arch "
                               "and teacher.checkpoint")
@@ -30,9 +34,6 @@ def check_resources(cfg: Config) -> None:
                               f"{pretrained_source(cfg.teacher.arch)}, or train a teacher with "
                               "loss.method=supervised")
     if cfg.uses_clip:
-        from richkd.clip import ClipLoadError, load_prompt_set
-        from richkd.clip.loading import check_weights
-
         try:
             load_prompt_set(cfg.clip.prompt_set)
         except ValueError as exc:
@@ -43,21 +44,10 @@ def check_resources(cfg: Config) -> None:
             raise ConfigError(str(exc)) from None
 
 
-def uses_crd(cfg: Config) -> bool:
-    """Does the run build CRD memory banks? The condition of richkd.objective.DistillationObjective."""
-    return cfg.loss.method == "richkd" and cfg.loss.feat_weight > 0
-
-
 def check_data_fit(cfg: Config) -> None:
     """Rules between the config and the size of its data, checked before caches are built or Ray starts: CRD's
     loss.nce_k negatives per row must exist in the training rows (a small data.max_train_samples may not hold
     them). Builds the dataset (memoised in richkd.data, so the run itself does not load it again)."""
-    if not uses_crd(cfg):
-        return
-    import torch
-
-    from richkd.data import build_data
-    from richkd.losses.crd import check_negatives
-
-    data = build_data(cfg.data)
-    check_negatives(data.train_targets[torch.as_tensor(data.train.indices)], cfg.loss.nce_k)
+    if cfg.loss.uses_crd:
+        data = build_data(cfg.data)
+        check_negatives(data.train_targets[torch.as_tensor(data.train.indices)], cfg.loss.nce_k)

@@ -1,6 +1,7 @@
 """Test-wide environment (offline, no telemetry, no Ray auth, few threads) and shared small real fixtures."""
 import gzip
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,11 +10,43 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+# one thread here and in every process the tests start (Ray workers, subprocesses): CPU results depend on the thread
+# count, and tests compare runs across processes that the design promises compute the same bytes
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 # never write decoded datasets into the real ~/.cache/richkd; tests of that cache point it at tmp_path
 os.environ.setdefault("RICHKD_DECODED_CACHE", "off")
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_ray_left_running():
+    """The embedded Ray that tests share (tests.factories.shared_ray) stops with the session."""
+    yield
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
+
+
+@pytest.fixture(autouse=True)
+def no_environment_leaks():
+    """Each test leaves os.environ as it found it. Code under test writes to it: MLflow's set_tracking_uri and
+    set_experiment (richkd evaluate --mlflow-uri) set MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_ID, which a later
+    spec without mlflow.tracking_uri would read, and which Ray workers and subprocesses would inherit."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Back to one thread after each test: a config's train.threads sets it for the whole process (trainer.Run)."""
+    yield
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def _read_idx(path: Path) -> np.ndarray:

@@ -130,6 +130,16 @@ def smoke_spec(assets: Path, work: Path) -> dict:
     }
 
 
+def shared_ray() -> None:
+    """The test session's embedded 2-CPU Ray, started unless one is up, for tests that run sweeps, finalize or
+    cache tasks in this process: richkd's init_ray then finds it up and leaves it running, so those tests share
+    one start-up (not what they test; it costs seconds on 2 cores). A test that connects to a cluster of its own
+    shuts it down first; the next test that calls this starts it again; tests/conftest.py stops it at the end."""
+    from richkd.tune.session import init_ray
+
+    init_ray(num_cpus=2)
+
+
 def ensure_smoke_sweep(base: Path) -> dict:
     """Run the smoke sweep once per test session (test_export.py reuses it); returns what the tests need."""
     marker = base / "smoke_e2e" / "done.json"
@@ -140,10 +150,8 @@ def ensure_smoke_sweep(base: Path) -> dict:
     from richkd.tune.runner import run_sweep
     from richkd.tune.spec import spec_from_mapping
 
-    for key, value in ENV.items():
-        if key != "PYTHONPATH":
-            os.environ.setdefault(key, value)
     spec = spec_from_mapping(smoke_spec(assets, work))
+    shared_ray()
     started = time.perf_counter()
     outcome = run_sweep(spec, num_cpus=2, verbose=0)
     info = {"work": str(work), "experiment_path": outcome.experiment_path, "name": spec.name,

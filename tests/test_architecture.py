@@ -1,30 +1,35 @@
-"""The layers drawn in docs/architecture.md hold: every richkd import points down (or sideways within a layer),
-there is no import cycle, and only richkd/tune/ imports Ray. Read from the source with `ast`, so lazy imports
-inside functions count too; imports under `if TYPE_CHECKING:` (annotations only) do not."""
+"""The layers drawn in docs/architecture.md hold: the drawing names every module, every richkd import points down
+(or sideways within a layer), there is no import cycle, and only richkd/tune/ imports Ray. Read from the source
+with `ast`, so imports inside functions and under `if TYPE_CHECKING:` count too."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "richkd"
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "richkd"
 
-# Layer of each module, bottom (0) to top; the longest matching prefix decides. Keep in step with
-# docs/architecture.md ("Layers").
-LAYERS = {
-    "richkd": 0, "richkd.schema": 0, "richkd.config": 0, "richkd.io": 0, "richkd.registry": 0, "richkd.device": 0,
-    "richkd.provenance": 0, "richkd.metric_names": 0, "richkd.pareto": 0, "richkd.tracking": 0,
-    "richkd.models": 1, "richkd.data": 1, "richkd.clip": 1, "richkd.fusion": 1, "richkd.losses": 1,
-    "richkd.metrics": 1, "richkd.robustness": 1, "richkd.robustness.corruptions": 1, "richkd.robustness.cifar_c": 1,
-    "richkd.robustness.scores": 1,
-    "richkd.cache": 2, "richkd.teachers": 2, "richkd.objective": 2, "richkd.analysis": 2,
-    "richkd.trainer": 3, "richkd.validate": 3, "richkd.run_outputs": 3, "richkd.robustness.engine": 3,
-    "richkd.robustness.val_metrics": 3, "richkd.robustness.evaluate": 3, "richkd.robustness.report": 3,
-    "richkd.tune": 4,
-    "richkd.cli": 5, "richkd.__main__": 5, "richkd.demo": 5, "richkd.report": 5,
-}
-LAYER_NAMES = ("foundation", "building blocks", "teaching", "training core", "sweep layer", "applications")
+
+def drawn_layers(doc: str) -> tuple[dict[str, int], tuple[str, ...]]:
+    """({module or package: layer}, layer names bottom up) from the drawing under "## Layers": lines such as
+    ` 3 training core    trainer · robustness.{engine, report}`, continued on lines that start `│` and text; a
+    parenthesis is a comment."""
+    drawing = re.sub(r"\n *│ {2,}(?=\S)", " ", doc.split("## Layers")[1].split("```")[1])
+    layers, names = {}, {}
+    for number, name, members in re.findall(r"^ *(\d) (\w+(?: \w+)*) {2,}(.*)$", drawing, re.MULTILINE):
+        names[int(number)] = name
+        members = re.sub(r"\(.*?\)|\s", "", members)
+        for member in members.split("·"):
+            head, _, inner = member.partition("{")
+            for part in inner.rstrip("}").split(",") if inner else [""]:
+                layers[f"richkd.{head}{part}"] = int(number)
+    return layers, tuple(names[i] for i in sorted(names))
+
+
+LAYERS, LAYER_NAMES = drawn_layers((REPO / "docs" / "architecture.md").read_text())
 
 
 def module_name(path: Path) -> str:
@@ -35,31 +40,24 @@ def module_name(path: Path) -> str:
 MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
 
 
+def drawn_name(module: str) -> str | None:
+    """The drawing's entry for a module: its own name or its nearest package's (the longest match)."""
+    found = [name for name in LAYERS if module == name or module.startswith(name + ".")]
+    return max(found, key=len) if found else None
+
+
 def layer_of(module: str) -> int:
-    best = max((name for name in LAYERS if module == name or module.startswith(name + ".")), key=len)
-    return LAYERS[best]
-
-
-def _type_checking_nodes(tree: ast.AST) -> set:
-    skipped = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            skipped.update(id(n) for stmt in node.body for n in ast.walk(stmt))
-    return skipped
+    return 0 if module == "richkd" else LAYERS[drawn_name(module)]   # the package root holds the version only
 
 
 def imports_of(module: str) -> dict[str, int]:
-    """{imported module: line} for every import in `module` (module-level and inside functions)."""
+    """{imported module: line} for every import in `module` (module-level, in functions, under TYPE_CHECKING)."""
     return imports_in_source(MODULES[module].read_text())
 
 
 def imports_in_source(source: str) -> dict[str, int]:
-    tree = ast.parse(source)
-    skipped = _type_checking_nodes(tree)
     out: dict[str, int] = {}
-    for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names = [f"{node.module}.{a.name}" for a in node.names]
             targets = [n if n in MODULES else node.module for n in names]
@@ -82,10 +80,16 @@ def richkd_imports(module: str) -> dict[str, int]:
     return found
 
 
-def test_every_module_has_a_layer():
+def test_the_drawing_names_every_module_and_nothing_else():
     assert "richkd.tune.spec" in MODULES and "richkd.trainer" in MODULES      # the walk found the package
-    for module in MODULES:
-        assert layer_of(module) in range(len(LAYER_NAMES)), module
+    assert LAYER_NAMES == ("foundation", "building blocks", "teaching", "training core", "sweep layer",
+                           "applications")                                  # the parser read every layer
+    assert layer_of("richkd.robustness.engine") == 3 and layer_of("richkd.robustness.scores") == 1
+    assert {"richkd.tune.errors", "richkd.tune.arms"} <= set(LAYERS)                # continued lines read too
+    undrawn = [m for m in sorted(MODULES) if m != "richkd" and drawn_name(m) is None]
+    assert undrawn == [], f"docs/architecture.md's layer drawing does not name {undrawn}"
+    ghosts = [name for name in sorted(LAYERS) if name not in MODULES]
+    assert ghosts == [], f"docs/architecture.md's layer drawing names modules that do not exist: {ghosts}"
 
 
 def test_imports_point_down_the_layers():
@@ -129,10 +133,10 @@ def test_only_the_sweep_layer_imports_ray(library):
     assert outside == []
 
 
-def test_the_checker_sees_lazy_imports_and_skips_annotation_only_ones():
-    """The walk must catch what it polices: an import inside a function counts, one under TYPE_CHECKING not."""
+def test_the_checker_sees_lazy_and_annotation_only_imports():
+    """The walk must catch what it polices: imports inside a function and under TYPE_CHECKING count."""
     source = ("from typing import TYPE_CHECKING\nimport ray.tune\nif TYPE_CHECKING:\n    from richkd.tune.spec import X\n"
               "def f():\n    from richkd.trainer import run_training\n")
-    assert imports_in_source(source) == {"typing": 1, "ray.tune": 2, "richkd.trainer": 6}
+    assert imports_in_source(source) == {"typing": 1, "ray.tune": 2, "richkd.tune.spec": 4, "richkd.trainer": 6}
     assert layer_of("richkd.trainer") > layer_of("richkd.schema")
     assert layer_of("richkd.tune.spec") == 4 and layer_of("richkd.cli.sweep") == 5

@@ -64,19 +64,17 @@ def test_affects_cache(key, affects):
 def test_cache_keys_are_stable_across_processes_and_prompt_sets(richkd_cfg):
     prepare_caches(richkd_cfg)
     data = build_data(richkd_cfg.data)
-    ident = cache_mod.dataset_identity(data, "train")
-    key = cache_mod.clip_image_entry(richkd_cfg, ident, "train", richkd_cfg.teaching.cache_dir).key
+    key = cache_mod.split_entries(richkd_cfg, data, "train")["clip-image"].key
     code = ("from richkd.config import Config; from richkd.data import build_data; import richkd.cache as c, json,"
             " sys; cfg = Config.from_dict(json.loads(sys.argv[1])); d = build_data(cfg.data);"
-            " print(c.clip_image_entry(cfg, c.dataset_identity(d, 'train'), 'train', cfg.teaching.cache_dir).key)")
+            " print(c.split_entries(cfg, d, 'train')['clip-image'].key)")
     out = subprocess.run([sys.executable, "-c", code, json.dumps(richkd_cfg.to_dict())], capture_output=True,
                          text=True, check=True)
     assert out.stdout.strip() == key
     other_prompts = richkd_cfg.with_overrides({"clip.prompt_set": "single"})
-    assert cache_mod.clip_image_entry(other_prompts, ident, "train", richkd_cfg.teaching.cache_dir).key == key
+    assert cache_mod.split_entries(other_prompts, data, "train")["clip-image"].key == key
     other_data = richkd_cfg.with_overrides({"data.image_size": 28})
-    ident28 = cache_mod.dataset_identity(build_data(other_data.data), "train")
-    assert cache_mod.clip_image_entry(other_data, ident28, "train", richkd_cfg.teaching.cache_dir).key != key
+    assert cache_mod.split_entries(other_data, build_data(other_data.data), "train")["clip-image"].key != key
 
 
 def test_cache_for_other_data_or_truncated_is_an_error(richkd_cfg):

@@ -95,12 +95,6 @@ def test_help_lists_commands_and_examples():
     assert examples.startswith("  richkd demo ") and "\n  richkd sweep search_spaces/smoke.yaml" in examples
 
 
-def test_models_command_lists_the_zoo(capsys):
-    assert main(["models", "--num-classes", "10"]) == 0
-    out = capsys.readouterr().out
-    assert "resnet32x4" in out and "feat_dim   256" in out and "MobileNetV2" in out
-
-
 def test_main_alone_turns_exceptions_into_one_line_and_an_exit_code(monkeypatch, capsys):
     """Handlers raise; `main` prints `richkd: error: ...` (2), `richkd: interrupted` (130), or re-raises the user
     error under RICHKD_DEBUG. A KeyError prints its message, not its quoted repr."""

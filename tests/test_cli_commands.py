@@ -109,10 +109,17 @@ def test_clip_zeroshot_prints_the_accuracy_of_the_prompt_set(richkd_cfg, tmp_pat
 
 
 def test_models_lists_every_model_with_its_feature_dimension(capsys):
+    """Both families with their input size; every model's feature dimension and size, as the model has them."""
     from richkd.models import MODELS, create_model
 
     assert main(["models", "--num-classes", "10"]) == 0
-    out = capsys.readouterr().out.strip().splitlines()
+    text = capsys.readouterr().out
+    assert "resnet32x4" in text and "feat_dim   256" in text and "MobileNetV2" in text
+    assert "cifar family (32 px inputs):" in text and "imagenet family (224 px inputs):" in text
+    out = text.strip().splitlines()
+    line = next(ln for ln in out if ln.split()[:1] == ["resnet50"])
+    assert "input 224 px" in line and "feat_dim  2048" in line
+    assert "input  32 px" in next(ln for ln in out if ln.split()[:1] == ["resnet8x4"])
     assert [line.split()[0] for line in out if line.endswith("inputs):")] == ["cifar", "imagenet"]
     lines = [line for line in out if line.startswith("  ")]
     assert sorted(line.split()[0] for line in lines) == sorted(MODELS.names())

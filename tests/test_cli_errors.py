@@ -114,16 +114,17 @@ def test_small_subset_vs_nce_k_fails_before_any_cache_is_built(richkd_cfg, tmp_p
 
 
 def test_uses_crd_matches_the_objective(richkd_cfg):
-    """richkd.validate.uses_crd must say exactly when DistillationObjective builds CRD memory banks."""
+    """LossConfig.uses_crd (what the data-fit checks read) says exactly when DistillationObjective builds CRD
+    memory banks, and uses_teacher when it needs teacher outputs."""
     from richkd.objective import DistillationObjective
-    from richkd.validate import uses_crd
 
     targets = torch.arange(200) % 10
     for method, feat_weight in (("richkd", 0.8), ("richkd", 0.0), ("kd", 0.8), ("supervised", 0.0)):
         cfg = richkd_cfg.with_overrides({"loss.method": method, "loss.feat_weight": feat_weight})
         objective = DistillationObjective(cfg.loss, student_dim=8, teacher_dim=8, clip_dim=8,
                                           train_targets=targets, train_rows=torch.arange(200))
-        assert uses_crd(cfg) == (objective.crd is not None), (method, feat_weight)
+        assert cfg.loss.uses_crd == (objective.crd is not None), (method, feat_weight)
+        assert cfg.loss.uses_teacher == objective.needs_teacher == (method != "supervised"), method
 
 
 def test_train_progress_line_skips_val_on_epochs_without_evaluation(tmp_path, mini_fashion_root, capsys):

@@ -25,8 +25,8 @@ def test_two_nodes_with_a_folder_only_the_head_sees(make_ray_cluster, tmp_path):
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    if ray.is_initialized():
-        pytest.skip("this test process is already a Ray driver")
+    if ray.is_initialized():      # the session's shared Ray (tests.factories.shared_ray): connect to this cluster
+        ray.shutdown()
     ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")
     try:
         @ray.remote(num_cpus=1)

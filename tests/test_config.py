@@ -63,6 +63,10 @@ def test_with_overrides_is_validated_and_immutable():
         cfg.with_overrides({"optim.lrr": 0.1})
     with pytest.raises(ConfigError, match="unknown config key 'optm'"):
         cfg.with_overrides({"optm.lr": 0.1})
+    with pytest.raises(ConfigError, match="seed.x: seed is a value, not a section"):
+        cfg.with_overrides({"seed.x": 1})
+    with pytest.raises(ConfigError, match="loss: is a section; set its keys"):   # not: the other keys reset
+        cfg.with_overrides({"loss": {"temperature": 4.0}})
 
 
 def test_flat_dict_round_trip_and_yaml(tmp_path):

@@ -9,10 +9,10 @@ import torch
 
 from richkd.config import DataConfig
 from richkd.data import (CIFAR10_CLASSES, CIFAR100_CLASSES, FASHION_MNIST_CLASSES, Batch, DatasetNotFoundError,
-                         build_data, known_class_names, make_loader, normalize, random_crop_flip, read_idx,
-                         to_float_images)
+                         build_data, make_loader, normalize, read_idx, to_float_images)
 from richkd.data.sources import DEBIAN_FASHION_MNIST_DIR
 from richkd.data.splits import stratified_take
+from richkd.data.transforms import crop_flip, draw_crop_flip
 
 from tests.data_fixtures import patch_cifar100_md5, write_idx, write_image_tree, write_tiny_cifar100, write_tiny_fashion
 
@@ -54,9 +54,6 @@ def test_shipped_class_names():
     from torchvision.datasets import FashionMNIST
 
     assert list(FASHION_MNIST_CLASSES) == list(FashionMNIST.classes)
-    assert known_class_names("cifar100") == list(CIFAR100_CLASSES)
-    with pytest.raises(ValueError, match="imagefolder"):
-        known_class_names("imagefolder")
 
 
 # ----- CIFAR-100 through torchvision --------------------------------------------------------------------
@@ -222,9 +219,9 @@ def test_imagefolder_missing_train(tmp_path):
 
 # ----- transforms -----------------------------------------------------------------------------------------
 
-def test_random_crop_flip_is_a_padded_shifted_maybe_flipped_copy():
+def test_crop_flip_is_a_padded_shifted_maybe_flipped_copy():
     x = torch.rand(64, 3, 8, 8)
-    out = random_crop_flip(x, torch.Generator().manual_seed(0))
+    out = crop_flip(x, *draw_crop_flip(64, torch.Generator().manual_seed(0)))
     assert out.shape == x.shape
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
     seen_offsets, seen_flip = set(), set()
@@ -235,7 +232,7 @@ def test_random_crop_flip_is_a_padded_shifted_maybe_flipped_copy():
         seen_offsets.add(matches[0][:2])
         seen_flip.add(matches[0][2])
     assert seen_flip == {False, True} and len(seen_offsets) > 10
-    again = random_crop_flip(x, torch.Generator().manual_seed(0))
+    again = crop_flip(x, *draw_crop_flip(64, torch.Generator().manual_seed(0)))
     assert torch.equal(out, again)
 
 

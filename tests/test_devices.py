@@ -380,12 +380,12 @@ def test_train_deterministic_and_cudnn_benchmark_set_the_backends(assets, tmp_pa
 @pytest.mark.cuda
 @CUDA
 def test_cache_plan_timings_wait_for_the_gpu(monkeypatch):
-    from richkd.cache import plan as plan_mod
+    from richkd.cache import estimate
 
     synced = []
     real = torch.cuda.synchronize
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: synced.append(a) or real(*a))
-    rate = plan_mod._rate(lambda x: x @ x, torch.rand(64, 512, 512, device="cuda"))
+    rate = estimate._rate(lambda x: x @ x, torch.rand(64, 512, 512, device="cuda"))
     assert rate > 0 and len(synced) == 2
 
 

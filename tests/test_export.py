@@ -12,7 +12,7 @@ import torch
 
 from richkd.config import Config
 
-from tests.factories import ensure_smoke_sweep
+from tests.factories import ensure_smoke_sweep, shared_ray
 
 pytestmark = pytest.mark.slow
 
@@ -144,7 +144,7 @@ def test_finalize_retrains_the_top_config_over_seeds_on_the_test_split(smoke, tm
 
     import ray
 
-    ray_was_up = ray.is_initialized()
+    shared_ray()
     result = finalize_sweep(smoke["name"], top=1, seeds=2, storage=smoke["storage"],
                             overrides=["train.epochs=1"], out_dir=str(tmp_path))
     (fin,) = result.finalists
@@ -180,11 +180,11 @@ def test_finalize_retrains_the_top_config_over_seeds_on_the_test_split(smoke, tm
     assert (f"confident-correct {fin.teachers['teacher_test_confident_correct_pct']:.1f}% -> "
             f"{fin.teachers['fused_test_confident_correct_pct']:.1f}%") in text
 
-    # the trainings ran as Ray tasks, in worker processes (an embedded Ray unless this process already ran one)
+    # the trainings ran as Ray tasks, in worker processes of the Ray that was up (the CLI test below starts its own)
     import os
 
     assert len(fin.workers) == 2 and all(w["pid"] != os.getpid() and w["node_id"] for w in fin.workers)
-    assert ray.is_initialized() == ray_was_up
+    assert ray.is_initialized()                                  # the session's Ray: finalize left it running
     assert sorted(r.data.tags["richkd.worker_pid"] for r in seeds) == sorted(str(w["pid"]) for w in fin.workers)
     assert all("val_top1" not in r.data.metrics and "final_test_top1" in r.data.metrics for r in seeds)
     # each seed's student reached the driver: loadable, next to the config that reproduces it
@@ -220,13 +220,16 @@ def test_finalize_with_holdout_keeps_the_sweeps_validation_split(smoke, tmp_path
     import re
 
     import mlflow
+    import ray
 
     from richkd.cli import main
     from richkd.tracking import client_for
 
+    if ray.is_initialized():          # the session's shared Ray: this command starts its own, and stops it
+        ray.shutdown()
     code = main(["finalize", smoke["name"], "--storage", smoke["storage"], "--top", "1", "--seeds", "1",
                  "--set", "train.epochs=1", "--out", str(tmp_path), "--holdout"])
-    assert code == 0
+    assert code == 0 and not ray.is_initialized()
     with open(tmp_path / "finalists.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert 0.0 <= float(rows[0]["val_top1"]) <= 100.0      # a real validation number: the split was kept

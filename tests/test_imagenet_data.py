@@ -16,8 +16,6 @@ from richkd.data.imagenet import ImageNetLayoutError, imagenet_wnids
 from richkd.data.photos import BadImageError, decode_image, eval_crop, rrc_box
 from tests.data_fixtures import FMNIST_WNIDS, write_imagenet_tree
 
-torch.set_num_threads(1)
-
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):

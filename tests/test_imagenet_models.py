@@ -1,5 +1,6 @@
 """ImageNet-family models: torchvision's definitions wrapped to return ModelOutput, strict loading of torchvision
-state_dicts (what mdistiller's ImageNet teachers are), mdistiller's MobileNetV1 layout, and `richkd models`."""
+state_dicts (what mdistiller's ImageNet teachers are) and mdistiller's MobileNetV1 layout (`richkd models` lists
+both families: tests/test_cli_commands.py)."""
 from __future__ import annotations
 
 import pytest
@@ -8,8 +9,6 @@ import torch.nn as nn
 import torchvision
 
 from richkd.models import MODELS, CheckpointError, ModelOutput, create_model, family_of, load_teacher
-
-torch.set_num_threads(1)
 
 IMAGENET = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "mobilenet_v2": 1280, "MobileNetV1": 1024}
 TORCHVISION = {"resnet18": torchvision.models.resnet18, "resnet34": torchvision.models.resnet34,
@@ -78,14 +77,3 @@ def test_mobilenetv1_has_mdistillers_layout_and_pooling():
         assert maps.shape[-2:] == (7, 7)
         expected = model.fc(nn.AvgPool2d(7)(maps).reshape(-1, 1024))
         torch.testing.assert_close(model(x).logits, expected)
-
-
-def test_richkd_models_lists_both_families_with_input_size(capsys):
-    from richkd.cli import main
-
-    assert main(["models", "--num-classes", "10"]) == 0
-    out = capsys.readouterr().out
-    assert "cifar family (32 px inputs):" in out and "imagenet family (224 px inputs):" in out
-    line = next(ln for ln in out.splitlines() if ln.split()[:1] == ["resnet50"])
-    assert "input 224 px" in line and "feat_dim  2048" in line
-    assert "input  32 px" in next(ln for ln in out.splitlines() if ln.split()[:1] == ["resnet8x4"])

@@ -3,18 +3,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from richkd.metrics import ClassificationMeter, confidence_categories, expected_calibration_error, topk_correct
+from richkd.metrics import ClassificationMeter, confidence_categories, expected_calibration_error, reliability_bins
 
 
-def test_topk_hand_example_and_k_larger_than_classes():
-    logits = torch.tensor([[0.1, 0.5, 0.4],     # target 2: rank 2
-                           [0.9, 0.05, 0.05],   # target 0: rank 1
-                           [0.2, 0.3, 0.5]])    # target 0: rank 3
-    target = torch.tensor([2, 0, 0])
-    assert topk_correct(logits, target, ks=(1, 2, 5)) == {1: 1, 2: 2, 5: 3}
-    assert topk_correct(logits, target) == {1: 1, 5: 3}
-    with pytest.raises(ValueError):
-        topk_correct(logits, target, ks=(0,))
+def test_meter_topk_hand_example_and_top5_of_three_classes():
+    meter = ClassificationMeter()
+    meter.update(torch.tensor([[0.1, 0.5, 0.4],     # target 2: rank 2
+                               [0.9, 0.05, 0.05],   # target 0: rank 1
+                               [0.2, 0.3, 0.5]]),   # target 0: rank 3
+                 torch.tensor([2, 0, 0]))
+    out = meter.compute()
+    assert out["top1"] == pytest.approx(100 / 3) and out["top5"] == pytest.approx(100.0)   # top-5 of 3 classes
+    assert "confident_correct_pct" not in out                 # categories only with a confidence threshold
 
 
 # four classes; confidences 0.9 (correct), 0.7 (wrong), 0.75 (correct), 0.35 (correct)
@@ -31,6 +31,14 @@ def test_ece_hand_example():
     assert expected_calibration_error(PROBS, TARGET, n_bins=5) == pytest.approx(0.3, abs=1e-6)
     # one bin: |acc - conf| over everything = |0.75 - 0.675|
     assert expected_calibration_error(PROBS, TARGET, n_bins=1) == pytest.approx(0.075, abs=1e-6)
+    # the reliability diagram's bins are the same bins: counts, means, and the ECE they add up to
+    confidence, pred = PROBS.max(dim=1)
+    bins = reliability_bins(confidence, pred.eq(TARGET), n_bins=5)
+    assert bins["count"] == [0, 1, 0, 2, 1] and bins["edges"] == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    assert bins["accuracy"] == [None, 1.0, None, 0.5, 1.0]
+    assert bins["confidence"][3] == pytest.approx(0.725) and bins["ece"] == pytest.approx(0.3, abs=1e-6)
+    with pytest.raises(ValueError, match="n_bins"):
+        reliability_bins(confidence, pred.eq(TARGET), n_bins=0)
 
 
 def test_ece_zero_when_calibrated():
@@ -55,11 +63,11 @@ def test_meter_matches_one_shot_functions_over_batches():
     for lo in range(0, 37, 10):
         meter.update(logits[lo:lo + 10], target[lo:lo + 10])
     out = meter.compute()
-    counts = topk_correct(logits, target)
+    top5 = logits.topk(5, dim=1).indices.eq(target.view(-1, 1))
     probs = logits.softmax(dim=1)
     assert out["n"] == 37
-    assert out["top1"] == pytest.approx(100.0 * counts[1] / 37)
-    assert out["top5"] == pytest.approx(100.0 * counts[5] / 37)
+    assert out["top1"] == pytest.approx(100.0 * int(top5[:, 0].sum()) / 37)
+    assert out["top5"] == pytest.approx(100.0 * int(top5.sum()) / 37)
     assert out["loss"] == pytest.approx(F.cross_entropy(logits, target).item(), rel=1e-5)
     assert out["ece"] == pytest.approx(expected_calibration_error(probs, target), abs=1e-6)
     cats = confidence_categories(probs, target, 0.5)
@@ -68,11 +76,3 @@ def test_meter_matches_one_shot_functions_over_batches():
     meter.reset()
     with pytest.raises(ValueError, match="no batches"):
         meter.compute()
-
-
-def test_meter_hand_percentages_with_three_classes():
-    meter = ClassificationMeter()
-    meter.update(torch.tensor([[0.1, 0.5, 0.4], [0.9, 0.05, 0.05]]), torch.tensor([2, 0]))
-    out = meter.compute()
-    assert out["top1"] == pytest.approx(50.0) and out["top5"] == pytest.approx(100.0)
-    assert "confident_correct_pct" not in out

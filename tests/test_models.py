@@ -11,8 +11,6 @@ import torch.nn as nn
 from richkd.models import (MODELS, CheckpointError, ModelOutput, create_model, family_of, load_teacher,
                            save_model_checkpoint)
 
-torch.set_num_threads(1)
-
 ALL_MODELS = [n for n in MODELS.names() if family_of(n)[0] == "cifar"]  # ImageNet family: test_imagenet_models
 
 # pooled penultimate widths, from the official model code (docs/method.md#the-official-code) and mdistiller's

@@ -19,7 +19,7 @@ from richkd.trainer import run_training
     ("KD", {"loss.method": "kd"}, {"train_ce", "train_kd"}),
 ])
 def test_variants_train_with_exactly_their_terms(richkd_cfg, variant, overrides, terms):
-    cfg = richkd_cfg.with_overrides(overrides)
+    cfg = richkd_cfg.with_overrides({**overrides, "data.max_train_samples": 192})          # 3 batches: the terms, not the size
     prepare_caches(cfg)
     result = run_training(cfg)
     got = {k for k in result.metrics if k.startswith("train_") and k != "train_loss"}

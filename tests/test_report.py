@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -70,27 +71,79 @@ def test_importances_degrade_to_notes():
     assert not outside.values and any("outside the spec" in n for n in outside.notes)
 
 
-def test_trial_curve_reads_json_lines_then_falls_back_to_progress_csv(tmp_path):
-    from richkd.report.data import read_trial_curve
+def test_curve_reads_a_trials_reports_and_keeps_the_last_report_of_a_rerun_epoch():
+    from richkd.report.data import curve
 
-    a = tmp_path / "a"
-    a.mkdir()
-    lines = [{"training_iteration": 1, "val_top1": 10.0, "stop_reason": ""},
-             {"training_iteration": 2, "val_top1": 12.0},
-             {"training_iteration": 2, "val_top1": 14.0},          # epoch re-run after a restore: last wins
-             {"training_iteration": 3, "val_top1": float("nan"), "stop_reason": "non-finite loss"}]
-    (a / "result.json").write_text("\n".join(json.dumps(x) for x in lines) + "\n{\"training_it")  # cut last line
-    curve = read_trial_curve("a", str(a))
-    assert curve.source == "result.json" and curve.epochs == [1, 2, 3]
-    assert curve.series("val_top1") == [(1, 10.0), (2, 14.0)]
-    assert curve.value_at("val_top1", 3) is None and curve.stop_reason == "non-finite loss"
-    b = tmp_path / "b"
-    b.mkdir()
-    (b / "progress.csv").write_text("val_loss,training_iteration,stop_reason\n2.5,1,\n2.25,2,\n")
-    curve = read_trial_curve("b", str(b))
-    assert curve.source == "progress.csv" and curve.series("val_loss") == [(1, 2.5), (2, 2.25)]
-    assert "stop_reason" not in curve.metrics
-    assert read_trial_curve("c", str(tmp_path / "missing")).source == ""
+    row = SimpleNamespace(history=[{"training_iteration": 1.0, "val_top1": 10.0},
+                                   {"training_iteration": 2.0, "val_top1": 12.0},
+                                   {"training_iteration": 2.0, "val_top1": 14.0},   # re-run after a restore: last wins
+                                   {"training_iteration": 3.0, "val_top1": float("nan"), "nonfinite_loss": 1.0},
+                                   {"val_top1": 99.0}])                             # no epoch: not a curve point
+    assert curve(row, "val_top1") == [(1, 10.0), (2, 14.0)]
+    assert curve(row, "val_loss") == [] and curve(SimpleNamespace(history=[]), "val_top1") == []
+
+
+def _row(trial_id, outcome, values, t0, rank):
+    """A trial row as richkd.tune.results reads it: its reports (history), last value and epochs."""
+    history = [{"training_iteration": float(e), "val_loss": v, "timestamp": float(t0 + e)}
+               for e, v in enumerate(values, start=1)]
+    last = values[-1] if math.isfinite(values[-1]) else None
+    return SimpleNamespace(trial_id=trial_id, outcome=outcome, epochs=len(values), value=last, history=history,
+                           metrics={"val_loss": values[-1]}, rank=rank, sampled={})
+
+
+def _data(rows):
+    from richkd.report.data import ReportData
+
+    tune = SimpleNamespace(metric="val_loss", mode="min", objective_pairs=(("val_loss", "min"),),
+                           scheduler=SimpleNamespace(type="asha"))
+    return ReportData(spec=SimpleNamespace(tune=tune, max_t=3), experiment_path="", record=None, rows=rows,
+                      out_dir=Path("."), export_dir=Path("."))
+
+
+def test_search_progress_and_stopped_trials_ahead_of_the_winner():
+    """Rows in rank order: A wins; B reached max_t first; C was ahead of A where ASHA stopped it, D was not."""
+    from richkd.report.page import early_stopping_note
+
+    data = _data([_row("A", "completed", [3.0, 2.0, 1.0], 10, 1), _row("B", "completed", [2.5, 2.4, 2.3], 0, 2),
+                  _row("C", "stopped_early", [2.0], 20, 3), _row("D", "stopped_early", [3.5], 30, 4),
+                  _row("E", "nonfinite_loss", [float("nan")], 40, 5)])
+    assert data.best.trial_id == "A" and data.total_epochs == 9
+    # B's three reports come first (the 3rd epoch spent sets the best), then A's (the 6th beats it)
+    assert data.best_so_far() == [(3, 2.3, "B"), (6, 1.0, "A")]
+    assert data.stopped_ahead_of_winner() == [("C", 1, 2.0, 3.0)]
+    note = early_stopping_note(data)
+    assert note.startswith("Early stopping: 1 of 2 stopped trial(s) were ahead") and "C at epoch 1: 2 vs 3" in note
+    # reports of several trials in the same second (Ray's timestamps are whole seconds) are ordered by rank
+    tied = _data([_row("A", "completed", [3.0, 2.0, 1.0], 0, 1), _row("B", "completed", [2.5, 2.4, 2.3], 0, 2)])
+    assert tied.best_so_far() == [(5, 1.0, "A")]
+
+
+def test_optuna_draws_the_importances_and_the_pareto_front_of_the_report_study(tmp_path):
+    from richkd.report import figures
+    from richkd.report.importance import param_importances
+    from richkd.tune.params import Param
+
+    params = [Param("a", "uniform", 0.0, 1.0), Param("g", "grid", values=("x", "y"))]   # grid: categorical here
+    samples = [({"a": a / 8, "g": "xy"[a % 2]}, a / 8) for a in range(8)]
+    imp = param_importances(params, samples, "max")
+    assert list(imp.values) == ["a", "g"] and imp.study is not None and len(imp.study.trials) == 8
+    png = figures.importance_bars(imp, tmp_path / "importances.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [SimpleNamespace(trial_id=f"t{i}", outcome="completed" if i < 5 else "stopped_early",
+                            metrics={"x": i % 3, "y": 5 - i, "z": i * 0.1, "w": 1.0}) for i in range(7)]
+
+    def front(objectives):
+        tune = SimpleNamespace(metric="x", mode="max", objective_pairs=tuple(objectives))
+        data = _data(rows)
+        data.spec = SimpleNamespace(tune=tune, params=[], max_t=3)
+        return figures.pareto_front(data, tmp_path / "pareto.png")
+
+    assert front([("x", "max"), ("y", "min")]).stat().st_size > 10_000
+    assert front([("x", "max"), ("y", "min"), ("z", "max")]).stat().st_size > 10_000   # Optuna draws 3-D
+    assert front([("x", "max"), ("y", "min"), ("z", "max"), ("w", "min")]) is None     # the page's table only
+    rows[:5] = []                                                                      # nobody reached max_t
+    assert front([("x", "max"), ("y", "min")]) is None
 
 
 def test_importing_the_report_package_is_light():
@@ -167,7 +220,7 @@ def test_page_has_every_trial_in_the_leaderboard_and_highlights_the_exported_bes
 @pytest.mark.slow
 def test_images_are_referenced_relatively_and_exist(report):
     sources = re.findall(r'<img src="([^"]+)"', report["html"])
-    assert {"curves.png", "params.png"} <= set(sources)
+    assert {"curves.png", "budget.png", "params.png"} <= set(sources)
     for src in sources:
         assert "/" not in src                                 # beside index.html: the folder can be moved
         png = report["dir"] / src
@@ -197,15 +250,43 @@ def test_importances_or_the_reason_they_are_missing(smoke, report):
 
 
 @pytest.mark.slow
-def test_stopped_and_failed_trials_end_early_in_the_curves(smoke):
-    from richkd.report.data import load_report_data
+def test_stopped_and_failed_trials_end_early_in_the_curves(smoke, report):
+    import html
+
+    from richkd.report.data import curve, load_report_data
 
     data = load_report_data(smoke["name"], smoke["storage"])
-    by_outcome = {r.outcome: data.curves[r.trial_id] for r in data.rows}
-    assert by_outcome["completed"].epochs == list(range(1, data.spec.max_t + 1))
-    assert len(by_outcome["stopped_early"].series("val_loss")) < data.spec.max_t
-    assert by_outcome["nonfinite_loss"].series("val_loss") == []     # its only val_loss is NaN
-    assert "non-finite" in by_outcome["nonfinite_loss"].stop_reason
+    by_outcome = {r.outcome: r for r in data.rows}
+    assert [e for e, _ in curve(by_outcome["completed"], "val_loss")] == list(range(1, data.spec.max_t + 1))
+    assert len(curve(by_outcome["stopped_early"], "val_loss")) < data.spec.max_t
+    assert curve(by_outcome["nonfinite_loss"], "val_loss") == []     # its only val_loss is NaN
+    nan_id = by_outcome["nonfinite_loss"].trial_id
+    assert f"no finite val_loss to draw for trial(s) {nan_id} (non-finite loss)" in html.unescape(report["html"])
+    assert "non-finite loss: training loss became nan" in html.unescape(report["html"])   # the stop reason, in full
+
+
+@pytest.mark.slow
+def test_search_progress_and_early_stopping_note_from_the_trial_folders(smoke, report):
+    """The budget figure and the early-stopping note of the smoke sweep, checked against the trials' own
+    result.json files: one trial reached max_t (the only step of the progress curve), one was stopped at epoch 1."""
+    import html
+
+    results = trial_results(smoke["experiment_path"])
+    max_t = smoke["raw"]["config"]["train"]["epochs"]
+    (winner,) = [reps for reps in results.values() if len(reps) == max_t]
+    (stopped,) = [reps for reps in results.values() if len(reps) < max_t and math.isfinite(reps[-1]["val_loss"])]
+    page = html.unescape(report["html"])
+    assert '<img src="budget.png"' in page and (report["dir"] / "budget.png").stat().st_size > 10_000
+    ahead = int(stopped[-1]["val_loss"] < winner[len(stopped) - 1]["val_loss"])      # val_loss: lower is better
+    assert f"Early stopping: {ahead} of 1 stopped trial(s) were ahead of the final winner" in page
+
+    from richkd.report.data import load_report_data
+
+    ((spent, value, _),) = load_report_data(smoke["name"], smoke["storage"]).best_so_far()
+    finished = winner[-1]["timestamp"]
+    timestamps = [rep["timestamp"] for reps in results.values() for rep in reps]
+    assert value == winner[-1]["val_loss"]
+    assert sum(t < finished for t in timestamps) < spent <= sum(t <= finished for t in timestamps)
 
 
 @pytest.mark.slow

@@ -167,7 +167,7 @@ def test_channels_last_reaches_the_online_teacher_and_only_conv_clip_towers(rich
 # ----- decoded-array cache ---------------------------------------------------------------------------
 
 def _load(root: Path):
-    return sources.load_splits(DataConfig(dataset="fashion_mnist", root=str(root)))
+    return sources.load_fashion_mnist(DataConfig(dataset="fashion_mnist", root=str(root)))
 
 
 def test_decoded_cache_is_written_once_then_memory_mapped(mini_fashion_root, tmp_path, monkeypatch):
@@ -182,7 +182,7 @@ def test_decoded_cache_is_written_once_then_memory_mapped(mini_fashion_root, tmp
     monkeypatch.setattr(sources, "read_idx", lambda *a: pytest.fail("decoded again despite the cache"))
     second = _load(mini_fashion_root)
     assert torch.equal(second.train.images, first.train.images) and torch.equal(second.test.targets, first.test.targets)
-    assert second.train.images.shape == (600, 1, 28, 28) and second.train.digest() == first.train.digest()
+    assert second.train.images.shape == (600, 1, 28, 28) and second.train.digest == first.train.digest
 
 
 def test_decoded_cache_rekeys_on_change_and_survives_damage(mini_fashion_root, tmp_path, monkeypatch, caplog):

@@ -61,9 +61,12 @@ def test_a_final_run_on_the_whole_split_reports_the_teachers_test_analysis(richk
         run.train(final=True)
     assert run.epoch == 0
     prepare_caches(cfg, splits=("train", "test"))
-    assert len(run.train_set) == 600 and run.objective.crd.num_data == 600 and not run.has_val
+    assert len(run.train_set) == 600 and run.objective.crd.contrast.num_data == 600 and not run.has_val
     result = run.train(final=True)
-    assert not any(k.startswith(("val_", "best_val", "teacher_", "fused_")) for k in result.metrics)
+    # no validation metric or validation analysis; the last report carries the test split's (final runs)
+    assert not any(k.startswith(("val_", "best_val", "teacher_", "fused_")) and "_test_" not in k
+                   for k in result.metrics)
+    assert result.metrics["fused_test_top1"] == result.test_metrics["fused_test_top1"]
     assert np.isnan(result.best_val_top1)
     test = result.test_metrics
     assert 0 <= test["test_top1"] <= 100
@@ -87,7 +90,7 @@ def test_richkd_lf_resume_is_exact(richkd_cfg, tmp_path):
     """An L+F run stopped after epoch 1 and resumed from its saved state ends bit-identical to the uninterrupted
     run: the student, the CRD memory banks and their normalisers, the embedding heads and the optimizer's momentum
     buffers (which also train the heads) are all restored."""
-    cfg = richkd_cfg.with_overrides({"train.epochs": 2, "loss.feat_weight": 0.8, "loss.feat_lambda": 0.4})
+    cfg = richkd_cfg.with_overrides({"train.epochs": 2, "loss.feat_weight": 0.8, "loss.feat_lambda": 0.4, "data.max_train_samples": 192})
     prepare_caches(cfg)
     straight = Run(cfg)
     straight.train()

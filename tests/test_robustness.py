@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from richkd.robustness.corruptions import (CORRUPTION_NAMES, SEVERITIES, SEVERITY_PARAMS, CorruptionError,
-                                           box_resample_matrix, corrupt, disk_kernel, parse_corruptions,
-                                           parse_severities)
+from richkd.robustness.corruptions import (CORRUPTION_NAMES, SEVERITIES, SEVERITY_PARAMS, CorruptionError, corrupt,
+                                           disk_kernel, parse_corruptions, parse_severities)
 
 
 def _images(b=6, size=32, seed=0):
@@ -91,8 +90,6 @@ def test_pixelate_matches_pillow_box_resize():
         n = int(32 * factor)
         expected = np.array(Image.fromarray(img, mode="F").resize((n, n), Image.BOX).resize((32, 32), Image.BOX))
         assert np.allclose(corrupt(x, "pixelate", s)[0, 0].numpy(), expected, atol=1e-5)
-    w = box_resample_matrix(4, 2)   # exact halving: average of pixel pairs
-    assert torch.allclose(w, torch.tensor([[0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5]], dtype=torch.float64))
 
 
 def test_gaussian_blur_matches_scipy_and_defocus_kernel():
@@ -122,6 +119,18 @@ def test_corruption_errors_are_clear():
         parse_severities("0..2")
     with pytest.raises(CorruptionError):
         parse_corruptions("contrast,fog")
+
+
+def test_the_config_accepts_exactly_the_registrys_corruptions():
+    """richkd.robustness.corruptions is the one source of the names: a config takes them all and, for an unknown
+    one, lists them as the choices."""
+    from richkd.config import Config, ConfigError
+
+    cfg = Config.from_dict({"robustness": {"enabled": True, "corruptions": list(CORRUPTION_NAMES)}})
+    assert cfg.robustness.corruptions == CORRUPTION_NAMES
+    with pytest.raises(ConfigError) as err:
+        Config.from_dict({"robustness": {"corruptions": ["fog"]}})
+    assert all(name in str(err.value) for name in CORRUPTION_NAMES)
 
 
 # ----- CIFAR-C folder ---------------------------------------------------------------------------------
@@ -208,7 +217,7 @@ def fm_config(mini_fashion_root):
 def test_robustness_metrics_api(mini_teacher, fm_config):
     from richkd.data import build_data
     from richkd.models import load_teacher
-    from richkd.robustness import robustness_metrics
+    from richkd.robustness.engine import robustness_metrics
 
     data = build_data(fm_config.data)
     model, _ = load_teacher("resnet8", mini_teacher, 10)
@@ -271,6 +280,26 @@ def test_evaluate_cli_end_to_end(mini_teacher, fm_config, tmp_path, capsys):
     ref = json.loads((tmp_path / "eval2" / "robustness.json").read_text())["corruptions"]["reference"]
     assert all(v == pytest.approx(100.0) for v in ref["ce"].values() if v is not None)
     assert ref["mce"] == pytest.approx(100.0)
+
+
+def test_the_config_comes_from_the_flag_else_config_yaml_else_result_json(fm_config, tmp_path):
+    from richkd.config import ConfigError
+    from richkd.robustness.evaluate import resolve_config
+
+    ckpt = tmp_path / "student.pt"
+    with pytest.raises(ConfigError, match="--config"):
+        resolve_config(ckpt, None)
+    (tmp_path / "result.json").write_text(json.dumps({"config": fm_config.to_dict()}))   # a finished run's folder
+    assert resolve_config(ckpt, None) == (fm_config, str(tmp_path / "result.json"))
+    (tmp_path / "config.yaml").write_text(fm_config.with_overrides({"name": "from_yaml"}).to_yaml())
+    assert resolve_config(ckpt, None)[0].name == "from_yaml"
+    other = tmp_path / "other.yaml"
+    other.write_text(fm_config.with_overrides({"name": "from_flag"}).to_yaml())
+    assert resolve_config(ckpt, str(other))[0].name == "from_flag"
+    (tmp_path / "config.yaml").unlink()
+    (tmp_path / "result.json").write_text("{}")
+    with pytest.raises(ConfigError, match="no readable 'config'"):
+        resolve_config(ckpt, None)
 
 
 def test_evaluate_shift_on_imagefolder(mini_teacher, fm_config, tmp_path):

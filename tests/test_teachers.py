@@ -63,7 +63,7 @@ def test_official_mode_runs_the_teacher_on_the_students_view_and_reads_clip_of_t
     ("alpha-only", {"loss.feat_weight": 0.0, "loss.zero_clip_logits": True}, {"train_ce", "train_logit"}),
 ])
 def test_official_mode_trains_every_variant(richkd_cfg, variant, overrides, terms):
-    cfg = richkd_cfg.with_overrides({"teaching.mode": "official", **overrides})
+    cfg = richkd_cfg.with_overrides({"teaching.mode": "official", "data.max_train_samples": 192, **overrides})   # 3 batches
     prepare_caches(cfg)
     run = Run(cfg)
     assert (run.teachers.clip_feat_rows is None) == (not cfg.uses_clip)   # alpha-only: no CLIP cache read
@@ -73,7 +73,7 @@ def test_official_mode_trains_every_variant(richkd_cfg, variant, overrides, term
 
 
 def test_official_mode_is_exactly_resumable(richkd_cfg):
-    cfg = richkd_cfg.with_overrides({"teaching.mode": "official", "train.epochs": 2})
+    cfg = richkd_cfg.with_overrides({"teaching.mode": "official", "train.epochs": 2, "data.max_train_samples": 192})
     prepare_caches(cfg)
     straight = run_training(cfg)
     states = {}

@@ -48,6 +48,9 @@ def tiny_cfg(tmp_path, **overrides) -> Config:
     return cfg.with_overrides(overrides) if overrides else cfg
 
 
+TWO_STEPS = {"train.epochs": 1, "data.max_train_samples": 64}      # 2 batches of 32
+
+
 @needs_fmnist
 def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
     cfg = tiny_cfg(tmp_path)
@@ -87,10 +90,13 @@ def test_nan_loss_raises_clear_error(tmp_path):
 
 @needs_fmnist
 def test_channels_last_trains_the_same_model(tmp_path):
-    a = run_training(tiny_cfg(tmp_path, **{"train.epochs": 1}))
-    b = run_training(tiny_cfg(tmp_path, **{"train.epochs": 1, "train.channels_last": True}))
+    """Other convolution kernels, other float32 sums, amplified by SGD step by step (see the compiled test below):
+    over 2 steps the losses agree to ~1e-5 (measured), so 1e-3 holds on any machine."""
+    cfg = tiny_cfg(tmp_path, **TWO_STEPS)
+    a = run_training(cfg)
+    b = run_training(cfg.with_overrides({"train.channels_last": True}))
     assert b.metrics["train_loss"] == pytest.approx(a.metrics["train_loss"], rel=1e-3)
-    assert b.metrics["val_loss"] == pytest.approx(a.metrics["val_loss"], rel=1e-2)  # SGD amplifies reorderings
+    assert b.metrics["val_loss"] == pytest.approx(a.metrics["val_loss"], rel=1e-3)
 
 
 @needs_fmnist
@@ -183,8 +189,15 @@ def test_compile_wraps_the_student_and_keeps_its_state_dict(tmp_path):
 @pytest.mark.slow
 @needs_fmnist
 def test_compiled_student_trains_to_the_same_numbers(tmp_path):
-    """A real torch.compile (inductor on CPU: about a minute of compiling for resnet8)."""
-    a = run_training(tiny_cfg(tmp_path, **{"train.epochs": 1}))
-    b = run_training(tiny_cfg(tmp_path, **{"train.epochs": 1, "train.compile": True}))
+    """A real torch.compile (inductor on CPU: most of this test's time is compiling resnet8).
+
+    Inductor fuses and reorders float32 sums: the first step's gradients differ by ~1e-6 relative, and this
+    random-init student's SGD amplifies that step by step (measured: the weights differ by 1e-5 of their update
+    after one step, 3% after six). So the run is 2 steps long, where the numbers agree to 1e-4 with a wide margin."""
+    cfg = tiny_cfg(tmp_path, **TWO_STEPS)
+    a = run_training(cfg)
+    b = run_training(cfg.with_overrides({"train.compile": True}))
     assert b.metrics["train_loss"] == pytest.approx(a.metrics["train_loss"], rel=1e-4)
     assert b.metrics["val_loss"] == pytest.approx(a.metrics["val_loss"], rel=1e-4)
+    untrained = Run(cfg).evaluate("val")["val_loss"]
+    assert abs(a.metrics["val_loss"] - untrained) > 1e-2 * untrained     # the steps moved it far past the tolerance

@@ -53,7 +53,7 @@ def test_cached_views_match_online_teachers_on_the_same_view(richkd_cfg):
 
 
 def test_training_with_cached_views_is_exactly_resumable(richkd_cfg):
-    cfg = richkd_cfg.with_overrides({"teaching.views": 2, "train.epochs": 2, "loss.feat_weight": 0.0})
+    cfg = richkd_cfg.with_overrides({"teaching.views": 2, "train.epochs": 2, "loss.feat_weight": 0.0, "data.max_train_samples": 192})
     prepare_caches(cfg)
     straight = run_training(cfg)
     states = {}

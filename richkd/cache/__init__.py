@@ -1,60 +1,20 @@
-"""Content-addressed caches of frozen-teacher outputs: manifest per entry, atomic writes, memory-mapped reads.
+"""Content-addressed caches of frozen-teacher outputs (docs/architecture.md#caching).
 
-Why caching works for RichKD (docs/architecture.md#caching): both teachers are frozen and every searched knob (alpha,
-lambda, T, scale, loss weights, prompt set) acts on teacher *outputs*. So the conventional teacher's logits
-and pooled features, CLIP's image features and CLIP's class (text) embeddings are computed once and every
-trial reads them. Each entry is a folder named by a hash of everything that determines its content; its
-manifest repeats those fields and a mismatch is an error, never a silent reuse.
-
-Layout under `teaching.cache_dir`:
-    teacher-<key>/      manifest.json  logits.npy (N, C) fp16  feat.npy (N, d_T) fp16
-    clip-image-<key>/   manifest.json  feat.npy (N, D) fp16, L2-normalised
-    clip-text-<key>/    manifest.json  classifier.npy (C, D) fp32, L2-normalised
-
-Modules, one concept each: `entries` (an entry on disk: manifest, write, read), `identity` (what keys an
-entry: weights, rows, views), `build` (which entries are missing, running the teachers to fill them),
-`shards` (one entry computed in row shards elsewhere and assembled), `signature` (which caches a config reads).
-Importing this package does not import torch.
+Both teachers are frozen and every searched knob (alpha, lambda, T, scale, loss weights, prompt set) acts on
+teacher *outputs*, so the conventional teacher's logits and features, CLIP's image features and CLIP's class
+embeddings are computed once and every trial reads them. Modules, one concept each: `entries` (an entry on disk,
+flat or sharded: manifest, writers, one reader), `identity` (what keys an entry, which entries a config reads),
+`build` (plan which entries are missing, run the teachers to fill them), `photo_build` (a photo dataset's sharded
+multi-view entries, in one resumable pass), `row_blocks` (a flat entry computed in row blocks elsewhere and
+assembled), `topk` (top-k logits), `estimate` (`richkd cache --plan`), `signature` (which caches a config reads).
 """
-from richkd.cache.build import (
-    EntryPlan,
-    EntryJob,
-    build_entry,
-    class_embeddings,
-    plan_caches,
-    prepare_caches,
-    torch_rows,
-)
-from richkd.cache.entries import (
-    CACHE_FORMAT_VERSION,
-    CacheEntry,
-    CacheError,
-    describe,
-    ensure_cache_writable,
-    entry_exists,
-    read_entry,
-    write_entry,
-)
-from richkd.cache.identity import (
-    CLEAN_VIEW,
-    CLIP_PREPROCESS_VERSION,
-    cached_rows,
-    clip_image_entry,
-    clip_text_entry,
-    clip_weights_id,
-    dataset_identity,
-    file_sha256_memo,
-    teacher_entry,
-    view_id,
-)
-from richkd.cache.shards import assemble_entry, compute_shard, remove_shards, shard_ranges, shard_root
-from richkd.cache.signature import CACHE_AFFECTING_PREFIXES, CACHE_NEUTRAL_KEYS, affects_cache, cache_signature
+from richkd.cache.build import EntryJob, EntryPlan, build_entry, class_embeddings, plan_caches, prepare_caches
+from richkd.cache.entries import CacheEntry, CacheError, describe, entry_exists, read_entry, write_entry
+from richkd.cache.identity import cached_rows, dataset_identity, split_entries
+from richkd.cache.signature import CACHE_AFFECTING_PREFIXES, affects_cache, cache_signature
 
 __all__ = [
-    "CACHE_AFFECTING_PREFIXES", "CACHE_FORMAT_VERSION", "CACHE_NEUTRAL_KEYS", "CLEAN_VIEW", "CLIP_PREPROCESS_VERSION",
-    "CacheEntry", "CacheError", "EntryPlan", "EntryJob", "affects_cache", "assemble_entry", "build_entry",
-    "cache_signature", "cached_rows", "class_embeddings", "clip_image_entry", "clip_text_entry", "clip_weights_id",
-    "compute_shard", "dataset_identity", "describe", "ensure_cache_writable", "entry_exists", "file_sha256_memo",
-    "plan_caches", "prepare_caches", "read_entry", "remove_shards", "shard_ranges", "shard_root", "teacher_entry",
-    "torch_rows", "view_id", "write_entry",
+    "CACHE_AFFECTING_PREFIXES", "CacheEntry", "CacheError", "EntryJob", "EntryPlan", "affects_cache", "build_entry",
+    "cache_signature", "cached_rows", "class_embeddings", "dataset_identity", "describe", "entry_exists",
+    "plan_caches", "prepare_caches", "read_entry", "split_entries", "write_entry",
 ]

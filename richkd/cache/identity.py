@@ -1,4 +1,4 @@
-"""What identifies a cache entry's inputs: weights, data rows, views, prompts; one entry constructor per kind.
+"""What identifies a cache entry's inputs (weights, data rows, views, prompts), and which entries a config reads.
 
 Everything that changes what an entry holds goes into its fields (and so its key): the teacher checkpoint's and
 CLIP weights' sha256 (not their file names), the dataset's content fingerprint and the cached rows (not the
@@ -11,12 +11,14 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
-from richkd.cache.entries import CacheEntry, CacheError
+from richkd.cache.entries import SHARD_FORMAT, CacheEntry, CacheError
+from richkd.clip import parse_pretrained, prompt_set_hash
 from richkd.config import ClipConfig, Config
+from richkd.data.photos import BOX_RECIPE
+from richkd.data.views import ViewSpec
 from richkd.io import OutputError, atomic_write_text, sha256_file
 
 # The un-augmented, centred image. The official code caches CLIP's outputs of it (teaching.mode official);
@@ -51,8 +53,6 @@ def file_sha256_memo(path: str | os.PathLike, memo_dir: str | os.PathLike) -> st
 
 def clip_weights_id(clip: ClipConfig, memo_dir: str | os.PathLike) -> str:
     """What identifies CLIP's weights: the file's sha256 for local files, else the open_clip tag."""
-    from richkd.clip import parse_pretrained  # lazily: importing richkd.clip imports torch
-
     ref = parse_pretrained(clip.pretrained)
     if ref.kind == "dir":
         if not ref.path.is_dir():
@@ -65,44 +65,11 @@ def clip_weights_id(clip: ClipConfig, memo_dir: str | os.PathLike) -> str:
     return f"tag-{clip.model}/{clip.pretrained}"
 
 
-def _names_hash(names: Iterable[str]) -> str:
-    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
-
-
 def view_id(cfg: Config) -> str:
     """What the cached rows show: the clean image, or V seeded augmented views (richkd.data.views)."""
     if cfg.teaching.views == 1:
         return CLEAN_VIEW
-    from richkd.data.views import ViewSpec
-
     return ViewSpec(cfg.teaching.views, cfg.teaching.view_seed).cache_id
-
-
-def teacher_entry(cfg: Config, dataset_id: dict, split: str, memo_dir: str | os.PathLike) -> CacheEntry:
-    ckpt = Path(cfg.teacher.checkpoint or "").expanduser()
-    if not ckpt.is_file():
-        raise CacheError(f"teacher.checkpoint: file {str(ckpt)!r} does not exist")
-    return CacheEntry("teacher", {
-        "arch": cfg.teacher.arch, "checkpoint_sha256": file_sha256_memo(ckpt, memo_dir),
-        **dataset_id, "split": split, "view": view_id(cfg),
-    })
-
-
-def clip_image_entry(cfg: Config, dataset_id: dict, split: str, memo_dir: str | os.PathLike) -> CacheEntry:
-    return CacheEntry("clip-image", {
-        "model": cfg.clip.model, "weights": clip_weights_id(cfg.clip, memo_dir),
-        "preprocess": CLIP_PREPROCESS_VERSION,
-        **dataset_id, "split": split, "view": view_id(cfg),
-    })
-
-
-def clip_text_entry(cfg: Config, templates: tuple[str, ...], class_names: list[str],
-                    memo_dir: str | os.PathLike) -> CacheEntry:
-    return CacheEntry("clip-text", {
-        "model": cfg.clip.model, "weights": clip_weights_id(cfg.clip, memo_dir),
-        "templates_sha": _names_hash(templates), "class_names_sha": _names_hash(class_names),
-        "clean_class_names": cfg.clip.clean_class_names,
-    })
 
 
 def cached_rows(data, split: str) -> np.ndarray:
@@ -125,3 +92,37 @@ def dataset_identity(data, split: str) -> dict:
             "rows": subset, "n_rows": int(len(rows)), "num_classes": data.num_classes}
 
 
+def split_entries(cfg: Config, data, split: str) -> dict[str, CacheEntry]:
+    """The entries of one split's rows a config reads: "teacher" (cached teaching) and "clip-image" (cached or
+    official teaching with CLIP; official teaching runs its teacher online, docs/method.md#teaching-protocol).
+
+    A photo dataset's entries are sharded, with V views per row and each view's crop box
+    (docs/architecture.md#imagenet-scale): their fields name that layout, the box recipe and the top-k logits.
+    """
+    if cfg.teaching.mode == "online":
+        return {}
+    memo = cfg.teaching.cache_dir
+    rows = {**dataset_identity(data, split), "split": split, "view": view_id(cfg)}
+    photo = {"format": SHARD_FORMAT, "boxes": BOX_RECIPE} if data.train_clean.decodes_per_batch else {}
+    out = {}
+    if cfg.teaching.mode == "cached":
+        ckpt = Path(cfg.teacher.checkpoint or "").expanduser()
+        if not ckpt.is_file():
+            raise CacheError(f"teacher.checkpoint: file {str(ckpt)!r} does not exist")
+        out["teacher"] = CacheEntry("teacher", {
+            "arch": cfg.teacher.arch, "checkpoint_sha256": file_sha256_memo(ckpt, memo), **rows, **photo,
+            **({"logit_topk": cfg.teaching.logit_topk} if photo else {})})
+    if cfg.uses_clip:
+        out["clip-image"] = CacheEntry("clip-image", {
+            "model": cfg.clip.model, "weights": clip_weights_id(cfg.clip, memo), "preprocess": CLIP_PREPROCESS_VERSION,
+            **rows, **photo})
+    return out
+
+
+def clip_text_entry(cfg: Config, templates: tuple[str, ...], class_names: list[str]) -> CacheEntry:
+    """The text classifier of a prompt set's templates and the class names."""
+    return CacheEntry("clip-text", {
+        "model": cfg.clip.model, "weights": clip_weights_id(cfg.clip, cfg.teaching.cache_dir),
+        "templates_sha": prompt_set_hash(templates), "class_names_sha": prompt_set_hash(class_names),
+        "clean_class_names": cfg.clip.clean_class_names,
+    })

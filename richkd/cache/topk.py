@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 
-TOPK_ARRAYS = ("topk_values", "topk_index", "lse")
-
-
 def topk_nbytes(k: int) -> int:
     """Bytes per cached row: k fp16 logits, k int16 class ids, one fp32 log-sum-exp."""
     return 4 * k + 4
@@ -60,7 +57,7 @@ def reconstruct_logits(values: np.ndarray, index: np.ndarray, lse: np.ndarray, n
 class TopKLogits:
     """Array-like (rows, C) view over top-k storage: `arr[flat_index]` rebuilds those rows' full logits.
 
-    The three parts are any objects supporting `part[index]` (memory-mapped shards, richkd/cache/view_store.py),
+    The three parts are any objects supporting `part[index]` (memory-mapped shards, richkd/cache/entries.py),
     so a trial reads only the rows of its batch.
     """
 

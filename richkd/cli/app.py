@@ -35,7 +35,7 @@ EPILOG = """examples:
 NAMED_COMMANDS = frozenset({"sweep", "export", "finalize", "ui", "report", "evaluate", "table", "replay"})
 
 # Problems the user can fix. Every error class of the library is a ValueError: ConfigError and SpecError (bad
-# config or spec), ExportError, ReportError, OutputError (unwritable output), CheckpointError, CacheError,
+# config or spec), ExportError, OutputError (unwritable output), CheckpointError, CacheError,
 # DatasetNotFoundError, ClipLoadError, PromptSetError, CorruptionError, ReferenceFileError, ... KeyError is
 # a missing name in a lookup (its message is args[0], not the quoted repr).
 USER_ERRORS = (UserError, ValueError, KeyError, FileNotFoundError, NotADirectoryError)

@@ -10,7 +10,9 @@ import argparse
 import os
 import signal
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
+
+from richkd.config import Config, parse_override
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130   # 128 + SIGINT, what a shell reports for a Ctrl-C
@@ -50,26 +52,43 @@ def verbosity(args: argparse.Namespace) -> int:
     return 2 if getattr(args, "verbose", False) else 1
 
 
-def load_config(path: Optional[str], overrides: Sequence[str]):
-    """The run config from a YAML file (or the defaults) with `--set KEY=VALUE` overrides applied."""
-    from richkd.config import Config
-
-    cfg = Config.from_yaml(path) if path else Config()
-    return cfg.with_overrides(dict(parse_overrides(overrides))) if overrides else cfg
+def load_config(path: Optional[str], overrides: Sequence[str], base: Optional[Config] = None) -> Config:
+    """The run config from a YAML file (else `base`, else the defaults) with `--set KEY=VALUE` overrides."""
+    cfg = Config.from_yaml(path) if path else base or Config()
+    return cfg.with_overrides(dict(parse_override(o) for o in overrides)) if overrides else cfg
 
 
-def parse_overrides(items: Sequence[str]) -> list:
-    from richkd.config import parse_override
+# ----- parsers ----------------------------------------------------------------------------------------------
 
-    return [parse_override(o) for o in items]
+def add_command(subparsers, name: str, help: str, epilog: str, func: Optional[Callable] = None):
+    """A command's parser: its help line (also its description), its examples kept as written, its handler."""
+    p = subparsers.add_parser(name, help=help, description=help, epilog=epilog,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    if func is not None:
+        p.set_defaults(func=func)
+    return p
+
+
+def add_set_arg(p: argparse.ArgumentParser, what: str = "a dotted config key, e.g. --set optim.lr=0.01") -> None:
+    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override {what} (repeatable)")
 
 
 def add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--config", "-c", required=required, help="a run config YAML (see configs/)")
-    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a dotted config key, e.g. --set optim.lr=0.01 (repeatable)")
+    add_set_arg(p)
 
 
 def add_storage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", help="the sweeps' storage folder or URI (default tune_runs)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the sweep used)")
+
+
+def add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--address", help=f"connect to a running Ray cluster (e.g. auto or HEAD:6379); {what}; "
+                                     "default: an embedded local Ray")
+    p.add_argument("--num-cpus", type=int, help="CPUs for the embedded Ray (default: all of this machine's)")
+
+
+def add_quiet_arg(p: argparse.ArgumentParser, what: str = "no Tune status tables") -> None:
+    p.add_argument("--quiet", "-q", action="store_true", help=what)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from richkd.cli.common import add_command
+
 DEMO_EPILOG = """examples:
   richkd demo                         # ~10 min on 2 CPUs: teacher, tiny CLIP, caches, KD + RichKD, sweep, report
   richkd demo --quick --out /tmp/d    # every stage at a much smaller size (what the tests run)
@@ -23,9 +25,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers) -> None:
     """Register `demo` on the `richkd` parser's subparsers."""
-    p = subparsers.add_parser("demo", help="run the offline end-to-end pipeline on Fashion-MNIST",
-                              epilog=DEMO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(subparsers, "demo", "run the offline end-to-end pipeline on Fashion-MNIST", DEMO_EPILOG, cmd_demo)
     p.add_argument("--out", default="tune_runs/demo", help="output folder (default tune_runs/demo)")
     p.add_argument("--quick", action="store_true", help="a much smaller run (used by the tests)")
     p.add_argument("--fresh", action="store_true", help="retrain the teacher and rebuild caches")
-    p.set_defaults(func=cmd_demo)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from richkd.cli.common import add_command
+
 EVALUATE_EPILOG = """examples:
   richkd evaluate tune_runs/demo/kd/student.pt                          # all suites, validation split
   richkd evaluate student.pt --suite corruptions --corruptions gaussian_noise,contrast --severities 1..3
@@ -19,9 +21,8 @@ robustness.json and reliability.png into --out (default: <checkpoint folder>/rob
 
 def add_commands(subparsers) -> None:
     """Register `evaluate` on the `richkd` subparsers object."""
-    p = subparsers.add_parser("evaluate", help="robustness, distribution-shift and calibration evaluation of a "
-                              "trained student", epilog=EVALUATE_EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(subparsers, "evaluate", "robustness, distribution-shift and calibration evaluation of a "
+                    "trained student", EVALUATE_EPILOG, cmd_evaluate)
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a student.pt written by `richkd train`")
     p.add_argument("--suite", default="robustness",
                    choices=("robustness", "clean", "corruptions", "shift", "calibration"),
@@ -47,7 +48,6 @@ def add_commands(subparsers) -> None:
                    "sqlite:///PATH database (default: no logging)")
     p.add_argument("--mlflow-experiment", default="richkd-evaluate", metavar="NAME",
                    help="MLflow experiment (default richkd-evaluate)")
-    p.set_defaults(func=cmd_evaluate)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -1,10 +1,11 @@
-"""`richkd report SWEEP`: argparse only at import; the handler imports the report builder lazily, returns an exit
-code, and raises on a user error (SpecError, ExportError, ReportError, a missing folder)."""
+"""`richkd report SWEEP`: argparse and the light richkd.tune front door at import; the handler imports the report
+builder lazily, returns an exit code, and raises on a user error (SpecError, ExportError, a missing folder)."""
 from __future__ import annotations
 
 import argparse
 
-from richkd.cli.common import add_storage_args
+from richkd import tune
+from richkd.cli.common import add_command, add_storage_args
 
 REPORT_EPILOG = """examples:
   richkd report smoke                          # tune_runs/smoke/report/index.html (+ PNGs)
@@ -18,18 +19,26 @@ report/ on the sweep's MLflow parent run, unless --no-mlflow.
 
 def add_commands(subparsers) -> None:
     """Register `report` on the `richkd` parser's subparsers object."""
-    p = subparsers.add_parser("report", help="static HTML report of a sweep: learning curves, searched values vs "
-                              "metric, parameter importances, leaderboard", epilog=REPORT_EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(subparsers, "report", "static HTML report of a sweep: learning curves, searched values vs "
+                    "metric, parameter importances, leaderboard", REPORT_EPILOG, cmd_report)
     p.add_argument("sweep", metavar="SWEEP", help="sweep name (under --storage) or its folder")
     add_storage_args(p)
     p.add_argument("--out", "-o", metavar="DIR", help="output folder (default: <sweep folder>/report)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the report to the sweep's MLflow parent run")
-    p.set_defaults(func=cmd_report)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from richkd.report import build_report
+
+    found = tune.read_group(args.sweep, args.storage)
+    if found is not None:      # the arms of a fair comparison: each arm's report, and one page over them
+        group = found[0]
+        reports = {arm: str(build_report(sweep, storage=group.storage, log_mlflow=not args.no_mlflow).index)
+                   for arm, sweep in group.sweeps.items()}
+        print(f"arms of {group.name}: {tune.write_group_page(group, reports)}")
+        for arm, path in reports.items():
+            print(f"  {arm}: {path}")
+        return 0
 
     result = build_report(args.sweep, storage=args.storage, tracking_uri=args.tracking_uri, out_dir=args.out,
                           log_mlflow=not args.no_mlflow)

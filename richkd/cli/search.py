@@ -4,15 +4,17 @@ from __future__ import annotations
 import argparse
 
 from richkd import tune
-from richkd.cli.common import at_least_one, interactive, verbosity
+from richkd.cli.common import (add_command, add_quiet_arg, add_ray_args, add_set_arg, at_least_one, interactive,
+                               verbosity)
 from richkd.cli.sweep import stoppable
 
-TABLE_EPILOG = """examples:
+BUILD_EXAMPLES = """\
   richkd table build search_spaces/fmnist_table.yaml --configs 200 --seeds 3 --seeds-for 30 --out t.jsonl
   richkd table build SPEC --configs 8 --out t.jsonl --set config.train.epochs=3     # a small one
-  richkd table info benchmarks/tables/fmnist_table.jsonl
-  richkd table from-sweep my_fifo_sweep --out my_sweep.jsonl
-
+"""
+INFO_EXAMPLE = "  richkd table info benchmarks/tables/fmnist_table.jsonl\n"
+FROM_SWEEP_EXAMPLE = "  richkd table from-sweep my_fifo_sweep --out my_sweep.jsonl\n"
+TABLE_NOTE = """
 A build trains every configuration to the end (no early stopping) through Ray like a sweep and appends each row
 when it finishes: run the same command again after a kill and only the missing rows are trained.
 """
@@ -57,37 +59,34 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def add_commands(subparsers) -> None:
-    p = subparsers.add_parser("table", help="learning-curve tables of real trials (build, from-sweep, info)",
-                              epilog=TABLE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(subparsers, "table", "learning-curve tables of real trials (build, from-sweep, info)",
+                    "examples:\n" + BUILD_EXAMPLES + INFO_EXAMPLE + FROM_SWEEP_EXAMPLE + TABLE_NOTE, cmd_table)
     sub = p.add_subparsers(dest="table_command", required=True, metavar="SUBCOMMAND")
-    b = sub.add_parser("build", help="train N configurations of a spec's space to the end, every epoch recorded",
-                       epilog=TABLE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b = add_command(sub, "build", "train N configurations of a spec's space to the end, every epoch recorded",
+                    "examples:\n" + BUILD_EXAMPLES + TABLE_NOTE)
     b.add_argument("spec", help="search-space YAML whose space, base config and resources the table uses")
     b.add_argument("--configs", type=int, required=True, help="how many seeded draws of the space")
     b.add_argument("--seeds", type=int, default=1, help="seeds per configuration (default 1)")
     b.add_argument("--seeds-for", type=int, metavar="M", help="give --seeds only to the first M configurations "
                                                              "(the others get one; default: all)")
     b.add_argument("--out", required=True, help="the table file (JSON lines); an existing one is continued")
-    b.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="override a spec key")
-    b.add_argument("--address", help="a running Ray cluster (e.g. auto); default: an embedded local Ray")
-    b.add_argument("--num-cpus", type=int, help="CPUs for the embedded Ray (default: all of this machine's)")
-    b.add_argument("--quiet", "-q", action="store_true", help="no Tune status tables")
+    add_set_arg(b, "a spec key")
+    add_ray_args(b, "the table's trainings run as Ray work")
+    add_quiet_arg(b)
     b.add_argument("--storage", help="where the build's Tune experiment goes (default: the spec's storage_path)")
-    f = sub.add_parser("from-sweep", help="a finished sweep without early stopping as a table", epilog=TABLE_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    f = add_command(sub, "from-sweep", "a finished sweep without early stopping as a table",
+                    "example:\n" + FROM_SWEEP_EXAMPLE)
     f.add_argument("sweep", help="sweep name (under --storage) or its folder")
     f.add_argument("--out", required=True, help="the table file to write (JSON lines)")
     f.add_argument("--storage", help="the sweeps' storage folder or URI (default tune_runs)")
-    i = sub.add_parser("info", help="what a table holds: configurations, epochs, seeds, spreads, provenance",
-                       epilog=TABLE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    i = add_command(sub, "info", "what a table holds: configurations, epochs, seeds, spreads, provenance",
+                    "example:\n" + INFO_EXAMPLE)
     i.add_argument("file", help="a table file")
-    p.set_defaults(func=cmd_table)
 
-    p = subparsers.add_parser("replay", help="replay a spec's searcher and scheduler against a table (seconds)",
-                              epilog=REPLAY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(subparsers, "replay", "replay a spec's searcher and scheduler against a table (seconds)",
+                    REPLAY_EPILOG, cmd_replay)
     p.add_argument("spec", nargs="?", help="search-space YAML: its searcher, scheduler, num_samples and "
                                            "max_concurrent (default: the spec the table was built from)")
     p.add_argument("--table", required=True, help="a learning-curve table of the same space")
     p.add_argument("--seeds", type=int, default=20, help="replays with searcher seeds 0..N-1 (default 20)")
-    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="override a spec key")
-    p.set_defaults(func=cmd_replay)
+    add_set_arg(p, "a spec key")

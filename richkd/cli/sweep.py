@@ -11,7 +11,8 @@ import sys
 from typing import Callable, Optional
 
 from richkd import tune
-from richkd.cli.common import Interrupted, UserError, add_storage_args, at_least_one, interactive, verbosity
+from richkd.cli.common import (Interrupted, UserError, add_command, add_quiet_arg, add_ray_args, add_set_arg,
+                               add_storage_args, at_least_one, interactive, verbosity)
 from richkd.tracking import UI_PORT, experiment_links, local_ui
 from richkd.tune.errors import SpecError
 from richkd.tune.paths import DEFAULT_STORAGE, resolve_tracking_uri
@@ -87,16 +88,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         metric = tune.read_sweep_record(args.resume, args.storage).spec.tune.metric
         print(tune.describe_outcome(outcome, metric))
         return outcome.exit_code
-    overrides = list(args.set)
-    if args.name:
-        overrides.append(f"name={args.name}")
-    if args.num_samples is not None:
-        overrides.append(f"tune.num_samples={args.num_samples}")
-    if args.storage:
-        overrides.append(f"tune.storage_path={args.storage}")
-    if args.tracking_uri:
-        overrides.append(f"mlflow.tracking_uri={args.tracking_uri}")
-    specs = tune.load_specs(args.spec, overrides)
+    options = {"name": args.name, "tune.num_samples": args.num_samples, "tune.storage_path": args.storage,
+               "mlflow.tracking_uri": args.tracking_uri}
+    specs = tune.load_specs(args.spec, list(args.set) + [f"{k}={v}" for k, v in options.items() if v])
     if args.check:
         for spec in specs.values():
             _check(spec)
@@ -221,30 +215,22 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 # ----- parser -----------------------------------------------------------------------------------------------
 
-def _add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--address", help=f"connect to a running Ray cluster (e.g. auto or HEAD:6379); {what}; "
-                                     "default: an embedded local Ray")
-    p.add_argument("--num-cpus", type=int, help="CPUs for the embedded Ray (default: all of this machine's)")
-
-
 def add_commands(subparsers) -> None:
     """Register sweep / export / finalize / ui on the `richkd` parser's subparsers (each sets `func`)."""
-    p = subparsers.add_parser("sweep", help="run (or --resume) a hyperparameter sweep from a search-space YAML",
-                              epilog=SWEEP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(subparsers, "sweep", "run (or --resume) a hyperparameter sweep from a search-space YAML",
+                    SWEEP_EPILOG, cmd_sweep)
     p.add_argument("spec", nargs="?", help="search-space YAML (see search_spaces/)")
     p.add_argument("--resume", metavar="NAME", help="continue an interrupted sweep (its name or folder)")
     p.add_argument("--name", help="sweep name (default: the spec's name:) = folder under the storage path")
     p.add_argument("--num-samples", type=int, help="override tune.num_samples")
-    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a spec key, e.g. --set tune.max_concurrent=2 --set config.train.epochs=5")
-    _add_ray_args(p, "trials and cache builds run as Ray work")
+    add_set_arg(p, "a spec key, e.g. --set tune.max_concurrent=2 --set config.train.epochs=5")
+    add_ray_args(p, "trials and cache builds run as Ray work")
     p.add_argument("--check", action="store_true", help="validate the spec and exit (starts nothing)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no Tune status tables")
+    add_quiet_arg(p)
     add_storage_args(p)
-    p.set_defaults(func=cmd_sweep)
 
-    p = subparsers.add_parser("export", help="write best_config.yaml + leaderboard.csv of a sweep",
-                              epilog=EXPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(subparsers, "export", "write best_config.yaml + leaderboard.csv of a sweep", EXPORT_EPILOG,
+                    cmd_export)
     p.add_argument("sweep", help="sweep name (under --storage) or its folder")
     p.add_argument("--out", help="output folder (default: the sweep's folder)")
     p.add_argument("--pareto", nargs="?", const="", metavar="METRICS",
@@ -252,27 +238,22 @@ def add_commands(subparsers) -> None:
                         "objectives (automatic for multi-objective sweeps) or of the comma-separated METRICS, "
                         "e.g. --pareto val_top1,val_corrupt_top1")
     add_storage_args(p)
-    p.set_defaults(func=cmd_export)
 
-    p = subparsers.add_parser("finalize", help="re-train the top-K configs over seeds; report test accuracy",
-                              epilog=FINALIZE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(subparsers, "finalize", "re-train the top-K configs over seeds; report test accuracy",
+                    FINALIZE_EPILOG, cmd_finalize)
     p.add_argument("sweep", help="sweep name (under --storage) or its folder")
     p.add_argument("--top", type=int, help="how many of the best configs (default: the spec's finalize.top)")
     p.add_argument("--seeds", type=int, help="seeds per config (default: the spec's finalize.seeds)")
-    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for the final runs, e.g. --set train.epochs=240")
+    add_set_arg(p, "a config key of the final runs, e.g. --set train.epochs=240")
     p.add_argument("--out", help="output folder (default: the sweep's folder)")
     p.add_argument("--holdout", action="store_true",
                    help="keep the sweep's validation hold-out (default: train on the whole training split)")
     p.add_argument("--force", action="store_true",
                    help="replace the finalists of an earlier finalize in the output folder (default: refused)")
-    _add_ray_args(p, "the final trainings run as Ray tasks with the sweep's resources")
+    add_ray_args(p, "the final trainings run as Ray tasks with the sweep's resources")
     add_storage_args(p)
-    p.set_defaults(func=cmd_finalize)
 
-    p = subparsers.add_parser("ui", help="browse the sweeps' MLflow store (mlflow ui on 127.0.0.1)",
-                              epilog=UI_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(subparsers, "ui", "browse the sweeps' MLflow store (mlflow ui on 127.0.0.1)", UI_EPILOG, cmd_ui)
     p.add_argument("--port", type=int, default=UI_PORT, help=f"port on 127.0.0.1 to serve it on (default {UI_PORT})")
     add_storage_args(p)
-    p.set_defaults(func=cmd_ui)
 

@@ -1,35 +1,32 @@
-"""`richkd train | cache | clip | models`: single runs and their inputs. Argparse only at import; each
-handler imports torch and the library lazily, returns an exit code, and raises on a user error."""
+"""`richkd train | cache | clip | models`: single runs and their inputs. Argparse and the config only at import;
+each handler imports torch and the library when it runs, returns an exit code, and raises on a user error."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from richkd.cli.common import UserError, add_config_args, at_least_one, interactive, load_config, parse_overrides
+from richkd.cli.common import (UserError, add_command, add_config_args, add_quiet_arg, at_least_one, interactive,
+                               load_config)
+from richkd.config import Config
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from richkd.cache import prepare_caches
-    from richkd.config import Config
-    from richkd.run_outputs import save_run_outputs
-    from richkd.trainer import Run, load_train_state
+    from richkd.io import ensure_writable
+    from richkd.trainer import NonFiniteLossError, Run, evaluates_at, load_train_state
     from richkd.validate import check_data_fit, check_resources
 
-    resume = load_train_state(args.resume) if args.resume else None
-    if args.config:
-        cfg = load_config(args.config, args.set)
-    elif resume is not None:  # the checkpoint carries its full config
-        cfg = Config.from_dict(resume["config"]).with_overrides(dict(parse_overrides(args.set)))
-    else:
+    if not args.config and not args.resume:
         raise UserError("train needs --config FILE (or --resume CKPT)")
+    resume = load_train_state(args.resume) if args.resume else None
+    # without --config, the checkpoint's own (full) config
+    cfg = load_config(args.config, args.set, base=Config.from_dict(resume["config"]) if resume else None)
     if args.out:
         out_dir = Path(args.out)
     elif resume is not None:   # a resumed run continues in its own folder: last.pt and the outputs together
         out_dir = Path(args.resume).parent
     else:
         out_dir = Path("tune_runs") / "runs" / cfg.name
-    from richkd.io import ensure_writable
-
     out_dir = ensure_writable(out_dir, "the run's output folder (--out)", create=False)   # before training; ~ expanded
     if cfg.train.checkpoint_dir is None or resume is not None:
         cfg = cfg.with_overrides({"train.checkpoint_dir": str(out_dir)})
@@ -45,8 +42,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     if resume is not None:
         run.load_state(resume)
         print(f"resumed from {args.resume} at epoch {run.epoch}")
-
-    from richkd.trainer import NonFiniteLossError, evaluates_at
 
     def on_epoch(report) -> None:
         m = report.metrics
@@ -64,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except NonFiniteLossError as exc:   # a diverged run is a config problem, not a crash; nothing NaN was saved
         raise UserError(f"{exc}; the last checkpoint in {cfg.train.checkpoint_dir} is from the last finite epoch "
                         "(none if it was epoch 1)") from None
-    model_path = save_run_outputs(run, result, out_dir)
+    model_path = run.save_outputs(result, out_dir)
     m = result.metrics
     parts = [f"val top-1 {m['val_top1']:.2f}%" if "val_top1" in m else "no validation split"]
     if result.test_metrics:
@@ -112,11 +107,11 @@ def cmd_cache(args: argparse.Namespace) -> int:
         if cfg.data.dataset != "imagenet" or cfg.teaching.mode != "cached":
             raise UserError("cache --plan estimates the sharded multi-view caches of data.dataset: imagenet with "
                             "teaching.mode: cached")
-        from richkd.cache.plan import format_plan, plan_caches
-        from richkd.cache.view_store import default_shard_rows
+        from richkd.cache.entries import default_shard_rows
+        from richkd.cache.estimate import estimate_caches, format_estimate
 
-        plan = plan_caches(cfg, images=args.images, num_classes=args.classes, calibrate=not args.no_timing)
-        print(format_plan(plan, cfg, default_shard_rows()))
+        plan = estimate_caches(cfg, images=args.images, num_classes=args.classes, calibrate=not args.no_timing)
+        print(format_estimate(plan, cfg, default_shard_rows()))
         return 0
     for path in prepare_caches(cfg, progress=True):
         print(path)
@@ -201,53 +196,37 @@ Caches are keyed by content (teacher file hash, CLIP weights, data rows, views);
 `richkd sweep` build missing ones themselves, this command builds them ahead of time.
 """
 
-CLIP_EPILOG = """examples:
-  richkd clip init-tiny /tmp/tiny_clip.pt          # offline random-weight CLIP (clip.model=richkd-tiny)
-  richkd clip prompts                              # the built-in prompt sets
-  richkd clip zeroshot --config tune_runs/demo/configs/richkd.yaml --set clip.prompt_set=richkd12
-"""
-
-INIT_TINY_EPILOG = """examples:
-  richkd clip init-tiny /tmp/tiny_clip.pt
+INIT_TINY_EXAMPLES = """\
+  richkd clip init-tiny /tmp/tiny_clip.pt    # offline random-weight CLIP (clip.model=richkd-tiny)
   richkd clip init-tiny /tmp/tiny_clip.pt --seed 1 --force
   richkd train --config tune_runs/demo/configs/richkd.yaml --set clip.pretrained=/tmp/tiny_clip.pt
 """
-
-PROMPTS_EPILOG = """example:
-  richkd clip prompts      # name, number of templates and the first template of each set (clip.prompt_set)
-"""
-
-ZEROSHOT_EPILOG = """examples:
-  richkd clip zeroshot --config tune_runs/demo/configs/richkd.yaml
-  richkd clip zeroshot --config configs/cifar100_resnet32x4_resnet8x4_richkd.yaml --set clip.prompt_set=simple
+PROMPTS_EXAMPLE = "  richkd clip prompts      # each set (clip.prompt_set): its number of templates and the first one\n"
+ZEROSHOT_EXAMPLES = """\
+  richkd clip zeroshot --config tune_runs/demo/configs/richkd.yaml --set clip.prompt_set=richkd12
   richkd clip zeroshot --config configs/cifar100_resnet32x4_resnet8x4_richkd.yaml --split test   # final only
 """
 
 
-def _parser(subparsers, name: str, help: str, epilog: str):
-    return subparsers.add_parser(name, help=help, description=help, epilog=epilog,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-
-
 def add_commands(subparsers) -> None:
     """Register train / models / cache / clip on the `richkd` parser's subparsers (each sets `func`)."""
-    p = _parser(subparsers, "train", "train one run (supervised teacher, KD or RichKD student)", TRAIN_EPILOG)
+    p = add_command(subparsers, "train", "train one run (supervised teacher, KD or RichKD student)", TRAIN_EPILOG,
+                    cmd_train)
     add_config_args(p, required=False)
     p.add_argument("--out", help="output folder (default tune_runs/runs/<name>; with --resume, the checkpoint's "
                    "folder)")
     p.add_argument("--resume", metavar="CKPT", help="continue from a last.pt written by an earlier run (its config "
                    "is used unless --config is given)")
     p.add_argument("--final", action="store_true", help="also evaluate on the test split at the end")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_train)
+    add_quiet_arg(p, "no progress bars")
 
-    p = _parser(subparsers, "models", "list the model zoo (CIFAR and ImageNet families) with input size and feature dimensions", MODELS_EPILOG)
+    p = add_command(subparsers, "models", "list the model zoo (CIFAR and ImageNet families) with input size and "
+                    "feature dimensions", MODELS_EPILOG, cmd_models)
     p.add_argument("--num-classes", type=int, default=100, metavar="N",
                    help="classes of the classifier head, for the parameter counts (default 100)")
-    p.set_defaults(func=cmd_models)
 
-    p = _parser(subparsers, "cache", "build (or --list) the teacher and CLIP output caches for a config",
-                CACHE_EPILOG)
+    p = add_command(subparsers, "cache", "build (or --list) the teacher and CLIP output caches for a config",
+                    CACHE_EPILOG, cmd_cache)
     add_config_args(p, required=False)
     p.add_argument("--list", action="store_true", help="list cache entries instead of building")
     p.add_argument("--cache-dir", metavar="DIR", help="with --list: the cache folder (default: the config's "
@@ -258,20 +237,19 @@ def add_commands(subparsers) -> None:
                    "ImageNet-1k) instead of the rows the config reads")
     p.add_argument("--classes", type=int, help="with --plan: plan for this many classes (e.g. 1000)")
     p.add_argument("--no-timing", action="store_true", help="with --plan: sizes only, skip the timing runs")
-    p.set_defaults(func=cmd_cache)
 
-    clip = _parser(subparsers, "clip", "CLIP utilities: init-tiny, prompts, zeroshot", CLIP_EPILOG)
+    clip = add_command(subparsers, "clip", "CLIP utilities: init-tiny, prompts, zeroshot",
+                       "examples:\n" + INIT_TINY_EXAMPLES + PROMPTS_EXAMPLE + ZEROSHOT_EXAMPLES)
     clip_sub = clip.add_subparsers(dest="clip_command", required=True, metavar="SUBCOMMAND")
-    p = _parser(clip_sub, "init-tiny", "write a tiny random-weight open_clip model for offline use",
-                INIT_TINY_EPILOG)
+    p = add_command(clip_sub, "init-tiny", "write a tiny random-weight open_clip model for offline use",
+                    "examples:\n" + INIT_TINY_EXAMPLES, cmd_clip_init_tiny)
     p.add_argument("path", metavar="PATH", help="the weights file to write (e.g. tune_runs/tiny_clip.pt)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     p.add_argument("--force", action="store_true", help="overwrite PATH if it exists (default: keep it)")
-    p.set_defaults(func=cmd_clip_init_tiny)
-    p = _parser(clip_sub, "prompts", "list the built-in prompt sets", PROMPTS_EPILOG)
-    p.set_defaults(func=cmd_clip_prompts)
-    p = _parser(clip_sub, "zeroshot", "CLIP zero-shot accuracy of a prompt set on a dataset split", ZEROSHOT_EPILOG)
+    add_command(clip_sub, "prompts", "list the built-in prompt sets", "example:\n" + PROMPTS_EXAMPLE,
+                cmd_clip_prompts)
+    p = add_command(clip_sub, "zeroshot", "CLIP zero-shot accuracy of a prompt set on a dataset split",
+                    "examples:\n" + ZEROSHOT_EXAMPLES, cmd_clip_zeroshot)
     add_config_args(p)
     p.add_argument("--split", choices=("val", "test"), default="val",
                    help="val (default) or test (final reporting only)")
-    p.set_defaults(func=cmd_clip_zeroshot)

@@ -6,17 +6,15 @@ import json
 import logging
 import os
 import re
-import socket
 import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
-from urllib.parse import urlparse
+from typing import Any, Callable, Optional
 
 import torch
+from huggingface_hub import is_offline_mode
 
-from richkd.clip.errors import ClipLoadError
 from richkd.clip.teacher import ClipTeacher
 from richkd.io import atomic_torch_save, sha256_file
 
@@ -25,9 +23,11 @@ log = logging.getLogger(__name__)
 LOCAL_DIR_PREFIX = "local-dir:"
 HF_HUB_PREFIX = "hf-hub:"
 PRECISIONS = ("fp32", "fp16", "bf16")
-_NETWORK_PROBE_TIMEOUT_S = 3.0
-
 WEIGHTS_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz")
+
+
+class ClipLoadError(ValueError):
+    """CLIP cannot be built or its weights cannot be found; the message says how to provide them."""
 
 
 @dataclass(frozen=True)
@@ -42,10 +42,8 @@ class PretrainedRef:
     path: Optional[Path] = None
 
     def absolute(self) -> str:
-        """The value with its path made absolute (sweep trials run in their own working directory).
-
-        A tag, or a value with a URL scheme (s3://...), is returned as given.
-        """
+        """The value with its path made absolute (sweep trials run in their own working directory); a tag, or a
+        value with a URL scheme (s3://...), as given."""
         if self.kind == "tag" or re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*://", self.value):
             return self.value
         absolute = os.path.abspath(self.path)
@@ -53,15 +51,13 @@ class PretrainedRef:
 
 
 def parse_pretrained(value: str) -> PretrainedRef:
-    """The one reading of `clip.pretrained`, shared by config checks, cache keys, the loader and the sweep.
-
+    """The one reading of `clip.pretrained`, shared by config checks, cache keys, the loader and the sweep:
     `local-dir:FOLDER` is a folder; an existing file, or anything that looks like a path (a slash or a weights
-    suffix such as .pt), is a file; everything else is an open_clip tag such as `openai`.
-    """
+    suffix such as .pt), is a file; everything else is an open_clip tag such as `openai`."""
     if value.startswith(LOCAL_DIR_PREFIX):
         return PretrainedRef(value, "dir", Path(value[len(LOCAL_DIR_PREFIX):]).expanduser())
     path = Path(value).expanduser()
-    if _looks_like_path(value) or path.is_file():
+    if os.sep in value or "/" in value or value.endswith(WEIGHTS_SUFFIXES) or path.is_file():
         return PretrainedRef(value, "file", path)
     return PretrainedRef(value, "tag")
 
@@ -94,16 +90,13 @@ def register_tiny_config() -> None:
             path = Path(tmp) / f"{TINY_CLIP_MODEL}.json"
             path.write_text(json.dumps(TINY_CLIP_CONFIG))
             open_clip.add_model_config(path)
-        if TINY_CLIP_MODEL not in open_clip.list_models():  # pragma: no cover - would mean open_clip changed
-            raise ClipLoadError(f"could not register the {TINY_CLIP_MODEL!r} config with open_clip")
 
 
 def init_tiny_clip(path: str | os.PathLike, seed: int = 0) -> Path:
     """Write a tiny random CLIP state dict (fp16, ~3.4 MB) to `path` atomically; returns the path.
 
-    Load it with `load_clip("richkd-tiny", path)` (open_clip's standard `pretrained=PATH` route). The global torch
-    RNG is left untouched. Weights are stored in fp16 to keep the file small; open_clip casts them to the model's
-    dtype on load.
+    Load it with `load_clip("richkd-tiny", path)`. The global torch RNG is left untouched; open_clip casts the
+    fp16 weights to the model's dtype on load.
     """
     import open_clip
 
@@ -118,103 +111,35 @@ def init_tiny_clip(path: str | os.PathLike, seed: int = 0) -> Path:
     return out
 
 
-# -- helpers --------------------------------------------------------------------------------------------------------
-def _hub_offline() -> bool:
-    """HF_HUB_OFFLINE as huggingface_hub reads it, re-read now in case the variable was set after import."""
-    truthy = {"1", "on", "yes", "true"}
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in truthy:
-        return True
-    if os.environ.get("TRANSFORMERS_OFFLINE", "").strip().lower() in truthy:
-        return True
+# -- what open_clip is asked to build -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Build:
+    """The open_clip.create_model arguments of a (clip.model, clip.pretrained) pair."""
+    name: str                                # an architecture, or a local-dir: / hf-hub: name
+    weights: str | Path                      # what identifies the weights: a file (hashed on load) or a name
+    pretrained: Optional[str] = None         # the weights file open_clip loads (a tag's is fetched first)
+    quick_gelu: bool = False
+    preprocess: Optional[dict] = None
+
+
+def _fetch(fetch: Callable[[], str], arch: str, tag: str, source: str, quick_gelu: bool = False) -> str:
+    """fetch()'s file, through open_clip (from the local cache, else downloaded). Weights that are neither are one
+    ClipLoadError saying how to provide them, instead of open_clip's retries and traceback."""
     try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except Exception:  # pragma: no cover - huggingface_hub missing
-        return False
-
-
-def _reachable(host: str, port: int = 443, timeout: float = _NETWORK_PROBE_TIMEOUT_S) -> bool:
-    """Quick TCP probe in a daemon thread, so a hanging DNS lookup cannot stall us either."""
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                result.append(True)
-        except OSError:
-            result.append(False)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout + 0.5)
-    return bool(result and result[0])
-
-
-def _hf_endpoint_host() -> str:
-    return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-
-
-def _hf_cached(repo_id: str, filenames: list[str]) -> Optional[str]:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover
-        return None
-    for name in filenames:
-        try:
-            hit = try_to_load_from_cache(repo_id, name)
-        except Exception:
-            hit = None
-        if isinstance(hit, str) and os.path.isfile(hit):
-            return hit
-    return None
-
-
-def _tag_sources(tag_cfg: dict) -> tuple[Optional[str], list[str], str]:
-    """(cached weights path or None, human-readable download sources, host to probe) for an open_clip tag."""
-    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
-
-    if tag_cfg.get("file"):
-        return (tag_cfg["file"] if os.path.isfile(tag_cfg["file"]) else None), [tag_cfg["file"]], ""
-    sources: list[str] = []
-    hub, url = tag_cfg.get("hf_hub", ""), tag_cfg.get("url", "")
-    host = ""
-    if hub:
-        repo_id, filename = os.path.split(hub)
-        filename = filename or HF_WEIGHTS_NAME
-        candidates = [filename]
-        if filename == HF_WEIGHTS_NAME:
-            candidates.insert(0, HF_SAFE_WEIGHTS_NAME)
-        elif filename.endswith((".bin", ".pth")):
-            candidates.insert(0, filename[:-4] + ".safetensors")
-        sources.append(f"https://huggingface.co/{repo_id} (file {filename})")
-        host = _hf_endpoint_host()
-        hit = _hf_cached(repo_id, candidates)
-        if hit:
-            return hit, sources, host
-    if url:
-        sources.append(url)
-        host = host or (urlparse(url).hostname or "")
-        cached = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
-        if cached.is_file():
-            return str(cached), sources, host
-    return None, sources, host
-
-
-def _offline_error(arch: str, tag: str, sources: list[str], reason: str, quick_gelu: bool = False) -> ClipLoadError:
-    where = "; ".join(sources) if sources else "the open_clip model hub"
-    # a file is built as clip.model names it; the tag's QuickGELU (all OpenAI weights) must then be in the name
-    model = f"{arch}-quickgelu" if quick_gelu and not arch.endswith("quickgelu") else arch
-    keep = f"set clip.model: {model!r}, as these weights need QuickGELU" if model != arch else \
-        f"clip.model stays {arch!r}"
-    return ClipLoadError(
-        f"CLIP weights {arch}/{tag} are not in the local cache and cannot be downloaded ({reason}). "
-        f"Provide them yourself: on a machine with internet download {where} and set clip.pretrained to the "
-        f"file's path ({keep}); or point clip.pretrained at 'local-dir:FOLDER' holding "
-        f"open_clip_config.json plus the weights; or copy a filled ~/.cache/huggingface/hub here. For an offline "
-        f"smoke test write random weights with `richkd clip init-tiny PATH` and set clip.model={TINY_CLIP_MODEL} "
-        f"clip.pretrained=PATH."
-    )
+        return fetch()
+    except Exception as exc:
+        reason = "HF_HUB_OFFLINE=1" if is_offline_mode() else " ".join(str(exc).split())
+        # a file is built as clip.model names it; the tag's QuickGELU (all OpenAI weights) must then be in the name
+        model = f"{arch}-quickgelu" if quick_gelu and not arch.endswith("quickgelu") else arch
+        keep = f"set clip.model: {model!r}, as these weights need QuickGELU" if model != arch else \
+            f"clip.model stays {arch!r}"
+        raise ClipLoadError(
+            f"CLIP weights {arch}/{tag} are not in the local cache and cannot be downloaded ({reason}). Provide them "
+            f"yourself: on a machine with internet download {source or 'the open_clip model hub'} and set "
+            f"clip.pretrained to the file's path ({keep}); or point clip.pretrained at 'local-dir:FOLDER' holding "
+            "open_clip_config.json plus the weights; or copy a filled ~/.cache/huggingface/hub here. For an offline "
+            f"smoke test write random weights with `richkd clip init-tiny PATH` and set clip.model={TINY_CLIP_MODEL} "
+            "clip.pretrained=PATH.") from None
 
 
 def _resolve_arch(model_name: str) -> str:
@@ -231,23 +156,44 @@ def _resolve_arch(model_name: str) -> str:
                         f"See open_clip.list_models() for all {len(known)} names, e.g. ViT-B-32, ViT-L-14.")
 
 
-def _looks_like_path(value: str) -> bool:
-    return os.sep in value or "/" in value or value.endswith(WEIGHTS_SUFFIXES)
-
-
-def _checkpoint_in_dir(folder: Path) -> Optional[Path]:
-    from open_clip.factory import _find_checkpoint_in_dir  # the exact file open_clip itself will pick
-
-    found = _find_checkpoint_in_dir(folder)
-    return Path(found) if found else None
-
-
-def _resolve_tag(arch: str, pretrained: str) -> tuple[dict, Optional[str]]:
-    """(open_clip's config of the tag, the cached weights file or None when it can be downloaded). An unknown tag,
-    or weights neither cached nor downloadable (offline, or the hub unreachable in a 3 s probe), is one
-    ClipLoadError saying how to provide them."""
+def _resolve(model_name: str, pretrained: str, fetch: bool) -> _Build:
+    """What open_clip is asked to build; ClipLoadError for an unknown architecture or tag, a missing file or
+    folder, or weights neither cached nor downloadable. fetch=False (the pre-checks) downloads nothing: offline,
+    uncached weights are still an error; online, load_clip finds out."""
     import open_clip
+    from open_clip.factory import _find_checkpoint_in_dir  # the exact file open_clip itself will pick
+    from open_clip.pretrained import download_pretrained_from_hf
 
+    register_tiny_config()
+    fetch = fetch or is_offline_mode()     # offline, fetching only reads the local cache
+    ref = parse_pretrained(pretrained)
+    if ref.kind == "dir":
+        folder = ref.path
+        if not folder.is_dir():
+            raise ClipLoadError(f"clip.pretrained {pretrained!r}: folder {str(folder)!r} does not exist")
+        if not (folder / "open_clip_config.json").is_file():
+            raise ClipLoadError(f"clip.pretrained {pretrained!r}: no open_clip_config.json in {str(folder)!r}; a "
+                                "local-dir folder needs it (with `model_cfg`) next to the weights file")
+        ckpt = _find_checkpoint_in_dir(folder)
+        if ckpt is None:
+            raise ClipLoadError(f"clip.pretrained {pretrained!r}: no weights file (*.safetensors, *.bin, *.pth) "
+                                f"in {str(folder)!r}")
+        return _Build(f"{LOCAL_DIR_PREFIX}{folder}", Path(ckpt))
+    if model_name.startswith(HF_HUB_PREFIX):
+        repo = model_name[len(HF_HUB_PREFIX):]
+        if fetch:
+            _fetch(lambda: download_pretrained_from_hf(repo, filename="open_clip_config.json"), model_name, "(hub)",
+                   f"https://huggingface.co/{repo}")
+        return _Build(model_name, model_name)
+    if not pretrained:
+        raise ClipLoadError(f"clip.pretrained is empty for {model_name!r}: give an open_clip tag (e.g. openai), "
+                            "a weights file or local-dir:FOLDER; a randomly initialised CLIP cannot teach")
+    if ref.kind == "file" and not ref.path.is_file():
+        raise ClipLoadError(f"clip.pretrained: file {pretrained!r} does not exist (create the offline tiny CLIP with "
+                            "`richkd clip init-tiny PATH`, or use a tag such as openai)")
+    arch = _resolve_arch(model_name)
+    if ref.kind == "file":
+        return _Build(arch, ref.path, pretrained=str(ref.path))
     tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
     if not tag_cfg:
         tags = open_clip.list_pretrained_tags_by_model(arch)
@@ -259,124 +205,52 @@ def _resolve_tag(arch: str, pretrained: str) -> tuple[dict, Optional[str]]:
         hint = f" Did you mean {' or '.join(close)}?" if close else ""
         raise ClipLoadError(f"{pretrained!r} is neither a file nor a pretrained tag of {arch}.{hint} "
                             f"Tags of {arch}: {', '.join(tags)}")
-    cached, sources, host = _tag_sources(tag_cfg)
     quick_gelu = bool(tag_cfg.get("quick_gelu", False))
-    if not cached and _hub_offline():
-        raise _offline_error(arch, pretrained, sources, "HF_HUB_OFFLINE=1", quick_gelu)
-    if not cached and host and not _reachable(host):
-        raise _offline_error(arch, pretrained, sources, f"{host} is unreachable", quick_gelu)
-    return tag_cfg, cached
+    path = None
+    if fetch:   # the tag's file is loaded by path: a cached model never touches the network
+        hub = tag_cfg.get("hf_hub", "")
+        source = f"https://huggingface.co/{hub.rstrip('/')}" if hub else tag_cfg.get("url") or tag_cfg.get("file")
+        path = _fetch(lambda: open_clip.download_pretrained(tag_cfg), arch, pretrained, source, quick_gelu)
+    # the tag's preprocessing, applied by hand since the file is loaded by path
+    preprocess = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
+    return _Build(arch, pretrained, pretrained=path, quick_gelu=quick_gelu, preprocess=preprocess)
 
 
 def check_weights(model_name: str, pretrained: str) -> None:
-    """What load_clip would find missing, without building the model: an unknown architecture or tag, a missing
-    file or folder, or weights that are neither cached nor downloadable. `richkd sweep --check` and every command
-    call it (richkd.validate.check_resources) before any expensive work."""
-    register_tiny_config()
-    model_name, pretrained = str(model_name).strip(), str(pretrained or "").strip()
-    ref = parse_pretrained(pretrained)
-    if ref.kind == "dir":
-        if not ref.path.is_dir():
-            raise ClipLoadError(f"clip.pretrained {pretrained!r}: folder {str(ref.path)!r} does not exist")
-        return
-    if model_name.startswith(HF_HUB_PREFIX):
-        return _check_hub_model(model_name)
-    if ref.kind == "file" and not ref.path.is_file():
-        raise ClipLoadError(f"clip.pretrained: file {pretrained!r} does not exist (create the offline tiny CLIP with "
-                            "`richkd clip init-tiny PATH`, or use a tag such as openai)")
-    arch = _resolve_arch(model_name)
-    if ref.kind == "tag" and pretrained:
-        _resolve_tag(arch, pretrained)
+    """What load_clip would find missing, without building the model or downloading (see _resolve).
+    `richkd sweep --check` and every command call it (richkd.validate.check_resources) before any expensive work."""
+    _resolve(str(model_name).strip(), str(pretrained or "").strip(), fetch=False)
 
 
-def _check_hub_model(model_name: str) -> None:
-    repo_id = model_name[len(HF_HUB_PREFIX):]
-    if not _hf_cached(repo_id, ["open_clip_config.json"]):
-        if _hub_offline():
-            raise _offline_error(model_name, "(hub)", [f"https://huggingface.co/{repo_id}"], "HF_HUB_OFFLINE=1")
-        if not _reachable(_hf_endpoint_host()):
-            raise _offline_error(model_name, "(hub)", [f"https://huggingface.co/{repo_id}"],
-                                 f"{_hf_endpoint_host()} is unreachable")
-
-
-# -- the loader -----------------------------------------------------------------------------------------------------
 def load_clip(model_name: str, pretrained: str, device: str | torch.device = "cpu", *,
               precision: str = "fp32") -> ClipTeacher:
     """Frozen (eval, requires_grad False) CLIP teacher on `device`.
 
     `pretrained`: an open_clip tag ("openai", "laion2b_s34b_b79k", ...), a local weights file, or
-    "local-dir:FOLDER" (open_clip_config.json + weights; the architecture then comes from the folder). Tags are
-    resolved from the local caches first and loaded by path, so a cached model never touches the network; an
-    uncached tag while offline (HF_HUB_OFFLINE=1, or the hub unreachable in a 3 s probe) raises one ClipLoadError
-    at once instead of open_clip's ~46 s of retries. Tags trained with QuickGELU (all OpenAI weights) get it
-    forced on, which open_clip 3.x only warns about. Random weights are never returned.
+    "local-dir:FOLDER" (open_clip_config.json + weights; the architecture then comes from the folder). A tag's
+    weights are fetched by open_clip (the local cache first) and loaded by path; weights neither cached nor
+    downloadable are one ClipLoadError. Tags trained with QuickGELU (all OpenAI weights) get it forced on, which
+    open_clip 3.x only warns about. Random weights are never returned.
     """
     import open_clip
 
     if precision not in PRECISIONS:
         raise ClipLoadError(f"unknown CLIP precision {precision!r}; use one of {PRECISIONS}")
-    register_tiny_config()
     model_name, pretrained = str(model_name).strip(), str(pretrained or "").strip()
-    create_name, create_pretrained = model_name, None
-    force_quick_gelu, force_preprocess = False, None
-
-    ref = parse_pretrained(pretrained)
-    if ref.kind == "dir":
-        folder = ref.path
-        if not folder.is_dir():
-            raise ClipLoadError(f"clip.pretrained {pretrained!r}: folder {str(folder)!r} does not exist")
-        if not (folder / "open_clip_config.json").is_file():
-            raise ClipLoadError(f"clip.pretrained {pretrained!r}: no open_clip_config.json in {str(folder)!r}; a "
-                                "local-dir folder needs it (with `model_cfg`) next to the weights file")
-        ckpt = _checkpoint_in_dir(folder)
-        if ckpt is None:
-            raise ClipLoadError(f"clip.pretrained {pretrained!r}: no weights file (*.safetensors, *.bin, *.pth) "
-                                f"in {str(folder)!r}")
-        create_name = f"{LOCAL_DIR_PREFIX}{folder}"
-        weights_id = sha256_file(ckpt)
-        log.info("CLIP from local folder %s (weights %s); the architecture comes from its open_clip_config.json",
-                 folder, ckpt.name)
-    elif model_name.startswith(HF_HUB_PREFIX):
-        _check_hub_model(model_name)
-        weights_id = model_name
-    else:
-        if not pretrained:
-            raise ClipLoadError(f"clip.pretrained is empty for {model_name!r}: give an open_clip tag (e.g. openai), "
-                                "a weights file or local-dir:FOLDER; a randomly initialised CLIP cannot teach")
-        arch = _resolve_arch(model_name)
-        create_name = arch
-        if ref.kind == "file":
-            if not ref.path.is_file():
-                raise ClipLoadError(f"clip.pretrained: weights file {pretrained!r} does not exist")
-            create_pretrained = str(ref.path)
-            weights_id = sha256_file(ref.path)
-        else:
-            tag_cfg, cached = _resolve_tag(arch, pretrained)
-            force_quick_gelu = bool(tag_cfg.get("quick_gelu", False))
-            if force_quick_gelu and not arch.endswith("quickgelu"):
-                log.info("%s/%s was trained with QuickGELU: building the model with QuickGELU", arch, pretrained)
-            if cached:
-                # Load the cached file by path: no network round trip; the tag's preprocessing is applied by hand.
-                create_pretrained = cached
-                force_preprocess = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode")
-                                    if k in tag_cfg}
-                log.info("CLIP %s/%s from the local cache: %s", arch, pretrained, cached)
-            else:
-                create_pretrained = pretrained
-            weights_id = pretrained
-
+    build = _resolve(model_name, pretrained, fetch=True)
+    if build.quick_gelu and not build.name.endswith("quickgelu"):
+        log.info("%s/%s was trained with QuickGELU: building the model with QuickGELU", build.name, pretrained)
     try:
         model = open_clip.create_model(
-            create_name, pretrained=create_pretrained, device=torch.device(device), precision=precision,
-            force_quick_gelu=force_quick_gelu, force_preprocess_cfg=force_preprocess, require_pretrained=True,
+            build.name, pretrained=build.pretrained, device=torch.device(device), precision=precision,
+            force_quick_gelu=build.quick_gelu, force_preprocess_cfg=build.preprocess, require_pretrained=True,
             weights_only=True,
         )
-        tokenizer = open_clip.get_tokenizer(create_name)
-    except ClipLoadError:
-        raise
+        tokenizer = open_clip.get_tokenizer(build.name)
     except Exception as exc:
         raise ClipLoadError(f"could not load CLIP {model_name!r} with weights {pretrained!r}: "
                             f"{type(exc).__name__}: {exc}") from exc
+    weights_id = sha256_file(build.weights) if isinstance(build.weights, Path) else build.weights
     teacher = ClipTeacher(model, tokenizer, model_name=model_name, pretrained=pretrained, weights_id=weights_id)
     log.info("loaded %r (weights %s)", teacher, weights_id[:16])
     return teacher

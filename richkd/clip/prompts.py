@@ -13,7 +13,6 @@ from typing import Iterable, Sequence
 
 import yaml
 
-from richkd.clip.errors import PromptSetError
 from richkd.schema import read_yaml
 
 log = logging.getLogger(__name__)
@@ -24,6 +23,10 @@ PLACEHOLDER = "{}"
 OPENAI_IMAGENET80 = "openai_imagenet80"
 PROMPT_SETS: tuple[str, ...] = ("richkd12", OPENAI_IMAGENET80, "simple", "single")
 _ALLOWED_KEYS = ("name", "templates", "description")
+
+
+class PromptSetError(ValueError):
+    """A prompt set is unknown or malformed; the message names the set or file and the fix."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,8 @@ def clean_class_name(name: str) -> str:
 
 
 def prompt_set_hash(templates: Sequence[str]) -> str:
-    """Short stable hash (16 hex chars) of an ordered template list, for cache keys and MLflow params."""
+    """Short stable hash (16 hex chars) of an ordered list of templates (or class names), for cache keys and MLflow
+    params."""
     return hashlib.sha256("\n".join(templates).encode("utf-8")).hexdigest()[:16]
 
 

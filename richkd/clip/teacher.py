@@ -1,14 +1,16 @@
-"""The frozen CLIP teacher: on-device preprocessing, L2-normalised image features, prompt-averaged text classifier."""
+"""The frozen CLIP teacher: on-device preprocessing, L2-normalised image features, prompt-averaged text classifier,
+zero-shot accuracy."""
 from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from richkd.clip.prompts import format_prompts, validate_templates
+from richkd.data.batch import Batch
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +139,6 @@ class ClipTeacher:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def to(self, device: torch.device | str) -> "ClipTeacher":
-        self.model.to(device)
-        return self
-
     def _infer_embed_dim(self) -> int:
         dim = getattr(getattr(self.model, "visual", None), "output_dim", None)
         if isinstance(dim, int):
@@ -205,9 +203,23 @@ class ClipTeacher:
         raw = self.encode_texts(format_prompts(names, templates, clean=clean))
         return average_prompt_embeddings(raw.view(len(names), len(templates), -1))
 
-    def zero_shot_logits(self, images_0_1: torch.Tensor, class_embeddings: torch.Tensor,
-                         scale: Optional[float] = None) -> torch.Tensor:
-        """(B, C) `scale * cosine(image, class)`; scale defaults to 1 (raw cosine, as the official code)."""
-        feats = self.encode_images(images_0_1)
-        cos = feats @ class_embeddings.to(feats.device, torch.float32).t()
-        return cos if scale is None else cos * scale
+
+def zero_shot_accuracy(teacher: ClipTeacher, batches: Iterable | tuple[torch.Tensor, torch.Tensor],
+                       class_embeddings: torch.Tensor) -> float:
+    """Top-1 accuracy in [0, 1] of argmax(image_features @ class_embeddings.T) over batches of un-normalised
+    images in [0, 1] (Batch records or (image, target, ...) tuples, as the loaders yield them) or over one
+    (images, targets) pair of tensors. The logit scale does not change an argmax, so raw cosines are used."""
+    if isinstance(batches, tuple) and len(batches) == 2 and all(isinstance(t, torch.Tensor) for t in batches):
+        batches = [batches]
+    correct, total = 0, 0
+    for batch in batches:
+        if isinstance(batch, Batch):
+            batch = batch.to(batch.image.device)      # photo loaders' uint8 images become float in [0, 1]
+            batch = (batch.image, batch.target)
+        images, targets = batch[0], batch[1]
+        pred = (teacher.encode_images(images) @ class_embeddings.to(images.device, torch.float32).t()).argmax(dim=1)
+        correct += int((pred.cpu() == targets.reshape(-1).cpu()).sum())
+        total += int(targets.numel())
+    if total == 0:
+        raise ValueError("zero_shot_accuracy: no samples (empty loader)")
+    return correct / total

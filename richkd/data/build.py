@@ -5,16 +5,25 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from richkd.config import DataConfig
-from richkd.data.datasets import SplitDataset
-from richkd.data.sources import load_splits
+from richkd.data.datasets import SplitBase
+from richkd.data.imagenet import load_imagenet_splits
+from richkd.data.sources import Splits, load_cifar, load_fashion_mnist, load_imagefolder
 from richkd.data.splits import cap_per_class, cap_rows, derive_seed, stratified_take
 from richkd.data.transforms import DATASET_STATS
 
 log = logging.getLogger(__name__)
+
+# The full train and test splits of each data.dataset: in memory at native size (CIFAR, Fashion-MNIST), files
+# decoded at the model size (ImageFolder), or photos decoded per batch (docs/architecture.md#imagenet-scale)
+LOADERS: dict[str, Callable[[DataConfig], Splits]] = {
+    "cifar10": load_cifar, "cifar100": load_cifar, "fashion_mnist": load_fashion_mnist,
+    "imagefolder": load_imagefolder, "imagenet": load_imagenet_splits,
+}
 
 
 @dataclass(frozen=True)
@@ -29,11 +38,11 @@ class DataBundle:
     mean/std: per-channel normalisation for student and teacher inputs (CLIP normalises itself).
     """
     name: str
-    train: SplitDataset
-    val: SplitDataset
-    test: SplitDataset
-    train_clean: SplitDataset
-    test_clean: SplitDataset
+    train: SplitBase
+    val: SplitBase
+    test: SplitBase
+    train_clean: SplitBase
+    test_clean: SplitBase
     class_names: list[str]
     num_classes: int
     train_targets: torch.Tensor
@@ -49,19 +58,14 @@ class DataBundle:
         """
         h = hashlib.sha256(json.dumps({"name": self.name, "image_size": self.image_size,
                                        "class_names": self.class_names}).encode())
-        h.update(self.train_clean.source.digest().encode())
-        h.update(self.test_clean.source.digest().encode())
+        h.update(self.train_clean.source.digest.encode())
+        h.update(self.test_clean.source.digest.encode())
         return h.hexdigest()
 
 
 def build_data(cfg: DataConfig) -> DataBundle:
     """Load cfg.dataset and carve the seeded validation split (see DataBundle). Raises DatasetNotFoundError."""
-    if cfg.dataset == "imagenet":  # photos decoded per batch at full size (docs/architecture.md#imagenet-scale)
-        from richkd.data.imagenet import load_imagenet_splits
-
-        splits = load_imagenet_splits(cfg)
-    else:
-        splits = load_splits(cfg)
+    splits = LOADERS[cfg.dataset](cfg)
     train_src, test_src = splits.train, splits.test
     size = cfg.image_size
     n_train = len(train_src)
@@ -86,7 +90,7 @@ def build_data(cfg: DataConfig) -> DataBundle:
 
     augment = cfg.augment == "standard"
     mean, std = DATASET_STATS[cfg.dataset]
-    dataset = getattr(splits, "dataset_class", SplitDataset)   # photos: richkd.data.photos.PhotoSplit
+    dataset = splits.dataset_class
     bundle = DataBundle(
         name=cfg.dataset,
         train=dataset(train_src, train_rows, size, augment, "train"),

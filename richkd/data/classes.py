@@ -25,17 +25,3 @@ CIFAR100_CLASSES: tuple[str, ...] = (
 FASHION_MNIST_CLASSES: tuple[str, ...] = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
-
-KNOWN_CLASS_NAMES: dict[str, tuple[str, ...]] = {
-    "cifar10": CIFAR10_CLASSES,
-    "cifar100": CIFAR100_CLASSES,
-    "fashion_mnist": FASHION_MNIST_CLASSES,
-}
-
-
-def known_class_names(dataset: str) -> list[str]:
-    """Class names of a built-in dataset without loading it; imagefolder names come from its folders."""
-    if dataset not in KNOWN_CLASS_NAMES:
-        raise ValueError(f"no built-in class names for dataset {dataset!r}; known: {', '.join(KNOWN_CLASS_NAMES)} "
-                         "(an imagefolder dataset takes its class names from the folder names under train/)")
-    return list(KNOWN_CLASS_NAMES[dataset])

@@ -1,6 +1,7 @@
-"""Index-returning views of an underlying split: items (image (3, S, S) in [0, 1], target, row index)."""
+"""Views of some rows of an underlying split: items (image (3, S, S) in [0, 1], target, row index)."""
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -18,17 +19,20 @@ def split_rows(indices, num_rows: int) -> torch.Tensor:
     return rows
 
 
-class SplitDataset(Dataset):
-    """Some rows of one underlying split (train or test), optionally augmented.
+class SplitBase(Dataset):
+    """Some rows of one underlying split (train or test), optionally augmented or shown as cached views.
 
-    Item i is (image float32 (3, S, S) in [0, 1], target int, index int) where index = indices[i] is the row
-    in the underlying torchvision split, so teacher/CLIP caches built over the full split (and CRD memory
-    banks of N_train rows) stay valid for any validation seed or subset. Images are NOT normalised: the
-    trainer normalises on the device, and CLIP preprocesses the same view itself.
+    Item i is (image float32 (3, S, S) in [0, 1], target int, index int) where index = indices[i] is the row in
+    the underlying split, so teacher/CLIP caches built over the full split (and CRD memory banks of N_train rows)
+    stay valid for any validation seed or subset. Images are NOT normalised: the trainer normalises on the device,
+    and CLIP preprocesses the same view itself. Loaders call get_view_batch (vectorised, augmentation from an
+    explicit generator); __getitem__ is the single-item form.
 
-    Loaders call get_batch (vectorised, augmentation from an explicit generator); __getitem__ is the
-    single-item form and augments with torch's global RNG.
+    Subclasses: SplitDataset (rows decoded at the model size, CIFAR-style crops) and
+    richkd.data.photos.PhotoSplit (photos decoded per batch, the ImageNet recipe).
     """
+
+    decodes_per_batch = False    # True: rows are decoded from files per batch, never device-resident
 
     def __init__(self, source, indices: torch.Tensor, image_size: int, augment: bool, split: str,
                  views: Optional[ViewSpec] = None) -> None:
@@ -37,7 +41,7 @@ class SplitDataset(Dataset):
         self.image_size = int(image_size)
         self.augment = bool(augment)
         self.split = split
-        self.views = views  # cached-view augmentation (richkd.data.views) instead of free random crops
+        self.views = views  # FKD-style cached views (richkd.data.views) instead of free random crops
 
     def __len__(self) -> int:
         return int(self.indices.numel())
@@ -47,15 +51,58 @@ class SplitDataset(Dataset):
         """int64 (len(self),) class ids in item order."""
         return self.source.targets.index_select(0, self.indices)
 
+    def get_view_batch(self, positions: torch.Tensor, generator: Optional[torch.Generator] = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Items at positions (int64 (B,)) -> (images (B, 3, S, S), targets, rows, view ids or None); images are
+        float32 in [0, 1], or uint8 that Batch.to turns into those on the device."""
+        raise NotImplementedError
+
     def get_batch(self, positions: torch.Tensor, generator: Optional[torch.Generator] = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Items at `positions` (int64 (B,)) -> images float32 (B, 3, S, S) in [0, 1], targets (B,), index (B,)."""
+        """Items at positions -> (images float32 (B, 3, S, S) in [0, 1], targets, rows)."""
         images, targets, rows, _ = self.get_view_batch(positions, generator)
+        if images.dtype == torch.uint8:
+            images = to_float_images(images, self.image_size)
         return images, targets, rows
+
+    def draw_views(self, rows: torch.Tensor, generator: Optional[torch.Generator]) -> Optional[torch.Tensor]:
+        """The cached view of each row: the fixed one, else one of num_views drawn; None without views."""
+        if self.views is None:
+            return None
+        if self.views.fixed_view is not None:
+            return torch.full_like(rows, self.views.fixed_view)
+        return torch.randint(0, self.views.num_views, rows.shape, generator=generator)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        n, i = len(self), int(i)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for a dataset of {n} items")
+        images, targets, rows = self.get_batch(torch.tensor([i % n]))
+        return images[0], int(targets[0]), int(rows[0])
+
+    def _with(self, **attrs) -> "SplitBase":
+        out = copy.copy(self)
+        out.__dict__.update(attrs)
+        return out
+
+    def with_views(self, num_views: int, seed: int, fixed_view: Optional[int] = None) -> "SplitBase":
+        """The same rows shown as cached views: one of num_views per sample, or always fixed_view."""
+        return self._with(augment=True, views=ViewSpec(num_views, seed, fixed_view))
+
+    def without_augmentation(self) -> "SplitBase":
+        """The same rows, un-augmented (e.g. to evaluate a teacher on the clean training images)."""
+        return self._with(augment=False, views=None)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(split={self.split!r}, n={len(self)}, size={self.image_size}, "
+                f"augment={self.augment}, views={self.views}, source={self.source.origin!r})")
+
+
+class SplitDataset(SplitBase):
+    """Rows of a source that loads uint8 images (in memory, or decoded at the model size), CIFAR-style crops."""
 
     def get_view_batch(self, positions: torch.Tensor, generator: Optional[torch.Generator] = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """get_batch plus the view id of each item (None unless the dataset shows cached views)."""
         positions = torch.as_tensor(positions, dtype=torch.int64)
         rows = self.indices.index_select(0, positions)
         images = to_float_images(self.source.load(rows), self.image_size)
@@ -66,43 +113,15 @@ class SplitDataset(Dataset):
 
     def draw_augmentation(self, rows: torch.Tensor, generator: Optional[torch.Generator] = None
                           ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """(crop offsets int64 (B, 2), flips bool (B,), view ids int64 (B,) or None) for these rows, on the CPU.
+        """(crop offsets int64 (B, 2), flips bool (B,), view ids int64 (B,) or None) for these rows, on the CPU;
+        offsets and flips are None when the dataset does not augment.
 
-        Offsets and flips are None when the dataset does not augment. The one place that decides the
-        augmentation: get_view_batch and the device-resident copy (richkd.data.resident) both crop with
-        these values, so the two produce identical batches from the same generator.
+        The one place that decides the augmentation: get_view_batch and the device-resident copy
+        (richkd.data.resident) both crop with these values, so the two produce identical batches.
         """
-        if self.views is not None:
-            if self.views.fixed_view is not None:
-                views = torch.full_like(rows, self.views.fixed_view)
-            else:
-                views = torch.randint(0, self.views.num_views, rows.shape, generator=generator)
-            offsets, flip = view_params(rows, views, self.views.seed)
-            return offsets, flip, views
+        views = self.draw_views(rows, generator)
+        if views is not None:
+            return (*view_params(rows, views, self.views.seed), views)
         if self.augment:
-            offsets, flip = draw_crop_flip(int(rows.shape[0]), generator)
-            return offsets, flip, None
+            return (*draw_crop_flip(int(rows.shape[0]), generator), None)
         return None, None, None
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        n = len(self)
-        i = int(i)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"index {i} out of range for a dataset of {n} items")
-        images, targets, rows = self.get_batch(torch.tensor([i]))
-        return images[0], int(targets[0]), int(rows[0])
-
-    def with_views(self, num_views: int, seed: int, fixed_view: Optional[int] = None) -> "SplitDataset":
-        """The same rows shown as cached views: one of num_views per sample, or always fixed_view."""
-        return SplitDataset(self.source, self.indices, self.image_size, True, self.split,
-                            views=ViewSpec(num_views, seed, fixed_view))
-
-    def without_augmentation(self) -> "SplitDataset":
-        """The same rows, un-augmented (e.g. to evaluate a teacher on the clean training images)."""
-        return SplitDataset(self.source, self.indices, self.image_size, False, self.split)
-
-    def __repr__(self) -> str:
-        return (f"SplitDataset(split={self.split!r}, n={len(self)}, size={self.image_size}, "
-                f"augment={self.augment}, source={self.source.origin!r})")

@@ -1,24 +1,19 @@
-"""ImageNet-layout folders (`data.dataset: imagenet`): train/<wnid>/*.JPEG and val/<wnid>/*.JPEG, any subset of classes.
+"""ImageNet-layout folders (`data.dataset: imagenet`): train/<wnid>/*.JPEG (the training split) and val/<wnid>/*.JPEG
+(the test split), any subset of classes; splits, class names and the scan as docs/architecture.md#imagenet-scale
+describes them.
 
-- **Splits.** train/ is the training split (the seeded validation hold-out is carved from it as for every
-  dataset); val/ is the *test* split, read only by `--final` and `richkd finalize` (docs/architecture.md#data-flow).
-  Labels index the sorted class folders of train/, so with all 1000 wnids they are the standard ImageNet-1k ids.
-- **Class names** for CLIP's prompts come from `data.class_names` (a file of `folder<TAB>name` lines, e.g.
-  Kaggle's LOC_synset_mapping.txt), else `<root>/classes.txt`, else, when every folder is an ImageNet-1k wnid,
-  open_clip's IMAGENET_CLASSNAMES (the names its zero-shot ImageNet templates were written for).
-- **The scan.** Listing 1.28M files and checking their headers takes a minute, so the result (relative paths,
-  sizes, labels, a status per file) is kept in the decoded-array cache (richkd.data.decoded), keyed by the class
-  folders' modification times (adding, removing or renaming a file changes them). Each file's first and last
-  bytes are checked: an empty file, one that is neither JPEG nor PNG, or a JPEG without its end-of-image marker
-  (a truncated download) is bad. `data.bad_images: error` stops with one message listing them; `skip` leaves
-  them out and logs how many. A file that passes the check but fails to decode stops the run naming the file.
+Listing 1.28M files and checking their headers takes a minute, so the scan (relative paths, sizes, labels, a
+status per file) is kept in the decoded-array cache (richkd.data.decoded), keyed by the class folders'
+modification times (adding, removing or renaming a file changes them).
 """
 from __future__ import annotations
 
 import functools
 import importlib.resources
+import importlib.util
 import logging
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -51,25 +46,15 @@ def imagenet_wnids() -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=1)
 def imagenet_class_names() -> tuple[str, ...]:
-    """open_clip's 1000 human-readable ImageNet class names, in label order.
-
-    Read from open_clip's own `zero_shot_metadata` module. That module is plain data, but importing it through
-    the package runs open_clip's __init__ (~3 s, torch and timm); a cached-teaching trial needs only the names,
-    so the module file is executed on its own unless open_clip is already loaded.
-    """
-    import importlib.util
-    import sys
-
+    """open_clip's 1000 human-readable ImageNet class names, in label order, from its `zero_shot_metadata`
+    module: plain data, but importing it through the package runs open_clip's __init__ (~3 s, torch and timm),
+    and a cached-teaching trial needs only the names, so the module file is executed on its own."""
     module = sys.modules.get("open_clip.zero_shot_metadata")
     if module is None:
-        found = importlib.util.find_spec("open_clip")
-        path = Path(found.origin).parent / "zero_shot_metadata.py" if found and found.origin else None
-        if path is None or not path.is_file():
-            from open_clip import zero_shot_metadata as module
-        else:
-            spec = importlib.util.spec_from_file_location("richkd_open_clip_zero_shot_metadata", path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
+        path = Path(importlib.util.find_spec("open_clip").origin).parent / "zero_shot_metadata.py"
+        spec = importlib.util.spec_from_file_location("richkd_open_clip_zero_shot_metadata", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     return tuple(module.IMAGENET_CLASSNAMES)
 
 
@@ -247,9 +232,7 @@ def load_imagenet_splits(cfg: DataConfig) -> Splits:
                                      origin=f"{root / split}")
     if len(sources["train"]) == 0:
         raise ImageNetLayoutError(f"imagenet: {root / 'train'} has no readable images")
-    splits = Splits(sources["train"], sources["val"], names, str(root))
-    splits.dataset_class = PhotoSplit     # build_data makes its datasets from this class
-    splits.skipped = skipped
     log.info("imagenet: %d train / %d val images in %d classes under %s (%d skipped)", len(sources["train"]),
              len(sources["val"]), len(classes), root, skipped)
-    return splits
+    return Splits(sources["train"], sources["val"], names, str(root), dataset_class=PhotoSplit,
+                  skipped=skipped)

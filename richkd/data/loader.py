@@ -6,40 +6,24 @@ from typing import Iterator, Optional
 import torch
 
 from richkd.data.batch import Batch
+from richkd.data.resident import ResidentDataset
 from richkd.data.splits import derive_seed
 
 
-def _fetch(dataset, positions: torch.Tensor, aug_seed: int) -> Batch:
-    """One Batch from a dataset; get_batch datasets draw augmentation from a generator seeded by aug_seed.
-
-    A dataset with `fetch(positions, aug_seed) -> Batch` (richkd.data.resident) builds the whole Batch itself.
-    """
-    if hasattr(dataset, "fetch"):
-        return dataset.fetch(positions, aug_seed)
-    view = None
-    if hasattr(dataset, "get_view_batch"):
-        gen = torch.Generator().manual_seed(int(aug_seed))
-        images, targets, index, view = dataset.get_view_batch(positions, gen)
-    elif hasattr(dataset, "get_batch"):
-        gen = torch.Generator().manual_seed(int(aug_seed))
-        images, targets, index = dataset.get_batch(positions, gen)
-    else:  # any map-style dataset of (image, target, index) items; its own randomness uses torch's RNG
-        items = [dataset[int(p)] for p in positions]
-        images = torch.stack([it[0] for it in items])
-        targets = torch.as_tensor([int(it[1]) for it in items])
-        index = torch.as_tensor([int(it[2]) for it in items])
-    return Batch(image=images, target=targets.to(torch.int64), index=index.to(torch.int64), view=view)
-
-
 class _Fetcher(torch.utils.data.Dataset):
-    """What DataLoader workers see: key (positions, aug_seed) -> Batch."""
+    """Key (positions, aug_seed) -> the Batch of a SplitBase, its augmentation drawn from a generator seeded by
+    aug_seed (what DataLoader workers see); a device-resident dataset (richkd.data.resident) builds it itself."""
 
     def __init__(self, dataset) -> None:
         self.dataset = dataset
 
     def __getitem__(self, key: tuple[torch.Tensor, int]) -> Batch:
         positions, aug_seed = key
-        return _fetch(self.dataset, positions, aug_seed)
+        if isinstance(self.dataset, ResidentDataset):
+            return self.dataset.fetch(positions, aug_seed)
+        gen = torch.Generator().manual_seed(int(aug_seed))
+        images, targets, index, view = self.dataset.get_view_batch(positions, gen)
+        return Batch(image=images, target=targets, index=index, view=view)
 
 
 class _PlanSampler:
@@ -53,10 +37,6 @@ class _PlanSampler:
 
     def __len__(self) -> int:
         return len(self.owner)
-
-
-def _identity(x):
-    return x
 
 
 class BatchLoader:
@@ -81,10 +61,11 @@ class BatchLoader:
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
-        self.num_workers = 0 if hasattr(dataset, "fetch") else int(num_workers)
+        resident = isinstance(dataset, ResidentDataset)
+        self.num_workers = 0 if resident else int(num_workers)
         self.drop_last = bool(drop_last)
         # host batches in page-locked memory for a CUDA run (a device-resident dataset's are on the device)
-        self.pin_memory = bool(pin_memory) and not hasattr(dataset, "fetch")
+        self.pin_memory = bool(pin_memory) and not resident
         self.epoch = 0
         self._current_plan: list[tuple[torch.Tensor, int]] = []
         self._loader: Optional[torch.utils.data.DataLoader] = None
@@ -109,18 +90,15 @@ class BatchLoader:
         self._current_plan = self.plan(self.epoch)
         self.epoch += 1
         if self.num_workers == 0:
-            batches = (_fetch(self.dataset, pos, s) for pos, s in self._current_plan)
+            fetcher = _Fetcher(self.dataset)
+            batches = (fetcher[key] for key in self._current_plan)
             return (b.pin_memory() for b in batches) if self.pin_memory else batches
         if self._loader is None:
             self._loader = torch.utils.data.DataLoader(
                 _Fetcher(self.dataset), batch_size=None, sampler=_PlanSampler(self), num_workers=self.num_workers,
-                collate_fn=_identity, persistent_workers=True, pin_memory=self.pin_memory,
+                persistent_workers=True, pin_memory=self.pin_memory,
                 generator=torch.Generator().manual_seed(derive_seed(self.seed, "workers")))
         return iter(self._loader)
 
 
-def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,
-                drop_last: bool = False, pin_memory: bool = False) -> BatchLoader:
-    """A seeded `BatchLoader` over a dataset of (image, target, index) items (see BatchLoader)."""
-    return BatchLoader(dataset, batch_size, shuffle, seed, num_workers=num_workers, drop_last=drop_last,
-                       pin_memory=pin_memory)
+make_loader = BatchLoader   # the name every caller uses

@@ -1,33 +1,26 @@
-"""Photos decoded per batch at full size and cropped to the model size (the ImageNet recipe).
+"""Photos decoded per batch at full size and cropped to the model size: the ImageNet recipe (docs/method.md#imagenet,
+docs/architecture.md#imagenet-scale).
 
-Training shows RandomResizedCrop(S) + a horizontal flip, evaluation Resize(S / 0.875) + CenterCrop(S) (256 / 224
-for S = 224), as in mdistiller's ImageNet recipe (docs/method.md#imagenet). Every crop is a *box* in the decoded
-image, (top, left, height, width, flip), resized to S x S with torchvision's `resized_crop`:
-
-- a random training crop's box is torchvision's `RandomResizedCrop.get_params` run under a per-image seed drawn
-  from the loader's generator, so a loader seed fixes every crop (exact resume, any number of workers);
-- FKD-style view v of row i (teaching.views) has a box fixed by (teaching.view_seed, i, v): view 0 is the
-  centre crop, the others RandomResizedCrop boxes. The cache stores each view's box with the teachers' outputs
-  (docs/architecture.md#imagenet-scale), and a dataset given those stored boxes (`with_view_boxes`) crops
-  exactly the region the teachers saw, after checking that the image still has the size the box was drawn for.
-
-Decoding: PIL (`data.decode: pil`) or `torchvision.io.decode_jpeg` (`torchvision`); both give uint8 RGB. They may
-differ in the last bit, so the decoder is part of the dataset's identity (and of every cache key).
+Every crop is a box (top, left, height, width, flip) in the decoded image, resized to S x S with torchvision's
+`resized_crop`: a training crop's box is `RandomResizedCrop.get_params` under a per-image seed from the loader's
+generator (exact resume, any number of workers); FKD-style view v of row i has a box fixed by (view_seed, i, v),
+view 0 the centre crop. A dataset given the boxes a cache stores (`with_view_boxes`) crops exactly the region the
+teachers saw. PIL and torchvision may decode differently in the last bit, so the decoder is part of the dataset's
+identity (and of every cache key).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from typing import Optional, Protocol, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from richkd.data.datasets import split_rows
+from richkd.data.datasets import SplitBase
 from richkd.data.sources import DatasetNotFoundError
-from richkd.data.transforms import to_float_images
-from richkd.data.views import ViewSpec, _splitmix64
+from richkd.data.views import view_hash
 
 RRC_SCALE = (0.08, 1.0)            # torchvision's RandomResizedCrop defaults, the ImageNet recipe
 RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -77,7 +70,7 @@ def image_hw(image) -> tuple[int, int]:
     return int(image.size[1]), int(image.size[0])
 
 
-def to_uint8_tensor(image) -> torch.Tensor:
+def _uint8_tensor(image) -> torch.Tensor:
     if isinstance(image, torch.Tensor):
         return image.contiguous()
     from torchvision.transforms.functional import pil_to_tensor
@@ -101,23 +94,17 @@ def rrc_box(height: int, width: int, seed: int) -> tuple[int, int, int, int, int
     return int(top), int(left), int(h), int(w), flip
 
 
-def eval_resize(size: int) -> int:
-    return int(round(size / EVAL_CROP_FRACTION))
-
-
-def centre_box(height: int, width: int, size: int) -> tuple[int, int, int, int, int]:
+def centre_box(height: int, width: int) -> tuple[int, int, int, int, int]:
     """The region of the original image that Resize(S / 0.875) + CenterCrop(S) shows, as an unflipped box."""
     side = max(1, min(height, width, int(round(min(height, width) * EVAL_CROP_FRACTION))))
     return (height - side) // 2, (width - side) // 2, side, side, 0
 
 
-def view_box(seed: int, row: int, view: int, height: int, width: int, size: int) -> tuple[int, ...]:
+def view_box(seed: int, row: int, view: int, height: int, width: int) -> tuple[int, ...]:
     """The fixed box of FKD-style view `view` of `row`: view 0 the centre crop, others RandomResizedCrop."""
     if view == 0:
-        return centre_box(height, width, size)
-    with np.errstate(over="ignore"):
-        mixed = (np.uint64(seed) * np.uint64(0x100000001B3)) ^ (np.uint64(row) << np.uint64(20)) ^ np.uint64(view)
-    return rrc_box(height, width, int(_splitmix64(np.array([mixed], dtype=np.uint64))[0] >> np.uint64(1)))
+        return centre_box(height, width)
+    return rrc_box(height, width, int(view_hash(seed, np.array([row]), np.array([view]))[0] >> np.uint64(1)))
 
 
 def crop_box(image, box: Sequence[int], size: int) -> torch.Tensor:
@@ -129,7 +116,7 @@ def crop_box(image, box: Sequence[int], size: int) -> torch.Tensor:
     out = TF.resized_crop(image, top, left, h, w, [size, size], InterpolationMode.BILINEAR, antialias=True)
     if flip:
         out = TF.hflip(out)
-    return to_uint8_tensor(out)
+    return _uint8_tensor(out)
 
 
 def eval_crop(image, size: int) -> torch.Tensor:
@@ -137,8 +124,8 @@ def eval_crop(image, size: int) -> torch.Tensor:
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
 
-    resized = TF.resize(image, eval_resize(size), InterpolationMode.BILINEAR, antialias=True)
-    return to_uint8_tensor(TF.center_crop(resized, [size, size]))
+    resized = TF.resize(image, int(round(size / EVAL_CROP_FRACTION)), InterpolationMode.BILINEAR, antialias=True)
+    return _uint8_tensor(TF.center_crop(resized, [size, size]))
 
 
 def decode_views(source: "PhotoSource", row: int, num_views: int, seed: int, size: int
@@ -146,7 +133,7 @@ def decode_views(source: "PhotoSource", row: int, num_views: int, seed: int, siz
     """All V views of one row from a single decode: uint8 (V, 3, S, S) crops and int32 (V, 7) box records."""
     image = source.decode(row)
     h, w = image_hw(image)
-    boxes = np.asarray([(*view_box(seed, row, v, h, w, size), h, w) for v in range(num_views)], dtype=np.int32)
+    boxes = np.asarray([(*view_box(seed, row, v, h, w), h, w) for v in range(num_views)], dtype=np.int32)
     return torch.stack([crop_box(image, box, size) for box in boxes]), boxes
 
 
@@ -165,7 +152,6 @@ class PhotoSource:
         self.targets = torch.as_tensor(targets, dtype=torch.int64).contiguous()
         self.decoder = decoder
         self.origin = origin
-        self._digest: Optional[str] = None
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])
@@ -176,42 +162,25 @@ class PhotoSource:
     def decode(self, row: int):
         return decode_image(self.path(row), self.decoder)
 
+    @functools.cached_property
     def digest(self) -> str:
         """sha256 of the decoder and every file's relative path, size and label: a copy elsewhere keeps it."""
-        if self._digest is None:
-            h = hashlib.sha256(f"decoder={self.decoder}|n={len(self)}".encode())
-            h.update(np.ascontiguousarray(self.relpaths).tobytes())
-            h.update(np.ascontiguousarray(self.sizes).tobytes())
-            h.update(self.targets.numpy().tobytes())
-            self._digest = h.hexdigest()
-        return self._digest
+        h = hashlib.sha256(f"decoder={self.decoder}|n={len(self)}".encode())
+        h.update(np.ascontiguousarray(self.relpaths).tobytes())
+        h.update(np.ascontiguousarray(self.sizes).tobytes())
+        h.update(self.targets.numpy().tobytes())
+        return h.hexdigest()
 
 
-class PhotoSplit(Dataset):
-    """Rows of a PhotoSource as (image float32 (3, S, S) in [0, 1], target, row) items; SplitDataset's interface.
+class PhotoSplit(SplitBase):
+    """Rows of a PhotoSource, decoded per batch at full size and cropped (see the module docstring).
 
     augment: a random RandomResizedCrop + flip per item (seeded through the loader's generator); otherwise the
-    evaluation crop. views: FKD-style fixed views (see the module docstring), from stored boxes when given.
+    evaluation crop. views: FKD-style fixed views, from the boxes a cache stores when `stored` is given.
     """
 
     decodes_per_batch = True    # full-size photos are never device-resident (richkd.data.resident)
-
-    def __init__(self, source: PhotoSource, indices: torch.Tensor, image_size: int, augment: bool, split: str,
-                 views: Optional[ViewSpec] = None, stored: Optional[ViewBoxTable] = None) -> None:
-        self.source = source
-        self.indices = split_rows(indices, len(source))
-        self.image_size = int(image_size)
-        self.augment = bool(augment)
-        self.split = split
-        self.views = views
-        self.stored = stored
-
-    def __len__(self) -> int:
-        return int(self.indices.numel())
-
-    @property
-    def targets(self) -> torch.Tensor:
-        return self.source.targets.index_select(0, self.indices)
+    stored: Optional[ViewBoxTable] = None
 
     def boxes_for(self, rows: torch.Tensor, views: torch.Tensor, dims: list[tuple[int, int]]) -> np.ndarray:
         """int32 (B, 7) box records (BOX_FIELDS) of (row, view) pairs for images of the given (H, W)."""
@@ -225,21 +194,17 @@ class PhotoSplit(Dataset):
                         f"drawn for {rec[5]}x{rec[6]} px: the cache was built for other images. Delete that "
                         "folder and rebuild it with `richkd cache`")
             return records
-        spec = self.views
-        return np.asarray([(*view_box(spec.seed, int(r), int(v), h, w, self.image_size), h, w)
+        return np.asarray([(*view_box(self.views.seed, int(r), int(v), h, w), h, w)
                            for r, v, (h, w) in zip(rows.tolist(), views.tolist(), dims)], dtype=np.int32)
 
     def get_view_batch(self, positions: torch.Tensor, generator: Optional[torch.Generator] = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """Items at positions -> (images uint8 (B, 3, S, S), targets, rows, view ids or None). The loader's workers
-        send uint8 (a quarter of float32's bytes); Batch.to makes them float in [0, 1] on the device."""
+        """Images as uint8 (B, 3, S, S): the loader's workers send a quarter of float32's bytes."""
         positions = torch.as_tensor(positions, dtype=torch.int64)
         rows = self.indices.index_select(0, positions)
         images = [self.source.decode(int(r)) for r in rows]
-        size, views = self.image_size, None
-        if self.views is not None:
-            views = (torch.full_like(rows, self.views.fixed_view) if self.views.fixed_view is not None
-                     else torch.randint(0, self.views.num_views, rows.shape, generator=generator))
+        size, views = self.image_size, self.draw_views(rows, generator)
+        if views is not None:
             boxes = self.boxes_for(rows, views, [image_hw(im) for im in images])
             crops = [crop_box(im, box, size) for im, box in zip(images, boxes)]
         elif self.augment:
@@ -250,35 +215,8 @@ class PhotoSplit(Dataset):
         batch = torch.stack(crops) if crops else torch.empty(0, 3, size, size, dtype=torch.uint8)
         return batch, self.source.targets.index_select(0, rows), rows, views
 
-    def get_batch(self, positions: torch.Tensor, generator: Optional[torch.Generator] = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Items at positions -> (images float32 (B, 3, S, S) in [0, 1], targets, rows)."""
-        images, targets, rows, _ = self.get_view_batch(positions, generator)
-        return to_float_images(images, self.image_size), targets, rows
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        n, i = len(self), int(i)
-        if not -n <= i < n:
-            raise IndexError(f"index {i} out of range for a dataset of {n} items")
-        images, targets, rows = self.get_batch(torch.tensor([i % n]))
-        return images[0], int(targets[0]), int(rows[0])
-
-    def with_views(self, num_views: int, seed: int, fixed_view: Optional[int] = None) -> "PhotoSplit":
-        """The same rows shown as FKD-style views: one of num_views per sample, or always fixed_view."""
-        return PhotoSplit(self.source, self.indices, self.image_size, True, self.split,
-                          views=ViewSpec(num_views, seed, fixed_view), stored=self.stored)
-
     def with_view_boxes(self, table: ViewBoxTable) -> "PhotoSplit":
         """The same views, cropped with the boxes stored in a cache instead of recomputed ones."""
         if self.views is None:
             raise ValueError("with_view_boxes needs a dataset showing views (call with_views first)")
-        return PhotoSplit(self.source, self.indices, self.image_size, True, self.split, views=self.views,
-                          stored=table)
-
-    def without_augmentation(self) -> "PhotoSplit":
-        return PhotoSplit(self.source, self.indices, self.image_size, False, self.split)
-
-    def __repr__(self) -> str:
-        return (f"PhotoSplit(split={self.split!r}, n={len(self)}, size={self.image_size}, augment={self.augment}, "
-                f"views={self.views}, source={self.source.origin!r})")
-
+        return self._with(stored=table)

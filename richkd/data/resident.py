@@ -38,7 +38,7 @@ def pixel_bytes(dataset) -> int:
 
 def wants_resident(setting, dataset, device: torch.device) -> bool:
     """data.resident -> on or off for this dataset and device. auto: CUDA and the rows fit the budget."""
-    if getattr(dataset, "decodes_per_batch", False):   # full-size photos (richkd.data.photos): never resident
+    if dataset.decodes_per_batch:   # full-size photos (richkd.data.photos): never resident
         if setting is True:
             raise ValueError("data.resident: true needs a dataset of fixed-size rows; photo datasets such as imagenet "
                              "decode and crop each batch from the files: set data.resident: auto or false")

@@ -10,19 +10,23 @@ In-memory datasets are held as one uint8 tensor (N, C, h, w); ImageFolder images
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import logging
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 
 from richkd.config import DataConfig
 from richkd.data.classes import CIFAR10_CLASSES, CIFAR100_CLASSES, FASHION_MNIST_CLASSES
+from richkd.data.datasets import SplitBase, SplitDataset
+from richkd.data.decoded import cached_arrays
 from richkd.data.splits import stratified_take
 
 log = logging.getLogger(__name__)
@@ -66,7 +70,6 @@ class TensorSource:
         self.images = images.contiguous()
         self.targets = targets.to(torch.int64).contiguous()
         self.origin = origin
-        self._digest: Optional[str] = None
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])
@@ -75,15 +78,13 @@ class TensorSource:
         """uint8 (B, C, h, w) for the given rows."""
         return self.images.index_select(0, rows)
 
+    @functools.cached_property
     def digest(self) -> str:
-        """sha256 of pixels and labels (computed once; ~0.1 s per 50 MB)."""
-        if self._digest is None:
-            h = hashlib.sha256()
-            h.update(str(tuple(self.images.shape)).encode())
-            h.update(self.images.numpy().tobytes())
-            h.update(self.targets.numpy().tobytes())
-            self._digest = h.hexdigest()
-        return self._digest
+        """sha256 of pixels and labels (~0.1 s per 50 MB)."""
+        h = hashlib.sha256(str(tuple(self.images.shape)).encode())
+        h.update(self.images.numpy().tobytes())
+        h.update(self.targets.numpy().tobytes())
+        return h.hexdigest()
 
 
 class FileSource:
@@ -98,7 +99,6 @@ class FileSource:
         self.targets = torch.as_tensor(targets, dtype=torch.int64).contiguous()
         self.image_size = int(image_size)
         self.origin = origin
-        self._digest: Optional[str] = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -128,26 +128,26 @@ class FileSource:
         arr = np.array(im, dtype=np.uint8)        # (S, S, 3), a copy we own
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
+    @functools.cached_property
     def digest(self) -> str:
         """sha256 over (relative path, size, mtime, label) of every file: cheap, catches edits and moves."""
-        if self._digest is None:
-            h = hashlib.sha256(f"size={self.image_size}".encode())
-            base = os.path.commonpath(self.paths) if self.paths else ""
-            for p, t in zip(self.paths, self.targets.tolist()):
-                st = os.stat(p)
-                h.update(f"{os.path.relpath(p, base)}|{st.st_size}|{st.st_mtime_ns}|{t}\n".encode())
-            self._digest = h.hexdigest()
-        return self._digest
+        h = hashlib.sha256(f"size={self.image_size}".encode())
+        base = os.path.commonpath(self.paths) if self.paths else ""
+        for p, t in zip(self.paths, self.targets.tolist()):
+            st = os.stat(p)
+            h.update(f"{os.path.relpath(p, base)}|{st.st_size}|{st.st_mtime_ns}|{t}\n".encode())
+        return h.hexdigest()
 
 
+@dataclass
 class Splits:
-    """The loaded underlying splits of one dataset."""
-
-    def __init__(self, train, test, class_names: list[str], origin: str) -> None:
-        self.train = train
-        self.test = test
-        self.class_names = list(class_names)
-        self.origin = origin
+    """The loaded underlying splits of one dataset, and the SplitBase class that shows their rows."""
+    train: Any
+    test: Any
+    class_names: list[str]
+    origin: str
+    dataset_class: type[SplitBase] = SplitDataset
+    skipped: int = 0              # unreadable files left out (data.bad_images: skip)
 
 
 # ----- in-process memo: trials reusing a process (Ray reuse_actors) load a dataset once -------------
@@ -175,20 +175,9 @@ def _stat_signature(paths: Sequence[Path]) -> tuple:
     return tuple(sig)
 
 
-def load_splits(cfg: DataConfig) -> Splits:
-    """The full train and test splits of cfg.dataset (images at native size, except ImageFolder: S x S)."""
-    if cfg.dataset in ("cifar10", "cifar100"):
-        return _load_cifar(cfg)
-    if cfg.dataset == "fashion_mnist":
-        return _load_fashion_mnist(cfg)
-    if cfg.dataset == "imagefolder":
-        return _load_imagefolder(cfg)
-    raise DatasetNotFoundError(f"data.dataset: unknown dataset {cfg.dataset!r}")  # config validation prevents this
-
-
 # ----- CIFAR ----------------------------------------------------------------------------------------
 
-def _load_cifar(cfg: DataConfig) -> Splits:
+def load_cifar(cfg: DataConfig) -> Splits:
     from torchvision.datasets import CIFAR10, CIFAR100
 
     cls = CIFAR100 if cfg.dataset == "cifar100" else CIFAR10
@@ -282,17 +271,16 @@ def _fashion_candidates(cfg: DataConfig) -> list[Path]:
     return [root / "FashionMNIST" / "raw", root / "fashion-mnist", DEBIAN_FASHION_MNIST_DIR]
 
 
-def _load_fashion_mnist(cfg: DataConfig) -> Splits:
+def load_fashion_mnist(cfg: DataConfig) -> Splits:
     candidates = _fashion_candidates(cfg)
+    root = resolve_root(cfg)
+    if cfg.download and not any(_idx_files(folder) for folder in candidates):
+        _download_fashion_mnist(root)       # into root/FashionMNIST/raw, the first candidate
     for folder in candidates:
         files = _idx_files(folder)
         if files is not None:
             key = ("fashion_mnist", str(folder), _stat_signature(list(files.values())))
             return _memo(key, lambda: _read_fashion_idx(files, folder))
-    root = resolve_root(cfg)
-    if cfg.download:
-        key = ("fashion_mnist-torchvision", str(root))
-        return _memo(key, lambda: _download_fashion_mnist(root))
     searched = ", ".join(str(c) for c in candidates)
     raise DatasetNotFoundError(
         "fashion_mnist: the files train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
@@ -316,8 +304,6 @@ def _decode_fashion_idx(files: dict[str, Path], folder: Path) -> dict[str, np.nd
 
 
 def _read_fashion_idx(files: dict[str, Path], folder: Path) -> Splits:
-    from richkd.data.decoded import cached_arrays
-
     # fresh trial processes memory-map the decoded arrays instead of un-gzipping ~30 MB each (richkd.data.decoded)
     arrays = cached_arrays("fashion_mnist", [files[n] for n in sorted(files)],
                            lambda: _decode_fashion_idx(files, folder))
@@ -331,27 +317,23 @@ def _read_fashion_idx(files: dict[str, Path], folder: Path) -> Splits:
     return Splits(sources["train"], sources["test"], list(FASHION_MNIST_CLASSES), str(folder))
 
 
-def _download_fashion_mnist(root: Path) -> Splits:
+def _download_fashion_mnist(root: Path) -> None:
+    """torchvision's download of the four IDX files (kept unzipped in root/FashionMNIST/raw)."""
     from urllib.error import URLError
 
     from torchvision.datasets import FashionMNIST
 
     try:
-        train = FashionMNIST(str(root), train=True, download=True)
-        test = FashionMNIST(str(root), train=False, download=True)
+        FashionMNIST(str(root), train=True, download=True)
     except (URLError, OSError, RuntimeError) as exc:
         raise DatasetNotFoundError(
             f"fashion_mnist: downloading into {root} failed ({exc}). Offline, install Debian's package instead: "
             "`sudo apt-get install dataset-fashion-mnist` and keep data.root null.") from None
-    folder = Path(train.raw_folder)
-    return Splits(TensorSource(train.data.unsqueeze(1).contiguous(), train.targets, origin=f"{folder} (train)"),
-                  TensorSource(test.data.unsqueeze(1).contiguous(), test.targets, origin=f"{folder} (test)"),
-                  list(FashionMNIST.classes), str(folder))
 
 
 # ----- ImageFolder ----------------------------------------------------------------------------------
 
-def _load_imagefolder(cfg: DataConfig) -> Splits:
+def load_imagefolder(cfg: DataConfig) -> Splits:
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
     root = resolve_root(cfg)

@@ -12,12 +12,21 @@ def derive_seed(seed: int, tag: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def _by_class(targets: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(positions grouped by class in a seeded random order within each class, their class index, their rank
+    within the class, the class counts). Deterministic for a seed on every platform (torch CPU RNG)."""
+    _, inverse, counts = torch.unique(targets, return_inverse=True, return_counts=True)
+    perm = torch.randperm(int(targets.numel()), generator=torch.Generator().manual_seed(int(seed)))
+    grouped = perm[torch.sort(inverse[perm], stable=True).indices]
+    cls = inverse[grouped]
+    return grouped, cls, torch.arange(grouped.numel()) - (torch.cumsum(counts, 0) - counts)[cls], counts
+
+
 def stratified_take(targets: torch.Tensor, n_take: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick n_take of len(targets) positions, the same share from every class; return (taken, rest), sorted.
 
-    Class quotas are n_take * n_c / N rounded by largest remainder (ties: lower class id first), so the
-    totals are exact and class proportions survive even in tiny subsets. Within a class the choice is a
-    seeded random permutation. targets: (N,) int64. Deterministic for a seed on every platform (torch CPU RNG).
+    Class quotas are n_take * n_c / N rounded by largest remainder (ties: lower class id first), so the totals
+    are exact and class proportions survive even in tiny subsets; within a class the choice is seeded random.
     """
     targets = torch.as_tensor(targets, dtype=torch.int64)
     n = int(targets.numel())
@@ -27,25 +36,14 @@ def stratified_take(targets: torch.Tensor, n_take: int, seed: int) -> tuple[torc
         return torch.empty(0, dtype=torch.int64), torch.arange(n)
     if n_take == n:
         return torch.arange(n), torch.empty(0, dtype=torch.int64)
-    classes, inverse, counts = torch.unique(targets, return_inverse=True, return_counts=True)
+    grouped, cls, rank, counts = _by_class(targets, seed)
     quota = counts.double() * (n_take / n)
     k = quota.floor().long()
     short = n_take - int(k.sum())
-    if short > 0:
-        frac = quota - k.double()
-        # stable sort on -frac keeps lower class ids first among equal remainders
-        order = torch.sort(-frac, stable=True).indices
-        k[order[:short]] += 1
-    gen = torch.Generator().manual_seed(int(seed))
-    perm = torch.randperm(n, generator=gen)
-    grouped = perm[torch.sort(inverse[perm], stable=True).indices]       # by class, random within class
-    starts = torch.cumsum(counts, 0) - counts
-    cls_of = inverse[grouped]
-    rank = torch.arange(n) - starts[cls_of]
-    take_mask = rank < k[cls_of]
-    taken = torch.sort(grouped[take_mask]).values
-    rest = torch.sort(grouped[~take_mask]).values
-    return taken, rest
+    if short > 0:   # a stable sort on -remainder keeps lower class ids first among equal remainders
+        k[torch.sort(-(quota - k.double()), stable=True).indices[:short]] += 1
+    take = rank < k[cls]
+    return torch.sort(grouped[take]).values, torch.sort(grouped[~take]).values
 
 
 def cap_rows(rows: torch.Tensor, targets: torch.Tensor, cap: int | None, seed: int) -> torch.Tensor:
@@ -64,12 +62,5 @@ def cap_per_class(rows: torch.Tensor, targets: torch.Tensor, cap: int | None, se
     """
     if cap is None:
         return rows
-    targets = torch.as_tensor(targets, dtype=torch.int64)
-    gen = torch.Generator().manual_seed(int(seed))
-    perm = torch.randperm(int(targets.numel()), generator=gen)
-    grouped = perm[torch.sort(targets[perm], stable=True).indices]      # by class, random within class
-    classes, counts = torch.unique(targets, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    cls_pos = torch.searchsorted(classes, targets[grouped])
-    keep = (torch.arange(grouped.numel()) - starts[cls_pos]) < cap
-    return rows[torch.sort(grouped[keep]).values]
+    grouped, _, rank, _ = _by_class(torch.as_tensor(targets, dtype=torch.int64), seed)
+    return rows[torch.sort(grouped[rank < cap]).values]

@@ -45,23 +45,13 @@ def to_float_images(images: torch.Tensor, size: int) -> torch.Tensor:
     return x.contiguous()
 
 
-def random_crop_flip(images: torch.Tensor, generator: Optional[torch.Generator] = None,
-                     padding: int = CROP_PADDING) -> torch.Tensor:
-    """RandomCrop(S, padding, zero fill) + RandomHorizontalFlip(0.5) on a (B, C, S, S) batch, per sample.
-
-    Same distribution as torchvision's transforms applied image by image: each sample draws its own offset
-    in [0, 2*padding] for rows and columns and its own flip coin. generator=None uses torch's global RNG.
-    """
-    offsets, flip = draw_crop_flip(images.shape[0], generator, padding)
-    return crop_flip(images, offsets, flip, padding)
-
-
 def draw_crop_flip(batch_size: int, generator: Optional[torch.Generator] = None,
                    padding: int = CROP_PADDING) -> tuple[torch.Tensor, torch.Tensor]:
-    """The random part of random_crop_flip: offsets int64 (B, 2) in [0, 2*padding] and flips bool (B,), on the CPU.
+    """RandomCrop(S, padding, zero fill) + RandomHorizontalFlip(0.5), drawn per sample as torchvision would:
+    offsets int64 (B, 2) in [0, 2*padding] and flips bool (B,), on the CPU (generator None: torch's global RNG).
 
-    Kept apart from the pixel work so a device-resident dataset draws the very same parameters from the same
-    generator (a few hundred bytes) and crops on the device: it shows exactly the same crops and flips.
+    Kept apart from the pixel work (crop_flip) so a device-resident dataset draws the very same parameters from
+    the same generator (a few hundred bytes) and crops on the device: it shows exactly the same crops and flips.
     """
     offsets = torch.randint(0, 2 * padding + 1, (batch_size, 2), generator=generator)
     flip = torch.rand(batch_size, generator=generator) < 0.5

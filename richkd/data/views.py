@@ -13,10 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from richkd.data.transforms import CROP_PADDING, crop_flip
-
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
+from richkd.data.transforms import CROP_PADDING
 
 @dataclass(frozen=True)
 class ViewSpec:
@@ -29,21 +26,23 @@ class ViewSpec:
         return f"views{self.num_views}-seed{self.seed}-pad{CROP_PADDING}"
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
+def view_hash(seed: int, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
+    """uint64 (B,) splitmix64 hash of each (seed, row, view): what fixes a view's crop, here and in
+    richkd.data.photos (uint64 arithmetic wraps)."""
     with np.errstate(over="ignore"):
-        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
-        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
-        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+        x = (np.uint64(seed) * np.uint64(0x100000001B3)) ^ (np.asarray(rows).astype(np.uint64) << np.uint64(20)) \
+            ^ np.asarray(views).astype(np.uint64)
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return x ^ (x >> np.uint64(31))
 
 
 def view_params(rows: torch.Tensor, views: torch.Tensor, seed: int,
                 padding: int = CROP_PADDING) -> tuple[torch.Tensor, torch.Tensor]:
     """Crop offsets int64 (B, 2) in [0, 2*padding] and flips bool (B,) of each (row, view); view 0 is clean."""
-    r = rows.cpu().numpy().astype(np.uint64)
-    v = views.cpu().numpy().astype(np.uint64)
-    with np.errstate(over="ignore"):
-        h = _splitmix64((np.uint64(seed) * np.uint64(0x100000001B3)) ^ (r << np.uint64(20)) ^ v)
+    v = views.cpu().numpy()
+    h = view_hash(seed, rows.cpu().numpy(), v)
     span = np.uint64(2 * padding + 1)
     dy = (h % span).astype(np.int64)
     dx = ((h >> np.uint64(16)) % span).astype(np.int64)
@@ -51,8 +50,3 @@ def view_params(rows: torch.Tensor, views: torch.Tensor, seed: int,
     clean = v == 0
     dy[clean], dx[clean], flip[clean] = padding, padding, False
     return torch.from_numpy(np.stack([dy, dx], axis=1)), torch.from_numpy(flip)
-
-
-def apply_views(images: torch.Tensor, rows: torch.Tensor, views: torch.Tensor, seed: int) -> torch.Tensor:
-    offsets, flip = view_params(rows, views, seed)
-    return crop_flip(images, offsets, flip)

@@ -1,7 +1,6 @@
-"""Contrastive representation distillation (CRD) between the student and the fused teacher.
-
-See docs/method.md#feature-fusion-and-crd.
-"""
+"""Contrastive representation distillation (CRD) between the student and the fused teacher: projection heads,
+memory banks with class-aware negatives, the NCE loss. docs/method.md#feature-fusion-and-crd explains each part
+and where it differs from the official code."""
 from __future__ import annotations
 
 import math
@@ -52,10 +51,7 @@ class _GatheredDots(torch.autograd.Function):
 
 
 class EmbedHead(nn.Module):
-    """Linear projection to the CRD space followed by L2 normalisation: (B, d_in) -> (B, d_out) unit rows.
-
-    Same as mdistiller's ``Embed`` (Linear + ``Normalize(2)``); inputs with more than two dims are flattened.
-    """
+    """mdistiller's ``Embed``: Linear to the CRD space, then L2 normalisation; (B, ...) -> (B, d_out) unit rows."""
 
     def __init__(self, d_in: int, d_out: int) -> None:
         super().__init__()
@@ -66,20 +62,10 @@ class EmbedHead(nn.Module):
 
 
 def nce_loss(log_p: torch.Tensor, num_data: int) -> torch.Tensor:
-    """CRD's NCE loss (mdistiller ``ContrastLoss``) from log scores, a scalar.
-
-    Args:
-        log_p: (B, K+1) ``log P`` with ``P = exp(v . m / tau) / Z``; column 0 is the positive pair and
-            columns 1..K are the K negatives.
-        num_data: N, size of the memory bank; the noise distribution is uniform, ``Pn = 1/N``.
-
-    Value: ``-[sum_i log(P_pos/(P_pos + K Pn)) + sum_i sum_neg log(K Pn/(P_neg + K Pn))] / B``.
-    Written with softplus in log space (``log(P/(P+c)) = -softplus(log c - log P)``), which cannot overflow
-    for a small NCE temperature. The official code adds ``eps = 1e-7`` to each denominator ``P + K/N``. Both
-    terms of that sum scale as 1/N (``P = exp(score)/Z`` with ``Z = mean(exp) * N``, and ``K Pn = K/N``), so
-    the constant eps is an offset of relative size about ``eps * N / (K + N P)``: it grows with the number of
-    rows N, not with K (about 3e-7 for CIFAR-100 and 1e-5 for ImageNet at K = 16384). It is left out here.
-    """
+    """CRD's NCE loss (mdistiller ``ContrastLoss``), a scalar, from ``log_p`` (B, K+1): ``log P`` of the positive
+    (column 0) and the K negatives, against the uniform noise ``Pn = 1/N`` of an N-row bank (``num_data``).
+    In log space with softplus (``log(P/(P+c)) = -softplus(log c - log P)``), which cannot overflow, and without
+    the official eps (docs/method.md#feature-fusion-and-crd says why)."""
     batch, cols = log_p.shape
     k = cols - 1
     log_c = math.log(k / float(num_data))           # log(K * Pn)
@@ -116,25 +102,17 @@ def check_negatives(train_targets: torch.Tensor, nce_k: int) -> None:
 
 
 class ContrastMemory(nn.Module):
-    """Memory banks of student and fused-teacher embeddings with class-aware negative sampling.
+    """Memory banks of student and fused-teacher embeddings with class-aware negative sampling
+    (docs/method.md#feature-fusion-and-crd).
 
-    Buffers (persistent, they belong in checkpoints): ``memory_student`` and ``memory_teacher`` (N, feat_dim),
-    initialised uniformly in ``±1/sqrt(feat_dim/3)`` (rows have unit norm in expectation, as in CRD);
-    ``log_z_student`` and ``log_z_teacher``: log of the normalisation constants Z, NaN until the first
-    batch fixes them to ``log(mean(exp(scores)) * N)`` (CRD stores Z itself; its log cannot overflow).
+    Persistent buffers (in checkpoints): ``memory_student`` and ``memory_teacher`` (N, feat_dim), initialised
+    uniformly in ``±1/sqrt(feat_dim/3)`` as in CRD; ``log_z_student`` and ``log_z_teacher``, log Z, NaN until
+    the first batch fixes them. Rebuilt from ``train_targets``, never saved: ``class_of`` (N,), ``class_order``
+    (dataset rows sorted by class), ``class_start`` and ``class_count`` (C,).
 
-    Non-persistent buffers (rebuilt from ``train_targets``, never saved): ``class_of`` (N,),
-    ``class_order`` (N, dataset rows sorted by class), ``class_start`` and ``class_count`` (C,).
-
-    Negatives reproduce CRD's ``"exact"`` mode (K negatives from OTHER classes,
-    docs/method.md#feature-fusion-and-crd), sampled here on the memory's device instead of by the dataset.
-    ``sampling="other_class"`` (default) draws K distinct other-class rows per sample, i.e. without replacement,
-    as the official CRD dataset does (by ranking random keys, or, when the other-class rows outnumber K 32 times
-    or more as on full ImageNet, by rejection sampling: the same distribution, far fewer random numbers);
-    ``"uniform"`` draws them i.i.d. WITH replacement over the other-class rows
-    (the noise distribution the NCE loss assumes, like mdistiller's ``AliasMethod`` draw restricted to other
-    classes), which is cheaper. The draw uses the global RNG of the buffers' device, so runs are reproducible
-    under ``torch.manual_seed``.
+    Negatives come from OTHER classes (CRD's "exact" mode), drawn on the buffers' device with its global RNG
+    (reproducible under ``torch.manual_seed``): ``sampling="other_class"`` draws K distinct rows per sample, as
+    the official dataset does; ``"uniform"`` draws them i.i.d. with replacement, the noise the NCE assumes.
     """
 
     def __init__(self, feat_dim: int, train_targets: torch.Tensor, nce_k: int,
@@ -187,11 +165,6 @@ class ContrastMemory(nn.Module):
         self.register_buffer("class_start", torch.cumsum(counts, 0) - counts, persistent=False)
         self.register_buffer("class_count", counts, persistent=False)
 
-    def extra_repr(self) -> str:
-        return (f"num_data={self.num_data}, feat_dim={self.feat_dim}, nce_k={self.nce_k}, "
-                f"temperature={self.temperature}, momentum={self.momentum}, score_mode={self.score_mode}, "
-                f"sampling={self.sampling}")
-
     @property
     def _dense(self) -> bool:
         if self.score_mode == "auto":
@@ -201,65 +174,45 @@ class ContrastMemory(nn.Module):
     def sample(self, index: torch.Tensor) -> torch.Tensor:
         """Contrast indices (B, K+1): column 0 is ``index`` (the positive), then K rows of other classes."""
         index = index.to(self.class_of.device).long()
-        if self.sampling == "uniform":
-            negatives = self._sample_iid(index)
-        elif self._rejection:
-            negatives = self._sample_rejection(index)
-        else:
-            negatives = self._sample_distinct(index)
-        return torch.cat([index.unsqueeze(1), negatives], dim=1)
-
-    def _sample_distinct(self, index: torch.Tensor) -> torch.Tensor:
-        """(B, K) distinct other-class rows per sample: the K smallest of uniform keys over the other classes.
-
-        Ranking i.i.d. uniform keys gives a uniformly random K-subset (the first K of a random permutation).
-        Sample b with class c ranks keys for the M_c = N - count_c other-class positions of the class-sorted
-        rows, mapped as in `_sample_iid` (a key column r >= start_c skips class c's block); columns past M_c
-        (classes larger than the smallest) get key 2, above every draw. K < M_c is checked at construction.
-        Keys are drawn for a chunk of the batch at a time, at most 2^24 of them (64 MB).
-        """
         y = self.class_of[index]
-        count = self.class_count[y].unsqueeze(1)
-        start = self.class_start[y].unsqueeze(1)
+        start, count = self.class_start[y].unsqueeze(1), self.class_count[y].unsqueeze(1)
+        if self.sampling == "uniform":      # i.i.d. with replacement
+            r = self._draw(self.num_data - count, index.numel())
+        elif self._rejection:
+            r = self._sample_rejection(count, index.numel())
+        else:
+            r = self._sample_distinct(count, index.numel())
+        return torch.cat([index.unsqueeze(1), self._rows_of(r, start, count)], dim=1)
+
+    def _sample_distinct(self, count: torch.Tensor, batch: int) -> torch.Tensor:
+        """(B, K) distinct positions r < M_b = N - count_b per sample: the K smallest of uniform keys (a uniformly
+        random K-subset). Columns past M_b (classes larger than the smallest) get key 2, above every draw; keys
+        are drawn for a chunk of the batch at a time, at most 2^24 of them (64 MB)."""
         width = self._width
-        columns = torch.arange(width, device=index.device)
+        columns = torch.arange(width, device=count.device)
         chunk = max(1, _KEYS_PER_CHUNK // width)
         parts = []
-        for lo in range(0, index.numel(), chunk):
-            hi = min(lo + chunk, index.numel())
-            keys = torch.rand(hi - lo, width, device=index.device)
+        for lo in range(0, batch, chunk):
+            hi = min(lo + chunk, batch)
+            keys = torch.rand(hi - lo, width, device=count.device)
             if self._uneven:
                 keys.masked_fill_(columns >= (self.num_data - count[lo:hi]), 2.0)
             parts.append(torch.topk(keys, self.nce_k, dim=1, largest=False, sorted=False).indices)
-        return self._rows_of(torch.cat(parts), start, count)
+        return torch.cat(parts)
 
-    def _sample_rejection(self, index: torch.Tensor) -> torch.Tensor:
-        """(B, K) distinct other-class rows per sample by rejection, for N >> K (e.g. full ImageNet).
-
-        K i.i.d. draws as `_sample_iid`, then every repeat within a sample is drawn again until none is left.
-        The procedure treats all rows alike, so the final K-subset is uniformly distributed, as in
-        `_sample_distinct`, at O(B K log K) per round instead of ranking B x N keys. A round leaves about
-        K^2 / 2M repeats per sample (M other-class rows), so with M >= 32 K a handful of rounds finish; each asks
-        the device whether repeats are left (one host sync per round).
-        """
-        y = self.class_of[index]
-        start = self.class_start[y].unsqueeze(1)
-        count = self.class_count[y].unsqueeze(1)
-        r = self._draw(self.num_data - count, index.numel())
+    def _sample_rejection(self, count: torch.Tensor, batch: int) -> torch.Tensor:
+        """(B, K) distinct positions per sample by rejection, for N >> K (e.g. full ImageNet): K i.i.d. draws, then
+        every repeat within a sample is drawn again until none is left; all rows are treated alike, so the
+        K-subset is as uniform as `_sample_distinct`'s. A round leaves about K^2 / 2M repeats (M other-class
+        rows), so with M >= 32 K a handful of rounds finish, one host sync each."""
+        r = self._draw(self.num_data - count, batch)
         while True:
             r = r.sort(dim=1).values
             repeat = torch.zeros_like(r, dtype=torch.bool)
             repeat[:, 1:] = r[:, 1:] == r[:, :-1]
             if not bool(repeat.any()):
-                return self._rows_of(r, start, count)
-            r = torch.where(repeat, self._draw(self.num_data - count, index.numel()), r)
-
-    def _sample_iid(self, index: torch.Tensor) -> torch.Tensor:
-        """(B, K) other-class rows drawn uniformly with replacement."""
-        y = self.class_of[index]
-        start = self.class_start[y].unsqueeze(1)
-        count = self.class_count[y].unsqueeze(1)
-        return self._rows_of(self._draw(self.num_data - count, index.numel()), start, count)
+                return r
+            r = torch.where(repeat, self._draw(self.num_data - count, batch), r)
 
     def _draw(self, others: torch.Tensor, batch: int) -> torch.Tensor:
         """(B, K) uniform positions r in [0, others_b) by multiply-shift: r = (u * others) >> bits with u uniform
@@ -275,14 +228,13 @@ class ContrastMemory(nn.Module):
 
     def _logits(self, memory: torch.Tensor, v: torch.Tensor, contrast_index: torch.Tensor) -> torch.Tensor:
         """(B, K+1) ``memory[contrast_index[b, j]] . v[b] / tau``; gradients reach v, never the memory."""
+        if torch.is_grad_enabled() and v.requires_grad:
+            # backward reads the bank (the matmul saves it; the gather path gathers again), and forward() then
+            # updates it in place: score against a snapshot
+            memory = memory.clone()
         if self._dense:
-            if torch.is_grad_enabled() and v.requires_grad:
-                # The matmul saves the bank for backward; snapshot it because forward() updates it in place.
-                memory = memory.clone()
             dots = (v @ memory.t()).gather(1, contrast_index)
         else:
-            if torch.is_grad_enabled() and v.requires_grad:
-                memory = memory.clone()   # backward gathers from the bank again; forward() updates it in place
             dots = _GatheredDots.apply(memory, v, contrast_index)
         return dots / self.temperature
 
@@ -296,20 +248,10 @@ class ContrastMemory(nn.Module):
 
     def forward(self, v_student: torch.Tensor, v_teacher: torch.Tensor, index: torch.Tensor,
                 contrast_index: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log scores ``(log P_student, log P_teacher)``, each (B, K+1), then update both banks at ``index``.
-
-        Args:
-            v_student: (B, d) unit student embeddings.
-            v_teacher: (B, d) unit (fused-)teacher embeddings.
-            index: (B,) dataset rows of the batch (positives).
-            contrast_index: optional (B, K+1) precomputed indices (column 0 = index); sampled when None.
-
-        Pairing as in mdistiller ``ContrastMemory`` (v1 = student, v2 = teacher): ``out_v1`` scores the
-        STUDENT embedding against the TEACHER memory and ``out_v2`` scores the TEACHER embedding against the
-        STUDENT memory, i.e. each side is contrasted with the other modality's bank. So the student head gets
-        gradients from ``log P_student`` and the teacher/CLIP heads from ``log P_teacher``; the banks are
-        constants. Scores are computed before the momentum update ``m <- normalize(mom*m + (1-mom)*v)``.
-        """
+        """Log scores ``(log P_student, log P_teacher)``, each (B, K+1), of the unit embeddings (B, d) of the batch's
+        rows ``index``, then the momentum update of both banks at ``index``. As in mdistiller's ContrastMemory,
+        each side is scored against the other side's bank (the student against the teacher bank: CRD's out_v1).
+        ``contrast_index`` (B, K+1), column 0 = index, is sampled when None."""
         index = index.long()
         if contrast_index is None:
             contrast_index = self.sample(index)
@@ -332,14 +274,9 @@ class ContrastMemory(nn.Module):
 
 
 class FusedCRD(nn.Module):
-    """RichKD feature term: CRD between the student and ``normalize(lam*e_T + (1-lam)*e_C)``.
-
-    See docs/method.md#feature-fusion-and-crd.
-
-    Heads (all trainable, all belong in the optimiser as in the official ``get_learnable_parameters``):
-    ``embed_student`` (student_dim -> feat_dim), ``embed_teacher`` (teacher_dim -> feat_dim) and
-    ``embed_clip`` (clip_dim -> feat_dim, only when ``clip_dim`` is given). ``contrast`` holds the banks.
-    """
+    """RichKD feature term: CRD between the student and ``normalize(lam*e_T + (1-lam)*e_C)``
+    (docs/method.md#feature-fusion-and-crd). The heads ``embed_student``, ``embed_teacher`` and ``embed_clip``
+    (only with ``clip_dim``) are trainable and belong in the optimiser; ``contrast`` holds the banks."""
 
     def __init__(self, student_dim: int, teacher_dim: int, clip_dim: Optional[int], feat_dim: int,
                  train_targets: torch.Tensor, nce_k: int, nce_temperature: float = 0.07,
@@ -351,23 +288,11 @@ class FusedCRD(nn.Module):
         self.contrast = ContrastMemory(feat_dim, train_targets, nce_k, nce_temperature, nce_momentum,
                                        sampling=nce_sampling)
 
-    @property
-    def num_data(self) -> int:
-        return self.contrast.num_data
-
     def forward(self, h_s: torch.Tensor, h_t: torch.Tensor, e_clip: Optional[torch.Tensor], lam: float,
                 index: torch.Tensor) -> torch.Tensor:
-        """CRD loss scalar = NCE(student side) + NCE(fused-teacher side), unweighted.
-
-        Args:
-            h_s: (B, student_dim) pooled student feature (gradients flow into the student).
-            h_t: (B, teacher_dim) pooled feature of the frozen teacher (detached here).
-            e_clip: (B, clip_dim) CLIP image embedding (detached here), or None when ``lam == 1``.
-            lam: fusion weight of the teacher; ``lam == 1`` uses the teacher embedding alone.
-            index: (B,) training-set rows of the batch.
-
-        Runs in float32 with autocast off: ``exp(score/0.07)`` reaches 1.6e6, beyond fp16's range.
-        """
+        """NCE(student side) + NCE(fused-teacher side), unweighted, from the pooled student feature ``h_s``, the
+        frozen teacher's ``h_t`` and CLIP's ``e_clip`` (both detached here; None when ``lam == 1``) of the batch's
+        training rows ``index``. In float32 with autocast off: ``exp(score/0.07)`` reaches 1.6e6, beyond fp16."""
         with torch.autocast(device_type=h_s.device.type, enabled=False):
             v_s = self.embed_student(h_s.float())
             v_t = self.embed_teacher(h_t.detach().float())
@@ -379,4 +304,4 @@ class FusedCRD(nn.Module):
                     raise ValueError(f"FusedCRD: lam={lam} < 1 needs the CLIP image embeddings e_clip, got None")
                 v_t = fuse_features(v_t, self.embed_clip(e_clip.detach().float()), lam)
             log_p_s, log_p_t = self.contrast(v_s, v_t, index)
-            return nce_loss(log_p_s, self.num_data) + nce_loss(log_p_t, self.num_data)
+            return nce_loss(log_p_s, self.contrast.num_data) + nce_loss(log_p_t, self.contrast.num_data)

@@ -31,18 +31,10 @@ def _binary_log_probs(z: torch.Tensor, gt: torch.Tensor, target: torch.Tensor) -
 
 def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, alpha: float,
              beta: float, temperature: float, logit_stand: bool = False) -> torch.Tensor:
-    """``T^2 * mean_i [alpha * KL(b_T || b_S) + beta * KL(p~_T || p~_S)]``, a float32 scalar.
-
-    b = [p_target, 1 - p_target] of softmax(z / T); p~ = softmax over the non-target classes of z / T.
-
-    Args:
-        student_logits: (B, C) student logits (gradients flow through them).
-        teacher_logits: (B, C) (fused) teacher logits, a constant target (not detached here).
-        target: (B,) ground-truth class ids, which decide the split into target and non-target classes.
-        alpha, beta: weights of TCKD and NCKD (mdistiller: 1 and 8 for most CIFAR-100 pairs).
-        temperature: T, on both sides.
-        logit_stand: z-score both sides first, as the official code's ``EXPERIMENT.LOGIT_STAND``.
-    """
+    """``T^2 * mean_i [alpha * KL(b_T || b_S) + beta * KL(p~_T || p~_S)]``, a float32 scalar: b = [p_target,
+    1 - p_target] of softmax(z / T), p~ = the softmax over the non-target classes; the ground-truth ``target``
+    (B,) decides the split. Teacher logits are a constant target (not detached here); ``logit_stand`` z-scores
+    both sides first."""
     if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
         raise ValueError(f"dkd_loss: student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} must have the same (batch, num_classes) shape")

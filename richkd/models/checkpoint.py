@@ -9,9 +9,10 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from richkd.io import atomic_torch_save, sha256_file
-from richkd.models.registry import pretrained_source
+from richkd.io import atomic_torch_save, load_problem, quiet_torch_load, sha256_file
+from richkd.models.base import create_model, pretrained_source
 
 logger = logging.getLogger(__name__)
 
@@ -36,18 +37,10 @@ def _is_state_dict(obj: Any) -> bool:
 
 
 def extract_state_dict(obj: Any, path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Find the weights in a loaded file: `{"model": sd}` (mdistiller/RepDistiller), `{"state_dict": sd}`, or sd.
-
-    A uniform `module.` prefix (a model saved from inside nn.DataParallel) is stripped.
-    """
-    sd: Any = None
-    if isinstance(obj, Mapping):
-        for key in ("model", "state_dict"):
-            if key in obj and _is_state_dict(obj[key]):
-                sd = obj[key]
-                break
-        if sd is None and _is_state_dict(obj):
-            sd = obj
+    """Find the weights in a loaded file: `{"model": sd}` (mdistiller/RepDistiller), `{"state_dict": sd}`, or sd,
+    without the `module.` prefix of a model saved from inside nn.DataParallel."""
+    candidates = [obj.get("model"), obj.get("state_dict"), obj] if isinstance(obj, Mapping) else []
+    sd = next((c for c in candidates if _is_state_dict(c)), None)
     if sd is None:
         top = sorted(map(str, obj.keys()))[:_MAX_LISTED] if isinstance(obj, Mapping) else type(obj).__name__
         raise CheckpointError(
@@ -56,9 +49,7 @@ def extract_state_dict(obj: Any, path: str | os.PathLike) -> dict[str, torch.Ten
             f"{{'state_dict': ...}}, or a bare state_dict."
         )
     sd = dict(sd)
-    if all(k.startswith("module.") for k in sd):
-        logger.info("stripping the DataParallel 'module.' prefix from %s", path)
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+    consume_prefix_in_state_dict_if_present(sd, "module.")
     return sd
 
 
@@ -74,26 +65,15 @@ def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], name: str, n
     for key in expected:
         if key.endswith("num_batches_tracked") and key not in sd:
             sd[key] = torch.zeros((), dtype=torch.long)
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    misshaped = [
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in sd and tuple(sd[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or misshaped:
-        parts = [f"checkpoint {path} does not fit model {name!r} with num_classes={num_classes}:"]
-        if missing:
-            parts.append(f"  missing keys ({len(missing)}): {_listing(missing)}")
-        if unexpected:
-            parts.append(f"  unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
-        if misshaped:
-            parts.append(f"  mis-shaped keys ({len(misshaped)}): {_listing(misshaped)}")
-        parts.append(
-            "  Hint: the architecture name or num_classes is probably wrong for this file "
-            "(e.g. a resnet32x4 checkpoint needs name 'resnet32x4' and num_classes=100 for CIFAR-100)."
-        )
-        raise CheckpointError("\n".join(parts))
+    problems = {"missing": [k for k in expected if k not in sd], "unexpected": [k for k in sd if k not in expected],
+                "mis-shaped": [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+                               for k, v in expected.items() if k in sd and sd[k].shape != v.shape]}
+    lines = [f"  {what} keys ({len(keys)}): {_listing(keys)}" for what, keys in problems.items() if keys]
+    if lines:
+        raise CheckpointError("\n".join([
+            f"checkpoint {path} does not fit model {name!r} with num_classes={num_classes}:", *lines,
+            "  Hint: the architecture name or num_classes is probably wrong for this file (e.g. a resnet32x4 "
+            "checkpoint needs name 'resnet32x4' and num_classes=100 for CIFAR-100)."]))
     return sd
 
 
@@ -104,8 +84,6 @@ def load_teacher(name: str, path: str | os.PathLike, num_classes: int,
     Why strict: a silently half-loaded teacher trains a student towards noise. The sha256 is logged and
     returned so caches and run records can name the exact teacher.
     """
-    from richkd.models import create_model
-
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(
@@ -113,8 +91,6 @@ def load_teacher(name: str, path: str | os.PathLike, num_classes: int,
             "config"
         )
     model = create_model(name, num_classes)
-    from richkd.io import load_problem, quiet_torch_load
-
     try:
         with quiet_torch_load():
             obj = torch.load(p, map_location=map_location, weights_only=True)

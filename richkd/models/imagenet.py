@@ -16,9 +16,9 @@ import functools
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from richkd.models.base import ModelOutput
-from richkd.models.registry import FAMILIES, MODELS
+from richkd.models.base import FAMILIES, MODELS, ModelOutput
 
 IMAGENET_INPUT_SIZE = 224
 
@@ -27,7 +27,6 @@ IMAGENET_INPUT_SIZE = 224
 def torchvision_classes() -> dict[str, type]:
     """The torchvision-based classes, defined on first use: importing torchvision's model package costs ~1.4 s,
     which CIFAR-only trial processes should not pay when they import the zoo."""
-    import torch.nn.functional as F
     from torchvision.models.mobilenetv2 import MobileNetV2 as TVMobileNetV2
     from torchvision.models.resnet import BasicBlock, Bottleneck
     from torchvision.models.resnet import ResNet as TVResNet
@@ -101,7 +100,6 @@ class MobileNetV1(nn.Module):
 
 
 def _register(name: str, factory) -> None:
-    factory.__name__ = name
     MODELS.register(name)(factory)
     FAMILIES[name] = ("imagenet", IMAGENET_INPUT_SIZE)
 

@@ -1,14 +1,13 @@
 """MobileNetV2 for CIFAR, the half-width `mobile_half` (T=6, width 0.5) of RepDistiller/mdistiller, as "MobileNetV2"."""
 from __future__ import annotations
 
-import math
+import functools
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from richkd.models.base import ModelOutput
-from richkd.models.registry import MODELS
+from richkd.models.base import MODELS, ModelOutput, init_weights
 
 
 def _conv_bn_relu(inp: int, oup: int, kernel: int, stride: int) -> nn.Sequential:
@@ -78,17 +77,7 @@ class MobileNetV2(nn.Module):
         self.feat_dim = int(1280 * width_mult) if width_mult > 1.0 else 1280
         self.conv2 = _conv_bn_relu(in_ch, self.feat_dim, 1, 1)
         self.classifier = nn.Sequential(nn.Linear(self.feat_dim, num_classes))
-
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear_std=0.01)
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         out = self.conv1(x)
@@ -99,7 +88,4 @@ class MobileNetV2(nn.Module):
         return ModelOutput(self.classifier(feat), feat)
 
 
-@MODELS.register("MobileNetV2")
-def mobile_half(num_classes: int) -> MobileNetV2:
-    """mdistiller "MobileNetV2" = `mobile_half`: expand ratio 6, width 0.5, feat_dim 1280."""
-    return MobileNetV2(6, 0.5, num_classes)
+MODELS.register("MobileNetV2")(functools.partial(MobileNetV2, 6, 0.5))   # mdistiller's `mobile_half`

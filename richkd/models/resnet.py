@@ -1,12 +1,13 @@
 """CIFAR ResNets (resnet8 ... resnet110, resnet8x4, resnet32x4) with mdistiller/RepDistiller parameter names."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from richkd.models.base import ModelOutput
-from richkd.models.registry import MODELS
+from richkd.models.base import MODELS, ModelOutput, init_weights
 
 
 def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -57,13 +58,7 @@ class CifarResNet(nn.Module):
         self.layer3 = self._make_layer(num_filters[3], n, stride=2)
         self.feat_dim = num_filters[3] * BasicBlock.expansion
         self.fc = nn.Linear(self.feat_dim, num_classes)
-
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         downsample = None
@@ -89,16 +84,7 @@ _THIN = (16, 16, 32, 64)
 _WIDE = (32, 64, 128, 256)  # the "x4" variants
 
 
-def _register(name: str, depth: int, filters: tuple[int, int, int, int]) -> None:
-    def factory(num_classes: int) -> CifarResNet:
-        return CifarResNet(depth, filters, num_classes)
-
-    factory.__name__ = name
-    factory.__doc__ = f"CIFAR {name}: depth {depth}, stage widths {filters[1:]}, feat_dim {filters[3]}."
-    MODELS.register(name)(factory)
-
-
 for _depth in (8, 14, 20, 32, 44, 56, 110):
-    _register(f"resnet{_depth}", _depth, _THIN)
-_register("resnet8x4", 8, _WIDE)
-_register("resnet32x4", 32, _WIDE)
+    MODELS.register(f"resnet{_depth}")(functools.partial(CifarResNet, _depth, _THIN))
+MODELS.register("resnet8x4")(functools.partial(CifarResNet, 8, _WIDE))
+MODELS.register("resnet32x4")(functools.partial(CifarResNet, 32, _WIDE))

@@ -1,12 +1,13 @@
 """ImageNet-style ResNet18/34/50 adapted to CIFAR (3x3 stem, no max-pool), mdistiller `resnetv2.py` names."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from richkd.models.base import ModelOutput
-from richkd.models.registry import MODELS
+from richkd.models.base import MODELS, ModelOutput, init_weights
 
 
 def _projection(in_planes: int, out_planes: int, stride: int) -> nn.Sequential:
@@ -74,13 +75,7 @@ class ResNetV2(nn.Module):
         self.layer4 = self._make_layer(block, 512, num_blocks[3], 2)
         self.feat_dim = 512 * block.expansion
         self.linear = nn.Linear(self.feat_dim, num_classes)
-
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def _make_layer(self, block, planes: int, n: int, stride: int) -> nn.Sequential:
         layers = []
@@ -96,19 +91,6 @@ class ResNetV2(nn.Module):
         return ModelOutput(self.linear(feat), feat)
 
 
-@MODELS.register("ResNet18")
-def resnet18(num_classes: int) -> ResNetV2:
-    """CIFAR ResNet18 (BasicBlock x [2, 2, 2, 2]), feat_dim 512."""
-    return ResNetV2(BasicBlock, (2, 2, 2, 2), num_classes)
-
-
-@MODELS.register("ResNet34")
-def resnet34(num_classes: int) -> ResNetV2:
-    """CIFAR ResNet34 (BasicBlock x [3, 4, 6, 3]), feat_dim 512."""
-    return ResNetV2(BasicBlock, (3, 4, 6, 3), num_classes)
-
-
-@MODELS.register("ResNet50")
-def resnet50(num_classes: int) -> ResNetV2:
-    """CIFAR ResNet50 (Bottleneck x [3, 4, 6, 3]), feat_dim 2048; a public mdistiller teacher."""
-    return ResNetV2(Bottleneck, (3, 4, 6, 3), num_classes)
+MODELS.register("ResNet18")(functools.partial(ResNetV2, BasicBlock, (2, 2, 2, 2)))
+MODELS.register("ResNet34")(functools.partial(ResNetV2, BasicBlock, (3, 4, 6, 3)))
+MODELS.register("ResNet50")(functools.partial(ResNetV2, Bottleneck, (3, 4, 6, 3)))   # a public mdistiller teacher

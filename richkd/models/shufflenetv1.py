@@ -1,18 +1,13 @@
 """ShuffleNet V1 for CIFAR ("ShuffleV1": groups 3, widths 240/480/960) with mdistiller parameter names."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from richkd.models.base import ModelOutput
-from richkd.models.registry import MODELS
-
-
-def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """(N, C, H, W) -> view as (N, g, C/g, H, W) -> swap the group axes -> (N, C, H, W)."""
-    n, c, h, w = x.shape
-    return x.reshape(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+from richkd.models.base import MODELS, ModelOutput
 
 
 class ShuffleUnit(nn.Module):
@@ -37,7 +32,7 @@ class ShuffleUnit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
-        out = channel_shuffle(out, self.first_groups)
+        out = F.channel_shuffle(out, self.first_groups)
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         if self.stride == 2:
@@ -79,7 +74,4 @@ class ShuffleNetV1(nn.Module):
         return ModelOutput(self.linear(feat), feat)
 
 
-@MODELS.register("ShuffleV1")
-def shuffle_v1(num_classes: int) -> ShuffleNetV1:
-    """mdistiller ShuffleV1: widths (240, 480, 960), blocks (4, 8, 4), groups 3, feat_dim 960."""
-    return ShuffleNetV1((240, 480, 960), (4, 8, 4), 3, num_classes)
+MODELS.register("ShuffleV1")(functools.partial(ShuffleNetV1, (240, 480, 960), (4, 8, 4), 3))

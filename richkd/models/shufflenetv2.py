@@ -1,13 +1,13 @@
 """ShuffleNet V2 1x for CIFAR ("ShuffleV2": widths 116/232/464, 1024 head) with mdistiller parameter names."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from richkd.models.base import ModelOutput
-from richkd.models.registry import MODELS
-from richkd.models.shufflenetv1 import channel_shuffle
+from richkd.models.base import MODELS, ModelOutput
 
 
 class BasicUnit(nn.Module):
@@ -29,7 +29,7 @@ class BasicUnit(nn.Module):
         out = F.relu(self.bn1(self.conv1(x2)))
         out = self.bn2(self.conv2(out))
         out = F.relu(self.bn3(self.conv3(out)))
-        return channel_shuffle(torch.cat([x1, out], 1), 2)
+        return F.channel_shuffle(torch.cat([x1, out], 1), 2)
 
 
 class DownUnit(nn.Module):
@@ -54,7 +54,7 @@ class DownUnit(nn.Module):
         left = F.relu(self.bn2(self.conv2(self.bn1(self.conv1(x)))))
         right = F.relu(self.bn3(self.conv3(x)))
         right = F.relu(self.bn5(self.conv5(self.bn4(self.conv4(right)))))
-        return channel_shuffle(torch.cat([left, right], 1), 2)
+        return F.channel_shuffle(torch.cat([left, right], 1), 2)
 
 
 class ShuffleNetV2(nn.Module):
@@ -87,7 +87,4 @@ class ShuffleNetV2(nn.Module):
         return ModelOutput(self.linear(feat), feat)
 
 
-@MODELS.register("ShuffleV2")
-def shuffle_v2(num_classes: int) -> ShuffleNetV2:
-    """mdistiller ShuffleV2 (net_size 1): widths (116, 232, 464), head 1024, blocks (3, 7, 3)."""
-    return ShuffleNetV2((116, 232, 464, 1024), (3, 7, 3), num_classes)
+MODELS.register("ShuffleV2")(functools.partial(ShuffleNetV2, (116, 232, 464, 1024), (3, 7, 3)))   # net_size 1

@@ -1,14 +1,13 @@
 """CIFAR VGG with batch norm (vgg8/11/13/16/19 = mdistiller's vgg*_bn) with mdistiller parameter names."""
 from __future__ import annotations
 
-import math
+import functools
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from richkd.models.base import ModelOutput
-from richkd.models.registry import MODELS
+from richkd.models.base import MODELS, ModelOutput, init_weights
 
 # Conv widths per stage (block0..block4); RepDistiller/mdistiller configs "S", "A", "B", "D", "E".
 _CFGS: dict[str, list[list[int]]] = {
@@ -49,18 +48,7 @@ class VGG(nn.Module):
         self.block4 = _make_block(cfg[4], cfg[3][-1])
         self.feat_dim = cfg[4][-1]
         self.classifier = nn.Linear(self.feat_dim, num_classes)
-
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear_std=0.01)
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         h = x.shape[2]
@@ -75,16 +63,5 @@ class VGG(nn.Module):
         return ModelOutput(self.classifier(feat), feat)
 
 
-def _register(name: str) -> None:
-    cfg = _CFGS[name]
-
-    def factory(num_classes: int) -> VGG:
-        return VGG(cfg, num_classes)
-
-    factory.__name__ = name
-    factory.__doc__ = f"{name} with batch norm (mdistiller `{name}_bn`), feat_dim 512."
-    MODELS.register(name)(factory)
-
-
-for _name in _CFGS:
-    _register(_name)
+for _name, _cfg in _CFGS.items():   # mdistiller's `<name>_bn`
+    MODELS.register(_name)(functools.partial(VGG, _cfg))

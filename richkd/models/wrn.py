@@ -1,14 +1,13 @@
 """CIFAR Wide ResNets (wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2) with mdistiller/RepDistiller parameter names."""
 from __future__ import annotations
 
-import math
+import functools
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from richkd.models.base import ModelOutput
-from richkd.models.registry import MODELS
+from richkd.models.base import MODELS, ModelOutput, init_weights
 
 
 class WideBasicBlock(nn.Module):
@@ -67,16 +66,8 @@ class WideResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(widths[3])
         self.feat_dim = widths[3]
         self.fc = nn.Linear(widths[3], num_classes)
-
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_weights(self)
+        nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         out = self.block3(self.block2(self.block1(self.conv1(x))))
@@ -85,16 +76,5 @@ class WideResNet(nn.Module):
         return ModelOutput(self.fc(feat), feat)
 
 
-def _register(depth: int, k: int) -> None:
-    name = f"wrn_{depth}_{k}"
-
-    def factory(num_classes: int) -> WideResNet:
-        return WideResNet(depth, k, num_classes)
-
-    factory.__name__ = name
-    factory.__doc__ = f"{name}: WRN depth {depth}, widen factor {k}, feat_dim {64 * k}."
-    MODELS.register(name)(factory)
-
-
 for _depth, _k in ((16, 1), (16, 2), (40, 1), (40, 2)):
-    _register(_depth, _k)
+    MODELS.register(f"wrn_{_depth}_{_k}")(functools.partial(WideResNet, _depth, _k))

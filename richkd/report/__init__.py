@@ -3,6 +3,5 @@
 Light at import: matplotlib, optuna, mlflow and (through richkd.tune) ray load only inside build_report.
 """
 from richkd.report.build import ReportResult, build_report
-from richkd.report.data import ReportError
 
-__all__ = ["ReportError", "ReportResult", "build_report"]
+__all__ = ["ReportResult", "build_report"]

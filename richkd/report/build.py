@@ -7,15 +7,20 @@ from pathlib import Path
 from typing import Optional
 
 from richkd.io import atomic_write_text, ensure_writable
+from richkd.report import figures
+from richkd.report.data import load_report_data
+from richkd.report.importance import sweep_importances
+from richkd.report.page import render_page
+from richkd.tracking import attach
 
 log = logging.getLogger(__name__)
 
 INDEX = "index.html"
 CURVES_PNG = "curves.png"
+BUDGET_PNG = "budget.png"
 PARAMS_PNG = "params.png"
 IMPORTANCES_PNG = "importances.png"
 PARETO_PNG = "pareto.png"               # multi-objective sweeps only
-BUDGET_PNG = "budget.png"
 ARTIFACT_DIR = "report"
 
 
@@ -33,39 +38,14 @@ class ReportResult:
         return self.index.parent
 
 
-def _log_to_mlflow(record, files: list[Path]) -> str:
-    """Log `files` under report/ on the sweep's parent run (re-running the report replaces them); its run id."""
-    from mlflow.tracking import MlflowClient
-
-    parent = record.parent_run_id
-    client = MlflowClient(tracking_uri=record.tracking_uri)
-    for f in files:
-        client.log_artifact(parent, str(f), artifact_path=ARTIFACT_DIR)
-    return parent
-
-
-def _remove_stale(path: Path) -> None:
-    """A figure that cannot be drawn this time must not leave an older PNG behind that the page no longer shows."""
-    if path.is_file():
-        path.unlink()
-
-
 def build_report(sweep: str, storage: Optional[str] = None, tracking_uri: Optional[str] = None,
                  out_dir: Optional[str] = None, log_mlflow: bool = True) -> ReportResult:
-    """Write <out_dir>/index.html (+ curves.png, params.png, importances.png) for a sweep name or folder.
+    """Write <out_dir>/index.html and its PNGs for a sweep name or folder.
 
     Default out_dir: <sweep folder>/report (next to what `richkd export` writes). Works on finished, running
     and interrupted sweeps; raises the sweep loader's SpecError / ExportError for an unknown or empty sweep.
     MLflow logging failures do not fail the report: they become a note.
     """
-    import os
-
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from richkd.report import figures
-    from richkd.report.data import load_report_data
-    from richkd.report.importance import sweep_importances
-    from richkd.report.page import render_page
-
     what = "the report folder" + (" (--out)" if out_dir else "")
     if out_dir:   # before reading the sweep, so a bad --out is the one error shown
         ensure_writable(out_dir, what, create=False)
@@ -73,36 +53,34 @@ def build_report(sweep: str, storage: Optional[str] = None, tracking_uri: Option
     out = ensure_writable(data.out_dir, what)
     importances = sweep_importances(data)
     images: dict = {}
-    written: list[Path] = []
     for key, name, draw in (("curves", CURVES_PNG, lambda p: figures.learning_curves(data, p)),
                             ("budget", BUDGET_PNG, lambda p: figures.budget_progress(data, p)),
-                            ("params", PARAMS_PNG, lambda p: figures.param_scatter(data, p)),
+                            ("params", PARAMS_PNG, lambda p: figures.param_slice(data, p)),
                             ("importances", IMPORTANCES_PNG, lambda p: figures.importance_bars(importances, p)),
-                            ("pareto", PARETO_PNG, lambda p: figures.pareto_scatter(data, p))):
-        path = draw(out / name)
-        if path is None:
-            _remove_stale(out / name)
-            continue
-        images[key] = name
-        written.append(path)
+                            ("pareto", PARETO_PNG, lambda p: figures.pareto_front(data, p))):
+        if draw(out / name) is not None:
+            images[key] = name
+        else:   # a figure not drawn this time must not leave an older PNG behind that the page no longer shows
+            (out / name).unlink(missing_ok=True)
     record = data.record
-    has_run = record.has_mlflow_run
     if not log_mlflow:
         mlflow_note = "MLflow: not logged (--no-mlflow)"
-    elif not has_run:
+    elif not record.has_mlflow_run:
         mlflow_note = ("MLflow: the sweep ran without MLflow (no parent run id in its richkd_sweep.json); "
                        "the report was not logged")
     else:
         mlflow_note = (f"MLflow: this report is logged on the sweep's parent run {record.parent_run_id} "
                        f"({record.tracking_uri}) under {ARTIFACT_DIR}/")
     index = out / INDEX
+    written = [out / name for name in images.values()]
     atomic_write_text(index, render_page(data, importances, images, mlflow_note))
     mlflow_run = None
-    if log_mlflow and has_run:
-        try:
-            mlflow_run = _log_to_mlflow(record, [index, *written])
-        except Exception as exc:  # a down tracking server must not cost the user the report itself
-            mlflow_note = f"MLflow: could not log the report to run {record.parent_run_id}: {exc}"
+    if log_mlflow and record.has_mlflow_run:   # re-running the report replaces the files
+        if attach(record.tracking_uri, record.parent_run_id, [index, *written], ARTIFACT_DIR):
+            mlflow_run = record.parent_run_id
+        else:   # a down tracking server must not cost the user the report itself
+            mlflow_note = (f"MLflow: could not log the report to run {record.parent_run_id}: {record.tracking_uri} "
+                           "did not take the files")
             log.warning("%s", mlflow_note)
             atomic_write_text(index, render_page(data, importances, images, mlflow_note))
     return ReportResult(index=index, images=written, importances=importances, n_trials=len(data.rows),

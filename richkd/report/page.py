@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import html
-import math
 import os
 import time
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional
 from urllib.parse import quote
 
+from richkd import __version__
+from richkd.report.data import curve
 from richkd.report.figures import short_value, trial_colors
 
 OUTCOME_LABELS = {"completed": "reached max_t", "stopped_early": "stopped (ASHA)",
@@ -43,7 +44,6 @@ figcaption { color:var(--muted); font-size:13px; margin-top:6px; }
 table { border-collapse:collapse; width:100%; font-size:12.5px; }
 th, td { border-bottom:1px solid var(--line); padding:4px 6px; text-align:left; white-space:nowrap; }
 th { background:#eef1f5; position:sticky; top:0; font-weight:600; white-space:normal; vertical-align:bottom; }
-td.wrap { white-space:normal; min-width:150px; max-width:240px; font-size:12px; }
 td.num, th.num { text-align:right; font-variant-numeric:tabular-nums; }
 tr.best td { background:var(--best); font-weight:600; }
 tr.stopped_early td, tr.unfinished td { color:var(--muted); }
@@ -66,13 +66,7 @@ def esc(value) -> str:
 
 
 def fmt(value, digits: int = 4) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        return f"{value:.{digits}g}"
-    return str(value)
+    return "" if value is None else f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
 def _cell(value, width: int = 22) -> str:
@@ -100,10 +94,13 @@ def _stat(label: str, value, bad: bool = False) -> str:
 
 
 def _notes(notes: Iterable[str]) -> str:
-    items = [n for n in notes if n]
-    if not items:
-        return ""
-    return '<ul class="notes">' + "".join(f"<li>{esc(n)}</li>" for n in items) + "</ul>"
+    items = "".join(f"<li>{esc(n)}</li>" for n in notes if n)
+    return f'<ul class="notes">{items}</ul>' if items else ""
+
+
+def _sampled(row, keys) -> list[str]:
+    """The table cells of a trial's searched values; – where a conditional entry was not active."""
+    return [f"<td>{_cell(row.sampled.get(k))}</td>" if k in row.sampled else '<td class="sub">–</td>' for k in keys]
 
 
 def _figure(image: Optional[str], alt: str, caption: str, missing: str) -> str:
@@ -168,26 +165,22 @@ def leaderboard_html(data) -> str:
     head = ["rank", "trial", "outcome", "epochs", f"{data.metric} (last)", f"{data.metric} (best epoch)"]
     cells = "".join(f'<th class="num">{esc(h)}</th>' if i in (0, 3, 4, 5) else f"<th>{esc(h)}</th>"
                     for i, h in enumerate(head))
-    reasons = any(r.extra.get("stop_reason") for r in data.rows)
-    cells += "".join(f"<th>{_breakable(k)}</th>" for k in keys)
-    cells += ("<th>stop reason</th>" if reasons else "") + "<th>MLflow run</th>"
+    cells += "".join(f"<th>{_breakable(k)}</th>" for k in keys) + "<th>MLflow run</th>"
     body = []
     for r in data.rows:
         is_best = best is not None and r is best
         cls = "best" if is_best else r.outcome
         swatch = f'<span class="swatch" style="background:{esc(colors[r.trial_id])}"></span>'
         star = " ★" if is_best else ""
-        reason = r.extra.get("stop_reason") or ""
         run = r.mlflow_run_id or ""
         row = [f'<td class="num">{esc(r.rank)}</td>',
                f"<td>{swatch}<code>{esc(r.trial_id)}</code>{star}</td>",
-               f'<td><span class="badge {esc(r.outcome)}">{esc(OUTCOME_LABELS.get(r.outcome, r.outcome))}</span></td>',
+               f'<td><span class="badge {esc(r.outcome)}">{esc(OUTCOME_LABELS.get(r.outcome, r.outcome))}</span>'
+               + (f' <small>{esc(r.extra["stop_reason"])}</small>' if r.extra.get("stop_reason") else "") + "</td>",
                f'<td class="num">{esc(r.epochs)}</td>',
                f'<td class="num">{esc(fmt(r.value))}</td>',
                f'<td class="num">{esc(fmt(r.best_value))}</td>']
-        row += [f"<td>{_cell(r.sampled.get(k))}</td>" if k in r.sampled else '<td class="sub">–</td>' for k in keys]
-        if reasons:
-            row.append(f'<td class="wrap">{esc(reason)}</td>')
+        row += _sampled(r, keys)
         row.append(f'<td><code title="{esc(run)}">{esc(run[:8])}</code></td>')
         body.append(f'<tr class="{esc(cls)}">{"".join(row)}</tr>')
     return (f'<div class="scroll"><table><thead><tr>{cells}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
@@ -202,8 +195,9 @@ def pareto_html(data, image: Optional[str]) -> str:
     front = data.front
     best = data.best
     fig = _figure(image, "Pareto front of the objectives",
-                  "Each panel is a pair of objectives (last values on the validation split).",
-                  "no trial reached max_t with finite values of every objective")
+                  "Optuna's Pareto-front plot of the trials that reached max_t (last values on the validation "
+                  "split); the front is red.", "no trial reached max_t with finite values of every objective, or "
+                  "there are more than three objectives to draw (the table lists the front)")
     if not front:
         return fig
     cells = ('<th class="num">rank</th><th>trial</th>'
@@ -214,8 +208,7 @@ def pareto_html(data, image: Optional[str]) -> str:
         star = " ★" if best is not None and r is best else ""
         row = [f'<td class="num">{esc(r.rank)}</td>', f"<td><code>{esc(r.trial_id)}</code>{star}</td>"]
         row += [f'<td class="num">{esc(fmt(r.metrics.get(m)))}</td>' for m, _ in objectives]
-        row += [f"<td>{_cell(r.sampled.get(k))}</td>" if k in r.sampled else '<td class="sub">–</td>'
-                for k in data.spec.space_keys]
+        row += _sampled(r, data.spec.space_keys)
         cfg = data.export_dir / "pareto" / f"{r.trial_id}.yaml"
         row.append(f'<td><a href="{esc(_rel(cfg, data.out_dir))}">{esc(cfg.name)}</a></td>' if cfg.is_file()
                    else '<td class="sub">run richkd export</td>')
@@ -255,22 +248,18 @@ def early_stopping_note(data) -> str:
     return text + "."
 
 
-def render_page(data, importances, images: dict, mlflow_note: str, notes: Sequence[str] = ()) -> str:
-    """The whole index.html. `images` maps curves / params / importances to file names beside the page."""
+def render_page(data, importances, images: dict, mlflow_note: str) -> str:
+    """The whole index.html. `images` maps curves / budget / params / importances / pareto to file names beside
+    the page."""
     spec = data.spec
     title = f"Sweep report: {spec.name}"
     desc = spec.description or ""
     stopped_note = ("Coloured lines reached max_t (the selected best is thicker, with a star); grey dashed lines "
                     "were stopped early by ASHA at a rung (x marks their last epoch); red dotted lines failed. "
                     "Dotted vertical lines are ASHA rungs.")
-    no_curve = [r.trial_id for r in data.rows if r.trial_id in data.curves and not data.curves[r.trial_id].series(data.metric)]
-    curve_notes = list(data.notes)
-    if no_curve:
-        curve_notes.append(f"no finite {data.metric} to draw for trial(s) {', '.join(no_curve)}"
-                           + "".join(f" ({r.trial_id}: {r.extra['stop_reason']})" for r in data.rows
-                                     if r.trial_id in no_curve and r.extra.get("stop_reason")))
-    from richkd import __version__
-
+    no_curve = [f"{r.trial_id} ({OUTCOME_LABELS.get(r.outcome, r.outcome)})" for r in data.rows
+                if not curve(r, data.metric)]
+    curve_notes = [f"no finite {data.metric} to draw for trial(s) {', '.join(no_curve)}"] if no_curve else []
     version = f"richkd {__version__}"
     if data.record.git_commit:
         version += f" (sweep ran at {data.record.git_commit})"
@@ -291,16 +280,15 @@ def render_page(data, importances, images: dict, mlflow_note: str, notes: Sequen
          + pareto_html(data, images.get("pareto")) + "</section>") if data.multi_objective else "",
         '<section class="card"><h2>Searched values vs metric</h2>'
         + _figure(images.get("params"), "searched hyperparameters vs final metric",
-                  f"Each point is a trial: x = its sampled value, y = its last {data.metric}. Categorical values are "
-                  "jittered sideways. Stopped trials' values come from fewer epochs.",
+                  f"Optuna's slice plot: each point is a trial, x = its sampled value, y = its last {data.metric}, "
+                  "colour = trial number. Stopped trials' values come from fewer epochs; a conditional entry shows "
+                  "the trials where it was active.",
                   "no searched parameters or no finite values to plot")
         + "</section>",
         '<section class="card"><h2>Parameter importances</h2>'
         + importances_html(importances, images.get("importances"), data.metric) + "</section>",
         f'<section class="card"><h2>Leaderboard ({len(data.rows)} trials)</h2>{leaderboard_html(data)}</section>',
     ]
-    if notes:
-        sections.append(f'<section class="card"><h2>Notes</h2>{_notes(notes)}</section>')
     sections.append(f"<footer>Generated {esc(time.strftime('%Y-%m-%d %H:%M:%S %Z'))} by {esc(version)}; "
                     f"static page, no server needed.</footer>")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

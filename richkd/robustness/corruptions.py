@@ -1,35 +1,33 @@
 """Seeded on-the-fly common corruptions (CIFAR-10-C parameter tables) for float image batches in [0, 1].
 
-Every corruption maps (B, 3, H, W) float images in [0, 1] to the same shape, clamped to [0, 1], on the
-images' device. Severity parameters are the CIFAR-10-C tables of Hendrycks & Dietterich (ICLR 2019,
-`hendrycks/robustness`, `ImageNet-C/create_c/make_cifar_c.py`), re-implemented here in torch:
+Every corruption maps (B, 3, H, W) float images in [0, 1] to the same shape, clamped to [0, 1], on the images'
+device. The severity parameters are the CIFAR-10-C tables of Hendrycks & Dietterich (ICLR 2019,
+`hendrycks/robustness`, `ImageNet-C/create_c/make_cifar_c.py`), in pixels for 32 x 32 images. The released
+CIFAR-C files are uint8; ours stay float, so accuracies differ slightly from the published files (to reproduce
+them, evaluate the released `.npy` folder: `richkd.robustness.cifar_c`).
 
-* The released CIFAR-C files are uint8 (each corrupted image is truncated to 0..255); ours stay float, so
-  accuracies differ slightly from the published files. To reproduce published numbers, evaluate the
-  released `.npy` folder instead (`richkd.robustness.cifar_c`).
-* The tables are in pixels for 32 x 32 images (blur radii, noise per pixel); pixelate scales with the size.
-
-Randomness (noise corruptions) is reproducible and independent of batching: sample i draws from a CPU
-generator seeded by (seed, corruption, index[i]) where index is the dataset row, so the same image gets the
-same noise whatever the batch size, subset or device. The seed does NOT depend on the severity ("common
-random numbers"): severity s+1 scales the same noise pattern as severity s, so accuracy-vs-severity curves
-are not blurred by resampling noise.
+Noise is reproducible and independent of batching: sample i draws from a CPU generator seeded by (seed,
+corruption, dataset row index[i]), whatever the batch size, subset or device. The seed does not depend on the
+severity ("common random numbers"): severity s+1 scales the same noise pattern as severity s, so
+accuracy-vs-severity curves are not blurred by resampling noise.
 """
 from __future__ import annotations
 
 import hashlib
+import io
+import re
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from richkd.config import CORRUPTION_NAMES
 from richkd.registry import Registry
 
-__all__ = [
-    "CORRUPTIONS", "CORRUPTION_NAMES", "SEVERITIES", "SEVERITY_PARAMS", "CorruptionError", "corrupt",
-    "parse_corruptions", "parse_severities", "sample_seeds",
-]
+__all__ = ["CORRUPTIONS", "CORRUPTION_NAMES", "SEVERITIES", "SEVERITY_PARAMS", "CorruptionError", "corrupt",
+           "parse_corruptions", "parse_severities", "sample_seeds"]
 
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 
@@ -45,10 +43,6 @@ SEVERITY_PARAMS: dict[str, tuple] = {
     "jpeg_compression": (80, 65, 58, 50, 40),                  # JPEG quality
     "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),                 # box-downscale factor, then box-upscale
 }
-
-# Canonical order (Hendrycks' table order: noise, blur, weather/digital), declared by the config layer.
-if tuple(SEVERITY_PARAMS) != CORRUPTION_NAMES:  # pragma: no cover - a table added without its name, or vice versa
-    raise ImportError("richkd.config.CORRUPTION_NAMES and SEVERITY_PARAMS list different corruptions")
 
 # fn(images (B,3,H,W) in [0,1], parameter, per-sample seeds (B,) int64 on CPU) -> corrupted images
 CorruptionFn = Callable[[torch.Tensor, object, torch.Tensor], torch.Tensor]
@@ -81,10 +75,7 @@ def sample_seeds(seed: int, name: str, index: torch.Tensor) -> torch.Tensor:
 
 def _per_sample(seeds: torch.Tensor, draw: Callable[[int, torch.Generator], torch.Tensor]) -> torch.Tensor:
     """Stack draw(i, generator_i) over samples; each generator is a fresh CPU generator seeded by seeds[i]."""
-    out = []
-    for i, s in enumerate(seeds.tolist()):
-        out.append(draw(i, torch.Generator().manual_seed(int(s))))
-    return torch.stack(out)
+    return torch.stack([draw(i, torch.Generator().manual_seed(int(s))) for i, s in enumerate(seeds.tolist())])
 
 
 # ----- public entry point -------------------------------------------------------------------------
@@ -138,12 +129,9 @@ def parse_corruptions(text: Optional[str | Sequence[str]]) -> tuple[str, ...]:
     if not items:
         raise CorruptionError(f"corruptions: {text!r} names no corruption; use 'all' or a comma-separated list "
                               f"of {', '.join(CORRUPTION_NAMES)}")
-    names: list[str] = []
     for item in items:
         _lookup(item)
-        if item not in names:
-            names.append(item)
-    return tuple(names)
+    return tuple(dict.fromkeys(items))
 
 
 def parse_severities(text: Optional[str | Sequence[int]]) -> tuple[int, ...]:
@@ -151,22 +139,13 @@ def parse_severities(text: Optional[str | Sequence[int]]) -> tuple[int, ...]:
     if text is None:
         return SEVERITIES
     values: list[int] = []
-    parts = text.split(",") if isinstance(text, str) else list(text)
-    try:
-        for part in parts:
-            part = str(part).strip()
-            if not part:
-                continue
-            sep = ".." if ".." in part else ("-" if "-" in part[1:] else None)
-            if sep:
-                lo, hi = (int(p) for p in part.split(sep, 1))
-                if lo > hi:
-                    raise ValueError
-                values.extend(range(lo, hi + 1))
-            else:
-                values.append(int(part))
-    except ValueError:
-        raise CorruptionError(f"severities: cannot parse {text!r}; use e.g. 1..5, 2-4 or 1,3,5") from None
+    for part in (text.split(",") if isinstance(text, str) else text):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:(?:\.\.|-)\s*(\d+)\s*)?", str(part))
+        if match is None or (match[2] and int(match[1]) > int(match[2])):
+            if str(part).strip():
+                raise CorruptionError(f"severities: cannot parse {text!r}; use e.g. 1..5, 2-4 or 1,3,5")
+            continue
+        values.extend(range(int(match[1]), int(match[2] or match[1]) + 1))
     for v in values:
         _severity_position(v)
     if not values:
@@ -289,11 +268,6 @@ def jpeg_compression(x: torch.Tensor, quality: int, seeds: torch.Tensor) -> torc
 
     Runs on the CPU one image at a time (~0.1 ms per 32 x 32 image), then returns to the images' device.
     """
-    import io
-
-    import numpy as np
-    from PIL import Image
-
     as_uint8 = (x.detach().float().cpu() * 255.0).round_().clamp_(0, 255).to(torch.uint8)
     decoded = []
     for img in as_uint8.permute(0, 2, 3, 1).numpy():
@@ -306,49 +280,19 @@ def jpeg_compression(x: torch.Tensor, quality: int, seeds: torch.Tensor) -> torc
     return (out.float() / 255.0).to(device=x.device, dtype=x.dtype)
 
 
-def box_resample_matrix(in_size: int, out_size: int) -> torch.Tensor:
-    """(out_size, in_size) weights of Pillow's BOX resampling along one axis (Resample.c precompute_coeffs).
-
-    Pillow evaluates the box filter (support 0.5 * max(scale, 1)) at input pixel centres and normalises,
-    so downscaling averages the input pixels whose centres fall in an output pixel's footprint and
-    upscaling picks the input pixel under the output pixel's centre.
-    """
-    scale = in_size / out_size
-    filterscale = max(scale, 1.0)
-    support = 0.5 * filterscale
-    w = torch.zeros(out_size, in_size, dtype=torch.float64)
-    for out in range(out_size):
-        center = (out + 0.5) * scale
-        lo = max(int(center - support + 0.5), 0)
-        hi = min(int(center + support + 0.5), in_size)
-        for i in range(lo, hi):
-            t = (i - center + 0.5) / filterscale
-            if -0.5 < t <= 0.5:
-                w[out, i] = 1.0
-        total = w[out].sum()
-        if total > 0:
-            w[out] /= total
-    return w
-
-
-def _resize_box(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    wh = box_resample_matrix(x.shape[2], size[0]).to(device=x.device, dtype=x.dtype)
-    ww = box_resample_matrix(x.shape[3], size[1]).to(device=x.device, dtype=x.dtype)
-    return torch.einsum("oh,bchw,pw->bcop", wh, x, ww)
-
-
 @CORRUPTIONS.register("pixelate")
 def pixelate(x: torch.Tensor, factor: float, seeds: torch.Tensor) -> torch.Tensor:
-    """Box-downscale to int(size * factor) and box-upscale back (PIL Image.BOX both ways, as make_cifar_c.py)."""
+    """Box-downscale to int(size * factor) and box-upscale back with Pillow (Image.BOX both ways, as
+    make_cifar_c.py), on float32 channels (mode "F", so no rounding to uint8)."""
     h, w = x.shape[2], x.shape[3]
-    small = (max(1, int(h * factor)), max(1, int(w * factor)))
-    return _resize_box(_resize_box(x, small), (h, w))
+    small = (max(1, int(w * factor)), max(1, int(h * factor)))
+    planes = x.detach().float().cpu().numpy()
+    out = [[np.asarray(Image.fromarray(c).resize(small, Image.BOX).resize((w, h), Image.BOX))
+            for c in image] for image in planes]
+    return torch.from_numpy(np.array(out)).to(device=x.device, dtype=x.dtype)
 
 
-def _check_registry() -> None:
-    missing = set(SEVERITY_PARAMS) ^ set(CORRUPTIONS.names())
-    if missing:  # pragma: no cover - a programming error caught at import
-        raise RuntimeError(f"corruption tables and registry disagree on {sorted(missing)}")
-
-
-_check_registry()
+# The one list of names is richkd.config.CORRUPTION_NAMES (the config validates against it without importing
+# torch); the tables (in its order) and the implementations must be exactly those.
+if tuple(SEVERITY_PARAMS) != CORRUPTION_NAMES or CORRUPTIONS.names() != sorted(CORRUPTION_NAMES):  # pragma: no cover
+    raise ImportError("richkd.config.CORRUPTION_NAMES, SEVERITY_PARAMS and the registered corruptions differ")

@@ -16,9 +16,21 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from richkd.config import Config, ConfigError
+from richkd.data import build_data
+from richkd.device import resolve_device
+from richkd.io import atomic_write_text, ensure_writable, load_problem, quiet_torch_load
+from richkd.metrics import reliability_bins
+from richkd.models import CheckpointError, load_teacher
+from richkd.robustness.cifar_c import CorruptionFolder
+from richkd.robustness.corruptions import parse_corruptions, parse_severities
+from richkd.robustness.engine import corruption_metrics, evaluate_folder, evaluate_model
+from richkd.robustness.report import check_tracking_uri, log_to_mlflow, save_reliability_diagram
+from richkd.robustness.scores import compare_to_reference, load_reference
+
 log = logging.getLogger(__name__)
 
-__all__ = ["SUITES", "EvaluateRequest", "class_mapping", "evaluate_checkpoint", "resolve_config"]
+__all__ = ["SUITES", "EvaluateRequest", "evaluate_checkpoint", "resolve_config"]
 
 SUITES = ("robustness", "clean", "corruptions", "shift", "calibration")
 SPLITS = ("val", "test")
@@ -60,8 +72,6 @@ class EvaluateRequest:
 
 def resolve_config(checkpoint: Path, config: Optional[str]):
     """(Config, where it came from): --config, else config.yaml, else result.json next to the checkpoint."""
-    from richkd.config import Config, ConfigError
-
     if config:
         return Config.from_yaml(config), str(config)
     folder = checkpoint.parent
@@ -79,9 +89,6 @@ def resolve_config(checkpoint: Path, config: Optional[str]):
 
 def _checkpoint_header(path: Path) -> dict:
     """The non-weight fields of a student.pt ({"model": sd, "arch": str, "num_classes": int})."""
-    from richkd.io import load_problem, quiet_torch_load
-    from richkd.models import CheckpointError
-
     try:
         with quiet_torch_load():
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -105,17 +112,9 @@ def class_mapping(shift_names: Sequence[str], model_names: Sequence[str]) -> tor
     in any order (ImageFolder sorts folder names). Raises ValueError naming the classes that match nothing.
     """
     exact = {n: i for i, n in enumerate(model_names)}
-    loose: dict[str, int] = {}
-    for i, n in enumerate(model_names):
-        loose.setdefault(_normal_name(n), i)
-    mapping, unknown = [], []
-    for n in shift_names:
-        if n in exact:
-            mapping.append(exact[n])
-        elif _normal_name(n) in loose:
-            mapping.append(loose[_normal_name(n)])
-        else:
-            unknown.append(n)
+    loose = {_normal_name(n): i for i, n in reversed(list(enumerate(model_names)))}   # the first of equal names
+    mapping = [exact.get(n, loose.get(_normal_name(n))) for n in shift_names]
+    unknown = [n for n, i in zip(shift_names, mapping) if i is None]
     if unknown:
         raise ValueError(f"shift dataset classes {unknown} are not classes of the model ({list(model_names)}); a "
                          "shift set must use the training classes' names (folder names for an ImageFolder)")
@@ -166,15 +165,6 @@ def evaluate_checkpoint(req: EvaluateRequest) -> tuple[dict, list[Path]]:
     Returns (report, written paths). Raises ValueError subclasses (ConfigError, CheckpointError,
     DatasetNotFoundError, CorruptionError, ...) for user errors, always before anything is written.
     """
-    from richkd.data import build_data
-    from richkd.device import resolve_device
-    from richkd.io import ensure_writable
-    from richkd.models import CheckpointError, load_teacher
-    from richkd.robustness.corruptions import parse_corruptions, parse_severities
-    from richkd.robustness.engine import evaluate_folder, evaluate_model
-    from richkd.robustness.report import check_tracking_uri
-    from richkd.robustness.scores import compare_to_reference, load_reference
-
     _validate(req)
     ckpt = Path(req.checkpoint).expanduser()
     if not ckpt.is_file():
@@ -188,16 +178,12 @@ def evaluate_checkpoint(req: EvaluateRequest) -> tuple[dict, list[Path]]:
     reference = load_reference(req.reference) if req.reference else None
     folder = None
     if req.corruption_dir:   # the folder's own corruption names (a release may hold ones we do not implement)
-        from richkd.robustness.cifar_c import CorruptionFolder
-
         folder = CorruptionFolder(req.corruption_dir)
         names = _folder_names(folder, req.corruptions)
     else:
         names = parse_corruptions(req.corruptions) if with_corruptions else ()
     shift_cfg = None
     if req.shift_config:
-        from richkd.config import Config
-
         shift_cfg = Config.from_yaml(req.shift_config)
     if req.mlflow_uri:
         check_tracking_uri(req.mlflow_uri)
@@ -242,8 +228,6 @@ def evaluate_checkpoint(req: EvaluateRequest) -> tuple[dict, list[Path]]:
                                     corruptions=names, severities=severities, num_classes=data.num_classes,
                                     **common)
 
-    from richkd.robustness.report import reliability_bins
-
     report: dict[str, Any] = {
         "checkpoint": str(ckpt), "checkpoint_sha256": sha, "arch": arch, "num_classes": data.num_classes,
         "config_source": cfg_source, "dataset": data.name, "data_origin": data.origin, "split": req.split,
@@ -254,16 +238,14 @@ def evaluate_checkpoint(req: EvaluateRequest) -> tuple[dict, list[Path]]:
         "config": cfg.to_dict(),
     }
     if with_corruptions:
-        report["corruptions"] = _corruption_section(corrupted, names, severities, folder)
+        report["corruptions"] = _corruption_section(corrupted, folder)
         if reference is not None:
             if reference.get("dataset") not in (None, data.name) or reference.get("split") not in (None, req.split):
                 log.warning("reference %s was evaluated on %s/%s, this run on %s/%s: CE ratios compare different "
                             "images", reference["path"], reference.get("dataset"), reference.get("split"),
                             data.name, req.split)
-            errors = report["corruptions"]["error"]
-            report["corruptions"]["reference"] = compare_to_reference(
-                {c: {int(s): e for s, e in by.items()} for c, by in errors.items()},
-                100.0 - res.clean["top1"], reference)
+            errors = {c: {s: 100.0 - m["top1"] for s, m in by.items()} for c, by in corrupted.items()}
+            report["corruptions"]["reference"] = compare_to_reference(errors, 100.0 - res.clean["top1"], reference)
     shift_res = None
     if shift_data is not None:
         shift_res = evaluate_model(model, _split(shift_data, req.split), data.mean, data.std, device,
@@ -274,13 +256,11 @@ def evaluate_checkpoint(req: EvaluateRequest) -> tuple[dict, list[Path]]:
             "top1_drop": shift_res.clean["top1"] - res.clean["top1"],
             "calibration": reliability_bins(shift_res.confidence, shift_res.correct, req.n_bins),
         }
-    report["metrics"] = _flat_metrics(report)
+    report["metrics"] = _flat_metrics(report, corrupted if with_corruptions else {})
     report = _finite(report)
 
     written = _write(report, out_dir)
     if req.mlflow_uri:
-        from richkd.robustness.report import log_to_mlflow
-
         run_name = f"evaluate:{ckpt.parent.name}/{ckpt.stem}"
         report["mlflow_run_id"] = log_to_mlflow(report, written, req.mlflow_uri, req.mlflow_experiment, run_name)
     return report, written
@@ -298,43 +278,28 @@ def _folder_names(folder, wanted: Optional[str | Sequence[str]]) -> tuple[str, .
     return names
 
 
-def _corruption_section(corrupted: dict, names: Sequence[str], severities: Sequence[int], folder) -> dict:
-    top1 = {c: {str(s): corrupted[c][s]["top1"] for s in severities} for c in names}
-    error = {c: {s: 100.0 - v for s, v in by.items()} for c, by in top1.items()}
-    ece = {c: {str(s): corrupted[c][s]["ece"] for s in severities} for c in names}
-    mean_top1 = {c: sum(by.values()) / len(by) for c, by in top1.items()}
-    all_top1 = [v for by in top1.values() for v in by.values()]
-    all_ece = [v for by in ece.values() for v in by.values()]
+def _corruption_section(corrupted: dict, folder) -> dict:
+    flat = corruption_metrics(corrupted)
+    top1, ece = ({c: {str(s): m[key] for s, m in by.items()} for c, by in corrupted.items()} for key in ("top1", "ece"))
     return {
         "source": f"folder {folder.root}" if folder is not None else "on-the-fly",
-        "names": list(names), "severities": list(severities),
-        "top1": top1, "error": error, "ece": ece, "mean_top1": mean_top1,
-        "corruption_top1": sum(all_top1) / len(all_top1), "corruption_error": 100.0 - sum(all_top1) / len(all_top1),
-        "corruption_ece": sum(all_ece) / len(all_ece),
+        "names": list(corrupted), "severities": list(next(iter(corrupted.values()))),
+        "top1": top1, "error": {c: {s: 100.0 - v for s, v in by.items()} for c, by in top1.items()}, "ece": ece,
+        "mean_top1": {c: flat[f"corruption_top1/{c}"] for c in corrupted},
+        "corruption_top1": flat["corruption_top1"], "corruption_error": 100.0 - flat["corruption_top1"],
+        "corruption_ece": flat["corruption_ece"],
     }
 
 
-def _flat_metrics(report: dict) -> dict:
-    """Every headline number under one flat name (MLflow metrics; also what a sweep would report)."""
-    m: dict[str, Optional[float]] = {}
-    for k, v in report["clean"].items():
-        if k != "n":
-            m[f"clean_{k}"] = float(v)
-    corr = report.get("corruptions")
-    if corr:
-        m["corruption_top1"] = corr["corruption_top1"]
-        m["corruption_ece"] = corr["corruption_ece"]
-        for c in corr["names"]:
-            m[f"corruption_top1/{c}"] = corr["mean_top1"][c]
-            for s, v in corr["top1"][c].items():
-                m[f"corruption_top1/{c}/{s}"] = v
-        ref = corr.get("reference")
-        if ref:
-            m["mce"], m["relative_mce"] = ref["mce"], ref["relative_mce"]
-            for c, v in ref["ce"].items():
-                m[f"ce/{c}"] = v
-            for c, v in ref["relative_ce"].items():
-                m[f"relative_ce/{c}"] = v
+def _flat_metrics(report: dict, corrupted: dict) -> dict:
+    """Every headline number under one flat name (MLflow metrics; the corruption ones as a sweep reports them)."""
+    m: dict[str, Optional[float]] = {f"clean_{k}": float(v) for k, v in report["clean"].items() if k != "n"}
+    m.update(corruption_metrics(corrupted) if corrupted else {})
+    ref = report.get("corruptions", {}).get("reference")
+    if ref:
+        m["mce"], m["relative_mce"] = ref["mce"], ref["relative_mce"]
+        m.update({f"ce/{c}": v for c, v in ref["ce"].items()})
+        m.update({f"relative_ce/{c}": v for c, v in ref["relative_ce"].items()})
     shift = report.get("shift")
     if shift:
         for k in ("top1", "top5", "loss", "ece", "top1_drop", "confident_correct_pct", "confidently_wrong_pct"):
@@ -355,9 +320,6 @@ def _finite(obj: Any) -> Any:
 
 
 def _write(report: dict, out_dir: Path) -> list[Path]:
-    from richkd.io import atomic_write_text
-    from richkd.robustness.report import save_reliability_diagram
-
     title = f"{report['arch']} on {report['dataset']}/{report['split']}"
     paths = [save_reliability_diagram(report["calibration"], out_dir / DIAGRAM_FILE, title)]
     if report.get("shift"):

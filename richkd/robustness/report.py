@@ -1,55 +1,21 @@
-"""Presenting an evaluation: reliability bins and diagram (PNG), a text table, and MLflow logging."""
+"""Presenting an evaluation: the reliability diagram (PNG), a text table, and MLflow logging."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 from typing import Mapping
 
-import torch
-
 from richkd.io import atomic_path
-from richkd.tracking import STORE_SCHEMES, check_server, ensure_experiment
+from richkd.tracking import KIND_TAG, STORE_SCHEMES, check_server, log_run
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_tracking_uri", "format_table", "log_to_mlflow", "reliability_bins", "save_reliability_diagram"]
-
-
-def reliability_bins(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = 15) -> dict:
-    """Per-bin counts, mean confidence and accuracy for equal-width confidence bins (lo, hi] on [0, 1].
-
-    Same binning as richkd.metrics.expected_calibration_error, so sum_b count_b/n |acc_b - conf_b| == ECE.
-    confidence: (N,) max-softmax probabilities; correct: (N,) bool. Empty bins have confidence/accuracy None.
-    """
-    conf = confidence.detach().double().flatten().cpu()
-    acc = correct.detach().double().flatten().cpu()
-    if conf.numel() == 0:
-        raise ValueError("reliability_bins: no samples")
-    inner = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64)[1:-1]
-    idx = torch.bucketize(conf, inner, right=False)
-    count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, torch.ones_like(conf))
-    conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, conf)
-    acc_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, acc)
-    n = conf.numel()
-    edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64).tolist()
-    ece = float((acc_sum - conf_sum).abs().sum() / n)
-    return {
-        "n_bins": n_bins, "edges": edges, "count": [int(c) for c in count.tolist()],
-        "confidence": [float(s / c) if c else None for s, c in zip(conf_sum.tolist(), count.tolist())],
-        "accuracy": [float(s / c) if c else None for s, c in zip(acc_sum.tolist(), count.tolist())],
-        "ece": ece,
-    }
+__all__ = ["check_tracking_uri", "format_table", "log_to_mlflow", "save_reliability_diagram"]
 
 
 def save_reliability_diagram(bins: Mapping, path: str | Path, title: str) -> Path:
-    """Write a reliability diagram (accuracy per confidence bin vs the diagonal, with a histogram) as PNG.
-
-    Uses matplotlib's Agg backend (no display needed); the file is written atomically.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure   # no pyplot: no global figure state, safe in any thread
+    """Write a reliability diagram (accuracy per confidence bin vs the diagonal, with a histogram) as PNG."""
+    from matplotlib.figure import Figure   # no pyplot: no display, no global figure state, safe in any thread
 
     edges = bins["edges"]
     width = edges[1] - edges[0]
@@ -141,23 +107,8 @@ def check_tracking_uri(uri: str) -> str:
 def log_to_mlflow(report: Mapping, artifacts: list[Path], tracking_uri: str, experiment: str,
                   run_name: str) -> str:
     """Log a report's flat metrics, its parameters and the written files to one new MLflow run; return its id."""
-    import mlflow
-
-    artifact_location = None
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri[len("sqlite:///"):]).expanduser().resolve()
-        db.parent.mkdir(parents=True, exist_ok=True)
-        # without this MLflow stores artifacts in ./mlruns of the current directory (as sweeps do)
-        artifact_location = (db.parent / "mlartifacts").as_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    ensure_experiment(client, experiment, artifact_location)
-    mlflow.set_experiment(experiment)
-    params = {
-        "checkpoint": report["checkpoint"], "checkpoint_sha256": report["checkpoint_sha256"],
-        "arch": report["arch"], "dataset": report["dataset"], "split": report["split"], "suite": report["suite"],
-        "seed": report["seed"], "max_samples": report.get("max_samples"),
-    }
+    params = {k: report.get(k) for k in ("checkpoint", "checkpoint_sha256", "arch", "dataset", "split", "suite",
+                                         "seed", "max_samples")}
     corr = report.get("corruptions")
     if corr:
         params.update({"corruptions": ",".join(corr["names"]), "severities": ",".join(map(str, corr["severities"])),
@@ -166,11 +117,7 @@ def log_to_mlflow(report: Mapping, artifacts: list[Path], tracking_uri: str, exp
             params["reference"] = corr["reference"]["reference"]
     if report.get("shift"):
         params["shift_dataset"] = report["shift"]["dataset"]
-    with mlflow.start_run(run_name=run_name, tags={"richkd.kind": "evaluate"}) as run:
-        mlflow.log_params({k: ("" if v is None else str(v)) for k, v in params.items()})
-        mlflow.log_metrics({k: float(v) for k, v in report["metrics"].items() if v is not None})
-        for path in artifacts:
-            mlflow.log_artifact(str(path))
-        run_id = run.info.run_id
+    run_id = log_run(tracking_uri, experiment, run_name, params=params, metrics=report["metrics"],
+                     tags={KIND_TAG: "evaluate"}, artifacts=artifacts, wait_s=None)
     log.info("logged evaluation to MLflow run %s (%s, experiment %r)", run_id, tracking_uri, experiment)
     return run_id

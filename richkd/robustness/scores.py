@@ -29,47 +29,34 @@ class ReferenceFileError(ValueError):
     """The reference file cannot be used (missing, not a robustness.json, nothing in common)."""
 
 
-def _common(errors: ErrorTable, ref: ErrorTable) -> dict[str, list[int]]:
-    """Corruption -> severities present in both tables (a corruption with none in common is left out)."""
-    out: dict[str, list[int]] = {}
-    for name, by_sev in errors.items():
-        if name not in ref:
-            continue
-        sevs = sorted(set(int(s) for s in by_sev) & set(int(s) for s in ref[name]))
-        if sevs:
-            out[name] = sevs
-    return out
-
-
 def _norm(table: ErrorTable) -> dict[str, dict[int, float]]:
     return {str(c): {int(s): float(v) for s, v in sevs.items()} for c, sevs in table.items()}
 
 
-def corruption_errors(errors: ErrorTable, ref_errors: ErrorTable) -> dict[str, Optional[float]]:
-    """CE_c in percent per corruption shared by both tables (None when the reference made no error at all)."""
+def _ratios(errors: ErrorTable, ref_errors: ErrorTable, clean: float = 0.0, ref_clean: float = 0.0
+            ) -> dict[str, Optional[float]]:
+    """100 * sum_s (E_s,c - clean) / sum_s (E_s,c(ref) - ref_clean) per corruption, over the severities both
+    tables have (a corruption with none in common is left out); None when the denominator is <= 0."""
     errors, ref_errors = _norm(errors), _norm(ref_errors)
     out: dict[str, Optional[float]] = {}
-    for name, sevs in _common(errors, ref_errors).items():
-        num = sum(errors[name][s] for s in sevs)
-        den = sum(ref_errors[name][s] for s in sevs)
-        out[name] = 100.0 * num / den if den > 0 else None
+    for name, by_sev in errors.items():
+        sevs = sorted(set(by_sev) & set(ref_errors.get(name, {})))
+        if sevs:
+            den = sum(ref_errors[name][s] - ref_clean for s in sevs)
+            out[name] = 100.0 * sum(by_sev[s] - clean for s in sevs) / den if den > 0 else None
     return out
+
+
+def corruption_errors(errors: ErrorTable, ref_errors: ErrorTable) -> dict[str, Optional[float]]:
+    """CE_c in percent per corruption shared by both tables (None when the reference made no error at all)."""
+    return _ratios(errors, ref_errors)
 
 
 def relative_corruption_errors(errors: ErrorTable, clean_error: float, ref_errors: ErrorTable,
                                ref_clean_error: float) -> dict[str, Optional[float]]:
-    """Relative CE_c in percent: the error *increase* over clean, relative to the reference's increase.
-
-    None when the reference's summed increase is <= 0 (the corruption did not hurt the reference: the ratio
-    is undefined or meaningless).
-    """
-    errors, ref_errors = _norm(errors), _norm(ref_errors)
-    out: dict[str, Optional[float]] = {}
-    for name, sevs in _common(errors, ref_errors).items():
-        num = sum(errors[name][s] - clean_error for s in sevs)
-        den = sum(ref_errors[name][s] - ref_clean_error for s in sevs)
-        out[name] = 100.0 * num / den if den > 0 else None
-    return out
+    """Relative CE_c in percent: the error *increase* over clean, relative to the reference's increase (None
+    when the reference's summed increase is <= 0: the corruption did not hurt it, the ratio means nothing)."""
+    return _ratios(errors, ref_errors, clean_error, ref_clean_error)
 
 
 def mean_ce(ces: Mapping[str, Optional[float]]) -> Optional[float]:

@@ -3,6 +3,7 @@
     load_spec, load_specs           read and check a spec file (one sweep; or one per arm of `arms:`)
     run_sweep, resume_sweep         run a spec's sweep on Ray Tune; continue an interrupted one
     run_arms, finalize_arms         the arms of a fair comparison: their sweeps; their bests re-trained, compared
+    write_group_page                the arms' page over their reports (richkd report on a group)
     load_sweep, read_sweep_record   a sweep read back: spec, record, trials ranked as every command ranks them
     export_sweep                    best_config.yaml, leaderboard.csv, the Pareto front
     finalize_sweep                  the top configs re-trained over seeds and tested
@@ -11,7 +12,7 @@
     describe_*                      what each command prints
 
 The rule: an operation that reads or writes a sweep lives here, and every `richkd` command calls one of these
-names (richkd/cli/sweep.py, search.py); the HTML report draws a sweep read with `load_sweep` and is an application
+names (richkd/cli/sweep.py, search.py, report.py); the HTML report draws a sweep read with `load_sweep` and is an application
 above this layer (richkd.report). Importing `richkd.tune` is light: each name loads its module, and with it Ray,
 Optuna or MLflow, on first use.
 """
@@ -22,7 +23,7 @@ import importlib
 _HOMES = {
     "spec": ("load_spec", "load_specs"),
     "runner": ("run_sweep", "resume_sweep", "build_table"),
-    "arms": ("run_arms", "finalize_arms", "read_group", "group_for", "describe_comparison"),
+    "arms": ("run_arms", "finalize_arms", "read_group", "group_for", "describe_comparison", "write_group_page"),
     "results": ("load_sweep", "read_sweep_record", "sweep_record_exists"),
     "export": ("export_sweep", "describe_export"),
     "finalize": ("finalize_sweep", "describe_finalize"),

@@ -9,7 +9,9 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 from dataclasses import dataclass, field
+from html import escape
 from typing import Optional
 
 import numpy as np
@@ -179,4 +181,28 @@ def describe_comparison(c: Comparison) -> str:
     if c.mlflow_run_id:
         lines.append(f"  MLflow run {c.mlflow_run_id}")
     return "\n".join(lines)
+
+
+def write_group_page(group: ArmsGroup, reports: dict) -> str:
+    """<group>/report/index.html: the comparison (when `richkd finalize` has made one) and each arm's report."""
+    text = read_text(join_storage(group.path, COMPARISON_FILE))
+    c = json.loads(text) if text else None
+    rows = "".join(f"<tr><td><a href=\"{escape(os.path.relpath(reports[a], os.path.join(group.path, 'report')))}\">"
+                   f"{escape(a)}</a></td><td>{escape(s)}</td><td>" + (
+                       f"{c['arms'][a]['mean']:.2f} ± {c['arms'][a]['std']:.2f} (seeds {c['arms'][a]['seeds']})"
+                       if c and a in c["arms"] else "not finalized yet") + "</td></tr>"
+                   for a, s in group.sweeps.items())
+    diffs = "".join(f"<tr><td>{escape(d['a'])} - {escape(d['b'])}</td><td>{d['diff']:+.2f}</td><td>[{d['low']:+.2f}, "
+                    f"{d['high']:+.2f}]</td><td>{'excludes 0' if d['excludes_zero'] else 'includes 0'}</td></tr>"
+                    for d in (c["differences"] if c else []))
+    page = (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Arms of {escape(group.name)}</title></head>"
+            f"<body><h1>Arms of {escape(group.name)}</h1><p>Each arm was tuned with the same budget; the test top-1 "
+            "is its best configuration re-trained over the same seeds (richkd finalize).</p><table border=1>"
+            f"<tr><th>arm (its report)</th><th>sweep</th><th>test top-1 mean ± std</th></tr>{rows}</table>"
+            + (f"<h2>Differences (95% bootstrap intervals over seeds)</h2><table border=1><tr><th>pair</th>"
+               f"<th>difference</th><th>95% CI</th><th></th></tr>{diffs}</table>" if diffs else
+               f"<p>Run <code>richkd finalize {escape(group.name)}</code> to compare the arms.</p>") + "</body></html>")
+    path = os.path.join(group.path, "report", "index.html")
+    atomic_write_text(path, page)
+    return path
 

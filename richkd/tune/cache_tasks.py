@@ -1,7 +1,7 @@
 """A sweep's caches built as Ray work (docs/architecture.md, "Building on the workers"): the driver plans
-(richkd.cache.plan_caches) and waits; each missing teacher / CLIP-image entry is split into row shards, one Ray task
+(richkd.cache.plan_caches) and waits; each missing teacher / CLIP-image entry is split into row blocks, one Ray task
 each with the trials' resources (the forwards run where the trials' accelerators are) spread over the nodes, and an
-assembly task writes the entry (richkd.cache.shards). Entries shared by several configs are built once.
+assembly task writes the entry (richkd.cache.row_blocks). Entries shared by several configs are built once.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from richkd.cache.build import ROW_KINDS, EntryJob, build_entry, plan_caches
-from richkd.cache.shards import assemble_entry, compute_shard, remove_shards, shard_ranges, shard_root
+from richkd.cache.row_blocks import assemble_entry, block_ranges, block_root, compute_block, remove_blocks
 from richkd.tune.cluster import (alive_nodes, current_node_id, node_problems, preflight_error, say,
                                  use_task_resources)
 from richkd.tune.node_check import sweep_needs
@@ -71,7 +71,7 @@ def _where() -> dict:
 
 def _shard_task(job: EntryJob, start: int, stop: int, root: str, cpu: float, gpu: float) -> dict:
     use_task_resources(cpu, gpu, f"the cache task for {job.name}")
-    return {**compute_shard(job, start, stop, root), **_where()}
+    return {**compute_block(job, start, stop, root), **_where()}
 
 
 def _assemble_task(job: EntryJob, root: str, *shards: dict) -> dict:
@@ -136,9 +136,9 @@ def run_jobs(jobs: list[EntryJob], *, cpu: float, gpu: float, shards: Optional[i
         if job.kind not in ROW_KINDS:   # the text classifier; a photo dataset's entries (their own shards)
             pending[on_slot(whole, j, num_cpus=cpu, num_gpus=gpu).remote(job, cpu, gpu)] = (job, 1)
             continue
-        root = shard_root(job)
+        root = block_root(job)
         roots.append(root)
-        ranges = shard_ranges(job.n_rows, job.batch_size, shards)
+        ranges = block_ranges(job.n_rows, job.batch_size, shards)
         refs = [on_slot(shard, i, num_cpus=cpu, num_gpus=gpu).remote(job, a, b, str(root), cpu, gpu)
                 for i, (a, b) in enumerate(ranges)]
         shard_refs.extend(refs)
@@ -155,7 +155,7 @@ def run_jobs(jobs: list[EntryJob], *, cpu: float, gpu: float, shards: Optional[i
             for other in [*pending, *shard_refs]:
                 ray.cancel(other, force=True)
             for root in roots:
-                remove_shards(root)
+                remove_blocks(root)
             raise task_error(exc) from None
         nodes = {s["node_id"] for s in result["shards"]}
         built.append({"entry": job.name, **result, "s": time.perf_counter() - started})

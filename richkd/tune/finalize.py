@@ -28,7 +28,6 @@ import ray
 
 from richkd.config import Config, ConfigError, parse_override
 from richkd.io import atomic_path, atomic_write_text, ensure_writable
-from richkd.run_outputs import save_run_outputs
 from richkd.tracking import KIND_TAG, NODE_TAG, SWEEP_TAG, TRIAL_TAG, RunWriter, finite
 from richkd.trainer import Run
 from richkd.tune.cache_tasks import build_caches, task_error
@@ -42,7 +41,7 @@ log = logging.getLogger(__name__)
 
 FINALISTS = "finalists.csv"
 RUNS_FOLDER = "finalists"
-RUN_FILES = ("student.pt", "config.yaml", "result.json")   # what richkd.run_outputs.save_run_outputs writes
+RUN_FILES = ("student.pt", "config.yaml", "result.json")   # what richkd.trainer.Run.save_outputs writes
 PARENT = "parent"
 
 
@@ -232,7 +231,7 @@ def train_seed(config: dict, cpu: float, gpu: float, needs: Optional[SweepNeeds]
     run = Run(cfg)
     result = run.train(final=True)
     with tempfile.TemporaryDirectory(prefix="richkd-finalist-") as tmp:
-        save_run_outputs(run, result, tmp)
+        run.save_outputs(result, tmp)
         files = {name: (Path(tmp) / name).read_bytes() for name in RUN_FILES}
     return {"metrics": result.metrics, "test_metrics": result.test_metrics, "history": result.history,
             "best_val_top1": result.best_val_top1, "epochs_run": result.epochs_run, "files": files,

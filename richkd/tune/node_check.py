@@ -74,7 +74,7 @@ def sweep_needs(configs: Iterable, cache_folders: Iterable[str | os.PathLike], s
     for cfg in configs:
         if cfg.data.root:
             add(_folder_need("data.root", cfg.data.root, max_listed))
-        if cfg.loss.method != "supervised" and cfg.teacher.checkpoint:
+        if cfg.loss.uses_teacher and cfg.teacher.checkpoint:
             add(Need("teacher.checkpoint", str(cfg.teacher.checkpoint), "file"))
         if cfg.uses_clip:
             ref = parse_pretrained(cfg.clip.pretrained)

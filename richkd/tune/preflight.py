@@ -15,7 +15,7 @@ from richkd.data import build_data
 from richkd.models import MODELS
 from richkd.tune.errors import SpecError
 from richkd.tune.params import Param, TrialPlan, config_or_error, from_sample, walk_active
-from richkd.validate import check_data_fit, check_resources as check_config_resources, uses_crd
+from richkd.validate import check_data_fit, check_resources as check_config_resources
 
 RANDOM_DRAWS = 32      # seeded draws whose configs must all be valid (catches cross-field rules the corners miss)
 
@@ -110,7 +110,7 @@ def check_spec_data_fit(base: Config, params: Sequence[Param], probes: Sequence[
                    for k, v in p.overrides_for(value).items() if k == "loss.nce_k" and v is not None])
     seen = set()
     for cfg in probes:
-        if not uses_crd(cfg):
+        if not cfg.loss.uses_crd:
             continue
         key = json.dumps(dataclasses.asdict(cfg.data), sort_keys=True, default=str)
         if key in seen:

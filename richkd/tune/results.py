@@ -179,7 +179,8 @@ def collect_trials(experiment_path: str, spec: SweepSpec) -> list[TrialRow]:
             best_value=best, metrics=numeric_metrics(last), sampled=plan.active_sampled(trial.config),
             config=plan.trial_config(trial.config), path=str(getattr(trial, "path", "") or ""),
             checkpoint=checkpoint, node_id=last.get("node_id") or None, node_ip=last.get("node_ip") or None,
-            failures=int(getattr(trial, "num_failures", 0) or 0), history=history))
+            failures=int(getattr(trial, "num_failures", 0) or 0), history=history,
+            extra={"stop_reason": last["stop_reason"]} if last.get("stop_reason") else {}))
     return rank_trials(rows, spec)
 
 

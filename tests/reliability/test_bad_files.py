@@ -140,7 +140,7 @@ def test_train_into_a_read_only_folder_fails_before_training(readonly_dir, mini_
 
 def test_evaluate_into_a_read_only_folder_fails_before_evaluating(readonly_dir, mini_fashion_root, tmp_path,
                                                                  monkeypatch, capsys):
-    import richkd.robustness.engine as engine
+    import richkd.robustness.evaluate as evaluate
     from richkd.cli import main
     from richkd.models import create_model, save_model_checkpoint
 
@@ -149,7 +149,7 @@ def test_evaluate_into_a_read_only_folder_fails_before_evaluating(readonly_dir, 
     (run / "config.yaml").write_text(yaml.safe_dump({"device": "cpu", "data": {"root": str(mini_fashion_root)},
                                                      "student": {"arch": "resnet8"},
                                                      "loss": {"method": "supervised"}}))
-    monkeypatch.setattr(engine, "evaluate_model", lambda *a, **k: pytest.fail("evaluated before the check"))
+    monkeypatch.setattr(evaluate, "evaluate_model", lambda *a, **k: pytest.fail("evaluated before the check"))
     assert main(["evaluate", str(run / "student.pt"), "--out", str(readonly_dir / "eval")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("richkd evaluate: error: cannot write the evaluation's output "

@@ -55,9 +55,14 @@ def test_arms_are_sweeps_with_equal_budgets_and_their_own_spaces(assets, tmp_pat
         load_spec(_arms_file(assets, tmp_path), check_resources=False, check_data=False)
 
 
-def test_an_arm_cannot_buy_itself_a_longer_schedule(assets, tmp_path):
+def test_an_arm_cannot_buy_itself_a_longer_schedule_or_another_metric(assets, tmp_path):
     with pytest.raises(ValueError, match="arms.kd.config.train.epochs: every arm trains with the same"):
         load_specs(_arms_file(assets, tmp_path, train={"epochs": 9}), check_resources=False, check_data=False)
+    raw = yaml.safe_load(_arms_file(assets, tmp_path).read_text())
+    raw["arms"]["kd"]["tune"] = {"metric": "val_loss"}      # the tune: section (metric, budget) is shared
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match="unknown spec key 'arms.kd.tune'"):
+        load_specs(tmp_path / "bad.yaml", check_resources=False, check_data=False)
 
 
 def test_bootstrap_interval_covers_the_difference_and_is_seeded():
@@ -92,3 +97,23 @@ def test_finalize_of_arms_with_one_seed_is_refused(assets, tmp_path):
                         specs["kd"].tune.storage_path], capture_output=True, text=True, env={**os.environ, **ENV},
                        timeout=120)
     assert p.returncode == 2 and "needs --seeds >= 2" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_the_group_page_shows_the_comparison_and_links_each_arm(assets, tmp_path):
+    import json
+
+    from richkd.tune.arms import COMPARISON_FILE, write_group_page
+
+    specs = load_specs(_arms_file(assets, tmp_path), check_resources=False, check_data=False)
+    group = group_for(specs)
+    reports = {arm: f"{group.storage}/{s}/report/index.html" for arm, s in group.sweeps.items()}
+    assert "richkd finalize cmp" in open(write_group_page(group, reports)).read()     # not compared yet
+    def result(values):
+        fin = FinalistResult(rank=1, trial_id="t", sampled={}, seeds=[0, 1, 2], test_top1=values, val_top1=values)
+        return FinalizeResult(finalists=[fin], csv_path=None)
+
+    c = compare("cmp", {"richkd": ("cmp.richkd", result([80.0, 81.0, 82.0])), "kd": ("cmp.kd", result([70.0, 71, 72]))})
+    (tmp_path / "runs" / "cmp" / COMPARISON_FILE).write_text(json.dumps(c.to_dict()))
+    page = open(write_group_page(group, reports)).read()
+    assert "81.00 ± 1.00" in page and "richkd - kd" in page and "excludes 0" in page
+    assert 'href="../../cmp.kd/report/index.html"' in page

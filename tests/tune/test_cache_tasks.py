@@ -1,4 +1,4 @@
-"""A sweep's caches built as Ray tasks in row shards equal the in-process `prepare_caches` entries, byte for byte."""
+"""A sweep's caches built as Ray tasks in row blocks equal the in-process `prepare_caches` entries, byte for byte."""
 from __future__ import annotations
 
 import json
@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from richkd.cache import prepare_caches, shard_ranges
-from richkd.cache.shards import assemble_entry, compute_shard, shard_root
+from richkd.cache import prepare_caches
+from richkd.cache.row_blocks import assemble_entry, block_ranges, block_root, compute_block
 from richkd.config import Config
 from richkd.models.checkpoint import CheckpointError
 from richkd.tune.spec import spec_from_mapping
 
 from tests.cluster_fixtures import make_ray_cluster  # noqa: F401  (a fixture, registered by pytest)
-from tests.factories import base_spec, imagenet_config, make_assets, make_imagenet_assets
+from tests.factories import base_spec, imagenet_config, make_assets, make_imagenet_assets, shared_ray
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +42,12 @@ def assert_same_entries(built: list, reference: list) -> None:
     (100, 256, 4, [(0, 100)]),                          # one batch: one shard
     (0, 64, 2, []),
 ])
-def test_shards_fall_on_batch_boundaries(n_rows, batch, shards, expect):
-    assert shard_ranges(n_rows, batch, shards) == expect
+def test_row_blocks_fall_on_batch_boundaries(n_rows, batch, shards, expect):
+    assert block_ranges(n_rows, batch, shards) == expect
 
 
-def test_shards_of_several_views_assemble_into_the_in_process_entry(assets, tmp_path):
-    """No Ray: the shard computation and the assembly alone, with 2 cached views (row v * N + i layout)."""
+def test_row_blocks_of_several_views_assemble_into_the_in_process_entry(assets, tmp_path):
+    """No Ray: the row block computation and the assembly alone, with 2 cached views (row v * N + i layout)."""
     from richkd.cache import plan_caches
 
     raw = base_spec(assets, tmp_path)["config"]
@@ -56,23 +56,20 @@ def test_shards_of_several_views_assemble_into_the_in_process_entry(assets, tmp_
     plan = plan_caches(cfg)
     assert [j.kind for j in plan.missing] == ["teacher", "clip-image", "clip-text"]
     for job in plan.missing[:2]:
-        root = shard_root(job)
-        ranges = shard_ranges(job.n_rows, job.batch_size, 2)
+        root = block_root(job)
+        ranges = block_ranges(job.n_rows, job.batch_size, 2)
         assert len(ranges) == 2
-        shards = [compute_shard(job, a, b, root) for a, b in reversed(ranges)]   # any order
-        assemble_entry(job, shards, root)
-        assert not root.exists()                                                  # shards deleted
+        blocks = [compute_block(job, a, b, root) for a, b in reversed(ranges)]   # any order
+        assemble_entry(job, blocks, root)
+        assert not root.exists()                                                  # blocks deleted
     reference = prepare_caches(cfg.with_overrides({"teaching.cache_dir": str(tmp_path / "whole")}))
     assert_same_entries(plan.paths[:2], reference[:2])
 
 
 @pytest.mark.slow
 def test_sweep_caches_are_built_by_ray_tasks_in_two_shards(assets, tmp_path):
-    import ray
-
     from richkd.tune.cache_tasks import build_caches
     from richkd.tune.runner import prepare_nodes
-    from richkd.tune.session import init_ray
 
     spec = spec_from_mapping(base_spec(assets, tmp_path, tune={"num_samples": 1, "resources": {"cpu": 1},
                                                                "storage_path": str(tmp_path / "runs")}))
@@ -80,17 +77,12 @@ def test_sweep_caches_are_built_by_ray_tasks_in_two_shards(assets, tmp_path):
     broken.write_bytes(b"not a checkpoint")
     bad = spec.cache_probe_configs[0].with_overrides({"teacher.checkpoint": str(broken)})
     photos = imagenet_config(make_imagenet_assets(tmp_path / "inet"), tmp_path / "inet_cache")
-    if ray.is_initialized():      # an earlier test's Ray in this process: this test sizes its own
-        ray.shutdown()
-    assert init_ray(num_cpus=2)
-    try:
-        records, _ = prepare_nodes(spec)                                 # 2 CPU slots: 2 row shards per entry
-        again = build_caches(spec.cache_probe_configs, cpu=1)        # everything exists now: only checked
-        with pytest.raises(CheckpointError, match="broken.pth"):        # the task's own error, not Ray's wrapper
-            build_caches([bad], cpu=1, shards=2)
-        photo = build_caches([photos], cpu=1)                           # a photo dataset's own sharded entries
-    finally:
-        ray.shutdown()
+    shared_ray()                                                        # 2 CPU slots: 2 row shards per entry
+    records, _ = prepare_nodes(spec)
+    again = build_caches(spec.cache_probe_configs, cpu=1)              # everything exists now: only checked
+    with pytest.raises(CheckpointError, match="broken.pth"):            # the task's own error, not Ray's wrapper
+        build_caches([bad], cpu=1, shards=2)
+    photo = build_caches([photos], cpu=1)                               # a photo dataset's own sharded entries
     assert sorted(b["entry"].split("-")[0] for b in photo.built) == ["clip", "photo"]     # in completion order
     assert all(s["pid"] != os.getpid() for b in photo.built for s in b["shards"])
     whole = prepare_caches(photos.with_overrides({"teaching.cache_dir": str(tmp_path / "inet_whole")}))
@@ -120,7 +112,7 @@ def test_shards_run_in_ray_workers_on_the_nodes_of_a_cluster_that_see_the_files(
 
     from tests.cluster_fixtures import hiding_unsupported
 
-    if ray.is_initialized():      # an earlier test's Ray in this process: this test connects to its cluster
+    if ray.is_initialized():      # the session's shared Ray (tests.factories.shared_ray): connect to the cluster
         ray.shutdown()
     cfg = spec_from_mapping(base_spec(assets, tmp_path)).cache_probe_configs[0]
     other = cfg.with_overrides({"teaching.cache_dir": str(tmp_path / "other")})

@@ -64,18 +64,24 @@ def test_a_node_that_cannot_see_the_files_is_refused_before_any_trial(make_ray_c
     print(f"refused in {wall:.1f} s (driver start and preflight)")
 
 
-def test_a_healthy_sweep_spreads_over_both_nodes(make_ray_cluster, mlflow_server, assets, tmp_path):
-    work = tmp_path / "work"
+def test_a_healthy_sweep_spreads_over_both_nodes_and_a_node_lost_mid_sweep_costs_one_epoch(
+        make_ray_cluster, mlflow_server, assets, tmp_path):
+    """Two sweeps on one head + worker cluster (its start-up is not what is tested here): a healthy one, then one
+    that loses the worker mid-sweep."""
+    cluster = make_ray_cluster(workers=[{}])
+    worker = cluster.workers[0]
+
+    # ----- a healthy sweep spreads over both nodes and says where each trial ran (MLflow server as the store)
+    work = tmp_path / "spread"
     spec = tiny_spec(assets, work, "spread", tracking_uri=mlflow_server.uri, num_samples=2, epochs=2)
     spec["tune"]["shared_storage"] = True            # one machine: every node sees the same disk
     path = write_spec(work, spec)
-    cluster = make_ray_cluster(workers=[{}])
     done = run_cli(["sweep", str(path), "--address", cluster.address, "-q"], cluster.driver_env(), tmp_path)
     text = done.stdout + done.stderr
     assert done.returncode == 0, text
     results = trial_results(str(work / "runs" / "spread"))
     nodes = {rows[-1]["node_id"] for rows in results.values()}
-    assert len(results) == 2 and nodes == {cluster.head.node_id, cluster.workers[0].node_id}
+    assert len(results) == 2 and nodes == {cluster.head.node_id, worker.node_id}
     assert "per node:" in text
     from mlflow.tracking import MlflowClient
 
@@ -85,14 +91,11 @@ def test_a_healthy_sweep_spreads_over_both_nodes(make_ray_cluster, mlflow_server
     runs = client.search_runs([exp.experiment_id], filter_string="tags.`richkd.kind` = 'trial'")
     assert {r.data.tags["richkd.node_id"] for r in runs} == nodes
 
-
-def test_a_node_lost_mid_sweep_costs_one_epoch_and_no_duplicate_runs(make_ray_cluster, assets, tmp_path):
-    work = tmp_path / "work"
+    # ----- a node lost mid-sweep costs its trial one epoch, and no duplicate runs
+    work = tmp_path / "lose"
     spec = tiny_spec(assets, work, "lose", num_samples=2, epochs=6)
     spec["tune"].update(shared_storage=True, max_failures=2)
     path = write_spec(work, spec)
-    cluster = make_ray_cluster(workers=[{}])
-    worker = cluster.workers[0]
     log_path = tmp_path / "driver.log"
     with open(log_path, "w") as log:
         driver = subprocess.Popen([sys.executable, "-m", "richkd", "sweep", str(path), "--address", cluster.address,
@@ -125,8 +128,6 @@ def test_a_node_lost_mid_sweep_costs_one_epoch_and_no_duplicate_runs(make_ray_cl
     assert rows[-1]["node_id"] == cluster.head.node_id and iters[-1] == 6
     first_on_head = next(r["training_iteration"] for r in rows if r["node_id"] == cluster.head.node_id)
     assert first_on_head >= 3 and iters.count(1) == 1   # resumed from its checkpoint, not from epoch 1
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient(tracking_uri=spec["mlflow"]["tracking_uri"])
     runs = client.search_runs([client.get_experiment_by_name("lose").experiment_id],
                               filter_string="tags.`richkd.kind` = 'trial'")

@@ -68,14 +68,11 @@ def test_the_best_finalist_by_validation_is_registered_not_the_best_by_test(tmp_
 
 @pytest.mark.slow
 def test_a_failing_training_task_raises_its_own_error_and_reports_the_job(tmp_path):
-    import ray
-
     from richkd.config import Config
     from richkd.models import CheckpointError
     from richkd.tune.finalize import SeedJob, run_seed_jobs
-    from richkd.tune.session import init_ray
 
-    from tests.factories import base_spec, make_assets
+    from tests.factories import base_spec, make_assets, shared_ray
 
     assets = make_assets(tmp_path / "assets", clip=False)
     broken = tmp_path / "broken.pth"
@@ -85,15 +82,10 @@ def test_a_failing_training_task_raises_its_own_error_and_reports_the_job(tmp_pa
                             "teacher": {"arch": "resnet8", "checkpoint": str(broken)}})
     job = SeedJob(rank=1, trial_id="t1", seed=0, config=cfg)
     done, failed = [], []
-    if ray.is_initialized():      # an earlier test's Ray in this process: this test sizes its own
-        ray.shutdown()
-    assert init_ray(num_cpus=1)
-    try:
-        with pytest.raises(CheckpointError, match="broken.pth"):       # the trainer's error, not Ray's wrapper
-            run_seed_jobs([job], cpu=1, gpu=0, on_done=lambda j, r: done.append(j),
-                          on_failed=lambda j, rest: failed.append((j, rest)))
-    finally:
-        ray.shutdown()
+    shared_ray()
+    with pytest.raises(CheckpointError, match="broken.pth"):       # the trainer's error, not Ray's wrapper
+        run_seed_jobs([job], cpu=1, gpu=0, on_done=lambda j, r: done.append(j),
+                      on_failed=lambda j, rest: failed.append((j, rest)))
     assert done == [] and failed == [(job, [])]
 
 

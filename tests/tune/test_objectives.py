@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pickle
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from richkd.pareto import dominates, front_rows, pareto_front
 from richkd.tune.errors import SpecError
 from richkd.tune.spec import spec_from_mapping
 
-from tests.factories import base_spec, find_study, make_assets
+from tests.factories import base_spec, find_study, make_assets, shared_ray
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 OBJECTIVES = ["val_top1", "val_corrupt_top1", "val_ece"]
@@ -271,8 +270,8 @@ def test_multi_objective_sweep_exports_the_pareto_front_and_reports_it(tmp_path_
     from richkd.tune.runner import run_sweep
 
     assets = make_assets(tmp_path_factory.getbasetemp() / "tune_assets", clip=False)
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     spec = spec_from_mapping(e2e_spec(assets, tmp_path))
+    shared_ray()
     started = time.perf_counter()
     outcome = run_sweep(spec, num_cpus=2, verbose=0)
     sweep_s = time.perf_counter() - started

@@ -98,7 +98,7 @@ def test_shipped_specs_parse(tmp_path, monkeypatch):
     monkeypatch.setenv("RICHKD_DEMO_DIR", str(fake_demo_dir(tmp_path / "demo")))
     monkeypatch.chdir(REPO)                     # relative paths in the specs are relative to the repository root
     for path in specs:
-        for spec in load_specs(path, check_resources=False, check_data=False).values():   # each arm's, with arms
+        for spec in load_specs(path, check_resources=False, check_data=False).values():   # arms: one per arm
             assert spec.params and spec.tune.num_samples >= 1, path
             if spec.base_config.data.dataset == "fashion_mnist":
                 assert spec.base_config.teacher.checkpoint == str(tmp_path / "demo" / "teacher" / "student.pt")

@@ -218,6 +218,7 @@ def test_resume_restores_the_stored_experiment_not_a_fresh_tuner(assets, tmp_pat
     from ray import tune
 
     from richkd.tune import runner
+    from richkd.tune.cache_tasks import BuiltCaches
     from richkd.tune.outcome import SweepOutcome
     from richkd.tune.results import SweepRecord, write_sweep_record
 
@@ -236,16 +237,24 @@ def test_resume_restores_the_stored_experiment_not_a_fresh_tuner(assets, tmp_pat
         calls["fit"] = (tuner, record.path)
         return SweepOutcome(name=record.name, experiment_path=record.path, num_trials=0)
 
+    # no Ray here (test_node_check.py and test_cluster_sweeps.py test the node checks on real nodes): each stub
+    # records that resume calls it, and in which order
+    order = []
     monkeypatch.setattr(tune.Tuner, "can_restore", staticmethod(lambda path: calls.setdefault("can", path) or True))
     monkeypatch.setattr(tune.Tuner, "restore", staticmethod(restore))
     monkeypatch.setattr(tune, "Tuner", type("NoFreshTuner", (tune.Tuner,), {
         "__init__": lambda self, *a, **k: pytest.fail("resume built a fresh Tuner")}))
     monkeypatch.setattr(runner, "build_tuner", lambda *a, **k: pytest.fail("resume built a fresh Tuner"))
-    monkeypatch.setattr(runner, "ray_for", lambda *a, **k: contextlib.nullcontext())
-    monkeypatch.setattr(runner, "prepare_nodes", lambda spec, progress=False: ([], None))
+    monkeypatch.setattr(runner, "ray_for", lambda *a, **k: contextlib.nullcontext(order.append("ray")))
+    monkeypatch.setattr(runner, "alive_nodes", lambda: [])
+    monkeypatch.setattr(runner, "preflight_nodes", lambda needs: order.append(
+        "share" if any(n.kind == "shared" for n in needs.needs) else "nodes"))
+    monkeypatch.setattr(runner, "build_caches", lambda configs, **k: order.append("caches") or
+                        BuiltCaches(paths=[[] for _ in configs]))
     monkeypatch.setattr(runner, "fit_and_summarise", fit)
 
     outcome = runner.resume_sweep(spec.name, storage=spec.tune.storage_path)
+    assert order == ["ray", "share", "caches", "nodes"]      # every node is checked before anything is built
     path, trainable, kwargs = calls["restore"]
     assert path == spec.experiment_path == calls["can"]
     assert kwargs == {"resume_unfinished": True, "resume_errored": False, "restart_errored": False}

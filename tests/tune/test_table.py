@@ -82,6 +82,12 @@ def test_spreads_and_a_cut_short_last_line(assets, tmp_path):
         read_table(tmp_path / "other.jsonl")
 
 
+def test_from_sweep_of_a_missing_sweep_is_one_line(tmp_path):
+    p = _run(["table", "from-sweep", "nosuch", "--storage", str(tmp_path), "--out", str(tmp_path / "t.jsonl")])
+    assert p.returncode == 2 and "no sweep named 'nosuch'" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "t.jsonl").exists()
+
+
 def test_from_sweep_refuses_a_sweep_with_early_stopped_trials(tmp_path_factory, tmp_path):
     info = ensure_smoke_sweep(tmp_path_factory.getbasetemp())
     assert info["counts"].get("stopped_early"), info["counts"]

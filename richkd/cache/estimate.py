@@ -1,4 +1,5 @@
-"""`richkd cache --plan`: the size of a photo dataset's multi-view caches and their build time, before building.
+"""`richkd cache --plan`: the size of a photo dataset's multi-view caches and their build time, estimated before
+building (richkd.cache.build.plan_caches is the other plan: which entries a config reads and which are missing).
 
 Sizes are exact: rows x views x the bytes of each stored array (docs/architecture.md#imagenet-scale), e.g. for
 ImageNet-1k at V views: 1.28M x V x (1000 fp16 logits + a 512-d fp16 teacher feature + a 768-d fp16 ViT-L/14
@@ -14,14 +15,22 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
+
+from richkd.cache.identity import cached_rows
 from richkd.cache.topk import topk_nbytes
+from richkd.clip import ClipTeacher, register_tiny_config
 from richkd.config import Config
+from richkd.data import build_data, normalize
+from richkd.data.photos import decode_views
+from richkd.device import resolve_device
+from richkd.models import create_model
 
 BOX_BYTES = 7 * 4   # one int32 box record per view, in every entry (richkd.data.photos.BOX_FIELDS)
 
 
 @dataclass
-class CachePlan:
+class CacheEstimate:
     images: int
     views: int
     num_classes: int
@@ -50,8 +59,6 @@ def _clip_arch(cfg: Config):
     """(model, embed dim) of cfg.clip.model with random weights: its speed and width, without the weights file."""
     import open_clip
 
-    from richkd.clip import register_tiny_config
-
     register_tiny_config()
     model = open_clip.create_model(cfg.clip.model, pretrained=None, device="cpu")
     return model, int(open_clip.get_model_config(cfg.clip.model)["embed_dim"])
@@ -60,8 +67,6 @@ def _clip_arch(cfg: Config):
 def _rate(fn, batch, repeats: int = 2) -> float:
     """Items per second of fn(batch) after one warm-up call; on CUDA the clock stops when the kernels are done,
     not when they are launched."""
-    import torch
-
     def sync() -> None:
         if batch.device.type == "cuda":
             torch.cuda.synchronize(batch.device)
@@ -75,42 +80,34 @@ def _rate(fn, batch, repeats: int = 2) -> float:
     return repeats * batch.shape[0] / max(time.perf_counter() - started, 1e-9)
 
 
-def plan_caches(cfg: Config, images: Optional[int] = None, num_classes: Optional[int] = None,
-                calibrate: bool = True, calibration_images: int = 8) -> CachePlan:
-    """The plan of cfg's photo caches; images / num_classes override the dataset's (e.g. a full ImageNet plan)."""
-    import torch
-
-    from richkd.cache.identity import cached_rows
-    from richkd.data import build_data, normalize
-    from richkd.data.photos import decode_views
-    from richkd.device import resolve_device
-    from richkd.models import create_model
-
+def estimate_caches(cfg: Config, images: Optional[int] = None, num_classes: Optional[int] = None,
+                    calibrate: bool = True, calibration_images: int = 8) -> CacheEstimate:
+    """The estimate for cfg's photo caches; images / num_classes override the dataset's (e.g. all of ImageNet)."""
     data = build_data(cfg.data)
     rows = cached_rows(data, "train")
     c = num_classes or data.num_classes
-    plan = CachePlan(images=images or len(rows), views=cfg.teaching.views, num_classes=c,
+    est = CacheEstimate(images=images or len(rows), views=cfg.teaching.views, num_classes=c,
                      device=str(resolve_device(cfg.device)), workers=cfg.data.num_workers)
     teacher = create_model(cfg.teacher.arch, c).eval()
     k = cfg.teaching.logit_topk
-    plan.entries["teacher"] = {"logits": 2 * c if k is None else topk_nbytes(k), "feat": 2 * teacher.feat_dim,
+    est.entries["teacher"] = {"logits": 2 * c if k is None else topk_nbytes(k), "feat": 2 * teacher.feat_dim,
                                "boxes": BOX_BYTES}
     clip_model = None
     if cfg.uses_clip:
         clip_model, dim = _clip_arch(cfg)
-        plan.entries["clip-image"] = {"feat": 2 * dim, "boxes": BOX_BYTES}
+        est.entries["clip-image"] = {"feat": 2 * dim, "boxes": BOX_BYTES}
     if not calibrate:
-        return plan
-    views_total = plan.images * plan.views
+        return est
+    views_total = est.images * est.views
     source = data.train_clean.source
     sample = rows[:calibration_images]
     started = time.perf_counter()
     for r in sample:
-        decode_views(source, int(r), plan.views, cfg.teaching.view_seed, data.image_size)
+        decode_views(source, int(r), est.views, cfg.teaching.view_seed, data.image_size)
     per_image = (time.perf_counter() - started) / max(1, len(sample))
-    plan.rates["decode_images_per_s"] = 1.0 / per_image
-    plan.seconds["decode"] = per_image * plan.images
-    dev = torch.device(plan.device)
+    est.rates["decode_images_per_s"] = 1.0 / per_image
+    est.seconds["decode"] = per_image * est.images
+    dev = torch.device(est.device)
     # a GPU needs large batches to show its speed; on a CPU a few images give the per-image cost
     batch = torch.rand(min(cfg.data.eval_batch_size, 64 if dev.type == "cuda" else 8), 3, data.image_size,
                        data.image_size, device=dev)
@@ -118,17 +115,15 @@ def plan_caches(cfg: Config, images: Optional[int] = None, num_classes: Optional
     mean, std = (torch.tensor(v, device=dev) for v in (data.mean, data.std))
     with torch.inference_mode():
         rate = _rate(lambda x: teacher(normalize(x, mean, std)), batch)
-    plan.rates["teacher_views_per_s"] = rate
-    plan.seconds["teacher"] = views_total / rate
+    est.rates["teacher_views_per_s"] = rate
+    est.seconds["teacher"] = views_total / rate
     if clip_model is not None:
-        from richkd.clip import ClipTeacher
-
         clip = ClipTeacher(clip_model.to(dev), None, model_name=cfg.clip.model, pretrained="random", weights_id="-")
         with torch.inference_mode():
             rate = _rate(clip.encode_images, batch[: min(len(batch), cfg.clip.batch_size)])
-        plan.rates["clip_views_per_s"] = rate
-        plan.seconds["clip"] = views_total / rate
-    return plan
+        est.rates["clip_views_per_s"] = rate
+        est.seconds["clip"] = views_total / rate
+    return est
 
 
 def _size(n: float) -> str:
@@ -143,25 +138,25 @@ def _duration(s: float) -> str:
     return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.1f} min" if s >= 60 else f"{s:.1f} s"
 
 
-def format_plan(plan: CachePlan, cfg: Config, shard_rows: int) -> str:
-    lines = [f"cache plan: {plan.images:,} images x {plan.views} views = {plan.images * plan.views:,} cached views, "
-             f"{plan.num_classes} classes, {math.ceil(plan.images / shard_rows)} shards of {shard_rows} rows"]
-    for kind, arrays in plan.entries.items():
+def format_estimate(est: CacheEstimate, cfg: Config, shard_rows: int) -> str:
+    lines = [f"cache plan: {est.images:,} images x {est.views} views = {est.images * est.views:,} cached views, "
+             f"{est.num_classes} classes, {math.ceil(est.images / shard_rows)} shards of {shard_rows} rows"]
+    for kind, arrays in est.entries.items():
         parts = ", ".join(f"{name} {n} B" for name, n in arrays.items())
-        lines.append(f"  {kind:<11} {sum(arrays.values()):>6} B/view ({parts})  {_size(plan.entry_bytes(kind))}")
-    lines.append(f"  total       {_size(plan.total_bytes)} on disk (memory-mapped: a trial copies only its batches)")
-    if plan.seconds:
-        r = plan.rates
-        lines.append(f"build time on this machine ({plan.device}, measured):")
-        decode = plan.seconds["decode"]
-        lines.append(f"  decode + {plan.views} crops  {r['decode_images_per_s']:.1f} images/s per process -> "
-                     f"{_duration(decode)} in one, {_duration(decode / max(1, plan.workers))} in "
-                     f"data.num_workers={plan.workers}")
+        lines.append(f"  {kind:<11} {sum(arrays.values()):>6} B/view ({parts})  {_size(est.entry_bytes(kind))}")
+    lines.append(f"  total       {_size(est.total_bytes)} on disk (memory-mapped: a trial copies only its batches)")
+    if est.seconds:
+        r = est.rates
+        lines.append(f"build time on this machine ({est.device}, measured):")
+        decode = est.seconds["decode"]
+        lines.append(f"  decode + {est.views} crops  {r['decode_images_per_s']:.1f} images/s per process -> "
+                     f"{_duration(decode)} in one, {_duration(decode / max(1, est.workers))} in "
+                     f"data.num_workers={est.workers}")
         lines.append(f"  teacher {cfg.teacher.arch:<10} {r['teacher_views_per_s']:.1f} views/s -> "
-                     f"{_duration(plan.seconds['teacher'])}")
-        if "clip" in plan.seconds:
+                     f"{_duration(est.seconds['teacher'])}")
+        if "clip" in est.seconds:
             lines.append(f"  CLIP {cfg.clip.model:<13} {r['clip_views_per_s']:.1f} views/s -> "
-                         f"{_duration(plan.seconds['clip'])}")
-        lines.append(f"  estimate    {_duration(plan.estimate_s)} (decoding overlaps the models; the slower side "
+                         f"{_duration(est.seconds['clip'])}")
+        lines.append(f"  estimate    {_duration(est.estimate_s)} (decoding overlaps the models; the slower side "
                      "decides)")
     return "\n".join(lines)

@@ -1,0 +1,117 @@
+"""A flat cache entry computed in row blocks (by several processes or machines) and assembled into the same entry
+(docs/architecture.md#building-on-the-workers): the teacher and CLIP forwards run on the workers' accelerators.
+
+Each block computes every cached view of a contiguous range of rows into a temporary `.<entry>.blocks-<token>`
+folder beside the entries (shared storage on a cluster); the assembly concatenates them and writes the entry
+atomically, equal to one built in one process. Block boundaries fall on multiples of the batch size, so every
+block runs exactly the batches one process would. Row blocks are transient; the shards of a sharded entry
+(richkd.cache.entries) are part of its layout. Plain functions: richkd.tune.cache_tasks decides where they run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+
+from richkd.cache.build import EntryJob, entry_outputs, rows_dataset
+from richkd.cache.entries import CacheError, write_entry
+from richkd.config import Config
+from richkd.data import build_data
+from richkd.device import resolve_device
+from richkd.io import write_array_folder
+
+BLOCK_PREFIX = "rows-"
+SHARED_FIX = ("teaching.cache_dir must be storage every node mounts at the same path (e.g. NFS): cache row blocks "
+              "written on one node are assembled on another")
+
+
+def block_ranges(n_rows: int, batch_size: int, n_blocks: int) -> list[tuple[int, int]]:
+    """At most n_blocks contiguous [start, stop) row ranges covering n_rows, split on batch boundaries as evenly
+    as whole batches allow (never an empty block; fewer blocks than asked when there are fewer batches)."""
+    if n_rows <= 0:
+        return []
+    if batch_size < 1 or n_blocks < 1:
+        raise ValueError(f"batch_size and n_blocks must be >= 1, got {batch_size} and {n_blocks}")
+    n_batches = math.ceil(n_rows / batch_size)
+    n = min(n_blocks, n_batches)
+    base, extra = divmod(n_batches, n)
+    ranges, first = [], 0
+    for i in range(n):
+        last = first + base + (1 if i < extra else 0)
+        ranges.append((first * batch_size, min(last * batch_size, n_rows)))
+        first = last
+    return ranges
+
+
+def block_root(job: EntryJob, token: Optional[str] = None) -> Path:
+    """A fresh temporary folder for job's row blocks, beside the entries (a dot name: not an entry)."""
+    return Path(job.cache_dir) / f".{job.name}.blocks-{token or uuid.uuid4().hex[:12]}"
+
+
+def compute_block(job: EntryJob, start: int, stop: int, root: str | Path, device=None) -> dict:
+    """Compute rows [start, stop) of job's entry (all views) and write them as one folder under root.
+
+    Returns what the assembly needs: the folder, the range and the manifest extras the computation produced.
+    Writing is atomic and idempotent, so a retried block task is harmless.
+    """
+    cfg = Config.from_dict(job.config)
+    data = build_data(cfg.data)
+    dataset = rows_dataset(data, job.split, start, stop)
+    if len(dataset) != stop - start:
+        raise CacheError(f"cache {job.name}: this node's dataset has {start + len(dataset)} rows where the driver "
+                         f"planned {job.n_rows}; every node must see the same data (data.root)")
+    arrays, extra = entry_outputs(job, cfg, data, dataset, resolve_device(device or cfg.device))
+    folder = write_array_folder(Path(root) / f"{BLOCK_PREFIX}{start:010d}-{stop:010d}", arrays,
+                                {"entry": job.name, "start": start, "stop": stop, "extra": extra})
+    return {"folder": str(folder), "start": start, "stop": stop, "extra": extra}
+
+
+def assemble_entry(job: EntryJob, blocks: Iterable[dict], root: Optional[str | Path] = None) -> Path:
+    """Concatenate job's row blocks (the dicts compute_block returned) into its entry, written atomically; then
+    delete the block folders. A block this process cannot see (cache folder not shared) is one CacheError."""
+    blocks = sorted(blocks, key=lambda b: b["start"])
+    covered = [(b["start"], b["stop"]) for b in blocks]
+    if not blocks or covered[0][0] != 0 or covered[-1][1] != job.n_rows or \
+            any(a[1] != b[0] for a, b in zip(covered, covered[1:])):
+        raise CacheError(f"cache {job.name}: row blocks {covered} do not cover rows [0, {job.n_rows}) (internal error)")
+    parts = [_read_block(job, b) for b in blocks]
+    extras = [b["extra"] for b in blocks]
+    if any(json.dumps(e, sort_keys=True, default=str) != json.dumps(extras[0], sort_keys=True, default=str)
+           for e in extras):
+        raise CacheError(f"cache {job.name}: row blocks disagree on {sorted(extras[0])} ({extras}); every node must "
+                         "run the same richkd and CLIP versions")
+    arrays = {name: _concat(name, [p[name] for p in parts], [b["stop"] - b["start"] for b in blocks], job.views)
+              for name in parts[0]}
+    path = write_entry(job.entry, job.cache_dir, arrays, extra=extras[0] or None)
+    remove_blocks(root if root is not None else Path(blocks[0]["folder"]).parent)
+    return path
+
+
+def _read_block(job: EntryJob, block: dict) -> dict[str, np.ndarray]:
+    folder = Path(block["folder"])
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        where = f" (written on node {block['node_id']})" if block.get("node_id") else ""
+        raise CacheError(f"cache {job.name}: row block {folder}{where} is not visible here; {SHARED_FIX}")
+    meta = json.loads(manifest.read_text())
+    return {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in meta["arrays"]}
+
+
+def _concat(name: str, pieces: list[np.ndarray], sizes: list[int], views: int) -> np.ndarray:
+    """`rows` is per dataset row; the outputs hold row v * n + i for view v of row i, per block and whole."""
+    if name == "rows" or views == 1:
+        return np.concatenate(pieces)
+    whole = np.concatenate([p.reshape(views, n, *p.shape[1:]) for p, n in zip(pieces, sizes)], axis=1)
+    return whole.reshape(views * sum(sizes), *whole.shape[2:])
+
+
+def remove_blocks(root: str | Path) -> None:
+    """Delete a row blocks folder (after assembly, or after a failed build)."""
+    root = Path(root)
+    if root.name.startswith(".") and ".blocks-" in root.name:   # never anything but a row blocks folder
+        shutil.rmtree(root, ignore_errors=True)
