@@ -205,4 +205,3 @@ def write_group_page(group: ArmsGroup, reports: dict) -> str:
     path = os.path.join(group.path, "report", "index.html")
     atomic_write_text(path, page)
     return path
-
