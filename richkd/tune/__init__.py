@@ -12,9 +12,9 @@
     describe_*                      what each command prints
 
 The rule: an operation that reads or writes a sweep lives here, and every `richkd` command calls one of these
-names (richkd/cli/sweep.py, search.py, report.py); the HTML report draws a sweep read with `load_sweep` and is an application
-above this layer (richkd.report). Importing `richkd.tune` is light: each name loads its module, and with it Ray,
-Optuna or MLflow, on first use.
+names (richkd/cli/sweep.py, search.py, report.py); the HTML report draws a sweep read with `load_sweep` and is an
+application above this layer (richkd.report). Importing `richkd.tune` is light: each name loads its module, and
+with it Ray, Optuna or MLflow, on first use.
 """
 from __future__ import annotations
 
