@@ -50,7 +50,7 @@ def preflight_times(root: Path, repeats: int) -> list[float]:
 
     spec = spec_from_mapping(spec_mapping(root, root / "fmnist2000", "preflight", "fifo", 4, 2))
     Path(spec.tune.storage_path).mkdir(parents=True, exist_ok=True)     # as `richkd sweep` does before the check
-    needs = sweep_needs(spec.cache_probe_configs(), [], spec.tune.storage_path)
+    needs = sweep_needs(spec.cache_probe_configs, [], spec.tune.storage_path)
     cluster = _cluster(2)
     try:
         ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")

@@ -2,9 +2,9 @@
 per-trial start-up overhead, and ASHA vs no early stopping on the same sampled configurations (18 trials x 9
 cheap epochs, grace 1, reduction factor 3: the shape in which early stopping pays off).
 
-Built from richkd.tune's public pieces (spec.spec_from_mapping, runner.init_ray / prepare_sweep_caches /
-build_tuner) plus a driver-side timing callback; runner._mlflow_setup is reused so trials log to MLflow exactly as
-`richkd sweep` does. The data is the first rows of the real Fashion-MNIST (Debian package) when present, else random
+Built from richkd.tune's public pieces (spec.spec_from_mapping, session.init_ray, runner.prepare_nodes /
+build_tuner) plus a driver-side timing callback; mlflow_callback.sweep_callback is reused so trials log to MLflow
+exactly as `richkd sweep` does. The data is the first rows of the real Fashion-MNIST (Debian package) when present, else random
 images; the teacher is a random-init resnet8 and CLIP the offline tiny model (costs, not accuracy, are measured).
 """
 from __future__ import annotations
@@ -125,13 +125,14 @@ def spec_mapping(root: Path, data: Path, name: str, scheduler: str, num_samples:
 def run_sweep_timed(spec, log: Optional[Callable] = None) -> dict:
     """richkd.tune.runner.run_sweep's steps (Ray already initialised), with a timing callback added."""
     from richkd.tune import runner
+    from richkd.tune.mlflow_callback import sweep_callback
 
     t0 = time.perf_counter()
-    runner.prepare_sweep_caches(spec)
+    runner.prepare_nodes(spec)
     cache_s = time.perf_counter() - t0
     callbacks: list = []
     try:
-        _, _, callbacks = runner._mlflow_setup(spec)
+        callbacks = [sweep_callback(spec)]
     except Exception as exc:  # the runner's internals moved: measure without MLflow rather than fail
         if log:
             log(f"  (MLflow callback unavailable: {exc})")
@@ -158,7 +159,7 @@ def run_sweep_timed(spec, log: Optional[Callable] = None) -> dict:
 def _ensure_ray(log) -> float:
     import ray
 
-    from richkd.tune.runner import init_ray
+    from richkd.tune.session import init_ray
 
     t0 = time.perf_counter()
     if not ray.is_initialized():

@@ -16,10 +16,11 @@ from typing import Callable
 from richkd.cache import prepare_caches
 from richkd.clip import init_tiny_clip
 from richkd.config import Config
-from richkd.export import export_sweep
 from richkd.io import atomic_write_text, ensure_writable
 from richkd.report import build_report
+from richkd.tracking import experiment_url, local_ui
 from richkd.trainer import Run
+from richkd.tune.export import export_sweep
 from richkd.tune.runner import run_sweep
 from richkd.tune.spec import load_spec
 from richkd.validate import check_resources
@@ -108,6 +109,7 @@ def run_sweep_stage(out_root: Path, sizes: dict, summary: dict) -> str:
     best = exported.best
     summary.update({"sweep": name, "sweep_dir": str(exported.out_dir), "best_config": str(exported.best_config),
                     "leaderboard": str(exported.leaderboard), "tracking_uri": spec.mlflow.tracking_uri,
+                    "mlflow_link": experiment_url(local_ui(), outcome.experiment_id, spec.tune.metric, spec.tune.mode),
                     "best_trial": best.trial_id, "best_val_top1": best.value, "best_params": dict(best.sampled),
                     "sweep_trials": len(exported.rows), "sweep_outcomes": outcome.counts,
                     "sweep_epochs": sum(r.epochs for r in exported.rows), "sweep_wall_s": outcome.wall_s,
@@ -193,6 +195,6 @@ def print_summary(out_root: Path, summary: dict) -> None:
             print(f"   report        {summary['report']}")
         uri = shown_uri(summary["tracking_uri"])
         print(f"   MLflow store  {uri}")
-        print(f"   open the UI:  richkd ui --tracking-uri {uri}")
+        print(f"   open the UI:  richkd ui --tracking-uri {uri}, then {summary['mlflow_link']}")
     print(f"   configs       {out_root / 'configs'}   (e.g. richkd train --config {out_root}/configs/kd.yaml)")
     print(f"   NOTE: {REAL_CLIP_HINT.format(configs=out_root / 'configs')}")

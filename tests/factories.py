@@ -135,7 +135,7 @@ def shared_ray() -> None:
     cache tasks in this process: richkd's init_ray then finds it up and leaves it running, so those tests share
     one start-up (not what they test; it costs seconds on 2 cores). A test that connects to a cluster of its own
     shuts it down first; the next test that calls this starts it again; tests/conftest.py stops it at the end."""
-    from richkd.tune.runner import init_ray
+    from richkd.tune.session import init_ray
 
     init_ray(num_cpus=2)
 

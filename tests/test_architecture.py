@@ -15,8 +15,9 @@ PACKAGE = REPO / "richkd"
 
 def drawn_layers(doc: str) -> tuple[dict[str, int], tuple[str, ...]]:
     """({module or package: layer}, layer names bottom up) from the drawing under "## Layers": lines such as
-    ` 3 training core    trainer · robustness.{engine, report}`; a parenthesis is a comment."""
-    drawing = doc.split("## Layers")[1].split("```")[1]
+    ` 3 training core    trainer · robustness.{engine, report}`, continued on lines that start `│` and text; a
+    parenthesis is a comment."""
+    drawing = re.sub(r"\n *│ {2,}(?=\S)", " ", doc.split("## Layers")[1].split("```")[1])
     layers, names = {}, {}
     for number, name, members in re.findall(r"^ *(\d) (\w+(?: \w+)*) {2,}(.*)$", drawing, re.MULTILINE):
         names[int(number)] = name
@@ -84,6 +85,7 @@ def test_the_drawing_names_every_module_and_nothing_else():
     assert LAYER_NAMES == ("foundation", "building blocks", "teaching", "training core", "sweep layer",
                            "applications")                                  # the parser read every layer
     assert layer_of("richkd.robustness.engine") == 3 and layer_of("richkd.robustness.scores") == 1
+    assert {"richkd.tune.errors", "richkd.tune.arms"} <= set(LAYERS)                # continued lines read too
     undrawn = [m for m in sorted(MODULES) if m != "richkd" and drawn_name(m) is None]
     assert undrawn == [], f"docs/architecture.md's layer drawing does not name {undrawn}"
     ghosts = [name for name in sorted(LAYERS) if name not in MODULES]

@@ -298,7 +298,7 @@ def test_cache_and_finalist_tasks_given_a_gpu_they_cannot_use_fail_with_one_line
     from richkd.cache.build import plan_caches
     from richkd.device import CudaUnusableError
     from richkd.tune.cache_tasks import _shard_task, _whole_task
-    from richkd.tune.finalize_tasks import train_seed
+    from richkd.tune.finalize import train_seed
 
     cfg = device_cfg(assets, tmp_path, "auto")
     jobs = plan_caches(cfg).missing
@@ -401,7 +401,7 @@ def test_a_cache_task_on_the_gpu_builds_what_the_cpu_builds(assets, tmp_path):
     ray = pytest.importorskip("ray", reason="the GPU cache task is a Ray task")
     from richkd.cache import prepare_caches
     from richkd.tune.cache_tasks import build_caches
-    from richkd.tune.runner import init_ray
+    from richkd.tune.session import init_ray
 
     cfg = device_cfg(assets, tmp_path, "auto", **{"teaching.cache_dir": str(tmp_path / "gpu")})
     if ray.is_initialized():

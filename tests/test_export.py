@@ -24,13 +24,13 @@ def smoke(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def exported(smoke):
-    from richkd.export import export_sweep
+    from richkd.tune.export import export_sweep
 
     return export_sweep(smoke["name"], storage=smoke["storage"])
 
 
 def test_best_config_round_trips_to_the_trial_config(smoke, exported):
-    from richkd.tune.sweep_record import read_sweep_record
+    from richkd.tune.results import read_sweep_record
     from richkd.tune.trainable import load_checkpoint_state
 
     best = exported.best
@@ -76,7 +76,7 @@ def test_best_is_the_survivor_with_the_best_last_value(smoke, exported):
 
 
 def test_best_trial_json_and_header_carry_the_metadata(smoke, exported):
-    from richkd.tune.mlflow_client import TRIAL_TAG, client_for
+    from richkd.tracking import TRIAL_TAG, client_for
 
     info = json.loads(exported.best_trial.read_text())
     assert info["trial_id"] == exported.best.trial_id
@@ -111,7 +111,7 @@ def test_leaderboard_lists_every_trial_with_params_metrics_and_status(smoke, exp
 
 
 def test_export_files_are_attached_to_the_parent_run(smoke, exported):
-    from richkd.tune.mlflow_client import client_for
+    from richkd.tracking import client_for
 
     client = client_for(smoke["tracking_uri"])
     names = {Path(a.path).name for a in client.list_artifacts(smoke["parent_run_id"], "export")}
@@ -129,7 +129,7 @@ def test_export_cli(smoke, capsys):
 
 
 def test_no_survivor_is_a_clear_error(smoke):
-    from richkd.export import ExportError, best_trial, load_sweep
+    from richkd.tune.export import ExportError, best_trial, load_sweep
 
     spec, _, _, rows = load_sweep(smoke["name"], smoke["storage"])
     for r in rows:
@@ -140,7 +140,7 @@ def test_no_survivor_is_a_clear_error(smoke):
 
 def test_finalize_retrains_the_top_config_over_seeds_on_the_test_split(smoke, tmp_path):
     from richkd.tune.finalize import finalize_sweep
-    from richkd.tune.mlflow_client import KIND_TAG, PARENT_TAG, client_for
+    from richkd.tracking import KIND_TAG, PARENT_TAG, client_for
 
     import ray
 
@@ -223,7 +223,7 @@ def test_finalize_with_holdout_keeps_the_sweeps_validation_split(smoke, tmp_path
     import ray
 
     from richkd.cli import main
-    from richkd.tune.mlflow_client import client_for
+    from richkd.tracking import client_for
 
     if ray.is_initialized():          # the session's shared Ray: this command starts its own, and stops it
         ray.shutdown()

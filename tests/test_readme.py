@@ -63,7 +63,7 @@ def test_the_layout_lists_every_module():
             continue
         shown = f"richkd/{entry.name}/" if entry.is_dir() else entry.name
         assert shown in layout, f"README.md's Layout does not list {shown}"
-    tune_line = layout.split("richkd/tune/")[1].split("richkd/export.py")[0]
+    tune_line = layout.split("richkd/tune/")[1].split("richkd/report/")[0]
     for module in sorted((package / "tune").glob("*.py")):
         if module.stem != "__init__":
             assert re.search(rf"\b{module.stem}\b", tune_line), f"Layout: richkd/tune/{module.name} missing"

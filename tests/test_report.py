@@ -190,7 +190,7 @@ def report(smoke) -> dict:
 
 @pytest.mark.slow
 def test_page_has_every_trial_in_the_leaderboard_and_highlights_the_exported_best(smoke, report):
-    from richkd.export import best_trial, load_sweep
+    from richkd.tune.export import best_trial, load_sweep
 
     spec, _, _, rows = load_sweep(smoke["name"], smoke["storage"])
     best = best_trial(rows, spec)
@@ -291,7 +291,7 @@ def test_search_progress_and_early_stopping_note_from_the_trial_folders(smoke, r
 
 @pytest.mark.slow
 def test_report_is_logged_on_the_parent_run(smoke, report):
-    from richkd.tune.mlflow_client import client_for
+    from richkd.tracking import client_for
 
     client = client_for(smoke["tracking_uri"])
     names = {Path(a.path).name for a in client.list_artifacts(smoke["parent_run_id"], "report")}

@@ -1,9 +1,10 @@
-"""`richkd report SWEEP`: argparse only at import; the handler imports the report builder lazily, returns an exit
-code, and raises on a user error (SpecError, ExportError, a missing folder)."""
+"""`richkd report SWEEP`: argparse and the light richkd.tune front door at import; the handler imports the report
+builder lazily, returns an exit code, and raises on a user error (SpecError, ExportError, a missing folder)."""
 from __future__ import annotations
 
 import argparse
 
+from richkd import tune
 from richkd.cli.common import add_command, add_storage_args
 
 REPORT_EPILOG = """examples:
@@ -28,14 +29,13 @@ def add_commands(subparsers) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from richkd.report import build_report
-    from richkd.tune.arms import read_group, write_group_page
 
-    found = read_group(args.sweep, args.storage)
+    found = tune.read_group(args.sweep, args.storage)
     if found is not None:      # the arms of a fair comparison: each arm's report, and one page over them
         group = found[0]
         reports = {arm: str(build_report(sweep, storage=group.storage, log_mlflow=not args.no_mlflow).index)
                    for arm, sweep in group.sweeps.items()}
-        print(f"arms of {group.name}: {write_group_page(group, reports)}")
+        print(f"arms of {group.name}: {tune.write_group_page(group, reports)}")
         for arm, path in reports.items():
             print(f"  {arm}: {path}")
         return 0

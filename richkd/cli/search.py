@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from richkd import tune
 from richkd.cli.common import (add_command, add_quiet_arg, add_ray_args, add_set_arg, at_least_one, interactive,
                                verbosity)
 from richkd.cli.sweep import stoppable
@@ -28,25 +29,16 @@ once per seed, and prints the best validation top-1 found, the test top-1 of tha
 """
 
 
-def _spec(path: str, overrides: list, name: str | None = None):
-    from richkd.tune.spec import load_spec
-
-    return load_spec(path, list(overrides) + ([f"name={name}"] if name else []))
-
-
 def cmd_table(args: argparse.Namespace) -> int:
-    from richkd.tune.runner import build_table
-    from richkd.tune.table import read_table, table_from_sweep
-
     if args.table_command == "info":
-        print(read_table(args.file).describe())
+        print(tune.read_table(args.file).describe())
         return 0
     if args.table_command == "from-sweep":
-        print(table_from_sweep(args.sweep, args.out, storage=args.storage).describe())
+        print(tune.table_from_sweep(args.sweep, args.out, storage=args.storage).describe())
         return 0
     at_least_one(configs=args.configs, seeds=args.seeds, num_cpus=args.num_cpus)
-    spec = _spec(args.spec, args.set + ([f"tune.storage_path={args.storage}"] if args.storage else []))
-    table = stoppable(lambda: build_table(spec, args.out, configs=args.configs, seeds=args.seeds,
+    spec = tune.load_spec(args.spec, args.set + ([f"tune.storage_path={args.storage}"] if args.storage else []))
+    table = stoppable(lambda: tune.build_table(spec, args.out, configs=args.configs, seeds=args.seeds,
                                           seeds_for=args.seeds_for, address=args.address, num_cpus=args.num_cpus,
                                           verbose=verbosity(args), progress=True),
                       lambda: f"finished rows are in {args.out}; run the same command again to train the rest")
@@ -55,21 +47,14 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from richkd.tune.replay import describe_replays, replay_many
-    from richkd.tune.table import read_table
-    from richkd.tune.warm_start import load_warm_start
-
-    table = read_table(args.table)
-    if args.spec:
-        spec = _spec(args.spec, args.set)
-    else:   # the spec the table was built from, with --set applied
-        from richkd.tune.spec import spec_from_mapping
-
-        spec = spec_from_mapping(table.header["spec"], overrides=args.set, check_resources=False, check_data=False)
-    warm = load_warm_start(spec)
+    table = tune.read_table(args.table)
+    # the spec given, or the one the table was built from, with --set applied
+    spec = tune.load_spec(args.spec, args.set) if args.spec else table.spec_with(args.set)
+    warm = tune.load_warm_start(spec)
     if warm is not None:
         print(warm.describe())
-    print(describe_replays(replay_many(spec, table, seeds=args.seeds, progress=interactive(), warm=warm), spec))
+    print(tune.describe_replays(tune.replay_many(spec, table, seeds=args.seeds, progress=interactive(), warm=warm),
+                                spec))
     return 0
 
 

@@ -1,5 +1,6 @@
-"""`richkd sweep | export | finalize | ui`: the sweep commands. Argparse only at import: each handler imports
-richkd.tune (and so ray, optuna, mlflow) lazily, returns an exit code, and raises on a user error."""
+"""`richkd sweep | export | finalize | ui`: the sweep commands. Each handler calls one operation of the sweep
+layer's front door (richkd.tune, which loads ray, optuna and mlflow only when an operation runs), returns an exit
+code, and raises on a user error."""
 from __future__ import annotations
 
 import argparse
@@ -9,8 +10,12 @@ import socket
 import sys
 from typing import Callable, Optional
 
+from richkd import tune
 from richkd.cli.common import (Interrupted, UserError, add_command, add_quiet_arg, add_ray_args, add_set_arg,
                                add_storage_args, at_least_one, interactive, verbosity)
+from richkd.tracking import UI_PORT, experiment_links, local_ui
+from richkd.tune.errors import SpecError
+from richkd.tune.paths import DEFAULT_STORAGE, resolve_tracking_uri
 
 SWEEP_EPILOG = """examples:
   richkd sweep search_spaces/smoke.yaml
@@ -43,18 +48,18 @@ UI_EPILOG = """examples:
   richkd ui                                          # tune_runs/mlflow.db at http://127.0.0.1:5000
   richkd ui --port 5001 --storage /data/sweeps       # /data/sweeps/mlflow.db
   richkd ui --tracking-uri sqlite:///tune_runs/demo/mlflow.db     # the demo's store
+
+It prints a link per experiment that opens its runs table (the model-training view), best objective first.
 """
 
 
 # ----- handlers -------------------------------------------------------------------------------------------
 
 def stoppable(run: Callable, next_step: Callable[[], str]):
-    """run() under richkd.tune.runner.stop_signals: Ctrl-C and SIGTERM stop a sweep (or finalize) alike. A sweep
+    """run() under richkd.tune.stop_signals: Ctrl-C and SIGTERM stop a sweep (or finalize) alike. A sweep
     stopped inside Tuner.fit returns its outcome with `stopped_by` set (exit code 128 + signal); stopped anywhere
     else, it is an Interrupted with next_step() (exit code 128 + signal, from `main`)."""
-    from richkd.tune.runner import stop_signals
-
-    with stop_signals() as received:
+    with tune.stop_signals() as received:
         try:
             result = run()
         except KeyboardInterrupt as exc:
@@ -72,27 +77,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise UserError("sweep needs a SPEC file (see search_spaces/) or --resume NAME")
     at_least_one(num_cpus=args.num_cpus, num_samples=args.num_samples)
     if args.resume:
-        from richkd.tune.arms import read_group
-        from richkd.tune.outcome import describe_outcome
-        from richkd.tune.resume import resume_sweep
-        from richkd.tune.sweep_record import read_sweep_record
-
-        group = read_group(args.resume, args.storage)
+        group = tune.read_group(args.resume, args.storage)
         if group is not None:
             return _run_arms(group[1], args)
         storage = f" --storage {args.storage}" if args.storage else ""
-        outcome = stoppable(lambda: resume_sweep(args.resume, storage=args.storage, address=args.address,
-                                                 num_cpus=args.num_cpus, verbose=verbosity(args),
-                                                 progress=interactive()),
+        outcome = stoppable(lambda: tune.resume_sweep(args.resume, storage=args.storage, address=args.address,
+                                                      num_cpus=args.num_cpus, verbose=verbosity(args),
+                                                      progress=interactive()),
                             lambda: f"continue with `richkd sweep --resume {args.resume}{storage}`")
-        metric = read_sweep_record(args.resume, args.storage).spec.tune.metric
-        print(describe_outcome(outcome, metric))
+        metric = tune.read_sweep_record(args.resume, args.storage).spec.tune.metric
+        print(tune.describe_outcome(outcome, metric))
         return outcome.exit_code
-    from richkd.tune.spec import load_specs
-
     options = {"name": args.name, "tune.num_samples": args.num_samples, "tune.storage_path": args.storage,
                "mlflow.tracking_uri": args.tracking_uri}
-    specs = load_specs(args.spec, list(args.set) + [f"{k}={v}" for k, v in options.items() if v])
+    specs = tune.load_specs(args.spec, list(args.set) + [f"{k}={v}" for k, v in options.items() if v])
     if args.check:
         for spec in specs.values():
             _check(spec)
@@ -101,82 +99,66 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _run_arms(specs: dict, args: argparse.Namespace) -> int:
-    from richkd.tune.arms import group_for, run_arms
-
-    name = group_for(specs).name
+    name = tune.group_for(specs).name
     storage = f" --storage {args.storage}" if args.storage else ""
-    outcomes = stoppable(lambda: run_arms(specs, address=args.address, num_cpus=args.num_cpus,
-                                          verbose=verbosity(args), progress=interactive()),
+    outcomes = stoppable(lambda: tune.run_arms(specs, address=args.address, num_cpus=args.num_cpus,
+                                               verbose=verbosity(args), progress=interactive()),
                          lambda: f"continue with `richkd sweep --resume {name}{storage}`")
     print(f"arms of {name}: {', '.join(specs)}; compare them with `richkd finalize {name}{storage}`")
     return max(o.exit_code for o in outcomes)
 
 
 def _check(spec) -> None:
-    from richkd.tune.warm_start import load_warm_start
-
-    warm = load_warm_start(spec)
+    warm = tune.load_warm_start(spec)
     if warm is not None:
         print(warm.describe())
     print(f"spec {spec.name!r} is valid: {len(spec.params)} searched keys, {spec.tune.num_samples} samples, "
           f"{spec.tune.search.algorithm} + {spec.tune.scheduler.type} (max_t={spec.max_t}), "
           + (f"objectives {', '.join(f'{m} ({d})' for m, d in spec.tune.objective_pairs)} (ASHA uses "
              f"{spec.tune.metric}), " if spec.tune.multi_objective else "") +
-          f"{len(spec.cache_probe_configs())} cache configuration(s); results -> {spec.experiment_path}")
+          f"{len(spec.cache_probe_configs)} cache configuration(s); results -> {spec.experiment_path}")
 
 
 def _run_one(spec, args: argparse.Namespace) -> int:
-    from richkd.tune.outcome import describe_outcome, sweep_ref
-    from richkd.tune.runner import run_sweep
-    from richkd.tune.sweep_record import sweep_record_exists
-
     def next_step() -> str:
-        if sweep_record_exists(spec.experiment_path):
-            return f"continue with `richkd sweep --resume {sweep_ref(spec.name, spec.experiment_path)}`"
+        if tune.sweep_record_exists(spec.experiment_path):
+            return f"continue with `richkd sweep --resume {tune.sweep_ref(spec.name, spec.experiment_path)}`"
         return "no trial had started; run the same command again"
 
-    outcome = stoppable(lambda: run_sweep(spec, address=args.address, num_cpus=args.num_cpus,
-                                          verbose=verbosity(args), progress=interactive()), next_step)
-    print(describe_outcome(outcome, spec.tune.metric))
+    outcome = stoppable(lambda: tune.run_sweep(spec, address=args.address, num_cpus=args.num_cpus,
+                                               verbose=verbosity(args), progress=interactive()), next_step)
+    print(tune.describe_outcome(outcome, spec.tune.metric))
     return outcome.exit_code
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from richkd.export import describe_export, export_sweep
-    from richkd.tune.sweep_record import read_sweep_record
-
     pareto = None if args.pareto is None else [m for m in args.pareto.split(",") if m.strip()]
-    result = export_sweep(args.sweep, storage=args.storage, tracking_uri=args.tracking_uri, out_dir=args.out,
-                          pareto=pareto)
-    metric = read_sweep_record(args.sweep, args.storage).spec.tune.metric
-    print(describe_export(result, metric))
+    result = tune.export_sweep(args.sweep, storage=args.storage, tracking_uri=args.tracking_uri, out_dir=args.out,
+                               pareto=pareto)
+    print(tune.describe_export(result, tune.read_sweep_record(args.sweep, args.storage).spec.tune.metric))
     return 0
 
 
 def cmd_finalize(args: argparse.Namespace) -> int:
-    from richkd.tune.arms import describe_comparison, finalize_arms, read_group
-    from richkd.tune.finalize import describe_finalize, finalize_sweep
-
-    if read_group(args.sweep, args.storage) is not None:
+    if tune.read_group(args.sweep, args.storage) is not None:
         if args.top not in (None, 1):
             raise UserError(f"finalize {args.sweep}: an arms comparison re-trains each arm's best (top 1); drop --top")
         at_least_one(seeds=args.seeds, num_cpus=args.num_cpus)
-        comparison = stoppable(lambda: finalize_arms(args.sweep, seeds=args.seeds, storage=args.storage,
-                                                     progress=interactive(), tracking_uri=args.tracking_uri,
-                                                     overrides=args.set, holdout=args.holdout, address=args.address,
-                                                     num_cpus=args.num_cpus, force=args.force),
+        comparison = stoppable(lambda: tune.finalize_arms(
+            args.sweep, seeds=args.seeds, storage=args.storage, progress=interactive(), tracking_uri=args.tracking_uri,
+            overrides=args.set, holdout=args.holdout, address=args.address, num_cpus=args.num_cpus, force=args.force),
                                lambda: f"run `richkd finalize {args.sweep}` again with --force to start over")
-        print(describe_comparison(comparison))
+        print(tune.describe_comparison(comparison))
         return 0
 
     at_least_one(top=args.top, seeds=args.seeds, num_cpus=args.num_cpus)
-    result = stoppable(lambda: finalize_sweep(args.sweep, top=args.top, seeds=args.seeds, storage=args.storage,
-                                              tracking_uri=args.tracking_uri, overrides=args.set,
-                                              progress=interactive(), out_dir=args.out, holdout=args.holdout,
-                                              address=args.address, num_cpus=args.num_cpus, force=args.force),
+    result = stoppable(lambda: tune.finalize_sweep(
+        args.sweep, top=args.top, seeds=args.seeds, storage=args.storage, tracking_uri=args.tracking_uri,
+        overrides=args.set, progress=interactive(), out_dir=args.out, holdout=args.holdout, address=args.address,
+        num_cpus=args.num_cpus, force=args.force),
                        lambda: "the finalists written so far are kept; run it again with --force to replace them, "
                                "or with --out DIR")
-    print(describe_finalize(result))
+    print(tune.describe_finalize(result))
     return 0
 
 
@@ -188,11 +170,8 @@ def ui_command(tracking_uri: str, port: int, host: str = "127.0.0.1") -> list[st
 
 
 def resolve_ui_store(tracking_uri: Optional[str], storage: Optional[str]) -> str:
-    from richkd.tune.errors import SpecError
-    from richkd.tune.paths import resolve_tracking_uri
-
     uri = resolve_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
-                               os.path.abspath(storage or "tune_runs"))
+                               os.path.abspath(storage or DEFAULT_STORAGE))
     if uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///"):]):
         raise SpecError(f"no MLflow store at {uri[len('sqlite:///'):]}; run a sweep first, or pass --tracking-uri "
                         "(or --storage for a non-default tune_runs folder)")
@@ -214,9 +193,9 @@ def check_port(port: int, host: str = "127.0.0.1") -> None:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    """Serve the sweep's MLflow store. The process *becomes* the MLflow server (exec), so Ctrl-C or a SIGTERM
-    reaches the server itself and no orphan keeps the port. A tracking server (http/https) is already a UI:
-    its address is printed instead."""
+    """Serve the sweep's MLflow store, with a link per experiment that opens its runs table. The process
+    *becomes* the MLflow server (exec), so Ctrl-C or a SIGTERM reaches the server itself and no orphan keeps the
+    port. A tracking server (http/https) is already a UI: its address is printed instead."""
     uri = resolve_ui_store(args.tracking_uri, args.storage)
     if uri.startswith(("http://", "https://")):
         print(f"{uri} is an MLflow tracking server: open {uri} in a browser (`richkd ui` serves local stores such "
@@ -224,7 +203,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return 0
     check_port(args.port)
     cmd = ui_command(uri, args.port)
-    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
+    print(f"MLflow UI for {uri} at {local_ui(args.port)} (Ctrl-C to stop)")
+    for name, link in experiment_links(uri, local_ui(args.port)):
+        print(f"  {name}'s runs: {link}")
+    sys.stdout.flush()
     # MLflow 3's server also starts GenAI job-runner processes this project never uses: off, so they neither
     # slow the start nor outlive the server
     env = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
@@ -271,9 +253,7 @@ def add_commands(subparsers) -> None:
     add_ray_args(p, "the final trainings run as Ray tasks with the sweep's resources")
     add_storage_args(p)
 
-    p = subparsers.add_parser("ui", help="browse the sweeps' MLflow store (mlflow ui on 127.0.0.1)",
-                              epilog=UI_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 to serve the UI on (default 5000)")
+    p = add_command(subparsers, "ui", "browse the sweeps' MLflow store (mlflow ui on 127.0.0.1)", UI_EPILOG, cmd_ui)
+    p.add_argument("--port", type=int, default=UI_PORT, help=f"port on 127.0.0.1 to serve it on (default {UI_PORT})")
     add_storage_args(p)
-    p.set_defaults(func=cmd_ui)
 

@@ -11,7 +11,7 @@ from richkd.report import figures
 from richkd.report.data import load_report_data
 from richkd.report.importance import sweep_importances
 from richkd.report.page import render_page
-from richkd.tune.mlflow_client import client_for
+from richkd.tracking import attach
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +75,12 @@ def build_report(sweep: str, storage: Optional[str] = None, tracking_uri: Option
     written = [out / name for name in images.values()]
     atomic_write_text(index, render_page(data, importances, images, mlflow_note))
     mlflow_run = None
-    if log_mlflow and record.has_mlflow_run:
-        try:   # re-running the report replaces the files
-            client = client_for(record.tracking_uri)
-            for f in [index, *written]:
-                client.log_artifact(record.parent_run_id, str(f), artifact_path=ARTIFACT_DIR)
+    if log_mlflow and record.has_mlflow_run:   # re-running the report replaces the files
+        if attach(record.tracking_uri, record.parent_run_id, [index, *written], ARTIFACT_DIR):
             mlflow_run = record.parent_run_id
-        except Exception as exc:  # a down tracking server must not cost the user the report itself
-            mlflow_note = f"MLflow: could not log the report to run {record.parent_run_id}: {exc}"
+        else:   # a down tracking server must not cost the user the report itself
+            mlflow_note = (f"MLflow: could not log the report to run {record.parent_run_id}: {record.tracking_uri} "
+                           "did not take the files")
             log.warning("%s", mlflow_note)
             atomic_write_text(index, render_page(data, importances, images, mlflow_note))
     return ReportResult(index=index, images=written, importances=importances, n_trials=len(data.rows),

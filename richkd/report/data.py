@@ -1,5 +1,7 @@
-"""What a sweep report shows: the trials ranked as `richkd export` ranks them (richkd.tune.selection), their
-per-epoch curves (each trial's reports, `TrialRow.history`), and the counts derived from them."""
+"""What a sweep report shows: the trials ranked as `richkd export` ranks them (richkd.tune.results), their
+per-epoch curves (each trial's reports, `TrialRow.history`), and the counts derived from them. The sweep reader is
+imported where a sweep is read: it loads the spec's cache signature and with it torch, and `import richkd.report`
+stays light (docs/architecture.md, "Layers")."""
 from __future__ import annotations
 
 import math
@@ -10,8 +12,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 from richkd.pareto import front_rows
-from richkd.tune.results import survivors
-from richkd.tune.selection import load_sweep, output_dir
 
 EPOCH = "training_iteration"   # one tune.report per epoch: training_iteration == epoch
 
@@ -27,7 +27,7 @@ def curve(row, name: str) -> list[tuple[int, float]]:
 class ReportData:
     spec: Any                         # richkd.tune.spec.SweepSpec
     experiment_path: str
-    record: Any                       # richkd.tune.sweep_record.SweepRecord (parent_run_id, tracking_uri, ...)
+    record: Any                       # richkd.tune.results.SweepRecord (parent_run_id, tracking_uri, ...)
     rows: list                        # richkd.tune.results.TrialRow, ranked (export's order)
     out_dir: Path                     # where index.html and the PNGs go
     export_dir: Path                  # where `richkd export` writes best_config.yaml / leaderboard.csv
@@ -60,6 +60,8 @@ class ReportData:
     def best(self):
         """The trial `richkd export` selects: the best LAST value among trials that reached max_t, or None
         (for a multi-objective sweep: the Pareto-front member best by the first objective)."""
+        from richkd.tune.results import survivors
+
         alive = self.front if self.multi_objective else survivors(self.rows)
         return alive[0] if alive else None
 
@@ -108,6 +110,8 @@ def load_report_data(sweep: str, storage: Optional[str] = None, tracking_uri: Op
 
     Raises the SpecError of `read_sweep_record` for an unknown sweep and ExportError for a sweep without results.
     """
+    from richkd.tune.results import load_sweep, output_dir
+
     spec, path, record, rows = load_sweep(sweep, storage, tracking_uri)
     export_dir = output_dir(path, spec.name)
     folder = Path(out_dir) if out_dir else export_dir / "report"

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Mapping
 
 from richkd.io import atomic_path
-from richkd.tracking import STORE_SCHEMES, check_server, default_artifact_location, ensure_experiment
+from richkd.tracking import KIND_TAG, STORE_SCHEMES, check_server, log_run
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +107,6 @@ def check_tracking_uri(uri: str) -> str:
 def log_to_mlflow(report: Mapping, artifacts: list[Path], tracking_uri: str, experiment: str,
                   run_name: str) -> str:
     """Log a report's flat metrics, its parameters and the written files to one new MLflow run; return its id."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param
-
-    if tracking_uri.startswith("sqlite:///"):
-        Path(tracking_uri[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    client = MlflowClient(tracking_uri=tracking_uri)
-    experiment_id = ensure_experiment(client, experiment, default_artifact_location(tracking_uri))
     params = {k: report.get(k) for k in ("checkpoint", "checkpoint_sha256", "arch", "dataset", "split", "suite",
                                          "seed", "max_samples")}
     corr = report.get("corruptions")
@@ -125,12 +117,7 @@ def log_to_mlflow(report: Mapping, artifacts: list[Path], tracking_uri: str, exp
             params["reference"] = corr["reference"]["reference"]
     if report.get("shift"):
         params["shift_dataset"] = report["shift"]["dataset"]
-    run_id = client.create_run(experiment_id, run_name=run_name, tags={"richkd.kind": "evaluate"}).info.run_id
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, params=[Param(k, "" if v is None else str(v)) for k, v in params.items()],
-                     metrics=[Metric(k, float(v), now, 0) for k, v in report["metrics"].items() if v is not None])
-    for path in artifacts:
-        client.log_artifact(run_id, str(path))
-    client.set_terminated(run_id)
+    run_id = log_run(tracking_uri, experiment, run_name, params=params, metrics=report["metrics"],
+                     tags={KIND_TAG: "evaluate"}, artifacts=artifacts, wait_s=None)
     log.info("logged evaluation to MLflow run %s (%s, experiment %r)", run_id, tracking_uri, experiment)
     return run_id

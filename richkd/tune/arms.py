@@ -1,34 +1,32 @@
-"""Fair comparisons of methods: a spec's `arms:` (e.g. richkd, the alpha = 1 KD control, DKD), each tuned with
-the same budget, each arm's best re-trained over the same seeds, differences with bootstrap confidence intervals.
-
-Every arm is a sweep of its own, `<name>.<arm>`, made from the shared spec with the arm's `config:`, `space:` and
-`points_to_evaluate:` (richkd.tune.spec.arm_mappings): the `tune:` section (trials, searcher and seed, scheduler,
-resources), the schedule and the seed are shared, so no arm gets more tuning than another (docs/search.md#fair-
-comparisons). `<storage>/<name>/arms.json` lists the arms; `richkd finalize <name>` re-trains each arm's best over
-N seeds (`richkd finalize`'s own code, top 1) and writes `comparison.json`: per arm the test top-1 mean and sample
-std, and for every pair the difference of means with a 95% percentile-bootstrap interval (resampling each arm's
-seeds) and whether it excludes zero. The comparison is also one MLflow run in the sweeps' experiment.
+"""Fair comparisons (docs/search.md, "Fair comparisons"): a spec's `arms:` (e.g. richkd, the alpha = 1 KD control,
+DKD) are sweeps of their own, `<name>.<arm>` (richkd.tune.spec.arm_mappings), sharing the `tune:` section, the
+schedule and the seed, so each arm gets the same tuning budget; `<storage>/<name>/arms.json` lists them. `richkd
+finalize <name>` re-trains each arm's best over the same seeds and writes `comparison.json` (and one MLflow run): per
+arm the test top-1 mean and sample std, per pair the difference of means with a 95% percentile-bootstrap interval.
 """
 from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 from dataclasses import dataclass, field
+from html import escape
 from typing import Optional
 
 import numpy as np
 
 from richkd.io import atomic_write_text
+from richkd.tracking import KIND_TAG, log_run
 from richkd.tune.errors import SpecError
 from richkd.tune.finalize import finalize_sweep
-from richkd.tune.mlflow_client import KIND_TAG, client_for, log_metrics, set_tags
 from richkd.tune.outcome import describe_outcome, sweep_outcome
 from richkd.tune.paths import DEFAULT_STORAGE, absolute_storage, join_storage, read_text, write_text
-from richkd.tune.resume import resume_sweep
-from richkd.tune.runner import run_sweep
+from richkd.tune.results import read_sweep_record, sweep_record_exists
+from richkd.tune.runner import resume_sweep, run_sweep
 from richkd.tune.spec import SweepSpec
-from richkd.tune.sweep_record import read_sweep_record, sweep_record_exists
+
+log = logging.getLogger(__name__)
 
 ARMS_FILE = "arms.json"
 COMPARISON_FILE = "comparison.json"
@@ -148,32 +146,28 @@ def finalize_arms(name: str, *, seeds: Optional[int] = None, storage: Optional[s
         results[arm] = (sweep, finalize_sweep(sweep, top=1, seeds=n_seeds, storage=group.storage, progress=progress,
                                               **finalize_args))
     comparison = compare(name, results)
-    comparison.mlflow_run_id = _log_mlflow(comparison, specs, group)
+    comparison.mlflow_run_id = _log_mlflow(comparison, next(iter(specs.values())), group)
     atomic_write_text(join_storage(group.path, COMPARISON_FILE), json.dumps(comparison.to_dict(), indent=1))
     return comparison
 
 
-def _log_mlflow(c: Comparison, specs: dict, group: ArmsGroup) -> Optional[str]:
-    spec = next(iter(specs.values()))
+def _log_mlflow(c: Comparison, spec: SweepSpec, group: ArmsGroup) -> Optional[str]:
+    """The comparison as one run in the arms' experiment: each arm's mean and std, each difference and its
+    interval as metrics, comparison.json as a file."""
     if not spec.mlflow.enabled:
         return None
-
-    client = client_for(spec.mlflow.tracking_uri)
-    experiment = client.get_experiment_by_name(spec.mlflow.experiment)
-    if experiment is None:
-        return None
-    run = client.create_run(experiment.experiment_id, run_name=f"{c.name}-comparison")
-    run_id = run.info.run_id
     metrics = {f"{arm}_test_top1_{k}": v[k] for arm, v in c.arms.items() for k in ("mean", "std")}
     for d in c.differences:
         key = f"diff_{d['a']}_minus_{d['b']}"
         metrics.update({key: d["diff"], f"{key}_ci_low": d["low"], f"{key}_ci_high": d["high"]})
-    log_metrics(client, run_id, metrics)
-    set_tags(client, run_id, {KIND_TAG: "comparison", "richkd.arms": ",".join(c.arms),
-                              "richkd.sweeps": ",".join(group.sweeps.values())})
-    client.log_text(run_id, json.dumps(c.to_dict(), indent=1), COMPARISON_FILE)
-    client.set_terminated(run_id)
-    return run_id
+    try:
+        return log_run(spec.mlflow.tracking_uri, spec.mlflow.experiment, f"{c.name}-comparison", metrics=metrics,
+                       tags={KIND_TAG: "comparison", "richkd.arms": ",".join(c.arms),
+                             "richkd.sweeps": ",".join(group.sweeps.values())},
+                       texts={COMPARISON_FILE: json.dumps(c.to_dict(), indent=1)}, wait_s=None)
+    except RuntimeError as exc:
+        log.warning("%s; %s holds the comparison", exc, COMPARISON_FILE)
+        return None
 
 
 def describe_comparison(c: Comparison) -> str:
@@ -191,8 +185,6 @@ def describe_comparison(c: Comparison) -> str:
 
 def write_group_page(group: ArmsGroup, reports: dict) -> str:
     """<group>/report/index.html: the comparison (when `richkd finalize` has made one) and each arm's report."""
-    from html import escape
-
     text = read_text(join_storage(group.path, COMPARISON_FILE))
     c = json.loads(text) if text else None
     rows = "".join(f"<tr><td><a href=\"{escape(os.path.relpath(reports[a], os.path.join(group.path, 'report')))}\">"
@@ -213,4 +205,3 @@ def write_group_page(group: ArmsGroup, reports: dict) -> str:
     path = os.path.join(group.path, "report", "index.html")
     atomic_write_text(path, page)
     return path
-

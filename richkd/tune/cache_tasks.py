@@ -1,26 +1,26 @@
-"""A sweep's caches built as Ray work: row shards on the workers, one assembly task per entry, the driver waits.
-
-The driver only plans (richkd.cache.plan_caches: manifests of existing entries are checked, missing ones
-listed, as `richkd cache` does) and waits. Each missing teacher / CLIP-image entry is split into row blocks, one
-Ray task each with the trials' resources (`tune.resources.cpu` / `gpu`: the teacher and CLIP forwards run where
-the trials' accelerators are), spread over the nodes; an assembly task that depends on them writes the entry
-with the atomic manifest writer (richkd.cache.row_blocks). The small text classifier is one task. Entries shared by
-several configs are built once. See docs/architecture.md, "Building on the workers".
+"""A sweep's caches built as Ray work (docs/architecture.md, "Building on the workers"): the driver plans
+(richkd.cache.plan_caches) and waits; each missing teacher / CLIP-image entry is split into row blocks, one Ray task
+each with the trials' resources (the forwards run where the trials' accelerators are) spread over the nodes, and an
+assembly task writes the entry (richkd.cache.row_blocks). Entries shared by several configs are built once.
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
 from richkd.cache.build import ROW_KINDS, EntryJob, build_entry, plan_caches
 from richkd.cache.row_blocks import assemble_entry, block_ranges, block_root, compute_block, remove_blocks
-from richkd.tune.cluster import alive_nodes, current_node_id, node_problems, preflight_error, use_task_resources
+from richkd.tune.cluster import (alive_nodes, current_node_id, node_problems, preflight_error, say,
+                                 use_task_resources)
+from richkd.tune.node_check import sweep_needs
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,6 @@ def usable_nodes(configs: list) -> list[dict]:
     driver's versions (richkd.tune.node_check, one zero-CPU task per node); for callers without a preflight of
     their own (finalize). Only the driver's own node: no check. Nodes with problems get no cache task (a warning
     names how many); no usable node at all is the preflight's NodeCheckError."""
-    from richkd.tune.node_check import sweep_needs
-
     nodes = alive_nodes()
     here = current_node_id()
     if all(n["NodeID"] == here for n in nodes):
@@ -120,9 +118,6 @@ def run_jobs(jobs: list[EntryJob], *, cpu: float, gpu: float, shards: Optional[i
     Shard i of every entry prefers slot i's node among `nodes` (default: all alive; soft affinity: a node that
     died is replaced by any other), so the shards spread evenly. Assembly only reads and writes files: it takes no
     CPU slot; it and the text classifier also run on those nodes."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     slots = node_slots(cpu, gpu, nodes)
     shards = shards or max(1, min(len(slots), MAX_SHARDS))
     shard, assemble, whole = ray.remote(_shard_task), ray.remote(_assemble_task), ray.remote(_whole_task)
@@ -148,7 +143,7 @@ def run_jobs(jobs: list[EntryJob], *, cpu: float, gpu: float, shards: Optional[i
                 for i, (a, b) in enumerate(ranges)]
         shard_refs.extend(refs)
         pending[on_slot(assemble, j, num_cpus=0).remote(job, str(root), *refs)] = (job, len(ranges))
-    _say(f"caches: building {len(jobs)} entr{'y' if len(jobs) == 1 else 'ies'} as Ray tasks "
+    say(f"caches: building {len(jobs)} entr{'y' if len(jobs) == 1 else 'ies'} as Ray tasks "
          f"({shards} row shard(s) per entry, {cpu:g} CPU / {gpu:g} GPU each)", progress)
     built: list[dict] = []
     while pending:
@@ -161,22 +156,15 @@ def run_jobs(jobs: list[EntryJob], *, cpu: float, gpu: float, shards: Optional[i
                 ray.cancel(other, force=True)
             for root in roots:
                 remove_blocks(root)
-            raise _task_error(exc) from None
+            raise task_error(exc) from None
         nodes = {s["node_id"] for s in result["shards"]}
         built.append({"entry": job.name, **result, "s": time.perf_counter() - started})
-        _say(f"cache {len(built)}/{len(jobs)}: {job.name} built ({n} shard{'s' if n > 1 else ''} on "
+        say(f"cache {len(built)}/{len(jobs)}: {job.name} built ({n} shard{'s' if n > 1 else ''} on "
              f"{len(nodes)} node{'s' if len(nodes) > 1 else ''}, {built[-1]['s']:.1f}s)", progress)
     return built
 
 
-def _task_error(exc: Exception) -> Exception:
+def task_error(exc: Exception) -> Exception:
     """The error a task raised (a CacheError names the folder and the fix), not Ray's wrapper around it."""
     cause = getattr(exc, "cause", None)
     return cause if isinstance(cause, Exception) else exc
-
-
-def _say(line: str, progress: bool) -> None:
-    if progress:
-        print(line, file=sys.stderr, flush=True)
-    else:
-        log.info(line)

@@ -1,10 +1,6 @@
-"""The Ray cluster a sweep runs on: what the job ships to every worker, and the node preflight.
-
-`job_runtime_env` is the job-level runtime_env: every trial and task gets the driver's RICHKD_*, HF_*,
-MLFLOW_* and thread settings, so a worker resolves caches, models and tracking exactly as the driver did.
-`preflight_nodes` runs `node_check.check_needs` as one task pinned to each alive node (node-affinity
-scheduling, zero CPUs so it never waits behind trials) and turns every problem into one error before any trial
-starts (docs/architecture.md, "Running on a cluster").
+"""The Ray cluster a sweep runs on (docs/architecture.md, "Running on a cluster"): the driver's settings every worker
+gets (`job_runtime_env`), what the cluster must offer, the node preflight (`node_check.check_needs` as a zero-CPU task
+pinned to each alive node, every problem in one error before any trial), and what a trial or task claims of its node.
 """
 from __future__ import annotations
 
@@ -12,10 +8,20 @@ import logging
 import math
 import os
 import socket
+import sys
 import time
 from typing import Optional
 
+import ray
+import torch
+from ray.exceptions import LocalRayletDiedError, RaySystemError, RpcError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from richkd.data.sources import DATA_ENV_VAR, default_data_root
+from richkd.device import require_cuda
+from richkd.tune.errors import SpecError
 from richkd.tune.node_check import NodeCheckError, SweepNeeds, check_needs
+from richkd.tune.paths import is_shared_filesystem
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +34,6 @@ PREFLIGHT_TIMEOUT_S = 120.0
 def shipped_env(environ: Optional[dict] = None) -> dict:
     """The driver's environment variables every worker must share (see module doc). The default data folder
     (`data.root: null`) is pinned to the driver's, so a worker never resolves its own home directory."""
-    from richkd.data.sources import DATA_ENV_VAR, default_data_root
-
     environ = os.environ if environ is None else environ
     env = {k: v for k, v in environ.items() if k.startswith(SHIPPED_PREFIXES) or k in SHIPPED_NAMES}
     env.setdefault(DATA_ENV_VAR, str(default_data_root()))
@@ -42,15 +46,11 @@ def job_runtime_env(environ: Optional[dict] = None) -> dict:
 
 
 def alive_nodes() -> list[dict]:
-    import ray
-
     return [n for n in ray.nodes() if n.get("Alive")]
 
 
 def cluster_lost_errors() -> tuple:
     """Ray errors that mean the driver lost its cluster (its raylet or the GCS), not a problem of one task."""
-    from ray.exceptions import LocalRayletDiedError, RaySystemError, RpcError
-
     return (LocalRayletDiedError, RaySystemError, RpcError)
 
 
@@ -63,9 +63,6 @@ def node_problems(needs: SweepNeeds, timeout_s: float = PREFLIGHT_TIMEOUT_S,
     """{node id: problems (one readable line each, prefixed with the node)} of every alive node with `needs`,
     checked by a zero-CPU task pinned to each node; a node that cannot run the check or does not answer within
     timeout_s has that as its problem. Nodes without problems map to []."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     nodes = alive_nodes() if nodes is None else nodes
     remote_check = ray.remote(num_cpus=0, max_retries=0)(check_needs)
     refs = {remote_check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
@@ -76,7 +73,7 @@ def node_problems(needs: SweepNeeds, timeout_s: float = PREFLIGHT_TIMEOUT_S,
         node = refs[ref]
         try:
             found = ray.get(ref)
-        except cluster_lost_errors():   # the cluster, not this node: richkd.tune.runner.ray_session says so
+        except cluster_lost_errors():   # the cluster, not this node: richkd.tune.session.ray_session says so
             raise
         except Exception as exc:  # the node cannot even run the check (e.g. richkd not importable there)
             found = [f"the check itself failed: {str(exc).strip().splitlines()[-1][:300]} (install richkd-tune with "
@@ -116,10 +113,6 @@ def claim_gpu(fraction: float, where: str) -> None:
     """In a trial or task Ray gave `fraction` of a GPU: fail with one line (richkd.device.cuda_problem) when torch
     cannot use it, instead of training on the CPU; a fractional share caps this process's GPU memory at its share
     minus a CUDA context, so an overflowing trial or task fails alone (ray#5902)."""
-    import torch
-
-    from richkd.device import require_cuda
-
     if fraction <= 0:
         return
     require_cuda(where)
@@ -128,20 +121,21 @@ def claim_gpu(fraction: float, where: str) -> None:
         torch.cuda.set_per_process_memory_fraction(max(0.05, fraction - CUDA_CONTEXT_BYTES / total))
 
 
+def threads_for(cpu: float) -> int:
+    """Torch threads of a trial or task granted `cpu` CPUs: the whole CPUs, at least one."""
+    return max(1, int(math.floor(cpu + 1e-9)))
+
+
 def use_task_resources(cpu: float, gpu: float, what: str) -> None:
     """In a Ray task (`what`: cache shard, finalist): torch threads = the CPUs it was granted (more only fight the
     other tasks on the node); a GPU share must be usable and caps this process's GPU memory (claim_gpu)."""
-    import torch
-
-    torch.set_num_threads(max(1, int(math.floor(cpu + 1e-9))))
+    torch.set_num_threads(threads_for(cpu))
     claim_gpu(gpu, f"{what} on {this_node()}")
 
 
 def this_node() -> str:
     """"node <id> (<address>)" of this process, as node_label names a node."""
     try:
-        import ray
-
         address = ray.util.get_node_ip_address()
     except Exception:
         address = socket.gethostname()
@@ -151,8 +145,36 @@ def this_node() -> str:
 def current_node_id() -> Optional[str]:
     """The Ray node id of this process (None outside Ray)."""
     try:
-        import ray
-
         return ray.get_runtime_context().get_node_id()
     except Exception:
         return None
+
+
+def check_trial_resources(t) -> None:
+    """Trial resources (tune.resources) the connected Ray cannot grant would make Tune (and finalize's tasks) wait
+    forever: one SpecError instead (checked on embedded clusters, whose size is known)."""
+    total = ray.cluster_resources()
+    if t.gpu > 0 and total.get("GPU", 0) < t.gpu:
+        raise SpecError(f"tune.resources.gpu: {t.gpu} per trial, but Ray sees {total.get('GPU', 0):g} GPUs on this "
+                        "machine; set tune.resources.gpu: 0 (CPU trials) or run on a GPU machine / --address")
+    if total.get("CPU", 0) < t.cpu:
+        raise SpecError(f"tune.resources.cpu: {t.cpu} per trial, but Ray has {total.get('CPU', 0):g} CPUs; "
+                        "lower it or pass --num-cpus")
+
+
+def storage_problem(t, n_nodes: int, mounts_text: Optional[str] = None) -> Optional[str]:
+    """Why tune.storage_path cannot serve a cluster of n_nodes, or None when it can."""
+    if n_nodes <= 1 or t.storage_is_uri or t.shared_storage or is_shared_filesystem(t.storage_path, mounts_text):
+        return None
+    return (f"tune.storage_path: {t.storage_path!r} is a local folder, but the Ray cluster has {n_nodes} nodes; "
+            "trials on other nodes could not save or restore checkpoints there (Ray 2.7+ has no head-node "
+            "syncing). Use shared storage: s3://bucket/prefix, gs://..., or an NFS path mounted on every node (set "
+            "tune.shared_storage: true if it is shared but not detected as NFS/Lustre/...)")
+
+
+def say(line: str, progress: bool) -> None:
+    """A progress line of work on the cluster (caches, finalists): on stderr at a terminal, else logged."""
+    if progress:
+        print(line, file=sys.stderr, flush=True)
+    else:
+        log.info(line)

@@ -1,23 +1,13 @@
-"""Re-train a sweep's top-K configs on the full schedule over several seeds and report test accuracy mean/std.
+"""Re-train a sweep's top-K configs (Pareto-front members, in a multi-objective sweep) on the full schedule over
+several seeds and report their test top-1, mean and sample std (docs/architecture.md, "Data flow", 11).
 
-This is the only sweep command that reads the test split (run_training(final=True)); selection of the K
-configs used the validation split only. The sweep's shortened ASHA schedule misranks step-LR recipes at early
-rungs (docs/method.md, "Recipes"), so `finalize.overrides` in the spec (e.g. train.epochs: 240, optim.schedule: step)
-restore the paper's full schedule here. Finalists train on the whole training split (data.val_fraction 0, as the
-paper; `holdout=True` keeps the sweep's split) and report the last epoch's test top-1 and the teachers' Fig. 1
-analysis on the test split (docs/method.md#what-a-sweep-should-search). In a multi-objective sweep the finalists
-are Pareto-front members (the trade-offs the sweep found), in the order of the first objective; trials off the
-front are never re-run.
-
-Every (finalist, seed) training is a Ray task with the sweep's resources (richkd.tune.finalize_tasks), run in
-parallel on the workers, never in the driver; so are the caches they read, the test split's included
-(richkd.tune.cache_tasks). The Fig. 1 analysis is computed inside the task and returned with its test metrics.
-The driver writes each run's files under `<export folder>/finalists/finalist<R>-seed<S>/` and all of MLflow: a
-run per finalist (its student as a logged model, richkd.tune.mlflow_models) with a nested run per seed, and the
-best finalist registered as `richkd-<sweep>`. "Best" is the highest mean of the sweep's metric on the validation
-split over the seeds, never the test split: the test numbers stay an unbiased report of the chosen model. Without
-a hold-out (the default) there is no validation metric to choose by, so nothing is registered; `holdout=True`
-keeps the sweep's split and the registration.
+The only sweep command that reads the test split; the K configs were chosen on the validation split. The sweep's
+short ASHA schedule misranks step-LR recipes (docs/method.md, "Recipes"), so `finalize.overrides` restore the full
+one; finalists train on the whole training split (`holdout=True` keeps the sweep's split). Each (finalist, seed) is
+a Ray task with the sweep's resources returning its metrics and run files as bytes, so the students reach the driver
+with or without shared storage. MLflow, through the outbox as the sweep's: a run per finalist, its student as a
+logged model, a nested run per seed; with a hold-out, the best mean of the sweep's metric on the validation split
+(never the test split) is registered as `richkd-<sweep>`.
 """
 from __future__ import annotations
 
@@ -26,18 +16,33 @@ import io
 import json
 import logging
 import math
+import os
 import shutil
 import statistics
-import sys
-import time
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import ray
+
+from richkd.config import Config, ConfigError, parse_override
+from richkd.io import atomic_path, atomic_write_text, ensure_writable
+from richkd.tracking import KIND_TAG, NODE_TAG, SWEEP_TAG, TRIAL_TAG, RunWriter, finite
+from richkd.trainer import Run
+from richkd.tune.cache_tasks import build_caches, task_error
+from richkd.tune.cluster import check_trial_resources, current_node_id, say, use_task_resources
+from richkd.tune.node_check import SweepNeeds, raise_if_unmet, sweep_needs
+from richkd.tune.results import SweepRecord, best_trial, compute_front, load_sweep, output_dir, survivors
+from richkd.tune.session import ray_session
+from richkd.validate import check_resources
 
 log = logging.getLogger(__name__)
 
 FINALISTS = "finalists.csv"
 RUNS_FOLDER = "finalists"
+RUN_FILES = ("student.pt", "config.yaml", "result.json")   # what richkd.trainer.Run.save_outputs writes
+PARENT = "parent"
 
 
 @dataclass
@@ -65,6 +70,10 @@ class FinalistResult:
         """Sample standard deviation over seeds (n - 1); 0 for a single seed."""
         return statistics.stdev(self.test_top1) if len(self.test_top1) > 1 else 0.0
 
+    @property
+    def key(self) -> str:
+        return f"finalist{self.rank}"
+
 
 @dataclass
 class FinalizeResult:
@@ -75,6 +84,19 @@ class FinalizeResult:
     holdout: bool = False                 # trained with the validation hold-out (what registration chooses by)
 
 
+@dataclass(frozen=True)
+class SeedJob:
+    """One finalist trained with one seed."""
+    rank: int
+    trial_id: str
+    seed: int
+    config: Config
+
+    @property
+    def key(self) -> str:
+        return f"finalist{self.rank}-seed{self.seed}"
+
+
 def finalize_sweep(sweep: str, *, top: Optional[int] = None, seeds: Optional[int] = None,
                    storage: Optional[str] = None, tracking_uri: Optional[str] = None,
                    overrides: Mapping[str, Any] | Sequence[str] = (), progress: bool = False,
@@ -83,14 +105,6 @@ def finalize_sweep(sweep: str, *, top: Optional[int] = None, seeds: Optional[int
     """`holdout`: keep the sweep's validation hold-out (default: data.val_fraction 0, the whole training split).
     `address`: the Ray cluster to train on (None: an embedded Ray of `num_cpus` CPUs on this machine).
     `force`: replace the finalists of an earlier finalize in the same output folder (else that is refused)."""
-    from richkd.config import ConfigError, parse_override
-    from richkd.io import atomic_write_text, ensure_writable
-    from richkd.tune.finalize_tasks import SeedJob
-    from richkd.tune.results import survivors
-    from richkd.tune.runner import check_trial_resources, ray_session
-    from richkd.tune.selection import best_trial, load_sweep, output_dir
-    from richkd.validate import check_resources
-
     spec, path, record, rows = load_sweep(sweep, storage, tracking_uri)
     best_trial(rows, spec)  # raises a clear error when no trial reached max_t
     top = spec.finalize.top if top is None else top         # 0 is refused, never "the default"
@@ -99,14 +113,10 @@ def finalize_sweep(sweep: str, *, top: Optional[int] = None, seeds: Optional[int
         raise ConfigError(f"finalize: --top and --seeds must be 1 or more (got {top} and {n_seeds}; leave one out "
                           "for the spec's finalize.top / finalize.seeds)")
     extra = dict(overrides) if isinstance(overrides, Mapping) else dict(parse_override(o) for o in overrides)
-    if spec.tune.multi_objective:
-        from richkd.tune.selection import compute_front
-
-        chosen = compute_front(rows, spec, list(spec.tune.objective_pairs))[:top]
-    else:
-        chosen = survivors(rows)[:top]
+    chosen = (compute_front(rows, spec, list(spec.tune.objective_pairs)) if spec.tune.multi_objective
+              else survivors(rows))[:top]
     results: list[FinalistResult] = []
-    jobs: list = []
+    jobs: list[SeedJob] = []
     for rank, row in enumerate(chosen, start=1):
         cfg = row.config.with_overrides(spec.finalize.overrides)
         if not holdout:  # the whole training split, as the paper (validation-only metrics go with the hold-out)
@@ -124,33 +134,31 @@ def finalize_sweep(sweep: str, *, top: Optional[int] = None, seeds: Optional[int
         raise ConfigError(f"{earlier[0]} holds the finalists of an earlier finalize; keep them and write to another "
                           "folder with --out DIR, or replace them with --force")
     folder = ensure_writable(folder, "the finalize output folder")
-    tracker = _Tracker(record) if record.has_mlflow_run else None
+    runs = FinalistRuns(record) if record.has_mlflow_run else None
     with ray_session(address, num_cpus, next_step="run finalize again, with --force, once a cluster is up"):
         if address is None:
             check_trial_resources(spec.tune)
         for p in earlier:   # --force, and every check passed: the earlier finalists go
-            if p.is_dir():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-        _train(spec, jobs, results, folder, tracker, progress)
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        _train(spec, jobs, results, folder, runs, progress)
     csv_path = folder / FINALISTS
-    atomic_write_text(csv_path, finalists_csv(results, spec.space_keys))
-    registered = None
-    if tracker:
-        tracker.summary(results, csv_path)
+    if runs:
+        runs.put("summary", PARENT, {f"finalist{f.rank}_test_top1_{k}": getattr(f, k) for f in results
+                                     for k in ("mean", "std")})
         if holdout:   # without a validation split there is nothing to choose by (describe_finalize says so)
-            registered = tracker.register_best(results, spec)
+            runs.register_best(results, spec.tune.objective_pairs[0])
+        runs.done(results)
+    atomic_write_text(csv_path, finalists_csv(results, spec.space_keys))
+    if runs:
+        runs.put("artifact", PARENT, str(csv_path), "export")
+        runs.done(results)
     return FinalizeResult(finalists=results, csv_path=csv_path, holdout=holdout,
-                          parent_run_id=record.parent_run_id if tracker else None, registered=registered)
+                          parent_run_id=record.parent_run_id if runs else None,
+                          registered=runs.registered if runs else None)
 
 
-def _train(spec, jobs: list, results: list, folder: Path, tracker: Optional["_Tracker"], progress: bool) -> None:
+def _train(spec, jobs: list, results: list, folder: Path, runs: Optional["FinalistRuns"], progress: bool) -> None:
     """Caches, then every (finalist, seed) as a Ray task; results are recorded as they arrive."""
-    from richkd.tune.cache_tasks import build_caches
-    from richkd.tune.finalize_tasks import run_seed_jobs, write_run_files
-    from richkd.tune.node_check import sweep_needs
-
     t = spec.tune
     configs = [job.config for job in jobs]
     # the test split's caches too: the final evaluation and the Fig. 1 analysis read them
@@ -159,58 +167,197 @@ def _train(spec, jobs: list, results: list, folder: Path, tracker: Optional["_Tr
     metric = t.objective_pairs[0][0]
     by_rank = {fin.rank: fin for fin in results}
     done: dict = {}
-    groups = {fin.rank: tracker.start_finalist(fin) for fin in results} if tracker else {}
-    seed_runs = ({(j.rank, j.seed): tracker.start_seed(groups[j.rank], j.config, j.rank, j.trial_id, j.seed)
-                  for j in jobs} if tracker else {})
+    if runs:
+        for fin in results:
+            runs.start(fin.key, f"finalist-{fin.rank}-{fin.trial_id}", PARENT, {
+                KIND_TAG: "finalist", SWEEP_TAG: runs.sweep, TRIAL_TAG: fin.trial_id, "richkd.rank": str(fin.rank),
+                "richkd.sampled": json.dumps(fin.sampled, default=str)})
+        for j in jobs:
+            runs.start(j.key, f"finalist-{j.rank}-seed{j.seed}", by_rank[j.rank].key,
+                       {KIND_TAG: "finalist_seed", TRIAL_TAG: j.trial_id, "richkd.seed": str(j.seed)})
+            runs.put("params", j.key, j.config.to_flat_dict())
 
-    def on_done(job, res: dict) -> None:
-        res["folder"] = folder / RUNS_FOLDER / job.folder_name
-        write_run_files(res["folder"], res.pop("files"))
-        done[(job.rank, job.seed)] = res
-        _say(f"finalist {job.rank} (trial {job.trial_id}), seed {job.seed}: test top-1 "
-             f"{res['test_metrics'].get('test_top1', float('nan')):.2f} after {res['epochs_run']} epochs "
-             f"[{len(done)}/{len(jobs)}]", progress)
-        if tracker:
-            tracker.finish_seed(seed_runs[(job.rank, job.seed)], res)
+    def on_done(job: SeedJob, res: dict) -> None:
+        res["folder"] = folder / RUNS_FOLDER / job.key
+        for name, blob in res.pop("files").items():
+            with atomic_path(res["folder"] / name) as tmp:
+                tmp.write_bytes(blob)
+        done[job.key] = res
+        say(f"finalist {job.rank} (trial {job.trial_id}), seed {job.seed}: test top-1 "
+            f"{res['test_metrics'].get('test_top1', float('nan')):.2f} after {res['epochs_run']} epochs "
+            f"[{len(done)}/{len(jobs)}]", progress)
+        if runs:
+            runs.finish_seed(job.key, res)
         fin = by_rank[job.rank]
-        if all((fin.rank, s) in done for s in fin.seeds):
-            _collect(fin, [done[(fin.rank, s)] for s in fin.seeds], [seed_runs.get((fin.rank, s)) for s in fin.seeds],
-                     metric)
-            if tracker:
-                tracker.finish_finalist(groups[fin.rank], fin)
+        keys = [f"{fin.key}-seed{s}" for s in fin.seeds]
+        if all(k in done for k in keys):
+            _collect(fin, [done[k] for k in keys], metric)
+            if runs:
+                runs.finish_finalist(fin)
 
-    def on_failed(job, cancelled: list) -> None:
-        if tracker:
-            tracker.end(seed_runs[(job.rank, job.seed)], "FAILED")
-            tracker.end(groups[job.rank], "FAILED")
+    def on_failed(job: SeedJob, cancelled: list) -> None:
+        if runs:
+            runs.end(job.key, "FAILED")
+            runs.end(by_rank[job.rank].key, "FAILED")
 
     try:
         run_seed_jobs(jobs, cpu=t.cpu, gpu=t.gpu, needs=needs, max_retries=t.max_failures, on_done=on_done,
                       on_failed=on_failed)
     except BaseException:
-        if tracker:   # the cancelled seeds and their finalists (also on Ctrl-C): never left RUNNING
-            tracker.close_open("KILLED")
+        if runs:   # the cancelled seeds and their finalists (also on Ctrl-C): never left RUNNING
+            runs.close_open("KILLED")
         raise
 
 
-def _collect(fin: FinalistResult, outcomes: list, runs: list, metric: str) -> None:
+def _collect(fin: FinalistResult, outcomes: list, metric: str) -> None:
     """A finalist's per-seed results, in seed order."""
-    for res, run_id in zip(outcomes, runs):
+    for res in outcomes:
         fin.test_top1.append(float(res["test_metrics"].get("test_top1", float("nan"))))
         fin.val_top1.append(float(res["metrics"].get("val_top1", float("nan"))))
         fin.val_metric.append(float(res["metrics"].get(metric, float("nan"))))
         fin.workers.append({"pid": res["pid"], "node_id": res["node_id"]})
         fin.folders.append(res["folder"])
-        fin.runs.append(run_id)
         fin.teachers = {k: v for k, v in res["test_metrics"].items() if k.startswith(("teacher_", "fused_"))}
 
 
-def _say(line: str, progress: bool) -> None:
-    if progress:
-        print(line, file=sys.stderr, flush=True)
-    else:
-        log.info(line)
+# ----- the trainings, as Ray tasks ---------------------------------------------------------------------------
 
+def train_seed(config: dict, cpu: float, gpu: float, needs: Optional[SweepNeeds] = None) -> dict:
+    """The task body: check this node, train what `richkd train` trains with the test split evaluated, return
+    the results and the run's files as bytes."""
+    raise_if_unmet(needs, "this node")
+    cfg = Config.from_dict(config)
+    use_task_resources(cpu, gpu, f"finalist {cfg.name} (seed {cfg.seed})")
+    run = Run(cfg)
+    result = run.train(final=True)
+    with tempfile.TemporaryDirectory(prefix="richkd-finalist-") as tmp:
+        run.save_outputs(result, tmp)
+        files = {name: (Path(tmp) / name).read_bytes() for name in RUN_FILES}
+    return {"metrics": result.metrics, "test_metrics": result.test_metrics, "history": result.history,
+            "best_val_top1": result.best_val_top1, "epochs_run": result.epochs_run, "files": files,
+            "pid": os.getpid(), "node_id": current_node_id()}
+
+
+def run_seed_jobs(jobs: list[SeedJob], *, cpu: float, gpu: float, needs: Optional[SweepNeeds] = None,
+                  max_retries: int = 0, on_done: Callable[[SeedJob, dict], None],
+                  on_failed: Callable[[SeedJob, list], None]) -> None:
+    """Submit every job at once (Ray runs as many as the cluster's resources allow) and hand each result to
+    on_done as it arrives. On the first failure the others are cancelled, on_failed(job, cancelled jobs) runs
+    and the task's own error is raised. `max_retries` retries tasks whose node died (not training errors)."""
+    remote = ray.remote(train_seed).options(num_cpus=cpu, num_gpus=gpu, max_retries=max_retries)
+    pending = {remote.remote(job.config.to_dict(), cpu, gpu, needs): job for job in jobs}
+    while pending:
+        (ref,), _ = ray.wait(list(pending), num_returns=1)
+        job = pending.pop(ref)
+        try:
+            result = ray.get(ref)
+        except Exception as exc:
+            for other in pending:
+                ray.cancel(other, force=True)
+            on_failed(job, list(pending.values()))
+            raise task_error(exc) from None
+        try:
+            on_done(job, result)
+        except BaseException:
+            for other in pending:
+                ray.cancel(other, force=True)
+            raise
+
+
+# ----- MLflow ------------------------------------------------------------------------------------------------
+
+class FinalistRuns(RunWriter):
+    """Finalist runs under the sweep's parent run, written through the outbox (richkd.tracking.RunWriter): one run
+    per finalist (key `finalist<R>`) with a nested run per seed (`finalist<R>-seed<S>`)."""
+
+    def __init__(self, record: SweepRecord) -> None:
+        super().__init__(record.tracking_uri)
+        self.experiment_id, self.sweep = record.experiment_id, record.name
+        self.runs[PARENT] = record.parent_run_id
+        self.open: list = []      # keys of runs started here and not yet ended
+        self.registered: Optional[dict] = None    # {"name", "version", "rank", "metric"} once registered
+
+    def start(self, key: str, name: str, parent: str, tags: dict) -> None:
+        self.put("run", key, self.experiment_id, name, tags, parent)
+        self.open.append(key)
+
+    def end(self, key: str, status: str) -> None:
+        if key in self.open:
+            self.open.remove(key)
+            self.send("end", key, status)
+
+    def close_open(self, status: str) -> None:
+        """End every run still open, seeds before their finalist (never raises: the outbox keeps failures)."""
+        for key in reversed(list(self.open)):
+            self.end(key, status)
+        self.drain()
+
+    def finish_seed(self, key: str, res: dict) -> None:
+        """The task's per-epoch history (step = epoch), its test metrics as final_*, where it ran; FINISHED."""
+        self.put("history", key, [(int(e["epoch"]), {k: v for k, v in e.items() if finite(v)})
+                                  for e in res["history"]])
+        self.put("summary", key, {f"final_{k}": v for k, v in res["test_metrics"].items() if finite(v)})
+        self.put("tags", key, {NODE_TAG: res["node_id"] or "", "richkd.worker_pid": res["pid"]})
+        self.end(key, "FINISHED")
+
+    def finish_finalist(self, fin: FinalistResult) -> None:
+        """Mean/std metrics and the student of the finalist's first seed (the one its config.yaml reproduces as
+        is) as an MLflow logged model of the finalist run; FINISHED."""
+        self.put("summary", fin.key, {k: v for k, v in {"test_top1_mean": fin.mean, "test_top1_std": fin.std,
+                                                        "val_top1_mean": _mean(fin.val_top1)}.items() if finite(v)})
+        self.put("model", fin.key, str(fin.folders[0]), "student", {"seed": fin.seeds[0]},
+                 {"richkd.sweep": self.sweep, "richkd.trial_id": fin.trial_id, "richkd.rank": fin.rank})
+        self.end(fin.key, "FINISHED")
+
+    def register_best(self, results: list, objective: tuple) -> None:
+        """Register the finalist with the best mean validation metric (the sweep's first objective; val_top1 if no
+        finalist reported it) in the model registry; once written, `registered` names the version and the parent
+        run has a tag naming it."""
+        metric, mode = objective
+        idx = best_index([_mean(f.val_metric) for f in results], mode)
+        if idx is None:
+            metric, mode = "val_top1", "max"
+            idx = best_index([_mean(f.val_top1) for f in results], mode)
+        if idx is None:
+            log.warning("no finalist has a finite validation metric: no model was registered")
+            return
+        best = results[idx]
+        self.put("register", best.key, f"richkd-{self.sweep}",
+                 f"Best finalist student of RichKD sweep {self.sweep} (richkd finalize)",
+                 {"richkd.sweep": self.sweep, "richkd.rank": best.rank, "richkd.trial_id": best.trial_id,
+                  "richkd.selected_by": f"mean {metric} ({mode}) on the validation split over seeds {best.seeds}"},
+                 {"rank": best.rank, "metric": metric})
+
+    def _op_register(self, key: str, name: str, description: str, tags: dict, info: Optional[dict] = None) -> None:
+        super()._op_register(key, name, description, tags)
+        self.client.set_tag(self.runs[PARENT], "richkd.registered_model", f"{name}/{self.versions[name]}")
+        self.registered = {"name": name, "version": self.versions[name], **(info or {})}
+
+    def done(self, results: list) -> None:
+        """Wait for every write (the outbox's final wait), then note each finalist's run ids and logged model."""
+        if not self.drain():
+            log.error("MLflow at %s did not take %d writes of this finalize; the finalists' files and "
+                      "finalists.csv hold every number", self.tracking_uri, len(self.outbox))
+        for fin in results:
+            fin.run_id, fin.model_id = self.runs.get(fin.key), self.models.get(fin.key)
+            fin.runs = [self.runs.get(f"{fin.key}-seed{s}") for s in fin.seeds]
+
+
+def best_index(values: Sequence[float], mode: str) -> Optional[int]:
+    """Index of the best finite value (max or min; the first on ties), or None when none is finite."""
+    finite_values = [(v, i) for i, v in enumerate(values) if finite(v)]
+    if not finite_values:
+        return None
+    sign = 1 if mode == "max" else -1
+    return max(finite_values, key=lambda vi: (sign * vi[0], -vi[1]))[1]
+
+
+def _mean(values: list) -> float:
+    kept = [v for v in values if math.isfinite(v)]
+    return statistics.fmean(kept) if kept else float("nan")
+
+
+# ----- what the user reads -------------------------------------------------------------------------------------
 
 def finalists_csv(results: list, space_keys: list) -> str:
     buf = io.StringIO()
@@ -219,7 +366,7 @@ def finalists_csv(results: list, space_keys: list) -> str:
                 *space_keys, "mlflow_run_id"])
     for fin in results:
         params = [fin.sampled.get(k, "") for k in space_keys]
-        for seed, test, val, run in zip(fin.seeds, fin.test_top1, fin.val_top1, fin.runs):
+        for seed, test, val, run in zip(fin.seeds, fin.test_top1, fin.val_top1, fin.runs or [None] * len(fin.seeds)):
             w.writerow([fin.rank, fin.trial_id, seed, f"{test:.6g}", f"{val:.6g}", "", "", *params, run or ""])
         w.writerow([fin.rank, fin.trial_id, "mean/std", "", "", f"{fin.mean:.6g}", f"{fin.std:.6g}", *params, ""])
     return buf.getvalue()
@@ -249,124 +396,3 @@ def describe_finalize(result: FinalizeResult) -> str:
                      "metric can choose one (the test split never does); --holdout keeps the validation split")
     lines.append(f"  {result.csv_path}")
     return "\n".join(lines)
-
-
-class _Tracker:
-    """Finalist runs under the sweep's parent run: one per finalist, one nested run per seed (driver only)."""
-
-    def __init__(self, record) -> None:
-        from richkd.tune.mlflow_client import client_for
-
-        self.client = client_for(record.tracking_uri)
-        self.experiment_id = record.experiment_id
-        self.parent = record.parent_run_id
-        self.sweep = record.name
-        self.open: list = []      # runs started here and not yet ended
-
-    def start_finalist(self, fin: FinalistResult) -> str:
-        from richkd.tune.mlflow_client import KIND_TAG, PARENT_TAG, SWEEP_TAG, TRIAL_TAG
-
-        run = self.client.create_run(self.experiment_id, run_name=f"finalist-{fin.rank}-{fin.trial_id}", tags={
-            PARENT_TAG: self.parent, KIND_TAG: "finalist", SWEEP_TAG: self.sweep, TRIAL_TAG: fin.trial_id,
-            "richkd.rank": str(fin.rank), "richkd.sampled": json.dumps(fin.sampled, default=str)})
-        fin.run_id = run.info.run_id
-        self.open.append(run.info.run_id)
-        return run.info.run_id
-
-    def start_seed(self, group: str, cfg, rank: int, trial_id: str, seed: int) -> str:
-        from richkd.tune.mlflow_client import KIND_TAG, PARENT_TAG, TRIAL_TAG, log_params
-
-        run = self.client.create_run(self.experiment_id, run_name=f"finalist-{rank}-seed{seed}", tags={
-            PARENT_TAG: group, KIND_TAG: "finalist_seed", TRIAL_TAG: trial_id, "richkd.seed": str(seed)})
-        self.open.append(run.info.run_id)
-        log_params(self.client, run.info.run_id, cfg.to_flat_dict())
-        return run.info.run_id
-
-    def finish_seed(self, run_id: str, res: dict) -> None:
-        """The task's per-epoch history (step = epoch), its test metrics as final_*, where it ran; FINISHED."""
-        from mlflow.entities import Metric
-
-        from richkd.tune.mlflow_client import NODE_TAG, set_tags
-
-        now = int(time.time() * 1000)
-        entries = [Metric(k, float(v), now, int(epoch["epoch"])) for epoch in res["history"]
-                   for k, v in epoch.items() if _loggable(v)]
-        for i in range(0, len(entries), 1000):
-            self.client.log_batch(run_id, metrics=entries[i:i + 1000], synchronous=True)
-        self.log(run_id, {f"final_{k}": v for k, v in res["test_metrics"].items()})
-        set_tags(self.client, run_id, {NODE_TAG: res["node_id"] or "", "richkd.worker_pid": res["pid"]})
-        self.end(run_id, "FINISHED")
-
-    def finish_finalist(self, run_id: str, fin: FinalistResult) -> None:
-        """Mean/std metrics and the student of the finalist's first seed (the one its config.yaml reproduces as
-        is) as an MLflow logged model on the finalist run; FINISHED."""
-        from richkd.tune.mlflow_models import log_student_model
-
-        self.log(run_id, {"test_top1_mean": fin.mean, "test_top1_std": fin.std,
-                          "val_top1_mean": statistics.fmean(fin.val_top1)})
-        fin.model_id = log_student_model(self.client, self.experiment_id, run_id, Path(fin.folders[0]),
-                                         params={"seed": fin.seeds[0]},
-                                         tags={"richkd.sweep": self.sweep, "richkd.trial_id": fin.trial_id,
-                                               "richkd.rank": fin.rank})
-        self.end(run_id, "FINISHED")
-
-    def register_best(self, results: list, spec) -> Optional[dict]:
-        """Register the finalist with the best mean validation metric (the sweep's first objective; val_top1 if
-        no finalist reported it) in the model registry; the parent run gets a tag naming the version."""
-        from richkd.tune.mlflow_client import set_tags
-        from richkd.tune.mlflow_models import best_index, register_model, registered_name
-
-        metric, mode = spec.tune.objective_pairs[0]
-        idx = best_index([_mean(f.val_metric) for f in results], mode)
-        if idx is None:
-            metric, mode = "val_top1", "max"
-            idx = best_index([_mean(f.val_top1) for f in results], mode)
-        if idx is None or results[idx].model_id is None:
-            log.warning("no finalist has a finite validation metric: no model was registered")
-            return None
-        best, name = results[idx], registered_name(self.sweep)
-        version = register_model(self.client, name, best.model_id, best.run_id, tags={
-            "richkd.sweep": self.sweep, "richkd.rank": best.rank, "richkd.trial_id": best.trial_id,
-            "richkd.selected_by": f"mean {metric} ({mode}) on the validation split over seeds {best.seeds}"},
-            description=f"Best finalist student of RichKD sweep {self.sweep} (richkd finalize)")
-        set_tags(self.client, self.parent, {"richkd.registered_model": f"{name}/{version.version}"})
-        return {"name": name, "version": str(version.version), "rank": best.rank, "metric": metric}
-
-    def log(self, run_id: str, metrics: dict) -> None:
-        from richkd.tune.mlflow_client import log_metrics
-
-        log_metrics(self.client, run_id, {k: v for k, v in metrics.items() if _loggable(v)})
-
-    def end(self, run_id: Optional[str], status: str) -> None:
-        if run_id:
-            self.client.set_terminated(run_id, status=status)
-            if run_id in self.open:
-                self.open.remove(run_id)
-
-    def close_open(self, status: str) -> None:
-        """End every run still open (seeds first, as they were started after their finalist); never raises, so
-        the error that got here is the one reported."""
-        for run_id in reversed(list(self.open)):
-            try:
-                self.end(run_id, status)
-            except Exception as exc:
-                log.warning("could not close the MLflow run %s: %s", run_id, exc)
-
-    def summary(self, results: list, csv_path: Path) -> None:
-        from richkd.tune.mlflow_client import log_metrics
-
-        metrics = {}
-        for fin in results:
-            metrics[f"finalist{fin.rank}_test_top1_mean"] = fin.mean
-            metrics[f"finalist{fin.rank}_test_top1_std"] = fin.std
-        log_metrics(self.client, self.parent, metrics)
-        self.client.log_artifact(self.parent, str(csv_path), artifact_path="export")
-
-
-def _loggable(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _mean(values: list) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return statistics.fmean(finite) if finite else float("nan")

@@ -1,11 +1,7 @@
-"""What every node of a cluster must see before a trial can run there, and the check that runs on the node.
-
-A sweep's trials read the dataset, the teacher checkpoint, CLIP's weights, prompt-set files and the caches the
-driver built, and write to `tune.storage_path`. On one machine these are simply there; on a cluster each node
-must see them at the same path (shared storage), and must run the same richkd / torch / ray versions. The
-driver lists the needs once (`sweep_needs`); `check_needs` runs on each node — as a pinned Ray task before any
-trial (richkd.tune.cluster), and again at the start of every trial, which also covers nodes that joined later.
-Plain Python (stat calls, one manifest read per cache, package metadata): cheap, and no Ray import here.
+"""What every node must see before a trial can run there, and the check that runs on the node (docs/architecture.md,
+"Running on a cluster"): the driver lists the needs once (`sweep_needs`: data, weights, prompt files, caches, the
+storage folder, versions); `check_needs` runs on each node as a pinned Ray task before any trial (richkd.tune.cluster)
+and again at the start of every trial, which covers nodes that join later. Plain Python, no Ray import.
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""A sweep's outcome as the user sees it at the end: counts by outcome and by node, retries, where errors are,
-and the exit code (`exit_code`; 2, bad input, and 4, a lost cluster (errors.py), come from the CLI)."""
+"""A sweep's outcome as the user sees it at the end: counts by outcome and by node, retries, where errors are, where
+its runs are in the MLflow UI, and the exit code (`exit_code`; 2, bad input, and 4, a lost cluster (errors.py),
+come from the CLI)."""
 from __future__ import annotations
 
 import signal
@@ -7,12 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from richkd.tune.sweep_record import SweepRecord
+from richkd.tracking import experiment_url, local_ui
+from richkd.tune.paths import DEFAULT_STORAGE, resolve_tracking_uri, storage_of, sweep_ref
+from richkd.tune.results import SweepRecord, collect_trials, survivors
 
 EXIT_OK = 0
-EXIT_USER_ERROR = 2
 EXIT_TRIALS_ERRORED = 3
-EXIT_INTERRUPTED = 130       # 128 + SIGINT; a SIGTERM gives 143 (128 + SIGTERM), as a shell reports them
 
 
 def exit_code(counts: dict, stopped_by: Optional[int] = None) -> int:
@@ -37,6 +38,8 @@ class SweepOutcome:
     retried: int = 0                                    # trials that failed at least once and were restarted
     error_logs: list = field(default_factory=list)      # error.txt of the trials that ended in error
     stopped_by: Optional[int] = None                    # the signal (SIGINT, SIGTERM) that stopped the sweep
+    experiment_id: Optional[str] = None                 # the sweep's MLflow experiment
+    mode: str = "max"                                   # of the (first) objective
 
     @property
     def exit_code(self) -> int:
@@ -50,8 +53,6 @@ class SweepOutcome:
 def sweep_outcome(record: SweepRecord, wall_s: float) -> SweepOutcome:
     """Summarise from the experiment folder (Tune's public offline view: real trial statuses, so trials left
     unfinished by Ctrl-C are not mistaken for early stops)."""
-    from richkd.tune.results import collect_trials, survivors
-
     spec = record.spec
     rows = collect_trials(spec.experiment_path, spec)
     counts: dict[str, int] = {}
@@ -64,36 +65,28 @@ def sweep_outcome(record: SweepRecord, wall_s: float) -> SweepOutcome:
             node[r.outcome] = node.get(r.outcome, 0) + 1
     alive = survivors(rows)
     best = ({"trial_id": alive[0].trial_id, "value": alive[0].value, "config": alive[0].sampled} if alive else None)
-    errors = [str(Path(r.path) / "error.txt") for r in rows if r.outcome == "error" and r.path]
-    return SweepOutcome(name=spec.name, experiment_path=spec.experiment_path, num_trials=len(rows),
-                        counts=counts, best=best, parent_run_id=record.parent_run_id,
-                        tracking_uri=record.tracking_uri, wall_s=wall_s, by_node=by_node,
-                        retried=sum(1 for r in rows if r.restarts), error_logs=errors)
+    return SweepOutcome(name=spec.name, experiment_path=spec.experiment_path, num_trials=len(rows), counts=counts,
+                        best=best, parent_run_id=record.parent_run_id, tracking_uri=record.tracking_uri,
+                        wall_s=wall_s, by_node=by_node, retried=sum(1 for r in rows if r.restarts),
+                        error_logs=[str(Path(r.path) / "error.txt") for r in rows if r.outcome == "error" and r.path],
+                        experiment_id=record.experiment_id, mode=spec.tune.mode)
 
 
-def _storage_of(experiment_path: str) -> Optional[str]:
-    """The storage folder or URI of a sweep folder; None when it is the default ./tune_runs."""
-    from richkd.tune.paths import DEFAULT_STORAGE, absolute_storage, has_scheme
-
-    storage = experiment_path.rsplit("/", 1)[0] if has_scheme(experiment_path) else str(Path(experiment_path).parent)
-    return None if storage.rstrip("/") == absolute_storage(DEFAULT_STORAGE).rstrip("/") else storage
-
-
-def sweep_ref(name: str, experiment_path: str) -> str:
-    """How later commands name this sweep: `NAME`, plus `--storage DIR` when it is not under ./tune_runs (the
-    default those commands look in), so a printed `richkd sweep --resume ...` or `richkd export ...` works."""
-    storage = _storage_of(experiment_path)
-    return f"{name} --storage {storage}" if storage else name
-
-
-def ui_ref(tracking_uri: str, experiment_path: str) -> str:
-    """The `richkd ui` command that opens this sweep's MLflow store."""
-    from richkd.tune.paths import DEFAULT_STORAGE, resolve_tracking_uri
-
-    storage = _storage_of(experiment_path)
-    if tracking_uri == resolve_tracking_uri(None, storage or DEFAULT_STORAGE):
-        return f"richkd ui --storage {storage}" if storage else "richkd ui"
-    return f"richkd ui --tracking-uri {tracking_uri}"
+def mlflow_ui(tracking_uri: str, experiment_path: str, experiment_id: Optional[str] = None, metric: str = "",
+              mode: str = "max", sweep: Optional[str] = None) -> str:
+    """How to see the sweep's runs: the `richkd ui` command for its store (a tracking server is its own UI) and
+    then the link that opens its runs table, best `metric` first (richkd.tracking.experiment_url)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        ui, command = tracking_uri, ""
+    else:
+        storage, ui = storage_of(experiment_path), local_ui()
+        command = f"richkd ui --tracking-uri {tracking_uri}"
+        if tracking_uri == resolve_tracking_uri(None, storage or DEFAULT_STORAGE):   # the storage's own store
+            command = f"richkd ui --storage {storage}" if storage else "richkd ui"
+    if experiment_id is None:
+        return f"`{command}` to browse" if command else f"open {ui}"
+    link = experiment_url(ui, experiment_id, metric, mode, sweep)
+    return f"`{command}`, then open {link}" if command else f"open {link}"
 
 
 def describe_outcome(outcome: SweepOutcome, metric) -> str:
@@ -111,17 +104,17 @@ def describe_outcome(outcome: SweepOutcome, metric) -> str:
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in outcome.best["config"].items())
         lines.append(f"  best (reached max_t): {metric}={outcome.best['value']:.4g}  {shown}")
     if outcome.tracking_uri:
-        lines.append(f"  MLflow: {outcome.tracking_uri} (parent run {outcome.parent_run_id}); "
-                     f"`{ui_ref(outcome.tracking_uri, outcome.experiment_path)}` to browse")
+        ui = mlflow_ui(outcome.tracking_uri, outcome.experiment_path, outcome.experiment_id, metric, outcome.mode,
+                       outcome.name)
+        lines.append(f"  MLflow: {outcome.tracking_uri} (parent run {outcome.parent_run_id}); {ui}")
     ref = sweep_ref(outcome.name, outcome.experiment_path)
-    interrupted = outcome.interrupted
-    if interrupted:
+    if outcome.interrupted:
         lines.append(f"  interrupted: continue with `richkd sweep --resume {ref}`")
     if outcome.counts.get("error"):
         shown = outcome.error_logs[:3] + (["..."] if len(outcome.error_logs) > 3 else [])
         lines.append(f"  {outcome.counts['error']} trial(s) ended in error (exit code {EXIT_TRIALS_ERRORED}); their "
                      "logs: " + ", ".join(shown or ["error.txt in their trial folders"]))
-    if not interrupted:   # export ranks trials that reached max_t: finish the sweep first
+    if not outcome.interrupted:   # export ranks trials that reached max_t: finish the sweep first
         lines.append(f"  next: richkd export {ref}")
     return "\n".join(lines)
 

@@ -20,16 +20,20 @@ from __future__ import annotations
 import copy
 import json
 import math
+import operator
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Tuple
 
 from richkd.config import Config, ConfigError, dotted_keys, flatten
-from richkd.schema import suggest
+from richkd.schema import suggest, unknown_key
 from richkd.tune.errors import SpecError
 from richkd.tune.paths import absolutize
 
-CONDITION_OPS = ("eq", "ne", "gt", "ge", "lt", "le", "in", "not_in")
+# `when:` tests; an ordering test of an unset key (None) or of values that do not compare is false
+CONDITION_TESTS = {"eq": operator.eq, "ne": operator.ne, "gt": operator.gt, "ge": operator.ge, "lt": operator.lt,
+                   "le": operator.le, "in": lambda a, b: a in b, "not_in": lambda a, b: a not in b}
+CONDITION_OPS = tuple(CONDITION_TESTS)
 _SKIP = object()
 
 
@@ -86,21 +90,9 @@ class Condition:
     value: Any
 
     def holds(self, values: Mapping[str, Any]) -> bool:
-        have = values.get(self.key)
         try:
-            if self.op == "eq":
-                return have == self.value
-            if self.op == "ne":
-                return have != self.value
-            if self.op == "in":
-                return have in self.value
-            if self.op == "not_in":
-                return have not in self.value
-            if have is None:
-                return False
-            return {"gt": have > self.value, "ge": have >= self.value,
-                    "lt": have < self.value, "le": have <= self.value}[self.op]
-        except TypeError:
+            return bool(CONDITION_TESTS[self.op](values.get(self.key), self.value))
+        except TypeError:   # e.g. None > 0
             return False
 
     def describe(self) -> str:
@@ -413,12 +405,8 @@ def _parse_conditions(when: Any, where: str, known: Sequence[str]) -> tuple:
 def check_keys(mapping: Any, valid: Sequence[str], section: str) -> None:
     if not isinstance(mapping, Mapping):
         raise SpecError(f"{section or 'spec'}: expected a mapping, got {mapping!r}")
-    for key in mapping:
-        if key not in valid:
-            where = f"{section}.{key}" if section else str(key)
-            full = [f"{section}.{v}" if section else v for v in valid]
-            raise SpecError(f"unknown spec key {where!r}{suggest(where, full)} (valid keys"
-                            f"{' in ' + section if section else ''}: {', '.join(valid)})")
+    for key in (k for k in mapping if k not in valid):
+        unknown_key(str(key), valid, section, SpecError, noun="spec key")
 
 
 def number(value: Any, where: str, integer: bool = False) -> Any:

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
+from richkd.io import atomic_write_text
 from richkd.tracking import STORE_SCHEMES
 from richkd.tune.errors import SpecError
 
@@ -39,7 +40,7 @@ def absolutize(key: str, value: Any) -> Any:
     if key not in PATH_KEYS or not isinstance(value, str) or not value:
         return value
     if key == "clip.pretrained":
-        from richkd.clip.loading import parse_pretrained
+        from richkd.clip.loading import parse_pretrained   # lazy: it loads torch, which `richkd ui` never needs
 
         return parse_pretrained(value).absolute()
     if key == "clip.prompt_set" and not ("/" in value or value.endswith((".yaml", ".yml"))):
@@ -73,6 +74,19 @@ def resolve_tracking_uri(uri: Optional[str], storage_path: str) -> str:
                     "use sqlite:///PATH/mlflow.db, an http://HOST:5000 server, or postgresql://...")
 
 
+def storage_of(experiment_path: str) -> Optional[str]:
+    """The storage folder or URI of a sweep folder; None when it is the default ./tune_runs."""
+    storage = experiment_path.rsplit("/", 1)[0] if has_scheme(experiment_path) else str(Path(experiment_path).parent)
+    return None if storage.rstrip("/") == absolute_storage(DEFAULT_STORAGE).rstrip("/") else storage
+
+
+def sweep_ref(name: str, experiment_path: str) -> str:
+    """How later commands name this sweep: `NAME`, plus `--storage DIR` when it is not under ./tune_runs (the
+    default those commands look in), so a printed `richkd sweep --resume ...` or `richkd export ...` works."""
+    storage = storage_of(experiment_path)
+    return f"{name} --storage {storage}" if storage else name
+
+
 def is_shared_filesystem(path: str | os.PathLike, mounts_text: Optional[str] = None) -> bool:
     """True when `path` lies on a network/cluster file system according to /proc/mounts (NFS, Lustre, ...)."""
     if mounts_text is None:
@@ -104,8 +118,6 @@ def _fs_and_path(path: str):
 
 def write_text(path: str, text: str) -> None:
     if "://" not in path:
-        from richkd.io import atomic_write_text
-
         atomic_write_text(path, text)
         return
     fs, p = _fs_and_path(path)
@@ -120,9 +132,9 @@ def remove_file(path: str) -> None:
 
 
 def read_text(path: str) -> Optional[str]:
-    fs, p = _fs_and_path(path)
     import pyarrow.fs
 
+    fs, p = _fs_and_path(path)
     if fs.get_file_info(p).type != pyarrow.fs.FileType.File:
         return None
     with fs.open_input_stream(p) as f:

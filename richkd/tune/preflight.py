@@ -1,8 +1,6 @@
-"""Whole-space checks of a sweep spec, run on the driver before Ray starts.
-
-Each space value and range end must be a valid value of its key, every point to evaluate and a batch of
-seeded random draws must build a valid config, and (when asked) every model, prompt set, file and dataset
-any trial can need must exist. One SpecError names the entry and the fix; nothing is launched or written.
+"""Whole-space checks of a sweep spec, run by the spec loader (richkd.tune.spec) before Ray starts: every space value
+and range end, point to evaluate and seeded draw builds a valid config, and (when asked) every model, prompt set,
+file and dataset a trial can need exists, on the spec's cache probe configs. One SpecError names the entry and fix.
 """
 from __future__ import annotations
 
@@ -11,29 +9,30 @@ import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from richkd.clip import load_prompt_set
 from richkd.config import Config, ConfigError, flatten
+from richkd.data import build_data
+from richkd.models import MODELS
 from richkd.tune.errors import SpecError
-from richkd.tune.params import config_or_error, from_sample, walk_active
+from richkd.tune.params import Param, TrialPlan, config_or_error, from_sample, walk_active
+from richkd.validate import check_data_fit, check_resources as check_config_resources
 
 RANDOM_DRAWS = 32      # seeded draws whose configs must all be valid (catches cross-field rules the corners miss)
 
 
-def check_spec(spec: "SweepSpec", *, check_resources: bool = True, check_data: bool = True) -> None:
-    """Every check of this module; `check_resources` / `check_data` add the file and dataset checks."""
-    check_space_values(spec)
-    probes = spec.cache_probe_configs()
+def check_inputs(base: Config, params: Sequence[Param], probes: Sequence[Config], *, check_resources: bool = True,
+                 check_data: bool = True) -> None:
+    """The file and dataset checks, on the spec's cache probe configs (after check_space_values)."""
     if check_resources:
-        check_spec_resources(spec, probes)
+        check_spec_resources(params, probes)
     if check_data:
         check_spec_data(probes)
-        check_spec_data_fit(spec, probes)
+        check_spec_data_fit(base, params, probes)
 
 
-def check_space_values(spec: "SweepSpec") -> None:
+def check_space_values(base: Config, plan: TrialPlan, points: Sequence[dict]) -> None:
     """Every value and range end must be a valid value of its key, and every point / draw a valid config."""
-    plan = spec.plan()
-    base = spec.base_config
-    for p in spec.params:
+    for p in plan.params:
         for value in p.corners():
             overrides = p.overrides_for(value)
             try:
@@ -43,29 +42,25 @@ def check_space_values(spec: "SweepSpec") -> None:
                     label = f"variant {value!r}" if p.is_variant else repr(value)
                     raise SpecError(f"space.{p.key}: {label} is not a valid value: {exc}") from None
         if p.key == "clip.prompt_set":
-            from richkd.clip import load_prompt_set
-
             for value in p.values:
                 try:
                     load_prompt_set(value)
                 except ValueError as exc:
                     raise SpecError(f"space.clip.prompt_set: {exc}") from None
-    for i, point in enumerate(spec.points):
-        active = {p.key for p, _ in walk_active(spec.params, flatten(plan.base), from_sample(point))}
-        for p in spec.params:
+    for i, point in enumerate(points):
+        active = {p.key for p, _ in walk_active(plan.params, flatten(plan.base), from_sample(point))}
+        for p in plan.params:
             if p.key in point and p.key not in active:
                 raise SpecError(f"points_to_evaluate[{i}].{p.key}: this entry is inactive for the point because "
                                 f"its `when:` ({', '.join(c.describe() for c in p.when)}) does not hold; drop it "
                                 "from the point")
         config_or_error(plan, point, f"points_to_evaluate[{i}]")
-    for point in spec.random_points(RANDOM_DRAWS, seed=777):
+    for point in plan.random_points(RANDOM_DRAWS, seed=777):
         config_or_error(plan, point, "a configuration this space can produce")
 
 
-def check_spec_resources(spec: "SweepSpec", probes: Sequence[Config]) -> None:
+def check_spec_resources(params: Sequence[Param], probes: Sequence[Config]) -> None:
     """Unknown models / prompt sets and missing files, for every distinct config the trials can run."""
-    from richkd.validate import check_resources
-
     seen = set()
     for cfg in probes:
         sig = json.dumps({k: v for k, v in cfg.to_flat_dict().items()
@@ -75,7 +70,7 @@ def check_spec_resources(spec: "SweepSpec", probes: Sequence[Config]) -> None:
             continue
         seen.add(key)
         try:
-            check_resources(cfg)
+            check_config_resources(cfg)
         except ConfigError as exc:
             raise SpecError(f"config: {exc}") from None
         root = cfg.data.root
@@ -83,11 +78,9 @@ def check_spec_resources(spec: "SweepSpec", probes: Sequence[Config]) -> None:
             raise SpecError(f"config.data.root: folder {root!r} does not exist (set data.root to the dataset folder "
                             "or data.download: true)")
     # student archs sampled in the space but perhaps never drawn above
-    for p in spec.params:
+    for p in params:
         for k, v in ((k, v) for value in p.corners() for k, v in p.overrides_for(value).items()):
             if k in ("student.arch", "teacher.arch") and v is not None:
-                from richkd.models import MODELS
-
                 if v not in MODELS:
                     try:
                         MODELS.get(v)
@@ -97,8 +90,6 @@ def check_spec_resources(spec: "SweepSpec", probes: Sequence[Config]) -> None:
 
 def check_spec_data(probes: Sequence[Config]) -> None:
     """Build each distinct dataset once (cheap, memoised in richkd.data) so a missing dataset fails here."""
-    from richkd.data import build_data
-
     seen = set()
     for cfg in probes:
         key = json.dumps(dataclasses.asdict(cfg.data), sort_keys=True, default=str)
@@ -111,13 +102,11 @@ def check_spec_data(probes: Sequence[Config]) -> None:
             raise SpecError(f"config.data: {exc}") from None
 
 
-def check_spec_data_fit(spec: "SweepSpec", probes: Sequence[Config]) -> None:
+def check_spec_data_fit(base: Config, params: Sequence[Param], probes: Sequence[Config]) -> None:
     """Rules between configs and their data size (richkd.validate.check_data_fit), with the largest loss.nce_k
     the space can produce: otherwise every trial that draws it fails, after the caches were built."""
-    from richkd.validate import check_data_fit
-
-    largest = max([spec.base_config.loss.nce_k] +
-                  [v for p in spec.params for value in p.corners()
+    largest = max([base.loss.nce_k] +
+                  [v for p in params for value in p.corners()
                    for k, v in p.overrides_for(value).items() if k == "loss.nce_k" and v is not None])
     seen = set()
     for cfg in probes:
@@ -130,7 +119,7 @@ def check_spec_data_fit(spec: "SweepSpec", probes: Sequence[Config]) -> None:
         try:
             check_data_fit(cfg.with_overrides({"loss.nce_k": largest}))
         except ConfigError as exc:
-            where = "space.loss.nce_k" if largest != spec.base_config.loss.nce_k else "config"
+            where = "space.loss.nce_k" if largest != base.loss.nce_k else "config"
             raise SpecError(f"{where}: {exc}") from None
 
 

@@ -1,20 +1,9 @@
-"""Replay a spec's real searcher and scheduler against a learning-curve table, on a virtual clock (docs/search.md).
-
-The searcher and scheduler are the objects `richkd sweep` builds (`build_search_alg`, `build_scheduler`: Optuna TPE
-or Tune's random generator, `points_to_evaluate`, ASHA's grace period and reduction factor, `max_concurrent`). An
-event loop plays Tune's part as Syne Tune's simulator does: `max_concurrent` virtual workers, each proposed
-configuration answered by its nearest table row, each epoch's result delivered when the table's seconds for it have
-passed on the virtual clock, and the scheduler and searcher told in the order Tune's controller tells them
-(`TuneController._process_trial_result`: the scheduler decides; on CONTINUE the searcher sees the result; a stopped
-or finished trial completes for both). tests/tune/test_replay.py checks against a real Ray Tune run that the loop
-sees the same proposals and makes the same stop/continue decisions.
-
-Nearest row: the distance between two configurations is the root mean square over the space's entries of |du| for
-a numeric entry (its [0, 1] coordinate, log scale for loguniform), 1 for two different categorical values, 1 where
-the entry is active in one and inactive in the other; an exact table configuration is at distance 0. Where a
-configuration has several seeds, one is drawn with the replay's seed. The selection rule is the sweep's: the best
-is the trial with the best LAST value among trials that reached max_t (richkd.tune.selection), and its test top-1
-is the table row's.
+"""Replay a spec's real searcher and scheduler against a learning-curve table, on a virtual clock (docs/search.md,
+"Replays"): the objects `richkd sweep` builds (`build_search_alg`, `build_scheduler`), `max_concurrent` virtual
+workers, each proposal answered by its nearest table row, each epoch's result delivered when the table's seconds for
+it have passed, and the scheduler and searcher told in the order Tune's controller tells them
+(`TuneController._process_trial_result`). tests/tune/test_replay.py checks the proposals and decisions against a real
+Ray Tune run. The best is chosen as a sweep chooses (richkd.tune.results); its test top-1 is its row's.
 """
 from __future__ import annotations
 
@@ -29,6 +18,9 @@ from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
+import optuna
+from ray.tune.experiment import Experiment
+from ray.tune.search import Searcher
 
 from richkd.tune.search import build_scheduler, build_search_alg, tune_param_space
 from richkd.tune.spec import SweepSpec
@@ -90,14 +82,13 @@ class ReplayResult:
     proposals: list = field(default_factory=list)    # (trial_id, active config) in proposal order
     decisions: list = field(default_factory=list)    # (trial_id, epoch, "CONTINUE" | "STOP")
 
-    def best_at(self, budget: float) -> float:
-        """The best final val top-1 known once `budget` trial-epochs were spent (NaN before the first)."""
-        best = math.nan
-        for epochs, _, val, _ in self.curve:
-            if epochs > budget:
-                break
-            best = val
-        return best
+    def finished(self, row: TableRow, value: float, sign: float) -> None:
+        """A trial that reached max_t with `value` (its row's last): counted, and the best if it is (sign: +1 max)."""
+        self.completed += 1
+        if math.isnan(self.best_val) or sign * value > sign * self.best_val:
+            self.best_val, self.best_config = value, row.config_id
+            self.best_test = math.nan if row.test_top1 is None else row.test_top1
+            self.curve.append((self.trial_epochs, self.seconds, self.best_val, self.best_test))
 
 
 def with_seed(spec: SweepSpec, seed: int) -> SweepSpec:
@@ -106,8 +97,6 @@ def with_seed(spec: SweepSpec, seed: int) -> SweepSpec:
 
 def _random_generator(spec: SweepSpec, searcher, folder: str) -> None:
     """Tune's BasicVariantGenerator is fed an Experiment, as Tuner.fit feeds it (it yields Trial objects)."""
-    from ray.tune.experiment import Experiment
-
     searcher.add_configurations([Experiment(name="replay", run=lambda config: None, config=tune_param_space(spec),
                                             num_samples=spec.tune.num_samples, storage_path=folder)])
 
@@ -116,8 +105,6 @@ def replay(spec: SweepSpec, table: Table, seed: int = 0, index: Optional[TableIn
            budget: Optional[int] = None, warm: Optional[WarmStart] = None) -> ReplayResult:
     """One sweep of `spec` (its searcher seeded with `seed`) against the table; `budget` (trial-epochs), when
     given, stops proposing new trials once it is spent, as a time budget would."""
-    from ray.tune.search import Searcher
-
     check_same_space(table, spec, "replay")
     index = index or TableIndex(table, spec)
     spec = with_seed(spec, seed)
@@ -183,11 +170,7 @@ def replay(spec: SweepSpec, table: Table, seed: int = 0, index: Optional[TableIn
             searcher.on_trial_complete(trial_id, result=result)
             del running[trial_id]
             if e >= spec.max_t and value is not None:
-                out.completed += 1
-                if math.isnan(out.best_val) or sign * value > sign * out.best_val:
-                    out.best_val, out.best_config = value, row.config_id
-                    out.best_test = math.nan if row.test_top1 is None else row.test_top1
-                    out.curve.append((out.trial_epochs, out.seconds, out.best_val, out.best_test))
+                out.finished(row, value, sign)
             else:
                 out.stopped += 1
         out.makespan = clock
@@ -214,21 +197,14 @@ def one_epoch_top_k(spec: SweepSpec, table: Table, n: int, k: int, seed: int = 0
     for _, _, row in sorted(first, key=lambda x: (-x[0], x[1]))[:k]:
         out.trial_epochs += row.epochs - 1
         out.seconds += sum(s or 0.0 for s in row.seconds[1:])
-        value = row.final
-        if row.epochs >= spec.max_t and value is not None:
-            out.completed += 1
-            if math.isnan(out.best_val) or sign * value > sign * out.best_val:
-                out.best_val, out.best_config = value, row.config_id
-                out.best_test = math.nan if row.test_top1 is None else row.test_top1
-                out.curve.append((out.trial_epochs, out.seconds, out.best_val, out.best_test))
+        if row.epochs >= spec.max_t and row.final is not None:
+            out.finished(row, row.final, sign)
     out.stopped = out.trials - out.completed
     return out
 
 
 def replay_many(spec: SweepSpec, table: Table, seeds: int = 20, progress: bool = False,
                 budget: Optional[int] = None, warm: Optional[WarmStart] = None) -> list[ReplayResult]:
-    import optuna
-
     if seeds < 1:
         raise ValueError("replay: --seeds must be >= 1")
     optuna.logging.set_verbosity(optuna.logging.WARNING)    # no "A new study created" line per replay

@@ -1,17 +1,117 @@
-"""Read a finished (or interrupted) sweep back from its storage: one row per trial, ranked; no Ray runtime needed."""
+"""A sweep read back from its folder: its record (`richkd_sweep.json`, written once when it starts: the resolved spec,
+MLflow ids, caches and code version, docs/architecture.md "Sweep storage"), its trials ranked, and the choices made
+from them. Every command after a sweep reads it through here, so they agree; Ray's offline ExperimentAnalysis reads
+Tune's files, no Ray runtime is needed. Selection (docs/method.md, "What a sweep should search"): only trials that
+reached max_t compete, ranked by the metric's LAST value on the validation split, never the test split.
+"""
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field
+import os
+import time
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Optional
 
+from richkd.cache.signature import cache_signature
 from richkd.config import Config
-from richkd.tune.mlflow_client import numeric_metrics
+from richkd.pareto import front_rows, objective_values
+from richkd.tracking import TRIAL_TAG, child_runs, client_for, finite
+from richkd.tune.errors import SpecError
 from richkd.tune.params import TrialPlan
+from richkd.tune.paths import DEFAULT_STORAGE, join_storage, read_text, remove_file, sweep_ref, write_text
 from richkd.tune.spec import SweepSpec
 
+SWEEP_RECORD = "richkd_sweep.json"
+RECORD_FIELDS = ("created", "tracking_uri", "experiment_id", "parent_run_id", "caches", "richkd_version", "git_commit")
 OUTCOME_ORDER = ("completed", "stopped_early", "unfinished", "nonfinite_loss", "error")
+# Tune's bookkeeping keys are not model metrics; everything else numeric in a report is.
+_TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "time_since_restore",
+              "iterations_since_restore", "done", "should_checkpoint", "checkpoint_dir_name"}
 
+
+class ExportError(ValueError):
+    """The sweep cannot be used as asked (e.g. no trial reached max_t); the message says what to do."""
+
+
+# ----- the record ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SweepRecord:
+    spec: SweepSpec
+    created: float = field(default_factory=time.time)
+    tracking_uri: Optional[str] = None          # None when the sweep runs without MLflow
+    experiment_id: Optional[str] = None
+    parent_run_id: Optional[str] = None
+    caches: tuple = ()                          # ({"signature": ..., "dir": ..., "entries": [folder names]}, ...)
+    richkd_version: Optional[str] = None
+    git_commit: Optional[str] = None
+    path: str = ""                              # the experiment folder/URI it was read from (not saved)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def has_mlflow_run(self) -> bool:
+        return bool(self.tracking_uri and self.parent_run_id)
+
+    def with_tracking_uri(self, tracking_uri: Optional[str]) -> "SweepRecord":
+        """The record read through another address of the same MLflow store (e.g. a server instead of SQLite)."""
+        return replace(self, tracking_uri=tracking_uri) if tracking_uri else self
+
+    def cache_entries(self, cfg: Config) -> list[str]:
+        """The cache entries the sweep built for configs of cfg's cache signature."""
+        signature = cache_signature(cfg)
+        return next((list(c.get("entries") or []) for c in self.caches if c.get("signature") == signature), [])
+
+    def to_json(self) -> str:
+        saved = {f.name: getattr(self, f.name) for f in fields(self) if f.name in RECORD_FIELDS}
+        return json.dumps({"name": self.spec.name, "source": self.spec.source, "spec": self.spec.to_dict(), **saved},
+                          indent=1, default=str)
+
+
+def write_sweep_record(record: SweepRecord) -> None:
+    write_text(join_storage(record.spec.experiment_path, SWEEP_RECORD), record.to_json())
+
+
+def remove_sweep_record(experiment_path: str) -> None:
+    remove_file(join_storage(experiment_path, SWEEP_RECORD))
+
+
+def sweep_record_exists(experiment_path: str) -> bool:
+    return read_text(join_storage(experiment_path, SWEEP_RECORD)) is not None
+
+
+def locate_sweep(sweep: str, storage: Optional[str] = None) -> str:
+    """A sweep name (under `storage`, default tune_runs) or an experiment folder/URI -> the experiment path."""
+    if "://" in sweep or (os.path.isdir(sweep) and sweep_record_exists(sweep)):
+        return sweep if "://" in sweep else os.path.abspath(sweep)
+    root = storage or DEFAULT_STORAGE
+    return join_storage(root if "://" in root else os.path.abspath(os.path.expanduser(root)), sweep)
+
+
+def read_sweep_record(sweep: str, storage: Optional[str] = None, check: bool = False) -> SweepRecord:
+    """The record of a sweep name or folder; `check` re-runs the spec's file and data checks on this machine."""
+    path = locate_sweep(sweep, storage)
+    text = read_text(join_storage(path, SWEEP_RECORD))
+    if text is None:
+        raise SpecError(f"no sweep named {sweep!r} at {path} (no {SWEEP_RECORD}); pass the sweep's name as shown by "
+                        f"`richkd sweep`, its folder, or --storage for a non-default storage path")
+    try:
+        data = json.loads(text)
+        spec_data = data["spec"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SpecError(f"{join_storage(path, SWEEP_RECORD)} is not a readable sweep record ({exc}); it is written "
+                        "by `richkd sweep` when a sweep starts") from None
+    spec = SweepSpec.from_dict(spec_data, source=data.get("source"), check=check)
+    return SweepRecord(spec=spec, path=path, **{**{k: data.get(k) for k in RECORD_FIELDS},
+                                                "created": data.get("created") or 0.0,
+                                                "caches": tuple(data.get("caches") or ())})
+
+
+# ----- the trials ---------------------------------------------------------------------------------------
 
 @dataclass
 class TrialRow:
@@ -41,40 +141,42 @@ class TrialRow:
         return max(0, self.failures - (self.outcome == "error"))
 
 
-def _finite(v) -> Optional[float]:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+def finite_value(v) -> Optional[float]:
+    """v as a float when it is a finite number, else None."""
+    return float(v) if finite(v) else None
+
+
+def _numbers(result: dict) -> dict:
+    return {k: float(v) for k, v in result.items()
+            if not k.startswith("config/") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def numeric_metrics(result: dict) -> dict:
+    """A Tune report's model metrics as floats (not Tune's bookkeeping, not the config, not flags)."""
+    return {k: v for k, v in _numbers(result).items() if k not in _TUNE_KEYS}
 
 
 def collect_trials(experiment_path: str, spec: SweepSpec) -> list[TrialRow]:
-    """All trials of the experiment with their last results, via Ray's offline ExperimentAnalysis."""
+    """All trials of the experiment with their last results and histories, ranked (rank_trials)."""
     from ray.tune import ExperimentAnalysis
 
     analysis = ExperimentAnalysis(experiment_path, default_metric=spec.tune.metric, default_mode=spec.tune.mode)
-    plan = spec.plan()
-    dataframes = analysis.trial_dataframes
-    rows = []
+    plan, frames, rows = spec.plan(), analysis.trial_dataframes, []
     for trial in analysis.trials:
         last = dict(trial.last_result or {})
-        df = dataframes.get(trial.trial_id)
-        history = [] if df is None else [{k: float(v) for k, v in r.items() if not k.startswith("config/")
-                                          and isinstance(v, (int, float)) and not isinstance(v, bool)}
-                                         for r in df.to_dict("records")]
-        best = None
-        if df is not None and spec.tune.metric in getattr(df, "columns", []):
-            series = [v for v in df[spec.tune.metric].tolist() if _finite(v) is not None]
-            if series:
-                best = max(series) if spec.tune.mode == "max" else min(series)
-        checkpoint = None
+        df = frames.get(trial.trial_id)
+        history = [] if df is None else [_numbers(r) for r in df.to_dict("records")]
+        series = [v for v in (h.get(spec.tune.metric) for h in history) if finite_value(v) is not None]
+        best = (max(series) if spec.tune.mode == "max" else min(series)) if series else None
         try:
-            ckpt = trial.checkpoint
-            checkpoint = ckpt.path if ckpt is not None else None
+            checkpoint = trial.checkpoint.path if trial.checkpoint is not None else None
         except Exception:  # stub trials without a checkpoint manager
             checkpoint = None
         rows.append(TrialRow(
             trial_id=trial.trial_id, trial_name=str(trial), status=trial.status,
             outcome=trial_outcome(trial.status, last, spec.max_t),
-            epochs=int(last.get("training_iteration", 0) or 0), value=_finite(last.get(spec.tune.metric)),
-            best_value=_finite(best), metrics=numeric_metrics(last), sampled=plan.active_sampled(trial.config),
+            epochs=int(last.get("training_iteration", 0) or 0), value=finite_value(last.get(spec.tune.metric)),
+            best_value=best, metrics=numeric_metrics(last), sampled=plan.active_sampled(trial.config),
             config=plan.trial_config(trial.config), path=str(getattr(trial, "path", "") or ""),
             checkpoint=checkpoint, node_id=last.get("node_id") or None, node_ip=last.get("node_ip") or None,
             failures=int(getattr(trial, "num_failures", 0) or 0), history=history,
@@ -101,19 +203,6 @@ def survivors(rows: list[TrialRow]) -> list[TrialRow]:
     return [r for r in rows if r.outcome == "completed" and r.value is not None]
 
 
-def attach_mlflow_run_ids(rows: list[TrialRow], tracking_uri: Optional[str], experiment_id: Optional[str],
-                          parent_run_id: Optional[str]) -> None:
-    if not (tracking_uri and experiment_id and parent_run_id):
-        return
-    from richkd.tune.mlflow_client import TRIAL_TAG, child_runs, client_for
-
-    client = client_for(tracking_uri)
-    by_trial = {run.data.tags.get(TRIAL_TAG): run.info.run_id
-                for run in child_runs(client, experiment_id, parent_run_id, kind="trial")}
-    for r in rows:
-        r.mlflow_run_id = by_trial.get(r.trial_id)
-
-
 def trial_outcome(status: str, result: dict, max_t: int) -> str:
     if status == "ERROR":
         return "error"
@@ -125,16 +214,74 @@ def trial_outcome(status: str, result: dict, max_t: int) -> str:
 
 
 def sweep_summary(trials: list, plan: TrialPlan) -> dict:
-    counts = {"completed": 0, "stopped_early": 0, "nonfinite_loss": 0, "error": 0, "unfinished": 0}
+    """n_trials_<outcome> and best_<metric> (among completed trials): the parent run's metrics."""
+    counts = dict.fromkeys(("completed", "stopped_early", "nonfinite_loss", "error", "unfinished"), 0)
     best = None
     for t in trials:
         outcome = trial_outcome(t.status, t.last_result or {}, plan.max_t)
         counts[outcome] += 1
-        value = (t.last_result or {}).get(plan.metric)
-        if outcome == "completed" and isinstance(value, (int, float)) and math.isfinite(value):
-            if best is None or (value > best if plan.mode == "max" else value < best):
-                best = value
-    out = {f"n_trials_{k}": float(v) for k, v in counts.items()}
-    if best is not None:
-        out[f"best_{plan.metric}"] = float(best)
-    return out
+        value = finite_value((t.last_result or {}).get(plan.metric))
+        if outcome == "completed" and value is not None and (best is None or (value > best) == (plan.mode == "max")):
+            best = value
+    return {**{f"n_trials_{k}": float(v) for k, v in counts.items()},
+            **({f"best_{plan.metric}": best} if best is not None else {})}
+
+
+# ----- reading a sweep, choosing from it --------------------------------------------------------------------
+
+def load_sweep(sweep: str, storage: Optional[str] = None, tracking_uri: Optional[str] = None):
+    """(spec, experiment path, sweep record, ranked rows with their MLflow run ids) of a sweep name or folder."""
+    record = read_sweep_record(sweep, storage).with_tracking_uri(tracking_uri)
+    spec, path = record.spec, record.path
+    try:
+        rows = collect_trials(path, spec)
+    except ValueError as exc:  # no experiment_state file yet
+        raise ExportError(f"sweep {spec.name!r} at {path} has no trial results yet ({exc})") from None
+    if record.has_mlflow_run and record.experiment_id:
+        runs = child_runs(client_for(record.tracking_uri), record.experiment_id, record.parent_run_id)
+        by_trial = {run.data.tags.get(TRIAL_TAG): run.info.run_id for run in runs}
+        for r in rows:
+            r.mlflow_run_id = by_trial.get(r.trial_id)
+    return spec, path, record, rows
+
+
+def output_dir(experiment_path: str, sweep_name: str) -> Path:
+    """Export, finalize and report files live beside the experiment when it is a local folder, else in
+    ./tune_runs/<sweep>/."""
+    return Path("tune_runs").resolve() / sweep_name if "://" in experiment_path else Path(experiment_path)
+
+
+def missing_trials(rows: list, spec: SweepSpec) -> tuple[int, int]:
+    """(trials that have not finished, trials a finished sweep has): tune.num_samples, times the values of each
+    grid entry (Tune repeats the grid num_samples times). A sweep that a time budget ended is not missing any."""
+    total = spec.tune.num_samples * math.prod(len(p.values) for p in spec.params if p.sampler == "grid")
+    unfinished = sum(1 for r in rows if r.outcome == "unfinished")
+    if spec.tune.time_budget_s and not unfinished:
+        return 0, total
+    return unfinished + max(0, total - len(rows)), total
+
+
+def best_trial(rows: list, spec: SweepSpec) -> TrialRow:
+    alive = survivors(rows)
+    if not alive:
+        outcomes: dict = {}
+        for r in rows:
+            outcomes[r.outcome] = outcomes.get(r.outcome, 0) + 1
+        seen = ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items())) or "no trials"
+        raise ExportError(f"no trial of sweep {spec.name!r} reached max_t = {spec.max_t} epochs with a finite "
+                          f"{spec.tune.metric} ({seen}); resume it (`richkd sweep --resume "
+                          f"{sweep_ref(spec.name, spec.experiment_path)}`) or run a larger sweep")
+    return alive[0]
+
+
+def compute_front(rows: list, spec: SweepSpec, objectives: list) -> list:
+    """Front members among trials that reached max_t; a clear error when none reported every objective."""
+    metrics = [m for m, _ in objectives]
+    front = front_rows(rows, metrics, [d for _, d in objectives])
+    if not front:
+        missing = sorted({m for r in survivors(rows) for m in metrics if objective_values(r, [m]) is None})
+        hint = (f"; the trials did not report {', '.join(missing)} (set config robustness.enabled: true in the "
+                "spec for val_corrupt_* metrics)" if missing else "")
+        raise ExportError(f"no trial of sweep {spec.name!r} reached max_t = {spec.max_t} with finite "
+                          f"{', '.join(metrics)}{hint}")
+    return front

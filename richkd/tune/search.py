@@ -1,17 +1,11 @@
 """Spec samplers -> Optuna / Tune search spaces, the searcher (Optuna TPE, random, grid) and the ASHA scheduler.
 
-The Optuna searcher is `PrunedAwareOptunaSearch`: Ray's OptunaSearch (2.60, `on_trial_complete`) tells
-Optuna COMPLETE with the last reported value for every trial that reported anything, so a trial that
-ASHA stopped after 2 of 30 epochs enters TPE as if its epoch-2 accuracy were final and pollutes the "good"
-Parzen estimator. Here such trials are told PRUNED (Optuna then ranks them by their intermediate values,
-below the complete ones), and non-finite results FAIL.
-
-Multi-objective sweeps (tune.metric a list) hand Optuna the list of metrics and modes: the study gets one
-direction per objective and is told a list of values. Optuna cannot record intermediate values of a
-multi-objective trial (Trial.report raises), so an ASHA-stopped trial is told PRUNED with no values (allowed
-by optuna 5's tell): TPE ranks such trials after every complete one, and Optuna's own Pareto front
-(`study.best_trials`) holds COMPLETE trials only, matching the front that `richkd export` computes from the
-trials that reached max_t. ASHA itself sees only the first objective (Ray's TuneConfig takes one metric).
+Why `PrunedAwareOptunaSearch`: Ray's OptunaSearch (2.60) tells Optuna COMPLETE with the last reported value for
+every trial that reported anything, so a trial ASHA stopped after 2 of 30 epochs enters TPE as if its epoch-2
+accuracy were final and pollutes the "good" Parzen estimator. Here such trials are told PRUNED (ranked by their
+intermediate values, below complete ones) and non-finite results FAIL. A multi-objective study gets one direction per
+objective; Optuna records no intermediate values there, so a stopped trial is PRUNED without values and Optuna's
+Pareto front holds COMPLETE trials only, as `richkd export`'s does. ASHA sees only the first objective.
 """
 from __future__ import annotations
 
@@ -20,8 +14,14 @@ import math
 import warnings
 from typing import Any, Optional
 
+import optuna
+from optuna.distributions import CategoricalDistribution, IntDistribution
+from optuna.trial import TrialState
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from richkd.config import flatten
 from richkd.tune.params import Param, walk_active
 from richkd.tune.spec import SweepSpec
 from richkd.tune.warm_start import tell_optuna
@@ -35,8 +35,6 @@ TIME_ATTR = "training_iteration"  # one tune.report per epoch, so training_itera
 
 def suggest(trial, p: Param) -> Any:
     """Ask an Optuna trial for one entry's value (define-by-run), from the entry's Optuna distribution."""
-    from optuna.distributions import CategoricalDistribution, IntDistribution
-
     d = p.optuna_distribution()
     if isinstance(d, CategoricalDistribution):
         return trial.suggest_categorical(p.key, d.choices)
@@ -84,8 +82,6 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         values = [result.get(m) for m in (self.metric if multi else [self.metric])] if result else []
         if all(v is None for v in values):
             return super().on_trial_complete(trial_id, result=result, error=error)
-        from optuna.trial import TrialState
-
         ot_trial = self._ot_trials[trial_id]
         finite = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
         reached = (result.get(self._time_attr) or 0) >= self._max_t
@@ -107,13 +103,9 @@ class PrunedAwareOptunaSearch(OptunaSearch):
 def build_search_alg(spec: SweepSpec, warm=None):
     """The searcher for spec.tune.search.algorithm, already limited to tune.max_concurrent in flight; `warm` (a
     richkd.tune.warm_start.WarmStart) is told to the Optuna study before it proposes anything."""
-    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
-
     t = spec.tune
     points = [dict(p) for p in spec.points]
     if t.search.algorithm == "optuna":
-        import optuna
-
         with warnings.catch_warnings():  # `group` is flagged experimental; it is what conditional spaces need
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             sampler = optuna.samplers.TPESampler(seed=t.search.seed, multivariate=True, group=True,
@@ -121,8 +113,6 @@ def build_search_alg(spec: SweepSpec, warm=None):
         storage = None
         if t.search.storage:
             storage = optuna.storages.RDBStorage(t.search.storage)
-        from richkd.config import flatten
-
         # lists for a multi-objective sweep (one study direction per objective); Ray's tune.py never overrides
         # them: with an empty param_space it does not call the searcher's set_search_properties
         metric, mode = (t.metrics, t.modes) if t.multi_objective else (t.metric, t.mode)
@@ -138,8 +128,6 @@ def build_search_alg(spec: SweepSpec, warm=None):
 
 
 def build_scheduler(spec: SweepSpec):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     s = spec.tune.scheduler
     if s.type == "fifo":
         return FIFOScheduler()

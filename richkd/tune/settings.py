@@ -1,10 +1,7 @@
-"""The `tune:`, `mlflow:` and `finalize:` sections of a sweep spec as typed records.
-
-Built with `richkd.schema.build` (the same mechanism as the run config): unknown keys get the nearest valid
-key suggested, values are checked against their annotations, and each record's `__post_init__` checks its
-own ranges. `to_plain(record)` writes a section back and `build` reads it back as an equal record, which is
-how a sweep folder stores its spec for `--resume` and `richkd export`. Rules that involve the base config
-or the space (grace period vs epochs, GPUs vs device, samplers vs algorithm) live in `richkd.tune.spec`.
+"""The `tune:`, `mlflow:` and `finalize:` sections of a sweep spec as typed records, built by `richkd.schema.build` as
+the run config is (unknown keys get the nearest one suggested; each record's `__post_init__` checks its ranges with
+schema's checks) and written back by `to_plain`. Rules that involve the base config or the space live in
+`richkd.tune.spec`.
 """
 from __future__ import annotations
 
@@ -12,35 +9,25 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Mapping, Optional, Tuple
 
 from richkd.config import CORRUPTION_NAMES
 from richkd.metric_names import KNOWN_METRICS, PER_CORRUPTION_PREFIX, direction, is_reported, per_corruption
-from richkd.schema import build, suggest
+from richkd.schema import build, check, in_range, one_of, suggest
 from richkd.tune.errors import SpecError
 from richkd.tune.paths import DEFAULT_STORAGE, absolute_storage, has_scheme
 
 SEARCH_ALGORITHMS = ("optuna", "random", "grid")
 SCHEDULERS = ("asha", "fifo")
+need = partial(check, error=SpecError)
+positive = partial(in_range, lo=0, lo_open=True, hi=math.inf, hi_open=True, error=SpecError)   # finite, > 0
 
 
 class _Section:
     """Schema settings shared by the spec's records: problems are SpecErrors about "spec key"s."""
     __schema_error__ = SpecError
     __schema_noun__ = "spec key"
-
-
-def _require(cond: bool, message: str) -> None:
-    if not cond:
-        raise SpecError(message)
-
-
-def _finite(value: Optional[float], where: str) -> None:
-    _require(value is None or math.isfinite(value), f"{where}: expected a finite number, got {value!r}")
-
-
-def _one_of(value: Any, choices: tuple, where: str) -> None:
-    _require(value in choices, f"{where}: {value!r} is not one of {', '.join(choices)}{suggest(str(value), choices)}")
 
 
 @dataclass(frozen=True)
@@ -52,14 +39,13 @@ class SearchSettings(_Section):
     storage: Optional[str] = None        # optional Optuna RDB URL, e.g. sqlite:////abs/optuna.db (optuna-dashboard)
 
     def __post_init__(self) -> None:
-        _one_of(self.algorithm, SEARCH_ALGORITHMS, "tune.search.algorithm")
-        _require(self.n_startup_trials >= 0, "tune.search.n_startup_trials: must be >= 0")
+        one_of(self.algorithm, "tune.search.algorithm", SEARCH_ALGORITHMS, SpecError)
+        need(self.n_startup_trials >= 0, "tune.search.n_startup_trials", "must be >= 0")
         if self.storage is None:
             return
-        _require(self.algorithm == "optuna",
-                 "tune.search.storage: an Optuna storage is only used with algorithm: optuna")
-        _require(bool(re.match(r"^(sqlite|postgresql|mysql)[+a-z0-9]*://", self.storage)),
-                 f"tune.search.storage: {self.storage!r} must be an RDB URL such as sqlite:///tune_runs/optuna.db")
+        need(self.algorithm == "optuna", "tune.search.storage", "an Optuna storage is only used with algorithm: optuna")
+        need(bool(re.match(r"^(sqlite|postgresql|mysql)[+a-z0-9]*://", self.storage)), "tune.search.storage",
+             f"{self.storage!r} must be an RDB URL such as sqlite:///tune_runs/optuna.db")
         if self.storage.startswith("sqlite:///") and not self.storage[len("sqlite:///"):].startswith("/"):
             object.__setattr__(self, "storage", "sqlite:///" + os.path.abspath(self.storage[len("sqlite:///"):]))
 
@@ -73,12 +59,11 @@ class SchedulerSettings(_Section):
     brackets: int = 1
 
     def __post_init__(self) -> None:
-        _one_of(self.type, SCHEDULERS, "tune.scheduler.type")
-        _finite(self.reduction_factor, "tune.scheduler.reduction_factor")
-        _require(self.reduction_factor > 1,
-                 f"tune.scheduler.reduction_factor: must be > 1, got {self.reduction_factor}")
-        _require(self.brackets >= 1, "tune.scheduler.brackets: must be >= 1")
-        _require(self.grace_period >= 1, f"tune.scheduler.grace_period: {self.grace_period} must be >= 1")
+        one_of(self.type, "tune.scheduler.type", SCHEDULERS, SpecError)
+        in_range(self.reduction_factor, "tune.scheduler.reduction_factor", lo=1, lo_open=True, hi=math.inf,
+                 hi_open=True, error=SpecError)
+        need(self.brackets >= 1, "tune.scheduler.brackets", "must be >= 1")
+        need(self.grace_period >= 1, "tune.scheduler.grace_period", f"{self.grace_period} must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -87,11 +72,9 @@ class Resources(_Section):
     gpu: float = 0.0
 
     def __post_init__(self) -> None:
-        _finite(self.cpu, "tune.resources.cpu")
-        _finite(self.gpu, "tune.resources.gpu")
-        _require(self.cpu > 0, f"tune.resources.cpu: must be > 0, got {self.cpu}")
-        _require(0 <= self.gpu <= 1, f"tune.resources.gpu: {self.gpu:g} must be 0 or a fraction in (0, 1] (trials "
-                 "share a GPU); a trial trains on one GPU (there is no multi-GPU training), so more would sit idle")
+        positive(self.cpu, "tune.resources.cpu")
+        need(0 <= self.gpu <= 1, "tune.resources.gpu", f"{self.gpu:g} must be 0 or a fraction in (0, 1] (trials share "
+             "a GPU); a trial trains on one GPU (there is no multi-GPU training), so more would sit idle")
 
 
 @dataclass(frozen=True)
@@ -116,29 +99,28 @@ class TuneSettings(_Section):
         multi = len(self.objectives) > 1
         pairs = check_objectives([self.metric] + [m for m, _ in self.objectives[1:]],
                                  [self.mode] + [d for _, d in self.objectives[1:]] if multi else self.mode, multi)
-        _require(not self.objectives or tuple(map(tuple, self.objectives)) == pairs,
-                 "tune.objectives: must start with (tune.metric, tune.mode)")
+        need(not self.objectives or tuple(map(tuple, self.objectives)) == pairs, "tune.objectives",
+             "must start with (tune.metric, tune.mode)")
         object.__setattr__(self, "objectives", pairs if len(pairs) > 1 else ())
-        _require(len(pairs) == 1 or self.search.algorithm == "optuna",
-                 f"tune.search.algorithm: {self.search.algorithm} cannot search {len(pairs)} objectives "
-                 f"{[m for m, _ in pairs]}; multi-objective search needs algorithm: optuna (or give "
-                 "tune.metric a single metric)")
-        _require(self.num_samples >= 1, f"tune.num_samples: must be >= 1, got {self.num_samples}")
-        _require(self.max_concurrent >= 1, f"tune.max_concurrent: must be >= 1, got {self.max_concurrent}")
-        _require(self.max_failures >= -1, "tune.max_failures: must be >= 0 (or -1 for unlimited retries)")
-        _require(bool(self.storage_path), f"tune.storage_path: expected a folder or a URI such as s3://bucket/path, "
-                                          f"got {self.storage_path!r}")
+        need(len(pairs) == 1 or self.search.algorithm == "optuna", "tune.search.algorithm",
+             f"{self.search.algorithm} cannot search {len(pairs)} objectives {[m for m, _ in pairs]}; multi-objective "
+             "search needs algorithm: optuna (or give tune.metric a single metric)")
+        for key in ("num_samples", "max_concurrent"):
+            need(getattr(self, key) >= 1, f"tune.{key}", f"must be >= 1, got {getattr(self, key)}")
+        need(self.max_failures >= -1, "tune.max_failures", "must be >= 0 (or -1 for unlimited retries)")
+        need(bool(self.storage_path), "tune.storage_path", f"expected a folder or a URI such as s3://bucket/path, "
+                                                            f"got {self.storage_path!r}")
         object.__setattr__(self, "storage_path", absolute_storage(self.storage_path))
-        _require(self.checkpoint_num_to_keep >= 1,
-                 "tune.checkpoint_num_to_keep: must be >= 1 (trials resume from their latest checkpoint)")
+        need(self.checkpoint_num_to_keep >= 1, "tune.checkpoint_num_to_keep",
+             "must be >= 1 (trials resume from their latest checkpoint)")
         if self.warm_start:
-            _require(self.search.algorithm == "optuna" and len(pairs) == 1,
-                     "tune.warm_start: earlier trials seed Optuna's TPE; it needs tune.search.algorithm: optuna and "
-                     "a single objective (random and grid search do not learn from earlier trials)")
+            need(self.search.algorithm == "optuna" and len(pairs) == 1, "tune.warm_start",
+                 "earlier trials seed Optuna's TPE; it needs tune.search.algorithm: optuna and a single objective "
+                 "(random and grid search do not learn from earlier trials)")
             object.__setattr__(self, "warm_start", tuple(os.path.abspath(w) if os.path.isfile(w) else w
                                                          for w in self.warm_start))
-        _finite(self.time_budget_s, "tune.time_budget_s")
-        _require(self.time_budget_s is None or self.time_budget_s > 0, "tune.time_budget_s: must be > 0")
+        if self.time_budget_s is not None:
+            positive(self.time_budget_s, "tune.time_budget_s")
 
     @property
     def cpu(self) -> float:
@@ -183,7 +165,7 @@ class MlflowSettings(_Section):
     artifact_location: Optional[str] = None
 
     def __post_init__(self) -> None:
-        _require(bool(self.experiment), f"mlflow.experiment: expected a non-empty name, got {self.experiment!r}")
+        need(bool(self.experiment), "mlflow.experiment", f"expected a non-empty name, got {self.experiment!r}")
 
 
 @dataclass(frozen=True)
@@ -193,7 +175,7 @@ class FinalizeSettings(_Section):
     overrides: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _require(self.top >= 1 and self.seeds >= 1, "finalize.top and finalize.seeds must be >= 1")
+        need(self.top >= 1 and self.seeds >= 1, "finalize.top and finalize.seeds", "must be >= 1")
 
 
 # ----- the user's shorthand for objectives ---------------------------------------------------------

@@ -1,16 +1,10 @@
-"""A sweep spec: what to search (base config + space + points), how (tune settings), where to log (mlflow)
-and what to re-run (finalize), loaded from a YAML file and validated before Ray starts.
+"""A sweep spec: a base config (`base:` file and/or inline `config:`), a `space:` (richkd.tune.params), optional
+`points_to_evaluate:` and the `tune:`, `mlflow:` and `finalize:` sections (richkd.tune.settings), read from YAML and
+checked completely, without side effects, before Ray starts: every problem is one SpecError (docs/architecture.md,
+"Data flow", 2; the whole-space checks are richkd.tune.preflight's).
 
-A spec has a base config (`base:` file and/or inline `config:`), a `space:` of dotted config keys with
-samplers (see richkd.tune.params), optional `points_to_evaluate:`, and the `tune:`, `mlflow:` and `finalize:`
-sections (see richkd.tune.settings). Validation is complete and side-effect free: unknown keys (with the
-nearest valid key suggested), bad ranges, values the config rejects, unknown models or prompt sets, missing
-files, and continuous samplers on cache-affecting keys all raise one `SpecError` before anything is launched
-or written (the whole-space checks are in richkd.tune.preflight).
-
-`SweepSpec.to_dict()` is itself a valid spec: env variables expanded, paths absolute, every default spelt
-out. The sweep folder stores it, and `--resume` / `richkd export` read it back through the same loader as an
-equal SweepSpec, whatever directory or environment they run in.
+`SweepSpec.to_dict()` is itself a valid spec (env variables expanded, paths absolute, every default spelt out): the
+sweep folder stores it, and later commands read it back through the same loader as an equal SweepSpec.
 """
 from __future__ import annotations
 
@@ -22,19 +16,21 @@ import logging
 import os
 import re
 from dataclasses import dataclass, fields, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
+from richkd.cache.signature import CACHE_AFFECTING_PREFIXES, affects_cache, cache_signature
 from richkd.config import Config, ConfigError, load_yaml_mapping, parse_override
 from richkd.metric_names import needs_robustness, per_corruption
-from richkd.schema import build, read_yaml, suggest, to_plain
+from richkd.schema import build, flatten, read_yaml, suggest, to_plain
 from richkd.tracking import default_artifact_location
 from richkd.tune.errors import SpecError
 from richkd.tune.params import Param, TrialPlan, check_keys, config_or_error, parse_space
 from richkd.tune.paths import PATH_KEYS, absolutize, join_storage, resolve_tracking_uri
-from richkd.tune.preflight import check_spec
+from richkd.tune.preflight import check_inputs, check_space_values
 from richkd.tune.settings import FinalizeSettings, MlflowSettings, TuneSettings, parse_tune
 
 log = logging.getLogger(__name__)
@@ -90,18 +86,18 @@ class SweepSpec:
         """n seeded draws from the space (respecting `when:`), as Tune-style sampled dicts."""
         return self.plan().random_points(n, seed)
 
-    def cache_probe_configs(self, n_draws: int = 32) -> list[Config]:
-        """Configs that together need every cache any trial can read, one per distinct cache need.
+    @cached_property
+    def cache_probe_configs(self) -> list[Config]:
+        """Configs that together need every cache any trial can read, one per distinct cache need; computed once
+        per spec (the loader's checks, the cache build and the node checks all use them).
 
         Every combination of the cache-affecting choice values is crossed with the base config, the
         points to evaluate and seeded draws of the other knobs (which decide e.g. whether CLIP is used).
         """
-        from richkd.cache.signature import affects_cache, cache_signature
-
         cache_params = [p for p in self.params if any(affects_cache(k) for k in p.config_keys)]
         combos = [dict(zip([p.key for p in cache_params], vals))
                   for vals in itertools.product(*[p.values for p in cache_params])] or [{}]
-        others = [{}] + [dict(pt) for pt in self.points] + self.random_points(n_draws, seed=12345)
+        others = [{}] + [dict(pt) for pt in self.points] + self.random_points(32, seed=12345)
         plan = self.plan()
         seen: dict = {}
         for other in others:
@@ -132,8 +128,8 @@ def load_spec(path: str | os.PathLike, overrides: Sequence[str] | Mapping[str, A
     (e.g. `tune.num_samples=4`, `config.train.epochs=2`). Raises SpecError; never writes anything."""
     specs = load_specs(path, overrides, check_resources=check_resources, check_data=check_data)
     if len(specs) > 1:
-        raise SpecError(f"{path} compares {len(specs)} arms ({', '.join(s.name for s in specs.values())}): `richkd sweep` "
-                        "runs them one after the other; other commands take one arm's sweep name")
+        raise SpecError(f"{path} compares {len(specs)} arms ({', '.join(s.name for s in specs.values())}): "
+                        "`richkd sweep` runs them one after the other; other commands take one arm's sweep name")
     return next(iter(specs.values()))
 
 
@@ -163,7 +159,8 @@ def arm_mappings(raw: Mapping[str, Any]) -> dict[str, dict]:
     """Each arm of a spec with `arms:` as a spec mapping of its own (see load_specs)."""
     arms, name = raw["arms"], raw.get("name")
     if not isinstance(arms, Mapping) or len(arms) < 2:
-        raise SpecError(f"arms: expected a mapping of two or more arm names to {{space: ..., config: ...}}, got {arms!r}")
+        raise SpecError(f"arms: expected a mapping of two or more arm names to {{space: ..., config: ...}}, "
+                        f"got {arms!r}")
     for key in ("space", "points_to_evaluate"):
         if raw.get(key):
             raise SpecError(f"{key}: with arms, each arm has its own (arms.<arm>.{key}); move it there")
@@ -174,13 +171,9 @@ def arm_mappings(raw: Mapping[str, Any]) -> dict[str, dict]:
             raise SpecError(f"{where}: {arm!r} must be a folder-safe name (letters, digits, _ -)")
         check_keys(body, ARM_KEYS, where)
         config = body.get("config") or {}
-        for key in SHARED_KEYS:
-            node = config
-            for part in key.split("."):
-                node = node.get(part, {}) if isinstance(node, Mapping) else {}
-            if node != {}:
-                raise SpecError(f"{where}.config.{key}: every arm trains with the same {key} (equal budgets); set it "
-                                "in the shared config:")
+        for key in set(SHARED_KEYS) & set(flatten(config) if isinstance(config, Mapping) else ()):
+            raise SpecError(f"{where}.config.{key}: every arm trains with the same {key} (equal budgets); set it "
+                            "in the shared config:")
         m = {k: v for k, v in raw.items() if k != "arms"}
         m.update(name=f"{name}.{arm}", config=_deep_merge(dict(raw.get("config") or {}), config),
                  space=body.get("space"), points_to_evaluate=body.get("points_to_evaluate") or [],
@@ -221,7 +214,8 @@ def spec_from_mapping(raw: Mapping[str, Any], *, source: Optional[str] = None,
     finalize = _parse_finalize(raw.get("finalize"), base_cfg)
     spec = SweepSpec(name=name, source=source, base_config=base_cfg, params=params, points=points,
                      tune=tune, mlflow=mlflow, finalize=finalize, description=str(raw.get("description") or ""))
-    check_spec(spec, check_resources=check_resources, check_data=check_data)
+    check_space_values(base_cfg, spec.plan(), points)
+    check_inputs(base_cfg, params, spec.cache_probe_configs, check_resources=check_resources, check_data=check_data)
     return spec
 
 
@@ -325,8 +319,6 @@ def _load_base_config(raw: dict, base_dir: Path, name: str, demo_base: bool = Fa
 
 
 def _check_cache_keys(params: Sequence[Param]) -> None:
-    from richkd.cache.signature import CACHE_AFFECTING_PREFIXES
-
     for p in params:
         if not p.is_finite and p.key.startswith(CACHE_AFFECTING_PREFIXES):
             raise SpecError(f"space.{p.key}: {p.key} changes the teacher/CLIP caches, which are built once before "

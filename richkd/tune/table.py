@@ -1,14 +1,8 @@
-"""Learning-curve tables: configurations of a sweep's space trained to the end, every epoch recorded.
-
-A table is what tabular HPO benchmarks (LCBench, NAS-Bench-201) are: a seeded sample of configurations, each trained
-for the full schedule with no early stopping, with the validation top-1, validation loss and seconds of every epoch
-and, for final reporting only, the last epoch's test top-1. `richkd replay` runs the real searchers and schedulers
-against it on a virtual clock (docs/search.md). The file is JSON lines: a header (format, the resolved spec,
-provenance), then one row per (configuration, seed), appended as each training finishes, so a killed build resumes
-without training a finished row twice.
-
-`richkd.tune.runner.build_table` trains the rows through Ray Tune like a sweep (the sweep's own trainable, caches built
-first, FIFO, no early stopping); `table_from_sweep` turns a finished sweep without early stopping into a table.
+"""Learning-curve tables (docs/search.md, "Learning-curve tables"): configurations of a sweep's space trained to the
+end with every epoch's validation top-1, loss and seconds and, for final reporting only, the test top-1, as LCBench
+and NAS-Bench-201 are. The file is JSON lines, a header (format, the resolved spec, provenance) and one row per
+(configuration, seed) appended as each training finishes, so a killed build resumes without training a row twice.
+richkd.tune.runner.build_table trains the rows; `table_from_sweep` turns a finished FIFO sweep into a table.
 """
 from __future__ import annotations
 
@@ -28,8 +22,8 @@ from richkd.provenance import code_version
 from richkd.tune.errors import SpecError
 from richkd.tune.params import Param, TrialPlan
 from richkd.tune.paths import PATH_KEYS
-from richkd.tune.selection import load_sweep
-from richkd.tune.spec import SweepSpec
+from richkd.tune.results import finite_value, load_sweep
+from richkd.tune.spec import SweepSpec, spec_from_mapping
 
 FORMAT = "richkd-table/1"
 SEED_KEY = "seed"   # the extra entry a build adds to the space: the run's seed
@@ -87,6 +81,10 @@ class Table:
     def spec(self) -> SweepSpec:
         return SweepSpec.from_dict(self.header["spec"])
 
+    def spec_with(self, overrides: list) -> SweepSpec:
+        """The spec the table was built from with `--set` overrides, not checked against files on this machine."""
+        return spec_from_mapping(self.header["spec"], overrides=overrides, check_resources=False, check_data=False)
+
     @property
     def max_t(self) -> int:
         return int(self.header["max_t"])
@@ -141,11 +139,13 @@ class Table:
                                    "or the data"),
             f"  cost: {seconds / 3600:.2f} trial-hours ({sum(r.epochs for r in self.rows)} trial-epochs)"
             + (f"; built in {prov['build_seconds'] / 3600:.2f} h" if prov.get("build_seconds") else ""),
-            f"  test top-1 recorded: {'yes (final reporting only)' if any(r.test_top1 is not None for r in self.rows) else 'no'}",
+            "  test top-1 recorded: "
+            + ("yes (final reporting only)" if any(r.test_top1 is not None for r in self.rows) else "no"),
         ]
         for key in ("source", "git_commit", "richkd_version", "data", "caches", "machine", "created"):
             if key in prov:
-                lines.append(f"  {key}: {prov[key] if not isinstance(prov[key], (dict, list)) else json.dumps(prov[key])}")
+                shown = json.dumps(prov[key]) if isinstance(prov[key], (dict, list)) else prov[key]
+                lines.append(f"  {key}: {shown}")
         return "\n".join(lines)
 
 
@@ -185,21 +185,17 @@ def append_row(path: Path, row: TableRow) -> None:
         os.fsync(f.fileno())
 
 
-def _finite(value: Any) -> Optional[float]:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
-        else None
-
-
 def row_from_history(history: list, sampled: dict, seed: int, metric: str, extra: Optional[dict] = None) -> TableRow:
     """A table row from a trial's per-epoch results (Tune's result dicts, in epoch order)."""
     last = history[-1] if history else {}
     nonfinite = bool(last.get("nonfinite_loss"))
     return TableRow(
         config_id=config_id(sampled), seed=int(seed), params=dict(sampled),
-        val_top1=[_finite(r.get(metric)) for r in history], val_loss=[_finite(r.get("val_loss")) for r in history],
-        seconds=[_finite(r.get("time_this_iter_s")) for r in history],
-        train_seconds=[_finite(r.get("epoch_time_s")) for r in history],
-        test_top1=_finite(last.get("test_top1")), outcome="nonfinite_loss" if nonfinite else "completed",
+        val_top1=[finite_value(r.get(metric)) for r in history],
+        val_loss=[finite_value(r.get("val_loss")) for r in history],
+        seconds=[finite_value(r.get("time_this_iter_s")) for r in history],
+        train_seconds=[finite_value(r.get("epoch_time_s")) for r in history],
+        test_top1=finite_value(last.get("test_top1")), outcome="nonfinite_loss" if nonfinite else "completed",
         extra=dict(extra or {}))
 
 

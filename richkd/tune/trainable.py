@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Optional
 
-from richkd.tune.cluster import claim_gpu, this_node
+import ray
+import torch
+from ray import tune
+
+from richkd.trainer import NonFiniteLossError, load_train_state, run_training
+from richkd.tune.cluster import claim_gpu, current_node_id, this_node, threads_for
 from richkd.tune.node_check import SweepNeeds, raise_if_unmet
 from richkd.tune.params import TrialPlan
 
@@ -21,15 +25,8 @@ NODE_IP_KEY = "node_ip"            # and its IP (the end-of-sweep summary counts
 STOP_REASON_KEY = "stop_reason"
 
 
-def threads_for(cpu: float) -> int:
-    """Torch threads of a trial granted `cpu` CPUs: the whole CPUs, at least one."""
-    return max(1, int(math.floor(cpu + 1e-9)))
-
-
 def granted_cpus() -> int:
     """Whole CPUs Ray granted this trial (>= 1): torch threads beyond that only fight the other trials."""
-    from ray import tune
-
     try:
         resources = tune.get_context().get_trial_resources().required_resources
     except Exception:  # not inside a Tune trial (direct call in a test)
@@ -49,8 +46,6 @@ def trial_threads_config(cfg, cpu: float):
 def load_checkpoint_state(directory: str | os.PathLike) -> dict:
     """Our own TrainState (tensors and plain values), read with weights_only=True; a damaged or foreign file is
     one ValueError naming it (the trial then fails cleanly, and Tune's FailureConfig decides what happens)."""
-    from richkd.trainer import load_train_state
-
     return load_train_state(Path(directory) / STATE_FILE)
 
 
@@ -63,13 +58,6 @@ def train_trial(config: dict, plan: TrialPlan, needs: Optional[SweepNeeds] = Non
     ends the trial with one last report (metric NaN, nonfinite_loss=1, stop_reason) instead of an error, so
     it is neither retried by FailureConfig nor mistaken for a result (the searcher records it as FAIL).
     """
-    import ray
-    import torch
-    from ray import tune
-
-    from richkd.trainer import NonFiniteLossError, run_training
-    from richkd.tune.cluster import current_node_id
-
     node_id = current_node_id() or ""
     where = {NODE_KEY: node_id, NODE_IP_KEY: ray.util.get_node_ip_address()}
     raise_if_unmet(needs, where=f"node {node_id[:12] or '?'}")

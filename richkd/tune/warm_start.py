@@ -1,24 +1,22 @@
-"""Warm starts (`tune.warm_start`): earlier sweeps' and tables' trials told to a new sweep's Optuna study first.
-
-Finished trials enter as COMPLETE with their last value, ASHA-stopped ones as PRUNED with their per-epoch values
-(TPE ranks pruned trials by those, below the complete ones), each with its intermediate values, so TPE starts from
-what is known instead of `n_startup_trials` random draws (imported trials count towards them). A source trial is
-imported only where the new space can produce its configuration: its values for the new space's active entries
-lie in their ranges, and every key it set that the new space does not search equals the new base config's value;
-the others are left out and counted. Nothing in common (another metric, mode or schedule, or no shared keys) is one
-SpecError naming what differs, before anything starts (docs/search.md#warm-starts).
+"""Warm starts (`tune.warm_start`, docs/search.md "Warm starts"): earlier sweeps' and tables' trials told to a new
+sweep's Optuna study first, finished ones as COMPLETE and ASHA-stopped ones as PRUNED, each with its per-epoch values,
+where the new space can produce them (the others are left out and counted). Nothing in common (another metric, mode
+or schedule, or no shared keys) is one SpecError before anything starts.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from optuna.trial import TrialState, create_trial
+
 from richkd.config import flatten
 from richkd.tune.errors import SpecError
 from richkd.tune.params import from_sample, walk_active
+from richkd.tune.results import ExportError, finite_value, load_sweep
 from richkd.tune.spec import SweepSpec
+from richkd.tune.table import TableError, read_table
 
 
 @dataclass(frozen=True)
@@ -50,14 +48,8 @@ class WarmStart:
         return line
 
 
-def _finite(v) -> Optional[float]:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
-
-
 def _source(item: str, spec: SweepSpec) -> tuple[str, dict, list]:
     """(what it is, its {metric, mode, max_t, space keys, base flat config}, [(sampled, history, reached_max_t)])."""
-    from richkd.tune.table import TableError, read_table
-
     if Path(item).is_file():
         try:
             table = read_table(item)
@@ -69,8 +61,6 @@ def _source(item: str, spec: SweepSpec) -> tuple[str, dict, list]:
         return f"table {item}", info, [(r.params, [{info["metric"]: v, "training_iteration": e + 1}
                                                     for e, v in enumerate(r.val_top1)], r.epochs >= table.max_t)
                                        for r in table.rows if r.outcome == "completed"]
-    from richkd.tune.selection import ExportError, load_sweep
-
     try:
         other, _, _, rows = load_sweep(item, spec.tune.storage_path)
     except (SpecError, ExportError) as exc:
@@ -102,7 +92,7 @@ def load_warm_start(spec: SweepSpec) -> Optional[WarmStart]:
         out.sources.append(what)
         for sampled, history, complete in trials:
             params = _inside(spec, sampled, info, base)
-            curve = {int(r["training_iteration"]): _finite(r.get(t.metric)) for r in history}
+            curve = {int(r["training_iteration"]): finite_value(r.get(t.metric)) for r in history}
             curve = {e: v for e, v in curve.items() if v is not None}
             if params is None or not curve:
                 out.left_out += 1
@@ -127,8 +117,6 @@ def _inside(spec: SweepSpec, sampled: dict, info: dict, base: dict) -> Optional[
 
 def tell_optuna(study, spec: SweepSpec, warm: WarmStart) -> None:
     """Add the warm-start trials to an Optuna study (before it proposes anything)."""
-    from optuna.trial import TrialState, create_trial
-
     dists = {p.key: p.optuna_distribution() for p in spec.params}
     study.add_trials([create_trial(state=TrialState.PRUNED if w.value is None else TrialState.COMPLETE,
                                    value=w.value, params=w.params, intermediate_values=w.intermediate,

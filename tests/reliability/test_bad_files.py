@@ -265,7 +265,7 @@ def test_cut_short_tune_state_files_are_set_aside_for_resume(tmp_path):
     would break Tuner.restore. The newest unreadable file of each kind is renamed, older readable ones stay."""
     import pickle
 
-    from richkd.tune.resume import set_aside_unreadable
+    from richkd.tune.runner import set_aside_unreadable
     from richkd.tune.errors import SpecError
 
     (tmp_path / "experiment_state-2026-01-01_00-00-00.json").write_text('{"trials": []}')

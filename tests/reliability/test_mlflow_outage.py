@@ -9,7 +9,7 @@ import time
 import pytest
 import yaml
 
-from richkd.tune.mlflow_outbox import Outbox
+from richkd.tracking import Outbox
 
 from .helpers import MlflowServer, start_sweep, stop_group, tiny_spec, trial_results, wait_for
 
@@ -57,12 +57,12 @@ class Clock:
 
 
 def test_outbox_buffers_while_down_backs_off_and_catches_up_in_order(caplog, monkeypatch):
-    import richkd.tune.mlflow_outbox as outbox_module
+    import richkd.tracking as outbox_module
 
     clock = Clock()
     monkeypatch.setattr(outbox_module, "time", clock)
     store, box = Store(), Outbox("http://127.0.0.1:1", first_delay_s=1.0, max_delay_s=2.0)
-    caplog.set_level(logging.WARNING, logger="richkd.tune.mlflow_outbox")
+    caplog.set_level(logging.WARNING, logger="richkd.tracking")
     box.put(("open", "t1"))
     assert box.flush(store.apply, store.reachable) and store.got == [("open", "t1")]
     assert (store.attempts, store.probes) == (1, 0)
@@ -139,7 +139,7 @@ def _rows(exp) -> int:
 def test_mlflow_server_stopped_mid_sweep_training_continues_and_logging_catches_up(tmp_path_factory, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from richkd.tune.mlflow_client import OUTCOME_TAG, PARENT_TAG, TRIAL_TAG
+    from richkd.tracking import OUTCOME_TAG, PARENT_TAG, TRIAL_TAG
 
     assets = make_assets(tmp_path_factory.getbasetemp() / "tune_assets", clip=False)
     server = MlflowServer(tmp_path / "mlflow").start()

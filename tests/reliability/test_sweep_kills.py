@@ -42,7 +42,7 @@ def first_per_epoch(rows: list) -> list:
 def test_driver_sigkilled_at_random_point_resumes_without_loss_or_duplicates(seed, tmp_path_factory, tmp_path):
     from ray.tune import ExperimentAnalysis
 
-    from richkd.tune.mlflow_client import PARENT_TAG, TRIAL_TAG, client_for
+    from richkd.tracking import PARENT_TAG, TRIAL_TAG, client_for
 
     assets = make_assets(tmp_path_factory.getbasetemp() / "tune_assets", clip=False)
     work = tmp_path / "work"

@@ -69,17 +69,17 @@ def test_row_blocks_of_several_views_assemble_into_the_in_process_entry(assets, 
 @pytest.mark.slow
 def test_sweep_caches_are_built_by_ray_tasks_in_two_shards(assets, tmp_path):
     from richkd.tune.cache_tasks import build_caches
-    from richkd.tune.runner import prepare_sweep_caches
+    from richkd.tune.runner import prepare_nodes
 
     spec = spec_from_mapping(base_spec(assets, tmp_path, tune={"num_samples": 1, "resources": {"cpu": 1},
                                                                "storage_path": str(tmp_path / "runs")}))
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"not a checkpoint")
-    bad = spec.cache_probe_configs()[0].with_overrides({"teacher.checkpoint": str(broken)})
+    bad = spec.cache_probe_configs[0].with_overrides({"teacher.checkpoint": str(broken)})
     photos = imagenet_config(make_imagenet_assets(tmp_path / "inet"), tmp_path / "inet_cache")
-    shared_ray()
-    records = prepare_sweep_caches(spec, shards=2)
-    again = build_caches(spec.cache_probe_configs(), cpu=1)            # everything exists now: only checked
+    shared_ray()                                                        # 2 CPU slots: 2 row shards per entry
+    records, _ = prepare_nodes(spec)
+    again = build_caches(spec.cache_probe_configs, cpu=1)              # everything exists now: only checked
     with pytest.raises(CheckpointError, match="broken.pth"):            # the task's own error, not Ray's wrapper
         build_caches([bad], cpu=1, shards=2)
     photo = build_caches([photos], cpu=1)                               # a photo dataset's own sharded entries
@@ -92,7 +92,7 @@ def test_sweep_caches_are_built_by_ray_tasks_in_two_shards(assets, tmp_path):
         assert arrays and arrays == sorted(f.relative_to(b) for f in Path(b).rglob("*.npy"))
         assert all((Path(a) / f).read_bytes() == (Path(b) / f).read_bytes() for f in arrays)
     (record,) = records
-    cfg = spec.cache_probe_configs()[0]
+    cfg = spec.cache_probe_configs[0]
     assert record["dir"] == str(tmp_path / "cache") and record["signature"]
     assert [n.split("-")[0] for n in record["entries"]] == ["teacher", "clip", "clip"]
     assert again.built == [] and [[p.name for p in ps] for ps in again.paths] == [record["entries"]]
@@ -114,7 +114,7 @@ def test_shards_run_in_ray_workers_on_the_nodes_of_a_cluster_that_see_the_files(
 
     if ray.is_initialized():      # the session's shared Ray (tests.factories.shared_ray): connect to the cluster
         ray.shutdown()
-    cfg = spec_from_mapping(base_spec(assets, tmp_path)).cache_probe_configs()[0]
+    cfg = spec_from_mapping(base_spec(assets, tmp_path)).cache_probe_configs[0]
     other = cfg.with_overrides({"teaching.cache_dir": str(tmp_path / "other")})
     cluster = make_ray_cluster(workers=[{"num_cpus": 1}], head={"num_cpus": 1})
     ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")

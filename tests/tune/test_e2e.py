@@ -6,6 +6,7 @@ resnet8 teacher, the offline tiny CLIP, caches built once by the driver.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ def smoke(tmp_path_factory) -> dict:
 
 @pytest.mark.slow
 def test_smoke_sweep_asha_stops_trials_and_mlflow_has_parent_and_children(smoke):
-    from richkd.tune.mlflow_client import OUTCOME_TAG, PARENT_TAG, TRIAL_TAG, client_for
+    from richkd.tracking import OUTCOME_TAG, PARENT_TAG, TRIAL_TAG, client_for
 
     assert smoke["num_trials"] == 3
     counts = smoke["counts"]
@@ -81,3 +82,54 @@ def test_optuna_study_records_pruned_and_failed_trials(smoke):
 
 
 # Killed trial workers and drivers (SIGKILL, then --resume): tests/reliability/test_sweep_kills.py
+
+
+@pytest.mark.slow
+def test_richkd_ui_opens_on_the_sweeps_runs_table_in_a_browser(smoke, tmp_path):
+    """`richkd ui` on the smoke sweep's store, and headless Chromium at the link it prints: the MLflow UI's runs table
+    (model training, not MLflow 3's GenAI overview) with the sweep's trial runs, sorted by its objective."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from html import unescape
+
+    from tests.cluster_fixtures import free_port
+    from tests.factories import ENV
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "richkd", "ui", "--storage", smoke["storage"], "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+                            env={**os.environ, **ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    try:
+        header, line = proc.stdout.readline(), proc.stdout.readline()     # printed before it becomes the server
+        assert header.startswith(f"MLflow UI for {smoke['tracking_uri']} at http://127.0.0.1:{port}"), header
+        name, _, link = line.strip().partition("'s runs: ")
+        assert name == "smoke_e2e" and "/runs?workflowType=machine_learning" in link, line
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+                break
+            except OSError:
+                assert proc.poll() is None, "richkd ui exited"
+                time.sleep(1)
+        dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                              f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=30000",
+                              "--window-size=1600,1200", "--dump-dom", link],
+                             capture_output=True, text=True, timeout=180).stdout
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    text = unescape(re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S)))
+    trials = sorted(p.name for p in Path(smoke["experiment_path"]).glob("trial_*"))
+    assert len(trials) == 3 and all(t in text for t in trials), text[:3000]     # each trial's run, by its name
+    assert "Sort: val_loss" in text, text[:3000]                               # the objective (smoke: val_loss)
+    assert "Model training" in text and "matching runs" in text, text[:3000]  # the runs table, not GenAI's

@@ -1,5 +1,5 @@
-"""finalize's pieces: finalist students as MLflow logged models, the best one (by validation, never by test)
-registered, and a failing training task reported as its own error. The whole command runs in tests/test_export.py
+"""finalize's pieces: finalist students as MLflow logged models (written through the outbox), the best one (by
+validation, never by test) registered, and a failing training task reported as its own error. The whole command runs in tests/test_export.py
 on the smoke sweep (trainings in Ray workers, students back on the driver, the registry)."""
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from richkd.tune.finalize import FinalistResult, _Tracker
-from richkd.tune.mlflow_models import best_index
+from richkd.tune.finalize import FinalistResult, FinalistRuns, best_index
 
 
 @pytest.mark.parametrize("values, mode, expect", [
@@ -32,26 +31,26 @@ def student_folder(root: Path, tag: str) -> Path:
 
 
 def test_the_best_finalist_by_validation_is_registered_not_the_best_by_test(tmp_path):
-    from richkd.tune.mlflow_client import client_for
+    from richkd.tracking import client_for
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = client_for(uri)
     experiment = client.create_experiment("fin", artifact_location=str(tmp_path / "artifacts"))
     parent = client.create_run(experiment).info.run_id
-    tracker = _Tracker(SimpleNamespace(tracking_uri=uri, experiment_id=experiment, parent_run_id=parent,
-                                       name="unit"))
+    tracker = FinalistRuns(SimpleNamespace(tracking_uri=uri, experiment_id=experiment, parent_run_id=parent,
+                                           name="unit"))
     # finalist 1 is better on test, finalist 2 on the sweep's metric (val_loss, min) on the validation split
     fins = [FinalistResult(rank=1, trial_id="a", sampled={}, seeds=[0, 1], test_top1=[90.0, 91.0],
                            val_top1=[80.0, 80.0], val_metric=[0.9, 0.7]),
             FinalistResult(rank=2, trial_id="b", sampled={}, seeds=[0, 1], test_top1=[85.0, 86.0],
                            val_top1=[70.0, 70.0], val_metric=[0.5, math.nan])]
     for fin in fins:
-        tracker.start_finalist(fin)
+        tracker.start(fin.key, f"finalist-{fin.rank}", "parent", {})
         fin.folders = [student_folder(tmp_path / f"f{fin.rank}", fin.trial_id)]
-        tracker.finish_finalist(fin.run_id, fin)
-    spec = SimpleNamespace(tune=SimpleNamespace(objective_pairs=(("val_loss", "min"),)))
-    registered = tracker.register_best(fins, spec)
-    assert registered == {"name": "richkd-unit", "version": "1", "rank": 2, "metric": "val_loss"}
+        tracker.finish_finalist(fin)
+    tracker.register_best(fins, ("val_loss", "min"))
+    tracker.done(fins)
+    assert tracker.registered == {"name": "richkd-unit", "version": "1", "rank": 2, "metric": "val_loss"}
     (version,) = client.search_model_versions("name='richkd-unit'")
     assert version.run_id == fins[1].run_id and version.tags["richkd.model_id"] == fins[1].model_id
     assert "validation" in version.tags["richkd.selected_by"]
@@ -62,14 +61,16 @@ def test_the_best_finalist_by_validation_is_registered_not_the_best_by_test(tmp_
         model = client.get_logged_model(fin.model_id)
         assert model.source_run_id == fin.run_id and str(model.status) == "READY"
     assert client.get_run(parent).data.tags["richkd.registered_model"] == "richkd-unit/1"
-    assert tracker.register_best(fins, spec)["version"] == "2"   # finalizing again adds a version
+    tracker.register_best(fins, ("val_loss", "min"))
+    tracker.done(fins)
+    assert tracker.registered["version"] == "2"                  # finalizing again adds a version
 
 
 @pytest.mark.slow
 def test_a_failing_training_task_raises_its_own_error_and_reports_the_job(tmp_path):
     from richkd.config import Config
     from richkd.models import CheckpointError
-    from richkd.tune.finalize_tasks import SeedJob, run_seed_jobs
+    from richkd.tune.finalize import SeedJob, run_seed_jobs
 
     from tests.factories import base_spec, make_assets, shared_ray
 
@@ -91,14 +92,14 @@ def test_a_failing_training_task_raises_its_own_error_and_reports_the_job(tmp_pa
 def test_registration_by_val_top1_follows_validation_where_test_disagrees(tmp_path):
     """A `val_top1` (max) sweep: finalist 1 is best on test, finalist 2 on validation; the registered model is
     finalist 2 (the test split never chooses), and a finalist without a finite validation value never wins."""
-    from richkd.tune.mlflow_client import client_for
+    from richkd.tracking import client_for
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = client_for(uri)
     experiment = client.create_experiment("fin", artifact_location=str(tmp_path / "artifacts"))
     parent = client.create_run(experiment).info.run_id
-    tracker = _Tracker(SimpleNamespace(tracking_uri=uri, experiment_id=experiment, parent_run_id=parent,
-                                       name="top1"))
+    tracker = FinalistRuns(SimpleNamespace(tracking_uri=uri, experiment_id=experiment, parent_run_id=parent,
+                                           name="top1"))
     fins = [FinalistResult(rank=1, trial_id="a", sampled={}, seeds=[0, 1], test_top1=[92.0, 93.0],
                            val_top1=[70.0, 71.0], val_metric=[70.0, 71.0]),
             FinalistResult(rank=2, trial_id="b", sampled={}, seeds=[0, 1], test_top1=[80.0, 81.0],
@@ -106,11 +107,11 @@ def test_registration_by_val_top1_follows_validation_where_test_disagrees(tmp_pa
             FinalistResult(rank=3, trial_id="c", sampled={}, seeds=[0, 1], test_top1=[99.0, 99.0],
                            val_top1=[math.nan, math.nan], val_metric=[math.nan, math.nan])]
     for fin in fins:
-        tracker.start_finalist(fin)
+        tracker.start(fin.key, f"finalist-{fin.rank}", "parent", {})
         fin.folders = [student_folder(tmp_path / f"f{fin.rank}", fin.trial_id)]
-        tracker.finish_finalist(fin.run_id, fin)
-    spec = SimpleNamespace(tune=SimpleNamespace(objective_pairs=(("val_top1", "max"),)))
-    assert tracker.register_best(fins, spec) == {"name": "richkd-top1", "version": "1", "rank": 2,
-                                                 "metric": "val_top1"}
+        tracker.finish_finalist(fin)
+    tracker.register_best(fins, ("val_top1", "max"))
+    tracker.done(fins)
+    assert tracker.registered == {"name": "richkd-top1", "version": "1", "rank": 2, "metric": "val_top1"}
     (version,) = client.search_model_versions("name='richkd-top1'")
     assert version.run_id == fins[1].run_id

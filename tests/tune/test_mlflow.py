@@ -11,9 +11,8 @@ import pytest
 from mlflow.entities import ViewType
 from ray.tune.experiment import Trial
 
-from richkd.tune.mlflow_callback import MlflowSweepCallback
-from richkd.tune.mlflow_client import (HASH_TAG, KIND_TAG, OUTCOME_TAG, PARENT_TAG, TRIAL_TAG, client_for,
-                                       create_parent_run, ensure_experiment)
+from richkd.tracking import HASH_TAG, KIND_TAG, OUTCOME_TAG, PARENT_TAG, PRIMARY_METRIC_TAG, TRIAL_TAG, client_for
+from richkd.tune.mlflow_callback import sweep_callback
 from richkd.tune.spec import spec_from_mapping
 
 from tests.factories import base_spec, make_assets
@@ -37,11 +36,8 @@ def world(assets, tmp_path, store, request):
     raw["space"]["loss.feat_lambda"] = {"sampler": "uniform", "low": 0.0, "high": 1.0,
                                         "when": {"loss.feat_weight": {"gt": 0}}}
     spec = spec_from_mapping(raw, check_resources=False, check_data=False)
-    client = client_for(spec.mlflow.tracking_uri)
-    experiment_id = ensure_experiment(client, spec.mlflow.experiment, spec.mlflow.artifact_location)
-    parent = create_parent_run(spec, client, experiment_id)
-    cb = MlflowSweepCallback(spec.mlflow.tracking_uri, experiment_id, parent, spec.plan(), spec.name)
-    return spec, client, experiment_id, parent, cb
+    cb = sweep_callback(spec)          # the experiment, the parent run, and the callback, as the runner makes them
+    return spec, client_for(spec.mlflow.tracking_uri), cb.experiment_id, cb.parent_run_id, cb
 
 
 def make_trial(trial_id: str, **config) -> Trial:
@@ -99,7 +95,8 @@ def test_parent_and_child_runs_with_params_metrics_and_summaries(world):
     assert p.data.metrics["n_trials_completed"] == 1 and p.data.metrics["n_trials_stopped_early"] == 1
     assert p.data.metrics["best_val_top1"] == 20.0             # the LAST value of the survivor
     assert p.data.params["tune.max_t"] == "3"
-    assert "spec.yaml" in {a.path for a in client.list_artifacts(parent)}
+    assert {"spec.yaml", "search_space.json", "base_config.yaml"} <= {a.path for a in client.list_artifacts(parent)}
+    assert client.get_experiment(experiment_id).tags[PRIMARY_METRIC_TAG] == "val_top1"   # the UI charts it first
 
 
 def test_nonfinite_and_error_trials_fail_with_a_reason(world):
@@ -229,3 +226,24 @@ def test_child_runs_hold_every_reported_metric_at_every_epoch(world):
     logged = client.get_run(run.info.run_id).data.metrics
     for key in ("training_iteration", "time_total_s", "timestamp", "pid", "done", "node_id"):
         assert key not in logged, key
+
+
+def test_log_run_and_attach_write_one_finished_run_in_the_clients_style(tmp_path):
+    """richkd.tracking's one-call helpers (`richkd evaluate`'s run, an arms comparison; export and report files on a
+    parent run) go through the same writer and outbox as the sweep; artifacts land beside the SQLite store."""
+    from richkd.tracking import EXPERIMENT_KIND_TAG, attach, log_run
+
+    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
+    (tmp_path / "report.json").write_text("{}")
+    run_id = log_run(uri, "evals", "resnet8-eval", params={"arch": "resnet8", "max_samples": None},
+                     metrics={"top1": 71.5, "ece": None}, tags={KIND_TAG: "evaluate"},
+                     artifacts=[tmp_path / "report.json"], texts={"note.txt": "hello"})
+    client = client_for(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"arch": "resnet8", "max_samples": ""}
+    assert run.data.metrics == {"top1": 71.5} and run.data.tags[KIND_TAG] == "evaluate"
+    assert client.get_experiment(run.info.experiment_id).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert run.info.artifact_uri.startswith((tmp_path / "store" / "mlartifacts").as_uri())
+    assert attach(uri, run_id, [tmp_path / "report.json"], "again", tags={"k": "v"}, metrics={"m": 1.0})
+    assert {a.path for a in client.list_artifacts(run_id)} == {"report.json", "note.txt", "again"}
+    assert client.get_run(run_id).data.tags["k"] == "v" and client.get_run(run_id).data.metrics["m"] == 1.0

@@ -1,5 +1,5 @@
 """What a node must see to run a sweep's trials, checked where it runs (richkd.tune.node_check), the settings the
-job ships to workers (richkd.tune.cluster) and the MLflow service checks (richkd.tune.mlflow_client)."""
+job ships to workers (richkd.tune.cluster) and the MLflow service checks (richkd.tracking)."""
 from __future__ import annotations
 
 import http.server
@@ -27,7 +27,7 @@ def test_a_sweeps_needs_name_every_file_it_reads(assets, tmp_path):
     cache = tmp_path / "cache" / "teacher-0123456789abcdef"
     cache.mkdir(parents=True)
     (cache / "manifest.json").write_text('{"key": "0123456789abcdef"}')
-    needs = sweep_needs(spec.cache_probe_configs(), [cache], spec.tune.storage_path)
+    needs = sweep_needs(spec.cache_probe_configs, [cache], spec.tune.storage_path)
     by_what = {n.what: n for n in needs.needs}
     assert by_what["data.root"] == Need("data.root", str(assets / "fmnist"), "folder",
                                         tuple(sorted(p.name for p in (assets / "fmnist").iterdir())))
@@ -100,8 +100,11 @@ class _Health(http.server.BaseHTTPRequestHandler):
 
 
 def test_tracking_server_is_checked_before_anything_starts():
-    from richkd.tune.mlflow_client import check_tracking_server
+    from functools import partial
 
+    from richkd.tracking import check_server
+
+    check_tracking_server = partial(check_server, key="mlflow.tracking_uri", error=SpecError)   # as the runner does
     port = _free_port()
     with pytest.raises(SpecError, match=rf"server at http://127.0.0.1:{port} does not answer"):
         check_tracking_server(f"http://127.0.0.1:{port}", timeout_s=2)
@@ -119,20 +122,30 @@ def test_tracking_server_is_checked_before_anything_starts():
 def test_experiments_open_on_the_training_runs_table(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from richkd.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, ensure_experiment
+    from richkd.tracking import (EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, PRIMARY_METRIC_TAG, ensure_experiment,
+                                 experiment_links)
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    new = ensure_experiment(client, "fresh")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    new = ensure_experiment(client, "fresh", primary_metric="val_loss")
     old = client.create_experiment("older")               # made before the tag existed
     assert ensure_experiment(client, "older") == old
     for exp_id in (new, old):
         assert client.get_experiment(exp_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
+    # the objective is what the UI's run charts show first (MLflow 3's experiment tag for it)
+    assert client.get_experiment(new).tags[PRIMARY_METRIC_TAG] == "val_loss"
+    client.create_experiment("someone else's")           # not made by richkd: no link
+    # `richkd ui`'s links: the runs table (model-training view), best objective first (val_loss: ascending)
+    assert experiment_links(uri, "http://127.0.0.1:5001") == [
+        ("fresh", f"http://127.0.0.1:5001/#/experiments/{new}/runs?workflowType=machine_learning"
+                  "&orderByKey=metrics.%60val_loss%60&orderByAsc=true"),
+        ("older", f"http://127.0.0.1:5001/#/experiments/{old}/runs?workflowType=machine_learning")]
 
 
 def test_an_outage_warns_once_not_once_per_retry(caplog):
     import logging
 
-    from richkd.tune.mlflow_client import quiet_http_retries
+    from richkd.tracking import quiet_http_retries
 
     quiet_http_retries()
     quiet_http_retries()                                  # installed once, however many clients are made

@@ -264,9 +264,9 @@ def e2e_spec(assets: Path, work: Path) -> dict:
 
 @pytest.mark.slow
 def test_multi_objective_sweep_exports_the_pareto_front_and_reports_it(tmp_path_factory, tmp_path):
-    from richkd.export import PARETO_JSON, export_sweep
+    from richkd.tune.export import PARETO_JSON, export_sweep
     from richkd.report.build import PARETO_PNG, build_report
-    from richkd.tune.mlflow_client import client_for
+    from richkd.tracking import client_for
     from richkd.tune.runner import run_sweep
 
     assets = make_assets(tmp_path_factory.getbasetemp() / "tune_assets", clip=False)
@@ -355,7 +355,7 @@ def test_multi_objective_sweep_exports_the_pareto_front_and_reports_it(tmp_path_
 
 
 def test_pareto_objectives_of_a_single_objective_sweep(assets, tmp_path):
-    from richkd.export import ExportError, pareto_objectives
+    from richkd.tune.export import ExportError, pareto_objectives
 
     spec = spec_from_mapping(base_spec(assets, tmp_path), check_data=False)
     assert pareto_objectives(spec) == []                                  # no front unless asked

@@ -139,7 +139,7 @@ def test_warm_start_imports_completed_and_pruned_trials_as_such(assets, tmp_path
 def test_warm_start_from_an_asha_sweep_imports_stopped_trials_as_pruned(tmp_path_factory):
     from tests.factories import ensure_smoke_sweep
 
-    from richkd.tune.sweep_record import read_sweep_record
+    from richkd.tune.results import read_sweep_record
 
     info = ensure_smoke_sweep(tmp_path_factory.getbasetemp())
     spec = read_sweep_record(info["name"], info["storage"]).spec
@@ -185,7 +185,7 @@ def test_the_replay_makes_the_decisions_and_sees_the_proposals_of_a_real_ray_tun
     """One worker (max_concurrent 1) makes a real Tune run's order deterministic; the replay must match it."""
     from ray import tune
 
-    from richkd.tune.runner import init_ray
+    from richkd.tune.session import init_ray
     from richkd.tune.search import build_scheduler, build_search_alg
 
     spec = with_seed(_spec(assets, tmp_path, num_samples=8, max_concurrent=1), 0)

@@ -60,10 +60,9 @@ def test_resume_of_an_unknown_sweep_is_a_user_error(tmp_path, capsys):
 
 
 def test_interrupted_sweep_says_how_to_resume(assets, tmp_path, capsys, monkeypatch):
-    import richkd.tune.resume as resume
     import richkd.tune.runner as runner
     from richkd.cli import main
-    from richkd.tune.sweep_record import SweepRecord, write_sweep_record
+    from richkd.tune.results import SweepRecord, write_sweep_record
 
     def ctrl_c(spec, **kwargs):
         if not isinstance(spec, str):   # run_sweep: stopped once the sweep record was written
@@ -79,7 +78,7 @@ def test_interrupted_sweep_says_how_to_resume(assets, tmp_path, capsys, monkeypa
     assert main(["sweep", str(spec_file)]) == 130      # nothing written yet: the same command starts it
     assert capsys.readouterr().err == "richkd sweep: interrupted; no trial had started; run the same command again\n"
     monkeypatch.setattr(runner, "run_sweep", ctrl_c)
-    monkeypatch.setattr(resume, "resume_sweep", ctrl_c)
+    monkeypatch.setattr(runner, "resume_sweep", ctrl_c)
     # storage outside ./tune_runs: the printed command names it, so it works as printed
     assert main(["sweep", str(spec_file)]) == 130
     assert capsys.readouterr().err == ("richkd sweep: interrupted; continue with `richkd sweep --resume unit "
@@ -129,7 +128,7 @@ def test_ui_becomes_the_server_and_leaves_no_orphan(tmp_path):
     import os
     import signal
 
-    from richkd.tune.mlflow_client import client_for, ensure_experiment
+    from richkd.tracking import client_for, ensure_experiment
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     ensure_experiment(client_for(uri), "ui-check")
@@ -191,6 +190,6 @@ def test_ui_handler_execs_mlflow_on_the_sweep_store(tmp_path, monkeypatch, capsy
     assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "5123"
     assert env["MLFLOW_DISABLE_TELEMETRY"]
     assert capsys.readouterr().out == (f"MLflow UI for sqlite:///{tmp_path}/mlflow.db at http://127.0.0.1:5123 "
-                                       "(Ctrl-C to stop)\n")
+                                       "(Ctrl-C to stop)\n")          # no experiment of a sweep there: no link
     assert main(["ui", "--storage", str(tmp_path / "none")]) == 2          # no store there: one line, no exec
     assert len(execs) == 1 and "no MLflow store at" in capsys.readouterr().err

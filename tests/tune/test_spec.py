@@ -227,9 +227,11 @@ def test_choice_on_a_cache_key_is_fine_and_every_combination_is_probed(assets, t
     raw["space"]["clip.prompt_set"] = {"sampler": "choice", "values": ["simple", "single"]}
     raw["space"]["data.batch_size"] = {"sampler": "choice", "values": [32, 64]}
     spec = load(raw)
-    probes = spec.cache_probe_configs()
+    probes = spec.cache_probe_configs
     combos = {(c.clip.prompt_set, c.data.batch_size) for c in probes if c.uses_clip}
     assert combos == {("simple", 32), ("simple", 64), ("single", 32), ("single", 64)}
+    # computed once per spec: the loader's checks, the cache build and the node checks all read these
+    assert spec.cache_probe_configs is probes
 
 
 @pytest.mark.parametrize("where", ["config", "choice", "variant"])

@@ -111,7 +111,7 @@ def test_per_corruption_objective_errors(assets, tmp_path, metric, mode, corrupt
 
 
 def test_per_corruption_metrics_are_accepted_by_the_pareto_export(assets, tmp_path):
-    from richkd.export import pareto_objectives
+    from richkd.tune.export import pareto_objectives
 
     spec = spec_from_mapping(base_spec(assets, tmp_path), check_data=False)
     assert pareto_objectives(spec, ["val_top1", "val_corrupt_top1_contrast", "val_ece"]) == [
@@ -126,8 +126,8 @@ def test_time_budget_is_validated_and_reaches_tune(assets, tmp_path, monkeypatch
     from richkd.tune.runner import build_tuner
 
     raw = base_spec(assets, tmp_path)
-    for bad, expected in ((0, "tune.time_budget_s: must be > 0"), (-5, "must be > 0"),
-                          (float("nan"), "expected a finite number")):
+    for bad, expected in ((0, "tune.time_budget_s: 0.0 is out of range; expected a value in (0, inf)"),
+                          (-5, "-5.0 is out of range"), (float("nan"), "nan is out of range")):
         raw["tune"]["time_budget_s"] = bad
         assert expected in spec_error(raw, check_data=False)
     raw["tune"]["time_budget_s"] = 90
@@ -217,9 +217,10 @@ def test_resume_restores_the_stored_experiment_not_a_fresh_tuner(assets, tmp_pat
     re-run) and fits that restored Tuner; it never builds a new Tuner for the spec."""
     from ray import tune
 
-    from richkd.tune import resume, runner
+    from richkd.tune import runner
+    from richkd.tune.cache_tasks import BuiltCaches
     from richkd.tune.outcome import SweepOutcome
-    from richkd.tune.sweep_record import SweepRecord, write_sweep_record
+    from richkd.tune.results import SweepRecord, write_sweep_record
 
     raw = base_spec(assets, tmp_path)
     raw["mlflow"] = {"enabled": False}
@@ -244,13 +245,15 @@ def test_resume_restores_the_stored_experiment_not_a_fresh_tuner(assets, tmp_pat
     monkeypatch.setattr(tune, "Tuner", type("NoFreshTuner", (tune.Tuner,), {
         "__init__": lambda self, *a, **k: pytest.fail("resume built a fresh Tuner")}))
     monkeypatch.setattr(runner, "build_tuner", lambda *a, **k: pytest.fail("resume built a fresh Tuner"))
-    monkeypatch.setattr(resume, "ray_for", lambda *a, **k: contextlib.nullcontext(order.append("ray")))
-    monkeypatch.setattr(resume, "check_nodes_share", lambda spec: order.append("share"))
-    monkeypatch.setattr(resume, "prepare_sweep_caches", lambda spec, progress=False: order.append("caches") or [])
-    monkeypatch.setattr(resume, "check_nodes", lambda spec, caches: order.append("nodes"))
-    monkeypatch.setattr(resume, "fit_and_summarise", fit)
+    monkeypatch.setattr(runner, "ray_for", lambda *a, **k: contextlib.nullcontext(order.append("ray")))
+    monkeypatch.setattr(runner, "alive_nodes", lambda: [])
+    monkeypatch.setattr(runner, "preflight_nodes", lambda needs: order.append(
+        "share" if any(n.kind == "shared" for n in needs.needs) else "nodes"))
+    monkeypatch.setattr(runner, "build_caches", lambda configs, **k: order.append("caches") or
+                        BuiltCaches(paths=[[] for _ in configs]))
+    monkeypatch.setattr(runner, "fit_and_summarise", fit)
 
-    outcome = resume.resume_sweep(spec.name, storage=spec.tune.storage_path)
+    outcome = runner.resume_sweep(spec.name, storage=spec.tune.storage_path)
     assert order == ["ray", "share", "caches", "nodes"]      # every node is checked before anything is built
     path, trainable, kwargs = calls["restore"]
     assert path == spec.experiment_path == calls["can"]
@@ -284,6 +287,15 @@ def test_hints_name_the_storage_when_it_is_not_the_default(tmp_path, monkeypatch
         "  next: richkd export fm4"]
     default.tracking_uri = f"sqlite:///{tmp_path / 'tune_runs' / 'mlflow.db'}"     # the default store: plain
     assert "; `richkd ui` to browse" in describe_outcome(default, "val_top1")
+    # with its experiment known, the link that opens the sweep's runs on the UI's runs table, best first
+    default.experiment_id, default.mode = "3", "min"
+    assert describe_outcome(default, "val_loss").splitlines()[3].endswith(
+        "; `richkd ui`, then open http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning"
+        "&searchFilter=tags.%60richkd.sweep%60%20%3D%20%27fm4%27&orderByKey=metrics.%60val_loss%60&orderByAsc=true")
+    default.tracking_uri = "http://mlflow.example:5000"                           # a server is its own UI
+    assert describe_outcome(default, "val_loss").splitlines()[3].endswith(
+        "; open http://mlflow.example:5000/#/experiments/3/runs?workflowType=machine_learning"
+        "&searchFilter=tags.%60richkd.sweep%60%20%3D%20%27fm4%27&orderByKey=metrics.%60val_loss%60&orderByAsc=true")
     elsewhere = _outcome(tmp_path, tmp_path / "sweeps", completed=3)
     elsewhere.tracking_uri = f"sqlite:///{tmp_path / 'sweeps' / 'mlflow.db'}"      # --storage keeps its store
     lines = describe_outcome(elsewhere, ["val_top1", "val_ece"]).splitlines()

@@ -120,7 +120,7 @@ def test_a_killed_build_resumes_and_trains_no_row_twice(assets, tmp_path):
     done = len(read_table(out).rows)
     p = _run(args)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert f"{4 - done} of 4 rows to train ({done} already there)" in p.stdout   # the point + 2 draws, one with 2 seeds
+    assert f"{4 - done} of 4 rows to train ({done} already there)" in p.stderr   # the point + 2 draws, one with 2 seeds
     table = read_table(out)
     assert out.read_text().splitlines()[1] == first                         # the finished row was not retrained
     keys = [(r.config_id, r.seed) for r in table.rows]
@@ -130,4 +130,4 @@ def test_a_killed_build_resumes_and_trains_no_row_twice(assets, tmp_path):
     info = _run(["table", "info", str(out)])
     assert info.returncode == 0 and "3 configurations, 4 rows" in info.stdout
     again = _run(args)
-    assert again.returncode == 0 and "nothing to train" in again.stdout
+    assert again.returncode == 0 and "nothing to train" in again.stderr      # progress lines: stderr, as a sweep's

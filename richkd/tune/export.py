@@ -1,8 +1,8 @@
 """Export a sweep: the best trial's full config (loadable by `richkd train --config`) and a leaderboard of all trials.
 
-Selection is richkd.tune.selection's (docs/method.md, "What a sweep should search"): only trials that reached
-max_t compete, ranked by the metric's LAST value on the validation split. Ray is used only through richkd.tune
-(offline reading of the experiment folder).
+Selection is richkd.tune.results' (docs/method.md, "What a sweep should search"): only trials that reached
+max_t compete, ranked by the metric's LAST value on the validation split. The files are also attached to the
+sweep's MLflow parent run.
 
 Multi-objective sweeps (and `richkd export --pareto METRICS` on any sweep) also get the Pareto front of the
 same trials (richkd.pareto): pareto_front.json and one reproducing config per front member under pareto/.
@@ -19,12 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from richkd.tune.outcome import sweep_ref
-from richkd.tune.selection import (ExportError, best_trial, cache_keys_for, compute_front, load_sweep,
-                                   missing_trials, output_dir)
+from richkd.io import atomic_write_text, ensure_writable
+from richkd.metric_names import KNOWN_METRICS, direction, is_reported
+from richkd.provenance import code_version
+from richkd import tracking
+from richkd.tune.paths import sweep_ref
+from richkd.tune.results import (ExportError, TrialRow, best_trial, compute_front, load_sweep, missing_trials,
+                                 output_dir, survivors)
+from richkd.tune.trainable import trial_threads_config
 
-__all__ = ["ExportError", "ExportResult", "best_trial", "compute_front", "export_sweep", "load_sweep", "output_dir",
-           "pareto_objectives"]
 log = logging.getLogger(__name__)
 
 BEST_CONFIG = "best_config.yaml"
@@ -41,7 +44,7 @@ class ExportResult:
     best_config: Path
     best_trial: Path
     leaderboard: Path
-    best: object            # richkd.tune.results.TrialRow
+    best: TrialRow
     rows: list
     attached_to_run: Optional[str] = None
     pareto: Optional[Path] = None                  # pareto_front.json, when a front was exported
@@ -55,8 +58,6 @@ class ExportResult:
 def pareto_objectives(spec, metrics: Optional[Sequence[str]] = None) -> list[tuple[str, str]]:
     """[(metric, mode), ...] for a Pareto export: `metrics` given (modes from metric_names.direction), else the
     sweep's objectives when it has several. [] when no front is asked for."""
-    from richkd.metric_names import KNOWN_METRICS, direction, is_reported
-
     if metrics is None:
         return list(spec.tune.objective_pairs) if spec.tune.multi_objective else []
     metrics = [m.strip() for m in metrics if m and m.strip()]
@@ -92,10 +93,6 @@ def pareto_json(spec, path: str, record, objectives: list, front: list, n_candid
 
 def _write_pareto(folder: Path, spec, path: str, record, objectives: list, front: list, rows: list) -> list[Path]:
     """pareto_front.json + pareto/<trial>.yaml (atomic writes); configs of former front members are removed."""
-    from richkd.io import atomic_write_text
-    from richkd.tune.results import survivors
-    from richkd.tune.trainable import trial_threads_config
-
     sub = folder / PARETO_DIR
     written = []
     for r in front:
@@ -142,10 +139,6 @@ def export_sweep(sweep: str, storage: Optional[str] = None, tracking_uri: Option
     pareto: metrics of a Pareto front to export (an empty list = the sweep's own objectives); by default a
     front is exported exactly when the sweep has several objectives.
     """
-    from richkd.io import atomic_write_text, ensure_writable
-    from richkd.provenance import code_version
-    from richkd.tune.trainable import trial_threads_config
-
     spec, path, record, rows = load_sweep(sweep, storage, tracking_uri)
     best = best_trial(rows, spec)
     objectives = pareto_objectives(spec, pareto)
@@ -156,7 +149,7 @@ def export_sweep(sweep: str, storage: Optional[str] = None, tracking_uri: Option
                              "the export folder" + (" (--out)" if out_dir else ""))
     version = code_version()
     cfg = trial_threads_config(best.config, spec.tune.cpu)   # the threads the trial ran with: same numbers
-    cache_keys = cache_keys_for(cfg, record)
+    cache_keys = record.cache_entries(cfg)
     info = {
         "sweep": spec.name, "experiment_path": path, "trial_id": best.trial_id, "trial_name": best.trial_name,
         "selection": {"metric": spec.tune.metric, "mode": spec.tune.mode, "scope": "last", "split": "val",
@@ -196,9 +189,7 @@ def export_sweep(sweep: str, storage: Optional[str] = None, tracking_uri: Option
     pareto_files = _write_pareto(folder, spec, path, record, objectives, front, rows) if front else []
     attached = None
     if attach and record.has_mlflow_run:
-        attached = _attach(record, [best_config, best_json, board], best)
-        if pareto_files:
-            _attach_pareto(record, pareto_files, front, objectives)
+        attached = _attach(record, [best_config, best_json, board], best, pareto_files, front, objectives)
     missing, expected = missing_trials(rows, spec)
     return ExportResult(out_dir=folder, best_config=best_config, best_trial=best_json, leaderboard=board,
                         best=best, rows=rows, attached_to_run=attached,
@@ -207,30 +198,21 @@ def export_sweep(sweep: str, storage: Optional[str] = None, tracking_uri: Option
                         resume=f"richkd sweep --resume {sweep_ref(spec.name, path)}")
 
 
-def _attach(record, files: list[Path], best) -> Optional[str]:
-    from richkd.tune.mlflow_client import client_for, set_tags
-
-    client = client_for(record.tracking_uri)
-    parent = record.parent_run_id
-    for f in files:
-        client.log_artifact(parent, str(f), artifact_path="export")
-    set_tags(client, parent, {"richkd.best_trial_id": best.trial_id, "richkd.best_run_id": best.mlflow_run_id or ""})
-    return parent
-
-
-def _attach_pareto(record, files: list[Path], front: list, objectives: list) -> None:
-    """The front on the sweep's parent run: files under export/ (configs under export/pareto/), its size as a
-    metric and the member trial ids as a tag (MLflow has no native Pareto view)."""
-    from richkd.tune.mlflow_client import client_for, log_metrics, set_tags
-
-    client = client_for(record.tracking_uri)
-    parent = record.parent_run_id
-    client.log_artifact(parent, str(files[0]), artifact_path="export")
-    for f in files[1:]:
-        client.log_artifact(parent, str(f), artifact_path=f"export/{PARETO_DIR}")
-    log_metrics(client, parent, {"pareto_front_size": float(len(front))})
-    set_tags(client, parent, {"richkd.pareto_objectives": ",".join(f"{m}:{d}" for m, d in objectives),
-                              "richkd.pareto_trial_ids": ",".join(r.trial_id for r in front)})
+def _attach(record, files: list[Path], best, pareto_files: list[Path], front: list, objectives: list) -> Optional[str]:
+    """The files on the sweep's parent run under export/ (the front's configs under export/pareto/), the best trial
+    as tags and the front as a size metric and tags (MLflow has no Pareto view); None when MLflow did not take
+    them (said once, the files are written)."""
+    tags = {"richkd.best_trial_id": best.trial_id, "richkd.best_run_id": best.mlflow_run_id or ""}
+    if front:
+        tags.update({"richkd.pareto_objectives": ",".join(f"{m}:{d}" for m, d in objectives),
+                     "richkd.pareto_trial_ids": ",".join(r.trial_id for r in front)})
+    uri, run = record.tracking_uri, record.parent_run_id
+    done = (tracking.attach(uri, run, [*files, *pareto_files[:1]], "export", tags,
+                   {"pareto_front_size": float(len(front))} if front else None)
+            and tracking.attach(uri, run, pareto_files[1:], f"export/{PARETO_DIR}"))
+    if not done:
+        log.warning("MLflow at %s did not take the export files of run %s; they are in the export folder", uri, run)
+    return run if done else None
 
 
 def _num(v) -> str:
