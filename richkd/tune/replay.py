@@ -78,6 +78,7 @@ class ReplayResult:
     completed: int = 0
     stopped: int = 0
     distances: list = field(default_factory=list)    # how far each proposal was from its answering row
+    answered: list = field(default_factory=list)     # the table configuration that answered each proposal
     curve: list = field(default_factory=list)        # (trial_epochs, seconds, best_val, best_test) per new best
     proposals: list = field(default_factory=list)    # (trial_id, active config) in proposal order
     decisions: list = field(default_factory=list)    # (trial_id, epoch, "CONTINUE" | "STOP")
@@ -143,6 +144,7 @@ def replay(spec: SweepSpec, table: Table, seed: int = 0, index: Optional[TableIn
                 trial.epoch = 0
                 out.trials += 1
                 out.distances.append(distance)
+                out.answered.append(trial.row.config_id)
                 out.proposals.append((trial.trial_id, plan.active_sampled(trial.config)))
                 scheduler.on_trial_add(None, trial)
                 running[trial.trial_id] = trial
@@ -189,6 +191,7 @@ def one_epoch_top_k(spec: SweepSpec, table: Table, n: int, k: int, seed: int = 0
     for sampled in spec.random_points(n, seed=seed):
         row, distance = index.answer(sampled, rng)
         out.distances.append(distance)
+        out.answered.append(row.config_id)
         out.trials += 1
         out.trial_epochs += 1
         out.seconds += row.seconds[0] or 0.0
@@ -242,5 +245,7 @@ def describe_replays(results: list[ReplayResult], spec: SweepSpec) -> str:
         f"  trials: {statistics.fmean(r.completed for r in results):.1f} reached max_t, "
         f"{statistics.fmean(r.stopped for r in results):.1f} stopped early (mean per replay)",
         f"  nearest-row answers: {100 * exact:.0f}% exact, distance median {statistics.median(d):.3f}, max "
-        f"{max(d):.3f} (root mean square over the space's entries, each in [0, 1])" if d else "  no proposals",
+        f"{max(d):.3f} (root mean square over the space's entries, each in [0, 1]); "
+        f"{statistics.median(len(set(r.answered)) for r in results):.0f} distinct table configurations answered "
+        f"{statistics.median(len(r.answered) for r in results):.0f} proposals (median)" if d else "  no proposals",
     ])

@@ -54,7 +54,9 @@ class SearchSettings(_Section):
 class SchedulerSettings(_Section):
     __schema_shorthand__ = "type"          # `scheduler: fifo` means {type: fifo}
     type: str = "asha"
-    grace_period: int = 1
+    # None: a quarter of train.epochs (the spec resolves it; docs/search.md#how-the-defaults-were-chosen: a grace
+    # period of 1 epoch ranks trials on noise)
+    grace_period: Optional[int] = None
     reduction_factor: float = 3
     brackets: int = 1
 
@@ -63,7 +65,8 @@ class SchedulerSettings(_Section):
         in_range(self.reduction_factor, "tune.scheduler.reduction_factor", lo=1, lo_open=True, hi=math.inf,
                  hi_open=True, error=SpecError)
         need(self.brackets >= 1, "tune.scheduler.brackets", "must be >= 1")
-        need(self.grace_period >= 1, "tune.scheduler.grace_period", f"{self.grace_period} must be >= 1")
+        need(self.grace_period is None or self.grace_period >= 1, "tune.scheduler.grace_period",
+             f"{self.grace_period} must be >= 1")
 
 
 @dataclass(frozen=True)

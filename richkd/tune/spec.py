@@ -207,6 +207,8 @@ def spec_from_mapping(raw: Mapping[str, Any], *, source: Optional[str] = None,
     _check_cache_keys(params)
     _check_validation_split(base_cfg, params)
     tune = parse_tune(raw.get("tune"))
+    if tune.scheduler.grace_period is None:
+        tune = replace(tune, scheduler=replace(tune.scheduler, grace_period=max(1, base_cfg.train.epochs // 4)))
     _check_tune_fits(tune, params, base_cfg)
     base_cfg = _enable_objective_metrics(base_cfg, tune, params)
     points = _parse_points(raw.get("points_to_evaluate") or [], params, tune)

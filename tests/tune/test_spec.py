@@ -56,6 +56,17 @@ def test_valid_spec_resolves_defaults_and_absolute_paths(assets, tmp_path, monke
     assert load(raw).base_config.train.checkpoint_dir is None
 
 
+@pytest.mark.parametrize("epochs, scheduler, grace", [(3, {}, 1), (12, {}, 3), (60, {}, 15), (12, {"grace_period": 2}, 2)])
+def test_asha_grace_period_defaults_to_a_quarter_of_the_epochs(assets, tmp_path, epochs, scheduler, grace):
+    """docs/search.md: on the shipped table a grace period of one epoch stopped trials on noise."""
+    raw = base_spec(assets, tmp_path)
+    raw["config"]["train"]["epochs"] = epochs
+    raw["tune"]["scheduler"] = {"type": "asha", **scheduler}
+    spec = load(raw)
+    assert spec.tune.scheduler.grace_period == grace
+    assert SweepSpec.from_dict(spec.to_dict()).tune.scheduler.grace_period == grace     # stored resolved
+
+
 def test_a_saved_spec_reads_back_as_the_same_typed_spec(assets, tmp_path, monkeypatch):
     """What the sweep folder stores (to_dict) is a spec the loader reads back unchanged, from any directory
     and environment: conditions, variants, points, objectives and resolved paths included."""
