@@ -28,11 +28,20 @@ def _calls(name: str):
 
 
 def test_yaml_is_only_safe_loaded_everywhere():
-    unsafe = [f"{f}:{line}" for name in ("load", "load_all", "unsafe_load", "full_load", "full_load_all")
-              for f, line, call in _calls(name)
-              if isinstance(call.func, ast.Attribute) and getattr(call.func.value, "id", "") == "yaml"]
-    assert unsafe == [], f"use yaml.safe_load: {unsafe}"
-    assert any(True for _ in _calls("safe_load"))           # the scan does see our YAML reads
+    """Every yaml.load names richkd.schema's YamlLoader, a SafeLoader subclass (plain data only); no other loader."""
+    import yaml
+
+    from richkd.schema import YamlLoader
+
+    calls = [(f, line, call) for name in ("load", "load_all", "unsafe_load", "full_load", "full_load_all", "safe_load")
+             for f, line, call in _calls(name)
+             if isinstance(call.func, ast.Attribute) and getattr(call.func.value, "id", "") == "yaml"]
+    assert calls                                              # the scan does see our YAML reads
+    unsafe = [f"{f}:{line}" for f, line, call in calls
+              if call.func.attr != "safe_load"
+              and not any(k.arg == "Loader" and getattr(k.value, "id", "") == "YamlLoader" for k in call.keywords)]
+    assert unsafe == [], f"read YAML with richkd.schema.read_yaml (or yaml.safe_load): {unsafe}"
+    assert issubclass(YamlLoader, yaml.SafeLoader)
 
 
 def test_every_torch_load_passes_weights_only_true():
