@@ -172,13 +172,13 @@ def _load(root: Path):
 
 def test_decoded_cache_is_written_once_then_memory_mapped(mini_fashion_root, tmp_path, monkeypatch):
     monkeypatch.setenv("RICHKD_DECODED_CACHE", str(tmp_path / "dec"))
-    monkeypatch.setattr(sources, "_MEMO", {})
+    sources._read_fashion_idx.cache_clear()
     first = _load(mini_fashion_root)
     entries = list((tmp_path / "dec").iterdir())
     assert len(entries) == 1 and entries[0].name.startswith("fashion_mnist-")
     assert sorted(p.name for p in entries[0].iterdir()) == ["manifest.json", "test_images.npy", "test_labels.npy",
                                                             "train_images.npy", "train_labels.npy"]
-    monkeypatch.setattr(sources, "_MEMO", {})
+    sources._read_fashion_idx.cache_clear()
     monkeypatch.setattr(sources, "read_idx", lambda *a: pytest.fail("decoded again despite the cache"))
     second = _load(mini_fashion_root)
     assert torch.equal(second.train.images, first.train.images) and torch.equal(second.test.targets, first.test.targets)
@@ -191,17 +191,17 @@ def test_decoded_cache_rekeys_on_change_and_survives_damage(mini_fashion_root, t
     root = tmp_path / "fm"
     shutil.copytree(mini_fashion_root, root)
     monkeypatch.setenv("RICHKD_DECODED_CACHE", str(tmp_path / "dec"))
-    monkeypatch.setattr(sources, "_MEMO", {})
+    sources._read_fashion_idx.cache_clear()
     good = _load(root).train.images.clone()
     (entry,) = list((tmp_path / "dec").iterdir())
     (entry / "train_images.npy").write_bytes(b"\x93NUMPY garbage")   # damaged: decoded again, entry rewritten
-    monkeypatch.setattr(sources, "_MEMO", {})
+    sources._read_fashion_idx.cache_clear()
     with caplog.at_level(logging.WARNING, logger="richkd.data.decoded"):
         assert torch.equal(_load(root).train.images, good)
     assert "damaged" in caplog.text
     st = (root / "t10k-labels-idx1-ubyte.gz").stat()
     os.utime(root / "t10k-labels-idx1-ubyte.gz", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    monkeypatch.setattr(sources, "_MEMO", {})
+    sources._read_fashion_idx.cache_clear()
     _load(root)
     assert len(list((tmp_path / "dec").glob("fashion_mnist-*"))) == 2       # a changed file gets a new entry
 
@@ -209,12 +209,12 @@ def test_decoded_cache_rekeys_on_change_and_survives_damage(mini_fashion_root, t
 def test_decoded_cache_off_or_unwritable_still_loads(mini_fashion_root, tmp_path, monkeypatch):
     monkeypatch.setenv("RICHKD_DECODED_CACHE", "off")
     assert decoded_cache_dir() is None
-    monkeypatch.setattr(sources, "_MEMO", {})
+    sources._read_fashion_idx.cache_clear()
     ref = _load(mini_fashion_root).train.images
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("RICHKD_DECODED_CACHE", str(blocker / "dec"))
-    monkeypatch.setattr(sources, "_MEMO", {})
+    sources._read_fashion_idx.cache_clear()
     assert torch.equal(_load(mini_fashion_root).train.images, ref)
     monkeypatch.delenv("RICHKD_DECODED_CACHE")
     monkeypatch.setenv("RICHKD_CACHE", str(tmp_path / "shared"))

@@ -10,9 +10,3 @@ from richkd.data.datasets import SplitBase, SplitDataset
 from richkd.data.loader import BatchLoader, make_loader
 from richkd.data.sources import DatasetNotFoundError, default_data_root, read_idx
 from richkd.data.transforms import DATASET_STATS, normalize, to_float_images
-
-__all__ = [
-    "Batch", "BatchLoader", "CIFAR10_CLASSES", "CIFAR100_CLASSES", "DATASET_STATS", "DataBundle",
-    "DatasetNotFoundError", "FASHION_MNIST_CLASSES", "SplitBase", "SplitDataset", "build_data", "default_data_root",
-    "make_loader", "normalize", "read_idx", "to_float_images",
-]

@@ -110,23 +110,15 @@ class FileSource:
 
     def _decode(self, path: str) -> torch.Tensor:
         from PIL import Image
+        from torchvision.transforms import functional as TF
 
-        s = self.image_size
         try:
             with Image.open(path) as im:
                 im = im.convert("RGB")
         except OSError as exc:
             raise DatasetNotFoundError(f"cannot read image {path!r} ({exc}); remove or replace the file") from None
-        w, h = im.size
-        scale = s / min(w, h)
-        new = (max(s, round(w * scale)), max(s, round(h * scale)))
-        if new != (w, h):
-            im = im.resize(new, Image.BILINEAR)   # Pillow's resampling antialiases when shrinking
-        left, top = (new[0] - s) // 2, (new[1] - s) // 2
-        if new != (s, s):
-            im = im.crop((left, top, left + s, top + s))
-        arr = np.array(im, dtype=np.uint8)        # (S, S, 3), a copy we own
-        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+        s = self.image_size
+        return TF.pil_to_tensor(TF.center_crop(TF.resize(im, s), [s, s]))   # Pillow's bilinear, antialiased
 
     @functools.cached_property
     def digest(self) -> str:
@@ -150,21 +142,8 @@ class Splits:
     skipped: int = 0              # unreadable files left out (data.bad_images: skip)
 
 
-# ----- in-process memo: trials reusing a process (Ray reuse_actors) load a dataset once -------------
-
-_MEMO: dict[tuple, Splits] = {}
-_MEMO_MAX = 4
-
-
-def _memo(key: tuple, build) -> Splits:
-    if key not in _MEMO:
-        if len(_MEMO) >= _MEMO_MAX:
-            _MEMO.pop(next(iter(_MEMO)))
-        _MEMO[key] = build()
-    return _MEMO[key]
-
-
 def _stat_signature(paths: Sequence[Path]) -> tuple:
+    """What the in-process memo of a dataset (trials reusing a process load it once) adds to its key."""
     sig = []
     for p in paths:
         try:
@@ -192,23 +171,23 @@ def load_cifar(cfg: DataConfig) -> Splits:
             f"{cfg.dataset}: no dataset in {folder} ({where}); missing {', '.join(missing)}. torchvision expects "
             f"{cls.base_folder}/ with {', '.join(names)} inside {root}. Fix: set `data.download: true` to fetch "
             f"{cls.url} there, or extract {cls.filename} into {root} (data.root: {root}).")
-    key = ("cifar", cfg.dataset, str(root), _stat_signature(files))
-    return _memo(key, lambda: _read_cifar(cls, cfg, root, folder))
+    return _read_cifar(cls, cfg.dataset, root, folder, cfg.download, _stat_signature(files))
 
 
-def _read_cifar(cls, cfg: DataConfig, root: Path, folder: Path) -> Splits:
+@functools.lru_cache(maxsize=4)
+def _read_cifar(cls, dataset: str, root: Path, folder: Path, download: bool, stamp: tuple) -> Splits:
     from urllib.error import URLError
 
     try:
-        train = cls(str(root), train=True, download=cfg.download)
+        train = cls(str(root), train=True, download=download)
         test = cls(str(root), train=False, download=False)
     except (URLError, OSError) as exc:
         raise DatasetNotFoundError(
-            f"{cfg.dataset}: downloading {cls.url} into {root} failed ({exc}). Without network access, download "
+            f"{dataset}: downloading {cls.url} into {root} failed ({exc}). Without network access, download "
             f"{cls.filename} elsewhere and extract it into {root} so that {folder} exists.") from None
     except RuntimeError as exc:
         raise DatasetNotFoundError(
-            f"{cfg.dataset}: the files in {folder} failed torchvision's md5 check ({exc}). They are incomplete or "
+            f"{dataset}: the files in {folder} failed torchvision's md5 check ({exc}). They are incomplete or "
             f"not the official CIFAR release: delete {folder} and set `data.download: true`, or re-extract "
             f"{cls.filename}.") from None
 
@@ -217,10 +196,9 @@ def _read_cifar(cls, cfg: DataConfig, root: Path, folder: Path) -> Splits:
         return images, torch.as_tensor(ds.targets, dtype=torch.int64)
 
     classes = list(train.classes)
-    shipped = list(CIFAR100_CLASSES if cfg.dataset == "cifar100" else CIFAR10_CLASSES)
-    if classes != shipped:
-        log.warning("%s: class names in %s differ from the official list; using the file's names", cfg.dataset, folder)
-    log.info("%s: loaded %d train / %d test images from %s", cfg.dataset, len(train), len(test), folder)
+    if classes != list(CIFAR100_CLASSES if dataset == "cifar100" else CIFAR10_CLASSES):
+        log.warning("%s: class names in %s differ from the official list; using the file's names", dataset, folder)
+    log.info("%s: loaded %d train / %d test images from %s", dataset, len(train), len(test), folder)
     return Splits(TensorSource(*tensors(train), origin=f"{folder} (train)"),
                   TensorSource(*tensors(test), origin=f"{folder} (test)"), classes, str(folder))
 
@@ -250,37 +228,23 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return arr.reshape(dims)
 
 
-def _idx_files(folder: Path) -> Optional[dict[str, Path]]:
-    """The four Fashion-MNIST IDX files in folder (plain or .gz), or None if any is missing."""
-    found = {}
-    for split_files in FASHION_MNIST_FILES.values():
-        for name in split_files:
-            for candidate in (folder / name, folder / f"{name}.gz"):
-                if candidate.is_file():
-                    found[name] = candidate
-                    break
-            else:
-                return None
-    return found
-
-
-def _fashion_candidates(cfg: DataConfig) -> list[Path]:
-    root = resolve_root(cfg)
-    if cfg.root:
-        return [root / "FashionMNIST" / "raw", root]
-    return [root / "FashionMNIST" / "raw", root / "fashion-mnist", DEBIAN_FASHION_MNIST_DIR]
+def _idx_files(folder: Path) -> Optional[tuple[tuple[str, Path], ...]]:
+    """The four Fashion-MNIST IDX files in folder (plain or .gz) as (name, path) pairs, or None if any is missing."""
+    found = [(name, next((c for c in (folder / name, folder / f"{name}.gz") if c.is_file()), None))
+             for names in FASHION_MNIST_FILES.values() for name in names]
+    return None if any(path is None for _, path in found) else tuple(sorted(found))
 
 
 def load_fashion_mnist(cfg: DataConfig) -> Splits:
-    candidates = _fashion_candidates(cfg)
     root = resolve_root(cfg)
+    candidates = [root / "FashionMNIST" / "raw", *([root] if cfg.root else
+                                                   [root / "fashion-mnist", DEBIAN_FASHION_MNIST_DIR])]
     if cfg.download and not any(_idx_files(folder) for folder in candidates):
         _download_fashion_mnist(root)       # into root/FashionMNIST/raw, the first candidate
     for folder in candidates:
         files = _idx_files(folder)
         if files is not None:
-            key = ("fashion_mnist", str(folder), _stat_signature(list(files.values())))
-            return _memo(key, lambda: _read_fashion_idx(files, folder))
+            return _read_fashion_idx(files, folder, _stat_signature([path for _, path in files]))
     searched = ", ".join(str(c) for c in candidates)
     raise DatasetNotFoundError(
         "fashion_mnist: the files train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
@@ -303,10 +267,11 @@ def _decode_fashion_idx(files: dict[str, Path], folder: Path) -> dict[str, np.nd
     return arrays
 
 
-def _read_fashion_idx(files: dict[str, Path], folder: Path) -> Splits:
+@functools.lru_cache(maxsize=4)
+def _read_fashion_idx(files: tuple[tuple[str, Path], ...], folder: Path, stamp: tuple) -> Splits:
     # fresh trial processes memory-map the decoded arrays instead of un-gzipping ~30 MB each (richkd.data.decoded)
-    arrays = cached_arrays("fashion_mnist", [files[n] for n in sorted(files)],
-                           lambda: _decode_fashion_idx(files, folder))
+    arrays = cached_arrays("fashion_mnist", [path for _, path in files],
+                           lambda: _decode_fashion_idx(dict(files), folder))
     sources = {}
     for split in FASHION_MNIST_FILES:
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
