@@ -9,7 +9,9 @@ import torch.nn.functional as F
 
 __all__ = ["expected_calibration_error", "reliability_bins", "confidence_categories", "ClassificationMeter"]
 
-CATEGORIES = ("confident_correct", "uncertain_correct", "confidently_wrong", "uncertain_wrong")
+# the four Fig. 1 categories: name -> (confident, correct)
+CATEGORIES = {"confident_correct": (True, True), "uncertain_correct": (False, True),
+              "confidently_wrong": (True, False), "uncertain_wrong": (False, False)}
 
 
 def reliability_bins(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = 15) -> dict:
@@ -47,12 +49,7 @@ def confidence_categories(probs: torch.Tensor, target: torch.Tensor, threshold: 
 
 
 def _category_counts(confident: torch.Tensor, correct: torch.Tensor) -> Dict[str, int]:
-    return {
-        "confident_correct": int((confident & correct).sum()),
-        "uncertain_correct": int((~confident & correct).sum()),
-        "confidently_wrong": int((confident & ~correct).sum()),
-        "uncertain_wrong": int((~confident & ~correct).sum()),
-    }
+    return {name: int(((confident == c) & (correct == k)).sum()) for name, (c, k) in CATEGORIES.items()}
 
 
 class ClassificationMeter:

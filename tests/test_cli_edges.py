@@ -124,6 +124,8 @@ def test_the_demo_specs_say_how_to_get_the_demo_outputs(tmp_path, monkeypatch, c
     (["finalize", "x", "--top", "0"], "richkd finalize", "--top 0"),
     (["finalize", "x", "--seeds", "0"], "richkd finalize", "--seeds 0"),
     (["cache", "--config", "x.yaml", "--plan", "--images", "0"], "richkd", "--images 0"),
+    (["evaluate", "x.pt", "--max-samples", "0"], "richkd evaluate", "--max-samples 0"),
+    (["evaluate", "x.pt", "--batch-size", "-1"], "richkd evaluate", "--batch-size -1"),
 ])
 def test_counts_of_zero_are_refused_before_any_work(argv, prog, flag, capsys):
     """`finalize --top 0` used to mean "the spec's default" and trained; every count is 1 or more."""

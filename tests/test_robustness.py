@@ -171,8 +171,8 @@ def test_corruption_folder_loading(tmp_path):
 # ----- mCE --------------------------------------------------------------------------------------------
 
 def test_mce_hand_example(tmp_path):
-    from richkd.robustness.scores import (ReferenceFileError, compare_to_reference, corruption_errors,
-                                          load_reference, mean_ce, relative_corruption_errors)
+    from richkd.robustness.scores import (ReferenceFileError, compare_to_reference, corruption_errors, load_reference,
+                                          mean_ce)
 
     errors = {"a": {1: 20.0, 2: 40.0}, "b": {1: 10.0, 2: 30.0}}
     ref = {"a": {1: 40.0, 2: 40.0}, "b": {1: 20.0, 2: 20.0}}
@@ -181,7 +181,7 @@ def test_mce_hand_example(tmp_path):
     assert ce == pytest.approx({"a": 75.0, "b": 100.0})
     assert mean_ce(ce) == pytest.approx(87.5)
     # relative, clean errors 5 (model) and 10 (reference): a: (15 + 35) / (30 + 30), b: (5 + 25) / (10 + 10)
-    rel = relative_corruption_errors(errors, 5.0, ref, 10.0)
+    rel = corruption_errors(errors, ref, 5.0, 10.0)
     assert rel == pytest.approx({"a": 100 * 50 / 60, "b": 150.0})
     assert mean_ce(rel) == pytest.approx((100 * 50 / 60 + 150.0) / 2)
     # severities only in one table are ignored; a perfect reference makes CE undefined (None), not inf
@@ -199,6 +199,9 @@ def test_mce_hand_example(tmp_path):
     (tmp_path / "nope.json").write_text(json.dumps({"clean": {"top1": 1.0}}))
     with pytest.raises(ReferenceFileError, match="no corruption error table"):
         load_reference(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text(json.dumps({"clean": {"top1": 1.0}, "corruptions": {"error": {"a": 3}}}))
+    with pytest.raises(ReferenceFileError, match="corruption -> severity -> error"):
+        load_reference(tmp_path / "bad.json")
 
 
 # ----- metrics API and evaluate CLI on a real checkpoint ----------------------------------------------

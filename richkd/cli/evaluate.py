@@ -1,10 +1,10 @@
-"""`richkd evaluate`: argparse only at import; the handler imports torch/mlflow lazily, returns an exit code,
-and raises on a user error (ConfigError, CheckpointError, DatasetNotFoundError, a missing file, ...)."""
+"""`richkd evaluate` (richkd.robustness.evaluate does the work)."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 
-from richkd.cli.common import add_command
+from richkd.cli.common import add_command, at_least_one
 
 EVALUATE_EPILOG = """examples:
   richkd evaluate tune_runs/demo/kd/student.pt                          # all suites, validation split
@@ -20,7 +20,6 @@ robustness.json and reliability.png into --out (default: <checkpoint folder>/rob
 
 
 def add_commands(subparsers) -> None:
-    """Register `evaluate` on the `richkd` subparsers object."""
     p = add_command(subparsers, "evaluate", "robustness, distribution-shift and calibration evaluation of a "
                     "trained student", EVALUATE_EPILOG, cmd_evaluate)
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a student.pt written by `richkd train`")
@@ -54,13 +53,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from richkd.robustness.evaluate import EvaluateRequest, evaluate_checkpoint
     from richkd.robustness.report import format_table
 
-    req = EvaluateRequest(
-        checkpoint=args.checkpoint, suite=args.suite, config=args.config, shift_config=args.shift_config,
-        reference=args.reference, corruption_dir=args.corruption_dir, corruptions=args.corruptions,
-        severities=args.severities, split=args.split, max_samples=args.max_samples, seed=args.seed,
-        device=args.device, batch_size=args.batch_size, out=args.out, mlflow_uri=args.mlflow_uri,
-        mlflow_experiment=args.mlflow_experiment)
-    report, written = evaluate_checkpoint(req)
+    at_least_one(max_samples=args.max_samples, batch_size=args.batch_size)
+    options = vars(args)
+    report, written = evaluate_checkpoint(EvaluateRequest(**{f.name: options[f.name] for f in fields(EvaluateRequest)
+                                                            if f.name in options}))
     print(format_table(report))
     for path in written:
         print(f"wrote {path}")

@@ -1,7 +1,6 @@
 """Reading a CIFAR-10-C / CIFAR-100-C style folder: `<corruption>.npy` (5 N, H, W, 3) uint8 + `labels.npy`."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Optional
 
@@ -9,8 +8,6 @@ import numpy as np
 import torch
 
 from richkd.robustness.corruptions import SEVERITIES
-
-log = logging.getLogger(__name__)
 
 __all__ = ["CorruptionFolder", "CorruptionFolderError"]
 
@@ -46,30 +43,26 @@ class CorruptionFolder:
                                                          if p.stem != "labels"))
         if not self.corruptions:
             raise CorruptionFolderError(f"{self.root} holds labels.npy but no <corruption>.npy files")
-        n_sev = len(SEVERITIES)
-        first = self._open(self.corruptions[0])
-        total = first.shape[0]
+        self.shape: Optional[tuple] = None       # (5 N, H, W, 3), set by the first file; every other must match
+        self.shape = self._open(self.corruptions[0]).shape
+        total, n_sev = self.shape[0], len(SEVERITIES)
         if total % n_sev:
             raise CorruptionFolderError(f"{self.root / (self.corruptions[0] + '.npy')}: {total} rows is not "
                                         f"{n_sev} severities x N images")
         self.n = total // n_sev
-        if labels.shape[0] == total:
-            per_sev = np.asarray(labels[:self.n])
-        elif labels.shape[0] == self.n:
-            per_sev = np.asarray(labels)
-        else:
+        if labels.shape[0] not in (total, self.n):
             raise CorruptionFolderError(f"{labels_path}: {labels.shape[0]} labels for {total} images "
                                         f"({n_sev} x {self.n}); expected {total} or {self.n}")
+        per_sev = np.asarray(labels[:self.n])
         if per_sev.size and per_sev.min() < 0:
             raise CorruptionFolderError(f"{labels_path}: negative labels")
         self.labels = torch.from_numpy(per_sev.astype(np.int64))
-        self.image_shape = tuple(first.shape[1:])
 
     def _open(self, name: str) -> np.ndarray:
         path = self.root / f"{name}.npy"
         if not path.is_file():
             raise CorruptionFolderError(f"{path} does not exist; corruptions in {self.root}: "
-                                        f"{', '.join(self.corruptions) or 'none'}")
+                                        f"{', '.join(self.corruptions)}")
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
         except ValueError as exc:
@@ -77,26 +70,16 @@ class CorruptionFolder:
         if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
             raise CorruptionFolderError(f"{path}: expected uint8 (5 N, H, W, 3) images, got {arr.dtype} "
                                         f"{arr.shape}")
+        if self.shape not in (None, arr.shape):
+            raise CorruptionFolderError(f"{path}: shape {arr.shape} differs from the folder's {self.shape}")
         return arr
 
     def images(self, name: str, severity: int, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """uint8 (B, 3, H, W) images of `name` at `severity` for test-image positions (default: all N)."""
-        if name not in self.corruptions:
-            raise CorruptionFolderError(f"corruption {name!r} is not in {self.root} (found: "
-                                        f"{', '.join(self.corruptions)})")
-        if severity not in SEVERITIES:
-            raise CorruptionFolderError(f"severity must be one of {SEVERITIES}, got {severity!r}")
-        arr = self._open(name)
-        if arr.shape[0] != self.n * len(SEVERITIES) or tuple(arr.shape[1:]) != self.image_shape:
-            expected = (self.n * len(SEVERITIES), *self.image_shape)
-            raise CorruptionFolderError(f"{self.root / (name + '.npy')}: shape {arr.shape} differs from the "
-                                        f"folder's {expected}")
-        start = (severity - 1) * self.n
         if positions is None:
-            block = np.array(arr[start:start + self.n])          # a writable in-memory copy of the rows
-        else:
-            rows = start + torch.as_tensor(positions, dtype=torch.int64).numpy()
-            block = np.array(arr[rows])
+            positions = torch.arange(self.n)
+        rows = (severity - 1) * self.n + torch.as_tensor(positions, dtype=torch.int64).numpy()
+        block = np.array(self._open(name)[rows])          # a writable in-memory copy of the rows
         return torch.from_numpy(block).permute(0, 3, 1, 2).contiguous()
 
     def __repr__(self) -> str:

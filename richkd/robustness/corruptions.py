@@ -25,6 +25,7 @@ from PIL import Image
 
 from richkd.config import CORRUPTION_NAMES
 from richkd.registry import Registry
+from richkd.schema import suggest
 
 __all__ = ["CORRUPTIONS", "CORRUPTION_NAMES", "SEVERITIES", "SEVERITY_PARAMS", "CorruptionError", "corrupt",
            "parse_corruptions", "parse_severities", "sample_seeds"]
@@ -91,7 +92,10 @@ def corrupt(images: torch.Tensor, name: str, severity: int, *, seed: int = 0,
         raise ValueError(f"corrupt: expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
     if not images.is_floating_point():
         raise ValueError(f"corrupt: expected float images in [0, 1], got dtype {images.dtype}")
-    fn = _lookup(name)
+    try:
+        fn = CORRUPTIONS.get(name)
+    except KeyError as exc:
+        raise CorruptionError(exc.args[0]) from None
     param = SEVERITY_PARAMS[name][_severity_position(severity)]
     b = images.shape[0]
     if index is None:
@@ -105,32 +109,26 @@ def corrupt(images: torch.Tensor, name: str, severity: int, *, seed: int = 0,
     return out.clamp_(0.0, 1.0).to(images.dtype)
 
 
-def _lookup(name: str) -> CorruptionFn:
-    try:
-        return CORRUPTIONS.get(name)
-    except KeyError as exc:
-        raise CorruptionError(exc.args[0]) from None
-
-
 def _severity_position(severity: int) -> int:
     if isinstance(severity, bool) or int(severity) != severity or not 1 <= int(severity) <= len(SEVERITIES):
         raise CorruptionError(f"severity must be an integer in 1..{len(SEVERITIES)}, got {severity!r}")
     return int(severity) - 1
 
 
-def parse_corruptions(text: Optional[str | Sequence[str]]) -> tuple[str, ...]:
-    """'all' / None (every corruption) / 'a,b' / ['a', 'b'] -> validated names in the order given, unique."""
-    if text is None:
-        return CORRUPTION_NAMES
-    items = [t.strip() for t in text.split(",")] if isinstance(text, str) else [str(t).strip() for t in text]
+def parse_corruptions(text: Optional[str | Sequence[str]], known: Sequence[str] = CORRUPTION_NAMES,
+                      where: str = "") -> tuple[str, ...]:
+    """'all' / None (every name `known`) / 'a,b' / ['a', 'b'] -> validated names in the order given, unique."""
+    items = [] if text is None else [str(t).strip() for t in (text.split(",") if isinstance(text, str) else text)]
     items = [t for t in items if t]
-    if items == ["all"]:
-        return CORRUPTION_NAMES
+    if text is None or items == ["all"]:
+        return tuple(known)
     if not items:
         raise CorruptionError(f"corruptions: {text!r} names no corruption; use 'all' or a comma-separated list "
-                              f"of {', '.join(CORRUPTION_NAMES)}")
+                              f"of {', '.join(known)}")
     for item in items:
-        _lookup(item)
+        if item not in known:
+            raise CorruptionError(f"unknown corruption {item!r}{where}{suggest(item, known)} (known: "
+                                  f"{', '.join(known)})")
     return tuple(dict.fromkeys(items))
 
 
@@ -225,11 +223,8 @@ def disk_kernel(radius: float, alias_blur: float) -> torch.Tensor:
     disk /= disk.sum()
     g = _gaussian_1d(alias_blur, ksize // 2)
     blurred = F.conv2d(disk[None, None], (g[:, None] * g[None, :])[None, None], padding=ksize // 2)[0, 0]
-    rows = torch.nonzero(blurred.abs().sum(1) > 0).flatten()
-    cols = torch.nonzero(blurred.abs().sum(0) > 0).flatten()
-    r = int(max(half - rows.min(), rows.max() - half))   # keep the crop centred (odd, symmetric)
-    c = int(max(half - cols.min(), cols.max() - half))
-    kernel = blurred[half - r:half + r + 1, half - c:half + c + 1]
+    r = half - int(torch.nonzero(blurred.sum(1) > 0).min())   # the support: a centred square (radial symmetry)
+    kernel = blurred[half - r:half + r + 1, half - r:half + r + 1]
     return (kernel / kernel.sum()).float()
 
 

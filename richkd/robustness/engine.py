@@ -34,8 +34,6 @@ def select_positions(n: int, targets: torch.Tensor, max_samples: Optional[int], 
     """Positions 0..n-1, or a seeded class-stratified subset of max_samples of them (sorted)."""
     if max_samples is None or max_samples >= n:
         return torch.arange(n)
-    if max_samples < 1:
-        raise ValueError(f"max_samples must be >= 1, got {max_samples}")
     taken, _ = stratified_take(torch.as_tensor(targets), int(max_samples), derive_seed(seed, "robustness-cap"))
     return taken
 
@@ -72,15 +70,11 @@ def evaluate_model(model, dataset, mean: Sequence[float], std: Sequence[float], 
 
     mean/std: the normalisation the model was trained with (the TRAINING dataset's, also for shifted data).
     target_map: optional (C_dataset,) int64 mapping dataset labels to the model's class ids (shift sets).
-    Each batch is loaded once; corruptions are applied to it on `device` and keyed by the dataset row index
-    (see corruptions.corrupt), so results do not depend on batch_size or on max_samples' other rows.
+    Each batch is loaded once; corruptions (names and severities already parsed) are applied to it on `device`
+    and keyed by the dataset row index (see corruptions.corrupt), so results do not depend on batch_size or on
+    max_samples' other rows.
     """
     device = torch.device(device)
-    corruptions = parse_corruptions(list(corruptions)) if corruptions else ()
-    severities = parse_severities(list(severities)) if corruptions else ()
-    if len(dataset) == 0:
-        raise ValueError("evaluate_model: the dataset is empty (is the validation split empty? "
-                         "set data.val_fraction > 0)")
     dataset = dataset.without_augmentation()
     positions = select_positions(len(dataset), dataset.targets, max_samples, seed)
     clean = ClassificationMeter(n_bins=n_bins, confidence_threshold=confidence_threshold)

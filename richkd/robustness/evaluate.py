@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -30,10 +29,8 @@ from richkd.robustness.scores import compare_to_reference, load_reference
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SUITES", "EvaluateRequest", "evaluate_checkpoint", "resolve_config"]
+__all__ = ["EvaluateRequest", "evaluate_checkpoint", "resolve_config"]
 
-SUITES = ("robustness", "clean", "corruptions", "shift", "calibration")
-SPLITS = ("val", "test")
 REPORT_FILE = "robustness.json"
 DIAGRAM_FILE = "reliability.png"
 SHIFT_DIAGRAM_FILE = "reliability_shift.png"
@@ -42,13 +39,9 @@ DEFAULT_EXPERIMENT = "richkd-evaluate"
 
 @dataclass(frozen=True)
 class EvaluateRequest:
-    """What to evaluate and how (the `richkd evaluate` arguments).
-
-    suite: clean (accuracy, ECE, confidence categories), corruptions (+ per-corruption/severity accuracy,
-    mCE with a reference), shift (+ another dataset with the same classes), calibration (+ reliability
-    bins), robustness (all of them; shift only when shift_config is given). Every suite writes
-    robustness.json and reliability.png (clean split).
-    """
+    """The `richkd evaluate` arguments (its --help describes them; argparse checked suite, split and counts).
+    Every suite writes robustness.json and reliability.png (clean split); corruptions and robustness add the
+    corruption tables (mCE with a reference), shift and robustness (given shift_config) the shifted dataset."""
     checkpoint: str
     suite: str = "robustness"
     config: Optional[str] = None
@@ -132,16 +125,6 @@ def _split(data, split: str):
 
 
 def _validate(req: EvaluateRequest) -> None:
-    if req.suite not in SUITES:
-        raise ValueError(f"--suite {req.suite!r}: choose one of {', '.join(SUITES)}")
-    if req.split not in SPLITS:
-        raise ValueError(f"--split {req.split!r}: choose val (default, for model selection) or test (final reports)")
-    if req.max_samples is not None and req.max_samples < 1:
-        raise ValueError(f"--max-samples must be >= 1, got {req.max_samples}")
-    if req.batch_size is not None and req.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {req.batch_size}")
-    if req.n_bins < 1:
-        raise ValueError(f"n_bins must be >= 1, got {req.n_bins}")
     corr = req.suite in ("corruptions", "robustness")
     if req.suite == "shift" and not req.shift_config:
         raise ValueError("--suite shift needs --shift-config CFG (a config whose data section names another "
@@ -176,15 +159,12 @@ def evaluate_checkpoint(req: EvaluateRequest) -> tuple[dict, list[Path]]:
     with_corruptions = req.suite in ("corruptions", "robustness")
     severities = parse_severities(req.severities) if with_corruptions else ()
     reference = load_reference(req.reference) if req.reference else None
-    folder = None
-    if req.corruption_dir:   # the folder's own corruption names (a release may hold ones we do not implement)
-        folder = CorruptionFolder(req.corruption_dir)
-        names = _folder_names(folder, req.corruptions)
+    folder = CorruptionFolder(req.corruption_dir) if req.corruption_dir else None
+    if folder is not None:   # the folder's own corruption names (a release may hold ones we do not implement)
+        names = parse_corruptions(req.corruptions, folder.corruptions, f" in {folder.root}")
     else:
         names = parse_corruptions(req.corruptions) if with_corruptions else ()
-    shift_cfg = None
-    if req.shift_config:
-        shift_cfg = Config.from_yaml(req.shift_config)
+    shift_cfg = Config.from_yaml(req.shift_config) if req.shift_config else None
     if req.mlflow_uri:
         check_tracking_uri(req.mlflow_uri)
     out_dir = Path(req.out).expanduser() if req.out else ckpt.parent / f"robustness-{req.split}"
@@ -207,9 +187,8 @@ def evaluate_checkpoint(req: EvaluateRequest) -> tuple[dict, list[Path]]:
 
     shift_data = target_map = None
     if shift_cfg is not None:
-        shift_data_cfg = shift_cfg.data
-        if shift_data_cfg.image_size != cfg.data.image_size:
-            log.warning("shift config image_size %d -> %d (the model's input size)", shift_data_cfg.image_size,
+        if shift_cfg.data.image_size != cfg.data.image_size:
+            log.warning("shift config image_size %d -> %d (the model's input size)", shift_cfg.data.image_size,
                         cfg.data.image_size)
             shift_cfg = shift_cfg.with_overrides({"data.image_size": cfg.data.image_size})
         shift_data = build_data(shift_cfg.data)
@@ -237,8 +216,9 @@ def evaluate_checkpoint(req: EvaluateRequest) -> tuple[dict, list[Path]]:
         "calibration": reliability_bins(res.confidence, res.correct, req.n_bins),
         "config": cfg.to_dict(),
     }
+    flat = corruption_metrics(corrupted) if with_corruptions else {}
     if with_corruptions:
-        report["corruptions"] = _corruption_section(corrupted, folder)
+        report["corruptions"] = _corruption_section(corrupted, folder, flat)
         if reference is not None:
             if reference.get("dataset") not in (None, data.name) or reference.get("split") not in (None, req.split):
                 log.warning("reference %s was evaluated on %s/%s, this run on %s/%s: CE ratios compare different "
@@ -246,7 +226,6 @@ def evaluate_checkpoint(req: EvaluateRequest) -> tuple[dict, list[Path]]:
                             data.name, req.split)
             errors = {c: {s: 100.0 - m["top1"] for s, m in by.items()} for c, by in corrupted.items()}
             report["corruptions"]["reference"] = compare_to_reference(errors, 100.0 - res.clean["top1"], reference)
-    shift_res = None
     if shift_data is not None:
         shift_res = evaluate_model(model, _split(shift_data, req.split), data.mean, data.std, device,
                                    confidence_threshold=threshold, target_map=target_map, **common)
@@ -256,8 +235,8 @@ def evaluate_checkpoint(req: EvaluateRequest) -> tuple[dict, list[Path]]:
             "top1_drop": shift_res.clean["top1"] - res.clean["top1"],
             "calibration": reliability_bins(shift_res.confidence, shift_res.correct, req.n_bins),
         }
-    report["metrics"] = _flat_metrics(report, corrupted if with_corruptions else {})
-    report = _finite(report)
+    report["metrics"] = _flat_metrics(report, flat)
+    report = json.loads(json.dumps(report), parse_constant=lambda _: None)   # NaN/inf -> null: strict JSON
 
     written = _write(report, out_dir)
     if req.mlflow_uri:
@@ -266,20 +245,7 @@ def evaluate_checkpoint(req: EvaluateRequest) -> tuple[dict, list[Path]]:
     return report, written
 
 
-def _folder_names(folder, wanted: Optional[str | Sequence[str]]) -> tuple[str, ...]:
-    if wanted is None or wanted == "all":
-        return tuple(folder.corruptions)
-    items = [t.strip() for t in wanted.split(",")] if isinstance(wanted, str) else [str(t) for t in wanted]
-    names = tuple(dict.fromkeys(t for t in items if t))
-    missing = [c for c in names if c not in folder.corruptions]
-    if missing or not names:
-        raise ValueError(f"--corruptions {missing or wanted!r}: not in {folder.root} (it has "
-                         f"{', '.join(folder.corruptions)})")
-    return names
-
-
-def _corruption_section(corrupted: dict, folder) -> dict:
-    flat = corruption_metrics(corrupted)
+def _corruption_section(corrupted: dict, folder, flat: dict) -> dict:
     top1, ece = ({c: {str(s): m[key] for s, m in by.items()} for c, by in corrupted.items()} for key in ("top1", "ece"))
     return {
         "source": f"folder {folder.root}" if folder is not None else "on-the-fly",
@@ -291,41 +257,27 @@ def _corruption_section(corrupted: dict, folder) -> dict:
     }
 
 
-def _flat_metrics(report: dict, corrupted: dict) -> dict:
+def _flat_metrics(report: dict, corruption: dict) -> dict:
     """Every headline number under one flat name (MLflow metrics; the corruption ones as a sweep reports them)."""
     m: dict[str, Optional[float]] = {f"clean_{k}": float(v) for k, v in report["clean"].items() if k != "n"}
-    m.update(corruption_metrics(corrupted) if corrupted else {})
+    m.update(corruption)
     ref = report.get("corruptions", {}).get("reference")
     if ref:
         m["mce"], m["relative_mce"] = ref["mce"], ref["relative_mce"]
         m.update({f"ce/{c}": v for c, v in ref["ce"].items()})
         m.update({f"relative_ce/{c}": v for c, v in ref["relative_ce"].items()})
-    shift = report.get("shift")
-    if shift:
-        for k in ("top1", "top5", "loss", "ece", "top1_drop", "confident_correct_pct", "confidently_wrong_pct"):
-            if k in shift:
-                m[f"shift_{k}"] = float(shift[k])
+    shift = report.get("shift") or {}
+    m.update({f"shift_{k}": float(shift[k]) for k in ("top1", "top5", "loss", "ece", "top1_drop",
+                                                       "confident_correct_pct", "confidently_wrong_pct") if k in shift})
     return m
 
 
-def _finite(obj: Any) -> Any:
-    """Replace NaN/inf by None so robustness.json is strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def _write(report: dict, out_dir: Path) -> list[Path]:
-    title = f"{report['arch']} on {report['dataset']}/{report['split']}"
-    paths = [save_reliability_diagram(report["calibration"], out_dir / DIAGRAM_FILE, title)]
-    if report.get("shift"):
-        shift = report["shift"]
-        paths.append(save_reliability_diagram(shift["calibration"], out_dir / SHIFT_DIAGRAM_FILE,
-                                              f"{report['arch']} on {shift['dataset']}/{shift['split']} (shift)"))
+    """The reliability diagram(s), then robustness.json; returns the paths, robustness.json first."""
+    shift = report.get("shift")
+    sources = [(report, DIAGRAM_FILE, "")] + ([(shift, SHIFT_DIAGRAM_FILE, " (shift)")] if shift else [])
+    diagrams = [save_reliability_diagram(r["calibration"], out_dir / name,
+                                         f"{report['arch']} on {r['dataset']}/{r['split']}{tag}")
+                for r, name, tag in sources]
     atomic_write_text(out_dir / REPORT_FILE, json.dumps(report, indent=1, allow_nan=False) + "\n")
-    paths.insert(0, out_dir / REPORT_FILE)
-    return paths
+    return [out_dir / REPORT_FILE, *diagrams]

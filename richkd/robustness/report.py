@@ -48,32 +48,26 @@ def save_reliability_diagram(bins: Mapping, path: str | Path, title: str) -> Pat
 
 def format_table(report: Mapping) -> str:
     """A short human-readable summary of a robustness report (what `richkd evaluate` prints)."""
-    lines = []
     clean = report["clean"]
-    lines.append(f"{report['arch']} on {report['dataset']}/{report['split']} ({clean['n']} images), "
-                 f"checkpoint {report['checkpoint']}")
     line = f"clean            top-1 {clean['top1']:6.2f}%  top-5 {clean['top5']:6.2f}%  ECE {100 * clean['ece']:5.2f}%"
     if "confident_correct_pct" in clean:
         line += (f"  confident-correct {clean['confident_correct_pct']:.1f}%  confidently-wrong "
                  f"{clean['confidently_wrong_pct']:.1f}% (p >= {report['confidence_threshold']:g})")
-    lines.append(line)
+    lines = [f"{report['arch']} on {report['dataset']}/{report['split']} ({clean['n']} images), "
+             f"checkpoint {report['checkpoint']}", line]
     corr = report.get("corruptions")
     if corr:
-        sevs = corr["severities"]
-        ce = (corr.get("reference") or {}).get("ce", {})
-        header = f"{'corruption':<17}" + "".join(f"{'s' + str(s):>7}" for s in sevs) + f"{'mean':>8}"
-        if ce:
-            header += f"{'CE':>8}"
-        lines.append(header)
+        sevs, ref = corr["severities"], corr.get("reference")
+        ce = (ref or {}).get("ce", {})
+        lines.append(f"{'corruption':<17}" + "".join(f"{'s' + str(s):>7}" for s in sevs) + f"{'mean':>8}"
+                     + (f"{'CE':>8}" if ce else ""))
         for name in corr["names"]:
             row = f"{name:<17}" + "".join(f"{corr['top1'][name][str(s)]:7.2f}" for s in sevs)
             row += f"{corr['mean_top1'][name]:8.2f}"
             if ce:
-                v = ce.get(name)
-                row += f"{v:8.1f}" if v is not None else f"{'-':>8}"
+                row += f"{'-':>8}" if ce.get(name) is None else f"{ce[name]:8.1f}"
             lines.append(row)
         line = f"mean corruption top-1 {corr['corruption_top1']:.2f}% ({corr['source']})"
-        ref = corr.get("reference")
         if ref:
             mce, rel = ref.get("mce"), ref.get("relative_mce")
             line += f"; mCE {mce:.1f}%" if mce is not None else "; mCE undefined"
@@ -89,17 +83,12 @@ def format_table(report: Mapping) -> str:
 
 
 def check_tracking_uri(uri: str) -> str:
-    """Reject tracking URIs that would use MLflow's file store (./mlruns); return the URI unchanged.
-
-    MLflow >= 3.13 refuses to create a file store unless MLFLOW_ALLOW_FILE_STORE=true, and it is slow and
-    deprecated anyway: use sqlite:///PATH/mlflow.db locally or an mlflow server URL.
-    """
-    if not uri or "://" not in uri or uri.startswith("file:"):
-        raise ValueError(f"--mlflow-uri {uri!r}: MLflow's file store (a plain folder or file: URI) is not "
-                         "supported; use sqlite:///PATH/mlflow.db or an mlflow server URL like http://HOST:5000")
-    if uri.split("://", 1)[0].split("+", 1)[0].lower() not in STORE_SCHEMES:
-        raise ValueError(f"--mlflow-uri {uri!r}: not a tracking store MLflow opens; use sqlite:///PATH/mlflow.db, "
-                         "http://HOST:5000, or a database URI (postgresql://, mysql://, ...)")
+    """The URI unchanged, or a ValueError: MLflow 3.13+ refuses its file store (a plain folder, ./mlruns, a file:
+    URI) unless MLFLOW_ALLOW_FILE_STORE=true, and other schemes are no tracking store at all."""
+    if "://" not in uri or uri.split("://", 1)[0].split("+", 1)[0].lower() not in STORE_SCHEMES:
+        raise ValueError(f"--mlflow-uri {uri!r}: not a tracking store MLflow opens (a plain folder or file: URI is "
+                         "its file store, not supported); use sqlite:///PATH/mlflow.db, http://HOST:5000, or a "
+                         "database URI (postgresql://, mysql://, ...)")
     check_server(uri, "--mlflow-uri")   # a server that does not answer: before the evaluation, not after it
     return uri
 

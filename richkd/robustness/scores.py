@@ -19,8 +19,7 @@ from typing import Mapping, Optional
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ReferenceFileError", "compare_to_reference", "corruption_errors", "load_reference", "mean_ce",
-           "relative_corruption_errors"]
+__all__ = ["ReferenceFileError", "compare_to_reference", "corruption_errors", "load_reference", "mean_ce"]
 
 ErrorTable = Mapping[str, Mapping[int, float]]   # corruption -> severity -> top-1 error in %
 
@@ -29,34 +28,18 @@ class ReferenceFileError(ValueError):
     """The reference file cannot be used (missing, not a robustness.json, nothing in common)."""
 
 
-def _norm(table: ErrorTable) -> dict[str, dict[int, float]]:
-    return {str(c): {int(s): float(v) for s, v in sevs.items()} for c, sevs in table.items()}
-
-
-def _ratios(errors: ErrorTable, ref_errors: ErrorTable, clean: float = 0.0, ref_clean: float = 0.0
-            ) -> dict[str, Optional[float]]:
-    """100 * sum_s (E_s,c - clean) / sum_s (E_s,c(ref) - ref_clean) per corruption, over the severities both
-    tables have (a corruption with none in common is left out); None when the denominator is <= 0."""
-    errors, ref_errors = _norm(errors), _norm(ref_errors)
+def corruption_errors(errors: ErrorTable, ref_errors: ErrorTable, clean_error: float = 0.0,
+                      ref_clean_error: float = 0.0) -> dict[str, Optional[float]]:
+    """CE_c in percent per corruption, over the severities both tables have (a corruption with none in common is
+    left out); given the clean errors, the relative CE_c. None when the reference's summed error (increase) is
+    <= 0: the reference made no error, or the corruption did not hurt it, and the ratio means nothing."""
     out: dict[str, Optional[float]] = {}
     for name, by_sev in errors.items():
         sevs = sorted(set(by_sev) & set(ref_errors.get(name, {})))
         if sevs:
-            den = sum(ref_errors[name][s] - ref_clean for s in sevs)
-            out[name] = 100.0 * sum(by_sev[s] - clean for s in sevs) / den if den > 0 else None
+            den = sum(ref_errors[name][s] - ref_clean_error for s in sevs)
+            out[name] = 100.0 * sum(by_sev[s] - clean_error for s in sevs) / den if den > 0 else None
     return out
-
-
-def corruption_errors(errors: ErrorTable, ref_errors: ErrorTable) -> dict[str, Optional[float]]:
-    """CE_c in percent per corruption shared by both tables (None when the reference made no error at all)."""
-    return _ratios(errors, ref_errors)
-
-
-def relative_corruption_errors(errors: ErrorTable, clean_error: float, ref_errors: ErrorTable,
-                               ref_clean_error: float) -> dict[str, Optional[float]]:
-    """Relative CE_c in percent: the error *increase* over clean, relative to the reference's increase (None
-    when the reference's summed increase is <= 0: the corruption did not hurt it, the ratio means nothing)."""
-    return _ratios(errors, ref_errors, clean_error, ref_clean_error)
 
 
 def mean_ce(ces: Mapping[str, Optional[float]]) -> Optional[float]:
@@ -66,26 +49,27 @@ def mean_ce(ces: Mapping[str, Optional[float]]) -> Optional[float]:
 
 
 def load_reference(path: str | Path) -> dict:
-    """Read a robustness.json of an earlier run; returns {"errors", "clean_error", "path", "checkpoint"}."""
+    """Read a robustness.json of an earlier run: its error table, clean error, path, checkpoint, split and dataset."""
     p = Path(path)
     if not p.is_file():
         raise ReferenceFileError(f"reference file {str(p)!r} does not exist; pass the robustness.json written by "
-                              "an earlier `richkd evaluate --suite corruptions` run")
+                                 "an earlier `richkd evaluate --suite corruptions` run")
     try:
         data = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ReferenceFileError(f"{p}: not valid JSON ({exc})") from None
-    table = data.get("corruptions", {}).get("error") if isinstance(data, dict) else None
-    clean = data.get("clean", {}).get("top1") if isinstance(data, dict) else None
-    if not isinstance(table, dict) or not table or clean is None:
-        raise ReferenceFileError(f"{p}: no corruption error table; the reference must be a robustness.json of a "
-                              "`richkd evaluate` run with --suite corruptions or robustness")
     try:
-        errors = _norm(table)
-    except (TypeError, ValueError, AttributeError):
-        raise ReferenceFileError(f"{p}: corruptions.error must map corruption -> severity -> error") from None
-    return {"errors": errors, "clean_error": 100.0 - float(clean), "path": str(p),
-            "checkpoint": data.get("checkpoint"), "split": data.get("split"), "dataset": data.get("dataset")}
+        table = data["corruptions"]["error"]
+        errors = {str(c): {int(s): float(v) for s, v in sevs.items()} for c, sevs in table.items()}
+        clean_error = 100.0 - float(data["clean"]["top1"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        errors = None
+    if not errors:
+        raise ReferenceFileError(f"{p}: no corruption error table (corruptions.error: corruption -> severity -> "
+                                 "error); the reference must be a robustness.json of a `richkd evaluate` run with "
+                                 "--suite corruptions or robustness")
+    return {"errors": errors, "clean_error": clean_error, "path": str(p),
+            **{k: data.get(k) for k in ("checkpoint", "split", "dataset")}}
 
 
 def compare_to_reference(errors: ErrorTable, clean_error: float, reference: Mapping) -> dict:
@@ -93,11 +77,11 @@ def compare_to_reference(errors: ErrorTable, clean_error: float, reference: Mapp
     ce = corruption_errors(errors, reference["errors"])
     if not ce:
         raise ReferenceFileError(f"reference {reference['path']} shares no corruption and severity with this "
-                              f"evaluation (reference has {sorted(reference['errors'])}, this run "
-                              f"{sorted(errors)}); evaluate with the same --corruptions / --severities")
+                                 f"evaluation (reference has {sorted(reference['errors'])}, this run "
+                                 f"{sorted(errors)}); evaluate with the same --corruptions / --severities")
     skipped = sorted(set(errors) - set(ce))
     if skipped:
         log.warning("reference %s lacks corruptions %s; mCE uses the other %d", reference["path"], skipped, len(ce))
-    rel = relative_corruption_errors(errors, clean_error, reference["errors"], reference["clean_error"])
+    rel = corruption_errors(errors, reference["errors"], clean_error, reference["clean_error"])
     return {"reference": reference["path"], "reference_checkpoint": reference.get("checkpoint"),
             "ce": ce, "relative_ce": rel, "mce": mean_ce(ce), "relative_mce": mean_ce(rel)}
