@@ -7,6 +7,7 @@ MLflow 3 UI would otherwise open its GenAI overview (docs/architecture.md, "Data
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -60,19 +61,17 @@ def client_for(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+_RETRIES = itertools.count()
+
+
+def _first_retry_only(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Retrying") or next(_RETRIES) == 0
+
+
 def quiet_http_retries() -> None:
     """Let urllib3's first "Retrying ..." warning through and drop the rest (once per process): during an outage
-    the Outbox says so itself, so the console is not flooded with one line per try."""
-    logger = logging.getLogger("urllib3.connectionpool")
-    if not any(getattr(f, "__name__", "") == "first_retry_only" for f in logger.filters):
-        seen: list = []
-
-        def first_retry_only(record: logging.LogRecord) -> bool:
-            retry = str(record.msg).startswith("Retrying")
-            seen.extend([1] if retry else [])
-            return not retry or len(seen) == 1
-
-        logger.addFilter(first_retry_only)
+    the Outbox says so itself, so the console is not flooded with one line per try. addFilter adds it once."""
+    logging.getLogger("urllib3.connectionpool").addFilter(_first_retry_only)
 
 
 def default_artifact_location(tracking_uri: str, given: Optional[str] = None) -> Optional[str]:
@@ -141,10 +140,10 @@ def check_server(tracking_uri: str, key: str, timeout_s: float = 5.0, error: typ
         return
     parsed = urlparse(tracking_uri)
     try:
-        port_ok = parsed.port is None or 0 < parsed.port < 65536
-    except ValueError:
-        port_ok = False
-    if not parsed.hostname or not port_ok:
+        valid = bool(parsed.hostname) and parsed.port != 0
+    except ValueError:   # a port that is not a number in 0..65535
+        valid = False
+    if not valid:
         raise error(f"{key}: {tracking_uri!r} is not a valid server URL; write it like http://HOST:5000")
     try:
         with urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout_s) as response:
@@ -363,9 +362,7 @@ class RunWriter:
         """One step's record, e.g. an epoch's: what the Outbox gives up first when it is full."""
         self._op_history(key, [(step, metrics)], stamp)
 
-    def _op_summary(self, key: str, metrics: dict, step: int = 0) -> None:
-        """Metrics that are never given up (end-of-run summaries)."""
-        self._op_history(key, [(step, metrics)])
+    _op_summary = _op_metrics   # the same write, never given up (end-of-run summaries)
 
     def _op_history(self, key: str, steps: list, stamp: Optional[int] = None) -> None:
         """[(step, {name: value}), ...] in batches of 1000 values."""

@@ -19,7 +19,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from richkd.cache.build import ROW_KINDS, EntryJob, build_entry, plan_caches
 from richkd.cache.row_blocks import assemble_entry, block_ranges, block_root, compute_block, remove_blocks
 from richkd.tune.cluster import (alive_nodes, current_node_id, node_problems, preflight_error, say,
-                                 use_task_resources)
+                                 use_task_resources, wait_each)
 from richkd.tune.node_check import sweep_needs
 
 log = logging.getLogger(__name__)
@@ -100,14 +100,9 @@ def build_caches(configs: Iterable, *, cpu: float, gpu: float = 0.0, shards: Opt
     `splits`: the dataset splits whose caches are read (finalize adds "test")."""
     configs = list(configs)
     plans = [plan_caches(cfg, splits) for cfg in configs]
-    missing: dict[Path, EntryJob] = {}
-    for plan in plans:
-        for job in plan.missing:
-            missing.setdefault(job.path, job)
-    built = []
-    if missing:
-        built = run_jobs(list(missing.values()), cpu=cpu, gpu=gpu, shards=shards, progress=progress,
-                         nodes=usable_nodes(configs) if nodes is None else nodes)
+    missing = {job.path: job for plan in plans for job in plan.missing}   # an entry several configs share: once
+    built = run_jobs(list(missing.values()), cpu=cpu, gpu=gpu, shards=shards, progress=progress,
+                     nodes=usable_nodes(configs) if nodes is None else nodes) if missing else []
     return BuiltCaches(paths=[plan.paths for plan in plans], built=built)
 
 
@@ -119,7 +114,7 @@ def run_jobs(jobs: list[EntryJob], *, cpu: float, gpu: float, shards: Optional[i
     died is replaced by any other), so the shards spread evenly. Assembly only reads and writes files: it takes no
     CPU slot; it and the text classifier also run on those nodes."""
     slots = node_slots(cpu, gpu, nodes)
-    shards = shards or max(1, min(len(slots), MAX_SHARDS))
+    shards = shards or shard_count(cpu, gpu, nodes)
     shard, assemble, whole = ray.remote(_shard_task), ray.remote(_assemble_task), ray.remote(_whole_task)
 
     def on_slot(task, i: int, **resources):
@@ -144,27 +139,19 @@ def run_jobs(jobs: list[EntryJob], *, cpu: float, gpu: float, shards: Optional[i
         shard_refs.extend(refs)
         pending[on_slot(assemble, j, num_cpus=0).remote(job, str(root), *refs)] = (job, len(ranges))
     say(f"caches: building {len(jobs)} entr{'y' if len(jobs) == 1 else 'ies'} as Ray tasks "
-         f"({shards} row shard(s) per entry, {cpu:g} CPU / {gpu:g} GPU each)", progress)
+        f"({shards} row shard(s) per entry, {cpu:g} CPU / {gpu:g} GPU each)", progress)
     built: list[dict] = []
-    while pending:
-        (ref,), _ = ray.wait(list(pending), num_returns=1)
-        job, n = pending.pop(ref)
-        try:
-            result = ray.get(ref)
-        except Exception as exc:
-            for other in [*pending, *shard_refs]:
-                ray.cancel(other, force=True)
-            for root in roots:
-                remove_blocks(root)
-            raise task_error(exc) from None
-        nodes = {s["node_id"] for s in result["shards"]}
+
+    def on_built(job_n: tuple, result: dict) -> None:
+        (job, n), nodes = job_n, {s["node_id"] for s in result["shards"]}
         built.append({"entry": job.name, **result, "s": time.perf_counter() - started})
         say(f"cache {len(built)}/{len(jobs)}: {job.name} built ({n} shard{'s' if n > 1 else ''} on "
-             f"{len(nodes)} node{'s' if len(nodes) > 1 else ''}, {built[-1]['s']:.1f}s)", progress)
+            f"{len(nodes)} node{'s' if len(nodes) > 1 else ''}, {built[-1]['s']:.1f}s)", progress)
+
+    try:
+        wait_each(pending, on_built, also_cancel=shard_refs)
+    except Exception:
+        for root in roots:
+            remove_blocks(root)
+        raise
     return built
-
-
-def task_error(exc: Exception) -> Exception:
-    """The error a task raised (a CacheError names the folder and the fix), not Ray's wrapper around it."""
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, Exception) else exc

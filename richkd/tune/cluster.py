@@ -1,5 +1,5 @@
 """The Ray cluster a sweep runs on (docs/architecture.md, "Running on a cluster"): the driver's settings every worker
-gets (`job_runtime_env`), what the cluster must offer, the node preflight (`node_check.check_needs` as a zero-CPU task
+gets (`shipped_env`), what the cluster must offer, the node preflight (`node_check.check_needs` as a zero-CPU task
 pinned to each alive node, every problem in one error before any trial), and what a trial or task claims of its node.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import os
 import socket
 import sys
 import time
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import ray
 import torch
@@ -31,27 +31,21 @@ SHIPPED_NAMES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "
 PREFLIGHT_TIMEOUT_S = 120.0
 
 
+# Ray errors that mean the driver lost its cluster (its raylet or the GCS), not a problem of one task
+CLUSTER_LOST_ERRORS = (LocalRayletDiedError, RaySystemError, RpcError)
+
+
 def shipped_env(environ: Optional[dict] = None) -> dict:
-    """The driver's environment variables every worker must share (see module doc). The default data folder
-    (`data.root: null`) is pinned to the driver's, so a worker never resolves its own home directory."""
-    environ = os.environ if environ is None else environ
-    env = {k: v for k, v in environ.items() if k.startswith(SHIPPED_PREFIXES) or k in SHIPPED_NAMES}
+    """The driver's environment variables every worker must share. The default data folder (`data.root: null`)
+    is pinned to the driver's, so a worker never resolves its own home directory."""
+    env = {k: v for k, v in (os.environ if environ is None else environ).items()
+           if k.startswith(SHIPPED_PREFIXES) or k in SHIPPED_NAMES}
     env.setdefault(DATA_ENV_VAR, str(default_data_root()))
     return env
 
 
-def job_runtime_env(environ: Optional[dict] = None) -> dict:
-    env = shipped_env(environ)
-    return {"env_vars": env} if env else {}
-
-
 def alive_nodes() -> list[dict]:
     return [n for n in ray.nodes() if n.get("Alive")]
-
-
-def cluster_lost_errors() -> tuple:
-    """Ray errors that mean the driver lost its cluster (its raylet or the GCS), not a problem of one task."""
-    return (LocalRayletDiedError, RaySystemError, RpcError)
 
 
 def node_label(node: dict) -> str:
@@ -73,7 +67,7 @@ def node_problems(needs: SweepNeeds, timeout_s: float = PREFLIGHT_TIMEOUT_S,
         node = refs[ref]
         try:
             found = ray.get(ref)
-        except cluster_lost_errors():   # the cluster, not this node: richkd.tune.session.ray_session says so
+        except CLUSTER_LOST_ERRORS:   # the cluster, not this node: richkd.tune.session.ray_session says so
             raise
         except Exception as exc:  # the node cannot even run the check (e.g. richkd not importable there)
             found = [f"the check itself failed: {str(exc).strip().splitlines()[-1][:300]} (install richkd-tune with "
@@ -170,6 +164,33 @@ def storage_problem(t, n_nodes: int, mounts_text: Optional[str] = None) -> Optio
             "trials on other nodes could not save or restore checkpoints there (Ray 2.7+ has no head-node "
             "syncing). Use shared storage: s3://bucket/prefix, gs://..., or an NFS path mounted on every node (set "
             "tune.shared_storage: true if it is shared but not detected as NFS/Lustre/...)")
+
+
+def task_error(exc: Exception) -> Exception:
+    """The error a task raised (a CacheError names the folder and the fix), not Ray's wrapper around it."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, Exception) else exc
+
+
+def wait_each(pending: dict, on_result: Callable, on_error: Callable = lambda value: None,
+              also_cancel: Sequence = ()) -> None:
+    """on_result(pending[ref], result) for each Ray task of `pending` as it finishes. On the first failure (a
+    task's: on_error(its value), then the task's own error is raised; or one of on_result) the other tasks and
+    `also_cancel` are cancelled."""
+    try:
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            value = pending.pop(ref)
+            try:
+                result = ray.get(ref)
+            except Exception as exc:
+                on_error(value)
+                raise task_error(exc) from None
+            on_result(value, result)
+    except BaseException:
+        for other in [*pending, *also_cancel]:
+            ray.cancel(other, force=True)
+        raise
 
 
 def say(line: str, progress: bool) -> None:

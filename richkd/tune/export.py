@@ -75,22 +75,6 @@ def pareto_objectives(spec, metrics: Optional[Sequence[str]] = None) -> list[tup
     return [(m, direction(m)) for m in metrics]
 
 
-def pareto_json(spec, path: str, record, objectives: list, front: list, n_candidates: int) -> dict:
-    return {
-        "sweep": spec.name, "experiment_path": path,
-        "objectives": [{"metric": m, "mode": d} for m, d in objectives],
-        "selection": {"scope": "last", "split": "val", "among": f"trials that reached max_t = {spec.max_t} epochs",
-                      "candidates": n_candidates,
-                      "rule": "non-dominated: no other trial is at least as good in every objective and better "
-                              "in one (ties are kept)"},
-        "mlflow": {"tracking_uri": record.tracking_uri, "parent_run_id": record.parent_run_id},
-        "members": [{"trial_id": r.trial_id, "rank": r.rank,
-                     "objectives": {m: r.metrics.get(m) for m, _ in objectives},
-                     "config_file": f"{PARETO_DIR}/{r.trial_id}.yaml", "sampled": r.sampled, "epochs": r.epochs,
-                     "checkpoint": r.checkpoint, "mlflow_run_id": r.mlflow_run_id} for r in front],
-    }
-
-
 def _write_pareto(folder: Path, spec, path: str, record, objectives: list, front: list, rows: list) -> list[Path]:
     """pareto_front.json + pareto/<trial>.yaml (atomic writes); configs of former front members are removed."""
     sub = folder / PARETO_DIR
@@ -103,11 +87,22 @@ def _write_pareto(folder: Path, spec, path: str, record, objectives: list, front
         f = sub / f"{r.trial_id}.yaml"
         atomic_write_text(f, "\n".join(header) + trial_threads_config(r.config, spec.tune.cpu).to_yaml())
         written.append(f)
-    keep = {f.name for f in written}
     for old in sub.glob("*.yaml"):
-        if old.name not in keep:
+        if old not in written:
             old.unlink()
-    info = pareto_json(spec, path, record, objectives, front, len(survivors(rows)))
+    info = {
+        "sweep": spec.name, "experiment_path": path,
+        "objectives": [{"metric": m, "mode": d} for m, d in objectives],
+        "selection": {"scope": "last", "split": "val", "among": f"trials that reached max_t = {spec.max_t} epochs",
+                      "candidates": len(survivors(rows)),
+                      "rule": "non-dominated: no other trial is at least as good in every objective and better "
+                              "in one (ties are kept)"},
+        "mlflow": {"tracking_uri": record.tracking_uri, "parent_run_id": record.parent_run_id},
+        "members": [{"trial_id": r.trial_id, "rank": r.rank,
+                     "objectives": {m: r.metrics.get(m) for m, _ in objectives},
+                     "config_file": f"{PARETO_DIR}/{r.trial_id}.yaml", "sampled": r.sampled, "epochs": r.epochs,
+                     "checkpoint": r.checkpoint, "mlflow_run_id": r.mlflow_run_id} for r in front],
+    }
     out = folder / PARETO_JSON
     atomic_write_text(out, json.dumps(info, indent=1, default=str) + "\n")
     return [out, *written]
@@ -124,8 +119,8 @@ def leaderboard_csv(rows: list, spec) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
     for r in rows:
-        writer.writerow([r.rank, r.trial_id, r.status, r.outcome, r.epochs, _num(r.value), _num(r.best_value)]
-                        + [_num(r.metrics.get(m)) for m in metric_keys]
+        writer.writerow([r.rank, r.trial_id, r.status, r.outcome, r.epochs, _cell(r.value), _cell(r.best_value)]
+                        + [_cell(r.metrics.get(m)) for m in metric_keys]
                         + [_cell(r.sampled.get(k)) for k in space_keys]
                         + [r.mlflow_run_id or "", r.extra.get("stop_reason", "")])
     return buf.getvalue()
@@ -213,10 +208,6 @@ def _attach(record, files: list[Path], best, pareto_files: list[Path], front: li
     if not done:
         log.warning("MLflow at %s did not take the export files of run %s; they are in the export folder", uri, run)
     return run if done else None
-
-
-def _num(v) -> str:
-    return "" if v is None else f"{float(v):.6g}"
 
 
 def _cell(v) -> str:

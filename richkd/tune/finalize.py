@@ -30,8 +30,8 @@ from richkd.config import Config, ConfigError, parse_override
 from richkd.io import atomic_path, atomic_write_text, ensure_writable
 from richkd.tracking import KIND_TAG, NODE_TAG, SWEEP_TAG, TRIAL_TAG, RunWriter, finite
 from richkd.trainer import Run
-from richkd.tune.cache_tasks import build_caches, task_error
-from richkd.tune.cluster import check_trial_resources, current_node_id, say, use_task_resources
+from richkd.tune.cache_tasks import build_caches
+from richkd.tune.cluster import check_trial_resources, current_node_id, say, use_task_resources, wait_each
 from richkd.tune.node_check import SweepNeeds, raise_if_unmet, sweep_needs
 from richkd.tune.results import SweepRecord, best_trial, compute_front, load_sweep, output_dir, survivors
 from richkd.tune.session import ray_session
@@ -195,7 +195,7 @@ def _train(spec, jobs: list, results: list, folder: Path, runs: Optional["Finali
             if runs:
                 runs.finish_finalist(fin)
 
-    def on_failed(job: SeedJob, cancelled: list) -> None:
+    def on_failed(job: SeedJob) -> None:
         if runs:
             runs.end(job.key, "FAILED")
             runs.end(by_rank[job.rank].key, "FAILED")
@@ -240,28 +240,12 @@ def train_seed(config: dict, cpu: float, gpu: float, needs: Optional[SweepNeeds]
 
 def run_seed_jobs(jobs: list[SeedJob], *, cpu: float, gpu: float, needs: Optional[SweepNeeds] = None,
                   max_retries: int = 0, on_done: Callable[[SeedJob, dict], None],
-                  on_failed: Callable[[SeedJob, list], None]) -> None:
+                  on_failed: Callable[[SeedJob], None]) -> None:
     """Submit every job at once (Ray runs as many as the cluster's resources allow) and hand each result to
-    on_done as it arrives. On the first failure the others are cancelled, on_failed(job, cancelled jobs) runs
-    and the task's own error is raised. `max_retries` retries tasks whose node died (not training errors)."""
+    on_done as it arrives; on the first failure on_failed(job) runs, the others are cancelled and the task's own
+    error is raised (richkd.tune.cluster.wait_each). `max_retries` retries tasks whose node died, not errors."""
     remote = ray.remote(train_seed).options(num_cpus=cpu, num_gpus=gpu, max_retries=max_retries)
-    pending = {remote.remote(job.config.to_dict(), cpu, gpu, needs): job for job in jobs}
-    while pending:
-        (ref,), _ = ray.wait(list(pending), num_returns=1)
-        job = pending.pop(ref)
-        try:
-            result = ray.get(ref)
-        except Exception as exc:
-            for other in pending:
-                ray.cancel(other, force=True)
-            on_failed(job, list(pending.values()))
-            raise task_error(exc) from None
-        try:
-            on_done(job, result)
-        except BaseException:
-            for other in pending:
-                ray.cancel(other, force=True)
-            raise
+    wait_each({remote.remote(job.config.to_dict(), cpu, gpu, needs): job for job in jobs}, on_done, on_failed)
 
 
 # ----- MLflow ------------------------------------------------------------------------------------------------
@@ -345,11 +329,8 @@ class FinalistRuns(RunWriter):
 
 def best_index(values: Sequence[float], mode: str) -> Optional[int]:
     """Index of the best finite value (max or min; the first on ties), or None when none is finite."""
-    finite_values = [(v, i) for i, v in enumerate(values) if finite(v)]
-    if not finite_values:
-        return None
-    sign = 1 if mode == "max" else -1
-    return max(finite_values, key=lambda vi: (sign * vi[0], -vi[1]))[1]
+    kept = [i for i, v in enumerate(values) if finite(v)]
+    return (max if mode == "max" else min)(kept, key=values.__getitem__) if kept else None
 
 
 def _mean(values: list) -> float:

@@ -4,6 +4,7 @@ come from the CLI)."""
 from __future__ import annotations
 
 import signal
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -55,19 +56,16 @@ def sweep_outcome(record: SweepRecord, wall_s: float) -> SweepOutcome:
     unfinished by Ctrl-C are not mistaken for early stops)."""
     spec = record.spec
     rows = collect_trials(spec.experiment_path, spec)
-    counts: dict[str, int] = {}
-    by_node: dict[str, dict] = {}
+    by_node: dict[str, Counter] = defaultdict(Counter)
     for r in rows:
-        counts[r.outcome] = counts.get(r.outcome, 0) + 1
         where = f"{r.node_id[:12]} ({r.node_ip})" if r.node_ip else r.node_id
         if where:   # a trial that never reported ran nowhere yet
-            node = by_node.setdefault(where, {})
-            node[r.outcome] = node.get(r.outcome, 0) + 1
+            by_node[where][r.outcome] += 1
     alive = survivors(rows)
     best = ({"trial_id": alive[0].trial_id, "value": alive[0].value, "config": alive[0].sampled} if alive else None)
-    return SweepOutcome(name=spec.name, experiment_path=spec.experiment_path, num_trials=len(rows), counts=counts,
-                        best=best, parent_run_id=record.parent_run_id, tracking_uri=record.tracking_uri,
-                        wall_s=wall_s, by_node=by_node, retried=sum(1 for r in rows if r.restarts),
+    return SweepOutcome(name=spec.name, experiment_path=spec.experiment_path, num_trials=len(rows),
+                        counts=dict(Counter(r.outcome for r in rows)), best=best, parent_run_id=record.parent_run_id, tracking_uri=record.tracking_uri,
+                        wall_s=wall_s, by_node=dict(by_node), retried=sum(1 for r in rows if r.restarts),
                         error_logs=[str(Path(r.path) / "error.txt") for r in rows if r.outcome == "error" and r.path],
                         experiment_id=record.experiment_id, mode=spec.tune.mode)
 

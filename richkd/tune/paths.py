@@ -111,9 +111,7 @@ def is_shared_filesystem(path: str | os.PathLike, mounts_text: Optional[str] = N
 def _fs_and_path(path: str):
     import pyarrow.fs
 
-    if "://" in path:
-        return pyarrow.fs.FileSystem.from_uri(path)
-    return pyarrow.fs.LocalFileSystem(), os.path.abspath(path)
+    return pyarrow.fs.FileSystem.from_uri(path if "://" in path else os.path.abspath(path))
 
 
 def write_text(path: str, text: str) -> None:

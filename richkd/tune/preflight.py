@@ -81,21 +81,15 @@ def check_spec_resources(params: Sequence[Param], probes: Sequence[Config]) -> N
     for p in params:
         for k, v in ((k, v) for value in p.corners() for k, v in p.overrides_for(value).items()):
             if k in ("student.arch", "teacher.arch") and v is not None:
-                if v not in MODELS:
-                    try:
-                        MODELS.get(v)
-                    except KeyError as exc:
-                        raise SpecError(f"space.{p.key}: {exc.args[0]}") from None
+                try:
+                    MODELS.get(v)
+                except KeyError as exc:
+                    raise SpecError(f"space.{p.key}: {exc.args[0]}") from None
 
 
 def check_spec_data(probes: Sequence[Config]) -> None:
     """Build each distinct dataset once (cheap, memoised in richkd.data) so a missing dataset fails here."""
-    seen = set()
-    for cfg in probes:
-        key = json.dumps(dataclasses.asdict(cfg.data), sort_keys=True, default=str)
-        if key in seen:
-            continue
-        seen.add(key)
+    for cfg in _one_per_dataset(probes):
         try:
             build_data(cfg.data)
         except (ValueError, FileNotFoundError) as exc:
@@ -108,19 +102,16 @@ def check_spec_data_fit(base: Config, params: Sequence[Param], probes: Sequence[
     largest = max([base.loss.nce_k] +
                   [v for p in params for value in p.corners()
                    for k, v in p.overrides_for(value).items() if k == "loss.nce_k" and v is not None])
-    seen = set()
-    for cfg in probes:
-        if not cfg.loss.uses_crd:
-            continue
-        key = json.dumps(dataclasses.asdict(cfg.data), sort_keys=True, default=str)
-        if key in seen:
-            continue
-        seen.add(key)
+    for cfg in _one_per_dataset([c for c in probes if c.loss.uses_crd]):
         try:
             check_data_fit(cfg.with_overrides({"loss.nce_k": largest}))
         except ConfigError as exc:
             where = "space.loss.nce_k" if largest != base.loss.nce_k else "config"
             raise SpecError(f"{where}: {exc}") from None
+
+
+def _one_per_dataset(configs: Sequence[Config]) -> list[Config]:
+    return list({json.dumps(dataclasses.asdict(c.data), sort_keys=True, default=str): c for c in configs}.values())
 
 
 def _field_error(exc: ConfigError, keys: Iterable[str]) -> bool:

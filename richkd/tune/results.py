@@ -10,6 +10,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional
@@ -168,18 +169,14 @@ def collect_trials(experiment_path: str, spec: SweepSpec) -> list[TrialRow]:
         history = [] if df is None else [_numbers(r) for r in df.to_dict("records")]
         series = [v for v in (h.get(spec.tune.metric) for h in history) if finite_value(v) is not None]
         best = (max(series) if spec.tune.mode == "max" else min(series)) if series else None
-        try:
-            checkpoint = trial.checkpoint.path if trial.checkpoint is not None else None
-        except Exception:  # stub trials without a checkpoint manager
-            checkpoint = None
         rows.append(TrialRow(
             trial_id=trial.trial_id, trial_name=str(trial), status=trial.status,
             outcome=trial_outcome(trial.status, last, spec.max_t),
             epochs=int(last.get("training_iteration", 0) or 0), value=finite_value(last.get(spec.tune.metric)),
             best_value=best, metrics=numeric_metrics(last), sampled=plan.active_sampled(trial.config),
-            config=plan.trial_config(trial.config), path=str(getattr(trial, "path", "") or ""),
-            checkpoint=checkpoint, node_id=last.get("node_id") or None, node_ip=last.get("node_ip") or None,
-            failures=int(getattr(trial, "num_failures", 0) or 0), history=history,
+            config=plan.trial_config(trial.config), path=str(trial.path or ""),
+            checkpoint=trial.checkpoint.path if trial.checkpoint else None, node_id=last.get("node_id") or None,
+            node_ip=last.get("node_ip") or None, failures=trial.num_failures, history=history,
             extra={"stop_reason": last["stop_reason"]} if last.get("stop_reason") else {}))
     return rank_trials(rows, spec)
 
@@ -203,14 +200,15 @@ def survivors(rows: list[TrialRow]) -> list[TrialRow]:
     return [r for r in rows if r.outcome == "completed" and r.value is not None]
 
 
-def trial_outcome(status: str, result: dict, max_t: int) -> str:
+def trial_outcome(status: str, result: Optional[dict], max_t: int) -> str:
+    result = result or {}
     if status == "ERROR":
         return "error"
-    if (result or {}).get("nonfinite_loss", 0) >= 1:
+    if result.get("nonfinite_loss", 0) >= 1:
         return "nonfinite_loss"
     if status != "TERMINATED":
         return "unfinished"
-    return "completed" if int((result or {}).get("training_iteration", 0) or 0) >= max_t else "stopped_early"
+    return "completed" if int(result.get("training_iteration", 0) or 0) >= max_t else "stopped_early"
 
 
 def sweep_summary(trials: list, plan: TrialPlan) -> dict:
@@ -218,7 +216,7 @@ def sweep_summary(trials: list, plan: TrialPlan) -> dict:
     counts = dict.fromkeys(("completed", "stopped_early", "nonfinite_loss", "error", "unfinished"), 0)
     best = None
     for t in trials:
-        outcome = trial_outcome(t.status, t.last_result or {}, plan.max_t)
+        outcome = trial_outcome(t.status, t.last_result, plan.max_t)
         counts[outcome] += 1
         value = finite_value((t.last_result or {}).get(plan.metric))
         if outcome == "completed" and value is not None and (best is None or (value > best) == (plan.mode == "max")):
@@ -264,10 +262,7 @@ def missing_trials(rows: list, spec: SweepSpec) -> tuple[int, int]:
 def best_trial(rows: list, spec: SweepSpec) -> TrialRow:
     alive = survivors(rows)
     if not alive:
-        outcomes: dict = {}
-        for r in rows:
-            outcomes[r.outcome] = outcomes.get(r.outcome, 0) + 1
-        seen = ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items())) or "no trials"
+        seen = ", ".join(f"{n} {k}" for k, n in sorted(Counter(r.outcome for r in rows).items())) or "no trials"
         raise ExportError(f"no trial of sweep {spec.name!r} reached max_t = {spec.max_t} epochs with a finite "
                           f"{spec.tune.metric} ({seen}); resume it (`richkd sweep --resume "
                           f"{sweep_ref(spec.name, spec.experiment_path)}`) or run a larger sweep")

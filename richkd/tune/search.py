@@ -10,7 +10,6 @@ Pareto front holds COMPLETE trials only, as `richkd export`'s does. ASHA sees on
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from typing import Any, Optional
 
@@ -22,6 +21,7 @@ from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from richkd.config import flatten
+from richkd.tracking import finite
 from richkd.tune.params import Param, walk_active
 from richkd.tune.spec import SweepSpec
 from richkd.tune.warm_start import tell_optuna
@@ -83,9 +83,8 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         if all(v is None for v in values):
             return super().on_trial_complete(trial_id, result=result, error=error)
         ot_trial = self._ot_trials[trial_id]
-        finite = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
         reached = (result.get(self._time_attr) or 0) >= self._max_t
-        if error or not finite:
+        if error or not all(map(finite, values)):
             state, told = TrialState.FAIL, None     # also: an objective missing from the last report
         elif not reached:
             # single objective: Optuna records the last intermediate value itself; multi-objective trials have
@@ -110,9 +109,7 @@ def build_search_alg(spec: SweepSpec, warm=None):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             sampler = optuna.samplers.TPESampler(seed=t.search.seed, multivariate=True, group=True,
                                                  constant_liar=True, n_startup_trials=t.search.n_startup_trials)
-        storage = None
-        if t.search.storage:
-            storage = optuna.storages.RDBStorage(t.search.storage)
+        storage = optuna.storages.RDBStorage(t.search.storage) if t.search.storage else None
         # lists for a multi-objective sweep (one study direction per objective); Ray's tune.py never overrides
         # them: with an empty param_space it does not call the searcher's set_search_properties
         metric, mode = (t.metrics, t.modes) if t.multi_objective else (t.metric, t.mode)

@@ -22,7 +22,7 @@ import ray
 from ray._private.services import canonicalize_bootstrap_address_or_die
 from ray.exceptions import NodeDiedError
 
-from richkd.tune.cluster import cluster_lost_errors, job_runtime_env
+from richkd.tune.cluster import CLUSTER_LOST_ERRORS, shipped_env
 from richkd.tune.errors import EXIT_CLUSTER_LOST, ClusterLostError, SpecError
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, verb
     if ray.is_initialized():
         return False
     common = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING,
-                  runtime_env=job_runtime_env())
+                  runtime_env={"env_vars": shipped_env()})
     # ray.init replaces the SIGTERM handler (sys.exit, then its C++ crash handler aborts the driver): keep the
     # caller's (stop_signals), so a SIGTERM stops a sweep as Ctrl-C does
     sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
@@ -123,7 +123,7 @@ def ray_session(address: Optional[str], num_cpus: Optional[int], verbose: bool =
                      name="richkd-gcs-watch").start()
     try:
         yield
-    except (*cluster_lost_errors(), NodeDiedError) as exc:
+    except (*CLUSTER_LOST_ERRORS, NodeDiedError) as exc:
         keep_logs = True
         problem = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ClusterLostError(cluster_lost(where, f"{type(exc).__name__}: {problem}", next_step)) from None
