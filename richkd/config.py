@@ -1,8 +1,8 @@
 """Typed, frozen, validated configuration for one training run (a trial is exactly one of these)."""
 from __future__ import annotations
 
-import dataclasses
 import os
+
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Tuple, Union
 
@@ -11,15 +11,15 @@ import yaml
 from richkd.schema import (ConfigError, build, check, flatten, in_range, load_yaml_mapping, one_of,
                            parse_override, to_plain, unflatten)
 
-__all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "TeacherConfig", "ClipConfig", "LossConfig",
-           "TeachingConfig", "OptimConfig", "TrainConfig", "RobustnessEvalConfig", "dotted_keys", "flatten",
-           "unflatten", "load_yaml_mapping", "parse_override"]
 
 # The seeded corruptions richkd.robustness.corruptions implements (CIFAR-10-C table order): the one list of their
 # names, here so the config validates them without importing torch; the implementations check themselves against it.
 CORRUPTION_NAMES = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "gaussian_blur", "contrast",
                     "brightness", "jpeg_compression", "pixelate")
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "imagenet")
+# what data.root must hold for the datasets that have no default location
+ROOT_LAYOUTS = {"imagefolder": "a folder with train/ (and optionally test/)",
+                "imagenet": "a folder with train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (any subset of the classes)"}
 DECODERS = ("pil", "torchvision")     # JPEG decoding of photo datasets (richkd/data/photos.py)
 BAD_IMAGES = ("error", "skip")
 METHODS = ("supervised", "kd", "richkd")
@@ -73,14 +73,10 @@ class DataConfig:
         in_range(self.num_workers, "data.num_workers", 0, 64)
         for key in ("max_train_samples", "max_eval_samples", "max_train_per_class"):
             in_range(getattr(self, key), f"data.{key}", 1)
-        if self.dataset == "imagefolder":
-            check(self.root is not None, "data.root",
-                   "an imagefolder dataset needs data.root pointing at a folder with train/ (and optionally test/)")
+        check(self.root is not None or self.dataset not in ROOT_LAYOUTS, "data.root",
+              f"an {self.dataset} dataset needs data.root pointing at {ROOT_LAYOUTS.get(self.dataset)}")
         one_of(self.bad_images, "data.bad_images", BAD_IMAGES)
         one_of(self.decode, "data.decode", DECODERS)
-        if self.dataset == "imagenet":
-            check(self.root is not None, "data.root", "an imagenet dataset needs data.root pointing at a folder "
-                  "with train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (any subset of the classes)")
 
 
 @dataclass(frozen=True)
@@ -330,11 +326,7 @@ class Config:
     # ----- construction -------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None) -> "Config":
-        if raw is None:
-            return build(cls, {})
-        if not isinstance(raw, Mapping):
-            raise ConfigError(f"config: expected a mapping of sections (data:, optim:, ...), got {raw!r:.80}")
-        return build(cls, dict(raw))
+        return build(cls, raw)
 
     @classmethod
     def from_yaml(cls, path: "str | os.PathLike") -> "Config":
@@ -363,7 +355,7 @@ class Config:
 
     def to_dict(self) -> dict:
         """Nested plain dict (tuples become lists) suitable for YAML and for crossing the Ray boundary."""
-        return to_plain(dataclasses.asdict(self))
+        return to_plain(self)
 
     def to_flat_dict(self) -> dict:
         """{"section.key": value} for MLflow params and leaderboards."""
@@ -375,4 +367,5 @@ class Config:
 
 def dotted_keys() -> list[str]:
     """Every valid dotted key of Config, e.g. "loss.fusion_alpha"; used by search-space validation."""
-    return sorted(flatten(Config().to_dict()).keys())
+    return sorted(Config().to_flat_dict())
+

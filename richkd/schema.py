@@ -1,17 +1,14 @@
 """Typed records from YAML/JSON mappings: one coercion and validation mechanism for run configs and sweep specs.
 
-A record is a frozen dataclass whose `__post_init__` validates its own fields (ranges, enums, cross-field
-rules). `build(cls, mapping)` turns a plain mapping into such a record: unknown keys are errors with the nearest
-valid key suggested, every value is checked against its annotation (bool is never a number, lists become
-tuples, nested records are built recursively), and `to_plain(dataclasses.asdict(record))` gives the mapping
-back, so a record saved as YAML/JSON reads back as an equal record. Two class attributes tailor a record:
+A record is a frozen dataclass whose `__post_init__` validates its own fields. `build(cls, mapping)` makes one:
+unknown keys are errors naming the nearest valid key, every value is checked against its annotation (bool is
+never a number, lists become tuples, nested records are built recursively); `to_plain(record)` gives the mapping
+back. Class attributes tailor a record: `__schema_error__` (the exception its problems raise, default
+ConfigError), `__schema_noun__` (what its keys are called in messages) and `__schema_shorthand__` (a field
+name: a bare scalar means {field: scalar}, e.g. `search: random` for `search: {algorithm: random}`).
 
-    __schema_error__      the exception class its problems raise (default ConfigError)
-    __schema_shorthand__  a field name: a bare scalar in place of the mapping means {field: scalar}
-                          (e.g. `search: random` for `search: {algorithm: random}`)
-
-Also here: YAML files read safely (python tags refused, alias bombs and deep nesting caught), dotted-key
-flattening, and `key=value` command-line overrides.
+Also here: YAML read safely (python tags refused, alias bombs and deep nesting caught), dotted keys, and
+`key=value` command-line overrides.
 """
 from __future__ import annotations
 
@@ -27,6 +24,12 @@ from typing import Any, Mapping, Sequence, Tuple, Union, get_args, get_origin, g
 import yaml
 
 MAX_YAML_VALUES = 100_000
+# scalar annotation -> (what the message says is expected, the values accepted); bool is never one of the others
+SCALARS = {bool: ("true or false", lambda v: isinstance(v, bool)),
+           int: ("an integer", lambda v: isinstance(v, int) or (isinstance(v, float) and v.is_integer())),
+           float: ("a number", lambda v: isinstance(v, (int, float))),
+           str: ("a string", lambda v: isinstance(v, (str, int, float)))}
+
 
 
 class ConfigError(ValueError):
@@ -58,18 +61,12 @@ def check(cond: bool, key: str, msg: str, error: type = ConfigError) -> None:
 def in_range(value: float | None, key: str, lo: float | None = None, hi: float | None = None,
              lo_open: bool = False, hi_open: bool = False, error: type = ConfigError) -> None:
     """`value` within [lo, hi] (or the open ends asked for); None, an optional value left unset, passes."""
-    if value is None:
+    if value is None or ((lo is None or (value > lo if lo_open else value >= lo))
+                         and (hi is None or (value < hi if hi_open else value <= hi))):
         return
-    ok = True
-    if lo is not None:
-        ok &= value > lo if lo_open else value >= lo
-    if hi is not None:
-        ok &= value < hi if hi_open else value <= hi
-    if not ok:
-        left = "(" if lo_open else "["
-        right = ")" if hi_open else "]"
-        raise error(f"{key}: {value!r} is out of range; expected a value in "
-                    f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}")
+    raise error(f"{key}: {value!r} is out of range; expected a value in {'(' if lo_open else '['}"
+                f"{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{')' if hi_open else ']'}")
+
 
 
 def one_of(value: Any, key: str, choices: Sequence[str], error: type = ConfigError) -> None:
@@ -130,22 +127,11 @@ def coerce(value: Any, typ: Any, key: str, error: type = ConfigError) -> Any:
         args = get_args(typ)
         value_type = args[1] if len(args) == 2 else Any
         return {k: coerce(v, value_type, f"{key}.{k}", error) for k, v in value.items()}
-    if typ is bool:
-        if not isinstance(value, bool):
-            raise error(f"{key}: expected true or false, got {value!r}")
-        return value
-    if typ is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-            raise error(f"{key}: expected an integer, got {value!r}")
-        return int(value)
-    if typ is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise error(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if typ is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise error(f"{key}: expected a string, got {value!r}")
-        return str(value)
+    if typ in SCALARS:
+        what, fits = SCALARS[typ]
+        if not fits(value) or (typ is not bool and isinstance(value, bool)):
+            raise error(f"{key}: expected {what}, got {value!r}")
+        return typ(value)
     return value
 
 

@@ -5,14 +5,16 @@ it on objects built over synthetic data, so a change to the step changes what is
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
+
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from tqdm import tqdm
@@ -59,15 +61,13 @@ def lr_at(epoch: int, optim: OptimConfig, total_epochs: int) -> float:
 
 
 def evaluates_at(epoch: int, train) -> bool:
-    """Is the validation split evaluated after this 1-based epoch? Every `train.eval_every` epochs and the last.
-    Other epochs carry the previous evaluation's val_* values (none before the first evaluation)."""
+    """Is the validation split evaluated after this 1-based epoch? Every `train.eval_every` epochs and the last."""
     return epoch % train.eval_every == 0 or epoch == train.epochs
 
 
 # ----- one train step -----------------------------------------------------------------------------
 
-@dataclass
-class StepRecord:
+class StepRecord(NamedTuple):
     """What one train step leaves behind: the loss and its terms (detached) and the batch size."""
     loss: torch.Tensor
     terms: dict
@@ -75,8 +75,8 @@ class StepRecord:
 
 
 def student_inputs(images: torch.Tensor, mean, std, channels_last: bool) -> torch.Tensor:
-    """Normalised float images in the memory format the student was built with (on the images' device).
-    mean/std: per-channel tensors on that device (Run builds them once: no host->device copy per step) or tuples."""
+    """Normalised float images in the student's memory format; mean/std: per-channel tensors on the images'
+    device (Run builds them once: no host->device copy per step) or tuples."""
     x = normalize(images, mean, std)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
@@ -188,7 +188,6 @@ class Run:
         self.best_val_top1 = float("-inf")
         self.history: list[dict] = []
         self._teacher_metrics: dict[str, dict] = {}
-        self._test_teachers = None
         self.has_val = len(self.data.val) > 0
         if not self.has_val:
             log.warning("%s: no validation split (data.val_fraction %g): training on all %d training rows; this "
@@ -225,7 +224,6 @@ class Run:
 
     # -- epochs --
     def step(self, batch) -> StepRecord:
-        """One optimisation step on a batch from the training loader (one iteration of train_one_epoch)."""
         return train_step(batch, forward_student=self.forward_student, teachers=self.teachers,
                           objective=self.objective, optimizer=self.optimizer, device=self.device,
                           mean=self.mean, std=self.std, channels_last=self.cfg.train.channels_last,
@@ -243,25 +241,22 @@ class Run:
         sums: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.device)
         n_seen = 0
-        batches = tqdm(self.train_loader, desc=f"epoch {epoch}/{cfg.train.epochs}", unit="batch", leave=False,
-                       disable=not self.progress)
-        for i, batch in enumerate(batches):
-            record = self.step(batch)
-            b = record.batch_size
-            n_seen += b
-            total += record.loss * b
-            for name, value in record.terms.items():
-                sums[name] = sums.get(name, 0) + value * b
-            if i % 50 == 0 and not torch.isfinite(record.loss):  # a periodic check avoids a sync per step
-                break
-        batches.close()
+        with tqdm(self.train_loader, desc=f"epoch {epoch}/{cfg.train.epochs}", unit="batch", leave=False,
+                  disable=not self.progress) as batches:
+            for i, batch in enumerate(batches):
+                loss, terms, b = self.step(batch)
+                n_seen += b
+                total += loss * b
+                for name, value in terms.items():
+                    sums[name] = sums.get(name, 0) + value * b
+                if i % 50 == 0 and not torch.isfinite(loss):  # a periodic check avoids a sync per step
+                    break
         mean_loss = float(total) / max(n_seen, 1)
+
         if not math.isfinite(mean_loss):
             raise NonFiniteLossError(f"training loss became {mean_loss} in epoch {epoch} (lr {lr:g}); "
                                      "lower optim.lr or the loss weights")
-        metrics = {"train_loss": mean_loss, "lr": lr}
-        metrics.update({f"train_{name}": float(v) / n_seen for name, v in sums.items()})
-        return metrics
+        return {"train_loss": mean_loss, "lr": lr, **{f"train_{name}": float(v) / n_seen for name, v in sums.items()}}
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict:
@@ -276,19 +271,18 @@ class Run:
         m = meter.compute()
         return {f"{split}_{k}": m[k] for k in ("top1", "top5", "ece", "loss")}
 
+    @functools.cached_property
     def test_teachers(self):
         """The teacher source for the test split (final runs only): cached modes read the test split's caches,
         which `prepare_caches(cfg, splits=("train", "test"))` builds; a missing one fails here, before training."""
-        if self._test_teachers is None and self.teachers is not None:
-            self._test_teachers = build_teacher_source(self.cfg, self.data, self.device, split="test",
-                                                       reuse=self.teachers)
-        return self._test_teachers
+        return None if self.teachers is None else build_teacher_source(self.cfg, self.data, self.device,
+                                                                        split="test", reuse=self.teachers)
 
     def teacher_metrics(self, split: str = "val") -> dict:
         """Frozen-teacher analysis (the paper's Fig. 1 quantities) on a split, computed once per split (teachers
         do not change). The test split is analysed only in final runs."""
         if split not in self._teacher_metrics:
-            source = self.test_teachers() if split == "test" else self.teachers
+            source = self.test_teachers if split == "test" else self.teachers
             self._teacher_metrics[split] = ({} if source is None else
                                             teacher_analysis(self.cfg, self.data, source, self.objective,
                                                              self.device, split=split))
@@ -301,7 +295,8 @@ class Run:
         metrics: dict = self.history[-1] if self.history else {}
         test_metrics: dict = {k: v for k, v in metrics.items() if k.startswith("test_")}
         if final:
-            self.test_teachers()   # a missing test cache is an error now, not after the last epoch
+            self.test_teachers   # built now: a missing test cache is an error before training, not after it
+
         while self.epoch < last_epoch:
             epoch = self.epoch + 1
             started = time.perf_counter()
@@ -324,7 +319,8 @@ class Run:
                 metrics.update(test_metrics)
             self.epoch = epoch
             self.history.append(metrics)
-            log.info("epoch %d/%d: %s", epoch, cfg.train.epochs, _short(metrics))
+            log.info("epoch %d/%d: %s", epoch, cfg.train.epochs, ", ".join(
+                f"{k}={metrics[k]:.4g}" for k in ("train_loss", "val_top1", "val_loss", "lr") if k in metrics))
             if cfg.train.checkpoint_dir:
                 atomic_torch_save(self.state(), Path(cfg.train.checkpoint_dir) / "last.pt")
             if on_epoch is not None:
@@ -369,7 +365,3 @@ def load_train_state(path: str | Path) -> dict:
     except Exception as exc:  # corrupted or foreign file
         raise ValueError(f"{p} is not a readable richkd training checkpoint ({load_problem(exc)})") from None
 
-
-def _short(metrics: dict) -> str:
-    keys = ("train_loss", "val_top1", "val_loss", "lr")
-    return ", ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)

@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from richkd.registry import Registry
 
@@ -52,7 +53,21 @@ def pretrained_source(name: str) -> str:
             f"'{name}').DEFAULT.get_state_dict(), PATH): they load as they are)")
 
 
+def conv_bn(inp: int, oup: int, kernel: int, stride: int = 1, groups: int = 1, relu: bool = True) -> list[nn.Module]:
+    """Conv (no bias, padding kernel // 2) + BN (+ ReLU), to splice into an nn.Sequential: its indices are the
+    checkpoints' keys (`.0` conv, `.1` BN, the ReLU holds no weights but takes index 2)."""
+    return [nn.Conv2d(inp, oup, kernel, stride, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(oup),
+            *([nn.ReLU(inplace=True)] if relu else [])]
+
+
+def pooled_output(head: nn.Module, maps: torch.Tensor) -> ModelOutput:
+    """Global average pool of the last feature maps, then the classifier: feat is exactly the head's input."""
+    feat = torch.flatten(F.adaptive_avg_pool2d(maps, 1), 1)
+    return ModelOutput(head(feat), feat)
+
+
 def init_weights(model: nn.Module, linear_std: float | None = None) -> None:
+
     """The CIFAR zoo's initialisation: He-normal convolutions (fan_out), zero conv biases, and, with
     `linear_std`, N(0, linear_std^2) linear weights with zero biases (BatchNorm keeps torch's 1 and 0)."""
     for m in model.modules():

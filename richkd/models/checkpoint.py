@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -94,16 +93,10 @@ def load_teacher(name: str, path: str | os.PathLike, num_classes: int,
     try:
         with quiet_torch_load():
             obj = torch.load(p, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{p}: cannot be read with torch.load(weights_only=True): {load_problem(exc)}. If the file holds "
-            f"other Python objects, re-save just the weights with torch.save({{'model': model.state_dict()}}, path)."
-        ) from exc
-    except Exception as exc:  # torch.load raises many types on a corrupt file (IndexError, EOFError, ...)
-        raise CheckpointError(
-            f"{p}: not a readable torch checkpoint ({load_problem(exc)}); the file may be truncated "
-            f"or not a torch.save file."
-        ) from exc
+    except Exception as exc:  # torch.load raises many types on a bad file (UnpicklingError, EOFError, ...)
+        raise CheckpointError(f"{p}: not a readable torch checkpoint ({load_problem(exc)}); it may be truncated, "
+                              "or hold more than weights: re-save just those with "
+                              "torch.save({'model': model.state_dict()}, path)") from exc
     sd = check_state_dict(model, extract_state_dict(obj, p), name, num_classes, p)
     try:
         model.load_state_dict(sd, strict=True)

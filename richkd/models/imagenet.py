@@ -16,14 +16,14 @@ import functools
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from richkd.models.base import FAMILIES, MODELS, ModelOutput
+from richkd.models.base import FAMILIES, MODELS, ModelOutput, conv_bn, pooled_output
 
 IMAGENET_INPUT_SIZE = 224
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
+
 def torchvision_classes() -> dict[str, type]:
     """The torchvision-based classes, defined on first use: importing torchvision's model package costs ~1.4 s,
     which CIFAR-only trial processes should not pay when they import the zoo."""
@@ -40,9 +40,7 @@ def torchvision_classes() -> dict[str, type]:
 
         def forward(self, x: torch.Tensor) -> ModelOutput:
             x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-            feat = torch.flatten(self.avgpool(x), 1)
-            return ModelOutput(self.fc(feat), feat)
+            return pooled_output(self.fc, self.layer4(self.layer3(self.layer2(self.layer1(x)))))
 
     class MobileNetV2(TVMobileNetV2):
         """torchvision's MobileNetV2 (width 1.0); feat is the pooled 1280-d feature, the classifier's input."""
@@ -52,8 +50,7 @@ def torchvision_classes() -> dict[str, type]:
             self.feat_dim = self.last_channel
 
         def forward(self, x: torch.Tensor) -> ModelOutput:
-            feat = torch.flatten(F.adaptive_avg_pool2d(self.features(x), (1, 1)), 1)
-            return ModelOutput(self.classifier(feat), feat)
+            return pooled_output(self.classifier, self.features(x))
 
     return {"ResNet": ResNet, "MobileNetV2": MobileNetV2, "BasicBlock": BasicBlock, "Bottleneck": Bottleneck}
 
@@ -62,17 +59,6 @@ def _resnet(block: str, layers: list[int], num_classes: int) -> nn.Module:
     c = torchvision_classes()
     return c["ResNet"](c[block], layers, num_classes)
 
-
-def _conv_bn(inp: int, oup: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(inp, oup, 3, stride, 1, bias=False), nn.BatchNorm2d(oup), nn.ReLU(inplace=True))
-
-
-def _conv_dw(inp: int, oup: int, stride: int) -> nn.Sequential:
-    """Depthwise 3x3 + BN + ReLU, then pointwise 1x1 + BN + ReLU (keys `.0` ... `.4` as in mdistiller)."""
-    return nn.Sequential(
-        nn.Conv2d(inp, inp, 3, stride, 1, groups=inp, bias=False), nn.BatchNorm2d(inp), nn.ReLU(inplace=True),
-        nn.Conv2d(inp, oup, 1, 1, 0, bias=False), nn.BatchNorm2d(oup), nn.ReLU(inplace=True),
-    )
 
 
 class MobileNetV1(nn.Module):
@@ -89,8 +75,10 @@ class MobileNetV1(nn.Module):
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()
-        self.model = nn.Sequential(_conv_bn(3, 32, 2), *[_conv_dw(i, o, s) for i, o, s in self._PLAN],
-                                   nn.AdaptiveAvgPool2d(1))
+        # mdistiller's conv_bn, then conv_dw: depthwise 3x3 + BN + ReLU, pointwise 1x1 + BN + ReLU (keys .0 ... .4)
+        self.model = nn.Sequential(nn.Sequential(*conv_bn(3, 32, 3, 2)), *[
+            nn.Sequential(*conv_bn(i, i, 3, s, groups=i), *conv_bn(i, o, 1)) for i, o, s in self._PLAN],
+            nn.AdaptiveAvgPool2d(1))
         self.fc = nn.Linear(1024, num_classes)
         self.feat_dim = 1024
 

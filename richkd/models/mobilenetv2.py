@@ -5,18 +5,9 @@ import functools
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-
-from richkd.models.base import MODELS, ModelOutput, init_weights
 
 
-def _conv_bn_relu(inp: int, oup: int, kernel: int, stride: int) -> nn.Sequential:
-    """conv (no bias) + BN + ReLU; keys `<name>.0.weight`, `<name>.1.*` as in the checkpoints."""
-    return nn.Sequential(
-        nn.Conv2d(inp, oup, kernel, stride, kernel // 2, bias=False),
-        nn.BatchNorm2d(oup),
-        nn.ReLU(inplace=True),
-    )
+from richkd.models.base import MODELS, ModelOutput, conv_bn, init_weights, pooled_output
 
 
 class InvertedResidual(nn.Module):
@@ -30,16 +21,8 @@ class InvertedResidual(nn.Module):
         super().__init__()
         hidden = inp * expand_ratio
         self.use_res_connect = stride == 1 and inp == oup
-        self.conv = nn.Sequential(
-            nn.Conv2d(inp, hidden, 1, 1, 0, bias=False),
-            nn.BatchNorm2d(hidden),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
-            nn.BatchNorm2d(hidden),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, oup, 1, 1, 0, bias=False),
-            nn.BatchNorm2d(oup),
-        )
+        self.conv = nn.Sequential(*conv_bn(inp, hidden, 1), *conv_bn(hidden, hidden, 3, stride, groups=hidden),
+                                  *conv_bn(hidden, oup, 1, relu=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv(x)
@@ -55,17 +38,10 @@ class MobileNetV2(nn.Module):
 
     def __init__(self, expand: int, width_mult: float, num_classes: int) -> None:
         super().__init__()
-        setting = [  # expand ratio t, channels c, repeats n, first stride s
-            (1, 16, 1, 1),
-            (expand, 24, 2, 1),
-            (expand, 32, 3, 2),
-            (expand, 64, 4, 2),
-            (expand, 96, 3, 1),
-            (expand, 160, 3, 2),
-            (expand, 320, 1, 1),
-        ]
+        setting = [(1, 16, 1, 1), (expand, 24, 2, 1), (expand, 32, 3, 2), (expand, 64, 4, 2),   # expand ratio t,
+                   (expand, 96, 3, 1), (expand, 160, 3, 2), (expand, 320, 1, 1)]   # channels c, repeats n, stride s
         in_ch = int(32 * width_mult)
-        self.conv1 = _conv_bn_relu(3, in_ch, 3, 2)
+        self.conv1 = nn.Sequential(*conv_bn(3, in_ch, 3, 2))
         self.blocks = nn.ModuleList()
         for t, c, n, s in setting:
             out_ch = int(c * width_mult)
@@ -74,8 +50,8 @@ class MobileNetV2(nn.Module):
                 stage.append(InvertedResidual(in_ch, out_ch, stride, t))
                 in_ch = out_ch
             self.blocks.append(nn.Sequential(*stage))
-        self.feat_dim = int(1280 * width_mult) if width_mult > 1.0 else 1280
-        self.conv2 = _conv_bn_relu(in_ch, self.feat_dim, 1, 1)
+        self.feat_dim = 1280   # for width_mult <= 1, as mdistiller's mobile_half
+        self.conv2 = nn.Sequential(*conv_bn(in_ch, self.feat_dim, 1))
         self.classifier = nn.Sequential(nn.Linear(self.feat_dim, num_classes))
         init_weights(self, linear_std=0.01)
 
@@ -83,9 +59,7 @@ class MobileNetV2(nn.Module):
         out = self.conv1(x)
         for stage in self.blocks:
             out = stage(out)
-        out = self.conv2(out)
-        feat = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)  # (B, 1280)
-        return ModelOutput(self.classifier(feat), feat)
+        return pooled_output(self.classifier, self.conv2(out))
 
 
 MODELS.register("MobileNetV2")(functools.partial(MobileNetV2, 6, 0.5))   # mdistiller's `mobile_half`

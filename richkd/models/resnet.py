@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from richkd.models.base import MODELS, ModelOutput, init_weights
+from richkd.models.base import MODELS, ModelOutput, init_weights, pooled_output
 
 
 def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -75,9 +75,7 @@ class CifarResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer3(self.layer2(self.layer1(out)))
-        feat = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)  # (B, feat_dim)
-        return ModelOutput(self.fc(feat), feat)
+        return pooled_output(self.fc, self.layer3(self.layer2(self.layer1(out))))
 
 
 _THIN = (16, 16, 32, 64)

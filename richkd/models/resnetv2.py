@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from richkd.models.base import MODELS, ModelOutput, init_weights
+from richkd.models.base import MODELS, ModelOutput, init_weights, pooled_output
 
 
 def _projection(in_planes: int, out_planes: int, stride: int) -> nn.Sequential:
@@ -86,9 +86,7 @@ class ResNetV2(nn.Module):
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        feat = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
-        return ModelOutput(self.linear(feat), feat)
+        return pooled_output(self.linear, self.layer4(self.layer3(self.layer2(self.layer1(out)))))
 
 
 MODELS.register("ResNet18")(functools.partial(ResNetV2, BasicBlock, (2, 2, 2, 2)))

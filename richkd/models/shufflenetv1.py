@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from richkd.models.base import MODELS, ModelOutput
+from richkd.models.base import MODELS, ModelOutput, pooled_output
 
 
 class ShuffleUnit(nn.Module):
@@ -69,9 +69,7 @@ class ShuffleNetV1(nn.Module):
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer3(self.layer2(self.layer1(out)))
-        feat = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)  # (B, 960)
-        return ModelOutput(self.linear(feat), feat)
+        return pooled_output(self.linear, self.layer3(self.layer2(self.layer1(out))))
 
 
 MODELS.register("ShuffleV1")(functools.partial(ShuffleNetV1, (240, 480, 960), (4, 8, 4), 3))

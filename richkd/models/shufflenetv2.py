@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from richkd.models.base import MODELS, ModelOutput
+from richkd.models.base import MODELS, ModelOutput, pooled_output
 
 
 class BasicUnit(nn.Module):
@@ -82,9 +82,7 @@ class ShuffleNetV2(nn.Module):
     def forward(self, x: torch.Tensor) -> ModelOutput:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        feat = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)  # (B, 1024)
-        return ModelOutput(self.linear(feat), feat)
+        return pooled_output(self.linear, F.relu(self.bn2(self.conv2(out))))
 
 
 MODELS.register("ShuffleV2")(functools.partial(ShuffleNetV2, (116, 232, 464, 1024), (3, 7, 3)))   # net_size 1

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from richkd.models.base import MODELS, ModelOutput, init_weights
+from richkd.models.base import MODELS, ModelOutput, init_weights, pooled_output
 
 # Conv widths per stage (block0..block4); RepDistiller/mdistiller configs "S", "A", "B", "D", "E".
 _CFGS: dict[str, list[list[int]]] = {
@@ -58,9 +58,7 @@ class VGG(nn.Module):
         out = F.relu(self.block3(out))
         if h == 64:
             out = F.max_pool2d(out, 2)
-        out = F.relu(self.block4(out))
-        feat = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)  # (B, 512)
-        return ModelOutput(self.classifier(feat), feat)
+        return pooled_output(self.classifier, F.relu(self.block4(out)))
 
 
 for _name, _cfg in _CFGS.items():   # mdistiller's `<name>_bn`

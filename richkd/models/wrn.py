@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from richkd.models.base import MODELS, ModelOutput, init_weights
+from richkd.models.base import MODELS, ModelOutput, init_weights, pooled_output
 
 
 class WideBasicBlock(nn.Module):
@@ -71,9 +71,7 @@ class WideResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         out = self.block3(self.block2(self.block1(self.conv1(x))))
-        out = F.relu(self.bn1(out))
-        feat = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)  # (B, feat_dim)
-        return ModelOutput(self.fc(feat), feat)
+        return pooled_output(self.fc, F.relu(self.bn1(out)))
 
 
 for _depth, _k in ((16, 1), (16, 2), (40, 1), (40, 2)):
