@@ -7,8 +7,6 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["expected_calibration_error", "reliability_bins", "confidence_categories", "ClassificationMeter"]
-
 # the four Fig. 1 categories: name -> (confident, correct)
 CATEGORIES = {"confident_correct": (True, True), "uncertain_correct": (False, True),
               "confidently_wrong": (True, False), "uncertain_wrong": (False, False)}

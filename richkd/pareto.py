@@ -17,10 +17,12 @@ def _oriented(values: Sequence[float], modes: Sequence[str]) -> list[float]:
     return [float(v) if m == "max" else -float(v) for v, m in zip(values, modes)]
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def dominates(a: Sequence[float], b: Sequence[float], modes: Sequence[str]) -> bool:
     """True when a is at least as good as b in every objective and strictly better in one."""
-    if not (len(a) == len(b) == len(modes)):
-        raise ValueError(f"dominates: {len(a)} and {len(b)} values for {len(modes)} modes")
     oa, ob = _oriented(a, modes), _oriented(b, modes)
     return all(x >= y for x, y in zip(oa, ob)) and any(x > y for x, y in zip(oa, ob))
 
@@ -28,9 +30,6 @@ def dominates(a: Sequence[float], b: Sequence[float], modes: Sequence[str]) -> b
 def pareto_front(points: Sequence[Sequence[float]], modes: Sequence[str]) -> list[int]:
     """Indices (ascending) of the non-dominated points. Points with a missing or non-finite value are never on
     the front (and do not dominate anything). O(n^2 k): sweeps have tens to thousands of trials."""
-    modes = list(modes)
-    if not modes:
-        raise ValueError("pareto_front: needs at least one objective mode")
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise ValueError(f"pareto_front: mode {bad[0]!r} is not max or min")
@@ -38,20 +37,16 @@ def pareto_front(points: Sequence[Sequence[float]], modes: Sequence[str]) -> lis
     for i, p in enumerate(points):
         if len(p) != len(modes):
             raise ValueError(f"pareto_front: point {i} has {len(p)} values for {len(modes)} objectives")
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in p):
+        if all(map(_finite, p)):
             valid.append(i)
     return [i for i in valid if not any(dominates(points[j], points[i], modes) for j in valid if j != i)]
 
 
 def objective_values(row, metrics: Sequence[str]) -> Optional[list[float]]:
     """A trial row's LAST reported value of each metric, or None when one is missing or non-finite."""
-    out = []
-    for m in metrics:
-        v = (row.metrics or {}).get(m)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-            return None
-        out.append(float(v))
-    return out
+    values = [(row.metrics or {}).get(m) for m in metrics]
+    return [float(v) for v in values] if all(map(_finite, values)) else None
+
 
 
 def front_rows(rows: Sequence, metrics: Sequence[str], modes: Sequence[str]) -> list:

@@ -105,8 +105,8 @@ class CachedRows:
 
 
 class StoredBoxes:
-    """The view boxes a photo cache stores, by dataset row and view (richkd.data.photos.ViewBoxTable): the
-    trainer crops the student's views from them, so it sees the region both teachers saw."""
+    """The view boxes a photo cache stores, by dataset row and view: the trainer crops the student's views from
+    them (richkd.data.photos.PhotoSplit.with_view_boxes), so it sees the region both teachers saw."""
 
     def __init__(self, records: ShardedArray, reader: CachedRows) -> None:
         self.records, self.reader, self.origin = records, reader, str(records.folder)

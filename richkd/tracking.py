@@ -1,9 +1,7 @@
-"""MLflow as this project writes it, in one style: batched MlflowClient writes queued by one writer (`RunWriter`) in a
-bounded, retrying `Outbox`, so a tracking server that is down delays the logging but never stops the work. Every run
-goes through here: a sweep's parent and trial runs (richkd.tune.mlflow_callback), finalists, export and comparison
-(richkd.tune), `richkd evaluate` (`log_run`) and the sweep report (`attach`). Experiments are tagged as model
-training, with the sweep's objective as primary metric, and `experiment_url` opens their runs table sorted by it: the
-MLflow 3 UI would otherwise open its GenAI overview (docs/architecture.md, "Data flow").
+"""MLflow as this project writes it: every run goes through one writer (`RunWriter`) whose batched MlflowClient writes
+wait in a bounded, retrying `Outbox`, so a tracking server that is down delays the logging but never stops the work.
+Experiments are tagged as model training, with the objective as primary metric, and `experiment_url` opens their runs
+table sorted by it: the MLflow 3 UI would otherwise open its GenAI overview (docs/architecture.md, "Data flow").
 """
 from __future__ import annotations
 
@@ -160,7 +158,7 @@ def check_server(tracking_uri: str, key: str, timeout_s: float = 5.0, error: typ
 
 
 def child_runs(client, experiment_id: str, parent_run_id: str, kind: str = "trial") -> list:
-    """Active child runs of one kind under a parent run (all pages)."""
+    """Active child runs of one kind under a parent run, every page."""
     filt = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{KIND_TAG}` = '{kind}'"
     runs, token = [], None
     while True:
@@ -244,7 +242,11 @@ class Outbox:
             try:
                 apply(op)
             except Exception as exc:  # MLflow raises MlflowException, requests / SQLAlchemy errors, OSError
-                if not _probe(reachable):
+                try:
+                    up = bool(reachable())
+                except Exception:
+                    up = False
+                if not up:
                     self._went_down(exc)
                     return False
                 self._rejects += 1
@@ -284,13 +286,6 @@ class Outbox:
         else:
             self._delay = min(self._delay * 2, self.max_delay_s)
         self._next_try = now + self._delay
-
-
-def _probe(reachable: Callable[[], bool]) -> bool:
-    try:
-        return bool(reachable())
-    except Exception:
-        return False
 
 
 def _one_line(exc: BaseException) -> str:

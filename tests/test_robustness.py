@@ -217,26 +217,32 @@ def fm_config(mini_fashion_root):
     })
 
 
-def test_robustness_metrics_api(mini_teacher, fm_config):
+def test_evaluation_loop_and_the_val_robustness_metrics_of_a_trial(mini_teacher, fm_config):
+    from richkd.config import RobustnessEvalConfig
     from richkd.data import build_data
+    from richkd.metric_names import VAL_CORRUPT_ECE, VAL_CORRUPT_TOP1
     from richkd.models import load_teacher
-    from richkd.robustness.engine import robustness_metrics
+    from richkd.robustness.engine import corruption_metrics, evaluate_model, val_robustness_metrics
 
     data = build_data(fm_config.data)
     model, _ = load_teacher("resnet8", mini_teacher, 10)
     model.train()   # a trial calls this mid-training: the mode must come back
-    kwargs = dict(corruptions="contrast,gaussian_noise", severities=(1, 5), seed=0, max_samples=20, batch_size=8)
-    m = robustness_metrics(model, data.val, data.mean, data.std, "cpu", **kwargs)
+    names = ("contrast", "gaussian_noise")
+    res = evaluate_model(model, data.val, data.mean, data.std, "cpu", corruptions=names, severities=(1, 5), seed=0,
+                         max_samples=20, batch_size=8)
     assert model.training
-    assert m["n"] == 20 and 0 <= m["top1"] <= 100 and 0 <= m["ece"] <= 1
-    per = [m[f"corruption_top1/{c}/{s}"] for c in ("contrast", "gaussian_noise") for s in (1, 5)]
+    assert res.clean["n"] == 20 and 0 <= res.clean["top1"] <= 100 and 0 <= res.clean["ece"] <= 1
+    m = corruption_metrics(res.corrupted)
+    per = [m[f"corruption_top1/{c}/{s}"] for c in names for s in (1, 5)]
     assert m["corruption_top1"] == pytest.approx(sum(per) / 4)
     assert m["corruption_top1/contrast"] == pytest.approx((per[0] + per[1]) / 2)
-    # batch size does not change anything (noise is keyed by dataset row)
-    again = robustness_metrics(model, data.val, data.mean, data.std, "cpu", **{**kwargs, "batch_size": 20})
-    assert again.keys() == m.keys()
-    assert all(again[k] == m[k] for k in m if "top1" in k)            # same predictions
-    assert again == pytest.approx(m, rel=1e-5)                        # loss/ECE up to summation order
+    # a trial's numbers for the same subset and seed, at another batch size: the same (noise is keyed by dataset row)
+    rcfg = RobustnessEvalConfig(enabled=True, corruptions=names, severities=(1, 5), max_samples=20, seed=0)
+    val = val_robustness_metrics(model, data.val, data.mean, data.std, "cpu", rcfg, batch_size=20)
+    assert model.training
+    assert val[VAL_CORRUPT_TOP1] == m["corruption_top1"]                                # same predictions
+    assert val["val_corrupt_top1_contrast"] == m["corruption_top1/contrast"]
+    assert val[VAL_CORRUPT_ECE] == pytest.approx(m["corruption_ece"], rel=1e-5)         # up to summation order
 
 
 def _evaluate(argv):

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from richkd.cache.entries import CacheEntry, CacheError, ensure_cache_writable, entry_exists, read_entry, write_entry
+from richkd.cache.entries import CacheEntry, ensure_cache_writable, entry_exists, read_entry, write_entry
 from richkd.cache.identity import cached_rows, clip_text_entry, split_entries
 from richkd.cache.photo_build import build_photo_entries
 from richkd.clip import load_clip, load_prompt_set
@@ -123,13 +123,11 @@ def entry_outputs(job: EntryJob, cfg: Config, data, dataset: SplitDataset, dev, 
             out = model(normalize(images, data.mean, data.std))
             return {"logits": out.logits, "feat": out.feat}
         extra = {}
-    elif job.kind == "clip-image":
+    else:   # clip-image
         clip = load_clip(cfg.clip.model, cfg.clip.pretrained, device=dev)
         log.info("caching CLIP %s image features on %s/%s", cfg.clip.model, cfg.data.dataset, job.split)
         run = lambda images: {"feat": clip.encode_images(images)}   # noqa: E731
         extra = {"preprocess_id": clip.preprocess_id, "embed_dim": clip.embed_dim}
-    else:
-        raise CacheError(f"{job.kind} entries are not computed by rows (internal error)")
     n_views, seed = cfg.teaching.views, cfg.teaching.view_seed
     views = [dataset] if n_views == 1 else [dataset.with_views(n_views, seed, fixed_view=v) for v in range(n_views)]
     per_view = [_batched_outputs(shown, run, job.batch_size, dev, progress, f"{job.kind} {job.split}"
@@ -185,12 +183,8 @@ def build_entry(job: EntryJob, device=None, progress: bool = False, data=None) -
 
 def prepare_caches(cfg: Config, progress: bool = False, device: Optional[str] = None,
                    splits: tuple[str, ...] = ("train",)) -> list[Path]:
-    """Build every missing cache entry the config reads (plan_caches); return the entry folders.
-
-    cached teaching reads the teacher's and CLIP's image outputs, official teaching CLIP's only (its teacher
-    runs online), online teaching neither; all read the small text classifier when CLIP is used. A no-op for
-    supervised runs. Cheap when everything exists: only manifests are checked.
-    """
+    """Build every missing cache entry the config reads (plan_caches); return the entry folders. Cheap when
+    everything exists: only manifests are checked."""
     if not cfg.loss.uses_teacher:
         return []
     data = build_data(cfg.data)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
@@ -34,21 +35,15 @@ def file_sha256_memo(path: str | os.PathLike, memo_dir: str | os.PathLike) -> st
     st = p.stat()
     memo_file = Path(memo_dir) / "sha256-memo.json"
     ident = f"{p}|{st.st_size}|{st.st_mtime_ns}"
-    memo: dict = {}
-    if memo_file.is_file():
-        try:
-            memo = json.loads(memo_file.read_text())
-        except (OSError, ValueError):
-            memo = {}
-    if ident in memo:
-        return memo[ident]
-    digest = sha256_file(p)
-    memo[ident] = digest
     try:
-        atomic_write_text(memo_file, json.dumps(memo, indent=1, sort_keys=True))
-    except (OSError, OutputError):  # a read-only cache folder still works, just without the memo
-        pass
-    return digest
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if ident not in memo:
+        memo[ident] = sha256_file(p)
+        with suppress(OSError, OutputError):   # a read-only cache folder still works, just without the memo
+            atomic_write_text(memo_file, json.dumps(memo, indent=1, sort_keys=True))
+    return memo[ident]
 
 
 def clip_weights_id(clip: ClipConfig, memo_dir: str | os.PathLike) -> str:
@@ -65,19 +60,9 @@ def clip_weights_id(clip: ClipConfig, memo_dir: str | os.PathLike) -> str:
     return f"tag-{clip.model}/{clip.pretrained}"
 
 
-def view_id(cfg: Config) -> str:
-    """What the cached rows show: the clean image, or V seeded augmented views (richkd.data.views)."""
-    if cfg.teaching.views == 1:
-        return CLEAN_VIEW
-    return ViewSpec(cfg.teaching.views, cfg.teaching.view_seed).cache_id
-
-
 def cached_rows(data, split: str) -> np.ndarray:
-    """Sorted rows of the underlying split whose teacher outputs a run reads: its train and validation rows.
-
-    A run on a subset (data.max_train_samples) caches just that subset instead of the whole split; a full run
-    covers every row. Different subsets give different (small) cache entries.
-    """
+    """Sorted rows of the underlying split whose teacher outputs a run reads: its train and validation rows (a
+    subset run, data.max_train_samples, caches just its subset, under another key); the whole test split."""
     if split == "train":
         return np.union1d(data.train.indices.numpy(), data.val.indices.numpy()).astype(np.int64)
     return np.arange(len(data.test_clean), dtype=np.int64)
@@ -102,7 +87,8 @@ def split_entries(cfg: Config, data, split: str) -> dict[str, CacheEntry]:
     if cfg.teaching.mode == "online":
         return {}
     memo = cfg.teaching.cache_dir
-    rows = {**dataset_identity(data, split), "split": split, "view": view_id(cfg)}
+    view = CLEAN_VIEW if cfg.teaching.views == 1 else ViewSpec(cfg.teaching.views, cfg.teaching.view_seed).cache_id
+    rows = {**dataset_identity(data, split), "split": split, "view": view}
     photo = {"format": SHARD_FORMAT, "boxes": BOX_RECIPE} if data.train_clean.decodes_per_batch else {}
     out = {}
     if cfg.teaching.mode == "cached":

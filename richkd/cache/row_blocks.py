@@ -33,19 +33,11 @@ SHARED_FIX = ("teaching.cache_dir must be storage every node mounts at the same 
 def block_ranges(n_rows: int, batch_size: int, n_blocks: int) -> list[tuple[int, int]]:
     """At most n_blocks contiguous [start, stop) row ranges covering n_rows, split on batch boundaries as evenly
     as whole batches allow (never an empty block; fewer blocks than asked when there are fewer batches)."""
-    if n_rows <= 0:
-        return []
-    if batch_size < 1 or n_blocks < 1:
-        raise ValueError(f"batch_size and n_blocks must be >= 1, got {batch_size} and {n_blocks}")
     n_batches = math.ceil(n_rows / batch_size)
-    n = min(n_blocks, n_batches)
-    base, extra = divmod(n_batches, n)
-    ranges, first = [], 0
-    for i in range(n):
-        last = first + base + (1 if i < extra else 0)
-        ranges.append((first * batch_size, min(last * batch_size, n_rows)))
-        first = last
-    return ranges
+    if n_batches <= 0:
+        return []
+    return [(int(b[0]) * batch_size, min((int(b[-1]) + 1) * batch_size, n_rows))
+            for b in np.array_split(np.arange(n_batches), min(n_blocks, n_batches))]
 
 
 def block_root(job: EntryJob, token: Optional[str] = None) -> Path:

@@ -1,11 +1,7 @@
-"""The `richkd` parser and `main`, the one place where an exception becomes a message and an exit code.
-
-Handlers (in the command modules next to this one) return an exit code or raise. A problem the user can fix
-becomes one line on stderr and exit code 2; an error that carries its own `exit_code` (a Ray cluster that went
-away: 4) one line and that code; Ctrl-C exit code 130 (a sweep's SIGTERM 143); a reader that closed the pipe
-(`richkd models | head`) ends the command quietly with 141; anything else is a bug and keeps its traceback.
-RICHKD_DEBUG=1 shows the traceback of user errors too.
-"""
+"""The `richkd` parser and `main`, the one place where an exception becomes a message and an exit code: a user
+error one line and 2, an error with its own `exit_code` (a Ray cluster that went away: 4) one line and that code,
+Ctrl-C 130 (SIGTERM 143), a closed pipe (`richkd models | head`) quietly 141, anything else (a bug) its traceback.
+RICHKD_DEBUG=1 shows the traceback of user errors too."""
 from __future__ import annotations
 
 import argparse
@@ -34,10 +30,8 @@ EPILOG = """examples:
 # (train, cache, clip, models, demo) read `richkd: error: ...`. Scripts and tests match both prefixes.
 NAMED_COMMANDS = frozenset({"sweep", "export", "finalize", "ui", "report", "evaluate", "table", "replay"})
 
-# Problems the user can fix. Every error class of the library is a ValueError: ConfigError and SpecError (bad
-# config or spec), ExportError, OutputError (unwritable output), CheckpointError, CacheError,
-# DatasetNotFoundError, ClipLoadError, PromptSetError, CorruptionError, ReferenceFileError, ... KeyError is
-# a missing name in a lookup (its message is args[0], not the quoted repr).
+# Problems the user can fix: every error class of the library is a ValueError (ConfigError, SpecError,
+# CheckpointError, ...); a KeyError is a missing name in a lookup (its message is args[0], not the quoted repr).
 USER_ERRORS = (UserError, ValueError, KeyError, FileNotFoundError, NotADirectoryError)
 
 

@@ -1,9 +1,5 @@
-"""What the command modules share: the exceptions a handler raises for `main` to report, and argument helpers.
-
-Handlers never print an error or pick an exit code for one themselves: they raise, and `richkd.cli.app.main`
-turns the exception into one line on stderr and an exit code. That keeps the wording, the exit codes and the
-RICHKD_DEBUG escape hatch in one place for every command.
-"""
+"""What the command modules share: the exceptions a handler raises for `richkd.cli.app.main` to report (handlers
+never print an error or pick its exit code themselves), and argument helpers."""
 from __future__ import annotations
 
 import argparse

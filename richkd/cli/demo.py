@@ -24,7 +24,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def add_commands(subparsers) -> None:
-    """Register `demo` on the `richkd` parser's subparsers."""
     p = add_command(subparsers, "demo", "run the offline end-to-end pipeline on Fashion-MNIST", DEMO_EPILOG, cmd_demo)
     p.add_argument("--out", default="tune_runs/demo", help="output folder (default tune_runs/demo)")
     p.add_argument("--quick", action="store_true", help="a much smaller run (used by the tests)")

@@ -1,5 +1,4 @@
-"""`richkd report SWEEP`: argparse and the light richkd.tune front door at import; the handler imports the report
-builder lazily, returns an exit code, and raises on a user error (SpecError, ExportError, a missing folder)."""
+"""`richkd report SWEEP` (richkd.report does the work)."""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +17,6 @@ report/ on the sweep's MLflow parent run, unless --no-mlflow.
 
 
 def add_commands(subparsers) -> None:
-    """Register `report` on the `richkd` parser's subparsers object."""
     p = add_command(subparsers, "report", "static HTML report of a sweep: learning curves, searched values vs "
                     "metric, parameter importances, leaderboard", REPORT_EPILOG, cmd_report)
     p.add_argument("sweep", metavar="SWEEP", help="sweep name (under --storage) or its folder")

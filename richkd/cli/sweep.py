@@ -1,6 +1,5 @@
-"""`richkd sweep | export | finalize | ui`: the sweep commands. Each handler calls one operation of the sweep
-layer's front door (richkd.tune, which loads ray, optuna and mlflow only when an operation runs), returns an exit
-code, and raises on a user error."""
+"""`richkd sweep | export | finalize | ui`: each handler calls one operation of the sweep layer's front door
+(richkd.tune, which loads ray, optuna and mlflow only when an operation runs)."""
 from __future__ import annotations
 
 import argparse
@@ -216,7 +215,6 @@ def cmd_ui(args: argparse.Namespace) -> int:
 # ----- parser -----------------------------------------------------------------------------------------------
 
 def add_commands(subparsers) -> None:
-    """Register sweep / export / finalize / ui on the `richkd` parser's subparsers (each sets `func`)."""
     p = add_command(subparsers, "sweep", "run (or --resume) a hyperparameter sweep from a search-space YAML",
                     SWEEP_EPILOG, cmd_sweep)
     p.add_argument("spec", nargs="?", help="search-space YAML (see search_spaces/)")

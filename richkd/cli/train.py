@@ -1,5 +1,4 @@
-"""`richkd train | cache | clip | models`: single runs and their inputs. Argparse and the config only at import;
-each handler imports torch and the library when it runs, returns an exit code, and raises on a user error."""
+"""`richkd train | cache | clip | models`: single runs and their inputs."""
 from __future__ import annotations
 
 import argparse
@@ -21,12 +20,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     resume = load_train_state(args.resume) if args.resume else None
     # without --config, the checkpoint's own (full) config
     cfg = load_config(args.config, args.set, base=Config.from_dict(resume["config"]) if resume else None)
-    if args.out:
-        out_dir = Path(args.out)
-    elif resume is not None:   # a resumed run continues in its own folder: last.pt and the outputs together
-        out_dir = Path(args.resume).parent
-    else:
-        out_dir = Path("tune_runs") / "runs" / cfg.name
+    # a resumed run continues in its own folder: last.pt and the outputs together
+    out_dir = args.out or (Path(args.resume).parent if resume is not None else Path("tune_runs") / "runs" / cfg.name)
     out_dir = ensure_writable(out_dir, "the run's output folder (--out)", create=False)   # before training; ~ expanded
     if cfg.train.checkpoint_dir is None or resume is not None:
         cfg = cfg.with_overrides({"train.checkpoint_dir": str(out_dir)})
@@ -209,7 +204,6 @@ ZEROSHOT_EXAMPLES = """\
 
 
 def add_commands(subparsers) -> None:
-    """Register train / models / cache / clip on the `richkd` parser's subparsers (each sets `func`)."""
     p = add_command(subparsers, "train", "train one run (supervised teacher, KD or RichKD student)", TRAIN_EPILOG,
                     cmd_train)
     add_config_args(p, required=False)

@@ -11,14 +11,6 @@ from richkd.data.transforms import crop_flip, draw_crop_flip, to_float_images
 from richkd.data.views import ViewSpec, view_params
 
 
-def split_rows(indices, num_rows: int) -> torch.Tensor:
-    """The rows a dataset reads, as a contiguous int64 tensor checked to lie in [0, num_rows)."""
-    rows = torch.as_tensor(indices, dtype=torch.int64).contiguous()
-    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= num_rows):
-        raise IndexError(f"row indices out of range for a split of {num_rows} rows")
-    return rows
-
-
 class SplitBase(Dataset):
     """Some rows of one underlying split (train or test), optionally augmented or shown as cached views.
 
@@ -26,21 +18,17 @@ class SplitBase(Dataset):
     the underlying split, so teacher/CLIP caches built over the full split (and CRD memory banks of N_train rows)
     stay valid for any validation seed or subset. Images are NOT normalised: the trainer normalises on the device,
     and CLIP preprocesses the same view itself. Loaders call get_view_batch (vectorised, augmentation from an
-    explicit generator); __getitem__ is the single-item form.
-
-    Subclasses: SplitDataset (rows decoded at the model size, CIFAR-style crops) and
-    richkd.data.photos.PhotoSplit (photos decoded per batch, the ImageNet recipe).
+    explicit generator). Subclasses: SplitDataset (CIFAR-style crops), richkd.data.photos.PhotoSplit (ImageNet).
     """
 
     decodes_per_batch = False    # True: rows are decoded from files per batch, never device-resident
 
     def __init__(self, source, indices: torch.Tensor, image_size: int, augment: bool, split: str,
                  views: Optional[ViewSpec] = None) -> None:
-        self.source = source
-        self.indices = split_rows(indices, len(source))
-        self.image_size = int(image_size)
-        self.augment = bool(augment)
-        self.split = split
+        self.indices = torch.as_tensor(indices, dtype=torch.int64).contiguous()
+        if self.indices.numel() and (int(self.indices.min()) < 0 or int(self.indices.max()) >= len(source)):
+            raise IndexError(f"row indices out of range for a split of {len(source)} rows")
+        self.source, self.image_size, self.augment, self.split = source, int(image_size), bool(augment), split
         self.views = views  # FKD-style cached views (richkd.data.views) instead of free random crops
 
     def __len__(self) -> int:
@@ -113,12 +101,9 @@ class SplitDataset(SplitBase):
 
     def draw_augmentation(self, rows: torch.Tensor, generator: Optional[torch.Generator] = None
                           ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """(crop offsets int64 (B, 2), flips bool (B,), view ids int64 (B,) or None) for these rows, on the CPU;
-        offsets and flips are None when the dataset does not augment.
-
-        The one place that decides the augmentation: get_view_batch and the device-resident copy
-        (richkd.data.resident) both crop with these values, so the two produce identical batches.
-        """
+        """(crop offsets int64 (B, 2), flips bool (B,), view ids int64 (B,) or None) on the CPU; offsets and flips
+        are None without augmentation. get_view_batch and the device-resident copy (richkd.data.resident) both crop
+        with these values, so the two produce identical batches."""
         views = self.draw_views(rows, generator)
         if views is not None:
             return (*view_params(rows, views, self.views.seed), views)

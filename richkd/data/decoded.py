@@ -39,17 +39,6 @@ def decoded_cache_dir() -> Optional[Path]:
     return (Path(base).expanduser() / "decoded") if base else Path("~/.cache/richkd/decoded").expanduser()
 
 
-def entry_key(name: str, files: Sequence[os.PathLike | str]) -> str:
-    """sha256 prefix of (format, name, every file's resolved path, size, mtime_ns)."""
-    stats = []
-    for f in files:
-        p = Path(f).resolve()
-        st = p.stat()
-        stats.append([str(p), st.st_size, st.st_mtime_ns])
-    blob = json.dumps({"format": DECODED_FORMAT_VERSION, "name": name, "files": stats}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 def cached_arrays(name: str, files: Sequence[os.PathLike | str],
                   decode: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """decode()'s arrays, memory-mapped from the cache when an entry for these files exists, else decoded and stored.
@@ -60,7 +49,9 @@ def cached_arrays(name: str, files: Sequence[os.PathLike | str],
     root = decoded_cache_dir()
     if root is None:
         return decode()
-    folder = root / f"{name}-{entry_key(name, files)}"
+    stats = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in (Path(f).resolve() for f in files)]
+    key = json.dumps({"format": DECODED_FORMAT_VERSION, "name": name, "files": stats}, sort_keys=True)
+    folder = root / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     if (folder / "manifest.json").is_file():
         try:
             arrays = _read(folder)
@@ -72,7 +63,7 @@ def cached_arrays(name: str, files: Sequence[os.PathLike | str],
     arrays = decode()
     try:
         write_array_folder(folder, arrays, {"format_version": DECODED_FORMAT_VERSION, "name": name,
-                                            "files": [str(Path(f).resolve()) for f in files]})
+                                            "files": [path for path, _, _ in stats]})
         return _read(folder)
     except (OSError, ValueError, KeyError) as exc:  # a read-only or full disk: run without the cache
         log.info("%s: could not store decoded arrays in %s (%s); continuing without the cache", name, folder, exc)

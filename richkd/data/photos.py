@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-from typing import Optional, Protocol, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -35,13 +35,6 @@ class BadImageError(DatasetNotFoundError):
     """An image file cannot be decoded, or no longer matches the crop boxes stored for it."""
 
 
-class ViewBoxTable(Protocol):
-    """Stored view boxes (the cache implements it): records int32 (B, 7) in BOX_FIELDS order."""
-    origin: str
-
-    def boxes(self, rows: np.ndarray, views: np.ndarray) -> np.ndarray: ...
-
-
 # ----- decoding ---------------------------------------------------------------------------------------------
 
 def decode_image(path: str, decoder: str = "pil"):
@@ -52,12 +45,9 @@ def decode_image(path: str, decoder: str = "pil"):
 
             with Image.open(path) as im:
                 return im.convert("RGB")
-        from torchvision.io import ImageReadMode, decode_image as tv_decode, decode_jpeg, read_file
+        from torchvision.io import ImageReadMode, decode_image as tv_decode
 
-        data = read_file(path)
-        if data.numel() >= 2 and int(data[0]) == 0xFF and int(data[1]) == 0xD8:
-            return decode_jpeg(data, mode=ImageReadMode.RGB)
-        return tv_decode(data, mode=ImageReadMode.RGB)     # e.g. a PNG saved with a .JPEG name
+        return tv_decode(path, mode=ImageReadMode.RGB)     # by content: a PNG saved with a .JPEG name decodes too
     except (OSError, RuntimeError, ValueError) as exc:
         raise BadImageError(f"cannot decode image {path!r} ({exc}); replace or delete the file (it is then "
                             "left out when the folder is scanned again), or set data.bad_images: skip") from None
@@ -176,11 +166,12 @@ class PhotoSplit(SplitBase):
     """Rows of a PhotoSource, decoded per batch at full size and cropped (see the module docstring).
 
     augment: a random RandomResizedCrop + flip per item (seeded through the loader's generator); otherwise the
-    evaluation crop. views: FKD-style fixed views, from the boxes a cache stores when `stored` is given.
+    evaluation crop. views: FKD-style fixed views, from the boxes a cache stores when `stored` is given (an object
+    with `origin` and `boxes(rows, views)` -> int32 (B, 7) records in BOX_FIELDS order: richkd.teachers.StoredBoxes).
     """
 
     decodes_per_batch = True    # full-size photos are never device-resident (richkd.data.resident)
-    stored: Optional[ViewBoxTable] = None
+    stored: Optional[Any] = None
 
     def boxes_for(self, rows: torch.Tensor, views: torch.Tensor, dims: list[tuple[int, int]]) -> np.ndarray:
         """int32 (B, 7) box records (BOX_FIELDS) of (row, view) pairs for images of the given (H, W)."""
@@ -215,7 +206,7 @@ class PhotoSplit(SplitBase):
         batch = torch.stack(crops) if crops else torch.empty(0, 3, size, size, dtype=torch.uint8)
         return batch, self.source.targets.index_select(0, rows), rows, views
 
-    def with_view_boxes(self, table: ViewBoxTable) -> "PhotoSplit":
+    def with_view_boxes(self, table) -> "PhotoSplit":
         """The same views, cropped with the boxes stored in a cache instead of recomputed ones."""
         if self.views is None:
             raise ValueError("with_view_boxes needs a dataset showing views (call with_views first)")

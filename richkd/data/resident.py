@@ -27,15 +27,6 @@ RESIDENT_AUTO_MAX_BYTES = 1 << 30
 _LOAD_CHUNK = 4096  # rows decoded per chunk while filling the device tensor (bounds host memory for photos)
 
 
-def pixel_bytes(dataset) -> int:
-    """uint8 bytes a SplitDataset's rows take (decodes one image to learn the per-image shape)."""
-    n = len(dataset)
-    if n == 0:
-        return 0
-    one = dataset.source.load(dataset.indices[:1])
-    return n * int(one[0].numel())
-
-
 def wants_resident(setting, dataset, device: torch.device) -> bool:
     """data.resident -> on or off for this dataset and device. auto: CUDA and the rows fit the budget."""
     if dataset.decodes_per_batch:   # full-size photos (richkd.data.photos): never resident
@@ -47,7 +38,7 @@ def wants_resident(setting, dataset, device: torch.device) -> bool:
         return setting
     if torch.device(device).type != "cuda":
         return False
-    size = pixel_bytes(dataset)
+    size = len(dataset) and len(dataset) * dataset.source.load(dataset.indices[:1])[0].numel()   # uint8 bytes
     if size > RESIDENT_AUTO_MAX_BYTES:
         log.info("data.resident=auto: %d rows take %.0f MB > %.0f MB; batches are built on the host", len(dataset),
                  size / 2**20, RESIDENT_AUTO_MAX_BYTES / 2**20)
@@ -56,13 +47,8 @@ def wants_resident(setting, dataset, device: torch.device) -> bool:
 
 
 class ResidentDataset:
-    """A SplitDataset's rows (uint8, native size, position order) held once on `device`.
-
-    `fetch(positions, aug_seed)` returns the Batch that BatchLoader would build on the host for the same key,
-    already on the device: index_select, to-float (and resize), then the seeded crop/flip or cached view, all
-    as device kernels. The Batch carries host copies of index and view for cache look-ups. BatchLoader calls
-    `fetch` directly (no workers: device tensors cannot cross process boundaries, and there is nothing left
-    for a worker to do).
+    """A SplitDataset's rows (uint8, native size, position order) held once on `device`. BatchLoader calls
+    `fetch` in the main process (device tensors cannot cross process boundaries, and a worker has nothing left to do).
     """
 
     def __init__(self, dataset, device: torch.device | str) -> None:
@@ -88,7 +74,8 @@ class ResidentDataset:
         return int(self.pixels.numel())
 
     def fetch(self, positions: torch.Tensor, aug_seed: int) -> Batch:
-        """The Batch for dataset positions int64 (B,) whose augmentation comes from a generator seeded by aug_seed."""
+        """The Batch BatchLoader builds on the host for (positions, aug_seed), built on the device, with host copies
+        of index and view for cache look-ups."""
         positions = torch.as_tensor(positions, dtype=torch.int64)
         host_rows = self.dataset.indices.index_select(0, positions)
         gen = torch.Generator().manual_seed(int(aug_seed))

@@ -15,12 +15,6 @@ from richkd.tracking import attach
 
 log = logging.getLogger(__name__)
 
-INDEX = "index.html"
-CURVES_PNG = "curves.png"
-BUDGET_PNG = "budget.png"
-PARAMS_PNG = "params.png"
-IMPORTANCES_PNG = "importances.png"
-PARETO_PNG = "pareto.png"               # multi-objective sweeps only
 ARTIFACT_DIR = "report"
 
 
@@ -52,16 +46,15 @@ def build_report(sweep: str, storage: Optional[str] = None, tracking_uri: Option
     data = load_report_data(sweep, storage, tracking_uri, out_dir)
     out = ensure_writable(data.out_dir, what)
     importances = sweep_importances(data)
-    images: dict = {}
-    for key, name, draw in (("curves", CURVES_PNG, lambda p: figures.learning_curves(data, p)),
-                            ("budget", BUDGET_PNG, lambda p: figures.budget_progress(data, p)),
-                            ("params", PARAMS_PNG, lambda p: figures.param_slice(data, p)),
-                            ("importances", IMPORTANCES_PNG, lambda p: figures.importance_bars(importances, p)),
-                            ("pareto", PARETO_PNG, lambda p: figures.pareto_front(data, p))):
-        if draw(out / name) is not None:
-            images[key] = name
+    images: dict = {}   # key -> <key>.png beside index.html (pareto: multi-objective sweeps only)
+    for key, draw in (("curves", figures.learning_curves), ("budget", figures.budget_progress),
+                      ("params", figures.param_slice),
+                      ("importances", lambda _, p: figures.importance_bars(importances, p)),
+                      ("pareto", figures.pareto_front)):
+        if draw(data, out / f"{key}.png") is not None:
+            images[key] = f"{key}.png"
         else:   # a figure not drawn this time must not leave an older PNG behind that the page no longer shows
-            (out / name).unlink(missing_ok=True)
+            (out / f"{key}.png").unlink(missing_ok=True)
     record = data.record
     if not log_mlflow:
         mlflow_note = "MLflow: not logged (--no-mlflow)"
@@ -71,7 +64,7 @@ def build_report(sweep: str, storage: Optional[str] = None, tracking_uri: Option
     else:
         mlflow_note = (f"MLflow: this report is logged on the sweep's parent run {record.parent_run_id} "
                        f"({record.tracking_uri}) under {ARTIFACT_DIR}/")
-    index = out / INDEX
+    index = out / "index.html"
     written = [out / name for name in images.values()]
     atomic_write_text(index, render_page(data, importances, images, mlflow_note))
     mlflow_run = None

@@ -9,8 +9,6 @@ import torch
 
 from richkd.robustness.corruptions import SEVERITIES
 
-__all__ = ["CorruptionFolder", "CorruptionFolderError"]
-
 
 class CorruptionFolderError(ValueError):
     """The corruption folder is missing, incomplete or inconsistent; the message names the file and the fix."""

@@ -27,9 +27,6 @@ from richkd.config import CORRUPTION_NAMES
 from richkd.registry import Registry
 from richkd.schema import suggest
 
-__all__ = ["CORRUPTIONS", "CORRUPTION_NAMES", "SEVERITIES", "SEVERITY_PARAMS", "CorruptionError", "corrupt",
-           "parse_corruptions", "parse_severities", "sample_seeds"]
-
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 
 # Parameter per severity 1..5, as in make_cifar_c.py (CIFAR-10-C / CIFAR-100-C).

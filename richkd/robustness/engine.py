@@ -12,10 +12,7 @@ from richkd.data import normalize, to_float_images
 from richkd.data.splits import derive_seed, stratified_take
 from richkd.metric_names import PER_CORRUPTION_PREFIX, VAL_CORRUPT_ECE, VAL_CORRUPT_TOP1
 from richkd.metrics import ClassificationMeter
-from richkd.robustness.corruptions import CORRUPTION_NAMES, SEVERITIES, corrupt, parse_corruptions, parse_severities
-
-__all__ = ["EvalResult", "corruption_metrics", "evaluate_folder", "evaluate_model", "robustness_metrics",
-           "select_positions", "val_robustness_metrics"]
+from richkd.robustness.corruptions import SEVERITIES, corrupt
 
 SHORT = ("top1", "top5", "loss", "ece", "n")   # the metrics kept per corruption and severity
 
@@ -139,24 +136,13 @@ def corruption_metrics(corrupted: dict) -> dict:
     return out
 
 
-def robustness_metrics(model, dataset, mean: Sequence[float], std: Sequence[float], device: torch.device | str,
-                       corruptions: Sequence[str] | str | None = CORRUPTION_NAMES,
-                       severities: Sequence[int] | str | None = SEVERITIES, seed: int = 0,
-                       max_samples: Optional[int] = None, batch_size: int = 256) -> dict:
-    """Clean `top1`, `top5`, `loss`, `ece`, `n` and the `corruption_metrics` of a model on a dataset split.
-    Deterministic for a seed; the model's train/eval mode is restored."""
-    res = evaluate_model(model, dataset, mean, std, device, corruptions=parse_corruptions(corruptions),
-                         severities=parse_severities(severities), seed=seed, max_samples=max_samples,
-                         batch_size=batch_size)
-    return {**{k: float(res.clean[k]) for k in SHORT}, **corruption_metrics(res.corrupted)}
-
-
 def val_robustness_metrics(model, dataset, mean, std, device, rcfg, batch_size: int = 256) -> dict:
     """The sweep objectives val_corrupt_top1, val_corrupt_ece and val_corrupt_top1_<name> (richkd.metric_names) for
     a RobustnessEvalConfig `rcfg`. `dataset` is the validation split: these metrics select models. The images,
     subset and noise are the ones `richkd evaluate` uses for the same seed, so the value is the same at every epoch
     and in every trial for the same weights."""
-    out = robustness_metrics(model, dataset, mean, std, device, list(rcfg.corruptions), list(rcfg.severities),
-                             rcfg.seed, rcfg.max_samples, batch_size)
+    res = evaluate_model(model, dataset, mean, std, device, corruptions=rcfg.corruptions, severities=rcfg.severities,
+                         seed=rcfg.seed, max_samples=rcfg.max_samples, batch_size=batch_size)
+    out = corruption_metrics(res.corrupted)
     return {VAL_CORRUPT_TOP1: out["corruption_top1"], VAL_CORRUPT_ECE: out["corruption_ece"],
             **{PER_CORRUPTION_PREFIX + name: out[f"corruption_top1/{name}"] for name in rcfg.corruptions}}

@@ -29,8 +29,6 @@ from richkd.robustness.scores import compare_to_reference, load_reference
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvaluateRequest", "evaluate_checkpoint", "resolve_config"]
-
 REPORT_FILE = "robustness.json"
 DIAGRAM_FILE = "reliability.png"
 SHIFT_DIAGRAM_FILE = "reliability_shift.png"

@@ -10,8 +10,6 @@ from richkd.tracking import KIND_TAG, STORE_SCHEMES, check_server, log_run
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_tracking_uri", "format_table", "log_to_mlflow", "save_reliability_diagram"]
-
 
 def save_reliability_diagram(bins: Mapping, path: str | Path, title: str) -> Path:
     """Write a reliability diagram (accuracy per confidence bin vs the diagonal, with a histogram) as PNG."""

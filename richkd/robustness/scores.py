@@ -19,8 +19,6 @@ from typing import Mapping, Optional
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ReferenceFileError", "compare_to_reference", "corruption_errors", "load_reference", "mean_ce"]
-
 ErrorTable = Mapping[str, Mapping[int, float]]   # corruption -> severity -> top-1 error in %
 
 

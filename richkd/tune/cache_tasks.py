@@ -1,8 +1,5 @@
-"""A sweep's caches built as Ray work (docs/architecture.md, "Building on the workers"): the driver plans
-(richkd.cache.plan_caches) and waits; each missing teacher / CLIP-image entry is split into row blocks, one Ray task
-each with the trials' resources (the forwards run where the trials' accelerators are) spread over the nodes, and an
-assembly task writes the entry (richkd.cache.row_blocks). Entries shared by several configs are built once.
-"""
+"""A sweep's caches built as Ray work where the trials' accelerators are: row-block tasks with the trials' resources
+spread over the nodes, then one assembly task per entry (docs/architecture.md, "Building on the workers")."""
 from __future__ import annotations
 
 import logging
@@ -18,7 +15,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from richkd.cache.build import ROW_KINDS, EntryJob, build_entry, plan_caches
 from richkd.cache.row_blocks import assemble_entry, block_ranges, block_root, compute_block, remove_blocks
-from richkd.tune.cluster import (alive_nodes, current_node_id, node_problems, preflight_error, say,
+from richkd.tune.cluster import (alive_nodes, current_node_id, node_problems, raise_problems, say,
                                  use_task_resources, wait_each)
 from richkd.tune.node_check import sweep_needs
 
@@ -43,10 +40,8 @@ def node_slots(cpu: float, gpu: float, nodes: Optional[list] = None) -> list[str
 
 
 def usable_nodes(configs: list) -> list[dict]:
-    """The alive nodes that see what building the configs' caches reads (data, weights, prompt files) and run the
-    driver's versions (richkd.tune.node_check, one zero-CPU task per node); for callers without a preflight of
-    their own (finalize). Only the driver's own node: no check. Nodes with problems get no cache task (a warning
-    names how many); no usable node at all is the preflight's NodeCheckError."""
+    """The alive nodes that pass the node check for what the configs' caches read, for callers without a preflight
+    of their own (finalize); the driver's node alone is not checked. No usable node is the preflight's error."""
     nodes = alive_nodes()
     here = current_node_id()
     if all(n["NodeID"] == here for n in nodes):
@@ -54,7 +49,7 @@ def usable_nodes(configs: list) -> list[dict]:
     problems = node_problems(sweep_needs(configs, (), None), nodes=nodes)
     usable = [n for n in nodes if not problems.get(n["NodeID"])]
     if not usable:
-        raise preflight_error(problems)
+        raise_problems(problems)
     if len(usable) < len(nodes):
         log.warning("caches: built on %d of %d nodes; the others cannot see the sweep's files", len(usable), len(nodes))
     return usable
@@ -86,7 +81,6 @@ def _whole_task(job: EntryJob, cpu: float, gpu: float) -> dict:
 
 @dataclass
 class BuiltCaches:
-    """Each config's entry folders (prepare_caches' order) and, per entry built now, where its shards ran."""
     paths: list = field(default_factory=list)      # one list of entry folders per config
     built: list = field(default_factory=list)      # {"entry", "path", "shards": [{start, stop, node_id, pid}], "s"}
 
@@ -108,11 +102,8 @@ def build_caches(configs: Iterable, *, cpu: float, gpu: float = 0.0, shards: Opt
 
 def run_jobs(jobs: list[EntryJob], *, cpu: float, gpu: float, shards: Optional[int] = None,
              progress: bool = False, nodes: Optional[list] = None) -> list[dict]:
-    """Submit every job's tasks at once (Ray queues them by resources), then wait, one line per entry built.
-
-    Shard i of every entry prefers slot i's node among `nodes` (default: all alive; soft affinity: a node that
-    died is replaced by any other), so the shards spread evenly. Assembly only reads and writes files: it takes no
-    CPU slot; it and the text classifier also run on those nodes."""
+    """Submit every job's tasks at once, shard i of each entry preferring slot i's node among `nodes` (soft
+    affinity: a dead node is replaced by any), then wait, one line per entry built. Assembly takes no CPU slot."""
     slots = node_slots(cpu, gpu, nodes)
     shards = shards or shard_count(cpu, gpu, nodes)
     shard, assemble, whole = ray.remote(_shard_task), ray.remote(_assemble_task), ray.remote(_whole_task)

@@ -1,7 +1,5 @@
-"""The Ray cluster a sweep runs on (docs/architecture.md, "Running on a cluster"): the driver's settings every worker
-gets (`shipped_env`), what the cluster must offer, the node preflight (`node_check.check_needs` as a zero-CPU task
-pinned to each alive node, every problem in one error before any trial), and what a trial or task claims of its node.
-"""
+"""The Ray cluster a sweep runs on (docs/architecture.md, "Running on a cluster"): the settings workers get, what the
+cluster must offer, the node preflight, waiting on Ray tasks, and what a trial or task claims of its node."""
 from __future__ import annotations
 
 import logging
@@ -54,9 +52,8 @@ def node_label(node: dict) -> str:
 
 def node_problems(needs: SweepNeeds, timeout_s: float = PREFLIGHT_TIMEOUT_S,
                   nodes: Optional[list] = None) -> dict[str, list[str]]:
-    """{node id: problems (one readable line each, prefixed with the node)} of every alive node with `needs`,
-    checked by a zero-CPU task pinned to each node; a node that cannot run the check or does not answer within
-    timeout_s has that as its problem. Nodes without problems map to []."""
+    """{node id: problems, one line each naming the node} of every alive node with `needs`, checked by a zero-CPU
+    task pinned to it; a node that cannot run the check or does not answer within timeout_s has that as its problem."""
     nodes = alive_nodes() if nodes is None else nodes
     remote_check = ray.remote(num_cpus=0, max_retries=0)(check_needs)
     refs = {remote_check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
@@ -80,11 +77,11 @@ def node_problems(needs: SweepNeeds, timeout_s: float = PREFLIGHT_TIMEOUT_S,
     return problems
 
 
-def preflight_error(problems: dict[str, list[str]]) -> Optional[NodeCheckError]:
+def raise_problems(problems: dict[str, list[str]]) -> None:
     lines = [p for found in problems.values() for p in found]
-    if not lines:
-        return None
-    return NodeCheckError(f"{len(lines)} problem(s) on the cluster; no trial was started:\n  - " + "\n  - ".join(lines))
+    if lines:
+        raise NodeCheckError(f"{len(lines)} problem(s) on the cluster; no trial was started:\n  - "
+                             + "\n  - ".join(lines))
 
 
 def preflight_nodes(needs: SweepNeeds, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> float:
@@ -92,9 +89,7 @@ def preflight_nodes(needs: SweepNeeds, timeout_s: float = PREFLIGHT_TIMEOUT_S) -
     started = time.perf_counter()
     problems = node_problems(needs, timeout_s)
     elapsed = time.perf_counter() - started
-    error = preflight_error(problems)
-    if error:
-        raise error
+    raise_problems(problems)
     log.info("preflight: %d node(s) ready in %.2f s", len(problems), elapsed)
     return elapsed
 
@@ -117,7 +112,7 @@ def claim_gpu(fraction: float, where: str) -> None:
 
 def threads_for(cpu: float) -> int:
     """Torch threads of a trial or task granted `cpu` CPUs: the whole CPUs, at least one."""
-    return max(1, int(math.floor(cpu + 1e-9)))
+    return max(1, math.floor(cpu + 1e-9))
 
 
 def use_task_resources(cpu: float, gpu: float, what: str) -> None:

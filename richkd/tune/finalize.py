@@ -1,13 +1,8 @@
-"""Re-train a sweep's top-K configs (Pareto-front members, in a multi-objective sweep) on the full schedule over
-several seeds and report their test top-1, mean and sample std (docs/architecture.md, "Data flow", 11).
-
-The only sweep command that reads the test split; the K configs were chosen on the validation split. The sweep's
-short ASHA schedule misranks step-LR recipes (docs/method.md, "Recipes"), so `finalize.overrides` restore the full
-one; finalists train on the whole training split (`holdout=True` keeps the sweep's split). Each (finalist, seed) is
-a Ray task with the sweep's resources returning its metrics and run files as bytes, so the students reach the driver
-with or without shared storage. MLflow, through the outbox as the sweep's: a run per finalist, its student as a
-logged model, a nested run per seed; with a hold-out, the best mean of the sweep's metric on the validation split
-(never the test split) is registered as `richkd-<sweep>`.
+"""Re-train a sweep's top-K configs (Pareto-front members, in a multi-objective sweep) over several seeds, each
+(finalist, seed) a Ray task, and report their test top-1, mean and sample std: the only sweep command that reads the
+test split (docs/architecture.md, "Data flow", 11). The sweep's short ASHA schedule misranks step-LR recipes
+(docs/method.md, "Recipes"), so `finalize.overrides` restore the full one; finalists train on the whole training
+split unless `holdout`, the only case where a best finalist (by validation) is registered in MLflow.
 """
 from __future__ import annotations
 
@@ -117,12 +112,10 @@ def finalize_sweep(sweep: str, *, top: Optional[int] = None, seeds: Optional[int
               else survivors(rows))[:top]
     results: list[FinalistResult] = []
     jobs: list[SeedJob] = []
+    # without holdout the whole training split, as the paper (validation-only metrics go with the hold-out)
+    whole = {} if holdout else {"data.val_fraction": 0.0, "robustness.enabled": False}
     for rank, row in enumerate(chosen, start=1):
-        cfg = row.config.with_overrides(spec.finalize.overrides)
-        if not holdout:  # the whole training split, as the paper (validation-only metrics go with the hold-out)
-            cfg = cfg.with_overrides({"data.val_fraction": 0.0, "robustness.enabled": False})
-        if extra:
-            cfg = cfg.with_overrides(extra)
+        cfg = row.config.with_overrides({**spec.finalize.overrides, **whole, **extra})
         check_resources(cfg)
         seeds_list = [cfg.seed + i for i in range(n_seeds)]
         results.append(FinalistResult(rank=rank, trial_id=row.trial_id, sampled=row.sampled, seeds=seeds_list,
@@ -190,8 +183,14 @@ def _train(spec, jobs: list, results: list, folder: Path, runs: Optional["Finali
             runs.finish_seed(job.key, res)
         fin = by_rank[job.rank]
         keys = [f"{fin.key}-seed{s}" for s in fin.seeds]
-        if all(k in done for k in keys):
-            _collect(fin, [done[k] for k in keys], metric)
+        if all(k in done for k in keys):   # the finalist's results, in seed order
+            for res in (done[k] for k in keys):
+                fin.test_top1.append(float(res["test_metrics"].get("test_top1", float("nan"))))
+                fin.val_top1.append(float(res["metrics"].get("val_top1", float("nan"))))
+                fin.val_metric.append(float(res["metrics"].get(metric, float("nan"))))
+                fin.workers.append({"pid": res["pid"], "node_id": res["node_id"]})
+                fin.folders.append(res["folder"])
+                fin.teachers = {k: v for k, v in res["test_metrics"].items() if k.startswith(("teacher_", "fused_"))}
             if runs:
                 runs.finish_finalist(fin)
 
@@ -207,17 +206,6 @@ def _train(spec, jobs: list, results: list, folder: Path, runs: Optional["Finali
         if runs:   # the cancelled seeds and their finalists (also on Ctrl-C): never left RUNNING
             runs.close_open("KILLED")
         raise
-
-
-def _collect(fin: FinalistResult, outcomes: list, metric: str) -> None:
-    """A finalist's per-seed results, in seed order."""
-    for res in outcomes:
-        fin.test_top1.append(float(res["test_metrics"].get("test_top1", float("nan"))))
-        fin.val_top1.append(float(res["metrics"].get("val_top1", float("nan"))))
-        fin.val_metric.append(float(res["metrics"].get(metric, float("nan"))))
-        fin.workers.append({"pid": res["pid"], "node_id": res["node_id"]})
-        fin.folders.append(res["folder"])
-        fin.teachers = {k: v for k, v in res["test_metrics"].items() if k.startswith(("teacher_", "fused_"))}
 
 
 # ----- the trainings, as Ray tasks ---------------------------------------------------------------------------

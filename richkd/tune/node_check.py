@@ -1,8 +1,6 @@
-"""What every node must see before a trial can run there, and the check that runs on the node (docs/architecture.md,
-"Running on a cluster"): the driver lists the needs once (`sweep_needs`: data, weights, prompt files, caches, the
-storage folder, versions); `check_needs` runs on each node as a pinned Ray task before any trial (richkd.tune.cluster)
-and again at the start of every trial, which covers nodes that join later. Plain Python, no Ray import.
-"""
+"""What every node must see before a trial can run there (docs/architecture.md, "Running on a cluster"): the driver
+lists the needs once (`sweep_needs`); `check_needs` runs on each node before any trial (richkd.tune.cluster) and at
+the start of every trial, which covers nodes that join later. Plain Python, no Ray import."""
 from __future__ import annotations
 
 import contextlib
@@ -59,11 +57,8 @@ def package_versions() -> dict:
 
 def sweep_needs(configs: Iterable, cache_folders: Iterable[str | os.PathLike], storage_path: Optional[str],
                 max_listed: int = 16, shared: Iterable[tuple] = (), gpu: float = 0.0) -> SweepNeeds:
-    """The needs of every config a sweep can run (its cache probe configs) plus the caches built for them.
-
-    A folder's need lists up to `max_listed` of its entries as the driver sees them, so an empty folder on a
-    node (a mount missing there) is caught, not just a missing one.
-    """
+    """The needs of every config a sweep can run (its cache probe configs) plus the caches built for them. A
+    folder's need lists up to `max_listed` of its entries, so an empty folder on a node (a missing mount) is caught."""
     from richkd.clip.loading import parse_pretrained
 
     needs: dict = {}
@@ -123,19 +118,12 @@ def _folder_need(what: str, path: str, max_listed: int) -> Need:
 def check_needs(needs: SweepNeeds, gpus: float = 0.0) -> list[str]:
     """Problems of this machine with `needs`, one readable line each (empty when everything is in place).
     `gpus`: the GPUs Ray counts on this node; with GPU trials (needs.gpu) torch must be able to use them."""
-    problems = []
-    if needs.gpu > 0 and gpus > 0:
-        problems += [p for p in [gpu_problem(needs.gpu)] if p]
-    for need in needs.needs:
-        problem = _check(need)
-        if problem:
-            problems.append(problem)
     here = package_versions()
-    for name, version in (needs.versions or {}).items():
-        if here.get(name) != version:
-            problems.append(f"{name} {here.get(name) or 'is not installed'} here, but the driver runs {version}; "
-                            "install the same versions on every node (pip install -c constraints.txt ...)")
-    return problems
+    problems = [gpu_problem(needs.gpu) if needs.gpu > 0 and gpus > 0 else None, *map(_check, needs.needs)]
+    problems += [f"{name} {here.get(name) or 'is not installed'} here, but the driver runs {version}; install the "
+                 "same versions on every node (pip install -c constraints.txt ...)"
+                 for name, version in (needs.versions or {}).items() if here.get(name) != version]
+    return [p for p in problems if p]
 
 
 def gpu_problem(gpu: float) -> Optional[str]:
@@ -182,28 +170,22 @@ def _check(need: Need) -> Optional[str]:
             return (f"teaching.cache_dir: cache {path} on this node is not the one the driver built (manifest key "
                     f"{key!r}, expected {need.expect[0]!r}); every node must mount the same cache folder")
     elif need.kind == "writable":
-        return _writable_problem(need)
+        probe_dir = path if path.is_dir() else next((p for p in path.parents if p.is_dir()), None)
+        try:
+            if probe_dir is None:
+                raise OSError("no existing parent folder")
+            with tempfile.NamedTemporaryFile(dir=probe_dir, prefix=".richkd-write-check-"):
+                pass
+        except OSError as exc:
+            return (f"{need.what}: {need.path} is not writable on this node ({exc.strerror or exc}); trials save "
+                    "their checkpoints there: use a folder every node can write, or an s3://... URI")
+        if not path.is_dir():
+            return (f"{need.what}: {need.path} does not exist on this node (the driver created it); the storage "
+                    "path must be shared by every node")
     elif need.kind == "shared":
         if not (path / need.expect[0]).exists():
             return (f"{need.what}: {need.path} on this node is not the driver's folder (a file the driver just wrote "
                     f"there is missing); {SHARE_FIX}")
-    return None
-
-
-def _writable_problem(need: Need) -> Optional[str]:
-    path = Path(need.path)
-    probe_dir = path if path.is_dir() else next((p for p in path.parents if p.is_dir()), None)
-    try:
-        if probe_dir is None:
-            raise OSError("no existing parent folder")
-        with tempfile.NamedTemporaryFile(dir=probe_dir, prefix=".richkd-write-check-"):
-            pass
-    except OSError as exc:
-        return (f"{need.what}: {need.path} is not writable on this node ({exc.strerror or exc}); trials save "
-                "their checkpoints there: use a folder every node can write, or an s3://... URI")
-    if not path.is_dir():
-        return (f"{need.what}: {need.path} does not exist on this node (the driver created it); the storage path "
-                "must be shared by every node")
     return None
 
 

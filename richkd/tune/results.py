@@ -58,10 +58,6 @@ class SweepRecord:
     def has_mlflow_run(self) -> bool:
         return bool(self.tracking_uri and self.parent_run_id)
 
-    def with_tracking_uri(self, tracking_uri: Optional[str]) -> "SweepRecord":
-        """The record read through another address of the same MLflow store (e.g. a server instead of SQLite)."""
-        return replace(self, tracking_uri=tracking_uri) if tracking_uri else self
-
     def cache_entries(self, cfg: Config) -> list[str]:
         """The cache entries the sweep built for configs of cfg's cache signature."""
         signature = cache_signature(cfg)
@@ -229,7 +225,9 @@ def sweep_summary(trials: list, plan: TrialPlan) -> dict:
 
 def load_sweep(sweep: str, storage: Optional[str] = None, tracking_uri: Optional[str] = None):
     """(spec, experiment path, sweep record, ranked rows with their MLflow run ids) of a sweep name or folder."""
-    record = read_sweep_record(sweep, storage).with_tracking_uri(tracking_uri)
+    record = read_sweep_record(sweep, storage)
+    if tracking_uri:   # another address of the same MLflow store (e.g. a server instead of SQLite)
+        record = replace(record, tracking_uri=tracking_uri)
     spec, path = record.spec, record.path
     try:
         rows = collect_trials(path, spec)

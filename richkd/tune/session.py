@@ -1,9 +1,6 @@
 """A command's Ray session: an embedded local Ray or a running cluster (`--address`), watched while the command
-uses it, and the signals that stop a sweep (docs/architecture.md, "Data flow").
-
-A cluster that goes away is one line and exit code 4 (ClusterLostError), with what to do next; Ctrl-C and SIGTERM
-stop a sweep alike: inside Tuner.fit Tune saves its state first, so `richkd sweep --resume` continues it.
-"""
+uses it (a cluster that goes away is one line and exit code 4), and the signals that stop a sweep
+(docs/architecture.md, "Data flow")."""
 from __future__ import annotations
 
 import contextlib
@@ -108,11 +105,10 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, verb
 @contextlib.contextmanager
 def ray_session(address: Optional[str], num_cpus: Optional[int], verbose: bool = False,
                 next_step: str = "run the command again once a cluster is up") -> Iterator[None]:
-    """Ray for one command: embedded or connected (init_ray), shut down afterwards when this call started it.
-    An embedded Ray's session folder (its logs and sockets under Ray's temp dir) is removed then too, unless an
-    unexpected error may need its logs. A cluster that goes away meanwhile is one line and exit code 4
-    (EXIT_CLUSTER_LOST), with `next_step`: a ClusterLostError for Ray's errors, and `watch_gcs` for a head that
-    stops answering (Ray's core worker would end the driver a minute later with exit code 1)."""
+    """Ray for one command (init_ray), shut down afterwards when this call started it, with an embedded Ray's
+    session folder unless an unexpected error may need its logs. A cluster that goes away meanwhile is one line
+    with `next_step` and exit code 4: a ClusterLostError for Ray's errors, `watch_gcs` for a head that stops
+    answering (Ray's core worker would end the driver a minute later with exit code 1)."""
     started = init_ray(address, num_cpus, verbose=verbose)
     gcs = ray.get_runtime_context().gcs_address
     where = f"at {gcs}" if address else "(embedded)"
@@ -136,10 +132,13 @@ def ray_session(address: Optional[str], num_cpus: Optional[int], verbose: bool =
         stop_watch.set()
         if started:
             ray.shutdown()
-        if session and not keep_logs:
-            _remove_session(session)
-        elif session:
+        if session and keep_logs:
             log.warning("Ray's logs of this run are in %s", session)
+        elif session:
+            latest = session.parent / "session_latest"
+            if latest.is_symlink() and Path(os.readlink(latest)).name == session.name:
+                latest.unlink(missing_ok=True)
+            shutil.rmtree(session, ignore_errors=True)
 
 
 GCS_WATCH_S = 5.0       # how often the cluster's head is probed while a command uses it
@@ -175,13 +174,6 @@ def _session_dir() -> Optional[Path]:
     sockets = [n.get("RayletSocketName", "") for n in ray.nodes() if n.get("Alive")]
     folder = Path(sockets[0]).parent.parent if sockets and sockets[0] else None
     return folder if folder is not None and folder.name.startswith("session_") else None
-
-
-def _remove_session(folder: Path) -> None:
-    latest = folder.parent / "session_latest"
-    if latest.is_symlink() and Path(os.readlink(latest)).name == folder.name:
-        latest.unlink(missing_ok=True)
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 # ----- signals ------------------------------------------------------------------------------------------

@@ -265,7 +265,7 @@ def e2e_spec(assets: Path, work: Path) -> dict:
 @pytest.mark.slow
 def test_multi_objective_sweep_exports_the_pareto_front_and_reports_it(tmp_path_factory, tmp_path):
     from richkd.tune.export import PARETO_JSON, export_sweep
-    from richkd.report.build import PARETO_PNG, build_report
+    from richkd.report.build import build_report
     from richkd.tracking import client_for
     from richkd.tune.runner import run_sweep
 
@@ -329,10 +329,10 @@ def test_multi_objective_sweep_exports_the_pareto_front_and_reports_it(tmp_path_
     assert {t.number for t in study.best_trials} and all(t.state == TrialState.COMPLETE for t in study.trials)
 
     report = build_report(spec.name, storage=spec.tune.storage_path)
-    png = report.out_dir / PARETO_PNG
+    png = report.out_dir / "pareto.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = report.index.read_text()
-    assert "Pareto front" in page and PARETO_PNG in page
+    assert "Pareto front" in page and "pareto.png" in page
     for m in members:
         assert f"pareto/{m}.yaml" in page
 

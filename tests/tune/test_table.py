@@ -2,7 +2,6 @@
 Ray (killed and resumed) and from a finished sweep."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import statistics
