@@ -38,7 +38,7 @@ demo: setup data
 test test-fast: export RAY_AUTH_MODE ?= disabled
 
 test: setup data browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 # A 3-trial sweep on the demo's teacher, CLIP and caches (run `make demo` first).
 sweep-smoke: setup
