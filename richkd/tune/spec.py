@@ -83,17 +83,13 @@ class SweepSpec:
         return {p.key: p.describe() for p in self.params}
 
     def random_points(self, n: int, seed: int = 0) -> list[dict]:
-        """n seeded draws from the space (respecting `when:`), as Tune-style sampled dicts."""
         return self.plan().random_points(n, seed)
 
     @cached_property
     def cache_probe_configs(self) -> list[Config]:
-        """Configs that together need every cache any trial can read, one per distinct cache need; computed once
-        per spec (the loader's checks, the cache build and the node checks all use them).
-
-        Every combination of the cache-affecting choice values is crossed with the base config, the
-        points to evaluate and seeded draws of the other knobs (which decide e.g. whether CLIP is used).
-        """
+        """Configs that together need every cache any trial can read, one per distinct cache need: every combination
+        of the cache-affecting choice values crossed with the base config, the points to evaluate and seeded draws
+        of the other knobs (which decide e.g. whether CLIP is used); each must be a valid config."""
         cache_params = [p for p in self.params if any(affects_cache(k) for k in p.config_keys)]
         combos = [dict(zip([p.key for p in cache_params], vals))
                   for vals in itertools.product(*[p.values for p in cache_params])] or [{}]
@@ -144,15 +140,13 @@ def load_specs(path: str | os.PathLike, overrides: Sequence[str] | Mapping[str, 
         raw = load_yaml_mapping(p)
     except ConfigError as exc:
         raise SpecError(str(exc)) from None
+    kw = dict(source=str(p.resolve()), base_dir=p.resolve().parent, check_resources=check_resources,
+              check_data=check_data)
     if "arms" not in raw:
-        return {"": spec_from_mapping(raw, source=str(p.resolve()), overrides=overrides, base_dir=p.resolve().parent,
-                                      check_resources=check_resources, check_data=check_data)}
-    raw = copy.deepcopy(raw)
-    raw.setdefault("name", p.stem)
+        return {"": spec_from_mapping(raw, overrides=overrides, **kw)}
+    raw = copy.deepcopy({"name": p.stem, **raw})   # YAML aliases may share nodes the overrides change
     _apply_spec_overrides(raw, overrides)
-    return {arm: spec_from_mapping(m, source=str(p.resolve()), base_dir=p.resolve().parent,
-                                   check_resources=check_resources, check_data=check_data)
-            for arm, m in arm_mappings(expand_env(raw)).items()}
+    return {arm: spec_from_mapping(m, **kw) for arm, m in arm_mappings(expand_env(raw)).items()}
 
 
 def arm_mappings(raw: Mapping[str, Any]) -> dict[str, dict]:
