@@ -140,8 +140,8 @@ def load_specs(path: str | os.PathLike, overrides: Sequence[str] | Mapping[str, 
         raw = load_yaml_mapping(p)
     except ConfigError as exc:
         raise SpecError(str(exc)) from None
-    kw = dict(source=str(p.resolve()), base_dir=p.resolve().parent, check_resources=check_resources,
-              check_data=check_data)
+    kw = {"source": str(p.resolve()), "base_dir": p.resolve().parent, "check_resources": check_resources,
+          "check_data": check_data}
     if "arms" not in raw:
         return {"": spec_from_mapping(raw, overrides=overrides, **kw)}
     raw = copy.deepcopy({"name": p.stem, **raw})   # YAML aliases may share nodes the overrides change
