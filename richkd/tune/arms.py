@@ -10,7 +10,7 @@ import itertools
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from html import escape
 from typing import Optional
 
@@ -108,9 +108,7 @@ class Comparison:
     mlflow_run_id: Optional[str] = None
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "arms": self.arms, "differences": self.differences,
-                "interval": f"95% percentile bootstrap over seeds ({BOOTSTRAP_SAMPLES} resamples)",
-                "mlflow_run_id": self.mlflow_run_id}
+        return {**asdict(self), "interval": f"95% percentile bootstrap over seeds ({BOOTSTRAP_SAMPLES} resamples)"}
 
 
 def compare(name: str, results: dict) -> Comparison:
@@ -130,7 +128,6 @@ def compare(name: str, results: dict) -> Comparison:
 def finalize_arms(name: str, *, seeds: Optional[int] = None, storage: Optional[str] = None, progress: bool = False,
                   **finalize_args) -> Comparison:
     """Re-train every arm's best configuration over the same seeds and compare them (see the module docstring)."""
-
     found = read_group(name, storage)
     if found is None:
         raise SpecError(f"no arms group named {name!r} under {storage or 'tune_runs'}")

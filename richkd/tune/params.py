@@ -129,37 +129,29 @@ class Param:
 
     def overrides_for(self, value: Any) -> dict:
         """The dotted config keys this entry sets when it takes `value`."""
-        if self.is_variant:
-            return dict(self.variants[value])
-        return {self.key: value}
+        return dict(self.variants[value]) if self.is_variant else {self.key: value}
 
     def contains(self, value: Any) -> bool:
-        if self.is_finite:
-            return any(_same(value, v) for v in self.values)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return False
-        if self.sampler == "randint" and not float(value).is_integer():
-            return False
-        if not (self.low <= value <= self.high):
+        if self.is_finite:   # True is not 1
+            return any(v is value if isinstance(v, bool) or isinstance(value, bool) else v == value
+                       for v in self.values)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not self.low <= value <= self.high:
             return False
         if self.sampler == "quniform":
-            steps = (value - self.low) / self.q
-            return abs(steps - round(steps)) < 1e-6
-        return True
+            return abs((value - self.low) / self.q - round((value - self.low) / self.q)) < 1e-6
+        return self.sampler != "randint" or float(value).is_integer()
 
     def draw(self, rng: random.Random) -> Any:
         """A pure-Python sample (table rows, validation draws and cache probes; sweeps use Optuna / Tune)."""
         return SAMPLER_TABLE[self.sampler].draw(self, rng)
 
-    def unit(self, value: Any) -> Optional[float]:
-        """The value's coordinate in [0, 1] (log scale for loguniform); None for a categorical entry."""
-        place = SAMPLER_TABLE[self.sampler].unit
-        return None if place is None else float(place(self, value))
+    def unit(self, value: Any) -> float:
+        """The value's coordinate in [0, 1] (log scale for loguniform) in a continuous entry."""
+        return float(SAMPLER_TABLE[self.sampler].unit(self, value))
 
     def optuna_distribution(self):
         """The Optuna distribution this entry samples from (Optuna's define-by-run, warm starts, importances)."""
         import optuna.distributions
-
         make = SAMPLER_TABLE[self.sampler].optuna
         if make is None:
             raise SpecError(f"space.{self.key}: the {self.sampler} sampler cannot be used with Optuna")
@@ -168,13 +160,10 @@ class Param:
     def tune_domain(self):
         """The Tune domain of this entry (random / grid search)."""
         from ray import tune
-
         return SAMPLER_TABLE[self.sampler].tune(self, tune)
 
     def corners(self) -> list:
-        if self.is_finite:
-            return list(self.values)
-        return [self.low, self.high]
+        return list(self.values) if self.is_finite else [self.low, self.high]
 
     def describe(self) -> dict:
         """A readable summary (MLflow, report): `when:` as text."""
@@ -252,10 +241,8 @@ class TrialPlan:
         Optuna never samples an inactive entry; random/grid search samples everything, so inactive values
         are dropped here (and in the MLflow params / leaderboard, which use the effective config).
         """
-        out: dict = {}
-        for p, value in walk_active(self.params, flatten(self.base), from_sample(sampled)):
-            out.update(p.overrides_for(value))
-        return out
+        return {k: v for p, value in walk_active(self.params, flatten(self.base), from_sample(sampled))
+                for k, v in p.overrides_for(value).items()}
 
     def active_sampled(self, sampled: Mapping[str, Any]) -> dict:
         """{space key: value} for the entries that are active for this sample (variants keep their name)."""
@@ -426,12 +413,6 @@ def _scalar(value: Any, where: str) -> Any:
         return value
     raise SpecError(f"{where}: choice/grid values must be scalars (number, string, true/false, null), got "
                     f"{value!r}; use a variant entry (values: {{name: {{key: value}}}}) for bundles")
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a is b
-    return a == b
 
 
 def _qround(value: float, q: float) -> float:

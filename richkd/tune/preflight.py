@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from richkd.clip import load_prompt_set
 from richkd.config import Config, ConfigError, flatten
@@ -17,28 +17,17 @@ from richkd.tune.errors import SpecError
 from richkd.tune.params import Param, TrialPlan, config_or_error, from_sample, walk_active
 from richkd.validate import check_data_fit, check_resources as check_config_resources
 
-RANDOM_DRAWS = 32      # seeded draws whose configs must all be valid (catches cross-field rules the corners miss)
-
-
-def check_inputs(base: Config, params: Sequence[Param], probes: Sequence[Config], *, check_resources: bool = True,
-                 check_data: bool = True) -> None:
-    """The file and dataset checks, on the spec's cache probe configs (after check_space_values)."""
-    if check_resources:
-        check_spec_resources(params, probes)
-    if check_data:
-        check_spec_data(probes)
-        check_spec_data_fit(base, params, probes)
-
-
 def check_space_values(base: Config, plan: TrialPlan, points: Sequence[dict]) -> None:
-    """Every value and range end must be a valid value of its key, and every point / draw a valid config."""
+    """Every value and range end must be a valid value of its key, and every point a valid config (seeded draws
+    are checked when SweepSpec.cache_probe_configs builds them)."""
     for p in plan.params:
         for value in p.corners():
             overrides = p.overrides_for(value)
             try:
                 base.with_overrides(overrides)
             except ConfigError as exc:
-                if _field_error(exc, overrides):
+                # about the key itself, not a cross-field rule such as "richkd needs w_L or w_F"
+                if any(str(exc).startswith(f"{k}:") or f"{k!r}" in str(exc) for k in overrides):
                     label = f"variant {value!r}" if p.is_variant else repr(value)
                     raise SpecError(f"space.{p.key}: {label} is not a valid value: {exc}") from None
         if p.key == "clip.prompt_set":
@@ -55,66 +44,57 @@ def check_space_values(base: Config, plan: TrialPlan, points: Sequence[dict]) ->
                                 f"its `when:` ({', '.join(c.describe() for c in p.when)}) does not hold; drop it "
                                 "from the point")
         config_or_error(plan, point, f"points_to_evaluate[{i}]")
-    for point in plan.random_points(RANDOM_DRAWS, seed=777):
-        config_or_error(plan, point, "a configuration this space can produce")
 
 
-def check_spec_resources(params: Sequence[Param], probes: Sequence[Config]) -> None:
-    """Unknown models / prompt sets and missing files, for every distinct config the trials can run."""
-    seen = set()
-    for cfg in probes:
-        sig = json.dumps({k: v for k, v in cfg.to_flat_dict().items()
-                          if k.startswith(("student.", "teacher.", "clip.", "data."))}, sort_keys=True, default=str)
-        key = (sig, cfg.loss.method, cfg.uses_clip)
-        if key in seen:
-            continue
-        seen.add(key)
-        try:
-            check_config_resources(cfg)
-        except ConfigError as exc:
-            raise SpecError(f"config: {exc}") from None
-        root = cfg.data.root
-        if root and not cfg.data.download and not Path(root).exists():
-            raise SpecError(f"config.data.root: folder {root!r} does not exist (set data.root to the dataset folder "
-                            "or data.download: true)")
-    # student archs sampled in the space but perhaps never drawn above
-    for p in params:
-        for k, v in ((k, v) for value in p.corners() for k, v in p.overrides_for(value).items()):
-            if k in ("student.arch", "teacher.arch") and v is not None:
-                try:
-                    MODELS.get(v)
-                except KeyError as exc:
-                    raise SpecError(f"space.{p.key}: {exc.args[0]}") from None
-
-
-def check_spec_data(probes: Sequence[Config]) -> None:
-    """Build each distinct dataset once (cheap, memoised in richkd.data) so a missing dataset fails here."""
+def check_inputs(base: Config, params: Sequence[Param], probes: Sequence[Config], *, check_resources: bool = True,
+                 check_data: bool = True) -> None:
+    """On the spec's cache probe configs (after check_space_values): unknown models / prompt sets and missing files;
+    each distinct dataset built once (memoised in richkd.data); the data-size rules (richkd.validate.check_data_fit)
+    with the largest loss.nce_k the space can produce, else every trial that draws it fails after the caches."""
+    if check_resources:
+        seen = set()
+        for cfg in probes:
+            key = (json.dumps({k: v for k, v in cfg.to_flat_dict().items() if k.startswith(
+                ("student.", "teacher.", "clip.", "data."))}, sort_keys=True, default=str),
+                   cfg.loss.method, cfg.uses_clip)
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                check_config_resources(cfg)
+            except ConfigError as exc:
+                raise SpecError(f"config: {exc}") from None
+            root = cfg.data.root
+            if root and not cfg.data.download and not Path(root).exists():
+                raise SpecError(f"config.data.root: folder {root!r} does not exist (set data.root to the dataset "
+                                "folder or data.download: true)")
+        for p in params:   # archs in the space that no probe drew
+            for k, v in _corner_overrides(p):
+                if k in ("student.arch", "teacher.arch") and v is not None:
+                    try:
+                        MODELS.get(v)
+                    except KeyError as exc:
+                        raise SpecError(f"space.{p.key}: {exc.args[0]}") from None
+    if not check_data:
+        return
     for cfg in _one_per_dataset(probes):
         try:
             build_data(cfg.data)
         except (ValueError, FileNotFoundError) as exc:
             raise SpecError(f"config.data: {exc}") from None
-
-
-def check_spec_data_fit(base: Config, params: Sequence[Param], probes: Sequence[Config]) -> None:
-    """Rules between configs and their data size (richkd.validate.check_data_fit), with the largest loss.nce_k
-    the space can produce: otherwise every trial that draws it fails, after the caches were built."""
-    largest = max([base.loss.nce_k] +
-                  [v for p in params for value in p.corners()
-                   for k, v in p.overrides_for(value).items() if k == "loss.nce_k" and v is not None])
+    largest = max([base.loss.nce_k] + [v for p in params for k, v in _corner_overrides(p)
+                                       if k == "loss.nce_k" and v is not None])
     for cfg in _one_per_dataset([c for c in probes if c.loss.uses_crd]):
         try:
             check_data_fit(cfg.with_overrides({"loss.nce_k": largest}))
         except ConfigError as exc:
-            where = "space.loss.nce_k" if largest != base.loss.nce_k else "config"
-            raise SpecError(f"{where}: {exc}") from None
+            raise SpecError(f"{'space.loss.nce_k' if largest != base.loss.nce_k else 'config'}: {exc}") from None
+
+
+def _corner_overrides(p: Param) -> list:
+    return [kv for value in p.corners() for kv in p.overrides_for(value).items()]
 
 
 def _one_per_dataset(configs: Sequence[Config]) -> list[Config]:
     return list({json.dumps(dataclasses.asdict(c.data), sort_keys=True, default=str): c for c in configs}.values())
 
-
-def _field_error(exc: ConfigError, keys: Iterable[str]) -> bool:
-    """Is this ConfigError about one of `keys` itself (not a cross-field rule such as "richkd needs w_L or w_F")?"""
-    msg = str(exc)
-    return any(msg.startswith(f"{k}:") or f"{k!r}" in msg for k in keys)

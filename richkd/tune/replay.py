@@ -96,12 +96,6 @@ def with_seed(spec: SweepSpec, seed: int) -> SweepSpec:
     return replace(spec, tune=replace(spec.tune, search=replace(spec.tune.search, seed=seed)))
 
 
-def _random_generator(spec: SweepSpec, searcher, folder: str) -> None:
-    """Tune's BasicVariantGenerator is fed an Experiment, as Tuner.fit feeds it (it yields Trial objects)."""
-    searcher.add_configurations([Experiment(name="replay", run=lambda config: None, config=tune_param_space(spec),
-                                            num_samples=spec.tune.num_samples, storage_path=folder)])
-
-
 def replay(spec: SweepSpec, table: Table, seed: int = 0, index: Optional[TableIndex] = None,
            budget: Optional[int] = None, warm: Optional[WarmStart] = None) -> ReplayResult:
     """One sweep of `spec` (its searcher seeded with `seed`) against the table; `budget` (trial-epochs), when
@@ -118,12 +112,11 @@ def replay(spec: SweepSpec, table: Table, seed: int = 0, index: Optional[TableIn
     optuna = t.search.algorithm == "optuna"
     out = ReplayResult(seed=seed)
     plan, order = spec.plan(), itertools.count()
-    events: list = []
-    running: dict = {}
-    finished = False
+    events, running, finished = [], {}, False   # events: (clock, order, trial_id) of each next epoch's end
     with tempfile.TemporaryDirectory(prefix="richkd-replay-") as folder:
-        if not optuna:
-            _random_generator(spec, searcher, folder)
+        if not optuna:   # Tune's BasicVariantGenerator is fed an Experiment, as Tuner.fit feeds it
+            searcher.add_configurations([Experiment(name="replay", run=lambda config: None, storage_path=folder,
+                                                    config=tune_param_space(spec), num_samples=t.num_samples)])
         clock = 0.0
         while True:
             while (not finished and out.trials < t.num_samples and len(running) < t.max_concurrent
@@ -222,12 +215,7 @@ def replay_many(spec: SweepSpec, table: Table, seeds: int = 20, progress: bool =
 
 def quartiles(values: list) -> tuple[float, float, float]:
     values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return (math.nan,) * 3
-    if len(values) == 1:
-        return (values[0],) * 3
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return q[0], statistics.median(values), q[2]
+    return tuple(float(q) for q in np.percentile(values, [25, 50, 75])) if values else (math.nan,) * 3
 
 
 def describe_replays(results: list[ReplayResult], spec: SweepSpec) -> str:

@@ -56,9 +56,7 @@ class OptunaSpace:
         self.params = tuple(params)
 
     def __call__(self, trial) -> None:
-        for _ in walk_active(self.params, self.base_flat, lambda p: suggest(trial, p)):
-            pass
-        return None
+        list(walk_active(self.params, self.base_flat, lambda p: suggest(trial, p)))
 
 
 def tune_param_space(spec: SweepSpec) -> dict:

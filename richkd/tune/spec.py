@@ -83,17 +83,13 @@ class SweepSpec:
         return {p.key: p.describe() for p in self.params}
 
     def random_points(self, n: int, seed: int = 0) -> list[dict]:
-        """n seeded draws from the space (respecting `when:`), as Tune-style sampled dicts."""
         return self.plan().random_points(n, seed)
 
     @cached_property
     def cache_probe_configs(self) -> list[Config]:
-        """Configs that together need every cache any trial can read, one per distinct cache need; computed once
-        per spec (the loader's checks, the cache build and the node checks all use them).
-
-        Every combination of the cache-affecting choice values is crossed with the base config, the
-        points to evaluate and seeded draws of the other knobs (which decide e.g. whether CLIP is used).
-        """
+        """Configs that together need every cache any trial can read, one per distinct cache need: every combination
+        of the cache-affecting choice values crossed with the base config, the points to evaluate and seeded draws
+        of the other knobs (which decide e.g. whether CLIP is used); each must be a valid config."""
         cache_params = [p for p in self.params if any(affects_cache(k) for k in p.config_keys)]
         combos = [dict(zip([p.key for p in cache_params], vals))
                   for vals in itertools.product(*[p.values for p in cache_params])] or [{}]
@@ -144,15 +140,13 @@ def load_specs(path: str | os.PathLike, overrides: Sequence[str] | Mapping[str, 
         raw = load_yaml_mapping(p)
     except ConfigError as exc:
         raise SpecError(str(exc)) from None
+    kw = {"source": str(p.resolve()), "base_dir": p.resolve().parent, "check_resources": check_resources,
+          "check_data": check_data}
     if "arms" not in raw:
-        return {"": spec_from_mapping(raw, source=str(p.resolve()), overrides=overrides, base_dir=p.resolve().parent,
-                                      check_resources=check_resources, check_data=check_data)}
-    raw = copy.deepcopy(raw)
-    raw.setdefault("name", p.stem)
+        return {"": spec_from_mapping(raw, overrides=overrides, **kw)}
+    raw = copy.deepcopy({"name": p.stem, **raw})   # YAML aliases may share nodes the overrides change
     _apply_spec_overrides(raw, overrides)
-    return {arm: spec_from_mapping(m, source=str(p.resolve()), base_dir=p.resolve().parent,
-                                   check_resources=check_resources, check_data=check_data)
-            for arm, m in arm_mappings(expand_env(raw)).items()}
+    return {arm: spec_from_mapping(m, **kw) for arm, m in arm_mappings(expand_env(raw)).items()}
 
 
 def arm_mappings(raw: Mapping[str, Any]) -> dict[str, dict]:
@@ -191,8 +185,7 @@ def spec_from_mapping(raw: Mapping[str, Any], *, source: Optional[str] = None,
     _apply_spec_overrides(raw, overrides)
     demo_base = "RICHKD_DEMO_DIR" in str(raw.get("base"))   # a spec that builds on `richkd demo`'s outputs
     raw = expand_env(raw)
-    misplaced = [k for k in raw if k in CONFIG_SECTIONS and k not in SPEC_KEYS]
-    if misplaced:
+    if misplaced := [k for k in raw if k in CONFIG_SECTIONS and k not in SPEC_KEYS]:
         raise SpecError(f"unknown spec key {misplaced[0]!r}: config sections go under `config:` (config: "
                         f"{{{misplaced[0]}: ...}}), or in the `base:` config file")
     check_keys(raw, SPEC_KEYS, "")
@@ -204,12 +197,10 @@ def spec_from_mapping(raw: Mapping[str, Any], *, source: Optional[str] = None,
 
     base_cfg = _load_base_config(raw, base_dir or Path.cwd(), name, demo_base)
     params = parse_space(raw.get("space") or {}, base_cfg)
-    _check_cache_keys(params)
-    _check_validation_split(base_cfg, params)
     tune = parse_tune(raw.get("tune"))
     if tune.scheduler.grace_period is None:
         tune = replace(tune, scheduler=replace(tune.scheduler, grace_period=max(1, base_cfg.train.epochs // 4)))
-    _check_tune_fits(tune, params, base_cfg)
+    _check_fits(tune, params, base_cfg)
     base_cfg = _enable_objective_metrics(base_cfg, tune, params)
     points = _parse_points(raw.get("points_to_evaluate") or [], params, tune)
     mlflow = _parse_mlflow(raw.get("mlflow"), tune)
@@ -320,60 +311,45 @@ def _load_base_config(raw: dict, base_dir: Path, name: str, demo_base: bool = Fa
     return cfg.with_overrides(changed) if changed else cfg
 
 
-def _check_cache_keys(params: Sequence[Param]) -> None:
+def _check_fits(t: TuneSettings, params: Sequence[Param], base: Config) -> None:
+    """Rules between the tune settings, the space and the base config."""
     for p in params:
         if not p.is_finite and p.key.startswith(CACHE_AFFECTING_PREFIXES):
             raise SpecError(f"space.{p.key}: {p.key} changes the teacher/CLIP caches, which are built once before "
                             f"the trials; sample it with `choice` (finite values), not `{p.sampler}` "
                             f"(cache-affecting prefixes: {', '.join(CACHE_AFFECTING_PREFIXES)})")
-
-
-def _check_validation_split(base: Config, params: Sequence[Param]) -> None:
-    """Every trial needs a validation split: a sweep ranks, prunes and selects trials on validation metrics."""
+    # every trial needs a validation split: a sweep ranks, prunes and selects trials on validation metrics
     why = ("0 leaves no validation split, but a sweep ranks and selects trials on validation metrics (val_*); "
            "use a value in (0, 0.9), e.g. 0.1 (`richkd finalize` trains the finalists on the whole split)")
     if base.data.val_fraction == 0:
         raise SpecError(f"config.data.val_fraction: {why}")
     for p in params:
-        if "data.val_fraction" not in p.config_keys:
-            continue
-        values = [b.get("data.val_fraction") for b in p.variants.values()] if p.is_variant else p.corners()
-        if any(v == 0 for v in values if v is not None):
+        values = [v for c in p.corners() for k, v in p.overrides_for(c).items() if k == "data.val_fraction"]
+        if 0 in values:
             raise SpecError(f"space.{p.key}: data.val_fraction {why}")
-
-
-def _check_tune_fits(t: TuneSettings, params: Sequence[Param], base: Config) -> None:
-    """Rules between the tune settings, the space and the base config."""
     algorithm = t.search.algorithm
     if not params:
         raise SpecError("space: is empty; list at least one dotted config key with a sampler")
-    if algorithm == "optuna":
-        grid = [p.key for p in params if p.sampler == "grid"]
-        if grid:
-            raise SpecError(f"space.{grid[0]}: the grid sampler needs tune.search.algorithm: grid or random "
-                            "(Optuna samples; use `choice` for a categorical knob)")
-    if algorithm == "grid":
-        bad = [p for p in params if p.sampler != "grid"]
-        if bad:
-            raise SpecError(f"space.{bad[0].key}: algorithm grid needs every entry to use the grid sampler "
-                            f"(got {bad[0].sampler}); use algorithm: random to mix grid and random entries")
-        cond = [p for p in params if p.when]
-        if cond:
-            raise SpecError(f"space.{cond[0].key}: `when:` is not supported with algorithm grid (it would run "
-                            "duplicate configurations); use a variant entry or algorithm: optuna")
+    if algorithm == "optuna" and (grid := [p.key for p in params if p.sampler == "grid"]):
+        raise SpecError(f"space.{grid[0]}: the grid sampler needs tune.search.algorithm: grid or random "
+                        "(Optuna samples; use `choice` for a categorical knob)")
+    if algorithm == "grid" and (bad := [p for p in params if p.sampler != "grid"]):
+        raise SpecError(f"space.{bad[0].key}: algorithm grid needs every entry to use the grid sampler "
+                        f"(got {bad[0].sampler}); use algorithm: random to mix grid and random entries")
+    if algorithm == "grid" and (cond := [p for p in params if p.when]):
+        raise SpecError(f"space.{cond[0].key}: `when:` is not supported with algorithm grid (it would run "
+                        "duplicate configurations); use a variant entry or algorithm: optuna")
     # Tune needs the objective in every report and ASHA compares it at each epoch (its rungs), so a trial
     # validates after every epoch; with eval_every > 1 the first reports would lack the metric and fail the trial.
     if base.train.eval_every != 1:
         raise SpecError(f"config.train.eval_every: {base.train.eval_every}; a sweep validates after every epoch "
                         "(Tune and ASHA compare the objective at each epoch), set train.eval_every: 1")
-    searched = [p.key for p in params if "train.eval_every" in p.config_keys]
-    if searched:
+    if searched := [p.key for p in params if "train.eval_every" in p.config_keys]:
         raise SpecError(f"space.{searched[0]}: train.eval_every cannot be searched; a sweep validates after every "
                         "epoch (drop the entry)")
-    max_t = base.train.epochs
-    if not t.scheduler.grace_period <= max_t:
+    if not t.scheduler.grace_period <= base.train.epochs:
         raise SpecError(f"tune.scheduler.grace_period: {t.scheduler.grace_period} must be in [1, train.epochs = "
-                        f"{max_t}] (ASHA's max_t is the number of epochs)")
+                        f"{base.train.epochs}] (ASHA's max_t is the number of epochs)")
     if t.gpu > 0 and base.device == "cpu":
         raise SpecError("tune.resources.gpu > 0 but config.device is cpu; set device: auto or cuda")
     if t.gpu > 0 and base.device.startswith("cuda:"):
@@ -385,19 +361,15 @@ def _enable_objective_metrics(base: Config, tune: TuneSettings, params: Sequence
     """Switch on robustness evaluation when an objective is a robustness metric (it is off by default, and
     costs extra forward passes, so it is computed only when enabled or needed)."""
     needed = [m for m in tune.metrics if needs_robustness(m)]
-    if not needed:
-        return base
     for m in needed:
-        corruption = per_corruption(m)
-        if corruption and corruption not in base.robustness.corruptions:
+        if (corruption := per_corruption(m)) and corruption not in base.robustness.corruptions:
             raise SpecError(f"tune.metric: {m} needs {corruption} in config.robustness.corruptions (now "
                             f"{list(base.robustness.corruptions)}); add it there, or choose one of "
                             + ", ".join(f"val_corrupt_top1_{c}" for c in base.robustness.corruptions))
-    for p in params:
-        if "robustness.enabled" in p.config_keys:
-            raise SpecError(f"space.{p.key}: robustness.enabled cannot be searched when the objective "
-                            f"{needed[0]} needs it; drop the entry (the sweep switches it on)")
-    if not base.robustness.enabled:
+    if needed and (p := next((p for p in params if "robustness.enabled" in p.config_keys), None)):
+        raise SpecError(f"space.{p.key}: robustness.enabled cannot be searched when the objective "
+                        f"{needed[0]} needs it; drop the entry (the sweep switches it on)")
+    if needed and not base.robustness.enabled:
         log.info("config.robustness.enabled switched on: the sweep objective %s needs it", needed[0])
         base = base.with_overrides({"robustness.enabled": True})
     return base

@@ -13,6 +13,7 @@ import os
 import platform
 import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -119,9 +120,7 @@ class Table:
         """What `richkd table info` prints."""
         h, configs = self.header, self.configs()
         seeds = sorted({len(rows) for rows in configs.values()})
-        outcomes: dict = {}
-        for row in self.rows:
-            outcomes[row.outcome] = outcomes.get(row.outcome, 0) + 1
+        outcomes = Counter(r.outcome for r in self.rows)
         s = self.spreads()
         seconds = sum(sum(x for x in r.seconds if x) for r in self.rows)
         prov = h.get("provenance", {})
@@ -217,18 +216,15 @@ def check_same_space(table: Table, spec: SweepSpec, what: str) -> None:
     theirs = table.header["spec"]["space"]
     ours = {p.key: p.to_entry() for p in spec.params}
     differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-    problems = []
-    if differ:
-        problems.append(f"space entries {', '.join(differ)} differ")
     # the base config too, but for paths (another checkout or machine) and the run's name
     a, b = table.spec.base_config.to_flat_dict(), spec.base_config.to_flat_dict()   # keys added since: defaults
     config = sorted(k for k in set(a) | set(b) if k not in PATH_KEYS + ("name",) and a.get(k) != b.get(k))
-    if config:
-        problems.append(f"the base configs differ in {', '.join(config[:5])}" + (", ..." if len(config) > 5 else ""))
-    if table.max_t != spec.max_t:
-        problems.append(f"the table has {table.max_t} epochs, the spec's train.epochs is {spec.max_t}")
-    if table.metric != spec.tune.metric:
-        problems.append(f"the table records {table.metric}, the spec optimises {spec.tune.metric}")
+    problems = [text for bad, text in (
+        (differ, f"space entries {', '.join(differ)} differ"),
+        (config, f"the base configs differ in {', '.join(config[:5])}" + (", ..." if len(config) > 5 else "")),
+        (table.max_t != spec.max_t, f"the table has {table.max_t} epochs, the spec's train.epochs is {spec.max_t}"),
+        (table.metric != spec.tune.metric, f"the table records {table.metric}, the spec optimises {spec.tune.metric}"),
+    ) if bad]
     if problems:
         raise TableError(f"{what}: table {table.path} was built from another space ({'; '.join(problems)}); "
                          f"use a table of spec {spec.name!r}'s space or build one with `richkd table build`")
@@ -289,10 +285,7 @@ def table_from_sweep(sweep: str, out: str | os.PathLike, storage: Optional[str] 
     ensure_writable(out.parent, "the table's folder")
     header = table_header(spec, source=f"sweep {spec.name} at {path}", git_commit=record.git_commit,
                           caches=[c["entries"] for c in record.caches])
-    lines = [json.dumps(header) + "\n"]
-    for r in rows:
-        sampled = dict(r.sampled)
-        lines.append(row_from_history(r.history, sampled, r.config.seed, spec.tune.metric,
-                                      {"trial_id": r.trial_id}).to_json() + "\n")
-    atomic_write_text(out, "".join(lines))
+    atomic_write_text(out, "".join([json.dumps(header) + "\n"] + [row_from_history(
+        r.history, dict(r.sampled), r.config.seed, spec.tune.metric, {"trial_id": r.trial_id}).to_json() + "\n"
+        for r in rows]))
     return read_table(out)

@@ -25,22 +25,11 @@ NODE_IP_KEY = "node_ip"            # and its IP (the end-of-sweep summary counts
 STOP_REASON_KEY = "stop_reason"
 
 
-def granted_cpus() -> int:
-    """Whole CPUs Ray granted this trial (>= 1): torch threads beyond that only fight the other trials."""
-    try:
-        resources = tune.get_context().get_trial_resources().required_resources
-    except Exception:  # not inside a Tune trial (direct call in a test)
-        return max(1, os.cpu_count() or 1)
-    return threads_for(resources.get("CPU", 1))
-
-
 def trial_threads_config(cfg, cpu: float):
     """`cfg` with train.threads set to what a trial granted `cpu` CPUs runs with (when the config leaves it
     open): CPU results depend on the thread count (the order of float sums), so an exported config must pin it
     for `richkd train --config best_config.yaml` to reproduce the trial's numbers."""
-    if cfg.train.threads is not None:
-        return cfg
-    return cfg.with_overrides({"train.threads": threads_for(cpu)})
+    return cfg if cfg.train.threads is not None else cfg.with_overrides({"train.threads": threads_for(cpu)})
 
 
 def load_checkpoint_state(directory: str | os.PathLike) -> dict:
@@ -62,8 +51,12 @@ def train_trial(config: dict, plan: TrialPlan, needs: Optional[SweepNeeds] = Non
     where = {NODE_KEY: node_id, NODE_IP_KEY: ray.util.get_node_ip_address()}
     raise_if_unmet(needs, where=f"node {node_id[:12] or '?'}")
     cfg = plan.trial_config(config)
-    if cfg.train.threads is None:
-        torch.set_num_threads(granted_cpus())
+    if cfg.train.threads is None:   # the whole CPUs Ray granted: more torch threads only fight the other trials
+        try:
+            cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
+        except Exception:  # not inside a Tune trial (direct call in a test)
+            cpus = os.cpu_count() or 1
+        torch.set_num_threads(threads_for(cpus))
     claim_gpu(plan.gpu, f"the trial on {this_node()}")
 
     resume_state = None

@@ -41,11 +41,9 @@ class WarmStart:
         return len(self.trials) - self.completed
 
     def describe(self) -> str:
-        line = (f"warm start: {self.completed} completed and {self.pruned} pruned trial(s) from "
-                f"{', '.join(self.sources)}")
-        if self.left_out:
-            line += f"; {self.left_out} outside this space left out"
-        return line
+        left = f"; {self.left_out} outside this space left out" if self.left_out else ""
+        return (f"warm start: {self.completed} completed and {self.pruned} pruned trial(s) from "
+                f"{', '.join(self.sources)}{left}")
 
 
 def _source(item: str, spec: SweepSpec) -> tuple[str, dict, list]:
