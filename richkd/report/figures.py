@@ -8,6 +8,7 @@ stopped; failed trials (error / non-finite loss) are red and dotted with an "X";
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import warnings
@@ -97,11 +98,8 @@ def asha_rungs(spec) -> list[int]:
     s = spec.tune.scheduler
     if s.type != "asha":
         return []
-    rungs, t = [], float(s.grace_period)
-    while t < spec.max_t and len(rungs) < 50:
-        rungs.append(int(math.ceil(t - 1e-9)))
-        t *= float(s.reduction_factor)
-    return rungs
+    milestones = (s.grace_period * float(s.reduction_factor) ** k for k in range(50))
+    return [math.ceil(t - 1e-9) for t in itertools.takewhile(lambda t: t < spec.max_t, milestones)]
 
 
 def _better(mode: str) -> str:

@@ -19,7 +19,6 @@ from richkd.config import Config, ConfigError
 from richkd.data import build_data
 from richkd.device import resolve_device
 from richkd.io import atomic_write_text, ensure_writable, load_problem, quiet_torch_load
-from richkd.metrics import reliability_bins
 from richkd.models import CheckpointError, load_teacher
 from richkd.robustness.cifar_c import CorruptionFolder
 from richkd.robustness.corruptions import parse_corruptions, parse_severities
@@ -211,7 +210,7 @@ def evaluate_checkpoint(req: EvaluateRequest) -> tuple[dict, list[Path]]:
         "suite": req.suite, "seed": req.seed, "max_samples": req.max_samples, "device": str(device),
         "confidence_threshold": threshold, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "clean": dict(res.clean),
-        "calibration": reliability_bins(res.confidence, res.correct, req.n_bins),
+        "calibration": res.calibration,
         "config": cfg.to_dict(),
     }
     flat = corruption_metrics(corrupted) if with_corruptions else {}
@@ -231,7 +230,7 @@ def evaluate_checkpoint(req: EvaluateRequest) -> tuple[dict, list[Path]]:
             **dict(shift_res.clean), "dataset": shift_data.name, "data_origin": shift_data.origin,
             "split": req.split, "config": str(req.shift_config), "classes": list(shift_data.class_names),
             "top1_drop": shift_res.clean["top1"] - res.clean["top1"],
-            "calibration": reliability_bins(shift_res.confidence, shift_res.correct, req.n_bins),
+            "calibration": shift_res.calibration,
         }
     report["metrics"] = _flat_metrics(report, flat)
     report = json.loads(json.dumps(report), parse_constant=lambda _: None)   # NaN/inf -> null: strict JSON
