@@ -19,10 +19,8 @@ EPILOG = """examples:
   richkd demo                                   # offline end-to-end pipeline on Fashion-MNIST
   richkd train --config tune_runs/demo/configs/kd.yaml --set train.epochs=3     # configs the demo wrote
   richkd train --config configs/cifar100_resnet32x4_resnet8x4_richkd.yaml --set loss.fusion_alpha=0.8
-  richkd cache --config tune_runs/demo/configs/richkd.yaml
   richkd sweep search_spaces/smoke.yaml && richkd export smoke && richkd report smoke
   richkd evaluate tune_runs/demo/kd/student.pt --suite robustness            # the demo's KD student
-  richkd models
 
 `richkd COMMAND --help` shows each command's options and examples.
 """

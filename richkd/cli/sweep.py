@@ -136,25 +136,22 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_finalize(args: argparse.Namespace) -> int:
-    if tune.read_group(args.sweep, args.storage) is not None:
-        if args.top not in (None, 1):
-            raise UserError(f"finalize {args.sweep}: an arms comparison re-trains each arm's best (top 1); drop --top")
-        at_least_one(seeds=args.seeds, num_cpus=args.num_cpus)
-        comparison = stoppable(lambda: tune.finalize_arms(
-            args.sweep, seeds=args.seeds, storage=args.storage, progress=interactive(), tracking_uri=args.tracking_uri,
-            overrides=args.set, holdout=args.holdout, address=args.address, num_cpus=args.num_cpus, force=args.force),
-                               lambda: f"run `richkd finalize {args.sweep}` again with --force to start over")
-        print(tune.describe_comparison(comparison))
-        return 0
-
+    arms = tune.read_group(args.sweep, args.storage) is not None
+    if arms and args.top not in (None, 1):
+        raise UserError(f"finalize {args.sweep}: an arms comparison re-trains each arm's best (top 1); drop --top")
     at_least_one(top=args.top, seeds=args.seeds, num_cpus=args.num_cpus)
-    result = stoppable(lambda: tune.finalize_sweep(
-        args.sweep, top=args.top, seeds=args.seeds, storage=args.storage, tracking_uri=args.tracking_uri,
-        overrides=args.set, progress=interactive(), out_dir=args.out, holdout=args.holdout, address=args.address,
-        num_cpus=args.num_cpus, force=args.force),
-                       lambda: "the finalists written so far are kept; run it again with --force to replace them, "
-                               "or with --out DIR")
-    print(tune.describe_finalize(result))
+    common = dict(seeds=args.seeds, storage=args.storage, progress=interactive(), tracking_uri=args.tracking_uri,
+                  overrides=args.set, holdout=args.holdout, address=args.address, num_cpus=args.num_cpus,
+                  force=args.force)
+    if arms:
+        print(tune.describe_comparison(stoppable(
+            lambda: tune.finalize_arms(args.sweep, **common),
+            lambda: f"run `richkd finalize {args.sweep}` again with --force to start over")))
+    else:
+        print(tune.describe_finalize(stoppable(
+            lambda: tune.finalize_sweep(args.sweep, top=args.top, out_dir=args.out, **common),
+            lambda: "the finalists written so far are kept; run it again with --force to replace them, or with "
+                    "--out DIR")))
     return 0
 
 

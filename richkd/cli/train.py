@@ -158,8 +158,6 @@ def cmd_clip_zeroshot(args: argparse.Namespace) -> int:
 
 # ----- parser -----------------------------------------------------------------------------------------------
 
-# The demo writes its stage configs to <--out>/configs/{teacher,kd,richkd}.yaml (default tune_runs/demo), with
-# absolute paths inside, so these examples work from any folder once `richkd demo` has run.
 TRAIN_EPILOG = """examples:
   richkd train --config tune_runs/demo/configs/kd.yaml --set train.epochs=2      # after `richkd demo`
   richkd train --config tune_runs/demo/configs/richkd.yaml --set loss.fusion_alpha=0.8 --out /tmp/r08

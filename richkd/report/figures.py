@@ -1,10 +1,6 @@
 """The report's PNG figures. Learning curves and search progress are drawn here (matplotlib Agg, no pyplot); the
 searched values, the importances and the Pareto front are Optuna's own plots (optuna.visualization.matplotlib)
-of the report's study (richkd.report.importance.build_study).
-
-Learning curves: trials that reached max_t (ASHA survivors) are coloured, one colour per trial in rank order, the
-selected best thicker with a star; ASHA-stopped (and unfinished) trials are grey and dashed with an "x" where they
-stopped; failed trials (error / non-finite loss) are red and dotted with an "X"; ASHA's rungs are dotted lines.
+of the report's study (richkd.report.importance.build_study). How the curves are styled: page.py's caption.
 """
 from __future__ import annotations
 
