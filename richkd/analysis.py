@@ -11,41 +11,34 @@ from __future__ import annotations
 import torch
 
 from richkd.data import make_loader, normalize
-from richkd.metrics import confidence_categories, expected_calibration_error
+from richkd.metrics import ClassificationMeter
 
 
 @torch.no_grad()
 def teacher_analysis(cfg, data, teachers, objective, device, split: str = "val") -> dict:
     """Metrics of the teachers on `split` (val or test); `teachers` must serve that split's rows."""
     dataset = {"val": data.val, "test": data.test}[split]
-    loader = make_loader(dataset, cfg.data.eval_batch_size, shuffle=False, seed=0)
-    collected: dict[str, list[torch.Tensor]] = {"teacher": [], "fused": [], "clip": [], "target": []}
-    for batch in loader:
+    if len(dataset) == 0:
+        return {}
+    threshold = cfg.loss.confidence_threshold
+    meters = {name: ClassificationMeter(confidence_threshold=threshold)
+              for name in ("teacher", "fused", "clip")}
+    for batch in make_loader(dataset, cfg.data.eval_batch_size, shuffle=False, seed=0):
         batch = batch.to(device)
         out = teachers(batch, normalize(batch.image, data.mean, data.std))
-        collected["teacher"].append(out.logits.float().cpu())
+        meters["teacher"].update(out.logits, batch.target)
         if cfg.loss.fused_teacher:
-            collected["fused"].append(objective.teacher_logits(out).cpu())
+            meters["fused"].update(objective.teacher_logits(out), batch.target)
         if out.clip_cosine is not None:
-            collected["clip"].append(out.clip_cosine.float().cpu())
-        collected["target"].append(batch.target.cpu())
-    if not collected["target"]:
-        return {}
-    target = torch.cat(collected["target"])
+            meters["clip"].update(out.clip_cosine, batch.target)
     metrics: dict = {}
-    threshold = cfg.loss.confidence_threshold
     share = "" if split == "val" else f"{split}_"   # the validation names predate the test analysis
-    for name, parts in (("teacher", collected["teacher"]), ("fused", collected["fused"])):
-        if not parts:
-            continue
-        probs = torch.cat(parts).softmax(dim=1)
-        n = len(target)
-        metrics[f"{name}_{split}_top1"] = 100.0 * float((probs.argmax(1) == target).float().mean())
-        metrics[f"{name}_{split}_ece"] = float(expected_calibration_error(probs, target))
-        cats = confidence_categories(probs, target, threshold)
-        metrics[f"{name}_{share}confident_correct_pct"] = 100.0 * cats["confident_correct"] / n
-        metrics[f"{name}_{share}confidently_wrong_pct"] = 100.0 * cats["confidently_wrong"] / n
-    if collected["clip"]:
-        cosine = torch.cat(collected["clip"])
-        metrics[f"clip_zeroshot_{split}_top1"] = 100.0 * float((cosine.argmax(1) == target).float().mean())
+    for name in ("teacher", "fused"):
+        if meters[name].n:
+            m = meters[name].compute()
+            metrics.update({f"{name}_{split}_top1": m["top1"], f"{name}_{split}_ece": m["ece"],
+                            f"{name}_{share}confident_correct_pct": m["confident_correct_pct"],
+                            f"{name}_{share}confidently_wrong_pct": m["confidently_wrong_pct"]})
+    if meters["clip"].n:
+        metrics[f"clip_zeroshot_{split}_top1"] = meters["clip"].compute()["top1"]
     return metrics

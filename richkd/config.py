@@ -8,8 +8,9 @@ from typing import Any, Mapping, Optional, Tuple, Union
 
 import yaml
 
-from richkd.schema import (ConfigError, build, check, flatten, in_range, load_yaml_mapping, one_of,
-                           parse_override, to_plain, unflatten)
+# parse_override is imported from here by richkd.tune and richkd.cli (config keys and their overrides together)
+from richkd.schema import (ConfigError, build, check, flatten, in_range, load_yaml_mapping, one_of, parse_override,
+                           to_plain)
 
 
 # The seeded corruptions richkd.robustness.corruptions implements (CIFAR-10-C table order): the one list of their

@@ -42,8 +42,12 @@ REAL_CLIP_HINT = ("the demo's CLIP is a tiny open_clip model with RANDOM weights
                   "--set config.clip.model=...).")
 
 
-def base_dict(out_root: Path, sizes: dict) -> dict:
-    return {
+def demo_configs(out_root: Path, quick: bool = False) -> dict[str, Config]:
+    """The demo's stage configs: teacher (supervised), KD student, RichKD-L+F student. Their paths are absolute
+    (`out_root` resolved against the current folder), so the written configs work from any folder."""
+    sizes = QUICK if quick else FULL
+    out_root = Path(out_root).resolve()
+    base = Config.from_dict({
         "seed": 0, "device": "auto",
         # Native 28 px and no augmentation: cheapest on CPU, and the cached clean view is then exactly the
         # student's view (consistent teaching, docs/method.md "Teaching protocol").
@@ -56,14 +60,7 @@ def base_dict(out_root: Path, sizes: dict) -> dict:
         "teaching": {"mode": "cached", "cache_dir": str(out_root / "cache")},
         "optim": {"lr": 0.05, "schedule": "cosine", "milestones": []},
         "train": {"epochs": sizes["student_epochs"]},
-    }
-
-
-def demo_configs(out_root: Path, quick: bool = False) -> dict[str, Config]:
-    """The demo's stage configs: teacher (supervised), KD student, RichKD-L+F student. Their paths are absolute
-    (`out_root` resolved against the current folder), so the written configs work from any folder."""
-    sizes = QUICK if quick else FULL
-    base = Config.from_dict(base_dict(Path(out_root).resolve(), sizes))
+    })
     teacher = base.with_overrides({
         "name": "demo_teacher", "student.arch": "resnet8", "loss.method": "supervised",
         "data.max_train_samples": sizes["teacher_samples"], "train.epochs": sizes["teacher_epochs"],
@@ -183,18 +180,15 @@ def print_summary(out_root: Path, summary: dict) -> None:
     print("\n== summary")
     for key in ("teacher", "kd", "richkd"):
         print(f"   {key:<8} test top-1 {summary[f'{key}_test_top1']:.2f}%")
-    if "sweep" in summary:
-        val = summary["best_val_top1"]
-        print(f"   sweep    {summary['sweep']}: {summary['sweep_trials']} trials; best trial {summary['best_trial']} "
-              f"val top-1 {val:.2f}%")
-        for key, value in sorted(summary["best_params"].items()):
-            print(f"            {key} = {value}")
-        print(f"   best config   {summary['best_config']}  (reproduce: richkd train --config {summary['best_config']})")
-        print(f"   leaderboard   {summary['leaderboard']}")
-        if "report" in summary:
-            print(f"   report        {summary['report']}")
-        uri = shown_uri(summary["tracking_uri"])
-        print(f"   MLflow store  {uri}")
-        print(f"   open the UI:  richkd ui --tracking-uri {uri}, then {summary['mlflow_link']}")
+    print(f"   sweep    {summary['sweep']}: {summary['sweep_trials']} trials; best trial {summary['best_trial']} "
+          f"val top-1 {summary['best_val_top1']:.2f}%")
+    for key, value in sorted(summary["best_params"].items()):
+        print(f"            {key} = {value}")
+    print(f"   best config   {summary['best_config']}  (reproduce: richkd train --config {summary['best_config']})")
+    print(f"   leaderboard   {summary['leaderboard']}")
+    print(f"   report        {summary['report']}")
+    uri = shown_uri(summary["tracking_uri"])
+    print(f"   MLflow store  {uri}")
+    print(f"   open the UI:  richkd ui --tracking-uri {uri}, then {summary['mlflow_link']}")
     print(f"   configs       {out_root / 'configs'}   (e.g. richkd train --config {out_root}/configs/kd.yaml)")
     print(f"   NOTE: {REAL_CLIP_HINT.format(configs=out_root / 'configs')}")

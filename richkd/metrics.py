@@ -1,5 +1,5 @@
-"""Classification metrics: expected calibration error (and its reliability bins), confidence categories, and a
-streaming meter. The confidence categories are the paper's Fig. 1 (docs/method.md#the-method)."""
+"""Classification metrics: reliability bins (and the expected calibration error they add up to), and a streaming
+meter with the confidence categories. The confidence categories are the paper's Fig. 1 (docs/method.md#the-method)."""
 from __future__ import annotations
 
 from typing import Dict, Optional
@@ -19,7 +19,7 @@ def reliability_bins(confidence: torch.Tensor, correct: torch.Tensor, n_bins: in
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
     conf = confidence.detach().double().flatten().cpu()
     if conf.numel() == 0:
-        raise ValueError("expected_calibration_error: no samples")
+        raise ValueError("reliability_bins: no samples")
     edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64)
     bins = torch.bucketize(conf, edges[1:-1], right=False)      # bin b holds (b/n_bins, (b+1)/n_bins]
     count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(conf))
@@ -30,24 +30,6 @@ def reliability_bins(confidence: torch.Tensor, correct: torch.Tensor, n_bins: in
             "confidence": [s / c if c else None for s, c in zip(conf_sum.tolist(), count.tolist())],
             "accuracy": [s / c if c else None for s, c in zip(acc_sum.tolist(), count.tolist())],
             "ece": float((acc_sum - conf_sum).abs().sum() / conf.numel())}
-
-
-def expected_calibration_error(probs: torch.Tensor, target: torch.Tensor, n_bins: int = 15) -> float:
-    """ECE in [0, 1] of (N, C) class probabilities: sum_b |B_b|/N |acc(B_b) - conf(B_b)| over equal-width bins of
-    the max probability (Guo et al. 2017 use 15)."""
-    confidence, pred = probs.max(dim=1)
-    return reliability_bins(confidence, pred.eq(target.to(pred.device)), n_bins)["ece"]
-
-
-def confidence_categories(probs: torch.Tensor, target: torch.Tensor, threshold: float) -> Dict[str, int]:
-    """Counts of the four Fig. 1 categories (CATEGORIES): correct/wrong x confident (max probability >=
-    threshold) / uncertain."""
-    confidence, pred = probs.max(dim=1)
-    return _category_counts(confidence >= threshold, pred.eq(target.to(pred.device)))
-
-
-def _category_counts(confident: torch.Tensor, correct: torch.Tensor) -> Dict[str, int]:
-    return {name: int(((confident == c) & (correct == k)).sum()) for name, (c, k) in CATEGORIES.items()}
 
 
 class ClassificationMeter:
@@ -65,7 +47,7 @@ class ClassificationMeter:
         self._sums: list[torch.Tensor] = []         # (top-1 hits, top-5 hits, summed cross-entropy) per batch
         self._confidence: list[torch.Tensor] = []
         self._correct: list[torch.Tensor] = []
-        self._n = 0
+        self.n = 0
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
@@ -78,17 +60,22 @@ class ClassificationMeter:
         confidence, pred = logits.softmax(dim=1).max(dim=1)
         self._confidence.append(confidence)
         self._correct.append(pred.eq(target))
-        self._n += logits.shape[0]
+        self.n += logits.shape[0]
+
+    def bins(self) -> dict:
+        """The reliability bins of every sample added (a reliability diagram's data)."""
+        return reliability_bins(torch.cat(self._confidence), torch.cat(self._correct), self.n_bins)
 
     def compute(self) -> Dict[str, float]:
-        if self._n == 0:
+        if self.n == 0:
             raise ValueError("ClassificationMeter.compute(): no batches were added (empty evaluation split?)")
-        n = self._n
+        n = self.n
         top1, top5, loss = torch.stack(self._sums).double().sum(0).tolist()
         confidence, correct = torch.cat(self._confidence), torch.cat(self._correct)
         out = {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n,
                "ece": reliability_bins(confidence, correct, self.n_bins)["ece"], "n": n}
         if self.confidence_threshold is not None:
-            counts = _category_counts(confidence >= self.confidence_threshold, correct)
-            out.update({f"{name}_pct": 100.0 * counts[name] / n for name in CATEGORIES})
+            confident = confidence >= self.confidence_threshold
+            out.update({f"{name}_pct": 100.0 * int(((confident == c) & (correct == k)).sum()) / n
+                        for name, (c, k) in CATEGORIES.items()})
         return out

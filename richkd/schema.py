@@ -167,17 +167,6 @@ def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict:
     return flat
 
 
-def unflatten(flat: Mapping[str, Any]) -> dict:
-    nested: dict = {}
-    for dotted, value in flat.items():
-        node = nested
-        *heads, leaf = dotted.split(".")
-        for head in heads:
-            node = node.setdefault(head, {})
-        node[leaf] = value
-    return nested
-
-
 def parse_override(text: str) -> tuple[str, Any]:
     """`key=value` from the command line; the value is parsed as YAML so 0.1, true, [1, 2] and null work."""
     if "=" not in text:

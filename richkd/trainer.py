@@ -87,18 +87,6 @@ def autocast(device: torch.device, amp: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
 
 
-def configure_backends(train) -> None:
-    """train.deterministic and train.cudnn_benchmark, for the whole process (a trial process runs one Run at a
-    time). Deterministic: torch's deterministic algorithms (an op without one warns, naming itself), cuDNN's
-    deterministic kernels, and the cuBLAS workspace setting CUDA asks for (it is read when cuBLAS starts, so it
-    is set before the first CUDA matmul; a value already in the environment is kept)."""
-    if train.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(train.deterministic, warn_only=True)
-    torch.backends.cudnn.deterministic = train.deterministic
-    torch.backends.cudnn.benchmark = train.cudnn_benchmark
-
-
 def train_step(batch, *, forward_student: Callable, teachers, objective, optimizer: torch.optim.Optimizer,
                device: torch.device, mean, std, channels_last: bool = False, amp: bool = False) -> StepRecord:
     """One optimisation step: batch to device, normalise, student and teacher forward, objective, SGD step.
@@ -145,7 +133,14 @@ class Run:
         self.cfg, self.progress = cfg, progress
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        configure_backends(cfg.train)
+        # for the whole process (a trial process runs one Run at a time). Deterministic: torch's deterministic
+        # algorithms (an op without one warns, naming itself), cuDNN's deterministic kernels, and the cuBLAS
+        # workspace CUDA asks for (read when cuBLAS starts: set before the first CUDA matmul; a set value is kept)
+        if cfg.train.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)
+        torch.backends.cudnn.deterministic = cfg.train.deterministic
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
         self.device = resolve_device(cfg.device)
         seed_everything(cfg.seed)
         self.data = build_data(cfg.data)

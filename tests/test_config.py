@@ -2,7 +2,8 @@
 import pytest
 import yaml
 
-from richkd.config import Config, ConfigError, dotted_keys, flatten, parse_override, unflatten
+from richkd.config import Config, ConfigError, dotted_keys
+from richkd.schema import flatten, parse_override
 
 
 def test_defaults_are_the_official_richkd_recipe():
@@ -73,7 +74,7 @@ def test_flat_dict_round_trip_and_yaml(tmp_path):
     cfg = Config.from_dict({"loss": {"method": "supervised"}, "optim": {"milestones": [3, 4]}})
     flat = cfg.to_flat_dict()
     assert flat["optim.milestones"] == [3, 4] and flat["loss.method"] == "supervised"
-    assert Config.from_dict(unflatten(flat)) == cfg
+    assert Config().with_overrides(flat) == cfg
     path = tmp_path / "c.yaml"
     path.write_text(cfg.to_yaml())
     assert Config.from_yaml(path) == cfg

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from richkd.metrics import ClassificationMeter, confidence_categories, expected_calibration_error, reliability_bins
+from richkd.metrics import ClassificationMeter, reliability_bins
 
 
 def test_meter_topk_hand_example_and_top5_of_three_classes():
@@ -25,12 +25,19 @@ PROBS = torch.tensor([[0.90, 0.05, 0.03, 0.02],
 TARGET = torch.tensor([0, 1, 1, 2])
 
 
+def measured(probs, target, **kwargs) -> dict:
+    """The meter on class probabilities: log-probabilities are logits whose softmax is `probs`."""
+    meter = ClassificationMeter(**kwargs)
+    meter.update(probs.log(), target)
+    return meter.compute()
+
+
 def test_ece_hand_example():
     # 5 bins of width 0.2: (0.8,1]: n=1 acc 1 conf .9 -> .1/4 ; (0.6,0.8]: n=2 acc .5 conf .725 -> .225*2/4 ;
     # (0.2,0.4]: n=1 acc 1 conf .35 -> .65/4  => 0.025 + 0.1125 + 0.1625 = 0.3
-    assert expected_calibration_error(PROBS, TARGET, n_bins=5) == pytest.approx(0.3, abs=1e-6)
+    assert measured(PROBS, TARGET, n_bins=5)["ece"] == pytest.approx(0.3, abs=1e-6)
     # one bin: |acc - conf| over everything = |0.75 - 0.675|
-    assert expected_calibration_error(PROBS, TARGET, n_bins=1) == pytest.approx(0.075, abs=1e-6)
+    assert measured(PROBS, TARGET, n_bins=1)["ece"] == pytest.approx(0.075, abs=1e-6)
     # the reliability diagram's bins are the same bins: counts, means, and the ECE they add up to
     confidence, pred = PROBS.max(dim=1)
     bins = reliability_bins(confidence, pred.eq(TARGET), n_bins=5)
@@ -43,16 +50,19 @@ def test_ece_hand_example():
 
 def test_ece_zero_when_calibrated():
     probs = torch.tensor([[0.75, 0.25]] * 4)
-    assert expected_calibration_error(probs, torch.tensor([0, 0, 0, 1])) == pytest.approx(0.0, abs=1e-9)
+    assert measured(probs, torch.tensor([0, 0, 0, 1]))["ece"] == pytest.approx(0.0, abs=1e-7)
 
 
 def test_confidence_categories_hand_example():
     # threshold 0.75: 0.9 correct -> confident_correct; 0.7 wrong -> uncertain_wrong;
     # 0.75 correct (== threshold counts as confident) -> confident_correct; 0.35 correct -> uncertain_correct
-    got = confidence_categories(PROBS, TARGET, threshold=0.75)
-    assert got == {"confident_correct": 2, "uncertain_correct": 1, "confidently_wrong": 0, "uncertain_wrong": 1}
-    got = confidence_categories(PROBS, TARGET, threshold=0.5)
-    assert got == {"confident_correct": 2, "uncertain_correct": 1, "confidently_wrong": 1, "uncertain_wrong": 0}
+    # (the threshold is the meter's own float32 confidence of row 2, 0.75 up to rounding: equality is exact)
+    got = measured(PROBS, TARGET, confidence_threshold=float(PROBS.log().softmax(dim=1)[2].max()))
+    assert [got[f"{k}_pct"] for k in ("confident_correct", "uncertain_correct", "confidently_wrong",
+                                      "uncertain_wrong")] == [50.0, 25.0, 0.0, 25.0]
+    got = measured(PROBS, TARGET, confidence_threshold=0.5)
+    assert [got[f"{k}_pct"] for k in ("confident_correct", "uncertain_correct", "confidently_wrong",
+                                      "uncertain_wrong")] == [50.0, 25.0, 25.0, 0.0]
 
 
 def test_meter_matches_one_shot_functions_over_batches():
@@ -69,10 +79,13 @@ def test_meter_matches_one_shot_functions_over_batches():
     assert out["top1"] == pytest.approx(100.0 * int(top5[:, 0].sum()) / 37)
     assert out["top5"] == pytest.approx(100.0 * int(top5.sum()) / 37)
     assert out["loss"] == pytest.approx(F.cross_entropy(logits, target).item(), rel=1e-5)
-    assert out["ece"] == pytest.approx(expected_calibration_error(probs, target), abs=1e-6)
-    cats = confidence_categories(probs, target, 0.5)
-    for name, count in cats.items():
-        assert out[f"{name}_pct"] == pytest.approx(100.0 * count / 37)
+    confidence, pred = probs.max(dim=1)
+    assert out["ece"] == pytest.approx(reliability_bins(confidence, pred.eq(target))["ece"], abs=1e-6)
+    assert meter.bins()["count"] == reliability_bins(confidence, pred.eq(target))["count"]
+    confident, correct = confidence >= 0.5, pred.eq(target)
+    for name, (c, k) in {"confident_correct": (True, True), "uncertain_correct": (False, True),
+                         "confidently_wrong": (True, False), "uncertain_wrong": (False, False)}.items():
+        assert out[f"{name}_pct"] == pytest.approx(100.0 * int(((confident == c) & (correct == k)).sum()) / 37)
     meter.reset()
     with pytest.raises(ValueError, match="no batches"):
         meter.compute()

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from richkd.robustness.corruptions import (CORRUPTION_NAMES, SEVERITIES, SEVERITY_PARAMS, CorruptionError, corrupt,
-                                           disk_kernel, parse_corruptions, parse_severities)
+from richkd.robustness.corruptions import (CORRUPTION_NAMES, CORRUPTIONS, SEVERITIES, SEVERITY_PARAMS, CorruptionError,
+                                           corrupt, disk_kernel, parse_corruptions, parse_severities)
 
 
 def _images(b=6, size=32, seed=0):
@@ -126,6 +126,9 @@ def test_the_config_accepts_exactly_the_registrys_corruptions():
     one, lists them as the choices."""
     from richkd.config import Config, ConfigError
 
+    # the one list of names is richkd.config.CORRUPTION_NAMES (the config validates against it without importing
+    # torch); the parameter tables (in its order) and the registered implementations are exactly those
+    assert tuple(SEVERITY_PARAMS) == CORRUPTION_NAMES and CORRUPTIONS.names() == sorted(CORRUPTION_NAMES)
     cfg = Config.from_dict({"robustness": {"enabled": True, "corruptions": list(CORRUPTION_NAMES)}})
     assert cfg.robustness.corruptions == CORRUPTION_NAMES
     with pytest.raises(ConfigError) as err:

@@ -5,6 +5,7 @@ RICHKD_DEBUG=1 shows the traceback of user errors too."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -18,10 +19,8 @@ EPILOG = """examples:
   richkd demo                                   # offline end-to-end pipeline on Fashion-MNIST
   richkd train --config tune_runs/demo/configs/kd.yaml --set train.epochs=3     # configs the demo wrote
   richkd train --config configs/cifar100_resnet32x4_resnet8x4_richkd.yaml --set loss.fusion_alpha=0.8
-  richkd cache --config tune_runs/demo/configs/richkd.yaml
   richkd sweep search_spaces/smoke.yaml && richkd export smoke && richkd report smoke
   richkd evaluate tune_runs/demo/kd/student.pt --suite robustness            # the demo's KD student
-  richkd models
 
 `richkd COMMAND --help` shows each command's options and examples.
 """
@@ -65,16 +64,6 @@ def error_message(exc: BaseException) -> str:
     return out
 
 
-def _silence_stdout() -> None:
-    """After a broken pipe (`richkd models | head`), point stdout at /dev/null so that the interpreter's final
-    flush does not raise again (the recipe of Python's signal documentation)."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError, AttributeError):   # stdout without a file descriptor (captured in tests)
-        pass
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -91,7 +80,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{prog}: error: {error_message(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except BrokenPipeError:
-        _silence_stdout()
+        # stdout to /dev/null, so that the interpreter's final flush does not raise again (the recipe of Python's
+        # signal documentation); a stdout without a file descriptor (captured in tests) is left alone
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
     except KeyboardInterrupt as exc:
         next_step = f"; {exc}" if isinstance(exc, Interrupted) and str(exc) else ""

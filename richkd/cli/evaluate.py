@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
 
 from richkd.cli.common import add_command, at_least_one
 
@@ -50,13 +49,11 @@ def add_commands(subparsers) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from richkd.robustness.evaluate import EvaluateRequest, evaluate_checkpoint
+    from richkd.robustness.evaluate import evaluate_checkpoint
     from richkd.robustness.report import format_table
 
     at_least_one(max_samples=args.max_samples, batch_size=args.batch_size)
-    options = vars(args)
-    report, written = evaluate_checkpoint(EvaluateRequest(**{f.name: options[f.name] for f in fields(EvaluateRequest)
-                                                            if f.name in options}))
+    report, written = evaluate_checkpoint(args)
     print(format_table(report))
     for path in written:
         print(f"wrote {path}")

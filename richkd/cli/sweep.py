@@ -92,7 +92,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     specs = tune.load_specs(args.spec, list(args.set) + [f"{k}={v}" for k, v in options.items() if v])
     if args.check:
         for spec in specs.values():
-            _check(spec)
+            warm = tune.load_warm_start(spec)
+            if warm is not None:
+                print(warm.describe())
+            t = spec.tune
+            print(f"spec {spec.name!r} is valid: {len(spec.params)} searched keys, {t.num_samples} samples, "
+                  f"{t.search.algorithm} + {t.scheduler.type} (max_t={spec.max_t}), "
+                  + (f"objectives {', '.join(f'{m} ({d})' for m, d in t.objective_pairs)} (ASHA uses {t.metric}), "
+                     if t.multi_objective else "")
+                  + f"{len(spec.cache_probe_configs)} cache configuration(s); results -> {spec.experiment_path}")
         return 0
     return _run_arms(specs, args) if len(specs) > 1 else _run_one(next(iter(specs.values())), args)
 
@@ -105,17 +113,6 @@ def _run_arms(specs: dict, args: argparse.Namespace) -> int:
                          lambda: f"continue with `richkd sweep --resume {name}{storage}`")
     print(f"arms of {name}: {', '.join(specs)}; compare them with `richkd finalize {name}{storage}`")
     return max(o.exit_code for o in outcomes)
-
-
-def _check(spec) -> None:
-    warm = tune.load_warm_start(spec)
-    if warm is not None:
-        print(warm.describe())
-    print(f"spec {spec.name!r} is valid: {len(spec.params)} searched keys, {spec.tune.num_samples} samples, "
-          f"{spec.tune.search.algorithm} + {spec.tune.scheduler.type} (max_t={spec.max_t}), "
-          + (f"objectives {', '.join(f'{m} ({d})' for m, d in spec.tune.objective_pairs)} (ASHA uses "
-             f"{spec.tune.metric}), " if spec.tune.multi_objective else "") +
-          f"{len(spec.cache_probe_configs)} cache configuration(s); results -> {spec.experiment_path}")
 
 
 def _run_one(spec, args: argparse.Namespace) -> int:
@@ -139,25 +136,22 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_finalize(args: argparse.Namespace) -> int:
-    if tune.read_group(args.sweep, args.storage) is not None:
-        if args.top not in (None, 1):
-            raise UserError(f"finalize {args.sweep}: an arms comparison re-trains each arm's best (top 1); drop --top")
-        at_least_one(seeds=args.seeds, num_cpus=args.num_cpus)
-        comparison = stoppable(lambda: tune.finalize_arms(
-            args.sweep, seeds=args.seeds, storage=args.storage, progress=interactive(), tracking_uri=args.tracking_uri,
-            overrides=args.set, holdout=args.holdout, address=args.address, num_cpus=args.num_cpus, force=args.force),
-                               lambda: f"run `richkd finalize {args.sweep}` again with --force to start over")
-        print(tune.describe_comparison(comparison))
-        return 0
-
+    arms = tune.read_group(args.sweep, args.storage) is not None
+    if arms and args.top not in (None, 1):
+        raise UserError(f"finalize {args.sweep}: an arms comparison re-trains each arm's best (top 1); drop --top")
     at_least_one(top=args.top, seeds=args.seeds, num_cpus=args.num_cpus)
-    result = stoppable(lambda: tune.finalize_sweep(
-        args.sweep, top=args.top, seeds=args.seeds, storage=args.storage, tracking_uri=args.tracking_uri,
-        overrides=args.set, progress=interactive(), out_dir=args.out, holdout=args.holdout, address=args.address,
-        num_cpus=args.num_cpus, force=args.force),
-                       lambda: "the finalists written so far are kept; run it again with --force to replace them, "
-                               "or with --out DIR")
-    print(tune.describe_finalize(result))
+    common = dict(seeds=args.seeds, storage=args.storage, progress=interactive(), tracking_uri=args.tracking_uri,
+                  overrides=args.set, holdout=args.holdout, address=args.address, num_cpus=args.num_cpus,
+                  force=args.force)
+    if arms:
+        print(tune.describe_comparison(stoppable(
+            lambda: tune.finalize_arms(args.sweep, **common),
+            lambda: f"run `richkd finalize {args.sweep}` again with --force to start over")))
+    else:
+        print(tune.describe_finalize(stoppable(
+            lambda: tune.finalize_sweep(args.sweep, top=args.top, out_dir=args.out, **common),
+            lambda: "the finalists written so far are kept; run it again with --force to replace them, or with "
+                    "--out DIR")))
     return 0
 
 

@@ -138,8 +138,6 @@ def cmd_clip_prompts(args: argparse.Namespace) -> int:
 
 
 def cmd_clip_zeroshot(args: argparse.Namespace) -> int:
-    import torch
-
     from richkd.clip import load_clip, load_prompt_set, zero_shot_accuracy
     from richkd.data import build_data, make_loader
     from richkd.device import resolve_device
@@ -152,8 +150,7 @@ def cmd_clip_zeroshot(args: argparse.Namespace) -> int:
     classifier = clip.encode_text_classifier(data.class_names, prompts.templates, clean=cfg.clip.clean_class_names)
     dataset = data.val if args.split == "val" else data.test
     loader = make_loader(dataset, cfg.clip.batch_size, shuffle=False, seed=0)
-    with torch.no_grad():
-        acc = 100.0 * zero_shot_accuracy(clip, loader, classifier.to(device))
+    acc = 100.0 * zero_shot_accuracy(clip, loader, classifier)   # CLIP encodes without gradients
     print(f"CLIP {cfg.clip.model} ({cfg.clip.pretrained}) zero-shot top-1 on {cfg.data.dataset}/{args.split} "
           f"with prompt set {prompts.name!r} ({len(prompts.templates)} templates): {acc:.2f}%")
     return 0
@@ -161,8 +158,6 @@ def cmd_clip_zeroshot(args: argparse.Namespace) -> int:
 
 # ----- parser -----------------------------------------------------------------------------------------------
 
-# The demo writes its stage configs to <--out>/configs/{teacher,kd,richkd}.yaml (default tune_runs/demo), with
-# absolute paths inside, so these examples work from any folder once `richkd demo` has run.
 TRAIN_EPILOG = """examples:
   richkd train --config tune_runs/demo/configs/kd.yaml --set train.epochs=2      # after `richkd demo`
   richkd train --config tune_runs/demo/configs/richkd.yaml --set loss.fusion_alpha=0.8 --out /tmp/r08

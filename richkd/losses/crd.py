@@ -13,8 +13,6 @@ import torch.nn.functional as F
 from richkd.config import ConfigError
 from richkd.fusion import fuse_features
 
-__all__ = ["EmbedHead", "ContrastMemory", "nce_loss", "FusedCRD"]
-
 # other_class draws keep at most this many random keys (B_chunk x N) in memory at once
 _KEYS_PER_CHUNK = 1 << 24
 # other_class draws switch from ranking keys over every other-class row (O(B N) per step) to rejection sampling

@@ -12,8 +12,6 @@ import torch.nn.functional as F
 
 from richkd.losses.kd import standardize_logits
 
-__all__ = ["dkd_loss", "dkd_warmup"]
-
 
 def dkd_warmup(epoch: int, warmup_epochs: int) -> float:
     """The official linear ramp of the DKD weight: ``min(epoch / warmup, 1)`` for 1-based epochs."""

@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["kd_loss", "standardize_logits", "STAND_EPS"]
-
 STAND_EPS = 1e-7  # added to the standard deviation, as in the official code's normalize()
 
 

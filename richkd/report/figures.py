@@ -1,13 +1,10 @@
 """The report's PNG figures. Learning curves and search progress are drawn here (matplotlib Agg, no pyplot); the
 searched values, the importances and the Pareto front are Optuna's own plots (optuna.visualization.matplotlib)
-of the report's study (richkd.report.importance.build_study).
-
-Learning curves: trials that reached max_t (ASHA survivors) are coloured, one colour per trial in rank order, the
-selected best thicker with a star; ASHA-stopped (and unfinished) trials are grey and dashed with an "x" where they
-stopped; failed trials (error / non-finite loss) are red and dotted with an "X"; ASHA's rungs are dotted lines.
+of the report's study (richkd.report.importance.build_study). How the curves are styled: page.py's caption.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import warnings
@@ -97,11 +94,8 @@ def asha_rungs(spec) -> list[int]:
     s = spec.tune.scheduler
     if s.type != "asha":
         return []
-    rungs, t = [], float(s.grace_period)
-    while t < spec.max_t and len(rungs) < 50:
-        rungs.append(int(math.ceil(t - 1e-9)))
-        t *= float(s.reduction_factor)
-    return rungs
+    milestones = (s.grace_period * float(s.reduction_factor) ** k for k in range(50))
+    return [math.ceil(t - 1e-9) for t in itertools.takewhile(lambda t: t < spec.max_t, milestones)]
 
 
 def _better(mode: str) -> str:

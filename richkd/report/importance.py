@@ -124,25 +124,18 @@ def param_importances(params: Sequence, samples: Sequence[tuple[Mapping[str, Any
     return out
 
 
-def choose_epoch(rows: Sequence, metric: str, max_t: int, min_trials: int = MIN_TRIALS) -> tuple[Optional[int], list]:
-    """The last epoch (<= max_t) that at least `min_trials` trials reached with a finite `metric`, and each of
-    those trials with its value then: (epoch, [(row, value), ...]); (None, []) when no epoch qualifies."""
-    curves = [(r, dict(curve(r, metric))) for r in rows]
-    for epoch in range(int(max_t), 0, -1):
-        reached = [(r, c[epoch]) for r, c in curves if epoch in c]
-        if len(reached) >= min_trials:
-            return epoch, reached
-    return None, []
-
-
 def sweep_importances(data, min_trials: int = MIN_TRIALS) -> Importances:
     """Importances for a ReportData (see module doc for how trials are scored)."""
     spec = data.spec
     if not spec.params:
         return Importances(notes=["the sweep searched no parameters"])
-    epoch, reached = choose_epoch(data.rows, data.metric, spec.max_t, min_trials)
-    if epoch is None:
-        finite = [len(curve(r, data.metric)) for r in data.rows]
+    curves = [(r, dict(curve(r, data.metric))) for r in data.rows]
+    for epoch in range(int(spec.max_t), 0, -1):   # the last epoch min_trials trials reached with a finite value
+        reached = [(r, c[epoch]) for r, c in curves if epoch in c]
+        if len(reached) >= min_trials:
+            break
+    else:
+        finite = [len(c) for _, c in curves]
         return Importances(notes=[f"too few trials for parameter importances: no epoch was reached by {min_trials} "
                                   f"trials with a finite {data.metric} ({sum(n > 0 for n in finite)} trial(s) have "
                                   f"any finite value, the longest ran {max(finite, default=0)} epoch(s)); run more "

@@ -138,21 +138,14 @@ def header_html(data, mlflow_note: str) -> str:
     else:
         parts.append(f"<div><strong>No best configuration yet</strong>: no trial reached max_t = {esc(spec.max_t)} "
                      f"epochs with a finite {esc(data.metric)}.</div>")
-    links = []
-    for name in ("best_config.yaml", "best_trial.json", "leaderboard.csv"):
-        f = data.export_dir / name
-        if f.is_file():
-            links.append(f'<a href="{esc(_rel(f, data.out_dir))}">{esc(name)}</a>')
+    exported = [data.export_dir / name for name in ("best_config.yaml", "best_trial.json", "leaderboard.csv")]
+    links = [f'<a href="{esc(_rel(f, data.out_dir))}">{esc(f.name)}</a>' for f in exported if f.is_file()]
     search = (f"{t.search.algorithm} search (seed {t.search.seed}), {t.scheduler.type}"
               + (f" (grace {t.scheduler.grace_period}, reduction factor {t.scheduler.reduction_factor:g})"
                  if t.scheduler.type == "asha" else "") + f", max_t = {spec.max_t} epochs")
-    meta_lines = [esc(search),
-                  f"experiment folder <code>{esc(data.experiment_path)}</code>",
-                  esc(mlflow_note)]
-    if links:
-        meta_lines.append("exported: " + " · ".join(links))
-    else:
-        meta_lines.append(f"not exported yet: <code>richkd export {esc(spec.name)}</code> writes best_config.yaml")
+    meta_lines = [esc(search), f"experiment folder <code>{esc(data.experiment_path)}</code>", esc(mlflow_note),
+                  "exported: " + " · ".join(links) if links else
+                  f"not exported yet: <code>richkd export {esc(spec.name)}</code> writes best_config.yaml"]
     parts.append('<p class="meta">' + "<br>".join(meta_lines) + "</p></section>")
     return "".join(parts)
 

@@ -79,6 +79,3 @@ class CorruptionFolder:
         rows = (severity - 1) * self.n + torch.as_tensor(positions, dtype=torch.int64).numpy()
         block = np.array(self._open(name)[rows])          # a writable in-memory copy of the rows
         return torch.from_numpy(block).permute(0, 3, 1, 2).contiguous()
-
-    def __repr__(self) -> str:
-        return f"CorruptionFolder({str(self.root)!r}, n={self.n}, corruptions={list(self.corruptions)})"

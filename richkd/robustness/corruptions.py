@@ -282,9 +282,3 @@ def pixelate(x: torch.Tensor, factor: float, seeds: torch.Tensor) -> torch.Tenso
     out = [[np.asarray(Image.fromarray(c).resize(small, Image.BOX).resize((w, h), Image.BOX))
             for c in image] for image in planes]
     return torch.from_numpy(np.array(out)).to(device=x.device, dtype=x.dtype)
-
-
-# The one list of names is richkd.config.CORRUPTION_NAMES (the config validates against it without importing
-# torch); the tables (in its order) and the implementations must be exactly those.
-if tuple(SEVERITY_PARAMS) != CORRUPTION_NAMES or CORRUPTIONS.names() != sorted(CORRUPTION_NAMES):  # pragma: no cover
-    raise ImportError("richkd.config.CORRUPTION_NAMES, SEVERITY_PARAMS and the registered corruptions differ")

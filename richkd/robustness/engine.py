@@ -19,11 +19,10 @@ SHORT = ("top1", "top5", "loss", "ece", "n")   # the metrics kept per corruption
 
 @dataclass
 class EvalResult:
-    """clean: ClassificationMeter metrics on the clean images; confidence / correct: (n,) max-softmax probability
-    and correctness per clean image (reliability bins); corrupted: corruption -> severity -> SHORT metrics."""
+    """clean: ClassificationMeter metrics on the clean images; calibration: their reliability bins; corrupted:
+    corruption -> severity -> SHORT metrics."""
     clean: dict
-    confidence: torch.Tensor
-    correct: torch.Tensor
+    calibration: dict
     corrupted: dict = field(default_factory=dict)
 
 
@@ -76,23 +75,18 @@ def evaluate_model(model, dataset, mean: Sequence[float], std: Sequence[float], 
     positions = select_positions(len(dataset), dataset.targets, max_samples, seed)
     clean = ClassificationMeter(n_bins=n_bins, confidence_threshold=confidence_threshold)
     meters = {c: {s: ClassificationMeter(n_bins=n_bins) for s in severities} for c in corruptions}
-    confidence, correct = [], []
     with _eval_mode(model):
         for chunk in positions.split(batch_size):
             images, targets, index = dataset.get_batch(chunk)
             if target_map is not None:
                 targets = torch.as_tensor(target_map, dtype=torch.int64)[targets]
             images, targets = images.to(device), targets.to(device)
-            logits = _logits(model, images, mean, std)
-            clean.update(logits, targets)
-            conf, pred = logits.softmax(dim=1).max(dim=1)
-            confidence.append(conf.cpu())
-            correct.append(pred.eq(targets).cpu())
+            clean.update(_logits(model, images, mean, std), targets)
             for c in corruptions:
                 for s in severities:
                     meters[c][s].update(_logits(model, corrupt(images, c, s, seed=seed, index=index), mean, std),
                                         targets)
-    return EvalResult(clean=clean.compute(), confidence=torch.cat(confidence), correct=torch.cat(correct),
+    return EvalResult(clean=clean.compute(), calibration=clean.bins(),
                       corrupted={c: {s: _short(meters[c][s]) for s in severities} for c in corruptions})
 
 

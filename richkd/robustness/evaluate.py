@@ -5,10 +5,10 @@ reference, unreadable shift data) is detected before any file is written, so a f
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import re
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -19,7 +19,6 @@ from richkd.config import Config, ConfigError
 from richkd.data import build_data
 from richkd.device import resolve_device
 from richkd.io import atomic_write_text, ensure_writable, load_problem, quiet_torch_load
-from richkd.metrics import reliability_bins
 from richkd.models import CheckpointError, load_teacher
 from richkd.robustness.cifar_c import CorruptionFolder
 from richkd.robustness.corruptions import parse_corruptions, parse_severities
@@ -32,31 +31,7 @@ log = logging.getLogger(__name__)
 REPORT_FILE = "robustness.json"
 DIAGRAM_FILE = "reliability.png"
 SHIFT_DIAGRAM_FILE = "reliability_shift.png"
-DEFAULT_EXPERIMENT = "richkd-evaluate"
-
-
-@dataclass(frozen=True)
-class EvaluateRequest:
-    """The `richkd evaluate` arguments (its --help describes them; argparse checked suite, split and counts).
-    Every suite writes robustness.json and reliability.png (clean split); corruptions and robustness add the
-    corruption tables (mCE with a reference), shift and robustness (given shift_config) the shifted dataset."""
-    checkpoint: str
-    suite: str = "robustness"
-    config: Optional[str] = None
-    shift_config: Optional[str] = None
-    reference: Optional[str] = None
-    corruption_dir: Optional[str] = None
-    corruptions: Optional[str | Sequence[str]] = None
-    severities: Optional[str | Sequence[int]] = None
-    split: str = "val"
-    max_samples: Optional[int] = None
-    seed: int = 0
-    device: Optional[str] = None
-    batch_size: Optional[int] = None
-    n_bins: int = 15
-    out: Optional[str] = None
-    mlflow_uri: Optional[str] = None
-    mlflow_experiment: str = DEFAULT_EXPERIMENT
+N_BINS = 15   # reliability bins (Guo et al. 2017 use 15)
 
 
 # ----- inputs ---------------------------------------------------------------------------------------
@@ -122,8 +97,18 @@ def _split(data, split: str):
     return dataset
 
 
-def _validate(req: EvaluateRequest) -> None:
-    corr = req.suite in ("corruptions", "robustness")
+# ----- the command ----------------------------------------------------------------------------------
+
+def evaluate_checkpoint(req: argparse.Namespace) -> tuple[dict, list[Path]]:
+    """Run the requested suite; write robustness.json + reliability PNG(s) into the output folder. `req`: the
+    `richkd evaluate` arguments (richkd/cli/evaluate.py; argparse checked suite, split and counts). Every suite
+    writes robustness.json and reliability.png (clean split); corruptions and robustness add the corruption tables
+    (mCE with a reference), shift and robustness (given shift_config) the shifted dataset.
+
+    Returns (report, written paths). Raises ValueError subclasses (ConfigError, CheckpointError,
+    DatasetNotFoundError, CorruptionError, ...) for user errors, always before anything is written.
+    """
+    with_corruptions = req.suite in ("corruptions", "robustness")
     if req.suite == "shift" and not req.shift_config:
         raise ValueError("--suite shift needs --shift-config CFG (a config whose data section names another "
                          "dataset with the same classes)")
@@ -131,22 +116,11 @@ def _validate(req: EvaluateRequest) -> None:
         raise ValueError(f"--shift-config is used by --suite shift or robustness, not {req.suite}")
     for flag, value in (("--reference", req.reference), ("--corruption-dir", req.corruption_dir),
                         ("--corruptions", req.corruptions), ("--severities", req.severities)):
-        if value is not None and not corr:
+        if value is not None and not with_corruptions:
             raise ValueError(f"{flag} is used by --suite corruptions or robustness, not {req.suite}")
     if req.corruption_dir and req.split != "test":
         raise ValueError("--corruption-dir holds corrupted TEST images (CIFAR-C release); add --split test so the "
                          "clean and corrupted numbers describe the same images (never select models on them)")
-
-
-# ----- the command ----------------------------------------------------------------------------------
-
-def evaluate_checkpoint(req: EvaluateRequest) -> tuple[dict, list[Path]]:
-    """Run the requested suite; write robustness.json + reliability PNG(s) into the output folder.
-
-    Returns (report, written paths). Raises ValueError subclasses (ConfigError, CheckpointError,
-    DatasetNotFoundError, CorruptionError, ...) for user errors, always before anything is written.
-    """
-    _validate(req)
     ckpt = Path(req.checkpoint).expanduser()
     if not ckpt.is_file():
         raise CheckpointError(f"checkpoint {str(ckpt)!r} does not exist; pass the student.pt written by "
@@ -154,7 +128,6 @@ def evaluate_checkpoint(req: EvaluateRequest) -> tuple[dict, list[Path]]:
     cfg, cfg_source = resolve_config(ckpt, req.config)
     if req.device:
         cfg = cfg.with_overrides({"device": req.device})
-    with_corruptions = req.suite in ("corruptions", "robustness")
     severities = parse_severities(req.severities) if with_corruptions else ()
     reference = load_reference(req.reference) if req.reference else None
     folder = CorruptionFolder(req.corruption_dir) if req.corruption_dir else None
@@ -183,19 +156,19 @@ def evaluate_checkpoint(req: EvaluateRequest) -> tuple[dict, list[Path]]:
                               "trained on")
     model, sha = load_teacher(arch, ckpt, data.num_classes, map_location=device)
 
-    shift_data = target_map = None
+    shift_set = target_map = None
     if shift_cfg is not None:
         if shift_cfg.data.image_size != cfg.data.image_size:
             log.warning("shift config image_size %d -> %d (the model's input size)", shift_cfg.data.image_size,
                         cfg.data.image_size)
             shift_cfg = shift_cfg.with_overrides({"data.image_size": cfg.data.image_size})
         shift_data = build_data(shift_cfg.data)
-        _split(shift_data, req.split)
+        shift_set = _split(shift_data, req.split)
         target_map = class_mapping(shift_data.class_names, data.class_names)
 
     batch_size = req.batch_size or cfg.data.eval_batch_size
     threshold = cfg.loss.confidence_threshold
-    common = dict(seed=req.seed, max_samples=req.max_samples, batch_size=batch_size, n_bins=req.n_bins)
+    common = dict(seed=req.seed, max_samples=req.max_samples, batch_size=batch_size, n_bins=N_BINS)
     res = evaluate_model(model, dataset, data.mean, data.std, device,
                          corruptions=names if (with_corruptions and folder is None) else (),
                          severities=severities, confidence_threshold=threshold, **common)
@@ -211,7 +184,7 @@ def evaluate_checkpoint(req: EvaluateRequest) -> tuple[dict, list[Path]]:
         "suite": req.suite, "seed": req.seed, "max_samples": req.max_samples, "device": str(device),
         "confidence_threshold": threshold, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "clean": dict(res.clean),
-        "calibration": reliability_bins(res.confidence, res.correct, req.n_bins),
+        "calibration": res.calibration,
         "config": cfg.to_dict(),
     }
     flat = corruption_metrics(corrupted) if with_corruptions else {}
@@ -224,14 +197,14 @@ def evaluate_checkpoint(req: EvaluateRequest) -> tuple[dict, list[Path]]:
                             data.name, req.split)
             errors = {c: {s: 100.0 - m["top1"] for s, m in by.items()} for c, by in corrupted.items()}
             report["corruptions"]["reference"] = compare_to_reference(errors, 100.0 - res.clean["top1"], reference)
-    if shift_data is not None:
-        shift_res = evaluate_model(model, _split(shift_data, req.split), data.mean, data.std, device,
+    if shift_set is not None:
+        shift_res = evaluate_model(model, shift_set, data.mean, data.std, device,
                                    confidence_threshold=threshold, target_map=target_map, **common)
         report["shift"] = {
             **dict(shift_res.clean), "dataset": shift_data.name, "data_origin": shift_data.origin,
             "split": req.split, "config": str(req.shift_config), "classes": list(shift_data.class_names),
             "top1_drop": shift_res.clean["top1"] - res.clean["top1"],
-            "calibration": reliability_bins(shift_res.confidence, shift_res.correct, req.n_bins),
+            "calibration": shift_res.calibration,
         }
     report["metrics"] = _flat_metrics(report, flat)
     report = json.loads(json.dumps(report), parse_constant=lambda _: None)   # NaN/inf -> null: strict JSON
