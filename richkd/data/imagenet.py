@@ -37,6 +37,10 @@ class ImageNetLayoutError(DatasetNotFoundError):
     """The folder is not in ImageNet layout, its class names are unknown, or it holds bad image files."""
 
 
+def _first(items: list, sep: str = ", ") -> str:
+    return sep.join(map(str, items[:5])) + (" ..." if len(items) > 5 else "")
+
+
 @functools.lru_cache(maxsize=1)
 def imagenet_wnids() -> tuple[str, ...]:
     """The 1000 ImageNet-1k wnids in label order (sorted), shipped with richkd (timm ships the same list)."""
@@ -101,8 +105,8 @@ def check_layout(root: Path) -> tuple[list[str], list[str]]:
         classes[split] = dirs
     unknown = sorted(set(classes["val"]) - set(classes["train"]))
     if unknown:
-        raise ImageNetLayoutError(f"imagenet: {root / 'val'} has classes that train/ lacks: {', '.join(unknown[:5])}"
-                                  f"{' ...' if len(unknown) > 5 else ''}; val/ classes must be a subset of train/'s")
+        raise ImageNetLayoutError(f"imagenet: {root / 'val'} has classes that train/ lacks: {_first(unknown)}; "
+                                  "val/ classes must be a subset of train/'s")
     return classes["train"], classes["val"]
 
 
@@ -172,27 +176,24 @@ def read_class_map(path: Path, classes: list[str]) -> list[str]:
     missing = [c for c in classes if c not in mapping]
     if missing:
         raise ImageNetLayoutError(f"class-name map {path} has no line for {len(missing)} class folder(s): "
-                                  f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; add "
-                                  "`folder<TAB>name` lines for them")
+                                  f"{_first(missing)}; add `folder<TAB>name` lines for them")
     return [mapping[c] for c in classes]
 
 
 def class_names_for(cfg: DataConfig, root: Path, classes: list[str]) -> list[str]:
     """Human-readable names of the class folders (see the module docstring for the order of sources)."""
-    if cfg.class_names:
-        path = Path(cfg.class_names).expanduser()
-        if not path.is_file():
-            raise ImageNetLayoutError(f"data.class_names: file {str(path)!r} does not exist; give a file of "
-                                      "`folder<TAB>name` lines, or null to use the ImageNet-1k names")
+    path = Path(cfg.class_names).expanduser() if cfg.class_names else root / CLASS_MAP_FILE
+    if path.is_file():
         return read_class_map(path, classes)
-    if (root / CLASS_MAP_FILE).is_file():
-        return read_class_map(root / CLASS_MAP_FILE, classes)
+    if cfg.class_names:
+        raise ImageNetLayoutError(f"data.class_names: file {str(path)!r} does not exist; give a file of "
+                                  "`folder<TAB>name` lines, or null to use the ImageNet-1k names")
     index = {w: i for i, w in enumerate(imagenet_wnids())}
     unknown = [c for c in classes if c not in index]
     if unknown:
         raise ImageNetLayoutError(
-            f"imagenet: no class-name map for {root}: folder(s) {', '.join(unknown[:5])}"
-            f"{' ...' if len(unknown) > 5 else ''} are not ImageNet-1k wnids, and there is no {root / CLASS_MAP_FILE}."
+            f"imagenet: no class-name map for {root}: folder(s) {_first(unknown)} are not ImageNet-1k wnids, and "
+            f"there is no {root / CLASS_MAP_FILE}."
             f" CLIP's prompts need a name per class: write {CLASS_MAP_FILE} there (one `folder<TAB>name` line per "
             "class) or set data.class_names to such a file")
     names = imagenet_class_names()
@@ -201,21 +202,6 @@ def class_names_for(cfg: DataConfig, root: Path, classes: list[str]) -> list[str
 
 # ----- splits -----------------------------------------------------------------------------------------------
 
-def _keep(arrays: dict, split: str, cfg: DataConfig, root: Path) -> np.ndarray:
-    """Rows of a split to use: all good files; bad ones are an error or skipped, as data.bad_images says."""
-    status = np.asarray(arrays[f"{split}_status"])
-    bad = np.flatnonzero(status != 0)
-    if len(bad) and cfg.bad_images == "error":
-        listed = "; ".join(f"{bytes(arrays[f'{split}_rel'][i]).decode()}: {STATUS[status[i]]}" for i in bad[:5])
-        raise ImageNetLayoutError(
-            f"imagenet: {len(bad)} unreadable image file(s) under {root}: {listed}{' ...' if len(bad) > 5 else ''}. "
-            "Replace or delete them, or set data.bad_images: skip to leave them out (the count is logged)")
-    if len(bad):
-        log.warning("imagenet: skipping %d unreadable %s image(s) under %s (data.bad_images: skip), e.g. %s",
-                    len(bad), split, root, bytes(arrays[f"{split}_rel"][bad[0]]).decode())
-    return np.flatnonzero(status == 0)
-
-
 def load_imagenet_splits(cfg: DataConfig) -> Splits:
     """The train (train/) and test (val/) splits of an ImageNet-layout folder as PhotoSources."""
     root = Path(cfg.root or "").expanduser().resolve()
@@ -223,9 +209,19 @@ def load_imagenet_splits(cfg: DataConfig) -> Splits:
     classes = [bytes(c).decode() for c in arrays["classes"]]
     names = class_names_for(cfg, root, classes)
     sources, skipped = {}, 0
-    for split in ("train", "val"):
-        keep = _keep(arrays, split, cfg, root)
-        skipped += len(arrays[f"{split}_status"]) - len(keep)
+    for split in ("train", "val"):   # bad files are an error, or skipped, as data.bad_images says
+        status = np.asarray(arrays[f"{split}_status"])
+        bad = np.flatnonzero(status != 0)
+        named = [f"{bytes(arrays[f'{split}_rel'][i]).decode()}: {STATUS[status[i]]}" for i in bad[:6]]
+        if len(bad) and cfg.bad_images == "error":
+            raise ImageNetLayoutError(
+                f"imagenet: {len(bad)} unreadable image file(s) under {root}: {_first(named, '; ')}. Replace or "
+                "delete them, or set data.bad_images: skip to leave them out (the count is logged)")
+        if len(bad):
+            log.warning("imagenet: skipping %d unreadable %s image(s) under %s (data.bad_images: skip), e.g. %s",
+                        len(bad), split, root, named[0])
+        keep = np.flatnonzero(status == 0)
+        skipped += len(bad)
         rel = arrays[f"{split}_rel"] if len(keep) == len(arrays[f"{split}_rel"]) else arrays[f"{split}_rel"][keep]
         sources[split] = PhotoSource(str(root), rel, np.asarray(arrays[f"{split}_size"])[keep],
                                      torch.from_numpy(np.asarray(arrays[f"{split}_label"])[keep]), cfg.decode,
