@@ -127,11 +127,8 @@ def estimate_caches(cfg: Config, images: Optional[int] = None, num_classes: Opti
 
 
 def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000.0
-    return f"{n:.1f} TB"  # pragma: no cover
+    k = min(4, int(math.log10(max(n, 1))) // 3)    # B, KB, MB, GB, TB
+    return f"{n / 1000 ** k:.1f} {' KMGT'[k]}B" if k else f"{int(n)} B"
 
 
 def _duration(s: float) -> str:

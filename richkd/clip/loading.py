@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 
 LOCAL_DIR_PREFIX = "local-dir:"
 HF_HUB_PREFIX = "hf-hub:"
-PRECISIONS = ("fp32", "fp16", "bf16")
 WEIGHTS_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz")
 
 
@@ -222,8 +221,7 @@ def check_weights(model_name: str, pretrained: str) -> None:
     _resolve(str(model_name).strip(), str(pretrained or "").strip(), fetch=False)
 
 
-def load_clip(model_name: str, pretrained: str, device: str | torch.device = "cpu", *,
-              precision: str = "fp32") -> ClipTeacher:
+def load_clip(model_name: str, pretrained: str, device: str | torch.device = "cpu") -> ClipTeacher:
     """Frozen (eval, requires_grad False) CLIP teacher on `device`.
 
     `pretrained`: an open_clip tag ("openai", "laion2b_s34b_b79k", ...), a local weights file, or
@@ -234,15 +232,13 @@ def load_clip(model_name: str, pretrained: str, device: str | torch.device = "cp
     """
     import open_clip
 
-    if precision not in PRECISIONS:
-        raise ClipLoadError(f"unknown CLIP precision {precision!r}; use one of {PRECISIONS}")
     model_name, pretrained = str(model_name).strip(), str(pretrained or "").strip()
     build = _resolve(model_name, pretrained, fetch=True)
     if build.quick_gelu and not build.name.endswith("quickgelu"):
         log.info("%s/%s was trained with QuickGELU: building the model with QuickGELU", build.name, pretrained)
     try:
         model = open_clip.create_model(
-            build.name, pretrained=build.pretrained, device=torch.device(device), precision=precision,
+            build.name, pretrained=build.pretrained, device=torch.device(device),
             force_quick_gelu=build.quick_gelu, force_preprocess_cfg=build.preprocess, require_pretrained=True,
             weights_only=True,
         )
