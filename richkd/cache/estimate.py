@@ -55,15 +55,6 @@ class CacheEstimate:
         return max(decode, self.seconds.get("teacher", 0.0) + self.seconds.get("clip", 0.0))
 
 
-def _clip_arch(cfg: Config):
-    """(model, embed dim) of cfg.clip.model with random weights: its speed and width, without the weights file."""
-    import open_clip
-
-    register_tiny_config()
-    model = open_clip.create_model(cfg.clip.model, pretrained=None, device="cpu")
-    return model, int(open_clip.get_model_config(cfg.clip.model)["embed_dim"])
-
-
 def _rate(fn, batch, repeats: int = 2) -> float:
     """Items per second of fn(batch) after one warm-up call; on CUDA the clock stops when the kernels are done,
     not when they are launched."""
@@ -93,8 +84,12 @@ def estimate_caches(cfg: Config, images: Optional[int] = None, num_classes: Opti
     est.entries["teacher"] = {"logits": 2 * c if k is None else topk_nbytes(k), "feat": 2 * teacher.feat_dim,
                                "boxes": BOX_BYTES}
     clip_model = None
-    if cfg.uses_clip:
-        clip_model, dim = _clip_arch(cfg)
+    if cfg.uses_clip:   # random weights: only the architecture's speed and width matter, not the weights file
+        import open_clip
+
+        register_tiny_config()
+        clip_model = open_clip.create_model(cfg.clip.model, pretrained=None, device="cpu")
+        dim = int(open_clip.get_model_config(cfg.clip.model)["embed_dim"])
         est.entries["clip-image"] = {"feat": 2 * dim, "boxes": BOX_BYTES}
     if not calibrate:
         return est

@@ -141,20 +141,6 @@ def _fetch(fetch: Callable[[], str], arch: str, tag: str, source: str, quick_gel
             "clip.pretrained=PATH.") from None
 
 
-def _resolve_arch(model_name: str) -> str:
-    import open_clip
-
-    arch = model_name.replace("/", "-")  # OpenAI spells ViT-L/14, open_clip ViT-L-14
-    known = open_clip.list_models()
-    if arch in known:
-        return arch
-    by_lower = {name.lower(): name for name in known}
-    close = [by_lower[c] for c in difflib.get_close_matches(arch.lower(), list(by_lower), n=5, cutoff=0.6)]
-    hint = f" Close names: {', '.join(close)}." if close else ""
-    raise ClipLoadError(f"unknown CLIP architecture {model_name!r} (clip.model).{hint} "
-                        f"See open_clip.list_models() for all {len(known)} names, e.g. ViT-B-32, ViT-L-14.")
-
-
 def _resolve(model_name: str, pretrained: str, fetch: bool) -> _Build:
     """What open_clip is asked to build; ClipLoadError for an unknown architecture or tag, a missing file or
     folder, or weights neither cached nor downloadable. fetch=False (the pre-checks) downloads nothing: offline,
@@ -190,7 +176,13 @@ def _resolve(model_name: str, pretrained: str, fetch: bool) -> _Build:
     if ref.kind == "file" and not ref.path.is_file():
         raise ClipLoadError(f"clip.pretrained: file {pretrained!r} does not exist (create the offline tiny CLIP with "
                             "`richkd clip init-tiny PATH`, or use a tag such as openai)")
-    arch = _resolve_arch(model_name)
+    arch, known = model_name.replace("/", "-"), open_clip.list_models()  # OpenAI spells ViT-L/14, open_clip ViT-L-14
+    if arch not in known:
+        by_lower = {name.lower(): name for name in known}
+        close = [by_lower[c] for c in difflib.get_close_matches(arch.lower(), list(by_lower), n=5, cutoff=0.6)]
+        hint = f" Close names: {', '.join(close)}." if close else ""
+        raise ClipLoadError(f"unknown CLIP architecture {model_name!r} (clip.model).{hint} "
+                            f"See open_clip.list_models() for all {len(known)} names, e.g. ViT-B-32, ViT-L-14.")
     if ref.kind == "file":
         return _Build(arch, ref.path, pretrained=str(ref.path))
     tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)

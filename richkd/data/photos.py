@@ -84,16 +84,11 @@ def rrc_box(height: int, width: int, seed: int) -> tuple[int, int, int, int, int
     return int(top), int(left), int(h), int(w), flip
 
 
-def centre_box(height: int, width: int) -> tuple[int, int, int, int, int]:
-    """The region of the original image that Resize(S / 0.875) + CenterCrop(S) shows, as an unflipped box."""
-    side = max(1, min(height, width, int(round(min(height, width) * EVAL_CROP_FRACTION))))
-    return (height - side) // 2, (width - side) // 2, side, side, 0
-
-
 def view_box(seed: int, row: int, view: int, height: int, width: int) -> tuple[int, ...]:
     """The fixed box of FKD-style view `view` of `row`: view 0 the centre crop, others RandomResizedCrop."""
-    if view == 0:
-        return centre_box(height, width)
+    if view == 0:   # the region Resize(S / 0.875) + CenterCrop(S) shows, unflipped
+        side = max(1, min(height, width, int(round(min(height, width) * EVAL_CROP_FRACTION))))
+        return (height - side) // 2, (width - side) // 2, side, side, 0
     return rrc_box(height, width, int(view_hash(seed, np.array([row]), np.array([view]))[0] >> np.uint64(1)))
 
 
@@ -173,21 +168,6 @@ class PhotoSplit(SplitBase):
     decodes_per_batch = True    # full-size photos are never device-resident (richkd.data.resident)
     stored: Optional[Any] = None
 
-    def boxes_for(self, rows: torch.Tensor, views: torch.Tensor, dims: list[tuple[int, int]]) -> np.ndarray:
-        """int32 (B, 7) box records (BOX_FIELDS) of (row, view) pairs for images of the given (H, W)."""
-        if self.stored is not None:
-            records = np.asarray(self.stored.boxes(rows.numpy(), views.numpy()), dtype=np.int32)
-            for k, (hw, rec) in enumerate(zip(dims, records)):
-                if tuple(int(v) for v in rec[5:7]) != hw:
-                    path = self.source.path(int(rows[k]))
-                    raise BadImageError(
-                        f"{path} decodes to {hw[0]}x{hw[1]} px but the view boxes in {self.stored.origin} were "
-                        f"drawn for {rec[5]}x{rec[6]} px: the cache was built for other images. Delete that "
-                        "folder and rebuild it with `richkd cache`")
-            return records
-        return np.asarray([(*view_box(self.views.seed, int(r), int(v), h, w), h, w)
-                           for r, v, (h, w) in zip(rows.tolist(), views.tolist(), dims)], dtype=np.int32)
-
     def get_view_batch(self, positions: torch.Tensor, generator: Optional[torch.Generator] = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Images as uint8 (B, 3, S, S): the loader's workers send a quarter of float32's bytes."""
@@ -195,8 +175,19 @@ class PhotoSplit(SplitBase):
         rows = self.indices.index_select(0, positions)
         images = [self.source.decode(int(r)) for r in rows]
         size, views = self.image_size, self.draw_views(rows, generator)
-        if views is not None:
-            boxes = self.boxes_for(rows, views, [image_hw(im) for im in images])
+        if views is not None:   # int32 (B, 7) box records (BOX_FIELDS), stored or drawn for each image's size
+            dims = [image_hw(im) for im in images]
+            if self.stored is None:
+                boxes = [(*view_box(self.views.seed, r, v, h, w), h, w)
+                         for r, v, (h, w) in zip(rows.tolist(), views.tolist(), dims)]
+            else:
+                boxes = np.asarray(self.stored.boxes(rows.numpy(), views.numpy()), dtype=np.int32)
+                for k, (hw, rec) in enumerate(zip(dims, boxes)):
+                    if tuple(int(v) for v in rec[5:7]) != hw:
+                        raise BadImageError(
+                            f"{self.source.path(int(rows[k]))} decodes to {hw[0]}x{hw[1]} px but the view boxes in "
+                            f"{self.stored.origin} were drawn for {rec[5]}x{rec[6]} px: the cache was built for "
+                            "other images. Delete that folder and rebuild it with `richkd cache`")
             crops = [crop_box(im, box, size) for im, box in zip(images, boxes)]
         elif self.augment:
             seeds = torch.randint(0, 2**62, rows.shape, generator=generator).tolist()

@@ -166,12 +166,10 @@ def load_cifar(cfg: DataConfig) -> Splits:
 
 @functools.lru_cache(maxsize=4)
 def _read_cifar(cls, dataset: str, root: Path, folder: Path, download: bool, stamp: tuple) -> Splits:
-    from urllib.error import URLError
-
     try:
         train = cls(str(root), train=True, download=download)
         test = cls(str(root), train=False, download=False)
-    except (URLError, OSError) as exc:
+    except OSError as exc:   # a URLError too
         raise DatasetNotFoundError(
             f"{dataset}: downloading {cls.url} into {root} failed ({exc}). Without network access, download "
             f"{cls.filename} elsewhere and extract it into {root} so that {folder} exists.") from None
@@ -230,7 +228,14 @@ def load_fashion_mnist(cfg: DataConfig) -> Splits:
     candidates = [root / "FashionMNIST" / "raw", *([root] if cfg.root else
                                                    [root / "fashion-mnist", DEBIAN_FASHION_MNIST_DIR])]
     if cfg.download and not any(_idx_files(folder) for folder in candidates):
-        _download_fashion_mnist(root)       # into root/FashionMNIST/raw, the first candidate
+        from torchvision.datasets import FashionMNIST
+
+        try:    # torchvision's download, kept unzipped in root/FashionMNIST/raw, the first candidate
+            FashionMNIST(str(root), train=True, download=True)
+        except (OSError, RuntimeError) as exc:   # URLError is an OSError
+            raise DatasetNotFoundError(
+                f"fashion_mnist: downloading into {root} failed ({exc}). Offline, install Debian's package instead: "
+                "`sudo apt-get install dataset-fashion-mnist` and keep data.root null.") from None
     for folder in candidates:
         files = _idx_files(folder)
         if files is not None:
@@ -244,24 +249,20 @@ def load_fashion_mnist(cfg: DataConfig) -> Splits:
         f"{root / 'FashionMNIST' / 'raw'}, or put the four files in a folder and set data.root to it.")
 
 
-def _decode_fashion_idx(files: dict[str, Path], folder: Path) -> dict[str, np.ndarray]:
-    """{"<split>_images": (N, 28, 28) uint8, "<split>_labels": (N,) uint8} read and checked from the IDX files."""
-    arrays = {}
-    for split, (img_name, lbl_name) in FASHION_MNIST_FILES.items():
-        images = read_idx(files[img_name])
-        labels = read_idx(files[lbl_name])
-        if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-            raise DatasetNotFoundError(f"{folder}: {img_name} {images.shape} and {lbl_name} {labels.shape} do not "
-                                       "match; reinstall or re-download the files")
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
-    return arrays
-
-
 @functools.lru_cache(maxsize=4)
 def _read_fashion_idx(files: tuple[tuple[str, Path], ...], folder: Path, stamp: tuple) -> Splits:
+    def decode() -> dict[str, np.ndarray]:   # "<split>_images" (N, 28, 28) and "<split>_labels" (N,), checked
+        arrays = {}
+        for split, (img_name, lbl_name) in FASHION_MNIST_FILES.items():
+            images, labels = read_idx(dict(files)[img_name]), read_idx(dict(files)[lbl_name])
+            if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+                raise DatasetNotFoundError(f"{folder}: {img_name} {images.shape} and {lbl_name} {labels.shape} do "
+                                           "not match; reinstall or re-download the files")
+            arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
+        return arrays
+
     # fresh trial processes memory-map the decoded arrays instead of un-gzipping ~30 MB each (richkd.data.decoded)
-    arrays = cached_arrays("fashion_mnist", [path for _, path in files],
-                           lambda: _decode_fashion_idx(dict(files), folder))
+    arrays = cached_arrays("fashion_mnist", [path for _, path in files], decode)
     sources = {}
     for split in FASHION_MNIST_FILES:
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
@@ -270,20 +271,6 @@ def _read_fashion_idx(files: tuple[tuple[str, Path], ...], folder: Path, stamp: 
         sources[split] = TensorSource(img, torch.from_numpy(labels.astype(np.int64)), origin=f"{folder} ({split})")
     log.info("fashion_mnist: loaded %d train / %d test images from %s", len(sources["train"]), len(sources["test"]), folder)
     return Splits(sources["train"], sources["test"], list(FASHION_MNIST_CLASSES), str(folder))
-
-
-def _download_fashion_mnist(root: Path) -> None:
-    """torchvision's download of the four IDX files (kept unzipped in root/FashionMNIST/raw)."""
-    from urllib.error import URLError
-
-    from torchvision.datasets import FashionMNIST
-
-    try:
-        FashionMNIST(str(root), train=True, download=True)
-    except (URLError, OSError, RuntimeError) as exc:
-        raise DatasetNotFoundError(
-            f"fashion_mnist: downloading into {root} failed ({exc}). Offline, install Debian's package instead: "
-            "`sudo apt-get install dataset-fashion-mnist` and keep data.root null.") from None
 
 
 # ----- ImageFolder ----------------------------------------------------------------------------------

@@ -22,13 +22,6 @@ class CheckpointError(ValueError):
     """A weight file is missing, unreadable, or does not fit the requested architecture."""
 
 
-def _listing(items: list[str]) -> str:
-    shown = ", ".join(items[:_MAX_LISTED])
-    if len(items) > _MAX_LISTED:
-        shown += f", ... ({len(items) - _MAX_LISTED} more)"
-    return shown
-
-
 def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
@@ -67,7 +60,9 @@ def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], name: str, n
     problems = {"missing": [k for k in expected if k not in sd], "unexpected": [k for k in sd if k not in expected],
                 "mis-shaped": [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
                                for k, v in expected.items() if k in sd and sd[k].shape != v.shape]}
-    lines = [f"  {what} keys ({len(keys)}): {_listing(keys)}" for what, keys in problems.items() if keys]
+    lines = [f"  {what} keys ({len(keys)}): {', '.join(keys[:_MAX_LISTED])}"
+             + (f", ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
+             for what, keys in problems.items() if keys]
     if lines:
         raise CheckpointError("\n".join([
             f"checkpoint {path} does not fit model {name!r} with num_classes={num_classes}:", *lines,
