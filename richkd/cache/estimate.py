@@ -1,12 +1,7 @@
-"""`richkd cache --plan`: the size of a photo dataset's multi-view caches and their build time, estimated before
-building (richkd.cache.build.plan_caches is the other plan: which entries a config reads and which are missing).
-
-Sizes are exact: rows x views x the bytes of each stored array (docs/architecture.md#imagenet-scale), e.g. for
-ImageNet-1k at V views: 1.28M x V x (1000 fp16 logits + a 512-d fp16 teacher feature + a 768-d fp16 ViT-L/14
-feature + two 28-byte box records). The time is measured on this machine: a few real images are decoded and
-cropped into V views, and the teacher and CLIP architectures (random weights: only their speed matters) run on a
-batch of random images at the model size. Decoding runs in `data.num_workers` processes alongside the models, so
-the slower of the two sides decides the estimate.
+"""`richkd cache --plan`: the size of a photo dataset's multi-view caches (exact: rows x views x the bytes of each
+stored array) and their build time, measured on this machine on a few real images and on the teacher and CLIP
+architectures with random weights (docs/architecture.md#imagenet-scale). Decoding runs in `data.num_workers`
+processes alongside the models, so the slower of the two sides decides the estimate.
 """
 from __future__ import annotations
 

@@ -1,12 +1,6 @@
-"""A flat cache entry computed in row blocks (by several processes or machines) and assembled into the same entry
-(docs/architecture.md#building-on-the-workers): the teacher and CLIP forwards run on the workers' accelerators.
-
-Each block computes every cached view of a contiguous range of rows into a temporary `.<entry>.blocks-<token>`
-folder beside the entries (shared storage on a cluster); the assembly concatenates them and writes the entry
-atomically, equal to one built in one process. Block boundaries fall on multiples of the batch size, so every
-block runs exactly the batches one process would. Row blocks are transient; the shards of a sharded entry
-(richkd.cache.entries) are part of its layout. Plain functions: richkd.tune.cache_tasks decides where they run.
-"""
+"""A flat cache entry computed in row blocks (by several processes or machines) and assembled into the same entry,
+as docs/architecture.md#building-on-the-workers describes. Plain functions: richkd.tune.cache_tasks decides where
+they run."""
 from __future__ import annotations
 
 import json

@@ -1,10 +1,6 @@
-"""ImageNet-layout folders (`data.dataset: imagenet`): train/<wnid>/*.JPEG (the training split) and val/<wnid>/*.JPEG
-(the test split), any subset of classes; splits, class names and the scan as docs/architecture.md#imagenet-scale
-describes them.
-
-Listing 1.28M files and checking their headers takes a minute, so the scan (relative paths, sizes, labels, a
-status per file) is kept in the decoded-array cache (richkd.data.decoded), keyed by the class folders'
-modification times (adding, removing or renaming a file changes them).
+"""ImageNet-layout folders (`data.dataset: imagenet`): layout checks, class names, and the scan of every file
+(relative path, size, label, header status), kept in the decoded-array cache (richkd.data.decoded) keyed by the
+class folders' modification times, as docs/architecture.md#imagenet-scale describes.
 """
 from __future__ import annotations
 
@@ -78,8 +74,9 @@ def _entries(folder: Path) -> tuple[list[str], list[str]]:
     return sorted(dirs), sorted(images)
 
 
-def check_layout(root: Path) -> tuple[list[str], list[str]]:
-    """(train classes, val classes) of an ImageNet-layout root; ImageNetLayoutError naming what is wrong."""
+def scan_folder(root: Path) -> dict[str, np.ndarray]:
+    """The folder's index, from the decoded-array cache when it is current; ImageNetLayoutError naming what is
+    wrong with its layout."""
     if not root.is_dir():
         raise ImageNetLayoutError(f"imagenet: data.root {str(root)!r} does not exist; point it at a folder with "
                                   f"{_LAYOUT}")
@@ -107,7 +104,10 @@ def check_layout(root: Path) -> tuple[list[str], list[str]]:
     if unknown:
         raise ImageNetLayoutError(f"imagenet: {root / 'val'} has classes that train/ lacks: {_first(unknown)}; "
                                   "val/ classes must be a subset of train/'s")
-    return classes["train"], classes["val"]
+    train_classes, val_classes = classes["train"], classes["val"]
+    folders = [root / "train", root / "val"] + [root / "train" / c for c in train_classes] + \
+              [root / "val" / c for c in val_classes]
+    return cached_arrays("imagenet-index", folders, lambda: _scan(root, train_classes, val_classes))
 
 
 def file_status(path: str) -> int:
@@ -148,46 +148,33 @@ def _scan(root: Path, train_classes: list[str], val_classes: list[str]) -> dict[
     return arrays
 
 
-def scan_folder(root: Path) -> dict[str, np.ndarray]:
-    """The folder's index (see the module docstring), from the decoded-array cache when it is current."""
-    train_classes, val_classes = check_layout(root)
-    folders = [root / "train", root / "val"] + [root / "train" / c for c in train_classes] + \
-              [root / "val" / c for c in val_classes]
-    return cached_arrays("imagenet-index", folders, lambda: _scan(root, train_classes, val_classes))
-
-
 # ----- class names ------------------------------------------------------------------------------------------
 
-def read_class_map(path: Path, classes: list[str]) -> list[str]:
-    """Names of `classes` from a file of `folder<whitespace>name` lines (# comments and blank lines ignored)."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ImageNetLayoutError(f"class-name map {path} cannot be read ({exc}); it must be a UTF-8 text file "
-                                  "with one `folder<TAB>name` line per class") from None
-    mapping = {}
-    for n, line in enumerate(lines, 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        parts = line.strip().split(None, 1)
-        if len(parts) != 2:
-            raise ImageNetLayoutError(f"{path}:{n}: expected `folder<TAB>name`, got {line.strip()!r}")
-        mapping[parts[0]] = parts[1].strip()
-    missing = [c for c in classes if c not in mapping]
-    if missing:
-        raise ImageNetLayoutError(f"class-name map {path} has no line for {len(missing)} class folder(s): "
-                                  f"{_first(missing)}; add `folder<TAB>name` lines for them")
-    return [mapping[c] for c in classes]
-
-
 def class_names_for(cfg: DataConfig, root: Path, classes: list[str]) -> list[str]:
-    """Human-readable names of the class folders (see the module docstring for the order of sources)."""
+    """Human-readable names of the class folders: from data.class_names, else <root>/classes.txt (files of
+    `folder<whitespace>name` lines, # comments and blank lines ignored), else the ImageNet-1k names."""
     path = Path(cfg.class_names).expanduser() if cfg.class_names else root / CLASS_MAP_FILE
-    if path.is_file():
-        return read_class_map(path, classes)
-    if cfg.class_names:
+    if cfg.class_names and not path.is_file():
         raise ImageNetLayoutError(f"data.class_names: file {str(path)!r} does not exist; give a file of "
                                   "`folder<TAB>name` lines, or null to use the ImageNet-1k names")
+    if path.is_file():
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ImageNetLayoutError(f"class-name map {path} cannot be read ({exc}); it must be a UTF-8 text file "
+                                      "with one `folder<TAB>name` line per class") from None
+        mapping = {}
+        for n, line in enumerate(lines, 1):
+            if line.strip() and not line.lstrip().startswith("#"):
+                parts = line.strip().split(None, 1)
+                if len(parts) != 2:
+                    raise ImageNetLayoutError(f"{path}:{n}: expected `folder<TAB>name`, got {line.strip()!r}")
+                mapping[parts[0]] = parts[1].strip()
+        missing = [c for c in classes if c not in mapping]
+        if missing:
+            raise ImageNetLayoutError(f"class-name map {path} has no line for {len(missing)} class folder(s): "
+                                      f"{_first(missing)}; add `folder<TAB>name` lines for them")
+        return [mapping[c] for c in classes]
     index = {w: i for i, w in enumerate(imagenet_wnids())}
     unknown = [c for c in classes if c not in index]
     if unknown:

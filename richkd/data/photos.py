@@ -1,12 +1,7 @@
-"""Photos decoded per batch at full size and cropped to the model size: the ImageNet recipe (docs/method.md#imagenet,
-docs/architecture.md#imagenet-scale).
-
-Every crop is a box (top, left, height, width, flip) in the decoded image, resized to S x S with torchvision's
-`resized_crop`: a training crop's box is `RandomResizedCrop.get_params` under a per-image seed from the loader's
-generator (exact resume, any number of workers); FKD-style view v of row i has a box fixed by (view_seed, i, v),
-view 0 the centre crop. A dataset given the boxes a cache stores (`with_view_boxes`) crops exactly the region the
-teachers saw. PIL and torchvision may decode differently in the last bit, so the decoder is part of the dataset's
-identity (and of every cache key).
+"""Photos decoded per batch at full size and cropped to the model size through boxes (top, left, height, width,
+flip) and torchvision's `resized_crop`: the ImageNet recipe of docs/architecture.md#imagenet-scale. PIL and
+torchvision may decode differently in the last bit, so the decoder is part of the dataset's identity (and of every
+cache key).
 """
 from __future__ import annotations
 
@@ -158,7 +153,7 @@ class PhotoSource:
 
 
 class PhotoSplit(SplitBase):
-    """Rows of a PhotoSource, decoded per batch at full size and cropped (see the module docstring).
+    """Rows of a PhotoSource, decoded per batch at full size and cropped to the model size.
 
     augment: a random RandomResizedCrop + flip per item (seeded through the loader's generator); otherwise the
     evaluation crop. views: FKD-style fixed views, from the boxes a cache stores when `stored` is given (an object
