@@ -37,9 +37,6 @@ class TeacherSource:
         # (C, D) on the device, or None when CLIP is not used
         self.class_embeddings = None if class_embeddings is None else class_embeddings.to(device)
 
-    def __call__(self, batch: Batch, normalized_images: torch.Tensor) -> TeacherOutputs:  # pragma: no cover
-        raise NotImplementedError
-
     def _outputs(self, logits, feat, clip_feat: Optional[torch.Tensor]) -> TeacherOutputs:
         cosine = None if clip_feat is None or self.class_embeddings is None else clip_feat @ self.class_embeddings.t()
         return TeacherOutputs(logits.float(), feat.float(), clip_feat, cosine)
