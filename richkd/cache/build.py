@@ -1,11 +1,7 @@
-"""Building the caches a config reads: run the frozen teacher and CLIP once over the rows, write the entries.
-
-`prepare_caches` runs before training, builds only what is missing and checks what exists against its manifest, so
-a trial never computes teacher outputs itself. It is two steps that a sweep also uses on its own: `plan_caches`
-(which entries a config reads, which exist and are checked, which are missing: cheap) and `build_entry` (one
-missing entry: the expensive part). `richkd cache` runs both in-process; a sweep's driver plans and lets Ray
-workers compute row blocks (richkd.cache.row_blocks) that are assembled into the same entry
-(docs/architecture.md#caching).
+"""Building the caches a config reads, before training, so a trial never computes teacher outputs itself: `plan_caches`
+(which entries a config reads; existing ones are checked, missing ones become jobs: cheap) and `build_entry` (one
+missing entry: the expensive part), both in-process for `richkd cache`, or planned by a sweep's driver with the
+rows computed on Ray workers (richkd.cache.row_blocks, docs/architecture.md#caching).
 """
 from __future__ import annotations
 

@@ -50,20 +50,20 @@ class CacheEstimate:
         return max(decode, self.seconds.get("teacher", 0.0) + self.seconds.get("clip", 0.0))
 
 
-def _rate(fn, batch, repeats: int = 2) -> float:
-    """Items per second of fn(batch) after one warm-up call; on CUDA the clock stops when the kernels are done,
-    not when they are launched."""
-    def sync() -> None:
-        if batch.device.type == "cuda":
-            torch.cuda.synchronize(batch.device)
-
-    fn(batch)
-    sync()
-    started = time.perf_counter()
-    for _ in range(repeats):
+def _measure(est: CacheEstimate, part: str, fn, batch: torch.Tensor, repeats: int = 2) -> None:
+    """Views per second of fn(batch) after one warm-up call (on CUDA the clock stops when the kernels are done, not
+    when they are launched), and the seconds the build's `part` takes at that rate."""
+    sync = (lambda: torch.cuda.synchronize(batch.device)) if batch.device.type == "cuda" else (lambda: None)
+    with torch.inference_mode():
         fn(batch)
-    sync()
-    return repeats * batch.shape[0] / max(time.perf_counter() - started, 1e-9)
+        sync()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            fn(batch)
+        sync()
+    rate = repeats * batch.shape[0] / max(time.perf_counter() - started, 1e-9)
+    est.rates[f"{part}_views_per_s"] = rate
+    est.seconds[part] = est.images * est.views / rate
 
 
 def estimate_caches(cfg: Config, images: Optional[int] = None, num_classes: Optional[int] = None,
@@ -88,7 +88,6 @@ def estimate_caches(cfg: Config, images: Optional[int] = None, num_classes: Opti
         est.entries["clip-image"] = {"feat": 2 * dim, "boxes": BOX_BYTES}
     if not calibrate:
         return est
-    views_total = est.images * est.views
     source = data.train_clean.source
     sample = rows[:calibration_images]
     started = time.perf_counter()
@@ -103,16 +102,10 @@ def estimate_caches(cfg: Config, images: Optional[int] = None, num_classes: Opti
                        data.image_size, device=dev)
     teacher.to(dev)
     mean, std = (torch.tensor(v, device=dev) for v in (data.mean, data.std))
-    with torch.inference_mode():
-        rate = _rate(lambda x: teacher(normalize(x, mean, std)), batch)
-    est.rates["teacher_views_per_s"] = rate
-    est.seconds["teacher"] = views_total / rate
+    _measure(est, "teacher", lambda x: teacher(normalize(x, mean, std)), batch)
     if clip_model is not None:
         clip = ClipTeacher(clip_model.to(dev), None, model_name=cfg.clip.model, pretrained="random", weights_id="-")
-        with torch.inference_mode():
-            rate = _rate(clip.encode_images, batch[: min(len(batch), cfg.clip.batch_size)])
-        est.rates["clip_views_per_s"] = rate
-        est.seconds["clip"] = views_total / rate
+        _measure(est, "clip", clip.encode_images, batch[: min(len(batch), cfg.clip.batch_size)])
     return est
 
 
