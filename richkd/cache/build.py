@@ -49,11 +49,6 @@ class EntryJob:
     def path(self) -> Path:
         return self.entry.path(self.cache_dir)
 
-    @property
-    def views(self) -> int:
-        return int(self.config["teaching"]["views"])
-
-
 @dataclass
 class EntryPlan:
     """Every entry folder a config reads (in a fixed order) and the jobs that build the missing ones."""

@@ -78,7 +78,7 @@ def assemble_entry(job: EntryJob, blocks: Iterable[dict], root: Optional[str | P
            for e in extras):
         raise CacheError(f"cache {job.name}: row blocks disagree on {sorted(extras[0])} ({extras}); every node must "
                          "run the same richkd and CLIP versions")
-    sizes, views = [b["stop"] - b["start"] for b in blocks], job.views
+    sizes, views = [b["stop"] - b["start"] for b in blocks], int(job.config["teaching"]["views"])
     arrays = {}
     for name in parts[0]:   # `rows` is per dataset row; the outputs hold row v * n + i for view v of row i
         pieces = [p[name] for p in parts]

@@ -45,9 +45,7 @@ class CifarResNet(nn.Module):
 
     def __init__(self, depth: int, num_filters: tuple[int, int, int, int], num_classes: int) -> None:
         super().__init__()
-        if (depth - 2) % 6 != 0:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2 (e.g. 20, 32, 56, 110), got {depth}")
-        n = (depth - 2) // 6
+        n = (depth - 2) // 6    # depth 6n + 2
         self._inplanes = num_filters[0]
         self.conv1 = nn.Conv2d(3, num_filters[0], kernel_size=3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(num_filters[0])
