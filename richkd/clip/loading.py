@@ -74,12 +74,8 @@ _register_lock = threading.Lock()
 
 
 def register_tiny_config() -> None:
-    """Make "richkd-tiny" a known open_clip architecture in this process (idempotent).
-
-    open_clip's config registry is per process, so every process that loads the tiny model (Ray trials included)
-    must call this; load_clip does. Uses the public `open_clip.add_model_config` with a temporary JSON file: the
-    registry keeps the parsed config after the file is gone.
-    """
+    """Make "richkd-tiny" a known open_clip architecture in this per-process registry (idempotent; load_clip calls
+    it), through the public `open_clip.add_model_config` and a temporary JSON file whose parsed config it keeps."""
     import open_clip
 
     with _register_lock:
@@ -92,11 +88,8 @@ def register_tiny_config() -> None:
 
 
 def init_tiny_clip(path: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a tiny random CLIP state dict (fp16, ~3.4 MB) to `path` atomically; returns the path.
-
-    Load it with `load_clip("richkd-tiny", path)`. The global torch RNG is left untouched; open_clip casts the
-    fp16 weights to the model's dtype on load.
-    """
+    """Write a tiny random CLIP state dict (fp16, ~3.4 MB; open_clip casts it on load) to `path` atomically, for
+    `load_clip("richkd-tiny", path)`; returns the path. The global torch RNG is left untouched."""
     import open_clip
 
     register_tiny_config()

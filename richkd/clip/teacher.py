@@ -104,8 +104,7 @@ class ClipTeacher:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.model_name, self.pretrained, self.weights_id = model_name, pretrained, weights_id
-        cfg = dict(get_model_preprocess_cfg(model))
-        self.preprocess_cfg = cfg
+        self.preprocess_cfg = cfg = dict(get_model_preprocess_cfg(model))
         h, w = _pair(cfg.get("size", 224))
         self.image_size: Any = h if h == w else (h, w)
         self.mean = tuple(float(v) for v in cfg.get("mean", _NAMED_STATS["openai"][0]))

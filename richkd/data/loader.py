@@ -53,10 +53,7 @@ class BatchLoader:
 
     def __init__(self, dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,
                  drop_last: bool = False, pin_memory: bool = False) -> None:
-        self.dataset = dataset
-        self.batch_size = int(batch_size)
-        self.shuffle = bool(shuffle)
-        self.seed = int(seed)
+        self.dataset, self.batch_size, self.shuffle, self.seed = dataset, int(batch_size), bool(shuffle), int(seed)
         resident = isinstance(dataset, ResidentDataset)
         self.num_workers = 0 if resident else int(num_workers)
         self.drop_last = bool(drop_last)
