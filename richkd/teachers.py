@@ -37,9 +37,6 @@ class TeacherSource:
         # (C, D) on the device, or None when CLIP is not used
         self.class_embeddings = None if class_embeddings is None else class_embeddings.to(device)
 
-    def __call__(self, batch: Batch, normalized_images: torch.Tensor) -> TeacherOutputs:  # pragma: no cover
-        raise NotImplementedError
-
     def _outputs(self, logits, feat, clip_feat: Optional[torch.Tensor]) -> TeacherOutputs:
         cosine = None if clip_feat is None or self.class_embeddings is None else clip_feat @ self.class_embeddings.t()
         return TeacherOutputs(logits.float(), feat.float(), clip_feat, cosine)
@@ -189,8 +186,20 @@ def build_teacher_source(cfg: Config, data, device: torch.device, split: str = "
             if cfg.train.channels_last and visual is not None and is_conv_tower(visual):
                 visual.to(memory_format=torch.channels_last)
         return OnlineTeachers(_load_teacher(cfg, data, device), clip, class_emb, device)
-    stored = _read_cached(cfg, data, split)
-    rows = cached_rows(data, split)
+    # the split's entries the config reads (richkd.cache.split_entries), checked: they cover the rows this run
+    # reads, and a photo cache's teacher and CLIP entries hold the same view boxes
+    cache_dir, rows, entries = Path(cfg.teaching.cache_dir), cached_rows(data, split), split_entries(cfg, data, split)
+    stored = {kind: read_entry(entry, cache_dir, len(rows), cfg.teaching.views) for kind, entry in entries.items()}
+    for kind, arrays in stored.items():
+        if not np.array_equal(arrays["rows"], rows):
+            raise CacheError(f"the {kind} cache {entries[kind].path(cache_dir)} covers other rows than this run "
+                             "reads; delete it and rebuild with `richkd cache`")
+    if len(stored) == 2 and "boxes" in stored["clip-image"]:
+        teacher, clip = (read_manifest(entries[kind], cache_dir).get("boxes_sha256") for kind in stored)
+        if teacher != clip:
+            raise CacheError(f"{entries['teacher'].path(cache_dir)} and {entries['clip-image'].path(cache_dir)} store "
+                             "different view boxes, so the teachers saw different crops; delete both and rebuild "
+                             "with `richkd cache`")
     whole = len(rows) == len(data.train_clean if split == "train" else data.test_clean)
     clip_feat = stored["clip-image"]["feat"] if "clip-image" in stored else None
     if clip_feat is not None:
@@ -205,26 +214,6 @@ def build_teacher_source(cfg: Config, data, device: torch.device, split: str = "
     if "boxes" in t:   # a photo cache: the trainer crops the student's views from these boxes
         source.view_boxes = StoredBoxes(t["boxes"], source.reader)
     return source
-
-
-def _read_cached(cfg: Config, data, split: str) -> dict[str, dict]:
-    """The split's cache entries the config reads (richkd.cache.split_entries), checked: their rows are the rows
-    this run reads, and a photo cache's teacher and CLIP entries hold the same view boxes."""
-    cache_dir = Path(cfg.teaching.cache_dir)
-    rows = cached_rows(data, split)
-    entries = split_entries(cfg, data, split)
-    stored = {kind: read_entry(entry, cache_dir, len(rows), cfg.teaching.views) for kind, entry in entries.items()}
-    for kind, arrays in stored.items():
-        if not np.array_equal(arrays["rows"], rows):
-            raise CacheError(f"the {kind} cache {entries[kind].path(cache_dir)} covers other rows than this run "
-                             "reads; delete it and rebuild with `richkd cache`")
-    if len(stored) == 2 and "boxes" in stored["clip-image"]:
-        teacher, clip = (read_manifest(entries[kind], cache_dir).get("boxes_sha256") for kind in stored)
-        if teacher != clip:
-            raise CacheError(f"{entries['teacher'].path(cache_dir)} and {entries['clip-image'].path(cache_dir)} store "
-                             "different view boxes, so the teachers saw different crops; delete both and rebuild "
-                             "with `richkd cache`")
-    return stored
 
 
 def _load_teacher(cfg: Config, data, device: torch.device) -> torch.nn.Module:

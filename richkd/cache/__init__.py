@@ -1,11 +1,6 @@
-"""Content-addressed caches of frozen-teacher outputs (docs/architecture.md#caching). Modules, one concept each:
-`entries` (an entry on disk, flat or sharded), `identity` (what keys an entry, which entries a config reads), `build`
-(plan and fill the missing entries), `photo_build` (a photo dataset's sharded multi-view entries), `row_blocks` (a
-flat entry computed in row blocks elsewhere), `topk` (top-k logits), `estimate` (`richkd cache --plan`),
-`signature` (which caches a config reads).
-
-The names below load their module on first use, so that the sweep layer's `richkd.cache.signature` stays free of torch.
-"""
+"""Content-addressed caches of frozen-teacher outputs, one concept per module (docs/architecture.md#caching).
+The names below load their module on first use, so that the sweep layer's `richkd.cache.signature` stays free of
+torch."""
 import importlib
 
 _HOMES = {"build": ("class_embeddings", "plan_caches", "prepare_caches"),

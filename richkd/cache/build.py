@@ -1,18 +1,14 @@
-"""Building the caches a config reads: run the frozen teacher and CLIP once over the rows, write the entries.
-
-`prepare_caches` runs before training, builds only what is missing and checks what exists against its manifest, so
-a trial never computes teacher outputs itself. It is two steps that a sweep also uses on its own: `plan_caches`
-(which entries a config reads, which exist and are checked, which are missing: cheap) and `build_entry` (one
-missing entry: the expensive part). `richkd cache` runs both in-process; a sweep's driver plans and lets Ray
-workers compute row blocks (richkd.cache.row_blocks) that are assembled into the same entry
-(docs/architecture.md#caching).
+"""Building the caches a config reads, before training, so a trial never computes teacher outputs itself: `plan_caches`
+(which entries a config reads; existing ones are checked, missing ones become jobs: cheap) and `build_entry` (one
+missing entry: the expensive part), both in-process for `richkd cache`, or planned by a sweep's driver with the
+rows computed on Ray workers (richkd.cache.row_blocks, docs/architecture.md#caching).
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -52,11 +48,6 @@ class EntryJob:
     @property
     def path(self) -> Path:
         return self.entry.path(self.cache_dir)
-
-    @property
-    def views(self) -> int:
-        return int(self.config["teaching"]["views"])
-
 
 @dataclass
 class EntryPlan:
@@ -130,26 +121,19 @@ def entry_outputs(job: EntryJob, cfg: Config, data, dataset: SplitDataset, dev, 
         extra = {"preprocess_id": clip.preprocess_id, "embed_dim": clip.embed_dim}
     n_views, seed = cfg.teaching.views, cfg.teaching.view_seed
     views = [dataset] if n_views == 1 else [dataset.with_views(n_views, seed, fixed_view=v) for v in range(n_views)]
-    per_view = [_batched_outputs(shown, run, job.batch_size, dev, progress, f"{job.kind} {job.split}"
-                                 + (f" view {v + 1}/{len(views)}" if len(views) > 1 else ""))
-                for v, shown in enumerate(views)]
-    arrays = {name: np.concatenate([p[name] for p in per_view]).astype(np.float16) for name in per_view[0]}
-    return {**arrays, "rows": dataset.indices.numpy()}, extra
-
-
-def _batched_outputs(dataset: SplitDataset, fn: Callable[[torch.Tensor], dict], batch_size: int, device,
-                     progress: bool, desc: str) -> dict[str, np.ndarray]:
-    """Run fn over a dataset in order (output row k = dataset item k) and stack its outputs as float32."""
-    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, seed=0)
     chunks: dict[str, list[np.ndarray]] = {}
-    bar = progress_bar(len(loader), f"cache {desc}", disable=not progress)
-    with torch.inference_mode():
-        for batch in loader:
-            for name, value in fn(batch.to(device).image).items():
-                chunks.setdefault(name, []).append(value.float().cpu().numpy())
-            bar.update(1)
-    bar.close()
-    return {name: np.concatenate(parts) for name, parts in chunks.items()}
+    for v, shown in enumerate(views):      # in order: output row k of a view is dataset item k
+        loader = make_loader(shown, batch_size=job.batch_size, shuffle=False, seed=0)
+        desc = f"cache {job.kind} {job.split}" + (f" view {v + 1}/{n_views}" if n_views > 1 else "")
+        bar = progress_bar(len(loader), desc, disable=not progress)
+        with torch.inference_mode():
+            for batch in loader:
+                for name, value in run(batch.to(dev).image).items():
+                    chunks.setdefault(name, []).append(value.float().cpu().numpy())
+                bar.update(1)
+        bar.close()
+    arrays = {name: np.concatenate(parts).astype(np.float16) for name, parts in chunks.items()}
+    return {**arrays, "rows": dataset.indices.numpy()}, extra
 
 
 def _text_classifier(cfg: Config, class_names, cache_dir: Path, dev) -> CacheEntry:

@@ -1,9 +1,7 @@
-"""Cache entries on disk: a folder per entry named by a hash of its inputs, a manifest that repeats them (a
-mismatch is an error, never a silent reuse), atomic writes and memory-mapped reads (docs/architecture.md#caching).
-
-Two layouts share the manifest checks and one reader: flat (NAME.npy per array, written whole) and sharded (a
-photo dataset's multi-view entries of tens to hundreds of GB, written shard by shard so a killed build resumes,
-docs/architecture.md#imagenet-scale: layout.json and rows.npy, shard-NNNNN/ folders, manifest.json last).
+"""Cache entries on disk, as docs/architecture.md#caching describes: a folder per entry named by a hash of its inputs,
+a manifest that repeats them (a mismatch is an error, never a silent reuse), atomic writes and memory-mapped reads.
+Two layouts share the manifest checks and one reader: flat (NAME.npy per array) and sharded (written shard by shard
+so a killed build resumes, docs/architecture.md#imagenet-scale).
 """
 from __future__ import annotations
 

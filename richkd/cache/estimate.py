@@ -1,12 +1,7 @@
-"""`richkd cache --plan`: the size of a photo dataset's multi-view caches and their build time, estimated before
-building (richkd.cache.build.plan_caches is the other plan: which entries a config reads and which are missing).
-
-Sizes are exact: rows x views x the bytes of each stored array (docs/architecture.md#imagenet-scale), e.g. for
-ImageNet-1k at V views: 1.28M x V x (1000 fp16 logits + a 512-d fp16 teacher feature + a 768-d fp16 ViT-L/14
-feature + two 28-byte box records). The time is measured on this machine: a few real images are decoded and
-cropped into V views, and the teacher and CLIP architectures (random weights: only their speed matters) run on a
-batch of random images at the model size. Decoding runs in `data.num_workers` processes alongside the models, so
-the slower of the two sides decides the estimate.
+"""`richkd cache --plan`: the size of a photo dataset's multi-view caches (exact: rows x views x the bytes of each
+stored array) and their build time, measured on this machine on a few real images and on the teacher and CLIP
+architectures with random weights (docs/architecture.md#imagenet-scale). Decoding runs in `data.num_workers`
+processes alongside the models, so the slower of the two sides decides the estimate.
 """
 from __future__ import annotations
 
@@ -55,29 +50,20 @@ class CacheEstimate:
         return max(decode, self.seconds.get("teacher", 0.0) + self.seconds.get("clip", 0.0))
 
 
-def _clip_arch(cfg: Config):
-    """(model, embed dim) of cfg.clip.model with random weights: its speed and width, without the weights file."""
-    import open_clip
-
-    register_tiny_config()
-    model = open_clip.create_model(cfg.clip.model, pretrained=None, device="cpu")
-    return model, int(open_clip.get_model_config(cfg.clip.model)["embed_dim"])
-
-
-def _rate(fn, batch, repeats: int = 2) -> float:
-    """Items per second of fn(batch) after one warm-up call; on CUDA the clock stops when the kernels are done,
-    not when they are launched."""
-    def sync() -> None:
-        if batch.device.type == "cuda":
-            torch.cuda.synchronize(batch.device)
-
-    fn(batch)
-    sync()
-    started = time.perf_counter()
-    for _ in range(repeats):
+def _measure(est: CacheEstimate, part: str, fn, batch: torch.Tensor, repeats: int = 2) -> None:
+    """Views per second of fn(batch) after one warm-up call (on CUDA the clock stops when the kernels are done, not
+    when they are launched), and the seconds the build's `part` takes at that rate."""
+    sync = (lambda: torch.cuda.synchronize(batch.device)) if batch.device.type == "cuda" else (lambda: None)
+    with torch.inference_mode():
         fn(batch)
-    sync()
-    return repeats * batch.shape[0] / max(time.perf_counter() - started, 1e-9)
+        sync()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            fn(batch)
+        sync()
+    rate = repeats * batch.shape[0] / max(time.perf_counter() - started, 1e-9)
+    est.rates[f"{part}_views_per_s"] = rate
+    est.seconds[part] = est.images * est.views / rate
 
 
 def estimate_caches(cfg: Config, images: Optional[int] = None, num_classes: Optional[int] = None,
@@ -93,12 +79,15 @@ def estimate_caches(cfg: Config, images: Optional[int] = None, num_classes: Opti
     est.entries["teacher"] = {"logits": 2 * c if k is None else topk_nbytes(k), "feat": 2 * teacher.feat_dim,
                                "boxes": BOX_BYTES}
     clip_model = None
-    if cfg.uses_clip:
-        clip_model, dim = _clip_arch(cfg)
+    if cfg.uses_clip:   # random weights: only the architecture's speed and width matter, not the weights file
+        import open_clip
+
+        register_tiny_config()
+        clip_model = open_clip.create_model(cfg.clip.model, pretrained=None, device="cpu")
+        dim = int(open_clip.get_model_config(cfg.clip.model)["embed_dim"])
         est.entries["clip-image"] = {"feat": 2 * dim, "boxes": BOX_BYTES}
     if not calibrate:
         return est
-    views_total = est.images * est.views
     source = data.train_clean.source
     sample = rows[:calibration_images]
     started = time.perf_counter()
@@ -113,25 +102,16 @@ def estimate_caches(cfg: Config, images: Optional[int] = None, num_classes: Opti
                        data.image_size, device=dev)
     teacher.to(dev)
     mean, std = (torch.tensor(v, device=dev) for v in (data.mean, data.std))
-    with torch.inference_mode():
-        rate = _rate(lambda x: teacher(normalize(x, mean, std)), batch)
-    est.rates["teacher_views_per_s"] = rate
-    est.seconds["teacher"] = views_total / rate
+    _measure(est, "teacher", lambda x: teacher(normalize(x, mean, std)), batch)
     if clip_model is not None:
         clip = ClipTeacher(clip_model.to(dev), None, model_name=cfg.clip.model, pretrained="random", weights_id="-")
-        with torch.inference_mode():
-            rate = _rate(clip.encode_images, batch[: min(len(batch), cfg.clip.batch_size)])
-        est.rates["clip_views_per_s"] = rate
-        est.seconds["clip"] = views_total / rate
+        _measure(est, "clip", clip.encode_images, batch[: min(len(batch), cfg.clip.batch_size)])
     return est
 
 
 def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000.0
-    return f"{n:.1f} TB"  # pragma: no cover
+    k = min(4, int(math.log10(max(n, 1))) // 3)    # B, KB, MB, GB, TB
+    return f"{n / 1000 ** k:.1f} {' KMGT'[k]}B" if k else f"{int(n)} B"
 
 
 def _duration(s: float) -> str:

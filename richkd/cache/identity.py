@@ -19,7 +19,7 @@ from richkd.cache.entries import SHARD_FORMAT, CacheEntry, CacheError
 from richkd.clip import parse_pretrained, prompt_set_hash
 from richkd.config import ClipConfig, Config
 from richkd.data.photos import BOX_RECIPE
-from richkd.data.views import ViewSpec
+from richkd.data.transforms import CROP_PADDING
 from richkd.io import OutputError, atomic_write_text, sha256_file
 
 # The un-augmented, centred image. The official code caches CLIP's outputs of it (teaching.mode official);
@@ -68,15 +68,6 @@ def cached_rows(data, split: str) -> np.ndarray:
     return np.arange(len(data.test_clean), dtype=np.int64)
 
 
-def dataset_identity(data, split: str) -> dict:
-    """Fields of the data that determine teacher outputs: the content fingerprint, not the folder it is in."""
-    total = len(data.train_clean if split == "train" else data.test_clean)
-    rows = cached_rows(data, split)
-    subset = "all" if len(rows) == total else hashlib.sha256(rows.tobytes()).hexdigest()[:16]
-    return {"dataset": data.name, "fingerprint": data.fingerprint(), "image_size": data.image_size, "n": total,
-            "rows": subset, "n_rows": int(len(rows)), "num_classes": data.num_classes}
-
-
 def split_entries(cfg: Config, data, split: str) -> dict[str, CacheEntry]:
     """The entries of one split's rows a config reads: "teacher" (cached teaching) and "clip-image" (cached or
     official teaching with CLIP; official teaching runs its teacher online, docs/method.md#teaching-protocol).
@@ -86,9 +77,14 @@ def split_entries(cfg: Config, data, split: str) -> dict[str, CacheEntry]:
     """
     if cfg.teaching.mode == "online":
         return {}
-    memo = cfg.teaching.cache_dir
-    view = CLEAN_VIEW if cfg.teaching.views == 1 else ViewSpec(cfg.teaching.views, cfg.teaching.view_seed).cache_id
-    rows = {**dataset_identity(data, split), "split": split, "view": view}
+    memo, t = cfg.teaching.cache_dir, cfg.teaching
+    total = len(data.train_clean if split == "train" else data.test_clean)
+    cached = cached_rows(data, split)
+    # the data's content fingerprint, not the folder it is in
+    rows = {"dataset": data.name, "fingerprint": data.fingerprint(), "image_size": data.image_size, "n": total,
+            "rows": "all" if len(cached) == total else hashlib.sha256(cached.tobytes()).hexdigest()[:16],
+            "n_rows": int(len(cached)), "num_classes": data.num_classes, "split": split,
+            "view": CLEAN_VIEW if t.views == 1 else f"views{t.views}-seed{t.view_seed}-pad{CROP_PADDING}"}
     photo = {"format": SHARD_FORMAT, "boxes": BOX_RECIPE} if data.train_clean.decodes_per_batch else {}
     out = {}
     if cfg.teaching.mode == "cached":

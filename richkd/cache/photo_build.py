@@ -50,8 +50,7 @@ def build_photo_entries(cfg: Config, data, split: str, cache_dir: Path, device, 
     shard_rows = shard_rows or default_shard_rows()
     rows = cached_rows(data, split)
     views, size = cfg.teaching.views, data.image_size
-    teacher = clip = None
-    specs = {}
+    teacher, clip, specs = None, None, {}
     if "teacher" in todo:
         teacher, _ = load_teacher(cfg.teacher.arch, cfg.teacher.checkpoint, data.num_classes)
         teacher.to(device)

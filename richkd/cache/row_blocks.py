@@ -1,12 +1,6 @@
-"""A flat cache entry computed in row blocks (by several processes or machines) and assembled into the same entry
-(docs/architecture.md#building-on-the-workers): the teacher and CLIP forwards run on the workers' accelerators.
-
-Each block computes every cached view of a contiguous range of rows into a temporary `.<entry>.blocks-<token>`
-folder beside the entries (shared storage on a cluster); the assembly concatenates them and writes the entry
-atomically, equal to one built in one process. Block boundaries fall on multiples of the batch size, so every
-block runs exactly the batches one process would. Row blocks are transient; the shards of a sharded entry
-(richkd.cache.entries) are part of its layout. Plain functions: richkd.tune.cache_tasks decides where they run.
-"""
+"""A flat cache entry computed in row blocks (by several processes or machines) and assembled into the same entry,
+as docs/architecture.md#building-on-the-workers describes. Plain functions: richkd.tune.cache_tasks decides where
+they run."""
 from __future__ import annotations
 
 import json
@@ -71,35 +65,31 @@ def assemble_entry(job: EntryJob, blocks: Iterable[dict], root: Optional[str | P
     if not blocks or covered[0][0] != 0 or covered[-1][1] != job.n_rows or \
             any(a[1] != b[0] for a, b in zip(covered, covered[1:])):
         raise CacheError(f"cache {job.name}: row blocks {covered} do not cover rows [0, {job.n_rows}) (internal error)")
-    parts = [_read_block(job, b) for b in blocks]
+    parts = []
+    for b in blocks:
+        folder = Path(b["folder"])
+        if not (folder / "manifest.json").is_file():
+            where = f" (written on node {b['node_id']})" if b.get("node_id") else ""
+            raise CacheError(f"cache {job.name}: row block {folder}{where} is not visible here; {SHARED_FIX}")
+        names = json.loads((folder / "manifest.json").read_text())["arrays"]
+        parts.append({name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in names})
     extras = [b["extra"] for b in blocks]
     if any(json.dumps(e, sort_keys=True, default=str) != json.dumps(extras[0], sort_keys=True, default=str)
            for e in extras):
         raise CacheError(f"cache {job.name}: row blocks disagree on {sorted(extras[0])} ({extras}); every node must "
                          "run the same richkd and CLIP versions")
-    arrays = {name: _concat(name, [p[name] for p in parts], [b["stop"] - b["start"] for b in blocks], job.views)
-              for name in parts[0]}
+    sizes, views = [b["stop"] - b["start"] for b in blocks], int(job.config["teaching"]["views"])
+    arrays = {}
+    for name in parts[0]:   # `rows` is per dataset row; the outputs hold row v * n + i for view v of row i
+        pieces = [p[name] for p in parts]
+        if name == "rows" or views == 1:
+            arrays[name] = np.concatenate(pieces)
+        else:
+            whole = np.concatenate([p.reshape(views, n, *p.shape[1:]) for p, n in zip(pieces, sizes)], axis=1)
+            arrays[name] = whole.reshape(views * sum(sizes), *whole.shape[2:])
     path = write_entry(job.entry, job.cache_dir, arrays, extra=extras[0] or None)
     remove_blocks(root if root is not None else Path(blocks[0]["folder"]).parent)
     return path
-
-
-def _read_block(job: EntryJob, block: dict) -> dict[str, np.ndarray]:
-    folder = Path(block["folder"])
-    manifest = folder / "manifest.json"
-    if not manifest.is_file():
-        where = f" (written on node {block['node_id']})" if block.get("node_id") else ""
-        raise CacheError(f"cache {job.name}: row block {folder}{where} is not visible here; {SHARED_FIX}")
-    meta = json.loads(manifest.read_text())
-    return {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in meta["arrays"]}
-
-
-def _concat(name: str, pieces: list[np.ndarray], sizes: list[int], views: int) -> np.ndarray:
-    """`rows` is per dataset row; the outputs hold row v * n + i for view v of row i, per block and whole."""
-    if name == "rows" or views == 1:
-        return np.concatenate(pieces)
-    whole = np.concatenate([p.reshape(views, n, *p.shape[1:]) for p, n in zip(pieces, sizes)], axis=1)
-    return whole.reshape(views * sum(sizes), *whole.shape[2:])
 
 
 def remove_blocks(root: str | Path) -> None:

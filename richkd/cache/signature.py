@@ -12,14 +12,8 @@ import json
 
 from richkd.config import Config
 
-# Dotted-key prefixes whose values change what a cache holds; a sweep samples them only from finite choices
-# so the driver can build every cache before trials start.
 CACHE_AFFECTING_PREFIXES = ("data.", "teacher.", "clip.", "teaching.")
-# Keys under those prefixes that only change how rows reach the model, never what a cache holds: left out of
-# cache signatures so adding or sampling them does not re-key (or re-build) the caches of a sweep.
 CACHE_NEUTRAL_KEYS = ("data.resident",)
-
-
 # Keys added after sweeps first stored signatures: left out while they hold their default, so every signature
 # computed before they existed stays the same (a changed value still changes the signature).
 ADDED_KEY_DEFAULTS = {"data.max_train_per_class": None, "data.bad_images": "error", "data.decode": "pil",

@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 
 LOCAL_DIR_PREFIX = "local-dir:"
 HF_HUB_PREFIX = "hf-hub:"
-PRECISIONS = ("fp32", "fp16", "bf16")
 WEIGHTS_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz")
 
 
@@ -75,12 +74,8 @@ _register_lock = threading.Lock()
 
 
 def register_tiny_config() -> None:
-    """Make "richkd-tiny" a known open_clip architecture in this process (idempotent).
-
-    open_clip's config registry is per process, so every process that loads the tiny model (Ray trials included)
-    must call this; load_clip does. Uses the public `open_clip.add_model_config` with a temporary JSON file: the
-    registry keeps the parsed config after the file is gone.
-    """
+    """Make "richkd-tiny" a known open_clip architecture in this per-process registry (idempotent; load_clip calls
+    it), through the public `open_clip.add_model_config` and a temporary JSON file whose parsed config it keeps."""
     import open_clip
 
     with _register_lock:
@@ -93,11 +88,8 @@ def register_tiny_config() -> None:
 
 
 def init_tiny_clip(path: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a tiny random CLIP state dict (fp16, ~3.4 MB) to `path` atomically; returns the path.
-
-    Load it with `load_clip("richkd-tiny", path)`. The global torch RNG is left untouched; open_clip casts the
-    fp16 weights to the model's dtype on load.
-    """
+    """Write a tiny random CLIP state dict (fp16, ~3.4 MB; open_clip casts it on load) to `path` atomically, for
+    `load_clip("richkd-tiny", path)`; returns the path. The global torch RNG is left untouched."""
     import open_clip
 
     register_tiny_config()
@@ -142,20 +134,6 @@ def _fetch(fetch: Callable[[], str], arch: str, tag: str, source: str, quick_gel
             "clip.pretrained=PATH.") from None
 
 
-def _resolve_arch(model_name: str) -> str:
-    import open_clip
-
-    arch = model_name.replace("/", "-")  # OpenAI spells ViT-L/14, open_clip ViT-L-14
-    known = open_clip.list_models()
-    if arch in known:
-        return arch
-    by_lower = {name.lower(): name for name in known}
-    close = [by_lower[c] for c in difflib.get_close_matches(arch.lower(), list(by_lower), n=5, cutoff=0.6)]
-    hint = f" Close names: {', '.join(close)}." if close else ""
-    raise ClipLoadError(f"unknown CLIP architecture {model_name!r} (clip.model).{hint} "
-                        f"See open_clip.list_models() for all {len(known)} names, e.g. ViT-B-32, ViT-L-14.")
-
-
 def _resolve(model_name: str, pretrained: str, fetch: bool) -> _Build:
     """What open_clip is asked to build; ClipLoadError for an unknown architecture or tag, a missing file or
     folder, or weights neither cached nor downloadable. fetch=False (the pre-checks) downloads nothing: offline,
@@ -191,7 +169,13 @@ def _resolve(model_name: str, pretrained: str, fetch: bool) -> _Build:
     if ref.kind == "file" and not ref.path.is_file():
         raise ClipLoadError(f"clip.pretrained: file {pretrained!r} does not exist (create the offline tiny CLIP with "
                             "`richkd clip init-tiny PATH`, or use a tag such as openai)")
-    arch = _resolve_arch(model_name)
+    arch, known = model_name.replace("/", "-"), open_clip.list_models()  # OpenAI spells ViT-L/14, open_clip ViT-L-14
+    if arch not in known:
+        by_lower = {name.lower(): name for name in known}
+        close = [by_lower[c] for c in difflib.get_close_matches(arch.lower(), list(by_lower), n=5, cutoff=0.6)]
+        hint = f" Close names: {', '.join(close)}." if close else ""
+        raise ClipLoadError(f"unknown CLIP architecture {model_name!r} (clip.model).{hint} "
+                            f"See open_clip.list_models() for all {len(known)} names, e.g. ViT-B-32, ViT-L-14.")
     if ref.kind == "file":
         return _Build(arch, ref.path, pretrained=str(ref.path))
     tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
@@ -222,8 +206,7 @@ def check_weights(model_name: str, pretrained: str) -> None:
     _resolve(str(model_name).strip(), str(pretrained or "").strip(), fetch=False)
 
 
-def load_clip(model_name: str, pretrained: str, device: str | torch.device = "cpu", *,
-              precision: str = "fp32") -> ClipTeacher:
+def load_clip(model_name: str, pretrained: str, device: str | torch.device = "cpu") -> ClipTeacher:
     """Frozen (eval, requires_grad False) CLIP teacher on `device`.
 
     `pretrained`: an open_clip tag ("openai", "laion2b_s34b_b79k", ...), a local weights file, or
@@ -234,15 +217,13 @@ def load_clip(model_name: str, pretrained: str, device: str | torch.device = "cp
     """
     import open_clip
 
-    if precision not in PRECISIONS:
-        raise ClipLoadError(f"unknown CLIP precision {precision!r}; use one of {PRECISIONS}")
     model_name, pretrained = str(model_name).strip(), str(pretrained or "").strip()
     build = _resolve(model_name, pretrained, fetch=True)
     if build.quick_gelu and not build.name.endswith("quickgelu"):
         log.info("%s/%s was trained with QuickGELU: building the model with QuickGELU", build.name, pretrained)
     try:
         model = open_clip.create_model(
-            build.name, pretrained=build.pretrained, device=torch.device(device), precision=precision,
+            build.name, pretrained=build.pretrained, device=torch.device(device),
             force_quick_gelu=build.quick_gelu, force_preprocess_cfg=build.preprocess, require_pretrained=True,
             weights_only=True,
         )

@@ -91,14 +91,6 @@ def format_prompts(class_names: Sequence[str], templates: Sequence[str], clean: 
     return [t.replace(PLACEHOLDER, n, 1) for n in names for t in templates]
 
 
-def _openai_imagenet80() -> tuple[str, ...]:
-    """open_clip stores these as lambdas `lambda c: f'a bad photo of a {c}.'`; calling them with "{}" gives
-    format strings."""
-    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-
-    return tuple(t(PLACEHOLDER) if callable(t) else str(t) for t in OPENAI_IMAGENET_TEMPLATES)
-
-
 def _read_yaml(text: str, source: str, default_name: str) -> PromptSet:
     try:
         data = read_yaml(text)
@@ -123,14 +115,13 @@ def _read_yaml(text: str, source: str, default_name: str) -> PromptSet:
 
 @functools.lru_cache(maxsize=None)
 def _builtin(name: str) -> PromptSet:
-    if name == OPENAI_IMAGENET80:
-        return PromptSet(name, validate_templates(_openai_imagenet80(), name))
+    if name == OPENAI_IMAGENET80:   # open_clip's lambdas `lambda c: f'a bad photo of a {c}.'`, called with "{}"
+        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+        templates = (t(PLACEHOLDER) if callable(t) else str(t) for t in OPENAI_IMAGENET_TEMPLATES)
+        return PromptSet(name, validate_templates(templates, name))
     resource = importlib.resources.files("richkd.clip").joinpath("prompt_sets").joinpath(f"{name}.yaml")
     return _read_yaml(resource.read_text(encoding="utf-8"), f"{name!r} (built-in)", name)
-
-
-def _looks_like_path(value: str) -> bool:
-    return os.sep in value or "/" in value or value.endswith((".yaml", ".yml"))
 
 
 def load_prompt_set(name_or_path: str | os.PathLike) -> PromptSet:
@@ -148,7 +139,7 @@ def load_prompt_set(name_or_path: str | os.PathLike) -> PromptSet:
         except (OSError, UnicodeDecodeError) as exc:
             raise PromptSetError(f"prompt set file {str(path)!r} cannot be read: {exc}") from None
         return _read_yaml(text, repr(str(path)), path.stem)
-    if _looks_like_path(key):
+    if os.sep in key or "/" in key or key.endswith((".yaml", ".yml")):
         raise PromptSetError(f"prompt set file {str(path)!r} does not exist; give a YAML file with `name:` and "
                              f"`templates:`, or a built-in set: {', '.join(PROMPT_SETS)}")
     close = difflib.get_close_matches(key, PROMPT_SETS, n=2, cutoff=0.5)

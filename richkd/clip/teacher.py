@@ -86,21 +86,6 @@ def preprocess_images(images: torch.Tensor, size: Any, mean: Sequence[float] | t
     return (x - mean_t) / std_t
 
 
-def describe_preprocess(cfg: dict) -> str:
-    """A short id such as "bicubic224-openai-meanstd" for cache manifests (what turns pixels into CLIP input)."""
-    h, w = _pair(cfg.get("size", 224))
-    size = f"{h}" if h == w else f"{h}x{w}"
-    mean = tuple(round(float(v), 6) for v in cfg.get("mean", _NAMED_STATS["openai"][0]))
-    std = tuple(round(float(v), 6) for v in cfg.get("std", _NAMED_STATS["openai"][1]))
-    stats = next((name for name, (m, s) in _NAMED_STATS.items()
-                  if tuple(round(v, 6) for v in m) == mean and tuple(round(v, 6) for v in s) == std), None)
-    if stats is None:
-        stats = "ms" + hashlib.sha256(repr((mean, std)).encode()).hexdigest()[:8]
-    out = f"{cfg.get('interpolation', 'bicubic')}{size}-{stats}-meanstd"
-    resize_mode = cfg.get("resize_mode", "shortest")
-    return out if resize_mode == "shortest" else f"{out}-{resize_mode}"
-
-
 class ClipTeacher:
     """A frozen open_clip model plus its tokenizer and preprocessing. Not an nn.Module on purpose: it must never
     end up in a student's parameters or checkpoints. Build it with `richkd.clip.load_clip`.
@@ -119,16 +104,27 @@ class ClipTeacher:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.model_name, self.pretrained, self.weights_id = model_name, pretrained, weights_id
-        cfg = dict(get_model_preprocess_cfg(model))
-        self.preprocess_cfg = cfg
+        self.preprocess_cfg = cfg = dict(get_model_preprocess_cfg(model))
         h, w = _pair(cfg.get("size", 224))
         self.image_size: Any = h if h == w else (h, w)
         self.mean = tuple(float(v) for v in cfg.get("mean", _NAMED_STATS["openai"][0]))
         self.std = tuple(float(v) for v in cfg.get("std", _NAMED_STATS["openai"][1]))
-        self.preprocess_id = describe_preprocess(cfg)
+        # a short id such as "bicubic224-openai-meanstd" for cache manifests (what turns pixels into CLIP input)
+        rounded = tuple(tuple(round(v, 6) for v in s) for s in (self.mean, self.std))
+        stats = next((name for name, pair in _NAMED_STATS.items()
+                      if tuple(tuple(round(v, 6) for v in s) for s in pair) == rounded),
+                     "ms" + hashlib.sha256(repr(rounded).encode()).hexdigest()[:8])
+        mode = cfg.get("resize_mode", "shortest")
+        self.preprocess_id = (f"{cfg.get('interpolation', 'bicubic')}{h if h == w else f'{h}x{w}'}-{stats}-meanstd"
+                              + ("" if mode == "shortest" else f"-{mode}"))
         self._stats: dict = {}     # device -> (mean, std) tensors, made once (not copied to the device per batch)
         self.logit_scale = float(model.logit_scale.detach().float().exp().reshape(-1)[0])
-        self.embed_dim = self._infer_embed_dim()
+        dim = getattr(getattr(model, "visual", None), "output_dim", None)
+        if not isinstance(dim, int):
+            with torch.no_grad():
+                probe = torch.zeros(1, 3, h, w, device=self.device, dtype=self.dtype)
+                dim = int(model.encode_image(probe).shape[-1])
+        self.embed_dim = dim
 
     # -- properties -------------------------------------------------------------------------------------------
     @property
@@ -138,14 +134,6 @@ class ClipTeacher:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
-
-    def _infer_embed_dim(self) -> int:
-        dim = getattr(getattr(self.model, "visual", None), "output_dim", None)
-        if isinstance(dim, int):
-            return dim
-        probe = torch.zeros(1, 3, *_pair(self.image_size), device=self.device, dtype=self.dtype)
-        with torch.no_grad():
-            return int(self.model.encode_image(probe).shape[-1])
 
     def __repr__(self) -> str:
         return (f"ClipTeacher({self.model_name!r}, pretrained={self.pretrained!r}, embed_dim={self.embed_dim}, "

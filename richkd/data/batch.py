@@ -25,25 +25,24 @@ class Batch:
     host_index: Optional[torch.Tensor] = field(default=None, repr=False)
     host_view: Optional[torch.Tensor] = field(default=None, repr=False)
 
+    def _map(self, fn, **host) -> "Batch":
+        tensors = (self.image, self.target, self.index, self.view, self.contrast_index)
+        return Batch(*(None if t is None else fn(t) for t in tensors), **host)
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         """The batch on `device`, images as float in [0, 1]."""
-        def move(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            return None if t is None else t.to(device, non_blocking=non_blocking)
-        image = move(self.image)
-        if image.dtype == torch.uint8:
-            image = image.float().div_(255.0)
-        return Batch(image, move(self.target), move(self.index), move(self.view),
-                     move(self.contrast_index),
-                     host_index=self.host_index if self.host_index is not None else _on_host(self.index),
-                     host_view=self.host_view if self.host_view is not None else _on_host(self.view))
+        out = self._map(lambda t: t.to(device, non_blocking=non_blocking),
+                        host_index=self.host_index if self.host_index is not None else _on_host(self.index),
+                        host_view=self.host_view if self.host_view is not None else _on_host(self.view))
+        if out.image.dtype == torch.uint8:
+            out.image = out.image.float().div_(255.0)
+        return out
 
     def pin_memory(self) -> "Batch":
         """The batch in page-locked host memory, so that .to(cuda, non_blocking=True) copies asynchronously
         (DataLoader's pin_memory calls this)."""
-        def pin(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            return None if t is None or t.device.type != "cpu" else t.pin_memory()
-        return Batch(pin(self.image), pin(self.target), pin(self.index), pin(self.view), pin(self.contrast_index),
-                     host_index=self.host_index, host_view=self.host_view)
+        return self._map(lambda t: t.pin_memory() if t.device.type == "cpu" else None,
+                         host_index=self.host_index, host_view=self.host_view)
 
     def index_on_host(self) -> torch.Tensor:
         """index as a CPU tensor, without a device sync when a host copy was kept."""

@@ -1,10 +1,6 @@
-"""ImageNet-layout folders (`data.dataset: imagenet`): train/<wnid>/*.JPEG (the training split) and val/<wnid>/*.JPEG
-(the test split), any subset of classes; splits, class names and the scan as docs/architecture.md#imagenet-scale
-describes them.
-
-Listing 1.28M files and checking their headers takes a minute, so the scan (relative paths, sizes, labels, a
-status per file) is kept in the decoded-array cache (richkd.data.decoded), keyed by the class folders'
-modification times (adding, removing or renaming a file changes them).
+"""ImageNet-layout folders (`data.dataset: imagenet`): layout checks, class names, and the scan of every file
+(relative path, size, label, header status), kept in the decoded-array cache (richkd.data.decoded) keyed by the
+class folders' modification times, as docs/architecture.md#imagenet-scale describes.
 """
 from __future__ import annotations
 
@@ -35,6 +31,10 @@ _LAYOUT = "train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (any subset of the ImageNet
 
 class ImageNetLayoutError(DatasetNotFoundError):
     """The folder is not in ImageNet layout, its class names are unknown, or it holds bad image files."""
+
+
+def _first(items: list, sep: str = ", ") -> str:
+    return sep.join(map(str, items[:5])) + (" ..." if len(items) > 5 else "")
 
 
 @functools.lru_cache(maxsize=1)
@@ -74,8 +74,9 @@ def _entries(folder: Path) -> tuple[list[str], list[str]]:
     return sorted(dirs), sorted(images)
 
 
-def check_layout(root: Path) -> tuple[list[str], list[str]]:
-    """(train classes, val classes) of an ImageNet-layout root; ImageNetLayoutError naming what is wrong."""
+def scan_folder(root: Path) -> dict[str, np.ndarray]:
+    """The folder's index, from the decoded-array cache when it is current; ImageNetLayoutError naming what is
+    wrong with its layout."""
     if not root.is_dir():
         raise ImageNetLayoutError(f"imagenet: data.root {str(root)!r} does not exist; point it at a folder with "
                                   f"{_LAYOUT}")
@@ -101,9 +102,12 @@ def check_layout(root: Path) -> tuple[list[str], list[str]]:
         classes[split] = dirs
     unknown = sorted(set(classes["val"]) - set(classes["train"]))
     if unknown:
-        raise ImageNetLayoutError(f"imagenet: {root / 'val'} has classes that train/ lacks: {', '.join(unknown[:5])}"
-                                  f"{' ...' if len(unknown) > 5 else ''}; val/ classes must be a subset of train/'s")
-    return classes["train"], classes["val"]
+        raise ImageNetLayoutError(f"imagenet: {root / 'val'} has classes that train/ lacks: {_first(unknown)}; "
+                                  "val/ classes must be a subset of train/'s")
+    train_classes, val_classes = classes["train"], classes["val"]
+    folders = [root / "train", root / "val"] + [root / "train" / c for c in train_classes] + \
+              [root / "val" / c for c in val_classes]
+    return cached_arrays("imagenet-index", folders, lambda: _scan(root, train_classes, val_classes))
 
 
 def file_status(path: str) -> int:
@@ -144,55 +148,39 @@ def _scan(root: Path, train_classes: list[str], val_classes: list[str]) -> dict[
     return arrays
 
 
-def scan_folder(root: Path) -> dict[str, np.ndarray]:
-    """The folder's index (see the module docstring), from the decoded-array cache when it is current."""
-    train_classes, val_classes = check_layout(root)
-    folders = [root / "train", root / "val"] + [root / "train" / c for c in train_classes] + \
-              [root / "val" / c for c in val_classes]
-    return cached_arrays("imagenet-index", folders, lambda: _scan(root, train_classes, val_classes))
-
-
 # ----- class names ------------------------------------------------------------------------------------------
 
-def read_class_map(path: Path, classes: list[str]) -> list[str]:
-    """Names of `classes` from a file of `folder<whitespace>name` lines (# comments and blank lines ignored)."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ImageNetLayoutError(f"class-name map {path} cannot be read ({exc}); it must be a UTF-8 text file "
-                                  "with one `folder<TAB>name` line per class") from None
-    mapping = {}
-    for n, line in enumerate(lines, 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        parts = line.strip().split(None, 1)
-        if len(parts) != 2:
-            raise ImageNetLayoutError(f"{path}:{n}: expected `folder<TAB>name`, got {line.strip()!r}")
-        mapping[parts[0]] = parts[1].strip()
-    missing = [c for c in classes if c not in mapping]
-    if missing:
-        raise ImageNetLayoutError(f"class-name map {path} has no line for {len(missing)} class folder(s): "
-                                  f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; add "
-                                  "`folder<TAB>name` lines for them")
-    return [mapping[c] for c in classes]
-
-
 def class_names_for(cfg: DataConfig, root: Path, classes: list[str]) -> list[str]:
-    """Human-readable names of the class folders (see the module docstring for the order of sources)."""
-    if cfg.class_names:
-        path = Path(cfg.class_names).expanduser()
-        if not path.is_file():
-            raise ImageNetLayoutError(f"data.class_names: file {str(path)!r} does not exist; give a file of "
-                                      "`folder<TAB>name` lines, or null to use the ImageNet-1k names")
-        return read_class_map(path, classes)
-    if (root / CLASS_MAP_FILE).is_file():
-        return read_class_map(root / CLASS_MAP_FILE, classes)
+    """Human-readable names of the class folders: from data.class_names, else <root>/classes.txt (files of
+    `folder<whitespace>name` lines, # comments and blank lines ignored), else the ImageNet-1k names."""
+    path = Path(cfg.class_names).expanduser() if cfg.class_names else root / CLASS_MAP_FILE
+    if cfg.class_names and not path.is_file():
+        raise ImageNetLayoutError(f"data.class_names: file {str(path)!r} does not exist; give a file of "
+                                  "`folder<TAB>name` lines, or null to use the ImageNet-1k names")
+    if path.is_file():
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ImageNetLayoutError(f"class-name map {path} cannot be read ({exc}); it must be a UTF-8 text file "
+                                      "with one `folder<TAB>name` line per class") from None
+        mapping = {}
+        for n, line in enumerate(lines, 1):
+            if line.strip() and not line.lstrip().startswith("#"):
+                parts = line.strip().split(None, 1)
+                if len(parts) != 2:
+                    raise ImageNetLayoutError(f"{path}:{n}: expected `folder<TAB>name`, got {line.strip()!r}")
+                mapping[parts[0]] = parts[1].strip()
+        missing = [c for c in classes if c not in mapping]
+        if missing:
+            raise ImageNetLayoutError(f"class-name map {path} has no line for {len(missing)} class folder(s): "
+                                      f"{_first(missing)}; add `folder<TAB>name` lines for them")
+        return [mapping[c] for c in classes]
     index = {w: i for i, w in enumerate(imagenet_wnids())}
     unknown = [c for c in classes if c not in index]
     if unknown:
         raise ImageNetLayoutError(
-            f"imagenet: no class-name map for {root}: folder(s) {', '.join(unknown[:5])}"
-            f"{' ...' if len(unknown) > 5 else ''} are not ImageNet-1k wnids, and there is no {root / CLASS_MAP_FILE}."
+            f"imagenet: no class-name map for {root}: folder(s) {_first(unknown)} are not ImageNet-1k wnids, and "
+            f"there is no {root / CLASS_MAP_FILE}."
             f" CLIP's prompts need a name per class: write {CLASS_MAP_FILE} there (one `folder<TAB>name` line per "
             "class) or set data.class_names to such a file")
     names = imagenet_class_names()
@@ -201,21 +189,6 @@ def class_names_for(cfg: DataConfig, root: Path, classes: list[str]) -> list[str
 
 # ----- splits -----------------------------------------------------------------------------------------------
 
-def _keep(arrays: dict, split: str, cfg: DataConfig, root: Path) -> np.ndarray:
-    """Rows of a split to use: all good files; bad ones are an error or skipped, as data.bad_images says."""
-    status = np.asarray(arrays[f"{split}_status"])
-    bad = np.flatnonzero(status != 0)
-    if len(bad) and cfg.bad_images == "error":
-        listed = "; ".join(f"{bytes(arrays[f'{split}_rel'][i]).decode()}: {STATUS[status[i]]}" for i in bad[:5])
-        raise ImageNetLayoutError(
-            f"imagenet: {len(bad)} unreadable image file(s) under {root}: {listed}{' ...' if len(bad) > 5 else ''}. "
-            "Replace or delete them, or set data.bad_images: skip to leave them out (the count is logged)")
-    if len(bad):
-        log.warning("imagenet: skipping %d unreadable %s image(s) under %s (data.bad_images: skip), e.g. %s",
-                    len(bad), split, root, bytes(arrays[f"{split}_rel"][bad[0]]).decode())
-    return np.flatnonzero(status == 0)
-
-
 def load_imagenet_splits(cfg: DataConfig) -> Splits:
     """The train (train/) and test (val/) splits of an ImageNet-layout folder as PhotoSources."""
     root = Path(cfg.root or "").expanduser().resolve()
@@ -223,9 +196,19 @@ def load_imagenet_splits(cfg: DataConfig) -> Splits:
     classes = [bytes(c).decode() for c in arrays["classes"]]
     names = class_names_for(cfg, root, classes)
     sources, skipped = {}, 0
-    for split in ("train", "val"):
-        keep = _keep(arrays, split, cfg, root)
-        skipped += len(arrays[f"{split}_status"]) - len(keep)
+    for split in ("train", "val"):   # bad files are an error, or skipped, as data.bad_images says
+        status = np.asarray(arrays[f"{split}_status"])
+        bad = np.flatnonzero(status != 0)
+        named = [f"{bytes(arrays[f'{split}_rel'][i]).decode()}: {STATUS[status[i]]}" for i in bad[:6]]
+        if len(bad) and cfg.bad_images == "error":
+            raise ImageNetLayoutError(
+                f"imagenet: {len(bad)} unreadable image file(s) under {root}: {_first(named, '; ')}. Replace or "
+                "delete them, or set data.bad_images: skip to leave them out (the count is logged)")
+        if len(bad):
+            log.warning("imagenet: skipping %d unreadable %s image(s) under %s (data.bad_images: skip), e.g. %s",
+                        len(bad), split, root, named[0])
+        keep = np.flatnonzero(status == 0)
+        skipped += len(bad)
         rel = arrays[f"{split}_rel"] if len(keep) == len(arrays[f"{split}_rel"]) else arrays[f"{split}_rel"][keep]
         sources[split] = PhotoSource(str(root), rel, np.asarray(arrays[f"{split}_size"])[keep],
                                      torch.from_numpy(np.asarray(arrays[f"{split}_label"])[keep]), cfg.decode,

@@ -53,14 +53,7 @@ class BatchLoader:
 
     def __init__(self, dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,
                  drop_last: bool = False, pin_memory: bool = False) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.dataset = dataset
-        self.batch_size = int(batch_size)
-        self.shuffle = bool(shuffle)
-        self.seed = int(seed)
+        self.dataset, self.batch_size, self.shuffle, self.seed = dataset, int(batch_size), bool(shuffle), int(seed)
         resident = isinstance(dataset, ResidentDataset)
         self.num_workers = 0 if resident else int(num_workers)
         self.drop_last = bool(drop_last)

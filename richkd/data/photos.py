@@ -1,12 +1,7 @@
-"""Photos decoded per batch at full size and cropped to the model size: the ImageNet recipe (docs/method.md#imagenet,
-docs/architecture.md#imagenet-scale).
-
-Every crop is a box (top, left, height, width, flip) in the decoded image, resized to S x S with torchvision's
-`resized_crop`: a training crop's box is `RandomResizedCrop.get_params` under a per-image seed from the loader's
-generator (exact resume, any number of workers); FKD-style view v of row i has a box fixed by (view_seed, i, v),
-view 0 the centre crop. A dataset given the boxes a cache stores (`with_view_boxes`) crops exactly the region the
-teachers saw. PIL and torchvision may decode differently in the last bit, so the decoder is part of the dataset's
-identity (and of every cache key).
+"""Photos decoded per batch at full size and cropped to the model size through boxes (top, left, height, width,
+flip) and torchvision's `resized_crop`: the ImageNet recipe of docs/architecture.md#imagenet-scale. PIL and
+torchvision may decode differently in the last bit, so the decoder is part of the dataset's identity (and of every
+cache key).
 """
 from __future__ import annotations
 
@@ -84,16 +79,11 @@ def rrc_box(height: int, width: int, seed: int) -> tuple[int, int, int, int, int
     return int(top), int(left), int(h), int(w), flip
 
 
-def centre_box(height: int, width: int) -> tuple[int, int, int, int, int]:
-    """The region of the original image that Resize(S / 0.875) + CenterCrop(S) shows, as an unflipped box."""
-    side = max(1, min(height, width, int(round(min(height, width) * EVAL_CROP_FRACTION))))
-    return (height - side) // 2, (width - side) // 2, side, side, 0
-
-
 def view_box(seed: int, row: int, view: int, height: int, width: int) -> tuple[int, ...]:
     """The fixed box of FKD-style view `view` of `row`: view 0 the centre crop, others RandomResizedCrop."""
-    if view == 0:
-        return centre_box(height, width)
+    if view == 0:   # the region Resize(S / 0.875) + CenterCrop(S) shows, unflipped
+        side = max(1, min(height, width, int(round(min(height, width) * EVAL_CROP_FRACTION))))
+        return (height - side) // 2, (width - side) // 2, side, side, 0
     return rrc_box(height, width, int(view_hash(seed, np.array([row]), np.array([view]))[0] >> np.uint64(1)))
 
 
@@ -163,7 +153,7 @@ class PhotoSource:
 
 
 class PhotoSplit(SplitBase):
-    """Rows of a PhotoSource, decoded per batch at full size and cropped (see the module docstring).
+    """Rows of a PhotoSource, decoded per batch at full size and cropped to the model size.
 
     augment: a random RandomResizedCrop + flip per item (seeded through the loader's generator); otherwise the
     evaluation crop. views: FKD-style fixed views, from the boxes a cache stores when `stored` is given (an object
@@ -173,21 +163,6 @@ class PhotoSplit(SplitBase):
     decodes_per_batch = True    # full-size photos are never device-resident (richkd.data.resident)
     stored: Optional[Any] = None
 
-    def boxes_for(self, rows: torch.Tensor, views: torch.Tensor, dims: list[tuple[int, int]]) -> np.ndarray:
-        """int32 (B, 7) box records (BOX_FIELDS) of (row, view) pairs for images of the given (H, W)."""
-        if self.stored is not None:
-            records = np.asarray(self.stored.boxes(rows.numpy(), views.numpy()), dtype=np.int32)
-            for k, (hw, rec) in enumerate(zip(dims, records)):
-                if tuple(int(v) for v in rec[5:7]) != hw:
-                    path = self.source.path(int(rows[k]))
-                    raise BadImageError(
-                        f"{path} decodes to {hw[0]}x{hw[1]} px but the view boxes in {self.stored.origin} were "
-                        f"drawn for {rec[5]}x{rec[6]} px: the cache was built for other images. Delete that "
-                        "folder and rebuild it with `richkd cache`")
-            return records
-        return np.asarray([(*view_box(self.views.seed, int(r), int(v), h, w), h, w)
-                           for r, v, (h, w) in zip(rows.tolist(), views.tolist(), dims)], dtype=np.int32)
-
     def get_view_batch(self, positions: torch.Tensor, generator: Optional[torch.Generator] = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Images as uint8 (B, 3, S, S): the loader's workers send a quarter of float32's bytes."""
@@ -195,8 +170,19 @@ class PhotoSplit(SplitBase):
         rows = self.indices.index_select(0, positions)
         images = [self.source.decode(int(r)) for r in rows]
         size, views = self.image_size, self.draw_views(rows, generator)
-        if views is not None:
-            boxes = self.boxes_for(rows, views, [image_hw(im) for im in images])
+        if views is not None:   # int32 (B, 7) box records (BOX_FIELDS), stored or drawn for each image's size
+            dims = [image_hw(im) for im in images]
+            if self.stored is None:
+                boxes = [(*view_box(self.views.seed, r, v, h, w), h, w)
+                         for r, v, (h, w) in zip(rows.tolist(), views.tolist(), dims)]
+            else:
+                boxes = np.asarray(self.stored.boxes(rows.numpy(), views.numpy()), dtype=np.int32)
+                for k, (hw, rec) in enumerate(zip(dims, boxes)):
+                    if tuple(int(v) for v in rec[5:7]) != hw:
+                        raise BadImageError(
+                            f"{self.source.path(int(rows[k]))} decodes to {hw[0]}x{hw[1]} px but the view boxes in "
+                            f"{self.stored.origin} were drawn for {rec[5]}x{rec[6]} px: the cache was built for "
+                            "other images. Delete that folder and rebuild it with `richkd cache`")
             crops = [crop_box(im, box, size) for im, box in zip(images, boxes)]
         elif self.augment:
             seeds = torch.randint(0, 2**62, rows.shape, generator=generator).tolist()

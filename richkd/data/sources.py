@@ -94,9 +94,9 @@ class FileSource:
     side and centre-cropping keeps the aspect ratio (torchvision's Resize(S) + CenterCrop(S)).
     """
 
-    def __init__(self, paths: Sequence[str], targets: torch.Tensor, image_size: int, origin: str) -> None:
-        self.paths = list(paths)
-        self.targets = torch.as_tensor(targets, dtype=torch.int64).contiguous()
+    def __init__(self, samples: Sequence[tuple[str, int]], image_size: int, origin: str) -> None:
+        self.paths = [p for p, _ in samples]
+        self.targets = torch.tensor([t for _, t in samples], dtype=torch.int64)
         self.image_size = int(image_size)
         self.origin = origin
 
@@ -104,21 +104,18 @@ class FileSource:
         return len(self.paths)
 
     def load(self, rows: torch.Tensor) -> torch.Tensor:
-        if rows.numel() == 0:
-            return torch.empty(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
-        return torch.stack([self._decode(self.paths[int(r)]) for r in rows])
-
-    def _decode(self, path: str) -> torch.Tensor:
         from PIL import Image
         from torchvision.transforms import functional as TF
 
-        try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-        except OSError as exc:
-            raise DatasetNotFoundError(f"cannot read image {path!r} ({exc}); remove or replace the file") from None
-        s = self.image_size
-        return TF.pil_to_tensor(TF.center_crop(TF.resize(im, s), [s, s]))   # Pillow's bilinear, antialiased
+        s, out = self.image_size, []
+        for path in (self.paths[int(r)] for r in rows):
+            try:
+                with Image.open(path) as im:
+                    im = im.convert("RGB")
+            except OSError as exc:
+                raise DatasetNotFoundError(f"cannot read image {path!r} ({exc}); remove or replace the file") from None
+            out.append(TF.pil_to_tensor(TF.center_crop(TF.resize(im, s), [s, s])))   # Pillow's bilinear, antialiased
+        return torch.stack(out) if out else torch.empty(0, 3, s, s, dtype=torch.uint8)
 
     @functools.cached_property
     def digest(self) -> str:
@@ -144,14 +141,7 @@ class Splits:
 
 def _stat_signature(paths: Sequence[Path]) -> tuple:
     """What the in-process memo of a dataset (trials reusing a process load it once) adds to its key."""
-    sig = []
-    for p in paths:
-        try:
-            st = p.stat()
-            sig.append((str(p), st.st_size, st.st_mtime_ns))
-        except OSError:
-            sig.append((str(p), None, None))
-    return tuple(sig)
+    return tuple((str(p), *((p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else ())) for p in paths)
 
 
 # ----- CIFAR ----------------------------------------------------------------------------------------
@@ -176,12 +166,10 @@ def load_cifar(cfg: DataConfig) -> Splits:
 
 @functools.lru_cache(maxsize=4)
 def _read_cifar(cls, dataset: str, root: Path, folder: Path, download: bool, stamp: tuple) -> Splits:
-    from urllib.error import URLError
-
     try:
         train = cls(str(root), train=True, download=download)
         test = cls(str(root), train=False, download=False)
-    except (URLError, OSError) as exc:
+    except OSError as exc:   # a URLError too
         raise DatasetNotFoundError(
             f"{dataset}: downloading {cls.url} into {root} failed ({exc}). Without network access, download "
             f"{cls.filename} elsewhere and extract it into {root} so that {folder} exists.") from None
@@ -240,7 +228,14 @@ def load_fashion_mnist(cfg: DataConfig) -> Splits:
     candidates = [root / "FashionMNIST" / "raw", *([root] if cfg.root else
                                                    [root / "fashion-mnist", DEBIAN_FASHION_MNIST_DIR])]
     if cfg.download and not any(_idx_files(folder) for folder in candidates):
-        _download_fashion_mnist(root)       # into root/FashionMNIST/raw, the first candidate
+        from torchvision.datasets import FashionMNIST
+
+        try:    # torchvision's download, kept unzipped in root/FashionMNIST/raw, the first candidate
+            FashionMNIST(str(root), train=True, download=True)
+        except (OSError, RuntimeError) as exc:   # URLError is an OSError
+            raise DatasetNotFoundError(
+                f"fashion_mnist: downloading into {root} failed ({exc}). Offline, install Debian's package instead: "
+                "`sudo apt-get install dataset-fashion-mnist` and keep data.root null.") from None
     for folder in candidates:
         files = _idx_files(folder)
         if files is not None:
@@ -254,24 +249,20 @@ def load_fashion_mnist(cfg: DataConfig) -> Splits:
         f"{root / 'FashionMNIST' / 'raw'}, or put the four files in a folder and set data.root to it.")
 
 
-def _decode_fashion_idx(files: dict[str, Path], folder: Path) -> dict[str, np.ndarray]:
-    """{"<split>_images": (N, 28, 28) uint8, "<split>_labels": (N,) uint8} read and checked from the IDX files."""
-    arrays = {}
-    for split, (img_name, lbl_name) in FASHION_MNIST_FILES.items():
-        images = read_idx(files[img_name])
-        labels = read_idx(files[lbl_name])
-        if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-            raise DatasetNotFoundError(f"{folder}: {img_name} {images.shape} and {lbl_name} {labels.shape} do not "
-                                       "match; reinstall or re-download the files")
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
-    return arrays
-
-
 @functools.lru_cache(maxsize=4)
 def _read_fashion_idx(files: tuple[tuple[str, Path], ...], folder: Path, stamp: tuple) -> Splits:
+    def decode() -> dict[str, np.ndarray]:   # "<split>_images" (N, 28, 28) and "<split>_labels" (N,), checked
+        arrays = {}
+        for split, (img_name, lbl_name) in FASHION_MNIST_FILES.items():
+            images, labels = read_idx(dict(files)[img_name]), read_idx(dict(files)[lbl_name])
+            if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+                raise DatasetNotFoundError(f"{folder}: {img_name} {images.shape} and {lbl_name} {labels.shape} do "
+                                           "not match; reinstall or re-download the files")
+            arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
+        return arrays
+
     # fresh trial processes memory-map the decoded arrays instead of un-gzipping ~30 MB each (richkd.data.decoded)
-    arrays = cached_arrays("fashion_mnist", [path for _, path in files],
-                           lambda: _decode_fashion_idx(dict(files), folder))
+    arrays = cached_arrays("fashion_mnist", [path for _, path in files], decode)
     sources = {}
     for split in FASHION_MNIST_FILES:
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
@@ -280,20 +271,6 @@ def _read_fashion_idx(files: tuple[tuple[str, Path], ...], folder: Path, stamp: 
         sources[split] = TensorSource(img, torch.from_numpy(labels.astype(np.int64)), origin=f"{folder} ({split})")
     log.info("fashion_mnist: loaded %d train / %d test images from %s", len(sources["train"]), len(sources["test"]), folder)
     return Splits(sources["train"], sources["test"], list(FASHION_MNIST_CLASSES), str(folder))
-
-
-def _download_fashion_mnist(root: Path) -> None:
-    """torchvision's download of the four IDX files (kept unzipped in root/FashionMNIST/raw)."""
-    from urllib.error import URLError
-
-    from torchvision.datasets import FashionMNIST
-
-    try:
-        FashionMNIST(str(root), train=True, download=True)
-    except (URLError, OSError, RuntimeError) as exc:
-        raise DatasetNotFoundError(
-            f"fashion_mnist: downloading into {root} failed ({exc}). Offline, install Debian's package instead: "
-            "`sudo apt-get install dataset-fashion-mnist` and keep data.root null.") from None
 
 
 # ----- ImageFolder ----------------------------------------------------------------------------------
@@ -326,22 +303,15 @@ def load_imagefolder(cfg: DataConfig) -> Splits:
                                        "the test classes must be a subset of the train classes")
         test_samples = make_dataset(str(test_dir), {c: class_to_idx[c] for c in test_classes},
                                     extensions=IMG_EXTENSIONS, allow_empty=True)
-        train_paths, train_targets = _unzip(train_samples)
-        test_paths, test_targets = _unzip(test_samples)
         origin = f"{train_dir} + {test_dir}"
     else:
-        paths, targets = _unzip(train_samples)
-        n_test = int(round(len(paths) * IMAGEFOLDER_TEST_FRACTION))
-        held, kept = stratified_take(targets, n_test, IMAGEFOLDER_CARVE_SEED)
+        n_test = int(round(len(train_samples) * IMAGEFOLDER_TEST_FRACTION))
+        held, kept = stratified_take(torch.tensor([t for _, t in train_samples]), n_test, IMAGEFOLDER_CARVE_SEED)
         log.warning("imagefolder: %s has no test/ or val/ folder; holding out a fixed %d%% of train/ (%d images, "
                     "seed %d) as the test split", root, round(100 * IMAGEFOLDER_TEST_FRACTION), n_test,
                     IMAGEFOLDER_CARVE_SEED)
-        train_paths, train_targets = [paths[i] for i in kept.tolist()], targets[kept]
-        test_paths, test_targets = [paths[i] for i in held.tolist()], targets[held]
+        test_samples = [train_samples[i] for i in held.tolist()]
+        train_samples = [train_samples[i] for i in kept.tolist()]
         origin = f"{train_dir} (test carved from train)"
-    return Splits(FileSource(train_paths, train_targets, size, origin=f"{origin} (train)"),
-                  FileSource(test_paths, test_targets, size, origin=f"{origin} (test)"), classes, origin)
-
-
-def _unzip(samples: list[tuple[str, int]]) -> tuple[list[str], torch.Tensor]:
-    return [p for p, _ in samples], torch.tensor([t for _, t in samples], dtype=torch.int64)
+    return Splits(FileSource(train_samples, size, origin=f"{origin} (train)"),
+                  FileSource(test_samples, size, origin=f"{origin} (test)"), classes, origin)

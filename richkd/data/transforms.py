@@ -26,12 +26,9 @@ CROP_PADDING = 4  # RandomCrop(S, padding=4), the CIFAR recipe used by CRD / mdi
 
 
 def to_float_images(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (B, C, h, w) with C in {1, 3} -> float32 (B, 3, size, size) in [0, 1].
-
-    Resizes (bilinear, antialiased when shrinking) only when the native size differs, e.g. Fashion-MNIST's
-    28 -> 32 so CIFAR-style networks apply unchanged; grayscale is repeated to 3 channels so one model
-    (and CLIP) takes every dataset.
-    """
+    """uint8 (B, C, h, w) with C in {1, 3} -> float32 (B, 3, size, size) in [0, 1], resized (bilinear, antialiased)
+    only when the native size differs (Fashion-MNIST 28 -> 32 px, so CIFAR-style networks apply unchanged), grayscale
+    repeated to 3 channels so one model (and CLIP) takes every dataset."""
     if images.dim() != 4:
         raise ValueError(f"expected a (B, C, H, W) batch, got shape {tuple(images.shape)}")
     x = images.float().div_(255.0)
@@ -60,11 +57,8 @@ def draw_crop_flip(batch_size: int, generator: Optional[torch.Generator] = None,
 
 def crop_flip(images: torch.Tensor, offsets: torch.Tensor, flip: torch.Tensor,
               padding: int = CROP_PADDING) -> torch.Tensor:
-    """Crop each zero-padded image at its (row, col) offset in [0, 2*padding] and flip where flip is True.
-
-    Runs on the images' device (offsets and flip are moved there), so it serves CPU loaders and
-    device-resident datasets alike.
-    """
+    """Crop each zero-padded image at its (row, col) offset in [0, 2*padding] and flip where flip is True, on the
+    images' device (CPU loaders and device-resident datasets alike)."""
     b, c, h, w = images.shape
     if b == 0:
         return images

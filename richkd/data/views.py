@@ -15,15 +15,12 @@ import torch
 
 from richkd.data.transforms import CROP_PADDING
 
+
 @dataclass(frozen=True)
 class ViewSpec:
     num_views: int
     seed: int
     fixed_view: Optional[int] = None   # every row shown as this view (cache building); None: draw per sample
-
-    @property
-    def cache_id(self) -> str:
-        return f"views{self.num_views}-seed{self.seed}-pad{CROP_PADDING}"
 
 
 def view_hash(seed: int, rows: np.ndarray, views: np.ndarray) -> np.ndarray:

@@ -67,7 +67,6 @@ def pooled_output(head: nn.Module, maps: torch.Tensor) -> ModelOutput:
 
 
 def init_weights(model: nn.Module, linear_std: float | None = None) -> None:
-
     """The CIFAR zoo's initialisation: He-normal convolutions (fan_out), zero conv biases, and, with
     `linear_std`, N(0, linear_std^2) linear weights with zero biases (BatchNorm keeps torch's 1 and 0)."""
     for m in model.modules():

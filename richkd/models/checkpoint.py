@@ -22,58 +22,10 @@ class CheckpointError(ValueError):
     """A weight file is missing, unreadable, or does not fit the requested architecture."""
 
 
-def _listing(items: list[str]) -> str:
-    shown = ", ".join(items[:_MAX_LISTED])
-    if len(items) > _MAX_LISTED:
-        shown += f", ... ({len(items) - _MAX_LISTED} more)"
-    return shown
-
-
 def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
     )
-
-
-def extract_state_dict(obj: Any, path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Find the weights in a loaded file: `{"model": sd}` (mdistiller/RepDistiller), `{"state_dict": sd}`, or sd,
-    without the `module.` prefix of a model saved from inside nn.DataParallel."""
-    candidates = [obj.get("model"), obj.get("state_dict"), obj] if isinstance(obj, Mapping) else []
-    sd = next((c for c in candidates if _is_state_dict(c)), None)
-    if sd is None:
-        top = sorted(map(str, obj.keys()))[:_MAX_LISTED] if isinstance(obj, Mapping) else type(obj).__name__
-        raise CheckpointError(
-            f"{path}: no state_dict found (top-level content: {top}). Expected a file written by "
-            f"torch.save({{'model': model.state_dict()}}) as in mdistiller's ckpt_epoch_240.pth, "
-            f"{{'state_dict': ...}}, or a bare state_dict."
-        )
-    sd = dict(sd)
-    consume_prefix_in_state_dict_if_present(sd, "module.")
-    return sd
-
-
-def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], name: str, num_classes: int,
-                     path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Compare checkpoint keys/shapes with the model; raise ONE CheckpointError listing every problem.
-
-    Returns the state dict to load: BatchNorm `num_batches_tracked` counters missing from old (PyTorch < 0.4.1)
-    checkpoints are filled with 0, exactly what PyTorch itself does for such files; they never affect eval.
-    """
-    expected = model.state_dict()
-    sd = dict(sd)
-    for key in expected:
-        if key.endswith("num_batches_tracked") and key not in sd:
-            sd[key] = torch.zeros((), dtype=torch.long)
-    problems = {"missing": [k for k in expected if k not in sd], "unexpected": [k for k in sd if k not in expected],
-                "mis-shaped": [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
-                               for k, v in expected.items() if k in sd and sd[k].shape != v.shape]}
-    lines = [f"  {what} keys ({len(keys)}): {_listing(keys)}" for what, keys in problems.items() if keys]
-    if lines:
-        raise CheckpointError("\n".join([
-            f"checkpoint {path} does not fit model {name!r} with num_classes={num_classes}:", *lines,
-            "  Hint: the architecture name or num_classes is probably wrong for this file (e.g. a resnet32x4 "
-            "checkpoint needs name 'resnet32x4' and num_classes=100 for CIFAR-100)."]))
-    return sd
 
 
 def load_teacher(name: str, path: str | os.PathLike, num_classes: int,
@@ -97,7 +49,32 @@ def load_teacher(name: str, path: str | os.PathLike, num_classes: int,
         raise CheckpointError(f"{p}: not a readable torch checkpoint ({load_problem(exc)}); it may be truncated, "
                               "or hold more than weights: re-save just those with "
                               "torch.save({'model': model.state_dict()}, path)") from exc
-    sd = check_state_dict(model, extract_state_dict(obj, p), name, num_classes, p)
+    # the weights: `{"model": sd}` (mdistiller/RepDistiller), `{"state_dict": sd}`, or sd
+    candidates = [obj.get("model"), obj.get("state_dict"), obj] if isinstance(obj, Mapping) else []
+    sd = next((dict(c) for c in candidates if _is_state_dict(c)), None)
+    if sd is None:
+        top = sorted(map(str, obj.keys()))[:_MAX_LISTED] if isinstance(obj, Mapping) else type(obj).__name__
+        raise CheckpointError(
+            f"{p}: no state_dict found (top-level content: {top}). Expected a file written by "
+            f"torch.save({{'model': model.state_dict()}}) as in mdistiller's ckpt_epoch_240.pth, "
+            f"{{'state_dict': ...}}, or a bare state_dict.")
+    consume_prefix_in_state_dict_if_present(sd, "module.")   # a model saved from inside nn.DataParallel
+    # BatchNorm `num_batches_tracked` counters missing from old (PyTorch < 0.4.1) checkpoints are filled with 0,
+    # exactly what PyTorch itself does for such files; they never affect eval
+    expected = model.state_dict()
+    sd.update({k: torch.zeros((), dtype=torch.long) for k in expected
+               if k.endswith("num_batches_tracked") and k not in sd})
+    problems = {"missing": [k for k in expected if k not in sd], "unexpected": [k for k in sd if k not in expected],
+                "mis-shaped": [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+                               for k, v in expected.items() if k in sd and sd[k].shape != v.shape]}
+    lines = [f"  {what} keys ({len(keys)}): {', '.join(keys[:_MAX_LISTED])}"
+             + (f", ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
+             for what, keys in problems.items() if keys]
+    if lines:   # ONE error listing every problem
+        raise CheckpointError("\n".join([
+            f"checkpoint {p} does not fit model {name!r} with num_classes={num_classes}:", *lines,
+            "  Hint: the architecture name or num_classes is probably wrong for this file (e.g. a resnet32x4 "
+            "checkpoint needs name 'resnet32x4' and num_classes=100 for CIFAR-100)."]))
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as exc:  # e.g. a dtype that cannot be copied; keys and shapes were checked above

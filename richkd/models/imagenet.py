@@ -23,7 +23,6 @@ IMAGENET_INPUT_SIZE = 224
 
 
 @functools.cache
-
 def torchvision_classes() -> dict[str, type]:
     """The torchvision-based classes, defined on first use: importing torchvision's model package costs ~1.4 s,
     which CIFAR-only trial processes should not pay when they import the zoo."""
@@ -60,7 +59,6 @@ def _resnet(block: str, layers: list[int], num_classes: int) -> nn.Module:
     return c["ResNet"](c[block], layers, num_classes)
 
 
-
 class MobileNetV1(nn.Module):
     """MobileNet-V1 (Howard et al. 2017) with mdistiller's module layout: `model.0` ... `model.13`, then `fc`.
 
@@ -87,13 +85,10 @@ class MobileNetV1(nn.Module):
         return ModelOutput(self.fc(feat), feat)
 
 
-def _register(name: str, factory) -> None:
-    MODELS.register(name)(factory)
-    FAMILIES[name] = ("imagenet", IMAGENET_INPUT_SIZE)
-
-
-_register("resnet18", lambda num_classes: _resnet("BasicBlock", [2, 2, 2, 2], num_classes))
-_register("resnet34", lambda num_classes: _resnet("BasicBlock", [3, 4, 6, 3], num_classes))
-_register("resnet50", lambda num_classes: _resnet("Bottleneck", [3, 4, 6, 3], num_classes))
-_register("mobilenet_v2", lambda num_classes: torchvision_classes()["MobileNetV2"](num_classes))
-_register("MobileNetV1", lambda num_classes: MobileNetV1(num_classes))
+for _name, _factory in {"resnet18": functools.partial(_resnet, "BasicBlock", [2, 2, 2, 2]),
+                        "resnet34": functools.partial(_resnet, "BasicBlock", [3, 4, 6, 3]),
+                        "resnet50": functools.partial(_resnet, "Bottleneck", [3, 4, 6, 3]),
+                        "mobilenet_v2": lambda num_classes: torchvision_classes()["MobileNetV2"](num_classes),
+                        "MobileNetV1": MobileNetV1}.items():
+    MODELS.register(_name)(_factory)
+    FAMILIES[_name] = ("imagenet", IMAGENET_INPUT_SIZE)

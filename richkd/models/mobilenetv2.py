@@ -6,7 +6,6 @@ import functools
 import torch
 import torch.nn as nn
 
-
 from richkd.models.base import MODELS, ModelOutput, conv_bn, init_weights, pooled_output
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from richkd.models.base import MODELS, ModelOutput, init_weights, pooled_output
+from richkd.models.base import MODELS, ModelOutput, conv_bn, init_weights, pooled_output
 
 
 def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -19,8 +19,6 @@ class BasicBlock(nn.Module):
 
     Submodule names `conv1, bn1, conv2, bn2, downsample.{0,1}` are those of the public checkpoints.
     """
-
-    expansion = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
         super().__init__()
@@ -47,30 +45,22 @@ class CifarResNet(nn.Module):
 
     def __init__(self, depth: int, num_filters: tuple[int, int, int, int], num_classes: int) -> None:
         super().__init__()
-        if (depth - 2) % 6 != 0:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2 (e.g. 20, 32, 56, 110), got {depth}")
-        n = (depth - 2) // 6
+        n = (depth - 2) // 6    # depth 6n + 2
         self._inplanes = num_filters[0]
         self.conv1 = nn.Conv2d(3, num_filters[0], kernel_size=3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(num_filters[0])
-        self.layer1 = self._make_layer(num_filters[1], n, stride=1)
-        self.layer2 = self._make_layer(num_filters[2], n, stride=2)
-        self.layer3 = self._make_layer(num_filters[3], n, stride=2)
-        self.feat_dim = num_filters[3] * BasicBlock.expansion
+        self.layer1, self.layer2, self.layer3 = (self._make_layer(f, n, s) for f, s in zip(num_filters[1:], (1, 2, 2)))
+        self.feat_dim = num_filters[3]
         self.fc = nn.Linear(self.feat_dim, num_classes)
         init_weights(self)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
-        downsample = None
-        if stride != 1 or self._inplanes != planes * BasicBlock.expansion:
-            # 1x1 projection shortcut: checkpoint keys `layerK.0.downsample.0.weight` / `.1.*`.
-            downsample = nn.Sequential(
-                nn.Conv2d(self._inplanes, planes * BasicBlock.expansion, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(planes * BasicBlock.expansion),
-            )
+        downsample = None   # or a 1x1 projection: checkpoint keys `layerK.0.downsample.0.weight` / `.1.*`
+        if stride != 1 or self._inplanes != planes:
+            downsample = nn.Sequential(*conv_bn(self._inplanes, planes, 1, stride, relu=False))
         layers = [BasicBlock(self._inplanes, planes, stride, downsample)]
-        self._inplanes = planes * BasicBlock.expansion
-        layers += [BasicBlock(self._inplanes, planes) for _ in range(1, blocks)]
+        self._inplanes = planes
+        layers += [BasicBlock(planes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> ModelOutput:

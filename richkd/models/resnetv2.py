@@ -7,17 +7,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from richkd.models.base import MODELS, ModelOutput, init_weights, pooled_output
+from richkd.models.base import MODELS, ModelOutput, conv_bn, init_weights, pooled_output
 
 
 def _projection(in_planes: int, out_planes: int, stride: int) -> nn.Sequential:
     """Shortcut: empty Sequential (identity, no weights) or 1x1 conv + BN (`shortcut.0`, `shortcut.1`)."""
-    if stride == 1 and in_planes == out_planes:
-        return nn.Sequential()
-    return nn.Sequential(
-        nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False),
-        nn.BatchNorm2d(out_planes),
-    )
+    same = stride == 1 and in_planes == out_planes
+    return nn.Sequential(*([] if same else conv_bn(in_planes, out_planes, 1, stride, relu=False)))
 
 
 class BasicBlock(nn.Module):
@@ -69,10 +65,8 @@ class ResNetV2(nn.Module):
         self._in_planes = 64
         self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
-        self.layer1 = self._make_layer(block, 64, num_blocks[0], 1)
-        self.layer2 = self._make_layer(block, 128, num_blocks[1], 2)
-        self.layer3 = self._make_layer(block, 256, num_blocks[2], 2)
-        self.layer4 = self._make_layer(block, 512, num_blocks[3], 2)
+        self.layer1, self.layer2, self.layer3, self.layer4 = (
+            self._make_layer(block, 64 << k, n, 1 if k == 0 else 2) for k, n in enumerate(num_blocks))
         self.feat_dim = 512 * block.expansion
         self.linear = nn.Linear(self.feat_dim, num_classes)
         init_weights(self)

@@ -53,9 +53,7 @@ class ShuffleNetV1(nn.Module):
         self.conv1 = nn.Conv2d(3, 24, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(24)
         self._in_planes = 24
-        self.layer1 = self._make_layer(out_planes[0], num_blocks[0], groups)
-        self.layer2 = self._make_layer(out_planes[1], num_blocks[1], groups)
-        self.layer3 = self._make_layer(out_planes[2], num_blocks[2], groups)
+        self.layer1, self.layer2, self.layer3 = (self._make_layer(o, n, groups) for o, n in zip(out_planes, num_blocks))
         self.feat_dim = out_planes[2]
         self.linear = nn.Linear(self.feat_dim, num_classes)
 

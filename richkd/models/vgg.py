@@ -41,11 +41,8 @@ class VGG(nn.Module):
 
     def __init__(self, cfg: list[list[int]], num_classes: int) -> None:
         super().__init__()
-        self.block0 = _make_block(cfg[0], 3)
-        self.block1 = _make_block(cfg[1], cfg[0][-1])
-        self.block2 = _make_block(cfg[2], cfg[1][-1])
-        self.block3 = _make_block(cfg[3], cfg[2][-1])
-        self.block4 = _make_block(cfg[4], cfg[3][-1])
+        self.block0, self.block1, self.block2, self.block3, self.block4 = (
+            _make_block(widths, prev[-1]) for widths, prev in zip(cfg, [[3], *cfg]))
         self.feat_dim = cfg[4][-1]
         self.classifier = nn.Linear(self.feat_dim, num_classes)
         init_weights(self, linear_std=0.01)

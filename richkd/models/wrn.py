@@ -55,14 +55,11 @@ class WideResNet(nn.Module):
 
     def __init__(self, depth: int, widen_factor: int, num_classes: int) -> None:
         super().__init__()
-        if (depth - 4) % 6 != 0:
-            raise ValueError(f"WRN depth must be 6n+4 (e.g. 16, 40), got {depth}")
-        n = (depth - 4) // 6
+        n = (depth - 4) // 6    # depth 6n + 4
         widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.conv1 = nn.Conv2d(3, widths[0], kernel_size=3, stride=1, padding=1, bias=False)
-        self.block1 = NetworkBlock(n, widths[0], widths[1], 1)
-        self.block2 = NetworkBlock(n, widths[1], widths[2], 2)
-        self.block3 = NetworkBlock(n, widths[2], widths[3], 2)
+        self.block1, self.block2, self.block3 = (NetworkBlock(n, widths[k - 1], widths[k], 1 if k == 1 else 2)
+                                                 for k in (1, 2, 3))
         self.bn1 = nn.BatchNorm2d(widths[3])
         self.feat_dim = widths[3]
         self.fc = nn.Linear(widths[3], num_classes)
