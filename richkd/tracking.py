@@ -67,14 +67,12 @@ def _first_retry_only(record: logging.LogRecord) -> bool:
 
 
 def quiet_http_retries() -> None:
-    """Let urllib3's first "Retrying ..." warning through and drop the rest (once per process): during an outage
-    the Outbox says so itself, so the console is not flooded with one line per try. addFilter adds it once."""
-    logging.getLogger("urllib3.connectionpool").addFilter(_first_retry_only)
+    """urllib3's first "Retrying ..." warning only: during an outage the Outbox says so itself."""
+    logging.getLogger("urllib3.connectionpool").addFilter(_first_retry_only)   # added once, however often called
 
 
 def default_artifact_location(tracking_uri: str, given: Optional[str] = None) -> Optional[str]:
-    """Artifacts beside a SQLite store (else MLflow writes ./mlruns wherever the command runs); a local folder
-    given by the user becomes a file:// URI."""
+    """Artifacts beside a SQLite store (else MLflow writes ./mlruns wherever the command runs); a folder -> file://."""
     if given is None and tracking_uri.startswith("sqlite:///"):
         return Path(os.path.dirname(os.path.abspath(tracking_uri[len("sqlite:///"):])), "mlartifacts").as_uri()
     if isinstance(given, str) and "://" not in given:
@@ -84,8 +82,7 @@ def default_artifact_location(tracking_uri: str, given: Optional[str] = None) ->
 
 def ensure_experiment(client, name: str, artifact_location: Optional[str] = None,
                       primary_metric: Optional[str] = None) -> str:
-    """Create the experiment once (parallel creation races, mlflow#4123) or restore it; its id. Tagged as model
-    training (EXPERIMENT_KIND) and, when given, with the primary metric its run charts show first."""
+    """Create the experiment once (parallel creation races, mlflow#4123) or restore it, tagged; its id."""
     wanted = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, **({PRIMARY_METRIC_TAG: primary_metric} if primary_metric else {})}
     exp = client.get_experiment_by_name(name)
     if exp is None:
@@ -109,8 +106,7 @@ def local_ui(port: int = UI_PORT) -> str:
 
 def experiment_url(ui: str, experiment_id: str, metric: Optional[str] = None, mode: str = "max",
                    sweep: Optional[str] = None) -> str:
-    """The MLflow UI page of an experiment's runs table (the model-training view, not MLflow 3's GenAI overview),
-    sorted best first by `metric` and narrowed to one sweep's runs when `sweep` is given."""
+    """The MLflow UI page of an experiment's runs table, best `metric` first, narrowed to one `sweep`'s runs."""
     query = ["workflowType=machine_learning"]
     if sweep:
         query.append("searchFilter=" + quote(f"tags.`{SWEEP_TAG}` = '{sweep}'", safe=""))
@@ -120,20 +116,16 @@ def experiment_url(ui: str, experiment_id: str, metric: Optional[str] = None, mo
 
 
 def experiment_links(tracking_uri: str, ui: str) -> list[tuple[str, str]]:
-    """(name, experiment_url) of every experiment this project made in the store (tagged as model training), its
-    runs sorted by its primary metric, best first."""
+    """(name, experiment_url) of every experiment this project made in the store, by its primary metric."""
     found = client_for(tracking_uri).search_experiments(
         filter_string=f"tags.`{EXPERIMENT_KIND_TAG}` = '{EXPERIMENT_KIND}'")
-    out = []
-    for exp in sorted(found, key=lambda e: e.name):
-        metric = exp.tags.get(PRIMARY_METRIC_TAG)
-        out.append((exp.name, experiment_url(ui, exp.experiment_id, metric, direction(metric) if metric else "max")))
-    return out
+    metric = {e.experiment_id: e.tags.get(PRIMARY_METRIC_TAG, "") for e in found}   # "": unsorted, "max"
+    return [(e.name, experiment_url(ui, e.experiment_id, metric[e.experiment_id], direction(metric[e.experiment_id])))
+            for e in sorted(found, key=lambda e: e.name)]
 
 
 def check_server(tracking_uri: str, key: str, timeout_s: float = 5.0, error: type = ValueError, fix: str = "") -> None:
-    """An http(s) tracking URI (the value of `key`) must name a server that answers now: one `error` before any
-    work, instead of a traceback after it. Other stores (SQLite, databases) are not probed."""
+    """An http(s) tracking URI (the value of `key`) must answer now: one `error` before any work. Others: not probed."""
     if not tracking_uri.startswith(("http://", "https://")):
         return
     parsed = urlparse(tracking_uri)

@@ -161,17 +161,11 @@ def storage_problem(t, n_nodes: int, mounts_text: Optional[str] = None) -> Optio
             "tune.shared_storage: true if it is shared but not detected as NFS/Lustre/...)")
 
 
-def task_error(exc: Exception) -> Exception:
-    """The error a task raised (a CacheError names the folder and the fix), not Ray's wrapper around it."""
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, Exception) else exc
-
-
 def wait_each(pending: dict, on_result: Callable, on_error: Callable = lambda value: None,
               also_cancel: Sequence = ()) -> None:
     """on_result(pending[ref], result) for each Ray task of `pending` as it finishes. On the first failure (a
-    task's: on_error(its value), then the task's own error is raised; or one of on_result) the other tasks and
-    `also_cancel` are cancelled."""
+    task's: on_error(its value), then the task's own error is raised, not Ray's wrapper: a CacheError names the
+    folder and the fix; or one of on_result) the other tasks and `also_cancel` are cancelled."""
     try:
         while pending:
             (ref,), _ = ray.wait(list(pending), num_returns=1)
@@ -180,7 +174,7 @@ def wait_each(pending: dict, on_result: Callable, on_error: Callable = lambda va
                 result = ray.get(ref)
             except Exception as exc:
                 on_error(value)
-                raise task_error(exc) from None
+                raise (exc.cause if isinstance(getattr(exc, "cause", None), Exception) else exc) from None
             on_result(value, result)
     except BaseException:
         for other in [*pending, *also_cancel]:

@@ -37,9 +37,7 @@ def config_hash(flat: dict) -> str:
 
 
 def sweep_callback(spec: SweepSpec) -> "MlflowSweepCallback":
-    """The sweep's experiment (with its objective as the primary metric) and parent run, which holds the code
-    version and space hash as tags, the tune settings and sampler descriptions as params and the spec, search space
-    and base config as files; and the callback that logs the trials under it."""
+    """The sweep's experiment and parent run (code version, settings, space and spec); the callback logging under it."""
     uri, t = spec.mlflow.tracking_uri, spec.tune
     experiment_id = ensure_experiment(client_for(uri), spec.mlflow.experiment, spec.mlflow.artifact_location, t.metric)
     cb = MlflowSweepCallback(uri, experiment_id, spec.plan(), spec.name)
@@ -184,17 +182,16 @@ class MlflowSweepCallback(RunWriter, Callback):
 
     def _find_existing(self, trial_id: str, digest: str) -> Optional[str]:
         """A child run of this trial created after the last experiment snapshot (state lags the database)."""
-        filt = (f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}' "
-                f"and tags.`{HASH_TAG}` = '{digest}'")
-        runs = self.client.search_runs([self.experiment_id], filter_string=filt, max_results=5)
+        runs = self.client.search_runs([self.experiment_id], max_results=1, filter_string=(
+            f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}' "
+            f"and tags.`{HASH_TAG}` = '{digest}'"))
         return runs[0].info.run_id if runs else None
 
     def _op_close(self, trial_id: str, error: bool, result: dict, error_text: str) -> None:
         # on_trial_complete runs before Tune flips the status to TERMINATED
         outcome = trial_outcome("ERROR" if error else "TERMINATED", result, self.plan.max_t)
-        summary = self._summary(self.runs[trial_id], result)
-        if summary:
-            self._op_summary(trial_id, summary, int(result.get("training_iteration", 0) or 0))
+        self._op_summary(trial_id, self._summary(self.runs[trial_id], result),
+                         int(result.get("training_iteration", 0) or 0))
         tags = {OUTCOME_TAG: outcome, **({"richkd.stop_reason": result["stop_reason"]}
                                          if result.get("stop_reason") else {})}
         if error:

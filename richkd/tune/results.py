@@ -21,7 +21,8 @@ from richkd.pareto import front_rows, objective_values
 from richkd.tracking import TRIAL_TAG, child_runs, client_for, finite
 from richkd.tune.errors import SpecError
 from richkd.tune.params import TrialPlan
-from richkd.tune.paths import DEFAULT_STORAGE, join_storage, read_text, remove_file, sweep_ref, write_text
+from richkd.tune.paths import (DEFAULT_STORAGE, absolute_storage, has_scheme, join_storage, read_text, remove_file,
+                               sweep_ref, write_text)
 from richkd.tune.spec import SweepSpec
 
 SWEEP_RECORD = "richkd_sweep.json"
@@ -81,17 +82,13 @@ def sweep_record_exists(experiment_path: str) -> bool:
     return read_text(join_storage(experiment_path, SWEEP_RECORD)) is not None
 
 
-def locate_sweep(sweep: str, storage: Optional[str] = None) -> str:
-    """A sweep name (under `storage`, default tune_runs) or an experiment folder/URI -> the experiment path."""
-    if "://" in sweep or (os.path.isdir(sweep) and sweep_record_exists(sweep)):
-        return sweep if "://" in sweep else os.path.abspath(sweep)
-    root = storage or DEFAULT_STORAGE
-    return join_storage(root if "://" in root else os.path.abspath(os.path.expanduser(root)), sweep)
-
-
 def read_sweep_record(sweep: str, storage: Optional[str] = None, check: bool = False) -> SweepRecord:
-    """The record of a sweep name or folder; `check` re-runs the spec's file and data checks on this machine."""
-    path = locate_sweep(sweep, storage)
+    """The record of a sweep name (under `storage`, default tune_runs) or experiment folder/URI; `check` re-runs
+    the spec's file and data checks on this machine."""
+    if has_scheme(sweep) or (os.path.isdir(sweep) and sweep_record_exists(sweep)):
+        path = absolute_storage(sweep)
+    else:
+        path = join_storage(absolute_storage(storage or DEFAULT_STORAGE), sweep)
     text = read_text(join_storage(path, SWEEP_RECORD))
     if text is None:
         raise SpecError(f"no sweep named {sweep!r} at {path} (no {SWEEP_RECORD}); pass the sweep's name as shown by "
@@ -209,7 +206,7 @@ def trial_outcome(status: str, result: Optional[dict], max_t: int) -> str:
 
 def sweep_summary(trials: list, plan: TrialPlan) -> dict:
     """n_trials_<outcome> and best_<metric> (among completed trials): the parent run's metrics."""
-    counts = dict.fromkeys(("completed", "stopped_early", "nonfinite_loss", "error", "unfinished"), 0)
+    counts = dict.fromkeys(OUTCOME_ORDER, 0)
     best = None
     for t in trials:
         outcome = trial_outcome(t.status, t.last_result, plan.max_t)

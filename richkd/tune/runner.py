@@ -4,6 +4,7 @@ tasks before any trial, then the sweep's own trainable through a Tuner (docs/arc
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -111,25 +112,27 @@ def build_trainable(spec: SweepSpec, needs: Optional[SweepNeeds] = None, plan: O
 
 def build_tuner(spec: SweepSpec, callbacks: list, verbose: int = 1, needs: Optional[SweepNeeds] = None, warm=None):
     t = spec.tune
-    tune_config = tune.TuneConfig(
-        metric=t.metric, mode=t.mode, search_alg=build_search_alg(spec, warm), scheduler=build_scheduler(spec),
-        num_samples=t.num_samples, time_budget_s=t.time_budget_s, reuse_actors=t.resolved_reuse_actors,
-        trial_name_creator=trial_name, trial_dirname_creator=trial_name)
-    run_config = tune.RunConfig(
-        name=spec.name, storage_path=t.storage_path, verbose=verbose,
-        callbacks=[*callbacks, CSVLoggerCallback(), JsonLoggerCallback()],   # not TensorBoard's (session.init_ray)
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=t.checkpoint_num_to_keep),
-        failure_config=tune.FailureConfig(max_failures=t.max_failures))
-    return tune.Tuner(build_trainable(spec, needs), param_space={} if t.search.algorithm == "optuna"
-                      else tune_param_space(spec), tune_config=tune_config, run_config=run_config)
+    return _tuner(spec, build_trainable(spec, needs), {} if t.search.algorithm == "optuna" else tune_param_space(spec),
+                  spec.name, [*callbacks, CSVLoggerCallback(), JsonLoggerCallback()],   # not TensorBoard's (init_ray)
+                  verbose, t.checkpoint_num_to_keep, search_alg=build_search_alg(spec, warm),
+                  scheduler=build_scheduler(spec), num_samples=t.num_samples, time_budget_s=t.time_budget_s,
+                  trial_name_creator=trial_name, trial_dirname_creator=trial_name)
+
+
+def _tuner(spec: SweepSpec, trainable, param_space: dict, name: str, callbacks: list, verbose: int, keep: int,
+           **tune_config):
+    t = spec.tune
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune.TuneConfig(
+        metric=t.metric, mode=t.mode, reuse_actors=t.resolved_reuse_actors, **tune_config), run_config=tune.RunConfig(
+        name=name, storage_path=t.storage_path, verbose=verbose, callbacks=callbacks,
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
+        failure_config=tune.FailureConfig(max_failures=t.max_failures)))
 
 
 def fit_quietly(tuner, verbose: int):
-    """Tuner.fit(); with verbose 0 (`-q`) Tune's own console lines ("View detailed results here", the
-    TensorBoard hint), which it prints at every verbosity, are dropped too. Errors still reach stderr."""
-    if verbose > 0:
-        return tuner.fit()
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+    """Tuner.fit(); with verbose 0 (`-q`) also without the lines Tune prints at every verbosity ("View detailed
+    results here"). Errors still reach stderr."""
+    with contextlib.redirect_stdout(io.StringIO()) if verbose <= 0 else contextlib.nullcontext():
         return tuner.fit()
 
 
@@ -186,40 +189,30 @@ def resume_sweep(sweep: str, *, storage: Optional[str] = None, address: Optional
 
 
 def fit_and_summarise(tuner, record: SweepRecord, verbose: int, started_at: float) -> SweepOutcome:
-    """Run the Tuner, make sure the MLflow parent run is not left RUNNING, and summarise what happened."""
+    """Run the Tuner and summarise what happened. The callback closes the MLflow parent run; if Tune raised first,
+    it is marked KILLED here (`--resume` reopens it; a SIGKILLed driver's resume does this)."""
     try:
         fit_quietly(tuner, verbose)
     finally:
-        close_parent_if_running(record)
+        try:
+            client = client_for(record.tracking_uri) if record.has_mlflow_run else None
+            if client and client.get_run(record.parent_run_id).info.status == "RUNNING":
+                client.set_terminated(record.parent_run_id, status="KILLED")
+        except Exception as exc:  # never mask the original error
+            log.warning("could not close the MLflow parent run %s: %s", record.parent_run_id, exc)
     outcome = sweep_outcome(record, time.perf_counter() - started_at)
     if len(alive_nodes()) < 2:   # one machine (an embedded Ray, each resume a new node id): no split per node
         outcome.by_node = {}
     return outcome
 
 
-def close_parent_if_running(record: SweepRecord) -> None:
-    """Safety net for abnormal exits: the callback closes the parent run; if Tune raised first, mark it KILLED
-    (`--resume` reopens it). A SIGKILLed driver cannot do this; its resume does."""
-    if not record.has_mlflow_run:
-        return
-    try:
-        client = client_for(record.tracking_uri)
-        if client.get_run(record.parent_run_id).info.status == "RUNNING":
-            client.set_terminated(record.parent_run_id, status="KILLED")
-    except Exception as exc:  # never mask the original error
-        log.warning("could not close the MLflow parent run %s: %s", record.parent_run_id, exc)
-
-
 def readable(path: Path) -> bool:
     """True when the whole file parses as JSON or as a pickle (Ray pickles some `.json` files, e.g.
     search_gen_state; the pickles hold only Ray's and our own classes, and Ray itself loads them next)."""
-    data = path.read_bytes()
     for load in (json.loads, pickle.loads):
-        try:
-            load(data)  # noqa: S301 - Ray's own state file in the user's sweep folder, as Ray loads it
+        with contextlib.suppress(Exception):
+            load(path.read_bytes())  # noqa: S301 - Ray's own state file in the user's sweep folder, as Ray loads it
             return True
-        except Exception:
-            pass
     return False
 
 
@@ -277,16 +270,10 @@ def build_table(spec: SweepSpec, out: str | os.PathLike, *, configs: int, seeds:
         space = {p.key: tune.choice(list(p.values)) if p.is_finite else p.tune_domain() for p in plan.params}
         points = [{**j.sampled, SEED_KEY: j.seed} for j in pending]
         name = f"table-{out.stem}-{time.strftime('%Y%m%d_%H%M%S')}"
-        tuner = tune.Tuner(
-            build_trainable(spec, needs, plan=plan), param_space=space,
-            tune_config=tune.TuneConfig(
-                metric=spec.tune.metric, mode=spec.tune.mode, num_samples=len(points),
-                search_alg=BasicVariantGenerator(points_to_evaluate=points, max_concurrent=spec.tune.max_concurrent),
-                reuse_actors=spec.tune.resolved_reuse_actors),
-            run_config=tune.RunConfig(name=name, storage_path=spec.tune.storage_path, verbose=verbose,
-                                      callbacks=[RowWriter(out, plan, len(pending), progress)],
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                      failure_config=tune.FailureConfig(max_failures=spec.tune.max_failures)))
+        tuner = _tuner(spec, build_trainable(spec, needs, plan=plan), space, name,
+                       [RowWriter(out, plan, len(pending), progress)], verbose, 1, num_samples=len(points),
+                       search_alg=BasicVariantGenerator(points_to_evaluate=points,
+                                                        max_concurrent=spec.tune.max_concurrent))
         grid = fit_quietly(tuner, verbose)
     table = read_table(out)
     table.header.setdefault("provenance", {})["build_seconds"] = (

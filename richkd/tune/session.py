@@ -19,7 +19,7 @@ import ray
 from ray._private.services import canonicalize_bootstrap_address_or_die
 from ray.exceptions import NodeDiedError
 
-from richkd.tune.cluster import CLUSTER_LOST_ERRORS, shipped_env
+from richkd.tune.cluster import CLUSTER_LOST_ERRORS, alive_nodes, shipped_env
 from richkd.tune.errors import EXIT_CLUSTER_LOST, ClusterLostError, SpecError
 
 log = logging.getLogger(__name__)
@@ -56,14 +56,10 @@ def probe_address(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> str:
 def describe_cluster(address: str) -> str:
     """"connected to the Ray cluster at HOST:PORT (--address auto): 2 nodes, 8 CPUs, 1 GPU, started ...": said
     before any work, so attaching to the wrong cluster (`auto` picks the newest on this machine) is seen."""
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    total = ray.cluster_resources()
-    started = ""
+    nodes, total = alive_nodes(), ray.cluster_resources()
     session = re.search(r"session_(\d{4}-\d\d-\d\d)_(\d\d)-(\d\d)-(\d\d)",
                         next((n.get("RayletSocketName", "") for n in nodes), ""))
-    if session:
-        day, hh, mm, ss = session.groups()
-        started = f", started {day} {hh}:{mm}:{ss}"
+    started = ", started {} {}:{}:{}".format(*session.groups()) if session else ""
     gpus = f", {total.get('GPU', 0):g} GPUs" if total.get("GPU") else ""
     return (f"connected to the Ray cluster at {ray.get_runtime_context().gcs_address} (--address {address}): "
             f"{len(nodes)} node(s), {total.get('CPU', 0):g} CPUs{gpus}{started}")
@@ -112,7 +108,9 @@ def ray_session(address: Optional[str], num_cpus: Optional[int], verbose: bool =
     started = init_ray(address, num_cpus, verbose=verbose)
     gcs = ray.get_runtime_context().gcs_address
     where = f"at {gcs}" if address else "(embedded)"
-    session = _session_dir() if started and not address else None
+    # an embedded Ray's session folder (Ray's temp dir/session_<time>_<pid>), from where its raylet listens
+    raylet = Path(alive_nodes()[0].get("RayletSocketName", "")) if started and not address else Path()
+    session = raylet.parent.parent if raylet.parent.parent.name.startswith("session_") else None
     keep_logs = False
     stop_watch = threading.Event()
     threading.Thread(target=watch_gcs, args=(gcs, where, next_step, stop_watch), daemon=True,
@@ -167,13 +165,6 @@ def watch_gcs(gcs_address: str, where: str, next_step: str, stop: threading.Even
             print(f"richkd: error: {cluster_lost(where, 'its head stopped answering', next_step)}", file=sys.stderr,
                   flush=True)
             os._exit(EXIT_CLUSTER_LOST)
-
-
-def _session_dir() -> Optional[Path]:
-    """The embedded Ray's session folder (Ray's temp dir/session_<time>_<pid>), from where its raylet listens."""
-    sockets = [n.get("RayletSocketName", "") for n in ray.nodes() if n.get("Alive")]
-    folder = Path(sockets[0]).parent.parent if sockets and sockets[0] else None
-    return folder if folder is not None and folder.name.startswith("session_") else None
 
 
 # ----- signals ------------------------------------------------------------------------------------------
