@@ -239,7 +239,15 @@ class Outbox:
                 except Exception:
                     up = False
                 if not up:
-                    self._went_down(exc)
+                    now = time.monotonic()
+                    if self._down_since is None:
+                        self._down_since = now
+                        log.warning("MLflow at %s is unreachable (%s); the work continues, its writes are buffered "
+                                    "(%d pending) and retried with back-off up to every %.0f s", self.target,
+                                    _one_line(exc), len(self.ops), self.max_delay_s)
+                    else:
+                        self._delay = min(self._delay * 2, self.max_delay_s)
+                    self._next_try = now + self._delay
                     return False
                 self._rejects += 1
                 if self._rejects < self.REJECTS_BEFORE_SKIP:   # maybe a server half-way through a restart
@@ -267,17 +275,6 @@ class Outbox:
                 return False
             time.sleep(min(self._delay, left))
         return True
-
-    def _went_down(self, exc: BaseException) -> None:
-        now = time.monotonic()
-        if self._down_since is None:
-            self._down_since = now
-            log.warning("MLflow at %s is unreachable (%s); the work continues, its writes are buffered (%d pending) "
-                        "and retried with back-off up to every %.0f s", self.target, _one_line(exc), len(self.ops),
-                        self.max_delay_s)
-        else:
-            self._delay = min(self._delay * 2, self.max_delay_s)
-        self._next_try = now + self._delay
 
 
 def _one_line(exc: BaseException) -> str:
@@ -321,8 +318,7 @@ class RunWriter:
         wait = float(os.environ.get(FINAL_WAIT_ENV, FINAL_WAIT_S)) if wait_s is None else wait_s
         return self.outbox.drain(self.apply, self.reachable, wait)
 
-    def reachable(self) -> bool:
-        """A cheap read the store answers whenever it is up (what tells "down" from "bad write")."""
+    def reachable(self) -> bool:   # a cheap read the store answers whenever it is up: tells "down" from "bad write"
         self.client.search_experiments(max_results=1)
         return True
 
@@ -331,8 +327,7 @@ class RunWriter:
 
     # -- the ops --
     def _op_run(self, key: str, experiment_id: str, name: str, tags: dict, parent: Optional[str] = None) -> None:
-        """A new run under `key` (nested under the run of key `parent`, when given)."""
-        if key not in self.runs:
+        if key not in self.runs:   # nested under the run of key `parent`, when given
             tags = {**tags, PARENT_TAG: self.runs[parent]} if parent else tags
             self.runs[key] = self.client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
 
@@ -346,13 +341,11 @@ class RunWriter:
         self._batches(key, "params", [Param(str(k), str(v)[:6000]) for k, v in params.items()], 100)
 
     def _op_metrics(self, key: str, metrics: dict, step: int = 0, stamp: Optional[int] = None) -> None:
-        """One step's record, e.g. an epoch's: what the Outbox gives up first when it is full."""
-        self._op_history(key, [(step, metrics)], stamp)
+        self._op_history(key, [(step, metrics)], stamp)   # one epoch's record: given up first when the Outbox is full
 
     _op_summary = _op_metrics   # the same write, never given up (end-of-run summaries)
 
-    def _op_history(self, key: str, steps: list, stamp: Optional[int] = None) -> None:
-        """[(step, {name: value}), ...] in batches of 1000 values."""
+    def _op_history(self, key: str, steps: list, stamp: Optional[int] = None) -> None:   # [(step, {name: value})]
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000) if stamp is None else int(stamp)
@@ -379,7 +372,7 @@ class RunWriter:
             self.client.set_terminated(self.runs[key], status=status)
 
     def _op_model(self, key: str, folder: str, name: str, params: dict, tags: dict) -> None:
-        """The files of `folder` as an MLflow logged model of run `key` (its Models tab), READY once uploaded."""
+        """The files of `folder` as a logged model of run `key` (its Models tab), READY once uploaded."""
         from mlflow.entities import LoggedModelOutput
 
         if key in self.models:
@@ -398,9 +391,8 @@ class RunWriter:
         self.models[key] = model.model_id
 
     def _op_register(self, key: str, name: str, description: str, tags: dict) -> None:
-        """A new version of registered model `name` (created if missing) for run `key`'s logged model. Its source
-        is the logged model's artifact location (a `models:/<id>` source would be resolved through the
-        process-global tracking URI); the model id is kept as a version tag as well."""
+        """A new version of registered model `name` (created if missing) for run `key`'s logged model, sourced from
+        its artifact location (a `models:/<id>` source would resolve through the process-global tracking URI)."""
         from mlflow.exceptions import MlflowException
 
         if key not in self.models:

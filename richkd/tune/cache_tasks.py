@@ -27,10 +27,8 @@ MAX_SHARDS = 64   # per entry: each shard loads the teacher / CLIP once, so more
 def node_slots(cpu: float, gpu: float, nodes: Optional[list] = None) -> list[str]:
     """One alive node id per task with the trials' resources that fits on it, interleaved across nodes
     (A, B, A, B, ...): before the trials start the whole cluster is free, and shard i goes to slot i."""
-    if nodes is None:
-        nodes = alive_nodes()
     per_node = []
-    for node in nodes:
+    for node in alive_nodes() if nodes is None else nodes:
         res = node.get("Resources", {})
         slots = math.floor(res.get("CPU", 0) / cpu + 1e-9)
         if gpu > 0:
@@ -55,8 +53,7 @@ def usable_nodes(configs: list) -> list[dict]:
     return usable
 
 
-def shard_count(cpu: float, gpu: float, nodes: Optional[list] = None) -> int:
-    """Row shards per entry: one per slot of node_slots (>= 1, <= MAX_SHARDS)."""
+def shard_count(cpu: float, gpu: float, nodes: Optional[list] = None) -> int:   # row shards per entry: per slot
     return max(1, min(len(node_slots(cpu, gpu, nodes)), MAX_SHARDS))
 
 

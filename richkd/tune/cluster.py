@@ -110,8 +110,7 @@ def claim_gpu(fraction: float, where: str) -> None:
         torch.cuda.set_per_process_memory_fraction(max(0.05, fraction - CUDA_CONTEXT_BYTES / total))
 
 
-def threads_for(cpu: float) -> int:
-    """Torch threads of a trial or task granted `cpu` CPUs: the whole CPUs, at least one."""
+def threads_for(cpu: float) -> int:   # torch threads of a trial or task granted `cpu` CPUs
     return max(1, math.floor(cpu + 1e-9))
 
 
@@ -122,8 +121,7 @@ def use_task_resources(cpu: float, gpu: float, what: str) -> None:
     claim_gpu(gpu, f"{what} on {this_node()}")
 
 
-def this_node() -> str:
-    """"node <id> (<address>)" of this process, as node_label names a node."""
+def this_node() -> str:   # this process's node, as node_label names a node
     try:
         address = ray.util.get_node_ip_address()
     except Exception:
@@ -131,8 +129,7 @@ def this_node() -> str:
     return f"node {(current_node_id() or '?')[:12]} ({address})"
 
 
-def current_node_id() -> Optional[str]:
-    """The Ray node id of this process (None outside Ray)."""
+def current_node_id() -> Optional[str]:   # None outside Ray
     try:
         return ray.get_runtime_context().get_node_id()
     except Exception:
@@ -151,8 +148,7 @@ def check_trial_resources(t) -> None:
                         "lower it or pass --num-cpus")
 
 
-def storage_problem(t, n_nodes: int, mounts_text: Optional[str] = None) -> Optional[str]:
-    """Why tune.storage_path cannot serve a cluster of n_nodes, or None when it can."""
+def storage_problem(t, n_nodes: int, mounts_text: Optional[str] = None) -> Optional[str]:   # why it cannot, or None
     if n_nodes <= 1 or t.storage_is_uri or t.shared_storage or is_shared_filesystem(t.storage_path, mounts_text):
         return None
     return (f"tune.storage_path: {t.storage_path!r} is a local folder, but the Ray cluster has {n_nodes} nodes; "
@@ -182,8 +178,7 @@ def wait_each(pending: dict, on_result: Callable, on_error: Callable = lambda va
         raise
 
 
-def say(line: str, progress: bool) -> None:
-    """A progress line of work on the cluster (caches, finalists): on stderr at a terminal, else logged."""
+def say(line: str, progress: bool) -> None:   # a progress line: on stderr at a terminal, else logged
     if progress:
         print(line, file=sys.stderr, flush=True)
     else:

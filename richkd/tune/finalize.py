@@ -209,8 +209,7 @@ def _train(spec, jobs: list, results: list, folder: Path, runs: Optional["Finali
 # ----- the trainings, as Ray tasks ---------------------------------------------------------------------------
 
 def train_seed(config: dict, cpu: float, gpu: float, needs: Optional[SweepNeeds] = None) -> dict:
-    """The task body: check this node, train what `richkd train` trains with the test split evaluated, return
-    the results and the run's files as bytes."""
+    """Check this node, train as `richkd train` does with the test split evaluated; the results, files as bytes."""
     raise_if_unmet(needs, "this node")
     cfg = Config.from_dict(config)
     use_task_resources(cpu, gpu, f"finalist {cfg.name} (seed {cfg.seed})")
@@ -236,8 +235,7 @@ def run_seed_jobs(jobs: list[SeedJob], *, cpu: float, gpu: float, needs: Optiona
 # ----- MLflow ------------------------------------------------------------------------------------------------
 
 class FinalistRuns(RunWriter):
-    """Finalist runs under the sweep's parent run, written through the outbox (richkd.tracking.RunWriter): one run
-    per finalist (key `finalist<R>`) with a nested run per seed (`finalist<R>-seed<S>`)."""
+    """A run per finalist (key `finalist<R>`) under the sweep's parent run, a nested run per seed (`-seed<S>`)."""
 
     def __init__(self, record: SweepRecord) -> None:
         super().__init__(record.tracking_uri)
@@ -261,8 +259,7 @@ class FinalistRuns(RunWriter):
             self.end(key, status)
         self.drain()
 
-    def finish_seed(self, key: str, res: dict) -> None:
-        """The task's per-epoch history (step = epoch), its test metrics as final_*, where it ran; FINISHED."""
+    def finish_seed(self, key: str, res: dict) -> None:   # history (step = epoch), test metrics as final_*, node
         self.put("history", key, [(int(e["epoch"]), {k: v for k, v in e.items() if finite(v)})
                                   for e in res["history"]])
         self.put("summary", key, {f"final_{k}": v for k, v in res["test_metrics"].items() if finite(v)})
@@ -270,8 +267,7 @@ class FinalistRuns(RunWriter):
         self.end(key, "FINISHED")
 
     def finish_finalist(self, fin: FinalistResult) -> None:
-        """Mean/std metrics and the student of the finalist's first seed (the one its config.yaml reproduces as
-        is) as an MLflow logged model of the finalist run; FINISHED."""
+        """Mean/std metrics; the student of its first seed (the one its config.yaml reproduces) as a logged model."""
         self.put("summary", fin.key, {k: v for k, v in {"test_top1_mean": fin.mean, "test_top1_std": fin.std,
                                                         "val_top1_mean": _mean(fin.val_top1)}.items() if finite(v)})
         self.put("model", fin.key, str(fin.folders[0]), "student", {"seed": fin.seeds[0]},
@@ -302,7 +298,7 @@ class FinalistRuns(RunWriter):
         self.registered = {"name": name, "version": self.versions[name], **(info or {})}
 
     def done(self, results: list) -> None:
-        """Wait for every write (the outbox's final wait), then note each finalist's run ids and logged model."""
+        """Wait for every write, then note each finalist's run ids and logged model."""
         if not self.drain():
             log.error("MLflow at %s did not take %d writes of this finalize; the finalists' files and "
                       "finalists.csv hold every number", self.tracking_uri, len(self.outbox))
@@ -311,8 +307,7 @@ class FinalistRuns(RunWriter):
             fin.runs = [self.runs.get(f"{fin.key}-seed{s}") for s in fin.seeds]
 
 
-def best_index(values: Sequence[float], mode: str) -> Optional[int]:
-    """Index of the best finite value (max or min; the first on ties), or None when none is finite."""
+def best_index(values: Sequence[float], mode: str) -> Optional[int]:   # the first on ties; None: none finite
     kept = [i for i, v in enumerate(values) if finite(v)]
     return (max if mode == "max" else min)(kept, key=values.__getitem__) if kept else None
 

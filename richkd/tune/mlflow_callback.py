@@ -1,10 +1,7 @@
-"""A sweep in MLflow: its experiment, its parent run, and a child run per trial written from the Tune driver.
-
-Why our own callback (docs/architecture.md, "Data flow", 10): Ray's MLflowLoggerCallback makes flat runs, sends one
-request per metric and keeps its trial -> run map only in memory, so `Tuner.restore` opens duplicate runs. This one
-is a richkd.tracking.RunWriter: hooks only queue writes (a stopped server never stops training), the queue and the
-trial -> run map travel in Tune's experiment state, and a restored sweep finds its runs again (by that state or by
-their trial id and config hash tags), continues them, and closes and deletes runs of trials it never heard of.
+"""A sweep in MLflow: its experiment, its parent run, and a child run per trial written from the Tune driver. Why our
+own callback, not Ray's MLflowLoggerCallback (flat runs, a request per metric, duplicate runs after `Tuner.restore`):
+docs/architecture.md, "Data flow", 10. Hooks only queue writes (richkd.tracking.RunWriter); the queue and the
+trial -> run map travel in Tune's experiment state, so a restored sweep continues its runs.
 """
 from __future__ import annotations
 
@@ -64,8 +61,7 @@ def sweep_callback(spec: SweepSpec) -> "MlflowSweepCallback":
     return cb
 
 
-class MlflowSweepCallback(RunWriter, Callback):
-    """Driver-side Tune callback (see the module docstring); picklable, the MLflow client is rebuilt on demand."""
+class MlflowSweepCallback(RunWriter, Callback):   # picklable: the MLflow client is rebuilt on demand
 
     def __init__(self, tracking_uri: str, experiment_id: str, plan: TrialPlan, sweep_name: str) -> None:
         RunWriter.__init__(self, tracking_uri)
@@ -199,8 +195,7 @@ class MlflowSweepCallback(RunWriter, Callback):
         self._op_tags(trial_id, tags)
         self._op_end(trial_id, "FAILED" if outcome in ("error", "nonfinite_loss") else "FINISHED")
 
-    def _summary(self, run_id: str, result: dict) -> dict:
-        """best_<metric> over the logged history (per objective), final_<key> for the last report, epochs_run."""
+    def _summary(self, run_id: str, result: dict) -> dict:   # best_<objective> over the history, final_*, epochs_run
         out: dict = {}
         for metric, mode in self.plan.objectives or ((self.plan.metric, self.plan.mode),):
             values = [m.value for m in self.client.get_metric_history(run_id, metric) if math.isfinite(m.value)]
@@ -234,8 +229,7 @@ class MlflowSweepCallback(RunWriter, Callback):
             log.info("deleted MLflow run %s of a trial lost with the killed driver", run.info.run_id)
 
 
-def _error_text(trial) -> str:
-    """The last line of the trial's error trace (the exception message), or a generic note."""
+def _error_text(trial) -> str:   # the last line of the trial's error trace (the exception message)
     try:
         text = trial.get_error() or ""
     except Exception:  # the error file may be unreadable; the status still says ERROR

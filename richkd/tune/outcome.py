@@ -64,7 +64,8 @@ def sweep_outcome(record: SweepRecord, wall_s: float) -> SweepOutcome:
     best = ({"trial_id": alive[0].trial_id, "value": alive[0].value, "config": alive[0].sampled} if alive else None)
     return SweepOutcome(name=spec.name, experiment_path=spec.experiment_path, num_trials=len(rows),
                         counts=dict(Counter(r.outcome for r in rows)), best=best, parent_run_id=record.parent_run_id,
-                        tracking_uri=record.tracking_uri, wall_s=wall_s, by_node=dict(by_node), retried=sum(1 for r in rows if r.restarts),
+                        tracking_uri=record.tracking_uri, wall_s=wall_s, by_node=dict(by_node),
+                        retried=sum(1 for r in rows if r.restarts),
                         error_logs=[str(Path(r.path) / "error.txt") for r in rows if r.outcome == "error" and r.path],
                         experiment_id=record.experiment_id, mode=spec.tune.mode)
 

@@ -21,8 +21,8 @@ from richkd.pareto import front_rows, objective_values
 from richkd.tracking import TRIAL_TAG, child_runs, client_for, finite
 from richkd.tune.errors import SpecError
 from richkd.tune.params import TrialPlan
-from richkd.tune.paths import (DEFAULT_STORAGE, absolute_storage, has_scheme, join_storage, read_text, remove_file,
-                               sweep_ref, write_text)
+from richkd.tune.paths import (DEFAULT_STORAGE, absolute_storage, has_scheme, join_storage, read_text, sweep_ref,
+                               write_text)
 from richkd.tune.spec import SweepSpec
 
 SWEEP_RECORD = "richkd_sweep.json"
@@ -59,8 +59,7 @@ class SweepRecord:
     def has_mlflow_run(self) -> bool:
         return bool(self.tracking_uri and self.parent_run_id)
 
-    def cache_entries(self, cfg: Config) -> list[str]:
-        """The cache entries the sweep built for configs of cfg's cache signature."""
+    def cache_entries(self, cfg: Config) -> list[str]:   # what the sweep built for configs of cfg's signature
         signature = cache_signature(cfg)
         return next((list(c.get("entries") or []) for c in self.caches if c.get("signature") == signature), [])
 
@@ -72,10 +71,6 @@ class SweepRecord:
 
 def write_sweep_record(record: SweepRecord) -> None:
     write_text(join_storage(record.spec.experiment_path, SWEEP_RECORD), record.to_json())
-
-
-def remove_sweep_record(experiment_path: str) -> None:
-    remove_file(join_storage(experiment_path, SWEEP_RECORD))
 
 
 def sweep_record_exists(experiment_path: str) -> bool:
@@ -136,22 +131,16 @@ class TrialRow:
 
 
 def finite_value(v) -> Optional[float]:
-    """v as a float when it is a finite number, else None."""
     return float(v) if finite(v) else None
 
 
-def _numbers(result: dict) -> dict:
-    return {k: float(v) for k, v in result.items()
-            if not k.startswith("config/") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+def numeric_metrics(result: dict, drop=_TUNE_KEYS) -> dict:
+    """A Tune report's numbers as floats: not the config, not flags, by default not Tune's bookkeeping."""
+    return {k: float(v) for k, v in result.items() if k not in drop and not k.startswith("config/")
+            and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def numeric_metrics(result: dict) -> dict:
-    """A Tune report's model metrics as floats (not Tune's bookkeeping, not the config, not flags)."""
-    return {k: v for k, v in _numbers(result).items() if k not in _TUNE_KEYS}
-
-
-def collect_trials(experiment_path: str, spec: SweepSpec) -> list[TrialRow]:
-    """All trials of the experiment with their last results and histories, ranked (rank_trials)."""
+def collect_trials(experiment_path: str, spec: SweepSpec) -> list[TrialRow]:   # with histories, ranked
     from ray.tune import ExperimentAnalysis
 
     analysis = ExperimentAnalysis(experiment_path, default_metric=spec.tune.metric, default_mode=spec.tune.mode)
@@ -159,7 +148,7 @@ def collect_trials(experiment_path: str, spec: SweepSpec) -> list[TrialRow]:
     for trial in analysis.trials:
         last = dict(trial.last_result or {})
         df = frames.get(trial.trial_id)
-        history = [] if df is None else [_numbers(r) for r in df.to_dict("records")]
+        history = [] if df is None else [numeric_metrics(r, drop=()) for r in df.to_dict("records")]
         series = [v for v in (h.get(spec.tune.metric) for h in history) if finite_value(v) is not None]
         best = (max(series) if spec.tune.mode == "max" else min(series)) if series else None
         rows.append(TrialRow(
@@ -188,8 +177,7 @@ def rank_trials(rows: list[TrialRow], spec: SweepSpec) -> list[TrialRow]:
     return ranked
 
 
-def survivors(rows: list[TrialRow]) -> list[TrialRow]:
-    """Trials that reached max_t (ASHA survivors) with a finite metric, in rank order."""
+def survivors(rows: list[TrialRow]) -> list[TrialRow]:   # reached max_t with a finite metric, in rank order
     return [r for r in rows if r.outcome == "completed" and r.value is not None]
 
 
@@ -239,8 +227,7 @@ def load_sweep(sweep: str, storage: Optional[str] = None, tracking_uri: Optional
 
 
 def output_dir(experiment_path: str, sweep_name: str) -> Path:
-    """Export, finalize and report files live beside the experiment when it is a local folder, else in
-    ./tune_runs/<sweep>/."""
+    """Export, finalize and report files: beside a local experiment folder, else in ./tune_runs/<sweep>/."""
     return Path("tune_runs").resolve() / sweep_name if "://" in experiment_path else Path(experiment_path)
 
 

@@ -28,9 +28,8 @@ from richkd.tune.mlflow_callback import sweep_callback
 from richkd.tune.node_check import SweepNeeds, shared_markers, sweep_needs
 from richkd.tune.outcome import SweepOutcome, sweep_outcome
 from richkd.tune.params import TrialPlan
-from richkd.tune.paths import sweep_ref
-from richkd.tune.results import (SweepRecord, read_sweep_record, remove_sweep_record, sweep_record_exists,
-                                 write_sweep_record)
+from richkd.tune.paths import join_storage, remove_file, sweep_ref
+from richkd.tune.results import SWEEP_RECORD, SweepRecord, read_sweep_record, sweep_record_exists, write_sweep_record
 from richkd.tune.search import build_scheduler, build_search_alg, tune_param_space
 from richkd.tune.session import ray_session
 from richkd.tune.spec import SweepSpec
@@ -51,8 +50,8 @@ SET_ASIDE_SUFFIX = ".unreadable"
 # ----- before Ray, and once it runs ------------------------------------------------------------------------
 
 def check_outputs(spec: SweepSpec) -> None:
-    """What the sweep writes must be writable (Tune storage, a SQLite MLflow store's folder) and an MLflow server
-    must answer: one clear error before Ray starts, not a failure deep inside Tune after the caches were built."""
+    """Tune storage and a SQLite MLflow store's folder writable, an MLflow server answering: else one clear error
+    before Ray starts, not a failure deep inside Tune after the caches were built."""
     if not spec.tune.storage_is_uri:
         ensure_writable(spec.tune.storage_path, "tune.storage_path")
     uri = spec.mlflow.tracking_uri if spec.mlflow.enabled else ""
@@ -74,7 +73,6 @@ def check_cluster(spec: SweepSpec, embedded: bool) -> None:
 
 @contextlib.contextmanager
 def ray_for(spec: SweepSpec, address: Optional[str], num_cpus: Optional[int], verbose: int) -> Iterator[None]:
-    """Ray for one sweep (richkd.tune.session.ray_session), the cluster checked."""
     resume = f"continue with `richkd sweep --resume {sweep_ref(spec.name, spec.experiment_path)}` once a cluster is up"
     with ray_session(address, num_cpus, verbose=verbose >= 2, next_step=resume):
         check_cluster(spec, embedded=address is None)
@@ -82,9 +80,8 @@ def ray_for(spec: SweepSpec, address: Optional[str], num_cpus: Optional[int], ve
 
 
 def prepare_nodes(spec: SweepSpec, progress: bool = False, splits: tuple = ("train",)) -> tuple[list, SweepNeeds]:
-    """Every node checked (data, weights, the driver's folders via a marker file, versions, GPUs), then every cache a
-    trial can read built once as Ray tasks (richkd.tune.cache_tasks), then every node checked to see them. Returns
-    the caches (for the sweep record) and the needs each trial checks again."""
+    """Every node checked (data, weights, the driver's folders, versions, GPUs), every cache a trial can read built
+    as Ray tasks, every node checked to see them. Returns the caches (for the record) and the needs trials check."""
     configs, storage = spec.cache_probe_configs, spec.tune.storage_path
     folders = [("teaching.cache_dir", d) for d in sorted({c.teaching.cache_dir for c in configs
                                                           if c.teaching.cache_dir})]
@@ -163,15 +160,14 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, num_cpus: Optio
             return fit_and_summarise(tuner, record, verbose, started_at)
         except KeyboardInterrupt:
             if not tune.Tuner.can_restore(path):   # stopped before Tune's first snapshot: nothing to resume, and
-                remove_sweep_record(path)          # the same command may start it again
+                remove_file(join_storage(path, SWEEP_RECORD))   # the same command may start it again
             raise
 
 
 def resume_sweep(sweep: str, *, storage: Optional[str] = None, address: Optional[str] = None,
                  num_cpus: Optional[int] = None, verbose: int = 1, progress: bool = False) -> SweepOutcome:
-    """Continue an interrupted sweep (docs/architecture.md, "Sweep storage"): finished trials are kept, unfinished
-    ones resume from their checkpoints, the searcher and scheduler continue from their saved state, and the total
-    reaches num_samples. State files a killed driver left cut short are set aside first."""
+    """Continue an interrupted sweep (docs/architecture.md, "Sweep storage"); state files a killed driver left cut
+    short are set aside first."""
     started_at = time.perf_counter()
     record = read_sweep_record(sweep, storage, check=True)
     spec, path = record.spec, record.path
@@ -217,10 +213,10 @@ def readable(path: Path) -> bool:
 
 
 def set_aside_unreadable(experiment_dir: str | Path) -> list[Path]:
-    """Ray copies its driver state into the sweep folder file by file: a driver killed meanwhile leaves a cut-short
-    file (seen: a 0-byte callback-states-*.pkl) and Tuner.restore fails half-way. Ray reads only the newest file of
-    each kind, so unreadable newest files are renamed `*.unreadable` and Ray falls back to the previous one, or to
-    no state for that part. Returns the renamed files; a SpecError when no experiment state is readable."""
+    """A driver killed while Ray copies its state file by file leaves a cut-short file (seen: a 0-byte
+    callback-states-*.pkl) and Tuner.restore fails half-way. Ray reads the newest file of each kind, so unreadable
+    newest files are renamed `*.unreadable` and Ray falls back to the previous one, or to no state for that part.
+    Returns the renamed files; a SpecError when no experiment state is readable."""
     folder = Path(experiment_dir)
     moved: list[Path] = []
     for pattern in (EXPERIMENT_STATE, *OPTIONAL_STATES):
@@ -288,8 +284,7 @@ def build_table(spec: SweepSpec, out: str | os.PathLike, *, configs: int, seeds:
     return read_table(out)
 
 
-class RowWriter(tune.Callback):
-    """A driver-side Tune callback that appends each finished trial's learning curve to the table."""
+class RowWriter(tune.Callback):   # appends each finished trial's learning curve to the table
 
     def __init__(self, out: Path, plan: TrialPlan, total: int, progress: bool) -> None:
         self.out, self.plan, self.total, self.progress = out, plan, total, progress

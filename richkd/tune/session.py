@@ -29,9 +29,8 @@ PROBE_TIMEOUT_S = 5.0                  # a Ray head (GCS) that does not accept a
 
 
 def probe_address(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> str:
-    """The HOST:PORT `--address` stands for (`auto`: what ray.init would pick, see README "Running on a
-    cluster"), checked with one TCP connect: an address where nothing listens is one SpecError within seconds,
-    not minutes of Ray's GCS retries."""
+    """The HOST:PORT `--address` stands for (`auto`: what ray.init would pick), checked with one TCP connect: one
+    SpecError within seconds where nothing listens, not minutes of Ray's GCS retries."""
     start = "start one with `ray start --head`, or leave out --address to run on an embedded local Ray"
     try:
         target = address[len("ray://"):] if address.startswith("ray://") else canonicalize_bootstrap_address_or_die(
@@ -66,8 +65,7 @@ def describe_cluster(address: str) -> str:
 
 
 def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, verbose: bool = False) -> bool:
-    """Connect to `address` or start an embedded local Ray sized for this machine. Returns True if this call
-    started/connected Ray (so the caller shuts it down), False if Ray was already initialised."""
+    """Connect to `address` or start an embedded local Ray sized for this machine; False if Ray was already up."""
     # Every per-epoch checkpoint forces an experiment snapshot (CheckpointConfig.num_to_keep): that is what
     # makes `--resume` lose at most one epoch, so Ray's "snapshotting may become a bottleneck" warning is noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -143,8 +141,7 @@ GCS_WATCH_S = 5.0       # how often the cluster's head is probed while a command
 
 
 def cluster_lost(where: str, reason: str, next_step: str) -> str:
-    return (f"the Ray cluster {where} went away ({reason}); finished trials and checkpoints are kept: "
-            f"{next_step}")
+    return f"the Ray cluster {where} went away ({reason}); finished trials and checkpoints are kept: {next_step}"
 
 
 def watch_gcs(gcs_address: str, where: str, next_step: str, stop: threading.Event) -> None:
@@ -170,21 +167,17 @@ def watch_gcs(gcs_address: str, where: str, next_step: str, stop: threading.Even
 # ----- signals ------------------------------------------------------------------------------------------
 
 class SweepStopped(KeyboardInterrupt):
-    """SIGINT or SIGTERM outside Tuner.fit (or a second one inside it): the command ends at once, with exit
-    code 128 + signum."""
+    """SIGINT or SIGTERM outside Tuner.fit (or a second one inside it): the command ends at once (128 + signum)."""
 
     def __init__(self, signum: int) -> None:
         super().__init__()
         self.signum = signum
 
 
-_TUNE_NOISE = ("Experiment has been interrupted", "Trials did not complete")
-
-
 def _drop_tune_hints(record: logging.LogRecord) -> bool:
-    """Ray Tune's own hints after an interrupt (`Tuner.restore(...)`, the list of unfinished trials) compete with
-    richkd's `richkd sweep --resume` line: dropped."""
-    return not str(record.msg).startswith(_TUNE_NOISE)
+    """Ray Tune's own hints after an interrupt (`Tuner.restore(...)`, the unfinished trials) compete with richkd's
+    `richkd sweep --resume` line: dropped."""
+    return not str(record.msg).startswith(("Experiment has been interrupted", "Trials did not complete"))
 
 
 @contextlib.contextmanager
