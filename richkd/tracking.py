@@ -286,9 +286,8 @@ def _one_line(exc: BaseException) -> str:
 
 class RunWriter:
     """Writes to one MLflow store as plain ops in an Outbox: `put(kind, key, ...)` queues, `send` also flushes,
-    `drain` waits for the end. Runs are named by keys of the caller's choosing (a trial id, "parent", ...): an op
-    creating a run records its id under the key, later ops refer to the key, so nothing waits for the server.
-    Each op kind is the method `_op_<kind>`; subclasses add their own (richkd.tune.mlflow_callback)."""
+    `drain` waits for the end. Runs are named by keys of the caller's choosing (a trial id, "parent", ...), so
+    nothing waits for the server. Each op kind is the method `_op_<kind>`; subclasses add their own."""
 
     def __init__(self, tracking_uri: str) -> None:
         self.tracking_uri = tracking_uri
@@ -415,9 +414,8 @@ class RunWriter:
 def log_run(tracking_uri: str, experiment: str, run_name: str, *, params: Optional[dict] = None,
             metrics: Optional[dict] = None, tags: Optional[dict] = None, artifacts: Sequence = (),
             texts: Optional[dict] = None, wait_s: Optional[float] = 0.0) -> str:
-    """One finished run in `experiment` (created as ensure_experiment does, artifacts beside a SQLite store):
-    params, metrics, tags, files and {file name: text}; its run id. A store that does not take every write within
-    `wait_s` seconds (None: FINAL_WAIT_S) is one RuntimeError naming it (`richkd evaluate`, an arms comparison)."""
+    """One finished run in `experiment` (artifacts beside a SQLite store) with params, metrics, tags, files and
+    {file name: text}; its run id. Writes not taken within `wait_s` seconds (None: FINAL_WAIT_S): a RuntimeError."""
     writer = RunWriter(tracking_uri)
     experiment_id = ensure_experiment(writer.client, experiment, default_artifact_location(tracking_uri))
     writer.put("run", "run", experiment_id, run_name, dict(tags or {}))
@@ -438,8 +436,8 @@ def log_run(tracking_uri: str, experiment: str, run_name: str, *, params: Option
 
 def attach(tracking_uri: str, run_id: str, files: Sequence = (), folder: Optional[str] = None,
            tags: Optional[dict] = None, metrics: Optional[dict] = None, wait_s: Optional[float] = None) -> bool:
-    """Files (under artifact `folder`), tags and metrics added to an existing run (export and report files on a
-    sweep's parent run); False when the store did not take them all within `wait_s` (default FINAL_WAIT_S)."""
+    """Files (under artifact `folder`), tags and metrics added to an existing run; False when the store did not take
+    them all within `wait_s` (default FINAL_WAIT_S)."""
     writer = RunWriter(tracking_uri)
     writer.runs["run"] = run_id
     for path in files:

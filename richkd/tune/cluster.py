@@ -52,8 +52,8 @@ def node_label(node: dict) -> str:
 
 def node_problems(needs: SweepNeeds, timeout_s: float = PREFLIGHT_TIMEOUT_S,
                   nodes: Optional[list] = None) -> dict[str, list[str]]:
-    """{node id: problems, one line each naming the node} of every alive node with `needs`, checked by a zero-CPU
-    task pinned to it; a node that cannot run the check or does not answer within timeout_s has that as its problem."""
+    """{node id: problems, one line each naming the node} of every alive node, checked by a zero-CPU task pinned
+    to it (not running the check, or not answering within timeout_s, is a problem too)."""
     nodes = alive_nodes() if nodes is None else nodes
     remote_check = ray.remote(num_cpus=0, max_retries=0)(check_needs)
     refs = {remote_check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
@@ -115,8 +115,8 @@ def threads_for(cpu: float) -> int:   # torch threads of a trial or task granted
 
 
 def use_task_resources(cpu: float, gpu: float, what: str) -> None:
-    """In a Ray task (`what`: cache shard, finalist): torch threads = the CPUs it was granted (more only fight the
-    other tasks on the node); a GPU share must be usable and caps this process's GPU memory (claim_gpu)."""
+    """In a Ray task (`what`: cache shard, finalist): torch threads = its CPUs (more only fight the other tasks on
+    the node); a GPU share must be usable (claim_gpu)."""
     torch.set_num_threads(threads_for(cpu))
     claim_gpu(gpu, f"{what} on {this_node()}")
 

@@ -124,9 +124,7 @@ class MlflowSweepCallback(RunWriter, Callback):   # picklable: the MLflow client
             if t.trial_id not in self._ended and t.status not in ("TERMINATED", "ERROR"):
                 self.put("interrupted", t.trial_id)    # an interrupted sweep's trial; `--resume` reopens it
         complete = self._total is not None and len(finished) >= self._total and len(finished) == len(trials)
-        summary = sweep_summary(trials, self.plan)
-        if summary:
-            self.put("summary", PARENT, summary)
+        self.put("summary", PARENT, sweep_summary(trials, self.plan))
         self.put("end", PARENT, "FINISHED" if complete else "KILLED")
         if not self.drain():
             left = sorted({op[1] for op in self.outbox.ops if op[0] in ("open", "metrics", "close")} - {PARENT})

@@ -169,11 +169,9 @@ def _check(need: Need) -> Optional[str]:
             return (f"teaching.cache_dir: cache {path} on this node is not the one the driver built (manifest key "
                     f"{key!r}, expected {need.expect[0]!r}); every node must mount the same cache folder")
     elif need.kind == "writable":
-        probe_dir = path if path.is_dir() else next((p for p in path.parents if p.is_dir()), None)
-        try:
-            if probe_dir is None:
-                raise OSError("no existing parent folder")
-            with tempfile.NamedTemporaryFile(dir=probe_dir, prefix=".richkd-write-check-"):
+        try:   # in the path, else its nearest existing parent (the storage path is absolute: "/" at the latest)
+            with tempfile.NamedTemporaryFile(dir=next(p for p in (path, *path.parents) if p.is_dir()),
+                                             prefix=".richkd-write-check-"):
                 pass
         except OSError as exc:
             return (f"{need.what}: {need.path} is not writable on this node ({exc.strerror or exc}); trials save "
