@@ -67,14 +67,12 @@ def _first_retry_only(record: logging.LogRecord) -> bool:
 
 
 def quiet_http_retries() -> None:
-    """Let urllib3's first "Retrying ..." warning through and drop the rest (once per process): during an outage
-    the Outbox says so itself, so the console is not flooded with one line per try. addFilter adds it once."""
-    logging.getLogger("urllib3.connectionpool").addFilter(_first_retry_only)
+    """urllib3's first "Retrying ..." warning only: during an outage the Outbox says so itself."""
+    logging.getLogger("urllib3.connectionpool").addFilter(_first_retry_only)   # added once, however often called
 
 
 def default_artifact_location(tracking_uri: str, given: Optional[str] = None) -> Optional[str]:
-    """Artifacts beside a SQLite store (else MLflow writes ./mlruns wherever the command runs); a local folder
-    given by the user becomes a file:// URI."""
+    """Artifacts beside a SQLite store (else MLflow writes ./mlruns wherever the command runs); a folder -> file://."""
     if given is None and tracking_uri.startswith("sqlite:///"):
         return Path(os.path.dirname(os.path.abspath(tracking_uri[len("sqlite:///"):])), "mlartifacts").as_uri()
     if isinstance(given, str) and "://" not in given:
@@ -84,8 +82,7 @@ def default_artifact_location(tracking_uri: str, given: Optional[str] = None) ->
 
 def ensure_experiment(client, name: str, artifact_location: Optional[str] = None,
                       primary_metric: Optional[str] = None) -> str:
-    """Create the experiment once (parallel creation races, mlflow#4123) or restore it; its id. Tagged as model
-    training (EXPERIMENT_KIND) and, when given, with the primary metric its run charts show first."""
+    """Create the experiment once (parallel creation races, mlflow#4123) or restore it, tagged; its id."""
     wanted = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, **({PRIMARY_METRIC_TAG: primary_metric} if primary_metric else {})}
     exp = client.get_experiment_by_name(name)
     if exp is None:
@@ -109,8 +106,7 @@ def local_ui(port: int = UI_PORT) -> str:
 
 def experiment_url(ui: str, experiment_id: str, metric: Optional[str] = None, mode: str = "max",
                    sweep: Optional[str] = None) -> str:
-    """The MLflow UI page of an experiment's runs table (the model-training view, not MLflow 3's GenAI overview),
-    sorted best first by `metric` and narrowed to one sweep's runs when `sweep` is given."""
+    """The MLflow UI page of an experiment's runs table, best `metric` first, narrowed to one `sweep`'s runs."""
     query = ["workflowType=machine_learning"]
     if sweep:
         query.append("searchFilter=" + quote(f"tags.`{SWEEP_TAG}` = '{sweep}'", safe=""))
@@ -120,20 +116,16 @@ def experiment_url(ui: str, experiment_id: str, metric: Optional[str] = None, mo
 
 
 def experiment_links(tracking_uri: str, ui: str) -> list[tuple[str, str]]:
-    """(name, experiment_url) of every experiment this project made in the store (tagged as model training), its
-    runs sorted by its primary metric, best first."""
+    """(name, experiment_url) of every experiment this project made in the store, by its primary metric."""
     found = client_for(tracking_uri).search_experiments(
         filter_string=f"tags.`{EXPERIMENT_KIND_TAG}` = '{EXPERIMENT_KIND}'")
-    out = []
-    for exp in sorted(found, key=lambda e: e.name):
-        metric = exp.tags.get(PRIMARY_METRIC_TAG)
-        out.append((exp.name, experiment_url(ui, exp.experiment_id, metric, direction(metric) if metric else "max")))
-    return out
+    metric = {e.experiment_id: e.tags.get(PRIMARY_METRIC_TAG, "") for e in found}   # "": unsorted, "max"
+    return [(e.name, experiment_url(ui, e.experiment_id, metric[e.experiment_id], direction(metric[e.experiment_id])))
+            for e in sorted(found, key=lambda e: e.name)]
 
 
 def check_server(tracking_uri: str, key: str, timeout_s: float = 5.0, error: type = ValueError, fix: str = "") -> None:
-    """An http(s) tracking URI (the value of `key`) must name a server that answers now: one `error` before any
-    work, instead of a traceback after it. Other stores (SQLite, databases) are not probed."""
+    """An http(s) tracking URI (the value of `key`) must answer now: one `error` before any work. Others: not probed."""
     if not tracking_uri.startswith(("http://", "https://")):
         return
     parsed = urlparse(tracking_uri)
@@ -247,7 +239,15 @@ class Outbox:
                 except Exception:
                     up = False
                 if not up:
-                    self._went_down(exc)
+                    now = time.monotonic()
+                    if self._down_since is None:
+                        self._down_since = now
+                        log.warning("MLflow at %s is unreachable (%s); the work continues, its writes are buffered "
+                                    "(%d pending) and retried with back-off up to every %.0f s", self.target,
+                                    _one_line(exc), len(self.ops), self.max_delay_s)
+                    else:
+                        self._delay = min(self._delay * 2, self.max_delay_s)
+                    self._next_try = now + self._delay
                     return False
                 self._rejects += 1
                 if self._rejects < self.REJECTS_BEFORE_SKIP:   # maybe a server half-way through a restart
@@ -276,17 +276,6 @@ class Outbox:
             time.sleep(min(self._delay, left))
         return True
 
-    def _went_down(self, exc: BaseException) -> None:
-        now = time.monotonic()
-        if self._down_since is None:
-            self._down_since = now
-            log.warning("MLflow at %s is unreachable (%s); the work continues, its writes are buffered (%d pending) "
-                        "and retried with back-off up to every %.0f s", self.target, _one_line(exc), len(self.ops),
-                        self.max_delay_s)
-        else:
-            self._delay = min(self._delay * 2, self.max_delay_s)
-        self._next_try = now + self._delay
-
 
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
@@ -297,9 +286,8 @@ def _one_line(exc: BaseException) -> str:
 
 class RunWriter:
     """Writes to one MLflow store as plain ops in an Outbox: `put(kind, key, ...)` queues, `send` also flushes,
-    `drain` waits for the end. Runs are named by keys of the caller's choosing (a trial id, "parent", ...): an op
-    creating a run records its id under the key, later ops refer to the key, so nothing waits for the server.
-    Each op kind is the method `_op_<kind>`; subclasses add their own (richkd.tune.mlflow_callback)."""
+    `drain` waits for the end. Runs are named by keys of the caller's choosing (a trial id, "parent", ...), so
+    nothing waits for the server. Each op kind is the method `_op_<kind>`; subclasses add their own."""
 
     def __init__(self, tracking_uri: str) -> None:
         self.tracking_uri = tracking_uri
@@ -329,8 +317,7 @@ class RunWriter:
         wait = float(os.environ.get(FINAL_WAIT_ENV, FINAL_WAIT_S)) if wait_s is None else wait_s
         return self.outbox.drain(self.apply, self.reachable, wait)
 
-    def reachable(self) -> bool:
-        """A cheap read the store answers whenever it is up (what tells "down" from "bad write")."""
+    def reachable(self) -> bool:   # a cheap read the store answers whenever it is up: tells "down" from "bad write"
         self.client.search_experiments(max_results=1)
         return True
 
@@ -339,8 +326,7 @@ class RunWriter:
 
     # -- the ops --
     def _op_run(self, key: str, experiment_id: str, name: str, tags: dict, parent: Optional[str] = None) -> None:
-        """A new run under `key` (nested under the run of key `parent`, when given)."""
-        if key not in self.runs:
+        if key not in self.runs:   # nested under the run of key `parent`, when given
             tags = {**tags, PARENT_TAG: self.runs[parent]} if parent else tags
             self.runs[key] = self.client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
 
@@ -354,13 +340,11 @@ class RunWriter:
         self._batches(key, "params", [Param(str(k), str(v)[:6000]) for k, v in params.items()], 100)
 
     def _op_metrics(self, key: str, metrics: dict, step: int = 0, stamp: Optional[int] = None) -> None:
-        """One step's record, e.g. an epoch's: what the Outbox gives up first when it is full."""
-        self._op_history(key, [(step, metrics)], stamp)
+        self._op_history(key, [(step, metrics)], stamp)   # one epoch's record: given up first when the Outbox is full
 
     _op_summary = _op_metrics   # the same write, never given up (end-of-run summaries)
 
-    def _op_history(self, key: str, steps: list, stamp: Optional[int] = None) -> None:
-        """[(step, {name: value}), ...] in batches of 1000 values."""
+    def _op_history(self, key: str, steps: list, stamp: Optional[int] = None) -> None:   # [(step, {name: value})]
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000) if stamp is None else int(stamp)
@@ -387,7 +371,7 @@ class RunWriter:
             self.client.set_terminated(self.runs[key], status=status)
 
     def _op_model(self, key: str, folder: str, name: str, params: dict, tags: dict) -> None:
-        """The files of `folder` as an MLflow logged model of run `key` (its Models tab), READY once uploaded."""
+        """The files of `folder` as a logged model of run `key` (its Models tab), READY once uploaded."""
         from mlflow.entities import LoggedModelOutput
 
         if key in self.models:
@@ -406,9 +390,8 @@ class RunWriter:
         self.models[key] = model.model_id
 
     def _op_register(self, key: str, name: str, description: str, tags: dict) -> None:
-        """A new version of registered model `name` (created if missing) for run `key`'s logged model. Its source
-        is the logged model's artifact location (a `models:/<id>` source would be resolved through the
-        process-global tracking URI); the model id is kept as a version tag as well."""
+        """A new version of registered model `name` (created if missing) for run `key`'s logged model, sourced from
+        its artifact location (a `models:/<id>` source would resolve through the process-global tracking URI)."""
         from mlflow.exceptions import MlflowException
 
         if key not in self.models:
@@ -431,9 +414,8 @@ class RunWriter:
 def log_run(tracking_uri: str, experiment: str, run_name: str, *, params: Optional[dict] = None,
             metrics: Optional[dict] = None, tags: Optional[dict] = None, artifacts: Sequence = (),
             texts: Optional[dict] = None, wait_s: Optional[float] = 0.0) -> str:
-    """One finished run in `experiment` (created as ensure_experiment does, artifacts beside a SQLite store):
-    params, metrics, tags, files and {file name: text}; its run id. A store that does not take every write within
-    `wait_s` seconds (None: FINAL_WAIT_S) is one RuntimeError naming it (`richkd evaluate`, an arms comparison)."""
+    """One finished run in `experiment` (artifacts beside a SQLite store) with params, metrics, tags, files and
+    {file name: text}; its run id. Writes not taken within `wait_s` seconds (None: FINAL_WAIT_S): a RuntimeError."""
     writer = RunWriter(tracking_uri)
     experiment_id = ensure_experiment(writer.client, experiment, default_artifact_location(tracking_uri))
     writer.put("run", "run", experiment_id, run_name, dict(tags or {}))
@@ -454,8 +436,8 @@ def log_run(tracking_uri: str, experiment: str, run_name: str, *, params: Option
 
 def attach(tracking_uri: str, run_id: str, files: Sequence = (), folder: Optional[str] = None,
            tags: Optional[dict] = None, metrics: Optional[dict] = None, wait_s: Optional[float] = None) -> bool:
-    """Files (under artifact `folder`), tags and metrics added to an existing run (export and report files on a
-    sweep's parent run); False when the store did not take them all within `wait_s` (default FINAL_WAIT_S)."""
+    """Files (under artifact `folder`), tags and metrics added to an existing run; False when the store did not take
+    them all within `wait_s` (default FINAL_WAIT_S)."""
     writer = RunWriter(tracking_uri)
     writer.runs["run"] = run_id
     for path in files:

@@ -27,10 +27,8 @@ MAX_SHARDS = 64   # per entry: each shard loads the teacher / CLIP once, so more
 def node_slots(cpu: float, gpu: float, nodes: Optional[list] = None) -> list[str]:
     """One alive node id per task with the trials' resources that fits on it, interleaved across nodes
     (A, B, A, B, ...): before the trials start the whole cluster is free, and shard i goes to slot i."""
-    if nodes is None:
-        nodes = alive_nodes()
     per_node = []
-    for node in nodes:
+    for node in alive_nodes() if nodes is None else nodes:
         res = node.get("Resources", {})
         slots = math.floor(res.get("CPU", 0) / cpu + 1e-9)
         if gpu > 0:
@@ -55,8 +53,7 @@ def usable_nodes(configs: list) -> list[dict]:
     return usable
 
 
-def shard_count(cpu: float, gpu: float, nodes: Optional[list] = None) -> int:
-    """Row shards per entry: one per slot of node_slots (>= 1, <= MAX_SHARDS)."""
+def shard_count(cpu: float, gpu: float, nodes: Optional[list] = None) -> int:   # row shards per entry: per slot
     return max(1, min(len(node_slots(cpu, gpu, nodes)), MAX_SHARDS))
 
 
@@ -89,30 +86,25 @@ def build_caches(configs: Iterable, *, cpu: float, gpu: float = 0.0, shards: Opt
                  progress: bool = False, nodes: Optional[list] = None,
                  splits: tuple[str, ...] = ("train",)) -> BuiltCaches:
     """Every cache entry each config reads (its entry folders, as prepare_caches returns them), the missing
-    ones built by Ray tasks (Ray must be initialised). `shards`: row shards per entry (default shard_count).
-    `nodes`: the nodes that may run cache tasks (ray.nodes() entries); None: usable_nodes checks them.
-    `splits`: the dataset splits whose caches are read (finalize adds "test")."""
+    ones built by Ray tasks (Ray must be initialised), all submitted at once, shard i of each entry preferring slot
+    i's node among `nodes` (soft affinity: a dead node is replaced by any); one line per entry built. `shards`: row
+    shards per entry (default shard_count). `nodes`: the nodes that may run cache tasks (ray.nodes() entries);
+    None: usable_nodes checks them. `splits`: the dataset splits whose caches are read (finalize adds "test")."""
     configs = list(configs)
     plans = [plan_caches(cfg, splits) for cfg in configs]
-    missing = {job.path: job for plan in plans for job in plan.missing}   # an entry several configs share: once
-    built = run_jobs(list(missing.values()), cpu=cpu, gpu=gpu, shards=shards, progress=progress,
-                     nodes=usable_nodes(configs) if nodes is None else nodes) if missing else []
-    return BuiltCaches(paths=[plan.paths for plan in plans], built=built)
-
-
-def run_jobs(jobs: list[EntryJob], *, cpu: float, gpu: float, shards: Optional[int] = None,
-             progress: bool = False, nodes: Optional[list] = None) -> list[dict]:
-    """Submit every job's tasks at once, shard i of each entry preferring slot i's node among `nodes` (soft
-    affinity: a dead node is replaced by any), then wait, one line per entry built. Assembly takes no CPU slot."""
+    jobs = list({job.path: job for plan in plans for job in plan.missing}.values())   # shared entries: once
+    result = BuiltCaches(paths=[plan.paths for plan in plans])
+    if not jobs:
+        return result
+    nodes = usable_nodes(configs) if nodes is None else nodes
     slots = node_slots(cpu, gpu, nodes)
     shards = shards or shard_count(cpu, gpu, nodes)
     shard, assemble, whole = ray.remote(_shard_task), ray.remote(_assemble_task), ray.remote(_whole_task)
 
     def on_slot(task, i: int, **resources):
-        if not slots:   # nothing fits yet (e.g. an autoscaling cluster without GPU nodes): Ray places the task
-            return task.options(**resources)
-        return task.options(**resources, scheduling_strategy=NodeAffinitySchedulingStrategy(
-            slots[i % len(slots)], soft=True))
+        if slots:   # else nothing fits yet (e.g. an autoscaling cluster without GPU nodes): Ray places the task
+            resources["scheduling_strategy"] = NodeAffinitySchedulingStrategy(slots[i % len(slots)], soft=True)
+        return task.options(**resources)
 
     pending: dict = {}
     shard_refs: list = []
@@ -131,11 +123,11 @@ def run_jobs(jobs: list[EntryJob], *, cpu: float, gpu: float, shards: Optional[i
         pending[on_slot(assemble, j, num_cpus=0).remote(job, str(root), *refs)] = (job, len(ranges))
     say(f"caches: building {len(jobs)} entr{'y' if len(jobs) == 1 else 'ies'} as Ray tasks "
         f"({shards} row shard(s) per entry, {cpu:g} CPU / {gpu:g} GPU each)", progress)
-    built: list[dict] = []
+    built = result.built
 
-    def on_built(job_n: tuple, result: dict) -> None:
-        (job, n), nodes = job_n, {s["node_id"] for s in result["shards"]}
-        built.append({"entry": job.name, **result, "s": time.perf_counter() - started})
+    def on_built(job_n: tuple, res: dict) -> None:
+        (job, n), nodes = job_n, {s["node_id"] for s in res["shards"]}
+        built.append({"entry": job.name, **res, "s": time.perf_counter() - started})
         say(f"cache {len(built)}/{len(jobs)}: {job.name} built ({n} shard{'s' if n > 1 else ''} on "
             f"{len(nodes)} node{'s' if len(nodes) > 1 else ''}, {built[-1]['s']:.1f}s)", progress)
 
@@ -145,4 +137,4 @@ def run_jobs(jobs: list[EntryJob], *, cpu: float, gpu: float, shards: Optional[i
         for root in roots:
             remove_blocks(root)
         raise
-    return built
+    return result

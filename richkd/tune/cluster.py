@@ -52,8 +52,8 @@ def node_label(node: dict) -> str:
 
 def node_problems(needs: SweepNeeds, timeout_s: float = PREFLIGHT_TIMEOUT_S,
                   nodes: Optional[list] = None) -> dict[str, list[str]]:
-    """{node id: problems, one line each naming the node} of every alive node with `needs`, checked by a zero-CPU
-    task pinned to it; a node that cannot run the check or does not answer within timeout_s has that as its problem."""
+    """{node id: problems, one line each naming the node} of every alive node, checked by a zero-CPU task pinned
+    to it (not running the check, or not answering within timeout_s, is a problem too)."""
     nodes = alive_nodes() if nodes is None else nodes
     remote_check = ray.remote(num_cpus=0, max_retries=0)(check_needs)
     refs = {remote_check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
@@ -110,20 +110,18 @@ def claim_gpu(fraction: float, where: str) -> None:
         torch.cuda.set_per_process_memory_fraction(max(0.05, fraction - CUDA_CONTEXT_BYTES / total))
 
 
-def threads_for(cpu: float) -> int:
-    """Torch threads of a trial or task granted `cpu` CPUs: the whole CPUs, at least one."""
+def threads_for(cpu: float) -> int:   # torch threads of a trial or task granted `cpu` CPUs
     return max(1, math.floor(cpu + 1e-9))
 
 
 def use_task_resources(cpu: float, gpu: float, what: str) -> None:
-    """In a Ray task (`what`: cache shard, finalist): torch threads = the CPUs it was granted (more only fight the
-    other tasks on the node); a GPU share must be usable and caps this process's GPU memory (claim_gpu)."""
+    """In a Ray task (`what`: cache shard, finalist): torch threads = its CPUs (more only fight the other tasks on
+    the node); a GPU share must be usable (claim_gpu)."""
     torch.set_num_threads(threads_for(cpu))
     claim_gpu(gpu, f"{what} on {this_node()}")
 
 
-def this_node() -> str:
-    """"node <id> (<address>)" of this process, as node_label names a node."""
+def this_node() -> str:   # this process's node, as node_label names a node
     try:
         address = ray.util.get_node_ip_address()
     except Exception:
@@ -131,8 +129,7 @@ def this_node() -> str:
     return f"node {(current_node_id() or '?')[:12]} ({address})"
 
 
-def current_node_id() -> Optional[str]:
-    """The Ray node id of this process (None outside Ray)."""
+def current_node_id() -> Optional[str]:   # None outside Ray
     try:
         return ray.get_runtime_context().get_node_id()
     except Exception:
@@ -151,8 +148,7 @@ def check_trial_resources(t) -> None:
                         "lower it or pass --num-cpus")
 
 
-def storage_problem(t, n_nodes: int, mounts_text: Optional[str] = None) -> Optional[str]:
-    """Why tune.storage_path cannot serve a cluster of n_nodes, or None when it can."""
+def storage_problem(t, n_nodes: int, mounts_text: Optional[str] = None) -> Optional[str]:   # why it cannot, or None
     if n_nodes <= 1 or t.storage_is_uri or t.shared_storage or is_shared_filesystem(t.storage_path, mounts_text):
         return None
     return (f"tune.storage_path: {t.storage_path!r} is a local folder, but the Ray cluster has {n_nodes} nodes; "
@@ -161,17 +157,11 @@ def storage_problem(t, n_nodes: int, mounts_text: Optional[str] = None) -> Optio
             "tune.shared_storage: true if it is shared but not detected as NFS/Lustre/...)")
 
 
-def task_error(exc: Exception) -> Exception:
-    """The error a task raised (a CacheError names the folder and the fix), not Ray's wrapper around it."""
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, Exception) else exc
-
-
 def wait_each(pending: dict, on_result: Callable, on_error: Callable = lambda value: None,
               also_cancel: Sequence = ()) -> None:
     """on_result(pending[ref], result) for each Ray task of `pending` as it finishes. On the first failure (a
-    task's: on_error(its value), then the task's own error is raised; or one of on_result) the other tasks and
-    `also_cancel` are cancelled."""
+    task's: on_error(its value), then the task's own error is raised, not Ray's wrapper: a CacheError names the
+    folder and the fix; or one of on_result) the other tasks and `also_cancel` are cancelled."""
     try:
         while pending:
             (ref,), _ = ray.wait(list(pending), num_returns=1)
@@ -180,7 +170,7 @@ def wait_each(pending: dict, on_result: Callable, on_error: Callable = lambda va
                 result = ray.get(ref)
             except Exception as exc:
                 on_error(value)
-                raise task_error(exc) from None
+                raise (exc.cause if isinstance(getattr(exc, "cause", None), Exception) else exc) from None
             on_result(value, result)
     except BaseException:
         for other in [*pending, *also_cancel]:
@@ -188,8 +178,7 @@ def wait_each(pending: dict, on_result: Callable, on_error: Callable = lambda va
         raise
 
 
-def say(line: str, progress: bool) -> None:
-    """A progress line of work on the cluster (caches, finalists): on stderr at a terminal, else logged."""
+def say(line: str, progress: bool) -> None:   # a progress line: on stderr at a terminal, else logged
     if progress:
         print(line, file=sys.stderr, flush=True)
     else:

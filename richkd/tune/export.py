@@ -1,12 +1,7 @@
-"""Export a sweep: the best trial's full config (loadable by `richkd train --config`) and a leaderboard of all trials.
-
-Selection is richkd.tune.results' (docs/method.md, "What a sweep should search"): only trials that reached
-max_t compete, ranked by the metric's LAST value on the validation split. The files are also attached to the
-sweep's MLflow parent run.
-
-Multi-objective sweeps (and `richkd export --pareto METRICS` on any sweep) also get the Pareto front of the
-same trials (richkd.pareto): pareto_front.json and one reproducing config per front member under pareto/.
-best_config.yaml is then the front member that is best by the first objective.
+"""Export a sweep: the best trial's full config (loadable by `richkd train --config`) and a leaderboard of all trials,
+selected as richkd.tune.results selects, also attached to the sweep's MLflow parent run. Multi-objective sweeps (and
+`richkd export --pareto METRICS`) also get the Pareto front of the same trials (richkd.pareto): pareto_front.json and
+a config per front member under pareto/; best_config.yaml is then the front member best by the first objective.
 """
 from __future__ import annotations
 
@@ -129,11 +124,8 @@ def leaderboard_csv(rows: list, spec) -> str:
 def export_sweep(sweep: str, storage: Optional[str] = None, tracking_uri: Optional[str] = None,
                  out_dir: Optional[str] = None, attach: bool = True,
                  pareto: Optional[Sequence[str]] = None) -> ExportResult:
-    """Write best_config.yaml, best_trial.json and leaderboard.csv for a sweep and attach them to its parent run.
-
-    pareto: metrics of a Pareto front to export (an empty list = the sweep's own objectives); by default a
-    front is exported exactly when the sweep has several objectives.
-    """
+    """best_config.yaml, best_trial.json and leaderboard.csv, attached to the parent run. `pareto`: the metrics of a
+    front to export ([]: the sweep's objectives; None: a front exactly when the sweep has several objectives)."""
     spec, path, record, rows = load_sweep(sweep, storage, tracking_uri)
     best = best_trial(rows, spec)
     objectives = pareto_objectives(spec, pareto)
@@ -172,9 +164,7 @@ def export_sweep(sweep: str, storage: Optional[str] = None, tracking_uri: Option
         f"# details: {BEST_TRIAL}; reproduce with: richkd train --config {BEST_CONFIG}",
         "",
     ]
-    best_config = folder / BEST_CONFIG
-    best_json = folder / BEST_TRIAL
-    board = folder / LEADERBOARD
+    best_config, best_json, board = folder / BEST_CONFIG, folder / BEST_TRIAL, folder / LEADERBOARD
     for r in rows:
         if r.metrics.get("nonfinite_loss", 0) >= 1:
             r.extra["stop_reason"] = "non-finite loss"
@@ -194,9 +184,8 @@ def export_sweep(sweep: str, storage: Optional[str] = None, tracking_uri: Option
 
 
 def _attach(record, files: list[Path], best, pareto_files: list[Path], front: list, objectives: list) -> Optional[str]:
-    """The files on the sweep's parent run under export/ (the front's configs under export/pareto/), the best trial
-    as tags and the front as a size metric and tags (MLflow has no Pareto view); None when MLflow did not take
-    them (said once, the files are written)."""
+    """The files on the parent run under export/ (export/pareto/), the best trial and the front (MLflow has no Pareto
+    view) as tags and a size metric; None when MLflow did not take them (said once, the files are written)."""
     tags = {"richkd.best_trial_id": best.trial_id, "richkd.best_run_id": best.mlflow_run_id or ""}
     if front:
         tags.update({"richkd.pareto_objectives": ",".join(f"{m}:{d}" for m, d in objectives),
@@ -211,9 +200,7 @@ def _attach(record, files: list[Path], best, pareto_files: list[Path], front: li
 
 
 def _cell(v) -> str:
-    if v is None:
-        return ""
-    return f"{v:.6g}" if isinstance(v, float) else str(v)
+    return "" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
 def describe_export(result: ExportResult, metric) -> str:

@@ -61,8 +61,7 @@ class FinalistResult:
         return statistics.fmean(self.test_top1)
 
     @property
-    def std(self) -> float:
-        """Sample standard deviation over seeds (n - 1); 0 for a single seed."""
+    def std(self) -> float:   # sample std over seeds (n - 1); 0 for a single seed
         return statistics.stdev(self.test_top1) if len(self.test_top1) > 1 else 0.0
 
     @property
@@ -80,8 +79,7 @@ class FinalizeResult:
 
 
 @dataclass(frozen=True)
-class SeedJob:
-    """One finalist trained with one seed."""
+class SeedJob:   # one finalist trained with one seed
     rank: int
     trial_id: str
     seed: int
@@ -151,10 +149,10 @@ def finalize_sweep(sweep: str, *, top: Optional[int] = None, seeds: Optional[int
 
 
 def _train(spec, jobs: list, results: list, folder: Path, runs: Optional["FinalistRuns"], progress: bool) -> None:
-    """Caches, then every (finalist, seed) as a Ray task; results are recorded as they arrive."""
+    """Caches (the test split's too: the final evaluation and Fig. 1 read them), then every (finalist, seed) as a
+    Ray task; results are recorded as they arrive."""
     t = spec.tune
     configs = [job.config for job in jobs]
-    # the test split's caches too: the final evaluation and the Fig. 1 analysis read them
     caches = build_caches(configs, cpu=t.cpu, gpu=t.gpu, progress=progress, splits=("train", "test"))
     needs = sweep_needs(configs, sorted({p for paths in caches.paths for p in paths}), None)
     metric = t.objective_pairs[0][0]
@@ -211,8 +209,7 @@ def _train(spec, jobs: list, results: list, folder: Path, runs: Optional["Finali
 # ----- the trainings, as Ray tasks ---------------------------------------------------------------------------
 
 def train_seed(config: dict, cpu: float, gpu: float, needs: Optional[SweepNeeds] = None) -> dict:
-    """The task body: check this node, train what `richkd train` trains with the test split evaluated, return
-    the results and the run's files as bytes."""
+    """Check this node, train as `richkd train` does with the test split evaluated; the results, files as bytes."""
     raise_if_unmet(needs, "this node")
     cfg = Config.from_dict(config)
     use_task_resources(cpu, gpu, f"finalist {cfg.name} (seed {cfg.seed})")
@@ -229,9 +226,8 @@ def train_seed(config: dict, cpu: float, gpu: float, needs: Optional[SweepNeeds]
 def run_seed_jobs(jobs: list[SeedJob], *, cpu: float, gpu: float, needs: Optional[SweepNeeds] = None,
                   max_retries: int = 0, on_done: Callable[[SeedJob, dict], None],
                   on_failed: Callable[[SeedJob], None]) -> None:
-    """Submit every job at once (Ray runs as many as the cluster's resources allow) and hand each result to
-    on_done as it arrives; on the first failure on_failed(job) runs, the others are cancelled and the task's own
-    error is raised (richkd.tune.cluster.wait_each). `max_retries` retries tasks whose node died, not errors."""
+    """Every job submitted at once, as richkd.tune.cluster.wait_each runs them. `max_retries` retries tasks whose node
+    died, not errors."""
     remote = ray.remote(train_seed).options(num_cpus=cpu, num_gpus=gpu, max_retries=max_retries)
     wait_each({remote.remote(job.config.to_dict(), cpu, gpu, needs): job for job in jobs}, on_done, on_failed)
 
@@ -239,8 +235,7 @@ def run_seed_jobs(jobs: list[SeedJob], *, cpu: float, gpu: float, needs: Optiona
 # ----- MLflow ------------------------------------------------------------------------------------------------
 
 class FinalistRuns(RunWriter):
-    """Finalist runs under the sweep's parent run, written through the outbox (richkd.tracking.RunWriter): one run
-    per finalist (key `finalist<R>`) with a nested run per seed (`finalist<R>-seed<S>`)."""
+    """A run per finalist (key `finalist<R>`) under the sweep's parent run, a nested run per seed (`-seed<S>`)."""
 
     def __init__(self, record: SweepRecord) -> None:
         super().__init__(record.tracking_uri)
@@ -259,13 +254,12 @@ class FinalistRuns(RunWriter):
             self.send("end", key, status)
 
     def close_open(self, status: str) -> None:
-        """End every run still open, seeds before their finalist (never raises: the outbox keeps failures)."""
+        """End every run still open, seeds before their finalist (never raises)."""
         for key in reversed(list(self.open)):
             self.end(key, status)
         self.drain()
 
-    def finish_seed(self, key: str, res: dict) -> None:
-        """The task's per-epoch history (step = epoch), its test metrics as final_*, where it ran; FINISHED."""
+    def finish_seed(self, key: str, res: dict) -> None:   # history (step = epoch), test metrics as final_*, node
         self.put("history", key, [(int(e["epoch"]), {k: v for k, v in e.items() if finite(v)})
                                   for e in res["history"]])
         self.put("summary", key, {f"final_{k}": v for k, v in res["test_metrics"].items() if finite(v)})
@@ -273,8 +267,7 @@ class FinalistRuns(RunWriter):
         self.end(key, "FINISHED")
 
     def finish_finalist(self, fin: FinalistResult) -> None:
-        """Mean/std metrics and the student of the finalist's first seed (the one its config.yaml reproduces as
-        is) as an MLflow logged model of the finalist run; FINISHED."""
+        """Mean/std metrics; the student of its first seed (the one its config.yaml reproduces) as a logged model."""
         self.put("summary", fin.key, {k: v for k, v in {"test_top1_mean": fin.mean, "test_top1_std": fin.std,
                                                         "val_top1_mean": _mean(fin.val_top1)}.items() if finite(v)})
         self.put("model", fin.key, str(fin.folders[0]), "student", {"seed": fin.seeds[0]},
@@ -283,8 +276,7 @@ class FinalistRuns(RunWriter):
 
     def register_best(self, results: list, objective: tuple) -> None:
         """Register the finalist with the best mean validation metric (the sweep's first objective; val_top1 if no
-        finalist reported it) in the model registry; once written, `registered` names the version and the parent
-        run has a tag naming it."""
+        finalist reported it); once written, `registered` and a tag of the parent run name the version."""
         metric, mode = objective
         idx = best_index([_mean(f.val_metric) for f in results], mode)
         if idx is None:
@@ -306,7 +298,7 @@ class FinalistRuns(RunWriter):
         self.registered = {"name": name, "version": self.versions[name], **(info or {})}
 
     def done(self, results: list) -> None:
-        """Wait for every write (the outbox's final wait), then note each finalist's run ids and logged model."""
+        """Wait for every write, then note each finalist's run ids and logged model."""
         if not self.drain():
             log.error("MLflow at %s did not take %d writes of this finalize; the finalists' files and "
                       "finalists.csv hold every number", self.tracking_uri, len(self.outbox))
@@ -315,8 +307,7 @@ class FinalistRuns(RunWriter):
             fin.runs = [self.runs.get(f"{fin.key}-seed{s}") for s in fin.seeds]
 
 
-def best_index(values: Sequence[float], mode: str) -> Optional[int]:
-    """Index of the best finite value (max or min; the first on ties), or None when none is finite."""
+def best_index(values: Sequence[float], mode: str) -> Optional[int]:   # the first on ties; None: none finite
     kept = [i for i, v in enumerate(values) if finite(v)]
     return (max if mode == "max" else min)(kept, key=values.__getitem__) if kept else None
 
@@ -347,13 +338,11 @@ def describe_finalize(result: FinalizeResult) -> str:
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fin.sampled.items())
         lines.append(f"  #{fin.rank} trial {fin.trial_id}: {fin.mean:.2f} ± {fin.std:.2f} "
                      f"(seeds {fin.seeds})  {shown}")
-        t = fin.teachers
-        if "fused_test_confident_correct_pct" in t:   # the paper's Fig. 1, on the test split
-            pct = {k: f"{v:.1f}%" for k, v in t.items()}
-            lines.append(f"     test split, teacher -> fused teacher: confident-correct "
-                         f"{pct['teacher_test_confident_correct_pct']} -> {pct['fused_test_confident_correct_pct']}, "
-                         f"confidently-wrong {pct['teacher_test_confidently_wrong_pct']} -> "
-                         f"{pct['fused_test_confidently_wrong_pct']}")
+        if "fused_test_confident_correct_pct" in fin.teachers:   # the paper's Fig. 1, on the test split
+            pct = {k: f"{v:.1f}%" for k, v in fin.teachers.items()}
+            lines.append("     test split, teacher -> fused teacher: " + ", ".join(
+                f"{k.replace('_', '-')} {pct[f'teacher_test_{k}_pct']} -> {pct[f'fused_test_{k}_pct']}"
+                for k in ("confident_correct", "confidently_wrong")))
     if result.finalists and result.finalists[0].folders:
         lines.append(f"  students: {Path(result.finalists[0].folders[0]).parent}/finalist<R>-seed<S>/student.pt")
     if result.registered:

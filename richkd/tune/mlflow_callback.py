@@ -1,10 +1,7 @@
-"""A sweep in MLflow: its experiment, its parent run, and a child run per trial written from the Tune driver.
-
-Why our own callback (docs/architecture.md, "Data flow", 10): Ray's MLflowLoggerCallback makes flat runs, sends one
-request per metric and keeps its trial -> run map only in memory, so `Tuner.restore` opens duplicate runs. This one
-is a richkd.tracking.RunWriter: hooks only queue writes (a stopped server never stops training), the queue and the
-trial -> run map travel in Tune's experiment state, and a restored sweep finds its runs again (by that state or by
-their trial id and config hash tags), continues them, and closes and deletes runs of trials it never heard of.
+"""A sweep in MLflow: its experiment, its parent run, and a child run per trial written from the Tune driver. Why our
+own callback, not Ray's MLflowLoggerCallback (flat runs, a request per metric, duplicate runs after `Tuner.restore`):
+docs/architecture.md, "Data flow", 10. Hooks only queue writes (richkd.tracking.RunWriter); the queue and the
+trial -> run map travel in Tune's experiment state, so a restored sweep continues its runs.
 """
 from __future__ import annotations
 
@@ -37,9 +34,7 @@ def config_hash(flat: dict) -> str:
 
 
 def sweep_callback(spec: SweepSpec) -> "MlflowSweepCallback":
-    """The sweep's experiment (with its objective as the primary metric) and parent run, which holds the code
-    version and space hash as tags, the tune settings and sampler descriptions as params and the spec, search space
-    and base config as files; and the callback that logs the trials under it."""
+    """The sweep's experiment and parent run (code version, settings, space and spec); the callback logging under it."""
     uri, t = spec.mlflow.tracking_uri, spec.tune
     experiment_id = ensure_experiment(client_for(uri), spec.mlflow.experiment, spec.mlflow.artifact_location, t.metric)
     cb = MlflowSweepCallback(uri, experiment_id, spec.plan(), spec.name)
@@ -66,8 +61,7 @@ def sweep_callback(spec: SweepSpec) -> "MlflowSweepCallback":
     return cb
 
 
-class MlflowSweepCallback(RunWriter, Callback):
-    """Driver-side Tune callback (see the module docstring); picklable, the MLflow client is rebuilt on demand."""
+class MlflowSweepCallback(RunWriter, Callback):   # picklable: the MLflow client is rebuilt on demand
 
     def __init__(self, tracking_uri: str, experiment_id: str, plan: TrialPlan, sweep_name: str) -> None:
         RunWriter.__init__(self, tracking_uri)
@@ -130,9 +124,7 @@ class MlflowSweepCallback(RunWriter, Callback):
             if t.trial_id not in self._ended and t.status not in ("TERMINATED", "ERROR"):
                 self.put("interrupted", t.trial_id)    # an interrupted sweep's trial; `--resume` reopens it
         complete = self._total is not None and len(finished) >= self._total and len(finished) == len(trials)
-        summary = sweep_summary(trials, self.plan)
-        if summary:
-            self.put("summary", PARENT, summary)
+        self.put("summary", PARENT, sweep_summary(trials, self.plan))
         self.put("end", PARENT, "FINISHED" if complete else "KILLED")
         if not self.drain():
             left = sorted({op[1] for op in self.outbox.ops if op[0] in ("open", "metrics", "close")} - {PARENT})
@@ -184,17 +176,16 @@ class MlflowSweepCallback(RunWriter, Callback):
 
     def _find_existing(self, trial_id: str, digest: str) -> Optional[str]:
         """A child run of this trial created after the last experiment snapshot (state lags the database)."""
-        filt = (f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}' "
-                f"and tags.`{HASH_TAG}` = '{digest}'")
-        runs = self.client.search_runs([self.experiment_id], filter_string=filt, max_results=5)
+        runs = self.client.search_runs([self.experiment_id], max_results=1, filter_string=(
+            f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}' "
+            f"and tags.`{HASH_TAG}` = '{digest}'"))
         return runs[0].info.run_id if runs else None
 
     def _op_close(self, trial_id: str, error: bool, result: dict, error_text: str) -> None:
         # on_trial_complete runs before Tune flips the status to TERMINATED
         outcome = trial_outcome("ERROR" if error else "TERMINATED", result, self.plan.max_t)
-        summary = self._summary(self.runs[trial_id], result)
-        if summary:
-            self._op_summary(trial_id, summary, int(result.get("training_iteration", 0) or 0))
+        self._op_summary(trial_id, self._summary(self.runs[trial_id], result),
+                         int(result.get("training_iteration", 0) or 0))
         tags = {OUTCOME_TAG: outcome, **({"richkd.stop_reason": result["stop_reason"]}
                                          if result.get("stop_reason") else {})}
         if error:
@@ -202,8 +193,7 @@ class MlflowSweepCallback(RunWriter, Callback):
         self._op_tags(trial_id, tags)
         self._op_end(trial_id, "FAILED" if outcome in ("error", "nonfinite_loss") else "FINISHED")
 
-    def _summary(self, run_id: str, result: dict) -> dict:
-        """best_<metric> over the logged history (per objective), final_<key> for the last report, epochs_run."""
+    def _summary(self, run_id: str, result: dict) -> dict:   # best_<objective> over the history, final_*, epochs_run
         out: dict = {}
         for metric, mode in self.plan.objectives or ((self.plan.metric, self.plan.mode),):
             values = [m.value for m in self.client.get_metric_history(run_id, metric) if math.isfinite(m.value)]
@@ -237,8 +227,7 @@ class MlflowSweepCallback(RunWriter, Callback):
             log.info("deleted MLflow run %s of a trial lost with the killed driver", run.info.run_id)
 
 
-def _error_text(trial) -> str:
-    """The last line of the trial's error trace (the exception message), or a generic note."""
+def _error_text(trial) -> str:   # the last line of the trial's error trace (the exception message)
     try:
         text = trial.get_error() or ""
     except Exception:  # the error file may be unreadable; the status still says ERROR

@@ -22,14 +22,13 @@ SHARE_FIX = ("put it on storage every node mounts at the same path (e.g. NFS), o
              "(an environment variable in the spec, ${VAR}, is expanded on the driver)")
 
 
-class NodeCheckError(SpecError):
-    """A node cannot run the sweep's trials (a path it cannot see, a version it does not run)."""
+class NodeCheckError(SpecError):   # a node cannot run the sweep's trials (a path it cannot see, another version)
+    pass
 
 
 @dataclass(frozen=True)
-class Need:
-    """One thing a trial reads or writes: `what` names it for the user (usually the config key)."""
-    what: str
+class Need:   # one thing a trial reads or writes
+    what: str                          # its name for the user (usually the config key)
     path: str
     kind: str                          # file | folder | cache | writable | shared
     expect: tuple = ()                 # folder: entry names it must hold; cache: (manifest key,); shared: (marker,)
@@ -57,8 +56,8 @@ def package_versions() -> dict:
 
 def sweep_needs(configs: Iterable, cache_folders: Iterable[str | os.PathLike], storage_path: Optional[str],
                 max_listed: int = 16, shared: Iterable[tuple] = (), gpu: float = 0.0) -> SweepNeeds:
-    """The needs of every config a sweep can run (its cache probe configs) plus the caches built for them. A
-    folder's need lists up to `max_listed` of its entries, so an empty folder on a node (a missing mount) is caught."""
+    """The needs of every config a sweep can run (its cache probe configs) and their caches. A folder's need lists up
+    to `max_listed` of its entries, so an empty folder on a node (a missing mount) is caught."""
     from richkd.clip.loading import parse_pretrained
 
     needs: dict = {}
@@ -170,11 +169,9 @@ def _check(need: Need) -> Optional[str]:
             return (f"teaching.cache_dir: cache {path} on this node is not the one the driver built (manifest key "
                     f"{key!r}, expected {need.expect[0]!r}); every node must mount the same cache folder")
     elif need.kind == "writable":
-        probe_dir = path if path.is_dir() else next((p for p in path.parents if p.is_dir()), None)
-        try:
-            if probe_dir is None:
-                raise OSError("no existing parent folder")
-            with tempfile.NamedTemporaryFile(dir=probe_dir, prefix=".richkd-write-check-"):
+        try:   # in the path, else its nearest existing parent (the storage path is absolute: "/" at the latest)
+            with tempfile.NamedTemporaryFile(dir=next(p for p in (path, *path.parents) if p.is_dir()),
+                                             prefix=".richkd-write-check-"):
                 pass
         except OSError as exc:
             return (f"{need.what}: {need.path} is not writable on this node ({exc.strerror or exc}); trials save "
@@ -189,10 +186,7 @@ def _check(need: Need) -> Optional[str]:
     return None
 
 
-def raise_if_unmet(needs: Optional[SweepNeeds], where: str = "this node") -> None:
-    """The trial-start check: one NodeCheckError listing every problem."""
-    if not needs:
-        return
-    problems = check_needs(needs)
+def raise_if_unmet(needs: Optional[SweepNeeds], where: str = "this node") -> None:   # the trial-start check
+    problems = check_needs(needs) if needs else []
     if problems:
         raise NodeCheckError(f"{where} cannot run this sweep's trials:\n  - " + "\n  - ".join(problems))

@@ -7,13 +7,12 @@ import signal
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from richkd.tracking import experiment_url, local_ui
 from richkd.tune.paths import DEFAULT_STORAGE, resolve_tracking_uri, storage_of, sweep_ref
 from richkd.tune.results import SweepRecord, collect_trials, survivors
 
-EXIT_OK = 0
 EXIT_TRIALS_ERRORED = 3
 
 
@@ -22,7 +21,7 @@ def exit_code(counts: dict, stopped_by: Optional[int] = None) -> int:
     every trial had finished by then; else 3 when some trial ended in error; else 0."""
     if stopped_by:
         return 128 + int(stopped_by)
-    return EXIT_TRIALS_ERRORED if counts.get("error") else EXIT_OK
+    return EXIT_TRIALS_ERRORED if counts.get("error") else 0
 
 
 @dataclass
@@ -64,8 +63,9 @@ def sweep_outcome(record: SweepRecord, wall_s: float) -> SweepOutcome:
     alive = survivors(rows)
     best = ({"trial_id": alive[0].trial_id, "value": alive[0].value, "config": alive[0].sampled} if alive else None)
     return SweepOutcome(name=spec.name, experiment_path=spec.experiment_path, num_trials=len(rows),
-                        counts=dict(Counter(r.outcome for r in rows)), best=best, parent_run_id=record.parent_run_id, tracking_uri=record.tracking_uri,
-                        wall_s=wall_s, by_node=dict(by_node), retried=sum(1 for r in rows if r.restarts),
+                        counts=dict(Counter(r.outcome for r in rows)), best=best, parent_run_id=record.parent_run_id,
+                        tracking_uri=record.tracking_uri, wall_s=wall_s, by_node=dict(by_node),
+                        retried=sum(1 for r in rows if r.restarts),
                         error_logs=[str(Path(r.path) / "error.txt") for r in rows if r.outcome == "error" and r.path],
                         experiment_id=record.experiment_id, mode=spec.tune.mode)
 
@@ -99,7 +99,8 @@ def describe_outcome(outcome: SweepOutcome, metric) -> str:
     if outcome.stopped_by:
         lines.append(f"  stopped by {signal.Signals(outcome.stopped_by).name} (exit code {outcome.exit_code})")
     if outcome.best:
-        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in outcome.best["config"].items())
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in outcome.best["config"].items())
         lines.append(f"  best (reached max_t): {metric}={outcome.best['value']:.4g}  {shown}")
     if outcome.tracking_uri:
         ui = mlflow_ui(outcome.tracking_uri, outcome.experiment_path, outcome.experiment_id, metric, outcome.mode,
@@ -120,7 +121,3 @@ def describe_outcome(outcome: SweepOutcome, metric) -> str:
 def _counts(counts: dict) -> str:
     """"2 completed, 1 stopped_early": the outcome names of leaderboard.csv and the MLflow outcome tag."""
     return ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -1,8 +1,6 @@
-"""Where a sweep reads and writes: path-valued config keys, storage paths and URIs, tracking URIs, shared disks.
-
-Trials run in their own working directory, possibly on other machines, so every path a sweep ships is made
-absolute on the driver before it is shipped (docs/architecture.md, "Sweep storage").
-"""
+"""Where a sweep reads and writes: path-valued config keys, storage paths and URIs, tracking URIs, shared disks. Every
+path a sweep ships is made absolute on the driver first: trials run in their own working directory, possibly on other
+machines (docs/architecture.md, "Sweep storage")."""
 from __future__ import annotations
 
 import os
@@ -24,13 +22,11 @@ SHARED_FS_TYPES = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "be
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
 
-def has_scheme(path: str) -> bool:
-    """True for a URI such as s3://bucket/prefix (Tune storage through pyarrow), False for a local path."""
+def has_scheme(path: str) -> bool:   # s3://bucket/prefix (Tune storage through pyarrow), not a local path
     return bool(_SCHEME.match(path))
 
 
-def absolute_storage(path: str) -> str:
-    """A storage path with `~` expanded and made absolute; URIs unchanged."""
+def absolute_storage(path: str) -> str:   # `~` expanded and made absolute; URIs unchanged
     return path if has_scheme(path) else os.path.abspath(os.path.expanduser(path))
 
 
@@ -55,10 +51,8 @@ def join_storage(storage: str, name: str) -> str:
 
 
 def resolve_tracking_uri(uri: Optional[str], storage_path: str) -> str:
-    """Absolute tracking URI: sqlite paths made absolute; the default is sqlite:///<storage>/mlflow.db.
-
-    The ./mlruns file store is refused: MLflow 3.13+ raises on it unless MLFLOW_ALLOW_FILE_STORE=true.
-    """
+    """Absolute tracking URI (default sqlite:///<storage>/mlflow.db); the ./mlruns file store, which MLflow 3.13+
+    raises on unless MLFLOW_ALLOW_FILE_STORE=true, is refused."""
     if not uri:
         root = storage_path if not has_scheme(storage_path) else os.path.abspath(DEFAULT_STORAGE)
         return "sqlite:///" + os.path.join(os.path.abspath(root), "mlflow.db")
@@ -74,8 +68,7 @@ def resolve_tracking_uri(uri: Optional[str], storage_path: str) -> str:
                     "use sqlite:///PATH/mlflow.db, an http://HOST:5000 server, or postgresql://...")
 
 
-def storage_of(experiment_path: str) -> Optional[str]:
-    """The storage folder or URI of a sweep folder; None when it is the default ./tune_runs."""
+def storage_of(experiment_path: str) -> Optional[str]:   # None when it is the default ./tune_runs
     storage = experiment_path.rsplit("/", 1)[0] if has_scheme(experiment_path) else str(Path(experiment_path).parent)
     return None if storage.rstrip("/") == absolute_storage(DEFAULT_STORAGE).rstrip("/") else storage
 

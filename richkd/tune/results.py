@@ -21,7 +21,8 @@ from richkd.pareto import front_rows, objective_values
 from richkd.tracking import TRIAL_TAG, child_runs, client_for, finite
 from richkd.tune.errors import SpecError
 from richkd.tune.params import TrialPlan
-from richkd.tune.paths import DEFAULT_STORAGE, join_storage, read_text, remove_file, sweep_ref, write_text
+from richkd.tune.paths import (DEFAULT_STORAGE, absolute_storage, has_scheme, join_storage, read_text, sweep_ref,
+                               write_text)
 from richkd.tune.spec import SweepSpec
 
 SWEEP_RECORD = "richkd_sweep.json"
@@ -58,8 +59,7 @@ class SweepRecord:
     def has_mlflow_run(self) -> bool:
         return bool(self.tracking_uri and self.parent_run_id)
 
-    def cache_entries(self, cfg: Config) -> list[str]:
-        """The cache entries the sweep built for configs of cfg's cache signature."""
+    def cache_entries(self, cfg: Config) -> list[str]:   # what the sweep built for configs of cfg's signature
         signature = cache_signature(cfg)
         return next((list(c.get("entries") or []) for c in self.caches if c.get("signature") == signature), [])
 
@@ -73,25 +73,17 @@ def write_sweep_record(record: SweepRecord) -> None:
     write_text(join_storage(record.spec.experiment_path, SWEEP_RECORD), record.to_json())
 
 
-def remove_sweep_record(experiment_path: str) -> None:
-    remove_file(join_storage(experiment_path, SWEEP_RECORD))
-
-
 def sweep_record_exists(experiment_path: str) -> bool:
     return read_text(join_storage(experiment_path, SWEEP_RECORD)) is not None
 
 
-def locate_sweep(sweep: str, storage: Optional[str] = None) -> str:
-    """A sweep name (under `storage`, default tune_runs) or an experiment folder/URI -> the experiment path."""
-    if "://" in sweep or (os.path.isdir(sweep) and sweep_record_exists(sweep)):
-        return sweep if "://" in sweep else os.path.abspath(sweep)
-    root = storage or DEFAULT_STORAGE
-    return join_storage(root if "://" in root else os.path.abspath(os.path.expanduser(root)), sweep)
-
-
 def read_sweep_record(sweep: str, storage: Optional[str] = None, check: bool = False) -> SweepRecord:
-    """The record of a sweep name or folder; `check` re-runs the spec's file and data checks on this machine."""
-    path = locate_sweep(sweep, storage)
+    """The record of a sweep name (under `storage`, default tune_runs) or experiment folder/URI; `check` re-runs
+    the spec's file and data checks on this machine."""
+    if has_scheme(sweep) or (os.path.isdir(sweep) and sweep_record_exists(sweep)):
+        path = absolute_storage(sweep)
+    else:
+        path = join_storage(absolute_storage(storage or DEFAULT_STORAGE), sweep)
     text = read_text(join_storage(path, SWEEP_RECORD))
     if text is None:
         raise SpecError(f"no sweep named {sweep!r} at {path} (no {SWEEP_RECORD}); pass the sweep's name as shown by "
@@ -139,22 +131,16 @@ class TrialRow:
 
 
 def finite_value(v) -> Optional[float]:
-    """v as a float when it is a finite number, else None."""
     return float(v) if finite(v) else None
 
 
-def _numbers(result: dict) -> dict:
-    return {k: float(v) for k, v in result.items()
-            if not k.startswith("config/") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+def numeric_metrics(result: dict, drop=_TUNE_KEYS) -> dict:
+    """A Tune report's numbers as floats: not the config, not flags, by default not Tune's bookkeeping."""
+    return {k: float(v) for k, v in result.items() if k not in drop and not k.startswith("config/")
+            and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def numeric_metrics(result: dict) -> dict:
-    """A Tune report's model metrics as floats (not Tune's bookkeeping, not the config, not flags)."""
-    return {k: v for k, v in _numbers(result).items() if k not in _TUNE_KEYS}
-
-
-def collect_trials(experiment_path: str, spec: SweepSpec) -> list[TrialRow]:
-    """All trials of the experiment with their last results and histories, ranked (rank_trials)."""
+def collect_trials(experiment_path: str, spec: SweepSpec) -> list[TrialRow]:   # with histories, ranked
     from ray.tune import ExperimentAnalysis
 
     analysis = ExperimentAnalysis(experiment_path, default_metric=spec.tune.metric, default_mode=spec.tune.mode)
@@ -162,7 +148,7 @@ def collect_trials(experiment_path: str, spec: SweepSpec) -> list[TrialRow]:
     for trial in analysis.trials:
         last = dict(trial.last_result or {})
         df = frames.get(trial.trial_id)
-        history = [] if df is None else [_numbers(r) for r in df.to_dict("records")]
+        history = [] if df is None else [numeric_metrics(r, drop=()) for r in df.to_dict("records")]
         series = [v for v in (h.get(spec.tune.metric) for h in history) if finite_value(v) is not None]
         best = (max(series) if spec.tune.mode == "max" else min(series)) if series else None
         rows.append(TrialRow(
@@ -191,8 +177,7 @@ def rank_trials(rows: list[TrialRow], spec: SweepSpec) -> list[TrialRow]:
     return ranked
 
 
-def survivors(rows: list[TrialRow]) -> list[TrialRow]:
-    """Trials that reached max_t (ASHA survivors) with a finite metric, in rank order."""
+def survivors(rows: list[TrialRow]) -> list[TrialRow]:   # reached max_t with a finite metric, in rank order
     return [r for r in rows if r.outcome == "completed" and r.value is not None]
 
 
@@ -209,7 +194,7 @@ def trial_outcome(status: str, result: Optional[dict], max_t: int) -> str:
 
 def sweep_summary(trials: list, plan: TrialPlan) -> dict:
     """n_trials_<outcome> and best_<metric> (among completed trials): the parent run's metrics."""
-    counts = dict.fromkeys(("completed", "stopped_early", "nonfinite_loss", "error", "unfinished"), 0)
+    counts = dict.fromkeys(OUTCOME_ORDER, 0)
     best = None
     for t in trials:
         outcome = trial_outcome(t.status, t.last_result, plan.max_t)
@@ -242,8 +227,7 @@ def load_sweep(sweep: str, storage: Optional[str] = None, tracking_uri: Optional
 
 
 def output_dir(experiment_path: str, sweep_name: str) -> Path:
-    """Export, finalize and report files live beside the experiment when it is a local folder, else in
-    ./tune_runs/<sweep>/."""
+    """Export, finalize and report files: beside a local experiment folder, else in ./tune_runs/<sweep>/."""
     return Path("tune_runs").resolve() / sweep_name if "://" in experiment_path else Path(experiment_path)
 
 

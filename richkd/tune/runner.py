@@ -4,6 +4,7 @@ tasks before any trial, then the sweep's own trainable through a Tuner (docs/arc
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -27,9 +28,8 @@ from richkd.tune.mlflow_callback import sweep_callback
 from richkd.tune.node_check import SweepNeeds, shared_markers, sweep_needs
 from richkd.tune.outcome import SweepOutcome, sweep_outcome
 from richkd.tune.params import TrialPlan
-from richkd.tune.paths import sweep_ref
-from richkd.tune.results import (SweepRecord, read_sweep_record, remove_sweep_record, sweep_record_exists,
-                                 write_sweep_record)
+from richkd.tune.paths import join_storage, remove_file, sweep_ref
+from richkd.tune.results import SWEEP_RECORD, SweepRecord, read_sweep_record, sweep_record_exists, write_sweep_record
 from richkd.tune.search import build_scheduler, build_search_alg, tune_param_space
 from richkd.tune.session import ray_session
 from richkd.tune.spec import SweepSpec
@@ -50,8 +50,8 @@ SET_ASIDE_SUFFIX = ".unreadable"
 # ----- before Ray, and once it runs ------------------------------------------------------------------------
 
 def check_outputs(spec: SweepSpec) -> None:
-    """What the sweep writes must be writable (Tune storage, a SQLite MLflow store's folder) and an MLflow server
-    must answer: one clear error before Ray starts, not a failure deep inside Tune after the caches were built."""
+    """Tune storage and a SQLite MLflow store's folder writable, an MLflow server answering: else one clear error
+    before Ray starts, not a failure deep inside Tune after the caches were built."""
     if not spec.tune.storage_is_uri:
         ensure_writable(spec.tune.storage_path, "tune.storage_path")
     uri = spec.mlflow.tracking_uri if spec.mlflow.enabled else ""
@@ -73,7 +73,6 @@ def check_cluster(spec: SweepSpec, embedded: bool) -> None:
 
 @contextlib.contextmanager
 def ray_for(spec: SweepSpec, address: Optional[str], num_cpus: Optional[int], verbose: int) -> Iterator[None]:
-    """Ray for one sweep (richkd.tune.session.ray_session), the cluster checked."""
     resume = f"continue with `richkd sweep --resume {sweep_ref(spec.name, spec.experiment_path)}` once a cluster is up"
     with ray_session(address, num_cpus, verbose=verbose >= 2, next_step=resume):
         check_cluster(spec, embedded=address is None)
@@ -81,9 +80,8 @@ def ray_for(spec: SweepSpec, address: Optional[str], num_cpus: Optional[int], ve
 
 
 def prepare_nodes(spec: SweepSpec, progress: bool = False, splits: tuple = ("train",)) -> tuple[list, SweepNeeds]:
-    """Every node checked (data, weights, the driver's folders via a marker file, versions, GPUs), then every cache a
-    trial can read built once as Ray tasks (richkd.tune.cache_tasks), then every node checked to see them. Returns
-    the caches (for the sweep record) and the needs each trial checks again."""
+    """Every node checked (data, weights, the driver's folders, versions, GPUs), every cache a trial can read built
+    as Ray tasks, every node checked to see them. Returns the caches (for the record) and the needs trials check."""
     configs, storage = spec.cache_probe_configs, spec.tune.storage_path
     folders = [("teaching.cache_dir", d) for d in sorted({c.teaching.cache_dir for c in configs
                                                           if c.teaching.cache_dir})]
@@ -111,25 +109,27 @@ def build_trainable(spec: SweepSpec, needs: Optional[SweepNeeds] = None, plan: O
 
 def build_tuner(spec: SweepSpec, callbacks: list, verbose: int = 1, needs: Optional[SweepNeeds] = None, warm=None):
     t = spec.tune
-    tune_config = tune.TuneConfig(
-        metric=t.metric, mode=t.mode, search_alg=build_search_alg(spec, warm), scheduler=build_scheduler(spec),
-        num_samples=t.num_samples, time_budget_s=t.time_budget_s, reuse_actors=t.resolved_reuse_actors,
-        trial_name_creator=trial_name, trial_dirname_creator=trial_name)
-    run_config = tune.RunConfig(
-        name=spec.name, storage_path=t.storage_path, verbose=verbose,
-        callbacks=[*callbacks, CSVLoggerCallback(), JsonLoggerCallback()],   # not TensorBoard's (session.init_ray)
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=t.checkpoint_num_to_keep),
-        failure_config=tune.FailureConfig(max_failures=t.max_failures))
-    return tune.Tuner(build_trainable(spec, needs), param_space={} if t.search.algorithm == "optuna"
-                      else tune_param_space(spec), tune_config=tune_config, run_config=run_config)
+    return _tuner(spec, build_trainable(spec, needs), {} if t.search.algorithm == "optuna" else tune_param_space(spec),
+                  spec.name, [*callbacks, CSVLoggerCallback(), JsonLoggerCallback()],   # not TensorBoard's (init_ray)
+                  verbose, t.checkpoint_num_to_keep, search_alg=build_search_alg(spec, warm),
+                  scheduler=build_scheduler(spec), num_samples=t.num_samples, time_budget_s=t.time_budget_s,
+                  trial_name_creator=trial_name, trial_dirname_creator=trial_name)
+
+
+def _tuner(spec: SweepSpec, trainable, param_space: dict, name: str, callbacks: list, verbose: int, keep: int,
+           **tune_config):
+    t = spec.tune
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune.TuneConfig(
+        metric=t.metric, mode=t.mode, reuse_actors=t.resolved_reuse_actors, **tune_config), run_config=tune.RunConfig(
+        name=name, storage_path=t.storage_path, verbose=verbose, callbacks=callbacks,
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
+        failure_config=tune.FailureConfig(max_failures=t.max_failures)))
 
 
 def fit_quietly(tuner, verbose: int):
-    """Tuner.fit(); with verbose 0 (`-q`) Tune's own console lines ("View detailed results here", the
-    TensorBoard hint), which it prints at every verbosity, are dropped too. Errors still reach stderr."""
-    if verbose > 0:
-        return tuner.fit()
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+    """Tuner.fit(); with verbose 0 (`-q`) also without the lines Tune prints at every verbosity ("View detailed
+    results here"). Errors still reach stderr."""
+    with contextlib.redirect_stdout(io.StringIO()) if verbose <= 0 else contextlib.nullcontext():
         return tuner.fit()
 
 
@@ -160,15 +160,14 @@ def run_sweep(spec: SweepSpec, *, address: Optional[str] = None, num_cpus: Optio
             return fit_and_summarise(tuner, record, verbose, started_at)
         except KeyboardInterrupt:
             if not tune.Tuner.can_restore(path):   # stopped before Tune's first snapshot: nothing to resume, and
-                remove_sweep_record(path)          # the same command may start it again
+                remove_file(join_storage(path, SWEEP_RECORD))   # the same command may start it again
             raise
 
 
 def resume_sweep(sweep: str, *, storage: Optional[str] = None, address: Optional[str] = None,
                  num_cpus: Optional[int] = None, verbose: int = 1, progress: bool = False) -> SweepOutcome:
-    """Continue an interrupted sweep (docs/architecture.md, "Sweep storage"): finished trials are kept, unfinished
-    ones resume from their checkpoints, the searcher and scheduler continue from their saved state, and the total
-    reaches num_samples. State files a killed driver left cut short are set aside first."""
+    """Continue an interrupted sweep (docs/architecture.md, "Sweep storage"); state files a killed driver left cut
+    short are set aside first."""
     started_at = time.perf_counter()
     record = read_sweep_record(sweep, storage, check=True)
     spec, path = record.spec, record.path
@@ -186,48 +185,38 @@ def resume_sweep(sweep: str, *, storage: Optional[str] = None, address: Optional
 
 
 def fit_and_summarise(tuner, record: SweepRecord, verbose: int, started_at: float) -> SweepOutcome:
-    """Run the Tuner, make sure the MLflow parent run is not left RUNNING, and summarise what happened."""
+    """Run the Tuner and summarise what happened. The callback closes the MLflow parent run; if Tune raised first,
+    it is marked KILLED here (`--resume` reopens it; a SIGKILLed driver's resume does this)."""
     try:
         fit_quietly(tuner, verbose)
     finally:
-        close_parent_if_running(record)
+        try:
+            client = client_for(record.tracking_uri) if record.has_mlflow_run else None
+            if client and client.get_run(record.parent_run_id).info.status == "RUNNING":
+                client.set_terminated(record.parent_run_id, status="KILLED")
+        except Exception as exc:  # never mask the original error
+            log.warning("could not close the MLflow parent run %s: %s", record.parent_run_id, exc)
     outcome = sweep_outcome(record, time.perf_counter() - started_at)
     if len(alive_nodes()) < 2:   # one machine (an embedded Ray, each resume a new node id): no split per node
         outcome.by_node = {}
     return outcome
 
 
-def close_parent_if_running(record: SweepRecord) -> None:
-    """Safety net for abnormal exits: the callback closes the parent run; if Tune raised first, mark it KILLED
-    (`--resume` reopens it). A SIGKILLed driver cannot do this; its resume does."""
-    if not record.has_mlflow_run:
-        return
-    try:
-        client = client_for(record.tracking_uri)
-        if client.get_run(record.parent_run_id).info.status == "RUNNING":
-            client.set_terminated(record.parent_run_id, status="KILLED")
-    except Exception as exc:  # never mask the original error
-        log.warning("could not close the MLflow parent run %s: %s", record.parent_run_id, exc)
-
-
 def readable(path: Path) -> bool:
     """True when the whole file parses as JSON or as a pickle (Ray pickles some `.json` files, e.g.
     search_gen_state; the pickles hold only Ray's and our own classes, and Ray itself loads them next)."""
-    data = path.read_bytes()
     for load in (json.loads, pickle.loads):
-        try:
-            load(data)  # noqa: S301 - Ray's own state file in the user's sweep folder, as Ray loads it
+        with contextlib.suppress(Exception):
+            load(path.read_bytes())  # noqa: S301 - Ray's own state file in the user's sweep folder, as Ray loads it
             return True
-        except Exception:
-            pass
     return False
 
 
 def set_aside_unreadable(experiment_dir: str | Path) -> list[Path]:
-    """Ray copies its driver state into the sweep folder file by file: a driver killed meanwhile leaves a cut-short
-    file (seen: a 0-byte callback-states-*.pkl) and Tuner.restore fails half-way. Ray reads only the newest file of
-    each kind, so unreadable newest files are renamed `*.unreadable` and Ray falls back to the previous one, or to
-    no state for that part. Returns the renamed files; a SpecError when no experiment state is readable."""
+    """A driver killed while Ray copies its state file by file leaves a cut-short file (seen: a 0-byte
+    callback-states-*.pkl) and Tuner.restore fails half-way. Ray reads the newest file of each kind, so unreadable
+    newest files are renamed `*.unreadable` and Ray falls back to the previous one, or to no state for that part.
+    Returns the renamed files; a SpecError when no experiment state is readable."""
     folder = Path(experiment_dir)
     moved: list[Path] = []
     for pattern in (EXPERIMENT_STATE, *OPTIONAL_STATES):
@@ -277,16 +266,10 @@ def build_table(spec: SweepSpec, out: str | os.PathLike, *, configs: int, seeds:
         space = {p.key: tune.choice(list(p.values)) if p.is_finite else p.tune_domain() for p in plan.params}
         points = [{**j.sampled, SEED_KEY: j.seed} for j in pending]
         name = f"table-{out.stem}-{time.strftime('%Y%m%d_%H%M%S')}"
-        tuner = tune.Tuner(
-            build_trainable(spec, needs, plan=plan), param_space=space,
-            tune_config=tune.TuneConfig(
-                metric=spec.tune.metric, mode=spec.tune.mode, num_samples=len(points),
-                search_alg=BasicVariantGenerator(points_to_evaluate=points, max_concurrent=spec.tune.max_concurrent),
-                reuse_actors=spec.tune.resolved_reuse_actors),
-            run_config=tune.RunConfig(name=name, storage_path=spec.tune.storage_path, verbose=verbose,
-                                      callbacks=[RowWriter(out, plan, len(pending), progress)],
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                      failure_config=tune.FailureConfig(max_failures=spec.tune.max_failures)))
+        tuner = _tuner(spec, build_trainable(spec, needs, plan=plan), space, name,
+                       [RowWriter(out, plan, len(pending), progress)], verbose, 1, num_samples=len(points),
+                       search_alg=BasicVariantGenerator(points_to_evaluate=points,
+                                                        max_concurrent=spec.tune.max_concurrent))
         grid = fit_quietly(tuner, verbose)
     table = read_table(out)
     table.header.setdefault("provenance", {})["build_seconds"] = (
@@ -301,8 +284,7 @@ def build_table(spec: SweepSpec, out: str | os.PathLike, *, configs: int, seeds:
     return read_table(out)
 
 
-class RowWriter(tune.Callback):
-    """A driver-side Tune callback that appends each finished trial's learning curve to the table."""
+class RowWriter(tune.Callback):   # appends each finished trial's learning curve to the table
 
     def __init__(self, out: Path, plan: TrialPlan, total: int, progress: bool) -> None:
         self.out, self.plan, self.total, self.progress = out, plan, total, progress

@@ -19,7 +19,7 @@ import ray
 from ray._private.services import canonicalize_bootstrap_address_or_die
 from ray.exceptions import NodeDiedError
 
-from richkd.tune.cluster import CLUSTER_LOST_ERRORS, shipped_env
+from richkd.tune.cluster import CLUSTER_LOST_ERRORS, alive_nodes, shipped_env
 from richkd.tune.errors import EXIT_CLUSTER_LOST, ClusterLostError, SpecError
 
 log = logging.getLogger(__name__)
@@ -29,9 +29,8 @@ PROBE_TIMEOUT_S = 5.0                  # a Ray head (GCS) that does not accept a
 
 
 def probe_address(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> str:
-    """The HOST:PORT `--address` stands for (`auto`: what ray.init would pick, see README "Running on a
-    cluster"), checked with one TCP connect: an address where nothing listens is one SpecError within seconds,
-    not minutes of Ray's GCS retries."""
+    """The HOST:PORT `--address` stands for (`auto`: what ray.init would pick), checked with one TCP connect: one
+    SpecError within seconds where nothing listens, not minutes of Ray's GCS retries."""
     start = "start one with `ray start --head`, or leave out --address to run on an embedded local Ray"
     try:
         target = address[len("ray://"):] if address.startswith("ray://") else canonicalize_bootstrap_address_or_die(
@@ -56,22 +55,17 @@ def probe_address(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> str:
 def describe_cluster(address: str) -> str:
     """"connected to the Ray cluster at HOST:PORT (--address auto): 2 nodes, 8 CPUs, 1 GPU, started ...": said
     before any work, so attaching to the wrong cluster (`auto` picks the newest on this machine) is seen."""
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    total = ray.cluster_resources()
-    started = ""
+    nodes, total = alive_nodes(), ray.cluster_resources()
     session = re.search(r"session_(\d{4}-\d\d-\d\d)_(\d\d)-(\d\d)-(\d\d)",
                         next((n.get("RayletSocketName", "") for n in nodes), ""))
-    if session:
-        day, hh, mm, ss = session.groups()
-        started = f", started {day} {hh}:{mm}:{ss}"
+    started = ", started {} {}:{}:{}".format(*session.groups()) if session else ""
     gpus = f", {total.get('GPU', 0):g} GPUs" if total.get("GPU") else ""
     return (f"connected to the Ray cluster at {ray.get_runtime_context().gcs_address} (--address {address}): "
             f"{len(nodes)} node(s), {total.get('CPU', 0):g} CPUs{gpus}{started}")
 
 
 def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, verbose: bool = False) -> bool:
-    """Connect to `address` or start an embedded local Ray sized for this machine. Returns True if this call
-    started/connected Ray (so the caller shuts it down), False if Ray was already initialised."""
+    """Connect to `address` or start an embedded local Ray sized for this machine; False if Ray was already up."""
     # Every per-epoch checkpoint forces an experiment snapshot (CheckpointConfig.num_to_keep): that is what
     # makes `--resume` lose at most one epoch, so Ray's "snapshotting may become a bottleneck" warning is noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -112,7 +106,9 @@ def ray_session(address: Optional[str], num_cpus: Optional[int], verbose: bool =
     started = init_ray(address, num_cpus, verbose=verbose)
     gcs = ray.get_runtime_context().gcs_address
     where = f"at {gcs}" if address else "(embedded)"
-    session = _session_dir() if started and not address else None
+    # an embedded Ray's session folder (Ray's temp dir/session_<time>_<pid>), from where its raylet listens
+    raylet = Path(alive_nodes()[0].get("RayletSocketName", "")) if started and not address else Path()
+    session = raylet.parent.parent if raylet.parent.parent.name.startswith("session_") else None
     keep_logs = False
     stop_watch = threading.Event()
     threading.Thread(target=watch_gcs, args=(gcs, where, next_step, stop_watch), daemon=True,
@@ -145,8 +141,7 @@ GCS_WATCH_S = 5.0       # how often the cluster's head is probed while a command
 
 
 def cluster_lost(where: str, reason: str, next_step: str) -> str:
-    return (f"the Ray cluster {where} went away ({reason}); finished trials and checkpoints are kept: "
-            f"{next_step}")
+    return f"the Ray cluster {where} went away ({reason}); finished trials and checkpoints are kept: {next_step}"
 
 
 def watch_gcs(gcs_address: str, where: str, next_step: str, stop: threading.Event) -> None:
@@ -169,31 +164,20 @@ def watch_gcs(gcs_address: str, where: str, next_step: str, stop: threading.Even
             os._exit(EXIT_CLUSTER_LOST)
 
 
-def _session_dir() -> Optional[Path]:
-    """The embedded Ray's session folder (Ray's temp dir/session_<time>_<pid>), from where its raylet listens."""
-    sockets = [n.get("RayletSocketName", "") for n in ray.nodes() if n.get("Alive")]
-    folder = Path(sockets[0]).parent.parent if sockets and sockets[0] else None
-    return folder if folder is not None and folder.name.startswith("session_") else None
-
-
 # ----- signals ------------------------------------------------------------------------------------------
 
 class SweepStopped(KeyboardInterrupt):
-    """SIGINT or SIGTERM outside Tuner.fit (or a second one inside it): the command ends at once, with exit
-    code 128 + signum."""
+    """SIGINT or SIGTERM outside Tuner.fit (or a second one inside it): the command ends at once (128 + signum)."""
 
     def __init__(self, signum: int) -> None:
         super().__init__()
         self.signum = signum
 
 
-_TUNE_NOISE = ("Experiment has been interrupted", "Trials did not complete")
-
-
 def _drop_tune_hints(record: logging.LogRecord) -> bool:
-    """Ray Tune's own hints after an interrupt (`Tuner.restore(...)`, the list of unfinished trials) compete with
-    richkd's `richkd sweep --resume` line: dropped."""
-    return not str(record.msg).startswith(_TUNE_NOISE)
+    """Ray Tune's own hints after an interrupt (`Tuner.restore(...)`, the unfinished trials) compete with richkd's
+    `richkd sweep --resume` line: dropped."""
+    return not str(record.msg).startswith(("Experiment has been interrupted", "Trials did not complete"))
 
 
 @contextlib.contextmanager
