@@ -27,17 +27,28 @@ class TeacherOutputs:
 
 
 class TeacherSource:
-    """Base: turns a batch (and the student's normalised input) into TeacherOutputs."""
+    """Base of the three teaching modes (docs/method.md#teaching-protocol): the conventional teacher runs on the
+    student's view when `teacher` is set, else its outputs are read from the cache; CLIP runs on the view when
+    `clip` is set, else its features are read from the cache (`clip_feat_rows`) or unused (None)."""
 
     view_boxes: Optional[StoredBoxes] = None    # a photo cache's boxes: the trainer cuts the student's views from them
+    teacher = clip = logits = feat = clip_feat_rows = None
 
     def __init__(self, teacher_dim: int, clip_dim: Optional[int], class_embeddings: Optional[torch.Tensor],
-                 device: torch.device) -> None:
+                 device: torch.device, num_rows: int = 0, rows: Optional[np.ndarray] = None) -> None:
         self.teacher_dim, self.clip_dim = int(teacher_dim), None if clip_dim is None else int(clip_dim)
         # (C, D) on the device, or None when CLIP is not used
         self.class_embeddings = None if class_embeddings is None else class_embeddings.to(device)
+        self.reader = CachedRows(num_rows, device, rows)
 
-    def _outputs(self, logits, feat, clip_feat: Optional[torch.Tensor]) -> TeacherOutputs:
+    @torch.no_grad()
+    def __call__(self, batch: Batch, normalized_images: torch.Tensor) -> TeacherOutputs:
+        if self.teacher is None:    # both teachers' rows in one read
+            logits, feat, clip_feat = self.reader.read(batch, self.logits, self.feat, self.clip_feat_rows)
+        else:
+            logits, feat = self.teacher(normalized_images)
+            clip_feat = self.clip.encode_images(batch.image) if self.clip is not None else \
+                None if self.clip_feat_rows is None else self.reader.read(batch, self.clip_feat_rows)[0]
         cosine = None if clip_feat is None or self.class_embeddings is None else clip_feat @ self.class_embeddings.t()
         return TeacherOutputs(logits.float(), feat.float(), clip_feat, cosine)
 
@@ -112,6 +123,10 @@ class StoredBoxes:
         return self.records[self.reader.flat(rows, views)]
 
 
+def _dim(arr) -> Optional[int]:
+    return None if arr is None else arr.shape[1]
+
+
 class CachedTeachers(TeacherSource):
     """Both teachers from the cache: outputs of the clean image (views 1) or of the student's cached view.
 
@@ -123,12 +138,8 @@ class CachedTeachers(TeacherSource):
     def __init__(self, logits: np.ndarray, feat: np.ndarray, clip_feat: Optional[np.ndarray],
                  class_embeddings: Optional[torch.Tensor], device: torch.device, num_rows: int,
                  rows: Optional[np.ndarray] = None) -> None:
-        super().__init__(feat.shape[1], None if clip_feat is None else clip_feat.shape[1], class_embeddings, device)
+        super().__init__(feat.shape[1], _dim(clip_feat), class_embeddings, device, num_rows, rows)
         self.logits, self.feat, self.clip_feat_rows = logits, feat, clip_feat
-        self.reader = CachedRows(num_rows, device, rows)
-
-    def __call__(self, batch: Batch, normalized_images: torch.Tensor) -> TeacherOutputs:
-        return self._outputs(*self.reader.read(batch, self.logits, self.feat, self.clip_feat_rows))
 
 
 class OnlineTeachers(TeacherSource):
@@ -139,29 +150,16 @@ class OnlineTeachers(TeacherSource):
         super().__init__(teacher.feat_dim, None if clip is None else clip.embed_dim, class_embeddings, device)
         self.teacher, self.clip = teacher, clip
 
-    @torch.no_grad()
-    def __call__(self, batch: Batch, normalized_images: torch.Tensor) -> TeacherOutputs:
-        out = self.teacher(normalized_images)
-        return self._outputs(out.logits, out.feat, None if self.clip is None else self.clip.encode_images(batch.image))
-
 
 class OfficialTeachers(TeacherSource):
-    """The official RichKD protocol: the conventional teacher runs online on the student's augmented view,
-    CLIP's outputs of the clean image are read from the cache by row index (docs/method.md#teaching-protocol).
-    `clip_feat` is None when the run uses no CLIP term (e.g. the alpha-only control): only the teacher runs.
-    """
+    """The official RichKD protocol: the teacher runs online on the student's augmented view, CLIP's outputs of
+    the clean image are read from the cache by row (None when the run uses no CLIP term, e.g. alpha-only)."""
 
     def __init__(self, teacher: torch.nn.Module, clip_feat: Optional[np.ndarray],
                  class_embeddings: Optional[torch.Tensor], device: torch.device, num_rows: int,
                  rows: Optional[np.ndarray] = None) -> None:
-        super().__init__(teacher.feat_dim, None if clip_feat is None else clip_feat.shape[1], class_embeddings, device)
+        super().__init__(teacher.feat_dim, _dim(clip_feat), class_embeddings, device, num_rows, rows)
         self.teacher, self.clip_feat_rows = teacher, clip_feat
-        self.reader = CachedRows(num_rows, device, rows)
-
-    @torch.no_grad()
-    def __call__(self, batch: Batch, normalized_images: torch.Tensor) -> TeacherOutputs:
-        out = self.teacher(normalized_images)
-        return self._outputs(out.logits, out.feat, *self.reader.read(batch, self.clip_feat_rows))
 
 
 def build_teacher_source(cfg: Config, data, device: torch.device, split: str = "train",
@@ -217,20 +215,14 @@ def build_teacher_source(cfg: Config, data, device: torch.device, split: str = "
 
 
 def _load_teacher(cfg: Config, data, device: torch.device) -> torch.nn.Module:
-    model, _ = load_teacher(cfg.teacher.arch, cfg.teacher.checkpoint, data.num_classes)
-    model.to(device)
-    if cfg.train.channels_last:  # its input is the student's, already channels_last (measured 1.27x forward)
-        model.to(memory_format=torch.channels_last)
-    return model
+    model = load_teacher(cfg.teacher.arch, cfg.teacher.checkpoint, data.num_classes)[0].to(device)
+    # its input is the student's, already channels_last (measured 1.27x forward)
+    return model.to(memory_format=torch.channels_last) if cfg.train.channels_last else model
 
 
 def is_conv_tower(visual: torch.nn.Module) -> bool:
-    """True for a convolutional CLIP image tower (ResNet, ConvNeXt), False for a ViT.
-
-    channels_last only pays off for convolutions; a ViT's single patch-embedding conv gains nothing, so its
-    tower is left as it is. A tower counts as convolutional when it has 2-d convolutions besides a patch
-    embedding and no nn.MultiheadAttention blocks (ModifiedResNet's attention pool is not one).
-    """
+    """True for a convolutional CLIP image tower (ResNet, ConvNeXt: more than a patch-embedding conv and no
+    nn.MultiheadAttention), the towers channels_last pays off for; False for a ViT."""
     convs = sum(isinstance(m, torch.nn.Conv2d) for m in visual.modules())
     attention = any(isinstance(m, torch.nn.MultiheadAttention) for m in visual.modules())
     return convs > 1 and not attention

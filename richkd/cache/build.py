@@ -57,10 +57,8 @@ class EntryPlan:
 
 
 def plan_caches(cfg: Config, splits: tuple[str, ...] = ("train",), data=None) -> EntryPlan:
-    """Which entries cfg reads (richkd.cache.identity.split_entries, and the text classifier when it uses CLIP);
-    existing ones are checked against their manifest (a stale or damaged entry is a CacheError here), missing
-    ones become EntryJobs. Fails before any teacher runs if the cache folder could not take them. Both the
-    in-process build (prepare_caches) and a sweep's Ray build follow this plan."""
+    """Which entries cfg reads (split_entries, and the text classifier with CLIP): existing ones are checked against
+    their manifest (CacheError), missing ones become EntryJobs; the cache folder's writability is checked first."""
     plan = EntryPlan()
     if not cfg.loss.uses_teacher:
         return plan

@@ -48,7 +48,7 @@ def entry_exists(entry: CacheEntry, cache_dir: str | os.PathLike) -> bool:
     return (entry.path(cache_dir) / "manifest.json").is_file()
 
 
-def _plain(obj) -> Any:
+def json_plain(obj) -> Any:
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
@@ -105,7 +105,7 @@ def begin_entry(entry: CacheEntry, cache_dir: str | os.PathLike, rows: np.ndarra
                 arrays: dict[str, tuple[tuple[int, ...], str]], shard_rows: int) -> Path:
     """Start (or continue) a sharded entry; arrays maps name -> (per-view shape, dtype). Returns the folder."""
     folder = entry.path(cache_dir)
-    layout = _plain({"format": SHARD_FORMAT, "kind": entry.kind, "key": entry.key, "fields": entry.fields,
+    layout = json_plain({"format": SHARD_FORMAT, "kind": entry.kind, "key": entry.key, "fields": entry.fields,
                      "n_rows": int(len(rows)), "views": int(views), "shard_rows": int(shard_rows),
                      "arrays": {n: {"tail": list(t), "dtype": d} for n, (t, d) in sorted(arrays.items())}})
     with _writing(folder):
@@ -174,7 +174,7 @@ def _near_miss(entry: CacheEntry, cache_dir: Path) -> str:
         if fields.get("dataset") != entry.fields.get("dataset"):
             continue
         diff = sorted(k for k in set(fields) | set(entry.fields)
-                      if _plain(fields.get(k)) != _plain(entry.fields.get(k)))
+                      if json_plain(fields.get(k)) != json_plain(entry.fields.get(k)))
         if best is None or len(diff) < len(best[1]):
             best = (manifest.parent, diff, fields)
     if best is None or len(best[1]) > 4:
@@ -185,8 +185,7 @@ def _near_miss(entry: CacheEntry, cache_dir: Path) -> str:
 
 
 def read_manifest(entry: CacheEntry, cache_dir: str | os.PathLike) -> dict:
-    """The complete entry's manifest, checked against the entry's fields and the format version; CacheError
-    naming the folder and the fix otherwise."""
+    """The complete entry's manifest, checked against the entry's fields and the format version."""
     cache_dir = Path(cache_dir)
     folder = entry.path(cache_dir)
     manifest_file = folder / "manifest.json"
@@ -199,7 +198,7 @@ def read_manifest(entry: CacheEntry, cache_dir: str | os.PathLike) -> dict:
         manifest = json.loads(manifest_file.read_text())
     except ValueError:
         raise CacheError(f"{manifest_file} is not valid JSON; delete {folder} and rebuild the cache") from None
-    stored, wanted = _plain(manifest.get("fields")) or {}, _plain(entry.fields)
+    stored, wanted = json_plain(manifest.get("fields")) or {}, json_plain(entry.fields)
     if manifest.get("format_version") != CACHE_FORMAT_VERSION or manifest.get("sharded") not in (None, SHARD_FORMAT) \
             or stored != wanted:
         diff = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
@@ -264,9 +263,8 @@ class ShardedArray:
 
 def read_entry(entry: CacheEntry, cache_dir: str | os.PathLike, n_rows: Optional[int] = None,
                views: int = 1) -> dict[str, Any]:
-    """The entry's arrays after checking its manifest: memory-mapped .npy files (flat) or ShardedArrays, and
-    "rows" (the cached dataset rows) where the entry stores them. With n_rows, every array must hold
-    n_rows * views rows and "rows" n_rows; anything else is a CacheError."""
+    """The entry's arrays after checking its manifest: memory-mapped .npy files (flat) or ShardedArrays, plus
+    "rows"; with n_rows, each must hold n_rows * views rows ("rows" n_rows), else CacheError."""
     folder = entry.path(cache_dir)
     manifest = read_manifest(entry, cache_dir)
     metas = manifest["arrays"]

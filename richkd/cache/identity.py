@@ -70,11 +70,7 @@ def cached_rows(data, split: str) -> np.ndarray:
 
 def split_entries(cfg: Config, data, split: str) -> dict[str, CacheEntry]:
     """The entries of one split's rows a config reads: "teacher" (cached teaching) and "clip-image" (cached or
-    official teaching with CLIP; official teaching runs its teacher online, docs/method.md#teaching-protocol).
-
-    A photo dataset's entries are sharded, with V views per row and each view's crop box
-    (docs/architecture.md#imagenet-scale): their fields name that layout, the box recipe and the top-k logits.
-    """
+    official teaching with CLIP). A photo dataset's fields also name the sharded layout, the box recipe and top-k."""
     if cfg.teaching.mode == "online":
         return {}
     memo, t = cfg.teaching.cache_dir, cfg.teaching

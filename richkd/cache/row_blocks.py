@@ -13,7 +13,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 from richkd.cache.build import EntryJob, entry_outputs, rows_dataset
-from richkd.cache.entries import CacheError, write_entry
+from richkd.cache.entries import CacheError, json_plain, write_entry
 from richkd.config import Config
 from richkd.data import build_data
 from richkd.device import resolve_device
@@ -74,8 +74,7 @@ def assemble_entry(job: EntryJob, blocks: Iterable[dict], root: Optional[str | P
         names = json.loads((folder / "manifest.json").read_text())["arrays"]
         parts.append({name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in names})
     extras = [b["extra"] for b in blocks]
-    if any(json.dumps(e, sort_keys=True, default=str) != json.dumps(extras[0], sort_keys=True, default=str)
-           for e in extras):
+    if any(json_plain(e) != json_plain(extras[0]) for e in extras):
         raise CacheError(f"cache {job.name}: row blocks disagree on {sorted(extras[0])} ({extras}); every node must "
                          "run the same richkd and CLIP versions")
     sizes, views = [b["stop"] - b["start"] for b in blocks], int(job.config["teaching"]["views"])

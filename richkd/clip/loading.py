@@ -31,11 +31,8 @@ class ClipLoadError(ValueError):
 
 @dataclass(frozen=True)
 class PretrainedRef:
-    """What a `clip.pretrained` value names: an open_clip tag, a weights file or a local-dir folder.
-
-    `path` is the expanded (`~`) file or folder, None for a tag. A "file" may be missing: the value looks like a
-    path (has a slash or a weights suffix), so it is never looked up as a tag; whoever needs the file says so.
-    """
+    """What a `clip.pretrained` value names. `path`: the expanded file or folder, None for a tag; a "file" may be
+    missing (it looks like a path, so it is never looked up as a tag)."""
     value: str
     kind: str                 # "tag" | "file" | "dir"
     path: Optional[Path] = None
@@ -74,8 +71,8 @@ _register_lock = threading.Lock()
 
 
 def register_tiny_config() -> None:
-    """Make "richkd-tiny" a known open_clip architecture in this per-process registry (idempotent; load_clip calls
-    it), through the public `open_clip.add_model_config` and a temporary JSON file whose parsed config it keeps."""
+    """Make "richkd-tiny" a known open_clip architecture in this process (idempotent), through the public
+    `open_clip.add_model_config`."""
     import open_clip
 
     with _register_lock:
@@ -88,8 +85,8 @@ def register_tiny_config() -> None:
 
 
 def init_tiny_clip(path: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a tiny random CLIP state dict (fp16, ~3.4 MB; open_clip casts it on load) to `path` atomically, for
-    `load_clip("richkd-tiny", path)`; returns the path. The global torch RNG is left untouched."""
+    """Write a tiny random CLIP state dict (fp16, ~3.4 MB) to `path` atomically, for `load_clip("richkd-tiny",
+    path)`; the global torch RNG is left untouched."""
     import open_clip
 
     register_tiny_config()
@@ -103,7 +100,6 @@ def init_tiny_clip(path: str | os.PathLike, seed: int = 0) -> Path:
     return out
 
 
-# -- what open_clip is asked to build -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Build:
     """The open_clip.create_model arguments of a (clip.model, clip.pretrained) pair."""
@@ -201,20 +197,14 @@ def _resolve(model_name: str, pretrained: str, fetch: bool) -> _Build:
 
 
 def check_weights(model_name: str, pretrained: str) -> None:
-    """What load_clip would find missing, without building the model or downloading (see _resolve).
-    `richkd sweep --check` and every command call it (richkd.validate.check_resources) before any expensive work."""
+    """What load_clip would find missing, without building the model or downloading (see _resolve)."""
     _resolve(str(model_name).strip(), str(pretrained or "").strip(), fetch=False)
 
 
 def load_clip(model_name: str, pretrained: str, device: str | torch.device = "cpu") -> ClipTeacher:
-    """Frozen (eval, requires_grad False) CLIP teacher on `device`.
-
-    `pretrained`: an open_clip tag ("openai", "laion2b_s34b_b79k", ...), a local weights file, or
-    "local-dir:FOLDER" (open_clip_config.json + weights; the architecture then comes from the folder). A tag's
-    weights are fetched by open_clip (the local cache first) and loaded by path; weights neither cached nor
-    downloadable are one ClipLoadError. Tags trained with QuickGELU (all OpenAI weights) get it forced on, which
-    open_clip 3.x only warns about. Random weights are never returned.
-    """
+    """Frozen CLIP teacher on `device`; `pretrained` as parse_pretrained reads it. A tag's weights are fetched by
+    open_clip (the local cache first) and loaded by path. Tags trained with QuickGELU (all OpenAI weights) get it
+    forced on, which open_clip 3.x only warns about. Random weights are never returned."""
     import open_clip
 
     model_name, pretrained = str(model_name).strip(), str(pretrained or "").strip()

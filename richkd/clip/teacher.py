@@ -24,13 +24,8 @@ _INTERPOLATIONS = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nea
 
 
 def average_prompt_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
-    """(C, T, D) raw text embeddings -> (C, D) class embeddings.
-
-    Order matters and follows the official RichKD code (docs/method.md#the-official-code) and open_clip's
-    build_zero_shot_classifier: L2-normalise each prompt embedding, mean over the T templates, L2-normalise again.
-    Normalising first gives each template an equal vote; averaging raw embeddings would let long-norm prompts
-    dominate.
-    """
+    """(C, T, D) raw text embeddings -> (C, D): L2-normalise each prompt, mean over templates, L2-normalise, as
+    the official code (docs/method.md#the-official-code): each template gets an equal vote."""
     if embeddings.ndim != 3:
         raise ValueError(f"expected (classes, templates, dim) embeddings, got shape {tuple(embeddings.shape)}")
     per_prompt = F.normalize(embeddings.float(), dim=-1)
@@ -87,13 +82,8 @@ def preprocess_images(images: torch.Tensor, size: Any, mean: Sequence[float] | t
 
 
 class ClipTeacher:
-    """A frozen open_clip model plus its tokenizer and preprocessing. Not an nn.Module on purpose: it must never
-    end up in a student's parameters or checkpoints. Build it with `richkd.clip.load_clip`.
-
-    Attributes: model_name, pretrained, weights_id (sha256 of the weights file, or the open_clip tag), embed_dim,
-    logit_scale (CLIP's learned exp scale, a float), image_size (int, or (h, w) when not square), preprocess_id,
-    mean, std, device.
-    """
+    """A frozen open_clip model plus its tokenizer and preprocessing (build it with `richkd.clip.load_clip`). Not an
+    nn.Module on purpose: it must never end up in a student's parameters or checkpoints."""
 
     text_batch_size = 256  # prompts per text-encoder forward
 
@@ -126,7 +116,6 @@ class ClipTeacher:
                 dim = int(model.encode_image(probe).shape[-1])
         self.embed_dim = dim
 
-    # -- properties -------------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -139,14 +128,9 @@ class ClipTeacher:
         return (f"ClipTeacher({self.model_name!r}, pretrained={self.pretrained!r}, embed_dim={self.embed_dim}, "
                 f"image_size={self.image_size}, preprocess={self.preprocess_id!r}, device={self.device})")
 
-    # -- image side -------------------------------------------------------------------------------------------
     def encode_images(self, images_0_1: torch.Tensor) -> torch.Tensor:
-        """(B, 3|1, H, W) float images in [0, 1], any device -> (B, D) L2-normalised float32 on that device.
-
-        CLIP preprocessing (resize to the model's input size, CLIP mean/std) happens here, on the model's device, so
-        the same un-normalised view can feed the student and CLIP (the official code uses clip._transform(224),
-        docs/method.md#the-official-code).
-        """
+        """(B, 3|1, H, W) float images in [0, 1], any device -> (B, D) L2-normalised float32 on that device. CLIP's
+        preprocessing happens here, so the same un-normalised view feeds the student and CLIP."""
         if images_0_1.ndim != 4 or images_0_1.shape[1] not in (1, 3):
             raise ValueError(f"encode_images expects (B, 3, H, W) images in [0, 1], got {tuple(images_0_1.shape)}")
         if not images_0_1.is_floating_point():
@@ -165,7 +149,6 @@ class ClipTeacher:
             feats = self.model.encode_image(x.to(self.dtype))
         return F.normalize(feats.float(), dim=-1).to(out_device)
 
-    # -- text side --------------------------------------------------------------------------------------------
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """(N,) strings -> (N, D) raw (un-normalised) float32 text embeddings on the model's device."""
         chunks = []
@@ -177,12 +160,8 @@ class ClipTeacher:
 
     def encode_text_classifier(self, class_names: Sequence[str], templates: Sequence[str] | Any,
                                clean: bool = True) -> torch.Tensor:
-        """(C,) class names x (T,) templates -> (C, D) float32 class embeddings on the model's device.
-
-        `templates` is a sequence of "{}" strings or a PromptSet. Each class embedding is the renormalised mean of
-        the normalised prompt embeddings (average_prompt_embeddings); all C*T prompts go through the text encoder
-        in batches, equivalent to open_clip's build_zero_shot_classifier (transposed).
-        """
+        """(C,) class names x (T,) templates ("{}" strings or a PromptSet) -> (C, D) float32 class embeddings
+        (average_prompt_embeddings) on the model's device; open_clip's build_zero_shot_classifier, transposed."""
         templates = getattr(templates, "templates", templates)
         templates = validate_templates(templates, "given to encode_text_classifier")
         names = list(class_names)

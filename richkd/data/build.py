@@ -52,10 +52,7 @@ class DataBundle:
     origin: str
 
     def fingerprint(self) -> str:
-        """sha256 identifying the underlying data (pixels or file list, labels, class names, image size).
-
-        Cheap to compare, computed on demand (~0.1 s per 50 MB of in-memory pixels), for cache manifests.
-        """
+        """sha256 of the underlying data (pixels or file list, labels, class names, image size), for cache keys."""
         h = hashlib.sha256(json.dumps({"name": self.name, "image_size": self.image_size,
                                        "class_names": self.class_names}).encode())
         h.update(self.train_clean.source.digest.encode())
@@ -66,11 +63,8 @@ class DataBundle:
 def build_data(cfg: DataConfig) -> DataBundle:
     """Load cfg.dataset and carve the seeded validation split (see DataBundle). Raises DatasetNotFoundError."""
     splits = LOADERS[cfg.dataset](cfg)
-    train_src, test_src = splits.train, splits.test
-    size = cfg.image_size
-    n_train = len(train_src)
-    targets = train_src.targets
-    num_classes = len(splits.class_names)
+    train_src, test_src, size = splits.train, splits.test, cfg.image_size
+    n_train, targets, num_classes = len(train_src), train_src.targets, len(splits.class_names)
     if n_train and int(targets.max()) >= num_classes:
         raise ValueError(f"{cfg.dataset}: a train label is {int(targets.max())} but there are only {num_classes} "
                          f"class names ({splits.origin})")

@@ -14,11 +14,9 @@ from richkd.data.views import ViewSpec, view_params
 class SplitBase(Dataset):
     """Some rows of one underlying split (train or test), optionally augmented or shown as cached views.
 
-    Item i is (image float32 (3, S, S) in [0, 1], target int, index int) where index = indices[i] is the row in
-    the underlying split, so teacher/CLIP caches built over the full split (and CRD memory banks of N_train rows)
-    stay valid for any validation seed or subset. Images are NOT normalised: the trainer normalises on the device,
-    and CLIP preprocesses the same view itself. Loaders call get_view_batch (vectorised, augmentation from an
-    explicit generator). Subclasses: SplitDataset (CIFAR-style crops), richkd.data.photos.PhotoSplit (ImageNet).
+    Item i is (image float32 (3, S, S) in [0, 1], not normalised; target; index = indices[i], the row in the
+    underlying split, so caches built over the full split stay valid for any validation seed or subset).
+    Subclasses: SplitDataset (CIFAR-style crops), richkd.data.photos.PhotoSplit (ImageNet).
     """
 
     decodes_per_batch = False    # True: rows are decoded from files per batch, never device-resident

@@ -1,8 +1,7 @@
 """A user-level cache of decoded dataset arrays (.npy, memory-mapped) so fresh trial processes skip decoding.
 
-Why: every Tune trial is a fresh process, and un-gzipping + parsing Fashion-MNIST's IDX files costs ~2.8 s of
-each trial's start-up. The decoded arrays are written once, atomically, and later opened with
-np.load(mmap_mode="c"): a few milliseconds, and concurrent trials on a node share the pages.
+Why: every Tune trial is a fresh process, and decoding Fashion-MNIST's IDX files costs ~2.8 s of its start-up;
+a memory-mapped copy opens in milliseconds and concurrent trials on a node share the pages.
 
 Where: $RICHKD_DECODED_CACHE if set ("off" disables the cache), else $RICHKD_CACHE/decoded, else
 ~/.cache/richkd/decoded. An entry is keyed by the source files' resolved path, size and mtime, so replacing a
@@ -41,11 +40,8 @@ def decoded_cache_dir() -> Optional[Path]:
 
 def cached_arrays(name: str, files: Sequence[os.PathLike | str],
                   decode: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """decode()'s arrays, memory-mapped from the cache when an entry for these files exists, else decoded and stored.
-
-    Arrays read from the cache are copy-on-write maps (writable, so torch.from_numpy takes them without a copy;
-    writes stay private to the process). decode() must validate what it returns: whatever it returns is cached.
-    """
+    """decode()'s arrays (validated by decode: they are cached), as copy-on-write maps of the cached entry for
+    these files (writable, so torch.from_numpy takes them without a copy), decoded and stored when missing."""
     root = decoded_cache_dir()
     if root is None:
         return decode()

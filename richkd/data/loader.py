@@ -42,13 +42,9 @@ class _PlanSampler:
 class BatchLoader:
     """Iterable of `Batch` over a dataset; `len()` is the number of batches per epoch.
 
-    Epoch e's order and augmentation come from a generator seeded by (seed, e): two loaders with the same
-    seed yield identical batches, independent of torch's global RNG and of num_workers. Each `iter()` uses
-    the current epoch and then advances it; call `set_epoch(e)` before iterating to resume exactly at epoch e.
-    Images are float32 (B, 3, S, S) in [0, 1] (not normalised; photo datasets: uint8, see Batch.to); target and
-    index are int64 (B,). The DataLoader behind num_workers > 0 is made once and keeps its workers across epochs.
-    A device-resident dataset (richkd.data.resident) yields the same batches already on its device, built in
-    the main process: num_workers is ignored for it.
+    Epoch e's order and augmentation come from a generator seeded by (seed, e), independent of torch's global RNG
+    and of num_workers. Each `iter()` uses the current epoch and then advances it; `set_epoch(e)` resumes exactly
+    at epoch e. A device-resident dataset (richkd.data.resident) is fetched in the main process on its device.
     """
 
     def __init__(self, dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,

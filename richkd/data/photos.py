@@ -120,18 +120,14 @@ def decode_views(source: "PhotoSource", row: int, num_views: int, seed: int, siz
 # ----- the split ------------------------------------------------------------------------------------------
 
 class PhotoSource:
-    """One underlying split of image files under `root`: relative paths (bytes, e.g. memory-mapped from the folder
-    index, so 1.28M paths cost ~50 MB shared by every trial on a node), file sizes, int64 targets, the decoder."""
+    """One underlying split of image files under `root`: relative paths (a bytes array memory-mapped from the
+    folder index, so 1.28M paths cost ~50 MB shared by every trial on a node), file sizes, targets, the decoder."""
 
     def __init__(self, root: str, relpaths: np.ndarray, sizes: np.ndarray, targets: torch.Tensor, decoder: str,
                  origin: str) -> None:
-        self.root = str(root)
-        relpaths = np.asarray(relpaths)
-        self.relpaths = relpaths if relpaths.dtype.kind == "S" else np.char.encode(relpaths.astype(str), "utf-8")
-        self.sizes = np.asarray(sizes, dtype=np.int64)
+        self.root, self.relpaths, self.sizes = str(root), relpaths, np.asarray(sizes, dtype=np.int64)
         self.targets = torch.as_tensor(targets, dtype=torch.int64).contiguous()
-        self.decoder = decoder
-        self.origin = origin
+        self.decoder, self.origin = decoder, origin
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])

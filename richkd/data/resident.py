@@ -1,13 +1,9 @@
 """Device-resident datasets: a run's rows loaded once as uint8 on its device, batches gathered and augmented there.
 
-Why: a trial on a GPU spends much of a small-image step waiting for the CPU to index, convert and crop a
-batch (or for DataLoader workers it cannot afford when trials are packed). Fashion-MNIST's 54k training rows
-are 42 MB and CIFAR's 50k are 150 MB as uint8, so they fit on the device; then a step costs one small
-host->device copy of integers and a few kernels. Augmentation parameters are still drawn on the CPU from the
-loader's seeded generator by SplitDataset.draw_augmentation, so a resident batch shows the same rows, crops,
-flips and views as the one BatchLoader builds, and exact resume keeps working. On the CPU the pixels are
-bit-identical too (tests/test_resident.py); on CUDA the uint8 -> float conversion and a resize (Fashion-MNIST
-28 -> 32 px) may round differently from the CPU kernels in the last float bit.
+Why: a small-image GPU step otherwise waits for the CPU to index, convert and crop a batch; CIFAR's 50k rows are
+150 MB as uint8. Augmentation parameters are still drawn on the CPU from the loader's seeded generator
+(SplitDataset.draw_augmentation), so a resident batch shows the same rows, crops, flips and views as BatchLoader's
+and exact resume keeps working; on CUDA the float conversion and resize may differ in the last float bit.
 """
 from __future__ import annotations
 
@@ -52,9 +48,7 @@ class ResidentDataset:
     """
 
     def __init__(self, dataset, device: torch.device | str) -> None:
-        self.dataset = dataset
-        self.device = torch.device(device)
-        self.image_size = dataset.image_size
+        self.dataset, self.device, self.image_size = dataset, torch.device(device), dataset.image_size
         n = len(dataset)
         self.rows = dataset.indices.to(self.device)             # (n,) split row of each position
         self.targets = dataset.targets.to(self.device)          # (n,) int64
@@ -93,9 +87,6 @@ class ResidentDataset:
             images = crop_flip(images, packed[1:3].t(), packed[3].bool())
         return Batch(image=images, target=self.targets.index_select(0, pos), index=self.rows.index_select(0, pos),
                      view=None if views is None else packed[-1], host_index=host_rows, host_view=views)
-
-    def __repr__(self) -> str:
-        return f"ResidentDataset({self.dataset!r}, device={self.device})"
 
 
 def make_resident(dataset, setting, device: torch.device | str) -> Optional[ResidentDataset]:

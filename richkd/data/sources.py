@@ -63,13 +63,7 @@ class TensorSource:
     """A split held in memory: images uint8 (N, C, h, w) with C in {1, 3}, targets int64 (N,)."""
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor, origin: str) -> None:
-        if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"expected uint8 (N, C, H, W) images, got {images.dtype} {tuple(images.shape)}")
-        if targets.shape != (images.shape[0],):
-            raise ValueError(f"{images.shape[0]} images but targets of shape {tuple(targets.shape)}")
-        self.images = images.contiguous()
-        self.targets = targets.to(torch.int64).contiguous()
-        self.origin = origin
+        self.images, self.targets, self.origin = images.contiguous(), targets.to(torch.int64).contiguous(), origin
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])
@@ -88,17 +82,11 @@ class TensorSource:
 
 
 class FileSource:
-    """A split of image files decoded on demand to uint8 (3, S, S): shorter side resized to S, centre crop.
-
-    Decoding happens at the model size so batches of differently sized photos stack; resizing the shorter
-    side and centre-cropping keeps the aspect ratio (torchvision's Resize(S) + CenterCrop(S)).
-    """
+    """A split of image files decoded on demand to uint8 (3, S, S) (Resize(S) + CenterCrop(S): batches stack)."""
 
     def __init__(self, samples: Sequence[tuple[str, int]], image_size: int, origin: str) -> None:
-        self.paths = [p for p, _ in samples]
-        self.targets = torch.tensor([t for _, t in samples], dtype=torch.int64)
-        self.image_size = int(image_size)
-        self.origin = origin
+        self.paths, self.targets = [p for p, _ in samples], torch.tensor([t for _, t in samples], dtype=torch.int64)
+        self.image_size, self.origin = int(image_size), origin
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -194,11 +182,8 @@ def _read_cifar(cls, dataset: str, root: Path, folder: Path, download: bool, sta
 # ----- Fashion-MNIST --------------------------------------------------------------------------------
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (optionally gzip-compressed) of unsigned bytes, e.g. (N, 28, 28) images or (N,) labels.
-
-    Format (LeCun's MNIST page): 2 zero bytes, type code 0x08 (uint8), number of dimensions, then each
-    dimension as a big-endian uint32, then the data.
-    """
+    """An IDX file (optionally gzipped) of unsigned bytes: 2 zero bytes, type code 0x08, the number of dimensions,
+    each dimension as a big-endian uint32, then the data (LeCun's MNIST format)."""
     p = Path(path)
     opener = gzip.open if p.suffix == ".gz" else open
     try:
@@ -254,7 +239,7 @@ def _read_fashion_idx(files: tuple[tuple[str, Path], ...], folder: Path, stamp: 
     def decode() -> dict[str, np.ndarray]:   # "<split>_images" (N, 28, 28) and "<split>_labels" (N,), checked
         arrays = {}
         for split, (img_name, lbl_name) in FASHION_MNIST_FILES.items():
-            images, labels = read_idx(dict(files)[img_name]), read_idx(dict(files)[lbl_name])
+            images, labels = (read_idx(dict(files)[name]) for name in (img_name, lbl_name))
             if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
                 raise DatasetNotFoundError(f"{folder}: {img_name} {images.shape} and {lbl_name} {labels.shape} do "
                                            "not match; reinstall or re-download the files")

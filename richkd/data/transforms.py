@@ -44,12 +44,8 @@ def to_float_images(images: torch.Tensor, size: int) -> torch.Tensor:
 
 def draw_crop_flip(batch_size: int, generator: Optional[torch.Generator] = None,
                    padding: int = CROP_PADDING) -> tuple[torch.Tensor, torch.Tensor]:
-    """RandomCrop(S, padding, zero fill) + RandomHorizontalFlip(0.5), drawn per sample as torchvision would:
-    offsets int64 (B, 2) in [0, 2*padding] and flips bool (B,), on the CPU (generator None: torch's global RNG).
-
-    Kept apart from the pixel work (crop_flip) so a device-resident dataset draws the very same parameters from
-    the same generator (a few hundred bytes) and crops on the device: it shows exactly the same crops and flips.
-    """
+    """RandomCrop(S, padding, zero fill) + RandomHorizontalFlip(0.5) parameters, drawn on the CPU: offsets int64
+    (B, 2) in [0, 2*padding], flips bool (B,). Apart from crop_flip so a device-resident dataset crops the same."""
     offsets = torch.randint(0, 2 * padding + 1, (batch_size, 2), generator=generator)
     flip = torch.rand(batch_size, generator=generator) < 0.5
     return offsets, flip
@@ -75,12 +71,8 @@ def crop_flip(images: torch.Tensor, offsets: torch.Tensor, flip: torch.Tensor,
 
 def normalize(images: torch.Tensor, mean: Sequence[float] | torch.Tensor,
               std: Sequence[float] | torch.Tensor) -> torch.Tensor:
-    """(images - mean) / std per channel, on the images' device and dtype; images (B, C, H, W) in [0, 1].
-
-    Done on the device by the trainer (not in the dataset) so CLIP can apply its own preprocessing to the
-    very same un-normalised view. Per-step callers pass mean/std as (C,) tensors already on the images' device
-    and dtype (the trainer makes them once): tuples would be copied to the device at every call.
-    """
+    """(images - mean) / std per channel, on the images' device (not in the dataset: CLIP preprocesses the same
+    un-normalised view itself). Per-step callers pass (C,) tensors already on the device, not tuples."""
     m = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     if m.shape[1] != images.shape[1] or s.shape[1] != images.shape[1]:

@@ -30,11 +30,8 @@ def _is_state_dict(obj: Any) -> bool:
 
 def load_teacher(name: str, path: str | os.PathLike, num_classes: int,
                  map_location: str | torch.device = "cpu") -> tuple[nn.Module, str]:
-    """Build `name`, load `path` strictly, freeze it; return (model in eval mode, sha256 of the file).
-
-    Why strict: a silently half-loaded teacher trains a student towards noise. The sha256 is logged and
-    returned so caches and run records can name the exact teacher.
-    """
+    """Build `name`, load `path` strictly (a half-loaded teacher teaches noise), freeze it; return (model in eval
+    mode, sha256 of the file, so caches and run records name the exact teacher)."""
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(

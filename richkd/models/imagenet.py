@@ -1,14 +1,9 @@
 """ImageNet architectures: torchvision's ResNet18/34/50 and MobileNetV2, and MobileNetV1 as mdistiller defines it.
 
-Why subclasses of torchvision's classes: the project's models return `ModelOutput(logits, feat)` with the pooled
-feature the objective's feature term needs (docs/method.md#feature-fusion-and-crd), and a subclass keeps the
-library's modules and parameter names, so a torchvision state_dict (what mdistiller's ImageNet teachers are)
-loads with `strict=True`. Only `forward` is re-stated: torchvision's own sequence of modules, returning the
-input of the final linear layer as well as its output.
-
-Names: torchvision's (`resnet18`, `resnet34`, `resnet50`, `mobilenet_v2`) and mdistiller's `MobileNetV1` (its
-ResNet50 -> MobileNet-V1 pair). The CIFAR zoo's `ResNet18` / `MobileNetV2` (capitalised, mdistiller's CIFAR
-spelling) are different, 32-px networks; `richkd models` lists both families with their input size.
+Why subclasses: a subclass keeps torchvision's parameter names, so a torchvision state_dict (what mdistiller's
+ImageNet teachers are) loads with `strict=True`; only `forward` is re-stated, to return the pooled feature too
+(docs/method.md#feature-fusion-and-crd). The CIFAR zoo's `ResNet18` / `MobileNetV2` (capitalised) are different,
+32-px networks.
 """
 from __future__ import annotations
 
