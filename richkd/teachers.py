@@ -56,10 +56,9 @@ class TeacherSource:
 class CachedRows:
     """Rows of memory-mapped fp16 cache arrays for a batch, by dataset row (and cached view), as fp32 tensors.
 
-    The arrays are shared by every trial process on a node; only the rows of a batch are copied per step, in
-    their stored dtype, straight into one (on CUDA page-locked) host buffer, copied to the device asynchronously
-    and put in batch order and upcast there. With V cached views (teaching.views) row `view * N + position` holds
-    the outputs for the view the student was shown; batches without views read view 0, the clean image.
+    Only the batch's rows are copied per step, in their stored dtype, into one (on CUDA page-locked) host buffer,
+    copied to the device asynchronously and ordered and upcast there. Row `view * N + position` holds the outputs
+    for the view the student was shown; batches without views read view 0, the clean image.
     """
 
     def __init__(self, num_rows: int, device: torch.device, rows: Optional[np.ndarray] = None) -> None:
@@ -164,11 +163,8 @@ class OfficialTeachers(TeacherSource):
 
 def build_teacher_source(cfg: Config, data, device: torch.device, split: str = "train",
                          reuse: Optional[TeacherSource] = None) -> Optional[TeacherSource]:
-    """None for supervised runs; otherwise the source teaching.mode names, reading the `split`'s caches.
-
-    split "test" serves the final analysis of the test split (richkd.analysis); `reuse` is the run's training
-    source, whose loaded networks (teacher, CLIP) are reused instead of being loaded again.
-    """
+    """None for supervised runs; otherwise the source teaching.mode names, reading the `split`'s caches ("test":
+    the final analysis, richkd.analysis); `reuse`: the run's training source, whose networks are reused."""
     if not cfg.loss.uses_teacher:
         return None
     if isinstance(reuse, OnlineTeachers):

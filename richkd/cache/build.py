@@ -108,9 +108,7 @@ def entry_outputs(job: EntryJob, cfg: Config, data, dataset: SplitDataset, dev, 
         model.to(dev)
         log.info("caching teacher %s (%s) outputs on %s/%s", cfg.teacher.arch, sha[:12], cfg.data.dataset, job.split)
 
-        def run(images):
-            out = model(normalize(images, data.mean, data.std))
-            return {"logits": out.logits, "feat": out.feat}
+        run = lambda images: model(normalize(images, data.mean, data.std))._asdict()   # noqa: E731
         extra = {}
     else:   # clip-image
         clip = load_clip(cfg.clip.model, cfg.clip.pretrained, device=dev)

@@ -53,11 +53,8 @@ def reconstruct_logits(values: np.ndarray, index: np.ndarray, lse: np.ndarray, n
 
 
 class TopKLogits:
-    """Array-like (rows, C) view over top-k storage: `arr[flat_index]` rebuilds those rows' full logits.
-
-    The three parts are any objects supporting `part[index]` (memory-mapped shards, richkd/cache/entries.py),
-    so a trial reads only the rows of its batch.
-    """
+    """Array-like (rows, C) view over top-k storage (any `part[index]` objects, e.g. memory-mapped shards):
+    `arr[flat_index]` rebuilds only those rows' full logits."""
 
     def __init__(self, values, index, lse, num_classes: int) -> None:
         self.values, self.index, self.lse = values, index, lse

@@ -149,12 +149,9 @@ class PhotoSource:
 
 
 class PhotoSplit(SplitBase):
-    """Rows of a PhotoSource, decoded per batch at full size and cropped to the model size.
-
-    augment: a random RandomResizedCrop + flip per item (seeded through the loader's generator); otherwise the
-    evaluation crop. views: FKD-style fixed views, from the boxes a cache stores when `stored` is given (an object
-    with `origin` and `boxes(rows, views)` -> int32 (B, 7) records in BOX_FIELDS order: richkd.teachers.StoredBoxes).
-    """
+    """Rows of a PhotoSource, decoded per batch at full size and cropped to the model size: a seeded
+    RandomResizedCrop + flip (augment), the evaluation crop, or FKD-style fixed views, from the boxes a cache
+    stores when `stored` is given (richkd.teachers.StoredBoxes)."""
 
     decodes_per_batch = True    # full-size photos are never device-resident (richkd.data.resident)
     stored: Optional[Any] = None

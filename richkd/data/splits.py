@@ -55,11 +55,8 @@ def cap_rows(rows: torch.Tensor, targets: torch.Tensor, cap: int | None, seed: i
 
 
 def cap_per_class(rows: torch.Tensor, targets: torch.Tensor, cap: int | None, seed: int) -> torch.Tensor:
-    """At most `cap` of `rows` from each class (a seeded random choice within the class), in sorted order.
-
-    The subset a sweep tunes on (data.max_train_per_class): every class keeps min(cap, its count) rows, so a
-    100-per-class ImageNet subset has the full label space at 1/13 of the images. rows and targets: (N,).
-    """
+    """At most `cap` of `rows` from each class (seeded), sorted: data.max_train_per_class, the subset a sweep tunes
+    on keeps the full label space (100 per class: 1/13 of ImageNet)."""
     if cap is None:
         return rows
     grouped, _, rank, _ = _by_class(torch.as_tensor(targets, dtype=torch.int64), seed)
