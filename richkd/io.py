@@ -129,8 +129,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(buffer.getbuffer())
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def write_array_folder(final: str | os.PathLike, arrays: dict, manifest: dict) -> Path:
@@ -162,12 +161,9 @@ def write_array_folder(final: str | os.PathLike, arrays: dict, manifest: dict) -
     return final
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def sha256_file(path: str | os.PathLike) -> str:
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 @contextlib.contextmanager

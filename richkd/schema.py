@@ -31,7 +31,6 @@ SCALARS = {bool: ("true or false", lambda v: isinstance(v, bool)),
            str: ("a string", lambda v: isinstance(v, (str, int, float)))}
 
 
-
 class ConfigError(ValueError):
     """A config problem a user can fix; the message names the key and the fix."""
 
@@ -66,7 +65,6 @@ def in_range(value: float | None, key: str, lo: float | None = None, hi: float |
         return
     raise error(f"{key}: {value!r} is out of range; expected a value in {'(' if lo_open else '['}"
                 f"{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{')' if hi_open else ']'}")
-
 
 
 def one_of(value: Any, key: str, choices: Sequence[str], error: type = ConfigError) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-
 import math
 import os
 import time
@@ -247,7 +246,6 @@ class Run:
                 if i % 50 == 0 and not torch.isfinite(loss):  # a periodic check avoids a sync per step
                     break
         mean_loss = float(total) / max(n_seen, 1)
-
         if not math.isfinite(mean_loss):
             raise NonFiniteLossError(f"training loss became {mean_loss} in epoch {epoch} (lr {lr:g}); "
                                      "lower optim.lr or the loss weights")

@@ -8,7 +8,8 @@ import signal
 import sys
 from typing import Callable, Optional, Sequence
 
-from richkd.config import Config, parse_override
+from richkd.config import Config
+from richkd.schema import parse_override
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130   # 128 + SIGINT, what a shell reports for a Ctrl-C

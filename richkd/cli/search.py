@@ -23,9 +23,6 @@ REPLAY_EPILOG = """examples:
   richkd replay --table benchmarks/tables/fmnist_table.jsonl              # the spec the table was built from
   richkd replay --table benchmarks/tables/fmnist_table.jsonl --set tune.search.algorithm=random
   richkd replay SPEC --table t.jsonl --seeds 20 --set tune.scheduler.type=fifo --set tune.num_samples=32
-
-Runs the spec's own searcher and scheduler (as `richkd sweep` builds them) against the table on a virtual clock,
-once per seed, and prints the best validation top-1 found, the test top-1 of that configuration and the budget.
 """
 
 
