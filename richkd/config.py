@@ -245,12 +245,8 @@ DEFAULT_EVAL_CORRUPTIONS = ("gaussian_noise", "defocus_blur", "contrast", "jpeg_
 
 @dataclass(frozen=True)
 class RobustnessEvalConfig:
-    """Corruption accuracy on the validation split at every evaluation (reported as val_corrupt_top1 / _ece).
-
-    Off by default; a sweep whose objective is a robustness metric switches it on. The corruptions are the
-    seeded on-the-fly ones of richkd.robustness (same images and noise at every epoch and in every trial).
-    The section is outside the cache-affecting prefixes: it changes no teacher or CLIP cache.
-    """
+    """Corruption accuracy on the validation split at every evaluation (val_corrupt_top1 / _ece), with the seeded
+    corruptions of richkd.robustness; switched on by a sweep whose objective needs it. It changes no cache."""
     enabled: bool = False
     corruptions: Tuple[str, ...] = DEFAULT_EVAL_CORRUPTIONS   # names from `richkd evaluate --help`
     severities: Tuple[int, ...] = (3,)                       # each in 1..5; the metric averages corruption x severity
@@ -313,7 +309,6 @@ class Config:
         logits_need_clip = loss.logit_weight > 0 and loss.fusion_alpha < 1 and not loss.zero_clip_logits
         return logits_need_clip or (loss.feat_weight > 0 and loss.resolved_feat_lambda < 1)
 
-    # ----- construction -------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None) -> "Config":
         return build(cls, raw)

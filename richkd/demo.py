@@ -2,7 +2,6 @@
 
 Everything is embedded here so `make demo` needs no files but Debian's dataset; the configs it uses are
 written next to its outputs so a user can re-run or edit any stage with `richkd train --config ...`.
-Re-running reuses the teacher, the tiny CLIP and the caches (unless --fresh) and starts a new sweep.
 """
 from __future__ import annotations
 

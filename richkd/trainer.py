@@ -39,8 +39,6 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or inf; the run cannot continue meaningfully."""
 
 
-# ----- pure helpers -------------------------------------------------------------------------------
-
 def lr_at(epoch: int, optim: OptimConfig, total_epochs: int) -> float:
     """Learning rate for a 1-based epoch.
 
@@ -63,8 +61,6 @@ def evaluates_at(epoch: int, train) -> bool:
     """Is the validation split evaluated after this 1-based epoch? Every `train.eval_every` epochs and the last."""
     return epoch % train.eval_every == 0 or epoch == train.epochs
 
-
-# ----- one train step -----------------------------------------------------------------------------
 
 class StepRecord(NamedTuple):
     """What one train step leaves behind: the loss and its terms (detached) and the batch size."""
@@ -104,8 +100,6 @@ def train_step(batch, *, forward_student: Callable, teachers, objective, optimiz
     return StepRecord(loss.detach(), {name: value.detach() for name, value in terms.items()}, len(batch))
 
 
-# ----- records ------------------------------------------------------------------------------------
-
 @dataclass
 class EpochReport:
     """What the loop hands to its callback after every epoch (Tune reports from here)."""
@@ -122,8 +116,6 @@ class TrainResult:
     history: list = field(default_factory=list)
     test_metrics: dict = field(default_factory=dict)  # only when run with final=True
 
-
-# ----- the loop -----------------------------------------------------------------------------------
 
 class Run:
     """All live objects of one training run; built once, then `train()` drives the epochs."""
@@ -187,7 +179,6 @@ class Run:
             log.warning("%s: no validation split (data.val_fraction %g): training on all %d training rows; this "
                         "run reports no val_* metrics", cfg.name, cfg.data.val_fraction, len(self.train_set))
 
-    # -- state --
     def state(self) -> dict:
         """TrainState: everything needed for an exact resume (tensors and plain values only)."""
         return {
@@ -216,7 +207,6 @@ class Run:
                 cuda_rng = cuda_rng[(self.device.index or 0) if (self.device.index or 0) < len(cuda_rng) else 0]
             torch.cuda.set_rng_state(cuda_rng, self.device)
 
-    # -- epochs --
     def step(self, batch) -> StepRecord:
         return train_step(batch, forward_student=self.forward_student, teachers=self.teachers,
                           objective=self.objective, optimizer=self.optimizer, device=self.device,

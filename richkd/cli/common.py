@@ -55,8 +55,6 @@ def load_config(path: Optional[str], overrides: Sequence[str], base: Optional[Co
     return cfg.with_overrides(dict(parse_override(o) for o in overrides)) if overrides else cfg
 
 
-# ----- parsers ----------------------------------------------------------------------------------------------
-
 def add_command(subparsers, name: str, help: str, epilog: str, func: Optional[Callable] = None):
     """A command's parser: its help line (also its description), its examples kept as written, its handler."""
     p = subparsers.add_parser(name, help=help, description=help, epilog=epilog,

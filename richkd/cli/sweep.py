@@ -47,8 +47,6 @@ UI_EPILOG = """examples:
 """
 
 
-# ----- handlers -------------------------------------------------------------------------------------------
-
 def stoppable(run: Callable, next_step: Callable[[], str]):
     """run() under richkd.tune.stop_signals: Ctrl-C and SIGTERM stop a sweep (or finalize) alike. A sweep
     stopped inside Tuner.fit returns its outcome with `stopped_by` set (exit code 128 + signal); stopped anywhere
@@ -200,8 +198,6 @@ def cmd_ui(args: argparse.Namespace) -> int:
     env = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
     os.execve(cmd[0], cmd, env)
 
-
-# ----- parser -----------------------------------------------------------------------------------------------
 
 def add_commands(subparsers) -> None:
     p = add_command(subparsers, "sweep", "run (or --resume) a hyperparameter sweep from a search-space YAML",

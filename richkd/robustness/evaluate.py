@@ -34,8 +34,6 @@ SHIFT_DIAGRAM_FILE = "reliability_shift.png"
 N_BINS = 15   # reliability bins (Guo et al. 2017 use 15)
 
 
-# ----- inputs ---------------------------------------------------------------------------------------
-
 def resolve_config(checkpoint: Path, config: Optional[str]):
     """(Config, where it came from): --config, else config.yaml, else result.json next to the checkpoint."""
     if config:
@@ -97,17 +95,10 @@ def _split(data, split: str):
     return dataset
 
 
-# ----- the command ----------------------------------------------------------------------------------
-
 def evaluate_checkpoint(req: argparse.Namespace) -> tuple[dict, list[Path]]:
-    """Run the requested suite; write robustness.json + reliability PNG(s) into the output folder. `req`: the
-    `richkd evaluate` arguments (richkd/cli/evaluate.py; argparse checked suite, split and counts). Every suite
-    writes robustness.json and reliability.png (clean split); corruptions and robustness add the corruption tables
-    (mCE with a reference), shift and robustness (given shift_config) the shifted dataset.
-
-    Returns (report, written paths). Raises ValueError subclasses (ConfigError, CheckpointError,
-    DatasetNotFoundError, CorruptionError, ...) for user errors, always before anything is written.
-    """
+    """Run the requested suite of the `richkd evaluate` arguments `req` (argparse checked suite, split and counts)
+    and write robustness.json + reliability PNG(s); returns (report, written paths). User errors are ValueErrors,
+    raised before anything is written."""
     with_corruptions = req.suite in ("corruptions", "robustness")
     if req.suite == "shift" and not req.shift_config:
         raise ValueError("--suite shift needs --shift-config CFG (a config whose data section names another "
