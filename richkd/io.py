@@ -22,11 +22,8 @@ from tqdm import tqdm
 
 
 def default_mode(full: int = 0o666) -> int:
-    """The mode a plainly created file (0o666) or folder (0o777) gets under the process umask.
-
-    mkstemp/mkdtemp create 0600/0700 entries; renamed into place as they are, exported configs and caches on
-    shared cluster storage would be unreadable for everyone else.
-    """
+    """The mode a plainly created file (0o666) or folder (0o777) gets under the process umask: mkstemp/mkdtemp's
+    0600/0700, renamed into place, would hide exports and caches on shared storage from everyone else."""
     umask = os.umask(0)
     os.umask(umask)
     return full & ~umask

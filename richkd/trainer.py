@@ -40,12 +40,9 @@ class NonFiniteLossError(RuntimeError):
 
 
 def lr_at(epoch: int, optim: OptimConfig, total_epochs: int) -> float:
-    """Learning rate for a 1-based epoch.
-
-    step: lr * gamma^#(epoch > milestone), the mdistiller/RichKD rule (epochs 1..150 use the base rate,
-    151..180 one decay, ...). cosine: half-cosine from lr to 0 over total_epochs. An optional linear
-    warm-up over the first `warmup_epochs` epochs scales either schedule.
-    """
+    """Learning rate for a 1-based epoch. step: lr * gamma^#(epoch > milestone), the mdistiller/RichKD rule
+    (epochs 1..150 use the base rate, 151..180 one decay, ...); cosine: half-cosine from lr to 0 over total_epochs;
+    either scaled by a linear warm-up over the first `warmup_epochs` epochs."""
     if epoch < 1:
         raise ValueError(f"epochs are 1-based, got {epoch}")
     if optim.schedule == "step":
@@ -287,8 +284,7 @@ class Run:
             metrics["epoch_time_s"] = time.perf_counter() - started
             # data.val_fraction 0 leaves nothing to validate on (a final run; a sweep refuses it)
             if self.has_val and evaluates_at(epoch, cfg.train):
-                metrics.update(self.evaluate("val"))
-                metrics.update(self.teacher_metrics())
+                metrics.update({**self.evaluate("val"), **self.teacher_metrics()})
                 if cfg.robustness.enabled:   # val_corrupt_* on a seeded subset of the val split
                     metrics.update(val_robustness_metrics(self.student, self.data.val, self.data.mean, self.data.std,
                                                           self.device, cfg.robustness, cfg.data.eval_batch_size))

@@ -1,9 +1,8 @@
 """Decoupled knowledge distillation (DKD, Zhao et al., CVPR 2022) on (fused) teacher logits.
 
-See docs/method.md#other-distillation-losses. DKD splits Hinton's KL into a target-class part (TCKD: the binary
-distribution "target class vs the rest") and a non-target-class part (NCKD: the distribution over the other
-classes, renormalised), and weights them separately: ``alpha * TCKD + beta * NCKD``. Written in log space here;
-the official code masks the target logit with -1000 instead, which gives the same value (a test compares them).
+See docs/method.md#other-distillation-losses: ``alpha * KL(b_T || b_S) + beta * KL(p~_T || p~_S)`` (target vs
+non-target classes), in log space here; the official code masks the target logit with -1000 instead, which gives
+the same value (a test compares them).
 """
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""`richkd evaluate`: a trained student checkpoint -> clean / corruption / shift / calibration report and files.
-
-Every user-fixable problem (missing checkpoint, missing config, class-count mismatch, bad option, unusable
-reference, unreadable shift data) is detected before any file is written, so a failed run leaves no output.
-"""
+"""`richkd evaluate`: a trained student checkpoint -> clean / corruption / shift / calibration report and files;
+every user-fixable problem is found before any file is written, so a failed run leaves no output."""
 from __future__ import annotations
 
 import argparse
@@ -31,7 +28,6 @@ log = logging.getLogger(__name__)
 REPORT_FILE = "robustness.json"
 DIAGRAM_FILE = "reliability.png"
 SHIFT_DIAGRAM_FILE = "reliability_shift.png"
-N_BINS = 15   # reliability bins (Guo et al. 2017 use 15)
 
 
 def resolve_config(checkpoint: Path, config: Optional[str]):
@@ -159,7 +155,7 @@ def evaluate_checkpoint(req: argparse.Namespace) -> tuple[dict, list[Path]]:
 
     batch_size = req.batch_size or cfg.data.eval_batch_size
     threshold = cfg.loss.confidence_threshold
-    common = dict(seed=req.seed, max_samples=req.max_samples, batch_size=batch_size, n_bins=N_BINS)
+    common = dict(seed=req.seed, max_samples=req.max_samples, batch_size=batch_size)
     res = evaluate_model(model, dataset, data.mean, data.std, device,
                          corruptions=names if (with_corruptions and folder is None) else (),
                          severities=severities, confidence_threshold=threshold, **common)
