@@ -1,10 +1,8 @@
 """Frozen-teacher analysis: teacher vs fused teacher vs CLIP zero-shot, on the validation or the test split.
 
-These are the paper's Fig. 1 quantities (confident-correct / confidently-wrong shares of the conventional
-teacher and of the fused teacher; docs/method.md#two-frozen-teachers) plus accuracy and ECE of each, so a sweep
-shows what fusion does to the targets before the student is involved. Confidence is the temperature-1 softmax
-maximum. Trials report them on the validation split (`teacher_val_top1`, `teacher_confident_correct_pct`, ...);
-final runs also on the test split (`teacher_test_top1`, `teacher_test_confident_correct_pct`, ...).
+The paper's Fig. 1 quantities (docs/method.md#two-frozen-teachers) plus accuracy and ECE of each, so a sweep
+shows what fusion does to the targets before the student is involved; confidence is the temperature-1 softmax
+maximum. Trials report them on the validation split, final runs also on the test split.
 """
 from __future__ import annotations
 

@@ -8,27 +8,16 @@ from typing import Any, Mapping, Optional, Tuple, Union
 
 import yaml
 
-# parse_override is imported from here by richkd.tune and richkd.cli (config keys and their overrides together)
-from richkd.schema import (ConfigError, build, check, flatten, in_range, load_yaml_mapping, one_of, parse_override,
-                           to_plain)
+from richkd.schema import ConfigError, build, check, flatten, in_range, load_yaml_mapping, one_of, to_plain
 
 
 # The seeded corruptions richkd.robustness.corruptions implements (CIFAR-10-C table order): the one list of their
 # names, here so the config validates them without importing torch; the implementations check themselves against it.
 CORRUPTION_NAMES = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "gaussian_blur", "contrast",
                     "brightness", "jpeg_compression", "pixelate")
-DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "imagenet")
 # what data.root must hold for the datasets that have no default location
 ROOT_LAYOUTS = {"imagefolder": "a folder with train/ (and optionally test/)",
                 "imagenet": "a folder with train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (any subset of the classes)"}
-DECODERS = ("pil", "torchvision")     # JPEG decoding of photo datasets (richkd/data/photos.py)
-BAD_IMAGES = ("error", "skip")
-METHODS = ("supervised", "kd", "richkd")
-SCHEDULES = ("step", "cosine")
-TEACHING_MODES = ("cached", "online", "official")
-KD_FORMS = ("kl", "dkd")
-NCE_SAMPLINGS = ("other_class", "uniform")
-AUGMENTS = ("standard", "none")
 
 
 @dataclass(frozen=True)
@@ -60,13 +49,13 @@ class DataConfig:
     class_names: Optional[str] = None    # a "folder<TAB>name" file per class (e.g. LOC_synset_mapping.txt)
 
     def __post_init__(self) -> None:
-        one_of(self.dataset, "data.dataset", DATASETS)
+        one_of(self.dataset, "data.dataset", ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "imagenet"))
         if isinstance(self.resident, str) and self.resident.lower() in ("true", "false"):
             object.__setattr__(self, "resident", self.resident.lower() == "true")
         check(isinstance(self.resident, bool) or self.resident == "auto", "data.resident",
                f"{self.resident!r} is not one of auto, true, false (auto keeps small training sets on a CUDA "
                "device; false always builds batches on the host)")
-        one_of(self.augment, "data.augment", AUGMENTS)
+        one_of(self.augment, "data.augment", ("standard", "none"))
         in_range(self.image_size, "data.image_size", 8, 512)
         in_range(self.val_fraction, "data.val_fraction", 0.0, 0.9, hi_open=True)
         in_range(self.batch_size, "data.batch_size", 1)
@@ -76,8 +65,8 @@ class DataConfig:
             in_range(getattr(self, key), f"data.{key}", 1)
         check(self.root is not None or self.dataset not in ROOT_LAYOUTS, "data.root",
               f"an {self.dataset} dataset needs data.root pointing at {ROOT_LAYOUTS.get(self.dataset)}")
-        one_of(self.bad_images, "data.bad_images", BAD_IMAGES)
-        one_of(self.decode, "data.decode", DECODERS)
+        one_of(self.bad_images, "data.bad_images", ("error", "skip"))
+        one_of(self.decode, "data.decode", ("pil", "torchvision"))
 
 
 @dataclass(frozen=True)
@@ -138,7 +127,7 @@ class LossConfig:
     confidence_threshold: float = 0.5    # for the confident-correct / confidently-wrong analysis
 
     def __post_init__(self) -> None:
-        one_of(self.method, "loss.method", METHODS)
+        one_of(self.method, "loss.method", ("supervised", "kd", "richkd"))
         for key in ("ce_weight", "logit_weight", "feat_weight"):
             in_range(getattr(self, key), f"loss.{key}", 0.0, 1000.0)
         in_range(self.temperature, "loss.temperature", 0.0, 100.0, lo_open=True)
@@ -149,8 +138,8 @@ class LossConfig:
         in_range(self.nce_k, "loss.nce_k", 1)
         in_range(self.nce_temperature, "loss.nce_temperature", 0.0, 10.0, lo_open=True)
         in_range(self.nce_momentum, "loss.nce_momentum", 0.0, 1.0, hi_open=True)
-        one_of(self.nce_sampling, "loss.nce_sampling", NCE_SAMPLINGS)
-        one_of(self.kd_form, "loss.kd_form", KD_FORMS)
+        one_of(self.nce_sampling, "loss.nce_sampling", ("other_class", "uniform"))
+        one_of(self.kd_form, "loss.kd_form", ("kl", "dkd"))
         in_range(self.dkd_alpha, "loss.dkd_alpha", 0.0, 1000.0)
         in_range(self.dkd_beta, "loss.dkd_beta", 0.0, 1000.0)
         in_range(self.dkd_warmup_epochs, "loss.dkd_warmup_epochs", 0, 100000)
@@ -192,7 +181,7 @@ class TeachingConfig:
     logit_topk: Optional[int] = None
 
     def __post_init__(self) -> None:
-        one_of(self.mode, "teaching.mode", TEACHING_MODES)
+        one_of(self.mode, "teaching.mode", ("cached", "online", "official"))
         in_range(self.logit_topk, "teaching.logit_topk", 1, 32767)
         check(self.logit_topk is None or self.mode == "cached", "teaching.logit_topk",
               "top-k logits are a cache format; they need teaching.mode=cached")
@@ -219,7 +208,7 @@ class OptimConfig:
         in_range(self.lr, "optim.lr", 0.0, 10.0, lo_open=True)
         in_range(self.momentum, "optim.momentum", 0.0, 1.0, hi_open=True)
         in_range(self.weight_decay, "optim.weight_decay", 0.0, 1.0)
-        one_of(self.schedule, "optim.schedule", SCHEDULES)
+        one_of(self.schedule, "optim.schedule", ("step", "cosine"))
         in_range(self.gamma, "optim.gamma", 0.0, 1.0, lo_open=True)
         in_range(self.warmup_epochs, "optim.warmup_epochs", 0)
         check(list(self.milestones) == sorted(self.milestones) and all(m > 0 for m in self.milestones),
@@ -256,12 +245,8 @@ DEFAULT_EVAL_CORRUPTIONS = ("gaussian_noise", "defocus_blur", "contrast", "jpeg_
 
 @dataclass(frozen=True)
 class RobustnessEvalConfig:
-    """Corruption accuracy on the validation split at every evaluation (reported as val_corrupt_top1 / _ece).
-
-    Off by default; a sweep whose objective is a robustness metric switches it on. The corruptions are the
-    seeded on-the-fly ones of richkd.robustness (same images and noise at every epoch and in every trial).
-    The section is outside the cache-affecting prefixes: it changes no teacher or CLIP cache.
-    """
+    """Corruption accuracy on the validation split at every evaluation (val_corrupt_top1 / _ece), with the seeded
+    corruptions of richkd.robustness; switched on by a sweep whose objective needs it. It changes no cache."""
     enabled: bool = False
     corruptions: Tuple[str, ...] = DEFAULT_EVAL_CORRUPTIONS   # names from `richkd evaluate --help`
     severities: Tuple[int, ...] = (3,)                       # each in 1..5; the metric averages corruption x severity
@@ -324,7 +309,6 @@ class Config:
         logits_need_clip = loss.logit_weight > 0 and loss.fusion_alpha < 1 and not loss.zero_clip_logits
         return logits_need_clip or (loss.feat_weight > 0 and loss.resolved_feat_lambda < 1)
 
-    # ----- construction -------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None) -> "Config":
         return build(cls, raw)

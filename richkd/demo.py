@@ -2,7 +2,6 @@
 
 Everything is embedded here so `make demo` needs no files but Debian's dataset; the configs it uses are
 written next to its outputs so a user can re-run or edit any stage with `richkd train --config ...`.
-Re-running reuses the teacher, the tiny CLIP and the caches (unless --fresh) and starts a new sweep.
 """
 from __future__ import annotations
 
@@ -27,8 +26,7 @@ from richkd.validate import check_resources
 
 # Sizes chosen so the whole pipeline fits in about 10 minutes on 2 CPU cores; --quick is for tests.
 FULL = {"teacher_samples": 30000, "teacher_epochs": 3, "student_samples": 4000, "student_epochs": 4,
-        "eval_samples": 2000, "nce_k": 1024,
-        "sweep": ["tune.num_samples=8"]}
+        "eval_samples": 2000, "nce_k": 1024, "sweep": ["tune.num_samples=8"]}
 QUICK = {"teacher_samples": 384, "teacher_epochs": 1, "student_samples": 256, "student_epochs": 2,
          "eval_samples": 128, "nce_k": 64,
          "sweep": ["tune.num_samples=3", "config.train.epochs=2", "config.data.max_train_samples=256",

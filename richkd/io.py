@@ -22,11 +22,8 @@ from tqdm import tqdm
 
 
 def default_mode(full: int = 0o666) -> int:
-    """The mode a plainly created file (0o666) or folder (0o777) gets under the process umask.
-
-    mkstemp/mkdtemp create 0600/0700 entries; renamed into place as they are, exported configs and caches on
-    shared cluster storage would be unreadable for everyone else.
-    """
+    """The mode a plainly created file (0o666) or folder (0o777) gets under the process umask: mkstemp/mkdtemp's
+    0600/0700, renamed into place, would hide exports and caches on shared storage from everyone else."""
     umask = os.umask(0)
     os.umask(umask)
     return full & ~umask
@@ -129,8 +126,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(buffer.getbuffer())
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def write_array_folder(final: str | os.PathLike, arrays: dict, manifest: dict) -> Path:
@@ -162,12 +158,9 @@ def write_array_folder(final: str | os.PathLike, arrays: dict, manifest: dict) -
     return final
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def sha256_file(path: str | os.PathLike) -> str:
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 @contextlib.contextmanager

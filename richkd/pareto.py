@@ -48,7 +48,6 @@ def objective_values(row, metrics: Sequence[str]) -> Optional[list[float]]:
     return [float(v) for v in values] if all(map(_finite, values)) else None
 
 
-
 def front_rows(rows: Sequence, metrics: Sequence[str], modes: Sequence[str]) -> list:
     """The trials on the Pareto front of `metrics` among trials that reached max_t (outcome "completed").
 

@@ -31,7 +31,6 @@ SCALARS = {bool: ("true or false", lambda v: isinstance(v, bool)),
            str: ("a string", lambda v: isinstance(v, (str, int, float)))}
 
 
-
 class ConfigError(ValueError):
     """A config problem a user can fix; the message names the key and the fix."""
 
@@ -51,8 +50,6 @@ def read_yaml(text: str) -> Any:
     return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass: plain data only
 
 
-# ----- checks used by records' __post_init__ ------------------------------------------------------
-
 def check(cond: bool, key: str, msg: str, error: type = ConfigError) -> None:
     if not cond:
         raise error(f"{key}: {msg}")
@@ -68,7 +65,6 @@ def in_range(value: float | None, key: str, lo: float | None = None, hi: float |
                 f"{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{')' if hi_open else ']'}")
 
 
-
 def one_of(value: Any, key: str, choices: Sequence[str], error: type = ConfigError) -> None:
     if value not in choices:
         raise error(f"{key}: {value!r} is not one of {', '.join(choices)}{suggest(str(value), choices)}")
@@ -79,8 +75,6 @@ def suggest(key: str, valid: Sequence[str]) -> str:
     hint = difflib.get_close_matches(str(key), list(valid), n=1, cutoff=0.5)
     return f"; did you mean {hint[0]!r}?" if hint else ""
 
-
-# ----- building records ---------------------------------------------------------------------------
 
 def build(cls: type, raw: Any, prefix: str = "") -> Any:
     """A `cls` record from a mapping (None = all defaults); see the module docstring."""
@@ -154,8 +148,6 @@ def to_plain(value: Any) -> Any:
     return value
 
 
-# ----- dotted keys --------------------------------------------------------------------------------
-
 def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict:
     flat: dict = {}
     for key, value in nested.items():
@@ -178,8 +170,6 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = raw
     return key.strip(), value
 
-
-# ----- YAML files ---------------------------------------------------------------------------------
 
 def load_yaml_mapping(path: str | os.PathLike) -> dict:
     """A YAML file's top-level mapping, read safely (read_yaml); every problem is one ConfigError naming the file."""

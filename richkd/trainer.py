@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-
 import math
 import os
 import time
@@ -40,15 +39,10 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or inf; the run cannot continue meaningfully."""
 
 
-# ----- pure helpers -------------------------------------------------------------------------------
-
 def lr_at(epoch: int, optim: OptimConfig, total_epochs: int) -> float:
-    """Learning rate for a 1-based epoch.
-
-    step: lr * gamma^#(epoch > milestone), the mdistiller/RichKD rule (epochs 1..150 use the base rate,
-    151..180 one decay, ...). cosine: half-cosine from lr to 0 over total_epochs. An optional linear
-    warm-up over the first `warmup_epochs` epochs scales either schedule.
-    """
+    """Learning rate for a 1-based epoch. step: lr * gamma^#(epoch > milestone), the mdistiller/RichKD rule
+    (epochs 1..150 use the base rate, 151..180 one decay, ...); cosine: half-cosine from lr to 0 over total_epochs;
+    either scaled by a linear warm-up over the first `warmup_epochs` epochs."""
     if epoch < 1:
         raise ValueError(f"epochs are 1-based, got {epoch}")
     if optim.schedule == "step":
@@ -64,8 +58,6 @@ def evaluates_at(epoch: int, train) -> bool:
     """Is the validation split evaluated after this 1-based epoch? Every `train.eval_every` epochs and the last."""
     return epoch % train.eval_every == 0 or epoch == train.epochs
 
-
-# ----- one train step -----------------------------------------------------------------------------
 
 class StepRecord(NamedTuple):
     """What one train step leaves behind: the loss and its terms (detached) and the batch size."""
@@ -105,8 +97,6 @@ def train_step(batch, *, forward_student: Callable, teachers, objective, optimiz
     return StepRecord(loss.detach(), {name: value.detach() for name, value in terms.items()}, len(batch))
 
 
-# ----- records ------------------------------------------------------------------------------------
-
 @dataclass
 class EpochReport:
     """What the loop hands to its callback after every epoch (Tune reports from here)."""
@@ -123,8 +113,6 @@ class TrainResult:
     history: list = field(default_factory=list)
     test_metrics: dict = field(default_factory=dict)  # only when run with final=True
 
-
-# ----- the loop -----------------------------------------------------------------------------------
 
 class Run:
     """All live objects of one training run; built once, then `train()` drives the epochs."""
@@ -188,7 +176,6 @@ class Run:
             log.warning("%s: no validation split (data.val_fraction %g): training on all %d training rows; this "
                         "run reports no val_* metrics", cfg.name, cfg.data.val_fraction, len(self.train_set))
 
-    # -- state --
     def state(self) -> dict:
         """TrainState: everything needed for an exact resume (tensors and plain values only)."""
         return {
@@ -217,7 +204,6 @@ class Run:
                 cuda_rng = cuda_rng[(self.device.index or 0) if (self.device.index or 0) < len(cuda_rng) else 0]
             torch.cuda.set_rng_state(cuda_rng, self.device)
 
-    # -- epochs --
     def step(self, batch) -> StepRecord:
         return train_step(batch, forward_student=self.forward_student, teachers=self.teachers,
                           objective=self.objective, optimizer=self.optimizer, device=self.device,
@@ -247,7 +233,6 @@ class Run:
                 if i % 50 == 0 and not torch.isfinite(loss):  # a periodic check avoids a sync per step
                     break
         mean_loss = float(total) / max(n_seen, 1)
-
         if not math.isfinite(mean_loss):
             raise NonFiniteLossError(f"training loss became {mean_loss} in epoch {epoch} (lr {lr:g}); "
                                      "lower optim.lr or the loss weights")
@@ -299,8 +284,7 @@ class Run:
             metrics["epoch_time_s"] = time.perf_counter() - started
             # data.val_fraction 0 leaves nothing to validate on (a final run; a sweep refuses it)
             if self.has_val and evaluates_at(epoch, cfg.train):
-                metrics.update(self.evaluate("val"))
-                metrics.update(self.teacher_metrics())
+                metrics.update({**self.evaluate("val"), **self.teacher_metrics()})
                 if cfg.robustness.enabled:   # val_corrupt_* on a seeded subset of the val split
                     metrics.update(val_robustness_metrics(self.student, self.data.val, self.data.mean, self.data.std,
                                                           self.device, cfg.robustness, cfg.data.eval_batch_size))

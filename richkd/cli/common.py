@@ -8,7 +8,8 @@ import signal
 import sys
 from typing import Callable, Optional, Sequence
 
-from richkd.config import Config, parse_override
+from richkd.config import Config
+from richkd.schema import parse_override
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130   # 128 + SIGINT, what a shell reports for a Ctrl-C
@@ -53,8 +54,6 @@ def load_config(path: Optional[str], overrides: Sequence[str], base: Optional[Co
     cfg = Config.from_yaml(path) if path else base or Config()
     return cfg.with_overrides(dict(parse_override(o) for o in overrides)) if overrides else cfg
 
-
-# ----- parsers ----------------------------------------------------------------------------------------------
 
 def add_command(subparsers, name: str, help: str, epilog: str, func: Optional[Callable] = None):
     """A command's parser: its help line (also its description), its examples kept as written, its handler."""

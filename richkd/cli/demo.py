@@ -11,9 +11,7 @@ DEMO_EPILOG = """examples:
   richkd demo --quick --out /tmp/d    # every stage at a much smaller size (what the tests run)
   richkd demo --fresh                 # delete tune_runs/demo and start over
 
-Needs Debian's dataset-fashion-mnist (`make demo` installs it). Re-running reuses the teacher, the tiny CLIP
-and the caches and starts a new sweep. The stage configs are written to <out>/configs/ with absolute paths,
-so `richkd train --config tune_runs/demo/configs/kd.yaml` works from any folder.
+Needs Debian's dataset-fashion-mnist (`make demo` installs it); README.md, "What `make demo` does", lists its outputs.
 """
 
 

@@ -12,9 +12,6 @@ EVALUATE_EPILOG = """examples:
   richkd evaluate student.pt --suite shift --shift-config my_photos.yaml   # your imagefolder config
   richkd evaluate student.pt --split test --corruption-dir data/CIFAR-100-C                 # final report
   richkd evaluate student.pt --mlflow-uri sqlite:///tune_runs/mlflow.db --mlflow-experiment evals
-
-The config comes from --config, else config.yaml (or result.json) next to the checkpoint. Writes
-robustness.json and reliability.png into --out (default: <checkpoint folder>/robustness-<split>/).
 """
 
 
@@ -41,7 +38,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="corruption noise and subset seed (default 0)")
     p.add_argument("--device", help="override the config's device (cpu, cuda, cuda:N, mps)")
     p.add_argument("--batch-size", type=int, help="evaluation batch size (default data.eval_batch_size)")
-    p.add_argument("--out", "-o", metavar="DIR", help="output folder")
+    p.add_argument("--out", "-o", metavar="DIR", help="where robustness.json and reliability.png go (default: "
+                   "<checkpoint folder>/robustness-<split>/)")
     p.add_argument("--mlflow-uri", metavar="URI", help="log metrics and files to this MLflow tracking server or "
                    "sqlite:///PATH database (default: no logging)")
     p.add_argument("--mlflow-experiment", default="richkd-evaluate", metavar="NAME",

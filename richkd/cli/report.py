@@ -11,8 +11,7 @@ REPORT_EPILOG = """examples:
   richkd report tune_runs/smoke                # the same, by folder
   richkd report fm4 --storage /data/sweeps --out /tmp/fm4_report --no-mlflow
 
-Open the index.html in any browser (no server needed). The page and its PNGs are also logged under
-report/ on the sweep's MLflow parent run, unless --no-mlflow.
+Open the index.html in any browser (no server needed).
 """
 
 

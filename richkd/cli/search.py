@@ -23,19 +23,10 @@ REPLAY_EPILOG = """examples:
   richkd replay --table benchmarks/tables/fmnist_table.jsonl              # the spec the table was built from
   richkd replay --table benchmarks/tables/fmnist_table.jsonl --set tune.search.algorithm=random
   richkd replay SPEC --table t.jsonl --seeds 20 --set tune.scheduler.type=fifo --set tune.num_samples=32
-
-Runs the spec's own searcher and scheduler (as `richkd sweep` builds them) against the table on a virtual clock,
-once per seed, and prints the best validation top-1 found, the test top-1 of that configuration and the budget.
 """
 
 
-def cmd_table(args: argparse.Namespace) -> int:
-    if args.table_command == "info":
-        print(tune.read_table(args.file).describe())
-        return 0
-    if args.table_command == "from-sweep":
-        print(tune.table_from_sweep(args.sweep, args.out, storage=args.storage).describe())
-        return 0
+def cmd_table_build(args: argparse.Namespace) -> int:
     at_least_one(configs=args.configs, seeds=args.seeds, num_cpus=args.num_cpus)
     spec = tune.load_spec(args.spec, args.set + ([f"tune.storage_path={args.storage}"] if args.storage else []))
     table = stoppable(lambda: tune.build_table(spec, args.out, configs=args.configs, seeds=args.seeds,
@@ -60,10 +51,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers) -> None:
     p = add_command(subparsers, "table", "learning-curve tables of real trials (build, from-sweep, info)",
-                    "examples:\n" + BUILD_EXAMPLES + INFO_EXAMPLE + FROM_SWEEP_EXAMPLE + TABLE_NOTE, cmd_table)
+                    "examples:\n" + BUILD_EXAMPLES + INFO_EXAMPLE + FROM_SWEEP_EXAMPLE + TABLE_NOTE)
     sub = p.add_subparsers(dest="table_command", required=True, metavar="SUBCOMMAND")
     b = add_command(sub, "build", "train N configurations of a spec's space to the end, every epoch recorded",
-                    "examples:\n" + BUILD_EXAMPLES + TABLE_NOTE)
+                    "examples:\n" + BUILD_EXAMPLES + TABLE_NOTE, cmd_table_build)
     b.add_argument("spec", help="search-space YAML whose space, base config and resources the table uses")
     b.add_argument("--configs", type=int, required=True, help="how many seeded draws of the space")
     b.add_argument("--seeds", type=int, default=1, help="seeds per configuration (default 1)")
@@ -75,12 +66,13 @@ def add_commands(subparsers) -> None:
     add_quiet_arg(b)
     b.add_argument("--storage", help="where the build's Tune experiment goes (default: the spec's storage_path)")
     f = add_command(sub, "from-sweep", "a finished sweep without early stopping as a table",
-                    "example:\n" + FROM_SWEEP_EXAMPLE)
+                    "example:\n" + FROM_SWEEP_EXAMPLE,
+                    lambda a: print(tune.table_from_sweep(a.sweep, a.out, storage=a.storage).describe()))
     f.add_argument("sweep", help="sweep name (under --storage) or its folder")
     f.add_argument("--out", required=True, help="the table file to write (JSON lines)")
     f.add_argument("--storage", help="the sweeps' storage folder or URI (default tune_runs)")
     i = add_command(sub, "info", "what a table holds: configurations, epochs, seeds, spreads, provenance",
-                    "example:\n" + INFO_EXAMPLE)
+                    "example:\n" + INFO_EXAMPLE, lambda a: print(tune.read_table(a.file).describe()))
     i.add_argument("file", help="a table file")
 
     p = add_command(subparsers, "replay", "replay a spec's searcher and scheduler against a table (seconds)",

@@ -38,21 +38,14 @@ EXPORT_EPILOG = """examples:
 FINALIZE_EPILOG = """examples:
   richkd finalize smoke --top 1 --seeds 2
   richkd finalize cifar100_r32x4_r8x4 --top 3 --seeds 3 --set train.epochs=240
-
-Re-trains the best configs (with the spec's finalize.overrides and --set) over several seeds and reports
-mean +- std accuracy on the test split: the final numbers (the sweep itself only reads the validation split).
 """
 
 UI_EPILOG = """examples:
   richkd ui                                          # tune_runs/mlflow.db at http://127.0.0.1:5000
   richkd ui --port 5001 --storage /data/sweeps       # /data/sweeps/mlflow.db
   richkd ui --tracking-uri sqlite:///tune_runs/demo/mlflow.db     # the demo's store
-
-It prints a link per experiment that opens its runs table (the model-training view), best objective first.
 """
 
-
-# ----- handlers -------------------------------------------------------------------------------------------
 
 def stoppable(run: Callable, next_step: Callable[[], str]):
     """run() under richkd.tune.stop_signals: Ctrl-C and SIGTERM stop a sweep (or finalize) alike. A sweep
@@ -205,8 +198,6 @@ def cmd_ui(args: argparse.Namespace) -> int:
     env = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
     os.execve(cmd[0], cmd, env)
 
-
-# ----- parser -----------------------------------------------------------------------------------------------
 
 def add_commands(subparsers) -> None:
     p = add_command(subparsers, "sweep", "run (or --resume) a hyperparameter sweep from a search-space YAML",

@@ -156,8 +156,6 @@ def cmd_clip_zeroshot(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----- parser -----------------------------------------------------------------------------------------------
-
 TRAIN_EPILOG = """examples:
   richkd train --config tune_runs/demo/configs/kd.yaml --set train.epochs=2      # after `richkd demo`
   richkd train --config tune_runs/demo/configs/richkd.yaml --set loss.fusion_alpha=0.8 --out /tmp/r08

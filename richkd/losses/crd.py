@@ -98,11 +98,8 @@ class ContrastMemory(nn.Module):
     Persistent buffers (in checkpoints): ``memory_student`` and ``memory_teacher`` (N, feat_dim), initialised
     uniformly in ``±1/sqrt(feat_dim/3)`` as in CRD; ``log_z_student`` and ``log_z_teacher``, log Z, NaN until
     the first batch fixes them. Rebuilt from ``train_targets``, never saved: ``class_of`` (N,), ``class_order``
-    (dataset rows sorted by class), ``class_start`` and ``class_count`` (C,).
-
-    Negatives come from OTHER classes (CRD's "exact" mode), drawn on the buffers' device with its global RNG
-    (reproducible under ``torch.manual_seed``): ``sampling="other_class"`` draws K distinct rows per sample, as
-    the official dataset does; ``"uniform"`` draws them i.i.d. with replacement, the noise the NCE assumes.
+    (dataset rows sorted by class), ``class_start`` and ``class_count`` (C,). Negatives (loss.nce_sampling) are
+    drawn from OTHER classes on the buffers' device with its global RNG (reproducible under torch.manual_seed).
     """
 
     def __init__(self, feat_dim: int, train_targets: torch.Tensor, nce_k: int,

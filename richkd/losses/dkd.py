@@ -1,16 +1,15 @@
 """Decoupled knowledge distillation (DKD, Zhao et al., CVPR 2022) on (fused) teacher logits.
 
-See docs/method.md#other-distillation-losses. DKD splits Hinton's KL into a target-class part (TCKD: the binary
-distribution "target class vs the rest") and a non-target-class part (NCKD: the distribution over the other
-classes, renormalised), and weights them separately: ``alpha * TCKD + beta * NCKD``. Written in log space here;
-the official code masks the target logit with -1000 instead, which gives the same value (a test compares them).
+See docs/method.md#other-distillation-losses: ``alpha * KL(b_T || b_S) + beta * KL(p~_T || p~_S)`` (target vs
+non-target classes), in log space here; the official code masks the target logit with -1000 instead, which gives
+the same value (a test compares them).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from richkd.losses.kd import standardize_logits
+from richkd.losses.kd import scaled_logits
 
 
 def dkd_warmup(epoch: int, warmup_epochs: int) -> float:
@@ -33,16 +32,9 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target:
     1 - p_target] of softmax(z / T), p~ = the softmax over the non-target classes; the ground-truth ``target``
     (B,) decides the split. Teacher logits are a constant target (not detached here); ``logit_stand`` z-scores
     both sides first."""
-    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
-        raise ValueError(f"dkd_loss: student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} must have the same (batch, num_classes) shape")
-    if student_logits.shape[1] < 2:
+    z_s, z_t = scaled_logits("dkd_loss", student_logits, teacher_logits, temperature, logit_stand)
+    if z_s.shape[1] < 2:
         raise ValueError("dkd_loss: needs at least 2 classes (it splits target and non-target classes)")
-    t = float(temperature)
-    z_s, z_t = student_logits.float(), teacher_logits.float()
-    if logit_stand:
-        z_s, z_t = standardize_logits(z_s), standardize_logits(z_t)
-    z_s, z_t = z_s / t, z_t / t
     target = target.long()
     gt = torch.zeros_like(z_s, dtype=torch.bool).scatter_(1, target.view(-1, 1), True)   # one-hot, no host check
     batch = z_s.shape[0]
@@ -53,4 +45,4 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target:
     # the target column is -inf on both sides (probability 0) and contributes nothing; masking the difference
     # keeps its undefined (-inf) - (-inf) out of the sum and of the gradients
     nckd = (log_q_t.exp() * (log_q_t - log_q_s).masked_fill(gt, 0.0)).sum()
-    return (alpha * tckd + beta * nckd) * (t * t) / batch
+    return (alpha * tckd + beta * nckd) * float(temperature) ** 2 / batch

@@ -34,12 +34,8 @@ class ReportResult:
 
 def build_report(sweep: str, storage: Optional[str] = None, tracking_uri: Optional[str] = None,
                  out_dir: Optional[str] = None, log_mlflow: bool = True) -> ReportResult:
-    """Write <out_dir>/index.html and its PNGs for a sweep name or folder.
-
-    Default out_dir: <sweep folder>/report (next to what `richkd export` writes). Works on finished, running
-    and interrupted sweeps; raises the sweep loader's SpecError / ExportError for an unknown or empty sweep.
-    MLflow logging failures do not fail the report: they become a note.
-    """
+    """Write <out_dir>/index.html (default out_dir: <sweep folder>/report) and its PNGs for a sweep name or folder,
+    finished, running or interrupted; the sweep loader's SpecError / ExportError for an unknown or empty sweep."""
     what = "the report folder" + (" (--out)" if out_dir else "")
     if out_dir:   # before reading the sweep, so a bad --out is the one error shown
         ensure_writable(out_dir, what, create=False)

@@ -62,14 +62,9 @@ def evaluate_model(model, dataset, mean: Sequence[float], std: Sequence[float], 
                    confidence_threshold: Optional[float] = None, target_map: Optional[torch.Tensor] = None,
                    n_bins: int = 15) -> EvalResult:
     """Clean metrics and, per corruption and severity, metrics on on-the-fly corrupted copies of a dataset split
-    (richkd.data's SplitDataset / PhotoSplit, evaluated without augmentation).
-
-    mean/std: the normalisation the model was trained with (the TRAINING dataset's, also for shifted data).
-    target_map: optional (C_dataset,) int64 mapping dataset labels to the model's class ids (shift sets).
-    Each batch is loaded once; corruptions (names and severities already parsed) are applied to it on `device`
-    and keyed by the dataset row index (see corruptions.corrupt), so results do not depend on batch_size or on
-    max_samples' other rows.
-    """
+    (without augmentation). mean/std: the TRAINING dataset's normalisation, also for shifted data; target_map:
+    (C_dataset,) int64 dataset label -> model class id (shift sets). Corruptions are keyed by the dataset row
+    index (corruptions.corrupt), so results do not depend on batch_size or on max_samples' other rows."""
     device = torch.device(device)
     dataset = dataset.without_augmentation()
     positions = select_positions(len(dataset), dataset.targets, max_samples, seed)

@@ -1,8 +1,5 @@
-"""`richkd evaluate`: a trained student checkpoint -> clean / corruption / shift / calibration report and files.
-
-Every user-fixable problem (missing checkpoint, missing config, class-count mismatch, bad option, unusable
-reference, unreadable shift data) is detected before any file is written, so a failed run leaves no output.
-"""
+"""`richkd evaluate`: a trained student checkpoint -> clean / corruption / shift / calibration report and files;
+every user-fixable problem is found before any file is written, so a failed run leaves no output."""
 from __future__ import annotations
 
 import argparse
@@ -31,10 +28,7 @@ log = logging.getLogger(__name__)
 REPORT_FILE = "robustness.json"
 DIAGRAM_FILE = "reliability.png"
 SHIFT_DIAGRAM_FILE = "reliability_shift.png"
-N_BINS = 15   # reliability bins (Guo et al. 2017 use 15)
 
-
-# ----- inputs ---------------------------------------------------------------------------------------
 
 def resolve_config(checkpoint: Path, config: Optional[str]):
     """(Config, where it came from): --config, else config.yaml, else result.json next to the checkpoint."""
@@ -97,17 +91,10 @@ def _split(data, split: str):
     return dataset
 
 
-# ----- the command ----------------------------------------------------------------------------------
-
 def evaluate_checkpoint(req: argparse.Namespace) -> tuple[dict, list[Path]]:
-    """Run the requested suite; write robustness.json + reliability PNG(s) into the output folder. `req`: the
-    `richkd evaluate` arguments (richkd/cli/evaluate.py; argparse checked suite, split and counts). Every suite
-    writes robustness.json and reliability.png (clean split); corruptions and robustness add the corruption tables
-    (mCE with a reference), shift and robustness (given shift_config) the shifted dataset.
-
-    Returns (report, written paths). Raises ValueError subclasses (ConfigError, CheckpointError,
-    DatasetNotFoundError, CorruptionError, ...) for user errors, always before anything is written.
-    """
+    """Run the requested suite of the `richkd evaluate` arguments `req` (argparse checked suite, split and counts)
+    and write robustness.json + reliability PNG(s); returns (report, written paths). User errors are ValueErrors,
+    raised before anything is written."""
     with_corruptions = req.suite in ("corruptions", "robustness")
     if req.suite == "shift" and not req.shift_config:
         raise ValueError("--suite shift needs --shift-config CFG (a config whose data section names another "
@@ -168,7 +155,7 @@ def evaluate_checkpoint(req: argparse.Namespace) -> tuple[dict, list[Path]]:
 
     batch_size = req.batch_size or cfg.data.eval_batch_size
     threshold = cfg.loss.confidence_threshold
-    common = dict(seed=req.seed, max_samples=req.max_samples, batch_size=batch_size, n_bins=N_BINS)
+    common = dict(seed=req.seed, max_samples=req.max_samples, batch_size=batch_size)
     res = evaluate_model(model, dataset, data.mean, data.std, device,
                          corruptions=names if (with_corruptions and folder is None) else (),
                          severities=severities, confidence_threshold=threshold, **common)

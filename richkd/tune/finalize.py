@@ -21,8 +21,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import ray
 
-from richkd.config import Config, ConfigError, parse_override
+from richkd.config import Config, ConfigError
 from richkd.io import atomic_path, atomic_write_text, ensure_writable
+from richkd.schema import parse_override
 from richkd.tracking import KIND_TAG, NODE_TAG, SWEEP_TAG, TRIAL_TAG, RunWriter, finite
 from richkd.trainer import Run
 from richkd.tune.cache_tasks import build_caches

@@ -23,9 +23,9 @@ from typing import Any, Mapping, Optional, Sequence
 import yaml
 
 from richkd.cache.signature import CACHE_AFFECTING_PREFIXES, affects_cache, cache_signature
-from richkd.config import Config, ConfigError, load_yaml_mapping, parse_override
+from richkd.config import Config, ConfigError, load_yaml_mapping
 from richkd.metric_names import needs_robustness, per_corruption
-from richkd.schema import build, flatten, read_yaml, suggest, to_plain
+from richkd.schema import build, flatten, parse_override, read_yaml, suggest, to_plain
 from richkd.tracking import default_artifact_location
 from richkd.tune.errors import SpecError
 from richkd.tune.params import Param, TrialPlan, check_keys, config_or_error, parse_space
