@@ -194,16 +194,11 @@ def trial_outcome(status: str, result: Optional[dict], max_t: int) -> str:
 
 def sweep_summary(trials: list, plan: TrialPlan) -> dict:
     """n_trials_<outcome> and best_<metric> (among completed trials): the parent run's metrics."""
-    counts = dict.fromkeys(OUTCOME_ORDER, 0)
-    best = None
-    for t in trials:
-        outcome = trial_outcome(t.status, t.last_result, plan.max_t)
-        counts[outcome] += 1
-        value = finite_value((t.last_result or {}).get(plan.metric))
-        if outcome == "completed" and value is not None and (best is None or (value > best) == (plan.mode == "max")):
-            best = value
-    return {**{f"n_trials_{k}": float(v) for k, v in counts.items()},
-            **({f"best_{plan.metric}": best} if best is not None else {})}
+    outcomes = [trial_outcome(t.status, t.last_result, plan.max_t) for t in trials]
+    done = [v for t, o in zip(trials, outcomes) if o == "completed"
+            and (v := finite_value((t.last_result or {}).get(plan.metric))) is not None]
+    return {**{f"n_trials_{k}": float(outcomes.count(k)) for k in OUTCOME_ORDER},
+            **({f"best_{plan.metric}": (max if plan.mode == "max" else min)(done)} if done else {})}
 
 
 # ----- reading a sweep, choosing from it --------------------------------------------------------------------
