@@ -1,8 +1,7 @@
 """MLflow as this project writes it: every run goes through one writer (`RunWriter`) whose batched MlflowClient writes
 wait in a bounded, retrying `Outbox`, so a tracking server that is down delays the logging but never stops the work.
 Experiments are tagged as model training, with the objective as primary metric, and `experiment_url` opens their runs
-table sorted by it: the MLflow 3 UI would otherwise open its GenAI overview (docs/architecture.md, "Data flow").
-"""
+table sorted by it: the MLflow 3 UI would otherwise open its GenAI overview (docs/architecture.md, "Data flow")."""
 from __future__ import annotations
 
 import itertools
@@ -133,10 +132,8 @@ def check_server(tracking_uri: str, key: str, timeout_s: float = 5.0, error: typ
     except ValueError:   # also a port that is not a number in 0..65535
         raise error(f"{key}: {tracking_uri!r} is not a valid server URL; write it like http://HOST:5000") from None
     try:
-        with urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout_s) as response:
-            if response.status == 200:
-                return
-            problem = f"HTTP {response.status}"
+        urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout_s).close()   # any non-2xx: an HTTPError
+        return
     except HTTPError as exc:
         problem = f"HTTP {exc.code} {exc.reason}"
     except (URLError, OSError) as exc:
@@ -166,8 +163,7 @@ class Outbox:
     cheap probe fails too means the store is down: it stays queued, one warning says so, and retries wait a doubling
     delay (first_delay_s .. max_delay_s). A write that fails while the probe answers (a bad write, or a server half-way
     through a restart) is retried after the first delay and skipped after REJECTS_BEFORE_SKIP tries. Beyond `max_ops`
-    the oldest per-step metric records are dropped, said once (a sweep's are in Tune's trial_*/result.json too).
-    """
+    the oldest per-step metric records are dropped, said once (a sweep's are in Tune's trial_*/result.json too)."""
 
     REJECTS_BEFORE_SKIP = 3
     DROPPABLE = "metrics"

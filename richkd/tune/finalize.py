@@ -2,8 +2,7 @@
 (finalist, seed) a Ray task, and report their test top-1, mean and sample std: the only sweep command that reads the
 test split (docs/architecture.md, "Data flow", 11). The sweep's short ASHA schedule misranks step-LR recipes
 (docs/method.md, "Recipes"), so `finalize.overrides` restore the full one; finalists train on the whole training
-split unless `holdout`, the only case where a best finalist (by validation) is registered in MLflow.
-"""
+split unless `holdout`, the only case where a best finalist (by validation) is registered in MLflow."""
 from __future__ import annotations
 
 import csv

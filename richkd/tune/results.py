@@ -2,8 +2,7 @@
 MLflow ids, caches and code version, docs/architecture.md "Sweep storage"), its trials ranked, and the choices made
 from them. Every command after a sweep reads it through here, so they agree; Ray's offline ExperimentAnalysis reads
 Tune's files, no Ray runtime is needed. Selection (docs/method.md, "What a sweep should search"): only trials that
-reached max_t compete, ranked by the metric's LAST value on the validation split, never the test split.
-"""
+reached max_t compete, ranked by the metric's LAST value on the validation split, never the test split."""
 from __future__ import annotations
 
 import json
