@@ -1,8 +1,7 @@
 """MLflow as this project writes it: every run goes through one writer (`RunWriter`) whose batched MlflowClient writes
 wait in a bounded, retrying `Outbox`, so a tracking server that is down delays the logging but never stops the work.
 Experiments are tagged as model training, with the objective as primary metric, and `experiment_url` opens their runs
-table sorted by it: the MLflow 3 UI would otherwise open its GenAI overview (docs/architecture.md, "Data flow").
-"""
+table sorted by it: the MLflow 3 UI would otherwise open its GenAI overview (docs/architecture.md, "Data flow")."""
 from __future__ import annotations
 
 import itertools
@@ -62,13 +61,12 @@ def client_for(tracking_uri: str):
 _RETRIES = itertools.count()
 
 
-def _first_retry_only(record: logging.LogRecord) -> bool:
+def _first_retry_only(record: logging.LogRecord) -> bool:   # during an outage the Outbox says so itself
     return not str(record.msg).startswith("Retrying") or next(_RETRIES) == 0
 
 
-def quiet_http_retries() -> None:
-    """urllib3's first "Retrying ..." warning only: during an outage the Outbox says so itself."""
-    logging.getLogger("urllib3.connectionpool").addFilter(_first_retry_only)   # added once, however often called
+def quiet_http_retries() -> None:   # urllib3's first "Retrying ..." warning only; added once, however often called
+    logging.getLogger("urllib3.connectionpool").addFilter(_first_retry_only)
 
 
 def default_artifact_location(tracking_uri: str, given: Optional[str] = None) -> Optional[str]:
@@ -128,18 +126,14 @@ def check_server(tracking_uri: str, key: str, timeout_s: float = 5.0, error: typ
     """An http(s) tracking URI (the value of `key`) must answer now: one `error` before any work. Others: not probed."""
     if not tracking_uri.startswith(("http://", "https://")):
         return
-    parsed = urlparse(tracking_uri)
     try:
-        valid = bool(parsed.hostname) and parsed.port != 0
-    except ValueError:   # a port that is not a number in 0..65535
-        valid = False
-    if not valid:
-        raise error(f"{key}: {tracking_uri!r} is not a valid server URL; write it like http://HOST:5000")
+        if not urlparse(tracking_uri).hostname or urlparse(tracking_uri).port == 0:
+            raise ValueError
+    except ValueError:   # also a port that is not a number in 0..65535
+        raise error(f"{key}: {tracking_uri!r} is not a valid server URL; write it like http://HOST:5000") from None
     try:
-        with urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout_s) as response:
-            if response.status == 200:
-                return
-            problem = f"HTTP {response.status}"
+        urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout_s).close()   # any non-2xx: an HTTPError
+        return
     except HTTPError as exc:
         problem = f"HTTP {exc.code} {exc.reason}"
     except (URLError, OSError) as exc:
@@ -151,14 +145,11 @@ def check_server(tracking_uri: str, key: str, timeout_s: float = 5.0, error: typ
 
 def child_runs(client, experiment_id: str, parent_run_id: str, kind: str = "trial") -> list:
     """Active child runs of one kind under a parent run, every page."""
+    from mlflow.utils import get_results_from_paginated_fn
+
     filt = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{KIND_TAG}` = '{kind}'"
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=filt, max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
+    return get_results_from_paginated_fn(lambda n, token: client.search_runs(
+        [experiment_id], filter_string=filt, max_results=n, page_token=token), 1000)
 
 
 def finite(value) -> bool:
@@ -172,8 +163,7 @@ class Outbox:
     cheap probe fails too means the store is down: it stays queued, one warning says so, and retries wait a doubling
     delay (first_delay_s .. max_delay_s). A write that fails while the probe answers (a bad write, or a server half-way
     through a restart) is retried after the first delay and skipped after REJECTS_BEFORE_SKIP tries. Beyond `max_ops`
-    the oldest per-step metric records are dropped, said once (a sweep's are in Tune's trial_*/result.json too).
-    """
+    the oldest per-step metric records are dropped, said once (a sweep's are in Tune's trial_*/result.json too)."""
 
     REJECTS_BEFORE_SKIP = 3
     DROPPABLE = "metrics"

@@ -2,8 +2,7 @@
 that reads or writes a sweep lives here, and every `richkd` command calls one of the names below (richkd/cli/sweep.py,
 search.py, report.py); the HTML report draws a sweep read with `load_sweep` and is an application above this layer
 (richkd.report). Importing `richkd.tune` is light: each name loads its module, and with it Ray, Optuna or MLflow, on
-first use. `describe_*`: what each command prints.
-"""
+first use. `describe_*`: what each command prints."""
 from __future__ import annotations
 
 import importlib

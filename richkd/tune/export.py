@@ -1,8 +1,7 @@
 """Export a sweep: the best trial's full config (loadable by `richkd train --config`) and a leaderboard of all trials,
 selected as richkd.tune.results selects, also attached to the sweep's MLflow parent run. Multi-objective sweeps (and
 `richkd export --pareto METRICS`) also get the Pareto front of the same trials (richkd.pareto): pareto_front.json and
-a config per front member under pareto/; best_config.yaml is then the front member best by the first objective.
-"""
+a config per front member under pareto/; best_config.yaml is then the front member best by the first objective."""
 from __future__ import annotations
 
 import csv

@@ -2,8 +2,7 @@
 (finalist, seed) a Ray task, and report their test top-1, mean and sample std: the only sweep command that reads the
 test split (docs/architecture.md, "Data flow", 11). The sweep's short ASHA schedule misranks step-LR recipes
 (docs/method.md, "Recipes"), so `finalize.overrides` restore the full one; finalists train on the whole training
-split unless `holdout`, the only case where a best finalist (by validation) is registered in MLflow.
-"""
+split unless `holdout`, the only case where a best finalist (by validation) is registered in MLflow."""
 from __future__ import annotations
 
 import csv
@@ -21,9 +20,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import ray
 
-from richkd.config import Config, ConfigError
+from richkd.config import Config
 from richkd.io import atomic_path, atomic_write_text, ensure_writable
-from richkd.schema import parse_override
+from richkd.schema import ConfigError, parse_override
 from richkd.tracking import KIND_TAG, NODE_TAG, SWEEP_TAG, TRIAL_TAG, RunWriter, finite
 from richkd.trainer import Run
 from richkd.tune.cache_tasks import build_caches
@@ -101,11 +100,8 @@ def finalize_sweep(sweep: str, *, top: Optional[int] = None, seeds: Optional[int
     `force`: replace the finalists of an earlier finalize in the same output folder (else that is refused)."""
     spec, path, record, rows = load_sweep(sweep, storage, tracking_uri)
     best_trial(rows, spec)  # raises a clear error when no trial reached max_t
-    top = spec.finalize.top if top is None else top         # 0 is refused, never "the default"
+    top = spec.finalize.top if top is None else top   # >= 1: checked by the spec and the CLI (0 is no "default")
     n_seeds = spec.finalize.seeds if seeds is None else seeds
-    if top < 1 or n_seeds < 1:
-        raise ConfigError(f"finalize: --top and --seeds must be 1 or more (got {top} and {n_seeds}; leave one out "
-                          "for the spec's finalize.top / finalize.seeds)")
     extra = dict(overrides) if isinstance(overrides, Mapping) else dict(parse_override(o) for o in overrides)
     chosen = (compute_front(rows, spec, list(spec.tune.objective_pairs)) if spec.tune.multi_objective
               else survivors(rows))[:top]
@@ -133,18 +129,17 @@ def finalize_sweep(sweep: str, *, top: Optional[int] = None, seeds: Optional[int
         for p in earlier:   # --force, and every check passed: the earlier finalists go
             shutil.rmtree(p) if p.is_dir() else p.unlink()
         _train(spec, jobs, results, folder, runs, progress)
-    csv_path = folder / FINALISTS
     if runs:
         runs.put("summary", PARENT, {f"finalist{f.rank}_test_top1_{k}": getattr(f, k) for f in results
                                      for k in ("mean", "std")})
         if holdout:   # without a validation split there is nothing to choose by (describe_finalize says so)
             runs.register_best(results, spec.tune.objective_pairs[0])
-        runs.done(results)
-    atomic_write_text(csv_path, finalists_csv(results, spec.space_keys))
+        runs.done(results)   # the run ids finalists.csv names
+    atomic_write_text(folder / FINALISTS, finalists_csv(results, spec.space_keys))
     if runs:
-        runs.put("artifact", PARENT, str(csv_path), "export")
+        runs.put("artifact", PARENT, str(folder / FINALISTS), "export")
         runs.done(results)
-    return FinalizeResult(finalists=results, csv_path=csv_path, holdout=holdout,
+    return FinalizeResult(finalists=results, csv_path=folder / FINALISTS, holdout=holdout,
                           parent_run_id=record.parent_run_id if runs else None,
                           registered=runs.registered if runs else None)
 

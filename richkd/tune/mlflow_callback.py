@@ -1,8 +1,7 @@
 """A sweep in MLflow: its experiment, its parent run, and a child run per trial written from the Tune driver. Why our
 own callback, not Ray's MLflowLoggerCallback (flat runs, a request per metric, duplicate runs after `Tuner.restore`):
 docs/architecture.md, "Data flow", 10. Hooks only queue writes (richkd.tracking.RunWriter); the queue and the
-trial -> run map travel in Tune's experiment state, so a restored sweep continues its runs.
-"""
+trial -> run map travel in Tune's experiment state, so a restored sweep continues its runs."""
 from __future__ import annotations
 
 import hashlib
@@ -161,9 +160,8 @@ class MlflowSweepCallback(RunWriter, Callback):   # picklable: the MLflow client
         if run_id is not None:
             self.runs[trial_id] = run_id
             self._op_status(trial_id, "RUNNING")
-            history = self.client.get_metric_history(run_id, "epoch")
-            if history:
-                self._server_step[trial_id] = max(self._server_step.get(trial_id, 0), max(m.step for m in history))
+            self._server_step[trial_id] = max([self._server_step.get(trial_id, 0),
+                                               *(m.step for m in self.client.get_metric_history(run_id, "epoch"))])
         else:
             sampled = self.plan.active_sampled(config)
             self._op_run(trial_id, self.experiment_id, name, {

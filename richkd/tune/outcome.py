@@ -16,14 +16,6 @@ from richkd.tune.results import SweepRecord, collect_trials, survivors
 EXIT_TRIALS_ERRORED = 3
 
 
-def exit_code(counts: dict, stopped_by: Optional[int] = None) -> int:
-    """The exit code of a sweep that ran: 128 + N when signal N (SIGINT: 130, SIGTERM: 143) stopped it, even if
-    every trial had finished by then; else 3 when some trial ended in error; else 0."""
-    if stopped_by:
-        return 128 + int(stopped_by)
-    return EXIT_TRIALS_ERRORED if counts.get("error") else 0
-
-
 @dataclass
 class SweepOutcome:
     name: str
@@ -43,7 +35,9 @@ class SweepOutcome:
 
     @property
     def exit_code(self) -> int:
-        return exit_code(self.counts, self.stopped_by)
+        """128 + N when signal N (SIGINT: 130, SIGTERM: 143) stopped the sweep, even if every trial had finished by
+        then; else 3 when some trial ended in error; else 0."""
+        return 128 + int(self.stopped_by) if self.stopped_by else EXIT_TRIALS_ERRORED if self.counts.get("error") else 0
 
     @property
     def interrupted(self) -> bool:

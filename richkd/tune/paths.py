@@ -61,8 +61,7 @@ def resolve_tracking_uri(uri: Optional[str], storage_path: str) -> str:
         if path.startswith("/") or path == ":memory:":
             return uri
         return "sqlite:///" + os.path.abspath(os.path.expanduser(path))
-    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
-    if scheme.split("+", 1)[0] in STORE_SCHEMES:
+    if ":" in uri and uri.split(":", 1)[0].lower().split("+", 1)[0] in STORE_SCHEMES:   # scheme, before "+driver"
         return uri
     raise SpecError(f"mlflow.tracking_uri: {uri!r} is a file store (like ./mlruns), which MLflow 3 refuses; "
                     "use sqlite:///PATH/mlflow.db, an http://HOST:5000 server, or postgresql://...")
@@ -88,15 +87,9 @@ def is_shared_filesystem(path: str | os.PathLike, mounts_text: Optional[str] = N
         except OSError:
             return False
     target = os.path.abspath(path)
-    best, best_type = "", ""
-    for line in mounts_text.splitlines():
-        parts = line.split()
-        if len(parts) < 3:
-            continue
-        mount = parts[1].replace("\\040", " ")
-        if (target == mount or target.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
-            best, best_type = mount, parts[2]
-    return best_type.lower() in SHARED_FS_TYPES
+    mounts = [(p[1].replace("\\040", " "), p[2]) for p in map(str.split, mounts_text.splitlines()) if len(p) >= 3]
+    under = [(m, fs) for m, fs in reversed(mounts) if target == m or target.startswith(m.rstrip("/") + "/")]
+    return max(under, key=lambda m: len(m[0]), default=("", ""))[1].lower() in SHARED_FS_TYPES   # the last, deepest
 
 
 # ----- files in storage (local or a pyarrow URI) ----------------------------------------------------

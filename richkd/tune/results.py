@@ -2,8 +2,7 @@
 MLflow ids, caches and code version, docs/architecture.md "Sweep storage"), its trials ranked, and the choices made
 from them. Every command after a sweep reads it through here, so they agree; Ray's offline ExperimentAnalysis reads
 Tune's files, no Ray runtime is needed. Selection (docs/method.md, "What a sweep should search"): only trials that
-reached max_t compete, ranked by the metric's LAST value on the validation split, never the test split.
-"""
+reached max_t compete, ranked by the metric's LAST value on the validation split, never the test split."""
 from __future__ import annotations
 
 import json
@@ -194,16 +193,11 @@ def trial_outcome(status: str, result: Optional[dict], max_t: int) -> str:
 
 def sweep_summary(trials: list, plan: TrialPlan) -> dict:
     """n_trials_<outcome> and best_<metric> (among completed trials): the parent run's metrics."""
-    counts = dict.fromkeys(OUTCOME_ORDER, 0)
-    best = None
-    for t in trials:
-        outcome = trial_outcome(t.status, t.last_result, plan.max_t)
-        counts[outcome] += 1
-        value = finite_value((t.last_result or {}).get(plan.metric))
-        if outcome == "completed" and value is not None and (best is None or (value > best) == (plan.mode == "max")):
-            best = value
-    return {**{f"n_trials_{k}": float(v) for k, v in counts.items()},
-            **({f"best_{plan.metric}": best} if best is not None else {})}
+    outcomes = [trial_outcome(t.status, t.last_result, plan.max_t) for t in trials]
+    done = [v for t, o in zip(trials, outcomes) if o == "completed"
+            and (v := finite_value((t.last_result or {}).get(plan.metric))) is not None]
+    return {**{f"n_trials_{k}": float(outcomes.count(k)) for k in OUTCOME_ORDER},
+            **({f"best_{plan.metric}": (max if plan.mode == "max" else min)(done)} if done else {})}
 
 
 # ----- reading a sweep, choosing from it --------------------------------------------------------------------

@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 EXPERIMENT_STATE = "experiment_state-*.json"
 OPTIONAL_STATES = ("callback-states-*.pkl", "searcher-state-*.pkl", "search_gen_state-*.json",
                    "basic-variant-state-*.json")
-SET_ASIDE_SUFFIX = ".unreadable"
 
 
 # ----- before Ray, and once it runs ------------------------------------------------------------------------
@@ -57,15 +56,13 @@ def check_outputs(spec: SweepSpec) -> None:
     uri = spec.mlflow.tracking_uri if spec.mlflow.enabled else ""
     if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
         ensure_writable(os.path.dirname(uri[len("sqlite:///"):]), "the folder of mlflow.tracking_uri")
-    if uri:
-        check_server(uri, "mlflow.tracking_uri", error=SpecError, fix="set mlflow.enabled: false")
+    check_server(uri, "mlflow.tracking_uri", error=SpecError, fix="set mlflow.enabled: false")   # http(s) only
 
 
 def check_cluster(spec: SweepSpec, embedded: bool) -> None:
     """What the connected Ray must offer: shared storage when it has several nodes, and (an embedded Ray, whose size
     is known) the trials' resources; otherwise Tune would fail later or wait forever."""
-    problem = storage_problem(spec.tune, len(alive_nodes()))
-    if problem:
+    if problem := storage_problem(spec.tune, len(alive_nodes())):
         raise SpecError(problem)
     if embedded:
         check_trial_resources(spec.tune)
@@ -127,8 +124,7 @@ def _tuner(spec: SweepSpec, trainable, param_space: dict, name: str, callbacks: 
 
 
 def fit_quietly(tuner, verbose: int):
-    """Tuner.fit(); with verbose 0 (`-q`) also without the lines Tune prints at every verbosity ("View detailed
-    results here"). Errors still reach stderr."""
+    """Tuner.fit(); with verbose 0 (`-q`) also without the lines Tune prints at every verbosity (not errors)."""
     with contextlib.redirect_stdout(io.StringIO()) if verbose <= 0 else contextlib.nullcontext():
         return tuner.fit()
 
@@ -223,7 +219,7 @@ def set_aside_unreadable(experiment_dir: str | Path) -> list[Path]:
         for path in sorted(folder.glob(pattern), reverse=True):   # Ray picks max(name): newest session first
             if readable(path):
                 break
-            target = path.with_name(path.name + SET_ASIDE_SUFFIX)
+            target = path.with_name(path.name + ".unreadable")
             path.replace(target)
             moved.append(target)
             log.warning("%s is unreadable (cut short when a driver was killed while Ray copied it); set aside as "

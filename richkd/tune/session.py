@@ -119,10 +119,8 @@ def ray_session(address: Optional[str], num_cpus: Optional[int], verbose: bool =
         keep_logs = True
         problem = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ClusterLostError(cluster_lost(where, f"{type(exc).__name__}: {problem}", next_step)) from None
-    except (KeyboardInterrupt, ValueError):
-        raise
-    except BaseException:
-        keep_logs = True
+    except BaseException as exc:   # Ctrl-C and bad input (ValueError) need no logs
+        keep_logs = not isinstance(exc, (KeyboardInterrupt, ValueError))
         raise
     finally:
         stop_watch.set()
