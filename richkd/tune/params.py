@@ -33,7 +33,6 @@ from richkd.tune.paths import absolutize
 # `when:` tests; an ordering test of an unset key (None) or of values that do not compare is false
 CONDITION_TESTS = {"eq": operator.eq, "ne": operator.ne, "gt": operator.gt, "ge": operator.ge, "lt": operator.lt,
                    "le": operator.le, "in": lambda a, b: a in b, "not_in": lambda a, b: a not in b}
-CONDITION_OPS = tuple(CONDITION_TESTS)
 _SKIP = object()
 
 
@@ -67,7 +66,9 @@ SAMPLER_TABLE = {
                           lambda p, d: d.FloatDistribution(float(p.low), float(p.high), log=True),
                           lambda p, t: t.loguniform(p.low, p.high)),
     "quniform": Sampler(("low", "high", "q"),
-                        lambda p, r: _qround(p.low + p.q * r.randint(0, int(round((p.high - p.low) / p.q))), p.q),
+                        # rounded to q's decimals + 6, so that 0.1 * 3 is 0.3
+                        lambda p, r: round(p.low + p.q * r.randint(0, round((p.high - p.low) / p.q)),
+                                           max(0, 6 - math.floor(math.log10(p.q)))),
                         _lin, lambda p, d: d.FloatDistribution(float(p.low), float(p.high), step=float(p.q)),
                         lambda p, t: t.quniform(p.low, p.high, p.q)),
     "randint": Sampler(("low", "high"), lambda p, r: r.randint(int(p.low), int(p.high)), _lin,
@@ -77,7 +78,6 @@ SAMPLER_TABLE = {
                       lambda p, t: t.choice(list(p.values))),
     "grid": Sampler(("values",), _pick, None, None, lambda p, t: t.grid_search(list(p.values))),
 }
-SAMPLERS = tuple(SAMPLER_TABLE)
 CONTINUOUS_SAMPLERS = tuple(name for name, s in SAMPLER_TABLE.items() if s.unit is not None)
 # Keys a space may not sample: ASHA's max_t is train.epochs, and the sweep names its own trials.
 FIXED_KEYS = ("train.epochs", "name")
@@ -164,6 +164,10 @@ class Param:
 
     def corners(self) -> list:
         return list(self.values) if self.is_finite else [self.low, self.high]
+
+    def corner_overrides(self) -> list:
+        """(dotted key, value) pairs of every value and range end."""
+        return [kv for value in self.corners() for kv in self.overrides_for(value).items()]
 
     def describe(self) -> dict:
         """A readable summary (MLflow, report): `when:` as text."""
@@ -280,11 +284,10 @@ def parse_space(space: Any, base: Config) -> tuple:
     for key, entry in space.items():
         key = str(key)
         p = _parse_entry(key, entry, config_keys, [q.key for q in params if q.is_variant])
-        for k in ([key] if not p.is_variant else sorted({k for b in p.variants.values() for k in b})):
+        for k in sorted(set(p.config_keys)):
             if k in FIXED_KEYS:
-                raise SpecError(f"space.{key}: {k} cannot be searched (ASHA's max_t is train.epochs; use a separate "
-                                "sweep per schedule)" if k == "train.epochs"
-                                else f"space.{key}: {k} cannot be searched")
+                raise SpecError(f"space.{key}: {k} cannot be searched" + (" (ASHA's max_t is train.epochs; use a "
+                                "separate sweep per schedule)" if k == "train.epochs" else ""))
             if k in seen_config_keys:
                 raise SpecError(f"space.{key}: {k} is already set by space entry {seen_config_keys[k]!r}")
             seen_config_keys[k] = key
@@ -297,9 +300,9 @@ def _parse_entry(key: str, entry: Any, config_keys: list[str], variant_keys: lis
     if not isinstance(entry, Mapping):
         raise SpecError(f"{where}: expected a mapping with `sampler:`, got {entry!r}")
     sampler = entry.get("sampler")
-    if sampler not in SAMPLERS:
-        raise SpecError(f"{where}.sampler: {sampler!r} is not one of {', '.join(SAMPLERS)}"
-                        f"{suggest(str(sampler), SAMPLERS)}")
+    if sampler not in SAMPLER_TABLE:
+        raise SpecError(f"{where}.sampler: {sampler!r} is not one of {', '.join(SAMPLER_TABLE)}"
+                        f"{suggest(str(sampler), SAMPLER_TABLE)}")
     keys = SAMPLER_TABLE[sampler].keys
     check_keys(entry, keys + ("sampler", "when"), where)
     missing = [k for k in keys if k not in entry]
@@ -374,11 +377,11 @@ def _parse_conditions(when: Any, where: str, known: Sequence[str]) -> tuple:
                             f"{suggest(key, known)}")
         if isinstance(test, Mapping):
             if len(test) != 1:
-                raise SpecError(f"{where}.when.{key}: give exactly one test of {', '.join(CONDITION_OPS)}")
+                raise SpecError(f"{where}.when.{key}: give exactly one test of {', '.join(CONDITION_TESTS)}")
             op, value = next(iter(test.items()))
-            if op not in CONDITION_OPS:
-                raise SpecError(f"{where}.when.{key}: unknown test {op!r}{suggest(op, CONDITION_OPS)} "
-                                f"(tests: {', '.join(CONDITION_OPS)})")
+            if op not in CONDITION_TESTS:
+                raise SpecError(f"{where}.when.{key}: unknown test {op!r}{suggest(op, CONDITION_TESTS)} "
+                                f"(tests: {', '.join(CONDITION_TESTS)})")
             if op in ("in", "not_in") and not isinstance(value, list):
                 raise SpecError(f"{where}.when.{key}.{op}: expected a list, got {value!r}")
         else:
@@ -413,8 +416,3 @@ def _scalar(value: Any, where: str) -> Any:
         return value
     raise SpecError(f"{where}: choice/grid values must be scalars (number, string, true/false, null), got "
                     f"{value!r}; use a variant entry (values: {{name: {{key: value}}}}) for bundles")
-
-
-def _qround(value: float, q: float) -> float:
-    decimals = max(0, -int(math.floor(math.log10(q))) + 6) if q > 0 else 6
-    return round(value, decimals)

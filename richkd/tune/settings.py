@@ -10,11 +10,11 @@ import os
 import re
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 from richkd.config import CORRUPTION_NAMES
 from richkd.metric_names import KNOWN_METRICS, PER_CORRUPTION_PREFIX, direction, is_reported, per_corruption
-from richkd.schema import build, check, in_range, one_of, suggest
+from richkd.schema import check, in_range, one_of, suggest
 from richkd.tune.errors import SpecError
 from richkd.tune.paths import DEFAULT_STORAGE, absolute_storage, has_scheme
 
@@ -82,9 +82,10 @@ class Resources(_Section):
 
 @dataclass(frozen=True)
 class TuneSettings(_Section):
-    metric: str = "val_top1"              # the primary (first) objective: ASHA, ranking and best_config use it
-    mode: str = "max"
-    objectives: Tuple[Tuple[str, ...], ...] = ()   # ((metric, mode), ...) of a multi-objective sweep
+    # a name or a list of names (several objectives); once built, the first: ASHA, ranking and best_config use it
+    metric: Any = "val_top1"
+    mode: Any = None                      # max / min (a list for several objectives); None: derived per metric
+    objectives: Tuple[Tuple[str, ...], ...] = ()   # ((metric, mode), ...) of a multi-objective sweep, as saved
     num_samples: int = 8
     search: SearchSettings = field(default_factory=SearchSettings)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
@@ -99,11 +100,14 @@ class TuneSettings(_Section):
     warm_start: Tuple[str, ...] = ()      # earlier sweeps (names) or table files told to Optuna first
 
     def __post_init__(self) -> None:
-        multi = len(self.objectives) > 1
-        pairs = check_objectives([self.metric] + [m for m, _ in self.objectives[1:]],
-                                 [self.mode] + [d for _, d in self.objectives[1:]] if multi else self.mode, multi)
-        need(not self.objectives or tuple(map(tuple, self.objectives)) == pairs, "tune.objectives",
-             "must start with (tune.metric, tune.mode)")
+        if self.objectives:   # as saved: metric and mode are the first objective's
+            need(tuple(self.objectives[0]) == (self.metric, self.mode), "tune.objectives",
+                 "must start with (tune.metric, tune.mode)")
+        metrics, modes = zip(*self.objectives) if self.objectives else (self.metric, self.mode)
+        multi = isinstance(metrics, (list, tuple))
+        pairs = check_objectives(list(metrics) if multi else [metrics], modes, multi)
+        object.__setattr__(self, "metric", pairs[0][0])
+        object.__setattr__(self, "mode", pairs[0][1])
         object.__setattr__(self, "objectives", pairs if len(pairs) > 1 else ())
         need(len(pairs) == 1 or self.search.algorithm == "optuna", "tune.search.algorithm",
              f"{self.search.algorithm} cannot search {len(pairs)} objectives {[m for m, _ in pairs]}; multi-objective "
@@ -163,7 +167,7 @@ class TuneSettings(_Section):
 @dataclass(frozen=True)
 class MlflowSettings(_Section):
     enabled: bool = True
-    tracking_uri: str = ""                # resolved by the spec loader: never empty in a loaded spec
+    tracking_uri: Optional[str] = None    # resolved by the spec loader: never empty in a loaded spec
     experiment: str = "richkd"
     artifact_location: Optional[str] = None
 
@@ -181,23 +185,7 @@ class FinalizeSettings(_Section):
         need(self.top >= 1 and self.seeds >= 1, "finalize.top and finalize.seeds", "must be >= 1")
 
 
-# ----- the user's shorthand for objectives ---------------------------------------------------------
-
-def parse_tune(raw: Any) -> TuneSettings:
-    """The `tune:` section as written by a user (metric: a name or a list of names; mode: optional) or as
-    saved in a sweep folder (metric, mode and objectives spelt out)."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        raise SpecError(f"tune: expected a mapping, got {raw!r}")
-    raw = dict(raw)
-    if "objectives" not in raw:
-        metric = raw.get("metric", "val_top1")
-        multi = isinstance(metric, (list, tuple))
-        pairs = check_objectives(list(metric) if multi else [metric], raw.get("mode"), multi)
-        raw.update(metric=pairs[0][0], mode=pairs[0][1], objectives=[list(p) for p in pairs] if multi else [])
-    return build(TuneSettings, raw, "tune.")
-
+# ----- objectives ---------------------------------------------------------------------------------
 
 def check_objectives(metrics: list, modes: Any, multi: bool) -> tuple:
     """((metric, mode), ...) from tune.metric (one or several names) and tune.mode (the same shape, or None).

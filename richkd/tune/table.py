@@ -14,7 +14,7 @@ import platform
 import statistics
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -28,7 +28,6 @@ from richkd.tune.spec import SweepSpec, spec_from_mapping
 
 FORMAT = "richkd-table/1"
 SEED_KEY = "seed"   # the extra entry a build adds to the space: the run's seed
-CURVES = ("val_top1", "val_loss", "seconds", "train_seconds")
 
 
 class TableError(SpecError):
@@ -62,13 +61,11 @@ class TableRow:
         return self.val_top1[-1] if self.val_top1 else None
 
     def to_json(self) -> str:
-        return json.dumps({"config_id": self.config_id, "seed": self.seed, "params": self.params,
-                           **{k: getattr(self, k) for k in CURVES}, "test_top1": self.test_top1,
-                           "outcome": self.outcome, **self.extra}, default=str)
+        return json.dumps({**{k: v for k, v in asdict(self).items() if k != "extra"}, **self.extra}, default=str)
 
     @classmethod
     def from_json(cls, data: dict) -> "TableRow":
-        known = {"config_id", "seed", "params", "test_top1", "outcome", *CURVES}
+        known = {f.name for f in fields(cls)} - {"extra"}
         return cls(**{k: data[k] for k in known if k in data}, extra={k: v for k, v in data.items() if k not in known})
 
 
