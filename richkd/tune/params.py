@@ -50,19 +50,12 @@ def _lin(p, v):
     return (v - p.low) / (p.high - p.low)
 
 
-def _log(p, v):
-    return (math.log(v) - math.log(p.low)) / (math.log(p.high) - math.log(p.low))
-
-
-def _pick(p, rng):
-    return p.values[rng.randrange(len(p.values))]
-
-
 SAMPLER_TABLE = {
     "uniform": Sampler(("low", "high"), lambda p, r: r.uniform(p.low, p.high), _lin,
                        lambda p, d: d.FloatDistribution(float(p.low), float(p.high)),
                        lambda p, t: t.uniform(p.low, p.high)),
-    "loguniform": Sampler(("low", "high"), lambda p, r: math.exp(r.uniform(math.log(p.low), math.log(p.high))), _log,
+    "loguniform": Sampler(("low", "high"), lambda p, r: math.exp(r.uniform(math.log(p.low), math.log(p.high))),
+                          lambda p, v: (math.log(v) - math.log(p.low)) / (math.log(p.high) - math.log(p.low)),
                           lambda p, d: d.FloatDistribution(float(p.low), float(p.high), log=True),
                           lambda p, t: t.loguniform(p.low, p.high)),
     "quniform": Sampler(("low", "high", "q"),
@@ -74,9 +67,11 @@ SAMPLER_TABLE = {
     "randint": Sampler(("low", "high"), lambda p, r: r.randint(int(p.low), int(p.high)), _lin,
                        lambda p, d: d.IntDistribution(int(p.low), int(p.high)),
                        lambda p, t: t.randint(int(p.low), int(p.high) + 1)),   # Tune's high is exclusive
-    "choice": Sampler(("values",), _pick, None, lambda p, d: d.CategoricalDistribution(tuple(p.values)),
+    "choice": Sampler(("values",), lambda p, r: r.choice(p.values), None,
+                      lambda p, d: d.CategoricalDistribution(tuple(p.values)),
                       lambda p, t: t.choice(list(p.values))),
-    "grid": Sampler(("values",), _pick, None, None, lambda p, t: t.grid_search(list(p.values))),
+    "grid": Sampler(("values",), lambda p, r: r.choice(p.values), None, None,
+                    lambda p, t: t.grid_search(list(p.values))),
 }
 CONTINUOUS_SAMPLERS = tuple(name for name, s in SAMPLER_TABLE.items() if s.unit is not None)
 # Keys a space may not sample: ASHA's max_t is train.epochs, and the sweep names its own trials.
@@ -118,9 +113,6 @@ class Param:
     @property
     def is_finite(self) -> bool:
         return self.sampler in ("choice", "grid")
-
-    def active(self, values: Mapping[str, Any]) -> bool:
-        return all(c.holds(values) for c in self.when)
 
     @property
     def config_keys(self) -> list[str]:
@@ -194,14 +186,11 @@ class Param:
 
 def walk_active(params: Sequence[Param], base_flat: Mapping[str, Any],
                 choose: Callable[[Param], Any]) -> Iterator[tuple[Param, Any]]:
-    """(entry, value) for each entry whose `when:` holds on the config built so far, in spec order.
-
-    `choose(p)` gives the entry's value (a sample, a draw, an Optuna suggestion) or `skip` to leave it unset;
-    each chosen value's overrides are applied before the next entry's conditions are tested.
-    """
+    """(entry, value) for each entry whose `when:` holds on the config built so far (each chosen value's overrides
+    applied), in spec order; `choose(p)` gives the value (a sample, a draw, an Optuna suggestion) or _SKIP."""
     values = dict(base_flat)
     for p in params:
-        if not p.active(values):
+        if not all(c.holds(values) for c in p.when):
             continue
         value = choose(p)
         if value is _SKIP:
@@ -240,11 +229,8 @@ class TrialPlan:
         return [m for m, _ in getattr(self, "objectives", ())] or [self.metric]   # getattr: older pickles
 
     def effective_overrides(self, sampled: Mapping[str, Any]) -> dict:
-        """Dotted overrides the sampled values amount to, dropping entries whose `when:` does not hold.
-
-        Optuna never samples an inactive entry; random/grid search samples everything, so inactive values
-        are dropped here (and in the MLflow params / leaderboard, which use the effective config).
-        """
+        """Dotted overrides the sampled values amount to, without inactive entries (random/grid search samples
+        every entry; Optuna only the active ones)."""
         return {k: v for p, value in walk_active(self.params, flatten(self.base), from_sample(sampled))
                 for k, v in p.overrides_for(value).items()}
 
@@ -305,8 +291,7 @@ def _parse_entry(key: str, entry: Any, config_keys: list[str], variant_keys: lis
                         f"{suggest(str(sampler), SAMPLER_TABLE)}")
     keys = SAMPLER_TABLE[sampler].keys
     check_keys(entry, keys + ("sampler", "when"), where)
-    missing = [k for k in keys if k not in entry]
-    if missing:
+    if missing := [k for k in keys if k not in entry]:
         raise SpecError(f"{where}: sampler {sampler} needs {', '.join(missing)}")
     when = _parse_conditions(entry.get("when"), where, config_keys + variant_keys)
     values_raw = entry.get("values")

@@ -44,12 +44,8 @@ def suggest(trial, p: Param) -> Any:
 
 
 class OptunaSpace:
-    """Define-by-run search space: entries in spec order, each only when its `when:` holds.
-
-    A class (not a closure) because Ray pickles the searcher, and with it this object, into the experiment
-    checkpoint; `Tuner.restore` unpickles it by reference to this module. Returns None, so Ray passes on
-    exactly the captured `suggest_*` values (ray#35319: returned constants would bypass points_to_evaluate).
-    """
+    """Define-by-run search space. A class, not a closure: Ray pickles it into the experiment checkpoint. Returns
+    None, so Ray passes on exactly the `suggest_*` values (ray#35319: constants would bypass points_to_evaluate)."""
 
     def __init__(self, base_flat: dict, params: tuple) -> None:
         self.base_flat = dict(base_flat)

@@ -1,7 +1,5 @@
 """The `tune:`, `mlflow:` and `finalize:` sections of a sweep spec as typed records, built by `richkd.schema.build` as
-the run config is (unknown keys get the nearest one suggested; each record's `__post_init__` checks its ranges with
-schema's checks) and written back by `to_plain`. Rules that involve the base config or the space live in
-`richkd.tune.spec`.
+the run config is; rules that involve the base config or the space live in `richkd.tune.spec`.
 """
 from __future__ import annotations
 
@@ -188,13 +186,8 @@ class FinalizeSettings(_Section):
 # ----- objectives ---------------------------------------------------------------------------------
 
 def check_objectives(metrics: list, modes: Any, multi: bool) -> tuple:
-    """((metric, mode), ...) from tune.metric (one or several names) and tune.mode (the same shape, or None).
-
-    Each mode must be the direction metric_names.direction gives (a mis-typed min/max would silently optimise
-    the wrong way); leaving mode out derives it. A one-element list is a single objective. A per-corruption
-    accuracy (val_corrupt_top1_<corruption>) must name a known corruption; the spec also checks that the base
-    config evaluates it (robustness.corruptions).
-    """
+    """((metric, mode), ...) from tune.metric (one or several names) and tune.mode (the same shape, or None: derived).
+    Each mode must be the metric's direction: a mis-typed min/max would silently optimise the wrong way."""
     if not metrics:
         raise SpecError("tune.metric: the list of objectives is empty; name one metric (val_top1) or several "
                         "([val_top1, val_corrupt_top1, val_ece])")

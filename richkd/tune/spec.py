@@ -1,10 +1,6 @@
-"""A sweep spec: a base config (`base:` file and/or inline `config:`), a `space:` (richkd.tune.params), optional
-`points_to_evaluate:` and the `tune:`, `mlflow:` and `finalize:` sections (richkd.tune.settings), read from YAML and
-checked completely, without side effects, before Ray starts: every problem is one SpecError (docs/architecture.md,
-"Data flow", 2; the whole-space checks are richkd.tune.preflight's).
-
-`SweepSpec.to_dict()` is itself a valid spec (env variables expanded, paths absolute, every default spelt out): the
-sweep folder stores it, and later commands read it back through the same loader as an equal SweepSpec.
+"""A sweep spec read from YAML and checked completely, without side effects, before Ray starts: every problem is one
+SpecError (docs/architecture.md, "Data flow", 2). `SweepSpec.to_dict()` is itself a valid spec (env variables
+expanded, paths absolute, defaults spelt out) that the sweep folder stores and later commands read back.
 """
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
-"""Learning-curve tables (docs/search.md, "Learning-curve tables"): configurations of a sweep's space trained to the
-end with every epoch's validation top-1, loss and seconds and, for final reporting only, the test top-1, as LCBench
-and NAS-Bench-201 are. The file is JSON lines, a header (format, the resolved spec, provenance) and one row per
-(configuration, seed) appended as each training finishes, so a killed build resumes without training a row twice.
-richkd.tune.runner.build_table trains the rows; `table_from_sweep` turns a finished FIFO sweep into a table.
+"""Learning-curve tables (docs/search.md, "Learning-curve tables"): JSON lines, a header (format, the resolved spec,
+provenance) and one row per (configuration, seed) with every epoch's validation top-1, loss and seconds (and the test
+top-1, for final reporting only), appended as each training finishes so that a killed build resumes.
 """
 from __future__ import annotations
 
