@@ -31,8 +31,6 @@ log = logging.getLogger(__name__)
 TIME_ATTR = "training_iteration"  # one tune.report per epoch, so training_iteration == epoch
 
 
-# ----- sampler mapping --------------------------------------------------------------------------------
-
 def suggest(trial, p: Param) -> Any:
     """Ask an Optuna trial for one entry's value (define-by-run), from the entry's Optuna distribution."""
     d = p.optuna_distribution()
@@ -58,8 +56,6 @@ class OptunaSpace:
 def tune_param_space(spec: SweepSpec) -> dict:
     return {p.key: p.tune_domain() for p in spec.params}
 
-
-# ----- searchers --------------------------------------------------------------------------------------
 
 class PrunedAwareOptunaSearch(OptunaSearch):
     """OptunaSearch that tells Optuna PRUNED for trials stopped before max_t and FAIL for non-finite values."""

@@ -14,7 +14,7 @@ from richkd.config import CORRUPTION_NAMES
 from richkd.metric_names import KNOWN_METRICS, PER_CORRUPTION_PREFIX, direction, is_reported, per_corruption
 from richkd.schema import check, in_range, one_of, suggest
 from richkd.tune.errors import SpecError
-from richkd.tune.paths import DEFAULT_STORAGE, absolute_storage, has_scheme
+from richkd.tune.paths import DEFAULT_STORAGE, absolute_storage, has_scheme, resolve_tracking_uri
 
 SEARCH_ALGORITHMS = ("optuna", "random", "grid")
 SCHEDULERS = ("asha", "fifo")
@@ -44,8 +44,7 @@ class SearchSettings(_Section):
         need(self.algorithm == "optuna", "tune.search.storage", "an Optuna storage is only used with algorithm: optuna")
         need(bool(re.match(r"^(sqlite|postgresql|mysql)[+a-z0-9]*://", self.storage)), "tune.search.storage",
              f"{self.storage!r} must be an RDB URL such as sqlite:///tune_runs/optuna.db")
-        if self.storage.startswith("sqlite:///") and not self.storage[len("sqlite:///"):].startswith("/"):
-            object.__setattr__(self, "storage", "sqlite:///" + os.path.abspath(self.storage[len("sqlite:///"):]))
+        object.__setattr__(self, "storage", resolve_tracking_uri(self.storage, DEFAULT_STORAGE))   # sqlite: absolute
 
 
 @dataclass(frozen=True)
@@ -183,8 +182,6 @@ class FinalizeSettings(_Section):
         need(self.top >= 1 and self.seeds >= 1, "finalize.top and finalize.seeds", "must be >= 1")
 
 
-# ----- objectives ---------------------------------------------------------------------------------
-
 def check_objectives(metrics: list, modes: Any, multi: bool) -> tuple:
     """((metric, mode), ...) from tune.metric (one or several names) and tune.mode (the same shape, or None: derived).
     Each mode must be the metric's direction: a mis-typed min/max would silently optimise the wrong way."""
@@ -201,8 +198,7 @@ def check_objectives(metrics: list, modes: Any, multi: bool) -> tuple:
         if corruption and corruption not in CORRUPTION_NAMES:
             raise SpecError(f"{where}: {corruption!r} in {metric!r} is not a corruption"
                             f"{suggest(corruption, CORRUPTION_NAMES)} (choose from {', '.join(CORRUPTION_NAMES)})")
-    dupes = sorted({m for m in metrics if metrics.count(m) > 1})
-    if dupes:
+    if dupes := sorted({m for m in metrics if metrics.count(m) > 1}):
         raise SpecError(f"tune.metric: {dupes[0]!r} is listed twice; each objective once")
     expected = [direction(m) for m in metrics]
     if modes is None:
@@ -213,7 +209,6 @@ def check_objectives(metrics: list, modes: Any, multi: bool) -> tuple:
         if len(modes) != len(metrics):
             raise SpecError(f"tune.mode: {len(modes)} modes for {len(metrics)} objectives {metrics}; give one "
                             f"mode per objective ({expected}) or leave mode out")
-        modes = list(modes)
     elif multi and len(metrics) > 1:
         raise SpecError(f"tune.mode: {modes!r} is one mode for {len(metrics)} objectives; give a list "
                         f"({expected}) or leave mode out (derived per metric)")

@@ -143,8 +143,6 @@ class Table:
         return "\n".join(lines)
 
 
-# ----- reading and writing --------------------------------------------------------------------------------
-
 def read_table(path: str | os.PathLike, repair: bool = False) -> Table:
     """Read a table file. A last line cut short by a kill is dropped (and, with `repair`, removed from the file
     so that appends continue cleanly); anything else malformed is one TableError naming the line."""
@@ -225,8 +223,6 @@ def check_same_space(table: Table, spec: SweepSpec, what: str) -> None:
                          f"use a table of spec {spec.name!r}'s space or build one with `richkd table build`")
 
 
-# ----- building -----------------------------------------------------------------------------------------
-
 @dataclass(frozen=True)
 class RowJob:
     config_id: str
@@ -261,8 +257,6 @@ def table_plan(spec: SweepSpec, jobs: list[RowJob]) -> TrialPlan:
     seed = Param(SEED_KEY, "choice", values=tuple(sorted({j.seed for j in jobs})))
     return replace(spec.plan(), params=spec.params + (seed,), final=True)
 
-
-# ----- from a sweep ------------------------------------------------------------------------------------
 
 def table_from_sweep(sweep: str, out: str | os.PathLike, storage: Optional[str] = None) -> Table:
     """A finished sweep without early stopping as a table (no test top-1: sweeps never read the test split)."""
