@@ -147,8 +147,7 @@ def finalize_arms(name: str, *, seeds: Optional[int] = None, storage: Optional[s
 
 
 def _log_mlflow(c: Comparison, spec: SweepSpec, group: ArmsGroup) -> Optional[str]:
-    """The comparison as one run in the arms' experiment: each arm's mean and std, each difference and its
-    interval as metrics, comparison.json as a file."""
+    """The comparison as one MLflow run: means, stds, differences and intervals as metrics, comparison.json."""
     if not spec.mlflow.enabled:
         return None
     metrics = {f"{arm}_test_top1_{k}": v[k] for arm, v in c.arms.items() for k in ("mean", "std")}

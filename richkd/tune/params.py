@@ -258,8 +258,6 @@ def config_or_error(plan: TrialPlan, sampled: Mapping[str, Any], what: str) -> C
                         f"{shown or 'none (the base config)'}") from None
 
 
-# ----- parsing the `space:` section -----------------------------------------------------------------
-
 def parse_space(space: Any, base: Config) -> tuple:
     """The `space:` mapping -> Param entries in spec order; every problem is one SpecError naming the entry."""
     if not isinstance(space, Mapping):
@@ -375,8 +373,6 @@ def _parse_conditions(when: Any, where: str, known: Sequence[str]) -> tuple:
     return tuple(out)
 
 
-# ----- small shared checks ----------------------------------------------------------------------------
-
 def check_keys(mapping: Any, valid: Sequence[str], section: str) -> None:
     if not isinstance(mapping, Mapping):
         raise SpecError(f"{section or 'spec'}: expected a mapping, got {mapping!r}")
@@ -387,13 +383,11 @@ def check_keys(mapping: Any, valid: Sequence[str], section: str) -> None:
 def number(value: Any, where: str, integer: bool = False) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SpecError(f"{where}: expected a number, got {value!r}")
-    if integer:
-        if not float(value).is_integer():
-            raise SpecError(f"{where}: expected an integer, got {value!r}")
-        return int(value)
+    if integer and not float(value).is_integer():
+        raise SpecError(f"{where}: expected an integer, got {value!r}")
     if not math.isfinite(value):
         raise SpecError(f"{where}: expected a finite number, got {value!r}")
-    return value
+    return int(value) if integer else value
 
 
 def _scalar(value: Any, where: str) -> Any:

@@ -1,6 +1,5 @@
-"""Whole-space checks of a sweep spec, run by the spec loader (richkd.tune.spec) before Ray starts: every space value
-and range end, point to evaluate and seeded draw builds a valid config, and (when asked) every model, prompt set,
-file and dataset a trial can need exists, on the spec's cache probe configs. One SpecError names the entry and fix.
+"""Whole-space checks run by the spec loader before Ray starts: every space value, range end and point builds a valid
+config, and (when asked) every model, prompt set, file and dataset a trial can need exists. One SpecError each.
 """
 from __future__ import annotations
 

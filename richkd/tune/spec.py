@@ -92,11 +92,10 @@ class SweepSpec:
         others = [{}] + [dict(pt) for pt in self.points] + self.random_points(32, seed=12345)
         plan = self.plan()
         seen: dict = {}
-        for other in others:
-            for combo in combos:
-                sampled = {**{k: v for k, v in other.items() if k not in combo}, **combo}
-                cfg = config_or_error(plan, sampled, "a configuration this space can produce")
-                seen.setdefault(cache_signature(cfg), cfg)
+        for other, combo in itertools.product(others, combos):
+            sampled = {**{k: v for k, v in other.items() if k not in combo}, **combo}
+            cfg = config_or_error(plan, sampled, "a configuration this space can produce")
+            seen.setdefault(cache_signature(cfg), cfg)
         return list(seen.values())
 
     def to_dict(self) -> dict:
@@ -111,8 +110,6 @@ class SweepSpec:
         """A spec saved by `to_dict`; `check` re-runs the file and data checks (on the machine reading it)."""
         return spec_from_mapping(data, source=source, check_resources=check, check_data=check)
 
-
-# ----- loading ----------------------------------------------------------------------------------------
 
 def load_spec(path: str | os.PathLike, overrides: Sequence[str] | Mapping[str, Any] = (),
               *, check_resources: bool = True, check_data: bool = True) -> SweepSpec:

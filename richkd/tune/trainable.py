@@ -64,10 +64,8 @@ def train_trial(config: dict, plan: TrialPlan, needs: Optional[SweepNeeds] = Non
     last_epoch = [int(resume_state["epoch"]) if resume_state else 0]
 
     def on_epoch(report) -> None:
-        metrics = {k: float(v) for k, v in report.metrics.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        metrics[NONFINITE_KEY] = 0.0
-        metrics.update(where)
+        metrics = {**{k: float(v) for k, v in report.metrics.items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool)}, NONFINITE_KEY: 0.0, **where}
         with tempfile.TemporaryDirectory(prefix="richkd-ckpt-") as directory:
             torch.save(report.state(), Path(directory) / STATE_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))

@@ -31,10 +31,17 @@ class WarmStart:
     sources: list = field(default_factory=list)
     left_out: int = 0
 
+    @property
+    def completed(self) -> int:
+        return sum(1 for t in self.trials if t.value is not None)
+
+    @property
+    def pruned(self) -> int:
+        return len(self.trials) - self.completed
+
     def describe(self) -> str:
-        done = sum(t.value is not None for t in self.trials)
         left = f"; {self.left_out} outside this space left out" if self.left_out else ""
-        return (f"warm start: {done} completed and {len(self.trials) - done} pruned trial(s) from "
+        return (f"warm start: {self.completed} completed and {self.pruned} pruned trial(s) from "
                 f"{', '.join(self.sources)}{left}")
 
 
