@@ -1,8 +1,6 @@
-"""Fair comparisons (docs/search.md, "Fair comparisons"): a spec's `arms:` (e.g. richkd, the alpha = 1 KD control,
-DKD) are sweeps of their own, `<name>.<arm>` (richkd.tune.spec.arm_mappings), sharing the `tune:` section, the
-schedule and the seed, so each arm gets the same tuning budget; `<storage>/<name>/arms.json` lists them. `richkd
-finalize <name>` re-trains each arm's best over the same seeds and writes `comparison.json` (and one MLflow run): per
-arm the test top-1 mean and sample std, per pair the difference of means with a 95% percentile-bootstrap interval.
+"""Fair comparisons (docs/search.md, "Fair comparisons"): a spec's `arms:` are sweeps `<name>.<arm>` with the same
+budget, listed in `<storage>/<name>/arms.json`; `richkd finalize <name>` re-trains each arm's best over the same seeds
+and writes `comparison.json` (and one MLflow run) with 95% percentile-bootstrap intervals of the differences.
 """
 from __future__ import annotations
 
@@ -149,8 +147,7 @@ def finalize_arms(name: str, *, seeds: Optional[int] = None, storage: Optional[s
 
 
 def _log_mlflow(c: Comparison, spec: SweepSpec, group: ArmsGroup) -> Optional[str]:
-    """The comparison as one run in the arms' experiment: each arm's mean and std, each difference and its
-    interval as metrics, comparison.json as a file."""
+    """The comparison as one MLflow run: means, stds, differences and intervals as metrics, comparison.json."""
     if not spec.mlflow.enabled:
         return None
     metrics = {f"{arm}_test_top1_{k}": v[k] for arm, v in c.arms.items() for k in ("mean", "std")}

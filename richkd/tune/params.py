@@ -33,7 +33,6 @@ from richkd.tune.paths import absolutize
 # `when:` tests; an ordering test of an unset key (None) or of values that do not compare is false
 CONDITION_TESTS = {"eq": operator.eq, "ne": operator.ne, "gt": operator.gt, "ge": operator.ge, "lt": operator.lt,
                    "le": operator.le, "in": lambda a, b: a in b, "not_in": lambda a, b: a not in b}
-CONDITION_OPS = tuple(CONDITION_TESTS)
 _SKIP = object()
 
 
@@ -51,33 +50,29 @@ def _lin(p, v):
     return (v - p.low) / (p.high - p.low)
 
 
-def _log(p, v):
-    return (math.log(v) - math.log(p.low)) / (math.log(p.high) - math.log(p.low))
-
-
-def _pick(p, rng):
-    return p.values[rng.randrange(len(p.values))]
-
-
 SAMPLER_TABLE = {
     "uniform": Sampler(("low", "high"), lambda p, r: r.uniform(p.low, p.high), _lin,
                        lambda p, d: d.FloatDistribution(float(p.low), float(p.high)),
                        lambda p, t: t.uniform(p.low, p.high)),
-    "loguniform": Sampler(("low", "high"), lambda p, r: math.exp(r.uniform(math.log(p.low), math.log(p.high))), _log,
+    "loguniform": Sampler(("low", "high"), lambda p, r: math.exp(r.uniform(math.log(p.low), math.log(p.high))),
+                          lambda p, v: (math.log(v) - math.log(p.low)) / (math.log(p.high) - math.log(p.low)),
                           lambda p, d: d.FloatDistribution(float(p.low), float(p.high), log=True),
                           lambda p, t: t.loguniform(p.low, p.high)),
     "quniform": Sampler(("low", "high", "q"),
-                        lambda p, r: _qround(p.low + p.q * r.randint(0, int(round((p.high - p.low) / p.q))), p.q),
+                        # rounded to q's decimals + 6, so that 0.1 * 3 is 0.3
+                        lambda p, r: round(p.low + p.q * r.randint(0, round((p.high - p.low) / p.q)),
+                                           max(0, 6 - math.floor(math.log10(p.q)))),
                         _lin, lambda p, d: d.FloatDistribution(float(p.low), float(p.high), step=float(p.q)),
                         lambda p, t: t.quniform(p.low, p.high, p.q)),
     "randint": Sampler(("low", "high"), lambda p, r: r.randint(int(p.low), int(p.high)), _lin,
                        lambda p, d: d.IntDistribution(int(p.low), int(p.high)),
                        lambda p, t: t.randint(int(p.low), int(p.high) + 1)),   # Tune's high is exclusive
-    "choice": Sampler(("values",), _pick, None, lambda p, d: d.CategoricalDistribution(tuple(p.values)),
+    "choice": Sampler(("values",), lambda p, r: r.choice(p.values), None,
+                      lambda p, d: d.CategoricalDistribution(tuple(p.values)),
                       lambda p, t: t.choice(list(p.values))),
-    "grid": Sampler(("values",), _pick, None, None, lambda p, t: t.grid_search(list(p.values))),
+    "grid": Sampler(("values",), lambda p, r: r.choice(p.values), None, None,
+                    lambda p, t: t.grid_search(list(p.values))),
 }
-SAMPLERS = tuple(SAMPLER_TABLE)
 CONTINUOUS_SAMPLERS = tuple(name for name, s in SAMPLER_TABLE.items() if s.unit is not None)
 # Keys a space may not sample: ASHA's max_t is train.epochs, and the sweep names its own trials.
 FIXED_KEYS = ("train.epochs", "name")
@@ -118,9 +113,6 @@ class Param:
     @property
     def is_finite(self) -> bool:
         return self.sampler in ("choice", "grid")
-
-    def active(self, values: Mapping[str, Any]) -> bool:
-        return all(c.holds(values) for c in self.when)
 
     @property
     def config_keys(self) -> list[str]:
@@ -165,6 +157,10 @@ class Param:
     def corners(self) -> list:
         return list(self.values) if self.is_finite else [self.low, self.high]
 
+    def corner_overrides(self) -> list:
+        """(dotted key, value) pairs of every value and range end."""
+        return [kv for value in self.corners() for kv in self.overrides_for(value).items()]
+
     def describe(self) -> dict:
         """A readable summary (MLflow, report): `when:` as text."""
         out = self.to_entry()
@@ -190,14 +186,11 @@ class Param:
 
 def walk_active(params: Sequence[Param], base_flat: Mapping[str, Any],
                 choose: Callable[[Param], Any]) -> Iterator[tuple[Param, Any]]:
-    """(entry, value) for each entry whose `when:` holds on the config built so far, in spec order.
-
-    `choose(p)` gives the entry's value (a sample, a draw, an Optuna suggestion) or `skip` to leave it unset;
-    each chosen value's overrides are applied before the next entry's conditions are tested.
-    """
+    """(entry, value) for each entry whose `when:` holds on the config built so far (each chosen value's overrides
+    applied), in spec order; `choose(p)` gives the value (a sample, a draw, an Optuna suggestion) or _SKIP."""
     values = dict(base_flat)
     for p in params:
-        if not p.active(values):
+        if not all(c.holds(values) for c in p.when):
             continue
         value = choose(p)
         if value is _SKIP:
@@ -236,11 +229,8 @@ class TrialPlan:
         return [m for m, _ in getattr(self, "objectives", ())] or [self.metric]   # getattr: older pickles
 
     def effective_overrides(self, sampled: Mapping[str, Any]) -> dict:
-        """Dotted overrides the sampled values amount to, dropping entries whose `when:` does not hold.
-
-        Optuna never samples an inactive entry; random/grid search samples everything, so inactive values
-        are dropped here (and in the MLflow params / leaderboard, which use the effective config).
-        """
+        """Dotted overrides the sampled values amount to, without inactive entries (random/grid search samples
+        every entry; Optuna only the active ones)."""
         return {k: v for p, value in walk_active(self.params, flatten(self.base), from_sample(sampled))
                 for k, v in p.overrides_for(value).items()}
 
@@ -268,8 +258,6 @@ def config_or_error(plan: TrialPlan, sampled: Mapping[str, Any], what: str) -> C
                         f"{shown or 'none (the base config)'}") from None
 
 
-# ----- parsing the `space:` section -----------------------------------------------------------------
-
 def parse_space(space: Any, base: Config) -> tuple:
     """The `space:` mapping -> Param entries in spec order; every problem is one SpecError naming the entry."""
     if not isinstance(space, Mapping):
@@ -280,11 +268,10 @@ def parse_space(space: Any, base: Config) -> tuple:
     for key, entry in space.items():
         key = str(key)
         p = _parse_entry(key, entry, config_keys, [q.key for q in params if q.is_variant])
-        for k in ([key] if not p.is_variant else sorted({k for b in p.variants.values() for k in b})):
+        for k in sorted(set(p.config_keys)):
             if k in FIXED_KEYS:
-                raise SpecError(f"space.{key}: {k} cannot be searched (ASHA's max_t is train.epochs; use a separate "
-                                "sweep per schedule)" if k == "train.epochs"
-                                else f"space.{key}: {k} cannot be searched")
+                raise SpecError(f"space.{key}: {k} cannot be searched" + (" (ASHA's max_t is train.epochs; use a "
+                                "separate sweep per schedule)" if k == "train.epochs" else ""))
             if k in seen_config_keys:
                 raise SpecError(f"space.{key}: {k} is already set by space entry {seen_config_keys[k]!r}")
             seen_config_keys[k] = key
@@ -297,13 +284,12 @@ def _parse_entry(key: str, entry: Any, config_keys: list[str], variant_keys: lis
     if not isinstance(entry, Mapping):
         raise SpecError(f"{where}: expected a mapping with `sampler:`, got {entry!r}")
     sampler = entry.get("sampler")
-    if sampler not in SAMPLERS:
-        raise SpecError(f"{where}.sampler: {sampler!r} is not one of {', '.join(SAMPLERS)}"
-                        f"{suggest(str(sampler), SAMPLERS)}")
+    if sampler not in SAMPLER_TABLE:
+        raise SpecError(f"{where}.sampler: {sampler!r} is not one of {', '.join(SAMPLER_TABLE)}"
+                        f"{suggest(str(sampler), SAMPLER_TABLE)}")
     keys = SAMPLER_TABLE[sampler].keys
     check_keys(entry, keys + ("sampler", "when"), where)
-    missing = [k for k in keys if k not in entry]
-    if missing:
+    if missing := [k for k in keys if k not in entry]:
         raise SpecError(f"{where}: sampler {sampler} needs {', '.join(missing)}")
     when = _parse_conditions(entry.get("when"), where, config_keys + variant_keys)
     values_raw = entry.get("values")
@@ -374,11 +360,11 @@ def _parse_conditions(when: Any, where: str, known: Sequence[str]) -> tuple:
                             f"{suggest(key, known)}")
         if isinstance(test, Mapping):
             if len(test) != 1:
-                raise SpecError(f"{where}.when.{key}: give exactly one test of {', '.join(CONDITION_OPS)}")
+                raise SpecError(f"{where}.when.{key}: give exactly one test of {', '.join(CONDITION_TESTS)}")
             op, value = next(iter(test.items()))
-            if op not in CONDITION_OPS:
-                raise SpecError(f"{where}.when.{key}: unknown test {op!r}{suggest(op, CONDITION_OPS)} "
-                                f"(tests: {', '.join(CONDITION_OPS)})")
+            if op not in CONDITION_TESTS:
+                raise SpecError(f"{where}.when.{key}: unknown test {op!r}{suggest(op, CONDITION_TESTS)} "
+                                f"(tests: {', '.join(CONDITION_TESTS)})")
             if op in ("in", "not_in") and not isinstance(value, list):
                 raise SpecError(f"{where}.when.{key}.{op}: expected a list, got {value!r}")
         else:
@@ -386,8 +372,6 @@ def _parse_conditions(when: Any, where: str, known: Sequence[str]) -> tuple:
         out.append(Condition(str(key), op, value))
     return tuple(out)
 
-
-# ----- small shared checks ----------------------------------------------------------------------------
 
 def check_keys(mapping: Any, valid: Sequence[str], section: str) -> None:
     if not isinstance(mapping, Mapping):
@@ -399,13 +383,11 @@ def check_keys(mapping: Any, valid: Sequence[str], section: str) -> None:
 def number(value: Any, where: str, integer: bool = False) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SpecError(f"{where}: expected a number, got {value!r}")
-    if integer:
-        if not float(value).is_integer():
-            raise SpecError(f"{where}: expected an integer, got {value!r}")
-        return int(value)
+    if integer and not float(value).is_integer():
+        raise SpecError(f"{where}: expected an integer, got {value!r}")
     if not math.isfinite(value):
         raise SpecError(f"{where}: expected a finite number, got {value!r}")
-    return value
+    return int(value) if integer else value
 
 
 def _scalar(value: Any, where: str) -> Any:
@@ -413,8 +395,3 @@ def _scalar(value: Any, where: str) -> Any:
         return value
     raise SpecError(f"{where}: choice/grid values must be scalars (number, string, true/false, null), got "
                     f"{value!r}; use a variant entry (values: {{name: {{key: value}}}}) for bundles")
-
-
-def _qround(value: float, q: float) -> float:
-    decimals = max(0, -int(math.floor(math.log10(q))) + 6) if q > 0 else 6
-    return round(value, decimals)

@@ -1,6 +1,5 @@
-"""Whole-space checks of a sweep spec, run by the spec loader (richkd.tune.spec) before Ray starts: every space value
-and range end, point to evaluate and seeded draw builds a valid config, and (when asked) every model, prompt set,
-file and dataset a trial can need exists, on the spec's cache probe configs. One SpecError names the entry and fix.
+"""Whole-space checks run by the spec loader before Ray starts: every space value, range end and point builds a valid
+config, and (when asked) every model, prompt set, file and dataset a trial can need exists. One SpecError each.
 """
 from __future__ import annotations
 
@@ -69,7 +68,7 @@ def check_inputs(base: Config, params: Sequence[Param], probes: Sequence[Config]
                 raise SpecError(f"config.data.root: folder {root!r} does not exist (set data.root to the dataset "
                                 "folder or data.download: true)")
         for p in params:   # archs in the space that no probe drew
-            for k, v in _corner_overrides(p):
+            for k, v in p.corner_overrides():
                 if k in ("student.arch", "teacher.arch") and v is not None:
                     try:
                         MODELS.get(v)
@@ -82,17 +81,13 @@ def check_inputs(base: Config, params: Sequence[Param], probes: Sequence[Config]
             build_data(cfg.data)
         except (ValueError, FileNotFoundError) as exc:
             raise SpecError(f"config.data: {exc}") from None
-    largest = max([base.loss.nce_k] + [v for p in params for k, v in _corner_overrides(p)
+    largest = max([base.loss.nce_k] + [v for p in params for k, v in p.corner_overrides()
                                        if k == "loss.nce_k" and v is not None])
     for cfg in _one_per_dataset([c for c in probes if c.loss.uses_crd]):
         try:
             check_data_fit(cfg.with_overrides({"loss.nce_k": largest}))
         except ConfigError as exc:
             raise SpecError(f"{'space.loss.nce_k' if largest != base.loss.nce_k else 'config'}: {exc}") from None
-
-
-def _corner_overrides(p: Param) -> list:
-    return [kv for value in p.corners() for kv in p.overrides_for(value).items()]
 
 
 def _one_per_dataset(configs: Sequence[Config]) -> list[Config]:

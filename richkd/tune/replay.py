@@ -1,9 +1,6 @@
-"""Replay a spec's real searcher and scheduler against a learning-curve table, on a virtual clock (docs/search.md,
-"Replays"): the objects `richkd sweep` builds (`build_search_alg`, `build_scheduler`), `max_concurrent` virtual
-workers, each proposal answered by its nearest table row, each epoch's result delivered when the table's seconds for
-it have passed, and the scheduler and searcher told in the order Tune's controller tells them
-(`TuneController._process_trial_result`). tests/tune/test_replay.py checks the proposals and decisions against a real
-Ray Tune run. The best is chosen as a sweep chooses (richkd.tune.results); its test top-1 is its row's.
+"""Replay the searcher and scheduler `richkd sweep` builds against a learning-curve table on a virtual clock
+(docs/search.md, "Replays"): each proposal is answered by its nearest table row, each epoch's result delivered when
+the table's seconds for it have passed, and both told in the order Tune's `TuneController._process_trial_result` does.
 """
 from __future__ import annotations
 

@@ -31,8 +31,6 @@ log = logging.getLogger(__name__)
 TIME_ATTR = "training_iteration"  # one tune.report per epoch, so training_iteration == epoch
 
 
-# ----- sampler mapping --------------------------------------------------------------------------------
-
 def suggest(trial, p: Param) -> Any:
     """Ask an Optuna trial for one entry's value (define-by-run), from the entry's Optuna distribution."""
     d = p.optuna_distribution()
@@ -44,12 +42,8 @@ def suggest(trial, p: Param) -> Any:
 
 
 class OptunaSpace:
-    """Define-by-run search space: entries in spec order, each only when its `when:` holds.
-
-    A class (not a closure) because Ray pickles the searcher, and with it this object, into the experiment
-    checkpoint; `Tuner.restore` unpickles it by reference to this module. Returns None, so Ray passes on
-    exactly the captured `suggest_*` values (ray#35319: returned constants would bypass points_to_evaluate).
-    """
+    """Define-by-run search space. A class, not a closure: Ray pickles it into the experiment checkpoint. Returns
+    None, so Ray passes on exactly the `suggest_*` values (ray#35319: constants would bypass points_to_evaluate)."""
 
     def __init__(self, base_flat: dict, params: tuple) -> None:
         self.base_flat = dict(base_flat)
@@ -62,8 +56,6 @@ class OptunaSpace:
 def tune_param_space(spec: SweepSpec) -> dict:
     return {p.key: p.tune_domain() for p in spec.params}
 
-
-# ----- searchers --------------------------------------------------------------------------------------
 
 class PrunedAwareOptunaSearch(OptunaSearch):
     """OptunaSearch that tells Optuna PRUNED for trials stopped before max_t and FAIL for non-finite values."""

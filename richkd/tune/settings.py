@@ -1,7 +1,5 @@
 """The `tune:`, `mlflow:` and `finalize:` sections of a sweep spec as typed records, built by `richkd.schema.build` as
-the run config is (unknown keys get the nearest one suggested; each record's `__post_init__` checks its ranges with
-schema's checks) and written back by `to_plain`. Rules that involve the base config or the space live in
-`richkd.tune.spec`.
+the run config is; rules that involve the base config or the space live in `richkd.tune.spec`.
 """
 from __future__ import annotations
 
@@ -10,13 +8,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 from richkd.config import CORRUPTION_NAMES
 from richkd.metric_names import KNOWN_METRICS, PER_CORRUPTION_PREFIX, direction, is_reported, per_corruption
-from richkd.schema import build, check, in_range, one_of, suggest
+from richkd.schema import check, in_range, one_of, suggest
 from richkd.tune.errors import SpecError
-from richkd.tune.paths import DEFAULT_STORAGE, absolute_storage, has_scheme
+from richkd.tune.paths import DEFAULT_STORAGE, absolute_storage, has_scheme, resolve_tracking_uri
 
 SEARCH_ALGORITHMS = ("optuna", "random", "grid")
 SCHEDULERS = ("asha", "fifo")
@@ -46,8 +44,7 @@ class SearchSettings(_Section):
         need(self.algorithm == "optuna", "tune.search.storage", "an Optuna storage is only used with algorithm: optuna")
         need(bool(re.match(r"^(sqlite|postgresql|mysql)[+a-z0-9]*://", self.storage)), "tune.search.storage",
              f"{self.storage!r} must be an RDB URL such as sqlite:///tune_runs/optuna.db")
-        if self.storage.startswith("sqlite:///") and not self.storage[len("sqlite:///"):].startswith("/"):
-            object.__setattr__(self, "storage", "sqlite:///" + os.path.abspath(self.storage[len("sqlite:///"):]))
+        object.__setattr__(self, "storage", resolve_tracking_uri(self.storage, DEFAULT_STORAGE))   # sqlite: absolute
 
 
 @dataclass(frozen=True)
@@ -82,9 +79,10 @@ class Resources(_Section):
 
 @dataclass(frozen=True)
 class TuneSettings(_Section):
-    metric: str = "val_top1"              # the primary (first) objective: ASHA, ranking and best_config use it
-    mode: str = "max"
-    objectives: Tuple[Tuple[str, ...], ...] = ()   # ((metric, mode), ...) of a multi-objective sweep
+    # a name or a list of names (several objectives); once built, the first: ASHA, ranking and best_config use it
+    metric: Any = "val_top1"
+    mode: Any = None                      # max / min (a list for several objectives); None: derived per metric
+    objectives: Tuple[Tuple[str, ...], ...] = ()   # ((metric, mode), ...) of a multi-objective sweep, as saved
     num_samples: int = 8
     search: SearchSettings = field(default_factory=SearchSettings)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
@@ -99,11 +97,14 @@ class TuneSettings(_Section):
     warm_start: Tuple[str, ...] = ()      # earlier sweeps (names) or table files told to Optuna first
 
     def __post_init__(self) -> None:
-        multi = len(self.objectives) > 1
-        pairs = check_objectives([self.metric] + [m for m, _ in self.objectives[1:]],
-                                 [self.mode] + [d for _, d in self.objectives[1:]] if multi else self.mode, multi)
-        need(not self.objectives or tuple(map(tuple, self.objectives)) == pairs, "tune.objectives",
-             "must start with (tune.metric, tune.mode)")
+        if self.objectives:   # as saved: metric and mode are the first objective's
+            need(tuple(self.objectives[0]) == (self.metric, self.mode), "tune.objectives",
+                 "must start with (tune.metric, tune.mode)")
+        metrics, modes = zip(*self.objectives) if self.objectives else (self.metric, self.mode)
+        multi = isinstance(metrics, (list, tuple))
+        pairs = check_objectives(list(metrics) if multi else [metrics], modes, multi)
+        object.__setattr__(self, "metric", pairs[0][0])
+        object.__setattr__(self, "mode", pairs[0][1])
         object.__setattr__(self, "objectives", pairs if len(pairs) > 1 else ())
         need(len(pairs) == 1 or self.search.algorithm == "optuna", "tune.search.algorithm",
              f"{self.search.algorithm} cannot search {len(pairs)} objectives {[m for m, _ in pairs]}; multi-objective "
@@ -163,7 +164,7 @@ class TuneSettings(_Section):
 @dataclass(frozen=True)
 class MlflowSettings(_Section):
     enabled: bool = True
-    tracking_uri: str = ""                # resolved by the spec loader: never empty in a loaded spec
+    tracking_uri: Optional[str] = None    # resolved by the spec loader: never empty in a loaded spec
     experiment: str = "richkd"
     artifact_location: Optional[str] = None
 
@@ -181,32 +182,9 @@ class FinalizeSettings(_Section):
         need(self.top >= 1 and self.seeds >= 1, "finalize.top and finalize.seeds", "must be >= 1")
 
 
-# ----- the user's shorthand for objectives ---------------------------------------------------------
-
-def parse_tune(raw: Any) -> TuneSettings:
-    """The `tune:` section as written by a user (metric: a name or a list of names; mode: optional) or as
-    saved in a sweep folder (metric, mode and objectives spelt out)."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        raise SpecError(f"tune: expected a mapping, got {raw!r}")
-    raw = dict(raw)
-    if "objectives" not in raw:
-        metric = raw.get("metric", "val_top1")
-        multi = isinstance(metric, (list, tuple))
-        pairs = check_objectives(list(metric) if multi else [metric], raw.get("mode"), multi)
-        raw.update(metric=pairs[0][0], mode=pairs[0][1], objectives=[list(p) for p in pairs] if multi else [])
-    return build(TuneSettings, raw, "tune.")
-
-
 def check_objectives(metrics: list, modes: Any, multi: bool) -> tuple:
-    """((metric, mode), ...) from tune.metric (one or several names) and tune.mode (the same shape, or None).
-
-    Each mode must be the direction metric_names.direction gives (a mis-typed min/max would silently optimise
-    the wrong way); leaving mode out derives it. A one-element list is a single objective. A per-corruption
-    accuracy (val_corrupt_top1_<corruption>) must name a known corruption; the spec also checks that the base
-    config evaluates it (robustness.corruptions).
-    """
+    """((metric, mode), ...) from tune.metric (one or several names) and tune.mode (the same shape, or None: derived).
+    Each mode must be the metric's direction: a mis-typed min/max would silently optimise the wrong way."""
     if not metrics:
         raise SpecError("tune.metric: the list of objectives is empty; name one metric (val_top1) or several "
                         "([val_top1, val_corrupt_top1, val_ece])")
@@ -220,8 +198,7 @@ def check_objectives(metrics: list, modes: Any, multi: bool) -> tuple:
         if corruption and corruption not in CORRUPTION_NAMES:
             raise SpecError(f"{where}: {corruption!r} in {metric!r} is not a corruption"
                             f"{suggest(corruption, CORRUPTION_NAMES)} (choose from {', '.join(CORRUPTION_NAMES)})")
-    dupes = sorted({m for m in metrics if metrics.count(m) > 1})
-    if dupes:
+    if dupes := sorted({m for m in metrics if metrics.count(m) > 1}):
         raise SpecError(f"tune.metric: {dupes[0]!r} is listed twice; each objective once")
     expected = [direction(m) for m in metrics]
     if modes is None:
@@ -232,7 +209,6 @@ def check_objectives(metrics: list, modes: Any, multi: bool) -> tuple:
         if len(modes) != len(metrics):
             raise SpecError(f"tune.mode: {len(modes)} modes for {len(metrics)} objectives {metrics}; give one "
                             f"mode per objective ({expected}) or leave mode out")
-        modes = list(modes)
     elif multi and len(metrics) > 1:
         raise SpecError(f"tune.mode: {modes!r} is one mode for {len(metrics)} objectives; give a list "
                         f"({expected}) or leave mode out (derived per metric)")

@@ -1,10 +1,6 @@
-"""A sweep spec: a base config (`base:` file and/or inline `config:`), a `space:` (richkd.tune.params), optional
-`points_to_evaluate:` and the `tune:`, `mlflow:` and `finalize:` sections (richkd.tune.settings), read from YAML and
-checked completely, without side effects, before Ray starts: every problem is one SpecError (docs/architecture.md,
-"Data flow", 2; the whole-space checks are richkd.tune.preflight's).
-
-`SweepSpec.to_dict()` is itself a valid spec (env variables expanded, paths absolute, every default spelt out): the
-sweep folder stores it, and later commands read it back through the same loader as an equal SweepSpec.
+"""A sweep spec read from YAML and checked completely, without side effects, before Ray starts: every problem is one
+SpecError (docs/architecture.md, "Data flow", 2). `SweepSpec.to_dict()` is itself a valid spec (env variables
+expanded, paths absolute, defaults spelt out) that the sweep folder stores and later commands read back.
 """
 from __future__ import annotations
 
@@ -31,7 +27,7 @@ from richkd.tune.errors import SpecError
 from richkd.tune.params import Param, TrialPlan, check_keys, config_or_error, parse_space
 from richkd.tune.paths import PATH_KEYS, absolutize, join_storage, resolve_tracking_uri
 from richkd.tune.preflight import check_inputs, check_space_values
-from richkd.tune.settings import FinalizeSettings, MlflowSettings, TuneSettings, parse_tune
+from richkd.tune.settings import FinalizeSettings, MlflowSettings, TuneSettings
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +92,10 @@ class SweepSpec:
         others = [{}] + [dict(pt) for pt in self.points] + self.random_points(32, seed=12345)
         plan = self.plan()
         seen: dict = {}
-        for other in others:
-            for combo in combos:
-                sampled = {**{k: v for k, v in other.items() if k not in combo}, **combo}
-                cfg = config_or_error(plan, sampled, "a configuration this space can produce")
-                seen.setdefault(cache_signature(cfg), cfg)
+        for other, combo in itertools.product(others, combos):
+            sampled = {**{k: v for k, v in other.items() if k not in combo}, **combo}
+            cfg = config_or_error(plan, sampled, "a configuration this space can produce")
+            seen.setdefault(cache_signature(cfg), cfg)
         return list(seen.values())
 
     def to_dict(self) -> dict:
@@ -115,8 +110,6 @@ class SweepSpec:
         """A spec saved by `to_dict`; `check` re-runs the file and data checks (on the machine reading it)."""
         return spec_from_mapping(data, source=source, check_resources=check, check_data=check)
 
-
-# ----- loading ----------------------------------------------------------------------------------------
 
 def load_spec(path: str | os.PathLike, overrides: Sequence[str] | Mapping[str, Any] = (),
               *, check_resources: bool = True, check_data: bool = True) -> SweepSpec:
@@ -197,7 +190,7 @@ def spec_from_mapping(raw: Mapping[str, Any], *, source: Optional[str] = None,
 
     base_cfg = _load_base_config(raw, base_dir or Path.cwd(), name, demo_base)
     params = parse_space(raw.get("space") or {}, base_cfg)
-    tune = parse_tune(raw.get("tune"))
+    tune = build(TuneSettings, raw.get("tune"), "tune.")
     if tune.scheduler.grace_period is None:
         tune = replace(tune, scheduler=replace(tune.scheduler, grace_period=max(1, base_cfg.train.epochs // 4)))
     _check_fits(tune, params, base_cfg)
@@ -313,19 +306,17 @@ def _load_base_config(raw: dict, base_dir: Path, name: str, demo_base: bool = Fa
 
 def _check_fits(t: TuneSettings, params: Sequence[Param], base: Config) -> None:
     """Rules between the tune settings, the space and the base config."""
-    for p in params:
-        if not p.is_finite and p.key.startswith(CACHE_AFFECTING_PREFIXES):
-            raise SpecError(f"space.{p.key}: {p.key} changes the teacher/CLIP caches, which are built once before "
-                            f"the trials; sample it with `choice` (finite values), not `{p.sampler}` "
-                            f"(cache-affecting prefixes: {', '.join(CACHE_AFFECTING_PREFIXES)})")
     # every trial needs a validation split: a sweep ranks, prunes and selects trials on validation metrics
     why = ("0 leaves no validation split, but a sweep ranks and selects trials on validation metrics (val_*); "
            "use a value in (0, 0.9), e.g. 0.1 (`richkd finalize` trains the finalists on the whole split)")
     if base.data.val_fraction == 0:
         raise SpecError(f"config.data.val_fraction: {why}")
     for p in params:
-        values = [v for c in p.corners() for k, v in p.overrides_for(c).items() if k == "data.val_fraction"]
-        if 0 in values:
+        if not p.is_finite and p.key.startswith(CACHE_AFFECTING_PREFIXES):
+            raise SpecError(f"space.{p.key}: {p.key} changes the teacher/CLIP caches, which are built once before "
+                            f"the trials; sample it with `choice` (finite values), not `{p.sampler}` "
+                            f"(cache-affecting prefixes: {', '.join(CACHE_AFFECTING_PREFIXES)})")
+        if ("data.val_fraction", 0) in p.corner_overrides():
             raise SpecError(f"space.{p.key}: data.val_fraction {why}")
     algorithm = t.search.algorithm
     if not params:
@@ -401,15 +392,11 @@ def _parse_points(raw: Any, params: Sequence[Param], tune: TuneSettings) -> tupl
 
 
 def _parse_mlflow(raw: Any, tune: TuneSettings) -> MlflowSettings:
-    raw = {} if raw is None else raw
-    check_keys(raw, [f.name for f in MlflowSettings.__dataclass_fields__.values()], "mlflow")
-    uri = raw.get("tracking_uri")
-    if uri is not None and not isinstance(uri, str):
-        raise SpecError(f"mlflow.tracking_uri: expected a URI string, got {uri!r}")
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None   # MLflow's own variable, then the default
-    settings = build(MlflowSettings, {**raw, "tracking_uri": resolve_tracking_uri(uri, tune.storage_path)}, "mlflow.")
-    return replace(settings, artifact_location=default_artifact_location(settings.tracking_uri,
-                                                                         settings.artifact_location))
+    settings = build(MlflowSettings, raw, "mlflow.")
+    # MLflow's own variable, then the default
+    uri = resolve_tracking_uri(settings.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), tune.storage_path)
+    return replace(settings, tracking_uri=uri,
+                   artifact_location=default_artifact_location(uri, settings.artifact_location))
 
 
 def _parse_finalize(raw: Any, base: Config) -> FinalizeSettings:

@@ -1,8 +1,6 @@
-"""Learning-curve tables (docs/search.md, "Learning-curve tables"): configurations of a sweep's space trained to the
-end with every epoch's validation top-1, loss and seconds and, for final reporting only, the test top-1, as LCBench
-and NAS-Bench-201 are. The file is JSON lines, a header (format, the resolved spec, provenance) and one row per
-(configuration, seed) appended as each training finishes, so a killed build resumes without training a row twice.
-richkd.tune.runner.build_table trains the rows; `table_from_sweep` turns a finished FIFO sweep into a table.
+"""Learning-curve tables (docs/search.md, "Learning-curve tables"): JSON lines, a header (format, the resolved spec,
+provenance) and one row per (configuration, seed) with every epoch's validation top-1, loss and seconds (and the test
+top-1, for final reporting only), appended as each training finishes so that a killed build resumes.
 """
 from __future__ import annotations
 
@@ -14,7 +12,7 @@ import platform
 import statistics
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -28,7 +26,6 @@ from richkd.tune.spec import SweepSpec, spec_from_mapping
 
 FORMAT = "richkd-table/1"
 SEED_KEY = "seed"   # the extra entry a build adds to the space: the run's seed
-CURVES = ("val_top1", "val_loss", "seconds", "train_seconds")
 
 
 class TableError(SpecError):
@@ -62,13 +59,11 @@ class TableRow:
         return self.val_top1[-1] if self.val_top1 else None
 
     def to_json(self) -> str:
-        return json.dumps({"config_id": self.config_id, "seed": self.seed, "params": self.params,
-                           **{k: getattr(self, k) for k in CURVES}, "test_top1": self.test_top1,
-                           "outcome": self.outcome, **self.extra}, default=str)
+        return json.dumps({**{k: v for k, v in asdict(self).items() if k != "extra"}, **self.extra}, default=str)
 
     @classmethod
     def from_json(cls, data: dict) -> "TableRow":
-        known = {"config_id", "seed", "params", "test_top1", "outcome", *CURVES}
+        known = {f.name for f in fields(cls)} - {"extra"}
         return cls(**{k: data[k] for k in known if k in data}, extra={k: v for k, v in data.items() if k not in known})
 
 
@@ -147,8 +142,6 @@ class Table:
                 lines.append(f"  {key}: {shown}")
         return "\n".join(lines)
 
-
-# ----- reading and writing --------------------------------------------------------------------------------
 
 def read_table(path: str | os.PathLike, repair: bool = False) -> Table:
     """Read a table file. A last line cut short by a kill is dropped (and, with `repair`, removed from the file
@@ -230,8 +223,6 @@ def check_same_space(table: Table, spec: SweepSpec, what: str) -> None:
                          f"use a table of spec {spec.name!r}'s space or build one with `richkd table build`")
 
 
-# ----- building -----------------------------------------------------------------------------------------
-
 @dataclass(frozen=True)
 class RowJob:
     config_id: str
@@ -266,8 +257,6 @@ def table_plan(spec: SweepSpec, jobs: list[RowJob]) -> TrialPlan:
     seed = Param(SEED_KEY, "choice", values=tuple(sorted({j.seed for j in jobs})))
     return replace(spec.plan(), params=spec.params + (seed,), final=True)
 
-
-# ----- from a sweep ------------------------------------------------------------------------------------
 
 def table_from_sweep(sweep: str, out: str | os.PathLike, storage: Optional[str] = None) -> Table:
     """A finished sweep without early stopping as a table (no test top-1: sweeps never read the test split)."""

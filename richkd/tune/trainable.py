@@ -39,14 +39,10 @@ def load_checkpoint_state(directory: str | os.PathLike) -> dict:
 
 
 def train_trial(config: dict, plan: TrialPlan, needs: Optional[SweepNeeds] = None) -> None:
-    """Run one trial. `config` is Tune's sampled {space key: value}; `plan` (and the sweep's node `needs`) come
-    via tune.with_parameters. A node that cannot see the sweep's files fails here with one clear error, before
-    any work (richkd.tune.node_check); the driver checked every node alive at start, this covers later ones.
-
-    Resumes from the trial's own latest checkpoint after a worker failure or `Tuner.restore`; a NaN/inf loss
-    ends the trial with one last report (metric NaN, nonfinite_loss=1, stop_reason) instead of an error, so
-    it is neither retried by FailureConfig nor mistaken for a result (the searcher records it as FAIL).
-    """
+    """Run one trial from Tune's sampled `config`; a node that joined after the driver's checks and cannot see the
+    sweep's files fails here, before any work. Resumes from the trial's latest checkpoint; a NaN/inf loss ends the
+    trial with one last report (metric NaN, nonfinite_loss=1) instead of an error, so FailureConfig does not retry it
+    and the searcher records it as FAIL."""
     node_id = current_node_id() or ""
     where = {NODE_KEY: node_id, NODE_IP_KEY: ray.util.get_node_ip_address()}
     raise_if_unmet(needs, where=f"node {node_id[:12] or '?'}")
@@ -68,10 +64,8 @@ def train_trial(config: dict, plan: TrialPlan, needs: Optional[SweepNeeds] = Non
     last_epoch = [int(resume_state["epoch"]) if resume_state else 0]
 
     def on_epoch(report) -> None:
-        metrics = {k: float(v) for k, v in report.metrics.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        metrics[NONFINITE_KEY] = 0.0
-        metrics.update(where)
+        metrics = {**{k: float(v) for k, v in report.metrics.items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool)}, NONFINITE_KEY: 0.0, **where}
         with tempfile.TemporaryDirectory(prefix="richkd-ckpt-") as directory:
             torch.save(report.state(), Path(directory) / STATE_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))

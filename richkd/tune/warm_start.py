@@ -1,7 +1,6 @@
 """Warm starts (`tune.warm_start`, docs/search.md "Warm starts"): earlier sweeps' and tables' trials told to a new
 sweep's Optuna study first, finished ones as COMPLETE and ASHA-stopped ones as PRUNED, each with its per-epoch values,
-where the new space can produce them (the others are left out and counted). Nothing in common (another metric, mode
-or schedule, or no shared keys) is one SpecError before anything starts.
+where the new space can produce them (the others are left out and counted).
 """
 from __future__ import annotations
 
