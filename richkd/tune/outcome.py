@@ -64,23 +64,6 @@ def sweep_outcome(record: SweepRecord, wall_s: float) -> SweepOutcome:
                         experiment_id=record.experiment_id, mode=spec.tune.mode)
 
 
-def mlflow_ui(tracking_uri: str, experiment_path: str, experiment_id: Optional[str] = None, metric: str = "",
-              mode: str = "max", sweep: Optional[str] = None) -> str:
-    """How to see the sweep's runs: the `richkd ui` command for its store (a tracking server is its own UI) and
-    then the link that opens its runs table, best `metric` first (richkd.tracking.experiment_url)."""
-    if tracking_uri.startswith(("http://", "https://")):
-        ui, command = tracking_uri, ""
-    else:
-        storage, ui = storage_of(experiment_path), local_ui()
-        command = f"richkd ui --tracking-uri {tracking_uri}"
-        if tracking_uri == resolve_tracking_uri(None, storage or DEFAULT_STORAGE):   # the storage's own store
-            command = f"richkd ui --storage {storage}" if storage else "richkd ui"
-    if experiment_id is None:
-        return f"`{command}` to browse" if command else f"open {ui}"
-    link = experiment_url(ui, experiment_id, metric, mode, sweep)
-    return f"`{command}`, then open {link}" if command else f"open {link}"
-
-
 def describe_outcome(outcome: SweepOutcome, metric) -> str:
     metric = metric[0] if isinstance(metric, (list, tuple)) else metric   # multi-objective: the first objective
     lines = [f"sweep {outcome.name}: {outcome.num_trials} trials ({_counts(outcome.counts)}) in {outcome.wall_s:.0f}s",
@@ -96,10 +79,17 @@ def describe_outcome(outcome: SweepOutcome, metric) -> str:
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                           for k, v in outcome.best["config"].items())
         lines.append(f"  best (reached max_t): {metric}={outcome.best['value']:.4g}  {shown}")
-    if outcome.tracking_uri:
-        ui = mlflow_ui(outcome.tracking_uri, outcome.experiment_path, outcome.experiment_id, metric, outcome.mode,
-                       outcome.name)
-        lines.append(f"  MLflow: {outcome.tracking_uri} (parent run {outcome.parent_run_id}); {ui}")
+    if uri := outcome.tracking_uri:   # how to see its runs: `richkd ui` for its store (a server is its own UI)
+        ui, command = local_ui(), f"richkd ui --tracking-uri {uri}"
+        storage = storage_of(outcome.experiment_path)
+        if uri.startswith(("http://", "https://")):
+            ui, command = uri, ""
+        elif uri == resolve_tracking_uri(None, storage or DEFAULT_STORAGE):   # the storage's own store
+            command = f"richkd ui --storage {storage}" if storage else "richkd ui"
+        link = outcome.experiment_id and experiment_url(ui, outcome.experiment_id, metric, outcome.mode, outcome.name)
+        see = f"`{command}`, then open {link}" if link else f"`{command}` to browse"
+        see = see if command else f"open {link or ui}"
+        lines.append(f"  MLflow: {uri} (parent run {outcome.parent_run_id}); {see}")
     ref = sweep_ref(outcome.name, outcome.experiment_path)
     if outcome.interrupted:
         lines.append(f"  interrupted: continue with `richkd sweep --resume {ref}`")

@@ -28,42 +28,6 @@ OBJECT_STORE_BYTES = 256 * 2**20      # small machines: trials share caches by p
 PROBE_TIMEOUT_S = 5.0                  # a Ray head (GCS) that does not accept a TCP connection by then is not there
 
 
-def probe_address(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> str:
-    """The HOST:PORT `--address` stands for (`auto`: what ray.init would pick), checked with one TCP connect: one
-    SpecError within seconds where nothing listens, not minutes of Ray's GCS retries."""
-    start = "start one with `ray start --head`, or leave out --address to run on an embedded local Ray"
-    try:
-        target = address[len("ray://"):] if address.startswith("ray://") else canonicalize_bootstrap_address_or_die(
-            address)
-        host, _, port = target.rpartition(":")
-        port = int(port)
-    except ConnectionError as exc:   # auto: no Ray on this machine
-        raise SpecError(f"--address {address}: {str(exc).split('. ')[0]}; {start}") from None
-    except ValueError:
-        raise SpecError(f"--address {address}: expected HOST:PORT (e.g. 10.0.0.1:6379), ray://HOST:PORT or auto") \
-            from None
-    try:
-        socket.create_connection((host.strip("[]"), port), timeout=timeout_s).close()
-    except OSError as exc:   # refused, timed out, unknown host, no route
-        shown = f"auto ({target})" if address == "auto" else address
-        raise SpecError(f"--address {shown}: no Ray cluster answers there "
-                        f"({exc.strerror or f'no answer within {timeout_s:g} s'}); check the address, or {start}") \
-            from None
-    return target
-
-
-def describe_cluster(address: str) -> str:
-    """"connected to the Ray cluster at HOST:PORT (--address auto): 2 nodes, 8 CPUs, 1 GPU, started ...": said
-    before any work, so attaching to the wrong cluster (`auto` picks the newest on this machine) is seen."""
-    nodes, total = alive_nodes(), ray.cluster_resources()
-    session = re.search(r"session_(\d{4}-\d\d-\d\d)_(\d\d)-(\d\d)-(\d\d)",
-                        next((n.get("RayletSocketName", "") for n in nodes), ""))
-    started = ", started {} {}:{}:{}".format(*session.groups()) if session else ""
-    gpus = f", {total.get('GPU', 0):g} GPUs" if total.get("GPU") else ""
-    return (f"connected to the Ray cluster at {ray.get_runtime_context().gcs_address} (--address {address}): "
-            f"{len(nodes)} node(s), {total.get('CPU', 0):g} CPUs{gpus}{started}")
-
-
 def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, verbose: bool = False) -> bool:
     """Connect to `address` or start an embedded local Ray sized for this machine; False if Ray was already up."""
     # Every per-epoch checkpoint forces an experiment snapshot (CheckpointConfig.num_to_keep): that is what
@@ -79,13 +43,39 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, verb
     # caller's (stop_signals), so a SIGTERM stops a sweep as Ctrl-C does
     sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     if address:
-        target = probe_address(address)
+        # one TCP connect to the HOST:PORT it stands for (`auto`: what ray.init would pick): one SpecError within
+        # seconds where nothing listens, not minutes of Ray's GCS retries
+        start = "start one with `ray start --head`, or leave out --address to run on an embedded local Ray"
+        try:
+            target = address[len("ray://"):] if address.startswith("ray://") else \
+                canonicalize_bootstrap_address_or_die(address)
+            host, _, port = target.rpartition(":")
+            port = int(port)
+        except ConnectionError as exc:   # auto: no Ray on this machine
+            raise SpecError(f"--address {address}: {str(exc).split('. ')[0]}; {start}") from None
+        except ValueError:
+            raise SpecError(f"--address {address}: expected HOST:PORT (e.g. 10.0.0.1:6379), ray://HOST:PORT or auto") \
+                from None
+        try:
+            socket.create_connection((host.strip("[]"), port), timeout=PROBE_TIMEOUT_S).close()
+        except OSError as exc:   # refused, timed out, unknown host, no route
+            shown = f"auto ({target})" if address == "auto" else address
+            raise SpecError(f"--address {shown}: no Ray cluster answers there "
+                            f"({exc.strerror or f'no answer within {PROBE_TIMEOUT_S:g} s'}); check the address, or "
+                            f"{start}") from None
         try:
             ray.init(address=address, **common)
         except (ConnectionError, RuntimeError) as exc:   # something listens there, but not a Ray head
             raise SpecError(f"--address {address}: {target} answers, but not as a Ray cluster "
                             f"({str(exc).splitlines()[0]}); check the address (HEAD:6379)") from None
-        print(describe_cluster(address), flush=True)
+        # said before any work, so attaching to the wrong cluster (`auto` picks the newest on this machine) is seen
+        nodes, total = alive_nodes(), ray.cluster_resources()
+        session = re.search(r"session_(\d{4}-\d\d-\d\d)_(\d\d)-(\d\d)-(\d\d)",
+                            next((n.get("RayletSocketName", "") for n in nodes), ""))
+        started = ", started {} {}:{}:{}".format(*session.groups()) if session else ""
+        gpus = f", {total.get('GPU', 0):g} GPUs" if total.get("GPU") else ""
+        print(f"connected to the Ray cluster at {ray.get_runtime_context().gcs_address} (--address {address}): "
+              f"{len(nodes)} node(s), {total.get('CPU', 0):g} CPUs{gpus}{started}", flush=True)
     else:
         # address="local": always a new embedded cluster, never the last one `ray start` left on this machine
         # (Ray would otherwise attach to it, or fail on num_cpus, when /tmp/ray/ray_current_cluster exists)
