@@ -197,8 +197,10 @@ def _train(spec, jobs: list, results: list, folder: Path, runs: Optional["Finali
         run_seed_jobs(jobs, cpu=t.cpu, gpu=t.gpu, needs=needs, max_retries=t.max_failures, on_done=on_done,
                       on_failed=on_failed)
     except BaseException:
-        if runs:   # the cancelled seeds and their finalists (also on Ctrl-C): never left RUNNING
-            runs.close_open("KILLED")
+        if runs:   # the cancelled seeds, then their finalists (also on Ctrl-C): never left RUNNING
+            for key in reversed(list(runs.open)):
+                runs.end(key, "KILLED")
+            runs.drain()
         raise
 
 
@@ -248,12 +250,6 @@ class FinalistRuns(RunWriter):
         if key in self.open:
             self.open.remove(key)
             self.send("end", key, status)
-
-    def close_open(self, status: str) -> None:
-        """End every run still open, seeds before their finalist (never raises)."""
-        for key in reversed(list(self.open)):
-            self.end(key, status)
-        self.drain()
 
     def finish_seed(self, key: str, res: dict) -> None:   # history (step = epoch), test metrics as final_*, node
         self.put("history", key, [(int(e["epoch"]), {k: v for k, v in e.items() if finite(v)})

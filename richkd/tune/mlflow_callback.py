@@ -156,7 +156,12 @@ class MlflowSweepCallback(RunWriter, Callback):   # picklable: the MLflow client
     def _op_open(self, trial_id: str, config: dict, name: str) -> None:
         flat = self.plan.trial_config(config).to_flat_dict()
         digest = config_hash(flat)
-        run_id = self.runs.get(trial_id) or self._find_existing(trial_id, digest)
+        run_id = self.runs.get(trial_id)
+        if run_id is None:   # a run of this trial created after the last experiment snapshot (state lags the database)
+            found = self.client.search_runs([self.experiment_id], max_results=1, filter_string=(
+                f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}' "
+                f"and tags.`{HASH_TAG}` = '{digest}'"))
+            run_id = found[0].info.run_id if found else None
         if run_id is not None:
             self.runs[trial_id] = run_id
             self._op_status(trial_id, "RUNNING")
@@ -171,13 +176,6 @@ class MlflowSweepCallback(RunWriter, Callback):   # picklable: the MLflow client
         if trial_id in self._params_pending:
             self._op_params(trial_id, flat)
             self._params_pending.discard(trial_id)
-
-    def _find_existing(self, trial_id: str, digest: str) -> Optional[str]:
-        """A child run of this trial created after the last experiment snapshot (state lags the database)."""
-        runs = self.client.search_runs([self.experiment_id], max_results=1, filter_string=(
-            f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}' "
-            f"and tags.`{HASH_TAG}` = '{digest}'"))
-        return runs[0].info.run_id if runs else None
 
     def _op_close(self, trial_id: str, error: bool, result: dict, error_text: str) -> None:
         # on_trial_complete runs before Tune flips the status to TERMINATED

@@ -10,6 +10,7 @@ import logging
 import os
 import pickle
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -27,14 +28,14 @@ from richkd.tune.errors import SpecError
 from richkd.tune.mlflow_callback import sweep_callback
 from richkd.tune.node_check import SweepNeeds, shared_markers, sweep_needs
 from richkd.tune.outcome import SweepOutcome, sweep_outcome
-from richkd.tune.params import TrialPlan
+from richkd.tune.params import Param, TrialPlan
 from richkd.tune.paths import join_storage, remove_file, sweep_ref
 from richkd.tune.results import SWEEP_RECORD, SweepRecord, read_sweep_record, sweep_record_exists, write_sweep_record
 from richkd.tune.search import build_scheduler, build_search_alg, tune_param_space
 from richkd.tune.session import ray_session
 from richkd.tune.spec import SweepSpec
 from richkd.tune.table import (SEED_KEY, Table, TableError, append_row, check_same_space, plan_rows, read_table,
-                               row_from_history, table_header, table_plan)
+                               row_from_history, table_header)
 from richkd.tune.trainable import train_trial
 from richkd.tune.warm_start import load_warm_start
 
@@ -251,7 +252,9 @@ def build_table(spec: SweepSpec, out: str | os.PathLike, *, configs: int, seeds:
     ensure_writable(out.parent, "the table's folder")
     check_outputs(spec)
     started = time.time()
-    plan = table_plan(spec, jobs)
+    # the sweep's plan with the seed as one more entry and the test split evaluated after the last epoch
+    seed = Param(SEED_KEY, "choice", values=tuple(sorted({j.seed for j in jobs})))
+    plan = replace(spec.plan(), params=spec.params + (seed,), final=True)
     say(f"table {out}: {len(pending)} of {len(jobs)} rows to train ({len(done)} already there), "
         f"{spec.max_t} epochs each, {spec.tune.max_concurrent} at a time", progress)
     with ray_for(spec, address, num_cpus, verbose):

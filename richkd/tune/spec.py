@@ -196,8 +196,16 @@ def spec_from_mapping(raw: Mapping[str, Any], *, source: Optional[str] = None,
     _check_fits(tune, params, base_cfg)
     base_cfg = _enable_objective_metrics(base_cfg, tune, params)
     points = _parse_points(raw.get("points_to_evaluate") or [], params, tune)
-    mlflow = _parse_mlflow(raw.get("mlflow"), tune)
-    finalize = _parse_finalize(raw.get("finalize"), base_cfg)
+    mlflow = build(MlflowSettings, raw.get("mlflow"), "mlflow.")
+    uri = resolve_tracking_uri(mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), tune.storage_path)
+    mlflow = replace(mlflow, tracking_uri=uri,
+                     artifact_location=default_artifact_location(uri, mlflow.artifact_location))
+    finalize = build(FinalizeSettings, raw.get("finalize"), "finalize.")
+    finalize = replace(finalize, overrides={k: absolutize(k, v) for k, v in finalize.overrides.items()})
+    try:
+        base_cfg.with_overrides(finalize.overrides)
+    except ConfigError as exc:
+        raise SpecError(f"finalize.overrides: {exc}") from None
     spec = SweepSpec(name=name, source=source, base_config=base_cfg, params=params, points=points,
                      tune=tune, mlflow=mlflow, finalize=finalize, description=str(raw.get("description") or ""))
     check_space_values(base_cfg, spec.plan(), points)
@@ -389,21 +397,3 @@ def _parse_points(raw: Any, params: Sequence[Param], tune: TuneSettings) -> tupl
                 raise SpecError(f"{where}.{key}: {value!r} is outside the space ({p.sampler}: {rng})")
         points.append(point)
     return tuple(points)
-
-
-def _parse_mlflow(raw: Any, tune: TuneSettings) -> MlflowSettings:
-    settings = build(MlflowSettings, raw, "mlflow.")
-    # MLflow's own variable, then the default
-    uri = resolve_tracking_uri(settings.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), tune.storage_path)
-    return replace(settings, tracking_uri=uri,
-                   artifact_location=default_artifact_location(uri, settings.artifact_location))
-
-
-def _parse_finalize(raw: Any, base: Config) -> FinalizeSettings:
-    settings = build(FinalizeSettings, raw, "finalize.")
-    overrides = {k: absolutize(k, v) for k, v in settings.overrides.items()}
-    try:
-        base.with_overrides(overrides)
-    except ConfigError as exc:
-        raise SpecError(f"finalize.overrides: {exc}") from None
-    return replace(settings, overrides=overrides)

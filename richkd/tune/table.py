@@ -12,14 +12,13 @@ import platform
 import statistics
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from richkd.io import atomic_write_text, ensure_writable
 from richkd.provenance import code_version
 from richkd.tune.errors import SpecError
-from richkd.tune.params import Param, TrialPlan
 from richkd.tune.paths import PATH_KEYS
 from richkd.tune.results import finite_value, load_sweep
 from richkd.tune.spec import SweepSpec, spec_from_mapping
@@ -250,12 +249,6 @@ def plan_rows(spec: SweepSpec, n_configs: int, seeds: int = 1, seeds_for: Option
         jobs.extend(RowJob(cid, sampled, base + j) for j in range(seeds if len(seen) < seeds_for else 1))
         seen.add(cid)
     return jobs
-
-
-def table_plan(spec: SweepSpec, jobs: list[RowJob]) -> TrialPlan:
-    """The sweep's trial plan with the seed as one more entry and the test split evaluated after the last epoch."""
-    seed = Param(SEED_KEY, "choice", values=tuple(sorted({j.seed for j in jobs})))
-    return replace(spec.plan(), params=spec.params + (seed,), final=True)
 
 
 def table_from_sweep(sweep: str, out: str | os.PathLike, storage: Optional[str] = None) -> Table:
