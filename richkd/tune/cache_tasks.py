@@ -37,22 +37,6 @@ def node_slots(cpu: float, gpu: float, nodes: Optional[list] = None) -> list[str
     return [ids[i] for i in range(max(map(len, per_node), default=0)) for ids in per_node if i < len(ids)]
 
 
-def usable_nodes(configs: list) -> list[dict]:
-    """The alive nodes that pass the node check for what the configs' caches read, for callers without a preflight
-    of their own (finalize); the driver's node alone is not checked. No usable node is the preflight's error."""
-    nodes = alive_nodes()
-    here = current_node_id()
-    if all(n["NodeID"] == here for n in nodes):
-        return nodes
-    problems = node_problems(sweep_needs(configs, (), None), nodes=nodes)
-    usable = [n for n in nodes if not problems.get(n["NodeID"])]
-    if not usable:
-        raise_problems(problems)
-    if len(usable) < len(nodes):
-        log.warning("caches: built on %d of %d nodes; the others cannot see the sweep's files", len(usable), len(nodes))
-    return usable
-
-
 def shard_count(cpu: float, gpu: float, nodes: Optional[list] = None) -> int:   # row shards per entry: per slot
     return max(1, min(len(node_slots(cpu, gpu, nodes)), MAX_SHARDS))
 
@@ -88,15 +72,25 @@ def build_caches(configs: Iterable, *, cpu: float, gpu: float = 0.0, shards: Opt
     """Every cache entry each config reads (its entry folders, as prepare_caches returns them), the missing
     ones built by Ray tasks (Ray must be initialised), all submitted at once, shard i of each entry preferring slot
     i's node among `nodes` (soft affinity: a dead node is replaced by any); one line per entry built. `shards`: row
-    shards per entry (default shard_count). `nodes`: the nodes that may run cache tasks (ray.nodes() entries);
-    None: usable_nodes checks them. `splits`: the dataset splits whose caches are read (finalize adds "test")."""
+    shards per entry (default shard_count). `nodes`: the nodes that may run cache tasks (ray.nodes() entries; None:
+    the alive nodes that pass the node check). `splits`: the dataset splits whose caches are read (finalize: "test")."""
     configs = list(configs)
     plans = [plan_caches(cfg, splits) for cfg in configs]
     jobs = list({job.path: job for plan in plans for job in plan.missing}.values())   # shared entries: once
     result = BuiltCaches(paths=[plan.paths for plan in plans])
     if not jobs:
         return result
-    nodes = usable_nodes(configs) if nodes is None else nodes
+    if nodes is None:   # finalize (no preflight of its own): the nodes that see what the caches read; none: its error
+        nodes = alive_nodes()
+        if any(n["NodeID"] != current_node_id() for n in nodes):   # a lone driver's node is not checked
+            problems = node_problems(sweep_needs(configs, (), None), nodes=nodes)
+            usable = [n for n in nodes if not problems.get(n["NodeID"])]
+            if not usable:
+                raise_problems(problems)
+            if len(usable) < len(nodes):
+                log.warning("caches: built on %d of %d nodes; the others cannot see the sweep's files", len(usable),
+                            len(nodes))
+            nodes = usable
     slots = node_slots(cpu, gpu, nodes)
     shards = shards or shard_count(cpu, gpu, nodes)
     shard, assemble, whole = ray.remote(_shard_task), ray.remote(_assemble_task), ray.remote(_whole_task)

@@ -172,30 +172,25 @@ def export_sweep(sweep: str, storage: Optional[str] = None, tracking_uri: Option
     atomic_write_text(board, leaderboard_csv(rows, spec))
     pareto_files = _write_pareto(folder, spec, path, record, objectives, front, rows) if front else []
     attached = None
-    if attach and record.has_mlflow_run:
-        attached = _attach(record, [best_config, best_json, board], best, pareto_files, front, objectives)
+    if attach and record.has_mlflow_run:   # the files under export/ (export/pareto/) of the parent run, the best
+        # trial and the front (MLflow has no Pareto view) as its tags and a size metric
+        tags = {"richkd.best_trial_id": best.trial_id, "richkd.best_run_id": best.mlflow_run_id or ""}
+        if front:
+            tags.update({"richkd.pareto_objectives": ",".join(f"{m}:{d}" for m, d in objectives),
+                         "richkd.pareto_trial_ids": ",".join(r.trial_id for r in front)})
+        uri, attached = record.tracking_uri, record.parent_run_id
+        if not (tracking.attach(uri, attached, [best_config, best_json, board, *pareto_files[:1]], "export", tags,
+                                {"pareto_front_size": float(len(front))} if front else None)
+                and tracking.attach(uri, attached, pareto_files[1:], f"export/{PARETO_DIR}")):
+            log.warning("MLflow at %s did not take the export files of run %s; they are in the export folder", uri,
+                        attached)
+            attached = None
     missing, expected = missing_trials(rows, spec)
     return ExportResult(out_dir=folder, best_config=best_config, best_trial=best_json, leaderboard=board,
                         best=best, rows=rows, attached_to_run=attached,
                         pareto=pareto_files[0] if pareto_files else None, pareto_rows=front,
                         pareto_objectives=objectives, missing=missing, expected=expected,
                         resume=f"richkd sweep --resume {sweep_ref(spec.name, path)}")
-
-
-def _attach(record, files: list[Path], best, pareto_files: list[Path], front: list, objectives: list) -> Optional[str]:
-    """The files on the parent run under export/ (export/pareto/), the best trial and the front (MLflow has no Pareto
-    view) as tags and a size metric; None when MLflow did not take them (said once, the files are written)."""
-    tags = {"richkd.best_trial_id": best.trial_id, "richkd.best_run_id": best.mlflow_run_id or ""}
-    if front:
-        tags.update({"richkd.pareto_objectives": ",".join(f"{m}:{d}" for m, d in objectives),
-                     "richkd.pareto_trial_ids": ",".join(r.trial_id for r in front)})
-    uri, run = record.tracking_uri, record.parent_run_id
-    done = (tracking.attach(uri, run, [*files, *pareto_files[:1]], "export", tags,
-                   {"pareto_front_size": float(len(front))} if front else None)
-            and tracking.attach(uri, run, pareto_files[1:], f"export/{PARETO_DIR}"))
-    if not done:
-        log.warning("MLflow at %s did not take the export files of run %s; they are in the export folder", uri, run)
-    return run if done else None
 
 
 def _cell(v) -> str:

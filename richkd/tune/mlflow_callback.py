@@ -4,6 +4,7 @@ docs/architecture.md, "Data flow", 10. Hooks only queue writes (richkd.tracking.
 trial -> run map travel in Tune's experiment state, so a restored sweep continues its runs."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -146,7 +147,13 @@ class MlflowSweepCallback(RunWriter, Callback):   # picklable: the MLflow client
                   if isinstance(v, (int, float, str)) and not k.startswith("config/")}
         self._ensure_open(trial)
         self._ended.add(trial.trial_id)
-        self.send("close", trial.trial_id, error, result, _error_text(trial) if error else "")
+        text = ""
+        if error:   # the last line of the trial's error trace (the exception message); the file may be unreadable
+            with contextlib.suppress(Exception):
+                text = str(trial.get_error() or "")
+            lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+            text = lines[-1] if lines else "trial failed (see the trial's error.txt)"
+        self.send("close", trial.trial_id, error, result, text[:500])
 
     # -- the trial ops (richkd.tracking.RunWriter applies them; they may raise, the outbox retries or skips) --
     def _op_metrics(self, key: str, metrics: dict, step: int = 0, stamp: Optional[int] = None) -> None:
@@ -221,12 +228,3 @@ class MlflowSweepCallback(RunWriter, Callback):   # picklable: the MLflow client
                 self.client.set_terminated(run.info.run_id, status="KILLED")
             self.client.delete_run(run.info.run_id)
             log.info("deleted MLflow run %s of a trial lost with the killed driver", run.info.run_id)
-
-
-def _error_text(trial) -> str:   # the last line of the trial's error trace (the exception message)
-    try:
-        text = trial.get_error() or ""
-    except Exception:  # the error file may be unreadable; the status still says ERROR
-        text = ""
-    lines = [ln for ln in str(text).strip().splitlines() if ln.strip()]
-    return lines[-1][:500] if lines else "trial failed (see the trial's error.txt)"
