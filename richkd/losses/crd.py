@@ -73,7 +73,6 @@ def nce_loss(log_p: torch.Tensor, num_data: int) -> torch.Tensor:
 def check_negatives(train_targets: torch.Tensor, nce_k: int) -> None:
     """ConfigError unless every class of the training rows has more than `nce_k` rows of other classes (a small
     data.max_train_samples may not); a bincount, so `richkd.validate` runs it before any cache is built."""
-
     targets = torch.as_tensor(train_targets).long()
     n = targets.numel()
     counts = torch.bincount(targets)
