@@ -58,13 +58,17 @@ def test_driver_sigkilled_at_random_point_resumes_without_loss_or_duplicates(see
             # a worker dies mid-epoch: FailureConfig retries the trial from its own last checkpoint
             victim, first_rows = wait_for(lambda: next(((k, r) for k, r in trial_results(str(exp)).items()
                                                         if len(r) == 1), None), "a trial's first epoch", driver, log1)
-            time.sleep(0.3)                                      # into its second epoch
             os.kill(first_rows[-1]["pid"], signal.SIGKILL)      # that trial's Ray worker (started by this test)
             retried = wait_for(lambda: (lambda r: r if len(r) >= 2 and r[-1]["pid"] != first_rows[-1]["pid"] else
                                         None)(trial_results(str(exp)).get(victim, [])), "the retried trial",
                                driver, log1)
             assert [r["training_iteration"] for r in retried] == list(range(1, len(retried) + 1))
-            assert retried[1]["iterations_since_restore"] == 1   # continued after epoch 1, did not start over
+            # the retry continued after the killed worker's last reported (checkpointed) epoch, did not start over;
+            # on a fast machine that may be epoch 2 rather than 1, so the test names no epoch
+            old = [r for r in retried if r["pid"] == first_rows[-1]["pid"]]
+            new = [r for r in retried if r["pid"] != first_rows[-1]["pid"]]
+            assert new[0]["iterations_since_restore"] == 1
+            assert new[0]["training_iteration"] == old[-1]["training_iteration"] + 1
         wait_for(lambda: sum(len(r) for r in trial_results(str(exp)).values()) >= rows_at_kill,
                  f"{rows_at_kill} epoch reports", driver, log1)
         time.sleep(delay)
