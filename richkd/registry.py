@@ -1,7 +1,9 @@
-"""A tiny name -> factory registry whose errors suggest the nearest name and list the known ones."""
+"""A tiny name -> factory registry whose errors suggest the nearest name and list the known ones, and the lazy
+exports of a package (each name loads its module on first use)."""
 from __future__ import annotations
 
-from typing import Callable, Dict, Generic, Iterator, TypeVar
+import importlib
+from typing import Callable, Dict, Generic, Iterator, Mapping, TypeVar
 
 from richkd.schema import suggest
 
@@ -35,3 +37,15 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._items)
+
+
+def lazy_exports(package: str, homes: Mapping[str, tuple]) -> tuple[Callable, list[str]]:
+    """A package's `__getattr__` (PEP 562) and `__all__` for {module: names}: a name imports its module when first
+    read, so importing the package stays light."""
+    home = {name: module for module, names in homes.items() for name in names}
+
+    def __getattr__(name: str):
+        if name not in home:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(f"{package}.{home[name]}"), name)
+    return __getattr__, sorted(home)

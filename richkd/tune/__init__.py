@@ -5,9 +5,9 @@ search.py, report.py); the HTML report draws a sweep read with `load_sweep` and 
 first use. `describe_*`: what each command prints."""
 from __future__ import annotations
 
-import importlib
+from richkd.registry import lazy_exports
 
-_HOMES = {
+__getattr__, __all__ = lazy_exports(__name__, {
     "spec": ("load_spec", "load_specs"),                            # a spec file read and checked (or one per arm)
     "runner": ("run_sweep", "resume_sweep", "build_table"),         # a sweep on Ray Tune; a learning-curve table
     "arms": ("run_arms", "finalize_arms", "read_group", "group_for", "describe_comparison",
@@ -21,12 +21,4 @@ _HOMES = {
     "outcome": ("describe_outcome",),
     "paths": ("sweep_ref",),
     "session": ("stop_signals",),                                   # Ctrl-C and SIGTERM during any of them
-}
-_MODULE = {name: module for module, names in _HOMES.items() for name in names}
-__all__ = sorted(_MODULE)
-
-
-def __getattr__(name: str):
-    if name not in _MODULE:
-        raise AttributeError(f"module 'richkd.tune' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"richkd.tune.{_MODULE[name]}"), name)
+})
