@@ -9,7 +9,7 @@ import time
 import pytest
 import yaml
 
-from richkd.tracking import Outbox
+from richkd.outbox import Outbox
 
 from .helpers import MlflowServer, start_sweep, stop_group, tiny_spec, trial_results, wait_for
 
@@ -57,12 +57,12 @@ class Clock:
 
 
 def test_outbox_buffers_while_down_backs_off_and_catches_up_in_order(caplog, monkeypatch):
-    import richkd.tracking as outbox_module
+    import richkd.outbox as outbox_module
 
     clock = Clock()
     monkeypatch.setattr(outbox_module, "time", clock)
     store, box = Store(), Outbox("http://127.0.0.1:1", first_delay_s=1.0, max_delay_s=2.0)
-    caplog.set_level(logging.WARNING, logger="richkd.tracking")
+    caplog.set_level(logging.WARNING, logger="richkd.outbox")
     box.put(("open", "t1"))
     assert box.flush(store.apply, store.reachable) and store.got == [("open", "t1")]
     assert (store.attempts, store.probes) == (1, 0)
