@@ -52,8 +52,7 @@ def variant(spec: SweepSpec, algorithm: str, scheduler: str, num_samples: int, *
                      **{k: kw[k] for k in ("n_startup_trials",) if k in kw})
     sched = replace(SchedulerSettings(), type=scheduler, **{k: kw[k] for k in ("grace_period", "reduction_factor",
                                                                                   "brackets") if k in kw})
-    if sched.grace_period is None:                    # resolved against train.epochs, as the spec loader does
-        sched = replace(sched, grace_period=max(1, spec.max_t // 4))
+    sched = sched.for_epochs(spec.max_t)              # the default grace period, as the spec loader resolves it
     return replace(spec, tune=replace(t, search=search, scheduler=sched, num_samples=num_samples,
                                       warm_start=tuple(kw.get("warm_start", ()))))
 

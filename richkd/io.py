@@ -159,8 +159,11 @@ def write_array_folder(final: str | os.PathLike, arrays: dict, manifest: dict) -
 
 
 def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager

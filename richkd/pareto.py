@@ -17,7 +17,8 @@ def _oriented(values: Sequence[float], modes: Sequence[str]) -> list[float]:
     return [float(v) if m == "max" else -float(v) for v, m in zip(values, modes)]
 
 
-def _finite(value) -> bool:
+def finite(value) -> bool:
+    """A real number (bool is not one) that is neither nan nor inf."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -37,7 +38,7 @@ def pareto_front(points: Sequence[Sequence[float]], modes: Sequence[str]) -> lis
     for i, p in enumerate(points):
         if len(p) != len(modes):
             raise ValueError(f"pareto_front: point {i} has {len(p)} values for {len(modes)} objectives")
-        if all(map(_finite, p)):
+        if all(map(finite, p)):
             valid.append(i)
     return [i for i in valid if not any(dominates(points[j], points[i], modes) for j in valid if j != i)]
 
@@ -45,7 +46,7 @@ def pareto_front(points: Sequence[Sequence[float]], modes: Sequence[str]) -> lis
 def objective_values(row, metrics: Sequence[str]) -> Optional[list[float]]:
     """A trial row's LAST reported value of each metric, or None when one is missing or non-finite."""
     values = [(row.metrics or {}).get(m) for m in metrics]
-    return [float(v) for v in values] if all(map(_finite, values)) else None
+    return [float(v) for v in values] if all(map(finite, values)) else None
 
 
 def front_rows(rows: Sequence, metrics: Sequence[str], modes: Sequence[str]) -> list:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -150,10 +149,6 @@ def child_runs(client, experiment_id: str, parent_run_id: str, kind: str = "tria
     filt = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{KIND_TAG}` = '{kind}'"
     return get_results_from_paginated_fn(lambda n, token: client.search_runs(
         [experiment_id], filter_string=filt, max_results=n, page_token=token), 1000)
-
-
-def finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ----- the writer ---------------------------------------------------------------------------------------

@@ -70,11 +70,12 @@ def evaluate_model(model, dataset, mean: Sequence[float], std: Sequence[float], 
     positions = select_positions(len(dataset), dataset.targets, max_samples, seed)
     clean = ClassificationMeter(n_bins=n_bins, confidence_threshold=confidence_threshold)
     meters = {c: {s: ClassificationMeter(n_bins=n_bins) for s in severities} for c in corruptions}
+    target_map = None if target_map is None else torch.as_tensor(target_map, dtype=torch.int64)   # once
     with _eval_mode(model):
         for chunk in positions.split(batch_size):
             images, targets, index = dataset.get_batch(chunk)
             if target_map is not None:
-                targets = torch.as_tensor(target_map, dtype=torch.int64)[targets]
+                targets = target_map[targets]
             images, targets = images.to(device), targets.to(device)
             clean.update(_logits(model, images, mean, std), targets)
             for c in corruptions:

@@ -41,6 +41,21 @@ def shard_count(cpu: float, gpu: float, nodes: Optional[list] = None) -> int:   
     return max(1, min(len(node_slots(cpu, gpu, nodes)), MAX_SHARDS))
 
 
+def usable_nodes(configs: list) -> list[dict]:
+    """For callers without a preflight of their own (finalize): the alive nodes that see what the configs' caches
+    read; no usable node is the preflight's error. A lone driver's node is not checked."""
+    nodes, here = alive_nodes(), current_node_id()
+    if all(n["NodeID"] == here for n in nodes):
+        return nodes
+    problems = node_problems(sweep_needs(configs, (), None), nodes=nodes)
+    usable = [n for n in nodes if not problems.get(n["NodeID"])]
+    if not usable:
+        raise_problems(problems)
+    if len(usable) < len(nodes):
+        log.warning("caches: built on %d of %d nodes; the others cannot see the sweep's files", len(usable), len(nodes))
+    return usable
+
+
 def _where() -> dict:
     return {"node_id": current_node_id(), "pid": os.getpid()}
 
@@ -80,17 +95,7 @@ def build_caches(configs: Iterable, *, cpu: float, gpu: float = 0.0, shards: Opt
     result = BuiltCaches(paths=[plan.paths for plan in plans])
     if not jobs:
         return result
-    if nodes is None:   # finalize (no preflight of its own): the nodes that see what the caches read; none: its error
-        nodes = alive_nodes()
-        if any(n["NodeID"] != current_node_id() for n in nodes):   # a lone driver's node is not checked
-            problems = node_problems(sweep_needs(configs, (), None), nodes=nodes)
-            usable = [n for n in nodes if not problems.get(n["NodeID"])]
-            if not usable:
-                raise_problems(problems)
-            if len(usable) < len(nodes):
-                log.warning("caches: built on %d of %d nodes; the others cannot see the sweep's files", len(usable),
-                            len(nodes))
-            nodes = usable
+    nodes = usable_nodes(configs) if nodes is None else nodes
     slots = node_slots(cpu, gpu, nodes)
     shards = shards or shard_count(cpu, gpu, nodes)
     shard, assemble, whole = ray.remote(_shard_task), ray.remote(_assemble_task), ray.remote(_whole_task)

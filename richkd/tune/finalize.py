@@ -23,7 +23,8 @@ import ray
 from richkd.config import Config
 from richkd.io import atomic_path, atomic_write_text, ensure_writable
 from richkd.schema import ConfigError, parse_override
-from richkd.tracking import KIND_TAG, NODE_TAG, SWEEP_TAG, TRIAL_TAG, RunWriter, finite
+from richkd.pareto import finite
+from richkd.tracking import KIND_TAG, NODE_TAG, SWEEP_TAG, TRIAL_TAG, RunWriter
 from richkd.trainer import Run
 from richkd.tune.cache_tasks import build_caches
 from richkd.tune.cluster import check_trial_resources, current_node_id, say, use_task_resources, wait_each

@@ -16,8 +16,8 @@ from typing import Optional
 
 from richkd.cache.signature import cache_signature
 from richkd.config import Config
-from richkd.pareto import front_rows, objective_values
-from richkd.tracking import TRIAL_TAG, child_runs, client_for, finite
+from richkd.pareto import finite, front_rows, objective_values
+from richkd.tracking import TRIAL_TAG, child_runs, client_for
 from richkd.tune.errors import SpecError
 from richkd.tune.params import TrialPlan
 from richkd.tune.paths import (DEFAULT_STORAGE, absolute_storage, has_scheme, join_storage, read_text, sweep_ref,
@@ -148,7 +148,7 @@ def collect_trials(experiment_path: str, spec: SweepSpec) -> list[TrialRow]:   #
         last = dict(trial.last_result or {})
         df = frames.get(trial.trial_id)
         history = [] if df is None else [numeric_metrics(r, drop=()) for r in df.to_dict("records")]
-        series = [v for v in (h.get(spec.tune.metric) for h in history) if finite_value(v) is not None]
+        series = [v for v in (h.get(spec.tune.metric) for h in history) if finite(v)]
         best = (max(series) if spec.tune.mode == "max" else min(series)) if series else None
         rows.append(TrialRow(
             trial_id=trial.trial_id, trial_name=str(trial), status=trial.status,

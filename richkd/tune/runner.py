@@ -280,7 +280,7 @@ def build_table(spec: SweepSpec, out: str | os.PathLike, *, configs: int, seeds:
     if missing:
         raise TableError(f"table build: {missing} row(s) failed (see the trials' error.txt under "
                          f"{spec.tune.storage_path}/{name}); run the same command again to retry them")
-    return read_table(out)
+    return table
 
 
 class RowWriter(tune.Callback):   # appends each finished trial's learning curve to the table

@@ -21,7 +21,7 @@ from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from richkd.config import flatten
-from richkd.tracking import finite
+from richkd.pareto import finite
 from richkd.tune.params import Param, walk_active
 from richkd.tune.spec import SweepSpec
 from richkd.tune.warm_start import tell_optuna

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Optional, Tuple
 
@@ -64,6 +64,10 @@ class SchedulerSettings(_Section):
         need(self.brackets >= 1, "tune.scheduler.brackets", "must be >= 1")
         need(self.grace_period is None or self.grace_period >= 1, "tune.scheduler.grace_period",
              f"{self.grace_period} must be >= 1")
+
+    def for_epochs(self, epochs: int) -> "SchedulerSettings":
+        """The settings with the default grace period (a quarter of the epochs, at least 1) filled in."""
+        return self if self.grace_period is not None else replace(self, grace_period=max(1, epochs // 4))
 
 
 @dataclass(frozen=True)

@@ -191,8 +191,7 @@ def spec_from_mapping(raw: Mapping[str, Any], *, source: Optional[str] = None,
     base_cfg = _load_base_config(raw, base_dir or Path.cwd(), name, demo_base)
     params = parse_space(raw.get("space") or {}, base_cfg)
     tune = build(TuneSettings, raw.get("tune"), "tune.")
-    if tune.scheduler.grace_period is None:
-        tune = replace(tune, scheduler=replace(tune.scheduler, grace_period=max(1, base_cfg.train.epochs // 4)))
+    tune = replace(tune, scheduler=tune.scheduler.for_epochs(base_cfg.train.epochs))
     _check_fits(tune, params, base_cfg)
     base_cfg = _enable_objective_metrics(base_cfg, tune, params)
     points = _parse_points(raw.get("points_to_evaluate") or [], params, tune)
