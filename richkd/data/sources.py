@@ -108,7 +108,8 @@ class FileSource:
     @functools.cached_property
     def digest(self) -> str:
         """sha256 over (relative path, size, mtime, label) of every file: cheap, catches edits and moves."""
-        h = hashlib.sha256(f"size={self.image_size}".encode())
+        # the decode recipe is part of the identity: caches of the earlier rounding (PIL resize) are not reused
+        h = hashlib.sha256(f"size={self.image_size}|decode=torchvision-resize-center_crop".encode())
         base = os.path.commonpath(self.paths) if self.paths else ""
         for p, t in zip(self.paths, self.targets.tolist()):
             st = os.stat(p)
