@@ -17,6 +17,7 @@ from typing import Iterator, Optional
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.search import BasicVariantGenerator
+from ray.tune.trainable.metadata import _TrainingRunMetadata
 
 from richkd.cache.signature import cache_signature
 from richkd.io import atomic_write_text, ensure_writable
@@ -174,6 +175,7 @@ def resume_sweep(sweep: str, *, storage: Optional[str] = None, address: Optional
     check_outputs(spec)
     if not spec.tune.storage_is_uri:
         set_aside_unreadable(path)
+        drop_missing_checkpoints(path)
     with ray_for(spec, address, num_cpus, verbose):
         _, needs = prepare_nodes(spec, progress)
         tuner = tune.Tuner.restore(path, trainable=build_trainable(spec, needs), resume_unfinished=True,
@@ -229,6 +231,36 @@ def set_aside_unreadable(experiment_dir: str | Path) -> list[Path]:
         raise SpecError(f"sweep folder {folder} has no readable Tune experiment state (the driver was killed "
                         "while writing its first snapshot); delete the folder and start the sweep again")
     return moved
+
+
+def drop_missing_checkpoints(experiment_dir: str | Path) -> list[str]:
+    """A driver killed after Ray deleted a trial's older checkpoint (CheckpointConfig.num_to_keep) and before the
+    snapshot naming the newer one reached storage leaves a snapshot whose checkpoint is gone: Tune would fail that
+    trial on every retry ("Could not recover from checkpoint as it does not exist"). Such a trial is pointed at its
+    newest checkpoint still on disk, or at none: it starts again from its first epoch (MLflow keeps each epoch once).
+    Edits the newest experiment state through Ray's own (private) run-metadata class; returns the trial ids."""
+    folder = Path(experiment_dir)
+    state_file = max(folder.glob(EXPERIMENT_STATE))
+    state = json.loads(state_file.read_text())
+    on_disk = lambda result: (folder / Path(result.checkpoint.path).parent.name /   # noqa: E731
+                              Path(result.checkpoint.path).name).is_dir()
+    repaired = []
+    for pair in state["trial_data"]:
+        meta = _TrainingRunMetadata.from_json_state(pair[1])
+        manager = meta.checkpoint_manager
+        if manager is None or manager.latest_checkpoint_result is None or on_disk(manager.latest_checkpoint_result):
+            continue
+        manager._checkpoint_results = [r for r in manager._checkpoint_results if on_disk(r)]
+        manager._latest_checkpoint_result = max(manager._checkpoint_results, default=None,
+                                                key=lambda r: r.metrics.get("training_iteration", 0))
+        meta.invalidate_cache()
+        pair[1] = meta.get_json_state()
+        repaired.append(json.loads(pair[0])["trial_id"])
+        log.warning("trial_%s: its last checkpoint is gone (the driver was killed while Ray replaced it); it goes on "
+                    "from %s", repaired[-1], "an older checkpoint" if manager._checkpoint_results else "epoch 1")
+    if repaired:
+        atomic_write_text(state_file, json.dumps(state))
+    return repaired
 
 
 # ----- learning-curve tables ------------------------------------------------------------------------------
