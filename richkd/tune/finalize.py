@@ -135,11 +135,11 @@ def finalize_sweep(sweep: str, *, top: Optional[int] = None, seeds: Optional[int
                                      for k in ("mean", "std")})
         if holdout:   # without a validation split there is nothing to choose by (describe_finalize says so)
             runs.register_best(results, spec.tune.objective_pairs[0])
-        runs.done(results)   # the run ids finalists.csv names
+        delivered = runs.done(results)   # the run ids finalists.csv names
     atomic_write_text(folder / FINALISTS, finalists_csv(results, spec.space_keys))
     if runs:
         runs.put("artifact", PARENT, str(folder / FINALISTS), "export")
-        runs.done(results)
+        runs.drain(None if delivered else 0)   # MLflow down: done() waited once already and said so
     return FinalizeResult(finalists=results, csv_path=folder / FINALISTS, holdout=holdout,
                           parent_run_id=record.parent_run_id if runs else None,
                           registered=runs.registered if runs else None)
@@ -290,14 +290,17 @@ class FinalistRuns(RunWriter):
         self.client.set_tag(self.runs[PARENT], "richkd.registered_model", f"{name}/{self.versions[name]}")
         self.registered = {"name": name, "version": self.versions[name], **(info or {})}
 
-    def done(self, results: list) -> None:
-        """Wait for every write, then note each finalist's run ids and logged model."""
-        if not self.drain():
+    def done(self, results: list) -> bool:
+        """Wait for every write, then note each finalist's run ids and logged model; False if MLflow did not take
+        them all."""
+        delivered = self.drain()
+        if not delivered:
             log.error("MLflow at %s did not take %d writes of this finalize; the finalists' files and "
                       "finalists.csv hold every number", self.tracking_uri, len(self.outbox))
         for fin in results:
             fin.run_id, fin.model_id = self.runs.get(fin.key), self.models.get(fin.key)
             fin.runs = [self.runs.get(f"{fin.key}-seed{s}") for s in fin.seeds]
+        return delivered
 
 
 def best_index(values: Sequence[float], mode: str) -> Optional[int]:   # the first on ties; None: none finite
