@@ -19,9 +19,7 @@ KNOWN_METRICS = {"val_top1": "max", "val_top5": "max", "best_val_top1": "max", "
 
 def direction(metric: str, default: str = "max") -> str:
     """'max' or 'min' for a known metric (per-corruption accuracies are maximised), else `default`."""
-    if metric.startswith(PER_CORRUPTION_PREFIX):
-        return "max"
-    return KNOWN_METRICS.get(metric, default)
+    return "max" if metric.startswith(PER_CORRUPTION_PREFIX) else KNOWN_METRICS.get(metric, default)
 
 
 def per_corruption(metric: str) -> str:

@@ -151,11 +151,7 @@ def to_plain(value: Any) -> Any:
 def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict:
     flat: dict = {}
     for key, value in nested.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
+        flat.update(flatten(value, f"{prefix}{key}.") if isinstance(value, Mapping) else {f"{prefix}{key}": value})
     return flat
 
 

@@ -33,9 +33,7 @@ def average_prompt_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
 
 
 def _pair(size: Any) -> tuple[int, int]:
-    if isinstance(size, (tuple, list)):
-        return int(size[0]), int(size[1])
-    return int(size), int(size)
+    return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
 
 
 def preprocess_images(images: torch.Tensor, size: Any, mean: Sequence[float] | torch.Tensor,

@@ -44,11 +44,9 @@ class MobileNetV2(nn.Module):
         self.blocks = nn.ModuleList()
         for t, c, n, s in setting:
             out_ch = int(c * width_mult)
-            stage = []
-            for stride in [s] + [1] * (n - 1):
-                stage.append(InvertedResidual(in_ch, out_ch, stride, t))
-                in_ch = out_ch
-            self.blocks.append(nn.Sequential(*stage))
+            self.blocks.append(nn.Sequential(
+                *[InvertedResidual(in_ch if i == 0 else out_ch, out_ch, s if i == 0 else 1, t) for i in range(n)]))
+            in_ch = out_ch
         self.feat_dim = 1280   # for width_mult <= 1, as mdistiller's mobile_half
         self.conv2 = nn.Sequential(*conv_bn(in_ch, self.feat_dim, 1))
         self.classifier = nn.Sequential(nn.Linear(self.feat_dim, num_classes))

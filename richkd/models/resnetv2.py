@@ -72,11 +72,9 @@ class ResNetV2(nn.Module):
         init_weights(self)
 
     def _make_layer(self, block, planes: int, n: int, stride: int) -> nn.Sequential:
-        layers = []
-        for s in [stride] + [1] * (n - 1):
-            layers.append(block(self._in_planes, planes, s))
-            self._in_planes = planes * block.expansion
-        return nn.Sequential(*layers)
+        first = block(self._in_planes, planes, stride)
+        self._in_planes = planes * block.expansion
+        return nn.Sequential(first, *[block(self._in_planes, planes) for _ in range(1, n)])
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         out = F.relu(self.bn1(self.conv1(x)))

@@ -58,12 +58,9 @@ class ShuffleNetV1(nn.Module):
         self.linear = nn.Linear(self.feat_dim, num_classes)
 
     def _make_layer(self, out_planes: int, n: int, groups: int) -> nn.Sequential:
-        units = []
-        for i in range(n):
-            concat = self._in_planes if i == 0 else 0
-            units.append(ShuffleUnit(self._in_planes, out_planes - concat, 2 if i == 0 else 1, groups))
-            self._in_planes = out_planes
-        return nn.Sequential(*units)
+        first = ShuffleUnit(self._in_planes, out_planes - self._in_planes, 2, groups)   # concatenates its input
+        self._in_planes = out_planes
+        return nn.Sequential(first, *[ShuffleUnit(out_planes, out_planes, 1, groups) for _ in range(1, n)])
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         out = F.relu(self.bn1(self.conv1(x)))

@@ -68,13 +68,10 @@ class ShuffleNetV2(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 24, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(24)
-        in_ch = 24
-        layers = []
-        for ch, n in zip(out_channels[:3], num_blocks):
-            layers.append(nn.Sequential(DownUnit(in_ch, ch), *[BasicUnit(ch) for _ in range(n)]))
-            in_ch = ch
-        self.layer1, self.layer2, self.layer3 = layers
-        self.conv2 = nn.Conv2d(in_ch, out_channels[3], kernel_size=1, stride=1, padding=0, bias=False)
+        self.layer1, self.layer2, self.layer3 = (
+            nn.Sequential(DownUnit(in_ch, ch), *[BasicUnit(ch) for _ in range(n)])
+            for in_ch, ch, n in zip((24, *out_channels[:2]), out_channels[:3], num_blocks))
+        self.conv2 = nn.Conv2d(out_channels[2], out_channels[3], kernel_size=1, stride=1, padding=0, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels[3])
         self.feat_dim = out_channels[3]
         self.linear = nn.Linear(self.feat_dim, num_classes)

@@ -55,9 +55,7 @@ def _checkpoint_header(path: Path) -> dict:
     except Exception as exc:  # corrupt / foreign file: load_teacher would say the same, later
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({load_problem(exc)}); pass the "
                               "student.pt written by `richkd train`") from None
-    if not isinstance(obj, dict):
-        return {}
-    return {k: v for k, v in obj.items() if k in ("arch", "num_classes")}
+    return {k: v for k, v in obj.items() if k in ("arch", "num_classes")} if isinstance(obj, dict) else {}
 
 
 def _normal_name(name: str) -> str:

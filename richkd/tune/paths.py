@@ -41,9 +41,7 @@ def absolutize(key: str, value: Any) -> Any:
         return parse_pretrained(value).absolute()
     if key == "clip.prompt_set" and not ("/" in value or value.endswith((".yaml", ".yml"))):
         return value      # a built-in prompt set name
-    if has_scheme(value):
-        return value
-    return os.path.abspath(os.path.expanduser(value))
+    return absolute_storage(value)
 
 
 def join_storage(storage: str, name: str) -> str:
