@@ -88,14 +88,17 @@ def test_driver_sigkilled_at_random_point_resumes_without_loss_or_duplicates(see
 
     runs_before = {c.data.tags[TRIAL_TAG]: c.info.run_id for c in children()}
     cut_short = gone = None
+    if seed == 1:  # a kill after Ray deleted a trial's older checkpoint, before the snapshot naming the newer one
+        # was stored (seen once in CI): an unfinished trial's checkpoint is gone, and its resume starts it again
+        checkpointed = [k for k in before if k.replace("trial_", "") not in finished_before
+                        and any(exp.glob(f"{k}/checkpoint_*"))]
+        assert checkpointed, f"no unfinished trial with a checkpoint after the kill: {sorted(before)}"
+        gone = max(checkpointed, key=lambda k: len(before[k]))
+        for folder in exp.glob(f"{gone}/checkpoint_*"):
+            shutil.rmtree(folder)
     if seed == 2:  # a kill while Ray copies its state into storage_path leaves e.g. a 0-byte callback state
         cut_short = max(exp.glob("callback-states-*.pkl"))
         cut_short.write_bytes(b"")
-        # and a kill after Ray deleted a trial's older checkpoint, before the snapshot naming the newer one was
-        # stored (seen once in CI): that unfinished trial's checkpoint is gone, and its resume starts it again
-        gone = max((k for k in before if k.replace("trial_", "") not in finished_before), key=lambda k: len(before[k]))
-        for folder in exp.glob(f"{gone}/checkpoint_*"):
-            shutil.rmtree(folder)
     time.sleep(2)                                               # let Ray's reaper stop the orphaned workers
     resumed = subprocess.run([sys.executable, "-m", "richkd", "sweep", "--resume", name, "--storage",
                               str(work / "runs"), "--num-cpus", "2", "-q"], cwd=tmp_path, env=env(),
@@ -106,12 +109,16 @@ def test_driver_sigkilled_at_random_point_resumes_without_loss_or_duplicates(see
 
     if cut_short is not None:   # set aside (kept), and the resume went on without it
         assert cut_short.with_name(cut_short.name + ".unreadable").read_bytes() == b""
+    if gone is not None:
         assert f"{gone}: its last checkpoint is gone" in resumed.stderr
     analysis = ExperimentAnalysis(str(exp))
     assert len(analysis.trials) == NUM_SAMPLES                  # num_samples reached, not exceeded
     assert all(t.status == "TERMINATED" for t in analysis.trials)
     assert all(int(t.last_result["training_iteration"]) == EPOCHS for t in analysis.trials)
     after = trial_results(str(exp))
+    if gone is not None:        # it trained again from its first epoch, every epoch in one worker
+        assert [(r["training_iteration"], r["iterations_since_restore"]) for r in after[gone][-EPOCHS:]] == \
+            [(i, i) for i in range(1, EPOCHS + 1)]
     for trial_id, rows in finished_before.items():              # no finished trial lost or re-run
         assert [r["val_top1"] for r in first_per_epoch(after[f"trial_{trial_id}"])] == [r["val_top1"] for r in rows]
     active = children()
