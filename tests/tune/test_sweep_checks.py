@@ -5,6 +5,7 @@ config pins."""
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import pytest
@@ -226,7 +227,7 @@ def test_resume_restores_the_stored_experiment_not_a_fresh_tuner(assets, tmp_pat
     raw["mlflow"] = {"enabled": False}
     spec = spec_from_mapping(raw, check_data=False)
     write_sweep_record(SweepRecord(spec=spec))
-    Path(spec.experiment_path, "experiment_state-2026-01-01_00-00-00.json").write_text("{}")
+    Path(spec.experiment_path, "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps({"trial_data": []}))
     calls = {}
 
     def restore(path, trainable=None, **kwargs):
