@@ -385,8 +385,9 @@ def test_cache_plan_timings_wait_for_the_gpu(monkeypatch):
     synced = []
     real = torch.cuda.synchronize
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: synced.append(a) or real(*a))
-    rate = estimate._rate(lambda x: x @ x, torch.rand(64, 512, 512, device="cuda"))
-    assert rate > 0 and len(synced) == 2
+    est = estimate.CacheEstimate(images=1000, views=1, num_classes=10, device="cuda")
+    estimate._measure(est, "teacher", lambda x: x @ x, torch.rand(64, 512, 512, device="cuda"))
+    assert est.rates["teacher_views_per_s"] > 0 and est.seconds["teacher"] > 0 and len(synced) == 2
 
 
 # ----- Ray on a GPU -------------------------------------------------------------------------------------------

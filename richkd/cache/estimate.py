@@ -78,12 +78,10 @@ def estimate_caches(cfg: Config, images: Optional[int] = None, num_classes: Opti
     k = cfg.teaching.logit_topk
     est.entries["teacher"] = {"logits": 2 * c if k is None else topk_nbytes(k), "feat": 2 * teacher.feat_dim,
                                "boxes": BOX_BYTES}
-    clip_model = None
-    if cfg.uses_clip:   # random weights: only the architecture's speed and width matter, not the weights file
+    if cfg.uses_clip:   # the architecture's config gives the width: no model, no weights file
         import open_clip
 
         register_tiny_config()
-        clip_model = open_clip.create_model(cfg.clip.model, pretrained=None, device="cpu")
         dim = int(open_clip.get_model_config(cfg.clip.model)["embed_dim"])
         est.entries["clip-image"] = {"feat": 2 * dim, "boxes": BOX_BYTES}
     if not calibrate:
@@ -103,8 +101,9 @@ def estimate_caches(cfg: Config, images: Optional[int] = None, num_classes: Opti
     teacher.to(dev)
     mean, std = (torch.tensor(v, device=dev) for v in (data.mean, data.std))
     _measure(est, "teacher", lambda x: teacher(normalize(x, mean, std)), batch)
-    if clip_model is not None:
-        clip = ClipTeacher(clip_model.to(dev), None, model_name=cfg.clip.model, pretrained="random", weights_id="-")
+    if cfg.uses_clip:   # random weights: only the architecture's speed matters
+        clip_model = open_clip.create_model(cfg.clip.model, pretrained=None, device=dev)
+        clip = ClipTeacher(clip_model, None, model_name=cfg.clip.model, pretrained="random", weights_id="-")
         _measure(est, "clip", clip.encode_images, batch[: min(len(batch), cfg.clip.batch_size)])
     return est
 
