@@ -12,7 +12,8 @@ from richkd.schema import ConfigError, build, check, flatten, in_range, load_yam
 
 
 # The seeded corruptions richkd.robustness.corruptions implements (CIFAR-10-C table order): the one list of their
-# names, here so the config validates them without importing torch; the implementations check themselves against it.
+# names, here so the config validates them without importing torch (tests/test_robustness.py checks that the
+# registered implementations and their parameter tables are exactly these).
 CORRUPTION_NAMES = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "gaussian_blur", "contrast",
                     "brightness", "jpeg_compression", "pixelate")
 # what data.root must hold for the datasets that have no default location

@@ -47,8 +47,11 @@ class TeacherSource:
             logits, feat, clip_feat = self.reader.read(batch, self.logits, self.feat, self.clip_feat_rows)
         else:
             logits, feat = self.teacher(normalized_images)
-            clip_feat = self.clip.encode_images(batch.image) if self.clip is not None else \
-                None if self.clip_feat_rows is None else self.reader.read(batch, self.clip_feat_rows)[0]
+            clip_feat = None
+            if self.clip is not None:
+                clip_feat = self.clip.encode_images(batch.image)
+            elif self.clip_feat_rows is not None:
+                clip_feat = self.reader.read(batch, self.clip_feat_rows)[0]
         cosine = None if clip_feat is None or self.class_embeddings is None else clip_feat @ self.class_embeddings.t()
         return TeacherOutputs(logits.float(), feat.float(), clip_feat, cosine)
 
