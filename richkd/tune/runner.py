@@ -204,9 +204,10 @@ def fit_and_summarise(tuner, record: SweepRecord, verbose: int, started_at: floa
 def readable(path: Path) -> bool:
     """True when the whole file parses as JSON or as a pickle (Ray pickles some `.json` files, e.g.
     search_gen_state; the pickles hold only Ray's and our own classes, and Ray itself loads them next)."""
+    data = path.read_bytes()
     for load in (json.loads, pickle.loads):
         with contextlib.suppress(Exception):
-            load(path.read_bytes())  # noqa: S301 - Ray's own state file in the user's sweep folder, as Ray loads it
+            load(data)  # noqa: S301 - Ray's own state file in the user's sweep folder, as Ray loads it
             return True
     return False
 
