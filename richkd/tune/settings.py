@@ -42,7 +42,7 @@ class SearchSettings(_Section):
         if self.storage is None:
             return
         need(self.algorithm == "optuna", "tune.search.storage", "an Optuna storage is only used with algorithm: optuna")
-        need(bool(re.match(r"^(sqlite|postgresql|mysql)[+a-z0-9]*://", self.storage)), "tune.search.storage",
+        need(bool(re.match(r"^(sqlite|postgresql|mysql)(\+[a-z0-9]+)?://", self.storage)), "tune.search.storage",
              f"{self.storage!r} must be an RDB URL such as sqlite:///tune_runs/optuna.db")
         object.__setattr__(self, "storage", resolve_tracking_uri(self.storage, DEFAULT_STORAGE))   # sqlite: absolute
 

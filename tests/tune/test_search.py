@@ -213,3 +213,11 @@ def test_optuna_rdb_storage_makes_the_study_visible_to_optuna_dashboard(assets, 
     assert optuna.get_all_study_names(url) == [spec.name]
     study = optuna.load_study(study_name=spec.name, storage=url)
     assert study.trials[0].params == {"loss.fusion_alpha": 0.7, "loss.temperature": 4.0}
+
+
+@pytest.mark.parametrize("url", ["sqlite3:///x.db", "mysqlx://host/db", "redis://host"])
+def test_an_optuna_storage_that_is_not_an_rdb_url_is_refused_under_its_own_key(assets, tmp_path, url):
+    from richkd.tune.errors import SpecError
+
+    with pytest.raises(SpecError, match=r"tune\.search\.storage.*must be an RDB URL"):
+        _spec(assets, tmp_path, search={"algorithm": "optuna", "storage": url})
