@@ -116,20 +116,24 @@ def experiment_links(tracking_uri: str, ui: str) -> list[tuple[str, str]]:
     """(name, experiment_url) of every experiment this project made in the store, by its primary metric."""
     found = client_for(tracking_uri).search_experiments(
         filter_string=f"tags.`{EXPERIMENT_KIND_TAG}` = '{EXPERIMENT_KIND}'")
-    metric = {e.experiment_id: e.tags.get(PRIMARY_METRIC_TAG, "") for e in found}   # "": unsorted, "max"
-    return [(e.name, experiment_url(ui, e.experiment_id, metric[e.experiment_id], direction(metric[e.experiment_id])))
-            for e in sorted(found, key=lambda e: e.name)]
+    out = []
+    for exp in sorted(found, key=lambda e: e.name):
+        metric = exp.tags.get(PRIMARY_METRIC_TAG)
+        out.append((exp.name, experiment_url(ui, exp.experiment_id, metric, direction(metric) if metric else "max")))
+    return out
 
 
 def check_server(tracking_uri: str, key: str, timeout_s: float = 5.0, error: type = ValueError, fix: str = "") -> None:
     """An http(s) tracking URI (the value of `key`) must answer now: one `error` before any work. Others: not probed."""
     if not tracking_uri.startswith(("http://", "https://")):
         return
+    parsed = urlparse(tracking_uri)
     try:
-        if not urlparse(tracking_uri).hostname or urlparse(tracking_uri).port == 0:
-            raise ValueError
-    except ValueError:   # also a port that is not a number in 0..65535
-        raise error(f"{key}: {tracking_uri!r} is not a valid server URL; write it like http://HOST:5000") from None
+        valid = bool(parsed.hostname) and parsed.port != 0
+    except ValueError:   # a port that is not a number in 0..65535
+        valid = False
+    if not valid:
+        raise error(f"{key}: {tracking_uri!r} is not a valid server URL; write it like http://HOST:5000")
     try:
         urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout_s).close()   # any non-2xx: an HTTPError
         return
