@@ -29,7 +29,8 @@ from richkd.trainer import Run
 from richkd.tune.cache_tasks import build_caches
 from richkd.tune.cluster import check_trial_resources, current_node_id, say, use_task_resources, wait_each
 from richkd.tune.node_check import SweepNeeds, raise_if_unmet, sweep_needs
-from richkd.tune.results import SweepRecord, best_trial, compute_front, load_sweep, output_dir, survivors
+from richkd.tune.results import (SweepRecord, best_trial, compute_front, load_sweep, output_dir, shown_config,
+                                 survivors)
 from richkd.tune.session import ray_session
 from richkd.validate import check_resources
 
@@ -331,9 +332,8 @@ def finalists_csv(results: list, space_keys: list) -> str:
 def describe_finalize(result: FinalizeResult) -> str:
     lines = [f"finalists ({len(result.finalists)}), test top-1 over seeds (mean ± sample std):"]
     for fin in result.finalists:
-        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fin.sampled.items())
         lines.append(f"  #{fin.rank} trial {fin.trial_id}: {fin.mean:.2f} ± {fin.std:.2f} "
-                     f"(seeds {fin.seeds})  {shown}")
+                     f"(seeds {fin.seeds})  {shown_config(fin.sampled)}")
         if "fused_test_confident_correct_pct" in fin.teachers:   # the paper's Fig. 1, on the test split
             pct = {k: f"{v:.1f}%" for k, v in fin.teachers.items()}
             lines.append("     test split, teacher -> fused teacher: " + ", ".join(

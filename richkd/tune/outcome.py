@@ -11,7 +11,7 @@ from typing import Optional
 
 from richkd.tracking import experiment_url, local_ui
 from richkd.tune.paths import DEFAULT_STORAGE, resolve_tracking_uri, storage_of, sweep_ref
-from richkd.tune.results import SweepRecord, collect_trials, survivors
+from richkd.tune.results import SweepRecord, collect_trials, shown_config, survivors
 
 EXIT_TRIALS_ERRORED = 3
 
@@ -76,9 +76,8 @@ def describe_outcome(outcome: SweepOutcome, metric) -> str:
     if outcome.stopped_by:
         lines.append(f"  stopped by {signal.Signals(outcome.stopped_by).name} (exit code {outcome.exit_code})")
     if outcome.best:
-        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                          for k, v in outcome.best["config"].items())
-        lines.append(f"  best (reached max_t): {metric}={outcome.best['value']:.4g}  {shown}")
+        best = outcome.best
+        lines.append(f"  best (reached max_t): {metric}={best['value']:.4g}  {shown_config(best['config'])}")
     if uri := outcome.tracking_uri:   # how to see its runs: `richkd ui` for its store (a server is its own UI)
         ui, command = local_ui(), f"richkd ui --tracking-uri {uri}"
         storage = storage_of(outcome.experiment_path)

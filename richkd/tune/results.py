@@ -133,6 +133,11 @@ def finite_value(v) -> Optional[float]:
     return float(v) if finite(v) else None
 
 
+def shown_config(values: dict) -> str:
+    """`key=value, ...` for a console line, floats to 4 significant digits (a trial's or finalist's sampled values)."""
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+
+
 def numeric_metrics(result: dict, drop=_TUNE_KEYS) -> dict:
     """A Tune report's numbers as floats: not the config, not flags, by default not Tune's bookkeeping."""
     return {k: float(v) for k, v in result.items() if k not in drop and not k.startswith("config/")
